@@ -6,6 +6,8 @@ learning coefficients, and toy models written with a native chain dimension.
 
 __version__ = "0.1.0"
 
+from . import diagnostics, models, theory  # noqa: E402
+from .calibrate import CalibrationResult, calibrate  # noqa: E402
 from .data import Data  # noqa: E402
 from .engine import (  # noqa: E402
     LLCEstimationError,
@@ -13,15 +15,23 @@ from .engine import (  # noqa: E402
     default_nbeta,
     estimate_llc,
 )
+from .plotting import plot_calibration, plot_trace  # noqa: E402
 from .result import LLCResult  # noqa: E402
 from .samplers import LocalizedPotential, rmsprop_sgld, sgld  # noqa: E402
 
 __all__ = [
     "__version__",
+    "diagnostics",
+    "models",
+    "theory",
+    "CalibrationResult",
     "Data",
     "LLCResult",
     "LLCEstimationError",
     "LocalizedPotential",
+    "calibrate",
+    "plot_calibration",
+    "plot_trace",
     "default_localization",
     "default_nbeta",
     "estimate_llc",

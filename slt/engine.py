@@ -69,7 +69,7 @@ __all__ = [
 Observable = Callable[[Mapping[str, Tensor]], Tensor]
 
 #: ε = STEP_SIZE_SAFETY / (nβ h_max + γ) for ``step_size=None``.
-STEP_SIZE_SAFETY = 0.1
+STEP_SIZE_SAFETY = 0.2
 #: γ = LOCALIZATION_FRACTION * nβ for ``localization=None``.
 LOCALIZATION_FRACTION = 0.01
 
@@ -440,6 +440,36 @@ def _estimate_curvature(
     return torch.maximum(eig[:, 0], probes)
 
 
+def _minibatch_gradient_noise(
+    evaluator: ChainEvaluator, w_star: Tensor, data: Data, batch_size: int, localization: float,
+    nbeta: float, generator: torch.Generator, num_probes: int = 4, num_batches: int = 16,
+) -> Tensor:
+    r"""Largest eigenvalue of the covariance of the minibatch gradient ∇L_B, (K,).
+
+    Evaluated on ``num_batches`` independent minibatches at ``w*`` and at the
+    probe points of :func:`_estimate_curvature`; returns
+    ``max(s(w*), median_probes s)``.  SGLD's stationary variance along a
+    direction is inflated by the factor ``1 + ε nβ² s / 4`` by minibatch noise
+    of variance ``s`` (Welling & Teh 2011, Sec. 4), so ``ε ≤ 0.2 / (nβ² s)``
+    keeps that inflation below 5%.
+    """
+    K, d = w_star.shape
+    P, M = num_probes + 1, num_batches
+    scale = 0.5 / math.sqrt(localization + 1e-2 * nbeta)
+    noise = torch.randn((K, P, 1, d), generator=generator, device=w_star.device, dtype=torch.float32)
+    noise = noise.to(w_star.dtype)
+    noise[:, 0] = 0.0
+    w = (w_star.view(K, 1, 1, d) + scale * noise).expand(K, P, M, d).reshape(K * P * M, d)
+    idx = data.sample_index(K * P * M, batch_size, generator)
+    _, g = evaluator.loss_and_grad(w, data.gather(idx))
+    g = g.view(K * P, M, d)
+    g = g - g.mean(1, keepdim=True)
+    gram = g @ g.transpose(1, 2) / (M - 1)  # same nonzero spectrum as the d x d covariance
+    top = torch.linalg.eigvalsh(gram.double())[:, -1].clamp_min(0.0).nan_to_num(0.0).view(K, P)
+    probes = top[:, 1:].median(dim=1).values if num_probes else top[:, 0]
+    return torch.maximum(top[:, 0], probes).to(w_star.dtype)
+
+
 # ----------------------------------------------------------------------------
 # the estimator
 # ----------------------------------------------------------------------------
@@ -499,12 +529,16 @@ def estimate_llc(
         Chains per checkpoint, recorded draws per chain, steps discarded first
         (default ``num_draws // 4``), and steps between draws.
     step_size
-        ε.  Default ``None``: :math:`\epsilon = 0.1/(n\beta\,h_{max} + \gamma)`
+        ε.  Default ``None``: :math:`\epsilon = 0.2/(n\beta\,h_{max} + \gamma)`
         with :math:`h_{max}` the largest Hessian eigenvalue of :math:`L_n` near
         ``w*`` (power iteration; see :func:`_estimate_curvature`).  SGLD is
         stable only for :math:`\epsilon\,(n\beta h + \gamma) < 2` in every
         direction, and its discretisation bias in a direction of curvature κ
-        is about εκ/4; this default keeps it ≤ 2.5% in the stiffest direction.
+        is about εκ/4; this default keeps it ≤ 5% in the stiffest direction.
+        With minibatches the step is further capped at :math:`0.2/(n\beta^2 s)`,
+        :math:`s` the largest eigenvalue of the minibatch-gradient covariance
+        (see :func:`_minibatch_gradient_noise`): minibatch noise inflates the
+        sampled variance by about :math:`\epsilon n\beta^2 s/4`, kept ≤ 5%.
         Confirm with the MALA acceptance (≈ 0.9 or above) and
         :func:`slt.calibrate`.
     nbeta
@@ -723,7 +757,7 @@ def estimate_llc(
         return b, star
 
     # --- step size ---------------------------------------------------------------
-    curvature = None
+    curvature = grad_noise = None
     if step_size is None:
         gen = torch.Generator(device=dev).manual_seed(seeds[0] + 1)
         if isinstance(source, Data):
@@ -740,6 +774,11 @@ def estimate_llc(
         curvature = _estimate_curvature(evaluator, w_star_k, batch_fn, gamma, nb, gen)
         h_max = float(curvature.max())
         eps = STEP_SIZE_SAFETY / (nb * h_max + gamma) if (nb * h_max + gamma) > 0 else 1e-4
+        if isinstance(source, Data) and full is None:
+            grad_noise = _minibatch_gradient_noise(evaluator, w_star_k, source, bsz, gamma, nb, gen)
+            s_max = float(grad_noise.max())
+            if s_max > 0:
+                eps = min(eps, STEP_SIZE_SAFETY / (nb**2 * s_max))
     else:
         eps = float(step_size)
 
@@ -885,6 +924,7 @@ def estimate_llc(
             "sem_chains": sem_c, "sem_batch_means": sem_b,
             "path": path, "path_reason": path_reason,
             "curvature": None if curvature is None else float(curvature[k]),
+            "minibatch_gradient_noise": None if grad_noise is None else float(grad_noise[k]),
             "seconds": seconds, "setup_seconds": setup_seconds,
             "chain_steps_per_second": num_steps * CT / max(seconds, 1e-12),
             "warnings": warn_list,

@@ -54,7 +54,7 @@ def test_quadratic_exact_finite_n(gamma):
     sgld_exact = float(0.5 * (nb * h / (kappa * (1 - eps * kappa / 4))).sum())
     post_exact = exact_quadratic_llc(h, nb, gamma)
     assert abs(r.llc_mean - sgld_exact) < 4 * r.llc_sem, (r.llc_mean, sgld_exact, r.llc_sem)
-    assert abs(sgld_exact - post_exact) / post_exact < 0.03  # auto step size keeps the bias < 3%
+    assert abs(sgld_exact - post_exact) / post_exact < 0.06  # auto step size: bias ≤ εκ/4 = 5% per mode
     assert r.diagnostics["mala_acceptance"] > 0.9
     assert r.diagnostics["rhat"] < 1.05
 

@@ -1,0 +1,59 @@
+"""Plot helpers and the calibration sweep produce their outputs."""
+
+from __future__ import annotations
+
+import matplotlib
+
+matplotlib.use("Agg")
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import slt
+
+pytestmark = pytest.mark.filterwarnings("ignore:.*slt.estimate_llc \\(checkpoint:RuntimeWarning")
+
+
+def _problem():
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(200, 2, generator=g)
+    Y = X @ torch.tensor([[1.0], [-1.0]]) + 0.5 * torch.randn(200, 1, generator=g)
+    m = nn.Linear(2, 1, bias=False)
+    with torch.no_grad():
+        m.weight.copy_(torch.linalg.lstsq(X, Y).solution.T)
+    return m, X, Y
+
+
+def test_plot_trace_writes_png(tmp_path):
+    m, X, Y = _problem()
+    r = slt.estimate_llc(m, (X, Y), F.mse_loss, num_chains=3, num_draws=50, num_burnin=10,
+                         step_size=1e-4, localization=1.0, progress=False)
+    fig = slt.plot_trace(r)
+    out = tmp_path / "trace.png"
+    fig.savefig(out)
+    assert out.stat().st_size > 1000
+    ax = fig.axes[0]
+    assert ax.get_xlabel() == "SGLD step"
+    # one line per chain for draws and one for burn-in, plus L(w*)
+    assert len(ax.lines) == 3 * 2 + 1
+
+
+def test_calibrate_finds_largest_stable_step(tmp_path):
+    """nβ h ≈ 2·nβ for this problem: SGLD is unstable for ε ≳ 2/(nβ h_max);
+    the largest stable step on the grid must lie below that."""
+    m, X, Y = _problem()
+    nb = 200.0
+    h_max = float(torch.linalg.eigvalsh(2 * X.T @ X / 200).max())
+    steps = [1e-4, 1e-3, 3e-3, 1e-2, 3e-2]
+    cal = slt.calibrate(m, (X, Y), F.mse_loss, step_sizes=steps, nbetas=[nb], localizations=None,
+                        num_draws=100, num_chains=2, batch_size=None, localization=1.0)
+    assert list(cal.frame["step_size"]) == steps
+    assert cal.best_step_size is not None
+    assert cal.best_step_size < 2.0 / (nb * h_max)
+    assert not cal.frame.loc[cal.frame.step_size == 3e-2, "stable"].item()
+    fig = cal.plot()
+    fig.savefig(tmp_path / "cal.png")
+    with pytest.raises(ValueError, match="either nbetas or localizations"):
+        slt.calibrate(m, (X, Y), F.mse_loss, step_sizes=steps, nbetas=[1.0], localizations=[1.0])

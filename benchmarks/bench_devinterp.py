@@ -115,7 +115,7 @@ def job_dln(args):
 
 def job_curve(args):
     """50 checkpoints along a TMS training run (from random init)."""
-    K = 10 if args.quick else 50
+    K = min(args.checkpoints, 10) if args.quick else args.checkpoints
     g = torch.Generator().manual_seed(0)
     X = make_tms_sparse_data(2000, 6, g)
     m = ToyModelOfSuperposition(6, 2, generator=torch.Generator().manual_seed(2))
@@ -166,6 +166,7 @@ def main(argv=None):
     ap.add_argument("--jobs", nargs="+", default=list(JOBS), choices=list(JOBS))
     ap.add_argument("--draws", type=int, default=500)
     ap.add_argument("--quick", action="store_true", help="fewer draws and checkpoints")
+    ap.add_argument("--checkpoints", type=int, default=50, help="checkpoints in the curve job")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--out", default=None, help="write the rows as JSON here")
     args = ap.parse_args(argv)

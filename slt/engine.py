@@ -421,6 +421,25 @@ def _validate_model_and_loss(
             )
 
 
+def _probe_points(
+    w_star: Tensor, num_probes: int, localization: float, nbeta: float, generator: torch.Generator
+) -> Tensor:
+    """(K, 1 + num_probes, d): ``w*`` itself, then ``w* + δ`` with
+    ``δ ~ N(0, (0.5/√(γ + 0.01 nβ))² I)``, where a singular potential's curvature lives."""
+    K, d = w_star.shape
+    scale = 0.5 / math.sqrt(localization + 1e-2 * nbeta)
+    noise = torch.randn((K, num_probes + 1, d), generator=generator, device=w_star.device, dtype=torch.float32)
+    noise = noise.to(w_star.dtype)
+    noise[:, 0] = 0.0
+    return w_star.unsqueeze(1) + scale * noise
+
+
+def _combine_probes(values: Tensor) -> Tensor:
+    """(K, P) values at w* and its probes -> (K,): max(value at w*, median over probes)."""
+    probes = values[:, 1:].median(dim=1).values if values.shape[1] > 1 else values[:, 0]
+    return torch.maximum(values[:, 0], probes)
+
+
 def _estimate_curvature(
     evaluator: ChainEvaluator, w_star: Tensor, batch_fn: Callable[[], Batch],
     localization: float, nbeta: float, generator: torch.Generator, num_probes: int = 4, iters: int = 12,
@@ -434,12 +453,7 @@ def _estimate_curvature(
     """
     K, d = w_star.shape
     P = num_probes + 1
-    scale = 0.5 / math.sqrt(localization + 1e-2 * nbeta)
-    base = w_star.repeat_interleave(P, 0)
-    noise = torch.randn(base.shape, generator=generator, device=base.device, dtype=torch.float32)
-    noise = noise.to(base.dtype)
-    noise.view(K, P, d)[:, 0] = 0.0
-    w = base + scale * noise
+    w = _probe_points(w_star, num_probes, localization, nbeta, generator).reshape(K * P, d)
     batch = batch_fn()
     _, g0 = evaluator.loss_and_grad(w, batch)
     v = torch.randn(w.shape, generator=generator, device=w.device, dtype=torch.float32).to(w.dtype)
@@ -452,9 +466,7 @@ def _estimate_curvature(
         eig = (hv * v).sum(1)
         nrm = hv.norm(dim=1, keepdim=True)
         v = torch.where(nrm > 0, hv / nrm.clamp_min(1e-30), v)
-    eig = eig.abs().nan_to_num(0.0).view(K, P)
-    probes = eig[:, 1:].median(dim=1).values if num_probes else eig[:, 0]
-    return torch.maximum(eig[:, 0], probes)
+    return _combine_probes(eig.abs().nan_to_num(0.0).view(K, P))
 
 
 def _minibatch_gradient_noise(
@@ -472,19 +484,15 @@ def _minibatch_gradient_noise(
     """
     K, d = w_star.shape
     P, M = num_probes + 1, num_batches
-    scale = 0.5 / math.sqrt(localization + 1e-2 * nbeta)
-    noise = torch.randn((K, P, 1, d), generator=generator, device=w_star.device, dtype=torch.float32)
-    noise = noise.to(w_star.dtype)
-    noise[:, 0] = 0.0
-    w = (w_star.view(K, 1, 1, d) + scale * noise).expand(K, P, M, d).reshape(K * P * M, d)
+    w = _probe_points(w_star, num_probes, localization, nbeta, generator)
+    w = w.unsqueeze(2).expand(K, P, M, d).reshape(K * P * M, d)
     idx = data.sample_index(K * P * M, batch_size, generator)
     _, g = evaluator.loss_and_grad(w, data.gather(idx))
     g = g.view(K * P, M, d)
     g = g - g.mean(1, keepdim=True)
     gram = g @ g.transpose(1, 2) / (M - 1)  # same nonzero spectrum as the d x d covariance
     top = torch.linalg.eigvalsh(gram.double())[:, -1].clamp_min(0.0).nan_to_num(0.0).view(K, P)
-    probes = top[:, 1:].median(dim=1).values if num_probes else top[:, 0]
-    return torch.maximum(top[:, 0], probes).to(w_star.dtype)
+    return _combine_probes(top).to(w_star.dtype)
 
 
 # ----------------------------------------------------------------------------

@@ -161,8 +161,11 @@ class Data(Dataset):
     def gather(self, index: Tensor) -> Batch:
         """Batch for (C, B) indices.  Weighted data were sampled by weight, so the
         minibatch mean is already an unbiased estimate of the weighted loss."""
+        flat = index.reshape(-1)  # index_select is ~5x faster than x[index] on CPU
+        x = self.x.index_select(0, flat).view(*index.shape, *self.x.shape[1:])
         t = self.target
-        return Batch(self.x[index], t[index], None, index, False)
+        y = x if t is self.x else t.index_select(0, flat).view(*index.shape, *t.shape[1:])
+        return Batch(x, y, None, index, False)
 
 
 def _validate_tensor(name: str, t: Any, n: int | None) -> int:

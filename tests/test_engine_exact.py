@@ -279,3 +279,61 @@ def test_batchnorm_train_mode_falls_back_to_loop_with_warning():
     assert r.diagnostics["path"] == "loop" and "fallback" in r.diagnostics["path_reason"]
     for k, v in m.state_dict().items():  # the user's module is untouched
         assert torch.equal(v, before[k])
+
+
+# ----------------------------------------------------------------------------
+# hand-written gradients (ChainModule.loss_and_grad_chains)
+# ----------------------------------------------------------------------------
+class _TMSAutograd(slt.models.ToyModelOfSuperposition):
+    """The same model with the analytic fast path switched off."""
+
+    def supports_analytic_grad(self, loss_fn):
+        return False
+
+
+@pytest.mark.parametrize("weighted", [False, True])
+@pytest.mark.parametrize("importance", [None, [1.0, 0.9, 0.81, 0.5, 0.3, 2.0]])
+def test_tms_analytic_gradient_equals_autograd(weighted, importance):
+    from slt.models.tms import make_tms_loss, tms_loss
+
+    g = torch.Generator().manual_seed(3)
+    C, B, n, m = 3, 17, 6, 2
+    model = slt.models.ToyModelOfSuperposition(n, m, dtype=torch.float64)
+    loss_fn = tms_loss if importance is None else make_tms_loss(importance)
+    assert model.supports_analytic_grad(loss_fn)
+    W = torch.randn(C, m, n, generator=g, dtype=torch.float64)
+    b = 0.3 * torch.randn(C, n, generator=g, dtype=torch.float64)
+    x = torch.rand(C, B, n, generator=g, dtype=torch.float64)
+    y = torch.rand(C, B, n, generator=g, dtype=torch.float64)
+    wts = None
+    if weighted:
+        wts = torch.rand(C, B, generator=g, dtype=torch.float64)
+        wts = wts / wts.sum(1, keepdim=True)
+    loss, grads = model.loss_and_grad_chains({"W": W, "b": b}, x, y, wts, loss_fn)
+
+    Wr, br = W.clone().requires_grad_(True), b.clone().requires_grad_(True)
+    out = model.forward_chains({"W": Wr, "b": br}, x)
+    adapter = LossAdapter(loss_fn)
+    ref = adapter.chain_loss(out, y, wts)
+    gW, gb = torch.autograd.grad(ref.sum(), (Wr, br))
+    torch.testing.assert_close(loss, ref.detach(), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(grads["W"], gW, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(grads["b"], gb, rtol=1e-10, atol=1e-12)
+
+
+def test_engine_analytic_path_equals_autograd_path():
+    from slt.models.tms import kgon_parameters, make_tms_sparse_data, tms_loss
+
+    X = make_tms_sparse_data(500, 6, torch.Generator().manual_seed(0)).double()
+    fast = slt.models.ToyModelOfSuperposition(6, 2, dtype=torch.float64)
+    fast.load_state_dict(kgon_parameters(5, 6, 2, dead_bias=-1.0))
+    slow = _TMSAutograd(6, 2, dtype=torch.float64)
+    slow.load_state_dict(fast.state_dict())
+    kw = dict(num_chains=3, num_draws=40, num_burnin=10, step_size=1e-4, nbeta=50.0, localization=10.0,
+              batch_size=32, dtype=torch.float64, seed=5, progress=False)
+    rf = slt.estimate_llc(fast, X, tms_loss, **kw)
+    rs = slt.estimate_llc(slow, X, tms_loss, **kw)
+    assert "hand-written gradient" in rf.diagnostics["path_reason"]
+    assert "hand-written gradient" not in rs.diagnostics["path_reason"]
+    torch.testing.assert_close(rf.loss_trace, rs.loss_trace, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(rf.llc_trace, rs.llc_trace, rtol=1e-9, atol=1e-9)

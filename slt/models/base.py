@@ -9,7 +9,7 @@ times faster for tiny models where per-operator overhead dominates.
 
 from __future__ import annotations
 
-from typing import Mapping
+from typing import Any, Callable, Mapping
 
 import torch
 from torch import Tensor, nn
@@ -48,6 +48,47 @@ class ChainModule(nn.Module):
             ``(C, B, ...)`` outputs.
         """
         raise NotImplementedError
+
+    def supports_analytic_grad(self, loss_fn: Callable[..., Any]) -> bool:
+        """Whether :meth:`loss_and_grad_chains` handles ``loss_fn`` (default: no).
+
+        A model that returns ``True`` promises that :meth:`loss_and_grad_chains`
+        returns exactly the loss ``loss_fn`` defines and its gradient; the engine
+        then skips autograd (a large saving for tiny models, where graph
+        bookkeeping costs more than the arithmetic).
+        """
+        return False
+
+    def loss_and_grad_chains(
+        self,
+        params: Mapping[str, Tensor],
+        x: Tensor,
+        y: Tensor,
+        weights: Tensor | None,
+        loss_fn: Callable[..., Any],
+    ) -> tuple[Tensor, dict[str, Tensor]]:
+        """Per-chain loss and its gradient, written by hand.
+
+        Parameters
+        ----------
+        params
+            ``name -> (C, *shape)``.
+        x, y
+            ``(C, B, ...)`` inputs and targets.
+        weights
+            ``(C, B)`` sample weights summing to one along ``B``, or ``None``
+            (plain mean).
+        loss_fn
+            The user's loss; only called when :meth:`supports_analytic_grad`
+            returned ``True`` for it.
+
+        Returns
+        -------
+        tuple
+            ``(C,)`` losses and ``name -> (C, *shape)`` gradients of each chain's
+            loss with respect to its own parameters.
+        """
+        raise NotImplementedError(f"{type(self).__name__} has no analytic gradient")
 
     def forward(self, x: Tensor) -> Tensor:  # (B, ...) -> (B, ...)
         params = {name: p.unsqueeze(0) for name, p in self.named_parameters()}

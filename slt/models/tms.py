@@ -134,6 +134,51 @@ class ToyModelOfSuperposition(ChainModule):
         h = torch.bmm(x, w.transpose(1, 2))  # (C, B, m)
         return torch.relu(torch.baddbmm(params["b"].unsqueeze(1), h, w))  # (C, B, n)
 
+    def supports_analytic_grad(self, loss_fn: Callable[..., Any]) -> bool:
+        """``True`` for :func:`tms_loss` and losses made by :func:`make_tms_loss`."""
+        return hasattr(loss_fn, "tms_importance")
+
+    def loss_and_grad_chains(
+        self,
+        params: Mapping[str, Tensor],
+        x: Tensor,
+        y: Tensor,
+        weights: Tensor | None,
+        loss_fn: Callable[..., Any],
+    ) -> tuple[Tensor, dict[str, Tensor]]:
+        r"""Importance-weighted reconstruction loss and its gradient, by hand.
+
+        With :math:`h = W x`, :math:`z = W^\top h + b`, :math:`r = \mathrm{ReLU}(z) - y`
+        and per-sample loss :math:`\ell = \sum_i I_i r_i^2` averaged with weights
+        :math:`a_b` (:math:`1/B` or the normalised sample weights):
+
+        .. math::
+            g_z = 2 a_b\, I \odot r \odot 1[z > 0],\quad
+            \nabla_b L = \sum_b g_z,\quad
+            \nabla_W L = \sum_b h\, g_z^\top + (W g_z)\, x^\top .
+
+        The ReLU derivative at 0 is taken as 0, as autograd does.  Shapes:
+        ``x, y`` ``(C, B, n)``; ``W`` ``(C, m, n)``; ``b`` ``(C, n)``.
+        """
+        imp = loss_fn.tms_importance  # (n,) or None
+        w = params["W"]  # (C, m, n)
+        h = torch.bmm(x, w.transpose(1, 2))  # (C, B, m)
+        z = torch.baddbmm(params["b"].unsqueeze(1), h, w)  # (C, B, n)
+        r = torch.relu(z) - y  # (C, B, n)
+        ri = r if imp is None else r * imp.to(r)  # I ⊙ r
+        per = (ri * r).sum(-1)  # (C, B)
+        if weights is None:
+            loss = per.mean(1)
+            gz = ri * (2.0 / x.shape[1])
+        else:
+            loss = (per * weights).sum(1)
+            gz = ri * (2.0 * weights).unsqueeze(-1)
+        gz = gz * (z > 0)  # (C, B, n)
+        gb = gz.sum(1)  # (C, n)
+        dh = torch.bmm(gz, w.transpose(1, 2))  # (C, B, m)
+        gw = torch.baddbmm(torch.bmm(h.transpose(1, 2), gz), dh.transpose(1, 2), x)  # (C, m, n)
+        return loss, {"W": gw, "b": gb}
+
     def forward(self, x: Tensor) -> Tensor:  # (B, n) -> (B, n)
         if x.ndim != 2:
             raise ValueError(f"expected input of shape (B, {self.n_features}), got {tuple(x.shape)}")
@@ -279,6 +324,7 @@ def tms_loss(output: Tensor, target: Tensor, importance: Tensor | None = None) -
 
 
 tms_loss.per_sample = _tms_per_sample  # type: ignore[attr-defined]
+tms_loss.tms_importance = None  # type: ignore[attr-defined]  # marks the analytic-gradient fast path
 
 
 def make_tms_loss(importance: Tensor | Sequence[float] | None = None) -> Callable[[Tensor, Tensor], Tensor]:
@@ -309,6 +355,7 @@ def make_tms_loss(importance: Tensor | Sequence[float] | None = None) -> Callabl
         return _tms_per_sample(output, target, imp).mean()
 
     loss.per_sample = per_sample  # type: ignore[attr-defined]
+    loss.tms_importance = imp  # type: ignore[attr-defined]
     loss.__name__ = "tms_loss"
     return loss
 

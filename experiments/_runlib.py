@@ -1,0 +1,274 @@
+"""Hydra glue shared by the entry points in ``experiments/`` (never imported by ``slt``).
+
+* :func:`execute` runs one job in its run folder: validate the config, skip if
+  ``result.json`` exists (unless ``force=true``), run, write ``traces.npz`` and
+  then ``result.json`` atomically; on an exception write ``failed.json`` with
+  the traceback and re-raise.  It takes ``(cfg, out_dir)`` so tests can call
+  it without Hydra's runtime.
+* :func:`hydra_task` turns a ``run(cfg, out_dir) -> (metrics, arrays)``
+  function into a ``@hydra.main`` task that finds its folder through
+  ``HydraConfig.get().runtime.output_dir``.
+* :class:`CollectCallback` writes ``sweep.json`` (the expected jobs) when a
+  multirun starts and rebuilds ``summary.parquet``/``summary.csv`` when it
+  ends; :func:`main` also collects when Hydra skipped ``on_multirun_end``
+  because a job failed.
+* the ``slt_dirname`` resolver gives every job a deterministic folder name
+  from its overrides (:func:`slt.records.run_dirname`).
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import logging
+import os
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+from omegaconf import DictConfig, OmegaConf
+
+from slt import records
+
+import _schemas
+
+log = logging.getLogger("slt.experiments")
+
+CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
+
+RunFn = Callable[[DictConfig, Path], "tuple[dict[str, Any], dict[str, Any]]"]
+
+OmegaConf.register_new_resolver("slt_dirname", records.run_dirname, replace=True)
+_schemas.register()
+
+#: sweep folders whose multirun started in this process and were not yet collected
+_PENDING_SWEEPS: list[str] = []
+
+
+def _pickle_by_value() -> None:
+    # submitit (Slurm) unpickles the task on a node where experiments/ is not on
+    # sys.path: ship these helper modules by value rather than by import name.
+    try:
+        import cloudpickle
+
+        for mod in (sys.modules[__name__], _schemas):
+            cloudpickle.register_pickle_by_value(mod)
+    except Exception:  # pragma: no cover - old cloudpickle: joblib/local launchers still work
+        pass
+
+
+def now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def execute(
+    run: RunFn,
+    cfg: DictConfig,
+    out_dir: str | os.PathLike,
+    overrides: list[str] | tuple[str, ...] = (),
+    validate: Callable[[DictConfig], None] | None = None,
+) -> dict[str, Any]:
+    """Run one job in ``out_dir`` and return its record (the content of ``result.json``).
+
+    Parameters
+    ----------
+    run
+        ``run(cfg, out_dir) -> (metrics, arrays)``: ``metrics`` a JSON-able
+        dict (scalars become summary columns), ``arrays`` name -> array written
+        to ``traces.npz`` (chains first) when ``cfg.save_traces``.
+    cfg
+        The job's composed config (with ``seed``).
+    out_dir
+        The run folder.
+    overrides
+        The job's command-line overrides (recorded; become summary columns).
+    validate
+        Extra value checks run before anything else (after :func:`_schemas.validate`).
+    """
+    out = Path(out_dir)
+    _schemas.validate(cfg)
+    if validate is not None:
+        validate(cfg)
+    res_file = out / records.RESULT_FILE
+    if res_file.exists() and not cfg.get("force", False):
+        log.info("skipping %s: %s exists (force=true recomputes)", out, records.RESULT_FILE)
+        return records.read_json(res_file)
+    out.mkdir(parents=True, exist_ok=True)
+    fail_file = out / records.FAILED_FILE
+    if fail_file.exists():
+        fail_file.unlink()
+    container = OmegaConf.to_container(cfg, resolve=True)
+    base = {
+        "name": cfg.get("name"),
+        "seed": int(cfg.seed),
+        "overrides": list(overrides),
+        "config": container,
+        "started": now(),
+        **records.environment_info(cfg.get("device", "cpu")),
+    }
+    t0 = time.perf_counter()
+    try:
+        metrics, arrays = run(cfg, out)
+    except Exception as e:
+        records.atomic_write_json(
+            fail_file,
+            {
+                "status": "failed",
+                **base,
+                "finished": now(),
+                "seconds": time.perf_counter() - t0,
+                "error": f"{type(e).__name__}: {e}",
+                "traceback": traceback.format_exc(),
+            },
+        )
+        log.error("job failed (%s): %s; wrote %s", out, e, fail_file)
+        raise
+    seconds = time.perf_counter() - t0
+    files = []
+    if arrays and cfg.get("save_traces", True):
+        records.atomic_write_npz(out / "traces.npz", **arrays)
+        files.append("traces.npz")
+    record = {
+        "status": "ok",
+        **base,
+        "device": metrics.pop("device", base["device"]),
+        "finished": now(),
+        "seconds": seconds,
+        "files": files,
+        "metrics": metrics,
+    }
+    records.atomic_write_json(res_file, record)  # last: its presence marks the run as done
+    log.info("wrote %s (%.1f s)", res_file, seconds)
+    return records.read_json(res_file)
+
+
+def hydra_task(run: RunFn, validate: Callable[[DictConfig], None] | None = None) -> Callable[[DictConfig], Any]:
+    """A Hydra task function running ``run`` through :func:`execute` in the job's output folder."""
+
+    def task(cfg: DictConfig) -> dict[str, Any]:
+        from hydra.core.hydra_config import HydraConfig
+
+        hc = HydraConfig.get()
+        rec = execute(run, cfg, hc.runtime.output_dir, list(hc.overrides.task), validate)
+        return rec.get("metrics", {})
+
+    task.__name__ = getattr(run, "__name__", "task")
+    return task
+
+
+# ---------------------------------------------------------------------------
+# expected jobs and collect
+# ---------------------------------------------------------------------------
+def expected_jobs(config: DictConfig) -> list[dict[str, Any]]:
+    """The jobs a basic-sweeper multirun will launch: ``[{"subdir", "overrides"}]``.
+
+    Expands ``hydra.sweeper.params`` and the command-line overrides the way
+    Hydra's BasicSweeper does and names each job's folder with the same
+    ``override_dirname`` rules as the jobs themselves.  Returns ``[]`` for
+    other sweepers.
+    """
+    from hydra._internal.config_loader_impl import get_overrides_dirname
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    hcfg = config.hydra
+    if "basic_sweeper" not in str(hcfg.sweeper.get("_target_", "")):
+        return []
+    params = hcfg.sweeper.get("params") or {}
+    args = [f"{k}={v}" for k, v in params.items()] + list(hcfg.overrides.task)
+    parser = OverridesParser.create()
+    batches = BasicSweeper.split_arguments(parser.parse_overrides(args), None)
+    od = hcfg.job.config.override_dirname
+    out = []
+    for job in batches[0]:
+        parsed = parser.parse_overrides(job)
+        name = get_overrides_dirname(parsed, list(od.exclude_keys), od.item_sep, od.kv_sep)
+        out.append({"subdir": records.run_dirname(name), "overrides": list(job)})
+    return out
+
+
+def collect_sweep(sweep_dir: str | os.PathLike) -> Any:
+    """:func:`slt.records.collect` with a one-line report of the statuses."""
+    df = records.collect(sweep_dir)
+    counts = records.status_counts(df)
+    msg = ", ".join(f"{v} {k}" for k, v in counts.items() if v)
+    print(f"[collect] {sweep_dir}: {len(df)} runs ({msg or 'none'}) -> summary.parquet, summary.csv", flush=True)
+    return df
+
+
+try:
+    from hydra.experimental.callback import Callback as _Callback
+except ImportError:  # pragma: no cover
+    _Callback = object  # type: ignore[assignment,misc]
+
+
+class CollectCallback(_Callback):  # type: ignore[misc,valid-type]
+    """Record the expected jobs at the start of a multirun; collect at its end."""
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        sweep = Path(str(config.hydra.sweep.dir))
+        sweep.mkdir(parents=True, exist_ok=True)
+        try:
+            jobs = expected_jobs(config)
+        except Exception as e:  # never block a sweep on bookkeeping
+            log.warning("could not list the expected jobs: %s", e)
+            jobs = []
+        old = records.read_json(sweep / records.SWEEP_FILE) if (sweep / records.SWEEP_FILE).exists() else {}
+        merged = {j["subdir"]: j for j in old.get("jobs", [])}
+        merged.update({j["subdir"]: j for j in jobs})
+        records.atomic_write_json(
+            sweep / records.SWEEP_FILE,
+            {"name": config.get("name"), "updated": now(), "jobs": list(merged.values())},
+        )
+        _PENDING_SWEEPS.append(str(sweep))
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        sweep = str(config.hydra.sweep.dir)
+        collect_sweep(sweep)
+        while sweep in _PENDING_SWEEPS:
+            _PENDING_SWEEPS.remove(sweep)
+
+
+def main(hydra_main: Callable[[], Any]) -> None:
+    """Run a ``@hydra.main`` function; if a multirun ended without collecting
+    (Hydra skips ``on_multirun_end`` when a job failed), collect anyway."""
+    _pickle_by_value()
+    try:
+        hydra_main()
+    finally:
+        for sweep in list(_PENDING_SWEEPS):
+            _PENDING_SWEEPS.remove(sweep)
+            try:
+                collect_sweep(sweep)
+            except Exception as e:  # pragma: no cover
+                print(f"[collect] failed for {sweep}: {e}", file=sys.stderr)
+
+
+def torch_dtype(name: str):
+    import torch
+
+    return {"float32": torch.float32, "float64": torch.float64}[name]
+
+
+def instantiate_partial(node: Any, **kwargs: Any) -> Any:
+    """``hydra.utils.instantiate`` for a node (partial or not) with extra keyword arguments."""
+    from hydra.utils import instantiate
+
+    return instantiate(node, **kwargs)
+
+
+def metrics_from_result(result: Any, prefix: str = "") -> dict[str, Any]:
+    """Scalar summary of an :class:`slt.LLCResult` (``llc_mean``, ``llc_sem``, diagnostics ...)."""
+    s = result.summary()
+    out = {}
+    for k, v in s.items():
+        if isinstance(v, (int, float, str, bool)) or v is None:
+            out[prefix + k] = v
+        elif k == "llc_per_chain":
+            out[prefix + k] = v
+    return out
+
+
+def as_mapping(x: Any) -> Mapping[str, Any]:
+    return OmegaConf.to_container(x, resolve=True) if isinstance(x, DictConfig) else dict(x)

@@ -1,0 +1,306 @@
+"""Typed schemas of the experiment configs, registered in Hydra's ConfigStore.
+
+Every primary config in ``conf/`` names its schema first in its defaults list
+(``- tms_schema``), and every group option names the group's schema
+(``- /schema/sampler@_here_``), so a misspelled key (``sampler.num_chain=4``)
+or a mistyped value (``sampler.num_draws=abc``) is rejected by OmegaConf
+with a message naming the key before anything runs.  Values that type-check
+but make no sense (``sampler.num_chains=0``) are rejected by
+:func:`validate` at the start of the job, also before any work.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING
+
+__all__ = [
+    "SamplerConf",
+    "TrainConf",
+    "SymmetryConf",
+    "TMSModelConf",
+    "TMSSparseDataConf",
+    "TMSBernoulliDataConf",
+    "TMSInitConf",
+    "TMSConfig",
+    "ExpFamConfig",
+    "LLCConfig",
+    "register",
+    "validate",
+]
+
+RESULTS_ROOT = "${oc.env:SLT_RESULTS_DIR,results}"
+
+
+# ---------------------------------------------------------------------------
+# groups
+# ---------------------------------------------------------------------------
+@dataclass
+class SamplerConf:
+    """``sampler/``: keyword arguments of :func:`slt.estimate_llc` (instantiates to a partial of it)."""
+
+    _target_: str = "slt.estimate_llc"
+    _partial_: bool = True
+    sampler: str = "sgld"
+    num_chains: int = 8
+    num_draws: int = 2000
+    num_burnin: Optional[int] = None
+    num_steps_bw_draws: int = 1
+    step_size: Optional[float] = None
+    nbeta: Optional[float] = None
+    localization: Optional[float] = None
+    batch_size: Optional[int] = 256
+    mala_every: int = 10
+    sampler_kwargs: Dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class TrainConf:
+    """Training to w* (:func:`slt.training.train`): main phase, then full-batch L-BFGS."""
+
+    steps: int = 3000
+    lr: float = 0.01
+    optimizer: str = "adam"
+    batch_size: Optional[int] = None
+    weight_decay: float = 0.0
+    finish: Optional[str] = "lbfgs"
+    finish_iterations: int = 1000
+    tol: float = 1e-6
+    dtype: str = "float64"
+
+
+@dataclass
+class SymmetryConf:
+    """``symmetry/``: which group acts on the data and what is done to q.
+
+    ``operation``: ``none``; ``symmetrize`` (q_h = (1 - h) q + h q_G);
+    ``break`` (:func:`slt.symmetry.break_symmetry` with strength ``h``).
+    ``susceptibility``: also compute the covariance estimate of dλ̂/dh along
+    the chosen path at w* held fixed.
+    """
+
+    group: str = "none"
+    degree: Optional[int] = None
+    acts_on: str = "x"
+    operation: str = "none"
+    h: float = 0.0
+    susceptibility: bool = False
+
+
+@dataclass
+class TMSModelConf:
+    """``model/tms``: :class:`slt.models.ToyModelOfSuperposition`."""
+
+    _target_: str = "slt.models.ToyModelOfSuperposition"
+    n_features: int = 6
+    n_hidden: int = 2
+
+
+@dataclass
+class TMSSparseDataConf:
+    """``data/tms_sparse``: high-sparsity limit x = μ e_i (Chen et al. 2023)."""
+
+    _target_: str = "slt.models.make_tms_sparse_data"
+    _partial_: bool = True
+    n: int = 20000
+    n_features: int = "${model.n_features}"  # type: ignore[assignment]
+
+
+@dataclass
+class TMSBernoulliDataConf:
+    """``data/tms_bernoulli``: x_i = 0 with probability S, else U[0, 1] (Elhage et al. 2022)."""
+
+    _target_: str = "slt.models.make_tms_data"
+    _partial_: bool = True
+    n: int = 20000
+    n_features: int = "${model.n_features}"  # type: ignore[assignment]
+    sparsity: float = 0.9
+
+
+@dataclass
+class TMSInitConf:
+    """Starting point of training: ``random`` (seeded Xavier) or the ``kgon`` critical point."""
+
+    kind: str = "random"
+    k: int = 6
+    dead_bias: float = -1.0
+    plus: bool = False
+    noise: float = 0.0
+
+
+# ---------------------------------------------------------------------------
+# primary configs
+# ---------------------------------------------------------------------------
+@dataclass
+class _Base:
+    name: str = MISSING
+    seed: int = 0
+    force: bool = False
+    results_root: str = RESULTS_ROOT
+    device: str = "cpu"
+    save_traces: bool = True
+    progress: bool = False
+
+
+@dataclass
+class TMSConfig(_Base):
+    """``tms.yaml``: one TMS run: data, training, classification, λ̂ vs closed form."""
+
+    name: str = "tms"
+    model: TMSModelConf = field(default_factory=TMSModelConf)
+    data: Any = MISSING
+    importance_decay: float = 1.0
+    init: TMSInitConf = field(default_factory=TMSInitConf)
+    train: TrainConf = field(default_factory=TrainConf)
+    sampler: SamplerConf = field(default_factory=SamplerConf)
+    symmetry: SymmetryConf = field(default_factory=SymmetryConf)
+    classify_tol: float = 0.05
+
+
+@dataclass
+class ExpFamModelConf:
+    """``model/expfam_*``: finite-sample-space exponential family (``slt.models.expfam``)."""
+
+    family: str = "fixed"
+    space: str = "cycle"
+    size: int = 6
+    features: List[str] = field(default_factory=list)
+    options: Dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class ExpFamDataConf:
+    """``data/teacher``: teacher distribution q on the finite sample space, n samples."""
+
+    n: int = 5000
+    teacher: str = "random"
+    temperature: float = 1.0
+    exact: bool = False
+
+
+@dataclass
+class ExpFamConfig(_Base):
+    """``expfam.yaml``: exponential family under symmetry (experiment 1)."""
+
+    name: str = "expfam"
+    model: ExpFamModelConf = field(default_factory=ExpFamModelConf)
+    data: ExpFamDataConf = field(default_factory=ExpFamDataConf)
+    train: TrainConf = field(default_factory=TrainConf)
+    sampler: SamplerConf = field(default_factory=SamplerConf)
+    symmetry: SymmetryConf = field(default_factory=SymmetryConf)
+    hessian_tol: float = 1e-6
+
+
+@dataclass
+class LLCConfig(_Base):
+    """``llc.yaml``: λ̂ of a user's model: ``_target_`` of module and data, checkpoint, loss."""
+
+    name: str = "llc"
+    model: Any = MISSING
+    data: Any = MISSING
+    loss: Any = MISSING
+    checkpoint: Optional[str] = None
+    train: Optional[TrainConf] = None
+    sampler: SamplerConf = field(default_factory=SamplerConf)
+
+
+# ---------------------------------------------------------------------------
+# registration and validation
+# ---------------------------------------------------------------------------
+def register() -> None:
+    """Register the schemas (idempotent).  Primary: ``tms_schema``, ``expfam_schema``,
+    ``llc_schema``; group schemas under ``schema/<group>/``."""
+    cs = ConfigStore.instance()
+    cs.store(name="tms_schema", node=TMSConfig)
+    cs.store(name="expfam_schema", node=ExpFamConfig)
+    cs.store(name="llc_schema", node=LLCConfig)
+    cs.store(group="schema/sampler", name="sampler", node=SamplerConf)
+    cs.store(group="schema/symmetry", name="symmetry", node=SymmetryConf)
+    cs.store(group="schema/model", name="tms", node=TMSModelConf)
+    cs.store(group="schema/model", name="expfam", node=ExpFamModelConf)
+    cs.store(group="schema/data", name="tms_sparse", node=TMSSparseDataConf)
+    cs.store(group="schema/data", name="tms_bernoulli", node=TMSBernoulliDataConf)
+    cs.store(group="schema/data", name="expfam", node=ExpFamDataConf)
+
+
+_SAMPLERS = ("sgld", "rmsprop_sgld")
+_OPTIMIZERS = ("adam", "sgd", "lbfgs")
+_GROUPS = ("none", "cyclic", "permutation", "reflection", "dihedral", "sign_flips")
+_OPERATIONS = ("none", "symmetrize", "break")
+
+
+def _fail(key: str, value: Any, need: str) -> None:
+    raise ValueError(f"invalid config value {key}={value!r}: {need}")
+
+
+def _int_at_least(cfg: Any, key: str, minimum: int, optional: bool = False) -> None:
+    v = _select(cfg, key)
+    if v is None and optional:
+        return
+    if not isinstance(v, int) or isinstance(v, bool) or v < minimum:
+        _fail(key, v, f"must be an integer >= {minimum}")
+
+
+def _positive(cfg: Any, key: str, optional: bool = False, allow_zero: bool = False) -> None:
+    v = _select(cfg, key)
+    if v is None and optional:
+        return
+    if not isinstance(v, (int, float)) or isinstance(v, bool) or not (v >= 0 if allow_zero else v > 0):
+        _fail(key, v, "must be " + ("non-negative" if allow_zero else "positive"))
+
+
+def _one_of(cfg: Any, key: str, options: tuple) -> None:
+    v = _select(cfg, key)
+    if v not in options:
+        _fail(key, v, f"must be one of {list(options)}")
+
+
+def _select(cfg: Any, key: str) -> Any:
+    node = cfg
+    for part in key.split("."):
+        node = node[part] if part in node else None
+        if node is None:
+            return None
+    return node
+
+
+def validate(cfg: Any) -> None:
+    """Reject values that type-check but are invalid, naming the key (ValueError).
+
+    Checks the keys the experiments share: sampler, train, symmetry, seed; each
+    entry point adds its own checks.
+    """
+    _int_at_least(cfg, "seed", 0)
+    if "sampler" in cfg:
+        _one_of(cfg, "sampler.sampler", _SAMPLERS)
+        _int_at_least(cfg, "sampler.num_chains", 1)
+        _int_at_least(cfg, "sampler.num_draws", 1)
+        _int_at_least(cfg, "sampler.num_burnin", 0, optional=True)
+        _int_at_least(cfg, "sampler.num_steps_bw_draws", 1)
+        _int_at_least(cfg, "sampler.batch_size", 1, optional=True)
+        _int_at_least(cfg, "sampler.mala_every", 0)
+        _positive(cfg, "sampler.step_size", optional=True)
+        _positive(cfg, "sampler.nbeta", optional=True)
+        _positive(cfg, "sampler.localization", optional=True, allow_zero=True)
+    if _select(cfg, "train") is not None:
+        _int_at_least(cfg, "train.steps", 0)
+        _positive(cfg, "train.lr")
+        _one_of(cfg, "train.optimizer", _OPTIMIZERS)
+        _one_of(cfg, "train.finish", ("lbfgs", None))
+        _one_of(cfg, "train.dtype", ("float32", "float64"))
+        _int_at_least(cfg, "train.finish_iterations", 0)
+        _int_at_least(cfg, "train.batch_size", 1, optional=True)
+    if "symmetry" in cfg:
+        _one_of(cfg, "symmetry.group", _GROUPS)
+        _one_of(cfg, "symmetry.operation", _OPERATIONS)
+        _one_of(cfg, "symmetry.acts_on", ("x", "y", "both"))
+        h = _select(cfg, "symmetry.h")
+        if not 0.0 <= h <= 1.0:
+            _fail("symmetry.h", h, "must be in [0, 1]")
+        if _select(cfg, "symmetry.operation") != "none" and _select(cfg, "symmetry.group") == "none":
+            _fail("symmetry.operation", _select(cfg, "symmetry.operation"), "needs a group (symmetry=... or symmetry.group=...)")
+    if _select(cfg, "device") not in ("cpu", "auto") and not str(_select(cfg, "device")).startswith("cuda"):
+        _fail("device", _select(cfg, "device"), "must be cpu, auto or cuda[:i]")

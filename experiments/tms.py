@@ -1,0 +1,192 @@
+r"""Experiment 2: the toy model of superposition, as a Hydra experiment.
+
+One run (config ``conf/tms.yaml``):
+
+1. data: ``n`` samples from ``data/tms_sparse`` (x = μ e_i, Chen et al. 2023)
+   or ``data/tms_bernoulli`` (x_i = 0 with probability S, else U[0, 1];
+   Elhage et al. 2022); importances :math:`I_i = \text{decay}^i`;
+2. optionally move q along a symmetry path (``symmetry=permutation``:
+   uniform importance and sparsity make q invariant under permutations of
+   the features; ``symmetry.operation=break`` with strength ``symmetry.h``
+   removes that invariance);
+3. train w* (float64, Adam then full-batch L-BFGS; :func:`slt.training.train`)
+   from a seeded Xavier init or from a named k-gon (``init.kind=kgon``) on the
+   unperturbed q (so along a symmetry path w* is held fixed: the "quenched"
+   derivative);
+4. classify the critical point (:func:`slt.models.classify_tms_point`: k-gon,
+   dead features, positive-bias dead features, antipodal pairs) and compute
+   feature dimensionalities :math:`D_i = \lVert W_i\rVert^2 / \sum_j (\hat W_i\cdot W_j)^2`;
+5. estimate λ̂ (:func:`slt.estimate_llc` with ``sampler/`` settings) and
+   compare with the closed form (:func:`slt.theory.tms_llc`) when one exists
+   (6 features, 2 hidden, high-sparsity data, uniform importance), plus the
+   free-energy proxy :math:`F \approx n L_n(w^*) + \hat\lambda \log n`.
+
+Usage::
+
+    python experiments/tms.py                                  # one run
+    python experiments/tms.py -m seed=0,1,2                    # sweep -> summary.csv
+    python experiments/tms.py -m experiment=tms_phase          # 5-gon vs 6-gon over n
+    python experiments/tms.py -m experiment=tms_elhage hydra/launcher=parallel
+
+Results: ``${SLT_RESULTS_DIR:-results}/{runs,sweeps}/<name>/<overrides>/result.json``.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from pathlib import Path
+from typing import Any
+
+import hydra
+import torch
+from omegaconf import DictConfig
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _runlib  # noqa: E402
+
+import slt  # noqa: E402
+from slt.models import (  # noqa: E402
+    classify_tms_point,
+    geometric_importance,
+    kgon_parameters,
+    make_tms_loss,
+    tms_loss,
+    tms_population_loss,
+)
+from slt.training import train  # noqa: E402
+
+
+def feature_dimensionality(W: torch.Tensor) -> torch.Tensor:
+    r"""Per-feature dimensionality :math:`D_i = \lVert W_i\rVert^2 / \sum_j (\hat W_i \cdot W_j)^2`
+    (Elhage et al. 2022), ``(m, n) -> (n,)``; 0 for a dead (zero) column."""
+    norms2 = W.square().sum(0)  # (n,)
+    unit = W / norms2.sqrt().clamp_min(1e-12)  # (m, n)
+    denom = (unit.T @ W).square().sum(1)  # (n,)
+    return torch.where(norms2 > 1e-12, norms2 / denom.clamp_min(1e-24), torch.zeros_like(norms2))
+
+
+def _validate(cfg: DictConfig) -> None:
+    if cfg.init.kind not in ("random", "kgon"):
+        raise ValueError(f"invalid config value init.kind={cfg.init.kind!r}: must be one of ['random', 'kgon']")
+    if cfg.init.kind == "kgon" and not 1 <= cfg.init.k <= cfg.model.n_features:
+        raise ValueError(f"invalid config value init.k={cfg.init.k}: must be in [1, model.n_features={cfg.model.n_features}]")
+    if cfg.data.n < 2:
+        raise ValueError(f"invalid config value data.n={cfg.data.n}: must be an integer >= 2")
+    if "sparsity" in cfg.data and not 0.0 <= cfg.data.sparsity < 1.0:
+        raise ValueError(f"invalid config value data.sparsity={cfg.data.sparsity}: must be in [0, 1)")
+    if not cfg.importance_decay > 0:
+        raise ValueError(f"invalid config value importance_decay={cfg.importance_decay}: must be positive")
+    if cfg.init.noise < 0:
+        raise ValueError(f"invalid config value init.noise={cfg.init.noise}: must be non-negative")
+
+
+def _symmetry_path(cfg: DictConfig, X: torch.Tensor, gen: torch.Generator) -> tuple[Any, dict[str, Any]]:
+    """q_h for ``cfg.symmetry`` (the data unchanged for ``operation=none``)."""
+    sym = cfg.symmetry
+    if sym.operation == "none":
+        return X, {}
+    import symmetry_paths  # experiments/symmetry_paths.py: builds groups and paths from config
+
+    return symmetry_paths.apply(sym, X, gen)
+
+
+def run(cfg: DictConfig, out_dir: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    seed = int(cfg.seed)
+    gens = [torch.Generator().manual_seed(seed * 1000 + i) for i in range(4)]  # data, init, train, symmetry
+    n_features, n_hidden = int(cfg.model.n_features), int(cfg.model.n_hidden)
+
+    # 1. data and loss
+    X = _runlib.instantiate_partial(cfg.data)(generator=gens[0])  # (n, F) float32
+    imp = None if cfg.importance_decay == 1.0 else geometric_importance(n_features, float(cfg.importance_decay))
+    loss = tms_loss if imp is None else make_tms_loss(imp)
+
+    # 2. model and init
+    model = _runlib.instantiate_partial(cfg.model, generator=gens[1]).to(_runlib.torch_dtype(cfg.train.dtype))
+    if cfg.init.kind == "kgon":
+        p = kgon_parameters(
+            int(cfg.init.k), n_features, n_hidden, dead_bias=float(cfg.init.dead_bias), plus=bool(cfg.init.plus)
+        )
+        model.load_state_dict({k: v.to(model.W.dtype) for k, v in p.items()})
+    if cfg.init.noise > 0:
+        with torch.no_grad():
+            for prm in model.parameters():
+                prm.add_(cfg.init.noise * torch.randn(prm.shape, generator=gens[1], dtype=prm.dtype))
+
+    # 3. train w* on the unperturbed q
+    Xt = X.to(model.W.dtype)
+    fit = train(
+        model, Xt, loss, steps=int(cfg.train.steps), lr=float(cfg.train.lr), optimizer=cfg.train.optimizer,
+        batch_size=cfg.train.batch_size, weight_decay=float(cfg.train.weight_decay), generator=gens[2],
+        tol=float(cfg.train.tol), finish=cfg.train.finish, finish_iterations=int(cfg.train.finish_iterations),
+    )
+    W, b = model.W.detach().double(), model.b.detach().double()
+
+    # 4. classify
+    cls = classify_tms_point(W, b, tol=float(cfg.classify_tol))
+    dims = feature_dimensionality(W)
+
+    # 5. λ̂ on q_h
+    data, sym_metrics = _symmetry_path(cfg, X, gens[3])
+    estimate = _runlib.instantiate_partial(cfg.sampler)
+    res = estimate(model, data, loss, seed=seed, device=cfg.device, progress=bool(cfg.progress))
+
+    n = int(cfg.data.n)
+    metrics: dict[str, Any] = {
+        "point": cls["name"] or f"irregular-{cls['k']}",
+        "k": cls["k"],
+        "regular": cls["regular"],
+        "n_dead": len(cls["dead"]),
+        "n_dead_positive_bias": len(cls["dead_positive_bias"]),
+        "n_antipodal_pairs": len(cls["antipodal_pairs"]),
+        "antipodal_pairs": cls["antipodal_pairs"],
+        "length": cls["length"],
+        "bias": cls["bias"],
+        "train_loss": fit.loss,
+        "train_grad_norm": fit.grad_norm,
+        "train_converged": fit.converged,
+        "model_dimensionality": n_hidden / float(W.square().sum()),
+        "feature_dimensionality": dims.tolist(),
+        "W": W.tolist(),
+        "b": b.tolist(),
+        **_runlib.metrics_from_result(res),
+        "free_energy_proxy": n * fit.loss + res.llc_mean * math.log(n),
+        **sym_metrics,
+        "device": res.config.get("device", cfg.device),
+    }
+    sparse_data = str(cfg.data._target_).endswith("make_tms_sparse_data")
+    if sparse_data:
+        metrics["population_loss"] = float(tms_population_loss(W, b, imp))
+    closed = (
+        n_features == 6 and n_hidden == 2 and sparse_data and imp is None
+        and cls["name"] in slt.theory.TMS_CRITICAL_POINTS
+    )
+    metrics["llc_theory"] = slt.theory.tms_llc(cls["name"]) if closed else None
+    if closed:
+        lam = metrics["llc_theory"]
+        metrics["relative_error"] = (res.llc_mean - lam) / lam
+        metrics["z_theory"] = (res.llc_mean - lam) / res.llc_sem if res.llc_sem > 0 else None
+    arrays = {
+        "llc_trace": res.llc_trace,  # (C, T)
+        "loss_trace": res.loss_trace,  # (C, T)
+        "loss_star_trace": res.loss_star_trace,  # (C, T)
+        "llc_per_chain": res.llc_per_chain,  # (C,)
+        "W": W,
+        "b": b,
+    }
+    arrays.update({f"obs_{k}": v for k, v in res.observables.items()})
+    print(
+        f"[tms] seed={seed} n={n}: {metrics['point']} (L_n={fit.loss:.5f}) λ̂ = {res.llc_mean:.2f} ± {res.llc_sem:.2f}"
+        + (f"  closed form {metrics['llc_theory']}" if closed else ""),
+        flush=True,
+    )
+    return metrics, arrays
+
+
+@hydra.main(version_base="1.3", config_path=_runlib.CONF_DIR, config_name="tms")
+def main(cfg: DictConfig) -> Any:
+    return _runlib.hydra_task(run, _validate)(cfg)
+
+
+if __name__ == "__main__":
+    _runlib.main(main)

@@ -1,0 +1,404 @@
+"""Run records on disk: atomic result files and a summary table rebuilt from them.
+
+An experiment run owns one folder.  It finishes by writing ``result.json``
+(:func:`atomic_write_json`: a temporary file in the same folder, flushed and
+fsynced, then ``os.replace``), so the file's presence marks the run as done
+and a killed process never leaves a half-written result.  A run that raises
+writes ``failed.json`` with the traceback instead.  Nothing ever appends to a
+shared table: :func:`collect` rebuilds ``summary.parquet`` and ``summary.csv``
+of a sweep folder from the run folders, idempotently, marking failed and
+missing runs instead of dropping them.
+
+Sweep folder layout (as written by the Hydra entry points in ``experiments/``)::
+
+    <sweep>/sweep.json              expected jobs (subdir + overrides), optional
+    <sweep>/<subdir>/result.json    finished run: status "ok", config, metrics ...
+    <sweep>/<subdir>/failed.json    failed run: status "failed", error, traceback
+    <sweep>/<subdir>/traces.npz     per-draw traces (chains first)
+    <sweep>/summary.parquet, summary.csv
+
+This module does not import Hydra (the library never does); the Hydra glue
+lives in ``experiments/_runlib.py``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import math
+import os
+import platform
+import re
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+import numpy as np
+
+__all__ = [
+    "RESULT_FILE",
+    "FAILED_FILE",
+    "SWEEP_FILE",
+    "atomic_write_bytes",
+    "atomic_write_json",
+    "atomic_write_npz",
+    "read_json",
+    "to_jsonable",
+    "environment_info",
+    "run_dirname",
+    "parse_override",
+    "flatten",
+    "collect",
+    "status_counts",
+]
+
+RESULT_FILE = "result.json"
+FAILED_FILE = "failed.json"
+SWEEP_FILE = "sweep.json"
+SUMMARY_FILES = ("summary.parquet", "summary.csv")
+
+#: statuses that :func:`collect` reports
+STATUSES = ("ok", "failed", "incomplete", "missing")
+
+
+# ---------------------------------------------------------------------------
+# atomic writes
+# ---------------------------------------------------------------------------
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
+    """Write ``data`` to ``path`` atomically: temp file in the same folder, fsync, ``os.replace``.
+
+    Readers see either the old file or the complete new one, never a partial
+    write; the folder is created if needed.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    return path
+
+
+def to_jsonable(obj: Any) -> Any:
+    """Convert tensors, numpy values, paths and tuples to plain JSON types.
+
+    Non-finite floats become ``None`` (JSON has no NaN); tensors and arrays
+    become (nested) lists.
+    """
+    if obj is None or isinstance(obj, (bool, str)):
+        return obj
+    if isinstance(obj, int):
+        return int(obj)
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, Mapping):
+        return {str(k): to_jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple, set)):
+        return [to_jsonable(v) for v in obj]
+    if isinstance(obj, os.PathLike):
+        return os.fspath(obj)
+    if isinstance(obj, np.generic):
+        return to_jsonable(obj.item())
+    if isinstance(obj, np.ndarray):
+        return to_jsonable(obj.tolist())
+    mod = type(obj).__module__
+    if mod.startswith("torch"):
+        import torch
+
+        if isinstance(obj, torch.Tensor):
+            return to_jsonable(obj.detach().cpu().tolist())
+        return str(obj)  # dtype, device
+    return str(obj)
+
+
+def atomic_write_json(path: str | os.PathLike, obj: Any) -> Path:
+    """:func:`to_jsonable` ``obj`` and write it atomically as indented JSON."""
+    text = json.dumps(to_jsonable(obj), indent=2, allow_nan=False)
+    return atomic_write_bytes(path, (text + "\n").encode())
+
+
+def atomic_write_npz(path: str | os.PathLike, **arrays: Any) -> Path:
+    """Write arrays (tensors are converted) to a compressed ``.npz`` atomically."""
+    conv = {}
+    for k, v in arrays.items():
+        if hasattr(v, "detach"):
+            v = v.detach().cpu().numpy()
+        conv[k] = np.asarray(v)
+    buf = io.BytesIO()
+    np.savez_compressed(buf, **conv)
+    return atomic_write_bytes(path, buf.getvalue())
+
+
+def read_json(path: str | os.PathLike) -> Any:
+    with open(path) as f:
+        return json.load(f)
+
+
+# ---------------------------------------------------------------------------
+# provenance
+# ---------------------------------------------------------------------------
+def environment_info(device: Any = None) -> dict[str, Any]:
+    """Versions (slt, torch, numpy, python), host, platform and the device used.
+
+    ``device``: the device the run used (``"cpu"``, ``"cuda:0"``); for CUDA
+    devices the GPU name is added.
+    """
+    import torch
+
+    from . import __version__
+
+    info: dict[str, Any] = {
+        "versions": {
+            "slt": __version__,
+            "torch": torch.__version__,
+            "numpy": np.__version__,
+            "python": sys.version.split()[0],
+        },
+        "host": platform.node(),
+        "platform": platform.platform(),
+        "device": str(device) if device is not None else "cpu",
+    }
+    try:
+        import hydra  # noqa: F401  (only its version string; slt never uses Hydra)
+
+        info["versions"]["hydra"] = hydra.__version__
+    except ImportError:  # pragma: no cover
+        pass
+    if device is not None and str(device).startswith("cuda") and torch.cuda.is_available():
+        info["device_name"] = torch.cuda.get_device_name(torch.device(str(device)))
+    return info
+
+
+# ---------------------------------------------------------------------------
+# run folder names
+# ---------------------------------------------------------------------------
+_UNSAFE = re.compile(r"[^A-Za-z0-9._=,+\-]")
+
+
+def run_dirname(override_dirname: str, max_len: int = 120) -> str:
+    """Deterministic folder name for a job from its ``override_dirname``.
+
+    ``""`` (no overrides) becomes ``"default"``; characters other than
+    letters, digits and ``. _ = , + -`` (path separators, brackets, quotes)
+    become ``_``, so a path-valued override never creates nested folders;
+    names longer than ``max_len`` are cut and suffixed with 10 hex digits of
+    their SHA-1, so distinct override sets stay distinct.
+    """
+    if not isinstance(override_dirname, str):
+        raise TypeError(f"override_dirname must be a str, got {type(override_dirname).__name__}")
+    if override_dirname == "":
+        return "default"
+    safe = _UNSAFE.sub("_", override_dirname)
+    if safe in (".", "..") or safe.startswith("."):
+        safe = "_" + safe
+    if len(safe) > max_len or safe != override_dirname:
+        digest = hashlib.sha1(override_dirname.encode()).hexdigest()[:10]
+        if len(safe) > max_len:
+            safe = safe[: max_len - 11]
+        safe = f"{safe}-{digest}" if safe != override_dirname else safe
+    return safe
+
+
+def parse_override(override: str) -> tuple[str, Any]:
+    """``"key=value"`` -> ``(key, value)`` with the value parsed as a scalar when it is one.
+
+    ``+key=v``/``++key=v``/``~key`` prefixes are dropped from the key; ints,
+    floats, ``true``/``false`` and ``null`` are converted, anything else
+    (lists, strings) is kept as text.
+    """
+    key, sep, val = override.partition("=")
+    key = key.lstrip("+~")
+    if not sep:
+        return key, None
+    low = val.strip().lower()
+    if low in ("true", "false"):
+        return key, low == "true"
+    if low in ("null", "none"):
+        return key, None
+    for cast in (int, float):
+        try:
+            return key, cast(val)
+        except ValueError:
+            pass
+    return key, val.strip("'\"")
+
+
+def flatten(d: Mapping[str, Any], prefix: str = "", sep: str = ".") -> dict[str, Any]:
+    """Nested mappings -> one level with dotted keys; lists are kept as values."""
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{sep}{k}" if prefix else str(k)
+        if isinstance(v, Mapping):
+            out.update(flatten(v, key, sep))
+        else:
+            out[key] = v
+    return out
+
+
+# ---------------------------------------------------------------------------
+# collect
+# ---------------------------------------------------------------------------
+def _cell(v: Any) -> Any:
+    if isinstance(v, (list, tuple, dict)):
+        return json.dumps(to_jsonable(v))
+    return v
+
+
+def _row_from_record(rec: Mapping[str, Any], status: str) -> dict[str, Any]:
+    row: dict[str, Any] = {"status": status}
+    for o in rec.get("overrides", []) or []:
+        k, v = parse_override(str(o))
+        row[k] = v
+    for k, v in flatten(rec.get("metrics", {}) or {}).items():
+        row.setdefault(k, _cell(v))
+    for k, v in flatten(rec.get("config", {}) or {}).items():
+        row.setdefault(k, _cell(v))
+    for k in ("seed", "seconds", "device", "started", "finished", "error"):
+        if k in rec:
+            row.setdefault(k, _cell(rec[k]))
+    return row
+
+
+def _read_overrides_yaml(path: Path) -> list[str]:
+    # Hydra writes a YAML list of strings ("- seed=0"); read it without a YAML dependency
+    out = []
+    for line in path.read_text().splitlines():
+        if line.startswith("- "):
+            out.append(line[2:].strip().strip("'\""))
+    return out
+
+
+def _arrow_safe(df):
+    """Object columns holding mixed types become strings (parquet needs one type per column)."""
+    import pandas as pd
+
+    for c in df.columns:
+        if df[c].dtype == object:
+            kinds = {type(v) for v in df[c] if v is not None and not (isinstance(v, float) and math.isnan(v))}
+            if len(kinds) > 1:
+                if kinds <= {int, float}:
+                    df[c] = pd.to_numeric(df[c])
+                else:
+                    df[c] = df[c].map(lambda v: None if v is None else str(v))
+    return df
+
+
+def collect(
+    sweep_dir: str | os.PathLike,
+    *,
+    expected: Iterable[Mapping[str, Any]] | None = None,
+    write: bool = True,
+):
+    """Rebuild the summary table of a sweep from its run folders.
+
+    One row per run folder (and per expected job without a folder):
+
+    * ``status="ok"``: the folder has ``result.json``; its overrides, metrics
+      and (flattened, dotted) config become columns;
+    * ``"failed"``: ``failed.json`` and no ``result.json``; ``error`` holds the
+      exception's message;
+    * ``"incomplete"``: the folder exists but holds neither (a killed or
+      still-running job);
+    * ``"missing"``: listed in ``<sweep>/sweep.json`` (or ``expected``) but no
+      folder exists (never started).
+
+    Folders whose names start with ``.`` (``.submitit``) or ``_`` are skipped.
+    Idempotent: run it as often as you like (at the end of a multirun, by hand
+    after a failure or while a sweep is running).
+
+    Parameters
+    ----------
+    sweep_dir
+        The sweep folder (``<results>/sweeps/<name>``).
+    expected
+        Extra expected jobs ``{"subdir": str, "overrides": [str, ...]}``,
+        merged with those in ``sweep.json``.
+    write
+        Write ``summary.parquet`` and ``summary.csv`` atomically into ``sweep_dir``.
+
+    Returns
+    -------
+    pandas.DataFrame
+        Columns ``run``, ``status``, the override keys, the metrics, then the
+        config; rows sorted by ``run``.
+
+    Raises
+    ------
+    FileNotFoundError
+        If ``sweep_dir`` does not exist.
+    """
+    import pandas as pd
+
+    sweep = Path(sweep_dir)
+    if not sweep.is_dir():
+        raise FileNotFoundError(f"sweep folder {str(sweep)!r} does not exist")
+    jobs: dict[str, list[str]] = {}
+    sweep_file = sweep / SWEEP_FILE
+    if sweep_file.exists():
+        for j in read_json(sweep_file).get("jobs", []):
+            jobs[str(j["subdir"])] = list(j.get("overrides", []))
+    for j in expected or []:
+        jobs[str(j["subdir"])] = list(j.get("overrides", []))
+
+    rows: list[dict[str, Any]] = []
+    seen: set[str] = set()
+    for d in sorted(p for p in sweep.iterdir() if p.is_dir()):
+        if d.name.startswith((".", "_")):
+            continue
+        res, fail = d / RESULT_FILE, d / FAILED_FILE
+        if res.exists():
+            row = _row_from_record(read_json(res), "ok")
+        elif fail.exists():
+            rec = read_json(fail)
+            row = _row_from_record(rec, "failed")
+            row["error"] = rec.get("error")
+        elif d.name in jobs or (d / ".hydra").is_dir():
+            ovs = jobs.get(d.name)
+            if ovs is None and (d / ".hydra" / "overrides.yaml").exists():
+                ovs = _read_overrides_yaml(d / ".hydra" / "overrides.yaml")
+            row = _row_from_record({"overrides": ovs or []}, "incomplete")
+        else:
+            continue  # some other folder
+        row["run"] = d.name
+        rows.append(row)
+        seen.add(d.name)
+    for subdir, ovs in jobs.items():
+        if subdir not in seen:
+            row = _row_from_record({"overrides": ovs}, "missing")
+            row["run"] = subdir
+            rows.append(row)
+
+    df = pd.DataFrame(rows)
+    if len(df):
+        first = ["run", "status"]
+        df = df[first + [c for c in df.columns if c not in first]].sort_values("run", kind="stable")
+        df = df.reset_index(drop=True)
+    else:
+        df = pd.DataFrame(columns=["run", "status"])
+    df = _arrow_safe(df)
+    if write:
+        buf = io.BytesIO()
+        df.to_parquet(buf, index=False)
+        atomic_write_bytes(sweep / "summary.parquet", buf.getvalue())
+        atomic_write_bytes(sweep / "summary.csv", df.to_csv(index=False).encode())
+    return df
+
+
+def status_counts(df) -> dict[str, int]:
+    """``{"ok": .., "failed": .., "incomplete": .., "missing": ..}`` of a :func:`collect` table."""
+    counts = {s: 0 for s in STATUSES}
+    if len(df):
+        for s, c in df["status"].value_counts().items():
+            counts[str(s)] = int(c)
+    return counts

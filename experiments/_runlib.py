@@ -87,28 +87,22 @@ def execute(
         Extra value checks run before anything else (after :func:`_schemas.validate`).
     """
     out = Path(out_dir)
-    _schemas.validate(cfg)
-    if validate is not None:
-        validate(cfg)
     res_file = out / records.RESULT_FILE
-    if res_file.exists() and not cfg.get("force", False):
-        log.info("skipping %s: %s exists (force=true recomputes)", out, records.RESULT_FILE)
-        return records.read_json(res_file)
-    out.mkdir(parents=True, exist_ok=True)
     fail_file = out / records.FAILED_FILE
-    if fail_file.exists():
-        fail_file.unlink()
-    container = OmegaConf.to_container(cfg, resolve=True)
-    base = {
-        "name": cfg.get("name"),
-        "seed": int(cfg.seed),
-        "overrides": list(overrides),
-        "config": container,
-        "started": now(),
-        **records.environment_info(cfg.get("device", "cpu")),
-    }
     t0 = time.perf_counter()
+    base: dict[str, Any] = {"name": cfg.get("name"), "seed": cfg.get("seed"), "overrides": list(overrides)}
     try:
+        base["config"] = OmegaConf.to_container(cfg, resolve=True)
+        base.update(started=now(), **records.environment_info(cfg.get("device", "cpu")))
+        _schemas.validate(cfg)  # bad values fail here, before any work (and are recorded)
+        if validate is not None:
+            validate(cfg)
+        if res_file.exists() and not cfg.get("force", False):
+            log.info("skipping %s: %s exists (force=true recomputes)", out, records.RESULT_FILE)
+            return records.read_json(res_file)
+        out.mkdir(parents=True, exist_ok=True)
+        if fail_file.exists():
+            fail_file.unlink()
         metrics, arrays = run(cfg, out)
     except Exception as e:
         records.atomic_write_json(

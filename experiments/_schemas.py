@@ -11,6 +11,7 @@ but make no sense (``sampler.num_chains=0``) are rejected by
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
@@ -205,6 +206,8 @@ class LLCConfig(_Base):
     checkpoint: Optional[str] = None
     train: Optional[TrainConf] = None
     sampler: SamplerConf = field(default_factory=SamplerConf)
+    dtype: str = "float32"
+    reference: Any = None
 
 
 # ---------------------------------------------------------------------------
@@ -298,8 +301,10 @@ def validate(cfg: Any) -> None:
         _one_of(cfg, "symmetry.operation", _OPERATIONS)
         _one_of(cfg, "symmetry.acts_on", ("x", "y", "both"))
         h = _select(cfg, "symmetry.h")
-        if not 0.0 <= h <= 1.0:
-            _fail("symmetry.h", h, "must be in [0, 1]")
+        if _select(cfg, "symmetry.operation") == "symmetrize" and not 0.0 <= h <= 1.0:
+            _fail("symmetry.h", h, "must be in [0, 1] for operation=symmetrize (q_h = (1 - h) q + h q_G)")
+        if not math.isfinite(h):
+            _fail("symmetry.h", h, "must be finite")
         if _select(cfg, "symmetry.operation") != "none" and _select(cfg, "symmetry.group") == "none":
             _fail("symmetry.operation", _select(cfg, "symmetry.operation"), "needs a group (symmetry=... or symmetry.group=...)")
     if _select(cfg, "device") not in ("cpu", "auto") and not str(_select(cfg, "device")).startswith("cuda"):

@@ -1,0 +1,149 @@
+r"""λ̂ of a user's model from config (``conf/llc.yaml``).
+
+The module, the data and the loss are named by ``_target_`` (any importable
+callable), the trained point w* comes from ``checkpoint`` (a ``torch.save`` d
+state dict) or, without one, from training with :func:`slt.training.train`;
+the sampler settings are those of ``sampler/``.  One run = one
+:func:`slt.estimate_llc` call; ``result.json`` holds λ̂, its standard error,
+the diagnostics and (if ``reference`` is set) the comparison with a known λ.
+
+Usage::
+
+    python experiments/llc.py                          # demo: RRR [5, 3, 4], rank 2 (λ = 4)
+    python experiments/llc.py model._target_=mypkg.Net data._target_=mypkg.data \
+        checkpoint=/path/ckpt.pt train=null loss=torch.nn.functional.cross_entropy
+    python experiments/llc.py -m checkpoint=a.pt,b.pt,c.pt train=null   # one run per checkpoint
+"""
+
+from __future__ import annotations
+
+import inspect
+import sys
+from pathlib import Path
+from typing import Any, Mapping
+
+import hydra
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _runlib  # noqa: E402
+
+from slt.training import train  # noqa: E402
+
+
+def _validate(cfg: DictConfig) -> None:
+    for key in ("model", "data"):
+        node = cfg[key]
+        if not isinstance(node, DictConfig) or "_target_" not in node:
+            raise ValueError(f"invalid config value {key}={OmegaConf.to_container(node) if isinstance(node, DictConfig) else node!r}: "
+                             f"needs a _target_ (the dotted name of a callable)")
+    if cfg.checkpoint is None and cfg.train is None:
+        raise ValueError("invalid config: checkpoint=null and train=null: give a checkpoint or training settings")
+    if cfg.checkpoint is not None and not Path(cfg.checkpoint).is_file():
+        raise ValueError(f"invalid config value checkpoint={cfg.checkpoint!r}: no such file")
+    if cfg.dtype not in ("float32", "float64"):
+        raise ValueError(f"invalid config value dtype={cfg.dtype!r}: must be float32 or float64")
+    loss = cfg.loss
+    if loss is not None and not isinstance(loss, (str, DictConfig)):
+        raise ValueError(f"invalid config value loss={loss!r}: a dotted name, a node with _target_, or null")
+
+
+def _accepts(target: str, name: str) -> bool:
+    from hydra.utils import get_object
+
+    try:
+        fn = get_object(target)
+        params = inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return False
+    return name in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
+
+
+def build(cfg: DictConfig, gen: torch.Generator) -> tuple[torch.nn.Module, Any, Any]:
+    """Instantiate (model, data, loss) from ``cfg``; passes ``generator=`` where accepted."""
+    from hydra.utils import get_object, instantiate
+
+    extra = {"generator": gen} if _accepts(cfg.model._target_, "generator") and "generator" not in cfg.model else {}
+    model = instantiate(cfg.model, **extra)
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"model._target_={cfg.model._target_!r} returned {type(model).__name__}, not a torch.nn.Module")
+    extra = {"generator": gen} if _accepts(cfg.data._target_, "generator") and "generator" not in cfg.data else {}
+    data = instantiate(cfg.data, **extra)
+    if isinstance(data, tuple) and len(data) > 1 and not all(isinstance(t, torch.Tensor) for t in data):
+        lead = []
+        for t in data:  # keep the leading tensors: (X, Y, teacher) -> (X, Y)
+            if not isinstance(t, torch.Tensor):
+                break
+            lead.append(t)
+        data = tuple(lead) if len(lead) > 1 else lead[0]
+    if cfg.loss is None:
+        loss = getattr(model, "default_loss", None)
+        if loss is None:
+            raise ValueError("loss=null but the model defines no default_loss: set loss=<dotted name>")
+    elif isinstance(cfg.loss, str):
+        loss = get_object(cfg.loss)
+    else:
+        loss = instantiate(cfg.loss)
+    if not callable(loss):
+        raise TypeError(f"loss={cfg.loss!r} is not callable")
+    return model, data, loss
+
+
+def load_checkpoint(model: torch.nn.Module, path: str) -> None:
+    """Load a ``torch.save`` d state dict (also ``{"state_dict": ...}`` or ``{"model": ...}``) strictly."""
+    obj = torch.load(path, map_location="cpu", weights_only=True)
+    if isinstance(obj, Mapping):
+        for key in ("state_dict", "model", "model_state_dict"):
+            if key in obj and isinstance(obj[key], Mapping):
+                obj = obj[key]
+                break
+    if not isinstance(obj, Mapping):
+        raise ValueError(f"checkpoint {path!r} holds {type(obj).__name__}, not a state dict")
+    model.load_state_dict(dict(obj), strict=True)
+
+
+def run(cfg: DictConfig, out_dir: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    seed = int(cfg.seed)
+    model, data, loss = build(cfg, torch.Generator().manual_seed(seed))
+    metrics: dict[str, Any] = {}
+    if cfg.checkpoint is not None:
+        load_checkpoint(model, cfg.checkpoint)
+        metrics["checkpoint"] = str(cfg.checkpoint)
+    if cfg.train is not None:
+        dt = _runlib.torch_dtype(cfg.train.dtype)
+        model = model.to(dt)
+        tdata = data.to(dt) if isinstance(data, torch.Tensor) else tuple(t.to(dt) for t in data)
+        fit = train(
+            model, tdata, loss, steps=int(cfg.train.steps), lr=float(cfg.train.lr), optimizer=cfg.train.optimizer,
+            batch_size=cfg.train.batch_size, weight_decay=float(cfg.train.weight_decay),
+            generator=torch.Generator().manual_seed(seed + 1), tol=float(cfg.train.tol), finish=cfg.train.finish,
+            finish_iterations=int(cfg.train.finish_iterations),
+        )
+        metrics.update(train_loss=fit.loss, train_grad_norm=fit.grad_norm, train_converged=fit.converged)
+    estimate = _runlib.instantiate_partial(cfg.sampler)
+    res = estimate(model, data, loss, seed=seed, device=cfg.device, dtype=_runlib.torch_dtype(cfg.dtype),
+                   progress=bool(cfg.progress))
+    metrics.update(_runlib.metrics_from_result(res))
+    metrics["num_params"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    if cfg.reference is not None:
+        from hydra.utils import instantiate
+
+        ref = float(instantiate(cfg.reference)) if isinstance(cfg.reference, DictConfig) else float(cfg.reference)
+        metrics.update(llc_reference=ref, relative_error=(res.llc_mean - ref) / ref if ref else None,
+                       z_reference=(res.llc_mean - ref) / res.llc_sem if res.llc_sem > 0 else None)
+    metrics["device"] = res.config.get("device", cfg.device)
+    print(f"[llc] {cfg.model._target_}: λ̂ = {res.llc_mean:.3f} ± {res.llc_sem:.3f}"
+          + (f" (reference {metrics['llc_reference']:.3g})" if "llc_reference" in metrics else ""), flush=True)
+    arrays = {"llc_trace": res.llc_trace, "loss_trace": res.loss_trace, "loss_star_trace": res.loss_star_trace,
+              "llc_per_chain": res.llc_per_chain}
+    return metrics, arrays
+
+
+@hydra.main(version_base="1.3", config_path=_runlib.CONF_DIR, config_name="llc")
+def main(cfg: DictConfig) -> Any:
+    return _runlib.hydra_task(run, _validate)(cfg)
+
+
+if __name__ == "__main__":
+    _runlib.main(main)

@@ -33,6 +33,13 @@ from .groups import (
     SignFlips,
 )
 from .operations import as_data, break_symmetry, invariance_gap, mix, symmetrize
+from .susceptibility import (
+    FiniteDifferenceResult,
+    SusceptibilityResult,
+    full_data_loss,
+    llc_finite_difference,
+    llc_susceptibility,
+)
 
 __all__ = [
     "Group",
@@ -50,4 +57,9 @@ __all__ = [
     "break_symmetry",
     "mix",
     "invariance_gap",
+    "llc_susceptibility",
+    "llc_finite_difference",
+    "full_data_loss",
+    "SusceptibilityResult",
+    "FiniteDifferenceResult",
 ]

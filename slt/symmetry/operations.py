@@ -354,10 +354,10 @@ def mix(q0: Any, q1: Any, t: float) -> Data:
 
     The union of both data sets, with the normalized weights of ``q0`` scaled
     by :math:`1 - t` and those of ``q1`` by :math:`t`; so the engine's weighted
-    loss is :math:`L_{q_t} = (1-t) L_{q_0} + t L_{q_1}` exactly.  The union is
-    kept at :math:`t \in \{0, 1\}` too (rows of zero weight), so the data set
-    varies continuously in ``t``; pass ``nbeta`` explicitly to
-    :func:`slt.estimate_llc`.
+    loss is :math:`L_{q_t} = (1-t) L_{q_0} + t L_{q_1}` exactly.  At
+    :math:`t = 0` (:math:`t = 1`) the rows of zero weight are dropped and
+    ``q0`` (``q1``) is returned with normalized weights.  Pass ``nbeta``
+    explicitly to :func:`slt.estimate_llc`: its default counts rows.
 
     Parameters
     ----------
@@ -370,11 +370,14 @@ def mix(q0: Any, q1: Any, t: float) -> Data:
     Returns
     -------
     slt.Data
-        ``n0 + n1`` rows, ``q0``'s first.
+        ``n0 + n1`` rows, ``q0``'s first (``n0`` or ``n1`` at the end points).
     """
     t = _check_t(t)
     d0, d1 = as_data(q0, "q0"), as_data(q1, "q1")
     _check_compatible(d0, d1)
+    if t in (0.0, 1.0):
+        d = d0 if t == 0.0 else d1
+        return Data(d.x, d.y, _weights(d).to(d.x.dtype if d.x.is_floating_point() else torch.float32))
     w = torch.cat([(1.0 - t) * _weights(d0), t * _weights(d1).to(d0.x.device)])
     x = torch.cat([d0.x, d1.x.to(d0.x.device)])
     y = None if d0.y is None else torch.cat([d0.y, d1.y.to(d0.y.device)])  # type: ignore[union-attr]

@@ -1,0 +1,112 @@
+"""SGLD at several step sizes against NUTS on the same localized posterior.
+
+Two jobs (the tables in the README section "Exact references"):
+
+``tms``
+    TMS(6, 2) 5-gon (``kgon_parameters(5, dead_bias=-1.0)``, trained to the
+    empirical minimum by L-BFGS), n = 20 000 high-sparsity samples, γ = 10,
+    nβ = n / log n; SGLD with minibatches of 256 (the engine default).
+``normal_crossing``
+    ``NormalCrossing([1, 2])`` (K = ½ w₁² w₂⁴, λ = 1/4) at its empirical minimum,
+    n = 10 000, γ = 1, full-batch SGLD.
+
+    python experiments/compare_nuts.py --job tms [--n 20000] [--out results/compare_nuts]
+    python experiments/compare_nuts.py --job normal_crossing
+
+Prints the table of :func:`slt.reference.compare` and writes
+``<out>/<job>.png`` and ``<out>/<job>.json``.  Plain Python (no Hydra).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import torch  # noqa: E402
+
+import slt  # noqa: E402
+from slt.models import (  # noqa: E402
+    NormalCrossing,
+    ToyModelOfSuperposition,
+    gaussian_nll,
+    kgon_parameters,
+    make_normal_crossing_data,
+    make_tms_sparse_data,
+    tms_loss,
+)
+from slt.reference import compare  # noqa: E402
+from slt.training import train  # noqa: E402
+
+
+def tms_job(n: int, k: int, seed: int):
+    # float64 for the L-BFGS fit (float32 stalls near grad norm 1e-5 at small n);
+    # SGLD runs in float32 on a copy, NUTS in float64
+    X = make_tms_sparse_data(n, 6, torch.Generator().manual_seed(seed)).double()
+    m = ToyModelOfSuperposition(6, 2, dtype=torch.float64)
+    m.load_state_dict({name: v.double() for name, v in kgon_parameters(k, 6, 2, dead_bias=-1.0).items()})
+    fit = train(m, X, tms_loss, steps=0, finish="lbfgs", tol=1e-8)
+    if not fit.converged:
+        raise RuntimeError(f"training the {k}-gon did not converge (grad norm {fit.grad_norm:.2g})")
+    return m, X, tms_loss, slt.theory.tms_llc(f"{k}-gon")
+
+
+def normal_crossing_job(n: int, powers: list[int], seed: int):
+    X, Y = make_normal_crossing_data(n, torch.Generator().manual_seed(seed), dtype=torch.float64)
+    m = NormalCrossing(powers, dtype=torch.float64)
+    with torch.no_grad():
+        m.w.copy_(m.empirical_minimum(X, Y))
+    return m, (X, Y), gaussian_nll, slt.theory.normal_crossing_llc(powers)
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--job", choices=["tms", "normal_crossing"], default="tms")
+    ap.add_argument("--n", type=int, default=None, help="samples (default 20000 for tms, 10000 otherwise)")
+    ap.add_argument("--k", type=int, default=5, help="TMS k-gon")
+    ap.add_argument("--powers", type=int, nargs="+", default=[1, 2], help="normal-crossing powers")
+    ap.add_argument("--step-sizes", type=float, nargs="+", default=None)
+    ap.add_argument("--draws", type=int, default=4000)
+    ap.add_argument("--chains", type=int, default=8)
+    ap.add_argument("--nuts-draws", type=int, default=1000)
+    ap.add_argument("--nuts-chains", type=int, default=4)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", default=os.path.join(os.environ.get("SLT_RESULTS_DIR", "results"), "compare_nuts"))
+    args = ap.parse_args(argv)
+    t0 = time.perf_counter()
+    if args.job == "tms":
+        n = args.n or 20_000
+        model, data, loss, lam = tms_job(n, args.k, args.seed)
+        steps = args.step_sizes or [1e-4, 3e-4, 1e-3, 3e-3]
+        kw = dict(localization=10.0)
+        title = f"TMS(6,2) {args.k}-gon, n={n}, γ=10, SGLD batch 256"
+    else:
+        n = args.n or 10_000
+        model, data, loss, lam = normal_crossing_job(n, args.powers, args.seed)
+        steps = args.step_sizes or [1e-4, 3e-4, 1e-3, 2e-3]
+        kw = dict(localization=1.0, batch_size=None, dtype=torch.float64)
+        title = f"NormalCrossing({args.powers}), n={n}, γ=1, full-batch SGLD"
+    res = compare(model, data, loss, step_sizes=steps, num_chains=args.chains, num_draws=args.draws,
+                  nuts_chains=args.nuts_chains, nuts_draws=args.nuts_draws, seed=args.seed, reference=lam,
+                  title=title, verbose=True, progress=False, **kw)
+    print(res)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    res.plot().savefig(out / f"{args.job}.png", dpi=120)
+    record = {"job": args.job, "args": vars(args), "title": title, "reference_llc": lam,
+              "rows": res.frame.to_dict(orient="records"), "best_step_size": res.best_step_size,
+              "nuts": res.nuts.summary() if res.nuts else None,
+              "versions": res.nuts.config["versions"] if res.nuts else None,
+              "seconds": time.perf_counter() - t0}
+    (out / f"{args.job}.json").write_text(json.dumps(record, indent=2, default=str))
+    print(f"wrote {out / (args.job + '.png')} and {out / (args.job + '.json')} in {record['seconds']:.0f}s")
+    return record
+
+
+if __name__ == "__main__":
+    main()

@@ -124,6 +124,39 @@ def test_devinterp_matches_exact_llc_of_quadratic_loss():
     assert abs(post.mean() - expected_post) < 4 * se_post, (post.mean(), expected_post)
 
 
+def test_slt_and_devinterp_agree_on_the_same_job():
+    """The same model, data and hyperparameters (full-batch SGLD, ε, nβ, γ,
+    burn-in, draws) through ``slt.estimate_llc`` and through devinterp: the
+    post-burn-in estimates have the same expectation (``_expected_chain_llc``:
+    both record the loss before each step) and must agree within 4 combined
+    standard errors (chain spread; chains are independent in both)."""
+    import slt
+
+    model, X, Y, h = _regression_job(seed=5)
+    num_chains, num_burnin, num_draws = 8, 100, 700
+    di = devinterp_llc(
+        model, X, Y, _half_mse,
+        nbeta=NBETA, step_size=EPS, localization=GAMMA,
+        num_chains=num_chains, num_draws=num_draws, num_burnin=num_burnin,
+        batch_size=N, seed=11, scratch_dir=_scratch_dir(),
+    )
+    ours = slt.estimate_llc(
+        model, (X, Y), _half_mse, nbeta=NBETA, step_size=EPS, localization=GAMMA,
+        num_chains=num_chains, num_draws=num_draws, num_burnin=num_burnin, batch_size=None,
+        dtype=torch.float64, seed=11, progress=False,
+    )
+    post = di["llc_per_chain_post_burnin"]
+    se_di = post.std(ddof=1) / np.sqrt(num_chains)
+    se_slt = float(ours.llc_per_chain.double().std()) / np.sqrt(num_chains)
+    se = float(np.hypot(se_di, se_slt))
+    assert abs(ours.llc_mean - post.mean()) < 4 * se, (ours.llc_mean, post.mean(), se)
+    # both also match the closed-form expectation of this chain, and the band is
+    # narrow enough to tell a wrong temperature (±35 %) apart
+    expected = _expected_chain_llc(h, num_burnin, num_burnin + num_draws)
+    assert abs(ours.llc_mean - expected) < 4 * se_slt + 1e-9
+    assert 4 * se < 0.35 * expected
+
+
 def test_devinterp_adapter_contract(monkeypatch):
     model, X, Y, _ = _regression_job(seed=3)
     w_before = model.weight.detach().clone()

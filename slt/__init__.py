@@ -16,6 +16,8 @@ from .engine import (  # noqa: E402
     estimate_llc,
 )
 from .plotting import plot_calibration, plot_trace  # noqa: E402
+from . import reference  # noqa: E402
+from .reference import compare, nuts_llc  # noqa: E402
 from .result import LLCResult  # noqa: E402
 from .samplers import LocalizedPotential, rmsprop_sgld, sgld  # noqa: E402
 
@@ -25,6 +27,9 @@ __all__ = [
     "models",
     "symmetry",
     "theory",
+    "reference",
+    "compare",
+    "nuts_llc",
     "CalibrationResult",
     "Data",
     "LLCResult",

@@ -111,31 +111,39 @@ def _normal_crossing_exact(powers, X, Y, w_star, nbeta, gamma, half_width=6.0, n
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("powers, step_size", [([1], 3e-5), ([1, 2], 3e-4), ([1, 3], 3e-4)])
-def test_normal_crossing(powers, step_size):
-    """K(w) = Π w_i^{2k_i}, multiplicity 1, λ = 1/(2 max k).  Full batch, γ = 1.
+@pytest.mark.parametrize(
+    "powers, step_size, gamma, draws",
+    [([1], 3e-5, 1.0, 8000), ([1, 2], 3e-4, 0.1, 20000), ([1, 3], 3e-4, 0.1, 20000)],
+)
+def test_normal_crossing(powers, step_size, gamma, draws):
+    """K(w) = Π w_i^{2k_i}, multiplicity 1, λ = 1/(2 max k).  Full batch, n = 10⁴.
 
-    The sharp check is against the exact finite-n expectation (quadrature on
-    the same potential) within 4 s.e.  At n = 10⁴ that exact value is itself
-    below the asymptotic λ (0.221 vs 1/4 for k = (1, 2), 0.150 vs 1/6 for
-    k = (1, 3): the O(1/log n) correction), so only the regular case [1] is
-    also held to the 10% band around λ.  Its step is 10× smaller because its
-    curvature nβ·mean(x²) ≈ 1086 is met everywhere: SGLD's bias εκ/4 is 0.8%
-    at ε = 3e-5 (8% at 3e-4); the singular cases are flat near w*.
+    Two checks.  (1) The sharp one: λ̂ against the exact finite-n expectation
+    (quadrature on the same potential) within 4 s.e.  (2) The 10% band around
+    the closed-form λ.  The exact finite-n value depends on γ: at n = 10⁴
+    (nβ ≈ 1086) it is 0.221 for k = (1, 2) with γ = 1 (12% below λ = 1/4: the
+    localization truncates the flat direction) but 0.246 with γ = 0.1 (−1.6%);
+    0.150 vs 0.165 for k = (1, 3) (λ = 1/6).  So the singular cases use γ = 0.1,
+    where the band tests the sampler rather than the asymptotics; their s.e.
+    is ≈ 6% of λ (32 chains × 20000 draws, slow mixing along the wide flat
+    direction) and SGLD's discretization bias at ε = 3e-4 is ≈ +1 s.e., so the
+    band is the issue's criterion, not a multiple of the s.e.  The regular
+    case [1] has curvature nβ·mean(x²) ≈ 1086 everywhere, so its step is 10×
+    smaller: SGLD's bias εκ/4 is 0.8% at ε = 3e-5.
     """
     n = 10_000
     X, Y = make_normal_crossing_data(n, torch.Generator().manual_seed(0), dtype=torch.float64)
     m = NormalCrossing(powers, dtype=torch.float64)
     with torch.no_grad():
         m.w.copy_(m.empirical_minimum(X, Y))
-    r = slt.estimate_llc(m, (X, Y), gaussian_nll, num_chains=32, num_draws=8000, num_burnin=2000,
-                         batch_size=None, localization=1.0, step_size=step_size, dtype=torch.float64,
+    r = slt.estimate_llc(m, (X, Y), gaussian_nll, num_chains=32, num_draws=draws, num_burnin=draws // 4,
+                         batch_size=None, localization=gamma, step_size=step_size, dtype=torch.float64,
                          seed=0, progress=False)
     lam = theory.normal_crossing_llc(powers)
-    exact = _normal_crossing_exact(powers, X, Y, m.w.detach(), r.nbeta, 1.0,
-                                   num=200_001 if len(powers) == 1 else 6001)
+    exact = _normal_crossing_exact(powers, X, Y, m.w.detach(), r.nbeta, gamma,
+                                   half_width=6.0 / math.sqrt(gamma),
+                                   num=200_001 if len(powers) == 1 else 8001)
     assert r.divergent_chains == []
     assert abs(r.llc_mean - exact) < 4 * r.llc_sem, (r.llc_mean, r.llc_sem, exact)
-    assert abs(exact - lam) / lam < 0.15
-    if len(powers) == 1:
-        _check(r, lam)
+    assert abs(exact - lam) / lam < 0.05, (exact, lam)
+    assert abs(r.llc_mean - lam) <= 0.10 * lam, f"λ̂ = {r.llc_mean:.4f} ± {r.llc_sem:.4f}, λ = {lam}"

@@ -13,7 +13,8 @@ measure how :math:`\hat\lambda` responds.
   :class:`Reflection`, :class:`SignFlips`, :class:`Dihedral`, :class:`SO2`,
   :class:`SO`, :class:`DirectProduct`; all act on the last data dimension.
 * Operations on data distributions (:mod:`slt.symmetry.operations`):
-  :func:`symmetrize`, :func:`break_symmetry`, :func:`mix`, :func:`invariance_gap`.
+  :func:`symmetrize`, :func:`break_symmetry`, :func:`mix`, :func:`invariance_gap`,
+  :func:`compress`.
 * LLC susceptibility (:mod:`slt.symmetry.susceptibility`):
   :func:`llc_susceptibility` (covariance estimator from one set of draws) and
   :func:`llc_finite_difference` (quenched or re-trained λ̂ along
@@ -32,7 +33,7 @@ from .groups import (
     Reflection,
     SignFlips,
 )
-from .operations import as_data, break_symmetry, invariance_gap, mix, symmetrize
+from .operations import as_data, break_symmetry, compress, invariance_gap, mix, symmetrize
 from .susceptibility import (
     FiniteDifferenceResult,
     SusceptibilityResult,
@@ -57,6 +58,7 @@ __all__ = [
     "break_symmetry",
     "mix",
     "invariance_gap",
+    "compress",
     "llc_susceptibility",
     "llc_finite_difference",
     "full_data_loss",

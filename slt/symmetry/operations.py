@@ -28,7 +28,7 @@ from torch import Tensor
 from ..data import Data, as_source
 from .groups import Group, check_acts_on
 
-__all__ = ["as_data", "symmetrize", "break_symmetry", "mix", "invariance_gap"]
+__all__ = ["as_data", "symmetrize", "break_symmetry", "mix", "invariance_gap", "compress"]
 
 _ACTS_ON = ("x", "y", "both")
 
@@ -173,6 +173,33 @@ def symmetrize(
     if d.weights is None and k == 1:
         return Data(x, y, None)
     return Data(x, y, w)
+
+
+def compress(data: Any) -> Data:
+    r"""Merge identical rows, summing their weights: the same distribution in fewer rows.
+
+    On a finite sample space (e.g. :class:`slt.models.ExponentialFamily`) an
+    exactly symmetrized data set repeats every support point many times;
+    compressing it to one weighted row per distinct point leaves every
+    weighted loss unchanged and makes full-batch sampling cheap.  Pass
+    ``nbeta`` explicitly afterwards (the row count is no longer ``n``).
+
+    Returns
+    -------
+    slt.Data
+        Distinct rows (``(x, y)`` pairs for supervised data), with weights.
+    """
+    d = as_data(data)
+    flat = d.x.reshape(d.n, -1)
+    if d.y is not None:
+        flat = torch.cat([flat, d.y.reshape(d.n, -1).to(flat.dtype)], 1)
+    uniq, inv = torch.unique(flat, dim=0, return_inverse=True)
+    w = torch.zeros(uniq.shape[0], dtype=torch.float64, device=d.x.device)
+    w.index_add_(0, inv, _weights(d))
+    first = torch.full((uniq.shape[0],), d.n, dtype=torch.long, device=d.x.device)
+    first.scatter_reduce_(0, inv, torch.arange(d.n, device=d.x.device), reduce="amin")
+    wdt = d.x.dtype if d.x.is_floating_point() else torch.float32
+    return Data(d.x[first], None if d.y is None else d.y[first], w.to(wdt))
 
 
 # ----------------------------------------------------------------------------

@@ -106,6 +106,7 @@ def test_polar_model_symmetrize_and_break():
     vals = {}
     for name, d in (("shifted", x), ("symmetrized", xs), ("broken", xb)):
         res, q = _polar_llc(d, nb, 1.0, 1500, 8)
+        print(f"polar {name}: λ̂ = {res.llc_mean:.3f} ± {res.llc_sem:.3f}, quadrature {q:.3f}")
         assert abs(res.llc_mean - q) < 4 * res.llc_sem, (name, res.llc_mean, res.llc_sem, q)
         vals[name] = (res.llc_mean, q)
     assert abs(vals["shifted"][1] - 1.0) < 0.05 and abs(vals["broken"][1] - 1.0) < 0.05
@@ -132,6 +133,7 @@ def test_ab2_reflection_quarter_vs_half():
         res = slt.estimate_llc(m, dd, nbeta=nb, localization=gamma, step_size=eps, batch_size=None,
                                num_chains=8, num_draws=3000, num_steps_bw_draws=4, seed=0, dtype=F64)
         q = quadrature_llc(_ab2_mean, m.w.detach(), xbar, nb, gamma, half=(8.0, 8.0), num=1601)
+        print(f"N(ab², 1) {name}: λ̂ = {res.llc_mean:.3f} ± {res.llc_sem:.3f}, quadrature {q:.3f}")
         assert abs(res.llc_mean - q) < 4 * res.llc_sem, (name, res.llc_mean, res.llc_sem, q)
         out[name] = (res.llc_mean, q)
     assert abs(out["shifted"][1] - 0.5) < 0.03
@@ -173,6 +175,7 @@ def test_exponential_family_negative_control():
                                num_chains=8, num_draws=3000, num_steps_bw_draws=4, seed=0, dtype=F64)
         expect = _sgld_quadratic_llc(eigs, nb, 1.0, eps)
         assert abs(expect - 1.5) < 0.02
+        print(f"exp. family {name}: λ̂ = {res.llc_mean:.3f} ± {res.llc_sem:.3f}, SGLD-exact quadratic {expect:.3f}")
         assert abs(res.llc_mean - expect) < 4 * res.llc_sem, (name, res.llc_mean, res.llc_sem, expect)
 
 
@@ -188,5 +191,57 @@ def test_singular_covariance_estimator_matches_quenched_finite_differences():
     kw = dict(num_chains=16, num_draws=6000, batch_size=None, localization=10.0, step_size=2e-4, seed=0, dtype=F64)
     s = llc_susceptibility(m, q0, q1, 0.1, nbeta=nb, **kw)
     fd = llc_finite_difference(m, q0, q1, [0.07, 0.1, 0.13], degree=2, nbeta=nb, **kw)
+    print(f"N(ab², 1) h=0.1: covariance {s.dllc_dh:.3f} ± {s.dllc_dh_sem:.3f}, quenched FD {fd.dllc_dh:.3f} ± {fd.dllc_dh_sem:.3f}")
     assert abs(s.dllc_dh) > 4 * s.dllc_dh_sem  # a non-trivial derivative
     assert abs(s.dllc_dh - fd.dllc_dh) < 4 * math.hypot(s.dllc_dh_sem, fd.dllc_dh_sem)
+
+
+def _grid_llc(model, data, w_star, nbeta, gamma, half, num=601):
+    """Quadrature of E[nβ(L_n − L_n(w*))] for a 2-parameter finite-support model, L_n from the model itself."""
+    d = as_data(data)
+    idx = model.index_of(d.x)
+    w = d.weights.double() / d.weights.double().sum() if d.weights is not None else torch.full((d.n,), 1.0 / d.n, dtype=F64)
+    counts = torch.zeros(model.support.shape[0], dtype=F64).index_add_(0, idx, w)
+    ws = [torch.linspace(float(w_star[i]) - half[i], float(w_star[i]) + half[i], num, dtype=F64) for i in range(2)]
+    A, B = torch.meshgrid(*ws, indexing="ij")
+    lp = model.log_prob_chains({"theta1": A.reshape(-1, 1), "theta2": B.reshape(-1, 1)})  # (N², S)
+    L = -(lp * counts).sum(1).reshape(num, num)
+    ls = model.log_prob_chains({"theta1": w_star[:1].reshape(1, 1), "theta2": w_star[1:].reshape(1, 1)})
+    Ls = -(ls[0] * counts).sum()
+    logp = -nbeta * L - gamma / 2 * ((A - float(w_star[0])) ** 2 + (B - float(w_star[1])) ** 2)
+    p = torch.exp(logp - logp.max())
+    p = p / p.sum()
+    return float(nbeta * ((p * L).sum() - Ls))
+
+
+@pytest.mark.slow
+def test_parametric_feature_family_equivariant_optimum_is_degenerate():
+    """p ∝ exp(r⟨u_φ, s⟩) on the hexagon: at the Dihedral(6)-symmetrized (uniform-mean) q the optimum
+    r = 0 leaves φ free (λ = ½); at a tilted q it is regular (λ = 1)."""
+    from slt.models import ParametricFeatureFamily, polygon_support
+    from slt.symmetry import Dihedral
+
+    g = torch.Generator().manual_seed(5)
+    S = polygon_support(6, dtype=F64)
+    n = 5000
+    nb = slt.default_nbeta(n)
+    truth = ParametricFeatureFamily.polar(S, init=(0.8, 0.3))
+    x = truth.sample(n, g)
+    out = {}
+    for name, d in (("tilted", compress(x)), ("symmetrized", compress(symmetrize(x, Dihedral(6))))):
+        m = ParametricFeatureFamily.polar(S)
+        # w*: the MLE in natural coordinates η = r u_φ (moment matching), mapped to (r, φ)
+        eta = ExponentialFamily(S).fit(d.x, d.weights) if name == "tilted" else torch.zeros(2, dtype=F64)
+        w_star = torch.stack([eta.norm(), torch.atan2(eta[1], eta[0])])
+        with torch.no_grad():
+            m.theta1.copy_(w_star[:1])
+            m.theta2.copy_(w_star[1:])
+        r = float(w_star[0])
+        eps = 0.05 / (nb * 0.5 * max(1.0, r * r) + 1.0)  # Fisher information ≤ Cov(s) = I/2 on the unit hexagon
+        res = slt.estimate_llc(m, d, nbeta=nb, localization=1.0, step_size=eps, batch_size=None,
+                               num_chains=8, num_draws=2000, num_steps_bw_draws=4, seed=0, dtype=F64)
+        q = _grid_llc(m, d, w_star, nb, 1.0, half=(12 / math.sqrt(nb) + 0.02, 8.0))
+        print(f"polar features on the hexagon, {name}: λ̂ = {res.llc_mean:.3f} ± {res.llc_sem:.3f}, quadrature {q:.3f}")
+        assert abs(res.llc_mean - q) < 4 * res.llc_sem, (name, res.llc_mean, res.llc_sem, q)
+        out[name] = q
+    assert abs(out["tilted"] - 1.0) < 0.05 and abs(out["symmetrized"] - 0.5) < 0.05

@@ -1,0 +1,292 @@
+"""Hydra experiments: configs compose and instantiate, bad overrides are rejected
+readably, multiruns write run records and a summary, reruns skip finished runs,
+failed jobs are recorded, the joblib launcher runs and the Slurm preset composes.
+
+End-to-end runs are subprocesses with ``SLT_RESULTS_DIR=tmp_path`` and tiny
+sizes (a few hundred samples, tens of draws): they test the plumbing, not the
+estimates.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+EXP = ROOT / "experiments"
+CONF = ROOT / "conf"
+sys.path.insert(0, str(EXP))
+
+hydra = pytest.importorskip("hydra")
+from hydra import compose, initialize_config_dir  # noqa: E402
+from hydra.core.global_hydra import GlobalHydra  # noqa: E402
+from hydra.errors import ConfigCompositionException  # noqa: E402
+from hydra.utils import instantiate  # noqa: E402
+
+import _runlib  # noqa: E402
+import slt  # noqa: E402
+from slt import records  # noqa: E402
+
+TINY_TMS = [
+    "data.n=300", "train.steps=20", "sampler.num_draws=20", "sampler.num_burnin=5", "sampler.num_chains=2",
+]
+TINY_LLC = [
+    "data.n=200", "train.steps=20", "sampler.num_draws=20", "sampler.num_burnin=5", "sampler.num_chains=2",
+]
+
+
+def _compose(config_name: str, overrides=(), hydra_cfg: bool = False):
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+            return compose(config_name, overrides=list(overrides), return_hydra_config=hydra_cfg)
+    finally:
+        GlobalHydra.instance().clear()
+
+
+def _options(group: str) -> list[str]:
+    return sorted(p.stem for p in (CONF / group).glob("*.yaml"))
+
+
+def _run(script: str, args: list[str], results: Path, check: bool = True) -> subprocess.CompletedProcess:
+    env = {**os.environ, "SLT_RESULTS_DIR": str(results), "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1",
+           "MPLBACKEND": "Agg", "HYDRA_FULL_ERROR": "0"}
+    p = subprocess.run([sys.executable, str(EXP / script), *args], cwd=str(results), env=env,
+                       capture_output=True, text=True, timeout=300)
+    if check and p.returncode != 0:
+        raise AssertionError(f"{script} {args} failed ({p.returncode}):\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}")
+    return p
+
+
+# ---------------------------------------------------------------------------
+# composition
+# ---------------------------------------------------------------------------
+PRIMARY = [p.stem for p in CONF.glob("*.yaml") if p.stem != "common"]
+
+
+def _experiments_for(primary: str) -> list[str]:
+    return [e for e in _options("experiment") if e.split("_")[0] == primary]
+
+
+COMBOS = (
+    [(p, []) for p in PRIMARY]
+    + [("tms", [f"data={d}"]) for d in _options("data") if d.startswith("tms")]
+    + [(p, [f"sampler={s}"]) for p in ("tms", "llc") for s in _options("sampler")]
+    + [("tms", [f"symmetry={s}"]) for s in _options("symmetry")]
+    + [(p, [f"experiment={e}"]) for p in PRIMARY for e in _experiments_for(p)]
+)
+
+
+@pytest.mark.parametrize("primary, overrides", COMBOS, ids=lambda v: v if isinstance(v, str) else ",".join(v))
+def test_every_config_composes_and_instantiates(primary, overrides):
+    cfg = _compose(primary, overrides, hydra_cfg=True)
+    assert isinstance(cfg.seed, int)  # a top-level key of every experiment
+    sweep_dir = str(cfg.hydra.sweep.dir)
+    assert sweep_dir.endswith(f"sweeps/{cfg.name}")
+    est = instantiate(cfg.sampler)
+    assert est.func is slt.estimate_llc if hasattr(est, "func") else callable(est)
+    if "_target_" in cfg.model:
+        kw = {"generator": torch.Generator().manual_seed(0)}
+        model = instantiate(cfg.model, **kw)
+        assert isinstance(model, torch.nn.Module)
+    if "_target_" in cfg.get("data", {}):
+        data = instantiate(cfg.data, **({"n": 50} if "n" in cfg.data else {}), generator=torch.Generator().manual_seed(0))
+        if callable(data) and not isinstance(data, (tuple, torch.Tensor)):
+            data = data()
+        x = data[0] if isinstance(data, tuple) else data
+        assert x.shape[0] == 50
+    from _schemas import validate
+
+    validate(cfg)
+
+
+def test_every_experiment_file_belongs_to_an_entry_point():
+    for e in _options("experiment"):
+        assert e.split("_")[0] in PRIMARY, f"conf/experiment/{e}.yaml: name it <entry point>_<what>"
+        assert (CONF / "experiment" / f"{e}.yaml").read_text().startswith("# @package _global_")
+
+
+@pytest.mark.parametrize("launcher, target", [
+    ("parallel", "JoblibLauncher"), ("slurm", "SlurmLauncher"), ("slurm_local", "LocalLauncher"),
+])
+def test_launcher_presets_compose(launcher, target):
+    pytest.importorskip(f"hydra_plugins.hydra_{'joblib' if launcher == 'parallel' else 'submitit'}_launcher")
+    cfg = _compose("tms", ["experiment=tms_phase", f"hydra/launcher={launcher}"], hydra_cfg=True)
+    assert cfg.hydra.launcher._target_.endswith(target)
+    if launcher == "slurm":
+        assert cfg.hydra.launcher.timeout_min > 0 and cfg.hydra.launcher.max_num_timeout >= 1
+        assert str(cfg.hydra.launcher.submitit_folder).startswith(str(cfg.hydra.sweep.dir))
+        instantiate(cfg.hydra.launcher)  # builds the launcher object; no cluster is contacted
+
+
+def test_ray_preset_composes_when_installed():
+    pytest.importorskip("hydra_plugins.hydra_ray_launcher")
+    cfg = _compose("tms", ["hydra/launcher=ray_local"], hydra_cfg=True)
+    assert "Ray" in cfg.hydra.launcher._target_
+
+
+@pytest.mark.parametrize("override, words", [
+    ("sampler.num_chain=3", ["sampler.num_chain"]),            # misspelled key
+    ("sampler.num_draws=abc", ["sampler.num_draws", "abc"]),   # wrong type
+    ("data.sparsity=0.5", ["data.sparsity"]),                   # key of another data option
+    ("sampler=nuts", ["sampler", "nuts"]),                      # unknown group option
+])
+def test_bad_override_is_rejected_at_composition(override, words):
+    with pytest.raises(ConfigCompositionException) as e:
+        _compose("tms", [override])
+    text = str(e.value) + str(e.value.__cause__ or "")
+    for w in words:
+        assert w in text
+
+
+@pytest.mark.parametrize("override, key", [
+    ("sampler.num_chains=0", "sampler.num_chains"),
+    ("sampler.sampler=nuts", "sampler.sampler"),
+    ("init.kind=grid", "init.kind"),
+    ("train.lr=-1", "train.lr"),
+    ("data.n=1", "data.n"),
+])
+def test_invalid_value_fails_before_any_work(tmp_path, override, key):
+    import tms
+
+    cfg = _compose("tms", [override])
+
+    def never(*a):
+        raise AssertionError("the job started working despite an invalid value")
+
+    with pytest.raises(ValueError, match=key.replace(".", r"\.")):
+        _runlib.execute(never, cfg, tmp_path / "run", [override], tms._validate)
+    rec = json.loads((tmp_path / "run" / "failed.json").read_text())
+    assert rec["status"] == "failed" and key in rec["error"] and "Traceback" in rec["traceback"]
+
+
+def test_bad_override_on_the_command_line_is_readable(tmp_path):
+    p = _run("tms.py", ["sampler.num_chain=4"], tmp_path, check=False)
+    assert p.returncode != 0
+    assert "sampler.num_chain" in p.stderr and "Traceback" not in p.stderr
+    assert not (tmp_path / "results").exists()  # nothing ran
+
+
+# ---------------------------------------------------------------------------
+# records and collect (no Hydra)
+# ---------------------------------------------------------------------------
+def test_run_dirname_is_deterministic_and_flat():
+    assert records.run_dirname("") == "default"
+    assert records.run_dirname("seed=0,data.n=100") == "seed=0,data.n=100"
+    a = records.run_dirname("checkpoint=/a/b.pt")
+    assert "/" not in a and a == records.run_dirname("checkpoint=/a/b.pt") != records.run_dirname("checkpoint=/a_b.pt")
+    long = records.run_dirname("x=" + "1" * 500)
+    assert len(long) <= 120 and long != records.run_dirname("x=" + "1" * 499)
+
+
+def test_atomic_write_leaves_no_temp_files(tmp_path):
+    records.atomic_write_json(tmp_path / "r.json", {"a": float("nan"), "t": torch.ones(2), "n": np.float32(1.5)})
+    records.atomic_write_npz(tmp_path / "t.npz", x=torch.zeros(2, 3))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["r.json", "t.npz"]
+    assert json.loads((tmp_path / "r.json").read_text()) == {"a": None, "t": [1.0, 1.0], "n": 1.5}
+    assert np.load(tmp_path / "t.npz")["x"].shape == (2, 3)
+
+
+def test_collect_marks_failed_incomplete_and_missing(tmp_path):
+    sweep = tmp_path / "sw"
+    ok = {"status": "ok", "overrides": ["seed=0"], "seed": 0, "config": {"seed": 0, "sampler": {"num_chains": 2}},
+          "metrics": {"llc_mean": 1.5, "llc_per_chain": [1.0, 2.0], "point": "6-gon"}}
+    records.atomic_write_json(sweep / "seed=0" / "result.json", ok)
+    records.atomic_write_json(sweep / "seed=1" / "failed.json",
+                              {"status": "failed", "overrides": ["seed=1"], "error": "ValueError: boom"})
+    (sweep / "seed=2" / ".hydra").mkdir(parents=True)  # started, killed
+    (sweep / ".submitit").mkdir()
+    records.atomic_write_json(sweep / "sweep.json", {"jobs": [
+        {"subdir": f"seed={i}", "overrides": [f"seed={i}"]} for i in range(4)]})
+    df = records.collect(sweep)
+    assert list(df["run"]) == ["seed=0", "seed=1", "seed=2", "seed=3"]
+    assert list(df["status"]) == ["ok", "failed", "incomplete", "missing"]
+    assert list(df["seed"]) == [0, 1, 2, 3]
+    assert df.loc[1, "error"] == "ValueError: boom"
+    assert df.loc[0, "sampler.num_chains"] == 2 and json.loads(df.loc[0, "llc_per_chain"]) == [1.0, 2.0]
+    for f in ("summary.parquet", "summary.csv"):
+        again = pd.read_parquet(sweep / f) if f.endswith("parquet") else pd.read_csv(sweep / f)
+        assert list(again["status"]) == list(df["status"])
+    assert records.collect(sweep).equals(df)  # idempotent
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        records.collect(tmp_path / "nope")
+
+
+# ---------------------------------------------------------------------------
+# end to end
+# ---------------------------------------------------------------------------
+def test_multirun_end_to_end_rerun_and_resume(tmp_path):
+    args = ["-m", "seed=0,1", *TINY_TMS]
+    p = _run("tms.py", args, tmp_path)
+    sweep = tmp_path / "sweeps" / "tms"
+    df = pd.read_csv(sweep / "summary.csv")
+    assert (sweep / "summary.parquet").exists()
+    assert len(df) == 2 and set(df["status"]) == {"ok"} and sorted(df["seed"]) == [0, 1]
+    assert {"llc_mean", "llc_sem", "point", "train_loss", "data.n", "sampler.num_draws"} <= set(df.columns)
+    runs = sorted(d.name for d in sweep.iterdir() if d.is_dir() and not d.name.startswith("."))
+    expected = sorted(j["subdir"] for j in json.loads((sweep / "sweep.json").read_text())["jobs"])
+    assert runs == expected and len(runs) == 2
+    rec = json.loads((sweep / runs[0] / "result.json").read_text())
+    assert rec["status"] == "ok" and rec["seed"] in (0, 1) and rec["config"]["data"]["n"] == 300
+    assert {"slt", "torch", "python"} <= set(rec["versions"]) and rec["device"] == "cpu"
+    assert any(o.startswith("seed=") for o in rec["overrides"])
+    tr = np.load(sweep / runs[0] / "traces.npz")
+    assert tr["llc_trace"].shape == (2, 20) and tr["loss_trace"].shape == (2, 20)
+
+    # rerun: both skipped (records untouched); then a "killed" run is redone alone
+    started = {r: json.loads((sweep / r / "result.json").read_text())["started"] for r in runs}
+    (sweep / runs[1] / "result.json").unlink()
+    p = _run("tms.py", args, tmp_path)
+    assert p.stdout.count("[tms]") + p.stderr.count("[tms]") == 1  # only the removed run worked
+    assert json.loads((sweep / runs[0] / "result.json").read_text())["started"] == started[runs[0]]
+    assert (sweep / runs[1] / "result.json").exists()
+    assert set(pd.read_csv(sweep / "summary.csv")["status"]) == {"ok"}
+
+
+def test_failing_job_is_recorded_and_collected(tmp_path):
+    # widths [2, 0] makes the model constructor raise inside the job
+    p = _run("llc.py", ["-m", "model.widths=[3,2,3],[2,0]", "data.rank=1", *TINY_LLC], tmp_path, check=False)
+    assert p.returncode != 0  # Hydra reports the failure ...
+    sweep = tmp_path / "sweeps" / "llc"
+    df = pd.read_csv(sweep / "summary.csv")  # ... and the summary is still written
+    assert sorted(df["status"]) == ["failed", "ok"]
+    bad = df[df["status"] == "failed"].iloc[0]
+    assert "widths" in bad["error"] and "model.widths=_2,0_" in bad["run"]
+    failed = json.loads((sweep / bad["run"] / "failed.json").read_text())
+    assert "Traceback" in failed["traceback"] and failed["overrides"]
+    # standalone collect gives the same table and a non-zero exit status
+    c = subprocess.run([sys.executable, str(EXP / "collect.py"), str(sweep), "--quiet"], capture_output=True, text=True)
+    assert c.returncode == 1 and "1 failed" in c.stdout
+    assert pd.read_csv(sweep / "summary.csv").equals(df)
+
+
+def test_joblib_launcher_multirun(tmp_path):
+    pytest.importorskip("hydra_plugins.hydra_joblib_launcher")
+    _run("tms.py", ["-m", "seed=3,4", "hydra/launcher=parallel", "hydra.launcher.n_jobs=2", *TINY_TMS], tmp_path)
+    df = pd.read_csv(tmp_path / "sweeps" / "tms" / "summary.csv")
+    assert sorted(df["seed"]) == [3, 4] and set(df["status"]) == {"ok"}
+
+
+def test_llc_from_checkpoint_in_process(tmp_path):
+    import llc
+
+    from slt.models import DeepLinearNetwork
+
+    m = DeepLinearNetwork([3, 2, 3], generator=torch.Generator().manual_seed(5))
+    torch.save({"state_dict": m.state_dict()}, tmp_path / "ckpt.pt")
+    cfg = _compose("llc", ["model.widths=[3,2,3]", "data.rank=1", f"checkpoint={tmp_path / 'ckpt.pt'}", "train=null",
+                           "reference=null", *TINY_LLC[2:]])
+    rec = _runlib.execute(llc.run, cfg, tmp_path / "run")
+    met = rec["metrics"]
+    assert met["checkpoint"].endswith("ckpt.pt") and met["num_params"] == 12 and "train_loss" not in met
+    assert np.isfinite(met["llc_mean"]) and met["num_chains"] == 2
+    with pytest.raises(ValueError, match="checkpoint"):
+        _runlib.execute(llc.run, _compose("llc", ["checkpoint=/no/such.pt"]), tmp_path / "bad", [], llc._validate)

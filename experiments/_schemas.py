@@ -78,7 +78,8 @@ class SymmetryConf:
     """``symmetry/``: which group acts on the data and what is done to q.
 
     ``operation``: ``none``; ``symmetrize`` (q_h = (1 - h) q + h q_G);
-    ``break`` (:func:`slt.symmetry.break_symmetry` with strength ``h``).
+    ``break`` (q_h = (1 - h) q + h q_s, q_s = :func:`slt.symmetry.break_symmetry`
+    of q with strength ``strength``).
     ``susceptibility``: also compute the covariance estimate of dλ̂/dh along
     the chosen path at w* held fixed.
     """
@@ -87,6 +88,7 @@ class SymmetryConf:
     degree: Optional[int] = None
     acts_on: str = "x"
     operation: str = "none"
+    strength: float = 1.0
     h: float = 0.0
     susceptibility: bool = False
 
@@ -301,10 +303,10 @@ def validate(cfg: Any) -> None:
         _one_of(cfg, "symmetry.operation", _OPERATIONS)
         _one_of(cfg, "symmetry.acts_on", ("x", "y", "both"))
         h = _select(cfg, "symmetry.h")
-        if _select(cfg, "symmetry.operation") == "symmetrize" and not 0.0 <= h <= 1.0:
-            _fail("symmetry.h", h, "must be in [0, 1] for operation=symmetrize (q_h = (1 - h) q + h q_G)")
-        if not math.isfinite(h):
-            _fail("symmetry.h", h, "must be finite")
+        if not 0.0 <= h <= 1.0:
+            _fail("symmetry.h", h, "must be in [0, 1] (q_h = (1 - h) q0 + h q1)")
+        if not math.isfinite(_select(cfg, "symmetry.strength")):
+            _fail("symmetry.strength", _select(cfg, "symmetry.strength"), "must be finite")
         if _select(cfg, "symmetry.operation") != "none" and _select(cfg, "symmetry.group") == "none":
             _fail("symmetry.operation", _select(cfg, "symmetry.operation"), "needs a group (symmetry=... or symmetry.group=...)")
     if _select(cfg, "device") not in ("cpu", "auto") and not str(_select(cfg, "device")).startswith("cuda"):

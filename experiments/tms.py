@@ -7,8 +7,8 @@ One run (config ``conf/tms.yaml``):
    Elhage et al. 2022); importances :math:`I_i = \text{decay}^i`;
 2. optionally move q along a symmetry path (``symmetry=permutation``:
    uniform importance and sparsity make q invariant under permutations of
-   the features; ``symmetry.operation=break`` with strength ``symmetry.h``
-   removes that invariance);
+   the features; ``symmetry.operation=break`` moves q towards a tilted q1
+   that lacks that invariance, q_h = (1 - h) q + h q1);
 3. train w* (float64, Adam then full-batch L-BFGS; :func:`slt.training.train`)
    from a seeded Xavier init or from a named k-gon (``init.kind=kgon``) on the
    unperturbed q (so along a symmetry path w* is held fixed: the "quenched"
@@ -40,7 +40,7 @@ from typing import Any
 
 import hydra
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _runlib  # noqa: E402
@@ -81,14 +81,30 @@ def _validate(cfg: DictConfig) -> None:
         raise ValueError(f"invalid config value init.noise={cfg.init.noise}: must be non-negative")
 
 
-def _symmetry_path(cfg: DictConfig, X: torch.Tensor, gen: torch.Generator) -> tuple[Any, dict[str, Any]]:
-    """q_h for ``cfg.symmetry`` (the data unchanged for ``operation=none``)."""
+def _estimate(cfg: DictConfig, model: torch.nn.Module, X: torch.Tensor, loss: Any, gen: torch.Generator):
+    """λ̂ at q (``symmetry.operation=none``) or at q_h on the symmetry path, with the
+    covariance susceptibility when ``symmetry.susceptibility``; returns (result, metrics)."""
+    kw = {k: v for k, v in OmegaConf.to_container(cfg.sampler, resolve=True).items() if not k.startswith("_")}
+    kw.update(seed=int(cfg.seed), device=cfg.device, progress=bool(cfg.progress))
     sym = cfg.symmetry
     if sym.operation == "none":
-        return X, {}
-    import symmetry_paths  # experiments/symmetry_paths.py: builds groups and paths from config
+        return slt.estimate_llc(model, X, loss, **kw), {}
+    import _symmetry
+    from slt import symmetry as S
 
-    return symmetry_paths.apply(sym, X, gen)
+    group = _symmetry.make_group(sym.group, int(sym.degree or cfg.model.n_features))
+    q0, q1 = _symmetry.path_endpoints(sym, X, group, gen)
+    h = float(sym.h)
+    qh = _symmetry.mixed(q0, q1, h)
+    kw["nbeta"] = kw.get("nbeta") or slt.default_nbeta(X.shape[0])  # rows of q_h are not samples
+    met: dict[str, Any] = {"h": h, "invariance_gap": S.invariance_gap(qh, group, acts_on=sym.acts_on),
+                           "invariance_gap_q1": S.invariance_gap(q1, group, acts_on=sym.acts_on)}
+    if not sym.susceptibility:
+        return slt.estimate_llc(model, qh, loss, **kw), met
+    sr = S.llc_susceptibility(model, q0, q1, h, loss_fn=loss, **kw)
+    met.update(dllc_dh=sr.dllc_dh, dllc_dh_sem=sr.dllc_dh_sem, mean_term=sr.mean_term, cov_term=sr.cov_term,
+               delta_loss_star=sr.delta_loss_star)
+    return sr.llc, met
 
 
 def run(cfg: DictConfig, out_dir: Path) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -127,9 +143,7 @@ def run(cfg: DictConfig, out_dir: Path) -> tuple[dict[str, Any], dict[str, Any]]
     dims = feature_dimensionality(W)
 
     # 5. λ̂ on q_h
-    data, sym_metrics = _symmetry_path(cfg, X, gens[3])
-    estimate = _runlib.instantiate_partial(cfg.sampler)
-    res = estimate(model, data, loss, seed=seed, device=cfg.device, progress=bool(cfg.progress))
+    res, sym_metrics = _estimate(cfg, model, X, loss, gens[3])
 
     n = int(cfg.data.n)
     metrics: dict[str, Any] = {
@@ -160,6 +174,7 @@ def run(cfg: DictConfig, out_dir: Path) -> tuple[dict[str, Any], dict[str, Any]]
     closed = (
         n_features == 6 and n_hidden == 2 and sparse_data and imp is None
         and cls["name"] in slt.theory.TMS_CRITICAL_POINTS
+        and (cfg.symmetry.operation == "none" or cfg.symmetry.h == 0.0)
     )
     metrics["llc_theory"] = slt.theory.tms_llc(cls["name"]) if closed else None
     if closed:

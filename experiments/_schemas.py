@@ -165,23 +165,31 @@ class TMSConfig(_Base):
 
 @dataclass
 class ExpFamModelConf:
-    """``model/expfam_*``: finite-sample-space exponential family (``slt.models.expfam``)."""
+    """``model/expfam_*``: finite-sample-space exponential family (:mod:`slt.models.expfam`).
+
+    ``family``: ``fixed`` (p ∝ exp⟨θ, s⟩, T(s) = s, G-equivariant for every
+    linear symmetry of the support; λ = d/2) or ``polar``
+    (p ∝ exp(r ⟨(cos φ, sin φ), s⟩), features depend on φ).  ``space``:
+    ``polygon`` (vertices of the regular ``size``-gon in R²) or ``hypercube``
+    ({-1, 1}^size; ``fixed`` only).
+    """
 
     family: str = "fixed"
-    space: str = "cycle"
+    space: str = "polygon"
     size: int = 6
-    features: List[str] = field(default_factory=list)
-    options: Dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
 class ExpFamDataConf:
-    """``data/teacher``: teacher distribution q on the finite sample space, n samples."""
+    """``data/expfam_teacher``: n samples from a teacher q on the support.
+
+    ``teacher``: ``uniform`` (invariant under every symmetry of the support) or
+    ``random`` (probabilities softmax(temperature · N(0, 1)), seeded: not invariant).
+    """
 
     n: int = 5000
     teacher: str = "random"
     temperature: float = 1.0
-    exact: bool = False
 
 
 @dataclass

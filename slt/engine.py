@@ -456,6 +456,25 @@ def _combine_probes(values: Tensor) -> Tensor:
     return torch.maximum(values[:, 0], probes)
 
 
+def _power_iteration(
+    evaluator: ChainEvaluator, w: Tensor, batch: Batch, generator: torch.Generator, iters: int = 12
+) -> Tensor:
+    """(N, d) points -> (N,) |largest Hessian eigenvalue of L| at each point, by power
+    iteration with finite-difference Hessian-vector products."""
+    _, g0 = evaluator.loss_and_grad(w, batch)
+    v = torch.randn(w.shape, generator=generator, device=w.device, dtype=torch.float32).to(w.dtype)
+    v = v / v.norm(dim=1, keepdim=True)
+    eig = torch.zeros(w.shape[0], dtype=w.dtype, device=w.device)
+    r = 1e-3 if w.dtype == torch.float32 else 1e-5
+    for _ in range(iters):
+        _, g1 = evaluator.loss_and_grad(w + r * v, batch)
+        hv = (g1 - g0) / r
+        eig = (hv * v).sum(1)
+        nrm = hv.norm(dim=1, keepdim=True)
+        v = torch.where(nrm > 0, hv / nrm.clamp_min(1e-30), v)
+    return eig.abs().nan_to_num(0.0)
+
+
 def _estimate_curvature(
     evaluator: ChainEvaluator, w_star: Tensor, batch_fn: Callable[[], Batch],
     localization: float, nbeta: float, generator: torch.Generator, num_probes: int = 4, iters: int = 12,
@@ -470,19 +489,60 @@ def _estimate_curvature(
     K, d = w_star.shape
     P = num_probes + 1
     w = _probe_points(w_star, num_probes, localization, nbeta, generator).reshape(K * P, d)
+    eig = _power_iteration(evaluator, w, batch_fn(), generator, iters)
+    return _combine_probes(eig.view(K, P))
+
+
+#: Pilot runs of the automatic step size: chains per checkpoint, steps per round, rounds.
+PILOT_CHAINS, PILOT_STEPS, PILOT_ROUNDS = 2, 100, 4
+
+
+def _pilot_step_size(
+    evaluator: ChainEvaluator, w_star: Tensor, batch_fn: Callable[[], Batch], localization: float,
+    nbeta: float, eps: float, generator: torch.Generator,
+) -> tuple[float, Tensor, int]:
+    r"""Refine the automatic step size where the chains actually go.
+
+    At a singular ``w*`` the curvature near ``w*`` says little about the
+    curvature a chain meets once it has wandered along the flat directions (for
+    :math:`K = \tfrac12 (ab^2)^2` it is 0 at the origin and :math:`n\beta b^4` at
+    distance :math:`1/\sqrt\gamma`).  So: run ``PILOT_CHAINS`` full-batch SGLD
+    chains per checkpoint for ``PILOT_STEPS`` steps with the current ε,
+    measure the largest Hessian eigenvalue :math:`h` at the points reached, and
+    set :math:`\epsilon \leftarrow \min(\epsilon, 0.2/(n\beta h + \gamma))`
+    (divergence: ε/4); repeat while ε shrinks by more than 20% (at most
+    ``PILOT_ROUNDS`` rounds).  ε only ever decreases.
+
+    Returns ``(ε, curvature per checkpoint (K,), rounds run)``.
+    """
+    K, d = w_star.shape
+    Cp = PILOT_CHAINS
+    centre = w_star.repeat_interleave(Cp, dim=0)  # (K*Cp, d)
     batch = batch_fn()
-    _, g0 = evaluator.loss_and_grad(w, batch)
-    v = torch.randn(w.shape, generator=generator, device=w.device, dtype=torch.float32).to(w.dtype)
-    v = v / v.norm(dim=1, keepdim=True)
-    eig = torch.zeros(K * P, dtype=w.dtype, device=w.device)
-    r = 1e-3 if w.dtype == torch.float32 else 1e-5
-    for _ in range(iters):
-        _, g1 = evaluator.loss_and_grad(w + r * v, batch)
-        hv = (g1 - g0) / r
-        eig = (hv * v).sum(1)
-        nrm = hv.norm(dim=1, keepdim=True)
-        v = torch.where(nrm > 0, hv / nrm.clamp_min(1e-30), v)
-    return _combine_probes(eig.abs().nan_to_num(0.0).view(K, P))
+    curv = torch.zeros(K, dtype=w_star.dtype, device=w_star.device)
+    rounds = 0
+    for rounds in range(1, PILOT_ROUNDS + 1):
+        w = centre.clone()
+        ok = True
+        for _ in range(PILOT_STEPS):
+            _, g = evaluator.loss_and_grad(w, batch)
+            grad_u = nbeta * g + localization * (w - centre)
+            noise = torch.randn(w.shape, generator=generator, device=w.device, dtype=torch.float32).to(w.dtype)
+            w = w - 0.5 * eps * grad_u + math.sqrt(eps) * noise
+        if not torch.isfinite(w).all():
+            ok = False
+        if ok:
+            h = _power_iteration(evaluator, w, batch, generator).view(K, Cp).max(dim=1).values
+            ok = bool(torch.isfinite(h).all())
+        if not ok:
+            eps = eps / 4.0
+            continue
+        curv = torch.maximum(curv, h)
+        new = STEP_SIZE_SAFETY / (nbeta * float(h.max()) + localization)
+        if new >= 0.8 * eps:
+            break
+        eps = new
+    return eps, curv, rounds
 
 
 def _minibatch_gradient_noise(
@@ -573,7 +633,11 @@ def estimate_llc(
     step_size
         ε.  Default ``None``: :math:`\epsilon = 0.2/(n\beta\,h_{max} + \gamma)`
         with :math:`h_{max}` the largest Hessian eigenvalue of :math:`L_n` near
-        ``w*`` (power iteration; see :func:`_estimate_curvature`).  SGLD is
+        ``w*`` (power iteration; see :func:`_estimate_curvature`), refined by
+        short full-batch pilot chains that re-measure the curvature where the
+        chains actually go (:func:`_pilot_step_size`; at a singular ``w*`` the
+        curvature near ``w*`` can be zero while the flat directions lead to
+        stiff regions).  SGLD is
         stable only for :math:`\epsilon\,(n\beta h + \gamma) < 2` in every
         direction, and its discretisation bias in a direction of curvature κ
         is about εκ/4; this default keeps it ≤ 5% in the stiffest direction.
@@ -810,12 +874,17 @@ def estimate_llc(
 
     # --- step size ---------------------------------------------------------------
     curvature = grad_noise = None
+    pilot_rounds = 0
     if step_size is None:
         gen = torch.Generator(device=dev).manual_seed(seeds[0] + 1)
         if isinstance(source, Data):
-            sub = min(source.n, 1024)
-            cur_data = Data(source.x[:sub], None if source.y is None else source.y[:sub],
-                            None if source.weights is None else source.weights[:sub])
+            if source.n <= 1024:
+                cur_data = source
+            elif source.weights is None:
+                cur_data = Data(source.x[:1024], None if source.y is None else source.y[:1024])
+            else:  # rows drawn by weight: an unbiased subsample of the weighted data
+                rows = source.sample_index(1, 1024, gen).flatten()
+                cur_data = Data(source.x[rows], None if source.y is None else source.y[rows])
             batch_fn = cur_data.full_batch
         else:
             first = next_batch()[0]
@@ -826,6 +895,9 @@ def estimate_llc(
         curvature = _estimate_curvature(evaluator, w_star_k, batch_fn, gamma, nb, gen)
         h_max = float(curvature.max())
         eps = STEP_SIZE_SAFETY / (nb * h_max + gamma) if (nb * h_max + gamma) > 0 else 1e-4
+        pilot_gen = torch.Generator(device=dev).manual_seed(seeds[0] + 2)
+        eps, pilot_curv, pilot_rounds = _pilot_step_size(evaluator, w_star_k, batch_fn, gamma, nb, eps, pilot_gen)
+        curvature = torch.maximum(curvature, pilot_curv)
         if isinstance(source, Data) and full is None:
             grad_noise = _minibatch_gradient_noise(evaluator, w_star_k, source, bsz, gamma, nb, gen)
             s_max = float(grad_noise.max())
@@ -981,6 +1053,7 @@ def estimate_llc(
                 "sem_chains": sem_c, "sem_batch_means": sem_b,
                 "path": path, "path_reason": path_reason,
                 "curvature": None if curvature is None else float(curvature[k]),
+                "step_size_pilot_rounds": pilot_rounds,
                 "minibatch_gradient_noise": None if grad_noise is None else float(grad_noise[k]),
                 "seconds": seconds, "setup_seconds": setup_seconds,
                 "chain_steps_per_second": num_steps * CT / max(seconds, 1e-12),

@@ -132,3 +132,30 @@ def test_w_star_at_true_parameter_is_biased():
     # E[λ̂] shifts by −nβ·½‖x̄ − μ‖² ~ −nβ/n·(d/2)·... ; here it is clearly negative-biased
     assert r.diagnostics["frac_below_init"] > 0.2
     assert r.llc_mean < exact_at_min - 4 * r.llc_sem
+
+
+def test_auto_step_size_at_a_flat_singular_point():
+    """N(ab², 1) with reflection-symmetric data: at w* = 0 the Hessian is zero,
+    so the probe-only step ε = 0.2/(nβ h + γ) is ≈ 0.1/γ and chains that wander
+    to |b| ~ 1/√γ (curvature nβ b⁴ ≈ 10³) would diverge within a few steps.
+    The pilot rounds must shrink ε; then λ̂ must match the exact finite-n value
+    (2-D quadrature of the same localized posterior, 0.221 here vs λ = 1/4)
+    within 4 s.e."""
+    n = 10_000
+    x = torch.randn(n // 2, 1, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    x = torch.cat([x, -x])  # mean exactly 0: w* = 0 is a minimum
+    m = slt.models.ABSquaredGaussian().double()
+    with torch.no_grad():
+        for p in m.parameters():
+            p.zero_()
+    r = slt.estimate_llc(m, x, num_chains=16, num_draws=4000, seed=0, progress=False, dtype=torch.float64)
+    assert r.divergent_chains == []
+    assert r.diagnostics["step_size_pilot_rounds"] > 1
+    assert r.config["step_size"] < 0.01
+    nb = r.nbeta
+    grid = torch.linspace(-8.0, 8.0, 4001, dtype=torch.float64)
+    a, b = torch.meshgrid(grid, grid, indexing="ij")
+    excess = 0.5 * (a * b**2) ** 2  # L(w) − L(w*) when mean(x) = 0
+    wt = torch.softmax((-nb * excess - 0.5 * (a**2 + b**2)).flatten(), 0)
+    exact = float((wt * nb * excess.flatten()).sum())
+    assert abs(r.llc_mean - exact) < 4 * r.llc_sem, (r.llc_mean, r.llc_sem, exact)

@@ -12,6 +12,12 @@ Two jobs (the tables in the README section "Exact references"):
 
     python experiments/compare_nuts.py --job tms [--n 20000] [--out results/compare_nuts]
     python experiments/compare_nuts.py --job normal_crossing
+    python experiments/compare_nuts.py --job scaling     # NUTS cost against d and n
+
+``scaling`` times one NUTS chain (100 warmup + 100 draws, γ = 1) on a trained
+tanh MLP 4 → h → 1 (d = 6h + 1 parameters) for several d and n, and prints
+seconds per gradient, gradients per draw and the projected time of the default
+:func:`slt.reference.nuts_llc` call (4 chains × (500 warmup + 1000 draws)).
 
 Prints the table of :func:`slt.reference.compare` and writes
 ``<out>/<job>.png`` and ``<out>/<job>.json``.  Plain Python (no Hydra).
@@ -64,9 +70,42 @@ def normal_crossing_job(n: int, powers: list[int], seed: int):
     return m, (X, Y), gaussian_nll, slt.theory.normal_crossing_llc(powers)
 
 
+def scaling(widths: list[int], ns: list[int], seed: int) -> list[dict]:
+    from torch import nn
+
+    from slt.models import gaussian_nll as nll
+    from slt.reference import nuts_llc
+
+    rows = []
+    print(f"{'d':>6} {'n':>7} {'ms/grad':>8} {'grads/draw':>10} {'s/draw':>7} {'default call (min)':>18}", flush=True)
+    for n in ns:
+        g = torch.Generator().manual_seed(seed)
+        X = torch.randn(n, 4, generator=g, dtype=torch.float64)
+        for h in widths:
+            torch.manual_seed(seed)  # scripts may seed globally; the library never does
+            teacher = nn.Sequential(nn.Linear(4, h), nn.Tanh(), nn.Linear(h, 1)).double()
+            with torch.no_grad():
+                Y = teacher(X) + 0.1 * torch.randn(n, 1, generator=g, dtype=torch.float64)
+            m = nn.Sequential(nn.Linear(4, h), nn.Tanh(), nn.Linear(h, 1)).double()
+            train(m, (X, Y), nll, steps=300, lr=1e-2, finish="lbfgs", finish_iterations=200)
+            d = sum(p.numel() for p in m.parameters())
+            r = nuts_llc(m, (X, Y), nll, num_chains=1, num_draws=100, num_warmup=100, seed=seed, force=True)
+            dg = r.diagnostics
+            grads = dg["grad_evals_per_draw"]
+            ms = 1e3 * dg["seconds"] / (grads * 200)  # warmup draws cost about the same
+            s_draw = dg["seconds"] / 200
+            proj = 4 * 1500 * s_draw / 60
+            rows.append({"d": d, "n": n, "ms_per_grad": ms, "grads_per_draw": grads, "s_per_draw": s_draw,
+                         "default_call_minutes": proj})
+            print(f"{d:6d} {n:7d} {ms:8.2f} {grads:10.1f} {s_draw:7.3f} {proj:18.1f}", flush=True)
+    return rows
+
+
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--job", choices=["tms", "normal_crossing"], default="tms")
+    ap.add_argument("--job", choices=["tms", "normal_crossing", "scaling"], default="tms")
+    ap.add_argument("--widths", type=int, nargs="+", default=[2, 16, 160, 800], help="scaling: hidden widths")
+    ap.add_argument("--ns", type=int, nargs="+", default=[1000, 10000], help="scaling: sample sizes")
     ap.add_argument("--n", type=int, default=None, help="samples (default 20000 for tms, 10000 otherwise)")
     ap.add_argument("--k", type=int, default=5, help="TMS k-gon")
     ap.add_argument("--powers", type=int, nargs="+", default=[1, 2], help="normal-crossing powers")
@@ -79,6 +118,12 @@ def main(argv=None) -> dict:
     ap.add_argument("--out", default=os.path.join(os.environ.get("SLT_RESULTS_DIR", "results"), "compare_nuts"))
     args = ap.parse_args(argv)
     t0 = time.perf_counter()
+    if args.job == "scaling":
+        rows = scaling(args.widths, args.ns, args.seed)
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "scaling.json").write_text(json.dumps({"args": vars(args), "rows": rows}, indent=2))
+        return {"rows": rows}
     if args.job == "tms":
         n = args.n or 20_000
         model, data, loss, lam = tms_job(n, args.k, args.seed)

@@ -912,14 +912,23 @@ def _global_runs(
     model, data, loss_fn, *, betas_rel: Sequence[float], prior_std: float | None, prior_mean: Any,
     num_chains: int, num_draws: int, num_warmup: int | None, seed: int, dtype: torch.dtype, device: Any,
     force: bool, max_tree_depth: int, target_accept_prob: float, full_mass: bool | None, progress: bool,
+    sampler: str = "nuts", sgld_kwargs: Mapping[str, Any] | None = None,
 ) -> tuple[_Target, list[float], list[LLCResult]]:
     num_warmup = _check_nuts_args(num_chains, num_draws, num_warmup, max_tree_depth, target_accept_prob, seed)
+    if sampler not in ("nuts", "sgld"):
+        raise ValueError(f"sampler must be 'nuts' or 'sgld', got {sampler!r}")
+    if sampler == "sgld" and not (isinstance(prior_mean, str) and prior_mean == "w_star"):
+        raise ValueError("sampler='sgld' runs slt.estimate_llc, whose Gaussian is centred at w*: "
+                         "pass prior_mean='w_star'")
+    if sampler == "nuts" and sgld_kwargs:
+        raise ValueError("sgld_kwargs are only used with sampler='sgld'")
     gamma = 0.0
     if prior_std is not None:
         gamma = 1.0 / _check_real("prior_std", prior_std) ** 2
     if isinstance(model, (list, tuple)):
         raise TypeError("the global estimators take one model at a time")
-    _size_check(ParamSpec(model).d if isinstance(model, nn.Module) else 0, force)
+    if sampler == "nuts":
+        _size_check(ParamSpec(model).d if isinstance(model, nn.Module) else 0, force)
     target = _Target(model, data, loss_fn, dtype, device)
     if target.n < 3:
         raise ValueError(f"need n >= 3 samples (β = 1/log n), got n = {target.n}")
@@ -933,6 +942,15 @@ def _global_runs(
     with _threads(threads):
         for k, beta in enumerate(betas):
             nb = target.n * beta
+            if sampler == "sgld":
+                from .engine import estimate_llc
+
+                kw = {"batch_size": None, "dtype": dtype, "device": device, "progress": progress,
+                      **dict(sgld_kwargs or {})}
+                results.append(estimate_llc(model, data, loss_fn, nbeta=nb, localization=gamma,
+                                            num_chains=num_chains, num_draws=num_draws, num_burnin=num_warmup,
+                                            seed=seed + 7919 * k, **kw))
+                continue
             run = _run_nuts(target, nbeta=nb, gamma=gamma, center=center, num_chains=num_chains,
                             num_draws=num_draws, num_warmup=num_warmup, seed=seed + 7919 * k,
                             max_tree_depth=max_tree_depth, target_accept_prob=target_accept_prob,
@@ -949,7 +967,7 @@ def _global_runs(
 
 def _expected_nl(target: _Target, beta: float, r: LLCResult) -> tuple[float, float]:
     """E_β[nL_n] = n L_n(w*) + λ̂/β and its s.e. (λ̂ = nβ(E L_n − L_n(w*)) has the lower variance)."""
-    return target.n * target.init_loss + r.llc_mean / beta, r.llc_sem / beta
+    return target.n * r.init_loss + r.llc_mean / beta, r.llc_sem / beta
 
 
 def multitemperature_llc(
@@ -971,6 +989,8 @@ def multitemperature_llc(
     device: str | torch.device | None = "cpu",
     force: bool = False,
     progress: bool = False,
+    sampler: str = "nuts",
+    sgld_kwargs: Mapping[str, Any] | None = None,
 ) -> TemperatureRegression:
     r"""Global λ from the slope of :math:`\mathbb E_\beta[nL_n]` against :math:`1/\beta`.
 
@@ -1005,6 +1025,15 @@ def multitemperature_llc(
         ``"w_star"``.  Must not depend on the data for the theory to apply.
     num_chains, num_draws, num_warmup, seed, max_tree_depth, target_accept_prob, full_mass, dtype, device, force, progress
         As for :func:`nuts_llc` (temperature k uses seed ``seed + 7919 k``).
+    sampler, sgld_kwargs
+        ``"nuts"`` (default; exact) or ``"sgld"``: :func:`slt.estimate_llc` with
+        ``localization = 1/s²`` (then ``prior_mean`` must be ``"w_star"``),
+        full batch unless ``sgld_kwargs`` say otherwise, ``num_warmup`` as burn-in.
+        Use SGLD where NUTS is too slow: e.g. reduced-rank regression, whose
+        global posterior stretches along the GL(H) orbit A → GA, B → BG⁻¹, takes
+        NUTS trees of depth ≈ 9 (500-700 gradients per draw; measured on
+        [3, 2, 3], n = 5000).  SGLD's step-size bias (≈ εκ/4) then enters the
+        slope: check it with :func:`compare` or a smaller ``step_size``.
 
     Returns
     -------
@@ -1020,7 +1049,7 @@ def multitemperature_llc(
         model, data, loss_fn, betas_rel=rel, prior_std=prior_std, prior_mean=prior_mean,
         num_chains=num_chains, num_draws=num_draws, num_warmup=num_warmup, seed=seed, dtype=dtype,
         device=device, force=force, max_tree_depth=max_tree_depth, target_accept_prob=target_accept_prob,
-        full_mass=full_mass, progress=progress,
+        full_mass=full_mass, progress=progress, sampler=sampler, sgld_kwargs=sgld_kwargs,
     )
     e_s = [_expected_nl(target, b, r) for b, r in zip(bs, results)]
     x = np.array([1.0 / b for b in bs])
@@ -1089,6 +1118,8 @@ def wbic(
     device: str | torch.device | None = "cpu",
     force: bool = False,
     progress: bool = False,
+    sampler: str = "nuts",
+    sgld_kwargs: Mapping[str, Any] | None = None,
 ) -> WBICResult:
     r"""Widely applicable Bayesian information criterion by NUTS on the global posterior.
 
@@ -1105,7 +1136,7 @@ def wbic(
         model, data, loss_fn, betas_rel=[1.0], prior_std=prior_std, prior_mean=prior_mean,
         num_chains=num_chains, num_draws=num_draws, num_warmup=num_warmup, seed=seed, dtype=dtype,
         device=device, force=force, max_tree_depth=max_tree_depth, target_accept_prob=target_accept_prob,
-        full_mass=full_mass, progress=progress,
+        full_mass=full_mass, progress=progress, sampler=sampler, sgld_kwargs=sgld_kwargs,
     )
     v, s = _expected_nl(target, bs[0], results[0])
     return WBICResult(wbic=v, wbic_sem=s, n=target.n, beta=bs[0], init_loss=target.init_loss, result=results[0])

@@ -117,6 +117,10 @@ def test_nuts_input_errors_and_size_limit():
         wbic(m, (X, Y), F.mse_loss, prior_std=0.0)
     with pytest.raises(ValueError, match="distinct"):
         multitemperature_llc(m, (X, Y), F.mse_loss, betas=[1.0, 1.0])
+    with pytest.raises(ValueError, match="w_star"):
+        wbic(m, (X, Y), F.mse_loss, sampler="sgld")
+    with pytest.raises(ValueError, match="sampler"):
+        wbic(m, (X, Y), F.mse_loss, sampler="hmc")
 
 
 def test_nuts_reproducible_and_leaves_global_rngs_alone():
@@ -247,8 +251,8 @@ def test_nuts_one_dimensional_normal_crossing_more(k):
     X = torch.randn(20, 1, generator=g, dtype=torch.float64)
     Y = torch.zeros(20, 1, dtype=torch.float64)
     m = NormalCrossing([k], dtype=torch.float64)
-    r = nuts_llc(m, (X, Y), gaussian_nll, localization=0.0, nbeta=500.0, num_chains=4, num_draws=500,
-                 target_accept_prob=0.95, seed=0)
+    r = nuts_llc(m, (X, Y), gaussian_nll, localization=0.0, nbeta=500.0, num_chains=4, num_draws=400,
+                 num_warmup=150, target_accept_prob=0.9, seed=0)
     assert abs(r.llc_mean - 1 / (2 * k)) < 4 * r.llc_sem, (r.llc_mean, r.llc_sem)
 
 
@@ -262,7 +266,7 @@ def test_nuts_matches_quadrature_two_dimensional_normal_crossing():
     m = NormalCrossing([1, 2], dtype=torch.float64)
     with torch.no_grad():
         m.w.copy_(m.empirical_minimum(X, Y))
-    r = nuts_llc(m, (X, Y), gaussian_nll, localization=1.0, num_chains=4, num_draws=1000, seed=0)
+    r = nuts_llc(m, (X, Y), gaussian_nll, localization=1.0, num_chains=4, num_draws=600, num_warmup=200, seed=0)
     exact = _normal_crossing_quadrature([1, 2], X, Y, m.w.detach(), r.nbeta, 1.0)
     assert abs(r.llc_mean - exact) < 4 * r.llc_sem, (r.llc_mean, r.llc_sem, exact)
     assert abs(exact - 0.25) / 0.25 < 0.15
@@ -306,15 +310,22 @@ def test_sgld_agrees_with_nuts_on_tms_and_gap_shrinks(tms_comparisons, k):
 @pytest.mark.slow
 def test_multitemperature_slope_reduced_rank_regression():
     """RRR [3, 2, 3] with a rank-1 truth: λ = 27/8 + 1/8 = 3.5 (Aoyagi & Watanabe
-    2005, case 1, N + M + H + r odd).  The slope must
-    match within 4 of its stated errors plus the documented O(√(λ/log n)) term."""
-    widths, rank, n = [3, 2, 3], 1, 20_000
+    2005, case 1, N + M + H + r odd).  Sampled with full-batch SGLD (NUTS needs
+    500-700 gradients per draw on this posterior) at a quarter of the automatic
+    step size at the coldest temperature (bias ≲ 1.25% per mode), prior N(w*, I).
+    The slope must match λ within 4 of its stated errors plus the documented
+    data term: |U_n| √(λ/(2β)) has slope |U_n| √(λ/8) · √β in 1/β, taken with
+    |U_n| = 1 at β = 1/log n."""
+    widths, rank, n = [3, 2, 3], 1, 10_000
     X, Y, _ = make_dln_data(widths, rank, n, torch.Generator().manual_seed(0), dtype=torch.float64)
     m = ReducedRankRegression(3, 2, 3, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     assert train(m, (X, Y), gaussian_nll, steps=500, lr=1e-2, finish="lbfgs").converged
     lam = theory.rrr_llc(3, 2, 3, 1)
-    res = multitemperature_llc(m, (X, Y), gaussian_nll, betas=[0.5, 0.7, 1.0, 1.4, 2.0], prior_std=2.0,
-                               num_chains=4, num_draws=400, seed=0)
-    allowance = math.sqrt(lam / (8 * math.log(n)))  # |U_n| ≈ 1 in the √(λ/(2β)) term, slope at β = 1/log n
+    probe = slt.estimate_llc(m, (X, Y), gaussian_nll, nbeta=2 * n / math.log(n), localization=1.0, num_draws=10,
+                             num_chains=1, batch_size=None, progress=False)
+    res = multitemperature_llc(m, (X, Y), gaussian_nll, betas=[0.5, 0.7, 1.0, 1.4, 2.0], prior_std=1.0,
+                               prior_mean="w_star", sampler="sgld", num_chains=8, num_draws=2000, num_warmup=500,
+                               seed=0, sgld_kwargs={"step_size": probe.step_size / 4})
+    allowance = math.sqrt(lam / (8 * math.log(n)))
     assert abs(res.llc - lam) < 4 * res.llc_sem + allowance, (res.llc, res.llc_sem, lam, allowance)
-    assert res.llc_sem < 0.15 * lam
+    assert res.llc_sem < 0.1 * lam

@@ -80,6 +80,7 @@ class SymmetryConf:
     ``operation``: ``none``; ``symmetrize`` (q_h = (1 - h) q + h q_G);
     ``break`` (q_h = (1 - h) q + h q_s, q_s = :func:`slt.symmetry.break_symmetry`
     of q with strength ``strength``).
+    ``group=none`` (or ``operation=none``) uses q as generated.
     ``susceptibility``: also compute the covariance estimate of dλ̂/dh along
     the chosen path at w* held fixed.
     """
@@ -315,7 +316,5 @@ def validate(cfg: Any) -> None:
             _fail("symmetry.h", h, "must be in [0, 1] (q_h = (1 - h) q0 + h q1)")
         if not math.isfinite(_select(cfg, "symmetry.strength")):
             _fail("symmetry.strength", _select(cfg, "symmetry.strength"), "must be finite")
-        if _select(cfg, "symmetry.operation") != "none" and _select(cfg, "symmetry.group") == "none":
-            _fail("symmetry.operation", _select(cfg, "symmetry.operation"), "needs a group (symmetry=... or symmetry.group=...)")
     if _select(cfg, "device") not in ("cpu", "auto") and not str(_select(cfg, "device")).startswith("cuda"):
         _fail("device", _select(cfg, "device"), "must be cpu, auto or cuda[:i]")

@@ -101,6 +101,25 @@ def scaling(widths: list[int], ns: list[int], seed: int) -> list[dict]:
     return rows
 
 
+def normal_crossing_quadrature(powers, X, Y, w_star, nbeta, gamma, half_width=4.0, num=4001) -> float:
+    """E[nβ (L_n(w) − L_n(w*))] under the localized posterior by quadrature (d ≤ 2):
+    L_n(w) − L_n(w*) = ½ mean(x²) ((p − p̂)² − (p* − p̂)²), p = Π w_i^{k_i}."""
+    s = float((X**2).mean())
+    p_hat = float((X * Y).sum() / (X**2).sum())
+    axes = [torch.linspace(-half_width, half_width, num if len(powers) == 2 else 200_001, dtype=torch.float64)
+            + float(w_star[i]) for i in range(len(powers))]
+    grids = torch.meshgrid(*axes, indexing="ij")
+    p = torch.ones_like(grids[0])
+    p_star = 1.0
+    for i, (w, k) in enumerate(zip(grids, powers)):
+        p = p * w**k
+        p_star *= float(w_star[i]) ** k
+    E = 0.5 * s * ((p - p_hat) ** 2 - (p_star - p_hat) ** 2)
+    logw = -nbeta * E - 0.5 * gamma * sum((w - float(w_star[i])) ** 2 for i, w in enumerate(grids))
+    wt = torch.softmax(logw.flatten(), 0)
+    return float((wt * nbeta * E.flatten()).sum())
+
+
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--job", choices=["tms", "normal_crossing", "scaling"], default="tms")
@@ -114,6 +133,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--chains", type=int, default=8)
     ap.add_argument("--nuts-draws", type=int, default=1000)
     ap.add_argument("--nuts-chains", type=int, default=4)
+    ap.add_argument("--target-accept", type=float, default=None,
+                    help="NUTS target acceptance (default 0.8 for tms, 0.95 for normal_crossing)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=os.path.join(os.environ.get("SLT_RESULTS_DIR", "results"), "compare_nuts"))
     args = ap.parse_args(argv)
@@ -136,8 +157,12 @@ def main(argv=None) -> dict:
         steps = args.step_sizes or [1e-4, 3e-4, 1e-3, 2e-3]
         kw = dict(localization=1.0, batch_size=None, dtype=torch.float64)
         title = f"NormalCrossing({args.powers}), n={n}, γ=1, full-batch SGLD"
+        if len(args.powers) <= 2:  # the exact finite-n value of the same posterior, by quadrature
+            lam = normal_crossing_quadrature(args.powers, *data, model.w.detach(), slt.default_nbeta(n), 1.0)
+            title += f"; reference = exact finite-n value by quadrature (asymptotic λ = {slt.theory.normal_crossing_llc(args.powers):g})"
+    tap = args.target_accept or (0.8 if args.job == "tms" else 0.95)
     res = compare(model, data, loss, step_sizes=steps, num_chains=args.chains, num_draws=args.draws,
-                  nuts_chains=args.nuts_chains, nuts_draws=args.nuts_draws, seed=args.seed, reference=lam,
+                  nuts_kwargs={"target_accept_prob": tap}, nuts_chains=args.nuts_chains, nuts_draws=args.nuts_draws, seed=args.seed, reference=lam,
                   title=title, verbose=True, progress=False, **kw)
     print(res)
     out = Path(args.out)

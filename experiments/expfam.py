@@ -154,7 +154,7 @@ def run(cfg: DictConfig, out_dir: Path) -> tuple[dict[str, Any], dict[str, Any]]
     sym = cfg.symmetry
     met: dict[str, Any] = {"teacher_probs": probs.tolist()}
     group = None
-    if sym.operation == "none":
+    if sym.operation == "none" or sym.group == "none":
         q0 = q1 = qh = S.compress(X)
         h = 0.0
     else:
@@ -181,7 +181,7 @@ def run(cfg: DictConfig, out_dir: Path) -> tuple[dict[str, Any], dict[str, Any]]
     kw = {k: v for k, v in OmegaConf.to_container(cfg.sampler, resolve=True).items() if not k.startswith("_")}
     kw.update(seed=seed, device=cfg.device, progress=bool(cfg.progress), dtype=torch.float64)
     kw["nbeta"] = kw.get("nbeta") or slt.default_nbeta(n)  # rows are support points, not samples
-    if sym.operation != "none" and sym.susceptibility:
+    if group is not None and sym.susceptibility:
         sr = S.llc_susceptibility(model, q0, q1, h, **kw)
         res = sr.llc
         met.update(dllc_dh=sr.dllc_dh, dllc_dh_sem=sr.dllc_dh_sem, mean_term=sr.mean_term, cov_term=sr.cov_term)

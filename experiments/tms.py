@@ -87,7 +87,7 @@ def _estimate(cfg: DictConfig, model: torch.nn.Module, X: torch.Tensor, loss: An
     kw = {k: v for k, v in OmegaConf.to_container(cfg.sampler, resolve=True).items() if not k.startswith("_")}
     kw.update(seed=int(cfg.seed), device=cfg.device, progress=bool(cfg.progress))
     sym = cfg.symmetry
-    if sym.operation == "none":
+    if sym.operation == "none" or sym.group == "none":
         return slt.estimate_llc(model, X, loss, **kw), {}
     import _symmetry
     from slt import symmetry as S
@@ -174,7 +174,7 @@ def run(cfg: DictConfig, out_dir: Path) -> tuple[dict[str, Any], dict[str, Any]]
     closed = (
         n_features == 6 and n_hidden == 2 and sparse_data and imp is None
         and cls["name"] in slt.theory.TMS_CRITICAL_POINTS
-        and (cfg.symmetry.operation == "none" or cfg.symmetry.h == 0.0)
+        and (cfg.symmetry.operation == "none" or cfg.symmetry.group == "none" or cfg.symmetry.h == 0.0)
     )
     metrics["llc_theory"] = slt.theory.tms_llc(cls["name"]) if closed else None
     if closed:

@@ -82,6 +82,8 @@ COMBOS = (
     + [(p, [f"sampler={s}"]) for p in ("tms", "llc") for s in _options("sampler")]
     + [("tms", [f"symmetry={s}"]) for s in _options("symmetry")]
     + [(p, [f"experiment={e}"]) for p in PRIMARY for e in _experiments_for(p)]
+    + [("expfam", [f"model={m}"]) for m in _options("model") if m.startswith("expfam")]
+    + [("expfam", [f"symmetry={s}"]) for s in _options("symmetry")]
 )
 
 
@@ -290,3 +292,36 @@ def test_llc_from_checkpoint_in_process(tmp_path):
     assert np.isfinite(met["llc_mean"]) and met["num_chains"] == 2
     with pytest.raises(ValueError, match="checkpoint"):
         _runlib.execute(llc.run, _compose("llc", ["checkpoint=/no/such.pt"]), tmp_path / "bad", [], llc._validate)
+
+
+TINY_EXPFAM = ["data.n=2000", "sampler.num_draws=400", "sampler.num_chains=4"]
+
+
+@pytest.mark.parametrize("model, h, rank, expected", [
+    ("expfam_polar", 1.0, 1, 0.5),   # symmetrized q: r = 0 optimum, degenerate in φ
+    ("expfam_polar", 0.0, 2, 1.0),   # random teacher: regular
+    ("expfam_fixed", 1.0, 2, 1.0),   # fixed equivariant features: d/2 whatever q
+])
+def test_expfam_run_in_process(tmp_path, model, h, rank, expected):
+    import expfam
+
+    cfg = _compose("expfam", [f"model={model}", f"symmetry.h={h}", *TINY_EXPFAM])
+    met = _runlib.execute(expfam.run, cfg, tmp_path / "run", [], expfam._validate)["metrics"]
+    assert met["hessian_rank"] == rank and met["d"] == 2
+    assert (met["llc_lower_bound"], met["llc_upper_bound"]) == (rank / 2, (2 + rank) / 4)
+    assert met["llc_expected"] == expected and met["fit_grad_norm"] < 1e-6
+    if h == 1.0:
+        assert met["invariance_gap"] < 1e-10 < met["invariance_gap_q0"]
+    assert np.isfinite(met["dllc_dh"]) and met["dllc_dh_sem"] > 0
+    # λ̂ within 4 Monte-Carlo s.e. plus 15% (the finite-n/γ bias of a short run) of the known λ
+    assert abs(met["llc_mean"] - expected) < 4 * met["llc_sem"] + 0.15 * expected
+
+
+def test_tms_symmetry_path_in_process(tmp_path):
+    import tms
+
+    cfg = _compose("tms", ["experiment=tms_symmetry", "symmetry.h=0.5", *TINY_TMS])
+    met = _runlib.execute(tms.run, cfg, tmp_path / "run", [], tms._validate)["metrics"]
+    assert met["h"] == 0.5 and met["k"] == 6  # n = 300: a slightly irregular hexagon
+    assert met["invariance_gap_q1"] > met["invariance_gap"] > 0
+    assert np.isfinite(met["dllc_dh"]) and met["llc_theory"] is None  # q_h is not the closed form's q

@@ -1,0 +1,304 @@
+"""Tests for slt.geometry: feature dimensionality, direct sums, Grassmannian clusters."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from slt.geometry import (
+    chordal_distance,
+    classify_point,
+    direct_sum_decomposition,
+    feature_dimensionality,
+    grassmannian_clusters,
+    model_dimensionality,
+    subspace_projector,
+)
+from slt.models import kgon_parameters
+
+F64 = torch.float64
+
+
+def gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def poly(k: int, r: float = 1.0) -> torch.Tensor:
+    """(2, k) regular k-gon of radius r."""
+    a = torch.arange(k, dtype=F64) * 2 * math.pi / k
+    return r * torch.stack([a.cos(), a.sin()])
+
+
+def direct_sum(*blocks: torch.Tensor) -> torch.Tensor:
+    """Block-diagonal stacking of (m_g, n_g) configurations: exact direct sum."""
+    return torch.block_diag(*blocks)
+
+
+PAIR = torch.tensor([[1.0, -1.0]], dtype=F64)  # antipodal pair in R^1
+BIPYRAMID = direct_sum(poly(3), PAIR)  # (3, 5): triangle ⊕ antipodal pair
+PENT_BIPYRAMID = direct_sum(poly(5), PAIR)  # (3, 7)
+OCTAHEDRON = direct_sum(PAIR, PAIR, PAIR)  # (3, 6)
+CASES = [
+    (BIPYRAMID, [[0, 1, 2], [3, 4]], [2, 1], "3-gon ⊕ 2-gon"),
+    (PENT_BIPYRAMID, [[0, 1, 2, 3, 4], [5, 6]], [2, 1], "5-gon ⊕ 2-gon"),
+    (OCTAHEDRON, [[0, 1], [2, 3], [4, 5]], [1, 1, 1], "2-gon ⊕ 2-gon ⊕ 2-gon"),
+]
+
+
+def random_rotation(m: int, g: torch.Generator) -> torch.Tensor:
+    q, r = torch.linalg.qr(torch.randn(m, m, generator=g, dtype=F64))
+    return q * torch.sign(torch.diagonal(r))
+
+
+def random_symmetry(W: torch.Tensor, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotate the hidden space, rescale, and permute the features."""
+    perm = torch.randperm(W.shape[1], generator=g)
+    return 1.7 * (random_rotation(W.shape[0], g) @ W)[:, perm], perm
+
+
+def permuted_partition(partition: list[list[int]], perm: torch.Tensor) -> list[list[int]]:
+    inv = torch.argsort(perm)  # original feature j sits at column inv[j]
+    return sorted(sorted(int(inv[j]) for j in grp) for grp in partition)
+
+
+# ----------------------------------------------------------------------------
+# feature dimensionality
+# ----------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "W,expected",
+    [
+        (torch.eye(3, dtype=F64), [1.0, 1.0, 1.0]),
+        (PAIR, [0.5, 0.5]),
+        (poly(5), [0.4] * 5),
+        (poly(3, 2.5), [2 / 3] * 3),
+        (BIPYRAMID, [2 / 3] * 3 + [0.5] * 2),  # Elhage et al.: 3 × 2/3 and 2 × 1/2, not 5 × 3/5
+        (OCTAHEDRON, [0.5] * 6),
+    ],
+)
+def test_feature_dimensionality_known_configurations(W, expected):
+    # exact rational values; 1e-12 is float64 round-off on O(1) sums
+    assert torch.allclose(feature_dimensionality(W), torch.tensor(expected, dtype=F64), atol=1e-12)
+    # the model-level m / ||W||_F^2 of unit columns is m / n
+    if torch.allclose(W.norm(dim=0), torch.ones(W.shape[1], dtype=F64)):
+        assert float(model_dimensionality(W)) == pytest.approx(W.shape[0] / W.shape[1], abs=1e-12)
+
+
+def test_feature_dimensionality_zero_column_batch_and_invariances():
+    g = gen(0)
+    W = torch.cat([poly(5), torch.zeros(2, 1, dtype=F64)], 1)  # a dead sixth feature
+    D = feature_dimensionality(W)
+    assert D[5] == 0 and torch.allclose(D[:5], torch.full((5,), 0.4, dtype=F64), atol=1e-12)
+    assert float(model_dimensionality(torch.zeros(2, 3))) == math.inf
+    batch = torch.randn(4, 3, 7, generator=g, dtype=F64)  # (chains, m, n)
+    Db = feature_dimensionality(batch)
+    assert Db.shape == (4, 7) and model_dimensionality(batch).shape == (4,)
+    for c in range(4):
+        assert torch.allclose(Db[c], feature_dimensionality(batch[c]), atol=1e-14)
+        # rotation and scale invariance, values in (0, 1]
+        Wr = 3.0 * random_rotation(3, g) @ batch[c]
+        assert torch.allclose(feature_dimensionality(Wr), Db[c], atol=1e-12)
+    assert bool(((Db > 0) & (Db <= 1 + 1e-12)).all())
+    # float32 input keeps its dtype; tiny columns do not underflow to NaN
+    tiny = (1e-30 * batch[0]).float()
+    Dt = feature_dimensionality(tiny)
+    assert Dt.dtype == torch.float32 and torch.allclose(Dt.double(), Db[0], atol=1e-5)
+
+
+# ----------------------------------------------------------------------------
+# projectors
+# ----------------------------------------------------------------------------
+def test_projector_and_chordal_distance():
+    g = gen(1)
+    V = torch.randn(4, 2, generator=g, dtype=F64)
+    P = subspace_projector(V)
+    assert torch.allclose(P @ P, P, atol=1e-12) and torch.allclose(P, P.T, atol=1e-14)
+    assert float(torch.trace(P)) == pytest.approx(2.0, abs=1e-12)
+    # basis independence: another basis of the same plane gives the same P
+    Vb = V @ torch.tensor([[2.0, 1.0], [-1.0, 3.0]], dtype=F64)
+    assert torch.allclose(subspace_projector(Vb), P, atol=1e-12)
+    # lines at angle theta: d = sin(theta)
+    for theta in (0.0, 0.3, math.pi / 2):
+        a = torch.tensor([[1.0], [0.0]], dtype=F64)
+        b = torch.tensor([[math.cos(theta)], [math.sin(theta)]], dtype=F64)
+        d = chordal_distance(subspace_projector(a), subspace_projector(b))
+        assert float(d) == pytest.approx(math.sin(theta), abs=1e-12)
+    # rank: an antipodal pair spans a line
+    assert float(torch.trace(subspace_projector(torch.tensor([[1.0, -1.0], [0.0, 0.0]])))) == pytest.approx(1.0)
+
+
+# ----------------------------------------------------------------------------
+# direct-sum decomposition
+# ----------------------------------------------------------------------------
+@pytest.mark.parametrize("W,partition,dims,name", CASES)
+def test_exact_direct_sums_recovered(W, partition, dims, name):
+    dec = direct_sum_decomposition(W)
+    assert dec.partition == partition and dec.dims == dims and dec.name == name
+    assert dec.is_direct_sum and dec.residual < 1e-12 and dec.subspace_residual < 1e-12
+    # summand projectors are mutually orthogonal and add up to the projector onto span(W)
+    Ps = [s.projector for s in dec.summands]
+    for i in range(len(Ps)):
+        for j in range(i + 1, len(Ps)):
+            assert float((Ps[i] @ Ps[j]).abs().max()) < 1e-12
+    assert torch.allclose(sum(Ps), subspace_projector(W), atol=1e-12)
+
+
+@pytest.mark.parametrize("W,partition,dims,name", CASES)
+def test_direct_sums_under_rotation_permutation_and_noise(W, partition, dims, name):
+    g = gen(2)
+    for _ in range(5):
+        Wr, perm = random_symmetry(W, g)
+        dec = direct_sum_decomposition(Wr)
+        assert sorted(dec.partition) == permuted_partition(partition, perm)
+        assert sorted(dec.dims) == sorted(dims) and dec.subspace_residual < 1e-12
+        # noise sigma = 0.01 per coordinate on columns of norm 1.7 (relative 0.006): a
+        # cross-summand |cos| is about N(0, 2 (0.006)^2), so tol = 0.1 is > 10 s.d. away,
+        # and the smallest within-summand |cos| (pentagon, 0.31) is far above it.
+        Wn = Wr + 0.01 * torch.randn(Wr.shape, generator=g, dtype=F64)
+        dn = direct_sum_decomposition(Wn)
+        assert sorted(dn.partition) == permuted_partition(partition, perm)
+        assert sorted(dn.dims) == sorted(dims) and dn.is_direct_sum
+        assert 0 < dn.residual < 0.1 and dn.subspace_residual < 0.1
+        assert sorted(s.label for s in dn.summands) == sorted(name.split(" ⊕ "))
+
+
+def test_random_block_direct_sums_recovered():
+    """Random blocks in orthogonal coordinate blocks, then rotated: the construction is the answer."""
+    g = gen(3)
+    for _ in range(10):
+        sizes = [(2, 3), (1, 1), (3, 4)]  # (dims, features) per block; generic blocks span their dims
+        blocks = [torch.randn(d, k, generator=g, dtype=F64) for d, k in sizes]
+        W = direct_sum(*[B / B.norm(dim=0) for B in blocks])  # unit columns: none counts as dead
+        Wr, perm = random_symmetry(W, g)
+        # exact configuration: tolerances at round-off level (a generic within-block cosine is
+        # never below 1e-6, and generic blocks have full rank)
+        dec = direct_sum_decomposition(Wr, tol=1e-6, rank_tol=1e-6)
+        expected, start = [], 0
+        for _, k in sizes:
+            expected.append(list(range(start, start + k)))
+            start += k
+        assert sorted(dec.partition) == permuted_partition(expected, perm)
+        assert sorted(dec.dims) == [1, 2, 3]
+
+
+def test_non_direct_sums_give_one_summand():
+    g = gen(4)
+    tet = torch.tensor([[1, 1, 1], [1, -1, -1], [-1, 1, -1], [-1, -1, 1]], dtype=F64).T  # (3, 4)
+    # three orthogonal features coupled by a fourth: pairwise orthogonality alone is not enough
+    coupled = torch.cat([torch.eye(3, dtype=F64), torch.ones(3, 1, dtype=F64) / math.sqrt(3)], 1)
+    for W, label in [(tet, "tetrahedron"), (coupled, "4 features in 3 dims"), (poly(7), "7-gon")]:
+        for _ in range(3):
+            Wr, _ = random_symmetry(W, g)
+            dec = direct_sum_decomposition(Wr + 0.01 * torch.randn(Wr.shape, generator=g, dtype=F64))
+            assert len(dec.summands) == 1 and not dec.is_direct_sum and dec.residual == 0.0
+            assert dec.summands[0].label == label and dec.summands[0].dim == W.shape[0]
+
+
+def test_agglomerative_step_and_superposed_near_orthogonal_features():
+    # group A = {e1, (e1 + e2)/sqrt2} spans the (e1, e2) plane; group B = {e3 + t e2, e3 - t e2 + s e4}:
+    # every cross pair has |cos| <= t/sqrt2 = 0.07 < tol, so the graph splits A from B, but B's span
+    # contains (2t e2 - s e4)/|.|, at cosine 0.97 to A's plane: the span check must merge them.
+    e = torch.eye(4, dtype=F64)
+    t, s = 0.1, 0.05
+    W = torch.stack([e[0], (e[0] + e[1]) / math.sqrt(2), e[2] + t * e[1], e[2] - t * e[1] + s * e[3]], 1)
+    unit = W / W.norm(dim=0)
+    assert float((unit[:, :2].T @ unit[:, 2:]).abs().max()) < 0.1  # the premise
+    dec = direct_sum_decomposition(W, tol=0.1, rank_tol=0.01)
+    assert dec.partition == [[0, 1, 2, 3]] and dec.dims == [4]
+    # many nearly orthogonal features in few dims (superposition) are no direct sum
+    g = gen(5)
+    W2 = torch.randn(20, 60, generator=g, dtype=F64)  # 60 features in R^20, |cos| ~ 0.22
+    d2 = direct_sum_decomposition(W2, tol=0.6)
+    assert not d2.is_direct_sum
+    if d2.total_dim > 20:  # B^T B has a zero eigenvalue, so ||B^T B - I|| >= 1
+        assert d2.subspace_residual >= 1 - 1e-9
+
+
+def test_dead_features_excluded():
+    W = torch.cat([BIPYRAMID, torch.zeros(3, 1, dtype=F64), 1e-3 * torch.ones(3, 1, dtype=F64)], 1)
+    dec = direct_sum_decomposition(W)
+    assert dec.dead == (5, 6) and dec.partition == [[0, 1, 2], [3, 4]]
+    empty = direct_sum_decomposition(torch.zeros(3, 4))
+    assert empty.summands == () and empty.dead == (0, 1, 2, 3) and empty.name == ""
+
+
+# ----------------------------------------------------------------------------
+# Grassmannian clustering
+# ----------------------------------------------------------------------------
+def test_grassmannian_clusters_find_summand_planes():
+    g = gen(6)
+    for W, plane, n_sub in [(BIPYRAMID, [0, 1, 2], 3), (PENT_BIPYRAMID, [0, 1, 2, 3, 4], 10)]:
+        for noise in (0.0, 0.01):  # plane jitter ~ noise / sin(angle) << eps = 0.1
+            Wr, perm = random_symmetry(W, g)
+            Wr = Wr + noise * torch.randn(Wr.shape, generator=g, dtype=F64)
+            inv = torch.argsort(perm)
+            clusters = grassmannian_clusters(Wr, 2)
+            top = clusters[0]
+            assert len(top.subsets) == n_sub
+            assert list(top.features) == sorted(int(inv[j]) for j in plane)
+            assert top.spread < 0.1
+            # the summand's plane is the top cluster's plane
+            dec = direct_sum_decomposition(Wr)
+            P2 = next(s.projector for s in dec.summands if s.dim == 2)
+            assert float(chordal_distance(P2, top.projector)) < 0.05
+            # "pyramid" planes (one vertex + the antipodal pair) hold 2 subsets each
+            assert all(len(c.subsets) == 2 for c in clusters[1:])
+    with pytest.raises(ValueError, match="max_subsets"):
+        grassmannian_clusters(torch.randn(3, 30, generator=g), 3, max_subsets=100)
+    with pytest.raises(ValueError, match="at most the number of hidden dims"):
+        grassmannian_clusters(BIPYRAMID, 4)
+
+
+# ----------------------------------------------------------------------------
+# classification
+# ----------------------------------------------------------------------------
+@pytest.mark.parametrize("k,plus,name", [(5, False, "5-gon"), (5, True, "5-gon+"), (6, False, "6-gon")])
+def test_classify_point_kgons(k, plus, name):
+    p = kgon_parameters(k, plus=plus, dead_bias=-0.1)
+    info = classify_point(p["W"], p["b"])
+    assert info["name"] == name and info["k"] == k
+    D = torch.tensor(info["feature_dimensionality"], dtype=F64)
+    assert torch.allclose(D[:k], torch.full((k,), 2 / k, dtype=torch.float64), atol=1e-9)
+    assert bool((D[k:] == 0).all())
+    assert info["decomposition"]["dead"] == list(range(k, 6))
+
+
+def test_classify_point_three_dims():
+    b = torch.full((5,), -0.2, dtype=F64)
+    info = classify_point(BIPYRAMID, b)
+    assert info["name"] == "(3-gon ⊕ 2-gon)" and info["direct_sum"] and info["summands"] == [[0, 1, 2], [3, 4]]
+    assert info["antipodal_pairs"] == [(3, 4)] and not info["planar"]
+    W = torch.cat([BIPYRAMID, torch.zeros(3, 1, dtype=F64)], 1)
+    info = classify_point(W, torch.cat([b, torch.tensor([1 / 12], dtype=F64)]))
+    assert info["name"] == "(3-gon ⊕ 2-gon)+" and info["dead_positive_bias"] == [5]
+    two = torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]], dtype=F64)  # Elhage's low-density picture
+    assert classify_point(two, torch.zeros(3))["name"] == "(1-gon ⊕ 1-gon)"
+    generic = torch.tensor([[1.0, 0.3, -0.2, 0.5], [0.1, 1.0, 0.4, -0.7], [0.2, -0.1, 1.0, 0.9]], dtype=F64)
+    assert classify_point(generic, torch.zeros(4))["name"] is None
+
+
+# ----------------------------------------------------------------------------
+# bad input
+# ----------------------------------------------------------------------------
+def test_bad_input_raises_clear_errors():
+    with pytest.raises(ValueError, match=r"\(\.\.\., m, n\)"):
+        feature_dimensionality(torch.ones(3))
+    with pytest.raises(ValueError, match=r"shape \(m, n\)"):
+        direct_sum_decomposition(torch.ones(2, 3, 4))
+    with pytest.raises(ValueError, match="NaN"):
+        feature_dimensionality(torch.tensor([[1.0, float("nan")]]))
+    with pytest.raises(ValueError, match="NaN"):
+        direct_sum_decomposition(torch.tensor([[1.0, float("inf")]]))
+    with pytest.raises(TypeError, match="real"):
+        feature_dimensionality(torch.ones(2, 2, dtype=torch.complex64))
+    with pytest.raises(TypeError, match="array-like"):
+        model_dimensionality("abc")
+    with pytest.raises(ValueError, match="tol must be in"):
+        direct_sum_decomposition(BIPYRAMID, tol=1.5)
+    with pytest.raises(ValueError, match="at least one"):
+        direct_sum_decomposition(torch.ones(3, 0))
+    with pytest.raises(ValueError, match="b must have shape"):
+        classify_point(BIPYRAMID, torch.zeros(4))
+    with pytest.raises(ValueError, match="same space"):
+        chordal_distance(torch.eye(2), torch.eye(3))

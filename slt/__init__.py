@@ -6,7 +6,7 @@ learning coefficients, and toy models written with a native chain dimension.
 
 __version__ = "0.1.0"
 
-from . import diagnostics, models, symmetry, theory  # noqa: E402
+from . import diagnostics, geometry, models, symmetry, theory  # noqa: E402
 from .calibrate import CalibrationResult, calibrate  # noqa: E402
 from .data import Data  # noqa: E402
 from .engine import (  # noqa: E402
@@ -24,6 +24,7 @@ from .samplers import LocalizedPotential, rmsprop_sgld, sgld  # noqa: E402
 __all__ = [
     "__version__",
     "diagnostics",
+    "geometry",
     "models",
     "symmetry",
     "theory",

@@ -72,8 +72,20 @@ def _run(script: str, args: list[str], results: Path, check: bool = True) -> sub
 PRIMARY = [p.stem for p in CONF.glob("*.yaml") if p.stem != "common"]
 
 
+def _composes(primary: str, experiment: str) -> bool:
+    try:
+        _compose(primary, [f"experiment={experiment}"])
+        return True
+    except Exception:
+        return False
+
+
+#: experiment file -> the entry points whose config it composes with
+EXPERIMENT_OWNERS = {e: [p for p in PRIMARY if _composes(p, e)] for e in _options("experiment")}
+
+
 def _experiments_for(primary: str) -> list[str]:
-    return [e for e in _options("experiment") if e.split("_")[0] == primary]
+    return [e for e, owners in EXPERIMENT_OWNERS.items() if primary in owners]
 
 
 COMBOS = (
@@ -111,8 +123,8 @@ def test_every_config_composes_and_instantiates(primary, overrides):
 
 
 def test_every_experiment_file_belongs_to_an_entry_point():
-    for e in _options("experiment"):
-        assert e.split("_")[0] in PRIMARY, f"conf/experiment/{e}.yaml: name it <entry point>_<what>"
+    for e, owners in EXPERIMENT_OWNERS.items():
+        assert owners, f"conf/experiment/{e}.yaml composes with none of {PRIMARY}"
         assert (CONF / "experiment" / f"{e}.yaml").read_text().startswith("# @package _global_")
 
 

@@ -123,7 +123,7 @@ def normal_crossing_quadrature(powers, X, Y, w_star, nbeta, gamma, half_width=4.
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--job", choices=["tms", "normal_crossing", "scaling"], default="tms")
-    ap.add_argument("--widths", type=int, nargs="+", default=[2, 16, 160, 800], help="scaling: hidden widths")
+    ap.add_argument("--widths", type=int, nargs="+", default=[2, 16], help="scaling: hidden widths")
     ap.add_argument("--ns", type=int, nargs="+", default=[1000, 10000], help="scaling: sample sizes")
     ap.add_argument("--n", type=int, default=None, help="samples (default 20000 for tms, 10000 otherwise)")
     ap.add_argument("--k", type=int, default=5, help="TMS k-gon")

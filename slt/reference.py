@@ -51,14 +51,28 @@ When which estimator applies
 
 Cost of NUTS
 ------------
-Every NUTS draw takes :math:`2^{\text{depth}}` full-batch gradients (depth is
-chosen by the sampler; 3-7 on the toy models with a dense mass matrix), each
-costing one pass over all n samples, plus Pyro's Python overhead of roughly
-0.1-0.2 ms per leapfrog step.  Chains run one after another.  Measured on a
-2-core CPU (float64, 1 chain, 200 warmup + 200 draws, dense mass matrix up to
-d = 100, diagonal above): see :data:`NUTS_MAX_PARAMS` and the README section
-"Exact references" for the table; above :data:`NUTS_MAX_PARAMS` parameters
-:func:`nuts_llc` refuses to run unless ``force=True``.
+Every NUTS draw takes :math:`2^{\text{depth}}` full-batch gradients, each a pass
+over all n samples, plus Pyro's Python overhead (≈ 0.5 ms per leapfrog step on
+the 2-core development CPU); chains run one after another.  The depth is set by
+the posterior's geometry more than by d.  Measured (float64, 2-core CPU,
+``python experiments/compare_nuts.py --job scaling`` and the comparison jobs):
+
+=========================================  =====  ======  ============  ==========
+posterior                                  d      n       grads/draw    ms/grad
+=========================================  =====  ======  ============  ==========
+tanh MLP 4-2-1, trained, γ = 1             13     1000    14            1.9
+tanh MLP 4-16-1, trained, γ = 1            97     1000    1023 (max)    0.5
+TMS 5-gon, γ = 10                          18     20000   ≈ 20          3-5
+normal crossing w₁w₂², γ = 1               2      10000   ≈ 10-30       0.3
+reduced-rank regression, global, s = 1     12     5000    500-700       0.2
+=========================================  =====  ======  ============  ==========
+
+So the default call (4 chains × 1500 iterations) takes minutes on the toy
+models and about an hour once trees hit ``max_tree_depth`` (an over-
+parametrized network's flat, curved directions), which is where NUTS stops being
+practical; above :data:`NUTS_MAX_PARAMS` = 1000 parameters :func:`nuts_llc`
+refuses to run unless ``force=True``, and a warning is raised whenever more
+than 5% of draws hit ``max_tree_depth``.
 """
 
 from __future__ import annotations
@@ -94,9 +108,9 @@ __all__ = [
 ]
 
 #: Above this many sampled parameters :func:`nuts_llc` raises unless ``force=True``
-#: (measured: see the module docstring; beyond it one chain of 1000 draws takes
-#: many minutes even on small data).
-NUTS_MAX_PARAMS = 2000
+#: (measured: see the module docstring; a d = 97 network already needs ~1000
+#: gradients per draw).
+NUTS_MAX_PARAMS = 1000
 #: A dense mass matrix is adapted up to this many parameters (``full_mass=None``).
 DENSE_MASS_MAX_PARAMS = 100
 

@@ -266,7 +266,9 @@ def test_nuts_matches_quadrature_two_dimensional_normal_crossing():
     m = NormalCrossing([1, 2], dtype=torch.float64)
     with torch.no_grad():
         m.w.copy_(m.empirical_minimum(X, Y))
-    r = nuts_llc(m, (X, Y), gaussian_nll, localization=1.0, num_chains=4, num_draws=600, num_warmup=200, seed=0)
+    # the cusp near the axes makes NUTS diverge at the default 0.8 (≈8% of transitions)
+    r = nuts_llc(m, (X, Y), gaussian_nll, localization=1.0, num_chains=4, num_draws=600, num_warmup=200,
+                 target_accept_prob=0.95, seed=0)
     exact = _normal_crossing_quadrature([1, 2], X, Y, m.w.detach(), r.nbeta, 1.0)
     assert abs(r.llc_mean - exact) < 4 * r.llc_sem, (r.llc_mean, r.llc_sem, exact)
     assert abs(exact - 0.25) / 0.25 < 0.15

@@ -62,6 +62,15 @@ def now() -> str:
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
 
 
+#: keys that do not change a run's result (also excluded from the run folder name)
+NON_RESULT_KEYS = ("name", "force", "device", "progress", "results_root", "save_traces")
+
+
+def _comparable(config: Any) -> Any:
+    """The config as stored in result.json, without the keys that do not change the result."""
+    return records.to_jsonable({k: v for k, v in dict(config).items() if k not in NON_RESULT_KEYS})
+
+
 def execute(
     run: RunFn,
     cfg: DictConfig,
@@ -70,6 +79,10 @@ def execute(
     validate: Callable[[DictConfig], None] | None = None,
 ) -> dict[str, Any]:
     """Run one job in ``out_dir`` and return its record (the content of ``result.json``).
+
+    A finished run (``result.json`` present) is skipped unless ``cfg.force`` or
+    its stored config differs from ``cfg`` (apart from :data:`NON_RESULT_KEYS`),
+    e.g. because an experiment file was edited since.
 
     Parameters
     ----------
@@ -98,8 +111,11 @@ def execute(
         if validate is not None:
             validate(cfg)
         if res_file.exists() and not cfg.get("force", False):
-            log.info("skipping %s: %s exists (force=true recomputes)", out, records.RESULT_FILE)
-            return records.read_json(res_file)
+            old = records.read_json(res_file)
+            if _comparable(old.get("config", {})) == _comparable(base["config"]):
+                log.info("skipping %s: %s exists (force=true recomputes)", out, records.RESULT_FILE)
+                return old
+            log.warning("%s: the stored run used a different config (an experiment file changed?): recomputing", out)
         out.mkdir(parents=True, exist_ok=True)
         if fail_file.exists():
             fail_file.unlink()

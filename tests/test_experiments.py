@@ -337,3 +337,22 @@ def test_tms_symmetry_path_in_process(tmp_path):
     assert met["h"] == 0.5 and met["k"] == 6  # n = 300: a slightly irregular hexagon
     assert met["invariance_gap_q1"] > met["invariance_gap"] > 0
     assert np.isfinite(met["dllc_dh"]) and met["llc_theory"] is None  # q_h is not the closed form's q
+
+
+def test_rerun_skips_unless_config_changed_or_forced(tmp_path):
+    calls = []
+
+    def job(cfg, out):
+        calls.append(cfg.sampler.num_draws)
+        return {"x": 1.0}, {}
+
+    cfg = _compose("tms")
+    _runlib.execute(job, cfg, tmp_path)
+    _runlib.execute(job, cfg, tmp_path)  # finished: skipped
+    cfg.progress = True  # does not change the result: still skipped
+    _runlib.execute(job, cfg, tmp_path)
+    cfg.sampler.num_draws = 7  # e.g. an edited experiment file: recomputed
+    _runlib.execute(job, cfg, tmp_path)
+    cfg.force = True
+    _runlib.execute(job, cfg, tmp_path)
+    assert calls == [4000, 7, 7]

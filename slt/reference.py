@@ -267,13 +267,15 @@ class _LossFn(torch.autograd.Function):
 
 
 @contextlib.contextmanager
-def _seeded_global_rng(seed: int) -> Iterator[None]:
+def _seeded_global_rng(seed: int, device: torch.device | None = None) -> Iterator[None]:
     """Pyro draws from torch's global RNG: seed it inside a fork and restore all
     global RNG states afterwards (the library never changes global RNG state)."""
     py_state = random.getstate()
     np_state = np.random.get_state()
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+    cuda = device is not None and device.type == "cuda"
+    devices = [device.index if device.index is not None else torch.cuda.current_device()] if cuda else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)  # seeds the CPU and (inside the fork) the CUDA generators
         try:
             yield
         finally:
@@ -347,7 +349,7 @@ def _run_nuts(
                 mark["accept"] = float(getattr(kernel, "_mean_accept_prob", float("nan")))  # reset by cleanup()
             mark["evals"] = counter["evals"]
 
-        with _seeded_global_rng(s):
+        with _seeded_global_rng(s, target.device):
             kernel = NUTS(
                 potential_fn=potential, adapt_step_size=True, adapt_mass_matrix=True,
                 full_mass=full_mass, target_accept_prob=target_accept_prob, max_tree_depth=max_tree_depth,

@@ -1,0 +1,602 @@
+r"""Figures of the toy-model experiments, made from the sweeps' result tables.
+
+Every figure reads the run records of one or more sweeps under
+``<results>/sweeps/<name>/`` (``summary.parquet`` when present, else the
+run folders' ``result.json`` through :func:`slt.records.collect`), keeps the
+runs with ``status == "ok"`` and writes ``<out>/<figure>.png`` and ``.pdf``.
+No number shown is typed into this script: measured values come from the
+tables, closed forms from :mod:`slt.theory`.
+
+=========  =======================================================  ==================================
+figure     what                                                     sweeps read
+=========  =======================================================  ==================================
+kgon       λ̂ of the TMS k-gons vs the closed forms (5-gon, 5-gon⁺,   ``fig_kgon``
+           6-gon)
+geometry   columns of W in the plane per feature density (n = 5,     ``fig_elhage``
+           m = 2, I_i = 0.9^i; Elhage et al. 2022)
+dims       feature dimensionality D_i vs 1/(1 - S), plateaus marked ``fig_dims``
+phase      Bayesian phase transition 5-gon vs 6-gon over n           ``fig_phase``
+curve      λ̂ at training checkpoints over the loss curve            ``tms_curve``
+symmetry   λ̂ vs h on symmetry paths, covariance slopes, Hessian-    ``expfam_symmetrize``,
+           rank bounds                                              ``expfam_break``, ``tms_symmetry``
+phase2     two features in one hidden dimension: phase diagram       ``fig_phase2``
+           over relative importance and density
+=========  =======================================================  ==================================
+
+Usage::
+
+    python experiments/figures.py all
+    python experiments/figures.py kgon geometry --results results --out results/figures
+
+A figure whose sweep has no finished run is skipped with a message (``all``)
+or is an error (when named explicitly).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import pandas as pd  # noqa: E402
+import torch  # noqa: E402
+
+import slt  # noqa: E402
+from slt import geometry as geo  # noqa: E402
+from slt import records  # noqa: E402
+
+__all__ = [
+    "FIGURES",
+    "load_sweep",
+    "fig_kgon",
+    "fig_geometry",
+    "fig_dims",
+    "fig_phase",
+    "fig_curve",
+    "fig_symmetry",
+    "fig_phase2",
+    "predicted_crossing",
+    "main",
+]
+
+STYLE = {
+    "figure.dpi": 110,
+    "savefig.dpi": 150,
+    "font.size": 9,
+    "axes.titlesize": 10,
+    "axes.labelsize": 9,
+    "legend.fontsize": 8,
+    "axes.grid": True,
+    "grid.alpha": 0.3,
+    "axes.spines.top": False,
+    "axes.spines.right": False,
+}
+#: one colour per critical point / family, shared by all figures
+COLORS = {"5-gon": "tab:blue", "5-gon+": "tab:purple", "6-gon": "tab:orange", "polar": "tab:red",
+          "fixed": "tab:gray", "tms": "tab:orange"}
+
+
+class NoData(RuntimeError):
+    """A sweep needed by a figure has no finished run."""
+
+
+# ---------------------------------------------------------------------------
+# reading
+# ---------------------------------------------------------------------------
+def load_sweep(results: str | os.PathLike, name: str) -> pd.DataFrame:
+    """The ``status == "ok"`` rows of sweep ``name`` under ``results/sweeps``.
+
+    Reads ``summary.parquet`` when it is at least as new as every
+    ``result.json`` in the sweep, else rebuilds the table from the run
+    folders (:func:`slt.records.collect` without writing).
+
+    Raises
+    ------
+    NoData
+        If the sweep folder is missing or holds no finished run.
+    """
+    sweep = Path(results) / "sweeps" / name
+    if not sweep.is_dir():
+        raise NoData(f"no sweep folder {sweep} (run the sweep first; see the README's Figures section)")
+    summ = sweep / "summary.parquet"
+    newest = max((p.stat().st_mtime for p in sweep.glob(f"*/{records.RESULT_FILE}")), default=0.0)
+    if summ.exists() and summ.stat().st_mtime >= newest:
+        df = pd.read_parquet(summ)
+    else:
+        df = records.collect(sweep, write=False)
+    if "status" in df:
+        df = df[df["status"] == "ok"]
+    if not len(df):
+        raise NoData(f"sweep {sweep} has no finished run")
+    return df.reset_index(drop=True)
+
+
+def _list(v: Any) -> Any:
+    """A list-valued cell (JSON text in the summary table) as a Python object."""
+    if isinstance(v, str):
+        return json.loads(v)
+    if isinstance(v, np.ndarray):
+        return v.tolist()
+    return v
+
+
+def _col(df: pd.DataFrame, *names: str) -> pd.Series:
+    for n in names:
+        if n in df:
+            return df[n]
+    raise NoData(f"none of the columns {names} in the table (columns: {list(df.columns)[:20]} ...)")
+
+
+def _save(fig: Any, out: Path, stem: str) -> list[Path]:
+    out.mkdir(parents=True, exist_ok=True)
+    paths = [out / f"{stem}.png", out / f"{stem}.pdf"]
+    fig.savefig(paths[0], bbox_inches="tight")
+    fig.savefig(paths[1], bbox_inches="tight", metadata={"CreationDate": None, "ModDate": None})
+    plt.close(fig)
+    return paths
+
+
+def _point_name(W: Any, b: Any) -> str:
+    c = geo.classify_point(torch.tensor(W, dtype=torch.float64), torch.tensor(b, dtype=torch.float64), tol=0.05)
+    return c["name"] or f"irregular-{c['k']}"
+
+
+# ---------------------------------------------------------------------------
+# figure 4: λ̂ of the k-gons vs closed forms
+# ---------------------------------------------------------------------------
+def fig_kgon(results: Path, out: Path) -> list[Path]:
+    """λ̂ ± s.e. (chains) of every run of ``fig_kgon`` per critical point found, the seed mean
+    ± s.e. (seeds), and the closed form :func:`slt.theory.tms_llc`."""
+    df = load_sweep(results, "fig_kgon")
+    df = df.assign(point=_col(df, "point").astype(str))
+    known = [p for p in slt.theory.TMS_CRITICAL_POINTS if p in set(df["point"])]
+    other = sorted(set(df["point"]) - set(known))
+    order = known + other
+    fig, ax = plt.subplots(figsize=(5.2, 3.6))
+    for i, p in enumerate(order):
+        sub = df[df["point"] == p].sort_values("seed")
+        x = i + np.linspace(-0.18, 0.18, len(sub)) if len(sub) > 1 else np.array([i - 0.1])
+        col = COLORS.get(p, "tab:green")
+        ax.errorbar(x, sub["llc_mean"], yerr=sub["llc_sem"], fmt="o", ms=4, color=col, alpha=0.55, capsize=2,
+                    label="one run (± s.e. over chains)" if i == 0 else None)
+        m = sub["llc_mean"].mean()
+        se = sub["llc_mean"].std(ddof=1) / math.sqrt(len(sub)) if len(sub) > 1 else float(sub["llc_sem"].iloc[0])
+        ax.errorbar([i + 0.32], [m], yerr=[se], fmt="D", ms=6, color=col, capsize=3, mec="k",
+                    label="mean over seeds (± s.e.)" if i == 0 else None)
+        if p in slt.theory.TMS_CRITICAL_POINTS:
+            lam = slt.theory.tms_llc(p)
+            ax.hlines(lam, i - 0.35, i + 0.45, colors="k", linestyles="--", lw=1.2,
+                      label="closed form λ (Chen et al. 2023)" if i == 0 else None)
+            ax.annotate(f"λ = {lam:g}", (i + 0.45, lam), xytext=(2, -3), textcoords="offset points", fontsize=8)
+    ns = sorted(set(_col(df, "data.n").astype(int)))
+    ax.set_xticks(range(len(order)), [p.replace("+", "⁺") for p in order])
+    ax.set_xlim(-0.6, len(order) - 0.2)
+    ax.set_xlabel("critical point found (classified from W, b)")
+    ax.set_ylabel("estimated LLC λ̂")
+    ax.set_title(f"TMS 6×2 critical points: λ̂ vs closed form (n = {', '.join(map(str, ns))}, "
+                 f"{df['seed'].nunique()} seeds)")
+    ax.legend(loc="upper left")
+    return _save(fig, out, "kgon_llc")
+
+
+# ---------------------------------------------------------------------------
+# figure 1: superposition geometry per density
+# ---------------------------------------------------------------------------
+def _best_per(df: pd.DataFrame, key: str) -> pd.DataFrame:
+    """The lowest-training-loss run for each value of ``key``."""
+    return df.sort_values("train_loss").groupby(key, as_index=False).first().sort_values(key)
+
+
+def fig_geometry(results: Path, out: Path) -> list[Path]:
+    """The columns W_i of the best run (lowest training loss over seeds) per feature density,
+    coloured by importance, with the k-gon / direct-sum name from :func:`slt.geometry.classify_point`."""
+    df = load_sweep(results, "fig_elhage")
+    df = df.assign(density=1.0 - _col(df, "data.sparsity").astype(float))
+    best = _best_per(df, "density").sort_values("density", ascending=False)
+    k = len(best)
+    ncol = min(k, 5)
+    nrow = math.ceil(k / ncol)
+    fig, axes = plt.subplots(nrow, ncol, figsize=(2.0 * ncol, 2.25 * nrow + 0.4), squeeze=False)
+    n_feat = int(best["model.n_features"].iloc[0])
+    decay = float(best["importance_decay"].iloc[0])
+    cmap = plt.get_cmap("viridis")
+    lim = max(float(np.abs(np.asarray(_list(W))).max()) for W in best["W"]) * 1.15
+    for ax, (_, r) in zip(axes.flat, best.iterrows()):
+        W = np.asarray(_list(r["W"]), dtype=float)  # (m, n)
+        b = np.asarray(_list(r["b"]), dtype=float)
+        if W.shape[0] != 2:
+            raise ValueError(f"geometry figure needs n_hidden = 2, got W of shape {W.shape}")
+        for i in range(W.shape[1]):
+            ax.plot([0, W[0, i]], [0, W[1, i]], "-", color=cmap(i / max(n_feat - 1, 1)), lw=1.8)
+            ax.plot(W[0, i], W[1, i], "o", color=cmap(i / max(n_feat - 1, 1)), ms=3.5)
+        ax.set_xlim(-lim, lim)
+        ax.set_ylim(-lim, lim)
+        ax.set_aspect("equal")
+        ax.set_xticks([])
+        ax.set_yticks([])
+        ax.grid(False)
+        ax.axhline(0, color="0.85", lw=0.6, zorder=0)
+        ax.axvline(0, color="0.85", lw=0.6, zorder=0)
+        ax.set_title(f"1−S = {r['density']:.3g}\n{_point_name(W, b).replace('⊕', '+')}", fontsize=8.5)
+    for ax in list(axes.flat)[k:]:
+        ax.axis("off")
+    sm = plt.cm.ScalarMappable(cmap=cmap, norm=plt.Normalize(0, n_feat - 1))
+    cb = fig.colorbar(sm, ax=axes, shrink=0.7, pad=0.02, ticks=range(n_feat))
+    cb.set_label(f"feature i (importance {decay:g}^i)")
+    fig.suptitle(f"Superposition geometry: columns W_i ∈ R² of a {n_feat}-feature, 2-hidden TMS per feature density "
+                 f"(lowest-loss of {df['seed'].nunique()} seeds; axes ±{lim:.2f})", fontsize=9.5)
+    return _save(fig, out, "geometry")
+
+
+# ---------------------------------------------------------------------------
+# figure 2: feature dimensionality vs 1/(1 - S)
+# ---------------------------------------------------------------------------
+#: fractional dimensions of the uniform polytopes Elhage et al. mark (value, structure)
+PLATEAUS = [(1.0, "1 (dedicated)"), (3 / 4, "3/4 (tetrahedron)"), (2 / 3, "2/3 (triangle)"),
+            (1 / 2, "1/2 (antipodal pair)"), (2 / 5, "2/5 (pentagon)")]
+
+
+def fig_dims(results: Path, out: Path) -> list[Path]:
+    """D_i of every feature of every run (:func:`slt.geometry.feature_dimensionality` of the
+    recorded W) against 1/(1 - S), the model's m/‖W‖_F², and the plateaus."""
+    df = load_sweep(results, "fig_dims")
+    df = df.assign(x=1.0 / (1.0 - _col(df, "data.sparsity").astype(float)))
+    df = _best_per(df, "x")
+    fig, ax = plt.subplots(figsize=(6.4, 3.9))
+    rng = np.random.default_rng(0)  # horizontal jitter only
+    xs, md = [], []
+    for _, r in df.iterrows():
+        W = torch.tensor(_list(r["W"]), dtype=torch.float64)
+        D = geo.feature_dimensionality(W).numpy()
+        jit = r["x"] * np.exp(rng.uniform(-0.04, 0.04, size=D.shape))
+        ax.scatter(jit, D, s=9, color="tab:blue", alpha=0.55, lw=0,
+                   label="feature dimensionality D_i" if not xs else None)
+        xs.append(r["x"])
+        md.append(float(geo.model_dimensionality(W)))
+    ax.plot(xs, md, "k-o", ms=3, lw=1.2, label="model: m / ‖W‖²_F (dimensions per feature)")
+    for v, lab in PLATEAUS:
+        ax.axhline(v, color="tab:red", ls=":", lw=0.9)
+        ax.annotate(lab, (1.0, v), xycoords=("axes fraction", "data"), xytext=(3, -3), textcoords="offset points",
+                    fontsize=7.5, color="tab:red")
+    nf, nh = int(df["model.n_features"].iloc[0]), int(df["model.n_hidden"].iloc[0])
+    ax.set_xscale("log")
+    ax.set_ylim(-0.05, 1.12)
+    ax.set_xlabel("1 / (1 − S)  (inverse feature density)")
+    ax.set_ylabel("dimensions per feature")
+    ax.set_title(f"Feature dimensionality: {nf} features in {nh} dimensions, uniform importance, "
+                 f"n = {int(df['data.n'].iloc[0])}, {len(df)} sparsities", fontsize=9)
+    ax.legend(loc="lower left")
+    return _save(fig, out, "feature_dimensionality")
+
+
+# ---------------------------------------------------------------------------
+# figure 5: Bayesian phase transition
+# ---------------------------------------------------------------------------
+def predicted_crossing(a: str = "5-gon", b: str = "6-gon") -> float:
+    """n solving n (L_b − L_a) + (λ_b − λ_a) log n = 0 with the closed-form losses and LLCs of
+    :data:`slt.theory.TMS_CRITICAL_POINTS` (bisection on log n; n > e)."""
+    pa, pb = slt.theory.TMS_CRITICAL_POINTS[a], slt.theory.TMS_CRITICAL_POINTS[b]
+    dl, dlam = pb["loss"] - pa["loss"], pb["llc"] - pa["llc"]
+
+    def f(u: float) -> float:  # u = log n
+        return math.exp(u) * dl + dlam * u
+
+    lo, hi = 1.0, 30.0
+    if f(lo) * f(hi) > 0:
+        raise ValueError(f"no crossing between {a} and {b}: ΔL = {dl}, Δλ = {dlam}")
+    for _ in range(200):
+        mid = 0.5 * (lo + hi)
+        lo, hi = (mid, hi) if f(lo) * f(mid) > 0 else (lo, mid)
+    return math.exp(0.5 * (lo + hi))
+
+
+def _phase_table(df: pd.DataFrame) -> pd.DataFrame:
+    """One row per (n, seed) with both basins: F_k = n L_n(w*_k) + λ̂_k log n (measured) and
+    F_k^th = n L_n(w*_k) + λ_k log n (closed-form λ), and the 6-gon posterior shares."""
+    k = _col(df, "init.k").astype(int)
+    df = df.assign(k=k, n=_col(df, "data.n").astype(int))
+    lam = {5: slt.theory.tms_llc("5-gon"), 6: slt.theory.tms_llc("6-gon")}
+    df = df.assign(F=df["n"] * df["train_loss"] + df["llc_mean"] * np.log(df["n"]),
+                   F_th=df["n"] * df["train_loss"] + df["k"].map(lam) * np.log(df["n"]))
+    p = df.pivot_table(index=["n", "seed"], columns="k", values=["F", "F_th"]).dropna()
+    if not len(p):
+        raise NoData("fig_phase has no (n, seed) with both the 5-gon and the 6-gon run")
+    out = pd.DataFrame({
+        "dF": p[("F", 6)] - p[("F", 5)],
+        "dF_th": p[("F_th", 6)] - p[("F_th", 5)],
+    }).reset_index()
+    out["p6"] = 1.0 / (1.0 + np.exp(np.clip(out["dF"], -700, 700)))
+    out["p6_th"] = 1.0 / (1.0 + np.exp(np.clip(out["dF_th"], -700, 700)))
+    return out
+
+
+def fig_phase(results: Path, out: Path) -> list[Path]:
+    """Posterior share of the 6-gon basin, 1 / (1 + exp(F_6 − F_5)), per n (mean ± s.e. over seeds),
+    with measured λ̂ and with the closed-form λ; fraction of seeds preferring each basin; the
+    crossing predicted by n ΔL + Δλ log n = 0 (:func:`predicted_crossing`)."""
+    df = load_sweep(results, "fig_phase")
+    t = _phase_table(df)
+    g = t.groupby("n")
+    n = np.array(sorted(g.groups))
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(9.6, 3.6))
+    for col, lab, c, mk in (("p6", "6-gon share, measured λ̂", "tab:orange", "o"),
+                            ("p6_th", "6-gon share, closed-form λ", "tab:brown", "s")):
+        m = g[col].mean().reindex(n)
+        se = (g[col].std(ddof=1) / np.sqrt(g[col].count())).reindex(n).fillna(0)
+        a1.errorbar(n, m, yerr=se, fmt=mk + "-", color=c, ms=4, capsize=2, label=lab)
+        a1.errorbar(n, 1 - m, yerr=se, fmt=mk + "--", color="tab:blue" if col == "p6" else "tab:cyan", ms=4,
+                    capsize=2, mfc="none", label=lab.replace("6-gon", "5-gon"))
+    frac = g.apply(lambda s: float((s["dF"] < 0).mean())).reindex(n)
+    frac_th = g.apply(lambda s: float((s["dF_th"] < 0).mean())).reindex(n)
+    a2.plot(n, frac, "o-", color="tab:orange", label="seeds with F₆ < F₅ (measured λ̂)")
+    a2.plot(n, frac_th, "s--", color="tab:brown", label="seeds with F₆ < F₅ (closed-form λ)")
+    nc = predicted_crossing()
+    for ax in (a1, a2):
+        ax.axvline(nc, color="k", ls=":", lw=1.2, label=f"n ΔL + Δλ log n = 0: n ≈ {nc:.0f}")
+        ax.set_xscale("log")
+        ax.set_xlabel("sample size n")
+        ax.set_ylim(-0.05, 1.05)
+    a1.set_ylabel("posterior share of the basin")
+    a1.set_title("Posterior mass 1/(1 + e^{±(F₆ − F₅)}), F = n L_n(w*) + λ log n", fontsize=9)
+    a2.set_ylabel("fraction of seeds")
+    a2.set_title(f"Which basin the free energy prefers ({t['seed'].nunique()} seeds per n)", fontsize=9)
+    a1.legend(loc="center right", fontsize=7)
+    a2.legend(loc="center right", fontsize=7)
+    fig.suptitle("Bayesian phase transition in the TMS (6 features, 2 hidden): 5-gon vs 6-gon", fontsize=10)
+    return _save(fig, out, "phase_transition")
+
+
+# ---------------------------------------------------------------------------
+# figure 6: LLC over training
+# ---------------------------------------------------------------------------
+def _n_changes(points: list[str]) -> int:
+    return sum(a != b for a, b in zip(points[:-1], points[1:]))
+
+
+def fig_curve(results: Path, out: Path, seed: int | None = None) -> list[Path]:
+    """Loss curve and λ̂ at every checkpoint of one ``tms_curve`` run (the given seed, else the
+    run whose checkpoints change critical-point class most often), shaded by the class."""
+    df = load_sweep(results, "tms_curve")
+    if seed is not None:
+        df = df[df["seed"] == seed]
+        if not len(df):
+            raise NoData(f"tms_curve has no finished run with seed={seed}")
+    df = df.assign(changes=[_n_changes(_list(p)) for p in df["ckpt_point"]])
+    r = df.sort_values(["changes", "seed"], ascending=[False, True]).iloc[0]
+    step = np.asarray(_list(r["ckpt_step"]), float)
+    loss = np.asarray(_list(r["ckpt_loss"]), float)
+    llc = np.asarray(_list(r["ckpt_llc_mean"]), float)
+    sem = np.asarray(_list(r["ckpt_llc_sem"]), float)
+    below = np.asarray(_list(r["ckpt_frac_below_init"]), float)
+    pts = [str(p) for p in _list(r["ckpt_point"])]
+    cs, cl = np.asarray(_list(r["curve_step"]), float), np.asarray(_list(r["curve_loss"]), float)
+    fig, (a1, a2) = plt.subplots(2, 1, figsize=(6.6, 5.2), sharex=True)
+    x = np.maximum(step, 1)
+    a1.plot(np.maximum(cs, 1), cl, "-", color="0.3", lw=1, label="training loss L_n (full data)")
+    a1.plot(x, loss, "o", color="k", ms=3, label="checkpoints")
+    a1.set_yscale("log")
+    a1.set_ylabel("loss L_n")
+    ok = below <= 0.5
+    a2.errorbar(x[ok], llc[ok], yerr=sem[ok], fmt="o-", ms=3.5, color="tab:green", capsize=2,
+                label="λ̂ ± s.e. (chains)")
+    if (~ok).any():
+        a2.errorbar(x[~ok], llc[~ok], yerr=sem[~ok], fmt="o", ms=3.5, color="tab:green", mfc="none", capsize=2,
+                    label="λ̂ where most draws fall below L(w*) (not near a minimum)")
+    a2.set_ylabel("estimated LLC λ̂")
+    a2.set_xlabel("training step (log scale; step 0 drawn at 1)")
+    a2.set_xscale("log")
+    # shade the runs of equal class
+    cmap = {p: COLORS.get(p, None) for p in set(pts)}
+    extra = iter(["tab:olive", "tab:pink", "tab:cyan", "tab:brown", "tab:gray"])
+    for p in sorted(cmap):
+        cmap[p] = cmap[p] or next(extra, "0.7")
+    edges = np.sqrt(x[:-1] * x[1:])
+    left = np.concatenate([[x[0] / 1.2], edges])
+    right = np.concatenate([edges, [x[-1] * 1.2]])
+    seen: set[str] = set()
+    for i, p in enumerate(pts):
+        for ax in (a1, a2):
+            ax.axvspan(left[i], right[i], color=cmap[p], alpha=0.12, lw=0,
+                       label=(p.replace("+", "⁺") if ax is a2 and p not in seen else None))
+        seen.add(p)
+    for p in ("5-gon", "6-gon", "5-gon+"):
+        if p in seen:
+            a2.axhline(slt.theory.tms_llc(p), color=cmap[p], ls="--", lw=1)
+    lo = np.nanpercentile(llc - sem, 5)
+    a2.set_ylim(max(lo, -2.0) - 0.5, np.nanmax(llc + sem) + 1.0)
+    a1.legend(loc="upper right", fontsize=7)
+    a2.legend(loc="lower right", fontsize=7, ncol=2)
+    n = int(r["data.n"])
+    a1.set_title(f"LLC over training: TMS 6×2, n = {n}, seed {int(r['seed'])}; {len(step)} checkpoints, "
+                 f"one batched estimate_llc call ({float(r['llc_seconds']):.0f} s)\n"
+                 f"shading: critical-point class at the checkpoint; dashed: closed-form λ", fontsize=8.5)
+    return _save(fig, out, "llc_curve")
+
+
+# ---------------------------------------------------------------------------
+# figure 7: symmetry paths
+# ---------------------------------------------------------------------------
+def _family(df: pd.DataFrame) -> pd.Series:
+    if "model.family" in df:
+        return df["model.family"].astype(str)
+    return pd.Series(["tms"] * len(df), index=df.index)
+
+
+def _sym_panel(ax: Any, df: pd.DataFrame, title: str, bounds: bool) -> None:
+    df = df.assign(fam=_family(df), h=_col(df, "h", "symmetry.h").astype(float))
+    span = max(float(df["h"].max() - df["h"].min()), 1e-9)
+    for fam, sub in df.groupby("fam"):
+        c = COLORS.get(fam, "tab:green")
+        g = sub.groupby("h")
+        h = np.array(sorted(g.groups))
+        m = g["llc_mean"].mean().reindex(h)
+        # error: s.e. over seeds when there are several, else the run's chain s.e.
+        nseed = g["llc_mean"].count().reindex(h)
+        se = np.where(nseed > 1, (g["llc_mean"].std(ddof=1) / np.sqrt(nseed)).reindex(h),
+                      g["llc_sem"].mean().reindex(h))
+        ax.errorbar(h, m, yerr=se, fmt="o-", color=c, ms=4, capsize=2, label=f"{fam}: λ̂ (± s.e.)")
+        if "dllc_dh" in sub:
+            slope = g["dllc_dh"].mean().reindex(h)
+            for hh in (h[0], h[-1]):
+                if np.isfinite(slope[hh]):
+                    dh = 0.12 * span
+                    xs = np.array([hh - dh, hh + dh])
+                    xs = np.clip(xs, h[0], h[-1]) if len(h) > 1 else xs
+                    ax.plot(xs, m[hh] + slope[hh] * (xs - hh), "-", color=c, lw=2.2, alpha=0.5,
+                            label=f"{fam}: covariance dλ̂/dh at the ends" if hh == h[0] else None)
+        if bounds and "llc_upper_bound" in sub:
+            ub = g["llc_upper_bound"].max().reindex(h)
+            ax.step(h, ub, where="mid", color=c, ls="--", lw=1, label=f"{fam}: (d + rank H)/4")
+        if "llc_expected" in sub:
+            ax.plot(h, g["llc_expected"].mean().reindex(h), ":", color=c, lw=1.2, label=f"{fam}: exact λ")
+        if "llc_theory" in sub and sub["llc_theory"].notna().any():
+            lt = sub.loc[sub["llc_theory"].notna(), ["h", "llc_theory"]]
+            ax.plot(lt["h"], lt["llc_theory"], "*", color="k", ms=9, label="closed form λ (6-gon)")
+    ax.set_xlabel("h  (q_h = (1 − h) q₀ + h q₁)")
+    ax.set_ylabel("estimated LLC λ̂")
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=6.5, loc="best")
+
+
+def fig_symmetry(results: Path, out: Path) -> list[Path]:
+    """λ̂ along the symmetry paths of ``expfam_symmetrize``, ``expfam_break`` and
+    ``tms_symmetry``: seed means, covariance slopes dλ̂/dh at both ends of each path, the
+    Hessian-rank upper bound (exp-family runs record it) and the exact λ."""
+    panels = []
+    for name, title, bounds in (
+        ("expfam_symmetrize", "Exp. family on the hexagon: symmetrize q under D₆", True),
+        ("expfam_break", "Exp. family: break the D₆ invariance of a uniform q", True),
+        ("tms_symmetry", "TMS 6-gon: break the S₆ invariance of q (w* fixed)", False),
+    ):
+        try:
+            panels.append((load_sweep(results, name), title, bounds))
+        except NoData as e:
+            print(f"[figures] symmetry: skipping a panel: {e}", file=sys.stderr)
+    if not panels:
+        raise NoData("none of expfam_symmetrize, expfam_break, tms_symmetry has a finished run")
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.3 * len(panels), 3.7), squeeze=False)
+    for ax, (df, title, bounds) in zip(axes[0], panels):
+        _sym_panel(ax, df, title, bounds)
+    fig.suptitle("Symmetry and the LLC: λ̂ along q_h with the covariance estimate of dλ̂/dh drawn at the path ends",
+                 fontsize=10)
+    fig.tight_layout()
+    return _save(fig, out, "symmetry")
+
+
+# ---------------------------------------------------------------------------
+# figure 3: two features in one dimension
+# ---------------------------------------------------------------------------
+PHASES = ["feature 2 not represented", "superposition (antipodal)", "both, same sign",
+          "feature 1 not represented", "nothing represented"]
+
+
+def two_feature_phase(W: Any, dead_tol: float = 0.1) -> str:
+    """Phase of a 1×2 W: which features are represented (|W_i| above ``dead_tol`` times the
+    larger one, and above 0.05 absolutely) and, if both, whether they point opposite ways."""
+    w = np.asarray(W, dtype=float).reshape(-1)
+    if w.shape != (2,):
+        raise ValueError(f"two_feature_phase needs W of shape (1, 2), got {np.asarray(W).shape}")
+    a = np.abs(w)
+    live = (a > dead_tol * a.max()) & (a > 0.05)
+    if live.all():
+        return PHASES[1] if w[0] * w[1] < 0 else PHASES[2]
+    if live[0]:
+        return PHASES[0]
+    if live[1]:
+        return PHASES[3]
+    return PHASES[4]
+
+
+def fig_phase2(results: Path, out: Path) -> list[Path]:
+    """Phase of the trained 2-feature, 1-hidden TMS over relative importance I₂/I₁ and density 1 − S."""
+    from matplotlib.colors import ListedColormap
+
+    df = load_sweep(results, "fig_phase2")
+    df = df.assign(r=_col(df, "importance_decay").astype(float),
+                   density=1.0 - _col(df, "data.sparsity").astype(float))
+    df = df.sort_values("train_loss").groupby(["r", "density"], as_index=False).first()
+    df["phase"] = [two_feature_phase(_list(W)) for W in df["W"]]
+    rs, ds = np.array(sorted(df["r"].unique())), np.array(sorted(df["density"].unique()))
+    grid = np.full((len(ds), len(rs)), np.nan)
+    for _, row in df.iterrows():
+        grid[np.searchsorted(ds, row["density"]), np.searchsorted(rs, row["r"])] = PHASES.index(row["phase"])
+
+    def edges(v: np.ndarray) -> np.ndarray:
+        lv = np.log(v)
+        if len(v) == 1:
+            return np.exp([lv[0] - 0.5, lv[0] + 0.5])
+        mid = (lv[:-1] + lv[1:]) / 2
+        return np.exp(np.concatenate([[lv[0] - (mid[0] - lv[0])], mid, [lv[-1] + (lv[-1] - mid[-1])]]))
+
+    colors = ["#4c72b0", "#dd8452", "#c44e52", "#55a868", "#bbbbbb"]
+    fig, ax = plt.subplots(figsize=(5.6, 4.2))
+    ax.pcolormesh(edges(rs), edges(ds), grid, cmap=ListedColormap(colors), vmin=-0.5, vmax=len(PHASES) - 0.5,
+                  shading="flat", edgecolors="w", linewidth=0.5)
+    for _, row in df.iterrows():
+        W = np.asarray(_list(row["W"]), float).reshape(-1)
+        ax.annotate(f"{W[0]:+.1f}\n{W[1]:+.1f}", (row["r"], row["density"]), ha="center", va="center", fontsize=5.5,
+                    color="w")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("relative importance of feature 2, I₂ / I₁")
+    ax.set_ylabel("feature density 1 − S")
+    present = [p for p in PHASES if p in set(df["phase"])]
+    handles = [plt.Rectangle((0, 0), 1, 1, color=colors[PHASES.index(p)]) for p in present]
+    ax.legend(handles, present, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=2, fontsize=7)
+    ax.set_title(f"Two features, one hidden dimension (n = {int(df['data.n'].iloc[0])}); cells: W₁, W₂", fontsize=9)
+    return _save(fig, out, "phase_diagram_2x1")
+
+
+# ---------------------------------------------------------------------------
+# command line
+# ---------------------------------------------------------------------------
+FIGURES: dict[str, Callable[[Path, Path], list[Path]]] = {
+    "kgon": fig_kgon,
+    "geometry": fig_geometry,
+    "dims": fig_dims,
+    "phase": fig_phase,
+    "curve": fig_curve,
+    "symmetry": fig_symmetry,
+    "phase2": fig_phase2,
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python experiments/figures.py {kgon,geometry,...,all} [--results DIR] [--out DIR]``."""
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("figures", nargs="+", choices=[*FIGURES, "all"], help="which figures to make")
+    ap.add_argument("--results", default=os.environ.get("SLT_RESULTS_DIR", "results"),
+                    help="results root holding sweeps/ (default $SLT_RESULTS_DIR or results)")
+    ap.add_argument("--out", default=None, help="output folder (default <results>/figures)")
+    args = ap.parse_args(argv)
+    results = Path(args.results)
+    out = Path(args.out) if args.out else results / "figures"
+    names = list(FIGURES) if "all" in args.figures else list(dict.fromkeys(args.figures))
+    status = 0
+    with plt.rc_context(STYLE):
+        for name in names:
+            t0 = time.perf_counter()
+            try:
+                paths = FIGURES[name](results, out)
+            except NoData as e:
+                print(f"[figures] {name}: skipped: {e}", file=sys.stderr)
+                if "all" not in args.figures:
+                    status = 1
+                continue
+            print(f"[figures] {name}: {', '.join(map(str, paths))} ({time.perf_counter() - t0:.1f} s)", flush=True)
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,182 @@
+"""experiments/figures.py: every figure is regenerated from a tiny synthetic result table.
+
+The synthetic runs are written exactly as the experiments write them (one
+``result.json`` per run folder through :mod:`slt.records`, then the sweep's
+``summary.parquet``/``summary.csv`` through :func:`slt.records.collect`), so a
+change of column names or a broken figure function fails here.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+EXP = Path(__file__).resolve().parents[1] / "experiments"
+sys.path.insert(0, str(EXP))
+
+import figures  # noqa: E402
+
+import slt  # noqa: E402
+from slt import records  # noqa: E402
+from slt.models import kgon_parameters  # noqa: E402
+
+STEMS = {
+    "kgon": "kgon_llc",
+    "geometry": "geometry",
+    "dims": "feature_dimensionality",
+    "phase": "phase_transition",
+    "curve": "llc_curve",
+    "symmetry": "symmetry",
+    "phase2": "phase_diagram_2x1",
+}
+
+
+def _write_run(root: Path, sweep: str, overrides: dict, config: dict, metrics: dict, seed: int = 0) -> None:
+    sub = ",".join(f"{k}={v}" for k, v in sorted(overrides.items())) or "default"
+    rec = {"status": "ok", "name": sweep, "seed": seed, "overrides": [f"{k}={v}" for k, v in overrides.items()],
+           "config": {"name": sweep, "seed": seed, **config}, "device": "cpu", "seconds": 1.0, "files": [],
+           "metrics": metrics}
+    records.atomic_write_json(root / "sweeps" / sweep / sub / records.RESULT_FILE, rec)
+
+
+def _llc(rng: np.random.Generator, mean: float) -> dict:
+    return {"llc_mean": float(mean + 0.2 * rng.standard_normal()), "llc_sem": 0.2}
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory) -> Path:
+    """A results root with one tiny sweep per figure."""
+    root = tmp_path_factory.mktemp("results")
+    rng = np.random.default_rng(0)
+    g = torch.Generator().manual_seed(0)
+    tms6 = {"model": {"n_features": 6, "n_hidden": 2}, "data": {"n": 2000}, "importance_decay": 1.0}
+    # figure 4: k-gons (two seeds each)
+    for name, k, plus in (("5-gon", 5, False), ("5-gon+", 5, True), ("6-gon", 6, False)):
+        p = kgon_parameters(k, 6, 2, dead_bias=-1.0, plus=plus)
+        for seed in (0, 1):
+            _write_run(root, "fig_kgon", {"init.k": k, "init.plus": plus, "seed": seed},
+                       {**tms6, "init": {"k": k, "plus": plus}},
+                       {"point": name, "W": p["W"].tolist(), "b": p["b"].tolist(), "train_loss": 0.05,
+                        "llc_theory": slt.theory.tms_llc(name), **_llc(rng, slt.theory.tms_llc(name))}, seed)
+    # figure 1: 5 features in 2 dims at three densities, two seeds
+    for s in (0.0, 0.5, 0.9):
+        for seed in (0, 1):
+            W = torch.randn(2, 5, generator=g)
+            _write_run(root, "fig_elhage", {"data.sparsity": s, "seed": seed},
+                       {"model": {"n_features": 5, "n_hidden": 2}, "data": {"n": 1000, "sparsity": s},
+                        "importance_decay": 0.9},
+                       {"W": W.tolist(), "b": (-0.1 * torch.rand(5, generator=g)).tolist(),
+                        "train_loss": float(torch.rand(1, generator=g)), **_llc(rng, 5.0)}, seed)
+    # figure 2: 8 features in 3 dims at three sparsities
+    for s in (0.0, 0.7, 0.95):
+        W = torch.randn(3, 8, generator=g)
+        _write_run(root, "fig_dims", {"data.sparsity": s},
+                   {"model": {"n_features": 8, "n_hidden": 3}, "data": {"n": 1000, "sparsity": s}},
+                   {"W": W.tolist(), "b": torch.zeros(8).tolist(), "train_loss": 0.1, **_llc(rng, 10.0)})
+    # figure 5: both basins at three n, two seeds
+    for n in (100, 500, 5000):
+        for k in (5, 6):
+            for seed in (0, 1):
+                lam = slt.theory.tms_llc(f"{k}-gon")
+                loss = slt.theory.TMS_CRITICAL_POINTS[f"{k}-gon"]["loss"] + 0.003 * rng.standard_normal()
+                _write_run(root, "fig_phase", {"data.n": n, "init.k": k, "seed": seed},
+                           {**tms6, "data": {"n": n}, "init": {"k": k}},
+                           {"point": f"{k}-gon", "train_loss": loss, **_llc(rng, lam * math.log(n) / math.log(5000))},
+                           seed)
+    # figure 6: one training curve with a change of class
+    steps = [0, 10, 100, 1000]
+    _write_run(root, "tms_curve", {"seed": 0}, {**tms6},
+               {"ckpt_step": steps, "ckpt_loss": [0.3, 0.1, 0.07, 0.05], "ckpt_llc_mean": [-5.0, 3.0, 7.0, 8.4],
+                "ckpt_llc_sem": [1.0, 0.5, 0.3, 0.3], "ckpt_frac_below_init": [0.9, 0.2, 0.0, 0.0],
+                "ckpt_k": [6, 6, 5, 6], "ckpt_point": ["irregular-6", "irregular-6", "5-gon", "6-gon"],
+                "curve_step": list(range(0, 1001, 10)), "curve_loss": list(np.geomspace(0.3, 0.05, 101)),
+                "llc_seconds": 1.0, "W": [[0.0] * 6] * 2, "b": [0.0] * 6})
+    # figure 7: exp-family paths (two families) and the TMS path
+    for sweep in ("expfam_symmetrize", "expfam_break"):
+        for fam in ("polar", "fixed"):
+            for h in (0.0, 0.5, 1.0):
+                _write_run(root, sweep, {"model": f"expfam_{fam}", "symmetry.h": h},
+                           {"model": {"family": fam}, "symmetry": {"h": h}},
+                           {"h": h, "dllc_dh": -0.3, "dllc_dh_sem": 0.1, "llc_upper_bound": 1.0,
+                            "llc_lower_bound": 0.5, "llc_expected": 1.0, **_llc(rng, 1.0)})
+    for h in (0.0, 0.5, 1.0):
+        _write_run(root, "tms_symmetry", {"symmetry.h": h}, {**tms6, "symmetry": {"h": h}},
+                   {"h": h, "dllc_dh": 0.5, "dllc_dh_sem": 0.2, "llc_theory": 8.5 if h == 0 else None,
+                    **_llc(rng, 8.5)})
+    # figure 3: 2 features in 1 dim on a 2 x 2 grid
+    for r in (0.5, 2.0):
+        for s in (0.0, 0.9):
+            W = [[1.0, 0.0]] if s == 0.0 else [[1.0, -0.9 * r]]
+            _write_run(root, "fig_phase2", {"importance_decay": r, "data.sparsity": s},
+                       {"model": {"n_features": 2, "n_hidden": 1}, "data": {"n": 1000, "sparsity": s},
+                        "importance_decay": r},
+                       {"W": W, "b": [0.0, 0.0], "train_loss": 0.1, **_llc(rng, 1.0)})
+    for sweep in ("fig_kgon", "fig_elhage", "fig_dims", "fig_phase", "expfam_symmetrize"):
+        records.collect(root / "sweeps" / sweep)  # these read summary.parquet; the others the run folders
+    return root
+
+
+def test_every_figure_is_made_from_the_tables(results, tmp_path):
+    out = tmp_path / "figs"
+    assert figures.main(["all", "--results", str(results), "--out", str(out)]) == 0
+    for stem in STEMS.values():
+        for ext in ("png", "pdf"):
+            f = out / f"{stem}.{ext}"
+            assert f.exists() and f.stat().st_size > 1000, f"{f} not written"
+
+
+def test_figure_functions_are_the_registered_ones():
+    assert set(figures.FIGURES) == set(STEMS)
+
+
+def test_named_figure_without_its_sweep_fails(tmp_path, capsys):
+    assert figures.main(["kgon", "--results", str(tmp_path), "--out", str(tmp_path / "f")]) == 1
+    assert "no sweep folder" in capsys.readouterr().err
+    assert not (tmp_path / "f" / "kgon_llc.png").exists()
+
+
+def test_all_skips_missing_sweeps(results, tmp_path):
+    # only the curve sweep present: 'all' makes that figure and skips the rest
+    import shutil
+
+    root = tmp_path / "r"
+    shutil.copytree(results / "sweeps" / "tms_curve", root / "sweeps" / "tms_curve")
+    assert figures.main(["all", "--results", str(root), "--out", str(tmp_path / "f")]) == 0
+    assert sorted(p.name for p in (tmp_path / "f").iterdir()) == ["llc_curve.pdf", "llc_curve.png"]
+
+
+def test_predicted_crossing_solves_the_free_energy_balance():
+    n = figures.predicted_crossing()
+    a, b = slt.theory.TMS_CRITICAL_POINTS["5-gon"], slt.theory.TMS_CRITICAL_POINTS["6-gon"]
+    resid = n * (b["loss"] - a["loss"]) + (b["llc"] - a["llc"]) * math.log(n)
+    assert abs(resid) < 1e-6 * n
+    assert 100 < n < 2000
+
+
+def test_phase_shares_follow_the_free_energies(results):
+    t = figures._phase_table(figures.load_sweep(results, "fig_phase"))
+    assert len(t) == 6  # 3 n x 2 seeds, each with both basins
+    assert np.allclose(t["p6"], 1 / (1 + np.exp(t["dF"])))
+    # with the closed-form λ the 6-gon wins at large n and loses at small n
+    assert t.loc[t["n"] == 5000, "p6_th"].min() > 0.5 > t.loc[t["n"] == 100, "p6_th"].max()
+
+
+@pytest.mark.parametrize("W, phase", [
+    ([[1.0, 0.0]], "feature 2 not represented"),
+    ([[0.0, 1.0]], "feature 1 not represented"),
+    ([[1.0, -0.8]], "superposition (antipodal)"),
+    ([[0.9, 0.8]], "both, same sign"),
+    ([[0.0, 0.0]], "nothing represented"),
+])
+def test_two_feature_phase(W, phase):
+    assert figures.two_feature_phase(W) == phase
+
+
+def test_two_feature_phase_rejects_bad_shape():
+    with pytest.raises(ValueError, match="shape"):
+        figures.two_feature_phase([[1.0, 0.0, 0.0]])

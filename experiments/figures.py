@@ -228,7 +228,9 @@ def fig_geometry(results: Path, out: Path) -> list[Path]:
         ax.grid(False)
         ax.axhline(0, color="0.85", lw=0.6, zorder=0)
         ax.axvline(0, color="0.85", lw=0.6, zorder=0)
-        ax.set_title(f"1−S = {r['density']:.3g}\n{_point_name(W, b).replace('⊕', '+')}", fontsize=8.5)
+        ax.set_title(f"1−S = {r['density']:.3g}\n{_point_name(W, b)}", fontsize=8.5)
+        for sp in ax.spines.values():
+            sp.set_visible(False)
     for ax in list(axes.flat)[k:]:
         ax.axis("off")
     sm = plt.cm.ScalarMappable(cmap=cmap, norm=plt.Normalize(0, n_feat - 1))
@@ -348,7 +350,7 @@ def fig_phase(results: Path, out: Path) -> list[Path]:
         ax.set_xlabel("sample size n")
         ax.set_ylim(-0.05, 1.05)
     a1.set_ylabel("posterior share of the basin")
-    a1.set_title("Posterior mass 1/(1 + e^{±(F₆ − F₅)}), F = n L_n(w*) + λ log n", fontsize=9)
+    a1.set_title("Posterior share 1/(1 + exp(±(F₆ − F₅))), F = n L_n(w*) + λ log n", fontsize=9)
     a2.set_ylabel("fraction of seeds")
     a2.set_title(f"Which basin the free energy prefers ({t['seed'].nunique()} seeds per n)", fontsize=9)
     a1.legend(loc="center right", fontsize=7)
@@ -360,26 +362,24 @@ def fig_phase(results: Path, out: Path) -> list[Path]:
 # ---------------------------------------------------------------------------
 # figure 6: LLC over training
 # ---------------------------------------------------------------------------
-def _n_changes(points: list[str]) -> int:
-    return sum(a != b for a, b in zip(points[:-1], points[1:]))
-
-
 def fig_curve(results: Path, out: Path, seed: int | None = None) -> list[Path]:
-    """Loss curve and λ̂ at every checkpoint of one ``tms_curve`` run (the given seed, else the
-    run whose checkpoints change critical-point class most often), shaded by the class."""
+    """Loss curve and λ̂ at every checkpoint of one ``tms_curve`` run, shaded by the number of
+    live columns k at the checkpoint.  The run: the given seed (``--curve-seed`` on the command
+    line), else the one that ends at the lowest loss (ties: the lowest seed)."""
     df = load_sweep(results, "tms_curve")
     if seed is not None:
         df = df[df["seed"] == seed]
         if not len(df):
             raise NoData(f"tms_curve has no finished run with seed={seed}")
-    df = df.assign(changes=[_n_changes(_list(p)) for p in df["ckpt_point"]])
-    r = df.sort_values(["changes", "seed"], ascending=[False, True]).iloc[0]
+    df = df.assign(final=[_list(v)[-1] for v in df["ckpt_loss"]])
+    r = df.sort_values(["final", "seed"]).iloc[0]
     step = np.asarray(_list(r["ckpt_step"]), float)
     loss = np.asarray(_list(r["ckpt_loss"]), float)
     llc = np.asarray(_list(r["ckpt_llc_mean"]), float)
     sem = np.asarray(_list(r["ckpt_llc_sem"]), float)
     below = np.asarray(_list(r["ckpt_frac_below_init"]), float)
-    pts = [str(p) for p in _list(r["ckpt_point"])]
+    pts = [f"k = {int(k)} live columns" for k in _list(r["ckpt_k"])]
+    final_name = str(_list(r["ckpt_point"])[-1])
     cs, cl = np.asarray(_list(r["curve_step"]), float), np.asarray(_list(r["curve_loss"]), float)
     fig, (a1, a2) = plt.subplots(2, 1, figsize=(6.6, 5.2), sharex=True)
     x = np.maximum(step, 1)
@@ -397,30 +397,31 @@ def fig_curve(results: Path, out: Path, seed: int | None = None) -> list[Path]:
     a2.set_xlabel("training step (log scale; step 0 drawn at 1)")
     a2.set_xscale("log")
     # shade the runs of equal class
-    cmap = {p: COLORS.get(p, None) for p in set(pts)}
-    extra = iter(["tab:olive", "tab:pink", "tab:cyan", "tab:brown", "tab:gray"])
-    for p in sorted(cmap):
-        cmap[p] = cmap[p] or next(extra, "0.7")
+    palette = iter(["tab:gray", "tab:orange", "tab:blue", "tab:olive", "tab:pink", "tab:cyan", "tab:brown"])
+    cmap = {p: next(palette, "0.7") for p in sorted(set(pts), reverse=True)}
     edges = np.sqrt(x[:-1] * x[1:])
     left = np.concatenate([[x[0] / 1.2], edges])
     right = np.concatenate([edges, [x[-1] * 1.2]])
     seen: set[str] = set()
     for i, p in enumerate(pts):
         for ax in (a1, a2):
-            ax.axvspan(left[i], right[i], color=cmap[p], alpha=0.12, lw=0,
-                       label=(p.replace("+", "⁺") if ax is a2 and p not in seen else None))
+            ax.axvspan(left[i], right[i], color=cmap[p], alpha=0.15, lw=0,
+                       label=(p if ax is a2 and p not in seen else None))
         seen.add(p)
-    for p in ("5-gon", "6-gon", "5-gon+"):
-        if p in seen:
-            a2.axhline(slt.theory.tms_llc(p), color=cmap[p], ls="--", lw=1)
+    if final_name in slt.theory.TMS_CRITICAL_POINTS:
+        a2.axhline(slt.theory.tms_llc(final_name), color="k", ls="--", lw=1,
+                   label=f"closed-form λ of the final {final_name.replace('+', '⁺')}")
+    a2.annotate(f"final point: {final_name.replace('+', '⁺')}", (0.98, 0.96), xycoords="axes fraction", ha="right",
+                va="top", fontsize=8)
     lo = np.nanpercentile(llc - sem, 5)
     a2.set_ylim(max(lo, -2.0) - 0.5, np.nanmax(llc + sem) + 1.0)
     a1.legend(loc="upper right", fontsize=7)
-    a2.legend(loc="lower right", fontsize=7, ncol=2)
+    a2.legend(loc="upper left", fontsize=6.5)
     n = int(r["data.n"])
     a1.set_title(f"LLC over training: TMS 6×2, n = {n}, seed {int(r['seed'])}; {len(step)} checkpoints, "
                  f"one batched estimate_llc call ({float(r['llc_seconds']):.0f} s)\n"
-                 f"shading: critical-point class at the checkpoint; dashed: closed-form λ", fontsize=8.5)
+                 f"shading: number of live columns of W at the checkpoint (Adam, lr {float(r['curve.lr']):g}, "
+                 f"init scale {float(r['curve.init_scale']):g})", fontsize=8.5)
     return _save(fig, out, "llc_curve")
 
 
@@ -579,6 +580,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--results", default=os.environ.get("SLT_RESULTS_DIR", "results"),
                     help="results root holding sweeps/ (default $SLT_RESULTS_DIR or results)")
     ap.add_argument("--out", default=None, help="output folder (default <results>/figures)")
+    ap.add_argument("--curve-seed", type=int, default=None,
+                    help="curve: draw this seed's run (default: the run that ends at the lowest loss)")
     args = ap.parse_args(argv)
     results = Path(args.results)
     out = Path(args.out) if args.out else results / "figures"
@@ -588,7 +591,10 @@ def main(argv: list[str] | None = None) -> int:
         for name in names:
             t0 = time.perf_counter()
             try:
-                paths = FIGURES[name](results, out)
+                if name == "curve" and args.curve_seed is not None:
+                    paths = fig_curve(results, out, seed=args.curve_seed)
+                else:
+                    paths = FIGURES[name](results, out)
             except NoData as e:
                 print(f"[figures] {name}: skipped: {e}", file=sys.stderr)
                 if "all" not in args.figures:

@@ -90,7 +90,7 @@ def results(tmp_path_factory) -> Path:
                            seed)
     # figure 6: one training curve with a change of class
     steps = [0, 10, 100, 1000]
-    _write_run(root, "tms_curve", {"seed": 0}, {**tms6},
+    _write_run(root, "tms_curve", {"seed": 0}, {**tms6, "curve": {"lr": 0.001, "init_scale": 0.1}},
                {"ckpt_step": steps, "ckpt_loss": [0.3, 0.1, 0.07, 0.05], "ckpt_llc_mean": [-5.0, 3.0, 7.0, 8.4],
                 "ckpt_llc_sem": [1.0, 0.5, 0.3, 0.3], "ckpt_frac_below_init": [0.9, 0.2, 0.0, 0.0],
                 "ckpt_k": [6, 6, 5, 6], "ckpt_point": ["irregular-6", "irregular-6", "5-gon", "6-gon"],

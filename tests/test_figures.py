@@ -180,3 +180,35 @@ def test_two_feature_phase(W, phase):
 def test_two_feature_phase_rejects_bad_shape():
     with pytest.raises(ValueError, match="shape"):
         figures.two_feature_phase([[1.0, 0.0, 0.0]])
+
+
+def test_tms_curve_records_one_llc_per_checkpoint(tmp_path):
+    """experiments/tms_curve.py: a tiny run records loss curve, checkpoints and λ̂ per checkpoint."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    import _runlib
+    import tms_curve
+
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(config_dir=_runlib.CONF_DIR, version_base="1.3"):
+            cfg = compose("tms_curve", overrides=["data.n=200", "curve.steps=40", "curve.num_checkpoints=4",
+                                                  "curve.first_checkpoint=5", "curve.log_every=10",
+                                                  "sampler.num_draws=20", "sampler.num_chains=2"])
+    finally:
+        GlobalHydra.instance().clear()
+    rec = _runlib.execute(tms_curve.run, cfg, tmp_path / "run", validate=tms_curve._validate)
+    m = rec["metrics"]
+    steps = m["ckpt_step"]
+    assert steps == tms_curve.checkpoint_steps(40, 4, 5) and steps[0] == 0 and steps[-1] == 40
+    for key in ("ckpt_loss", "ckpt_llc_mean", "ckpt_llc_sem", "ckpt_k", "ckpt_point", "ckpt_frac_below_init"):
+        assert len(m[key]) == len(steps), key
+    assert m["curve_step"] == [0, 10, 20, 30, 40]
+    assert m["ckpt_loss"][-1] < m["ckpt_loss"][0]  # training lowers the loss
+    assert all(math.isfinite(v) for v in m["ckpt_llc_mean"])
+    # a bad value is rejected before any work
+    bad = cfg.copy()
+    bad.curve.steps = 0
+    with pytest.raises(ValueError, match="curve.steps"):
+        tms_curve._validate(bad)

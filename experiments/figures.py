@@ -21,6 +21,7 @@ symmetry   λ̂ vs h on symmetry paths, covariance slopes, Hessian-    ``expfam_
            rank bounds                                              ``expfam_break``, ``tms_symmetry``
 phase2     two features in one hidden dimension: phase diagram       ``fig_phase2``
            over relative importance and density
+tegum      direct-sum decomposition of W with 3 hidden dimensions    ``fig_tegum``
 =========  =======================================================  ==================================
 
 Usage::
@@ -66,6 +67,7 @@ __all__ = [
     "fig_curve",
     "fig_symmetry",
     "fig_phase2",
+    "fig_tegum",
     "predicted_crossing",
     "main",
 ]
@@ -560,6 +562,50 @@ def fig_phase2(results: Path, out: Path) -> list[Path]:
 
 
 # ---------------------------------------------------------------------------
+# figure 8: direct-sum (tegum) structure with 3 hidden dimensions
+# ---------------------------------------------------------------------------
+def fig_tegum(results: Path, out: Path) -> list[Path]:
+    """|cos(W_i, W_j)| of every ``fig_tegum`` run (lowest training loss per cell), features
+    ordered by the summands of :func:`slt.geometry.direct_sum_decomposition` (outlined), titled
+    with the decomposition name and the summands' dimensions."""
+    df = load_sweep(results, "fig_tegum")
+    df = df.assign(nf=_col(df, "model.n_features").astype(int), S=_col(df, "data.sparsity").astype(float))
+    df = df.sort_values("train_loss").groupby(["nf", "S"], as_index=False).first()
+    nfs, Ss = sorted(df["nf"].unique()), sorted(df["S"].unique())
+    fig, axes = plt.subplots(len(nfs), len(Ss), figsize=(2.4 * len(Ss) + 0.6, 2.9 * len(nfs)), squeeze=False,
+                             gridspec_kw={"hspace": 0.75})
+    im = None
+    for ax in axes.flat:
+        ax.axis("off")
+    for _, r in df.iterrows():
+        ax = axes[nfs.index(r["nf"]), Ss.index(r["S"])]
+        ax.axis("on")
+        W = torch.tensor(_list(r["W"]), dtype=torch.float64)  # (m, n)
+        dec = geo.direct_sum_decomposition(W)
+        order = [i for g in dec.partition for i in g] + list(dec.dead)
+        U = W / W.norm(dim=0).clamp_min(1e-12)
+        C = (U.T @ U).abs().numpy()[np.ix_(order, order)]
+        im = ax.imshow(C, vmin=0, vmax=1, cmap="magma_r")
+        start = 0
+        for g in dec.partition:
+            ax.add_patch(plt.Rectangle((start - 0.5, start - 0.5), len(g), len(g), fill=False, ec="tab:cyan", lw=2))
+            start += len(g)
+        ax.set_xticks(range(len(order)), order, fontsize=7)
+        ax.set_yticks(range(len(order)), order, fontsize=7)
+        ax.grid(False)
+        dead = f", {len(dec.dead)} dead" if dec.dead else ""
+        ax.set_title(f"{r['nf']} features, S = {r['S']:g}\n{dec.name}{dead}\n"
+                     f"dims {dec.dims}, residual {dec.residual:.2f}", fontsize=7.5)
+    if im is not None:
+        cb = fig.colorbar(im, ax=axes, shrink=0.6, pad=0.02)
+        cb.set_label("|cos(W_i, W_j)|  (features ordered by summand)")
+    m = int(df["model.n_hidden"].iloc[0])
+    fig.suptitle(f"Direct-sum (tegum) decomposition of trained TMS models in m = {m} hidden dimensions "
+                 f"(slt.geometry; boxes = summands)", fontsize=9.5)
+    return _save(fig, out, "tegum")
+
+
+# ---------------------------------------------------------------------------
 # command line
 # ---------------------------------------------------------------------------
 FIGURES: dict[str, Callable[[Path, Path], list[Path]]] = {
@@ -570,6 +616,7 @@ FIGURES: dict[str, Callable[[Path, Path], list[Path]]] = {
     "curve": fig_curve,
     "symmetry": fig_symmetry,
     "phase2": fig_phase2,
+    "tegum": fig_tegum,
 }
 
 

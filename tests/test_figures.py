@@ -33,6 +33,7 @@ STEMS = {
     "curve": "llc_curve",
     "symmetry": "symmetry",
     "phase2": "phase_diagram_2x1",
+    "tegum": "tegum",
 }
 
 
@@ -46,6 +47,11 @@ def _write_run(root: Path, sweep: str, overrides: dict, config: dict, metrics: d
 
 def _llc(rng: np.random.Generator, mean: float) -> dict:
     return {"llc_mean": float(mean + 0.2 * rng.standard_normal()), "llc_sem": 0.2}
+
+
+@pytest.fixture(autouse=True)
+def _low_dpi(monkeypatch):
+    monkeypatch.setitem(figures.STYLE, "savefig.dpi", 40)  # same figures, faster to write
 
 
 @pytest.fixture(scope="module")
@@ -116,6 +122,13 @@ def results(tmp_path_factory) -> Path:
                        {"model": {"n_features": 2, "n_hidden": 1}, "data": {"n": 1000, "sparsity": s},
                         "importance_decay": r},
                        {"W": W, "b": [0.0, 0.0], "train_loss": 0.1, **_llc(rng, 1.0)})
+    # figure 8: a triangular bipyramid (3-gon ⊕ 2-gon) and noise in 3 dims
+    tri = [[math.cos(2 * math.pi * j / 3) for j in range(3)] + [0.0, 0.0],
+           [math.sin(2 * math.pi * j / 3) for j in range(3)] + [0.0, 0.0], [0.0, 0.0, 0.0, 1.0, -1.0]]
+    for s, W in ((0.9, tri), (0.5, torch.randn(3, 5, generator=g).tolist())):
+        _write_run(root, "fig_tegum", {"data.sparsity": s},
+                   {"model": {"n_features": 5, "n_hidden": 3}, "data": {"n": 1000, "sparsity": s}},
+                   {"W": W, "b": [0.0] * 5, "train_loss": 0.1, **_llc(rng, 5.0)})
     for sweep in ("fig_kgon", "fig_elhage", "fig_dims", "fig_phase", "expfam_symmetrize"):
         records.collect(root / "sweeps" / sweep)  # these read summary.parquet; the others the run folders
     return root
@@ -182,6 +195,7 @@ def test_two_feature_phase_rejects_bad_shape():
         figures.two_feature_phase([[1.0, 0.0, 0.0]])
 
 
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # early checkpoints are not minima: the engine says so
 def test_tms_curve_records_one_llc_per_checkpoint(tmp_path):
     """experiments/tms_curve.py: a tiny run records loss curve, checkpoints and λ̂ per checkpoint."""
     from hydra import compose, initialize_config_dir

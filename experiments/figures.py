@@ -325,39 +325,76 @@ def _phase_table(df: pd.DataFrame) -> pd.DataFrame:
     return out
 
 
+#: sweeps drawn by the phase figure: the required one first, then optional variants (other γ)
+PHASE_SWEEPS = ("fig_phase", "fig_phase_g1")
+
+
 def fig_phase(results: Path, out: Path) -> list[Path]:
-    """Posterior share of the 6-gon basin, 1 / (1 + exp(F_6 − F_5)), per n (mean ± s.e. over seeds),
-    with measured λ̂ and with the closed-form λ; fraction of seeds preferring each basin; the
-    crossing predicted by n ΔL + Δλ log n = 0 (:func:`predicted_crossing`)."""
-    df = load_sweep(results, "fig_phase")
-    t = _phase_table(df)
-    g = t.groupby("n")
-    n = np.array(sorted(g.groups))
-    fig, (a1, a2) = plt.subplots(1, 2, figsize=(9.6, 3.6))
-    for col, lab, c, mk in (("p6", "6-gon share, measured λ̂", "tab:orange", "o"),
-                            ("p6_th", "6-gon share, closed-form λ", "tab:brown", "s")):
+    """Posterior shares of the 6-gon and 5-gon basins, 1 / (1 + exp(±(F_6 − F_5))), per n (mean ±
+    s.e. over seeds) with the measured λ̂ of every available sweep in :data:`PHASE_SWEEPS` (they
+    differ in the localization γ) and with the closed-form λ; the crossing predicted by
+    n ΔL + Δλ log n = 0 (:func:`predicted_crossing`); and λ̂ of both points against n."""
+    from matplotlib.lines import Line2D
+
+    tables = [(PHASE_SWEEPS[0], load_sweep(results, PHASE_SWEEPS[0]))]
+    for name in PHASE_SWEEPS[1:]:
+        try:
+            tables.append((name, load_sweep(results, name)))
+        except NoData:
+            pass
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(10.0, 3.9))
+    palette = iter(["tab:orange", "tab:green", "tab:purple", "tab:olive"])
+    handles = []
+
+    def share(t: pd.DataFrame, col: str, color: str, mk: str) -> None:
+        g = t.groupby("n")
+        n = np.array(sorted(g.groups))
         m = g[col].mean().reindex(n)
         se = (g[col].std(ddof=1) / np.sqrt(g[col].count())).reindex(n).fillna(0)
-        a1.errorbar(n, m, yerr=se, fmt=mk + "-", color=c, ms=4, capsize=2, label=lab)
-        a1.errorbar(n, 1 - m, yerr=se, fmt=mk + "--", color="tab:blue" if col == "p6" else "tab:cyan", ms=4,
-                    capsize=2, mfc="none", label=lab.replace("6-gon", "5-gon"))
-    frac = g.apply(lambda s: float((s["dF"] < 0).mean())).reindex(n)
-    frac_th = g.apply(lambda s: float((s["dF_th"] < 0).mean())).reindex(n)
-    a2.plot(n, frac, "o-", color="tab:orange", label="seeds with F₆ < F₅ (measured λ̂)")
-    a2.plot(n, frac_th, "s--", color="tab:brown", label="seeds with F₆ < F₅ (closed-form λ)")
+        a1.errorbar(n, m, yerr=se, fmt=mk + "-", color=color, ms=4, capsize=2)
+        a1.errorbar(n, 1 - m, yerr=se, fmt=mk + "--", color=color, ms=4, capsize=2, mfc="none")
+
+    nseeds = []
+    for i, (name, df) in enumerate(tables):
+        t = _phase_table(df)
+        nseeds.append(t["seed"].nunique())
+        gcol = next((c for c in ("sampler.localization", "localization") if c in df), None)
+        gam = sorted(set(df[gcol].dropna().astype(float))) if gcol else []
+        lab = "measured λ̂" + (f", γ = {', '.join(f'{v:g}' for v in gam)}" if gam else f" ({name})")
+        c = next(palette)
+        share(t, "p6", c, "o")
+        handles.append(Line2D([], [], color=c, marker="o", label=lab))
+        if i == 0:
+            share(t, "p6_th", "tab:brown", "s")
+            handles.append(Line2D([], [], color="tab:brown", marker="s", label="closed-form λ (7, 8.5)"))
+        dd = df.assign(k=_col(df, "init.k").astype(int), n=_col(df, "data.n").astype(int))
+        for k, mk in ((5, "v"), (6, "^")):
+            g = dd[dd["k"] == k].groupby("n")["llc_mean"]
+            n = np.array(sorted(g.groups))
+            a2.errorbar(n, g.mean().reindex(n), yerr=(g.std(ddof=1) / np.sqrt(g.count())).reindex(n).fillna(0),
+                        fmt=mk + ("-" if k == 6 else "--"), color=c, ms=4, capsize=2,
+                        label=f"{k}-gon, {lab}")
+    for k, ls in ((5, "--"), (6, "-")):
+        a2.axhline(slt.theory.tms_llc(f"{k}-gon"), color="k", ls=ls, lw=0.9, label=f"closed form λ, {k}-gon")
     nc = predicted_crossing()
+    handles += [Line2D([], [], color="0.3", ls="-", label="solid: 6-gon basin"),
+                Line2D([], [], color="0.3", ls="--", mfc="none", label="dashed: 5-gon basin"),
+                Line2D([], [], color="k", ls=":", label=f"n ΔL + Δλ log n = 0: n ≈ {nc:.0f}")]
     for ax in (a1, a2):
-        ax.axvline(nc, color="k", ls=":", lw=1.2, label=f"n ΔL + Δλ log n = 0: n ≈ {nc:.0f}")
+        ax.axvline(nc, color="k", ls=":", lw=1.2)
         ax.set_xscale("log")
         ax.set_xlabel("sample size n")
-        ax.set_ylim(-0.05, 1.05)
+    a1.set_ylim(-0.05, 1.05)
     a1.set_ylabel("posterior share of the basin")
-    a1.set_title("Posterior share 1/(1 + exp(±(F₆ − F₅))), F = n L_n(w*) + λ log n", fontsize=9)
-    a2.set_ylabel("fraction of seeds")
-    a2.set_title(f"Which basin the free energy prefers ({t['seed'].nunique()} seeds per n)", fontsize=9)
-    a1.legend(loc="center right", fontsize=7)
-    a2.legend(loc="center right", fontsize=7)
+    a1.set_title(f"Posterior share 1/(1 + exp(±(F₆ − F₅))), F = n L_n(w*) + λ log n\n"
+                 f"(mean ± s.e. over {min(nseeds)}{'' if min(nseeds) == max(nseeds) else f'–{max(nseeds)}'} seeds per n)",
+                 fontsize=8.5)
+    a1.legend(handles=handles, loc="center right", fontsize=6.5)
+    a2.set_ylabel("estimated LLC λ̂ at w*")
+    a2.set_title("λ̂ of both points against n (the localization γ sets how fast it reaches λ)", fontsize=8.5)
+    a2.legend(fontsize=6, loc="lower right")
     fig.suptitle("Bayesian phase transition in the TMS (6 features, 2 hidden): 5-gon vs 6-gon", fontsize=10)
+    fig.tight_layout()
     return _save(fig, out, "phase_transition")
 
 

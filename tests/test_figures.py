@@ -90,10 +90,11 @@ def results(tmp_path_factory) -> Path:
             for seed in (0, 1):
                 lam = slt.theory.tms_llc(f"{k}-gon")
                 loss = slt.theory.TMS_CRITICAL_POINTS[f"{k}-gon"]["loss"] + 0.003 * rng.standard_normal()
-                _write_run(root, "fig_phase", {"data.n": n, "init.k": k, "seed": seed},
-                           {**tms6, "data": {"n": n}, "init": {"k": k}},
-                           {"point": f"{k}-gon", "train_loss": loss, **_llc(rng, lam * math.log(n) / math.log(5000))},
-                           seed)
+                for sweep, gamma in (("fig_phase", 10.0), ("fig_phase_g1", 1.0)):
+                    _write_run(root, sweep, {"data.n": n, "init.k": k, "seed": seed},
+                               {**tms6, "data": {"n": n}, "init": {"k": k}, "sampler": {"localization": gamma}},
+                               {"point": f"{k}-gon", "train_loss": loss,
+                                **_llc(rng, lam * math.log(n) / math.log(5000))}, seed)
     # figure 6: one training curve with a change of class
     steps = [0, 10, 100, 1000]
     _write_run(root, "tms_curve", {"seed": 0}, {**tms6, "curve": {"lr": 0.001, "init_scale": 0.1}},

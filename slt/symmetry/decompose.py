@@ -1,0 +1,742 @@
+r"""Decompose the LLC over a lattice of symmetries of the data distribution.
+
+Given groups :math:`G_1, \dots, G_k` acting on the data, every subset
+:math:`S \subseteq \{1, \dots, k\}` defines a symmetrized distribution
+:math:`q_S = E_{g \in \langle G_i : i \in S\rangle}[g_* q]` (:math:`q_\emptyset = q`),
+a point :math:`w^*_S` (re-trained on :math:`q_S`, or shared: "quenched") and
+an estimate :math:`\hat\lambda(S)`.  Möbius inversion on the Boolean lattice,
+
+.. math:: c(S) = \sum_{T \subseteq S} (-1)^{|S| - |T|}\, \hat\lambda(T),
+          \qquad \hat\lambda(S) = \sum_{T \subseteq S} c(T),
+
+splits :math:`\hat\lambda` into the degeneracy of the parameter-function map on
+the unsymmetrized data, :math:`c(\emptyset) = \hat\lambda(\emptyset)`, the effect
+of each symmetry alone, :math:`c(\{i\}) = \hat\lambda(\{i\}) - \hat\lambda(\emptyset)`,
+and interactions such as :math:`c(\{i, j\})` (Rota 1964, "On the foundations
+of combinatorial theory I", for Möbius inversion; the question is posed in the
+note on data symmetry and degeneracy in ``shared/seeds``).  Every
+:math:`\hat\lambda(S)` comes from an independent sampler run (seed
+``seed + mask(S)``), so :math:`\operatorname{Var} c(S) = \sum_{T\subseteq S}
+\operatorname{Var}\hat\lambda(T)`.
+
+Joint symmetrization
+--------------------
+Groups that commute (:math:`gh = hg` for all elements; checked exactly for
+finite groups and on Haar samples for Lie groups) generate
+:math:`G_S = \prod_{i\in S} G_i` and :math:`q_S` is obtained by symmetrizing
+under each factor in turn.  Finite groups that do not commute are replaced
+by the finite group they generate (closure of their elements, e.g. a
+reflection and a cyclic shift generate a dihedral group); a Lie group that
+does not commute with another group in the subset raises ``ValueError``.
+Monte-Carlo orbits of Lie groups use one generator per group
+(``symmetrize_seed + i``), the same in every subset (common random numbers).
+
+Models with exact answers
+-------------------------
+:class:`BlockPolarLocation`: :math:`x = (x_1, \dots, x_B) \in (\mathbb R^2)^B`,
+:math:`p(x\mid w) = N(\mu(w), I)` with :math:`\mu_b = r_b(\cos\varphi_b, \sin\varphi_b)`,
+SO(2) acting on each block.
+
+* independent angles (``shared_angle=False``, :math:`d = 2B`): each block is the
+  polar location model (:math:`\lambda = 1` shifted, :math:`\tfrac12` at a
+  centred block), so for :math:`B = 2`: :math:`\lambda(\emptyset) = 2`,
+  :math:`\lambda(\{1\}) = \lambda(\{2\}) = \tfrac32`, :math:`\lambda(\{1,2\}) = 1`,
+  hence :math:`c(\{i\}) = -\tfrac12`, :math:`c(\{1,2\}) = 0`: no interaction.
+* one shared angle (``shared_angle=True``, :math:`\mu_b = r_b(\cos\varphi, \sin\varphi)`,
+  :math:`d = B + 1`): the model can only emulate the *joint* rotation of all
+  blocks.  Centring one block leaves :math:`\varphi` pinned by the other
+  (:math:`w^*` regular, :math:`\lambda = \tfrac32`); only when every block is
+  centred does :math:`\varphi` become free (:math:`K = \tfrac12\sum_b r_b^2`,
+  codimension 2, :math:`\lambda = 1`).  For :math:`B = 2`:
+  :math:`c(\{1\}) = c(\{2\}) = 0` and :math:`c(\{1, 2\}) = 1 - \tfrac32 - \tfrac32 + \tfrac32 = -\tfrac12`,
+  a pure interaction.
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from ..data import Data
+from ..engine import default_nbeta, estimate_llc
+from ..losses import LossAdapter
+from ..models.base import ChainModule
+from ..models.losses import gaussian_nll
+from ..result import LLCResult
+from .groups import FiniteGroup, Group, check_acts_on
+from .operations import as_data, compress, invariance_gap, symmetrize
+
+__all__ = [
+    "LLCDecomposition",
+    "decompose",
+    "mobius_inversion",
+    "joint_symmetrize",
+    "generated_group",
+    "groups_commute",
+    "BlockPolarLocation",
+    "block_group",
+]
+
+_MAX_GENERATED = 10_000
+
+
+# ----------------------------------------------------------------------------
+# Möbius inversion
+# ----------------------------------------------------------------------------
+def _popcount(m: int) -> int:
+    return bin(m).count("1")
+
+
+def mobius_inversion(values: Tensor, variances: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+    r"""Möbius inversion on the Boolean lattice of ``k`` elements.
+
+    Parameters
+    ----------
+    values
+        ``(2^k,)`` :math:`\lambda(S)` indexed by bitmask (bit ``i`` set iff
+        :math:`i \in S`).
+    variances
+        Optional ``(2^k,)`` variances of independent estimates.
+
+    Returns
+    -------
+    (Tensor, Tensor or None)
+        :math:`c(S) = \sum_{T\subseteq S}(-1)^{|S|-|T|}\lambda(T)` and
+        :math:`\operatorname{Var} c(S) = \sum_{T\subseteq S}\operatorname{Var}\lambda(T)`, ``(2^k,)``.
+    """
+    values = torch.as_tensor(values, dtype=torch.float64)
+    N = values.shape[0]
+    if values.ndim != 1 or N < 1 or N & (N - 1):
+        raise ValueError(f"values must be a 1-D tensor of length 2^k, got shape {tuple(values.shape)}")
+    c = torch.zeros_like(values)
+    v = None if variances is None else torch.zeros_like(values)
+    var = None if variances is None else torch.as_tensor(variances, dtype=torch.float64)
+    for s in range(N):
+        t = s
+        while True:  # all submasks t of s
+            sign = -1.0 if (_popcount(s) - _popcount(t)) % 2 else 1.0
+            c[s] += sign * values[t]
+            if v is not None:
+                v[s] += var[t]  # type: ignore[index]
+            if t == 0:
+                break
+            t = (t - 1) & s
+    return c, v
+
+
+# ----------------------------------------------------------------------------
+# groups: commutation, generated group, joint symmetrization
+# ----------------------------------------------------------------------------
+def _elements_or_samples(g: Group, k: int, gen: torch.Generator) -> Tensor:
+    return g.elements(dtype=torch.float64) if g.is_finite else g.sample(k, gen, dtype=torch.float64)
+
+
+def groups_commute(g1: Group, g2: Group, *, num_samples: int = 16, atol: float = 1e-8) -> bool:
+    r"""Whether :math:`gh = hg` for all :math:`g \in G_1, h \in G_2` (same degree).
+
+    Exact over all element pairs for finite groups; on ``num_samples`` Haar
+    samples (seeded, deterministic) for a Lie group.
+    """
+    if g1.degree != g2.degree:
+        raise ValueError(f"{g1} and {g2} act on vectors of different lengths ({g1.degree} vs {g2.degree})")
+    gen = torch.Generator().manual_seed(12345)
+    a = _elements_or_samples(g1, num_samples, gen)  # (a, m, m)
+    b = _elements_or_samples(g2, num_samples, gen)
+    ab = torch.einsum("aij,bjk->abik", a, b)
+    ba = torch.einsum("bij,ajk->abik", b, a)
+    return bool(torch.allclose(ab, ba, atol=atol))
+
+
+def generated_group(groups: Sequence[Group], max_order: int = _MAX_GENERATED) -> FiniteGroup:
+    """The finite group generated by the elements of finite ``groups`` (closure under products).
+
+    Raises ``ValueError`` if a group is a Lie group or the closure exceeds ``max_order``
+    elements (e.g. two mirrors at an irrational angle generate an infinite group).
+    """
+    if not groups:
+        raise ValueError("need at least one group")
+    for g in groups:
+        if not g.is_finite:
+            raise ValueError(f"{g} is a Lie group: the generated group cannot be enumerated")
+    m = groups[0].degree
+    if any(g.degree != m for g in groups):
+        raise ValueError("the groups act on vectors of different lengths")
+    gens = torch.cat([g.elements(dtype=torch.float64) for g in groups])
+    elems = [torch.eye(m, dtype=torch.float64)]
+    keys = {tuple(torch.round(elems[0] * 1e6).long().flatten().tolist())}
+    frontier = list(elems)
+    while frontier:
+        new = []
+        for a in frontier:
+            for g in gens:
+                b = g @ a
+                key = tuple(torch.round(b * 1e6).long().flatten().tolist())
+                if key not in keys:
+                    keys.add(key)
+                    elems.append(b)
+                    new.append(b)
+                    if len(elems) > max_order:
+                        raise ValueError(
+                            f"the group generated by {list(groups)} has more than {max_order} elements "
+                            "(it may be infinite): these groups cannot be symmetrized jointly"
+                        )
+        frontier = new
+    return FiniteGroup(torch.stack(elems), name="⟨" + ", ".join(map(repr, groups)) + "⟩")
+
+
+def _components(groups: Sequence[Group], commute: Mapping[tuple[int, int], bool], idx: Sequence[int]) -> list[list[int]]:
+    """Connected components of the non-commutation graph on ``idx``."""
+    comp: list[list[int]] = []
+    seen: set[int] = set()
+    for i in idx:
+        if i in seen:
+            continue
+        stack, cc = [i], []
+        seen.add(i)
+        while stack:
+            a = stack.pop()
+            cc.append(a)
+            for b in idx:
+                if b not in seen and not commute[(min(a, b), max(a, b))]:
+                    seen.add(b)
+                    stack.append(b)
+        comp.append(sorted(cc))
+    return comp
+
+
+def _plan(groups: Sequence[Group], idx: Sequence[int], commute: Mapping[tuple[int, int], bool]) -> list[tuple[int, Group]]:
+    """The commuting factors of ⟨G_i : i ∈ idx⟩ as ``(generator index, group)``; raises if impossible."""
+    out = []
+    for cc in _components(groups, commute, idx):
+        if len(cc) == 1:
+            out.append((cc[0], groups[cc[0]]))
+            continue
+        lie = [i for i in cc if not groups[i].is_finite]
+        if lie:
+            raise ValueError(
+                f"groups {[groups[i] for i in cc]} do not commute and {groups[lie[0]]} is a Lie group: "
+                "the group they generate cannot be symmetrized jointly (use commuting groups, or finite ones)"
+            )
+        out.append((cc[0], generated_group([groups[i] for i in cc])))
+    return out
+
+
+def _commutation_table(groups: Sequence[Group]) -> dict[tuple[int, int], bool]:
+    return {(i, j): groups_commute(groups[i], groups[j]) for i in range(len(groups)) for j in range(i + 1, len(groups))}
+
+
+def joint_symmetrize(
+    data: Any, groups: Sequence[Group], *, acts_on: str = "x", orbit_samples: int | None = None,
+    seed: int = 0, _commute: Mapping[tuple[int, int], bool] | None = None, _index: Sequence[int] | None = None,
+) -> Data:
+    r"""Symmetrize ``data`` under the group generated by ``groups``.
+
+    Commuting factors are applied in turn (:func:`slt.symmetry.symmetrize`:
+    exact orbits for finite groups, merged by :func:`slt.symmetry.compress`;
+    ``orbit_samples`` Haar samples per row for Lie groups, default 1);
+    non-commuting finite groups are replaced by their generated group.
+    The Monte-Carlo orbits of group ``i`` use a generator seeded with ``seed + i``.
+
+    Returns
+    -------
+    slt.Data
+        With weights; row counts are not sample sizes (pass ``nbeta``).
+    """
+    d = as_data(data)
+    groups = list(groups)
+    index = list(range(len(groups))) if _index is None else list(_index)
+    commute = _commute if _commute is not None else _commutation_table(groups)
+    out = d
+    finite_used = False
+    for i, g in _plan(groups, list(range(len(groups))), {k: v for k, v in commute.items()}):
+        gen = torch.Generator().manual_seed(int(seed) + index[i])
+        num = orbit_samples if not g.is_finite else None
+        out = symmetrize(out, g, generator=gen, acts_on=acts_on, num_samples=num)
+        finite_used |= g.is_finite
+    if finite_used:
+        out = compress(out)
+    return out
+
+
+# ----------------------------------------------------------------------------
+# result
+# ----------------------------------------------------------------------------
+def _subset_label(mask: int, names: Sequence[str]) -> str:
+    if mask == 0:
+        return "∅"
+    return "{" + ", ".join(names[i] for i in range(len(names)) if mask >> i & 1) + "}"
+
+
+@dataclass
+class LLCDecomposition:
+    r"""λ̂ over the subset lattice of symmetries and its Möbius inversion.
+
+    All arrays are indexed by subset bitmask (bit ``i`` set iff group ``i`` is in
+    the subset), length :math:`2^k`.
+
+    Attributes
+    ----------
+    names
+        Group names, ``(k,)``.
+    mode
+        ``"retrained"`` (:math:`w^*_S` fitted on each :math:`q_S`) or
+        ``"quenched"`` (one shared :math:`w^*`).
+    llc, llc_sem
+        :math:`\hat\lambda(S)` and its Monte-Carlo standard error.
+    contribution, contribution_sem
+        :math:`c(S)` and :math:`\sqrt{\sum_{T\subseteq S}\mathrm{sem}(T)^2}`.
+    z
+        Threshold in standard errors for :attr:`distinguishable`.
+    invariance_gap
+        :func:`slt.symmetry.invariance_gap` of :math:`q_S` under the full
+        group generated by all :math:`G_i` (moments method).
+    w_star
+        ``(2^k, d)`` the :math:`w^*` used for each subset.
+    results
+        The :class:`slt.LLCResult` of each subset.
+    quenched
+        With ``decompose(..., quenched=True)``: the quenched decomposition at
+        :math:`w^*_\emptyset` (a :class:`LLCDecomposition`), else ``None``.
+    """
+
+    names: tuple[str, ...]
+    mode: str
+    llc: Tensor
+    llc_sem: Tensor
+    contribution: Tensor
+    contribution_sem: Tensor
+    z: float
+    nbeta: float
+    invariance_gap: Tensor
+    w_star: Tensor
+    results: list[LLCResult] = field(default_factory=list)
+    quenched: "LLCDecomposition | None" = None
+
+    @property
+    def k(self) -> int:
+        return len(self.names)
+
+    @property
+    def labels(self) -> list[str]:
+        """Subset labels (``"∅"``, ``"{A}"``, ``"{A, B}"``, ...) by bitmask."""
+        return [_subset_label(m, self.names) for m in range(2**self.k)]
+
+    def mask(self, subset: Sequence[int | str] | int) -> int:
+        """Bitmask of a subset given as indices or names (or a bitmask itself)."""
+        if isinstance(subset, int) and not isinstance(subset, bool):
+            if not 0 <= subset < 2**self.k:
+                raise ValueError(f"bitmask {subset} out of range for k={self.k}")
+            return subset
+        m = 0
+        for s in subset:
+            i = self.names.index(s) if isinstance(s, str) else int(s)
+            if not 0 <= i < self.k:
+                raise ValueError(f"group index {i} out of range for k={self.k}")
+            m |= 1 << i
+        return m
+
+    def llc_of(self, subset: Sequence[int | str] | int) -> tuple[float, float]:
+        """``(λ̂(S), sem)``."""
+        m = self.mask(subset)
+        return float(self.llc[m]), float(self.llc_sem[m])
+
+    def contribution_of(self, subset: Sequence[int | str] | int) -> tuple[float, float]:
+        """``(c(S), sem)``."""
+        m = self.mask(subset)
+        return float(self.contribution[m]), float(self.contribution_sem[m])
+
+    @property
+    def distinguishable(self) -> Tensor:
+        """``(2^k,)`` bool: :math:`|c(S)| > z\\,\\mathrm{sem}(c(S))` (distinguishable from zero)."""
+        return self.contribution.abs() > self.z * self.contribution_sem
+
+    def to_frame(self):
+        """One row per subset: subset, size, λ̂, sem, c, sem, z-score, distinguishable, gap, mode."""
+        import pandas as pd
+
+        rows = []
+        for m in range(2**self.k):
+            c, cs = float(self.contribution[m]), float(self.contribution_sem[m])
+            rows.append({
+                "subset": self.labels[m], "mask": m, "size": _popcount(m), "mode": self.mode,
+                "llc": float(self.llc[m]), "llc_sem": float(self.llc_sem[m]),
+                "contribution": c, "contribution_sem": cs,
+                "z_score": c / cs if cs > 0 else float("nan"),
+                "distinguishable": bool(self.distinguishable[m]),
+                "invariance_gap": float(self.invariance_gap[m]),
+            })
+        return pd.DataFrame(rows)
+
+    def __str__(self) -> str:
+        lines = [f"LLC decomposition over {list(self.names)} ({self.mode}, nβ={self.nbeta:.4g}, z={self.z:g})"]
+        for m in sorted(range(2**self.k), key=lambda m: (_popcount(m), m)):
+            flag = "*" if bool(self.distinguishable[m]) else " "
+            lines.append(
+                f"  {self.labels[m]:<20} λ̂ = {float(self.llc[m]):7.3f} ± {float(self.llc_sem[m]):.3f}"
+                f"   c = {float(self.contribution[m]):7.3f} ± {float(self.contribution_sem[m]):.3f} {flag}"
+            )
+        return "\n".join(lines)
+
+    def plot(self, ax=None, *, title: str | None = None):
+        """Bar charts of λ̂(S) and c(S) with ±z·sem error bars (distinguishable contributions filled).
+
+        Returns the matplotlib ``Figure``."""
+        import matplotlib.pyplot as plt
+
+        order = sorted(range(2**self.k), key=lambda m: (_popcount(m), m))
+        labels = [self.labels[m] for m in order]
+        if ax is None:
+            fig, axes = plt.subplots(1, 2, figsize=(2.2 + 1.1 * len(order) * 2, 3.6))
+        else:
+            axes = ax
+            fig = axes[0].figure
+        xs = range(len(order))
+        axes[0].bar(xs, [float(self.llc[m]) for m in order], yerr=[self.z * float(self.llc_sem[m]) for m in order],
+                    color="tab:blue", alpha=0.8, capsize=3)
+        axes[0].set_ylabel("λ̂(S)")
+        axes[0].set_title("λ̂ on q_S")
+        dist = self.distinguishable
+        cols = ["tab:red" if bool(dist[m]) else "white" for m in order]
+        axes[1].bar(xs, [float(self.contribution[m]) for m in order],
+                    yerr=[self.z * float(self.contribution_sem[m]) for m in order],
+                    color=cols, edgecolor="tab:red", capsize=3)
+        axes[1].axhline(0.0, color="k", lw=0.8)
+        axes[1].set_ylabel("c(S)")
+        axes[1].set_title(f"Möbius contributions (filled: |c| > {self.z:g}·sem)")
+        for a in axes:
+            a.set_xticks(list(xs))
+            a.set_xticklabels(labels, rotation=30, ha="right")
+        fig.suptitle(title or f"LLC decomposition ({self.mode})")
+        fig.tight_layout()
+        return fig
+
+
+# ----------------------------------------------------------------------------
+# decompose
+# ----------------------------------------------------------------------------
+def _weighted_loss(loss_fn: Callable, weights: Tensor) -> Callable[[Tensor, Tensor], Tensor]:
+    adapter = LossAdapter(loss_fn)
+
+    def wl(out: Tensor, y: Tensor) -> Tensor:
+        return (adapter.per_sample(out, y, 1) * weights.to(out.dtype)).sum()
+
+    return wl
+
+
+def _default_train(model: nn.Module, data: Data, loss_fn: Callable) -> None:
+    """Closed form ``model.empirical_minimum(x, weights)`` when the model has one (a single
+    parameter), else full-batch L-BFGS on the weighted loss (:func:`slt.training.train`)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    if hasattr(model, "empirical_minimum") and len(params) == 1:
+        with torch.no_grad():
+            params[0].copy_(model.empirical_minimum(data.x.to(params[0].dtype), data.weights))
+        return
+    from ..training import train
+
+    w = data.normalized_weights()
+    wts = torch.full((data.n,), 1.0 / data.n) if w is None else w
+    target = data.x if data.y is None else (data.x, data.y)
+    train(model, target, _weighted_loss(loss_fn, wts), steps=0, finish="lbfgs", tol=1e-9)
+
+
+def _flat(model: nn.Module) -> Tensor:
+    return torch.cat([p.detach().reshape(-1).double() for p in model.parameters() if p.requires_grad])
+
+
+def decompose(
+    model: nn.Module | Callable[[], nn.Module],
+    data: Any,
+    groups: Sequence[Group] | Mapping[str, Group],
+    *,
+    loss_fn: Callable[[Tensor, Tensor], Tensor] | None = None,
+    retrain: bool = True,
+    quenched: bool = False,
+    train_fn: Callable[[nn.Module, Data], Any] | None = None,
+    nbeta: float | None = None,
+    acts_on: str = "x",
+    orbit_samples: int | None = None,
+    symmetrize_seed: int = 0,
+    seed: int = 0,
+    z: float = 3.0,
+    dtype: torch.dtype = torch.float32,
+    **llc_kwargs: Any,
+) -> LLCDecomposition:
+    r"""λ̂ on every symmetrization :math:`q_S` of ``data`` and its Möbius inversion.
+
+    For each subset :math:`S` of ``groups`` (:math:`2^k` of them):
+    :math:`q_S` = ``data`` symmetrized under :math:`\langle G_i : i\in S\rangle`
+    (:func:`joint_symmetrize`), :math:`w^*_S` re-trained on :math:`q_S`
+    (``retrain=True``) or the shared :math:`w^*` (``retrain=False``: the
+    model's own parameters), then :math:`\hat\lambda(S)` with
+    :func:`slt.estimate_llc` at a common :math:`n\beta` and seed
+    ``seed + mask(S)`` (independent runs).  The contributions
+    :math:`c(S) = \sum_{T\subseteq S}(-1)^{|S|-|T|}\hat\lambda(T)` have
+    standard errors :math:`\sqrt{\sum_{T\subseteq S}\mathrm{sem}(T)^2}`; a
+    contribution is distinguishable from zero when :math:`|c| > z\,\mathrm{sem}`.
+
+    Parameters
+    ----------
+    model
+        An ``nn.Module`` (its parameters: :math:`w^*` when not re-trained; the
+        initial point of re-training otherwise) or a factory ``() -> nn.Module``
+        (a fresh model per subset; requires ``retrain=True``).
+    data
+        ``X``, ``(X, Y)``, ``(X, Y, weights)`` or :class:`slt.Data` (held as tensors).
+    groups
+        ``k >= 1`` :class:`slt.symmetry.Group` s acting on the data's trailing
+        dimension, as a sequence (named ``G1, G2, ...``) or ``{name: group}``.
+    loss_fn
+        Mean loss; default ``model.default_loss``.
+    retrain
+        Re-train :math:`w^*_S` on every :math:`q_S` (``train_fn(model, data)``;
+        default: ``model.empirical_minimum`` if defined, else full-batch L-BFGS).
+    quenched
+        With ``retrain=True``, also run the quenched decomposition at the shared
+        :math:`w^*_\emptyset` (returned as ``result.quenched``).  Only meaningful
+        where :math:`w^*_\emptyset` is still a minimum of every :math:`L_{q_S}`.
+    nbeta
+        Default :func:`slt.default_nbeta` of the number of rows of ``data``
+        (the same for every subset: rows of :math:`q_S` are not samples).
+    acts_on
+        ``"x"``, ``"y"`` or ``"both"`` (see :func:`slt.symmetry.symmetrize`).
+    orbit_samples
+        Haar orbit samples per row for Lie groups (default 1).
+    symmetrize_seed, seed
+        Seeds of the Monte-Carlo orbits and of the sampler.
+    z
+        Threshold for :attr:`LLCDecomposition.distinguishable`.
+    dtype
+        Sampling dtype.
+    **llc_kwargs
+        Passed to :func:`slt.estimate_llc` (``num_chains``, ``num_draws``,
+        ``localization``, ``step_size``, ``batch_size``, ...).
+
+    Returns
+    -------
+    LLCDecomposition
+    """
+    # ---- validation (before any work) ----
+    if isinstance(groups, Mapping):
+        names = tuple(str(k) for k in groups)
+        glist = list(groups.values())
+    else:
+        if isinstance(groups, Group):
+            groups = [groups]
+        glist = list(groups)
+        names = tuple(f"G{i + 1}" for i in range(len(glist)))
+    if not glist:
+        raise ValueError("groups must contain at least one slt.symmetry.Group")
+    if len(glist) > 6:
+        raise ValueError(f"{len(glist)} groups give 2^{len(glist)} LLC estimates: at most 6 supported")
+    for i, g in enumerate(glist):
+        if not isinstance(g, Group):
+            raise TypeError(f"groups[{i}] must be an slt.symmetry.Group, got {type(g).__name__}")
+    d = as_data(data)
+    if acts_on not in ("x", "y", "both"):
+        raise ValueError(f"acts_on must be 'x', 'y' or 'both', got {acts_on!r}")
+    for name, g in zip(names, glist):
+        try:
+            if acts_on in ("x", "both"):
+                check_acts_on(g, d.x, "x")
+            if acts_on in ("y", "both"):
+                if d.y is None:
+                    raise ValueError(f"acts_on={acts_on!r} needs targets, but the data are a single tensor")
+                check_acts_on(g, d.y, "y")
+        except (TypeError, ValueError) as e:
+            raise type(e)(f"group {name!r} does not act on the data: {e}") from None
+    if not isinstance(retrain, bool) or not isinstance(quenched, bool):
+        raise TypeError("retrain and quenched must be booleans")
+    is_module = isinstance(model, nn.Module)
+    if not is_module and not callable(model):
+        raise TypeError(f"model must be an nn.Module or a factory () -> nn.Module, got {type(model).__name__}")
+    if not is_module and not retrain:
+        raise ValueError("retrain=False needs a trained nn.Module (its parameters are the shared w*), not a factory")
+    if not (isinstance(z, (int, float)) and z > 0):
+        raise ValueError(f"z must be a positive number, got {z!r}")
+    if orbit_samples is not None and (isinstance(orbit_samples, bool) or not isinstance(orbit_samples, int) or orbit_samples < 1):
+        raise ValueError(f"orbit_samples must be an integer >= 1 or None, got {orbit_samples!r}")
+    if "seed" in llc_kwargs or "nbeta" in llc_kwargs:
+        raise ValueError("pass seed and nbeta as decompose(seed=..., nbeta=...)")
+    k = len(glist)
+    commute = _commutation_table(glist)
+    plans = {}
+    for mask in range(1, 2**k):
+        idx = [i for i in range(k) if mask >> i & 1]
+        sub = {(a, b): commute[(a, b)] for a in idx for b in idx if a < b}
+        plans[mask] = (idx, sub)
+        _plan(glist, idx, {(a, b): sub.get((a, b), True) for a in range(k) for b in range(k) if a < b})
+    nb = float(nbeta) if nbeta is not None else default_nbeta(d.n)
+    if not (math.isfinite(nb) and nb > 0):
+        raise ValueError(f"nbeta must be a positive finite number, got {nbeta!r}")
+    template = model if is_module else model()
+    if not isinstance(template, nn.Module):
+        raise TypeError("the model factory must return an nn.Module")
+    loss = loss_fn if loss_fn is not None else getattr(template, "default_loss", None)
+    if loss is None or not callable(loss):
+        raise ValueError("loss_fn is required (the model defines no default_loss)")
+    trainer = train_fn if train_fn is not None else (lambda m, dd: _default_train(m, dd, loss))
+
+    # ---- the lattice ----
+    full = generated_group(glist) if all(g.is_finite for g in glist) and not all(commute.values()) else None
+    datasets: list[Data] = []
+    gaps = []
+    for mask in range(2**k):
+        if mask == 0:
+            qS = d
+        else:
+            idx = plans[mask][0]
+            qS = joint_symmetrize(d, [glist[i] for i in idx], acts_on=acts_on, orbit_samples=orbit_samples,
+                                  seed=symmetrize_seed, _commute={(a, b): commute[(idx[a], idx[b])]
+                                                                  for a in range(len(idx)) for b in range(a + 1, len(idx))},
+                                  _index=idx)
+        datasets.append(qS)
+        gaps.append(_gap(qS, glist, full, acts_on))
+
+    models: list[nn.Module] = []
+    for mask in range(2**k):
+        if retrain:
+            m = copy.deepcopy(model) if is_module else model()
+            trainer(m, datasets[mask].to("cpu", next(m.parameters()).dtype))
+        else:
+            m = model  # type: ignore[assignment]
+        models.append(m)
+
+    def run(ms: list[nn.Module], mode: str) -> LLCDecomposition:
+        results = [
+            estimate_llc(ms[mask], datasets[mask], loss, nbeta=nb, seed=seed + mask, dtype=dtype, **llc_kwargs)
+            for mask in range(2**k)
+        ]
+        llc = torch.tensor([r.llc_mean for r in results], dtype=torch.float64)
+        sem = torch.tensor([r.llc_sem for r in results], dtype=torch.float64)
+        c, var = mobius_inversion(llc, sem.square())
+        return LLCDecomposition(
+            names=names, mode=mode, llc=llc, llc_sem=sem, contribution=c, contribution_sem=var.sqrt(),  # type: ignore[union-attr]
+            z=float(z), nbeta=nb, invariance_gap=torch.tensor(gaps, dtype=torch.float64),
+            w_star=torch.stack([_flat(m) for m in ms]), results=results,
+        )
+
+    main = run(models, "retrained" if retrain else "quenched")
+    if retrain and quenched:
+        main.quenched = run([models[0]] * (2**k), "quenched")
+    return main
+
+
+def _gap(q: Data, groups: Sequence[Group], full: Group | None, acts_on: str) -> float:
+    """Invariance gap of q under all groups: the generated group if enumerated, else the sum over groups."""
+    try:
+        if full is not None:
+            return invariance_gap(q, full, acts_on=acts_on)
+        return float(sum(invariance_gap(q, g, acts_on=acts_on) for g in groups))
+    except Exception:  # noqa: BLE001 - a diagnostic only
+        return float("nan")
+
+
+# ----------------------------------------------------------------------------
+# a model with exact answers
+# ----------------------------------------------------------------------------
+def block_group(group: Group, block: int, num_blocks: int) -> Group:
+    r"""``group`` acting on block ``block`` of ``num_blocks`` equal blocks, the identity elsewhere.
+
+    E.g. ``block_group(SO2(), 0, 2)`` is SO(2) rotating :math:`x_1` in
+    :math:`x = (x_1, x_2) \in \mathbb R^2\times\mathbb R^2`.
+    """
+    from .groups import DirectProduct
+
+    if not isinstance(group, Group):
+        raise TypeError(f"group must be an slt.symmetry.Group, got {type(group).__name__}")
+    if not (isinstance(num_blocks, int) and num_blocks >= 1 and isinstance(block, int) and 0 <= block < num_blocks):
+        raise ValueError(f"need 0 <= block < num_blocks, got block={block!r}, num_blocks={num_blocks!r}")
+    trivial = FiniteGroup(torch.eye(group.degree, dtype=torch.float64).unsqueeze(0), name=f"1({group.degree})")
+    return DirectProduct(*[group if b == block else trivial for b in range(num_blocks)])
+
+
+class BlockPolarLocation(ChainModule):
+    r""":math:`p(x\mid w) = N(\mu(w), I_{2B})` on :math:`x = (x_1, \dots, x_B) \in (\mathbb R^2)^B`.
+
+    ``shared_angle=False``: :math:`w = (r_1, \varphi_1, \dots, r_B, \varphi_B)`,
+    :math:`\mu_b = r_b(\cos\varphi_b, \sin\varphi_b)`: independent copies of
+    :class:`slt.models.PolarGaussianLocation`, :math:`\lambda = \sum_b \lambda_b` with
+    :math:`\lambda_b = 1` (:math:`E x_b \ne 0`) or :math:`\tfrac12` (:math:`E x_b = 0`).
+
+    ``shared_angle=True``: :math:`w = (r_1, \dots, r_B, \varphi)`,
+    :math:`\mu_b = r_b(\cos\varphi, \sin\varphi)`: :math:`\lambda = (B+1)/2`
+    unless every block mean is zero, then :math:`\lambda = B/2` (see the module
+    docstring: a pure interaction of the block symmetries).
+
+    Loss: :func:`slt.models.losses.gaussian_nll` (:math:`\tfrac12\lVert x - \mu\rVert^2`).
+    """
+
+    default_loss = staticmethod(gaussian_nll)
+
+    def __init__(self, num_blocks: int = 2, shared_angle: bool = False, *, dtype: torch.dtype | None = None):
+        super().__init__()
+        if isinstance(num_blocks, bool) or not isinstance(num_blocks, int) or num_blocks < 1:
+            raise ValueError(f"num_blocks must be an integer >= 1, got {num_blocks!r}")
+        self.num_blocks, self.shared_angle = num_blocks, bool(shared_angle)
+        self.event_dim = 2 * num_blocks
+        d = num_blocks + 1 if shared_angle else 2 * num_blocks
+        self.w = nn.Parameter(torch.zeros(d, dtype=dtype))
+
+    @property
+    def num_params(self) -> int:
+        return self.w.numel()
+
+    def mean_chains(self, params: Mapping[str, Tensor]) -> Tensor:
+        """``(C, d) -> (C, 2B)``."""
+        w = params["w"]
+        B = self.num_blocks
+        if self.shared_angle:
+            r, phi = w[:, :B], w[:, B:B + 1]  # (C, B), (C, 1)
+        else:
+            r, phi = w[:, 0::2], w[:, 1::2]
+        return torch.stack([r * torch.cos(phi), r * torch.sin(phi)], -1).reshape(w.shape[0], 2 * B)
+
+    def forward_chains(self, params: Mapping[str, Tensor], x: Tensor) -> Tensor:
+        """``(C, Bt, 2B) -> (C, Bt, 2B)``: the mean, broadcast over the batch."""
+        if x.ndim != 3 or x.shape[-1] != self.event_dim:
+            raise ValueError(f"expected input (C, batch, {self.event_dim}), got {tuple(x.shape)}")
+        mu = self.mean_chains(params)
+        return mu[:, None, :].expand(x.shape[0], x.shape[1], self.event_dim)
+
+    @torch.no_grad()
+    def empirical_minimum(self, x: Tensor, weights: Tensor | None = None) -> Tensor:
+        r"""A minimiser of :math:`L_n = \tfrac12\lVert\mu(w) - \bar x\rVert^2 + \mathrm{const}`, ``(d,)``.
+
+        Independent angles: :math:`r_b = \lVert\bar x_b\rVert`, :math:`\varphi_b = \operatorname{atan2}`.
+        Shared angle: :math:`u = (\cos\varphi, \sin\varphi)` the top eigenvector of
+        :math:`\sum_b \bar x_b \bar x_b^T`, :math:`r_b = \langle u, \bar x_b\rangle`.
+        """
+        if x.ndim != 2 or x.shape[1] != self.event_dim:
+            raise ValueError(f"expected data (n, {self.event_dim}), got {tuple(x.shape)}")
+        if weights is None:
+            m = x.double().mean(0)
+        else:
+            w = weights.double()
+            m = (w[:, None] * x.double()).sum(0) / w.sum()
+        xb = m.reshape(self.num_blocks, 2)
+        if self.shared_angle:
+            evals, evecs = torch.linalg.eigh(xb.T @ xb)
+            u = evecs[:, -1]
+            r = xb @ u
+            if float(r.sum()) < 0:
+                u, r = -u, -r
+            out = torch.cat([r, torch.atan2(u[1], u[0]).reshape(1)])
+        else:
+            r = xb.norm(dim=1)
+            phi = torch.atan2(xb[:, 1], xb[:, 0])
+            out = torch.stack([r, phi], 1).reshape(-1)
+        return out.to(self.w.dtype)
+
+    @property
+    def learning_coefficients(self) -> dict[str, float]:
+        """λ for the two cases: ``{"generic": ..., "all_centred": ...}`` (and per-block values)."""
+        B = self.num_blocks
+        if self.shared_angle:
+            return {"generic": (B + 1) / 2, "all_centred": B / 2}
+        return {"generic": float(B), "all_centred": B / 2, "per_centred_block": -0.5}

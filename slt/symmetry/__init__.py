@@ -19,6 +19,10 @@ measure how :math:`\hat\lambda` responds.
   :func:`llc_susceptibility` (covariance estimator from one set of draws) and
   :func:`llc_finite_difference` (quenched or re-trained λ̂ along
   :math:`q_h = (1-h) q_0 + h q_1`).
+* Decomposition over symmetries (:mod:`slt.symmetry.decompose`): :func:`decompose`
+  (λ̂ on every joint symmetrization q_S, Möbius contributions c(S) with errors).
+* Irreps (:mod:`slt.symmetry.irreps`): :func:`character_table`,
+  :func:`isotypic_projector`, :func:`irrep_susceptibility` (susceptibility by irrep).
 """
 
 from .groups import (
@@ -40,6 +44,25 @@ from .susceptibility import (
     full_data_loss,
     llc_finite_difference,
     llc_susceptibility,
+)
+from .decompose import (
+    BlockPolarLocation,
+    LLCDecomposition,
+    block_group,
+    decompose,
+    generated_group,
+    groups_commute,
+    joint_symmetrize,
+    mobius_inversion,
+)
+from .irreps import (
+    Irrep,
+    IrrepSpectrum,
+    character_table,
+    irrep_susceptibility,
+    irrep_tilt,
+    isotypic_projector,
+    projector_matrix,
 )
 
 __all__ = [
@@ -64,4 +87,19 @@ __all__ = [
     "full_data_loss",
     "SusceptibilityResult",
     "FiniteDifferenceResult",
+    "decompose",
+    "LLCDecomposition",
+    "mobius_inversion",
+    "joint_symmetrize",
+    "generated_group",
+    "groups_commute",
+    "block_group",
+    "BlockPolarLocation",
+    "Irrep",
+    "IrrepSpectrum",
+    "character_table",
+    "isotypic_projector",
+    "projector_matrix",
+    "irrep_tilt",
+    "irrep_susceptibility",
 ]

@@ -180,7 +180,7 @@ def fig_kgon(results: Path, out: Path) -> list[Path]:
             lam = slt.theory.tms_llc(p)
             ax.hlines(lam, i - 0.35, i + 0.45, colors="k", linestyles="--", lw=1.2,
                       label="closed form λ (Chen et al. 2023)" if i == 0 else None)
-            ax.annotate(f"λ = {lam:g}", (i + 0.45, lam), xytext=(2, -3), textcoords="offset points", fontsize=8)
+            ax.annotate(f"λ = {lam:g}", (i - 0.35, lam), xytext=(0, 3), textcoords="offset points", fontsize=8)
     ns = sorted(set(_col(df, "data.n").astype(int)))
     ax.set_xticks(range(len(order)), [p.replace("+", "⁺") for p in order])
     ax.set_xlim(-0.6, len(order) - 0.2)
@@ -188,7 +188,7 @@ def fig_kgon(results: Path, out: Path) -> list[Path]:
     ax.set_ylabel("estimated LLC λ̂")
     ax.set_title(f"TMS 6×2 critical points: λ̂ vs closed form (n = {', '.join(map(str, ns))}, "
                  f"{df['seed'].nunique()} seeds)")
-    ax.legend(loc="upper left")
+    ax.legend(loc="lower right")
     return _save(fig, out, "kgon_llc")
 
 

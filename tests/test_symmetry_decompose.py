@@ -215,3 +215,26 @@ def test_interaction_dihedral_non_commuting():
     # the C3 effect is −½ alone, and adding the mirror on top of C3 changes nothing, so the
     # interaction c({mirror, C3}) = λ(D3) − λ(mirror) − λ(C3) + λ(∅) = ½ − 1 − ½ + 1 = 0
     assert abs(float(res.contribution[3])) < 4 * float(res.contribution_sem[3]) + 0.05
+
+
+def test_experiment_writes_table_and_figure(tmp_path):
+    """experiments/decompose.py end to end (tiny run): result.json, decomposition.csv/png; bad case rejected."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import pandas as pd
+
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "SLT_RESULTS_DIR": str(tmp_path), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, str(root / "experiments" / "decompose.py"), "case=shared_angle", "num_draws=60",
+           "num_chains=2", "n=40"]
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    run_dir = next((tmp_path / "runs" / "decompose").iterdir())
+    df = pd.read_csv(run_dir / "decomposition.csv")
+    assert list(df["subset"]) == ["∅", "{rot1}", "{rot2}", "{rot1, rot2}"]
+    assert (run_dir / "decomposition.png").stat().st_size > 0 and (run_dir / "result.json").exists()
+    bad = subprocess.run(cmd[:2] + ["case=bogus"], env=env, capture_output=True, text=True, timeout=300)
+    assert bad.returncode != 0 and "invalid config value case='bogus'" in bad.stderr

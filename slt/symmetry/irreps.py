@@ -52,7 +52,7 @@ import torch
 from torch import Tensor, nn
 
 from ..data import Data
-from .groups import SO2, Cyclic, Group, check_acts_on
+from .groups import SO2, Cyclic, Dihedral, Group, check_acts_on
 from .operations import as_data
 
 __all__ = [
@@ -216,6 +216,7 @@ def character_table(group: Group, *, real: bool = True, order: int | None = None
     X, _ = _raw_characters(group)
     G = X.shape[1]
     cyclic_k = group.k if isinstance(group, Cyclic) else None
+    dihedral_k = group.k if isinstance(group, Dihedral) and group.k >= 3 else None
 
     def name(i: int, chi: Tensor) -> str:
         if torch.allclose(chi, torch.ones(G, dtype=chi.dtype), atol=1e-6):
@@ -224,6 +225,12 @@ def character_table(group: Group, *, real: bool = True, order: int | None = None
             m = int(round(float(torch.angle(chi[1])) * cyclic_k / (2 * math.pi))) % cyclic_k
             return f"m={m}" if not real else f"m={min(m, cyclic_k - m)}"
         d = int(round(float(chi[0].real)))
+        if dihedral_k is not None:  # elements: rotations r^j (j < k), then reflections
+            if d == 2:
+                c = max(-1.0, min(1.0, float(chi[1].real) / 2))
+                return f"E{int(round(math.acos(c) * dihedral_k / (2 * math.pi)))}"
+            rr, ss = float(chi[1].real), float(chi[dihedral_k].real)
+            return {(1, -1): "A2 (det)", (-1, 1): "B1", (-1, -1): "B2"}.get((round(rr), round(ss)), f"sign{i}")
         if d == 1 and bool((chi.imag.abs() < 1e-9).all()) and bool(((chi.real.abs() - 1).abs() < 1e-9).all()):
             return f"sign{i}"
         return f"rho{i} (dim {d})"

@@ -94,7 +94,7 @@ def _validate(cfg: DictConfig) -> None:
 
 
 def _spectrum(cfg: DictConfig, out_dir: Path) -> tuple[dict[str, Any], dict[str, Any]]:
-    from slt.models import ParametricFeatureFamily, ToyModelOfSuperposition, kgon_parameters, make_tms_sparse_data
+    from slt.models import ParametricFeatureFamily, ToyModelOfSuperposition, kgon_parameters, make_tms_sparse_data, tms_loss
     from slt.models.expfam import polygon_support
     from slt.symmetry import Dihedral, compress, irrep_susceptibility, symmetrize
 
@@ -120,7 +120,7 @@ def _spectrum(cfg: DictConfig, out_dir: Path) -> tuple[dict[str, Any], dict[str,
         a = torch.tensor([1.0, 0.5, 0, 0, 0, 0], dtype=f64)
         f = lambda z: z @ a  # noqa: E731
         obs = {"norm_W": lambda p: p["W"].norm(dim=1)}
-        kw = dict(batch_size=256)
+        kw = dict(batch_size=256, loss_fn=tms_loss)
     spec = irrep_susceptibility(
         model, q, group, f, strength=float(cfg.shift), nbeta=nb, observables=obs, num_chains=int(cfg.num_chains),
         num_draws=int(cfg.num_draws), localization=gamma, dtype=f64, seed=int(cfg.seed), device=cfg.device,

@@ -238,3 +238,14 @@ def test_experiment_writes_table_and_figure(tmp_path):
     assert (run_dir / "decomposition.png").stat().st_size > 0 and (run_dir / "result.json").exists()
     bad = subprocess.run(cmd[:2] + ["case=bogus"], env=env, capture_output=True, text=True, timeout=300)
     assert bad.returncode != 0 and "invalid config value case='bogus'" in bad.stderr
+
+
+def test_quenched_variant_shares_w_star():
+    x = _blocks_data(40, 5)
+    groups = [block_group(Cyclic(4, action="rotation"), 0, 2)]
+    res = decompose(lambda: BlockPolarLocation(2, dtype=F64), x, groups, quenched=True, nbeta=100.0,
+                    batch_size=None, num_chains=2, num_draws=20, step_size=1e-4, dtype=F64, progress=False)
+    assert res.mode == "retrained" and res.quenched is not None and res.quenched.mode == "quenched"
+    assert not torch.allclose(res.w_star[0], res.w_star[1])  # re-trained on q_{G1}: r1 → 0
+    assert torch.allclose(res.quenched.w_star[0], res.quenched.w_star[1])
+    assert res.names == ("G1",) and res.labels == ["∅", "{G1}"]

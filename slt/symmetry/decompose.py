@@ -239,7 +239,9 @@ def joint_symmetrize(
 
     Commuting factors are applied in turn (:func:`slt.symmetry.symmetrize`:
     exact orbits for finite groups, merged by :func:`slt.symmetry.compress`;
-    ``orbit_samples`` Haar samples per row for Lie groups, default 1);
+    ``orbit_samples`` Haar samples per row for Lie groups, default 1: the rows are
+    replicated ``orbit_samples`` times once and every Lie factor draws one Haar
+    element per replicated row, so the product group is sampled with its Haar measure);
     non-commuting finite groups are replaced by their generated group.
     The Monte-Carlo orbits of group ``i`` use a generator seeded with ``seed + i``.
 
@@ -252,12 +254,21 @@ def joint_symmetrize(
     groups = list(groups)
     index = list(range(len(groups))) if _index is None else list(_index)
     commute = _commute if _commute is not None else _commutation_table(groups)
+    plan = _plan(groups, list(range(len(groups))), {k: v for k, v in commute.items()})
     out = d
+    k = 1 if orbit_samples is None else int(orbit_samples)
+    if k > 1 and any(not g.is_finite for _, g in plan):
+        # replicate every row k times once; each Lie factor then draws one Haar element per
+        # replicated row (independent across factors: Haar on the product group), so the row
+        # count is k n however many Lie groups are in the subset
+        v = d.normalized_weights()
+        v = torch.full((d.n,), 1.0 / d.n, dtype=d.x.dtype if d.x.is_floating_point() else torch.float32) if v is None else v
+        out = Data(d.x.repeat_interleave(k, 0), None if d.y is None else d.y.repeat_interleave(k, 0),
+                   (v / k).repeat_interleave(k))
     finite_used = False
-    for i, g in _plan(groups, list(range(len(groups))), {k: v for k, v in commute.items()}):
+    for i, g in plan:
         gen = torch.Generator().manual_seed(int(seed) + index[i])
-        num = orbit_samples if not g.is_finite else None
-        out = symmetrize(out, g, generator=gen, acts_on=acts_on, num_samples=num)
+        out = symmetrize(out, g, generator=gen, acts_on=acts_on, num_samples=None if g.is_finite else 1)
         finite_used |= g.is_finite
     if finite_used:
         out = compress(out)

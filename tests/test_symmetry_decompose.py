@@ -192,13 +192,11 @@ def test_known_answer_so2_blocks():
 
 @pytest.mark.slow
 def test_interaction_dihedral_non_commuting():
-    """Non-commuting finite groups on the same plane: a mirror and C_3 rotations generate D_3.
+    """Non-commuting finite groups on one plane: a mirror and C_3 rotations (jointly: D_3).
 
-    Polar location model on one block, q shifted along the mirror axis (invariant under the
-    mirror already): {mirror} changes nothing (c = 0), {C_3} centres q (c = −½),
-    {mirror, C_3} = D_3 also centres it: c({m, r}) = 1/2 − 1/2 − 1 + 1 = 0 ... but for q shifted
-    off the axis the mirror alone does not centre q and the interaction vanishes only
-    because C_3 already does; here we just check the decomposition runs through the generated group."""
+    Polar location model, q shifted off the mirror axis.  The mirror alone moves x̄ onto its
+    axis but not to 0 (λ stays 1); C_3 and D_3 centre q (λ = ½): c({mirror}) = 0,
+    c({C3}) = −½ and c({mirror, C3}) = ½ − 1 − ½ + 1 = 0 (the mirror adds nothing on top of C_3)."""
     from slt.models import PolarGaussianLocation
 
     g = torch.Generator().manual_seed(4)

@@ -32,7 +32,7 @@ GROUPS = [
 
 @pytest.mark.parametrize("G", GROUPS, ids=repr)
 def test_character_table_orthogonality(G):
-    """Σ_ρ dim(ρ)·real_dim(ρ)/… : Σ over complex irreps of dim² = |G|; rows orthogonal."""
+    """Σ over complex irreps of dim² = |G|; characters orthonormal; trivial first."""
     tab = character_table(G, real=False)
     X = torch.stack([t.character for t in tab])
     n = G.order

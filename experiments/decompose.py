@@ -17,7 +17,7 @@ Cases (exact answers in :mod:`slt.symmetry.decompose`):
   jointly they generate D_3).
 
 Susceptibility spectra by irrep (:func:`slt.symmetry.irrep_susceptibility`; writes
-``spectrum.csv`` and ``spectrum.png``):
+``spectrum.csv`` and ``spectrum.png``; ``model.case=...``):
 
 * ``spectrum_expfam``: the polar exponential family
   :math:`p(s) \propto \exp(r\langle(\cos\varphi, \sin\varphi), s\rangle)` on the hexagon at the
@@ -31,24 +31,23 @@ Susceptibility spectra by irrep (:func:`slt.symmetry.irrep_susceptibility`; writ
 Usage::
 
     python experiments/decompose.py
-    python experiments/decompose.py -m case=independent,shared_angle
+    python experiments/decompose.py -m model.case=independent,shared_angle
 """
 
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import hydra
 import torch
-from hydra.core.config_store import ConfigStore
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _runlib  # noqa: E402
-from _schemas import _Base  # noqa: E402
+from _schemas import SamplerConf, _Base  # noqa: E402
 
 import slt  # noqa: E402
 from slt.models import PolarGaussianLocation  # noqa: E402
@@ -56,12 +55,18 @@ from slt.symmetry import SO2, BlockPolarLocation, Cyclic, Reflection, block_grou
 
 
 @dataclass
-class DecomposeConfig(_Base):
-    """``decompose.yaml`` (see the file for the meaning of each key)."""
-
-    name: str = "decompose"
+class DecomposeModelConf:
     case: str = "independent"
     group: str = "cyclic4"
+
+
+@dataclass
+class DecomposeConfig(_Base):
+    """``decompose.yaml`` (see the file for the meaning of each key); checked in :func:`_validate`."""
+
+    name: str = "decompose"
+    model: DecomposeModelConf = field(default_factory=DecomposeModelConf)
+    sampler: SamplerConf = field(default_factory=SamplerConf)
     n: int = 250
     shift: float = 1.0
     nbeta_n: int = 2000
@@ -69,28 +74,36 @@ class DecomposeConfig(_Base):
     z: float = 3.0
     retrain: bool = True
     quenched: bool = False
-    num_chains: int = 6
-    num_draws: int = 600
-    num_steps_bw_draws: int = 4
-    localization: float = 1.0
     step_factor: float = 0.1
 
 
-ConfigStore.instance().store(name="decompose_schema", node=DecomposeConfig)
-
-
 def _validate(cfg: DictConfig) -> None:
+    try:  # typed check of every key (misspelled keys, wrong types), before any work
+        OmegaConf.merge(OmegaConf.structured(DecomposeConfig), cfg)
+    except Exception as e:  # noqa: BLE001
+        raise ValueError(f"invalid decompose config: {e}") from None
     cases = ["independent", "shared_angle", "dihedral", "spectrum_expfam", "spectrum_tms"]
-    if cfg.case not in cases:
-        raise ValueError(f"invalid config value case={cfg.case!r}: must be one of {cases}")
-    if cfg.group not in ("cyclic4", "so2"):
-        raise ValueError(f"invalid config value group={cfg.group!r}: must be one of ['cyclic4', 'so2']")
-    for key in ("n", "nbeta_n", "orbit_samples", "num_chains", "num_draws", "num_steps_bw_draws"):
+    if cfg.model.case not in cases:
+        raise ValueError(f"invalid config value model.case={cfg.model.case!r}: must be one of {cases}")
+    if cfg.model.group not in ("cyclic4", "so2"):
+        raise ValueError(f"invalid config value model.group={cfg.model.group!r}: must be one of ['cyclic4', 'so2']")
+    for key in ("n", "nbeta_n", "orbit_samples"):
         if int(cfg[key]) < (2 if key in ("n", "nbeta_n") else 1):
             raise ValueError(f"invalid config value {key}={cfg[key]}: too small")
-    for key in ("z", "localization", "step_factor"):
+    for key in ("z", "step_factor"):
         if not float(cfg[key]) > 0:
             raise ValueError(f"invalid config value {key}={cfg[key]}: must be positive")
+
+
+def _llc_kwargs(cfg: DictConfig, nb: float, curvature: float) -> dict[str, Any]:
+    kw = {k: v for k, v in OmegaConf.to_container(cfg.sampler, resolve=True).items()
+          if not k.startswith("_") and k != "nbeta"}
+    gamma = 1.0 if kw.get("localization") is None else float(kw["localization"])
+    kw["localization"] = gamma
+    if kw.get("step_size") is None:
+        kw["step_size"] = float(cfg.step_factor) / (nb * curvature + gamma)
+    kw.update(device=cfg.device, progress=bool(cfg.progress))
+    return kw
 
 
 def _spectrum(cfg: DictConfig, out_dir: Path) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -101,8 +114,7 @@ def _spectrum(cfg: DictConfig, out_dir: Path) -> tuple[dict[str, Any], dict[str,
     f64 = torch.float64
     gen = torch.Generator().manual_seed(int(cfg.seed))
     nb = slt.default_nbeta(int(cfg.nbeta_n))
-    gamma = float(cfg.localization)
-    if cfg.case == "spectrum_expfam":
+    if cfg.model.case == "spectrum_expfam":
         supp = polygon_support(6, dtype=f64)
         q = slt.Data(supp, None, torch.full((6,), 1 / 6, dtype=f64))
         model = ParametricFeatureFamily.polar(supp)
@@ -110,7 +122,7 @@ def _spectrum(cfg: DictConfig, out_dir: Path) -> tuple[dict[str, Any], dict[str,
         group = Dihedral(6)
         f = lambda z: z[:, 0] + z[:, 0] ** 2 + z[:, 0] * z[:, 1]  # noqa: E731
         obs = {"r_cos_phi": lambda p: p["theta1"][:, 0] * torch.cos(p["theta2"][:, 0])}
-        kw = dict(batch_size=None, step_size=float(cfg.step_factor) / (nb + gamma))
+        kw = _llc_kwargs(cfg, nb, 1.0)
     else:
         X = make_tms_sparse_data(int(cfg.n), 6, gen, dtype=f64)
         group = Cyclic(6)
@@ -120,11 +132,13 @@ def _spectrum(cfg: DictConfig, out_dir: Path) -> tuple[dict[str, Any], dict[str,
         a = torch.tensor([1.0, 0.5, 0, 0, 0, 0], dtype=f64)
         f = lambda z: z @ a  # noqa: E731
         obs = {"norm_W": lambda p: p["W"].norm(dim=1)}
-        kw = dict(batch_size=256, loss_fn=tms_loss)
+        kw = _llc_kwargs(cfg, nb, 1.0)
+        kw.pop("step_size")  # TMS: the engine's curvature-based default unless sampler.step_size is set
+        if cfg.sampler.step_size is not None:
+            kw["step_size"] = float(cfg.sampler.step_size)
+        kw["loss_fn"] = tms_loss
     spec = irrep_susceptibility(
-        model, q, group, f, strength=float(cfg.shift), nbeta=nb, observables=obs, num_chains=int(cfg.num_chains),
-        num_draws=int(cfg.num_draws), localization=gamma, dtype=f64, seed=int(cfg.seed), device=cfg.device,
-        progress=bool(cfg.progress), **kw,
+        model, q, group, f, strength=float(cfg.shift), nbeta=nb, observables=obs, dtype=f64, seed=int(cfg.seed), **kw,
     )
     df = spec.to_frame()
     df.to_csv(out_dir / "spectrum.csv", index=False)
@@ -142,30 +156,26 @@ def _spectrum(cfg: DictConfig, out_dir: Path) -> tuple[dict[str, Any], dict[str,
 
 
 def run(cfg: DictConfig, out_dir: Path) -> tuple[dict[str, Any], dict[str, Any]]:
-    if str(cfg.case).startswith("spectrum_"):
+    if str(cfg.model.case).startswith("spectrum_"):
         return _spectrum(cfg, out_dir)
     f64 = torch.float64
     gen = torch.Generator().manual_seed(int(cfg.seed))
     nb = slt.default_nbeta(int(cfg.nbeta_n))
     s = float(cfg.shift)
-    if cfg.case == "dihedral":
+    if cfg.model.case == "dihedral":
         x = torch.randn(int(cfg.n), 2, generator=gen, dtype=f64) + torch.tensor([0.6 * s, 0.8 * s], dtype=f64)
         groups = {"mirror": Reflection(2, normal=[0.0, 1.0]), "C3": Cyclic(3, action="rotation")}
         factory = lambda: PolarGaussianLocation(dtype=f64)  # noqa: E731
     else:
         x = torch.randn(int(cfg.n), 4, generator=gen, dtype=f64) + torch.tensor([s, 0.0, s, 0.0], dtype=f64)
-        rot = SO2() if cfg.group == "so2" else Cyclic(4, action="rotation")
+        rot = SO2() if cfg.model.group == "so2" else Cyclic(4, action="rotation")
         groups = {"rot1": block_group(rot, 0, 2), "rot2": block_group(rot, 1, 2)}
-        shared = cfg.case == "shared_angle"
+        shared = cfg.model.case == "shared_angle"
         factory = lambda: BlockPolarLocation(2, shared_angle=shared, dtype=f64)  # noqa: E731
-    gamma = float(cfg.localization)
     res = decompose(
         factory, x, groups, nbeta=nb, retrain=bool(cfg.retrain), quenched=bool(cfg.quenched),
         orbit_samples=int(cfg.orbit_samples), symmetrize_seed=int(cfg.seed), seed=int(cfg.seed), z=float(cfg.z),
-        batch_size=None, num_chains=int(cfg.num_chains), num_draws=int(cfg.num_draws),
-        num_steps_bw_draws=int(cfg.num_steps_bw_draws), localization=gamma,
-        step_size=float(cfg.step_factor) / (nb * 2.5 + gamma), dtype=f64, device=cfg.device,
-        progress=bool(cfg.progress),
+        dtype=f64, **_llc_kwargs(cfg, nb, 2.5),
     )
     df = res.to_frame()
     if res.quenched is not None:
@@ -176,7 +186,7 @@ def run(cfg: DictConfig, out_dir: Path) -> tuple[dict[str, Any], dict[str, Any]]
     import matplotlib
 
     matplotlib.use("Agg")
-    fig = res.plot(title=f"LLC decomposition: {cfg.case}, {cfg.group}")
+    fig = res.plot(title=f"LLC decomposition: {cfg.model.case}, {cfg.model.group}")
     fig.savefig(out_dir / "decomposition.png", dpi=120)
     print(res, flush=True)
     metrics: dict[str, Any] = {"nbeta": nb, "table": df.to_dict(orient="list"), "device": cfg.device}

@@ -226,16 +226,16 @@ def test_experiment_writes_table_and_figure(tmp_path):
 
     root = Path(__file__).resolve().parents[1]
     env = {**os.environ, "SLT_RESULTS_DIR": str(tmp_path), "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, str(root / "experiments" / "decompose.py"), "case=shared_angle", "num_draws=60",
-           "num_chains=2", "n=40"]
+    cmd = [sys.executable, str(root / "experiments" / "decompose.py"), "model.case=shared_angle", "sampler.num_draws=60",
+           "sampler.num_chains=2", "n=40"]
     out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     run_dir = next((tmp_path / "runs" / "decompose").iterdir())
     df = pd.read_csv(run_dir / "decomposition.csv")
     assert list(df["subset"]) == ["∅", "{rot1}", "{rot2}", "{rot1, rot2}"]
     assert (run_dir / "decomposition.png").stat().st_size > 0 and (run_dir / "result.json").exists()
-    bad = subprocess.run(cmd[:2] + ["case=bogus"], env=env, capture_output=True, text=True, timeout=300)
-    assert bad.returncode != 0 and "invalid config value case='bogus'" in bad.stderr
+    bad = subprocess.run(cmd[:2] + ["model.case=bogus"], env=env, capture_output=True, text=True, timeout=300)
+    assert bad.returncode != 0 and "invalid config value model.case='bogus'" in bad.stderr
 
 
 def test_quenched_variant_shares_w_star():

@@ -1,6 +1,5 @@
 """Character tables, isotypic projectors and the per-irrep susceptibility spectrum."""
 
-import math
 
 import pytest
 import torch

@@ -46,7 +46,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -255,12 +255,6 @@ def character_table(group: Group, *, real: bool = True, order: int | None = None
 
 def _so2_grid(order: int) -> int:
     return max(4 * (order + 1), 8)
-
-
-def _grid_elements(group: Group) -> tuple[Tensor, Group]:
-    if isinstance(group, SO2):
-        raise AssertionError
-    return group.elements(dtype=torch.float64), group
 
 
 def _resolve(group: Group, irrep: Irrep | str, order: int | None) -> tuple[Irrep, Tensor, Group]:

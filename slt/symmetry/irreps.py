@@ -22,7 +22,10 @@ For a function :math:`f` of the data,
 .. math:: P_\rho f = \frac{\dim\rho}{|G|} \sum_{g} \overline{\chi_\rho(g)}\, (f\circ g),
 
 (for a merged real irrep :math:`\rho\oplus\bar\rho`: the sum of the two
-projectors, real).  The :math:`P_\rho` are idempotent, mutually orthogonal
+projectors, real).  Convention: with :math:`f\circ g` (rather than the left
+action :math:`f\circ g^{-1}`) this formula projects onto the component of
+:math:`\bar\rho` under :math:`f \mapsto f\circ g^{-1}`; for real characters (dihedral,
+symmetric groups, merged pairs) the two agree.  The :math:`P_\rho` are idempotent, mutually orthogonal
 and sum to the identity (Serre 1977, *Linear representations of finite
 groups*, §2.6, Thm. 8); :math:`P_{\rm trivial} f = E_g[f\circ g]` is the
 Reynolds projection.  For :class:`SO2` the irreps are the circular harmonics

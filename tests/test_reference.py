@@ -245,14 +245,14 @@ def _normal_crossing_quadrature(powers, X, Y, w_star, nbeta, gamma, half_width=4
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("k", [1, 3])
+@pytest.mark.parametrize("k", [3])
 def test_nuts_one_dimensional_normal_crossing_more(k):
     g = torch.Generator().manual_seed(1)
     X = torch.randn(20, 1, generator=g, dtype=torch.float64)
     Y = torch.zeros(20, 1, dtype=torch.float64)
     m = NormalCrossing([k], dtype=torch.float64)
-    r = nuts_llc(m, (X, Y), gaussian_nll, localization=0.0, nbeta=500.0, num_chains=4, num_draws=400,
-                 num_warmup=150, target_accept_prob=0.9, seed=0)
+    r = nuts_llc(m, (X, Y), gaussian_nll, localization=0.0, nbeta=500.0, num_chains=4, num_draws=300,
+                 num_warmup=100, target_accept_prob=0.9, seed=0)
     assert abs(r.llc_mean - 1 / (2 * k)) < 4 * r.llc_sem, (r.llc_mean, r.llc_sem)
 
 
@@ -266,9 +266,11 @@ def test_nuts_matches_quadrature_two_dimensional_normal_crossing():
     m = NormalCrossing([1, 2], dtype=torch.float64)
     with torch.no_grad():
         m.w.copy_(m.empirical_minimum(X, Y))
-    # the cusp near the axes makes NUTS diverge at the default 0.8 (≈8% of transitions)
-    r = nuts_llc(m, (X, Y), gaussian_nll, localization=1.0, num_chains=4, num_draws=600, num_warmup=200,
+    # the cusp near the axes makes NUTS diverge: ≈8% of transitions at the default
+    # target 0.8, ≈6% at 0.9, ≈1% at 0.95
+    r = nuts_llc(m, (X, Y), gaussian_nll, localization=1.0, num_chains=4, num_draws=400, num_warmup=150,
                  target_accept_prob=0.95, seed=0)
+    assert r.diagnostics["divergences"] < 0.03 * 4 * 400
     exact = _normal_crossing_quadrature([1, 2], X, Y, m.w.detach(), r.nbeta, 1.0)
     assert abs(r.llc_mean - exact) < 4 * r.llc_sem, (r.llc_mean, r.llc_sem, exact)
     assert abs(exact - 0.25) / 0.25 < 0.15

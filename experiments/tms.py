@@ -54,16 +54,8 @@ from slt.models import (  # noqa: E402
     tms_loss,
     tms_population_loss,
 )
+from slt.geometry import feature_dimensionality  # noqa: E402
 from slt.training import train  # noqa: E402
-
-
-def feature_dimensionality(W: torch.Tensor) -> torch.Tensor:
-    r"""Per-feature dimensionality :math:`D_i = \lVert W_i\rVert^2 / \sum_j (\hat W_i \cdot W_j)^2`
-    (Elhage et al. 2022), ``(m, n) -> (n,)``; 0 for a dead (zero) column."""
-    norms2 = W.square().sum(0)  # (n,)
-    unit = W / norms2.sqrt().clamp_min(1e-12)  # (m, n)
-    denom = (unit.T @ W).square().sum(1)  # (n,)
-    return torch.where(norms2 > 1e-12, norms2 / denom.clamp_min(1e-24), torch.zeros_like(norms2))
 
 
 def _validate(cfg: DictConfig) -> None:

@@ -517,7 +517,7 @@ def fig_symmetry(results: Path, out: Path) -> list[Path]:
     for name, title, bounds in (
         ("expfam_symmetrize", "Exp. family on the hexagon: symmetrize q under D₆", True),
         ("expfam_break", "Exp. family: break the D₆ invariance of a uniform q", True),
-        ("tms_symmetry", "TMS 6-gon: break the S₆ invariance of q (w* fixed)", False),
+        ("tms_symmetry", "TMS 6-gon: break the S₆ invariance of q (w* fixed)", True),
     ):
         try:
             panels.append((load_sweep(results, name), title, bounds))

@@ -58,6 +58,29 @@ from slt.geometry import feature_dimensionality  # noqa: E402
 from slt.training import train  # noqa: E402
 
 
+HESSIAN_TOL = 1e-6  # eigenvalues below HESSIAN_TOL · max(1, largest) count as zero
+
+
+def hessian_rank(model: ToyModelOfSuperposition, X: torch.Tensor, loss: Any) -> tuple[int, list[float]]:
+    """Rank and eigenvalues of the Hessian of the full-data loss at the model's (W, b), in float64.
+
+    ReLU makes the loss piecewise smooth; at a trained point no sample sits exactly on a kink,
+    so the Hessian exists.  Gives the bounds d₁/2 ≤ λ ≤ (d + d₁)/4 (:func:`slt.theory.hessian_rank_bounds`).
+    """
+    W0, b0 = model.W.detach().double(), model.b.detach().double()
+    m, n = W0.shape
+    Xd = X.double()
+
+    def f(w: torch.Tensor) -> torch.Tensor:
+        W, b = w[: m * n].view(m, n), w[m * n:]
+        return loss(torch.relu((Xd @ W.T) @ W + b), Xd)
+
+    H = torch.autograd.functional.hessian(f, torch.cat([W0.reshape(-1), b0]))
+    eig = torch.linalg.eigvalsh(0.5 * (H + H.T))
+    thr = HESSIAN_TOL * max(1.0, float(eig.abs().max()))
+    return int((eig > thr).sum()), eig.tolist()
+
+
 def _validate(cfg: DictConfig) -> None:
     if cfg.init.kind not in ("random", "kgon"):
         raise ValueError(f"invalid config value init.kind={cfg.init.kind!r}: must be one of ['random', 'kgon']")
@@ -133,6 +156,9 @@ def run(cfg: DictConfig, out_dir: Path) -> tuple[dict[str, Any], dict[str, Any]]
     # 4. classify
     cls = classify_tms_point(W, b, tol=float(cfg.classify_tol))
     dims = feature_dimensionality(W)
+    d = W.numel() + b.numel()
+    h_rank, h_eig = hessian_rank(model, X, loss)
+    lo, hi = slt.theory.hessian_rank_bounds(d, h_rank)
 
     # 5. λ̂ on q_h
     res, sym_metrics = _estimate(cfg, model, X, loss, gens[3])
@@ -152,6 +178,11 @@ def run(cfg: DictConfig, out_dir: Path) -> tuple[dict[str, Any], dict[str, Any]]
         "train_grad_norm": fit.grad_norm,
         "train_converged": fit.converged,
         "model_dimensionality": n_hidden / float(W.square().sum()),
+        "d": d,
+        "hessian_rank": h_rank,  # of L_q at w* (the unperturbed q w* was trained on)
+        "hessian_eigenvalues": h_eig,
+        "llc_lower_bound": lo,
+        "llc_upper_bound": hi,
         "feature_dimensionality": dims.tolist(),
         "W": W.tolist(),
         "b": b.tolist(),

@@ -51,6 +51,7 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
+from ._checks import check_int, check_real
 from .data import Batch, Data, LoaderSource, as_source
 from .diagnostics import ess, llc_standard_error, rhat
 from .losses import LossAdapter
@@ -363,18 +364,6 @@ def _intra_op_threads(num_threads: int | None) -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(prev)
-
-
-def _check_positive(name: str, value: Any, allow_zero: bool = False) -> None:
-    ok = isinstance(value, (int, float)) and math.isfinite(value) and (value >= 0 if allow_zero else value > 0)
-    if not ok:
-        need = "non-negative" if allow_zero else "positive"
-        raise ValueError(f"{name} must be a {need} finite number, got {value!r}")
-
-
-def _check_int(name: str, value: Any, minimum: int) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
 
 
 def _choose_path(model: nn.Module, vectorize: str) -> str:
@@ -709,21 +698,21 @@ def estimate_llc(
     """
     t_setup = time.perf_counter()
     template, ckpts, is_batch = _checkpoints(model, models, state_dicts)
-    _check_int("num_chains", num_chains, 1)
-    _check_int("num_draws", num_draws, 1)
+    num_chains = check_int("num_chains", num_chains, 1)
+    num_draws = check_int("num_draws", num_draws, 1)
     if num_burnin is None:
         num_burnin = num_draws // 4
-    _check_int("num_burnin", num_burnin, 0)
-    _check_int("num_steps_bw_draws", num_steps_bw_draws, 1)
-    _check_int("mala_every", mala_every, 0)
+    num_burnin = check_int("num_burnin", num_burnin, 0)
+    num_steps_bw_draws = check_int("num_steps_bw_draws", num_steps_bw_draws, 1)
+    mala_every = check_int("mala_every", mala_every, 0)
     if step_size is not None:
-        _check_positive("step_size", step_size)
+        check_real("step_size", step_size, positive=True)
     if nbeta is not None:
-        _check_positive("nbeta", nbeta)
+        check_real("nbeta", nbeta, positive=True)
     if localization is not None:
-        _check_positive("localization", localization, allow_zero=True)
+        check_real("localization", localization, nonnegative=True)
     if batch_size is not None:
-        _check_int("batch_size", batch_size, 1)
+        batch_size = check_int("batch_size", batch_size, 1)
     if dtype not in (torch.float32, torch.float64):
         raise ValueError(f"dtype must be torch.float32 or torch.float64, got {dtype}")
     if loss_fn is None:
@@ -932,7 +921,7 @@ def estimate_llc(
     if num_threads is None and dev.type == "cpu" and CT * (bsz or 1) * spec.d < 2_000_000:
         num_threads = 1
     if num_threads is not None:
-        _check_int("num_threads", num_threads, 1)
+        num_threads = check_int("num_threads", num_threads, 1)
     with _intra_op_threads(num_threads):
         show = progress if progress is not None else (sys.stderr.isatty() and num_steps * CT >= 20000)
         bar = tqdm(total=num_steps, disable=not show, desc="LLC", unit="step", leave=False)

@@ -42,8 +42,9 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from ._checks import check_int, check_real
 from .params import ParamSpec
-from .reference import _Target, _check_int, _check_real
+from .reference import _Target
 from .samplers import LocalizedPotential
 
 __all__ = ["PosteriorDraws", "BasinFractions", "sample_posterior", "basin_fractions", "geometric_ladder"]
@@ -219,8 +220,8 @@ def geometric_ladder(num: int, min_factor: float) -> list[float]:
     heat capacity varies slowly (for a singular model :math:`E_\beta[nL] \approx \lambda/\beta`,
     so adjacent rungs overlap when :math:`\log(\beta_r/\beta_{r+1}) \lesssim 1/\sqrt{\lambda}`).
     """
-    num = _check_int("num", num, 1)
-    f = _check_real("min_factor", min_factor)
+    num = check_int("num", num, 1)
+    f = check_real("min_factor", min_factor, positive=True)
     if f > 1:
         raise ValueError(f"min_factor must be in (0, 1], got {min_factor}")
     if num == 1:
@@ -349,16 +350,16 @@ def sample_posterior(
     RuntimeError
         A chain produced NaN/inf (names the chain and step; lower ``step_size``).
     """
-    sigma = _check_real("prior_std", prior_std)
-    cpi = _check_int("chains_per_init", chains_per_init, 1)
-    T = _check_int("num_draws", num_draws, 1)
-    burn = _check_int("num_burnin", num_burnin, 0)
-    thin = _check_int("num_steps_bw_draws", num_steps_bw_draws, 1)
-    _check_int("seed", seed, 0)
+    sigma = check_real("prior_std", prior_std, positive=True)
+    cpi = check_int("chains_per_init", chains_per_init, 1)
+    T = check_int("num_draws", num_draws, 1)
+    burn = check_int("num_burnin", num_burnin, 0)
+    thin = check_int("num_steps_bw_draws", num_steps_bw_draws, 1)
+    check_int("seed", seed, 0)
     if dtype not in (torch.float32, torch.float64):
         raise ValueError(f"dtype must be torch.float32 or torch.float64, got {dtype}")
     target = _Target(model, data, loss_fn, dtype, device)
-    nb = float(target.n) if nbeta is None else _check_real("nbeta", nbeta)
+    nb = float(target.n) if nbeta is None else check_real("nbeta", nbeta, positive=True)
     starts, labels = _starts(target, init, init_labels)
     K, d = starts.shape
     if isinstance(prior_mean, Tensor):
@@ -375,13 +376,13 @@ def sample_posterior(
         not (0 < b < a) for a, b in zip(ladder, ladder[1:])
     ):
         raise ValueError(f"temperatures must start at 1 and decrease strictly inside (0, 1], got {temperatures!r}")
-    every = _check_int("swap_every", swap_every, 1)
+    every = check_int("swap_every", swap_every, 1)
     R = len(ladder)
     h = _top_hessian_eigenvalue(target, starts)
     if step_size is None:
         eps = STEP_FACTOR / (nb * h + gamma)
     else:
-        eps = _check_real("step_size", step_size)
+        eps = check_real("step_size", step_size, positive=True)
     # rung r takes ε_r = ε (nβ h + γ) / (nβ f_r h + γ): the same stability margin on every rung
     eps_r = [eps * (nb * h + gamma) / (nb * f * h + gamma) for f in ladder]
 

@@ -80,7 +80,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import math
-import numbers
 import random
 import time
 import warnings
@@ -91,6 +90,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from ._checks import check_int, check_real
 from .data import Batch, Data, LoaderSource, as_source
 from .diagnostics import ess, llc_standard_error, rhat
 from .losses import LossAdapter
@@ -116,26 +116,6 @@ NUTS_MAX_PARAMS = 1000
 DENSE_MASS_MAX_PARAMS = 100
 
 Observable = Callable[[Mapping[str, Tensor]], Tensor]
-
-
-# ----------------------------------------------------------------------------
-# input checks
-# ----------------------------------------------------------------------------
-def _check_int(name: str, value: Any, minimum: int) -> int:
-    """``value`` as an ``int`` (Python or NumPy integer, not bool) ``>= minimum``, else ``ValueError``."""
-    if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
-    return int(value)
-
-
-def _check_real(name: str, value: Any, *, allow_zero: bool = False) -> float:
-    """``value`` as a finite ``float`` that is positive (or non-negative), else ``ValueError``."""
-    ok = isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
-    ok = ok and (value >= 0 if allow_zero else value > 0)
-    if not ok:
-        need = "non-negative" if allow_zero else "positive"
-        raise ValueError(f"{name} must be a {need} finite number, got {value!r}")
-    return float(value)
 
 
 # ----------------------------------------------------------------------------
@@ -457,12 +437,12 @@ def _nuts_result(
 
 
 def _check_nuts_args(num_chains, num_draws, num_warmup, max_tree_depth, target_accept_prob, seed):
-    _check_int("num_chains", num_chains, 1)
-    _check_int("num_draws", num_draws, 4)
+    check_int("num_chains", num_chains, 1)
+    check_int("num_draws", num_draws, 4)
     if num_warmup is None:
         num_warmup = max(100, num_draws // 2)
-    _check_int("num_warmup", num_warmup, 0)
-    _check_int("max_tree_depth", max_tree_depth, 1)
+    check_int("num_warmup", num_warmup, 0)
+    check_int("max_tree_depth", max_tree_depth, 1)
     if not isinstance(target_accept_prob, float) or not 0.0 < target_accept_prob < 1.0:
         raise ValueError(f"target_accept_prob must be a float in (0, 1), got {target_accept_prob!r}")
     if not isinstance(seed, int) or isinstance(seed, bool):
@@ -566,9 +546,9 @@ def nuts_llc(
     """
     num_warmup = _check_nuts_args(num_chains, num_draws, num_warmup, max_tree_depth, target_accept_prob, seed)
     if nbeta is not None:
-        _check_real("nbeta", nbeta)
+        check_real("nbeta", nbeta, positive=True)
     if localization is not None:
-        _check_real("localization", localization, allow_zero=True)
+        check_real("localization", localization, nonnegative=True)
     if isinstance(model, (list, tuple)):
         raise TypeError("nuts_llc takes one model (checkpoint) at a time")
     spec_d = ParamSpec(model).d if isinstance(model, nn.Module) else 0
@@ -760,7 +740,7 @@ def compare(
     from .engine import default_localization, default_nbeta, estimate_llc
 
     try:
-        eps_list = sorted(float(_check_real("step_sizes[i]", e)) for e in step_sizes)
+        eps_list = sorted(check_real("step_sizes[i]", e, positive=True) for e in step_sizes)
     except TypeError as e:
         raise ValueError(f"step_sizes must be a sequence of positive numbers, got {step_sizes!r}") from e
     if not eps_list and not nuts:
@@ -768,14 +748,14 @@ def compare(
     for k in ("step_size", "nbeta", "localization", "num_chains", "num_draws", "seed"):
         if k in sgld_kwargs:
             raise TypeError(f"compare() sets {k!r} itself; pass it as compare's own argument")
-    _check_int("num_chains", num_chains, 1)
-    _check_int("num_draws", num_draws, 1)
-    _check_int("nuts_chains", nuts_chains, 1)
-    _check_int("nuts_draws", nuts_draws, 4)
+    check_int("num_chains", num_chains, 1)
+    check_int("num_draws", num_draws, 1)
+    check_int("nuts_chains", nuts_chains, 1)
+    check_int("nuts_draws", nuts_draws, 4)
     if nbeta is not None:
-        _check_real("nbeta", nbeta)
+        check_real("nbeta", nbeta, positive=True)
     if localization is not None:
-        _check_real("localization", localization, allow_zero=True)
+        check_real("localization", localization, nonnegative=True)
     n = as_source(data).n
     if nbeta is None and n is None:
         raise ValueError("the DataLoader's dataset has no length: pass nbeta explicitly")
@@ -943,7 +923,7 @@ def _global_runs(
         raise ValueError("sgld_kwargs are only used with sampler='sgld'")
     gamma = 0.0
     if prior_std is not None:
-        gamma = 1.0 / _check_real("prior_std", prior_std) ** 2
+        gamma = 1.0 / check_real("prior_std", prior_std, positive=True) ** 2
     if isinstance(model, (list, tuple)):
         raise TypeError("the global estimators take one model at a time")
     if sampler == "nuts":
@@ -1059,7 +1039,7 @@ def multitemperature_llc(
     TemperatureRegression
     """
     try:
-        rel = [_check_real("betas[i]", b) for b in betas]
+        rel = [check_real("betas[i]", b, positive=True) for b in betas]
     except TypeError as e:
         raise ValueError(f"betas must be a sequence of positive numbers, got {betas!r}") from e
     if len(set(rel)) < 2:

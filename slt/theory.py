@@ -27,9 +27,10 @@ argument and the problem.
 from __future__ import annotations
 
 import math
-import numbers
 from fractions import Fraction
 from typing import Any, Iterable, Sequence
+
+from ._checks import check_int, check_real
 
 __all__ = [
     "regular_llc",
@@ -54,27 +55,7 @@ __all__ = [
 # ---------------------------------------------------------------------------
 
 
-def _check_int(value: Any, name: str, minimum: int | None = None) -> int:
-    """Return ``value`` as a Python ``int`` or raise a descriptive ValueError.
-
-    Accepts Python and NumPy integers; rejects ``bool`` and floats (even
-    integral ones such as ``3.0``) so that silent truncation cannot happen.
-    """
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise ValueError(
-            f"{name} must be an integer, got {value!r} (type {type(value).__name__})"
-        )
-    value = int(value)
-    if minimum is not None and value < minimum:
-        if minimum == 1:
-            raise ValueError(f"{name} must be a positive integer (>= 1), got {value}")
-        if minimum == 0:
-            raise ValueError(f"{name} must be a non-negative integer (>= 0), got {value}")
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
-    return value
-
-
-def _to_list(values: Any, name: str) -> list[Any]:
+def _to_list(name: str, values: Any) -> list[Any]:
     """Turn a list/tuple/NumPy array/torch tensor into a flat Python list."""
     if isinstance(values, (str, bytes)):
         raise ValueError(f"{name} must be a sequence of numbers, got a string {values!r}")
@@ -96,23 +77,12 @@ def _to_list(values: Any, name: str) -> list[Any]:
     return out
 
 
-def _check_int_sequence(values: Any, name: str, minimum: int) -> list[int]:
-    out = _to_list(values, name)
+def _check_int_sequence(name: str, values: Any, minimum: int) -> list[int]:
+    """``values`` (a non-empty 1-d sequence, array or tensor) as a list of ints ``>= minimum``."""
+    out = _to_list(name, values)
     if len(out) == 0:
         raise ValueError(f"{name} must not be empty")
-    return [_check_int(v, f"{name}[{i}]", minimum) for i, v in enumerate(out)]
-
-
-def _check_real(value: Any, name: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        # accept 0-d tensors / arrays
-        if hasattr(value, "item"):
-            return _check_real(value.item(), name)
-        raise ValueError(f"{name} must be a real number, got {value!r}")
-    value = float(value)
-    if not math.isfinite(value):
-        raise ValueError(f"{name} must be finite, got {value}")
-    return value
+    return [check_int(f"{name}[{i}]", v, minimum) for i, v in enumerate(out)]
 
 
 # ---------------------------------------------------------------------------
@@ -143,12 +113,12 @@ def regular_llc(d: int) -> float:
     S. Watanabe, *Algebraic Geometry and Statistical Learning Theory*,
     Cambridge University Press, 2009 (the regular case).
     """
-    d = _check_int(d, "d", 0)
+    d = check_int("d", d, 0)
     return d / 2
 
 
 def _check_powers(powers: Any) -> list[int]:
-    ks = _check_int_sequence(powers, "powers", 0)
+    ks = _check_int_sequence("powers", powers, 0)
     if max(ks) == 0:
         raise ValueError(
             "powers must contain at least one positive entry; with all k_i = 0 "
@@ -236,10 +206,10 @@ def normal_crossing_multiplicity(powers: Sequence[int]) -> int:
 
 
 def _check_rrr(n_in: Any, hidden: Any, n_out: Any, rank: Any) -> tuple[int, int, int, int]:
-    n = _check_int(n_in, "n_in", 1)
-    h = _check_int(hidden, "hidden", 1)
-    m = _check_int(n_out, "n_out", 1)
-    r = _check_int(rank, "rank", 0)
+    n = check_int("n_in", n_in, 1)
+    h = check_int("hidden", hidden, 1)
+    m = check_int("n_out", n_out, 1)
+    r = check_int("rank", rank, 0)
     if r > min(n, h, m):
         raise ValueError(
             f"rank must be <= min(n_in, hidden, n_out) = {min(n, h, m)}, got rank={r}"
@@ -364,13 +334,13 @@ def rrr_multiplicity(n_in: int, hidden: int, n_out: int, rank: int) -> int:
 
 
 def _check_dln(widths: Any, rank: Any) -> tuple[list[int], int]:
-    ws = _check_int_sequence(widths, "widths", 1)
+    ws = _check_int_sequence("widths", widths, 1)
     if len(ws) < 2:
         raise ValueError(
             f"widths must list at least an input and an output width (length >= 2), "
             f"got {ws}"
         )
-    r = _check_int(rank, "rank", 0)
+    r = check_int("rank", rank, 0)
     if r > min(ws):
         raise ValueError(f"rank must be <= min(widths) = {min(ws)}, got rank={r}")
     return ws, r
@@ -558,7 +528,7 @@ def tanh_llc(hidden: int) -> float:
     Theory and Methods* 39, 2010); that attribution, and the exact setting
     (biases, prior support), have not been verified here.
     """
-    h = _check_int(hidden, "hidden", 1)
+    h = check_int("hidden", hidden, 1)
     i = math.isqrt(h)
     return float(Fraction(h + i * i + i, 4 * i + 2))
 
@@ -706,8 +676,8 @@ def hessian_rank_bounds(d: int, hessian_rank: int) -> tuple[float, float]:
     improvement due to D. Vaintrob (as stated in the project reference
     sheet; not re-derived here beyond the sketch above).
     """
-    d = _check_int(d, "d", 1)
-    d1 = _check_int(hessian_rank, "hessian_rank", 0)
+    d = check_int("d", d, 1)
+    d1 = check_int("hessian_rank", hessian_rank, 0)
     if d1 > d:
         raise ValueError(f"hessian_rank must be <= d = {d}, got hessian_rank={d1}")
     return d1 / 2, (d + d1) / 4
@@ -758,15 +728,15 @@ def exact_quadratic_llc(hessian_eigenvalues: Any, nbeta: float, localization: fl
     coefficient: a singularity-aware complexity measure", AISTATS 2025,
     arXiv:2308.12108 (estimator and localized posterior).
     """
-    nb = _check_real(nbeta, "nbeta")
+    nb = check_real("nbeta", nbeta)
     if nb <= 0:
         raise ValueError(f"nbeta must be > 0, got {nb}")
-    gamma = _check_real(localization, "localization")
+    gamma = check_real("localization", localization)
     if gamma < 0:
         raise ValueError(f"localization must be >= 0, got {gamma}")
     eigs = [
-        _check_real(h, f"hessian_eigenvalues[{i}]")
-        for i, h in enumerate(_to_list(hessian_eigenvalues, "hessian_eigenvalues"))
+        check_real(f"hessian_eigenvalues[{i}]", h)
+        for i, h in enumerate(_to_list("hessian_eigenvalues", hessian_eigenvalues))
     ]
     total = 0.0
     for i, h in enumerate(eigs):

@@ -22,13 +22,13 @@ of :math:`L_n` for most data sets.
 from __future__ import annotations
 
 import math
-import numbers
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
 import torch
 from torch import Tensor, nn
 
+from ._checks import check_int, check_real
 from .data import Data
 from .losses import LossAdapter
 
@@ -135,6 +135,28 @@ def _resolve_data(
     return x, y, wn
 
 
+def _stream_batch(
+    stream: Callable[[int, torch.Generator], object], batch_size: int, generator: torch.Generator,
+    x: Tensor, y: Tensor,
+) -> tuple[Tensor, Tensor]:
+    """One fresh minibatch ``(xb, yb)`` from ``stream``, checked against the shapes of ``(x, y)``."""
+    batch = stream(batch_size, generator)
+    if isinstance(batch, Data) and batch.weights is not None:
+        raise ValueError("stream returned a weighted batch: weights are not supported with stream")
+    try:
+        xb, yb, _ = _unpack(batch)
+    except ValueError as err:
+        raise ValueError(f"stream returned a bad batch: {err}") from None
+    if xb.shape[0] != batch_size:
+        raise ValueError(f"stream(batch_size={batch_size}, generator) returned {xb.shape[0]} samples")
+    if xb.shape[1:] != x.shape[1:] or yb.shape[1:] != y.shape[1:]:
+        raise ValueError(
+            f"stream batches must be shaped like data: got X {tuple(xb.shape)}, Y {tuple(yb.shape)} "
+            f"against data X {tuple(x.shape)}, Y {tuple(y.shape)}"
+        )
+    return xb.to(device=x.device, dtype=x.dtype), yb.to(device=y.device, dtype=y.dtype)
+
+
 def _objective(
     loss_fn: Callable[[Tensor, Tensor], Tensor], adapter: LossAdapter | None, weights: Tensor | None
 ) -> Callable[[Tensor, Tensor], Tensor]:
@@ -148,22 +170,6 @@ def _objective(
         return (ps * weights.to(ps.dtype)).sum()
 
     return weighted
-
-
-def _check_int(name: str, value: object, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
-    return int(value)
-
-
-def _check_real(name: str, value: object, *, positive: bool) -> float:
-    try:
-        v = float(value)  # type: ignore[arg-type]
-    except (TypeError, ValueError):
-        raise ValueError(f"{name} must be a real number, got {value!r}") from None
-    if not math.isfinite(v) or (v <= 0 if positive else v < 0):
-        raise ValueError(f"{name} must be {'positive' if positive else 'non-negative'}, got {value!r}")
-    return v
 
 
 def full_batch_loss_and_grad_norm(
@@ -217,6 +223,7 @@ def train(
     tol: float = 1e-5,
     finish: str | None = "lbfgs",
     finish_iterations: int = 1000,
+    stream: Callable[[int, torch.Generator], object] | None = None,
 ) -> TrainResult:
     """Train ``model`` in place towards a minimum of the empirical loss.
 
@@ -235,6 +242,12 @@ def train(
        :func:`slt.estimate_llc` draws them) and their loss is the plain
        ``loss_fn`` mean, an unbiased estimate of the weighted :math:`L_n`
        (importance sampling; zero-weight samples are never drawn);
+       With ``stream``, the main phase instead takes a *fresh* minibatch
+       ``stream(batch_size, generator)`` from the data distribution q at
+       every step (online training on the population loss
+       :math:`L(w) = E_q[\\ell(w)]`, as Elhage et al. 2022 train their toy
+       models), and ``data`` serves only for the finishing phase and the
+       reported loss;
     2. unless ``finish=None``, full-batch L-BFGS (strong Wolfe line search) on
        :math:`L_n` itself -- *without* weight decay, since :math:`w^*` must be
        a minimum of the loss the sampler uses -- in chunks of 50 iterations,
@@ -282,6 +295,15 @@ def train(
         ``"lbfgs"`` (default) or ``None`` (no finishing phase).
     finish_iterations
         Maximum number of L-BFGS iterations in the finishing phase.
+    stream
+        ``stream(batch_size, generator) -> batch``: a sampler of fresh
+        minibatches from q (a tensor ``X`` or a pair ``(X, Y)`` with
+        ``batch_size`` rows, shaped like ``data``), or ``None`` (minibatches
+        drawn from ``data``).  Needs ``batch_size`` and a minibatch optimiser
+        (``"adam"`` or ``"sgd"``); not allowed with weighted data.  With a
+        finishing phase the end point is a minimum of :math:`L_n` again;
+        ``finish=None`` keeps the online end point (a point near a minimum of
+        the population loss, free of the finite-sample fit to ``data``).
 
     Returns
     -------
@@ -312,25 +334,34 @@ def train(
     objective = _objective(loss_fn, None if w is None else LossAdapter(loss_fn), w)
     if not isinstance(model, nn.Module):
         raise ValueError(f"model must be an nn.Module, got {type(model).__name__}")
-    steps = _check_int("steps", steps, 0)
-    lr = _check_real("lr", lr, positive=True)
-    weight_decay = _check_real("weight_decay", weight_decay, positive=False)
-    momentum = _check_real("momentum", momentum, positive=False)
-    tol = _check_real("tol", tol, positive=True)
-    finish_iterations = _check_int("finish_iterations", finish_iterations, 0)
+    steps = check_int("steps", steps, 0)
+    lr = check_real("lr", lr, positive=True)
+    weight_decay = check_real("weight_decay", weight_decay, nonnegative=True)
+    momentum = check_real("momentum", momentum, nonnegative=True)
+    tol = check_real("tol", tol, positive=True)
+    finish_iterations = check_int("finish_iterations", finish_iterations, 0)
     if optimizer not in _OPTIMIZERS:
         raise ValueError(f"optimizer must be one of {_OPTIMIZERS}, got {optimizer!r}")
     if finish not in _FINISHERS:
         raise ValueError(f"finish must be one of {_FINISHERS}, got {finish!r}")
     n = x.shape[0]
     if batch_size is not None:
-        batch_size = _check_int("batch_size", batch_size, 1)
-        if batch_size >= n:
+        batch_size = check_int("batch_size", batch_size, 1)
+        if batch_size >= n and stream is None:
             batch_size = None
     if optimizer == "lbfgs" and batch_size is not None:
         raise ValueError("optimizer='lbfgs' needs full batches (batch_size=None)")
     if generator is not None and not isinstance(generator, torch.Generator):
         raise ValueError(f"generator must be a torch.Generator, got {type(generator).__name__}")
+    if stream is not None:
+        if not callable(stream):
+            raise ValueError(f"stream must be callable as stream(batch_size, generator), got {type(stream).__name__}")
+        if batch_size is None:
+            raise ValueError("stream needs a batch_size (the size of each fresh minibatch), got batch_size=None")
+        if optimizer == "lbfgs":
+            raise ValueError("stream needs a minibatch optimizer ('adam' or 'sgd'), got optimizer='lbfgs'")
+        if w is not None:
+            raise ValueError("stream cannot be combined with weighted data: sample q_h itself in the stream")
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ValueError("model has no trainable parameters")
@@ -372,6 +403,9 @@ def train(
             for _ in range(steps):
                 if batch_size is None:
                     xb, yb = x, y
+                elif stream is not None:
+                    assert generator is not None
+                    xb, yb = _stream_batch(stream, batch_size, generator, x, y)
                 else:
                     assert generator is not None
                     if w is not None:  # i.i.d. with probability ∝ weight: the plain mean is unbiased

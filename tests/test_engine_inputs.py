@@ -26,13 +26,13 @@ KW = dict(num_chains=2, num_draws=5, step_size=1e-4, progress=False)
 @pytest.mark.parametrize(
     "kwargs, match",
     [
-        ({"step_size": 0.0}, "step_size must be a positive"),
-        ({"step_size": -1e-3}, "step_size must be a positive"),
-        ({"step_size": float("nan")}, "step_size must be a positive"),
+        ({"step_size": 0.0}, "step_size must be positive and finite"),
+        ({"step_size": -1e-3}, "step_size must be positive and finite"),
+        ({"step_size": float("nan")}, "step_size must be positive and finite"),
         ({"num_chains": 0}, "num_chains must be an integer >= 1"),
         ({"num_draws": 2.5}, "num_draws must be an integer"),
-        ({"nbeta": -3.0}, "nbeta must be a positive"),
-        ({"localization": -1.0}, "localization must be a non-negative"),
+        ({"nbeta": -3.0}, "nbeta must be positive and finite"),
+        ({"localization": -1.0}, "localization must be non-negative and finite"),
         ({"batch_size": 0}, "batch_size must be an integer >= 1"),
         ({"sampler": "hmc"}, "unknown sampler 'hmc'"),
         ({"vectorize": "gpu"}, "vectorize must be"),

@@ -71,6 +71,7 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
+from .._checks import check_real
 from ..data import Data
 from ..engine import default_nbeta, estimate_llc
 from ..losses import LossAdapter
@@ -614,9 +615,7 @@ def _prepare(
         sub = {(a, b): commute[(a, b)] for a in idx for b in idx if a < b}
         plans[mask] = idx
         _plan(glist, idx, {(a, b): sub.get((a, b), True) for a in range(k) for b in range(k) if a < b})
-    nb = float(nbeta) if nbeta is not None else default_nbeta(d.n)
-    if not (math.isfinite(nb) and nb > 0):
-        raise ValueError(f"nbeta must be a positive finite number, got {nbeta!r}")
+    nb = check_real("nbeta", default_nbeta(d.n) if nbeta is None else nbeta, positive=True)
     template = model if is_module else model()
     if not isinstance(template, nn.Module):
         raise TypeError("the model factory must return an nn.Module")

@@ -37,6 +37,8 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
+from .._checks import check_int
+
 __all__ = [
     "Group",
     "FiniteGroup",
@@ -52,12 +54,6 @@ __all__ = [
 ]
 
 _MAX_ELEMENTS = 100_000
-
-
-def _check_degree(name: str, value: object, minimum: int = 1) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
-    return value
 
 
 def _check_generator(generator: object) -> None:
@@ -177,7 +173,7 @@ class Group:
         return self.elements(dtype=dtype).mean(0)
 
     def _check_k(self, k: object) -> int:
-        return _check_degree("k (number of samples)", k, 1)
+        return check_int("k (number of samples)", k, 1)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(degree={self.degree})"
@@ -262,7 +258,7 @@ class Cyclic(FiniteGroup):
     """
 
     def __init__(self, k: int, action: str = "shift"):
-        k = _check_degree("k", k, 1)
+        k = check_int("k", k, 1)
         if action == "shift":
             mats = torch.stack([_perm_matrix([(i - j) % k for i in range(k)]) for j in range(k)])
         elif action == "rotation":
@@ -287,7 +283,7 @@ class Permutation(FiniteGroup):
     """
 
     def __init__(self, m: int, generators: Sequence[Sequence[int]] | None = None):
-        m = _check_degree("m", m, 1)
+        m = check_int("m", m, 1)
         if generators is None:
             if m > 8:
                 raise ValueError(f"S_{m} has {math.factorial(m)} elements; pass generators for m > 8")
@@ -345,7 +341,7 @@ class Reflection(FiniteGroup):
     """
 
     def __init__(self, m: int = 1, normal: Sequence[float] | Tensor | None = None):
-        m = _check_degree("m", m, 1)
+        m = check_int("m", m, 1)
         if normal is None:
             r = -torch.eye(m, dtype=torch.float64)
             name = f"Reflection({m})"
@@ -363,7 +359,7 @@ class SignFlips(FiniteGroup):
     r""":math:`\mathbb Z_2^m`: independent sign flips of each of ``m`` coordinates."""
 
     def __init__(self, m: int):
-        m = _check_degree("m", m, 1)
+        m = check_int("m", m, 1)
         if m > 16:
             raise ValueError(f"Z_2^{m} has 2^{m} elements; m <= 16 supported")
         signs = torch.tensor(list(itertools.product([1.0, -1.0], repeat=m)), dtype=torch.float64)
@@ -377,7 +373,7 @@ class Dihedral(FiniteGroup):
     first axis)."""
 
     def __init__(self, k: int):
-        k = _check_degree("k", k, 1)
+        k = check_int("k", k, 1)
         rots = _rotation(2 * math.pi * torch.arange(k, dtype=torch.float64) / k)
         flip = torch.diag(torch.tensor([1.0, -1.0], dtype=torch.float64))
         super().__init__(torch.cat([rots, rots @ flip]), name=f"Dihedral({k})")
@@ -395,7 +391,7 @@ class SO(Group):
     """
 
     def __init__(self, d: int):
-        d = _check_degree("d", d, 2)
+        d = check_int("d", d, 2)
         self.degree = d
         self.dim = d * (d - 1) // 2
 

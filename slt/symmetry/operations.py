@@ -25,6 +25,7 @@ from typing import Any, Callable
 import torch
 from torch import Tensor
 
+from .._checks import check_int
 from ..data import Data, as_source
 from .groups import Group, check_acts_on
 
@@ -80,12 +81,6 @@ def _act_data(group: Group, g: Tensor, d: Data, acts_on: str) -> tuple[Tensor, T
 def _repeat(t: Tensor | None, k: int) -> Tensor | None:
     """(n, ...) -> (n*k, ...), row i*k + j = t[i]."""
     return None if t is None else t.repeat_interleave(k, dim=0)
-
-
-def _check_num_samples(num_samples: object) -> int:
-    if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
-        raise ValueError(f"num_samples must be an integer >= 1, got {num_samples!r}")
-    return num_samples
 
 
 def _default_generator(generator: torch.Generator | None) -> torch.Generator:
@@ -164,7 +159,7 @@ def symmetrize(
         k = elems.shape[0]
         g = elems.repeat(d.n, 1, 1)  # row i*k + j -> element j
     else:
-        k = 1 if num_samples is None else _check_num_samples(num_samples)
+        k = 1 if num_samples is None else check_int("num_samples", num_samples, 1)
         gen = _default_generator(generator)
         g = group.sample(d.n * k, gen, dtype=d.x.dtype).to(d.x.device)
     rep = Data(_repeat(d.x, k), _repeat(d.y, k), None)  # type: ignore[arg-type]

@@ -59,6 +59,7 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
+from .._checks import check_int, check_real
 from ..data import Data
 from ..engine import ChainEvaluator, default_nbeta, estimate_llc
 from ..losses import LossAdapter
@@ -159,12 +160,6 @@ def _mean_and_sem(products: Tensor, num_blocks: int) -> tuple[Tensor, Tensor]:
     return products.mean((0, 1)), _sem(pc, pb)
 
 
-def _check_num_blocks(num_blocks: object) -> int:
-    if isinstance(num_blocks, bool) or not isinstance(num_blocks, int) or num_blocks < 1:
-        raise ValueError(f"num_blocks must be an integer >= 1, got {num_blocks!r}")
-    return num_blocks
-
-
 def _validate_pair(model: nn.Module, loss_fn: Callable, d0: Data, d1: Data, dtype: torch.dtype) -> None:
     """Evaluate the loss at w* on both data sets: fail clearly (shapes, support) before sampling."""
     _check_compatible(d0, d1)
@@ -249,7 +244,7 @@ def _prepare(
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    num_blocks = _check_num_blocks(num_blocks)
+    num_blocks = check_int("num_blocks", num_blocks, 1)
     loss_fn = _resolve_loss(model, loss_fn)
     d0 = as_data(q0, "q0")
     d1s = [as_data(q, name) for q, name in q1s]
@@ -264,9 +259,7 @@ def _prepare(
     for k, f in obs.items():
         if not callable(f):
             raise TypeError(f"observable {k!r} must be callable")
-    nb = float(nbeta) if nbeta is not None else default_nbeta(d0.n)
-    if not (math.isfinite(nb) and nb > 0):
-        raise ValueError(f"nbeta must be a positive finite number, got {nbeta!r}")
+    nb = check_real("nbeta", default_nbeta(d0.n) if nbeta is None else nbeta, positive=True)
     return loss_fn, num_blocks, d0, d1s, obs, nb
 
 

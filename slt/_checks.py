@@ -1,0 +1,148 @@
+"""Argument checkers shared by the public functions of :mod:`slt` (private).
+
+Two small functions that turn a user-supplied scalar into a plain Python
+``int`` or ``float`` or raise a :class:`ValueError` that names the argument and
+says what it must be:
+
+* :func:`check_int` -- an integer, optionally with a lower bound;
+* :func:`check_real` -- a finite real number, optionally positive or
+  non-negative.
+
+Both reject ``bool`` (``True`` is an ``int`` to Python, but never a sensible
+count or step size) and never truncate or round: ``3.0`` is not an integer.
+The messages have one shape across the library::
+
+    num_chains must be an integer >= 1, got 0
+    lr must be positive and finite, got -0.1
+    nbeta must be a real number, got 'abc'
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from typing import Any
+
+__all__ = ["check_int", "check_real"]
+
+
+def check_int(name: str, value: Any, minimum: int | None = None) -> int:
+    """Return ``value`` as a Python ``int``, checking type and lower bound.
+
+    Parameters
+    ----------
+    name : str
+        The argument's name, used in the error message (e.g. ``"num_chains"``
+        or ``"widths[2]"``).
+    value : Any
+        The value to check.  Python and NumPy integers (any
+        :class:`numbers.Integral`) are accepted; ``bool``, floats (even
+        integral ones such as ``3.0``), strings and tensors are not.
+    minimum : int, optional
+        Smallest allowed value (inclusive).  ``None`` (default): no bound.
+
+    Returns
+    -------
+    int
+        ``int(value)``.
+
+    Raises
+    ------
+    ValueError
+        If ``value`` is not an integer or is below ``minimum``.  The message
+        is ``"{name} must be an integer >= {minimum}, got {value!r}"`` (without
+        the ``>= {minimum}`` part when there is no bound).
+
+    Examples
+    --------
+    >>> check_int("num_chains", 4, 1)
+    4
+    >>> check_int("num_chains", 0, 1)
+    Traceback (most recent call last):
+    ...
+    ValueError: num_chains must be an integer >= 1, got 0
+    """
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, numbers.Integral)
+        or (minimum is not None and value < minimum)
+    ):
+        bound = "" if minimum is None else f" >= {minimum}"
+        raise ValueError(f"{name} must be an integer{bound}, got {value!r}")
+    return int(value)
+
+
+def _as_real(value: Any) -> float | None:
+    """``value`` as a ``float`` if it is a real scalar (not bool), else ``None``."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, numbers.Real):
+        try:
+            return float(value)
+        except OverflowError:  # an int too large for a float
+            return math.inf if value > 0 else -math.inf
+    item = getattr(value, "item", None)  # 0-d torch tensor / NumPy array
+    if callable(item):
+        try:
+            scalar = item()
+        except (TypeError, ValueError, RuntimeError):  # e.g. more than one element
+            return None
+        if scalar is not value:
+            return _as_real(scalar)
+    return None
+
+
+def check_real(name: str, value: Any, *, positive: bool = False, nonnegative: bool = False) -> float:
+    """Return ``value`` as a finite Python ``float``, optionally checking its sign.
+
+    Parameters
+    ----------
+    name : str
+        The argument's name, used in the error message (e.g. ``"nbeta"`` or
+        ``"hessian_eigenvalues[3]"``).
+    value : Any
+        The value to check.  Accepted: Python and NumPy reals (any
+        :class:`numbers.Real`, including integers), and objects whose
+        ``.item()`` returns one, such as 0-d torch tensors and NumPy arrays.
+        Rejected: ``bool``, complex numbers, strings, ``None`` and tensors or
+        arrays with more than one element.
+    positive : bool, optional
+        Require ``value > 0``.  Default ``False``.
+    nonnegative : bool, optional
+        Require ``value >= 0``.  Default ``False``.  At most one of
+        ``positive`` and ``nonnegative`` may be set.
+
+    Returns
+    -------
+    float
+        ``float(value)``, finite.
+
+    Raises
+    ------
+    ValueError
+        If ``value`` is not a real number (``"{name} must be a real number,
+        got {value!r}"``), or is NaN, infinite or of the wrong sign
+        (``"{name} must be finite"``, ``"{name} must be positive and
+        finite"`` or ``"{name} must be non-negative and finite"``, followed by
+        ``", got {value!r}"``).
+    TypeError
+        If both ``positive`` and ``nonnegative`` are set (a programming error).
+
+    Examples
+    --------
+    >>> check_real("lr", 0.1, positive=True)
+    0.1
+    >>> check_real("localization", -1.0, nonnegative=True)
+    Traceback (most recent call last):
+    ...
+    ValueError: localization must be non-negative and finite, got -1.0
+    """
+    if positive and nonnegative:
+        raise TypeError("check_real: pass at most one of positive and nonnegative")
+    v = _as_real(value)
+    if v is None:
+        raise ValueError(f"{name} must be a real number, got {value!r}")
+    if not math.isfinite(v) or (positive and v <= 0) or (nonnegative and v < 0):
+        need = "positive and finite" if positive else "non-negative and finite" if nonnegative else "finite"
+        raise ValueError(f"{name} must be {need}, got {value!r}")
+    return v

@@ -21,6 +21,7 @@ from omegaconf import MISSING
 __all__ = [
     "SamplerConf",
     "TrainConf",
+    "TMSTrainConf",
     "SymmetryConf",
     "TMSModelConf",
     "TMSSparseDataConf",
@@ -75,6 +76,22 @@ class TrainConf:
     finish_iterations: int = 1000
     tol: float = 1e-6
     dtype: str = "float64"
+
+
+@dataclass
+class TMSTrainConf(TrainConf):
+    """TMS training: as :class:`TrainConf`, plus ``online``.
+
+    ``online``: the main phase draws a fresh minibatch of ``batch_size``
+    samples from q at every step (``data`` with ``n = batch_size``), i.e. it
+    descends the population loss as Elhage et al. (2022) train their toy
+    models, instead of cycling through the ``data.n`` stored samples (which
+    overfits them when ``n`` is small against the ``n_hidden × n_features``
+    weights).  The finishing phase, if any, and λ̂ still use the stored
+    samples.  Needs ``batch_size`` and ``optimizer`` adam or sgd.
+    """
+
+    online: bool = False
 
 
 @dataclass
@@ -136,13 +153,22 @@ class TMSBernoulliDataConf:
 
 @dataclass
 class TMSInitConf:
-    """Starting point of training: ``random`` (seeded Xavier) or the ``kgon`` critical point."""
+    """Starting point of training: ``random`` (seeded Xavier) or the ``kgon`` critical point.
+
+    ``std``: for ``random``, the standard deviation of the Gaussian entries of W
+    (``null``: Xavier, sqrt(2 / (n_features + n_hidden))).  Elhage et al.'s
+    code applies ``xavier_normal_`` to an (instances, features, hidden)
+    tensor, which gives std = sqrt(2 / (n_features·n_hidden + instances·n_hidden)),
+    about 0.02 for 200 features × 20 hidden × 20 instances: a much smaller
+    start, and at intermediate sparsity a different end point.
+    """
 
     kind: str = "random"
     k: int = 6
     dead_bias: float = -1.0
     plus: bool = False
     noise: float = 0.0
+    std: Optional[float] = None
 
 
 # ---------------------------------------------------------------------------
@@ -168,7 +194,7 @@ class TMSConfig(_Base):
     data: Any = MISSING
     importance_decay: float = 1.0
     init: TMSInitConf = field(default_factory=TMSInitConf)
-    train: TrainConf = field(default_factory=TrainConf)
+    train: TMSTrainConf = field(default_factory=TMSTrainConf)
     sampler: SamplerConf = field(default_factory=SamplerConf)
     symmetry: SymmetryConf = field(default_factory=SymmetryConf)
     classify_tol: float = 0.05
@@ -412,6 +438,11 @@ def validate(cfg: Any) -> None:
         _one_of(cfg, "train.dtype", ("float32", "float64"))
         _int_at_least(cfg, "train.finish_iterations", 0)
         _int_at_least(cfg, "train.batch_size", 1, optional=True)
+        if _select(cfg, "train.online"):
+            if _select(cfg, "train.batch_size") is None:
+                _fail("train.online", True, "needs train.batch_size (the size of each fresh minibatch)")
+            if _select(cfg, "train.optimizer") == "lbfgs":
+                _fail("train.online", True, "needs train.optimizer adam or sgd (fresh minibatches every step)")
     if "symmetry" in cfg:
         _one_of(cfg, "symmetry.group", _GROUPS)
         _one_of(cfg, "symmetry.operation", _OPERATIONS)

@@ -199,8 +199,10 @@ def fig_kgon(results: Path, out: Path) -> list[Path]:
 # figure 1: superposition geometry per density
 # ---------------------------------------------------------------------------
 def _best_per(df: pd.DataFrame, key: str) -> pd.DataFrame:
-    """The lowest-training-loss run for each value of ``key``."""
-    return df.sort_values("train_loss").groupby(key, as_index=False).first().sort_values(key)
+    """The lowest-loss run for each value of ``key``: lowest ``heldout_loss`` (loss on fresh samples,
+    recorded by the TMS runs on Elhage data) where every run has one, else lowest ``train_loss``."""
+    by = "heldout_loss" if "heldout_loss" in df and df["heldout_loss"].notna().all() else "train_loss"
+    return df.sort_values(by).groupby(key, as_index=False).first().sort_values(key)
 
 
 def fig_geometry(results: Path, out: Path) -> list[Path]:
@@ -290,8 +292,11 @@ def fig_dims(results: Path, out: Path) -> list[Path]:
     ax.set_ylim(-0.05, 1.12)
     ax.set_xlabel("1 / (1 − S)  (inverse feature density)")
     ax.set_ylabel("dimensions per feature")
-    ax.set_title(f"Feature dimensionality: {nf} features in {nh} dimensions, uniform importance, "
-                 f"n = {int(df['data.n'].iloc[0])}, {len(df)} sparsities", fontsize=9)
+    online = "train.online" in df and bool(df["train.online"].fillna(False).astype(bool).all())
+    how = (f"online Adam, {int(df['train.steps'].iloc[0])} steps × {int(df['train.batch_size'].iloc[0])} fresh samples"
+           if online else f"n = {int(df['data.n'].iloc[0])} samples")
+    ax.set_title(f"Feature dimensionality: {nf} features in {nh} dimensions, uniform importance,\n"
+                 f"{how}, {len(df)} sparsities", fontsize=9)
     ax.legend(loc="upper right", bbox_to_anchor=(1.0, 0.9), fontsize=7.5)
     return _save(fig, out, "feature_dimensionality")
 

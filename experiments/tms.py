@@ -11,7 +11,8 @@ One run (config ``conf/tms.yaml``):
    that lacks that invariance, q_h = (1 - h) q + h q1);
 3. train w* (float64, Adam then full-batch L-BFGS; :func:`slt.training.train`)
    from a seeded Xavier init or from a named k-gon (``init.kind=kgon``) on the
-   unperturbed q.  Along a symmetry path ``symmetry.mode`` says where λ̂ is
+   unperturbed q (``train.online=true``: Adam on fresh minibatches of q, as
+   Elhage et al. train, with ``heldout_loss`` on fresh samples recorded).  Along a symmetry path ``symmetry.mode`` says where λ̂ is
    measured: ``quenched`` (default) at this w*, held fixed for every h;
    ``retrained`` at w*_h, trained on the weighted q_h itself from the same
    init (minibatches drawn ∝ weight, exact weighted L-BFGS finish), with the
@@ -107,8 +108,19 @@ def _validate(cfg: DictConfig) -> None:
         raise ValueError(f"invalid config value data.sparsity={cfg.data.sparsity}: must be in [0, 1)")
     if not cfg.importance_decay > 0:
         raise ValueError(f"invalid config value importance_decay={cfg.importance_decay}: must be positive")
+    std = cfg.init.get("std", None)
+    if std is not None and not (math.isfinite(float(std)) and float(std) > 0):
+        raise ValueError(f"invalid config value init.std={std}: must be a positive number (or null for Xavier)")
+    if std is not None and cfg.init.kind != "random":
+        raise ValueError(f"invalid config value init.std={std}: applies to init.kind=random only (got {cfg.init.kind!r})")
     if cfg.init.noise < 0:
         raise ValueError(f"invalid config value init.noise={cfg.init.noise}: must be non-negative")
+    path = cfg.symmetry.operation != "none" and cfg.symmetry.group != "none"
+    if cfg.train.get("online", False) and path and cfg.symmetry.mode == "retrained":
+        raise ValueError(
+            "invalid config value train.online=True: not supported with symmetry.mode=retrained "
+            "(w*_h is trained on the stored, weighted samples of q_h)"
+        )
 
 
 def _path(cfg: DictConfig, X: torch.Tensor, gen: torch.Generator) -> dict[str, Any] | None:
@@ -159,6 +171,9 @@ def run(cfg: DictConfig, out_dir: Path) -> tuple[dict[str, Any], dict[str, Any]]
 
     # 2. model and init
     model = _runlib.instantiate_partial(cfg.model, generator=gens[1]).to(_runlib.torch_dtype(cfg.train.dtype))
+    if cfg.init.kind == "random" and cfg.init.get("std", None) is not None:
+        with torch.no_grad():  # the same Gaussian draws, rescaled from the Xavier std to init.std
+            model.W.mul_(float(cfg.init.std) / math.sqrt(2.0 / (n_features + n_hidden)))
     if cfg.init.kind == "kgon":
         p = kgon_parameters(
             int(cfg.init.k), n_features, n_hidden, dead_bias=float(cfg.init.dead_bias), plus=bool(cfg.init.plus)
@@ -175,12 +190,19 @@ def run(cfg: DictConfig, out_dir: Path) -> tuple[dict[str, Any], dict[str, Any]]
     retrained = path is not None and cfg.symmetry.mode == "retrained"
     model_h = copy.deepcopy(model) if retrained else None  # the same init
 
+    online = bool(cfg.train.get("online", False))
+    sample_q = _runlib.instantiate_partial(cfg.data)
+
+    def fresh(batch_size: int, g: torch.Generator) -> torch.Tensor:  # online training: new samples of q
+        return sample_q(n=batch_size, generator=g).to(dtype)
+
     def fit_on(m: torch.nn.Module, data: Any) -> Any:
         return train(
             m, data, loss, steps=int(cfg.train.steps), lr=float(cfg.train.lr), optimizer=cfg.train.optimizer,
             batch_size=cfg.train.batch_size, weight_decay=float(cfg.train.weight_decay),
             generator=torch.Generator().manual_seed(seed * 1000 + 2),  # = gens[2]: same stream for w* and w*_h
             tol=float(cfg.train.tol), finish=cfg.train.finish, finish_iterations=int(cfg.train.finish_iterations),
+            stream=fresh if online else None,
         )
 
     Xt = X.to(dtype)
@@ -254,6 +276,10 @@ def run(cfg: DictConfig, out_dir: Path) -> tuple[dict[str, Any], dict[str, Any]]
     sparse_data = str(cfg.data._target_).endswith("make_tms_sparse_data")
     if sparse_data:
         metrics["population_loss"] = float(tms_population_loss(W, b, imp))
+    else:  # Monte-Carlo population loss on n fresh samples: the gap to train_loss is the fit to the stored ones
+        with torch.no_grad():
+            fresh_x = sample_q(n=n, generator=torch.Generator().manual_seed(seed * 1000 + 4)).to(dtype)
+            metrics["heldout_loss"] = float(loss(model(fresh_x), fresh_x))
     closed = (
         n_features == 6 and n_hidden == 2 and sparse_data and imp is None
         and cls["name"] in slt.theory.TMS_CRITICAL_POINTS

@@ -168,6 +168,8 @@ def test_bad_override_is_rejected_at_composition(override, words):
     ("train.lr=-1", "train.lr"),
     ("data.n=1", "data.n"),
     ("symmetry.mode=frozen", "symmetry.mode"),
+    ("train.online=true", "train.online"),  # no train.batch_size in tms.yaml
+    ("init.std=-0.1", "init.std"),
 ])
 def test_invalid_value_fails_before_any_work(tmp_path, override, key):
     import tms
@@ -330,6 +332,31 @@ def test_tms_skips_the_hessian_of_large_models(tmp_path):
     big = _runlib.execute(tms.run, cfg, tmp_path / "big", [], tms._validate)["metrics"]
     assert big["d"] == 11 * n > tms.HESSIAN_MAX_PARAMS
     assert big["hessian_rank"] is None and big["llc_lower_bound"] is None and len(big["feature_dimensionality"]) == n
+
+
+@pytest.mark.filterwarnings("ignore:.*R-hat")  # 20 draws: the chains are short
+def test_tms_online_training_records_the_heldout_loss(tmp_path):
+    """train.online: Adam on fresh minibatches of q (the data config with n = batch_size), w* = the
+    online end point (finish=null); init.std rescales the seeded Xavier draws."""
+    import tms
+
+    base = ["data=tms_bernoulli", "data.sparsity=0.5", "model.n_features=8", "model.n_hidden=3",
+            "train.batch_size=64", "train.finish=null", *TINY_TMS]
+    met = {}
+    for tag, extra in (("stored", []), ("online", ["train.online=true"]), ("small", ["train.online=true",
+                                                                                    "train.steps=0",
+                                                                                    "init.std=0.01"])):
+        cfg = _compose("tms", [*base, *extra])
+        met[tag] = _runlib.execute(tms.run, cfg, tmp_path / tag, [], tms._validate)["metrics"]
+        assert np.isfinite(met[tag]["heldout_loss"]) and "population_loss" not in met[tag]
+    assert met["online"]["W"] != met["stored"]["W"]  # different minibatches: a different end point
+    W0 = torch.tensor(met["small"]["W"])  # no training: the init itself, std 0.01 instead of sqrt(2/11)
+    assert 0.005 < float(W0.std()) < 0.02
+    for overrides, key in ((["train.online=true", "train.optimizer=lbfgs"], "train.online"),
+                           (["init.kind=kgon", "init.std=0.1"], "init.std"),
+                           (["experiment=tms_symmetry_retrained", "train.online=true"], "train.online")):
+        with pytest.raises(ValueError, match=key.replace(".", r"\.")):
+            _runlib.execute(tms.run, _compose("tms", [*base, *overrides]), tmp_path / "bad", [], tms._validate)
 
 
 TINY_EXPFAM = ["data.n=2000", "sampler.num_draws=400", "sampler.num_chains=4"]

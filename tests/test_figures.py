@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
@@ -78,12 +79,14 @@ def results(tmp_path_factory) -> Path:
                         "importance_decay": 0.9},
                        {"W": W.tolist(), "b": (-0.1 * torch.rand(5, generator=g)).tolist(),
                         "train_loss": float(torch.rand(1, generator=g)), **_llc(rng, 5.0)}, seed)
-    # figure 2: 8 features in 3 dims at three sparsities
+    # figure 2: 8 features in 3 dims at three sparsities, trained online (held-out loss recorded)
     for s in (0.0, 0.7, 0.95):
         W = torch.randn(3, 8, generator=g)
         _write_run(root, "fig_dims", {"data.sparsity": s},
-                   {"model": {"n_features": 8, "n_hidden": 3}, "data": {"n": 1000, "sparsity": s}},
-                   {"W": W.tolist(), "b": torch.zeros(8).tolist(), "train_loss": 0.1, **_llc(rng, 10.0)})
+                   {"model": {"n_features": 8, "n_hidden": 3}, "data": {"n": 1000, "sparsity": s},
+                    "train": {"online": True, "steps": 100, "batch_size": 64}},
+                   {"W": W.tolist(), "b": torch.zeros(8).tolist(), "train_loss": 0.1, "heldout_loss": 0.11,
+                    **_llc(rng, 10.0)})
     # figure 5: both basins at three n, two seeds
     for n in (100, 500, 5000):
         for k in (5, 6):
@@ -268,3 +271,12 @@ def test_tms_curve_records_one_llc_per_checkpoint(tmp_path):
     bad.curve.steps = 0
     with pytest.raises(ValueError, match="curve.steps"):
         tms_curve._validate(bad)
+
+
+def test_best_run_per_cell_uses_heldout_loss_when_every_run_has_one():
+    df = pd.DataFrame({"x": [1, 1, 2, 2], "train_loss": [0.1, 0.2, 0.3, 0.4], "heldout_loss": [0.5, 0.4, 0.3, 0.6],
+                       "tag": ["a", "b", "c", "d"]})
+    assert list(figures._best_per(df, "x")["tag"]) == ["b", "c"]  # lowest held-out loss, not training loss
+    df.loc[0, "heldout_loss"] = float("nan")  # not recorded for every run: training loss decides
+    assert list(figures._best_per(df, "x")["tag"]) == ["a", "c"]
+    assert list(figures._best_per(df.drop(columns="heldout_loss"), "x")["tag"]) == ["a", "c"]

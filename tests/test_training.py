@@ -321,3 +321,73 @@ def test_bad_weights(rrr_data):
         train(m, Data(X, Y, ones), gaussian_nll, weights=ones)
     # a list of numbers is accepted (converted to a tensor)
     assert train(m, (X[:3], Y[:3]), gaussian_nll, weights=[1, 2, 3], steps=0).loss >= 0
+
+
+def test_stream_of_the_data_itself_equals_full_batch(rrr_data):
+    # a stream that returns the whole data set every step is full-batch training, step for step
+    X, Y, _ = rrr_data
+    m1 = ReducedRankRegression(5, 3, 5, dtype=F64, generator=gen(30))
+    m2 = ReducedRankRegression(5, 3, 5, dtype=F64, generator=gen(30))
+    calls = []
+
+    def stream(batch_size: int, g: torch.Generator):
+        assert isinstance(g, torch.Generator)
+        calls.append(batch_size)
+        return X, Y
+
+    r1 = train(m1, (X, Y), gaussian_nll, steps=40, lr=1e-2, finish=None)
+    r2 = train(m2, (X, Y), gaussian_nll, steps=40, lr=1e-2, finish=None, batch_size=len(X), stream=stream)
+    assert calls == [len(X)] * 40
+    assert r1.history == r2.history and r1.loss == r2.loss
+    for p1, p2 in zip(m1.parameters(), m2.parameters()):
+        assert torch.equal(p1, p2)
+
+
+def test_stream_descends_the_population_loss_not_the_sample_fit():
+    # linear regression y = x·β + ε with few stored samples: minibatch Adam on the stored samples ends at
+    # the n-sample least-squares fit; on fresh samples it ends near β (the population minimum)
+    beta = torch.tensor([[1.0], [-2.0], [0.5], [0.0], [3.0]], dtype=F64)
+
+    def sample(n: int, g: torch.Generator):
+        x = torch.randn(n, 5, generator=g, dtype=F64)
+        return x, x @ beta + torch.randn(n, 1, generator=g, dtype=F64)
+
+    X, Y = sample(20, gen(31))
+    ols = torch.linalg.lstsq(X, Y).solution
+    loss = torch.nn.functional.mse_loss
+    fits = {}
+    for online in (False, True):
+        m = torch.nn.Linear(5, 1, bias=False).double()
+        with torch.no_grad():
+            m.weight.zero_()
+        # batch 100 >= n = 20: the stored samples are trained full batch (gradient descent to the OLS fit)
+        train(m, (X, Y), loss, steps=2000, lr=0.05, optimizer="sgd", batch_size=100, generator=gen(32),
+              finish=None, stream=sample if online else None)
+        fits[online] = m.weight.detach().T
+    # SGD on fresh batches of B = 100 settles at β with per-coordinate variance ≈ lr·Var(grad)/(2·H·B)
+    # = 0.05·4/(2·2·100) = 5e-4 (loss curvature H = 2, per-sample gradient variance ≈ 4): the norm of the
+    # 5-vector is ≈ 0.05 rms, so 0.15 is 3 rms.  The 20-sample fit is off β by O(sqrt(5/15)) ≈ 0.6.
+    assert (ols - beta).norm() > 0.3
+    assert (fits[False] - ols).norm() < 1e-6
+    assert (fits[True] - beta).norm() < 0.15 < (fits[True] - ols).norm()
+
+
+def test_stream_bad_arguments(rrr_data):
+    X, Y, _ = rrr_data
+    m = ReducedRankRegression(5, 3, 5, dtype=F64)
+
+    def ok(batch_size: int, g: torch.Generator):
+        return X[:batch_size], Y[:batch_size]
+
+    cases = [
+        (dict(stream=ok), "needs a batch_size"),
+        (dict(stream=ok, batch_size=8, optimizer="lbfgs"), "lbfgs"),
+        (dict(stream=ok, batch_size=8, weights=torch.rand(len(X), generator=gen(33))), "weighted data"),
+        (dict(stream="abc", batch_size=8), "stream must be callable"),
+        (dict(stream=lambda b, g: (X[:b], Y[:b, :2]), batch_size=8), "shaped like data"),
+        (dict(stream=lambda b, g: (X[: b - 1], Y[: b - 1]), batch_size=8), "returned 7 samples"),
+        (dict(stream=lambda b, g: "abc", batch_size=8), "stream returned a bad batch"),
+    ]
+    for kwargs, msg in cases:
+        with pytest.raises(ValueError, match=msg):
+            train(m, (X, Y), gaussian_nll, steps=2, **kwargs)

@@ -258,25 +258,60 @@ PLATEAUS = [(1.0, "1 (dedicated)"), (3 / 4, "3/4 (tetrahedron)"), (2 / 3, "2/3 (
 
 #: columns shorter than this are drawn grey in the dims figure (weakly or not represented features)
 WEAK_NORM = 0.5
+#: orthogonality tolerance |cos| of the direct-sum decomposition that colours the strong features
+#: (between the cross-summand cosines of about 0.05 at the 1/2 plateau and the 0.5 of a triangle)
+DIMS_TEGUM_TOL = 0.2
+#: summand label -> (legend text, colour) in the dims figure; other labels: "other summand"
+SUMMAND_STYLE = {"1-gon": ("alone on its line (1-gon)", "tab:purple"),
+                 "2-gon": ("antipodal pair (2-gon)", "tab:orange"),
+                 "3-gon": ("triangle (3-gon)", "tab:green"),
+                 "tetrahedron": ("tetrahedron", "tab:red"),
+                 "5-gon": ("pentagon (5-gon)", "tab:brown"),
+                 "square antiprism": ("square antiprism", "tab:pink")}
+OTHER_SUMMAND = ("in a larger summand (k features in d dims)", "tab:blue")
+
+
+def summand_labels(W: torch.Tensor, strong: np.ndarray, tol: float = DIMS_TEGUM_TOL) -> list[str | None]:
+    """Per feature, the label of its summand in :func:`slt.geometry.direct_sum_decomposition` of the
+    strong columns ``W[:, strong]`` (``None`` for weak features or features it calls dead)."""
+    labels: list[str | None] = [None] * W.shape[1]
+    idx = np.flatnonzero(strong)
+    if len(idx) == 0:
+        return labels
+    dec = geo.direct_sum_decomposition(W[:, torch.as_tensor(idx)], tol=tol)
+    for sm in dec.summands:
+        for j in sm.features:
+            labels[int(idx[j])] = sm.label
+    return labels
 
 
 def fig_dims(results: Path, out: Path) -> list[Path]:
     """D_i of every feature of every run (:func:`slt.geometry.feature_dimensionality` of the
     recorded W; grey where ‖W_i‖ < :data:`WEAK_NORM`) against 1/(1 - S), the model's m/‖W‖_F²,
-    and the plateaus."""
+    and the plateaus.  Strong features are coloured by the summand they belong to in the direct-sum
+    decomposition of the strong columns (:func:`summand_labels`): antipodal pairs should sit at 1/2,
+    triangles at 2/3, pentagons at 2/5."""
     df = load_sweep(results, "fig_dims")
     df = df.assign(x=1.0 / (1.0 - _col(df, "data.sparsity").astype(float)))
     df = _best_per(df, "x")
-    fig, ax = plt.subplots(figsize=(6.4, 3.9))
+    fig, ax = plt.subplots(figsize=(6.4, 5.0))
     rng = np.random.default_rng(0)  # horizontal jitter only
     xs, md = [], []
+    seen: set[str] = set()
     for _, r in df.iterrows():
         W = torch.tensor(_list(r["W"]), dtype=torch.float64)
         D = geo.feature_dimensionality(W).numpy()
         weak = W.norm(dim=0).numpy() < WEAK_NORM
         jit = r["x"] * np.exp(rng.uniform(-0.04, 0.04, size=D.shape))
-        ax.scatter(jit[~weak], D[~weak], s=9, color="tab:blue", alpha=0.55, lw=0,
-                   label="feature dimensionality D_i" if not xs else None)
+        labels = summand_labels(W, ~weak)
+        kinds = np.array([None if lab is None else SUMMAND_STYLE.get(lab, OTHER_SUMMAND)[0] for lab in labels],
+                         dtype=object)
+        for text, color in [*SUMMAND_STYLE.values(), OTHER_SUMMAND]:
+            sel = ~weak & (kinds == text)
+            if sel.any():
+                ax.scatter(jit[sel], D[sel], s=9, color=color, alpha=0.6, lw=0,
+                           label=f"D_i, strong feature: {text}" if text not in seen else None)
+                seen.add(text)
         ax.scatter(jit[weak], D[weak], s=7, color="0.6", alpha=0.35, lw=0,
                    label=f"D_i of a weak feature, ‖W_i‖ < {WEAK_NORM:g}" if not xs else None)
         xs.append(r["x"])
@@ -297,7 +332,7 @@ def fig_dims(results: Path, out: Path) -> list[Path]:
            if online else f"n = {int(df['data.n'].iloc[0])} samples")
     ax.set_title(f"Feature dimensionality: {nf} features in {nh} dimensions, uniform importance,\n"
                  f"{how}, {len(df)} sparsities", fontsize=9)
-    ax.legend(loc="upper right", bbox_to_anchor=(1.0, 0.9), fontsize=7.5)
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.16), fontsize=7, ncol=2, frameon=False)
     return _save(fig, out, "feature_dimensionality")
 
 

@@ -67,6 +67,7 @@ __all__ = [
     "GrassmannianCluster",
     "grassmannian_clusters",
     "classify_point",
+    "square_antiprism",
 ]
 
 
@@ -288,7 +289,8 @@ class Summand:
     label
         ``"1-gon"`` (a feature alone on its line), ``"2-gon"`` (an antipodal
         pair), ``"k-gon"`` (a regular polygon in a plane, Chen et al.'s
-        naming), ``"tetrahedron"`` / ``"d-simplex"`` (a regular simplex), or
+        naming), ``"tetrahedron"`` / ``"d-simplex"`` (a regular simplex),
+        ``"square antiprism"`` (8 features in 3 dims, :func:`square_antiprism`), or
         ``"k features in d dims"`` otherwise.
     projector
         ``(m, m)`` orthogonal projector onto the span.
@@ -424,7 +426,38 @@ def _label(V: Tensor, dim: int, tol: float) -> str:
         off = (u.T @ u)[~torch.eye(k, dtype=torch.bool)]
         if bool(((off + 1.0 / dim).abs() <= tol).all()):
             return "tetrahedron" if dim == 3 else f"{dim}-simplex"
+    if dim == 3 and k == 8 and equal_lengths:
+        # every vertex sees the others at the cosines of the square antiprism with D_i = 3/8
+        u = V / norms
+        profile = torch.sort(u.T @ u, dim=1).values  # (8, 8), one sorted row per vertex
+        ideal = _square_antiprism_profile().to(profile.dtype)
+        if bool(((profile - ideal).abs() <= min(tol, 0.1)).all()):
+            return "square antiprism"
     return f"{k} features in {dim} dims"
+
+
+def square_antiprism() -> Tensor:
+    r"""The 8 unit vectors of the square antiprism with feature dimensionality 3/8, ``(3, 8)``.
+
+    Two squares at heights :math:`\pm h`, the lower one turned by 45°, with
+    :math:`h = 1/\sqrt3`: then :math:`\sum_j (\hat W_i\cdot W_j)^2 = 8/3` for
+    every vertex, i.e. :math:`D_i = 3/8`, the plateau Elhage et al. (2022)
+    attribute to square antiprisms.
+    """
+    h = 1.0 / math.sqrt(3.0)
+    r = math.sqrt(1.0 - h * h)
+    cols = []
+    for j in range(4):
+        a = math.pi / 2 * j
+        cols.append([r * math.cos(a), r * math.sin(a), h])
+        cols.append([r * math.cos(a + math.pi / 4), r * math.sin(a + math.pi / 4), -h])
+    return torch.tensor(cols, dtype=torch.float64).T
+
+
+def _square_antiprism_profile() -> Tensor:
+    """Sorted cosines each vertex of :func:`square_antiprism` sees (the same for all 8), ``(8, 8)``."""
+    u = square_antiprism()
+    return torch.sort(u.T @ u, dim=1).values
 
 
 def direct_sum_decomposition(

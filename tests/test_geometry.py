@@ -14,6 +14,7 @@ from slt.geometry import (
     feature_dimensionality,
     grassmannian_clusters,
     model_dimensionality,
+    square_antiprism,
     subspace_projector,
 )
 from slt.models import kgon_parameters
@@ -302,3 +303,33 @@ def test_bad_input_raises_clear_errors():
         classify_point(BIPYRAMID, torch.zeros(4))
     with pytest.raises(ValueError, match="same space"):
         chordal_distance(torch.eye(2), torch.eye(3))
+
+
+def test_square_antiprism_is_recognised_and_has_dimensionality_three_eighths():
+    g = gen(40)
+    sap = square_antiprism()
+    assert sap.shape == (3, 8) and torch.allclose(sap.norm(dim=0), torch.ones(8, dtype=F64))
+    assert torch.allclose(feature_dimensionality(sap), torch.full((8,), 3 / 8, dtype=F64))
+    # rotated, permuted, slightly noisy, and as a summand next to an antipodal pair in 5 dims
+    for _ in range(3):
+        Wr, _ = random_symmetry(sap, g)
+        Wn = Wr + 0.01 * torch.randn(Wr.shape, generator=g, dtype=F64)
+        assert direct_sum_decomposition(Wn).summands[0].label == "square antiprism"
+        W5 = torch.zeros(5, 10, dtype=F64)
+        W5[:3, :8] = Wn
+        W5[3, 8], W5[3, 9] = 1.0, -1.0
+        Q, _ = torch.linalg.qr(torch.randn(5, 5, generator=g, dtype=F64))
+        dec = direct_sum_decomposition(Q @ W5)
+        assert sorted(sm.label for sm in dec.summands) == ["2-gon", "square antiprism"]
+    # other 8-point configurations in 3 dims are not: the cube, an antiprism with the wrong height,
+    # and a square prism (the squares not turned)
+    cube = torch.tensor([[x, y, z] for x in (-1, 1) for y in (-1, 1) for z in (-1, 1)], dtype=F64).T / math.sqrt(3)
+    flat = sap.clone()
+    flat[2] *= 0.5
+    flat = flat / flat.norm(dim=0)
+    prism = sap.clone()
+    prism[:2, 1::2] = sap[:2, 0::2]
+    prism = prism / prism.norm(dim=0)
+    for W in (cube, flat, prism):
+        Wr, _ = random_symmetry(W, g)
+        assert direct_sum_decomposition(Wr).summands[0].label == "8 features in 3 dims"

@@ -794,7 +794,7 @@ def _summands(dec: Any) -> str:
 
 
 def fig_tegum(results: Path, out: Path) -> list[Path]:
-    """|cos(W_i, W_j)| of the lowest-training-loss ``fig_tegum`` run per (features, sparsity) cell,
+    """|cos(W_i, W_j)| of the lowest-loss ``fig_tegum`` run per (features, sparsity) cell (:func:`_best_per`),
     features ordered by the summands of :func:`slt.geometry.direct_sum_decomposition` (outlined),
     titled with the decomposition name, the summands' dimensions and, over all seeds of the cell,
     how often each summand pattern (features per summand, e.g. ``3+2``) was found."""

@@ -23,6 +23,7 @@
 
 from __future__ import annotations
 
+import copy
 import datetime as _dt
 import logging
 import os
@@ -74,9 +75,39 @@ def now() -> str:
 NON_RESULT_KEYS = ("name", "force", "device", "progress", "results_root", "save_traces")
 
 
+#: config keys added after runs were recorded, with the value that reproduces those older runs: a
+#: stored run without the key counts as made with this value (so adding a field to a schema does not
+#: make every finished sweep recompute)
+ADDED_KEYS: dict[str, Any] = {
+    "train.online": False,  # TMS online training (fresh minibatches), added 2026-11
+    "init.std": None,  # TMS random-init std (None: Xavier), added 2026-11
+}
+
+
 def _comparable(config: Any) -> Any:
     """The config as stored in result.json, without the keys that do not change the result."""
     return records.to_jsonable({k: v for k, v in dict(config).items() if k not in NON_RESULT_KEYS})
+
+
+def _without_added_defaults(new: Any, old: Any) -> Any:
+    """``new`` minus each :data:`ADDED_KEYS` key that ``old`` lacks and ``new`` holds at its old value."""
+    new = copy.deepcopy(new)
+    for dotted, value in ADDED_KEYS.items():
+        *parents, leaf = dotted.split(".")
+        n, o = new, old
+        for part in parents:
+            n = n.get(part) if isinstance(n, dict) else None
+            o = o.get(part) if isinstance(o, dict) else None
+        if isinstance(n, dict) and isinstance(o, dict) and leaf in n and leaf not in o and n[leaf] == value:
+            del n[leaf]
+    return new
+
+
+def same_config(stored: Any, current: Any) -> bool:
+    """Whether a stored run's config gives the same result as ``current`` (ignoring
+    :data:`NON_RESULT_KEYS` and :data:`ADDED_KEYS` at their old values)."""
+    old, new = _comparable(stored), _comparable(current)
+    return _without_added_defaults(new, old) == old
 
 
 def execute(
@@ -120,7 +151,7 @@ def execute(
             validate(cfg)
         if res_file.exists() and not cfg.get("force", False):
             old = records.read_json(res_file)
-            if _comparable(old.get("config", {})) == _comparable(base["config"]):
+            if same_config(old.get("config", {}), base["config"]):
                 log.info("skipping %s: %s exists (force=true recomputes)", out, records.RESULT_FILE)
                 return old
             log.warning("%s: the stored run used a different config (an experiment file changed?): recomputing", out)

@@ -482,6 +482,26 @@ def test_rerun_skips_unless_config_changed_or_forced(tmp_path):
     assert calls == [4000, 7, 7]
 
 
+def test_runs_recorded_before_a_key_was_added_still_count_as_finished(tmp_path):
+    # a result.json written before train.online / init.std existed: the same run at their old values
+    calls = []
+
+    def job(cfg, out):
+        calls.append(bool(cfg.train.online))
+        return {"x": 1.0}, {}
+
+    cfg = _compose("tms")
+    rec = _runlib.execute(job, cfg, tmp_path)
+    del rec["config"]["train"]["online"], rec["config"]["init"]["std"]
+    records.atomic_write_json(tmp_path / records.RESULT_FILE, rec)
+    _runlib.execute(job, cfg, tmp_path)  # online=False, std=None: what the old run did -> skipped
+    assert calls == [False]
+    cfg.init.std = 0.02  # a new value of an added key: recomputed
+    _runlib.execute(job, cfg, tmp_path)
+    assert calls == [False, False]
+    assert set(_runlib.ADDED_KEYS) == {"train.online", "init.std"}
+
+
 # ---------------------------------------------------------------------------
 # experiments/tms_posterior.py (Bayesian phases; slt.sample_posterior)
 # ---------------------------------------------------------------------------

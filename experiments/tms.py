@@ -173,7 +173,7 @@ def run(cfg: DictConfig, out_dir: Path) -> tuple[dict[str, Any], dict[str, Any]]
     model = _runlib.instantiate_partial(cfg.model, generator=gens[1]).to(_runlib.torch_dtype(cfg.train.dtype))
     if cfg.init.kind == "random" and cfg.init.get("std", None) is not None:
         with torch.no_grad():  # the same Gaussian draws, rescaled from the Xavier std to init.std
-            model.W.mul_(float(cfg.init.std) / math.sqrt(2.0 / (n_features + n_hidden)))
+            model.W.mul_(float(cfg.init.std) / type(model).xavier_std(n_features, n_hidden))
     if cfg.init.kind == "kgon":
         p = kgon_parameters(
             int(cfg.init.k), n_features, n_hidden, dead_bias=float(cfg.init.dead_bias), plus=bool(cfg.init.plus)

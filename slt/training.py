@@ -140,13 +140,12 @@ def _stream_batch(
     x: Tensor, y: Tensor,
 ) -> tuple[Tensor, Tensor]:
     """One fresh minibatch ``(xb, yb)`` from ``stream``, checked against the shapes of ``(x, y)``."""
-    batch = stream(batch_size, generator)
-    if isinstance(batch, Data) and batch.weights is not None:
-        raise ValueError("stream returned a weighted batch: weights are not supported with stream")
     try:
-        xb, yb, _ = _unpack(batch)
+        xb, yb, wb = _unpack(stream(batch_size, generator))
     except ValueError as err:
         raise ValueError(f"stream returned a bad batch: {err}") from None
+    if wb is not None:  # a weighted slt.Data or an (X, Y, weights) triple: the weights would be dropped
+        raise ValueError("stream returned a weighted batch: weights are not supported with stream")
     if xb.shape[0] != batch_size:
         raise ValueError(f"stream(batch_size={batch_size}, generator) returned {xb.shape[0]} samples")
     if xb.shape[1:] != x.shape[1:] or yb.shape[1:] != y.shape[1:]:
@@ -358,8 +357,6 @@ def train(
             raise ValueError(f"stream must be callable as stream(batch_size, generator), got {type(stream).__name__}")
         if batch_size is None:
             raise ValueError("stream needs a batch_size (the size of each fresh minibatch), got batch_size=None")
-        if optimizer == "lbfgs":
-            raise ValueError("stream needs a minibatch optimizer ('adam' or 'sgd'), got optimizer='lbfgs'")
         if w is not None:
             raise ValueError("stream cannot be combined with weighted data: sample q_h itself in the stream")
     params = [p for p in model.parameters() if p.requires_grad]

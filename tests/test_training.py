@@ -387,6 +387,7 @@ def test_stream_bad_arguments(rrr_data):
         (dict(stream=lambda b, g: (X[:b], Y[:b, :2]), batch_size=8), "shaped like data"),
         (dict(stream=lambda b, g: (X[: b - 1], Y[: b - 1]), batch_size=8), "returned 7 samples"),
         (dict(stream=lambda b, g: "abc", batch_size=8), "stream returned a bad batch"),
+        (dict(stream=lambda b, g: (X[:b], Y[:b], torch.ones(b, dtype=F64)), batch_size=8), "weighted batch"),
     ]
     for kwargs, msg in cases:
         with pytest.raises(ValueError, match=msg):

@@ -119,10 +119,15 @@ class ToyModelOfSuperposition(ChainModule):
         super().__init__()
         self.n_features = _check_pos_int("n_features", n_features)
         self.n_hidden = _check_pos_int("n_hidden", n_hidden)
-        std = math.sqrt(2.0 / (self.n_features + self.n_hidden))
+        std = self.xavier_std(self.n_features, self.n_hidden)
         w = torch.randn(self.n_hidden, self.n_features, generator=generator, dtype=dtype, device=device)
         self.W = nn.Parameter(w * std)  # (m, n)
         self.b = nn.Parameter(torch.zeros(self.n_features, dtype=dtype, device=device))  # (n,)
+
+    @staticmethod
+    def xavier_std(n_features: int, n_hidden: int) -> float:
+        """Standard deviation of the Gaussian entries of the initial W: sqrt(2 / (n_features + n_hidden))."""
+        return math.sqrt(2.0 / (n_features + n_hidden))
 
     def extra_repr(self) -> str:
         return f"n_features={self.n_features}, n_hidden={self.n_hidden}"

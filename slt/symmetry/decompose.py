@@ -888,7 +888,6 @@ def combine(
 
 
 def decompose(
-
     model: nn.Module | Callable[[], nn.Module],
     data: Any,
     groups: Sequence[Group] | Mapping[str, Group],

@@ -1,5 +1,10 @@
 """Hydra glue shared by the entry points in ``experiments/`` (never imported by ``slt``).
 
+The entry points run as modules from the repository root
+(``python -m experiments.tms ...``) and import this one as
+``experiments._runlib``; Hydra's callback target is
+``experiments._runlib.CollectCallback`` (``conf/common.yaml``).
+
 * :func:`execute` runs one job in its run folder: validate the config, skip if
   ``result.json`` exists (unless ``force=true``), run, write ``traces.npz`` and
   then ``result.json`` atomically; on an exception write ``failed.json`` with
@@ -18,7 +23,11 @@
   version) it warns once and writes no list, and collect still works (it
   then cannot report never-started jobs as ``missing``).
 * the ``slt_dirname`` resolver gives every job a deterministic folder name
-  from its overrides (:func:`slt.records.run_dirname`).
+  from its overrides (:func:`experiments.records.run_dirname`).
+* :func:`llc_kwargs` is the one config -> engine contract (the ``sampler``
+  node as keyword arguments of :func:`slt.estimate_llc`), :func:`result_arrays`
+  the one :class:`slt.LLCResult` -> ``traces.npz`` contract and
+  :func:`metrics_from_result` its scalar summary for ``result.json``.
 """
 
 from __future__ import annotations
@@ -35,9 +44,7 @@ from typing import Any, Callable, Mapping
 
 from omegaconf import DictConfig, OmegaConf
 
-from slt import records
-
-import _schemas
+from experiments import _schemas, records
 
 log = logging.getLogger("slt.experiments")
 
@@ -53,18 +60,6 @@ _PENDING_SWEEPS: list[str] = []
 
 #: functions ``fn(sweep_dir)`` run after the summary at the end of every multirun (:func:`on_sweep_end`)
 _SWEEP_END_HOOKS: list[Callable[[str], Any]] = []
-
-
-def _pickle_by_value() -> None:
-    # submitit (Slurm) unpickles the task on a node where experiments/ is not on
-    # sys.path: ship these helper modules by value rather than by import name.
-    try:
-        import cloudpickle
-
-        for mod in (sys.modules[__name__], _schemas):
-            cloudpickle.register_pickle_by_value(mod)
-    except Exception:  # pragma: no cover - old cloudpickle: joblib/local launchers still work
-        pass
 
 
 def now() -> str:
@@ -266,7 +261,7 @@ def _basic_sweeper_jobs(hcfg: DictConfig) -> list[dict[str, Any]]:
 
 
 def collect_sweep(sweep_dir: str | os.PathLike) -> Any:
-    """:func:`slt.records.collect` with a one-line report of the statuses."""
+    """:func:`experiments.records.collect` with a one-line report of the statuses."""
     df = records.collect(sweep_dir)
     counts = records.status_counts(df)
     msg = ", ".join(f"{v} {k}" for k, v in counts.items() if v)
@@ -338,8 +333,15 @@ class CollectCallback(_Callback):  # type: ignore[misc,valid-type]
 
 def main(hydra_main: Callable[[], Any]) -> None:
     """Run a ``@hydra.main`` function; if a multirun ended without collecting
-    (Hydra skips ``on_multirun_end`` when a job failed), collect anyway."""
-    _pickle_by_value()
+    (Hydra skips ``on_multirun_end`` when a job failed), collect anyway.
+
+    Jobs that a launcher runs in other processes (joblib's loky workers,
+    submitit on this machine or on Slurm) unpickle the task and import
+    :mod:`experiments` by name, like this process: loky workers inherit its
+    module search path, and submitit's ``python -m`` job processes start in its
+    working directory (the repository root, where ``python -m experiments.<name>``
+    was run) or see the same ``PYTHONPATH``.
+    """
     try:
         hydra_main()
     finally:
@@ -351,10 +353,78 @@ def main(hydra_main: Callable[[], Any]) -> None:
                 print(f"[collect] failed for {sweep}: {e}", file=sys.stderr)
 
 
-def torch_dtype(name: str):
+def torch_dtype(name: Any):
+    """``"float32"``/``"float64"`` -> the torch dtype (a torch dtype is returned as is)."""
     import torch
 
+    if isinstance(name, torch.dtype):
+        return name
     return {"float32": torch.float32, "float64": torch.float64}[name]
+
+
+#: the one function every config-driven entry point hands the ``sampler`` node to
+ESTIMATOR = "slt.estimate_llc"
+
+
+def llc_kwargs(sampler: Any, **extra: Any) -> dict[str, Any]:
+    """The ``sampler`` config node as keyword arguments of :func:`slt.estimate_llc`.
+
+    The one config -> engine contract of the entry points: the node
+    (``conf/sampler/*.yaml`` over :class:`experiments._schemas.SamplerConf`,
+    whose defaults are :data:`slt.defaults.LLC`) is resolved to plain
+    Python (``sampler_kwargs`` a ``dict``), Hydra's ``_target_``/``_partial_``
+    are dropped, then ``extra`` (``seed=``, ``device=``, ``progress=``,
+    ``dtype=`` ...) is added.  A ``dtype`` given by name (``"float64"``) becomes
+    the torch dtype.
+
+    Raises
+    ------
+    ValueError
+        If the node's ``_target_`` names another function than
+        :func:`slt.estimate_llc` (every entry point calls the engine itself).
+    """
+    node = as_mapping(sampler) if sampler is not None else {}
+    target = node.get("_target_")
+    if target is not None and target != ESTIMATOR:
+        raise ValueError(f"invalid config value sampler._target_={target!r}: the entry points call {ESTIMATOR} "
+                         "with the sampler node's keys (set sampler.sampler to choose the algorithm)")
+    kw = {k: copy.deepcopy(v) for k, v in node.items() if not str(k).startswith("_")}
+    kw.update(extra)
+    if isinstance(kw.get("dtype"), str):
+        kw["dtype"] = torch_dtype(kw["dtype"])
+    return kw
+
+
+#: per-chain arrays of an :class:`slt.LLCResult` saved in ``traces.npz`` (chains first), then ``obs_<name>``
+TRACE_ARRAYS = ("llc_trace", "loss_trace", "loss_star_trace", "llc_per_chain")
+
+
+def result_arrays(result: Any, *, prefix: str = "", traces: bool = True) -> dict[str, Any]:
+    """The arrays of an :class:`slt.LLCResult` (or a list of them) written to ``traces.npz``.
+
+    The one result -> ``traces.npz`` contract of the entry points: with
+    ``traces`` (the default) :data:`TRACE_ARRAYS` (``llc_trace``,
+    ``loss_trace``, ``loss_star_trace`` ``(C, T)``; ``llc_per_chain`` ``(C,)``)
+    and each observable as ``obs_<name>`` ``(C, T, ...)``; without, only
+    ``llc_per_chain``.  A list of results (one per checkpoint of a batched
+    call) gives each array stacked along a leading checkpoint axis ``(K, ...)``.
+    Every name is prefixed by ``prefix`` (``tms_curve``: ``ckpt_``).
+    """
+    import torch
+
+    def one(r: Any) -> dict[str, Any]:
+        names = TRACE_ARRAYS if traces else ("llc_per_chain",)
+        out = {k: torch.as_tensor(getattr(r, k)) for k in names}
+        if traces:
+            out.update({f"obs_{k}": torch.as_tensor(v) for k, v in (r.observables or {}).items()})
+        return out
+
+    if isinstance(result, (list, tuple)):
+        per = [one(r) for r in result]
+        arrays = {k: torch.stack([a[k] for a in per]) for k in (per[0] if per else {})}
+    else:
+        arrays = one(result)
+    return {prefix + k: v for k, v in arrays.items()}
 
 
 def instantiate_partial(node: Any, **kwargs: Any) -> Any:

@@ -18,6 +18,8 @@ from typing import Any, Dict, List, Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
+from slt.defaults import LLC
+
 __all__ = [
     "SamplerConf",
     "TrainConf",
@@ -46,20 +48,26 @@ RESULTS_ROOT = "${oc.env:SLT_RESULTS_DIR,results}"
 # ---------------------------------------------------------------------------
 @dataclass
 class SamplerConf:
-    """``sampler/``: keyword arguments of :func:`slt.estimate_llc` (instantiates to a partial of it)."""
+    """``sampler/``: keyword arguments of :func:`slt.estimate_llc` (instantiates to a partial of it).
+
+    The defaults are the engine's own (:data:`slt.defaults.LLC`, one place for
+    both); a primary config that wants other values sets them (``tms.yaml``:
+    ``sampler.num_draws: 4000``).  The entry points turn the node into the
+    engine's keyword arguments with :func:`experiments._runlib.llc_kwargs`.
+    """
 
     _target_: str = "slt.estimate_llc"
     _partial_: bool = True
-    sampler: str = "sgld"
-    num_chains: int = 8
-    num_draws: int = 2000
-    num_burnin: Optional[int] = None
-    num_steps_bw_draws: int = 1
-    step_size: Optional[float] = None
-    nbeta: Optional[float] = None
-    localization: Optional[float] = None
-    batch_size: Optional[int] = 256
-    mala_every: int = 10
+    sampler: str = LLC.sampler
+    num_chains: int = LLC.num_chains
+    num_draws: int = LLC.num_draws
+    num_burnin: Optional[int] = LLC.num_burnin
+    num_steps_bw_draws: int = LLC.num_steps_bw_draws
+    step_size: Optional[float] = LLC.step_size
+    nbeta: Optional[float] = LLC.nbeta
+    localization: Optional[float] = LLC.localization
+    batch_size: Optional[int] = LLC.batch_size
+    mala_every: int = LLC.mala_every
     sampler_kwargs: Dict[str, float] = field(default_factory=dict)
 
 
@@ -370,7 +378,7 @@ def register() -> None:
     cs.store(group="schema/data", name="expfam", node=ExpFamDataConf)
 
 
-_SAMPLERS = ("sgld", "rmsprop_sgld")
+_SAMPLERS = ("sgld", "rmsprop_sgld", "sghmc", "sgnht")  # when the library has no registry to ask
 _OPTIMIZERS = ("adam", "sgd", "lbfgs")
 _GROUPS = ("none", "cyclic", "permutation", "reflection", "dihedral", "sign_flips")
 _OPERATIONS = ("none", "symmetrize", "break")
@@ -412,6 +420,16 @@ def _select(cfg: Any, key: str) -> Any:
     return node
 
 
+def _sampler_names() -> tuple[str, ...]:
+    """The sampler names the engine accepts (its registry ``slt.samplers.SAMPLERS``)."""
+    try:
+        from slt.samplers import SAMPLERS
+
+        return tuple(SAMPLERS)
+    except ImportError:  # pragma: no cover - a library without the registry
+        return _SAMPLERS
+
+
 def validate(cfg: Any) -> None:
     """Reject values that type-check but are invalid, naming the key (ValueError).
 
@@ -420,7 +438,7 @@ def validate(cfg: Any) -> None:
     """
     _int_at_least(cfg, "seed", 0)
     if "sampler" in cfg:
-        _one_of(cfg, "sampler.sampler", _SAMPLERS)
+        _one_of(cfg, "sampler.sampler", _sampler_names())
         _int_at_least(cfg, "sampler.num_chains", 1)
         _int_at_least(cfg, "sampler.num_draws", 1)
         _int_at_least(cfg, "sampler.num_burnin", 0, optional=True)

@@ -4,7 +4,7 @@ Runs automatically at the end of a multirun; run it by hand after a sweep in
 which a job failed (Hydra then skips its end-of-sweep callback), after a
 killed sweep, or while a Slurm sweep is still running::
 
-    python experiments/collect.py results/sweeps/tms_phase [more sweep dirs ...]
+    python -m experiments.collect results/sweeps/tms_phase [more sweep dirs ...]
 
 Every run folder becomes one row: ``status`` is ``ok`` (``result.json``),
 ``failed`` (``failed.json``; ``error`` holds the message), ``incomplete``
@@ -17,7 +17,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from slt import records
+from experiments import records
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -10,9 +10,9 @@ Two jobs (the tables in the README section "Exact references"):
     ``NormalCrossing([1, 2])`` (K = ½ w₁² w₂⁴, λ = 1/4) at its empirical minimum,
     n = 10 000, γ = 1, full-batch SGLD.
 
-    python experiments/compare_nuts.py --job tms [--n 20000] [--out results/compare_nuts]
-    python experiments/compare_nuts.py --job normal_crossing
-    python experiments/compare_nuts.py --job scaling     # NUTS cost against d and n
+    python -m experiments.compare_nuts --job tms [--n 20000] [--out results/compare_nuts]
+    python -m experiments.compare_nuts --job normal_crossing
+    python -m experiments.compare_nuts --job scaling     # NUTS cost against d and n
 
 ``scaling`` times one NUTS chain (100 warmup + 100 draws, γ = 1) on a trained
 tanh MLP 4 → h → 1 (d = 6h + 1 parameters) for several d and n, and prints

@@ -47,19 +47,19 @@ sweep; at the end of the multirun :func:`combine_sweep` reads the per-subset
 records, Möbius-inverts them (:func:`slt.symmetry.combine`) and writes
 ``decomposition.csv``, ``decomposition.json`` and ``decomposition.png`` into the
 sweep folder.  Run it by hand (after a failed job, or while a Slurm sweep is
-still running) with ``python experiments/decompose.py --combine <sweep dir>``:
+still running) with ``python -m experiments.decompose --combine <sweep dir>``:
 a missing or failed subset is named, its λ̂ and every contribution that needs it
 are NaN, the others are reported (exit status 1 when a lattice is incomplete).
 With the same config, the sweep gives exactly the numbers of the one-job run.
 
 Usage::
 
-    python experiments/decompose.py
-    python experiments/decompose.py -m model.case=independent,shared_angle
-    python experiments/decompose.py -m lattice=sweep                  # 4 jobs + combine
-    python experiments/decompose.py -m lattice=sweep model.case=independent,shared_angle
-    python experiments/decompose.py -m subset=0,1,2,3                 # the same 4 jobs, spelled out
-    python experiments/decompose.py --combine results/sweeps/decompose
+    python -m experiments.decompose
+    python -m experiments.decompose -m model.case=independent,shared_angle
+    python -m experiments.decompose -m lattice=sweep                  # 4 jobs + combine
+    python -m experiments.decompose -m lattice=sweep model.case=independent,shared_angle
+    python -m experiments.decompose -m subset=0,1,2,3                 # the same 4 jobs, spelled out
+    python -m experiments.decompose --combine results/sweeps/decompose
 """
 
 from __future__ import annotations
@@ -70,17 +70,14 @@ from typing import Any, Optional
 
 import hydra
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import _runlib  # noqa: E402
-from _schemas import DecomposeConfig, DecomposeModelConf  # noqa: E402,F401  (schema of decompose.yaml)
-
-import slt  # noqa: E402
-from slt.models import PolarGaussianLocation  # noqa: E402
-from slt import records  # noqa: E402
-from slt.symmetry import SO2, BlockPolarLocation, Cyclic, Reflection, block_group, decompose  # noqa: E402
-from slt.symmetry.decompose import SubsetEstimate, combine, estimate_subset  # noqa: E402
+import slt
+from experiments import _runlib, records
+from experiments._schemas import DecomposeConfig, DecomposeModelConf  # noqa: F401  (schema of decompose.yaml)
+from slt.models import PolarGaussianLocation
+from slt.symmetry import SO2, BlockPolarLocation, Cyclic, Reflection, block_group, decompose
+from slt.symmetry.decompose import SubsetEstimate, combine, estimate_subset
 
 #: the decomposition cases and their number of groups k (subset bitmasks are 0 .. 2^k - 1)
 LATTICE_CASES = {"independent": 2, "shared_angle": 2, "dihedral": 2}
@@ -112,13 +109,14 @@ def _validate(cfg: DictConfig) -> None:
 
 
 def _llc_kwargs(cfg: DictConfig, nb: float, curvature: float) -> dict[str, Any]:
-    kw = {k: v for k, v in OmegaConf.to_container(cfg.sampler, resolve=True).items()
-          if not k.startswith("_") and k != "nbeta"}
+    """:func:`_runlib.llc_kwargs` of ``sampler`` without ``nbeta`` (the callers pass nβ from ``nbeta_n``),
+    with γ = 1 and ε = step_factor / (nβ·curvature + γ) where the config leaves them null."""
+    kw = _runlib.llc_kwargs(cfg.sampler, device=cfg.device, progress=bool(cfg.progress))
+    kw.pop("nbeta", None)
     gamma = 1.0 if kw.get("localization") is None else float(kw["localization"])
     kw["localization"] = gamma
     if kw.get("step_size") is None:
         kw["step_size"] = float(cfg.step_factor) / (nb * curvature + gamma)
-    kw.update(device=cfg.device, progress=bool(cfg.progress))
     return kw
 
 
@@ -343,8 +341,7 @@ def _subset_run(cfg: DictConfig, out_dir: Path) -> tuple[dict[str, Any], dict[st
         "nbeta": nb, "device": cfg.device, "mask": est.mask, "subset_label": est.label,
         **_runlib.metrics_from_result(est.result), "invariance_gap": est.invariance_gap, "estimate": est.to_dict(),
     }
-    arrays = {"llc_trace": est.result.llc_trace, "loss_trace": est.result.loss_trace, "w_star": est.w_star}
-    return metrics, arrays
+    return metrics, {**_runlib.result_arrays(est.result), "w_star": est.w_star}
 
 
 def run(cfg: DictConfig, out_dir: Path) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -407,28 +404,6 @@ def _subset_override(overrides: Any) -> Optional[int]:
     return None
 
 
-def _sweep_jobs(sweep: Path) -> list[dict[str, Any]]:
-    """Every job of a sweep folder, as :func:`slt.records.collect` sees it:
-    ``{"run", "status", "overrides", "record"}`` (status ok / failed / incomplete / missing)."""
-    jobs: dict[str, dict[str, Any]] = {}
-    if (sweep / records.SWEEP_FILE).exists():
-        for j in records.read_json(sweep / records.SWEEP_FILE).get("jobs", []):
-            jobs[str(j["subdir"])] = {"run": str(j["subdir"]), "status": "missing",
-                                      "overrides": list(j.get("overrides", [])), "record": None}
-    for d in sorted(p for p in sweep.iterdir() if p.is_dir() and not p.name.startswith((".", "_"))):
-        res, fail = d / records.RESULT_FILE, d / records.FAILED_FILE
-        if res.exists() or fail.exists():
-            rec = records.read_json(res if res.exists() else fail)
-            jobs[d.name] = {"run": d.name, "status": "ok" if res.exists() else "failed",
-                            "overrides": list(rec.get("overrides", [])), "record": rec}
-        elif d.name in jobs or (d / ".hydra").is_dir():
-            ovs = jobs[d.name]["overrides"] if d.name in jobs else []
-            if not ovs and (d / ".hydra" / "overrides.yaml").exists():
-                ovs = records._read_overrides_yaml(d / ".hydra" / "overrides.yaml")
-            jobs[d.name] = {"run": d.name, "status": "incomplete", "overrides": ovs, "record": None}
-    return list(jobs.values())
-
-
 def _job_subset(job: dict[str, Any]) -> Optional[int]:
     rec = job["record"]
     if rec is not None and isinstance(rec.get("config"), dict) and "subset" in rec["config"]:
@@ -464,7 +439,7 @@ def combine_sweep(sweep_dir: str | Path, *, quiet: bool = False) -> dict[str, An
     * ``decomposition.png`` (one lattice) or ``decomposition-<lattice>.png`` each.
 
     Idempotent; runs at the end of every multirun of this entry point and by hand
-    as ``python experiments/decompose.py --combine <sweep dir>``.
+    as ``python -m experiments.decompose --combine <sweep dir>``.
 
     Parameters
     ----------
@@ -489,7 +464,7 @@ def combine_sweep(sweep_dir: str | Path, *, quiet: bool = False) -> dict[str, An
     if not sweep.is_dir():
         raise FileNotFoundError(f"sweep folder {str(sweep)!r} does not exist")
     groups: dict[tuple[str, ...], list[tuple[int, dict[str, Any]]]] = {}
-    for job in _sweep_jobs(sweep):
+    for job in records.scan_sweep(sweep):  # {run, status, overrides, record}, as collect sees them
         m = _job_subset(job)
         if m is not None:
             groups.setdefault(tuple(_lattice_overrides(job["overrides"])), []).append((m, job))
@@ -588,7 +563,7 @@ def main(cfg: DictConfig) -> Any:
     hc = HydraConfig.get()
     if hc.runtime.choices.get("lattice") == "sweep" and hc.mode != RunMode.MULTIRUN:
         raise ValueError("lattice=sweep runs one job per subset as a multirun: add -m "
-                         "(python experiments/decompose.py -m lattice=sweep)")
+                         "(python -m experiments.decompose -m lattice=sweep)")
     return _runlib.hydra_task(run, _validate)(cfg)
 
 
@@ -596,7 +571,7 @@ def _combine_cli(argv: list[str]) -> int:
     import argparse
 
     ap = argparse.ArgumentParser(
-        prog="python experiments/decompose.py --combine",
+        prog="python -m experiments.decompose --combine",
         description="Combine the per-subset runs of decompose sweeps (decomposition.csv/.json/.png); "
                     "exit status 1 if a lattice is incomplete, 2 for a bad path.")
     ap.add_argument("--combine", nargs="+", required=True, metavar="SWEEP_DIR", help="<results>/sweeps/decompose")

@@ -22,29 +22,25 @@ One run (config ``conf/expfam.yaml``):
 
 Usage::
 
-    python experiments/expfam.py
-    python experiments/expfam.py -m experiment=expfam_symmetrize
-    python experiments/expfam.py -m experiment=expfam_break seed=0,1,2,3
+    python -m experiments.expfam
+    python -m experiments.expfam -m experiment=expfam_symmetrize
+    python -m experiments.expfam -m experiment=expfam_break seed=0,1,2,3
 """
 
 from __future__ import annotations
 
 import math
-import sys
 from pathlib import Path
 from typing import Any
 
 import hydra
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import _runlib  # noqa: E402
-import _symmetry  # noqa: E402
-
-import slt  # noqa: E402
-from slt import symmetry as S  # noqa: E402
-from slt.models.expfam import (  # noqa: E402
+import slt
+from experiments import _runlib, _symmetry
+from slt import symmetry as S
+from slt.models.expfam import (
     ExponentialFamily,
     ParametricFeatureFamily,
     hypercube_support,
@@ -181,8 +177,7 @@ def run(cfg: DictConfig, out_dir: Path) -> tuple[dict[str, Any], dict[str, Any]]
     met.update(d=d, hessian_rank=rank, hessian_eigenvalues=eig, llc_lower_bound=lo, llc_upper_bound=hi,
                q_mean_norm=mean_norm, llc_expected=expected)
 
-    kw = {k: v for k, v in OmegaConf.to_container(cfg.sampler, resolve=True).items() if not k.startswith("_")}
-    kw.update(seed=seed, device=cfg.device, progress=bool(cfg.progress), dtype=torch.float64)
+    kw = _runlib.llc_kwargs(cfg.sampler, seed=seed, device=cfg.device, progress=bool(cfg.progress), dtype=torch.float64)
     kw["nbeta"] = kw.get("nbeta") or slt.default_nbeta(n)  # rows are support points, not samples
     if group is not None and sym.susceptibility:
         sr = S.llc_susceptibility(model, q0, q1, h, **kw)
@@ -196,9 +191,7 @@ def run(cfg: DictConfig, out_dir: Path) -> tuple[dict[str, Any], dict[str, Any]]
     print(f"[expfam] {cfg.model.family} seed={seed} h={h:g}: λ̂ = {res.llc_mean:.3f} ± {res.llc_sem:.3f} "
           f"(expected {expected:g}; Hessian rank {rank}/{d}, bounds [{lo:g}, {hi:g}])"
           + (f"  dλ̂/dh = {met['dllc_dh']:.3g} ± {met['dllc_dh_sem']:.2g}" if "dllc_dh" in met else ""), flush=True)
-    arrays = {"llc_trace": res.llc_trace, "loss_trace": res.loss_trace, "llc_per_chain": res.llc_per_chain}
-    arrays.update({f"obs_{k}": v for k, v in res.observables.items()})
-    return met, arrays
+    return met, _runlib.result_arrays(res)
 
 
 @hydra.main(version_base="1.3", config_path=_runlib.CONF_DIR, config_name="expfam")

@@ -2,7 +2,7 @@ r"""Figures of the toy-model experiments, made from the sweeps' result tables.
 
 Every figure reads the run records of one or more sweeps under
 ``<results>/sweeps/<name>/`` (``summary.parquet`` when present, else the
-run folders' ``result.json`` through :func:`slt.records.collect`), keeps the
+run folders' ``result.json`` through :func:`experiments.records.collect`), keeps the
 runs with ``status == "ok"`` and writes ``<out>/<figure>.png`` and ``.pdf``.
 No number shown is typed into this script: measured values come from the
 tables, closed forms from :mod:`slt.theory`.
@@ -26,8 +26,8 @@ tegum      direct-sum decomposition of W with 3 hidden dimensions    ``fig_tegum
 
 Usage::
 
-    python experiments/figures.py all
-    python experiments/figures.py kgon geometry --results results --out results/figures
+    python -m experiments.figures all
+    python -m experiments.figures kgon geometry --results results --out results/figures
 
 A figure whose sweep has no finished run is skipped with a message (``all``)
 or is an error (when named explicitly).
@@ -55,7 +55,7 @@ import torch  # noqa: E402
 
 import slt  # noqa: E402
 from slt import geometry as geo  # noqa: E402
-from slt import records  # noqa: E402
+from experiments import records  # noqa: E402
 
 __all__ = [
     "FIGURES",
@@ -104,7 +104,7 @@ def load_sweep(results: str | os.PathLike, name: str) -> pd.DataFrame:
 
     Reads ``summary.parquet`` when it is at least as new as every
     ``result.json`` in the sweep, else rebuilds the table from the run
-    folders (:func:`slt.records.collect` without writing).
+    folders (:func:`experiments.records.collect` without writing).
 
     Raises
     ------
@@ -859,7 +859,7 @@ FIGURES: dict[str, Callable[[Path, Path], list[Path]]] = {
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python experiments/figures.py {kgon,geometry,...,all} [--results DIR] [--out DIR]``."""
+    """``python -m experiments.figures {kgon,geometry,...,all} [--results DIR] [--out DIR]``."""
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("figures", nargs="+", choices=[*FIGURES, "all"], help="which figures to make")
     ap.add_argument("--results", default=os.environ.get("SLT_RESULTS_DIR", "results"),

@@ -9,16 +9,15 @@ the diagnostics and (if ``reference`` is set) the comparison with a known λ.
 
 Usage::
 
-    python experiments/llc.py                          # demo: RRR [5, 3, 4], rank 2 (λ = 4)
-    python experiments/llc.py model._target_=mypkg.Net data._target_=mypkg.data \
+    python -m experiments.llc                          # demo: RRR [5, 3, 4], rank 2 (λ = 4)
+    python -m experiments.llc model._target_=mypkg.Net data._target_=mypkg.data \
         checkpoint=/path/ckpt.pt train=null loss=torch.nn.functional.cross_entropy
-    python experiments/llc.py -m checkpoint=a.pt,b.pt,c.pt train=null   # one run per checkpoint
+    python -m experiments.llc -m checkpoint=a.pt,b.pt,c.pt train=null   # one run per checkpoint
 """
 
 from __future__ import annotations
 
 import inspect
-import sys
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -26,10 +25,9 @@ import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import _runlib  # noqa: E402
-
-from slt.training import train  # noqa: E402
+import slt
+from experiments import _runlib
+from slt.training import train
 
 
 def _validate(cfg: DictConfig) -> None:
@@ -121,9 +119,8 @@ def run(cfg: DictConfig, out_dir: Path) -> tuple[dict[str, Any], dict[str, Any]]
             finish_iterations=int(cfg.train.finish_iterations),
         )
         metrics.update(train_loss=fit.loss, train_grad_norm=fit.grad_norm, train_converged=fit.converged)
-    estimate = _runlib.instantiate_partial(cfg.sampler)
-    res = estimate(model, data, loss, seed=seed, device=cfg.device, dtype=_runlib.torch_dtype(cfg.dtype),
-                   progress=bool(cfg.progress))
+    res = slt.estimate_llc(model, data, loss, **_runlib.llc_kwargs(
+        cfg.sampler, seed=seed, device=cfg.device, dtype=cfg.dtype, progress=bool(cfg.progress)))
     metrics.update(_runlib.metrics_from_result(res))
     metrics["num_params"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
     if cfg.reference is not None:
@@ -135,9 +132,7 @@ def run(cfg: DictConfig, out_dir: Path) -> tuple[dict[str, Any], dict[str, Any]]
     metrics["device"] = res.config.get("device", cfg.device)
     print(f"[llc] {cfg.model._target_}: λ̂ = {res.llc_mean:.3f} ± {res.llc_sem:.3f}"
           + (f" (reference {metrics['llc_reference']:.3g})" if "llc_reference" in metrics else ""), flush=True)
-    arrays = {"llc_trace": res.llc_trace, "loss_trace": res.loss_trace, "loss_star_trace": res.loss_star_trace,
-              "llc_per_chain": res.llc_per_chain}
-    return metrics, arrays
+    return metrics, _runlib.result_arrays(res)
 
 
 @hydra.main(version_base="1.3", config_path=_runlib.CONF_DIR, config_name="llc")

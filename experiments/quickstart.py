@@ -7,7 +7,7 @@ n = 20 000 high-sparsity samples, estimates both LLCs in one batched call
 (5-gon 7, 6-gon 8.5).  Writes ``<out>/result.json`` (config, seed, versions,
 device, estimates, diagnostics) and ``<out>/loss_trace.png``/``.pdf``.
 
-    python experiments/quickstart.py [--out results/quickstart] [--n 20000] [--draws 2000]
+    python -m experiments.quickstart [--out results/quickstart] [--n 20000] [--draws 2000]
 
 Runs in well under a minute on a 2-core CPU.
 """

@@ -28,11 +28,11 @@ One run (config ``conf/tms.yaml``):
 
 Usage::
 
-    python experiments/tms.py                                  # one run
-    python experiments/tms.py -m seed=0,1,2                    # sweep -> summary.csv
-    python experiments/tms.py -m experiment=tms_phase          # 5-gon vs 6-gon over n
-    python experiments/tms.py -m experiment=tms_elhage hydra/launcher=parallel
-    python experiments/tms.py -m experiment=tms_symmetry_retrained   # w*_h re-trained on q_h
+    python -m experiments.tms                                  # one run
+    python -m experiments.tms -m seed=0,1,2                    # sweep -> summary.csv
+    python -m experiments.tms -m experiment=tms_phase          # 5-gon vs 6-gon over n
+    python -m experiments.tms -m experiment=tms_elhage hydra/launcher=parallel
+    python -m experiments.tms -m experiment=tms_symmetry_retrained   # w*_h re-trained on q_h
 
 Results: ``${SLT_RESULTS_DIR:-results}/{runs,sweeps}/<name>/<overrides>/result.json``.
 """
@@ -41,19 +41,16 @@ from __future__ import annotations
 
 import copy
 import math
-import sys
 from pathlib import Path
 from typing import Any
 
 import hydra
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import _runlib  # noqa: E402
-
-import slt  # noqa: E402
-from slt.models import (  # noqa: E402
+import slt
+from experiments import _runlib
+from slt.models import (
     classify_tms_point,
     geometric_importance,
     kgon_parameters,
@@ -61,8 +58,8 @@ from slt.models import (  # noqa: E402
     tms_loss,
     tms_population_loss,
 )
-from slt.geometry import feature_dimensionality  # noqa: E402
-from slt.training import full_batch_loss_and_grad_norm, train  # noqa: E402
+from slt.geometry import feature_dimensionality
+from slt.training import full_batch_loss_and_grad_norm, train
 
 
 HESSIAN_TOL = 1e-6  # eigenvalues below HESSIAN_TOL · max(1, largest) count as zero
@@ -128,7 +125,7 @@ def _path(cfg: DictConfig, X: torch.Tensor, gen: torch.Generator) -> dict[str, A
     sym = cfg.symmetry
     if sym.operation == "none" or sym.group == "none":
         return None
-    import _symmetry
+    from experiments import _symmetry
 
     group = _symmetry.make_group(sym.group, int(sym.degree or cfg.model.n_features))
     q0, q1 = _symmetry.path_endpoints(sym, X, group, gen)
@@ -140,8 +137,7 @@ def _estimate(cfg: DictConfig, model: torch.nn.Module, X: torch.Tensor, loss: An
     """λ̂ at q (no path) or at q_h on the symmetry path, with the covariance
     susceptibility when ``symmetry.susceptibility`` (at the model's w*: w*_0 when
     quenched, w*_h when re-trained); returns (result, metrics)."""
-    kw = {k: v for k, v in OmegaConf.to_container(cfg.sampler, resolve=True).items() if not k.startswith("_")}
-    kw.update(seed=int(cfg.seed), device=cfg.device, progress=bool(cfg.progress))
+    kw = _runlib.llc_kwargs(cfg.sampler, seed=int(cfg.seed), device=cfg.device, progress=bool(cfg.progress))
     sym = cfg.symmetry
     if path is None:
         return slt.estimate_llc(model, X, loss, **kw), {}
@@ -290,15 +286,7 @@ def run(cfg: DictConfig, out_dir: Path) -> tuple[dict[str, Any], dict[str, Any]]
         lam = metrics["llc_theory"]
         metrics["relative_error"] = (res.llc_mean - lam) / lam
         metrics["z_theory"] = (res.llc_mean - lam) / res.llc_sem if res.llc_sem > 0 else None
-    arrays = {
-        "llc_trace": res.llc_trace,  # (C, T)
-        "loss_trace": res.loss_trace,  # (C, T)
-        "loss_star_trace": res.loss_star_trace,  # (C, T)
-        "llc_per_chain": res.llc_per_chain,  # (C,)
-        "W": W,
-        "b": b,
-    }
-    arrays.update({f"obs_{k}": v for k, v in res.observables.items()})
+    arrays = {**_runlib.result_arrays(res), "W": W, "b": b}  # traces (C, T), llc_per_chain (C,), obs_*; w*
     print(
         f"[tms] seed={seed} n={n}: {metrics['point']} (L_n={fit.loss:.5f}) λ̂ = {res.llc_mean:.2f} ± {res.llc_sem:.2f}"
         + (f"  closed form {metrics['llc_theory']}" if closed else "")

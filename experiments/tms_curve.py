@@ -21,15 +21,14 @@ curve), the final ``W``/``b``; ``traces.npz`` holds the checkpoints'
 
 Usage::
 
-    python experiments/tms_curve.py                       # one run
-    python experiments/tms_curve.py -m seed=0,1,2         # a sweep
-    python experiments/figures.py curve
+    python -m experiments.tms_curve                       # one run
+    python -m experiments.tms_curve -m seed=0,1,2         # a sweep
+    python -m experiments.figures curve
 """
 
 from __future__ import annotations
 
 import math
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -37,14 +36,12 @@ from typing import Any
 import hydra
 import numpy as np
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import _runlib  # noqa: E402
-from _schemas import CurveConf, TMSCurveConfig  # noqa: E402,F401  (schema of tms_curve.yaml)
-
-import slt  # noqa: E402
-from slt.models import geometric_importance, make_tms_loss, tms_loss  # noqa: E402
+import slt
+from experiments import _runlib
+from experiments._schemas import CurveConf, TMSCurveConfig  # noqa: F401  (schema of tms_curve.yaml)
+from slt.models import geometric_importance, make_tms_loss, tms_loss
 
 
 def _validate(cfg: DictConfig) -> None:
@@ -111,8 +108,7 @@ def run(cfg: DictConfig, out_dir: Path) -> tuple[dict[str, Any], dict[str, Any]]
     train_seconds = time.perf_counter() - t0
 
     kinds = [slt.geometry.classify_point(s["W"].double(), s["b"].double(), tol=float(cfg.classify_tol)) for s in states]
-    kw = {k: v for k, v in OmegaConf.to_container(cfg.sampler, resolve=True).items() if not k.startswith("_")}
-    kw.update(seed=seed, device=cfg.device, progress=bool(cfg.progress))
+    kw = _runlib.llc_kwargs(cfg.sampler, seed=seed, device=cfg.device, progress=bool(cfg.progress))
     t1 = time.perf_counter()
     results = slt.estimate_llc(model, X, loss, state_dicts=states, **kw)
     llc_seconds = time.perf_counter() - t1
@@ -144,7 +140,7 @@ def run(cfg: DictConfig, out_dir: Path) -> tuple[dict[str, Any], dict[str, Any]]
     arrays = {
         "ckpt_W": torch.stack([s["W"] for s in states]),  # (K, m, n)
         "ckpt_b": torch.stack([s["b"] for s in states]),  # (K, n)
-        "ckpt_llc_per_chain": torch.stack([torch.as_tensor(r.llc_per_chain) for r in results]),  # (K, C)
+        **_runlib.result_arrays(results, prefix="ckpt_", traces=False),  # ckpt_llc_per_chain (K, C)
     }
     print(f"[tms_curve] seed={seed}: {len(states)} checkpoints, train {train_seconds:.1f} s, batched λ̂ {llc_seconds:.1f} s; "
           f"final {metrics['final_point']} L={ck_loss[-1]:.5f} λ̂ = {results[-1].llc_mean:.2f} ± {results[-1].llc_sem:.2f}; "

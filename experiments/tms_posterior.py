@@ -27,7 +27,6 @@ Records (``result.json`` metrics): ``rung_nbeta`` and, per phase k, ``rung_frac_
 
 from __future__ import annotations
 
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -37,11 +36,9 @@ import numpy as np
 import torch
 from omegaconf import DictConfig
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import _runlib  # noqa: E402
-
-import slt  # noqa: E402
-from slt.models import kgon_parameters, tms_loss, tms_live_columns  # noqa: E402
+import slt
+from experiments import _runlib
+from slt.models import kgon_parameters, tms_loss, tms_live_columns
 
 PHASES = (1, 2, 3, 4, 5, 6)
 

@@ -33,19 +33,15 @@ class Batch(NamedTuple):
 
     ``x``: (C, B, ...) inputs; ``y``: (C, B, ...) targets (``x`` itself for a
     density model); ``weights``: (C, B) per-sample weights (summing to one
-    along B) or ``None``; ``index``: (C, B) dataset indices (``None`` for
-    streamed batches); ``full``: True when the batch is the whole (weighted)
-    dataset, so that ``L_B = L_n`` exactly; ``shared``: True when every chain
-    sees the same batch, which is then stored *without* the chain dimension
-    (``x``: (B, ...), ``y``: (B, ...), ``weights``: (B,)) so that the forward
-    pass can broadcast instead of copying.
+    along B) or ``None``; ``shared``: True when every chain sees the same
+    batch, which is then stored *without* the chain dimension (``x``: (B, ...),
+    ``y``: (B, ...), ``weights``: (B,)) so that the forward pass can broadcast
+    instead of copying.
     """
 
     x: Tensor
     y: Tensor
     weights: Tensor | None
-    index: Tensor | None
-    full: bool
     shared: bool = False
 
     def per_chain(self, num_chains: int) -> "Batch":
@@ -56,7 +52,7 @@ class Batch(NamedTuple):
         return Batch(
             self.x.unsqueeze(0).expand(num_chains, *self.x.shape),
             self.y.unsqueeze(0).expand(num_chains, *self.y.shape),
-            w, self.index, self.full, False,
+            w, False,
         )
 
 
@@ -122,10 +118,6 @@ class Data(Dataset):
     def target(self) -> Tensor:
         return self.x if self.y is None else self.y
 
-    @property
-    def is_density(self) -> bool:
-        return self.y is None
-
     def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> "Data":
         def conv(t: Tensor | None) -> Tensor | None:
             if t is None:
@@ -142,7 +134,7 @@ class Data(Dataset):
     # -- minibatches ------------------------------------------------------
     def full_batch(self) -> Batch:
         """The whole dataset as one batch shared by all chains."""
-        return Batch(self.x, self.target, self.normalized_weights(), None, True, True)
+        return Batch(self.x, self.target, self.normalized_weights(), True)
 
     def sample_index(self, num_chains: int, batch_size: int, generator: torch.Generator) -> Tensor:
         """(C, B) indices, i.i.d. uniform (or proportional to the weights)."""
@@ -165,7 +157,7 @@ class Data(Dataset):
         x = self.x.index_select(0, flat).view(*index.shape, *self.x.shape[1:])
         t = self.target
         y = x if t is self.x else t.index_select(0, flat).view(*index.shape, *t.shape[1:])
-        return Batch(x, y, None, index, False)
+        return Batch(x, y, None)
 
 
 def _validate_tensor(name: str, t: Any, n: int | None) -> int:
@@ -191,7 +183,7 @@ class LoaderSource:
     ``n`` is ``len(loader.dataset)`` when the dataset has a length.
     """
 
-    def __init__(self, loader: DataLoader, is_density: bool | None = None):
+    def __init__(self, loader: DataLoader):
         self.loader = loader
         self._it: Iterator | None = None
         try:
@@ -200,7 +192,6 @@ class LoaderSource:
             self.n = None
         if self.n == 0:
             raise ValueError("empty dataset: the DataLoader's dataset has 0 samples")
-        self.is_density = is_density
 
     def _unpack(self, item: Any) -> tuple[Tensor, Tensor | None, Tensor | None]:
         if isinstance(item, Tensor):

@@ -44,8 +44,9 @@ from torch import Tensor, nn
 
 from ._checks import check_int, check_real
 from .params import ParamSpec
-from .reference import _Target
-from .samplers import LocalizedPotential
+from .samplers import LocalizedPotential, langevin_step, mala_acceptance
+from .stepsize import power_iteration
+from .target import Target, prepare_target
 
 __all__ = ["PosteriorDraws", "BasinFractions", "sample_posterior", "basin_fractions", "geometric_ladder"]
 
@@ -174,11 +175,11 @@ class BasinFractions:
 
 
 # ----------------------------------------------------------------------------
-def _starts(target: Any, init: Any, init_labels: Sequence[str] | None) -> tuple[Tensor, list[str]]:
+def _starts(target: Target, init: Any, init_labels: Sequence[str] | None) -> tuple[Tensor, list[str]]:
     """Starting points as ``(K, d)`` plus their labels."""
     spec: ParamSpec = target.spec
     if init is None:
-        pts = [target.w_star]
+        pts = [target.w_star[0]]
     elif isinstance(init, Tensor):
         if init.ndim != 2 or init.shape[1] != spec.d:
             raise ValueError(f"init as a tensor must have shape (K, {spec.d}) (flat parameters), "
@@ -252,21 +253,17 @@ def _t_threshold(z: float, df: int) -> float:
     return 0.5 * (lo + hi)
 
 
-def _top_hessian_eigenvalue(target: Any, w: Tensor, iters: int = 20, rel: float = 1e-4) -> float:
-    """Largest |eigenvalue| of the Hessian of L_n at each row of ``w`` (K, d), by power iteration
-    on finite-difference Hessian-vector products :math:`(\\nabla L(w+\\delta v) - \\nabla L(w-\\delta v))/2\\delta`."""
-    ev = target.evaluator
+def _top_hessian_eigenvalue(target: Target, w: Tensor, iters: int = 20, rel: float = 1e-4) -> float:
+    """Largest |eigenvalue| of the Hessian of L_n over the rows of ``w`` (K, d), by power iteration
+    (:func:`slt.stepsize.power_iteration`) on central differences
+    :math:`(\\nabla L(w+\\delta v) - \\nabla L(w-\\delta v))/2\\delta`, :math:`\\delta = 10^{-4}(1 + \\lVert w\\rVert)`."""
+    batch = target.full_batch()
     gen = torch.Generator(device="cpu").manual_seed(0)
     v = torch.randn(w.shape, generator=gen, dtype=w.dtype).to(w.device)
     v = v / v.norm(dim=1, keepdim=True)
     delta = rel * (1.0 + w.norm(dim=1, keepdim=True))
-    lam = torch.zeros(w.shape[0], dtype=w.dtype, device=w.device)
-    for _ in range(iters):
-        gp = ev.loss_and_grad(w + delta * v, target.batch)[1]
-        gm = ev.loss_and_grad(w - delta * v, target.batch)[1]
-        hv = (gp - gm) / (2 * delta)
-        lam = hv.norm(dim=1)
-        v = hv / lam.clamp_min(1e-30).unsqueeze(1)
+    _, lam = power_iteration(lambda x: target.evaluator.loss_and_grad(x, batch)[1], w, v, iters, delta,
+                             central=True)
     return float(lam.max())
 
 
@@ -356,10 +353,14 @@ def sample_posterior(
     burn = check_int("num_burnin", num_burnin, 0)
     thin = check_int("num_steps_bw_draws", num_steps_bw_draws, 1)
     check_int("seed", seed, 0)
-    if dtype not in (torch.float32, torch.float64):
-        raise ValueError(f"dtype must be torch.float32 or torch.float64, got {dtype}")
-    target = _Target(model, data, loss_fn, dtype, device)
-    nb = float(target.n) if nbeta is None else check_real("nbeta", nbeta, positive=True)
+    if nbeta is not None:
+        check_real("nbeta", nbeta, positive=True)
+    if isinstance(model, (list, tuple)):
+        raise TypeError("sample_posterior takes one model (its parameter layout and default start)")
+    target = prepare_target(model, data, loss_fn, dtype=dtype, device=device, full_data=True,
+                            nbeta=(lambda n: float(n)) if nbeta is None else nbeta,
+                            localization=1.0 / sigma**2, caller="slt.sample_posterior")
+    nb, gamma, batch = target.nbeta, target.localization, target.full_batch()
     starts, labels = _starts(target, init, init_labels)
     K, d = starts.shape
     if isinstance(prior_mean, Tensor):
@@ -370,7 +371,6 @@ def sample_posterior(
         mu = torch.full((d,), float(prior_mean), device=target.device, dtype=target.dtype)
     if not torch.isfinite(mu).all():
         raise ValueError("prior_mean contains NaN or inf")
-    gamma = 1.0 / sigma**2
     ladder = [1.0] if temperatures is None else [float(f) for f in temperatures]
     if not ladder or not all(math.isfinite(f) for f in ladder) or abs(ladder[0] - 1.0) > 1e-12 or any(
         not (0 < b < a) for a, b in zip(ladder, ladder[1:])
@@ -397,7 +397,7 @@ def sample_posterior(
     potential = LocalizedPotential(target.evaluator.loss_and_grad, mu.expand(R * C, d), nbr, gamma)
     gen = torch.Generator(device=target.device).manual_seed(int(seed))
     w = w0.repeat(R, 1)  # (R*C, d)
-    L, _, U, gU = potential(w, target.batch)
+    L, _, U, gU = potential(w, batch)
     swap_tries = torch.zeros(max(R - 1, 0), dtype=torch.float64)
     swap_acc = torch.zeros(max(R - 1, 0), dtype=torch.float64)
     parity = 0
@@ -413,14 +413,10 @@ def sample_posterior(
     j = 0
     for t in range(total):
         # SGLD with full-batch gradients: w' = w - ε/2 ∇U(w) + √ε ξ
-        noise = torch.randn(w.shape, generator=gen, **kw)
-        w_new = w - 0.5 * e * gU + e.sqrt() * noise
-        L_n, _, U_n, gU_n = potential(w_new, target.batch)
+        w_new = langevin_step(w, gU, torch.randn(w.shape, generator=gen, **kw), e)
+        L_n, _, U_n, gU_n = potential(w_new, batch)
         # MALA acceptance of that proposal (diagnostic only; the proposal is always taken)
-        fwd = (w_new - (w - 0.5 * e * gU)).square().sum(-1)
-        bwd = (w - (w_new - 0.5 * e * gU_n)).square().sum(-1)
-        log_a = U - U_n + (fwd - bwd) / (2 * e.squeeze(1))
-        acc_sum += log_a[:C].clamp(max=0.0).exp().double().cpu()
+        acc_sum += mala_acceptance(w, w_new, U, gU, U_n, gU_n, e)[:C].double().cpu()
         w, L, U, gU = w_new, L_n, U_n, gU_n
         if not torch.isfinite(U).all():
             c = int((~torch.isfinite(U)).nonzero()[0])
@@ -442,7 +438,7 @@ def sample_posterior(
                 newP[rs] = torch.where(a3, Pv[rs + 1], Pv[rs])
                 newP[rs + 1] = torch.where(a3, Pv[rs], Pv[rs + 1])
                 w = newP.view(R * C, d)
-                L, _, U, gU = potential(w, target.batch)
+                L, _, U, gU = potential(w, batch)
             parity = 1 - parity
         if t >= burn and (t - burn) % thin == thin - 1:
             draws[:, :, j] = w.view(R, C, d).double().cpu()

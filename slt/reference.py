@@ -55,7 +55,7 @@ Every NUTS draw takes :math:`2^{\text{depth}}` full-batch gradients, each a pass
 over all n samples, plus Pyro's Python overhead (≈ 0.5 ms per leapfrog step on
 the 2-core development CPU); chains run one after another.  The depth is set by
 the posterior's geometry more than by d.  Measured (float64, 2-core CPU,
-``python experiments/compare_nuts.py --job scaling`` and the comparison jobs):
+``python -m experiments.compare_nuts --job scaling`` and the comparison jobs):
 
 =========================================  =====  ======  ============  ==========
 posterior                                  d      n       grads/draw    ms/grad
@@ -78,7 +78,6 @@ than 5% of draws hit ``max_tree_depth``.
 from __future__ import annotations
 
 import contextlib
-import copy
 import math
 import random
 import time
@@ -91,11 +90,12 @@ import torch
 from torch import Tensor, nn
 
 from ._checks import check_int, check_real
-from .data import Batch, Data, LoaderSource, as_source
-from .diagnostics import ess, llc_standard_error, rhat
-from .losses import LossAdapter
+from ._runtime import intra_op_threads, small_work_threads, versions
+from .data import as_source
+from .defaults import default_localization, default_nbeta
 from .params import ParamSpec
 from .result import LLCResult
+from .target import Target, prepare_target
 
 __all__ = [
     "NUTS_MAX_PARAMS",
@@ -118,135 +118,33 @@ DENSE_MASS_MAX_PARAMS = 100
 Observable = Callable[[Mapping[str, Tensor]], Tensor]
 
 
-# ----------------------------------------------------------------------------
-# the target: full-batch potential of a model on its data
-# ----------------------------------------------------------------------------
-class _Target:
-    """Model + data + loss, prepared once: flat ``w*``, the full batch, an evaluator."""
+@dataclass(frozen=True)
+class _Full:
+    """One checkpoint for the full-batch references: the shared :class:`slt.target.Target`
+    (a DataLoader stacked into tensors), ``w*`` as ``(d,)``, and :math:`L_n(w^*)` by the same
+    full-data loss the draws are scored with (:meth:`Target.losses`), so the control variate
+    is exact."""
 
-    def __init__(self, model: nn.Module, data: Any, loss_fn: Any, dtype: torch.dtype, device: Any):
-        from .engine import ChainEvaluator, _validate_model_and_loss, resolve_device
-
-        if not isinstance(model, nn.Module):
-            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-        if dtype not in (torch.float32, torch.float64):
-            raise ValueError(f"dtype must be torch.float32 or torch.float64, got {dtype}")
-        if loss_fn is None:
-            loss_fn = getattr(model, "default_loss", None)
-            if loss_fn is None:
-                raise ValueError("loss_fn is required (the model defines no default_loss)")
-        self.device = resolve_device(device)
-        self.dtype = dtype
-        self.spec = ParamSpec(model)
-        work = model
-        if any(
-            t.device != self.device or (t.is_floating_point() and t.dtype != dtype)
-            for t in list(model.parameters()) + list(model.buffers())
-        ):
-            work = copy.deepcopy(model).to(device=self.device, dtype=dtype)
-        self.model = work
-        self.w_star = self.spec.flatten_module(model).to(device=self.device, dtype=dtype)  # (d,)
-        if not torch.isfinite(self.w_star).all():
-            raise ValueError("the model parameters (w*) contain NaN or inf")
-        source = as_source(data)
-        if isinstance(source, LoaderSource):
-            source = _stack_loader(source)
-        self.data: Data = source.to(self.device, dtype)
-        self.n = self.data.n
-        self.adapter = LossAdapter(loss_fn)
-        self.loss_fn = loss_fn
-        m = min(64, self.n)
-        probe = Data(self.data.x[:m], None if self.data.y is None else self.data.y[:m]).full_batch()
-        _validate_model_and_loss(work, self.adapter, probe)
-        self.batch: Batch = self.data.full_batch()
-        path = "native" if hasattr(work, "forward_chains") else "vmap"
-        self.evaluator = ChainEvaluator(work, self.spec, self.adapter, path)
-        try:
-            self.evaluator.loss_and_grad(self.w_star[None], probe)
-        except Exception as e:  # noqa: BLE001 - fall back to a loop, as the engine does
-            if path == "native":
-                raise
-            msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-            warnings.warn(f"slt.reference: vmap failed on this model ({type(e).__name__}: {msg}); "
-                          "using a loop", RuntimeWarning, stacklevel=3)
-            self.evaluator = ChainEvaluator(work, self.spec, self.adapter, "loop")
-        self.path = self.evaluator.path
-        self.init_loss = float(self.losses(self.w_star[None])[0])
-        if not math.isfinite(self.init_loss):
-            raise ValueError("the loss at w* is NaN or inf; check the model and data")
-
-    @property
-    def d(self) -> int:
-        return self.spec.d
-
-    def losses(self, flat: Tensor) -> Tensor:
-        """(m, d) -> (m,) full-data losses L_n, no grad, chunked over m."""
-        per = max(1, int(self.data.n * max(1, self.data.target[0].numel())))
-        chunk = max(1, (1 << 22) // per)
-        out = []
-        with torch.no_grad():
-            for i in range(0, flat.shape[0], chunk):
-                out.append(self.evaluator.losses(flat[i : i + chunk], self.batch))
-        return torch.cat(out)
-
-    def loss(self, w: Tensor) -> Tensor:
-        """(d,) -> L_n(w), differentiable in ``w`` (one autograd pass for NUTS).
-
-        Models with a hand-written gradient go through :class:`_LossFn`."""
-        if self.evaluator.analytic:
-            return _LossFn.apply(w, self)
-        if self.path == "vmap":
-            from torch.func import functional_call
-
-            out = functional_call(self.model, {**self.spec.unflatten(w), **self.evaluator.buffers}, (self.batch.x,))
-            return self.adapter.single_loss(out, self.batch.y, self.batch.weights)
-        return self.evaluator.losses(w[None], self.batch)[0]
-
-    def loss_and_grad(self, w: Tensor) -> tuple[Tensor, Tensor]:
-        """(d,) -> (L_n(w) scalar, ∇L_n(w) (d,)).
-
-        Native models go through the engine's evaluator (hand-written gradients
-        where the model has them); other modules through one ``functional_call``
-        and autograd (a single chain needs no ``vmap``)."""
-        if self.path != "vmap":
-            loss, grad = self.evaluator.loss_and_grad(w[None], self.batch)
-            return loss[0], grad[0]
-        from torch.func import functional_call
-
-        with torch.enable_grad():
-            p = w.detach().requires_grad_(True)
-            out = functional_call(self.model, {**self.spec.unflatten(p), **self.evaluator.buffers}, (self.batch.x,))
-            loss = self.adapter.single_loss(out, self.batch.y, self.batch.weights)
-            (grad,) = torch.autograd.grad(loss, p)
-        return loss.detach(), grad
+    target: Target
+    w_star: Tensor
+    init_loss: float
 
 
-def _stack_loader(source: LoaderSource) -> Data:
-    xs, ys, ws = [], [], []
-    for x, y, w in source.iter_batches():
-        xs.append(x)
-        ys.append(y)
-        ws.append(w)
-    if not xs:
-        raise ValueError("empty dataset: the DataLoader yielded no batch")
-    y = None if any(v is None for v in ys) else torch.cat(ys)
-    w = None if any(v is None for v in ws) else torch.cat([v.flatten() for v in ws])
-    return Data(torch.cat(xs), y, w)
+def _full_target(model: Any, data: Any, loss_fn: Any, dtype: torch.dtype, device: Any, caller: str,
+                 nbeta: Any = None, localization: float | None = None) -> _Full:
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    target = prepare_target(model, data, loss_fn, dtype=dtype, device=device, full_data=True, nbeta=nbeta,
+                            localization=localization, caller=caller)
+    init = float(target.losses(target.w_star)[0])
+    if not math.isfinite(init):
+        raise ValueError("the loss at w* is NaN or inf; check the model and data")
+    return _Full(target, target.w_star[0], init)
 
 
-class _LossFn(torch.autograd.Function):
-    """L_n(w) with the evaluator's gradient (hand-written on the toy models)."""
-
-    @staticmethod
-    def forward(ctx, w: Tensor, target: _Target) -> Tensor:  # type: ignore[override]
-        loss, grad = target.loss_and_grad(w.detach())
-        ctx.save_for_backward(grad)
-        return loss.detach().clone()
-
-    @staticmethod
-    def backward(ctx, g: Tensor):  # type: ignore[override]
-        (grad,) = ctx.saved_tensors
-        return g * grad, None
+def _threads(full: _Full) -> int | None:
+    """One CPU thread when a full-batch gradient is tiny (n × d < 2·10⁶)."""
+    return small_work_threads(full.target.n * full.target.d, full.target.device)
 
 
 @contextlib.contextmanager
@@ -266,19 +164,6 @@ def _seeded_global_rng(seed: int, device: torch.device | None = None) -> Iterato
             np.random.set_state(np_state)
 
 
-@contextlib.contextmanager
-def _threads(n: int | None) -> Iterator[None]:
-    if n is None:
-        yield
-        return
-    old = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(old)
-
-
 def _chain_seeds(seed: int, num_chains: int) -> list[int]:
     g = torch.Generator().manual_seed(int(seed))
     return [int(v) for v in torch.randint(0, 2**62, (num_chains,), generator=g)]
@@ -288,7 +173,7 @@ def _chain_seeds(seed: int, num_chains: int) -> list[int]:
 # NUTS
 # ----------------------------------------------------------------------------
 def _run_nuts(
-    target: _Target,
+    full: _Full,
     *,
     nbeta: float,
     gamma: float,
@@ -313,7 +198,7 @@ def _run_nuts(
     def potential(params: Mapping[str, Tensor]) -> Tensor:
         w = params["w"]
         counter["evals"] += 1
-        U = nbeta * target.loss(w)
+        U = nbeta * full.target.loss(w)
         if gamma > 0:
             U = U + 0.5 * gamma * (w - center).square().sum()
         return U
@@ -332,20 +217,20 @@ def _run_nuts(
                 mark["accept"] = float(getattr(kernel, "_mean_accept_prob", float("nan")))  # reset by cleanup()
             mark["evals"] = counter["evals"]
 
-        with _seeded_global_rng(s, target.device):
+        with _seeded_global_rng(s, full.target.device):
             kernel = NUTS(
                 potential_fn=potential, adapt_step_size=True, adapt_mass_matrix=True,
                 full_mass=full_mass, target_accept_prob=target_accept_prob, max_tree_depth=max_tree_depth,
             )
             mcmc = MCMC(
                 kernel, num_samples=num_draws, warmup_steps=num_warmup,
-                initial_params={"w": target.w_star.clone()}, hook_fn=hook,
+                initial_params={"w": full.w_star.clone()}, hook_fn=hook,
                 disable_progbar=not progress,
             )
             mcmc.run()
         secs.append(time.perf_counter() - t0)
         warm_secs.append(mark["t_warm"] or 0.0)
-        w = mcmc.get_samples()["w"].reshape(num_draws, target.d)
+        w = mcmc.get_samples()["w"].reshape(num_draws, full.target.d)
         draws.append(w)
         evals.append(per_step)
         diag = mcmc.diagnostics()
@@ -366,7 +251,7 @@ def _run_nuts(
 
 
 def _nuts_result(
-    target: _Target,
+    full: _Full,
     run: Mapping[str, Any],
     *,
     nbeta: float,
@@ -375,49 +260,34 @@ def _nuts_result(
     config: dict[str, Any],
     max_tree_depth: int,
 ) -> LLCResult:
+    target = full.target
     draws = run["draws"]  # (C, T, d)
     C, T, d = draws.shape
     loss_tr = target.losses(draws.reshape(C * T, d)).reshape(C, T).cpu()
-    llc_tr = nbeta * (loss_tr - target.init_loss)
-    per_chain = llc_tr.mean(1)
-    mean = float(per_chain.double().mean())
-    std = float(per_chain.double().std()) if C > 1 else float("nan")
-    sem, sem_c, sem_b = llc_standard_error(per_chain, llc_tr)
-    r = rhat(llc_tr) if C > 1 else float("nan")
-    e = ess(llc_tr)
-    sem_ess = float(llc_tr.double().std() / math.sqrt(e)) if e == e and e > 0 else float("nan")
     evals = run["grad_evals"]
     depth = torch.log2(evals.clamp_min(1)).ceil()
     divs = [p["divergences"] for p in run["pyro"]]
-    below = (llc_tr < 0).double().mean(1)
     warn_list = []
     if sum(divs):
         warn_list.append(f"{sum(divs)} divergent NUTS transitions after warmup (per chain {divs}): "
                          "the posterior has regions NUTS cannot integrate; raise target_accept_prob")
-    if r == r and r > 1.05:
-        warn_list.append(f"R-hat {r:.2f} > 1.05: chains disagree; run longer")
     hit = float((evals >= 2**max_tree_depth).double().mean())
     if hit > 0.05:
         warn_list.append(f"{hit:.0%} of draws hit max_tree_depth={max_tree_depth}: the posterior is "
                          "badly scaled; raise max_tree_depth or the localization")
     diag = {
-        "rhat": r, "ess": e, "sem_chains": sem_c, "sem_batch_means": sem_b, "sem_ess": sem_ess,
-        "mala_acceptance": float("nan"),
         "acceptance_rate": float(np.mean([p["acceptance_rate"] for p in run["pyro"]])),
         "acceptance_rate_per_chain": [p["acceptance_rate"] for p in run["pyro"]],
         "mean_accept_prob": float(np.mean([p["mean_accept_prob"] for p in run["pyro"]])),
         "mean_accept_prob_per_chain": [p["mean_accept_prob"] for p in run["pyro"]],
         "divergences": int(sum(divs)), "divergences_per_chain": divs,
-        "divergent_chains": [],
         "step_size_per_chain": list(run["step_sizes"]),
         "tree_depth_mean": float(depth.mean()), "tree_depth_max": int(depth.max()),
         "frac_max_tree_depth": hit,
         "grad_evals_per_draw": float(evals.mean()),
-        "frac_below_init": float(below.mean()), "frac_below_init_per_chain": [float(v) for v in below],
-        "path": target.path, "path_reason": "full-batch loss through slt.engine.ChainEvaluator",
+        "path": target.path, "path_reason": "full-batch loss through slt.evaluator.ChainEvaluator",
         "seconds": float(sum(run["seconds"])), "warmup_seconds": float(sum(run["warmup_seconds"])),
         "seconds_per_chain": list(run["seconds"]),
-        "warnings": warn_list,
     }
     obs: dict[str, Tensor] = {}
     if observables:
@@ -425,15 +295,16 @@ def _nuts_result(
             for name, f in observables.items():
                 vals = f(target.spec.unflatten(draws.reshape(C * T, d).to(target.dtype)))
                 obs[name] = vals.detach().reshape(C, T, *vals.shape[1:]).cpu()
-    for w in warn_list:
-        warnings.warn(f"slt.reference.nuts_llc: {w}", RuntimeWarning, stacklevel=3)
-    return LLCResult(
-        llc_mean=mean, llc_std=std, llc_sem=sem, llc_per_chain=per_chain, llc_trace=llc_tr,
-        loss_trace=loss_tr, loss_star_trace=torch.full_like(loss_tr, target.init_loss),
-        init_loss=target.init_loss, nbeta=nbeta, step_size=float(np.mean(run["step_sizes"])),
-        localization=gamma, sampler="nuts", diagnostics=diag, observables=obs,
-        burnin_loss_trace=None, config=config,
+    res = LLCResult.from_traces(
+        loss_tr, torch.full_like(loss_tr, full.init_loss), nbeta=nbeta, init_loss=full.init_loss,
+        step_size=float(np.mean(run["step_sizes"])), localization=gamma, sampler="nuts", observables=obs,
+        rhat_threshold=1.05, diagnostics=diag, warnings=warn_list, config=config,
     )
+    e = res.diagnostics["ess"]
+    res.diagnostics["sem_ess"] = float(res.llc_trace.double().std() / math.sqrt(e)) if e == e and e > 0 else float("nan")
+    for w in res.diagnostics["warnings"]:
+        warnings.warn(f"slt.reference.nuts_llc: {w}", RuntimeWarning, stacklevel=3)
+    return res
 
 
 def _check_nuts_args(num_chains, num_draws, num_warmup, max_tree_depth, target_accept_prob, seed):
@@ -457,14 +328,6 @@ def _size_check(d: int, force: bool) -> None:
             "full-batch NUTS is impractical at this size (hours per chain; see slt.reference). "
             "Use slt.estimate_llc, or pass force=True"
         )
-
-
-def _versions() -> dict[str, str]:
-    import pyro
-
-    from .engine import _versions as engine_versions
-
-    return {**engine_versions(), "pyro": pyro.__version__}
 
 
 def nuts_llc(
@@ -553,17 +416,14 @@ def nuts_llc(
         raise TypeError("nuts_llc takes one model (checkpoint) at a time")
     spec_d = ParamSpec(model).d if isinstance(model, nn.Module) else 0
     _size_check(spec_d, force)
-    target = _Target(model, data, loss_fn, dtype, device)
-    from .engine import default_localization, default_nbeta
-
-    nb = float(nbeta) if nbeta is not None else default_nbeta(target.n)
-    gamma = float(localization) if localization is not None else default_localization(nb)
+    full = _full_target(model, data, loss_fn, dtype, device, "slt.nuts_llc", nbeta, localization)
+    target = full.target
+    nb, gamma = target.nbeta, target.localization
     if full_mass is None:
         full_mass = target.d <= DENSE_MASS_MAX_PARAMS
-    threads = 1 if target.n * target.d < 2_000_000 and target.device.type == "cpu" else None
-    with _threads(threads):
+    with intra_op_threads(_threads(full)):
         run = _run_nuts(
-            target, nbeta=nb, gamma=gamma, center=target.w_star, num_chains=num_chains, num_draws=num_draws,
+            full, nbeta=nb, gamma=gamma, center=full.w_star, num_chains=num_chains, num_draws=num_draws,
             num_warmup=num_warmup, seed=seed, max_tree_depth=max_tree_depth,
             target_accept_prob=target_accept_prob, full_mass=bool(full_mass), progress=progress,
         )
@@ -573,9 +433,9 @@ def nuts_llc(
             "max_tree_depth": max_tree_depth, "target_accept_prob": target_accept_prob,
             "full_mass": bool(full_mass), "dtype": str(dtype).replace("torch.", ""),
             "device": str(target.device), "path": target.path, "num_params": target.d,
-            "batch_size": None, "versions": _versions(),
+            "batch_size": None, "versions": versions("pyro"),
         }
-        return _nuts_result(target, run, nbeta=nb, gamma=gamma, observables=observables, config=config,
+        return _nuts_result(full, run, nbeta=nb, gamma=gamma, observables=observables, config=config,
                             max_tree_depth=max_tree_depth)
 
 
@@ -737,7 +597,7 @@ def compare(
     """
     import pandas as pd
 
-    from .engine import default_localization, default_nbeta, estimate_llc
+    from .engine import estimate_llc
 
     try:
         eps_list = sorted(check_real("step_sizes[i]", e, positive=True) for e in step_sizes)
@@ -760,7 +620,7 @@ def compare(
     if nbeta is None and n is None:
         raise ValueError("the DataLoader's dataset has no length: pass nbeta explicitly")
     nb = float(nbeta) if nbeta is not None else default_nbeta(int(n))
-    gamma = float(localization) if localization is not None else default_localization(nb)
+    gamma = float(localization) if localization is not None else default_localization()
 
     rows, sgld = [], []
     ref = None
@@ -798,15 +658,16 @@ def compare(
 # ----------------------------------------------------------------------------
 # Watanabe's global estimators
 # ----------------------------------------------------------------------------
-def _prior_center(target: _Target, prior_mean: Any) -> Tensor:
+def _prior_center(full: _Full, prior_mean: Any) -> Tensor:
+    target, w_star = full.target, full.w_star
     if isinstance(prior_mean, str):
         if prior_mean != "w_star":
             raise ValueError(f"prior_mean must be a number, a (d,) tensor or 'w_star', got {prior_mean!r}")
-        return target.w_star.clone()
+        return w_star.clone()
     if isinstance(prior_mean, (int, float)) and not isinstance(prior_mean, bool):
         if not math.isfinite(prior_mean):
             raise ValueError(f"prior_mean must be finite, got {prior_mean}")
-        return torch.full_like(target.w_star, float(prior_mean))
+        return torch.full_like(w_star, float(prior_mean))
     if isinstance(prior_mean, Tensor):
         if prior_mean.shape != (target.d,):
             raise ValueError(f"prior_mean must have shape ({target.d},) (the flat parameters), "
@@ -912,7 +773,7 @@ def _global_runs(
     num_chains: int, num_draws: int, num_warmup: int | None, seed: int, dtype: torch.dtype, device: Any,
     force: bool, max_tree_depth: int, target_accept_prob: float, full_mass: bool | None, progress: bool,
     sampler: str = "nuts", sgld_kwargs: Mapping[str, Any] | None = None,
-) -> tuple[_Target, list[float], list[LLCResult]]:
+) -> tuple[_Full, list[float], list[LLCResult]]:
     num_warmup = _check_nuts_args(num_chains, num_draws, num_warmup, max_tree_depth, target_accept_prob, seed)
     if sampler not in ("nuts", "sgld"):
         raise ValueError(f"sampler must be 'nuts' or 'sgld', got {sampler!r}")
@@ -928,17 +789,17 @@ def _global_runs(
         raise TypeError("the global estimators take one model at a time")
     if sampler == "nuts":
         _size_check(ParamSpec(model).d if isinstance(model, nn.Module) else 0, force)
-    target = _Target(model, data, loss_fn, dtype, device)
+    full = _full_target(model, data, loss_fn, dtype, device, "slt.reference", nbeta=lambda n: float(n))
+    target = full.target
     if target.n < 3:
         raise ValueError(f"need n >= 3 samples (β = 1/log n), got n = {target.n}")
-    center = _prior_center(target, prior_mean)
+    center = _prior_center(full, prior_mean)
     if full_mass is None:
         full_mass = target.d <= DENSE_MASS_MAX_PARAMS
     logn = math.log(target.n)
     betas = [b / logn for b in betas_rel]
     results = []
-    threads = 1 if target.n * target.d < 2_000_000 and target.device.type == "cpu" else None
-    with _threads(threads):
+    with intra_op_threads(_threads(full)):
         for k, beta in enumerate(betas):
             nb = target.n * beta
             if sampler == "sgld":
@@ -950,7 +811,7 @@ def _global_runs(
                                             num_chains=num_chains, num_draws=num_draws, num_burnin=num_warmup,
                                             seed=seed + 7919 * k, **kw))
                 continue
-            run = _run_nuts(target, nbeta=nb, gamma=gamma, center=center, num_chains=num_chains,
+            run = _run_nuts(full, nbeta=nb, gamma=gamma, center=center, num_chains=num_chains,
                             num_draws=num_draws, num_warmup=num_warmup, seed=seed + 7919 * k,
                             max_tree_depth=max_tree_depth, target_accept_prob=target_accept_prob,
                             full_mass=bool(full_mass), progress=progress)
@@ -958,15 +819,15 @@ def _global_runs(
                       "seed": seed + 7919 * k, "nbeta": nb, "beta": beta, "n": target.n, "sampler": "nuts",
                       "prior_std": prior_std, "prior_mean": prior_mean if not isinstance(prior_mean, Tensor)
                       else "tensor", "localization": gamma, "full_mass": bool(full_mass),
-                      "num_params": target.d, "versions": _versions()}
-            results.append(_nuts_result(target, run, nbeta=nb, gamma=gamma, observables=None, config=config,
+                      "num_params": target.d, "versions": versions("pyro")}
+            results.append(_nuts_result(full, run, nbeta=nb, gamma=gamma, observables=None, config=config,
                                         max_tree_depth=max_tree_depth))
-    return target, betas, results
+    return full, betas, results
 
 
-def _expected_nl(target: _Target, beta: float, r: LLCResult) -> tuple[float, float]:
+def _expected_nl(full: _Full, beta: float, r: LLCResult) -> tuple[float, float]:
     """E_β[nL_n] = n L_n(w*) + λ̂/β and its s.e. (λ̂ = nβ(E L_n − L_n(w*)) has the lower variance)."""
-    return target.n * r.init_loss + r.llc_mean / beta, r.llc_sem / beta
+    return full.target.n * r.init_loss + r.llc_mean / beta, r.llc_sem / beta
 
 
 def multitemperature_llc(
@@ -1044,13 +905,13 @@ def multitemperature_llc(
         raise ValueError(f"betas must be a sequence of positive numbers, got {betas!r}") from e
     if len(set(rel)) < 2:
         raise ValueError(f"need at least 2 distinct temperatures for a slope, got betas={list(betas)}")
-    target, bs, results = _global_runs(
+    full, bs, results = _global_runs(
         model, data, loss_fn, betas_rel=rel, prior_std=prior_std, prior_mean=prior_mean,
         num_chains=num_chains, num_draws=num_draws, num_warmup=num_warmup, seed=seed, dtype=dtype,
         device=device, force=force, max_tree_depth=max_tree_depth, target_accept_prob=target_accept_prob,
         full_mass=full_mass, progress=progress, sampler=sampler, sgld_kwargs=sgld_kwargs,
     )
-    e_s = [_expected_nl(target, b, r) for b, r in zip(bs, results)]
+    e_s = [_expected_nl(full, b, r) for b, r in zip(bs, results)]
     x = np.array([1.0 / b for b in bs])
     y = np.array([v for v, _ in e_s])
     s = np.array([v for _, v in e_s])
@@ -1067,7 +928,7 @@ def multitemperature_llc(
         if abs(b_rel - 1.0) < 1e-12:
             wb, wb_se = v, sv
     return TemperatureRegression(
-        n=target.n, betas=torch.tensor(bs, dtype=torch.float64), expected_nl=torch.tensor(y),
+        n=full.target.n, betas=torch.tensor(bs, dtype=torch.float64), expected_nl=torch.tensor(y),
         expected_nl_sem=torch.tensor(s), llc=slope, llc_sem=se, llc_sem_mc=se_mc, intercept=icpt,
         chi2=chi2, dof=dof, wbic=wb, wbic_sem=wb_se, prior_std=prior_std, results=results,
     )
@@ -1131,11 +992,11 @@ def wbic(
     realizable and the global posterior is sampled.  Parameters as for
     :func:`multitemperature_llc`.
     """
-    target, bs, results = _global_runs(
+    full, bs, results = _global_runs(
         model, data, loss_fn, betas_rel=[1.0], prior_std=prior_std, prior_mean=prior_mean,
         num_chains=num_chains, num_draws=num_draws, num_warmup=num_warmup, seed=seed, dtype=dtype,
         device=device, force=force, max_tree_depth=max_tree_depth, target_accept_prob=target_accept_prob,
         full_mass=full_mass, progress=progress, sampler=sampler, sgld_kwargs=sgld_kwargs,
     )
-    v, s = _expected_nl(target, bs[0], results[0])
-    return WBICResult(wbic=v, wbic_sem=s, n=target.n, beta=bs[0], init_loss=target.init_loss, result=results[0])
+    v, s = _expected_nl(full, bs[0], results[0])
+    return WBICResult(wbic=v, wbic_sem=s, n=full.target.n, beta=bs[0], init_loss=full.init_loss, result=results[0])

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Mapping
 
 import numpy as np
 import torch
 from torch import Tensor
+
+from .diagnostics import ess, llc_standard_error, rhat
 
 __all__ = ["LLCResult"]
 
@@ -67,6 +69,108 @@ class LLCResult:
     observables: dict[str, Tensor] = field(default_factory=dict)
     burnin_loss_trace: Tensor | None = None
     config: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_traces(
+        cls,
+        loss: Tensor,
+        star: Tensor,
+        *,
+        nbeta: float,
+        init_loss: float,
+        step_size: float,
+        localization: float,
+        sampler: str,
+        burnin: Tensor | None = None,
+        observables: Mapping[str, Tensor] | None = None,
+        diverged: Tensor | None = None,
+        divergence_step: Tensor | None = None,
+        draw_steps: Tensor | None = None,
+        mala: Tensor | None = None,
+        rhat_threshold: float = 1.1,
+        diagnostics: Mapping[str, Any] | None = None,
+        warnings: list[str] | None = None,
+        config: Mapping[str, Any] | None = None,
+    ) -> "LLCResult":
+        r"""The result of one checkpoint from its traces (CPU tensors, chains first).
+
+        Parameters
+        ----------
+        loss, star
+            ``(C, T)`` :math:`L_B(w_t)` and :math:`L_B(w^*)` at the draws; the per-draw
+            estimate is :math:`n\beta(L_B(w_t) - L_B(w^*))`.
+        diverged, divergence_step, draw_steps
+            ``(C,)`` divergent chains, the step each diverged at, and ``(T,)`` the step of
+            each draw: a divergent chain's draws from its divergence on are NaN, and the
+            chain is excluded from every statistic.
+        mala
+            ``(C,)`` mean MALA acceptance per chain, or ``None`` (not computed).
+        rhat_threshold
+            R-hat above this gives a warning.
+        diagnostics, warnings
+            Entries added to ``diagnostics`` (e.g. the computation path, timings) and
+            warnings placed before the ones found here.
+
+        The diagnostics built here (one place for every estimator): ``rhat``, ``ess``
+        (over valid chains), ``sem_chains``, ``sem_batch_means``
+        (:func:`slt.diagnostics.llc_standard_error`), ``frac_below_init`` (fraction of
+        draws below :math:`L(w^*)`, and ``_per_chain``), ``mala_acceptance`` (and
+        ``_per_chain``; NaN when not computed), ``divergent_chains``,
+        ``divergence_step`` and ``warnings``: every chain diverged; more than half the
+        draws below :math:`L(w^*)` (w* is not a minimum); MALA acceptance below 0.5;
+        R-hat above ``rhat_threshold``.
+        """
+        C = loss.shape[0]
+        tr = nbeta * (loss - star)
+        dead = torch.zeros(C, dtype=torch.bool) if diverged is None else diverged
+        if bool(dead.any()):  # mask draws of divergent chains from their divergence on
+            gone = dead.unsqueeze(1) & (draw_steps.unsqueeze(0) >= divergence_step.unsqueeze(1))
+            tr = tr.masked_fill(gone, float("nan"))
+            loss = loss.masked_fill(gone, float("nan"))
+        per_chain = tr.mean(1).masked_fill(dead, float("nan"))
+        valid = ~dead
+        warn_list = list(warnings or [])
+        if valid.sum() == 0:
+            mean = std = sem = r = e = sem_c = sem_b = float("nan")
+            warn_list.append("every chain diverged: no estimate; reduce step_size")
+        else:
+            pv = per_chain[valid]
+            mean = float(pv.double().mean())
+            std = float(pv.double().std()) if pv.numel() > 1 else float("nan")
+            sem, sem_c, sem_b = llc_standard_error(pv, tr[valid])
+            r = rhat(tr[valid]) if int(valid.sum()) > 1 else float("nan")
+            e = ess(tr[valid])
+        below = (tr < 0).double().mean(1)
+        frac_below = float(below[valid].mean()) if valid.any() else float("nan")
+        mala_c = torch.full((C,), float("nan"), dtype=torch.float64) if mala is None else mala
+        mala_mean = float(mala_c[valid].mean()) if valid.any() and mala is not None else float("nan")
+        if frac_below > 0.5:
+            warn_list.append(
+                f"{frac_below:.0%} of draws have a loss below L(w*): w* is probably not a local "
+                "minimum of the loss (train it further); λ̂ is then biased low"
+            )
+        if mala is not None and mala_mean < 0.5:
+            warn_list.append(f"MALA acceptance {mala_mean:.2f} is low: reduce step_size")
+        if r == r and r > rhat_threshold:
+            warn_list.append(f"R-hat {r:.2f} > {rhat_threshold:g}: chains disagree; run longer or check burn-in")
+        steps = [-1] * C if divergence_step is None else divergence_step.tolist()
+        diag = {
+            "rhat": r, "ess": e, "mala_acceptance": mala_mean,
+            "mala_acceptance_per_chain": [float(v) for v in mala_c],
+            "frac_below_init": frac_below,
+            "frac_below_init_per_chain": [float(v) for v in below],
+            "divergent_chains": dead.nonzero().flatten().tolist(),
+            "divergence_step": [int(s) for s in steps if s >= 0],
+            "sem_chains": sem_c, "sem_batch_means": sem_b,
+            **dict(diagnostics or {}),
+            "warnings": warn_list,
+        }
+        return cls(
+            llc_mean=mean, llc_std=std, llc_sem=sem, llc_per_chain=per_chain, llc_trace=tr, loss_trace=loss,
+            loss_star_trace=star, init_loss=float(init_loss), nbeta=nbeta, step_size=step_size,
+            localization=localization, sampler=sampler, diagnostics=diag, observables=dict(observables or {}),
+            burnin_loss_trace=burnin, config=dict(config or {}),
+        )
 
     @property
     def num_chains(self) -> int:

@@ -24,14 +24,12 @@ import pandas as pd
 import pytest
 import torch
 
-from slt import records
+from experiments import records
 from slt.symmetry import BlockPolarLocation, Cyclic, block_group, combine, decompose, estimate_subset, mobius_inversion
 from slt.symmetry.decompose import SubsetEstimate, subset_mask
 
 ROOT = Path(__file__).resolve().parents[1]
-EXP = ROOT / "experiments"
 CONF = ROOT / "conf"
-sys.path.insert(0, str(EXP))  # the entry points' modules (decompose, _runlib)
 F64 = torch.float64
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")
 
@@ -99,11 +97,12 @@ def test_estimate_subset_equals_decompose_cell():
 # ---------------------------------------------------------------------------
 def _env(results: Path) -> dict[str, str]:
     return {**os.environ, "SLT_RESULTS_DIR": str(results), "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1",
-            "MPLBACKEND": "Agg", "HYDRA_FULL_ERROR": "0"}
+            "MPLBACKEND": "Agg", "HYDRA_FULL_ERROR": "0",
+            "PYTHONPATH": os.pathsep.join([str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])}
 
 
 def _decompose(args: list[str], results: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(EXP / "decompose.py"), *args], cwd=str(results), env=_env(results),
+    return subprocess.run([sys.executable, "-m", "experiments.decompose", *args], cwd=str(results), env=_env(results),
                           capture_output=True, text=True, timeout=300)
 
 
@@ -111,7 +110,7 @@ def _compose(overrides: list[str], hydra_cfg: bool = False):
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
-    import _runlib  # noqa: F401  (registers the config schemas)
+    from experiments import _runlib  # noqa: F401  (registers the config schemas)
 
     GlobalHydra.instance().clear()
     try:
@@ -160,7 +159,7 @@ def test_lattice_sweep_end_to_end(tmp_path):
         assert table[col].tolist() == val.tolist(), col
 
     # ... and so does the whole lattice in one job (subset=null) with the same config
-    import decompose as dexp
+    from experiments import decompose as dexp
 
     metrics, _ = dexp.run(_compose(TINY), tmp_path)
     one = pd.read_csv(tmp_path / "decomposition.csv")
@@ -175,7 +174,7 @@ def test_lattice_sweep_end_to_end(tmp_path):
     (bad / r2 / "result.json").unlink()
     records.atomic_write_json(bad / r2 / "failed.json", {**rec, "status": "failed", "error": "RuntimeError: boom"})
     shutil.rmtree(bad / r3)
-    c = subprocess.run([sys.executable, str(EXP / "decompose.py"), "--combine", str(bad)], env=_env(tmp_path),
+    c = subprocess.run([sys.executable, "-m", "experiments.decompose", "--combine", str(bad)], env=_env(tmp_path),
                        capture_output=True, text=True, timeout=120)
     assert c.returncode == 1, c.stderr[-2000:]
     assert "subset {rot2} (subset=2) is failed" in c.stdout and "boom" in c.stdout
@@ -199,7 +198,7 @@ def test_lattice_sweep_joblib_launcher(tmp_path):
     assert p.returncode == 0, p.stderr[-3000:]
     table = pd.read_csv(tmp_path / "sweeps" / "decompose" / "decomposition.csv")
     assert set(table["status"]) == {"ok"} and len(table) == 4
-    import decompose as dexp
+    from experiments import decompose as dexp
 
     dexp.run(_compose(TINY), tmp_path)
     assert pd.read_csv(tmp_path / "decomposition.csv")["contribution"].tolist() == table["contribution"].tolist()

@@ -21,9 +21,7 @@ import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-EXP = ROOT / "experiments"
 CONF = ROOT / "conf"
-sys.path.insert(0, str(EXP))
 
 hydra = pytest.importorskip("hydra")
 from hydra import compose, initialize_config_dir  # noqa: E402
@@ -31,9 +29,8 @@ from hydra.core.global_hydra import GlobalHydra  # noqa: E402
 from hydra.errors import ConfigCompositionException  # noqa: E402
 from hydra.utils import instantiate  # noqa: E402
 
-import _runlib  # noqa: E402
 import slt  # noqa: E402
-from slt import records  # noqa: E402
+from experiments import _runlib, records  # noqa: E402
 
 TINY_TMS = [
     "data.n=300", "train.steps=20", "sampler.num_draws=20", "sampler.num_burnin=5", "sampler.num_chains=2",
@@ -58,8 +55,10 @@ def _options(group: str) -> list[str]:
 
 def _run(script: str, args: list[str], results: Path, check: bool = True) -> subprocess.CompletedProcess:
     env = {**os.environ, "SLT_RESULTS_DIR": str(results), "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1",
-           "MPLBACKEND": "Agg", "HYDRA_FULL_ERROR": "0"}
-    p = subprocess.run([sys.executable, str(EXP / script), *args], cwd=str(results), env=env,
+           "MPLBACKEND": "Agg", "HYDRA_FULL_ERROR": "0",
+           "PYTHONPATH": os.pathsep.join([str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])}
+    module = "experiments." + Path(script).stem  # python -m experiments.<name>, as from the repository root
+    p = subprocess.run([sys.executable, "-m", module, *args], cwd=str(results), env=env,
                        capture_output=True, text=True, timeout=300)
     if check and p.returncode != 0:
         raise AssertionError(f"{script} {args} failed ({p.returncode}):\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}")
@@ -117,7 +116,7 @@ def test_every_config_composes_and_instantiates(primary, overrides):
             data = data()
         x = data[0] if isinstance(data, tuple) else data
         assert x.shape[0] == 50
-    from _schemas import validate
+    from experiments._schemas import validate
 
     validate(cfg)
 
@@ -172,7 +171,7 @@ def test_bad_override_is_rejected_at_composition(override, words):
     ("init.std=-0.1", "init.std"),
 ])
 def test_invalid_value_fails_before_any_work(tmp_path, override, key):
-    import tms
+    from experiments import tms
 
     cfg = _compose("tms", [override])
 
@@ -280,7 +279,8 @@ def test_failing_job_is_recorded_and_collected(tmp_path):
     failed = json.loads((sweep / bad["run"] / "failed.json").read_text())
     assert "Traceback" in failed["traceback"] and failed["overrides"]
     # standalone collect gives the same table and a non-zero exit status
-    c = subprocess.run([sys.executable, str(EXP / "collect.py"), str(sweep), "--quiet"], capture_output=True, text=True)
+    c = subprocess.run([sys.executable, "-m", "experiments.collect", str(sweep), "--quiet"], cwd=str(ROOT),
+                       capture_output=True, text=True)
     assert c.returncode == 1 and "1 failed" in c.stdout
     assert pd.read_csv(sweep / "summary.csv").equals(df)
 
@@ -306,7 +306,7 @@ def test_joblib_launcher_tms_curve(tmp_path):
 
 
 def test_llc_from_checkpoint_in_process(tmp_path):
-    import llc
+    from experiments import llc
 
     from slt.models import DeepLinearNetwork
 
@@ -323,7 +323,7 @@ def test_llc_from_checkpoint_in_process(tmp_path):
 
 
 def test_tms_skips_the_hessian_of_large_models(tmp_path):
-    import tms
+    from experiments import tms
 
     small = _runlib.execute(tms.run, _compose("tms", TINY_TMS), tmp_path / "small", [], tms._validate)["metrics"]
     assert small["d"] == 18 and small["hessian_rank"] is not None and small["llc_upper_bound"] is not None
@@ -338,7 +338,7 @@ def test_tms_skips_the_hessian_of_large_models(tmp_path):
 def test_tms_online_training_records_the_heldout_loss(tmp_path):
     """train.online: Adam on fresh minibatches of q (the data config with n = batch_size), w* = the
     online end point (finish=null); init.std rescales the seeded Xavier draws."""
-    import tms
+    from experiments import tms
 
     base = ["data=tms_bernoulli", "data.sparsity=0.5", "model.n_features=8", "model.n_hidden=3",
             "train.batch_size=64", "train.finish=null", *TINY_TMS]
@@ -368,7 +368,7 @@ TINY_EXPFAM = ["data.n=2000", "sampler.num_draws=400", "sampler.num_chains=4"]
     ("expfam_fixed", 1.0, 2, 1.0),   # fixed equivariant features: d/2 whatever q
 ])
 def test_expfam_run_in_process(tmp_path, model, h, rank, expected):
-    import expfam
+    from experiments import expfam
 
     cfg = _compose("expfam", [f"model={model}", f"symmetry.h={h}", *TINY_EXPFAM])
     met = _runlib.execute(expfam.run, cfg, tmp_path / "run", [], expfam._validate)["metrics"]
@@ -383,7 +383,7 @@ def test_expfam_run_in_process(tmp_path, model, h, rank, expected):
 
 
 def test_tms_symmetry_path_in_process(tmp_path):
-    import tms
+    from experiments import tms
 
     cfg = _compose("tms", ["experiment=tms_symmetry", "symmetry.h=0.5", *TINY_TMS])
     met = _runlib.execute(tms.run, cfg, tmp_path / "run", [], tms._validate)["metrics"]
@@ -398,7 +398,7 @@ def test_tms_symmetry_path_in_process(tmp_path):
 def test_tms_symmetry_retrained_in_process(tmp_path):
     """symmetry.mode=retrained: w*_h is trained on the weighted q_h from the same 6-gon init;
     at h = 0 it is the w* of q, at h > 0 the minimiser moves and lowers L_h."""
-    import tms
+    from experiments import tms
 
     met = {}
     for h in (0.0, 1.0):
@@ -422,7 +422,7 @@ def test_tms_symmetry_retrained_in_process(tmp_path):
 
 
 def test_expfam_rejects_quenched_mode(tmp_path):
-    import expfam
+    from experiments import expfam
 
     cfg = _compose("expfam", ["symmetry.mode=quenched"])
     with pytest.raises(ValueError, match=r"symmetry\.mode"):

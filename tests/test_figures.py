@@ -1,15 +1,14 @@
 """experiments/figures.py: every figure is regenerated from a tiny synthetic result table.
 
 The synthetic runs are written exactly as the experiments write them (one
-``result.json`` per run folder through :mod:`slt.records`, then the sweep's
-``summary.parquet``/``summary.csv`` through :func:`slt.records.collect`), so a
+``result.json`` per run folder through :mod:`experiments.records`, then the sweep's
+``summary.parquet``/``summary.csv`` through :func:`experiments.records.collect`), so a
 change of column names or a broken figure function fails here.
 """
 
 from __future__ import annotations
 
 import math
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -17,14 +16,9 @@ import pandas as pd
 import pytest
 import torch
 
-EXP = Path(__file__).resolve().parents[1] / "experiments"
-sys.path.insert(0, str(EXP))
-
-import figures  # noqa: E402
-
-import slt  # noqa: E402
-from slt import records  # noqa: E402
-from slt.models import kgon_parameters  # noqa: E402
+import slt
+from experiments import figures, records
+from slt.models import kgon_parameters
 
 STEMS = {
     "kgon": "kgon_llc",
@@ -246,8 +240,7 @@ def test_tms_curve_records_one_llc_per_checkpoint(tmp_path):
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
-    import _runlib
-    import tms_curve
+    from experiments import _runlib, tms_curve
 
     GlobalHydra.instance().clear()
     try:

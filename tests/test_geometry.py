@@ -20,11 +20,13 @@ from slt.geometry import (
 from slt.models import ToyModelOfSuperposition, kgon_parameters, make_tms_data, tms_loss
 from slt.training import train
 
-F64 = torch.float64
+from conftest import F64, fp_tol, gen, random_rotation
 
 
-def gen(seed: int) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
+def dim_tol(W: torch.Tensor) -> float:
+    """Rounding bound for feature dimensionalities of W (m, n): ratios of sums of n·m positive
+    products, each at most 1 (relative error γ_(nm)); a wrong value is off by O(1/n)."""
+    return fp_tol(F64, terms=W.shape[-1] * W.shape[-2])
 
 
 def poly(k: int, r: float = 1.0) -> torch.Tensor:
@@ -47,11 +49,6 @@ CASES = [
     (PENT_BIPYRAMID, [[0, 1, 2, 3, 4], [5, 6]], [2, 1], "5-gon ⊕ 2-gon"),
     (OCTAHEDRON, [[0, 1], [2, 3], [4, 5]], [1, 1, 1], "2-gon ⊕ 2-gon ⊕ 2-gon"),
 ]
-
-
-def random_rotation(m: int, g: torch.Generator) -> torch.Tensor:
-    q, r = torch.linalg.qr(torch.randn(m, m, generator=g, dtype=F64))
-    return q * torch.sign(torch.diagonal(r))
 
 
 def random_symmetry(W: torch.Tensor, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
@@ -80,32 +77,35 @@ def permuted_partition(partition: list[list[int]], perm: torch.Tensor) -> list[l
     ],
 )
 def test_feature_dimensionality_known_configurations(W, expected):
-    # exact rational values; 1e-12 is float64 round-off on O(1) sums
-    assert torch.allclose(feature_dimensionality(W), torch.tensor(expected, dtype=F64), atol=1e-12)
+    # exact rational values up to float64 round-off on sums of n·m O(1) terms
+    assert torch.allclose(feature_dimensionality(W), torch.tensor(expected, dtype=F64), rtol=0, atol=dim_tol(W))
     # the model-level m / ||W||_F^2 of unit columns is m / n
     if torch.allclose(W.norm(dim=0), torch.ones(W.shape[1], dtype=F64)):
-        assert float(model_dimensionality(W)) == pytest.approx(W.shape[0] / W.shape[1], abs=1e-12)
+        assert float(model_dimensionality(W)) == pytest.approx(W.shape[0] / W.shape[1], abs=dim_tol(W))
 
 
 def test_feature_dimensionality_zero_column_batch_and_invariances():
     g = gen(0)
     W = torch.cat([poly(5), torch.zeros(2, 1, dtype=F64)], 1)  # a dead sixth feature
     D = feature_dimensionality(W)
-    assert D[5] == 0 and torch.allclose(D[:5], torch.full((5,), 0.4, dtype=F64), atol=1e-12)
+    assert D[5] == 0 and torch.allclose(D[:5], torch.full((5,), 0.4, dtype=F64), rtol=0, atol=dim_tol(W))
     assert float(model_dimensionality(torch.zeros(2, 3))) == math.inf
     batch = torch.randn(4, 3, 7, generator=g, dtype=F64)  # (chains, m, n)
     Db = feature_dimensionality(batch)
     assert Db.shape == (4, 7) and model_dimensionality(batch).shape == (4,)
+    tol = dim_tol(batch)
     for c in range(4):
-        assert torch.allclose(Db[c], feature_dimensionality(batch[c]), atol=1e-14)
-        # rotation and scale invariance, values in (0, 1]
+        assert torch.allclose(Db[c], feature_dimensionality(batch[c]), rtol=0, atol=tol)
+        # rotation and scale invariance, values in (0, 1] (the rotation adds γ_m relative to each entry)
         Wr = 3.0 * random_rotation(3, g) @ batch[c]
-        assert torch.allclose(feature_dimensionality(Wr), Db[c], atol=1e-12)
-    assert bool(((Db > 0) & (Db <= 1 + 1e-12)).all())
-    # float32 input keeps its dtype; tiny columns do not underflow to NaN
+        assert torch.allclose(feature_dimensionality(Wr), Db[c], rtol=0, atol=tol + fp_tol(F64, terms=3))
+    assert bool(((Db > 0) & (Db <= 1 + tol)).all())
+    # float32 input keeps its dtype; tiny columns do not underflow to NaN (float32 round-off, plus
+    # the float32 rounding of the input entries)
     tiny = (1e-30 * batch[0]).float()
     Dt = feature_dimensionality(tiny)
-    assert Dt.dtype == torch.float32 and torch.allclose(Dt.double(), Db[0], atol=1e-5)
+    f32_tol = fp_tol(torch.float32, terms=tiny.numel() + 1)
+    assert Dt.dtype == torch.float32 and torch.allclose(Dt.double(), Db[0], rtol=0, atol=f32_tol)
 
 
 # ----------------------------------------------------------------------------
@@ -115,17 +115,22 @@ def test_projector_and_chordal_distance():
     g = gen(1)
     V = torch.randn(4, 2, generator=g, dtype=F64)
     P = subspace_projector(V)
-    assert torch.allclose(P @ P, P, atol=1e-12) and torch.allclose(P, P.T, atol=1e-14)
-    assert float(torch.trace(P)) == pytest.approx(2.0, abs=1e-12)
-    # basis independence: another basis of the same plane gives the same P
+    # P = U Uᵀ from a (backward-stable) SVD: U is orthonormal to γ_m, so P is idempotent and
+    # symmetric to a few γ_m; a wrong projector is off by O(1)
+    tol = fp_tol(F64, terms=4)
+    assert torch.allclose(P @ P, P, rtol=0, atol=3 * tol) and torch.allclose(P, P.T, rtol=0, atol=tol)
+    assert float(torch.trace(P)) == pytest.approx(2.0, abs=4 * tol)
+    # basis independence: another basis of the same plane gives the same P (the computed span
+    # moves by γ_m times the condition number of the basis)
     Vb = V @ torch.tensor([[2.0, 1.0], [-1.0, 3.0]], dtype=F64)
-    assert torch.allclose(subspace_projector(Vb), P, atol=1e-12)
+    cond = max(float(torch.linalg.cond(V)), float(torch.linalg.cond(Vb)))
+    assert torch.allclose(subspace_projector(Vb), P, rtol=0, atol=2 * fp_tol(F64, terms=4, cond=cond))
     # lines at angle theta: d = sin(theta)
     for theta in (0.0, 0.3, math.pi / 2):
         a = torch.tensor([[1.0], [0.0]], dtype=F64)
         b = torch.tensor([[math.cos(theta)], [math.sin(theta)]], dtype=F64)
         d = chordal_distance(subspace_projector(a), subspace_projector(b))
-        assert float(d) == pytest.approx(math.sin(theta), abs=1e-12)
+        assert float(d) == pytest.approx(math.sin(theta), abs=fp_tol(F64, terms=4))  # 2-D, O(1) entries
     # rank: an antipodal pair spans a line
     assert float(torch.trace(subspace_projector(torch.tensor([[1.0, -1.0], [0.0, 0.0]])))) == pytest.approx(1.0)
 
@@ -137,13 +142,16 @@ def test_projector_and_chordal_distance():
 def test_exact_direct_sums_recovered(W, partition, dims, name):
     dec = direct_sum_decomposition(W)
     assert dec.partition == partition and dec.dims == dims and dec.name == name
-    assert dec.is_direct_sum and dec.residual < 1e-12 and dec.subspace_residual < 1e-12
+    # exact direct sums: the cosines and BᵀB − I vanish up to the round-off of sums of m·n O(1)
+    # products (unit-normalized columns, orthonormal SVD bases); a non-direct sum has them O(0.1)
+    tol = fp_tol(F64, terms=W.numel())
+    assert dec.is_direct_sum and dec.residual < tol and dec.subspace_residual < tol
     # summand projectors are mutually orthogonal and add up to the projector onto span(W)
     Ps = [s.projector for s in dec.summands]
     for i in range(len(Ps)):
         for j in range(i + 1, len(Ps)):
-            assert float((Ps[i] @ Ps[j]).abs().max()) < 1e-12
-    assert torch.allclose(sum(Ps), subspace_projector(W), atol=1e-12)
+            assert float((Ps[i] @ Ps[j]).abs().max()) < tol
+    assert torch.allclose(sum(Ps), subspace_projector(W), rtol=0, atol=len(Ps) * tol)
 
 
 @pytest.mark.parametrize("W,partition,dims,name", CASES)
@@ -153,7 +161,8 @@ def test_direct_sums_under_rotation_permutation_and_noise(W, partition, dims, na
         Wr, perm = random_symmetry(W, g)
         dec = direct_sum_decomposition(Wr)
         assert sorted(dec.partition) == permuted_partition(partition, perm)
-        assert sorted(dec.dims) == sorted(dims) and dec.subspace_residual < 1e-12
+        # (the rotation adds γ_m relative to each entry)
+        assert sorted(dec.dims) == sorted(dims) and dec.subspace_residual < fp_tol(F64, terms=W.numel() + W.shape[0])
         # noise sigma = 0.01 per coordinate on columns of norm 1.7 (relative 0.006): a
         # cross-summand |cos| is about N(0, 2 (0.006)^2), so tol = 0.1 is > 10 s.d. away,
         # and the smallest within-summand |cos| (pentagon, 0.31) is far above it.
@@ -214,7 +223,8 @@ def test_agglomerative_step_and_superposed_near_orthogonal_features():
     d2 = direct_sum_decomposition(W2, tol=0.6)
     assert not d2.is_direct_sum
     if d2.total_dim > 20:  # B^T B has a zero eigenvalue, so ||B^T B - I|| >= 1
-        assert d2.subspace_residual >= 1 - 1e-9
+        # (up to the round-off of the 2-norm of a (total_dim)² matrix of norm ≤ total_dim, sums of 20 products)
+        assert d2.subspace_residual >= 1 - fp_tol(F64, scale=d2.total_dim, terms=20)
 
 
 def test_dead_features_excluded():
@@ -261,7 +271,7 @@ def test_classify_point_kgons(k, plus, name):
     info = classify_point(p["W"], p["b"])
     assert info["name"] == name and info["k"] == k
     D = torch.tensor(info["feature_dimensionality"], dtype=F64)
-    assert torch.allclose(D[:k], torch.full((k,), 2 / k, dtype=torch.float64), atol=1e-9)
+    assert torch.allclose(D[:k], torch.full((k,), 2 / k, dtype=torch.float64), rtol=0, atol=dim_tol(p["W"]))
     assert bool((D[k:] == 0).all())
     assert info["decomposition"]["dead"] == list(range(k, 6))
 

@@ -33,7 +33,9 @@ from slt.models import (
 )
 from slt.training import train
 
-pytestmark = pytest.mark.filterwarnings("ignore:.*slt.estimate_llc \\(checkpoint:RuntimeWarning")
+from conftest import IGNORE_CHECKPOINT_WARNING
+
+pytestmark = IGNORE_CHECKPOINT_WARNING
 
 
 def _check(r, lam, band=0.10):

@@ -13,7 +13,9 @@ from torch import nn
 
 import slt
 
-pytestmark = pytest.mark.filterwarnings("ignore:.*slt.estimate_llc \\(checkpoint:RuntimeWarning")
+from conftest import IGNORE_CHECKPOINT_WARNING
+
+pytestmark = IGNORE_CHECKPOINT_WARNING
 
 
 def _problem():

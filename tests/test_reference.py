@@ -37,20 +37,9 @@ from slt.models import (
 from slt.reference import compare, multitemperature_llc, nuts_llc, wbic
 from slt.training import train
 
-pytestmark = pytest.mark.filterwarnings(
-    "ignore:.*slt.estimate_llc \\(checkpoint:RuntimeWarning",
-)
+from conftest import IGNORE_CHECKPOINT_WARNING, linear_regression
 
-
-def _linear_regression(n=200, d=3, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    X = torch.randn(n, d, generator=g, dtype=torch.float64)
-    w_true = torch.linspace(-1.0, 1.0, d, dtype=torch.float64).unsqueeze(1)
-    Y = X @ w_true + torch.randn(n, 1, generator=g, dtype=torch.float64)
-    m = nn.Linear(d, 1, bias=False).to(torch.float64)
-    with torch.no_grad():  # w* = least squares: the empirical minimum
-        m.weight.copy_(torch.linalg.lstsq(X, Y).solution.T)
-    return m, X, Y
+pytestmark = IGNORE_CHECKPOINT_WARNING
 
 
 # ----------------------------------------------------------------------------
@@ -59,7 +48,7 @@ def _linear_regression(n=200, d=3, seed=0):
 def test_nuts_matches_exact_quadratic_llc():
     """L = mean squared error of linear regression is exactly quadratic:
     E[λ̂] = ½ Σ 1/(1 + γ/(nβ h_i)), h = eig(2 XᵀX/n) (Lau et al. 2023)."""
-    m, X, Y = _linear_regression()
+    m, X, Y = linear_regression(n=200)
     n = X.shape[0]
     gamma = 30.0  # strong enough that the exact value (≈1.05) is far from d/2 = 1.5
     r = nuts_llc(m, (X, Y), F.mse_loss, localization=gamma, num_chains=4, num_draws=400, num_warmup=100, seed=0)
@@ -96,7 +85,7 @@ def test_nuts_matches_exact_one_dimensional_normal_crossing():
 
 
 def test_nuts_input_errors_and_size_limit():
-    m, X, Y = _linear_regression(n=20)
+    m, X, Y = linear_regression(n=20)
     with pytest.raises(ValueError, match="num_chains"):
         nuts_llc(m, (X, Y), F.mse_loss, num_chains=0)
     with pytest.raises(ValueError, match="nbeta"):
@@ -124,7 +113,7 @@ def test_nuts_input_errors_and_size_limit():
 
 
 def test_nuts_reproducible_and_leaves_global_rngs_alone():
-    m, X, Y = _linear_regression(n=20)
+    m, X, Y = linear_regression(n=20)
     torch_state = torch.random.get_rng_state()
     np_state = np.random.get_state()[1].copy()
     py_state = random.getstate()
@@ -148,7 +137,7 @@ def test_compare_measures_sgld_discretisation_bias():
     ½ Σ nβ h_i / (κ_i (1 − εκ_i/4)), κ = nβh + γ: its gap to NUTS (≈ the exact
     posterior value) must match that closed-form bias at a large ε and vanish
     within MC error at a small ε."""
-    m, X, Y = _linear_regression()
+    m, X, Y = linear_regression(n=200)
     n = X.shape[0]
     nb, gamma = n / math.log(n), 1.0
     h = torch.linalg.eigvalsh(2 * X.T @ X / n)
@@ -198,7 +187,7 @@ def test_multitemperature_slope_and_wbic_regular_model():
     so the slope in 1/β is d/2 up to O(1/(n s² h)).  The fitted slope must match the
     slope of the exact expectations within 4 s.e., that must be ≈ d/2, and WBIC must
     match its exact value."""
-    m, X, Y = _linear_regression(n=500)
+    m, X, Y = linear_regression(n=500)
     s = 3.0
     res = multitemperature_llc(m, (X, Y), gaussian_nll, betas=[0.5, 1.0, 2.0], prior_std=s, num_chains=3,
                                num_draws=200, num_warmup=100, seed=0)

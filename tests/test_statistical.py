@@ -14,24 +14,13 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 import slt
 from slt.theory import exact_quadratic_llc
 
-pytestmark = pytest.mark.filterwarnings("ignore:.*slt.estimate_llc \\(checkpoint:RuntimeWarning")
+from conftest import IGNORE_CHECKPOINT_WARNING, PlainLocation, linear_regression, unit_gaussian_nll
 
-
-def _linear_regression(n=1000, d=3, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    X = torch.randn(n, d, generator=g, dtype=torch.float64)
-    w_true = torch.linspace(-1.0, 1.0, d, dtype=torch.float64).unsqueeze(1)
-    Y = X @ w_true + torch.randn(n, 1, generator=g, dtype=torch.float64)
-    m = nn.Linear(d, 1, bias=False).to(torch.float64)
-    with torch.no_grad():  # w* = the least-squares solution: the empirical minimum
-        m.weight.copy_(torch.linalg.lstsq(X, Y).solution.T)
-    h = torch.linalg.eigvalsh(2 * X.T @ X / n)  # Hessian of mean squared error
-    return m, X, Y, h
+pytestmark = IGNORE_CHECKPOINT_WARNING
 
 
 @pytest.mark.parametrize("gamma", [1.0, 100.0])
@@ -44,8 +33,9 @@ def test_quadratic_exact_finite_n(gamma):
     the test checks the sampler against that and the posterior value within
     the bias bound.
     """
-    m, X, Y, h = _linear_regression()
+    m, X, Y = linear_regression(n=1000)
     n = X.shape[0]
+    h = torch.linalg.eigvalsh(2 * X.T @ X / n)  # Hessian of mean squared error
     nb = n / math.log(n)
     r = slt.estimate_llc(m, (X, Y), F.mse_loss, num_chains=8, num_draws=4000, num_burnin=1000,
                          batch_size=None, localization=gamma, dtype=torch.float64, seed=0, progress=False)
@@ -60,23 +50,12 @@ def test_quadratic_exact_finite_n(gamma):
 
 
 def _gaussian_location(n=1000, seed=0):
-    class Loc(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.mu = nn.Parameter(torch.zeros(2, dtype=torch.float64))
-
-        def forward(self, x):
-            return self.mu.expand_as(x)
-
-    def nll(out, x):  # −log N(x | mu, I) up to a constant
-        return 0.5 * ((x - out) ** 2).sum(-1).mean()
-
     g = torch.Generator().manual_seed(seed)
     X = torch.randn(n, 2, generator=g, dtype=torch.float64) + torch.tensor([1.0, -1.0], dtype=torch.float64)
-    m = Loc()
+    m = PlainLocation()
     with torch.no_grad():
         m.mu.copy_(X.mean(0))  # empirical minimum
-    return m, X, nll
+    return m, X, unit_gaussian_nll
 
 
 def test_control_variate_removes_shared_minibatch_noise():

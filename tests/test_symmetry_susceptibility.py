@@ -9,10 +9,10 @@ import slt
 from slt.models import ABSquaredGaussian, GaussianLocation
 from slt.symmetry import Reflection, llc_finite_difference, llc_susceptibility, symmetrize
 
-F64 = torch.float64
+from conftest import F64, IGNORE_RUNTIME_WARNINGS
 
 # quenched w* is not a minimum of L_h for h != h*: the engine rightly warns; not under test here
-pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")
+pytestmark = IGNORE_RUNTIME_WARNINGS
 
 
 def _quadratic_setup(n=500, d=2, seed=0):

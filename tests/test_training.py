@@ -20,11 +20,7 @@ from slt.models import (
 )
 from slt.training import TrainResult, full_batch_loss_and_grad_norm, train
 
-F64 = torch.float64
-
-
-def gen(seed: int) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
+from conftest import F64, argmin_grad_tol, fan_in, flat_hessian_eigvalsh, fp_tol, gen, grad_term_magnitude
 
 
 def rrr_min_loss(X: torch.Tensor, Y: torch.Tensor, rank: int) -> float:
@@ -55,9 +51,16 @@ def test_train_rrr_reaches_global_minimum(rrr_data):
     # ... which is below the teacher's empirical loss
     teacher_loss = 0.5 * (Y - X @ (teacher[1] @ teacher[0]).T).square().sum(-1).mean().item()
     assert res.loss < teacher_loss
-    # the reported numbers are those of the trained module
+    # the reported numbers are those of the trained module, up to rounding: the loss is a mean of
+    # n·M positive squares (γ_(nM) · L); each gradient entry a mean of n terms of magnitude
+    # grad_term_magnitude (γ_n on that, times √P for the norm).  Numbers from another iterate
+    # differ by the last step's change, O(grad_norm) ≫ these.
     loss, gnorm = full_batch_loss_and_grad_norm(model, (X, Y), gaussian_nll)
-    assert loss == pytest.approx(res.loss, abs=1e-14) and gnorm == pytest.approx(res.grad_norm, rel=1e-6, abs=1e-14)
+    n_params = sum(p.numel() for p in model.parameters())
+    g_mag = grad_term_magnitude(model, gaussian_nll, X, Y)
+    grad_tol = math.sqrt(n_params) * fp_tol(F64, scale=g_mag, terms=len(X) + fan_in(model))
+    assert loss == pytest.approx(res.loss, abs=fp_tol(F64, scale=res.loss, terms=Y.numel()))
+    assert gnorm == pytest.approx(res.grad_norm, abs=grad_tol)
 
 
 def test_finishing_phase_matters(rrr_data):
@@ -149,7 +152,12 @@ def test_normal_crossing_saddle_at_origin():
     with torch.no_grad():
         m.w.copy_(0.1 * torch.randn(2, generator=gen(12), dtype=F64))
     r = train(m, (X, Y), gaussian_nll, steps=200, lr=1e-2, tol=1e-8)
-    assert r.converged and r.loss == pytest.approx(best, abs=1e-14)
+    # at |grad| < tol the excess loss is at most tol²/(2h), h the one non-zero curvature (the
+    # minimum is a valley p = p̂); plus the rounding of the two losses, means of n positive terms.
+    # A point off the valley by δ in p costs ½ mean(x²) δ², far above for any δ ≳ 1e-6.
+    h = float(flat_hessian_eigvalsh(exact, lambda p: gaussian_nll(torch.func.functional_call(exact, p, (X,)), Y)).max())
+    tol = 1e-8**2 / (2 * h) + 2 * fp_tol(F64, scale=best, terms=len(X))
+    assert r.converged and r.loss == pytest.approx(best, abs=tol)
 
 
 def test_divergence_raises(rrr_data):
@@ -200,6 +208,23 @@ def _params(m: torch.nn.Module) -> list[torch.Tensor]:
     return [p.detach().clone() for p in m.parameters()]
 
 
+def _located_minimum_tols(model: torch.nn.Module, loss_of_params, loss: float, terms: int, flat: int):
+    """Rounding floors of a minimum located by L-BFGS (the two runs below are the same in exact
+    arithmetic, so only these separate them).
+
+    Returns ``(grad, loss, params)``: the √ε gradient floor (:func:`argmin_grad_tol`, largest
+    curvature); the loss difference, 4 δL (each run stops within 2 δL of the minimum's loss,
+    δL = γ_terms · L); and the parameter difference, twice the distance √(4 δL / h) from the
+    minimum at which a run can stop along the least-curved direction h (the smallest Hessian
+    eigenvalue above the ``flat`` exactly flat gauge directions, along which both runs take
+    the same steps up to rounding).
+    """
+    ev = flat_hessian_eigvalsh(model, loss_of_params)
+    d_loss = fp_tol(F64, scale=loss, terms=terms)
+    grad = argmin_grad_tol(curvature=float(ev[-1]), loss_rounding=d_loss)
+    return grad, 4 * d_loss, 2 * math.sqrt(4 * d_loss / float(ev[flat]))
+
+
 def test_integer_weights_equal_duplicated_rows(rrr_data):
     X, Y, _ = rrr_data
     X, Y = X[:120], Y[:120]
@@ -211,27 +236,39 @@ def test_integer_weights_equal_duplicated_rows(rrr_data):
         md = ReducedRankRegression(5, 3, 5, generator=gen(21), dtype=F64)
         rw = train(mw, (X, Y), gaussian_nll, weights=counts, tol=1e-8, **kw)
         rd = train(md, (Xd, Yd), gaussian_nll, tol=1e-8, **kw)
-        assert rw.grad_norm < 1e-7 and rd.grad_norm < 1e-7
-        assert rw.loss == pytest.approx(rd.loss, rel=1e-12, abs=1e-13)
-        assert rw.history == pytest.approx(rd.history, rel=1e-10)
+        # bounds from the rounding of the loss (a mean of Σcounts · M squares) at the minimum; the
+        # GL(3) gauge of W2 W1 gives 9 flat directions.  Mishandled weights move the minimum by O(0.1).
+        terms = Yd.numel()
+        grad_tol, loss_tol, param_tol = _located_minimum_tols(
+            md, lambda p: gaussian_nll(torch.func.functional_call(md, p, (Xd,)), Yd), rd.loss, terms, flat=9)
+        assert rw.grad_norm < grad_tol and rd.grad_norm < grad_tol
+        assert rw.loss == pytest.approx(rd.loss, abs=loss_tol)
+        # the main-phase losses: each evaluation rounds by γ_terms (relative, positive terms), and the
+        # runs' iterates drift apart by at most that much per step (steps of at most lr per coordinate)
+        assert rw.history == pytest.approx(rd.history, rel=fp_tol(F64, terms=terms) * max(1, kw["steps"]))
         for a, b in zip(_params(mw), _params(md)):
-            assert torch.allclose(a, b, rtol=0, atol=1e-7)
+            assert torch.allclose(a, b, rtol=0, atol=param_tol)
     # the TMS from the 6-gon, a weighted slt.Data (the form slt.symmetry returns)
     from slt import Data
     from slt.models import kgon_parameters
 
     x = make_tms_sparse_data(300, 6, gen(22), dtype=F64)
     c = torch.randint(1, 4, (300,), generator=gen(23))
+    xd = x.repeat_interleave(c, 0)
     ms = []
-    for data in (Data(x, None, c.to(F64)), x.repeat_interleave(c, 0)):
+    for data in (Data(x, None, c.to(F64)), xd):
         m = ToyModelOfSuperposition(6, 2, dtype=F64)
         m.load_state_dict({k: v.to(F64) for k, v in kgon_parameters(6, 6, 2).items()})
         r = train(m, data, tms_loss, steps=0, tol=1e-8)
-        assert r.grad_norm < 1e-7
-        ms.append((r.loss, _params(m)))
-    assert ms[0][0] == pytest.approx(ms[1][0], rel=1e-12)
+        ms.append((r.loss, _params(m), r.grad_norm, m))
+    # as above; rotations of the hidden plane are the one flat (gauge) direction
+    md = ms[1][3]
+    grad_tol, loss_tol, param_tol = _located_minimum_tols(
+        md, lambda p: tms_loss(torch.func.functional_call(md, p, (xd,)), xd), ms[1][0], xd.numel(), flat=1)
+    assert ms[0][2] < grad_tol and ms[1][2] < grad_tol
+    assert ms[0][0] == pytest.approx(ms[1][0], abs=loss_tol)
     for a, b in zip(ms[0][1], ms[1][1]):
-        assert torch.allclose(a, b, rtol=0, atol=1e-7)
+        assert torch.allclose(a, b, rtol=0, atol=param_tol)
 
 
 def test_weights_of_ones_equal_unweighted(rrr_data):
@@ -275,9 +312,14 @@ def test_weighted_minimum_and_minibatches():
     r = train(m, (X, Y), loss, weights=a, steps=0, tol=1e-10)
     assert r.converged and torch.allclose(m.weight.T, beta, atol=1e-8)
     exact = float(((X @ beta - Y).square().squeeze(1) * a).sum() / a.sum())
-    assert r.loss == pytest.approx(exact, rel=1e-10)
+    # rounding of two weighted means of n positive terms (γ_n · L each); the excess loss at
+    # |grad| < 1e-10 is ≤ 1e-20 / (2 h_min), h_min ≈ 1.8 — below that.  A wrong weighting is off by O(1).
+    loss_tol = fp_tol(F64, scale=exact, terms=n)
+    assert r.loss == pytest.approx(exact, abs=2 * loss_tol)
     loss_v, gnorm = full_batch_loss_and_grad_norm(m, (X, Y), loss, weights=a)
-    assert loss_v == pytest.approx(r.loss, rel=1e-12) and gnorm == pytest.approx(r.grad_norm, rel=1e-6, abs=1e-12)
+    # the same code path: the loss as above, each gradient entry a weighted mean of n terms (√P of them)
+    grad_tol = math.sqrt(3) * fp_tol(F64, scale=grad_term_magnitude(m, loss, X, Y, a), terms=n + fan_in(m))
+    assert loss_v == pytest.approx(r.loss, abs=loss_tol) and gnorm == pytest.approx(r.grad_norm, abs=grad_tol)
 
     # minibatches drawn ∝ weight: the batch mean is unbiased for the weighted loss (here at a fixed w)
     m = model()

@@ -61,10 +61,10 @@ from torch import Tensor, nn
 
 from .._checks import check_int, check_real
 from ..data import Data
-from ..engine import ChainEvaluator, default_nbeta, estimate_llc
-from ..losses import LossAdapter
+from ..engine import default_nbeta, estimate_llc
 from ..params import ParamSpec
 from ..result import LLCResult
+from ..target import prepare_target
 from .operations import _check_compatible, _check_t, as_data, mix
 
 __all__ = [
@@ -105,18 +105,14 @@ def full_data_loss(
         ``f(params) -> (C,)`` with ``params`` a mapping ``name -> (C, *shape)``
         (the engine's ``observables`` convention).
     """
-    d = as_data(data).to(device, dtype)
-    loss_fn = _resolve_loss(model, loss_fn)
-    work = copy.deepcopy(model).to(device=device, dtype=dtype)
-    spec = ParamSpec(work)
-    path = "native" if hasattr(work, "forward_chains") else "vmap"
-    ev = ChainEvaluator(work, spec, LossAdapter(loss_fn), path)
-    batch = d.full_batch()
+    target = prepare_target(model, as_data(data), _resolve_loss(model, loss_fn), dtype=dtype, device=device,
+                            nbeta=1.0, caller="slt.symmetry")  # (nβ unused)
+    spec, batch = target.spec, target.full_batch()
 
     def f(params: Mapping[str, Tensor]) -> Tensor:
         flat = torch.cat([params[n].reshape(params[n].shape[0], -1) for n in spec.names], 1)
         with torch.no_grad():
-            return ev.losses(flat.to(dtype), batch)
+            return target.evaluator.losses(flat.to(dtype), batch)
 
     return f
 

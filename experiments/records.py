@@ -17,8 +17,13 @@ Sweep folder layout (as written by the Hydra entry points in ``experiments/``)::
     <sweep>/<subdir>/traces.npz     per-draw traces (chains first)
     <sweep>/summary.parquet, summary.csv
 
-This module does not import Hydra (the library never does); the Hydra glue
-lives in ``experiments/_runlib.py``.
+:func:`scan_sweep` reads that layout (each run's status and record);
+:func:`collect` turns it into the summary table, and ``decompose.py`` combines
+the per-subset records it returns.
+
+Sweep bookkeeping of the experiments, not part of the library (``slt`` never
+imports it).  It does not import Hydra; the Hydra glue lives in
+:mod:`experiments._runlib`.
 """
 
 from __future__ import annotations
@@ -30,7 +35,6 @@ import math
 import os
 import platform
 import re
-import sys
 import tempfile
 from pathlib import Path
 from typing import Any, Iterable, Mapping
@@ -50,6 +54,7 @@ __all__ = [
     "run_dirname",
     "parse_override",
     "flatten",
+    "scan_sweep",
     "collect",
     "status_counts",
 ]
@@ -149,32 +154,25 @@ def read_json(path: str | os.PathLike) -> Any:
 # provenance
 # ---------------------------------------------------------------------------
 def environment_info(device: Any = None) -> dict[str, Any]:
-    """Versions (slt, torch, numpy, python), host, platform and the device used.
+    """Versions (slt, torch, numpy, python, hydra), host, platform and the device used.
 
-    ``device``: the device the run used (``"cpu"``, ``"cuda:0"``); for CUDA
-    devices the GPU name is added.
+    The versions come from :func:`slt.versions` (the library's one versions
+    helper), with Hydra's added when it is installed.  ``device``: the device
+    the run used (``"cpu"``, ``"cuda:0"``); for CUDA devices the GPU name is
+    added.
     """
     import torch
 
-    from . import __version__
+    import slt
 
+    versions = slt.versions("hydra")  # slt, torch, numpy, python, platform (+ hydra)
+    plat = versions.pop("platform", None) or platform.platform()
     info: dict[str, Any] = {
-        "versions": {
-            "slt": __version__,
-            "torch": torch.__version__,
-            "numpy": np.__version__,
-            "python": sys.version.split()[0],
-        },
+        "versions": versions,
         "host": platform.node(),
-        "platform": platform.platform(),
+        "platform": plat,
         "device": str(device) if device is not None else "cpu",
     }
-    try:
-        import hydra  # noqa: F401  (only its version string; slt never uses Hydra)
-
-        info["versions"]["hydra"] = hydra.__version__
-    except ImportError:  # pragma: no cover
-        pass
     if device is not None and str(device).startswith("cuda") and torch.cuda.is_available():
         info["device_name"] = torch.cuda.get_device_name(torch.device(str(device)))
     return info
@@ -294,6 +292,72 @@ def _arrow_safe(df):
     return df
 
 
+def scan_sweep(
+    sweep_dir: str | os.PathLike,
+    *,
+    expected: Iterable[Mapping[str, Any]] | None = None,
+) -> list[dict[str, Any]]:
+    """Every run of a sweep folder with its status and record.
+
+    Returns one ``{"run", "status", "overrides", "record"}`` per run folder (in
+    name order) and then per expected job without a folder (in the order of
+    ``sweep.json``, then ``expected``):
+
+    * ``status="ok"``: the folder has ``result.json``; ``record`` is its content;
+    * ``"failed"``: ``failed.json`` and no ``result.json``; ``record`` is its
+      content (``error``, ``traceback`` ...);
+    * ``"incomplete"``: the folder exists but holds neither (a killed or
+      still-running job); ``record`` is ``None`` and ``overrides`` come from
+      ``sweep.json`` or the job's ``.hydra/overrides.yaml``;
+    * ``"missing"``: listed in ``<sweep>/sweep.json`` (or ``expected``) but no
+      folder exists (never started); ``record`` is ``None``.
+
+    ``overrides`` of an ok or failed run are those stored in its record.
+    Folders whose names start with ``.`` (``.submitit``) or ``_`` are skipped,
+    and so are folders that are neither a run nor an expected job.  Reads
+    only; :func:`collect` builds the summary table from it.
+
+    Raises
+    ------
+    FileNotFoundError
+        If ``sweep_dir`` does not exist.
+    """
+    sweep = Path(sweep_dir)
+    if not sweep.is_dir():
+        raise FileNotFoundError(f"sweep folder {str(sweep)!r} does not exist")
+    jobs: dict[str, list[str]] = {}
+    sweep_file = sweep / SWEEP_FILE
+    if sweep_file.exists():
+        for j in read_json(sweep_file).get("jobs", []):
+            jobs[str(j["subdir"])] = list(j.get("overrides", []))
+    for j in expected or []:
+        jobs[str(j["subdir"])] = list(j.get("overrides", []))
+
+    runs: list[dict[str, Any]] = []
+    seen: set[str] = set()
+    for d in sorted(p for p in sweep.iterdir() if p.is_dir()):
+        if d.name.startswith((".", "_")):
+            continue
+        res, fail = d / RESULT_FILE, d / FAILED_FILE
+        if res.exists() or fail.exists():
+            rec = read_json(res if res.exists() else fail)
+            status = "ok" if res.exists() else "failed"
+            runs.append({"run": d.name, "status": status, "overrides": list(rec.get("overrides", []) or []),
+                         "record": rec})
+        elif d.name in jobs or (d / ".hydra").is_dir():
+            ovs = jobs.get(d.name)
+            if ovs is None and (d / ".hydra" / "overrides.yaml").exists():
+                ovs = _read_overrides_yaml(d / ".hydra" / "overrides.yaml")
+            runs.append({"run": d.name, "status": "incomplete", "overrides": list(ovs or []), "record": None})
+        else:
+            continue  # some other folder
+        seen.add(d.name)
+    for subdir, ovs in jobs.items():
+        if subdir not in seen:
+            runs.append({"run": subdir, "status": "missing", "overrides": list(ovs), "record": None})
+    return runs
+
+
 def collect(
     sweep_dir: str | os.PathLike,
     *,
@@ -302,7 +366,8 @@ def collect(
 ):
     """Rebuild the summary table of a sweep from its run folders.
 
-    One row per run folder (and per expected job without a folder):
+    One row per run of :func:`scan_sweep` (each run folder, and each expected
+    job without a folder):
 
     * ``status="ok"``: the folder has ``result.json``; its overrides, metrics
       and (flattened, dotted) config become columns;
@@ -340,45 +405,16 @@ def collect(
     """
     import pandas as pd
 
-    sweep = Path(sweep_dir)
-    if not sweep.is_dir():
-        raise FileNotFoundError(f"sweep folder {str(sweep)!r} does not exist")
-    jobs: dict[str, list[str]] = {}
-    sweep_file = sweep / SWEEP_FILE
-    if sweep_file.exists():
-        for j in read_json(sweep_file).get("jobs", []):
-            jobs[str(j["subdir"])] = list(j.get("overrides", []))
-    for j in expected or []:
-        jobs[str(j["subdir"])] = list(j.get("overrides", []))
-
     rows: list[dict[str, Any]] = []
-    seen: set[str] = set()
-    for d in sorted(p for p in sweep.iterdir() if p.is_dir()):
-        if d.name.startswith((".", "_")):
-            continue
-        res, fail = d / RESULT_FILE, d / FAILED_FILE
-        if res.exists():
-            row = _row_from_record(read_json(res), "ok")
-        elif fail.exists():
-            rec = read_json(fail)
-            row = _row_from_record(rec, "failed")
+    for r in scan_sweep(sweep_dir, expected=expected):
+        rec = r["record"] if r["record"] is not None else {"overrides": r["overrides"]}
+        row = _row_from_record(rec, r["status"])
+        if r["status"] == "failed":
             row["error"] = rec.get("error")
-        elif d.name in jobs or (d / ".hydra").is_dir():
-            ovs = jobs.get(d.name)
-            if ovs is None and (d / ".hydra" / "overrides.yaml").exists():
-                ovs = _read_overrides_yaml(d / ".hydra" / "overrides.yaml")
-            row = _row_from_record({"overrides": ovs or []}, "incomplete")
-        else:
-            continue  # some other folder
-        row["run"] = d.name
+        row["run"] = r["run"]
         rows.append(row)
-        seen.add(d.name)
-    for subdir, ovs in jobs.items():
-        if subdir not in seen:
-            row = _row_from_record({"overrides": ovs}, "missing")
-            row["run"] = subdir
-            rows.append(row)
 
+    sweep = Path(sweep_dir)
     df = pd.DataFrame(rows)
     if len(df):
         first = ["run", "status"]

@@ -1,0 +1,193 @@
+r"""The run loop: fold a sampler's ``step`` over a stream of batches and record the draws.
+
+:func:`run_chains` is generic: any :class:`slt.samplers.Sampler` (its own state
+type), any batch stream returning ``(batch, L_B(w*) per row)``, any noise
+source.  It records, rows first,
+
+* at every draw (step ``t >= num_burnin`` with ``(t - num_burnin) % thin == 0``):
+  the minibatch loss :math:`L_{B_t}(w_t)` at the pre-step position, the control
+  variate :math:`L_{B_t}(w^*)` and the observables evaluated at :math:`w_t`;
+* during burn-in: the loss;
+* the MALA acceptance of the draws' proposals, when the sampler computes it;
+* divergence: every ``divergence.every`` steps a row whose loss or parameters
+  are non-finite, or whose :math:`n\beta(L_B(w) - L_B(w^*))` exceeds the
+  threshold, is marked divergent at that step and put back at ``w*`` through
+  the sampler's own ``reset`` (the loop never edits a state's fields).
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping
+
+import torch
+from torch import Tensor
+
+from .samplers.base import Sampler
+
+__all__ = ["Trace", "Divergence", "run_chains", "show_progress"]
+
+BatchFn = Callable[[], tuple[Any, Tensor]]
+Observe = Callable[[Tensor], Mapping[str, Tensor]]
+
+
+@dataclass
+class Trace:
+    """What a run recorded, rows (chains) first.
+
+    Attributes
+    ----------
+    loss, star
+        ``(R, T)`` :math:`L_B(w_t)` and :math:`L_B(w^*)` at the draws.
+    burnin
+        ``(R, num_burnin)`` loss during burn-in.
+    observables
+        ``name -> (R, T, ...)``.
+    mala_sum, mala_count
+        ``(R,)`` summed MALA acceptance over ``mala_count`` draw steps where it was computed.
+    diverged, divergence_step
+        ``(R,)`` divergent rows and the step at which each diverged (-1 if not).
+    draw_steps
+        ``(T,)`` step index of each draw.
+    seconds
+        Wall time of the loop.
+    """
+
+    loss: Tensor
+    star: Tensor
+    burnin: Tensor
+    observables: dict[str, Tensor] = field(default_factory=dict)
+    mala_sum: Tensor | None = None
+    mala_count: int = 0
+    diverged: Tensor | None = None
+    divergence_step: Tensor | None = None
+    draw_steps: Tensor | None = None
+    seconds: float = 0.0
+
+    @property
+    def mala(self) -> Tensor | None:
+        """``(R,)`` mean MALA acceptance, or ``None`` when it was never computed."""
+        return None if not self.mala_count else self.mala_sum / self.mala_count
+
+    def rows(self, sl: slice) -> "Trace":
+        """The same trace restricted to rows ``sl`` (one checkpoint's chains), on the CPU."""
+        def cut(t: Tensor | None) -> Tensor | None:
+            return None if t is None else t[sl].detach().cpu()
+
+        return Trace(cut(self.loss), cut(self.star), cut(self.burnin),
+                     {k: cut(v) for k, v in self.observables.items()}, cut(self.mala_sum), self.mala_count,
+                     cut(self.diverged), cut(self.divergence_step),
+                     None if self.draw_steps is None else self.draw_steps.cpu(), self.seconds)
+
+
+@dataclass(frozen=True)
+class Divergence:
+    r"""Divergence check: rows with a non-finite loss or parameters, or with
+    :math:`n\beta(L_B(w) - L_B(w^*)) >` ``threshold``, are reset to ``w_star`` (R, d);
+    checked every ``every`` steps (checks synchronise with the device)."""
+
+    threshold: float
+    nbeta: float
+    w_star: Tensor
+    every: int = 10
+
+
+def show_progress(progress: bool | None, work: int, threshold: int = 20000) -> bool:
+    """``progress`` if given, else on a terminal when ``work`` (chain-steps) reaches ``threshold``."""
+    return progress if progress is not None else (sys.stderr.isatty() and work >= threshold)
+
+
+def run_chains(
+    sampler: Sampler,
+    state: Any,
+    batches: BatchFn,
+    rng: Any,
+    num_steps: int,
+    *,
+    num_burnin: int = 0,
+    thin: int = 1,
+    observe: Observe | None = None,
+    divergence: Divergence | None = None,
+    nbeta: float = 1.0,
+    progress: bool = False,
+    desc: str = "LLC",
+) -> tuple[Any, Trace]:
+    r"""Run ``num_steps`` steps of ``sampler`` from ``state``; return the final state and the :class:`Trace`.
+
+    Parameters
+    ----------
+    sampler, state
+        A bound sampler and its initial state (``sampler.init(w)``).
+    batches
+        ``() -> (batch, L_B(w*) (R,))`` for each step (e.g. :meth:`slt.target.Target.batches`).
+    rng
+        Noise source passed to ``sampler.step``.
+    num_steps, num_burnin, thin
+        Steps in all, steps before the first draw, steps between draws
+        (``num_steps = num_burnin + num_draws * thin``).
+    observe
+        ``params (R, d) -> {name: (R, ...)}`` evaluated (without grad) at every draw.
+    divergence
+        See :class:`Divergence`; ``None``: no check.
+    nbeta
+        Scales the running λ̂ shown on the progress bar.
+    progress, desc
+        A tqdm bar (steps, draws/s and the running :math:`n\beta\,\overline{L_B(w) - L_B(w^*)}`).
+    """
+    from tqdm.auto import tqdm
+
+    T = (num_steps - num_burnin + thin - 1) // thin if num_steps > num_burnin else 0
+    w0 = state.params
+    R, dev, dtype = w0.shape[0], w0.device, w0.dtype
+    loss_tr = torch.empty((R, T), dtype=dtype, device=dev)
+    star_tr = torch.empty((R, T), dtype=dtype, device=dev)
+    burn_tr = torch.empty((R, num_burnin), dtype=dtype, device=dev)
+    obs: dict[str, list[Tensor]] = {}
+    mala_sum = torch.zeros(R, dtype=torch.float64, device=dev)
+    mala_cnt = 0
+    diverged = torch.zeros(R, dtype=torch.bool, device=dev)
+    div_step = torch.full((R,), -1, dtype=torch.long, device=dev)
+    bar = tqdm(total=num_steps, disable=not progress, desc=desc, unit="step", leave=False)
+    refresh = max(1, num_steps // 100)
+    t0 = time.perf_counter()
+    draw = 0
+    for t in range(num_steps):
+        batch, star = batches()
+        w_t = state.params  # the draw: loss and observables are taken here
+        state, info = sampler.step(state, batch, rng)
+        in_draws = t >= num_burnin
+        if in_draws and (t - num_burnin) % thin == 0:
+            loss_tr[:, draw] = info.loss
+            star_tr[:, draw] = star
+            if observe is not None:
+                with torch.no_grad():
+                    for k, v in observe(w_t).items():
+                        obs.setdefault(k, []).append(v.detach())
+            draw += 1
+        elif not in_draws:
+            burn_tr[:, t] = info.loss
+        if info.mala_accept is not None and in_draws:
+            mala_sum += info.mala_accept.double().nan_to_num(0.0)
+            mala_cnt += 1
+        if divergence is not None and (t % divergence.every == 0 or t == num_steps - 1):
+            bad = (~torch.isfinite(info.loss) | (divergence.nbeta * (info.loss - star) > divergence.threshold)
+                   | ~torch.isfinite(state.params).all(1))
+            bad &= ~diverged
+            if bool(bad.any()):
+                div_step = torch.where(bad, torch.full_like(div_step, t), div_step)
+                diverged |= bad
+                state = sampler.reset(state, diverged, divergence.w_star)
+        if progress and (t % refresh == 0 or t == num_steps - 1):
+            bar.update(t + 1 - bar.n)
+            if draw > 0:
+                ok = ~diverged
+                run = float((nbeta * (loss_tr[ok, :draw] - star_tr[ok, :draw])).mean()) if ok.any() else float("nan")
+                bar.set_postfix(llc=f"{run:.3g}", draws_per_s=f"{draw / max(time.perf_counter() - t0, 1e-9):.0f}")
+    bar.close()
+    seconds = time.perf_counter() - t0
+    draw_steps = num_burnin + torch.arange(T, device=dev) * thin
+    observables = {k: torch.stack(v, 1) for k, v in obs.items() if v}
+    return state, Trace(loss_tr, star_tr, burn_tr, observables, mala_sum, mala_cnt, diverged, div_step, draw_steps,
+                        seconds)

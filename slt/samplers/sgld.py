@@ -1,0 +1,172 @@
+r"""SGLD and RMSProp-preconditioned SGLD.
+
+``sgld``
+    Stochastic gradient Langevin dynamics (Welling & Teh 2011), as used for the
+    LLC by Lau et al. (2023, arXiv 2308.12108):
+    :math:`\Delta w = -\tfrac{\epsilon}{2} \nabla U_B(w) + \mathcal N(0, \epsilon I)`.
+``rmsprop_sgld``
+    RMSProp-preconditioned SGLD (Li et al. 2016; for the LLC Hitchcock & Hoogland
+    2025, arXiv 2507.21449): :math:`v \leftarrow \alpha v + (1-\alpha) g^2` with
+    ``g = ∇L_B(w)`` (the loss gradient only), :math:`G = 1/(\sqrt v + a)`,
+    :math:`\Delta w = -\tfrac{\epsilon}{2} G \odot \nabla U_B(w) + \sqrt{\epsilon G}\,\xi`.
+
+MALA diagnostic
+---------------
+With proposal :math:`q(w'|w) = \mathcal N(w - \tfrac\epsilon2 G\nabla U(w), \epsilon G)`
+the Metropolis-adjusted acceptance probability is
+:math:`\log\alpha = \min(0, U(w) - U(w') + \log q(w|w') - \log q(w'|w))`, evaluated
+on the same minibatch at both points (:func:`slt.samplers.base.mala_acceptance`).
+It is a diagnostic only (the proposal is always accepted); healthy step sizes
+give values near 0.9.  On a minibatch it costs one extra gradient evaluation, so
+it is computed every ``mala_every`` steps; with full-batch gradients
+(``deterministic=True``) the evaluation at the proposal is the next step's, so it
+is free and computed every step.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, NamedTuple
+
+import torch
+from torch import Tensor
+
+from .base import (
+    LocalizedPotential,
+    Sampler,
+    SamplerInfo,
+    SamplerSpec,
+    check_mala_every,
+    check_step_size,
+    langevin_step,
+    mala_acceptance,
+    normal,
+    reset_rows,
+)
+
+__all__ = ["SGLDState", "RMSPropSGLDState", "sgld", "rmsprop_sgld"]
+
+Cache = tuple[Tensor, Tensor, Tensor, Tensor]
+
+
+class SGLDState(NamedTuple):
+    """``params`` (C, d); ``step`` steps taken; ``cache``: ``(L, ∇L, U, ∇U)`` at
+    ``params`` when the potential is deterministic (full batch), else ``None``."""
+
+    params: Tensor
+    step: int
+    cache: Cache | None
+
+
+class RMSPropSGLDState(NamedTuple):
+    """As :class:`SGLDState`, plus ``precond_v`` (C, d), RMSProp's running second moment of ∇L."""
+
+    params: Tensor
+    precond_v: Tensor
+    step: int
+    cache: Cache | None
+
+
+def _langevin_sampler(
+    name: str,
+    potential: LocalizedPotential,
+    step_size: float,
+    deterministic: bool,
+    mala_every: int,
+    precondition: Callable[[Any, Tensor], tuple[Tensor | float, Any]] | None,
+    new_aux: Callable[[Tensor], Any],
+    make_state: Callable[[Tensor, Any, int, Cache | None], Any],
+    aux_of: Callable[[Any], Any],
+) -> Sampler:
+    """The SGLD step, shared by both samplers: ``precondition(aux, ∇L) -> (G, aux')``."""
+    check_step_size(step_size)
+    check_mala_every(mala_every)
+
+    def init(params: Tensor) -> Any:
+        params = params.detach().clone()
+        return make_state(params, new_aux(params), 0, None)
+
+    def step(state: Any, batch: Any, rng: Any) -> tuple[Any, SamplerInfo]:
+        w = state.params
+        loss, grad, U, grad_U = state.cache if state.cache is not None else potential(w, batch)
+        G, aux = (1.0, None) if precondition is None else precondition(aux_of(state), grad)
+        w_new = langevin_step(w, grad_U, normal(rng, w), step_size, G)
+        accept = cache = None
+        if deterministic or (mala_every and state.step % mala_every == 0):
+            loss_n, grad_n, U_n, grad_U_n = potential(w_new, batch)
+            accept = mala_acceptance(w, w_new, U, grad_U, U_n, grad_U_n, step_size, G)
+            if deterministic:
+                cache = (loss_n, grad_n, U_n, grad_U_n)
+        info = SamplerInfo(loss.detach(), U.detach(), grad_U.norm(dim=-1), accept)
+        return make_state(w_new, aux, state.step + 1, cache), info
+
+    def reset(state: Any, rows: Tensor, w_star: Tensor) -> Any:
+        aux = aux_of(state)
+        if aux is not None:
+            aux = reset_rows(aux, rows, 0.0)
+        return make_state(reset_rows(state.params, rows, w_star), aux, state.step, None)
+
+    return Sampler(name, init, step, step_size, reset)
+
+
+def sgld(
+    potential: LocalizedPotential | None = None,
+    step_size: float | None = None,
+    *,
+    deterministic: bool = False,
+    mala_every: int = 10,
+) -> Sampler | SamplerSpec:
+    r"""SGLD: :math:`w \leftarrow w - \tfrac{\epsilon}{2}\nabla U_B(w) + \mathcal N(0, \epsilon I)`.
+
+    Welling & Teh (2011); Lau et al. (2023) for the LLC.  ``deterministic=True``
+    declares full-batch gradients (enables the free every-step MALA diagnostic).
+    Without a potential, returns the :class:`SamplerSpec` ``sgld()`` for
+    ``slt.estimate_llc(..., sampler=...)``.
+    """
+    if potential is None:
+        return SamplerSpec("sgld", sgld)
+    return _langevin_sampler(
+        "sgld", potential, step_size, deterministic, mala_every, None,
+        new_aux=lambda p: None,
+        make_state=lambda p, aux, t, cache: SGLDState(p, t, cache),
+        aux_of=lambda s: None,
+    )
+
+
+def rmsprop_sgld(
+    potential: LocalizedPotential | None = None,
+    step_size: float | None = None,
+    *,
+    alpha: float = 0.99,
+    eps: float = 0.1,
+    deterministic: bool = False,
+    mala_every: int = 10,
+) -> Sampler | SamplerSpec:
+    r"""RMSProp-preconditioned SGLD.
+
+    :math:`v \leftarrow \alpha v + (1-\alpha)(\nabla L_B)^2`,
+    :math:`G = 1/(\sqrt v + a)`,
+    :math:`w \leftarrow w - \tfrac{\epsilon}{2} G \odot \nabla U_B(w) + \sqrt{\epsilon G}\,\xi`.
+
+    Li, Chen, Carlson & Carin (2016); Hitchcock & Hoogland (2025, arXiv
+    2507.21449), whose defaults α = 0.99, a = 0.1 are used.  The preconditioner
+    depends on the chain's history, so the chain targets the posterior only
+    approximately; in exchange flat directions get larger steps.  Without a
+    potential, returns a :class:`SamplerSpec`.
+    """
+    if not 0.0 <= alpha < 1.0:
+        raise ValueError(f"rmsprop alpha must lie in [0, 1), got {alpha}")
+    if not eps > 0:
+        raise ValueError(f"rmsprop eps (a) must be positive, got {eps}")
+    if potential is None:
+        return SamplerSpec("rmsprop_sgld", rmsprop_sgld, {"alpha": alpha, "eps": eps})
+
+    def precondition(v: Tensor, grad: Tensor) -> tuple[Tensor, Tensor]:
+        v = alpha * v + (1.0 - alpha) * grad.square()
+        return 1.0 / (v.sqrt() + eps), v
+
+    return _langevin_sampler(
+        "rmsprop_sgld", potential, step_size, deterministic, mala_every, precondition,
+        new_aux=torch.zeros_like,
+        make_state=lambda p, v, t, cache: RMSPropSGLDState(p, v, t, cache),
+        aux_of=lambda s: s.precond_v,
+    )

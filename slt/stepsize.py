@@ -1,0 +1,262 @@
+r"""The automatic SGLD step size of a :class:`slt.target.Target`.
+
+:func:`auto_step_size` sets
+
+.. math:: \epsilon = \frac{0.2}{n\beta\,h_{max} + \gamma}, \quad\text{capped at}\quad \frac{0.2}{n\beta^2 s}
+          \text{ with minibatches,}
+
+where :math:`h_{max}` is the largest Hessian eigenvalue of :math:`L_n` near ``w*``
+(:func:`estimate_curvature`), re-measured where short full-batch pilot chains
+actually go (:func:`pilot_step_size`; at a singular ``w*`` the curvature at
+``w*`` can be zero while the flat directions lead to stiff regions), and
+:math:`s` the largest eigenvalue of the minibatch-gradient covariance
+(:func:`minibatch_gradient_noise`).  SGLD is stable only for
+:math:`\epsilon(n\beta h + \gamma) < 2` in every direction; its discretisation
+bias in a direction of curvature κ is about εκ/4, and minibatch noise inflates
+the sampled variance by about :math:`\epsilon n\beta^2 s/4`: both are kept ≤ 5%.
+
+:func:`power_iteration` (finite-difference Hessian-vector products) is also what
+:func:`slt.sample_posterior` uses for its default step.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+from .data import Batch, Data
+from .evaluator import ChainEvaluator
+from .samplers.base import LocalizedPotential, langevin_step
+from .target import BatchStream, Target
+
+__all__ = [
+    "STEP_SIZE_SAFETY",
+    "StepSize",
+    "auto_step_size",
+    "fixed_step_size",
+    "power_iteration",
+    "estimate_curvature",
+    "pilot_step_size",
+    "minibatch_gradient_noise",
+]
+
+#: ε = STEP_SIZE_SAFETY / (nβ h_max + γ) for ``step_size=None``.
+STEP_SIZE_SAFETY = 0.2
+#: Pilot runs of the automatic step size: chains per checkpoint, steps per round, rounds.
+PILOT_CHAINS, PILOT_STEPS, PILOT_ROUNDS = 2, 100, 4
+#: Rows of tensor data used for curvature (a weighted dataset is subsampled by weight).
+CURVATURE_ROWS = 1024
+
+
+@dataclass(frozen=True)
+class StepSize:
+    """A step size and how it was chosen.
+
+    ``step_size`` ε; ``auto`` whether it was chosen automatically; ``curvature`` (K,)
+    largest Hessian eigenvalue per checkpoint; ``grad_noise`` (K,) largest
+    minibatch-gradient covariance eigenvalue; ``pilot_rounds`` pilot rounds run.
+    """
+
+    step_size: float
+    auto: bool = False
+    curvature: Tensor | None = None
+    grad_noise: Tensor | None = None
+    pilot_rounds: int = 0
+
+
+def fixed_step_size(step_size: float) -> StepSize:
+    """A step size given by the user."""
+    return StepSize(float(step_size))
+
+
+def power_iteration(
+    grad: Callable[[Tensor], Tensor], w: Tensor, v: Tensor, iters: int, delta: float | Tensor, *,
+    central: bool = False,
+) -> tuple[Tensor, Tensor]:
+    r"""Top Hessian eigenpair magnitude at each row of ``w`` (N, d), by power iteration.
+
+    Hessian-vector products by finite differences of ``grad`` ((N, d) -> (N, d)):
+    :math:`Hv \approx (\nabla L(w + \delta v) - \nabla L(w))/\delta`, or with
+    ``central`` :math:`(\nabla L(w+\delta v) - \nabla L(w-\delta v))/2\delta`.
+    ``v`` (N, d) is the unit start vector; ``delta`` a number or an (N, 1) tensor.
+    Returns the last iteration's Rayleigh quotient :math:`v^\top H v` (N,) and
+    :math:`\|Hv\|` (N,); a row whose product vanishes keeps its vector.
+    """
+    g0 = None if central else grad(w)
+    eig = torch.zeros(w.shape[0], dtype=w.dtype, device=w.device)
+    nrm = torch.zeros(w.shape[0], 1, dtype=w.dtype, device=w.device)
+    for _ in range(iters):
+        if central:
+            hv = (grad(w + delta * v) - grad(w - delta * v)) / (2 * delta)
+        else:
+            hv = (grad(w + delta * v) - g0) / delta
+        eig = (hv * v).sum(1)
+        nrm = hv.norm(dim=1, keepdim=True)
+        v = torch.where(nrm > 0, hv / nrm.clamp_min(1e-30), v)
+    return eig, nrm.squeeze(1)
+
+
+def _unit_normal(shape: torch.Size, generator: torch.Generator, like: Tensor) -> Tensor:
+    v = torch.randn(shape, generator=generator, device=like.device, dtype=torch.float32).to(like.dtype)
+    return v / v.norm(dim=1, keepdim=True)
+
+
+def _top_eigenvalue(evaluator: ChainEvaluator, w: Tensor, batch: Batch, generator: torch.Generator,
+                    iters: int = 12) -> Tensor:
+    """(N, d) points -> (N,) |largest Hessian eigenvalue of L| (forward differences)."""
+    def grad(x: Tensor) -> Tensor:
+        return evaluator.loss_and_grad(x, batch)[1]
+
+    r = 1e-3 if w.dtype == torch.float32 else 1e-5
+    eig, _ = power_iteration(grad, w, _unit_normal(w.shape, generator, w), iters, r)
+    return eig.abs().nan_to_num(0.0)
+
+
+def _probe_points(
+    w_star: Tensor, num_probes: int, localization: float, nbeta: float, generator: torch.Generator
+) -> Tensor:
+    """(K, 1 + num_probes, d): ``w*`` itself, then ``w* + δ`` with
+    ``δ ~ N(0, (0.5/√(γ + 0.01 nβ))² I)``, where a singular potential's curvature lives."""
+    K, d = w_star.shape
+    scale = 0.5 / math.sqrt(localization + 1e-2 * nbeta)
+    noise = torch.randn((K, num_probes + 1, d), generator=generator, device=w_star.device, dtype=torch.float32)
+    noise = noise.to(w_star.dtype)
+    noise[:, 0] = 0.0
+    return w_star.unsqueeze(1) + scale * noise
+
+
+def _combine_probes(values: Tensor) -> Tensor:
+    """(K, P) values at w* and its probes -> (K,): max(value at w*, median over probes)."""
+    probes = values[:, 1:].median(dim=1).values if values.shape[1] > 1 else values[:, 0]
+    return torch.maximum(values[:, 0], probes)
+
+
+def estimate_curvature(
+    evaluator: ChainEvaluator, w_star: Tensor, batch: Batch, localization: float, nbeta: float,
+    generator: torch.Generator, num_probes: int = 4, iters: int = 12,
+) -> Tensor:
+    r"""Largest Hessian eigenvalue of L per checkpoint, (K,).
+
+    Power iteration with forward-difference Hessian-vector products at ``w*``
+    and at ``num_probes`` points ``w* + δ`` with ``δ ~ N(0, (0.5/√γ')² I)``
+    (``γ' = γ + nβ·1e-2``), where a singular potential's curvature lives;
+    returns ``max(h(w*), median_probes h)``.
+    """
+    K, d = w_star.shape
+    P = num_probes + 1
+    w = _probe_points(w_star, num_probes, localization, nbeta, generator).reshape(K * P, d)
+    eig = _top_eigenvalue(evaluator, w, batch, generator, iters)
+    return _combine_probes(eig.view(K, P))
+
+
+def pilot_step_size(
+    evaluator: ChainEvaluator, w_star: Tensor, batch: Batch, localization: float, nbeta: float, eps: float,
+    generator: torch.Generator,
+) -> tuple[float, Tensor, int]:
+    r"""Refine the automatic step size where the chains actually go.
+
+    At a singular ``w*`` the curvature near ``w*`` says little about the
+    curvature a chain meets once it has wandered along the flat directions (for
+    :math:`K = \tfrac12 (ab^2)^2` it is 0 at the origin and :math:`n\beta b^4` at
+    distance :math:`1/\sqrt\gamma`).  So: run ``PILOT_CHAINS`` full-batch SGLD
+    chains per checkpoint for ``PILOT_STEPS`` steps with the current ε
+    (:func:`slt.samplers.langevin_step`), measure the largest Hessian eigenvalue
+    :math:`h` at the points reached, and set
+    :math:`\epsilon \leftarrow \min(\epsilon, 0.2/(n\beta h + \gamma))`
+    (divergence: ε/4); repeat while ε shrinks by more than 20% (at most
+    ``PILOT_ROUNDS`` rounds).  ε only ever decreases.
+
+    Returns ``(ε, curvature per checkpoint (K,), rounds run)``.
+    """
+    K, d = w_star.shape
+    Cp = PILOT_CHAINS
+    centre = w_star.repeat_interleave(Cp, dim=0)  # (K*Cp, d)
+    potential = LocalizedPotential(evaluator.loss_and_grad, centre, nbeta, localization)
+    curv = torch.zeros(K, dtype=w_star.dtype, device=w_star.device)
+    rounds = 0
+    for rounds in range(1, PILOT_ROUNDS + 1):
+        w = centre.clone()
+        for _ in range(PILOT_STEPS):
+            grad_u = potential(w, batch)[3]
+            noise = torch.randn(w.shape, generator=generator, device=w.device, dtype=torch.float32).to(w.dtype)
+            w = langevin_step(w, grad_u, noise, eps)
+        ok = bool(torch.isfinite(w).all())
+        if ok:
+            h = _top_eigenvalue(evaluator, w, batch, generator).view(K, Cp).max(dim=1).values
+            ok = bool(torch.isfinite(h).all())
+        if not ok:
+            eps = eps / 4.0
+            continue
+        curv = torch.maximum(curv, h)
+        new = STEP_SIZE_SAFETY / (nbeta * float(h.max()) + localization)
+        if new >= 0.8 * eps:
+            break
+        eps = new
+    return eps, curv, rounds
+
+
+def minibatch_gradient_noise(
+    evaluator: ChainEvaluator, w_star: Tensor, data: Data, batch_size: int, localization: float,
+    nbeta: float, generator: torch.Generator, num_probes: int = 4, num_batches: int = 16,
+) -> Tensor:
+    r"""Largest eigenvalue of the covariance of the minibatch gradient ∇L_B, (K,).
+
+    Evaluated on ``num_batches`` independent minibatches at ``w*`` and at the
+    probe points of :func:`estimate_curvature`; returns
+    ``max(s(w*), median_probes s)``.  SGLD's stationary variance along a
+    direction is inflated by the factor ``1 + ε nβ² s / 4`` by minibatch noise
+    of variance ``s`` (Welling & Teh 2011, Sec. 4), so ``ε ≤ 0.2 / (nβ² s)``
+    keeps that inflation below 5%.
+    """
+    K, d = w_star.shape
+    P, M = num_probes + 1, num_batches
+    w = _probe_points(w_star, num_probes, localization, nbeta, generator)
+    w = w.unsqueeze(2).expand(K, P, M, d).reshape(K * P * M, d)
+    idx = data.sample_index(K * P * M, batch_size, generator)
+    _, g = evaluator.loss_and_grad(w, data.gather(idx))
+    g = g.view(K * P, M, d)
+    g = g - g.mean(1, keepdim=True)
+    gram = g @ g.transpose(1, 2) / (M - 1)  # same nonzero spectrum as the d x d covariance
+    top = torch.linalg.eigvalsh(gram.double())[:, -1].clamp_min(0.0).nan_to_num(0.0).view(K, P)
+    return _combine_probes(top).to(w_star.dtype)
+
+
+def _curvature_batch(target: Target, batches: BatchStream, generator: torch.Generator) -> Batch:
+    """At most :data:`CURVATURE_ROWS` rows of tensor data (weighted data: drawn by weight), or
+    the stream's next batch for a loader."""
+    source = target.source
+    if not isinstance(source, Data):
+        return batches()[0]
+    if source.n <= CURVATURE_ROWS:
+        return source.full_batch()
+    if source.weights is None:
+        m = CURVATURE_ROWS
+        return Data(source.x[:m], None if source.y is None else source.y[:m]).full_batch()
+    rows = source.sample_index(1, CURVATURE_ROWS, generator).flatten()
+    return Data(source.x[rows], None if source.y is None else source.y[rows]).full_batch()
+
+
+def auto_step_size(target: Target, batches: BatchStream) -> StepSize:
+    r"""The automatic step size of ``target`` for the minibatches of ``batches`` (see the module
+    docstring).  Random numbers come from generators seeded with the first checkpoint's seed
+    (+1 curvature and gradient noise, +2 pilot chains), not from the run's streams."""
+    nb, gamma, ev, w_star = target.nbeta, target.localization, target.evaluator, target.w_star
+    gen = torch.Generator(device=target.device).manual_seed(target.seeds[0] + 1)
+    batch = _curvature_batch(target, batches, gen)
+    curvature = estimate_curvature(ev, w_star, batch, gamma, nb, gen)
+    h_max = float(curvature.max())
+    eps = STEP_SIZE_SAFETY / (nb * h_max + gamma) if (nb * h_max + gamma) > 0 else 1e-4
+    pilot_gen = torch.Generator(device=target.device).manual_seed(target.seeds[0] + 2)
+    eps, pilot_curv, rounds = pilot_step_size(ev, w_star, batch, gamma, nb, eps, pilot_gen)
+    curvature = torch.maximum(curvature, pilot_curv)
+    grad_noise = None
+    if isinstance(target.source, Data) and not batches.full:
+        grad_noise = minibatch_gradient_noise(ev, w_star, target.source, batches.batch_size, gamma, nb, gen)
+        s_max = float(grad_noise.max())
+        if s_max > 0:
+            eps = min(eps, STEP_SIZE_SAFETY / (nb**2 * s_max))
+    return StepSize(eps, True, curvature, grad_noise, rounds)

@@ -199,6 +199,18 @@ def linear_regression(n: int, d: int = 3, seed: int = 0):
     return m, X, Y
 
 
+class LinearBatchNorm(nn.Module):
+    """``BatchNorm1d(Linear(3, 2)(x))``: in train mode ``vmap`` cannot run it (the path falls back to a loop)."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(3, 2)
+        self.bn = nn.BatchNorm1d(2)
+
+    def forward(self, x):
+        return self.bn(self.lin(x))
+
+
 class PlainLocation(nn.Module):
     """Density model N(μ, I) in R²: a plain module (no ``forward_chains``) whose output is μ for every row."""
 

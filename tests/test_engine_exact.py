@@ -18,6 +18,7 @@ from slt.samplers import LocalizedPotential, rmsprop_sgld, sgld
 
 from conftest import (
     IGNORE_CHECKPOINT_WARNING,
+    LinearBatchNorm,
     PlainLocation,
     engine_trace_tol,
     fan_in,
@@ -295,17 +296,8 @@ def test_frozen_parameters_are_not_sampled():
 
 
 def test_batchnorm_train_mode_falls_back_to_loop_with_warning():
-    class BN(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.lin = nn.Linear(3, 2)
-            self.bn = nn.BatchNorm1d(2)
-
-        def forward(self, x):
-            return self.bn(self.lin(x))
-
     X, Y = _data(64, dtype=torch.float32)
-    m = BN().train()
+    m = LinearBatchNorm().train()
     before = {k: v.clone() for k, v in m.state_dict().items()}
     with pytest.warns(RuntimeWarning, match="falling back to a sequential loop"):
         r = slt.estimate_llc(m, (X, Y), F.mse_loss, **{**KW, "dtype": torch.float32})

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from conftest import fp_tol
+from conftest import LinearBatchNorm, fp_tol
 from slt.rng import ChainRNG
 from slt.target import prepare_target
 
@@ -105,21 +105,12 @@ def test_errors_before_any_sampling():
 
 
 def test_vmap_failure_falls_back_to_a_loop_naming_the_caller():
-    class BN(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.lin = nn.Linear(3, 2)
-            self.bn = nn.BatchNorm1d(2)
-
-        def forward(self, x):
-            return self.bn(self.lin(x))
-
     X, Y = _data()
     with pytest.warns(RuntimeWarning, match="my_caller: the vmap path failed.*falling back"):
-        t = prepare_target(BN().train().to(F64), (X, Y), F.mse_loss, dtype=F64, caller="my_caller")
+        t = prepare_target(LinearBatchNorm().train().to(F64), (X, Y), F.mse_loss, dtype=F64, caller="my_caller")
     assert t.path == "loop" and t.path_reason.startswith("fallback")
     with pytest.raises(Exception):
-        prepare_target(BN().train().to(F64), (X, Y), F.mse_loss, dtype=F64, vectorize="vmap")
+        prepare_target(LinearBatchNorm().train().to(F64), (X, Y), F.mse_loss, dtype=F64, vectorize="vmap")
 
 
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")  # 8 NUTS draws: diagnostics are not the point

@@ -14,33 +14,154 @@ Sampling with replacement makes ``L_B`` an unbiased estimate of ``L_n`` for
 every ``w`` *independent of the current position* -- an epoch-based scheme
 without replacement is not: the next batch is anti-correlated with the batches
 that just pulled the chain towards their own minimum.
+
+Inputs and targets
+------------------
+Inputs ``x`` (and targets ``y``) are either a tensor ``(n, ...)`` or a mapping
+of named tensors of equal length ``n`` (``{"input_ids": ..., "attention_mask":
+...}``; held as :class:`Columns`, whose rows can be indexed like a tensor's).
+The model is called as ``model(x)`` for a tensor and ``model(**x)`` for a
+mapping; ``loss_fn(output, target)`` receives the model's raw output and the
+target: ``y`` when given, else the inputs themselves (the whole mapping).
+NumPy arrays are accepted wherever a tensor is (``torch.as_tensor``), a Hugging
+Face ``datasets.Dataset`` becomes the mapping of its numeric columns, and a
+``DataLoader`` may yield mappings.  Batches carry plain ``dict`` s.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Iterator, NamedTuple, Sequence
+from typing import Any, Callable, Iterator, Mapping, NamedTuple, Sequence, Union
 
+import numpy as np
 import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
-__all__ = ["Data", "Batch", "LoaderSource", "as_source"]
+__all__ = ["Data", "Batch", "Columns", "LoaderSource", "as_source", "num_rows"]
+
+#: A batch's inputs or targets: one tensor, or named tensors sharing the leading dimensions.
+Inputs = Union[Tensor, Mapping[str, Tensor]]
+
+
+class Columns(dict):
+    """Named tensors of one dataset, all ``(n, ...)``: a ``dict`` (so ``model(**columns)``
+    works) whose non-string indices select rows of every column, like a tensor's
+    (``columns[:m]``, ``columns[index_tensor]``, ``columns[i]``)."""
+
+    def __getitem__(self, key: Any) -> Any:
+        if isinstance(key, str):
+            return dict.__getitem__(self, key)
+        return Columns({k: v[key] for k, v in self.items()})
+
+    def __repr__(self) -> str:
+        return "Columns(" + ", ".join(f"{k}: {tuple(v.shape)} {v.dtype}" for k, v in self.items()) + ")"
+
+
+def _register_columns() -> None:
+    """Columns are a pytree node like a dict (vmap and tree_map see their tensors)."""
+    from torch.utils import _pytree
+
+    if Columns not in _pytree.SUPPORTED_NODES:
+        _pytree.register_pytree_node(
+            Columns, lambda c: (list(c.values()), list(c.keys())),
+            lambda values, keys: Columns(zip(keys, values)), serialized_type_name="slt.data.Columns",
+        )
+
+
+_register_columns()
+
+
+def _map(fn: Callable[[Tensor], Tensor], t: Any) -> Any:
+    """``fn`` on a tensor, or on every column of a mapping (a plain ``dict`` results;
+    :class:`Columns` stay :class:`Columns`)."""
+    if isinstance(t, Tensor):
+        return fn(t)
+    if isinstance(t, Mapping):
+        out = {k: fn(v) for k, v in t.items()}
+        return Columns(out) if isinstance(t, Columns) else out
+    return fn(t)
+
+
+def _leaves(t: Any) -> list[Tensor]:
+    if isinstance(t, Tensor):
+        return [t]
+    if isinstance(t, Mapping):
+        return [v for v in t.values() if isinstance(v, Tensor)]
+    return []
+
+
+def num_rows(t: Any) -> int:
+    """Leading (sample) dimension of a tensor or of a mapping's first tensor."""
+    if isinstance(t, Tensor):
+        return t.shape[0]
+    leaves = _leaves(t)
+    if not leaves:
+        raise TypeError(f"expected a tensor or a mapping of tensors, got {type(t).__name__}")
+    return leaves[0].shape[0]
+
+
+def row_numel(t: Any) -> int:
+    """Elements per sample (summed over a mapping's columns)."""
+    if isinstance(t, Tensor):
+        return int(t[0].numel())
+    return sum(int(v[0].numel()) for v in _leaves(t))
+
+
+def _plain(t: Any) -> Any:
+    """A :class:`Columns` as a plain ``dict`` (what batches carry); tensors unchanged."""
+    return dict(t) if isinstance(t, Columns) else t
+
+
+def _is_array(t: Any) -> bool:
+    return isinstance(t, np.ndarray)
+
+
+def _to_tensor(name: str, t: Any) -> Any:
+    """NumPy arrays become tensors (``torch.as_tensor``; float64 stays float64 until the
+    engine casts floating data to its ``dtype``); everything else is returned as is."""
+    if not _is_array(t):
+        return t
+    if t.dtype == object or t.dtype.kind in "USV":
+        raise ValueError(
+            f"{name} is a NumPy array of dtype {t.dtype}, which cannot become a tensor"
+            + (" (rows of different lengths? pad them to one length)" if t.dtype == object else "")
+        )
+    if not t.flags.writeable:
+        t = t.copy()
+    return torch.as_tensor(t)
+
+
+def _as_inputs(name: str, t: Any) -> Any:
+    """A tensor, or :class:`Columns` of tensors (NumPy arrays converted)."""
+    if isinstance(t, Tensor):
+        return t
+    if isinstance(t, Mapping):
+        if not t:
+            raise ValueError(f"{name} is an empty mapping: no inputs")
+        cols = {}
+        for k, v in t.items():
+            if not isinstance(k, str):
+                raise TypeError(f"{name} keys must be strings (they are passed as model(**{name})), got {k!r}")
+            cols[k] = _to_tensor(f"{name}[{k!r}]", v)
+        return Columns(cols)
+    return _to_tensor(name, t)
 
 
 class Batch(NamedTuple):
     """One minibatch for C chains.
 
     ``x``: (C, B, ...) inputs; ``y``: (C, B, ...) targets (``x`` itself for a
-    density model); ``weights``: (C, B) per-sample weights (summing to one
-    along B) or ``None``; ``shared``: True when every chain sees the same
-    batch, which is then stored *without* the chain dimension (``x``: (B, ...),
-    ``y``: (B, ...), ``weights``: (B,)) so that the forward pass can broadcast
-    instead of copying.
+    density model or inputs without a separate target); ``weights``: (C, B)
+    per-sample weights (summing to one along B) or ``None``; ``shared``: True
+    when every chain sees the same batch, which is then stored *without* the
+    chain dimension (``x``: (B, ...), ``y``: (B, ...), ``weights``: (B,)) so
+    that the forward pass can broadcast instead of copying.  ``x`` and ``y``
+    may also be plain ``dict`` s of such tensors.
     """
 
-    x: Tensor
-    y: Tensor
+    x: Inputs
+    y: Inputs
     weights: Tensor | None
     shared: bool = False
 
@@ -49,11 +170,13 @@ class Batch(NamedTuple):
         if not self.shared:
             return self
         w = None if self.weights is None else self.weights.unsqueeze(0).expand(num_chains, *self.weights.shape)
-        return Batch(
-            self.x.unsqueeze(0).expand(num_chains, *self.x.shape),
-            self.y.unsqueeze(0).expand(num_chains, *self.y.shape),
-            w, False,
-        )
+
+        def expand(t: Tensor) -> Tensor:
+            return t.unsqueeze(0).expand(num_chains, *t.shape)
+
+        x = _map(expand, self.x)
+        y = x if self.y is self.x else _map(expand, self.y)
+        return Batch(x, y, w, False)
 
 
 @dataclass(frozen=True, eq=False)
@@ -63,26 +186,34 @@ class Data(Dataset):
     Parameters
     ----------
     x
-        ``(n, ...)`` inputs.
+        ``(n, ...)`` inputs, or a mapping of named ``(n, ...)`` tensors (the model
+        is then called as ``model(**x)``).  NumPy arrays are converted with
+        ``torch.as_tensor``.
     y
-        ``(n, ...)`` targets, or ``None`` for a density model, whose loss is
-        ``loss_fn(model(x), x)``.
+        ``(n, ...)`` targets (or a mapping of them), or ``None``: the loss then
+        receives the inputs, ``loss_fn(model(x), x)`` (a density model, or a
+        mapping whose loss reads its own columns, e.g. :func:`slt.losses.causal_lm`).
     weights
         ``(n,)`` non-negative per-sample weights (not all zero), or ``None``.
         The empirical loss is the weighted mean
         ``L_n(w) = sum_i weights_i l_i(w) / sum_i weights_i``.
     """
 
-    x: Tensor
-    y: Tensor | None = None
+    x: Inputs
+    y: Inputs | None = None
     weights: Tensor | None = None
 
     def __post_init__(self) -> None:
-        n = _validate_tensor("x", self.x, None)
+        object.__setattr__(self, "x", _as_inputs("x", self.x))
+        if self.y is not None:
+            object.__setattr__(self, "y", _as_inputs("y", self.y))
+        if self.weights is not None:
+            object.__setattr__(self, "weights", _to_tensor("weights", self.weights))
+        n = _validate_inputs("x", self.x, None)
         if n == 0:
             raise ValueError("empty dataset: x has 0 samples")
         if self.y is not None:
-            _validate_tensor("y", self.y, n)
+            _validate_inputs("y", self.y, n)
         if self.weights is not None:
             w = self.weights
             if not isinstance(w, Tensor) or w.ndim != 1 or w.shape[0] != n:
@@ -99,7 +230,7 @@ class Data(Dataset):
 
     # -- Dataset protocol -------------------------------------------------
     def __len__(self) -> int:
-        return self.x.shape[0]
+        return num_rows(self.x)
 
     def __getitem__(self, i: int) -> tuple[Tensor, ...]:
         items = [self.x[i]]
@@ -112,19 +243,20 @@ class Data(Dataset):
     # -- helpers ----------------------------------------------------------
     @property
     def n(self) -> int:
-        return self.x.shape[0]
+        return num_rows(self.x)
 
     @property
-    def target(self) -> Tensor:
+    def target(self) -> Inputs:
         return self.x if self.y is None else self.y
 
     def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> "Data":
-        def conv(t: Tensor | None) -> Tensor | None:
-            if t is None:
-                return None
+        def conv1(t: Tensor) -> Tensor:
             if dtype is not None and t.is_floating_point():
                 return t.to(device=device, dtype=dtype)
             return t.to(device=device)
+
+        def conv(t: Any) -> Any:
+            return None if t is None else _map(conv1, t)
 
         return Data(conv(self.x), conv(self.y), conv(self.weights))
 
@@ -134,13 +266,15 @@ class Data(Dataset):
     # -- minibatches ------------------------------------------------------
     def full_batch(self) -> Batch:
         """The whole dataset as one batch shared by all chains."""
-        return Batch(self.x, self.target, self.normalized_weights(), True)
+        x = _plain(self.x)
+        return Batch(x, x if self.y is None else _plain(self.y), self.normalized_weights(), True)
 
     def sample_index(self, num_chains: int, batch_size: int, generator: torch.Generator) -> Tensor:
         """(C, B) indices, i.i.d. uniform (or proportional to the weights)."""
         if self.weights is None:
+            device = self.x.device if isinstance(self.x, Tensor) else _leaves(self.x)[0].device
             return torch.randint(
-                0, self.n, (num_chains, batch_size), generator=generator, device=self.x.device
+                0, self.n, (num_chains, batch_size), generator=generator, device=device
             )
         idx = torch.multinomial(
             self.weights.double() if self.weights.device.type == "cpu" else self.weights,
@@ -154,20 +288,40 @@ class Data(Dataset):
         """Batch for (C, B) indices.  Weighted data were sampled by weight, so the
         minibatch mean is already an unbiased estimate of the weighted loss."""
         flat = index.reshape(-1)  # index_select is ~5x faster than x[index] on CPU
-        x = self.x.index_select(0, flat).view(*index.shape, *self.x.shape[1:])
-        t = self.target
-        y = x if t is self.x else t.index_select(0, flat).view(*index.shape, *t.shape[1:])
+        if isinstance(self.x, Tensor) and (self.y is None or isinstance(self.y, Tensor)):
+            x = self.x.index_select(0, flat).view(*index.shape, *self.x.shape[1:])
+            t = self.target
+            y = x if t is self.x else t.index_select(0, flat).view(*index.shape, *t.shape[1:])
+            return Batch(x, y, None)
+
+        def take(v: Tensor) -> Tensor:
+            return v.index_select(0, flat).view(*index.shape, *v.shape[1:])
+
+        x = _plain(_map(take, self.x))
+        y = x if self.y is None else _plain(_map(take, self.y))
         return Batch(x, y, None)
 
 
-def _validate_tensor(name: str, t: Any, n: int | None) -> int:
+def _validate_inputs(name: str, t: Any, n: int | None) -> int:
+    """Validate a tensor or every column of a mapping; returns the number of samples."""
+    if isinstance(t, Mapping):
+        first = None
+        for k, v in t.items():
+            m = _validate_tensor(f"{name}[{k!r}]", v, n, first or "x")
+            if n is None:
+                n, first = m, f"{name}[{k!r}]"
+        return int(n)  # type: ignore[arg-type]
+    return _validate_tensor(name, t, n)
+
+
+def _validate_tensor(name: str, t: Any, n: int | None, ref: str = "x") -> int:
     if not isinstance(t, Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        raise TypeError(f"{name} must be a torch.Tensor (or a NumPy array), got {type(t).__name__}")
     if t.ndim == 0:
         raise ValueError(f"{name} must have a leading sample dimension, got a 0-d tensor")
     if n is not None and t.shape[0] != n:
         raise ValueError(
-            f"x and {name} disagree on the number of samples: {n} vs {t.shape[0]}"
+            f"{ref} and {name} disagree on the number of samples: {n} vs {t.shape[0]}"
         )
     if t.is_floating_point() and t.numel() and not torch.isfinite(t).all():
         bad = (~torch.isfinite(t)).reshape(t.shape[0], -1).any(1).nonzero().flatten()
@@ -193,10 +347,14 @@ class LoaderSource:
         if self.n == 0:
             raise ValueError("empty dataset: the DataLoader's dataset has 0 samples")
 
-    def _unpack(self, item: Any) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    def _unpack(self, item: Any) -> tuple[Inputs, Inputs | None, Tensor | None]:
         if isinstance(item, Tensor):
             return item, None, None
+        if isinstance(item, Mapping):  # a dict batch (default collate of dict items, a BatchEncoding)
+            return _plain(_as_inputs("x", dict(item))), None, None
         if isinstance(item, (tuple, list)):
+            item = [_plain(_as_inputs(f"batch[{i}]", v)) if isinstance(v, Mapping) else _to_tensor(f"batch[{i}]", v)
+                    for i, v in enumerate(item)]
             if len(item) == 1:
                 return item[0], None, None
             if len(item) == 2:
@@ -204,15 +362,15 @@ class LoaderSource:
             if len(item) == 3:
                 return item[0], item[1], item[2]
         raise ValueError(
-            "DataLoader batches must be a tensor x, (x,), (x, y) or (x, y, weights); got "
+            "DataLoader batches must be a tensor x, a mapping of tensors, (x,), (x, y) or (x, y, weights); got "
             f"{type(item).__name__} of length {len(item) if hasattr(item, '__len__') else '?'}"
         )
 
-    def iter_batches(self) -> Iterator[tuple[Tensor, Tensor | None, Tensor | None]]:
+    def iter_batches(self) -> Iterator[tuple[Inputs, Inputs | None, Tensor | None]]:
         for item in self.loader:
             yield self._unpack(item)
 
-    def next_batch(self) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    def next_batch(self) -> tuple[Inputs, Inputs | None, Tensor | None]:
         for _ in range(2):
             if self._it is None:
                 self._it = iter(self.loader)
@@ -234,10 +392,10 @@ def _stack_dataset(ds: Dataset) -> Data:
         items = [ds[i] for i in range(n)]
         if isinstance(first, Tensor):
             tensors = (torch.stack(items),)
+        elif isinstance(first, Mapping):  # dict items: one column per key
+            tensors = (_stack_items(items),)
         else:
-            tensors = tuple(
-                torch.stack([torch.as_tensor(it[j]) for it in items]) for j in range(len(first))
-            )
+            tensors = tuple(_stack_items([it[j] for it in items]) for j in range(len(first)))
     weights = getattr(ds, "weights", None)
     if len(tensors) == 1:
         return Data(tensors[0], None, weights)
@@ -250,20 +408,79 @@ def _stack_dataset(ds: Dataset) -> Data:
     )
 
 
+def _stack_items(items: list[Any]) -> Any:
+    """Stack per-sample items (tensors, arrays, numbers, or mappings of them) along a new dim 0."""
+    first = items[0]
+    if isinstance(first, Mapping):
+        return {k: _stack_items([it[k] for it in items]) for k in first}
+    return torch.stack([torch.as_tensor(it) for it in items])
+
+
+def _is_hf_dataset(data: Any) -> bool:
+    mod = type(data).__module__ or ""
+    return mod.startswith("datasets.") and hasattr(data, "column_names") and hasattr(data, "features")
+
+
+def _from_hf_dataset(ds: Any) -> Data:
+    """A Hugging Face ``datasets.Dataset`` -> :class:`Data` of its numeric columns (inputs, no
+    separate target).  Text and other non-numeric columns are left out; columns whose rows
+    differ in length must be padded first."""
+    if not hasattr(ds, "__len__") or not hasattr(ds, "__getitem__"):
+        raise TypeError(
+            f"a {type(ds).__name__} is streamed: wrap it in a torch DataLoader (batches of dicts) instead"
+        )
+    if len(ds) == 0:
+        raise ValueError("empty dataset: the datasets.Dataset has 0 rows")
+    rows = ds[:]  # honours a format the user set (torch / numpy / python lists)
+    cols: dict[str, Tensor] = {}
+    for name, v in rows.items():
+        if isinstance(v, Tensor):
+            cols[name] = v
+            continue
+        if isinstance(v, (list, tuple)) and v and isinstance(v[0], Tensor):
+            if len({tuple(t.shape) for t in v}) > 1:
+                raise ValueError(f"column {name!r} of the datasets.Dataset has rows of different lengths: "
+                                 "pad them to one length (e.g. tokenizer(..., padding='max_length'))")
+            cols[name] = torch.stack(list(v))
+            continue
+        try:
+            arr = np.asarray(v if isinstance(v, np.ndarray) else list(v))
+        except ValueError:  # ragged nested lists
+            raise ValueError(f"column {name!r} of the datasets.Dataset has rows of different lengths: "
+                             "pad them to one length (e.g. tokenizer(..., padding='max_length'))") from None
+        if arr.dtype.kind in "biuf":
+            cols[name] = torch.as_tensor(arr)
+        elif arr.dtype == object and arr.size and isinstance(arr.flat[0], (list, np.ndarray)):
+            raise ValueError(f"column {name!r} of the datasets.Dataset has rows of different lengths: "
+                             "pad them to one length (e.g. tokenizer(..., padding='max_length'))")
+        # text and other non-numeric columns are not model inputs: left out
+    if not cols:
+        raise ValueError(f"the datasets.Dataset has no numeric columns (columns: {list(ds.column_names)})")
+    return Data(cols)
+
+
 def as_source(data: Any) -> Data | LoaderSource:
     """Convert any accepted data form into a :class:`Data` or :class:`LoaderSource`.
 
     Accepted: :class:`Data`; a tensor ``X`` (density model); a pair ``(X, Y)``;
-    a triple ``(X, Y, weights)``; a ``Dataset`` whose items are ``x``, ``(x, y)``
-    or ``(x, y, weight)`` (or that has a ``weights`` attribute), which is
-    stacked into tensors; a ``DataLoader`` (streamed, shared batches).
+    a triple ``(X, Y, weights)``; a mapping of equal-length tensors (inputs
+    passed as ``model(**x)``, the loss receiving the mapping); a ``Dataset``
+    whose items are ``x``, ``(x, y)``, ``(x, y, weight)`` or mappings (or that
+    has a ``weights`` attribute), which is stacked into tensors; a Hugging Face
+    ``datasets.Dataset`` (its numeric columns, as a mapping); a ``DataLoader``
+    (streamed, shared batches; it may yield mappings).  NumPy arrays are
+    accepted wherever a tensor is.
     """
     if isinstance(data, (Data, LoaderSource)):
         return data
     if isinstance(data, Tensor):
         return Data(data)
+    if _is_array(data) or isinstance(data, Mapping):
+        return Data(data)
     if isinstance(data, DataLoader):
         return LoaderSource(data)
+    if _is_hf_dataset(data):
+        return _from_hf_dataset(data)
     if isinstance(data, Dataset):
         return _stack_dataset(data)
     if isinstance(data, Sequence) and not isinstance(data, (str, bytes)):
@@ -277,6 +494,6 @@ def as_source(data: Any) -> Data | LoaderSource:
             f"data as a sequence must be (X,), (X, Y) or (X, Y, weights); got {len(data)} items"
         )
     raise TypeError(
-        "data must be a tensor X, a pair (X, Y), a triple (X, Y, weights), slt.Data, a "
-        f"torch Dataset or a DataLoader; got {type(data).__name__}"
+        "data must be a tensor X, a pair (X, Y), a triple (X, Y, weights), a mapping of tensors, slt.Data, "
+        f"a torch Dataset, a datasets.Dataset or a DataLoader; got {type(data).__name__}"
     )

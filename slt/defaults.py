@@ -33,6 +33,7 @@ class LLCDefaults:
     localization: float | None = None
     batch_size: int | None = 256
     mala_every: int = 10
+    target_accept: float = 0.97
 
     def asdict(self) -> dict:
         return asdict(self)

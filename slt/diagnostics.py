@@ -6,12 +6,15 @@ Geyer initial-monotone-sequence ESS of Stan), applied to ``(C, T)`` traces.
 
 from __future__ import annotations
 
+import functools
 import math
+
+import numpy as np
 
 import torch
 from torch import Tensor
 
-__all__ = ["rhat", "ess", "batch_means_sem", "llc_standard_error"]
+__all__ = ["rhat", "ess", "batch_means_sem", "llc_standard_error", "t_threshold"]
 
 
 def rhat(trace: Tensor) -> float:
@@ -66,3 +69,27 @@ def llc_standard_error(per_chain: Tensor, trace: Tensor) -> tuple[float, float, 
     sem_b = batch_means_sem(trace)
     vals = [v for v in (sem_c, sem_b) if v == v]
     return (max(vals) if vals else float("nan")), sem_c, sem_b
+
+
+_trapezoid = getattr(np, "trapezoid", None) or np.trapz  # numpy < 2 names it trapz
+
+
+@functools.lru_cache(maxsize=256)
+def t_threshold(z: float, df: int) -> float:
+    """Quantile of Student's t with ``df`` degrees of freedom at the two-sided level of a normal ``z``
+    (numerical integration of the density, then bisection; no scipy needed)."""
+    p = math.erfc(z / math.sqrt(2))  # two-sided tail probability of the normal
+    c = math.exp(math.lgamma((df + 1) / 2) - math.lgamma(df / 2)) / math.sqrt(df * math.pi)
+
+    def tail(x: float) -> float:  # P(|T| > x) = 2 ∫_x^∞ f, via u = 1/t on (0, 1/x]
+        u = np.linspace(0.0, 1.0 / x, 20001)[1:]
+        f = c * (1 + 1 / (u * u * df)) ** (-(df + 1) / 2) / (u * u)
+        return 2 * float(_trapezoid(np.concatenate([[0.0], f]), np.concatenate([[0.0], u])))
+
+    lo, hi = z, z
+    while tail(hi) > p:
+        hi *= 2
+    for _ in range(60):
+        mid = 0.5 * (lo + hi)
+        lo, hi = (mid, hi) if tail(mid) > p else (lo, mid)
+    return 0.5 * (lo + hi)

@@ -53,7 +53,7 @@ from .loop import Divergence, run_chains, show_progress
 from .result import LLCResult
 from .rng import ChainRNG
 from .samplers import LocalizedPotential, SamplerSpec, build_sampler, resolve_sampler
-from .stepsize import STEP_SIZE_SAFETY, auto_step_size, fixed_step_size
+from .stepsize import STEP_SIZE_SAFETY, adapt_step_size, auto_step_size, initial_step_size, stable_step_size
 from .target import prepare_target
 
 __all__ = [
@@ -85,7 +85,7 @@ def estimate_llc(
     num_draws: int = LLC.num_draws,
     num_burnin: int | None = LLC.num_burnin,
     num_steps_bw_draws: int = LLC.num_steps_bw_draws,
-    step_size: float | None = LLC.step_size,
+    step_size: float | str | None = LLC.step_size,
     nbeta: float | None = LLC.nbeta,
     localization: float | None = LLC.localization,
     batch_size: int | None = LLC.batch_size,
@@ -97,9 +97,11 @@ def estimate_llc(
     seed: int | Sequence[int] = 0,
     vectorize: str = "auto",
     mala_every: int = LLC.mala_every,
+    target_accept: float = LLC.target_accept,
     divergence_threshold: float | None = None,
     control_variate: bool = True,
     shared_batches: bool = False,
+    raise_on_divergence: bool = True,
     num_threads: int | None = None,
     progress: bool | None = None,
 ) -> LLCResult | list[LLCResult]:
@@ -146,7 +148,10 @@ def estimate_llc(
         (see :func:`slt.stepsize.minibatch_gradient_noise`): minibatch noise inflates the
         sampled variance by about :math:`\epsilon n\beta^2 s/4`, kept ≤ 5%.
         Confirm with the MALA acceptance (≈ 0.9 or above) and
-        :func:`slt.calibrate`.
+        :func:`slt.calibrate`.  ``"adapt"``: dual averaging of ε toward
+        ``target_accept`` during the first 80% of burn-in, one ε per checkpoint,
+        with divergence back-off (:func:`slt.stepsize.adapt_step_size`), then
+        frozen; opt-in (see the README's "Known limitation on real networks").
     nbeta
         nβ.  Default :func:`default_nbeta` (n / log n, β = 1/log n).
     localization
@@ -176,6 +181,9 @@ def estimate_llc(
     mala_every
         Compute the MALA acceptance diagnostic every this many steps (costs one
         extra gradient evaluation each time on minibatches; 0 disables).
+    target_accept
+        With ``step_size="adapt"``: the target Metropolis acceptance of the
+        Langevin proposal (default 0.97).
     divergence_threshold
         A chain is divergent when its loss or parameters become non-finite or
         :math:`n\beta(L_B(w) - L_B(w^*))` exceeds this (default
@@ -189,6 +197,10 @@ def estimate_llc(
         All chains of a checkpoint use the same minibatch at each step (default:
         independent minibatches per chain).  The reported ``llc_sem`` includes the
         noise this makes common to all chains.
+    raise_on_divergence
+        When every chain of a checkpoint diverged, raise
+        :class:`LLCEstimationError` naming the cause and a step size that ran
+        from ``w*`` without divergence (default); ``False`` returns NaN for it.
     num_threads
         Intra-op CPU threads while sampling (restored afterwards).  Default:
         1 when a step's work is tiny (chains × batch × parameters < 2·10⁶, e.g.
@@ -201,7 +213,8 @@ def estimate_llc(
     Returns
     -------
     LLCResult or list of LLCResult
-        One result per checkpoint (a list when several were given).
+        One result per checkpoint (a list when several were given);
+        ``result.converged`` and ``result.convergence_reasons`` give the verdict.
 
     Calibration
     -----------
@@ -217,7 +230,7 @@ def estimate_llc(
     num_burnin = check_int("num_burnin", num_draws // 4 if num_burnin is None else num_burnin, 0)
     num_steps_bw_draws = check_int("num_steps_bw_draws", num_steps_bw_draws, 1)
     mala_every = check_int("mala_every", mala_every, 0)
-    if step_size is not None:
+    if step_size is not None and step_size != "adapt":
         check_real("step_size", step_size, positive=True)
     if nbeta is not None:
         check_real("nbeta", nbeta, positive=True)
@@ -225,6 +238,8 @@ def estimate_llc(
         check_real("localization", localization, nonnegative=True)
     if batch_size is not None:
         batch_size = check_int("batch_size", batch_size, 1)
+    if not (isinstance(target_accept, (int, float)) and 0.0 < target_accept < 1.0):
+        raise ValueError(f"target_accept must lie in (0, 1), got {target_accept!r}")
     spec = resolve_sampler(sampler)
 
     # 1. the target, its random streams and its minibatches
@@ -235,33 +250,48 @@ def estimate_llc(
     rng = ChainRNG(target.seeds, C, dev)
     batches = target.batches(rng, C, batch_size, control_variate=control_variate, shared=shared_batches)
 
-    # 2. the step size
-    eps = auto_step_size(target, batches) if step_size is None else fixed_step_size(step_size)
-
-    # 3. the sampler, folded over the batches
+    # 2. the step size: given, automatic (curvature rule), or adapted during burn-in ("adapt")
+    auto = auto_step_size(target, batches) if step_size is None else None
     potential = LocalizedPotential(target.evaluator.loss_and_grad, rows, target.nbeta, target.localization)
-    smp = build_sampler(spec, potential, eps.step_size, deterministic=batches.full, mala_every=mala_every,
-                        **dict(sampler_kwargs or {}))
+    kw = {"deterministic": batches.full, **dict(sampler_kwargs or {})}
     num_steps = num_burnin + num_draws * num_steps_bw_draws
     thresh = divergence_threshold if divergence_threshold is not None else 1000.0 * max(target.d, 1)
     if num_threads is None:
         num_threads = small_work_threads(K * C * (batches.batch_size or 1) * target.d, dev)
     if num_threads is not None:
         num_threads = check_int("num_threads", num_threads, 1)
+    n_adapt = num_burnin - num_burnin // 5 if step_size == "adapt" else 0
     with intra_op_threads(num_threads):
+        state = build_sampler(spec, potential, 1.0, mala_every=0, **kw).init(rows)
         setup_seconds = time.perf_counter() - t_setup
+        adapt = None
+        if step_size == "adapt":
+            eps0, _ = initial_step_size(target, batches)
+            state, adapt = adapt_step_size(spec, potential, state, batches, rng, n_adapt, eps0, C, threshold=thresh,
+                                           target_accept=target_accept, **kw)
+        eps = (auto.step_size if auto is not None else float(step_size) if adapt is None
+               else adapt.step_size.to(target.dtype).repeat_interleave(C).unsqueeze(1))
+        adapt_seconds = time.perf_counter() - t_setup - setup_seconds
+
+        # 3. the sampler, folded over the batches
+        smp = build_sampler(spec, potential, eps, mala_every=mala_every, **kw)
         _, trace = run_chains(
-            smp, smp.init(rows), batches, rng, num_steps, num_burnin=num_burnin, thin=num_steps_bw_draws,
+            smp, state, batches, rng, num_steps - n_adapt, num_burnin=num_burnin - n_adapt, thin=num_steps_bw_draws,
             observe=_observe(target.spec, observables),
             divergence=Divergence(thresh, target.nbeta, rows, 10 if dev.type == "cpu" else 25),
-            nbeta=target.nbeta, progress=show_progress(progress, num_steps * K * C),
+            nbeta=target.nbeta, progress=show_progress(progress, num_steps * K * C), start=n_adapt,
         )
     _warn_divergent(trace.diverged, trace.divergence_step, C, thresh)
+    if raise_on_divergence:
+        _raise_if_all_diverged(trace.diverged.view(K, C).all(1), spec, potential, target, rows, eps, thresh,
+                               min(200, num_steps), None if batches.full else batches.batch_size, kw)
 
     # 4. one result per checkpoint
     config = {
         "num_chains": C, "num_draws": num_draws, "num_burnin": num_burnin,
-        "num_steps_bw_draws": num_steps_bw_draws, "step_size": eps.step_size, "step_size_auto": eps.auto,
+        "num_steps_bw_draws": num_steps_bw_draws, "step_size_auto": step_size is None or step_size == "adapt",
+        "step_size_rule": "curvature" if step_size is None else step_size if step_size == "adapt" else "given",
+        "target_accept": target_accept if step_size == "adapt" else None,
         "nbeta": target.nbeta, "localization": target.localization,
         "batch_size": None if batches.full else batches.batch_size, "n": target.n, "sampler": smp.name,
         "sampler_kwargs": {**spec.kwargs, **dict(sampler_kwargs or {})}, "device": str(dev),
@@ -273,19 +303,19 @@ def estimate_llc(
     results = []
     for k in range(K):
         tr = trace.rows(slice(k * C, (k + 1) * C))
+        eps_k = float(adapt.step_size[k]) if adapt is not None else float(eps)
         diag = {
             "path": target.path, "path_reason": target.path_reason,
-            "curvature": None if eps.curvature is None else float(eps.curvature[k]),
-            "step_size_pilot_rounds": eps.pilot_rounds,
-            "minibatch_gradient_noise": None if eps.grad_noise is None else float(eps.grad_noise[k]),
-            "seconds": trace.seconds, "setup_seconds": setup_seconds,
-            "chain_steps_per_second": num_steps * K * C / max(trace.seconds, 1e-12),
+            "seconds": trace.seconds, "setup_seconds": setup_seconds, "adapt_seconds": adapt_seconds,
+            "chain_steps_per_second": (num_steps - n_adapt) * K * C / max(trace.seconds, 1e-12),
         }
+        burnin = tr.burnin if adapt is None else torch.cat([adapt.loss_trace[k * C:(k + 1) * C].cpu(), tr.burnin], 1)
+        diag.update(_step_size_diagnostics(auto, adapt, k))
         res = LLCResult.from_traces(
-            tr.loss, tr.star, nbeta=target.nbeta, init_loss=float(target.init_loss[k]), step_size=eps.step_size,
-            localization=target.localization, sampler=smp.name, burnin=tr.burnin, observables=tr.observables,
+            tr.loss, tr.star, nbeta=target.nbeta, init_loss=float(target.init_loss[k]), step_size=eps_k,
+            localization=target.localization, sampler=smp.name, burnin=burnin, observables=tr.observables,
             diverged=tr.diverged, divergence_step=tr.divergence_step, draw_steps=tr.draw_steps, mala=tr.mala,
-            diagnostics=diag, config={**config, "seed": target.seeds[k], "checkpoint": k},
+            issues=target.issues, diagnostics=diag, config={**config, "step_size": eps_k, "seed": target.seeds[k], "checkpoint": k},
         )
         for w in res.diagnostics["warnings"]:
             warnings.warn(f"slt.estimate_llc (checkpoint {k}): {w}", RuntimeWarning, stacklevel=2)
@@ -298,6 +328,38 @@ def _observe(spec: Any, observables: Mapping[str, Observable] | None) -> Callabl
     if not observables:
         return None
     return lambda w: {k: f(spec.unflatten(w)) for k, f in observables.items()}
+
+
+def _step_size_diagnostics(auto: Any, adapt: Any, k: int) -> dict[str, Any]:
+    """How checkpoint ``k``'s step size was chosen (curvature rule or adaptation)."""
+    if auto is not None:
+        return {"curvature": float(auto.curvature[k]), "step_size_pilot_rounds": auto.pilot_rounds,
+                "minibatch_gradient_noise": None if auto.grad_noise is None else float(auto.grad_noise[k])}
+    if adapt is not None:
+        return {"step_size_initial": float(adapt.initial[k]), "adapt_steps": adapt.steps,
+                "adapt_acceptance": float(adapt.accept[k]), "adapt_back_offs": int(adapt.back_offs[k])}
+    return {}
+
+
+def _raise_if_all_diverged(all_dead: Tensor, spec, potential, target, rows: Tensor, eps, threshold: float,
+                           steps: int, batch_size: int | None, kw: Mapping[str, Any]) -> None:
+    """:class:`LLCEstimationError` when every chain of a checkpoint diverged, with a step size that ran
+    ``steps`` steps from w* without divergence (:func:`slt.stepsize.stable_step_size`)."""
+    if not bool(all_dead.any()):
+        return
+    bad = all_dead.nonzero().flatten().tolist()
+    C = rows.shape[0] // all_dead.shape[0]
+    eps_max = float(eps.max()) if isinstance(eps, Tensor) else float(eps)
+    rng = ChainRNG([s + 0x2F1 for s in target.seeds], C, target.device)
+    sug = stable_step_size(spec, potential, rows, target.batches(rng, C, batch_size), rng, eps_max, steps=steps,
+                           threshold=threshold, **kw)
+    fix = (f"step_size={sug:.3g} ran {steps} steps from w* without divergence: pass it (or step_size='adapt')"
+           if sug is not None else "no step size down to ε/1024 ran without divergence: check the model and loss")
+    raise LLCEstimationError(
+        f"every chain of checkpoint(s) {bad} diverged at step_size={eps_max:.3g} (the loss or parameters became "
+        f"NaN/inf, or nβ·ΔL exceeded {threshold:g}): the step is too large for the posterior's stiffest "
+        f"directions. {fix}; raise_on_divergence=False returns NaN instead."
+    )
 
 
 def _warn_divergent(diverged: Tensor, divergence_step: Tensor, num_chains: int, threshold: float) -> None:

@@ -11,18 +11,115 @@ Three computation paths (:func:`choose_path`):
 ``loop``
     a Python loop over chains (modules vmap cannot handle, e.g. BatchNorm in
     training mode).
+
+Calls and outputs
+-----------------
+The model is called as ``model(x)`` when the inputs are a tensor and as
+``model(**x)`` when they are a mapping (:func:`call_module`).  Its output goes
+to ``loss_fn(output, target)`` unchanged: a tensor, a tuple, a dict or a
+dataclass such as a Hugging Face ``ModelOutput``.  On the vmap path the loss is
+evaluated inside the vmapped function, so outputs with non-tensor parts (a
+key/value cache) never cross the vmap boundary.  An evaluator built with
+``structured=True`` (non-tensor inputs, targets or outputs) computes the
+per-sample losses at w* the same way; plain tensors keep the tensor code path.
 """
 
 from __future__ import annotations
 
+from typing import Any, Mapping
+
 from torch import Tensor, nn
 import torch
 
-from .data import Batch, Data, LoaderSource
+from .data import Batch, Data, LoaderSource, _map, _plain, num_rows
 from .losses import LossAdapter
 from .params import ParamSpec
 
-__all__ = ["ChainEvaluator", "choose_path", "PATH_REASONS", "validate_model_and_loss", "probe_batch", "to_device"]
+__all__ = ["ChainEvaluator", "choose_path", "PATH_REASONS", "validate_model_and_loss", "probe_batch", "to_device",
+           "call_module", "module_aliases", "describe"]
+
+
+def call_module(model: nn.Module, params: Mapping[str, Tensor], x: Any,
+                aliases: Mapping[str, list[str]] | None = None) -> Any:
+    """``model(x)`` (``model(**x)`` for a mapping) with ``params`` substituted (``functional_call``).
+
+    ``aliases`` (from :func:`module_aliases`): for a module that reaches one parameter slot
+    under several names, the other slots holding the same tensor; they are substituted
+    explicitly, with ``tie_weights=False``."""
+    from torch.func import functional_call
+
+    if aliases is not None:
+        params = dict(params)
+        for name, others in aliases.items():
+            if name in params:
+                for other in others:
+                    params[other] = params[name]
+        args, kwargs = ((), dict(x)) if isinstance(x, Mapping) else ((x,), None)
+        return functional_call(model, params, args, kwargs, tie_weights=False)
+    if isinstance(x, Mapping):
+        return functional_call(model, params, (), dict(x))
+    return functional_call(model, params, (x,))
+
+
+def module_aliases(model: nn.Module) -> dict[str, list[str]] | None:
+    """``None`` unless some parameter or buffer slot (module, attribute) is reachable under
+    several names (a submodule registered twice, as TransformerLens' ``TransformerBridge``
+    does).  ``torch.func.functional_call`` with ``tie_weights=True`` swaps such a slot once per
+    name and restores it to the swapped-in tensor, corrupting the module; then this returns,
+    for the first name of every tensor, the first names of its *other* slots (tied weights of
+    different modules, e.g. a language model's input and output embeddings), which
+    :func:`call_module` substitutes explicitly."""
+    named = list(model.named_parameters(remove_duplicate=False)) + list(model.named_buffers(remove_duplicate=False))
+    groups: dict[int, list[tuple[str, tuple[int, str]]]] = {}
+    for name, t in named:
+        owner, _, attr = name.rpartition(".")
+        slot = (id(model.get_submodule(owner)) if owner else id(model), attr)
+        groups.setdefault(id(t), []).append((name, slot))
+    repeated = False
+    out: dict[str, list[str]] = {}
+    for members in groups.values():
+        first_of_slot: dict[tuple[int, str], str] = {}
+        for name, slot in members:
+            if slot in first_of_slot:
+                repeated = True
+            else:
+                first_of_slot[slot] = name
+        names = list(first_of_slot.values())
+        out[members[0][0]] = names[1:]
+    if not repeated:
+        return None
+    return {k: v for k, v in out.items() if v}
+
+
+def describe(obj: Any, depth: int = 0) -> str:
+    """A short description of a tensor, a mapping, a tuple or a dataclass (``ModelOutput``) of
+    tensors, or any other object (its type), for error messages."""
+    if isinstance(obj, Tensor):
+        return f"tensor {tuple(obj.shape)} {str(obj.dtype).replace('torch.', '')}"
+    if depth >= 2:
+        return type(obj).__name__
+    if isinstance(obj, Mapping):
+        items = list(obj.items())
+        body = ", ".join(f"{k!r}: {describe(v, depth + 1)}" for k, v in items[:6])
+        more = f", ... ({len(items)} keys)" if len(items) > 6 else ""
+        name = "dict" if type(obj) is dict else type(obj).__name__
+        return f"{name}{{{body}{more}}}"
+    if isinstance(obj, (tuple, list)):
+        body = ", ".join(describe(v, depth + 1) for v in obj[:4])
+        more = f", ... ({len(obj)} items)" if len(obj) > 4 else ""
+        return f"{type(obj).__name__}({body}{more})"
+    import dataclasses
+
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        fields = [(f.name, getattr(obj, f.name, None)) for f in dataclasses.fields(obj)]
+        fields = [(k, v) for k, v in fields if v is not None]
+        body = ", ".join(f"{k}={describe(v, depth + 1)}" for k, v in fields[:6])
+        return f"{type(obj).__name__}({body})"
+    return type(obj).__name__
+
+
+def _index(t: Any, c: int) -> Any:
+    return t[c] if isinstance(t, Tensor) else _map(lambda v: v[c], t)
 
 #: why each path was chosen, as reported in ``diagnostics["path_reason"]``
 PATH_REASONS = {"native": "model defines forward_chains", "vmap": "torch.func.vmap over functional_call",
@@ -51,9 +148,14 @@ class ChainEvaluator:
         The loss.
     path
         ``"native"``, ``"vmap"`` or ``"loop"``.
+    structured
+        Inputs, targets or outputs are not plain tensors (mappings, tuples,
+        ``ModelOutput``): per-sample losses are then computed inside each
+        chain's call instead of from stacked outputs.
     """
 
-    def __init__(self, model: nn.Module, spec: ParamSpec, adapter: LossAdapter, path: str):
+    def __init__(self, model: nn.Module, spec: ParamSpec, adapter: LossAdapter, path: str,
+                 structured: bool = False):
         if path not in ("native", "vmap", "loop"):
             raise ValueError(f"unknown vectorization path {path!r}")
         if path == "native" and not hasattr(model, "forward_chains"):
@@ -62,6 +164,7 @@ class ChainEvaluator:
         self.spec = spec
         self.adapter = adapter
         self.path = path
+        self.structured = bool(structured)
         # hand-written per-chain gradients (tiny toy models): skips autograd entirely
         self.analytic = (
             path == "native"
@@ -69,6 +172,7 @@ class ChainEvaluator:
             and bool(model.supports_analytic_grad(adapter.loss_fn))
         )
         self.frozen = {n: p.detach() for n, p in model.named_parameters() if not p.requires_grad}
+        self.aliases = module_aliases(model)
         # functional_call may update buffers in place (BatchNorm running stats in
         # training mode): work on private copies so the user's module is never modified.
         self.buffers = {n: b.detach().clone() for n, b in model.named_buffers()}
@@ -76,11 +180,9 @@ class ChainEvaluator:
     def outputs(self, flat: Tensor, x: Tensor, shared: bool = False) -> Tensor:
         """(C, d), (C, B, ...) -> (C, B, ...) model outputs; with ``shared`` the
         input is one (B, ...) batch for all chains."""
-        from torch.func import functional_call
-
         C = flat.shape[0]
         if shared and self.path != "vmap":
-            x = x.unsqueeze(0).expand(C, *x.shape)
+            x = _map(lambda t: t.unsqueeze(0).expand(C, *t.shape), x)
         if self.path == "native":
             params = self.spec.unflatten(flat)
             for n, p in self.frozen.items():
@@ -90,19 +192,17 @@ class ChainEvaluator:
             buffers = self.buffers
 
             def one(p: Tensor, xb: Tensor) -> Tensor:
-                return functional_call(self.model, {**self.spec.unflatten(p), **buffers}, (xb,))
+                return call_module(self.model, {**self.spec.unflatten(p), **buffers}, xb, self.aliases)
 
             return torch.vmap(one, in_dims=(0, None if shared else 0))(flat, x)
         outs = []
         for c in range(C):
             params = {**self.spec.unflatten(flat[c]), **self.buffers}
-            outs.append(functional_call(self.model, params, (x[c],)))
+            outs.append(call_module(self.model, params, _index(x, c), self.aliases))
         return torch.stack(outs)
 
     def losses(self, flat: Tensor, batch: Batch) -> Tensor:
         """(C, d) -> (C,) minibatch losses (weighted when the batch carries weights)."""
-        from torch.func import functional_call
-
         C = flat.shape[0]
         if self.path == "native":
             b = batch.per_chain(C)
@@ -111,8 +211,8 @@ class ChainEvaluator:
         if self.path == "vmap":
             buffers = self.buffers
 
-            def one(p: Tensor, xb: Tensor, yb: Tensor, wb: Tensor | None) -> Tensor:
-                out = functional_call(self.model, {**self.spec.unflatten(p), **buffers}, (xb,))
+            def one(p: Tensor, xb: Any, yb: Any, wb: Tensor | None) -> Tensor:
+                out = call_module(self.model, {**self.spec.unflatten(p), **buffers}, xb, self.aliases)
                 return self.adapter.single_loss(out, yb, wb)
 
             bd = None if batch.shared else 0  # a shared batch is broadcast, not copied
@@ -124,9 +224,10 @@ class ChainEvaluator:
             if batch.shared:
                 xc, yc, wc = batch.x, batch.y, batch.weights
             else:
-                xc, yc = batch.x[c], batch.y[c]
+                xc = _index(batch.x, c)
+                yc = xc if batch.y is batch.x else _index(batch.y, c)
                 wc = None if batch.weights is None else batch.weights[c]
-            out = functional_call(self.model, params, (xc,))
+            out = call_module(self.model, params, xc, self.aliases)
             res.append(self.adapter.single_loss(out, yc, wc))
         return torch.stack(res)
 
@@ -149,17 +250,42 @@ class ChainEvaluator:
             (grad,) = torch.autograd.grad(losses.sum(), p)
         return losses.detach(), grad
 
-    def per_sample(self, flat: Tensor, x: Tensor, y: Tensor) -> Tensor:
+    def per_sample(self, flat: Tensor, x: Any, y: Any) -> Tensor:
         """(K, d), (n, ...), (n, ...) -> (K, n) per-sample losses, no grad."""
         K = flat.shape[0]
+        if not self.structured:
+            with torch.no_grad():
+                out = self.outputs(flat, x, shared=True)
+                return self.adapter.per_sample(out, y.unsqueeze(0).expand(K, *y.shape), 2)
+        # outputs that are not tensors (a ModelOutput with a cache) cannot be stacked over
+        # chains: per-sample losses are computed inside each chain's call
+        x, y = _plain(x), (None if y is x else _plain(y))
+        y = x if y is None else y
         with torch.no_grad():
-            out = self.outputs(flat, x, shared=True)
-            return self.adapter.per_sample(out, y.unsqueeze(0).expand(K, *y.shape), 2)
+            if self.path == "native":
+                out = self.outputs(flat, x, shared=True)
+                yk = _map(lambda t: t.unsqueeze(0).expand(K, *t.shape), y)
+                return self.adapter.per_sample(out, yk, 2)
+            buffers = self.buffers
+            if self.path == "vmap":
+                def one(p: Tensor) -> Tensor:
+                    return self.adapter.per_sample(
+                        call_module(self.model, {**self.spec.unflatten(p), **buffers}, x, self.aliases), y, 1)
+
+                return torch.vmap(one)(flat)
+            return torch.stack([
+                self.adapter.per_sample(
+                    call_module(self.model, {**self.spec.unflatten(flat[c]), **buffers}, x, self.aliases), y, 1)
+                for c in range(K)
+            ])
 
 
-def to_device(t: Tensor, device, dtype) -> Tensor:
-    """Floating tensors to ``device`` and ``dtype``; others (labels) to ``device`` only."""
-    return t.to(device=device, dtype=dtype) if t.is_floating_point() else t.to(device=device)
+def to_device(t: Any, device, dtype) -> Any:
+    """Floating tensors to ``device`` and ``dtype``; others (labels) to ``device`` only (every
+    column of a mapping)."""
+    if isinstance(t, Tensor):
+        return t.to(device=device, dtype=dtype) if t.is_floating_point() else t.to(device=device)
+    return _map(lambda v: v.to(device=device, dtype=dtype) if v.is_floating_point() else v.to(device=device), t)
 
 
 def probe_batch(source: Data | LoaderSource, size: int, device, dtype) -> Batch:
@@ -174,32 +300,83 @@ def probe_batch(source: Data | LoaderSource, size: int, device, dtype) -> Batch:
     return Batch(x, y, None, True)
 
 
-def validate_model_and_loss(model: nn.Module, adapter: LossAdapter, probe: Batch) -> None:
-    """Run the model and the loss once on a couple of samples; fail clearly."""
-    x = probe.x[:2]
-    y = probe.y[:2]
-    from torch.func import functional_call
+#: Losses whose target is class indices (or class probabilities shaped like the output).
+_CLASSIFICATION = ("cross_entropy", "nll_loss", "CrossEntropyLoss", "NLLLoss")
+#: Elementwise losses whose target must have the output's shape.
+_ELEMENTWISE = ("mse_loss", "l1_loss", "binary_cross_entropy_with_logits", "MSELoss", "L1Loss", "BCEWithLogitsLoss")
+
+
+def _loss_name(loss_fn: Any) -> str:
+    return getattr(loss_fn, "__name__", None) or type(loss_fn).__name__
+
+
+def _label_hint(loss_fn: Any, out: Any, y: Any) -> str:
+    """A hint for the usual label mistakes of the known PyTorch losses ('' if none applies)."""
+    name = _loss_name(loss_fn)
+    if not (isinstance(out, Tensor) and isinstance(y, Tensor)):
+        return ""
+    if name in _CLASSIFICATION:
+        probs = y.is_floating_point() and y.shape == out.shape
+        indices = not y.is_floating_point() and out.ndim >= 1 and y.shape == out.shape[:1] + out.shape[2:]
+        if not (probs or indices):
+            return (f" ({name} needs integer class indices of shape {tuple(out.shape[:1] + out.shape[2:])} "
+                    f"or class probabilities of the output's shape {tuple(out.shape)}; got {describe(y)})")
+    return ""
+
+
+def validate_model_and_loss(model: nn.Module, adapter: LossAdapter, probe: Batch) -> Any:
+    """Run the model and the loss once on a couple of samples; fail clearly.
+
+    Returns the model's output on those samples (the caller learns its type)."""
+    x = _map(lambda t: t[:2], probe.x)
+    y = x if probe.y is probe.x else _map(lambda t: t[:2], probe.y)
 
     buffers = {n: b.clone() for n, b in model.named_buffers()}  # never touch the user's buffers
+    call = "model(**inputs)" if isinstance(x, Mapping) else "model(x)"
     try:
         with torch.no_grad():
-            out = functional_call(model, buffers, (x,))
+            out = call_module(model, buffers, x, module_aliases(model))
     except Exception as e:  # noqa: BLE001 - re-raised with context
+        what = f"inputs {describe(x)}" if isinstance(x, Mapping) else f"x of shape {tuple(x.shape)}"
+        if not isinstance(x, (Tensor, Mapping)):
+            what = f"x {describe(x)}"
+        hint = ""
+        if isinstance(x, Mapping) and isinstance(e, TypeError) and "argument" in str(e):
+            hint = (" (every column of a mapping is passed to the model as a keyword: keep only its inputs, "
+                    "e.g. dataset.select_columns([...]), or pass the target separately as (inputs, target))")
         raise ValueError(
-            f"the model failed on a batch of the data (x of shape {tuple(x.shape)}): {e}"
+            f"the model failed on a batch of the data ({call} with {what}): {type(e).__name__}: {e}{hint}"
         ) from e
+    rows = num_rows(x)
+    on = f"the first {rows} sample{'s' if rows != 1 else ''}"
     try:
         loss = adapter.loss_fn(out, y)
     except Exception as e:  # noqa: BLE001
+        hint = _label_hint(adapter.loss_fn, out, y)
+        if not isinstance(out, Tensor) and isinstance(getattr(out, "logits", None), Tensor):
+            hint += (f" (the model returns a {type(out).__name__}: take its logits in the loss, e.g. "
+                     "lambda out, y: F.cross_entropy(out.logits, y))")
         raise ValueError(
-            f"loss_fn failed on model output of shape {tuple(out.shape)} and target of shape "
-            f"{tuple(y.shape)}: {e}"
+            f"loss_fn failed on {on} of the data: model output {describe(out)}, target {describe(y)}: "
+            f"{type(e).__name__}: {e}{hint}"
         ) from e
     if not isinstance(loss, Tensor) or loss.ndim != 0:
         shape = tuple(loss.shape) if isinstance(loss, Tensor) else type(loss).__name__
         raise ValueError(
             f"loss_fn must return a scalar (0-d tensor, the mean loss over the batch); got {shape}"
         )
+    name = _loss_name(adapter.loss_fn)
+    if isinstance(out, Tensor) and isinstance(y, Tensor) and name in _ELEMENTWISE and out.shape != y.shape:
+        raise ValueError(
+            f"{name}: the model's output and the target have different shapes on {on} of the data (output "
+            f"{describe(out)}, target {describe(y)}); the loss would broadcast them into a wrong per-sample "
+            f"loss. Reshape the target (e.g. Y.reshape({', '.join(['n'] + [str(s) for s in out.shape[1:]])})) "
+            "or the output"
+        )
+    if isinstance(out, Tensor) and isinstance(y, Tensor) and name in _CLASSIFICATION:
+        hint = _label_hint(adapter.loss_fn, out, y)
+        if hint:
+            raise ValueError(f"loss_fn got a target that does not fit the model's output on {on} of the data{hint}")
     if adapter.has_native_per_sample:
         ps = adapter.per_sample(out, y, 1)
         if not torch.allclose(ps.mean(), loss, rtol=1e-4, atol=1e-6):
@@ -207,3 +384,31 @@ def validate_model_and_loss(model: nn.Module, adapter: LossAdapter, probe: Batch
                 "the per-sample form of loss_fn does not average to loss_fn: "
                 f"{float(ps.mean()):.6g} vs {float(loss):.6g}"
             )
+    elif not (isinstance(out, Tensor) and isinstance(y, Tensor)):
+        _check_per_sample_lift(adapter, out, y, loss)
+    return out
+
+
+def _check_per_sample_lift(adapter: LossAdapter, out: Any, y: Any, loss: Tensor) -> None:
+    """For outputs/targets that are not tensors, the vmap lift to per-sample losses maps every
+    tensor leaf whose leading dim is the batch's; check that the lifted losses average to the
+    loss on the probe, and otherwise disable the lift (the control variate then takes a
+    forward pass at w*, and weighted data need a ``per_sample`` form)."""
+    import warnings
+
+    adapter.per_sample_error = None
+    reason = None
+    try:
+        with warnings.catch_warnings(), torch.no_grad():
+            warnings.simplefilter("ignore")
+            ps = adapter.per_sample(out, y, 1)
+        if not torch.allclose(ps.mean(), loss, rtol=1e-4, atol=1e-6):
+            reason = f"their mean {float(ps.mean()):.6g} differs from the loss {float(loss):.6g}"
+    except Exception as e:  # noqa: BLE001
+        reason = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+    if reason is not None:
+        adapter.per_sample_error = (
+            f"per-sample losses of loss_fn on the model's output ({describe(out)}) are unavailable: lifting "
+            f"the loss with vmap failed ({reason}). Give loss_fn a per_sample form "
+            "(slt.losses.register_per_sample(loss_fn, per_sample))"
+        )

@@ -113,6 +113,7 @@ def run_chains(
     nbeta: float = 1.0,
     progress: bool = False,
     desc: str = "LLC",
+    start: int = 0,
 ) -> tuple[Any, Trace]:
     r"""Run ``num_steps`` steps of ``sampler`` from ``state``; return the final state and the :class:`Trace`.
 
@@ -135,6 +136,9 @@ def run_chains(
         Scales the running λ̂ shown on the progress bar.
     progress, desc
         A tqdm bar (steps, draws/s and the running :math:`n\beta\,\overline{L_B(w) - L_B(w^*)}`).
+    start
+        Number of the first step (steps already run, e.g. by step-size adaptation): reported
+        step indices (``divergence_step``, ``draw_steps``) count from it.
     """
     from tqdm.auto import tqdm
 
@@ -176,7 +180,7 @@ def run_chains(
                    | ~torch.isfinite(state.params).all(1))
             bad &= ~diverged
             if bool(bad.any()):
-                div_step = torch.where(bad, torch.full_like(div_step, t), div_step)
+                div_step = torch.where(bad, torch.full_like(div_step, start + t), div_step)
                 diverged |= bad
                 state = sampler.reset(state, diverged, divergence.w_star)
         if progress and (t % refresh == 0 or t == num_steps - 1):
@@ -187,7 +191,7 @@ def run_chains(
                 bar.set_postfix(llc=f"{run:.3g}", draws_per_s=f"{draw / max(time.perf_counter() - t0, 1e-9):.0f}")
     bar.close()
     seconds = time.perf_counter() - t0
-    draw_steps = num_burnin + torch.arange(T, device=dev) * thin
+    draw_steps = start + num_burnin + torch.arange(T, device=dev) * thin
     observables = {k: torch.stack(v, 1) for k, v in obs.items() if v}
     return state, Trace(loss_tr, star_tr, burn_tr, observables, mala_sum, mala_cnt, diverged, div_step, draw_steps,
                         seconds)

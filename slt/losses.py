@@ -13,17 +13,27 @@ derives them without changing what the user's loss means:
   ``(output, target)`` with leading dims ``(..., B)`` to per-sample losses of
   shape ``(..., B)`` such that their mean is the scalar loss;
 * anything else is lifted with ``torch.func.vmap``.
+
+Outputs and targets need not be tensors: a model may return a tuple, a dict or
+a dataclass such as a Hugging Face ``ModelOutput`` (any ``torch.utils._pytree``
+of tensors, non-tensor leaves such as a key/value cache passed through), and a
+target may be a mapping of tensors (the inputs of a model called as
+``model(**batch)``).  The loss receives them as they are; the ``vmap`` lift
+maps every tensor leaf whose leading dimension is the batch's.
+
+:func:`causal_lm` is next-token cross-entropy for causal language models, with a
+per-sequence form.
 """
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Any, Callable, Mapping
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["LossAdapter", "register_per_sample"]
+__all__ = ["LossAdapter", "register_per_sample", "causal_lm"]
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
 PerSample = Callable[[Tensor, Tensor], Tensor]  # (lead..., *s), (lead..., *s) -> (lead...)
@@ -113,18 +123,24 @@ class LossAdapter:
         self._known = _known_per_sample(loss_fn)
         self._attr: PerSample | None = getattr(loss_fn, "per_sample", None)
         self.has_native_per_sample = self._known is not None or self._attr is not None
+        #: why the vmap lift of the loss to per-sample losses is unusable for this model's outputs
+        #: (set by :func:`slt.evaluator.validate_model_and_loss`), or ``None``
+        self.per_sample_error: str | None = None
 
     # ------------------------------------------------------------------
-    def per_sample(self, out: Tensor, target: Tensor, lead: int) -> Tensor:
-        """Per-sample losses of shape ``out.shape[:lead]``.
+    def per_sample(self, out: Any, target: Any, lead: int) -> Tensor:
+        """Per-sample losses of shape ``out.shape[:lead]`` (the target's leading dims
+        when the output is not a tensor).
 
         ``lead`` counts the leading dims (2 for ``(C, B, ...)``, 1 for ``(B, ...)``).
         """
+        tensors = isinstance(out, Tensor) and isinstance(target, Tensor)
+        expected = out.shape[:lead] if isinstance(out, Tensor) else _lead_shape(target, lead)
         if self._known is not None:
             res = self._known(out, target, lead)
         elif self._attr is not None:
             res = self._attr(out, target)
-        else:
+        elif tensors:
             def one(o: Tensor, t: Tensor) -> Tensor:
                 return self.loss_fn(o.unsqueeze(0), t.unsqueeze(0))
 
@@ -132,14 +148,22 @@ class LossAdapter:
             for _ in range(lead):
                 f = torch.vmap(f)
             res = f(out, target)
-        if res.shape != out.shape[:lead]:
+        elif self.per_sample_error is not None:
+            raise ValueError(self.per_sample_error)
+        else:
+            def one_tree(o: Any, t: Any) -> Tensor:
+                return self.loss_fn(_tree_map(_unsqueeze0, o), _tree_map(_unsqueeze0, t))
+
+            res = _vmap_leading(one_tree, list(expected), out, target)
+        if not isinstance(res, Tensor) or res.shape != expected:
+            got = tuple(res.shape) if isinstance(res, Tensor) else type(res).__name__
             raise ValueError(
-                f"per-sample loss has shape {tuple(res.shape)}, expected {tuple(out.shape[:lead])}"
+                f"per-sample loss has shape {got}, expected {tuple(expected)}"
                 " (one value per sample)"
             )
         return res
 
-    def chain_loss(self, out: Tensor, target: Tensor, weights: Tensor | None) -> Tensor:
+    def chain_loss(self, out: Any, target: Any, weights: Tensor | None) -> Tensor:
         """Per-chain mean (or weighted mean) loss: (C, B, ...) -> (C,).
 
         ``weights`` are (C, B) and sum to one along B.
@@ -147,11 +171,203 @@ class LossAdapter:
         if weights is None:
             if self.has_native_per_sample:
                 return self.per_sample(out, target, 2).mean(1)
-            return torch.vmap(self.loss_fn)(out, target)
+            if isinstance(out, Tensor) and isinstance(target, Tensor):
+                return torch.vmap(self.loss_fn)(out, target)
+            return _vmap_leading(self.loss_fn, [_lead_shape(target, 1)[0]], out, target)
         return (self.per_sample(out, target, 2) * weights).sum(1)
 
-    def single_loss(self, out: Tensor, target: Tensor, weights: Tensor | None) -> Tensor:
+    def single_loss(self, out: Any, target: Any, weights: Tensor | None) -> Tensor:
         """One chain's loss: (B, ...) -> scalar (used inside ``vmap``)."""
         if weights is None:
             return self.loss_fn(out, target)
         return (self.per_sample(out, target, 1) * weights).sum()
+
+
+# ----------------------------------------------------------------------------
+# pytrees (outputs and targets that are not tensors)
+# ----------------------------------------------------------------------------
+def _tree_map(fn: Callable[[Any], Any], tree: Any) -> Any:
+    leaves, rebuild = _flatten(tree)
+    return rebuild([fn(v) for v in leaves])
+
+
+def _unsqueeze0(t: Any) -> Any:
+    return t.unsqueeze(0) if isinstance(t, Tensor) else t
+
+
+def _lead_shape(target: Any, lead: int) -> torch.Size:
+    """Leading ``lead`` dims of the first tensor in ``target`` (a tensor, a mapping or a pytree)."""
+    if isinstance(target, Tensor):
+        return target.shape[:lead]
+    from torch.utils._pytree import tree_leaves
+
+    leaves = list(target.values()) if isinstance(target, Mapping) else tree_leaves(target)
+    for leaf in leaves:
+        if isinstance(leaf, Tensor) and leaf.ndim >= lead:
+            return leaf.shape[:lead]
+    raise TypeError(f"cannot find a tensor with {lead} leading dimension(s) in a {type(target).__name__}")
+
+
+def _is_plain_dataclass(obj: Any) -> bool:
+    """A dataclass instance that ``torch.utils._pytree`` does not know (Hugging Face registers
+    its ``ModelOutput`` classes; a user's own dataclass is flattened field by field here)."""
+    import dataclasses
+
+    from torch.utils._pytree import SUPPORTED_NODES
+
+    return dataclasses.is_dataclass(obj) and not isinstance(obj, type) and type(obj) not in SUPPORTED_NODES
+
+
+def _flatten(tree: Any) -> tuple[list[Any], Callable[[list[Any]], Any]]:
+    """Leaves of a pytree (dataclasses included) and the function that rebuilds it from new leaves."""
+    import dataclasses
+
+    from torch.utils._pytree import tree_flatten, tree_unflatten
+
+    leaves, spec = tree_flatten(tree, is_leaf=_is_plain_dataclass)
+    out: list[Any] = []
+    parts: list[tuple[int, Callable[[list[Any]], Any]]] = []
+    for leaf in leaves:
+        if _is_plain_dataclass(leaf):
+            names = [f.name for f in dataclasses.fields(leaf) if f.init]
+            sub, rebuild_sub = _flatten(tuple(getattr(leaf, k) for k in names))
+
+            def rebuild_dc(ls: list[Any], leaf: Any = leaf, names: list[str] = names,
+                           rebuild_sub: Callable = rebuild_sub) -> Any:
+                return dataclasses.replace(leaf, **dict(zip(names, rebuild_sub(ls))))
+
+            parts.append((len(sub), rebuild_dc))
+            out += sub
+        else:
+            parts.append((1, lambda ls: ls[0]))
+            out.append(leaf)
+
+    def rebuild(ls: list[Any]) -> Any:
+        vals, i = [], 0
+        for count, r in parts:
+            vals.append(r(list(ls[i:i + count])))
+            i += count
+        return tree_unflatten(vals, spec)
+
+    return out, rebuild
+
+
+def _vmap_leading(fn: Callable[..., Tensor], sizes: list[int], *trees: Any) -> Tensor:
+    """``fn`` applied to every index of the leading dims ``sizes`` of pytrees ``trees``, by
+    nested ``vmap``: a tensor leaf is mapped when its leading dim equals the size of the level,
+    anything else (scalars, caches, None) is passed through unmapped."""
+    if not sizes:
+        return fn(*trees)
+    n, rest = sizes[0], sizes[1:]
+    flat: list[list[Any]] = []
+    rebuilds = []
+    for tree in trees:
+        leaves, rebuild = _flatten(tree)
+        flat.append(leaves)
+        rebuilds.append(rebuild)
+    counts = [len(lv) for lv in flat]
+    leaves = [leaf for lv in flat for leaf in lv]
+    in_dims = tuple(0 if isinstance(v, Tensor) and v.ndim >= 1 and v.shape[0] == n else None for v in leaves)
+
+    def inner(*ls: Any) -> Tensor:
+        out, i = [], 0
+        for rebuild, c in zip(rebuilds, counts):
+            out.append(rebuild(list(ls[i:i + c])))
+            i += c
+        return _vmap_leading(fn, rest, *out)
+
+    return torch.vmap(inner, in_dims=in_dims)(*leaves)
+
+
+# ----------------------------------------------------------------------------
+# language models
+# ----------------------------------------------------------------------------
+def _logits(output: Any) -> Tensor:
+    """The logits of a model output: a tensor, ``output.logits`` (Hugging Face ``ModelOutput``),
+    ``output["logits"]``, or the first tensor of a tuple with at least 2 dims."""
+    if isinstance(output, Tensor):
+        return output
+    lg = getattr(output, "logits", None)
+    if isinstance(lg, Tensor):
+        return lg
+    if isinstance(output, Mapping) and isinstance(output.get("logits"), Tensor):
+        return output["logits"]
+    if isinstance(output, (tuple, list)):
+        for o in output:
+            if isinstance(o, Tensor) and o.ndim >= 2:
+                return o
+    raise TypeError(
+        f"causal_lm: cannot find logits in a model output of type {type(output).__name__}: expected a "
+        "tensor (..., T, vocab), an object with .logits, a mapping with 'logits' or a tuple starting with them"
+    )
+
+
+#: Token ids in the target mapping, in order of preference (HF ``labels``, HF inputs, TransformerLens inputs).
+CAUSAL_LM_TOKEN_KEYS = ("labels", "input_ids", "input", "tokens")
+
+
+def _tokens_and_mask(target: Any) -> tuple[Tensor, Tensor | None]:
+    if isinstance(target, Tensor):
+        return target, None
+    if isinstance(target, Mapping):
+        for key in CAUSAL_LM_TOKEN_KEYS:
+            ids = target.get(key)
+            if isinstance(ids, Tensor):
+                return ids, target.get("attention_mask")
+        raise KeyError(f"causal_lm: the batch has none of the token keys {CAUSAL_LM_TOKEN_KEYS}; "
+                       f"keys: {list(target)}")
+    raise TypeError(f"causal_lm: the target must be token ids (a tensor) or a mapping with 'input_ids', "
+                    f"got {type(target).__name__}")
+
+
+def _causal_lm_per_sample(output: Any, target: Any) -> Tensor:
+    logits = _logits(output)
+    ids, mask = _tokens_and_mask(target)
+    if ids.is_floating_point() or ids.is_complex():
+        raise TypeError(f"causal_lm: token ids must be integers, got dtype {ids.dtype}")
+    if tuple(logits.shape[:-1]) != tuple(ids.shape):
+        raise ValueError(
+            f"causal_lm: logits of shape {tuple(logits.shape)} do not match token ids of shape "
+            f"{tuple(ids.shape)} (expected logits (..., T, vocab) for ids (..., T))"
+        )
+    nxt = ids[..., 1:]
+    valid = nxt != -100  # Hugging Face's ignore index in labels
+    if mask is not None:
+        m = mask.bool()
+        valid = valid & m[..., 1:] & m[..., :-1]
+    logp = torch.log_softmax(logits[..., :-1, :], dim=-1)
+    nll = -logp.gather(-1, nxt.clamp_min(0).long().unsqueeze(-1)).squeeze(-1)
+    tok = valid.to(nll.dtype)
+    return (nll * tok).sum(-1) / tok.sum(-1).clamp_min(1.0)
+
+
+def causal_lm(output: Any, target: Any) -> Tensor:
+    r"""Next-token cross-entropy of a causal language model, averaged per sequence then over sequences.
+
+    A *sample* is one sequence.  Its loss is the mean, over its valid positions ``t``, of
+    :math:`-\log p(x_{t+1} \mid x_{\le t})`; the batch loss is the mean of the per-sequence
+    losses (each sequence weighs the same, whatever its length; Hugging Face's own
+    ``model(..., labels=...).loss`` instead averages over all tokens of the batch).
+
+    Parameters
+    ----------
+    output
+        Logits ``(..., T, vocab)``, or a model output holding them (``output.logits``,
+        ``output["logits"]``, or the first tensor of a tuple): a Hugging Face ``ModelOutput``,
+        a TransformerLens model's logits.
+    target
+        The batch: a mapping with token ids under ``"labels"`` (Hugging Face's convention:
+        unshifted, ``-100`` = ignore), else ``"input_ids"`` (or ``"input"`` / ``"tokens"``), and
+        optionally ``"attention_mask"``; or a tensor of token ids ``(..., T)`` (``-100`` = ignore).
+
+    Position ``t`` (predicting token ``t + 1``) is valid when token ``t + 1`` is not ``-100`` and,
+    with an attention mask, both tokens ``t`` and ``t + 1`` are real (mask 1): right and left
+    padding are both excluded.  A sequence with no valid position contributes 0.
+
+    ``causal_lm.per_sample(output, target)`` returns the per-sequence losses ``(...)``, so the
+    LLC engine's control variate at w* is a gather and weighted data work.
+    """
+    return _causal_lm_per_sample(output, target).mean()
+
+
+causal_lm.per_sample = _causal_lm_per_sample  # type: ignore[attr-defined]

@@ -18,7 +18,10 @@ class ParamSpec:
     """Names, shapes and offsets of a module's sampled (``requires_grad``) parameters.
 
     Parameters that do not require grad are *frozen*: they are held at their
-    value in the module and not sampled.
+    value in the module and not sampled.  Any shape is allowed, 0-dim
+    (``nn.Parameter(torch.zeros(()))``) included; buffers are never sampled.
+    Tied parameters (one tensor registered under two names, e.g. a language
+    model's input and output embeddings) appear once, under their first name.
     """
 
     def __init__(self, module: nn.Module):
@@ -51,6 +54,8 @@ class ParamSpec:
         parts = []
         for name, shape in zip(self.names, self.shapes):
             t = params[name]
+            if not isinstance(t, Tensor):  # NumPy arrays, numbers
+                t = torch.as_tensor(t)
             if tuple(t.shape) != tuple(shape):
                 raise ValueError(
                     f"parameter {name!r} has shape {tuple(t.shape)} in the checkpoint, "
@@ -66,5 +71,5 @@ class ParamSpec:
             raise ValueError(f"flat parameters have size {flat.shape[-1]}, expected d={self.d}")
         out = {}
         for name, shape, chunk in zip(self.names, self.shapes, flat.split(self.numels, dim=-1)):
-            out[name] = chunk.reshape(*lead, *shape)
+            out[name] = chunk.reshape(tuple(lead) + tuple(shape))  # 0-dim parameters too: reshape(())
         return out

@@ -230,27 +230,7 @@ def geometric_ladder(num: int, min_factor: float) -> list[float]:
     return [float(f ** (r / (num - 1))) for r in range(num)]
 
 
-_trapezoid = getattr(np, "trapezoid", None) or np.trapz  # numpy < 2 names it trapz
-
-
-def _t_threshold(z: float, df: int) -> float:
-    """Quantile of Student's t with ``df`` degrees of freedom at the two-sided level of a normal ``z``
-    (numerical integration of the density, then bisection; no scipy needed)."""
-    p = math.erfc(z / math.sqrt(2))  # two-sided tail probability of the normal
-    c = math.exp(math.lgamma((df + 1) / 2) - math.lgamma(df / 2)) / math.sqrt(df * math.pi)
-
-    def tail(x: float) -> float:  # P(|T| > x) = 2 ∫_x^∞ f, via u = 1/t on (0, 1/x]
-        u = np.linspace(0.0, 1.0 / x, 20001)[1:]
-        f = c * (1 + 1 / (u * u * df)) ** (-(df + 1) / 2) / (u * u)
-        return 2 * float(_trapezoid(np.concatenate([[0.0], f]), np.concatenate([[0.0], u])))
-
-    lo, hi = z, z
-    while tail(hi) > p:
-        hi *= 2
-    for _ in range(60):
-        mid = 0.5 * (lo + hi)
-        lo, hi = (mid, hi) if tail(mid) > p else (lo, mid)
-    return 0.5 * (lo + hi)
+from .diagnostics import t_threshold as _t_threshold  # noqa: E402  (Student-t quantile)
 
 
 def _top_hessian_eigenvalue(target: Target, w: Tensor, iters: int = 20, rel: float = 1e-4) -> float:

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .diagnostics import ess, llc_standard_error, rhat
+from .diagnostics import ess, llc_standard_error, rhat, t_threshold
 
 __all__ = ["LLCResult"]
 
@@ -87,6 +87,7 @@ class LLCResult:
         divergence_step: Tensor | None = None,
         draw_steps: Tensor | None = None,
         mala: Tensor | None = None,
+        issues: list[str] | None = None,
         rhat_threshold: float = 1.1,
         diagnostics: Mapping[str, Any] | None = None,
         warnings: list[str] | None = None,
@@ -105,6 +106,9 @@ class LLCResult:
             chain is excluded from every statistic.
         mala
             ``(C,)`` mean MALA acceptance per chain, or ``None`` (not computed).
+        issues
+            Problems of the set-up already reported (e.g. :attr:`slt.target.Target.issues`:
+            dropout active): reasons for ``converged = False``, not repeated as warnings.
         rhat_threshold
             R-hat above this gives a warning.
         diagnostics, warnings
@@ -153,6 +157,33 @@ class LLCResult:
             warn_list.append(f"MALA acceptance {mala_mean:.2f} is low: reduce step_size")
         if r == r and r > rhat_threshold:
             warn_list.append(f"R-hat {r:.2f} > {rhat_threshold:g}: chains disagree; run longer or check burn-in")
+        drift = _drift(tr[valid]) if int(valid.sum()) >= 3 else None
+        if drift is not None and abs(drift[1] - drift[0]) > 0.02 * max(abs(mean), 1e-12):
+            first, second, z = drift  # larger than 2% of λ̂; significant at the 3σ level of Student's t
+            thr = t_threshold(3.0, int(valid.sum()) - 1)
+            moved = not (mala is not None and mala_mean >= 0.995)
+            if z > thr and not moved:
+                warn_list.append(
+                    f"chains barely moved (MALA acceptance {mala_mean:.3f} ≈ 1, λ̂ still rising: {first:.4g} in the "
+                    f"first half of the draws, {second:.4g} in the second): the step size is too small for this "
+                    "number of steps (λ̂ then scales with ε); raise step_size or num_burnin"
+                )
+            elif z > thr:
+                warn_list.append(
+                    f"λ̂ still rising through the draws ({first:.4g} in the first half, {second:.4g} in the second, "
+                    f"z = {z:.1f}): the chains have not reached equilibrium; raise num_burnin, or the localization "
+                    "when flat directions keep the chains wandering away from w*"
+                )
+            elif z < -thr:
+                warn_list.append(
+                    f"λ̂ still falling through the draws ({first:.4g} then {second:.4g}, z = {z:.1f}): the chains are "
+                    "finding lower loss away from w*; is w* a minimum? (train it further)"
+                )
+        problems = list(issues or []) + warn_list
+        if bool(dead.any()) and valid.any():
+            problems.append(f"{int(dead.sum())} of {C} chains diverged (excluded)")
+        if r != r and int(valid.sum()) < 2:
+            problems.append("R-hat needs at least 2 chains: convergence cannot be assessed")
         steps = [-1] * C if divergence_step is None else divergence_step.tolist()
         diag = {
             "rhat": r, "ess": e, "mala_acceptance": mala_mean,
@@ -162,8 +193,11 @@ class LLCResult:
             "divergent_chains": dead.nonzero().flatten().tolist(),
             "divergence_step": [int(s) for s in steps if s >= 0],
             "sem_chains": sem_c, "sem_batch_means": sem_b,
+            "drift": None if drift is None else {"first_half": drift[0], "second_half": drift[1], "z": drift[2]},
             **dict(diagnostics or {}),
             "warnings": warn_list,
+            "converged": not problems,
+            "convergence_reasons": problems,
         }
         return cls(
             llc_mean=mean, llc_std=std, llc_sem=sem, llc_per_chain=per_chain, llc_trace=tr, loss_trace=loss,
@@ -171,6 +205,18 @@ class LLCResult:
             localization=localization, sampler=sampler, diagnostics=diag, observables=dict(observables or {}),
             burnin_loss_trace=burnin, config=dict(config or {}),
         )
+
+    @property
+    def converged(self) -> bool:
+        """Whether no check failed (see :attr:`convergence_reasons`): every chain kept, R-hat within its
+        threshold, no drift of λ̂ through the draws, MALA acceptance ≥ 0.5 where computed, w* a minimum
+        (fewer than half the draws below it), and no problem of the model set-up (e.g. dropout active)."""
+        return bool(self.diagnostics.get("converged", False))
+
+    @property
+    def convergence_reasons(self) -> list[str]:
+        """Why :attr:`converged` is False: each failed check with its cause and fix."""
+        return list(self.diagnostics.get("convergence_reasons", []))
 
     @property
     def num_chains(self) -> int:
@@ -251,3 +297,20 @@ class LLCResult:
         return "\n".join(lines)
 
     __repr__ = __str__
+
+
+def _drift(tr: Tensor) -> tuple[float, float, float] | None:
+    """Trend of λ̂ through the draws: ``(first-half mean, second-half mean, z)`` with z the mean
+    per-chain difference (second − first) over its standard error across chains (chains are
+    independent); ``None`` for fewer than 8 draws.  |z| beyond Student's t at the two-sided level
+    of a normal 3σ (df = C − 1) with a change above 2% of λ̂ flags chains that are still relaxing."""
+    C, T = tr.shape
+    if T < 8:
+        return None
+    h = T // 2
+    a, b = tr[:, :h].double().mean(1), tr[:, T - h:].double().mean(1)
+    d = b - a
+    se = float(d.std() / math.sqrt(C))
+    mean = float(d.mean())
+    z = mean / se if se > 0 else (0.0 if mean == 0 else math.copysign(math.inf, mean))
+    return float(a.mean()), float(b.mean()), z

@@ -29,6 +29,7 @@ import torch
 from torch import Tensor
 
 from .data import Batch, Data
+from .defaults import LLC
 from .evaluator import ChainEvaluator
 from .samplers.base import LocalizedPotential, langevin_step
 from .target import BatchStream, Target
@@ -260,3 +261,204 @@ def auto_step_size(target: Target, batches: BatchStream) -> StepSize:
         if s_max > 0:
             eps = min(eps, STEP_SIZE_SAFETY / (nb**2 * s_max))
     return StepSize(eps, True, curvature, grad_noise, rounds)
+
+
+# ----------------------------------------------------------------------------
+# adaptation during burn-in: dual averaging toward a target acceptance
+# ----------------------------------------------------------------------------
+#: Dual-averaging constants of Hoffman & Gelman (2014), Algorithm 5 (Stan's defaults).
+DA_GAMMA, DA_T0, DA_KAPPA = 0.05, 10.0, 0.75
+
+
+@dataclass
+class DualAveraging:
+    r"""Dual averaging of :math:`\log\epsilon` toward a target acceptance, one per checkpoint.
+
+    Hoffman & Gelman (2014, JMLR 15, Algorithm 5), as NUTS and Stan adapt their step:
+    after step t with mean acceptance :math:`\alpha_t`,
+
+    .. math::
+
+        \bar H_t = (1 - \tfrac{1}{t + t_0})\bar H_{t-1} + \tfrac{\delta - \alpha_t}{t + t_0}, \quad
+        \log\epsilon_{t+1} = \mu - \tfrac{\sqrt t}{\gamma}\bar H_t, \quad
+        \log\bar\epsilon_{t+1} = t^{-\kappa}\log\epsilon_{t+1} + (1 - t^{-\kappa})\log\bar\epsilon_t ,
+
+    :math:`\mu = \log(10\,\epsilon_0)`, γ = 0.05, t₀ = 10, κ = 0.75; the step used after
+    adaptation is :math:`\bar\epsilon`.  Divergence back-off (:meth:`back_off`): a
+    checkpoint whose chain blew up restarts the scheme from half the step that diverged,
+    which also becomes an upper bound for it.  All state is ``(K,)`` tensors on the
+    device (no host synchronisation per step).
+    """
+
+    target: float
+    log_eps: Tensor
+    log_eps_bar: Tensor
+    h_bar: Tensor
+    mu: Tensor
+    t: Tensor
+    log_eps_max: Tensor
+
+    @classmethod
+    def start(cls, eps0: Tensor, target: float) -> "DualAveraging":
+        """From initial steps ``eps0`` (K,)."""
+        log0 = eps0.double().log()
+        z = torch.zeros_like(log0)
+        return cls(float(target), log0.clone(), log0.clone(), z.clone(), log0 + math.log(10.0), z.clone(),
+                   torch.full_like(log0, math.inf))
+
+    @property
+    def step_size(self) -> Tensor:
+        """``(K,)`` the step to use now."""
+        return self.log_eps.exp()
+
+    @property
+    def final(self) -> Tensor:
+        """``(K,)`` the averaged step :math:`\\bar\\epsilon` to freeze after adaptation."""
+        return self.log_eps_bar.exp()
+
+    def update(self, accept: Tensor) -> None:
+        """One step with mean acceptance ``accept`` (K,) (NaN counts as 0)."""
+        a = accept.double().nan_to_num(0.0).clamp(0.0, 1.0)
+        self.t = self.t + 1
+        w = 1.0 / (self.t + DA_T0)
+        self.h_bar = (1 - w) * self.h_bar + w * (self.target - a)
+        self.log_eps = torch.minimum(self.mu - self.t.sqrt() / DA_GAMMA * self.h_bar, self.log_eps_max)
+        eta = self.t.pow(-DA_KAPPA)
+        self.log_eps_bar = eta * self.log_eps + (1 - eta) * self.log_eps_bar
+
+    def back_off(self, diverged: Tensor) -> None:
+        """Checkpoints ``diverged`` (K,) bool restart from half the step that diverged."""
+        half = self.log_eps - math.log(2.0)
+        self.log_eps_max = torch.where(diverged, torch.minimum(self.log_eps_max, half), self.log_eps_max)
+        self.log_eps = torch.where(diverged, half, self.log_eps)
+        self.log_eps_bar = torch.where(diverged, half, self.log_eps_bar)
+        self.mu = torch.where(diverged, half + math.log(2.0), self.mu)
+        self.h_bar = torch.where(diverged, torch.zeros_like(self.h_bar), self.h_bar)
+        self.t = torch.where(diverged, torch.zeros_like(self.t), self.t)
+
+
+#: target Metropolis acceptance of the Langevin proposal during adaptation (see :func:`adapt_step_size`)
+TARGET_ACCEPT = LLC.target_accept
+
+
+def initial_step_size(target: Target, batches: BatchStream) -> tuple[Tensor, Tensor]:
+    r"""Starting steps for adaptation, ``(ε₀ (K,), curvature at w* (K,))``:
+    :math:`\epsilon_0 = 0.2/(n\beta h(w^*) + \gamma)` with :math:`h(w^*)` the largest Hessian
+    eigenvalue of the loss at each ``w*`` (power iteration on at most 1024 rows, no probes:
+    adaptation corrects the rest)."""
+    nb, gamma = target.nbeta, target.localization
+    gen = torch.Generator(device=target.device).manual_seed(target.seeds[0] + 1)
+    batch = _curvature_batch(target, batches, gen)
+    h = _top_eigenvalue(target.evaluator, target.w_star, batch, gen)
+    eps0 = STEP_SIZE_SAFETY / (nb * h.double() + max(gamma, 1e-12))
+    return eps0.clamp(max=1.0), h
+
+
+def _acceptance_probe(potential: LocalizedPotential, w: Tensor, batch, eps: Tensor, rng) -> Tensor:
+    """MALA acceptance of one Langevin proposal from ``w`` on ``batch`` (for samplers that do not
+    report one, e.g. SGHMC): two potential evaluations."""
+    from .samplers.base import mala_acceptance, normal
+
+    _, _, U, gU = potential(w, batch)
+    w_new = langevin_step(w, gU, normal(rng, w), eps)
+    _, _, U_n, gU_n = potential(w_new, batch)
+    return mala_acceptance(w, w_new, U, gU, U_n, gU_n, eps)
+
+
+@dataclass
+class Adaptation:
+    """What :func:`adapt_step_size` did: the frozen steps (K,), the starting steps (K,), the
+    mean acceptance over the last quarter of adaptation (K,), divergence back-offs per
+    checkpoint (K,), adaptation steps, and the loss trace (R, steps)."""
+
+    step_size: Tensor
+    initial: Tensor
+    accept: Tensor
+    back_offs: Tensor
+    steps: int
+    loss_trace: Tensor
+
+
+def adapt_step_size(
+    spec, potential: LocalizedPotential, state, batches: BatchStream, rng, num_steps: int, eps0: Tensor,
+    num_chains: int, *, threshold: float, target_accept: float = TARGET_ACCEPT, **sampler_kwargs,
+) -> tuple[object, Adaptation]:
+    r"""Adapt one step size per checkpoint during burn-in, then freeze it.
+
+    Runs ``num_steps`` steps of the sampler ``spec`` (re-bound every step to the current
+    step sizes, one per checkpoint as a ``(K*C, 1)`` tensor) from ``state``; after each step
+    the mean Metropolis acceptance α of the Langevin proposal over each checkpoint's chains
+    (the sampler's own MALA diagnostic, computed every step here, or a separate proposal for
+    samplers without one) drives :class:`DualAveraging` toward ``target_accept``.  A chain
+    whose loss or parameters become non-finite, or whose :math:`n\beta(L_B(w) - L_B(w^*))`
+    exceeds ``threshold``, is reset to ``w*`` (``sampler.reset``) and its checkpoint's step is
+    halved and capped (divergence back-off).  Returns the final state and the
+    :class:`Adaptation` (frozen steps :math:`\bar\epsilon`).
+
+    The acceptance of the SGLD proposal measures its discretisation error on the potential
+    actually sampled (same minibatch at both points, so minibatch noise does not enter it);
+    a target of 0.9 is the value the README's calibration advice asked users to check by hand.
+    """
+    from .samplers import resolve_sampler
+
+    spec = resolve_sampler(spec)
+    K = eps0.shape[0]
+    C = num_chains
+    w_star = potential.w_star
+    R, dtype = w_star.shape[0], w_star.dtype
+    da = DualAveraging.start(eps0, target_accept)
+    loss_tr = torch.empty((R, num_steps), dtype=dtype, device=w_star.device)
+    acc_hist = []
+    backs = torch.zeros(K, dtype=torch.long, device=w_star.device)
+    for t in range(num_steps):
+        eps_rows = da.step_size.to(dtype).repeat_interleave(C).unsqueeze(1)
+        smp = spec.bind(potential, eps_rows, mala_every=1, **sampler_kwargs)
+        batch, star = batches()
+        state, info = smp.step(state, batch, rng)
+        acc = info.mala_accept
+        if acc is None:  # e.g. SGHMC: the Langevin proposal from where the chain now is
+            acc = _acceptance_probe(potential, state.params, batch, eps_rows, rng)
+        loss_tr[:, t] = info.loss
+        bad = (~torch.isfinite(info.loss) | (potential.nbeta * (info.loss - star) > threshold)
+               | ~torch.isfinite(state.params).all(1))
+        if bool(bad.any()):
+            bad_k = bad.view(K, C).any(1)
+            backs += bad_k.long()
+            da.back_off(bad_k)
+            state = smp.reset(state, bad, w_star)
+            acc = acc.masked_fill(bad, 0.0)
+        a_k = acc.view(K, C).double().nan_to_num(0.0).mean(1)
+        acc_hist.append(a_k)
+        da.update(a_k)
+    last = torch.stack(acc_hist[-max(1, num_steps // 4):]).mean(0) if acc_hist else torch.full((K,), float("nan"))
+    final = da.final if num_steps else eps0.double()
+    return state, Adaptation(final, eps0.double(), last, backs, num_steps, loss_tr)
+
+
+def stable_step_size(
+    spec, potential: LocalizedPotential, rows: Tensor, batches: BatchStream, rng, step_size: float, *,
+    steps: int, threshold: float, halvings: int = 10, **sampler_kwargs,
+) -> float | None:
+    r"""The largest :math:`\epsilon\,2^{-j}` (j = 1 … ``halvings``) under which no chain diverges in
+    ``steps`` steps from ``rows`` (w*), or ``None``: a step size to suggest after a run whose chains
+    all diverged.  Divergence as in the run loop (non-finite loss or parameters, or
+    :math:`n\beta(L_B(w) - L_B(w^*))` above ``threshold``)."""
+    from .samplers import build_sampler
+
+    for j in range(1, halvings + 1):
+        eps = step_size / 2**j
+        smp = build_sampler(spec, potential, eps, mala_every=0, **sampler_kwargs)
+        state = smp.init(rows)
+        ok = True
+        for t in range(steps):
+            batch, star = batches()
+            state, info = smp.step(state, batch, rng)
+            if t % 10 == 9 or t == steps - 1:
+                bad = (~torch.isfinite(info.loss) | (potential.nbeta * (info.loss - star) > threshold)
+                       | ~torch.isfinite(state.params).all(1))
+                if bool(bad.any()):
+                    ok = False
+                    break
+        if ok:
+            return eps
+    return None

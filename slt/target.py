@@ -15,6 +15,23 @@ Layout
 run of ``C`` chains per checkpoint works on ``K * C`` rows, checkpoint-major
 (:meth:`Target.rows`: chain ``c`` of checkpoint ``k`` is row ``k * C + c``).
 
+Inputs and outputs
+------------------
+Data may be tensors or mappings of tensors (:mod:`slt.data`: the model is
+called as ``model(**x)`` for a mapping, and the loss receives ``(output,
+target)`` with the target the inputs themselves when there is no separate
+``y``); model outputs may be tensors, tuples, dicts or dataclasses such as a
+Hugging Face ``ModelOutput`` (:mod:`slt.evaluator`).
+
+Train-mode notes
+----------------
+Active dropout (``nn.Dropout*`` or a module in training mode with a positive
+``*drop*`` rate, e.g. Hugging Face attention dropout) makes the loss random, and
+BatchNorm in training mode normalises by batch statistics: both make vmap fail
+(a loop runs instead) and bias λ̂.  :func:`prepare_target` warns once per call
+with the modules and the fix (``model.eval()``) and records the notes in
+:attr:`Target.issues`.
+
 Losses at w*
 ------------
 For tensor data the per-sample losses at every ``w*`` are computed once
@@ -34,15 +51,16 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
-from .data import Batch, Data, LoaderSource, as_source
+from .data import Batch, Data, LoaderSource, as_source, num_rows, row_numel
 from .defaults import default_localization, default_nbeta
-from .evaluator import PATH_REASONS, ChainEvaluator, choose_path, probe_batch, to_device, validate_model_and_loss
+from .evaluator import (PATH_REASONS, ChainEvaluator, call_module, choose_path, probe_batch, to_device,
+                        validate_model_and_loss)
 from .losses import LossAdapter
 from .params import ParamSpec
 from .rng import ChainRNG
 from ._runtime import resolve_device
 
-__all__ = ["Target", "prepare_target", "BatchStream"]
+__all__ = ["Target", "prepare_target", "BatchStream", "train_mode_issues"]
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
 
@@ -78,6 +96,9 @@ class Target:
         Why :attr:`path` was chosen.
     is_batch
         Whether several checkpoints were given (estimators then return lists).
+    issues
+        Notes on the model's state found at set-up (dropout active, BatchNorm in
+        training mode), each naming the modules and the fix; empty when none.
     """
 
     model: nn.Module
@@ -95,6 +116,10 @@ class Target:
     path_reason: str
     is_batch: bool = False
     _star: tuple[Tensor | None, Tensor] | None = field(default=None, repr=False)
+    issues: list[str] = field(default_factory=list)
+    #: elements per sample of the inputs or outputs, whichever is larger (sizes chunks of
+    #: structured data; ``None`` for tensors, which use their input size as before)
+    _row_numel: int | None = field(default=None, repr=False)
 
     # -- shape ---------------------------------------------------------------
     @property
@@ -142,7 +167,8 @@ class Target:
         star_ps: Tensor | None = None
         if isinstance(source, Data):
             try:
-                chunk = max(1, (1 << 22) // max(1, K * int(source.x[0].numel())))
+                per_row = int(source.x[0].numel()) if self._row_numel is None else self._row_numel
+                chunk = max(1, (1 << 22) // max(1, K * per_row))
                 parts = [
                     ev.per_sample(self.w_star, source.x[i : i + chunk], source.target[i : i + chunk])
                     for i in range(0, source.n, chunk)
@@ -160,9 +186,10 @@ class Target:
             count = 0
             for x, y, _ in source.iter_batches():
                 b = self._loader_batch(x, y, None)
+                m = num_rows(b.x)
                 with torch.no_grad():
-                    tot += ev.losses(self.w_star, b).double() * b.x.shape[0]
-                count += b.x.shape[0]
+                    tot += ev.losses(self.w_star, b).double() * m
+                count += m
             if count == 0:
                 raise ValueError("empty dataset: the DataLoader yielded no batch")
             init = (tot / count).to(self.dtype)
@@ -171,7 +198,7 @@ class Target:
             raise ValueError(f"the loss at w* is NaN or inf (checkpoints {bad}); check the model and data")
         return star_ps, init
 
-    def _loader_batch(self, x: Tensor, y: Tensor | None, w: Tensor | None) -> Batch:
+    def _loader_batch(self, x: Any, y: Any, w: Tensor | None) -> Batch:
         x = to_device(x, self.device, self.dtype)
         y = x if y is None else to_device(y, self.device, self.dtype)
         wts = None
@@ -194,7 +221,8 @@ class Target:
         """``(m, d) -> (m,)`` full-data losses :math:`L_n`, no grad, chunked over ``m``."""
         data = self._data()
         batch = data.full_batch()
-        per = max(1, int(data.n * max(1, data.target[0].numel())))
+        per_row = row_numel(data.target) if self._row_numel is None else self._row_numel
+        per = max(1, int(data.n * max(1, per_row)))
         chunk = max(1, (1 << 22) // per)
         out = []
         with torch.no_grad():
@@ -210,9 +238,8 @@ class Target:
         if self.evaluator.analytic:
             return _LossFn.apply(w, self)
         if self.path == "vmap":
-            from torch.func import functional_call
-
-            out = functional_call(self.model, {**self.spec.unflatten(w), **self.evaluator.buffers}, (batch.x,))
+            out = call_module(self.model, {**self.spec.unflatten(w), **self.evaluator.buffers}, batch.x,
+                              self.evaluator.aliases)
             return self.adapter.single_loss(out, batch.y, batch.weights)
         return self.evaluator.losses(w[None], batch)[0]
 
@@ -226,11 +253,10 @@ class Target:
         if self.path != "vmap":
             loss, grad = self.evaluator.loss_and_grad(w[None], batch)
             return loss[0], grad[0]
-        from torch.func import functional_call
-
         with torch.enable_grad():
             p = w.detach().requires_grad_(True)
-            out = functional_call(self.model, {**self.spec.unflatten(p), **self.evaluator.buffers}, (batch.x,))
+            out = call_module(self.model, {**self.spec.unflatten(p), **self.evaluator.buffers}, batch.x,
+                              self.evaluator.aliases)
             loss = self.adapter.single_loss(out, batch.y, batch.weights)
             (grad,) = torch.autograd.grad(loss, p)
         return loss.detach(), grad
@@ -371,6 +397,12 @@ def _seeds(seed: int | Sequence[int], K: int) -> list[int]:
     return seeds
 
 
+def _cat(parts: list[Any]) -> Any:
+    if isinstance(parts[0], Tensor):
+        return torch.cat(parts)
+    return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+
+
 def _stack_loader(source: LoaderSource) -> Data:
     xs, ys, ws = [], [], []
     for x, y, w in source.iter_batches():
@@ -379,35 +411,113 @@ def _stack_loader(source: LoaderSource) -> Data:
         ws.append(w)
     if not xs:
         raise ValueError("empty dataset: the DataLoader yielded no batch")
-    y = None if any(v is None for v in ys) else torch.cat(ys)
+    y = None if any(v is None for v in ys) else _cat(ys)
     w = None if any(v is None for v in ws) else torch.cat([v.flatten() for v in ws])
-    return Data(torch.cat(xs), y, w)
+    return Data(_cat(xs), y, w)
+
+
+# ----------------------------------------------------------------------------
+# train-mode notes
+# ----------------------------------------------------------------------------
+def _names(names: list[str], limit: int = 4) -> str:
+    names = [n or "<model>" for n in names]
+    shown = ", ".join(names[:limit])
+    return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
+
+
+def _dropout_rate_attrs(module: nn.Module) -> list[str]:
+    """Float attributes of a module that name a positive drop rate (``attention_dropout``,
+    ``dropout``, ``drop_path_rate``, ``resid_pdrop``, ...): functional dropout in ``forward``."""
+    out = []
+    for k, v in vars(module).items():
+        if k.startswith("_") or isinstance(v, bool) or not isinstance(v, (float, int)):
+            continue
+        if "drop" in k.lower() and 0 < float(v) <= 1:
+            out.append(k)
+    return out
+
+
+def train_mode_issues(model: nn.Module) -> list[str]:
+    """Notes on modules whose training mode makes the loss random or batch-dependent.
+
+    * dropout active: an ``nn.Dropout*`` (any ``_DropoutNd``, ``AlphaDropout``) with ``p > 0``,
+      or a module (Hugging Face attention, ``nn.MultiheadAttention``) with a positive ``*drop*``
+      rate attribute, in training mode;
+    * BatchNorm (or another norm with running statistics) in training mode.
+
+    Returns a list of messages naming the modules and the fix (empty when there is none)."""
+    dropout: list[str] = []
+    norms: list[str] = []
+    for name, m in model.named_modules():
+        if not m.training:
+            continue
+        label = f"{name} ({type(m).__name__})" if name.replace(".", "").isdigit() else name  # Sequential indices
+        if isinstance(m, nn.modules.dropout._DropoutNd):
+            if float(m.p) > 0:
+                dropout.append(label)
+        elif isinstance(m, nn.modules.batchnorm._BatchNorm) or (
+            isinstance(m, nn.modules.batchnorm._NormBase) and m.track_running_stats
+        ):
+            norms.append(label)
+        elif _dropout_rate_attrs(m):
+            dropout.append(f"{name or '<model>'} ({', '.join(_dropout_rate_attrs(m))})")
+    issues = []
+    if dropout:
+        issues.append(
+            f"dropout active in {_names(dropout)}: call model.eval() (dropout makes the loss random, so λ̂ is "
+            "biased and vmap falls back to a loop)"
+        )
+    if norms:
+        issues.append(f"BatchNorm in train mode in {_names(norms)}: call model.eval() to use the batched path")
+    return issues
+
+
+def _fallback_hint(e: Exception, model: nn.Module, issues: list[str]) -> str:
+    """What to do about a vmap failure, when the cause is recognisable."""
+    msg = str(e)
+    if "random" in msg and any(i.startswith("dropout") for i in issues):
+        return " — dropout is active: call model.eval()"
+    if any(i.startswith("BatchNorm") for i in issues):
+        return " — BatchNorm in train mode: call model.eval() to use the batched path"
+    attn = getattr(getattr(model, "config", None), "_attn_implementation", None)
+    if "data-dependent control flow" in msg:
+        if attn not in (None, "eager"):
+            return (f" — Hugging Face attention {attn!r} branches on the attention mask, which vmap cannot "
+                    "batch over chains: load the model with attn_implementation=\"eager\" "
+                    "(or model.set_attn_implementation(\"eager\")) to use the batched path")
+        return " — the model branches on tensor values (data-dependent control flow), which vmap cannot batch"
+    return ""
 
 
 def _evaluator(
-    model: nn.Module, spec: ParamSpec, adapter: LossAdapter, vectorize: str, rows: Tensor, probe: Batch, caller: str
+    model: nn.Module, spec: ParamSpec, adapter: LossAdapter, vectorize: str, rows: Tensor, probe: Batch, caller: str,
+    structured: bool = False, issues: Sequence[str] = (), per_chain_probe: bool = False,
 ) -> tuple[ChainEvaluator, str]:
     """The evaluator on the chosen path; with ``vectorize="auto"`` a path that fails on a
-    probe falls back to a loop over chains, with a warning naming the error."""
+    probe (shared by the chains, and for vmap also one batch per chain) falls back to a loop
+    over chains, with a warning naming the error and, when recognisable, the fix."""
     path = choose_path(model, vectorize)
-    evaluator = ChainEvaluator(model, spec, adapter, path)
+    evaluator = ChainEvaluator(model, spec, adapter, path, structured=structured)
     reason = PATH_REASONS[path]
     if evaluator.analytic:
         reason += " and a hand-written gradient for this loss (loss_and_grad_chains)"
     try:
         evaluator.loss_and_grad(rows, probe)
+        if path == "vmap" and per_chain_probe:  # minibatches differ per chain: vmap maps the inputs too
+            evaluator.loss_and_grad(rows, probe.per_chain(rows.shape[0]))
     except Exception as e:  # noqa: BLE001 - decide the fallback
         if vectorize != "auto" or path == "loop":
             raise
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        hint = _fallback_hint(e, model, list(issues))
         warnings.warn(
-            f"{caller}: the {path} path failed on this model ({type(e).__name__}: {msg}); "
+            f"{caller}: the {path} path failed on this model ({type(e).__name__}: {msg}){hint}; "
             "falling back to a sequential loop over chains (slower).",
             RuntimeWarning,
             stacklevel=4,
         )
-        reason = f"fallback: {reason} failed with {type(e).__name__}: {msg}"
-        evaluator = ChainEvaluator(model, spec, adapter, "loop")
+        reason = f"fallback: {reason} failed with {type(e).__name__}: {msg}"  # the fix: in the warning and issues
+        evaluator = ChainEvaluator(model, spec, adapter, "loop", structured=structured)
     return evaluator, reason
 
 
@@ -486,7 +596,16 @@ def prepare_target(
         device=dev, dtype=dtype) for ck in ckpts]
     w_star = torch.stack(rows)  # (K, d)
     if not torch.isfinite(w_star).all():
-        raise ValueError("the checkpoint parameters contain NaN or inf")
+        bad = [f"checkpoint {k}: {name!r}" for k in range(w_star.shape[0])
+               for name, v in spec.unflatten(w_star[k]).items() if not torch.isfinite(v).all()]
+        raise ValueError(f"the checkpoint parameters contain NaN or inf ({_names(bad)})")
+    frozen_bad = [n for n, p in work_model.named_parameters()
+                  if not p.requires_grad and p.is_floating_point() and not torch.isfinite(p).all()]
+    if frozen_bad:
+        raise ValueError(f"the model's frozen parameters contain NaN or inf ({_names(frozen_bad)})")
+    issues = train_mode_issues(work_model)
+    if issues:
+        warnings.warn(f"{caller}: " + "; ".join(issues), RuntimeWarning, stacklevel=3)
 
     # data
     source = as_source(data)
@@ -498,7 +617,16 @@ def prepare_target(
     if n is None and (nbeta is None or callable(nbeta)):
         raise ValueError("the DataLoader's dataset has no length: pass nbeta explicitly")
     adapter = LossAdapter(loss_fn)
-    validate_model_and_loss(work_model, adapter, probe_batch(source, 64, dev, dtype))
+    probe = probe_batch(source, 64, dev, dtype)
+    out = validate_model_and_loss(work_model, adapter, probe)
+    structured = not (isinstance(probe.x, Tensor) and isinstance(probe.y, Tensor) and isinstance(out, Tensor))
+    row_size = None
+    if structured:  # chunks of the losses at w* are sized by the larger of input and output per sample
+        from .losses import _flatten
+
+        rows_probe = max(1, min(2, num_rows(probe.x)))
+        out_size = sum(t.numel() for t in _flatten(out)[0] if isinstance(t, Tensor)) // rows_probe
+        row_size = max(1, row_numel(probe.x), int(out_size))
 
     # nβ, γ, path
     if nbeta is None:
@@ -507,6 +635,7 @@ def prepare_target(
         nb = float(nbeta(int(n))) if callable(nbeta) else float(nbeta)
     gamma = float(localization) if localization is not None else default_localization()
     evaluator, reason = _evaluator(work_model, spec, adapter, vectorize, w_star[:1].repeat(2, 1),
-                                   probe_batch(source, 8, dev, dtype), caller)
+                                   probe_batch(source, 8, dev, dtype), caller, structured, issues,
+                                   per_chain_probe=isinstance(source, Data))
     return Target(work_model, spec, adapter, evaluator, source, w_star, seeds, nb, gamma, n, dev, dtype, reason,
-                  is_batch)
+                  is_batch, issues=issues, _row_numel=row_size)

@@ -124,7 +124,7 @@ def test_divergent_chains_are_stopped_reported_and_excluded():
     with pytest.warns(RuntimeWarning, match="divergent chains.*checkpoint 1 chain 0"):
         res = slt.estimate_llc(
             ms, (X, Y), F.mse_loss, num_chains=3, num_draws=50, step_size=1e-3, nbeta=50.0,
-            localization=1.0, batch_size=None, dtype=torch.float64, progress=False,
+            localization=1.0, batch_size=None, dtype=torch.float64, progress=False, raise_on_divergence=False,
         )
     ok, bad = res
     assert ok.divergent_chains == [] and math.isfinite(ok.llc_mean)
@@ -132,6 +132,22 @@ def test_divergent_chains_are_stopped_reported_and_excluded():
     assert math.isnan(bad.llc_mean) and torch.isnan(bad.llc_per_chain).all()
     assert any("every chain diverged" in w for w in bad.diagnostics["warnings"])
     assert "DIVERGENT" in str(bad)
+
+
+def test_every_chain_diverged_raises_naming_the_cause_and_a_step_size_that_works():
+    """By default a checkpoint whose chains all diverged is an error, not a NaN: the message names
+    the cause and a step size that ran from w* without divergence; that step size indeed runs."""
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(200, 1, generator=g, dtype=torch.float64)
+    kw = dict(num_chains=3, num_draws=50, nbeta=50.0, localization=1.0, batch_size=None, dtype=torch.float64,
+              progress=False)
+    with pytest.warns(RuntimeWarning, match="divergent chains"), \
+            pytest.raises(slt.LLCEstimationError, match=r"every chain of checkpoint\(s\) \[0\] diverged.*step_size=") as e:
+        slt.estimate_llc(Cubic(3.0), (X, 0.027 * X), F.mse_loss, step_size=1e-3, **kw)
+    suggested = float(str(e.value).split("step_size=")[2].split(" ")[0])
+    assert suggested < 1e-3
+    r = slt.estimate_llc(Cubic(3.0), (X, 0.027 * X), F.mse_loss, step_size=suggested, **kw)
+    assert r.divergent_chains == []
 
 
 def test_partial_divergence_excludes_only_the_bad_chains():

@@ -46,6 +46,7 @@ __all__ = [
     "reset_rows",
     "check_step_size",
     "check_mala_every",
+    "sqrt",
 ]
 
 # loss_and_grad(params (C, d), batch) -> (loss (C,), grad of loss wrt params (C, d))
@@ -135,6 +136,9 @@ class Sampler(NamedTuple):
 
     ``init(params (C, d)) -> State``; ``step(state, batch, rng) -> (State, SamplerInfo)``;
     ``reset(state, rows (C,) bool, w_star (C, d)) -> State`` restarts ``rows`` at ``w_star``.
+    ``step_size`` is a number or a ``(C, 1)`` tensor (one step size per row, e.g. per
+    checkpoint); a state never depends on it, so a sampler may be re-bound to another
+    step size between steps (step-size adaptation does).
     """
 
     name: str
@@ -227,8 +231,18 @@ def reset_rows(t: Tensor, rows: Tensor, value: Tensor | float) -> Tensor:
 
 
 def check_step_size(step_size: Any) -> None:
+    """A positive finite number, or a tensor of them (one per row: ``(C, 1)``)."""
+    if isinstance(step_size, Tensor):
+        if not bool(torch.isfinite(step_size).all() and (step_size > 0).all()):
+            raise ValueError(f"step sizes must be positive and finite, got {step_size.flatten().tolist()}")
+        return
     if not (step_size > 0) or step_size != step_size or step_size == float("inf"):
         raise ValueError(f"step_size must be a positive finite number, got {step_size}")
+
+
+def sqrt(x: float | Tensor) -> float | Tensor:
+    """√x for a number or a tensor."""
+    return x.sqrt() if isinstance(x, Tensor) else math.sqrt(x)
 
 
 def check_mala_every(mala_every: Any) -> None:

@@ -22,13 +22,12 @@ The MALA diagnostic is not defined for this sampler (``mala_accept`` is ``None``
 
 from __future__ import annotations
 
-import math
 from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
-from .base import LocalizedPotential, Sampler, SamplerInfo, SamplerSpec, check_step_size, normal, reset_rows
+from .base import LocalizedPotential, Sampler, SamplerInfo, SamplerSpec, check_step_size, normal, reset_rows, sqrt
 
 __all__ = ["SGHMCState", "sghmc"]
 
@@ -67,7 +66,7 @@ def sghmc(
         return SamplerSpec("sghmc", sghmc, {"friction": float(friction)})
     check_step_size(step_size)
     eta = 0.5 * step_size
-    noise_std = math.sqrt(friction * step_size)
+    noise_std = sqrt(friction * step_size)
 
     def init(params: Tensor) -> SGHMCState:
         params = params.detach().clone()

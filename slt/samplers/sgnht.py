@@ -60,7 +60,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from .base import LocalizedPotential, Sampler, SamplerInfo, SamplerSpec, check_step_size, normal, reset_rows
+from .base import LocalizedPotential, Sampler, SamplerInfo, SamplerSpec, check_step_size, normal, reset_rows, sqrt
 
 __all__ = ["SGNHTState", "sgnht"]
 
@@ -101,7 +101,7 @@ def sgnht(
         return SamplerSpec("sgnht", sgnht, {"diffusion": float(diffusion)})
     check_step_size(step_size)
     eta = 0.5 * step_size
-    noise_std = math.sqrt(diffusion * step_size)
+    noise_std = sqrt(diffusion * step_size)
 
     def init(params: Tensor) -> SGNHTState:
         params = params.detach().clone()

@@ -1,0 +1,116 @@
+"""Step-size adaptation (``step_size="adapt"``: dual averaging toward a target acceptance with
+divergence back-off) and the convergence verdict (``result.converged`` with its reasons).
+
+Statistical tolerances: 4 standard errors reported by the estimator; acceptance tolerances from
+the binomial-like spread of the recorded acceptance (stated at each assertion).  Fixed seeds."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import slt
+from slt.stepsize import DualAveraging
+
+F64 = torch.float64
+pytestmark = pytest.mark.filterwarnings("ignore:.*slt.estimate_llc \\(checkpoint:RuntimeWarning")
+
+
+def _location(d=4, n=400, seed=0):
+    X = torch.randn(n, d, generator=torch.Generator().manual_seed(seed), dtype=F64)
+    m = slt.models.GaussianLocation(d, dtype=F64)
+    with torch.no_grad():
+        m.w.copy_(X.mean(0))  # w* = the empirical minimum
+    return m, X
+
+
+def test_dual_averaging_update_is_hoffman_gelman_algorithm_5():
+    """One scheme per checkpoint, by hand: H̄, log ε and the iterate average."""
+    da = DualAveraging.start(torch.tensor([1e-3, 1e-2], dtype=F64), 0.8)
+    mu = math.log(10 * 1e-3)
+    h, lbar = 0.0, math.log(1e-3)
+    for t, a in enumerate([0.5, 0.9, 1.0, 0.2], start=1):
+        da.update(torch.tensor([a, 0.8], dtype=F64))
+        h = (1 - 1 / (t + 10)) * h + (0.8 - a) / (t + 10)
+        le = mu - math.sqrt(t) / 0.05 * h
+        eta = t ** -0.75
+        lbar = eta * le + (1 - eta) * lbar
+        assert float(da.log_eps[0]) == pytest.approx(le, rel=1e-12)
+        assert float(da.log_eps_bar[0]) == pytest.approx(lbar, rel=1e-12)
+    # at the target the second checkpoint's H̄ stays 0: ε = 10 ε₀ (Stan's start μ = log 10ε₀)
+    assert float(da.step_size[1]) == pytest.approx(0.1, rel=1e-12)
+    da.back_off(torch.tensor([False, True]))
+    assert float(da.step_size[1]) == pytest.approx(0.05, rel=1e-12)
+    da.update(torch.tensor([0.8, 0.0], dtype=F64))
+    assert float(da.step_size[1]) <= 0.05 * (1 + 1e-12)  # capped below the step that diverged
+
+
+def test_adaptation_is_deterministic_and_reaches_its_target_acceptance():
+    """Two runs with one seed are identical; the MALA acceptance of the draws (recorded every
+    10 steps: 8 chains × 100 records) is within 0.05 of the target (its spread over chains is
+    a few 0.01), and λ̂ equals the exact finite-n value of the quadratic loss within the SGLD
+    bias at the adapted ε plus 4 s.e."""
+    m, X = _location()
+    kw = dict(num_chains=8, num_draws=1000, num_burnin=500, step_size="adapt", target_accept=0.9, batch_size=None,
+              dtype=F64, seed=3, progress=False)
+    a = slt.estimate_llc(m, X, **kw)
+    b = slt.estimate_llc(m, X, **kw)
+    assert torch.equal(a.llc_trace, b.llc_trace) and a.step_size == b.step_size
+    assert a.config["step_size_rule"] == "adapt" and a.diagnostics["adapt_steps"] == 400
+    assert abs(a.diagnostics["mala_acceptance"] - 0.9) < 0.05, a.diagnostics["mala_acceptance"]
+    nb, gamma, eps = a.nbeta, a.localization, a.step_size
+    kappa = nb + gamma  # the Hessian of the Gaussian location loss is I
+    sgld_exact = 0.5 * 4 * nb / (kappa * (1 - eps * kappa / 4))
+    assert abs(a.llc_mean - sgld_exact) < 4 * a.llc_sem, (a.llc_mean, sgld_exact, a.llc_sem)
+
+
+def test_adaptation_backs_off_from_a_diverging_start():
+    """y = w³x at w* = 0 (λ = 1/6): the curvature at w* is 0, so the initial step 0.2/γ = 0.2
+    makes chains blow up (nβ·w⁶ grows without bound); adaptation halves the step and restarts
+    those chains, and the draws have no divergent chain."""
+
+    class Cubic(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = nn.Parameter(torch.zeros(1, dtype=F64))
+
+        def forward(self, x):
+            return self.w**3 * x
+
+    X = torch.randn(1000, 1, generator=torch.Generator().manual_seed(0), dtype=F64)
+    Y = torch.zeros_like(X)
+    r = slt.estimate_llc(Cubic(), (X, Y), torch.nn.functional.mse_loss, num_chains=8, num_draws=400,
+                         step_size="adapt", batch_size=None, dtype=F64, seed=0, progress=False)
+    assert r.diagnostics["adapt_back_offs"] >= 1
+    assert r.divergent_chains == [] and math.isfinite(r.llc_mean)
+    assert r.step_size < r.diagnostics["step_size_initial"]
+
+
+def test_converged_on_a_quadratic_and_the_reasons_when_not():
+    m, X = _location()
+    ok = slt.estimate_llc(m, X, num_chains=8, num_draws=2000, batch_size=None, dtype=F64, seed=0, progress=False)
+    assert ok.converged and ok.convergence_reasons == [], ok.convergence_reasons
+    # a step far too small for the number of steps: the chains have not left w*
+    stuck = slt.estimate_llc(m, X, num_chains=8, num_draws=200, step_size=1e-7, batch_size=None, dtype=F64,
+                             seed=0, progress=False)
+    assert not stuck.converged
+    assert any("barely moved" in s for s in stuck.convergence_reasons), stuck.convergence_reasons
+    one = slt.estimate_llc(m, X, num_chains=1, num_draws=200, batch_size=None, dtype=F64, seed=0, progress=False)
+    assert not one.converged and any("at least 2 chains" in s for s in one.convergence_reasons)
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")
+def test_dropout_left_on_is_a_reason_not_to_trust_the_estimate():
+    """A model in train mode with dropout: the set-up note reaches ``convergence_reasons``."""
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(200, 3, generator=g, dtype=F64)
+    Y = torch.randn(200, 1, generator=g, dtype=F64)
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(3, 8), nn.Dropout(0.5), nn.Linear(8, 1)).to(F64).train()
+    r = slt.estimate_llc(m, (X, Y), torch.nn.functional.mse_loss, num_chains=2, num_draws=20, step_size=1e-4,
+                         dtype=F64, progress=False)
+    assert not r.converged
+    assert any("dropout active" in s and "model.eval()" in s for s in r.convergence_reasons), r.convergence_reasons

@@ -1,0 +1,574 @@
+"""Any model a researcher has (exact tier): parameters of any shape (0-dim, frozen, buffers,
+tied or reachable under two names), outputs that are tuples / dicts / dataclasses, batches
+that are mappings (gather, weights, a loader of dicts, a Hugging Face Dataset), NumPy inputs,
+the error messages for bad labels and models, and the train-mode notes (dropout, BatchNorm)."""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import slt
+from slt.data import Columns, Data, as_source
+from slt.evaluator import describe, module_aliases
+from slt.models import ChainModule
+from slt.params import ParamSpec
+from slt.target import prepare_target, train_mode_issues
+
+from conftest import IGNORE_CHECKPOINT_WARNING, engine_trace_tol, fp_tol
+
+F64 = torch.float64
+pytestmark = IGNORE_CHECKPOINT_WARNING
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny models: one thread is 10x faster than two busy cores (the engine samples on one anyway)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+KW = dict(num_chains=3, num_draws=20, num_burnin=5, step_size=1e-3, nbeta=50.0, localization=10.0,
+          batch_size=32, dtype=F64, progress=False)
+
+
+def _data(n=200, seed=0, d_in=3, d_out=2):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, d_in, generator=g, dtype=F64), torch.randn(n, d_out, generator=g, dtype=F64)
+
+
+def _trace_tol(model, X, Y, r, kw=KW, loss_fn=F.mse_loss):
+    return engine_trace_tol(model, loss_fn, X, Y, r.loss_trace, steps=kw["num_burnin"] + kw["num_draws"],
+                            step_size=kw["step_size"], nbeta=kw["nbeta"], localization=kw["localization"],
+                            batch_rows=kw["batch_size"])
+
+
+# ----------------------------------------------------------------------------
+# parameters of any shape
+# ----------------------------------------------------------------------------
+class Odd(nn.Module):
+    """A 0-dim sampled scale, a frozen vector, a buffer and a 3-d weight."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(3, 2)
+        self.scale = nn.Parameter(torch.tensor(1.5))
+        self.cube = nn.Parameter(0.1 * torch.ones(1, 2, 1))
+        self.frozen = nn.Parameter(torch.tensor([1.0, -0.5]), requires_grad=False)
+        self.register_buffer("shift", torch.tensor([0.1, 0.2]))
+
+    def forward(self, x):
+        return self.scale * self.lin(x) * self.frozen + self.shift + self.cube[0, :, 0]
+
+
+class OddChains(Odd, ChainModule):
+    """The same model with a chain dimension (the native path)."""
+
+    def forward(self, x):
+        return Odd.forward(self, x)
+
+    def forward_chains(self, p, x):  # p[name]: (C, *shape); x: (C, B, 3)
+        h = torch.baddbmm(p["lin.bias"].unsqueeze(1), x, p["lin.weight"].transpose(1, 2))
+        return p["scale"][:, None, None] * h * p["frozen"].unsqueeze(1) + self.shift + p["cube"][:, 0, :, 0].unsqueeze(1)
+
+
+def _odd(cls=Odd):
+    torch.manual_seed(0)  # test-side only
+    return cls().to(F64)
+
+
+def test_param_spec_round_trips_any_shape():
+    m = _odd()
+    spec = ParamSpec(m)
+    assert spec.names == ["scale", "cube", "lin.weight", "lin.bias"] and spec.frozen == ["frozen"]
+    assert spec.d == 6 + 2 + 1 + 2
+    flat = spec.flatten_module(m)
+    one = spec.unflatten(flat)
+    assert one["scale"].shape == () and one["cube"].shape == (1, 2, 1)
+    for name, p in m.named_parameters():
+        if p.requires_grad:
+            assert torch.equal(one[name], p.detach())
+    many = spec.unflatten(flat.unsqueeze(0).repeat(4, 1))
+    assert many["scale"].shape == (4,) and many["cube"].shape == (4, 1, 2, 1)
+    # state dicts with NumPy values and numbers are accepted
+    sd = {k: (v.numpy() if v.ndim else float(v)) for k, v in m.state_dict().items()}
+    assert torch.equal(spec.flatten_mapping(sd), flat)
+
+
+@pytest.mark.parametrize("path", ["loop", "native"])
+def test_zero_dim_frozen_and_buffers_agree_across_paths(path):
+    X, Y = _data()
+    ref = slt.estimate_llc(_odd(), (X, Y), F.mse_loss, vectorize="vmap", **KW)
+    model = _odd(OddChains if path == "native" else Odd)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    other = slt.estimate_llc(model, (X, Y), F.mse_loss, vectorize=path, **KW)
+    assert other.diagnostics["path"] == path and math.isfinite(other.llc_mean)
+    # the same chains up to the rounding of two summation orders
+    tol = _trace_tol(_odd(), X, Y, ref)
+    torch.testing.assert_close(other.loss_trace, ref.loss_trace, rtol=0, atol=tol)
+    # the user's module, its frozen parameter and buffer are untouched
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # 4 NUTS draws at an untrained point: not the point
+def test_zero_dim_parameters_in_nuts_and_posterior():
+    X, Y = _data(n=60)
+    r = slt.nuts_llc(_odd(), (X, Y), F.mse_loss, num_chains=1, num_draws=4, num_warmup=4, seed=0)
+    assert r.loss_trace.shape == (1, 4) and torch.isfinite(r.loss_trace).all()
+    t = prepare_target(_odd(), (X, Y), F.mse_loss, dtype=F64, full_data=True)
+    w = t.w_star[0].clone().requires_grad_(True)
+    (g,) = torch.autograd.grad(t.loss(w), w)
+    loss, g2 = t.loss_and_grad(t.w_star[0])
+    torch.testing.assert_close(g, g2)
+    post = slt.sample_posterior(_odd(), (X, Y), F.mse_loss, prior_std=2.0, num_draws=3, num_burnin=2,
+                                chains_per_init=2, seed=0, progress=False)
+    assert torch.isfinite(post.loss_trace).all()
+
+
+class Aliased(nn.Module):
+    """One submodule registered under two names (as TransformerLens' bridge does) plus a weight
+    tied between two modules (as a language model's embeddings)."""
+
+    def __init__(self):
+        super().__init__()
+        self.block = nn.Linear(3, 3)
+        self.alias = self.block  # the same module, a second path
+        self.inp = nn.Linear(3, 3, bias=False)
+        self.out = nn.Linear(3, 2, bias=False)
+        self.tied = nn.Linear(3, 3, bias=False)
+        self.tied.weight = self.inp.weight  # one parameter, two modules
+
+    def forward(self, x):
+        return self.out(torch.tanh(self.tied(self.alias(self.inp(x)))))
+
+
+def test_aliased_modules_and_tied_weights_are_never_corrupted():
+    X, Y = _data()
+    torch.manual_seed(0)
+    m = Aliased().to(F64)
+    assert module_aliases(m) is not None  # the slot block.weight is reachable as alias.weight too
+    params = dict(m.named_parameters(remove_duplicate=False))
+    values = {k: v.detach().clone() for k, v in params.items()}
+    ref = slt.estimate_llc(m, (X, Y), F.mse_loss, vectorize="vmap", **KW)
+    loop = slt.estimate_llc(m, (X, Y), F.mse_loss, vectorize="loop", **KW)
+    for k, v in m.named_parameters(remove_duplicate=False):  # the same Parameter objects, same values
+        assert v is params[k] and torch.equal(v.detach(), values[k]), k
+    torch.testing.assert_close(loop.loss_trace, ref.loss_trace, rtol=0, atol=_trace_tol(m, X, Y, ref))
+    # the gradient reaches the tied weight through both of its uses
+    t = prepare_target(m, (X, Y), F.mse_loss, dtype=F64)
+    _, g = t.loss_and_grad(t.w_star[0])
+    mc = Aliased().to(F64)
+    mc.load_state_dict(m.state_dict())
+    F.mse_loss(mc(X), Y).backward()
+    ref_g = torch.cat([p.grad.reshape(-1) for _, p in mc.named_parameters()])
+    torch.testing.assert_close(g, ref_g, rtol=0, atol=fp_tol(F64, scale=float(ref_g.abs().max()) + 1, terms=400))
+
+
+# ----------------------------------------------------------------------------
+# outputs that are not tensors
+# ----------------------------------------------------------------------------
+class Plain(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.l1 = nn.Linear(3, 4)
+        self.l2 = nn.Linear(4, 2)
+
+    def forward(self, x):
+        return self.l2(torch.tanh(self.l1(x)))
+
+
+@dataclass
+class Prediction:
+    mean: torch.Tensor
+    note: str = "a non-tensor field"
+    extra: torch.Tensor | None = None
+
+
+class TupleOut(Plain):
+    def forward(self, x):
+        h = super().forward(x)
+        return h, h.sum(-1), None
+
+
+class DictOut(Plain):
+    def forward(self, x):
+        h = super().forward(x)
+        return {"pred": h, "aux": (h.norm(), "text")}
+
+
+class DataclassOut(Plain):
+    def forward(self, x):
+        return Prediction(super().forward(x))
+
+
+def _plain_model(cls=Plain):
+    torch.manual_seed(0)  # test-side only
+    return cls().to(F64)
+
+
+PICK = {TupleOut: lambda o: o[0], DictOut: lambda o: o["pred"], DataclassOut: lambda o: o.mean}
+
+
+@pytest.mark.parametrize("cls", [TupleOut, DictOut, DataclassOut])
+@pytest.mark.parametrize("weighted", [False, True])
+def test_structured_outputs_match_the_tensor_model(cls, weighted):
+    """The loss receives the raw output; per-chain, per-sample (control variate at w*) and
+    weighted losses give the chains of the equivalent tensor-output model."""
+    X, Y = _data()
+    pick = PICK[cls]
+
+    def loss(o, y):
+        return F.mse_loss(pick(o), y)
+
+    data = (X, Y, torch.rand(200, generator=torch.Generator().manual_seed(5), dtype=F64)) if weighted else (X, Y)
+    ref = slt.estimate_llc(_plain_model(), data, F.mse_loss, **KW)
+    tol = _trace_tol(_plain_model(), X, Y, ref)
+    for vec in ("vmap", "loop"):
+        r = slt.estimate_llc(_plain_model(cls), data, loss, vectorize=vec, **KW)
+        assert r.diagnostics["path"] == vec
+        torch.testing.assert_close(r.loss_trace, ref.loss_trace, rtol=0, atol=tol)
+        torch.testing.assert_close(r.loss_star_trace, ref.loss_star_trace, rtol=0, atol=tol)
+    t = prepare_target(_plain_model(cls), data, loss, dtype=F64)
+    assert t.evaluator.structured and t.star_losses[0] is not None  # the control variate is a gather
+
+
+class Opaque:
+    """Not a tensor, tuple, dict or dataclass: vmap cannot see inside."""
+
+    def __init__(self, t):
+        self.t = t
+
+
+class OpaqueOut(Plain):
+    def forward(self, x):
+        return Opaque(super().forward(x))
+
+
+def test_opaque_outputs_fall_back_to_forward_passes_and_say_what_is_missing():
+    X, Y = _data()
+
+    def loss(o, y):
+        return F.mse_loss(o.t, y)
+
+    t = prepare_target(_plain_model(OpaqueOut), (X, Y), loss, dtype=F64)
+    assert t.adapter.per_sample_error is not None and "register_per_sample" in t.adapter.per_sample_error
+    assert t.star_losses[0] is None  # L_B(w*) by a forward pass instead of a gather
+    ref = slt.estimate_llc(_plain_model(), (X, Y), F.mse_loss, **KW)
+    r = slt.estimate_llc(_plain_model(OpaqueOut), (X, Y), loss, **KW)
+    torch.testing.assert_close(r.loss_trace, ref.loss_trace, rtol=0, atol=_trace_tol(_plain_model(), X, Y, ref))
+    with pytest.raises(ValueError, match="per-sample losses of loss_fn on the model's output .*Opaque"):
+        slt.estimate_llc(_plain_model(OpaqueOut), (X, Y, torch.ones(200, dtype=F64)), loss, **KW)
+    # a per_sample form makes it work
+    slt.losses.register_per_sample(loss, lambda o, y: (o.t - y).square().mean(-1))
+    r = slt.estimate_llc(_plain_model(OpaqueOut), (X, Y, torch.ones(200, dtype=F64)), loss, **KW)
+    assert math.isfinite(r.llc_mean)
+
+
+def test_describe_never_crashes():
+    assert describe(torch.zeros(2, 3)) == "tensor (2, 3) float32"
+    assert "Prediction(mean=tensor (2,) float32" in describe(Prediction(torch.zeros(2)))
+    assert describe({"a": (torch.zeros(1), None)}) == "dict{'a': tuple(tensor (1,) float32, NoneType)}"
+    assert describe(Opaque(1)) == "Opaque"
+
+
+# ----------------------------------------------------------------------------
+# batches that are mappings
+# ----------------------------------------------------------------------------
+class TwoInputs(nn.Module):
+    """``model(a=..., b=..., y=...)``: two named inputs (``y`` is ignored: it is the loss's)."""
+
+    def __init__(self):
+        super().__init__()
+        self.la = nn.Linear(2, 4)
+        self.lb = nn.Linear(1, 4)
+        self.out = nn.Linear(4, 2)
+
+    def forward(self, a, b, y=None):
+        return self.out(torch.tanh(self.la(a) + self.lb(b)))
+
+
+class TwoInputsTensor(TwoInputs):
+    def forward(self, x):
+        return super().forward(x[..., :2], x[..., 2:])
+
+
+def _two(cls=TwoInputs):
+    torch.manual_seed(0)  # test-side only
+    return cls().to(F64)
+
+
+def batch_mse(out, batch):
+    """The loss of a mapping batch without a separate target reads its own column."""
+    return F.mse_loss(out, batch["y"])
+
+
+def test_columns_gather_and_per_chain():
+    X, Y = _data(n=10)
+    d = Data({"a": X[:, :2], "b": X[:, 2:]}, Y)
+    assert isinstance(d.x, Columns) and d.n == 10 and len(d) == 10
+    assert torch.equal(d.x[2:4]["a"], X[2:4, :2]) and d.x[torch.tensor([1, 3])]["b"].shape == (2, 1)
+    b = d.gather(torch.tensor([[0, 1, 2], [3, 4, 5]]))
+    assert type(b.x) is dict and b.x["a"].shape == (2, 3, 2) and b.y.shape == (2, 3, 2)
+    assert torch.equal(b.x["b"][1], X[3:6, 2:])
+    full = Data({"a": X[:, :2], "b": X[:, 2:], "y": Y}).full_batch()
+    assert type(full.x) is dict and full.y is full.x  # no separate target: the loss receives the mapping
+    pc = full.per_chain(3)
+    assert pc.x["a"].shape == (3, 10, 2) and pc.y is pc.x
+    with pytest.raises(ValueError, match=r"x\['a'\] and x\['b'\] disagree on the number of samples: 10 vs 9"):
+        Data({"a": X[:, :2], "b": X[:9, 2:]})
+    with pytest.raises(ValueError, match=r"x\['b'\] contains NaN"):
+        Data({"a": X[:, :2], "b": torch.full((10, 1), float("nan"))})
+
+
+@pytest.mark.parametrize("vec", ["vmap", "loop"])
+@pytest.mark.parametrize("weighted", [False, True])
+def test_mapping_batches_match_the_tensor_model(vec, weighted):
+    """Minibatch gathering, per-chain batches, the control variate at w* and weights work on
+    mapping batches: model(**batch) gives the chains of the equivalent tensor model."""
+    X, Y = _data()
+    w = torch.rand(200, generator=torch.Generator().manual_seed(5), dtype=F64)
+    tensor_data = (X, Y, w) if weighted else (X, Y)
+    ref = slt.estimate_llc(_two(TwoInputsTensor), tensor_data, F.mse_loss, **KW)
+    tol = _trace_tol(_two(TwoInputsTensor), X, Y, ref)
+    cols = {"a": X[:, :2], "b": X[:, 2:], "y": Y}
+    r = slt.estimate_llc(_two(), Data(cols, None, w if weighted else None), batch_mse, vectorize=vec, **KW)
+    torch.testing.assert_close(r.loss_trace, ref.loss_trace, rtol=0, atol=tol)
+    torch.testing.assert_close(r.loss_star_trace, ref.loss_star_trace, rtol=0, atol=tol)
+    t = prepare_target(_two(), cols, batch_mse, dtype=F64, vectorize=vec)
+    assert t.star_losses[0] is not None  # the control variate at w* is a gather of per-sample losses
+    # (inputs, target): the model gets the mapping, the loss the target tensor
+    r2 = slt.estimate_llc(_two(), ({"a": X[:, :2], "b": X[:, 2:]}, Y) + ((w,) if weighted else ()), F.mse_loss,
+                          vectorize=vec, **KW)
+    torch.testing.assert_close(r2.loss_trace, ref.loss_trace, rtol=0, atol=tol)
+
+
+def test_loader_of_dicts_and_full_data():
+    X, Y = _data(n=120)
+    rows = [{"a": X[i, :2], "b": X[i, 2:], "y": Y[i]} for i in range(120)]
+    loader = torch.utils.data.DataLoader(rows, batch_size=40)
+    r = slt.estimate_llc(_two(), loader, batch_mse, **{**KW, "num_draws": 6})
+    assert r.loss_trace.shape == (3, 6) and torch.isfinite(r.loss_trace).all()
+    with torch.no_grad():
+        ref = F.mse_loss(_two(TwoInputsTensor)(X), Y)
+    scale = float((_two(TwoInputsTensor)(X).detach() - Y).square().max())
+    assert r.init_loss == pytest.approx(float(ref), abs=fp_tol(F64, scale=scale, terms=240 + 12))
+    t = prepare_target(_two(), loader, batch_mse, dtype=F64, full_data=True)  # stacked into columns
+    assert isinstance(t.source, Data) and set(t.source.x) == {"a", "b", "y"} and t.n == 120
+    torch.testing.assert_close(t.losses(t.w_star), t.init_loss)
+    r = slt.nuts_llc(_two(), loader, batch_mse, num_chains=1, num_draws=4, num_warmup=4, seed=0)
+    assert torch.isfinite(r.loss_trace).all()
+
+
+def test_dataset_of_dict_items_is_stacked():
+    X, Y = _data(n=30)
+
+    class DS(torch.utils.data.Dataset):
+        def __len__(self):
+            return 30
+
+        def __getitem__(self, i):
+            return {"a": X[i, :2].numpy(), "b": X[i, 2:], "y": Y[i]}
+
+    d = as_source(DS())
+    assert isinstance(d, Data) and torch.equal(d.x["a"], X[:, :2]) and d.y is None
+
+
+def test_hugging_face_dataset_becomes_columns():
+    datasets = pytest.importorskip("datasets")
+    X, Y = _data(n=50)
+    ds = datasets.Dataset.from_dict({"a": X[:, :2].tolist(), "b": X[:, 2:].tolist(), "y": Y.tolist(),
+                                     "text": ["row"] * 50})
+    d = as_source(ds)
+    assert set(d.x) == {"a", "b", "y"}  # text is not a model input: left out
+    assert d.x["a"].dtype == F64 and torch.equal(d.x["a"], X[:, :2])
+    r = slt.estimate_llc(_two(), ds, batch_mse, **{**KW, "num_draws": 6})
+    ref = slt.estimate_llc(_two(), Data({"a": X[:, :2], "b": X[:, 2:], "y": Y}), batch_mse, **{**KW, "num_draws": 6})
+    assert torch.equal(r.loss_trace, ref.loss_trace)
+    ragged = datasets.Dataset.from_dict({"input_ids": [[1, 2, 3], [1, 2]]})
+    with pytest.raises(ValueError, match="column 'input_ids' of the datasets.Dataset has rows of different lengths"):
+        as_source(ragged)
+
+
+# ----------------------------------------------------------------------------
+# NumPy
+# ----------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", [torch.float32, F64])
+def test_numpy_inputs_equal_tensors(dtype):
+    X, Y = _data()
+    w = torch.rand(200, generator=torch.Generator().manual_seed(5), dtype=F64)
+    kw = {**KW, "dtype": dtype}
+    model = _plain_model()
+    ref = slt.estimate_llc(model, (X, Y, w), F.mse_loss, **kw)  # float64 tensors follow `dtype`
+    r = slt.estimate_llc(model, (X.numpy(), Y.numpy(), w.numpy()), F.mse_loss, **kw)
+    assert torch.equal(r.loss_trace, ref.loss_trace) and r.llc_mean == ref.llc_mean
+    cls = slt.estimate_llc(nn.Linear(3, 4).to(F64), (X.numpy(), np.arange(200) % 4), F.cross_entropy, **KW)
+    assert math.isfinite(cls.llc_mean)
+    d = Data({"a": X[:, :2].numpy(), "b": X[:, 2:].numpy(), "y": Y.numpy()})
+    assert isinstance(d.x["a"], torch.Tensor) and d.x["a"].dtype == F64
+
+
+# ----------------------------------------------------------------------------
+# clear errors before sampling
+# ----------------------------------------------------------------------------
+SMALL = dict(num_chains=2, num_draws=5, step_size=1e-4, progress=False)
+
+
+def _cls_data(n=50):
+    g = torch.Generator().manual_seed(0)
+    return torch.randn(n, 3, generator=g), torch.randint(0, 4, (n,), generator=g)
+
+
+@pytest.mark.parametrize("labels, loss, match", [
+    (lambda y: y.float(), F.cross_entropy,
+     r"loss_fn failed on the first 2 samples of the data: model output tensor \(2, 4\) float32, target tensor "
+     r"\(2,\) float32: RuntimeError: .*cross_entropy needs integer class indices of shape \(2,\)"),
+    (lambda y: y[:, None], F.cross_entropy, r"target tensor \(2, 1\) int64.*needs integer class indices"),
+    (lambda y: F.one_hot(y, 4), nn.CrossEntropyLoss(), r"target tensor \(2, 4\) int64: RuntimeError.*CrossEntropyLoss"),
+    (lambda y: y[:40], F.cross_entropy, "x and y disagree on the number of samples: 50 vs 40"),
+])
+def test_label_mistakes_name_shapes_and_dtypes(labels, loss, match):
+    X, y = _cls_data()
+    with pytest.raises(ValueError, match=match):
+        slt.estimate_llc(nn.Linear(3, 4), (X, labels(y)), loss, **SMALL)
+
+
+def test_elementwise_loss_with_a_broadcasting_target_is_refused():
+    X, _ = _cls_data()
+    with pytest.raises(ValueError, match=r"mse_loss: the model's output and the target have different shapes .*"
+                                         r"output tensor \(2, 1\) float32, target tensor \(2,\) float32.*"
+                                         r"Y.reshape\(n, 1\)"):
+        slt.estimate_llc(nn.Linear(3, 1), (X, torch.randn(50)), F.mse_loss, **SMALL)
+
+
+def test_model_and_loss_errors_show_the_real_exception():
+    X, y = _cls_data()
+    with pytest.raises(ValueError, match=r"the model failed on a batch of the data \(model\(x\) with x of shape "
+                                         r"\(2, 3\)\): RuntimeError: mat1 and mat2 shapes cannot be multiplied"):
+        slt.estimate_llc(nn.Linear(5, 1), (X, y), F.cross_entropy, **SMALL)
+    with pytest.raises(ValueError, match=r"model\(\*\*inputs\) with inputs dict\{'input_ids': tensor \(2, 3\) "
+                                         r"float32\}\): TypeError: .*unexpected keyword argument 'input_ids'.*"
+                                         r"select_columns"):
+        slt.estimate_llc(nn.Linear(3, 1), {"input_ids": X}, F.mse_loss, **SMALL)
+
+    class ClassifierOutput(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.l = nn.Linear(3, 4)
+
+        def forward(self, x):
+            return {"logits": self.l(x), "cache": object()}
+
+    with pytest.raises(ValueError, match=r"model output dict\{'logits': tensor \(2, 4\) float32, 'cache': object\}"
+                                         r", target tensor \(2,\) int64: TypeError"):
+        slt.estimate_llc(ClassifierOutput(), (X, y), F.cross_entropy, **SMALL)
+    with pytest.raises(ValueError, match=r"loss_fn must return a scalar .*got \(2, 4\)"):
+        slt.estimate_llc(nn.Linear(3, 4), (X, y), lambda o, t: o, **SMALL)
+
+
+def test_bad_parameters_data_and_arrays_are_named():
+    X, y = _cls_data()
+    m = nn.Linear(3, 4)
+    with torch.no_grad():
+        m.bias[1] = float("nan")
+    with pytest.raises(ValueError, match=r"the checkpoint parameters contain NaN or inf \(checkpoint 0: 'bias'\)"):
+        slt.estimate_llc(m, (X, y), F.cross_entropy, **SMALL)
+    m = nn.Linear(3, 4)
+    m.weight.requires_grad_(False)
+    with torch.no_grad():
+        m.weight[0, 0] = float("inf")
+    with pytest.raises(ValueError, match=r"the model's frozen parameters contain NaN or inf \(weight\)"):
+        slt.estimate_llc(m, (X, y), F.cross_entropy, **SMALL)
+    with pytest.raises(ValueError, match="empty dataset: x has 0 samples"):
+        slt.estimate_llc(nn.Linear(3, 4), {"a": X[:0]}, F.cross_entropy, **SMALL)
+    with pytest.raises(ValueError, match=r"x\['a'\] contains NaN or inf at 1 sample"):
+        slt.estimate_llc(nn.Linear(3, 4), {"a": X.numpy() * np.where(np.arange(50) == 3, np.nan, 1)[:, None]},
+                         F.cross_entropy, **SMALL)
+    with pytest.raises(ValueError, match="NumPy array of dtype object.*pad them"):
+        Data(np.array([np.zeros(2), np.zeros(3)], dtype=object))
+
+
+# ----------------------------------------------------------------------------
+# train-mode notes
+# ----------------------------------------------------------------------------
+class DropNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.l1 = nn.Linear(3, 8)
+        self.drop = nn.Dropout(0.2)
+        self.l2 = nn.Linear(8, 2)
+
+    def forward(self, x):
+        return self.l2(self.drop(torch.tanh(self.l1(x))))
+
+
+class FunctionalDrop(Plain):
+    """Dropout by rate attribute in forward, as Hugging Face attention does."""
+
+    def __init__(self):
+        super().__init__()
+        self.attention_dropout = 0.1
+
+    def forward(self, x):
+        return F.dropout(super().forward(x), p=self.attention_dropout, training=self.training)
+
+
+class BNNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.l1 = nn.Linear(3, 4)
+        self.norm = nn.BatchNorm1d(4)
+        self.l2 = nn.Linear(4, 2)
+
+    def forward(self, x):
+        return self.l2(self.norm(self.l1(x)))
+
+
+def test_train_mode_notes_name_the_modules_and_the_fix():
+    assert train_mode_issues(DropNet()) == [
+        "dropout active in drop: call model.eval() (dropout makes the loss random, so λ̂ is biased and vmap "
+        "falls back to a loop)"]
+    assert "dropout active in <model> (attention_dropout)" in train_mode_issues(FunctionalDrop())[0]
+    assert train_mode_issues(nn.Sequential(nn.Linear(3, 2), nn.Dropout(0.5)))[0].startswith(
+        "dropout active in 1 (Dropout):")
+    assert train_mode_issues(BNNet()) == ["BatchNorm in train mode in norm: call model.eval() to use the batched path"]
+    assert train_mode_issues(DropNet().eval()) == [] and train_mode_issues(BNNet().eval()) == []
+    assert train_mode_issues(nn.Sequential(nn.Linear(3, 2), nn.Dropout(0.0))) == []
+    assert len(train_mode_issues(nn.Sequential(BNNet(), DropNet()))) == 2
+
+
+def test_dropout_warns_once_with_the_fix_and_records_it():
+    X, Y = _data(n=100)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        t = prepare_target(DropNet(), (X, Y), F.mse_loss, caller="slt.estimate_llc")
+    notes = [str(w.message) for w in caught if "dropout active" in str(w.message)]
+    assert notes == ["slt.estimate_llc: dropout active in drop: call model.eval() (dropout makes the loss random, "
+                     "so λ̂ is biased and vmap falls back to a loop)"]
+    fallback = [str(w.message) for w in caught if "falling back" in str(w.message)]
+    assert len(fallback) == 1 and "randomness" in fallback[0] and "dropout is active: call model.eval()" in fallback[0]
+    assert t.path == "loop" and t.issues == [notes[0].removeprefix("slt.estimate_llc: ")]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # in eval mode: no note, the batched path
+        t = prepare_target(DropNet().eval(), (X, Y), F.mse_loss)
+    assert t.issues == [] and t.path == "vmap"
+
+
+def test_batchnorm_note_and_fallback_hint():
+    X, Y = _data(n=100)
+    with pytest.warns(RuntimeWarning, match="BatchNorm in train mode in norm: call model.eval()") as rec:
+        t = prepare_target(BNNet(), (X, Y), F.mse_loss, caller="slt.nuts_llc")
+    msgs = [str(w.message) for w in rec]
+    assert any(m.startswith("slt.nuts_llc: BatchNorm in train mode") for m in msgs)
+    assert any("falling back" in m and "call model.eval() to use the batched path" in m for m in msgs)
+    assert t.path == "loop" and len(t.issues) == 1
+    # a plain target has no issues
+    assert prepare_target(_plain_model(), (X, Y), F.mse_loss).issues == []

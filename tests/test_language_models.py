@@ -1,0 +1,302 @@
+"""Language models (LM tier): ``slt.losses.causal_lm`` against a hand-computed shifted, masked
+cross-entropy, and ``slt.estimate_llc(model, {"input_ids": ..., "attention_mask": ...},
+slt.losses.causal_lm)`` on tiny Hugging Face GPT-2 and GPT-NeoX (Pythia) models and a
+TransformerLens model, built from configs (no downloads) and trained briefly with Adam on a
+synthetic repeating-pattern task.  Tests that need ``transformers``, ``datasets`` or
+``transformer_lens`` are skipped when those are missing (``pip install -e ".[lm]"``)."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+import slt
+from slt.losses import LossAdapter, causal_lm
+from slt.target import prepare_target
+
+from conftest import fp_tol
+
+F64 = torch.float64
+V, T, N = 16, 12, 96  # vocabulary, sequence length, sequences
+
+
+@contextlib.contextmanager
+def one_thread():
+    """Tiny models run 10-20x faster on one thread than on two busy cores (measured on 2 cores)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    with one_thread():
+        yield
+
+
+def pattern_data(seed=0):
+    """Sequences repeating a random 3-token pattern; every third sequence right-padded by 3."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1, V, (N, 3), generator=g).repeat(1, T // 3)
+    mask = torch.ones(N, T, dtype=torch.long)
+    mask[::3, -3:] = 0
+    return {"input_ids": ids.masked_fill(mask == 0, 0), "attention_mask": mask}
+
+
+def train_briefly(model, data, steps=60, lr=1e-2, seed=0):
+    """Adam on causal_lm; returns (first, last) minibatch losses."""
+    g = torch.Generator().manual_seed(seed)
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    losses = []
+    with one_thread():
+        for _ in range(steps):
+            idx = torch.randint(0, N, (32,), generator=g)
+            b = {k: v[idx] for k, v in data.items()}
+            loss = causal_lm(model(**b), b)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            losses.append(float(loss.detach()))
+    return losses[0], losses[-1]
+
+
+LLC_KW = dict(num_chains=2, num_draws=20, num_burnin=5, batch_size=16, step_size=1e-5, seed=0, progress=False)
+
+
+# ----------------------------------------------------------------------------
+# the loss
+# ----------------------------------------------------------------------------
+def _hand_causal_lm(logits, ids, mask):
+    """Per-sequence mean over valid positions of -log p(x_{t+1} | x_{<=t}), one term at a time."""
+    B, Tn, _ = logits.shape
+    out = torch.zeros(B, dtype=logits.dtype)
+    for b in range(B):
+        tot, count = 0.0, 0
+        for t in range(Tn - 1):
+            nxt = int(ids[b, t + 1])
+            if nxt == -100 or not (mask[b, t] and mask[b, t + 1]):
+                continue
+            tot += -float(torch.log_softmax(logits[b, t], -1)[nxt])
+            count += 1
+        out[b] = tot / max(count, 1)
+    return out
+
+
+def test_causal_lm_equals_hand_computed_shifted_masked_cross_entropy():
+    g = torch.Generator().manual_seed(0)
+    B, Tn, Vn = 5, 7, 6
+    logits = 3 * torch.randn(B, Tn, Vn, generator=g, dtype=F64)
+    ids = torch.randint(0, Vn, (B, Tn), generator=g)
+    mask = torch.ones(B, Tn, dtype=torch.long)
+    mask[1, -2:] = 0  # right padding
+    mask[2, :3] = 0  # left padding: the first real token is not predicted from a pad
+    labels = ids.clone()
+    labels[3, 2] = -100  # Hugging Face's ignore index
+    mask[4] = 0
+    mask[4, 0] = 1  # one real token: no valid position, contributes 0
+    ref = _hand_causal_lm(logits, labels, mask)
+    # each per-sequence loss: a log-sum-exp over the vocabulary and a mean over ≤ T positions
+    tol = fp_tol(F64, scale=float(ref.abs().max()) + float(logits.abs().max()), terms=Tn * Vn)
+    batch = {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    per = causal_lm.per_sample(logits, batch)
+    torch.testing.assert_close(per, ref, rtol=0, atol=tol)
+    assert float(per[4]) == 0.0
+    torch.testing.assert_close(causal_lm(logits, batch), ref.mean(), rtol=0, atol=tol)
+    # the output forms a model may return, and a tensor target (all positions valid but -100)
+    full = _hand_causal_lm(logits, ids, torch.ones_like(mask))
+    for out in (logits, {"logits": logits}, (torch.tensor(0.0), logits), type("O", (), {"logits": logits})()):
+        torch.testing.assert_close(causal_lm.per_sample(out, ids), full, rtol=0, atol=tol)
+    torch.testing.assert_close(causal_lm.per_sample(logits, {"input": ids}), full, rtol=0, atol=tol)
+    # leading chain dimension (as the engine calls it) and the adapter's per-chain forms
+    adapter = LossAdapter(causal_lm)
+    assert adapter.has_native_per_sample
+    lc = torch.stack([logits, logits.flip(0)])
+    bc = {k: torch.stack([v, v.flip(0)]) for k, v in batch.items()}
+    pc = adapter.per_sample(lc, bc, 2)
+    torch.testing.assert_close(pc, torch.stack([ref, ref.flip(0)]), rtol=0, atol=tol)
+    w = torch.rand(2, B, generator=g, dtype=F64)
+    w = w / w.sum(1, keepdim=True)
+    torch.testing.assert_close(adapter.chain_loss(lc, bc, w), (pc * w).sum(1))
+    with pytest.raises(TypeError, match="token ids must be integers"):
+        causal_lm(logits, ids.double())
+    with pytest.raises(ValueError, match=r"logits of shape \(5, 7, 6\) do not match token ids of shape \(5, 6\)"):
+        causal_lm(logits, ids[:, :-1])
+    with pytest.raises(TypeError, match="cannot find logits"):
+        causal_lm("text", ids)
+
+
+@pytest.mark.filterwarnings("ignore:.*the vmap path failed:RuntimeWarning")  # nn.GRU has no vmap rule: a loop
+def test_causal_lm_on_a_plain_torch_language_model():
+    """No optional packages: an embedding + GRU language model called as model(input_ids=...)."""
+
+    class TinyLM(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = nn.Embedding(V, 8)
+            self.rnn = nn.GRU(8, 8, batch_first=True)
+            self.head = nn.Linear(8, V)
+
+        def forward(self, input_ids, attention_mask=None):
+            return self.head(self.rnn(self.emb(input_ids))[0])
+
+    torch.manual_seed(0)  # test-side only
+    data = pattern_data()
+    model = TinyLM()
+    first, last = train_briefly(model, data, steps=40)
+    assert last < first
+    r = slt.estimate_llc(model, data, causal_lm, **LLC_KW)
+    assert math.isfinite(r.llc_mean) and r.diagnostics["path"] in ("vmap", "loop")
+
+
+# ----------------------------------------------------------------------------
+# Hugging Face
+# ----------------------------------------------------------------------------
+def _gpt2(attn="eager"):
+    transformers = pytest.importorskip("transformers")
+    transformers.utils.logging.set_verbosity_error()
+    torch.manual_seed(0)  # test-side only
+    cfg = transformers.GPT2Config(vocab_size=V, n_positions=T, n_embd=32, n_layer=2, n_head=2,
+                                  bos_token_id=0, eos_token_id=0, attn_implementation=attn)
+    return transformers.GPT2LMHeadModel(cfg)
+
+
+def _neox(attn="eager"):
+    transformers = pytest.importorskip("transformers")
+    transformers.utils.logging.set_verbosity_error()
+    torch.manual_seed(0)  # test-side only
+    cfg = transformers.GPTNeoXConfig(vocab_size=V, max_position_embeddings=T, hidden_size=32, num_hidden_layers=2,
+                                     num_attention_heads=2, intermediate_size=64, rotary_pct=0.25,
+                                     bos_token_id=0, eos_token_id=0, attn_implementation=attn)
+    return transformers.GPTNeoXForCausalLM(cfg)
+
+
+def _check_gradient_matches_autograd(model, data):
+    """The engine's per-chain gradient (vmap, float64) equals plain autograd of causal_lm on the module."""
+    t = prepare_target(model, data, causal_lm, dtype=F64)
+    b = {k: v[:8] for k, v in data.items()}
+    batch = slt.data.Data(b).full_batch()
+    rows = t.w_star.repeat(2, 1)
+    rows[1] += 1e-3 * torch.randn(rows.shape[1], generator=torch.Generator().manual_seed(0), dtype=F64)
+    loss, grad = t.evaluator.loss_and_grad(rows, batch)
+    ref_model = t.model  # the float64 working copy
+    for c in range(2):
+        params = t.spec.unflatten(rows[c].clone().requires_grad_(True))
+        leaves = list(params.values())
+        out = torch.func.functional_call(ref_model, params, (), b)
+        ref_loss = causal_lm(out, b)
+        ref_grad = torch.cat([g.reshape(-1) for g in torch.autograd.grad(ref_loss, leaves)])
+        # a gradient entry sums over ≤ B·T positions and the network's fan-ins (≤ d terms)
+        tol = fp_tol(F64, scale=float(ref_grad.abs().max()) + 1.0, terms=t.d)
+        torch.testing.assert_close(grad[c], ref_grad, rtol=0, atol=tol)
+        torch.testing.assert_close(loss[c], ref_loss.detach(), rtol=0, atol=tol)
+
+
+@pytest.mark.parametrize("make", [_gpt2, _neox], ids=["gpt2", "gpt-neox"])
+def test_hugging_face_causal_lm_on_the_batched_path(make):
+    data = pattern_data()
+    model = make()
+    if make is _gpt2:  # built from a config: train mode, dropout 0.1 (GPT-NeoX's defaults are 0)
+        with pytest.warns(RuntimeWarning) as rec:
+            t = prepare_target(model, data, causal_lm, caller="slt.estimate_llc")
+        msgs = [str(w.message) for w in rec]
+        assert msgs[0].startswith("slt.estimate_llc: dropout active in transformer.drop, transformer.h.0.attn.attn_dropout")
+        assert "call model.eval()" in msgs[0] and "dropout is active: call model.eval()" in msgs[1]
+        assert t.path == "loop" and t.issues and t.issues[0].startswith("dropout active")
+    model.eval()
+    first, last = train_briefly(model, data)
+    assert last < 0.8 * first
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # no fallback, no train-mode note
+        warnings.filterwarnings("ignore", message=".*R-hat")  # 20 draws: not the point here
+        warnings.filterwarnings("ignore", message=".*below L\\(w\\*\\)")  # briefly trained: not a minimum
+        r = slt.estimate_llc(model, data, causal_lm, **LLC_KW)
+    assert r.diagnostics["path"] == "vmap" and math.isfinite(r.llc_mean)
+    assert r.loss_trace.shape == (2, 20) and torch.isfinite(r.loss_trace).all()
+    for k, v in model.state_dict().items():  # tied embeddings and all weights untouched
+        assert torch.equal(v, before[k]), k
+    if make is _gpt2:
+        assert model.lm_head.weight is model.transformer.wte.weight
+    _check_gradient_matches_autograd(model, data)
+
+
+@pytest.mark.filterwarnings("ignore:There is a performance drop")  # torch's own note on sdpa under vmap
+@pytest.mark.filterwarnings("ignore:.*slt.estimate_llc \\(checkpoint:RuntimeWarning")
+def test_sdpa_attention_falls_back_to_a_loop_and_says_how_to_batch():
+    data = pattern_data()
+    model = _gpt2(attn="sdpa").eval()
+    with pytest.warns(RuntimeWarning, match='data-dependent control flow.*attn_implementation="eager".*'
+                                            "falling back to a sequential loop"):
+        r = slt.estimate_llc(model, data, causal_lm, **{**LLC_KW, "num_draws": 5})
+    assert r.diagnostics["path"] == "loop" and math.isfinite(r.llc_mean)
+
+
+@pytest.mark.filterwarnings("ignore:.*slt.estimate_llc \\(checkpoint:RuntimeWarning")
+def test_hugging_face_dataset_and_loader_of_dicts():
+    datasets = pytest.importorskip("datasets")
+    data = pattern_data()
+    model = _gpt2().eval()
+    ds = datasets.Dataset.from_dict({"input_ids": data["input_ids"].tolist(),
+                                     "attention_mask": data["attention_mask"].tolist(), "text": ["..."] * N})
+    kw = {**LLC_KW, "num_draws": 5}
+    ref = slt.estimate_llc(model, data, causal_lm, **kw)
+    r = slt.estimate_llc(model, ds, causal_lm, **kw)  # numeric columns -> tensors; text left out
+    assert torch.equal(r.loss_trace, ref.loss_trace)
+    loader = torch.utils.data.DataLoader(ds.with_format("torch").select_columns(["input_ids", "attention_mask"]),
+                                         batch_size=16)
+    r = slt.estimate_llc(model, loader, causal_lm, **kw)
+    assert r.diagnostics["path"] == "vmap" and math.isfinite(r.llc_mean)
+    assert r.init_loss == pytest.approx(ref.init_loss, rel=1e-5)  # L_n(w*) streamed vs per-sample: float32 sums
+    # labels as a separate target (-100 = ignore): the model never sees them
+    labels = data["input_ids"].masked_fill(data["attention_mask"] == 0, -100)
+    r = slt.estimate_llc(model, ({"input_ids": data["input_ids"], "attention_mask": data["attention_mask"]}, labels),
+                         causal_lm, **kw)
+    assert torch.equal(r.loss_trace, ref.loss_trace)
+
+
+# ----------------------------------------------------------------------------
+# TransformerLens
+# ----------------------------------------------------------------------------
+def _transformer_lens_model():
+    tl = pytest.importorskip("transformer_lens")
+    torch.manual_seed(0)  # test-side only
+    try:  # TransformerLens < 4
+        from transformer_lens import HookedTransformer, HookedTransformerConfig
+    except ImportError:  # TransformerLens >= 4: the bridge, around a TL-native model built from a config
+        import transformer_lens.model_bridge.sources.native  # noqa: F401 - registers boot_native
+        from transformer_lens.config import TransformerBridgeConfig
+
+        cfg = TransformerBridgeConfig(n_layers=2, d_model=32, n_ctx=T, d_head=16, n_heads=2, d_vocab=V,
+                                      act_fn="gelu", d_mlp=64, seed=0)
+        return tl.TransformerBridge.boot_native(cfg)
+    cfg = HookedTransformerConfig(n_layers=2, d_model=32, n_ctx=T, d_head=16, n_heads=2, d_vocab=V, act_fn="gelu",
+                                  d_mlp=64, seed=0, device="cpu")
+    return HookedTransformer(cfg)
+
+
+@pytest.mark.filterwarnings("ignore:.*slt.estimate_llc \\(checkpoint:RuntimeWarning")
+def test_transformer_lens_model():
+    model = _transformer_lens_model().eval()
+    ids = pattern_data()["input_ids"]
+    g = torch.Generator().manual_seed(0)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    with one_thread():
+        for _ in range(40):
+            b = ids[torch.randint(0, N, (32,), generator=g)]
+            loss = causal_lm(model(b), b)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    before = {k: v.detach().clone() for k, v in model.named_parameters(remove_duplicate=False)}
+    r = slt.estimate_llc(model, ids, causal_lm, **LLC_KW)  # model(tokens) -> logits; the loss gets the tokens
+    assert r.diagnostics["path"] == "vmap" and math.isfinite(r.llc_mean)
+    for k, v in model.named_parameters(remove_duplicate=False):  # every alias of every weight is intact
+        assert torch.equal(v.detach(), before[k]), k

@@ -14,14 +14,15 @@ The entry points run as modules from the repository root
   function into a ``@hydra.main`` task that finds its folder through
   ``HydraConfig.get().runtime.output_dir``.
 * :class:`CollectCallback` writes ``sweep.json`` (the expected jobs) when a
-  multirun starts and rebuilds ``summary.parquet``/``summary.csv`` when it
-  ends, then runs the entry point's own end-of-sweep steps registered with
-  :func:`on_sweep_end` (e.g. ``decompose.py`` combines its per-subset runs);
-  :func:`main` also does both when Hydra skipped ``on_multirun_end``
-  because a job failed.  Listing the expected jobs uses Hydra 1.3's
-  BasicSweeper internals; where they are missing or changed (another Hydra
-  version) it warns once and writes no list, and collect still works (it
-  then cannot report never-started jobs as ``missing``).
+  multirun starts and rebuilds ``summary.csv`` (and ``summary.parquet`` with a
+  parquet engine) when it ends, then runs the entry point's own end-of-sweep
+  steps registered with :func:`on_sweep_end` (e.g. ``decompose.py`` combines
+  its per-subset runs); :func:`main` also does both when Hydra skipped
+  ``on_multirun_end`` because a job failed, and exits with status 1 when one
+  of these steps failed (its outputs were not written).  Listing the expected
+  jobs uses Hydra 1.3's BasicSweeper internals; where they are missing or
+  changed (another Hydra version) it warns once and writes no list, and
+  collect still works (it then cannot report never-started jobs as ``missing``).
 * the ``slt_dirname`` resolver gives every job a deterministic folder name
   from its overrides (:func:`experiments.records.run_dirname`).
 * :func:`llc_kwargs` is the one config -> engine contract (the ``sampler``
@@ -60,6 +61,9 @@ _PENDING_SWEEPS: list[str] = []
 
 #: functions ``fn(sweep_dir)`` run after the summary at the end of every multirun (:func:`on_sweep_end`)
 _SWEEP_END_HOOKS: list[Callable[[str], Any]] = []
+
+#: end-of-sweep steps that failed in this process (their outputs were not written): :func:`main` exits 1
+_SWEEP_ERRORS: list[str] = []
 
 
 def now() -> str:
@@ -265,7 +269,7 @@ def collect_sweep(sweep_dir: str | os.PathLike) -> Any:
     df = records.collect(sweep_dir)
     counts = records.status_counts(df)
     msg = ", ".join(f"{v} {k}" for k, v in counts.items() if v)
-    print(f"[collect] {sweep_dir}: {len(df)} runs ({msg or 'none'}) -> summary.parquet, summary.csv", flush=True)
+    print(f"[collect] {sweep_dir}: {len(df)} runs ({msg or 'none'}) -> {records.summary_files()}", flush=True)
     return df
 
 
@@ -275,21 +279,36 @@ def on_sweep_end(fn: Callable[[str], Any]) -> Callable[[str], Any]:
     For an entry point's own aggregation over its jobs (``decompose.py``: the
     Möbius inversion of the per-subset runs).  Runs in the launching process,
     also when a job failed (see :func:`main`); must be idempotent and callable
-    on its own.  An exception in ``fn`` is reported, never raised.  Returns ``fn``.
+    on its own.  An exception in ``fn`` is reported (and makes :func:`main` exit
+    with status 1), never raised inside the sweep.  Returns ``fn``.
     """
     _SWEEP_END_HOOKS.append(fn)
     return fn
 
 
-def finish_sweep(sweep_dir: str | os.PathLike) -> None:
-    """:func:`collect_sweep`, then the :func:`on_sweep_end` hooks (errors reported, not raised)."""
-    collect_sweep(sweep_dir)
-    for fn in list(_SWEEP_END_HOOKS):
+def finish_sweep(sweep_dir: str | os.PathLike) -> list[str]:
+    """:func:`collect_sweep`, then the :func:`on_sweep_end` hooks.
+
+    Errors are reported on stderr and recorded (not raised: Hydra would only log
+    them as a callback warning), so :func:`main` exits with status 1 after the
+    sweep.  Returns this call's error messages (empty when every output was written).
+    """
+    errors = []
+    steps = [("collect", collect_sweep)] + [(getattr(fn, "__name__", str(fn)), fn) for fn in _SWEEP_END_HOOKS]
+    for name, fn in steps:
         try:
             fn(str(sweep_dir))
-        except Exception as e:  # noqa: BLE001 - bookkeeping never fails a finished sweep
-            log.error("end-of-sweep step %s failed for %s: %s", getattr(fn, "__name__", fn), sweep_dir, e)
-            print(f"[sweep end] {getattr(fn, '__name__', fn)} failed for {sweep_dir}: {e}", file=sys.stderr)
+        except Exception as e:  # noqa: BLE001 - reported, and main() exits non-zero
+            msg = f"{name} failed for {sweep_dir}: {type(e).__name__}: {e}"
+            if isinstance(e, ImportError):
+                msg += f" (install the missing package: pip install {e.name or '...'})"
+            log.error("end-of-sweep step %s", msg)
+            print(f"[sweep end] {msg}", file=sys.stderr, flush=True)
+            errors.append(msg)
+            if name == "collect":
+                break  # the later steps read what collect writes
+    _SWEEP_ERRORS.extend(errors)
+    return errors
 
 
 try:
@@ -347,10 +366,11 @@ def main(hydra_main: Callable[[], Any]) -> None:
     finally:
         for sweep in list(_PENDING_SWEEPS):
             _PENDING_SWEEPS.remove(sweep)
-            try:
-                finish_sweep(sweep)
-            except Exception as e:  # pragma: no cover
-                print(f"[collect] failed for {sweep}: {e}", file=sys.stderr)
+            finish_sweep(sweep)
+    if _SWEEP_ERRORS:
+        print(f"error: {len(_SWEEP_ERRORS)} end-of-sweep step(s) failed, so their outputs were not written:\n  "
+              + "\n  ".join(_SWEEP_ERRORS), file=sys.stderr, flush=True)
+        sys.exit(1)
 
 
 def torch_dtype(name: Any):

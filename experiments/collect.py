@@ -1,4 +1,4 @@
-"""Rebuild ``summary.parquet`` and ``summary.csv`` of one or more sweep folders.
+"""Rebuild ``summary.csv`` (and ``summary.parquet`` with pyarrow) of one or more sweep folders.
 
 Runs automatically at the end of a multirun; run it by hand after a sweep in
 which a job failed (Hydra then skips its end-of-sweep callback), after a
@@ -34,7 +34,7 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         counts = records.status_counts(df)
         msg = ", ".join(f"{v} {k}" for k, v in counts.items() if v) or "no runs"
-        print(f"{d}: {len(df)} runs ({msg}) -> summary.parquet, summary.csv")
+        print(f"{d}: {len(df)} runs ({msg}) -> {records.summary_files()}")
         if not args.quiet and len(df):
             cols = [c for c in ("run", "status", "llc_mean", "llc_sem", "point", "error") if c in df.columns]
             with __import__("pandas").option_context("display.width", 160, "display.max_colwidth", 60):

@@ -102,7 +102,7 @@ class NoData(RuntimeError):
 def load_sweep(results: str | os.PathLike, name: str) -> pd.DataFrame:
     """The ``status == "ok"`` rows of sweep ``name`` under ``results/sweeps``.
 
-    Reads ``summary.parquet`` when it is at least as new as every
+    Reads ``summary.parquet`` (with a parquet engine installed) when it is at least as new as every
     ``result.json`` in the sweep, else rebuilds the table from the run
     folders (:func:`experiments.records.collect` without writing).
 
@@ -116,7 +116,7 @@ def load_sweep(results: str | os.PathLike, name: str) -> pd.DataFrame:
         raise NoData(f"no sweep folder {sweep} (run the sweep first; see the README's Figures section)")
     summ = sweep / "summary.parquet"
     newest = max((p.stat().st_mtime for p in sweep.glob(f"*/{records.RESULT_FILE}")), default=0.0)
-    if summ.exists() and summ.stat().st_mtime >= newest:
+    if summ.exists() and summ.stat().st_mtime >= newest and records.parquet_engine() is not None:
         df = pd.read_parquet(summ)
     else:
         df = records.collect(sweep, write=False)

@@ -5,9 +5,10 @@ An experiment run owns one folder.  It finishes by writing ``result.json``
 fsynced, then ``os.replace``), so the file's presence marks the run as done
 and a killed process never leaves a half-written result.  A run that raises
 writes ``failed.json`` with the traceback instead.  Nothing ever appends to a
-shared table: :func:`collect` rebuilds ``summary.parquet`` and ``summary.csv``
-of a sweep folder from the run folders, idempotently, marking failed and
-missing runs instead of dropping them.
+shared table: :func:`collect` rebuilds ``summary.csv`` (and ``summary.parquet``
+when a parquet engine, pyarrow or fastparquet, is installed) of a sweep folder
+from the run folders, idempotently, marking failed and missing runs instead of
+dropping them.
 
 Sweep folder layout (as written by the Hydra entry points in ``experiments/``)::
 
@@ -15,7 +16,7 @@ Sweep folder layout (as written by the Hydra entry points in ``experiments/``)::
     <sweep>/<subdir>/result.json    finished run: status "ok", config, metrics ...
     <sweep>/<subdir>/failed.json    failed run: status "failed", error, traceback
     <sweep>/<subdir>/traces.npz     per-draw traces (chains first)
-    <sweep>/summary.parquet, summary.csv
+    <sweep>/summary.csv, summary.parquet (the latter with a parquet engine)
 
 :func:`scan_sweep` reads that layout (each run's status and record);
 :func:`collect` turns it into the summary table, and ``decompose.py`` combines
@@ -56,13 +57,17 @@ __all__ = [
     "flatten",
     "scan_sweep",
     "collect",
+    "summary_files",
+    "parquet_engine",
     "status_counts",
 ]
 
 RESULT_FILE = "result.json"
 FAILED_FILE = "failed.json"
 SWEEP_FILE = "sweep.json"
-SUMMARY_FILES = ("summary.parquet", "summary.csv")
+SUMMARY_FILES = ("summary.csv", "summary.parquet")
+#: what to install when no parquet engine is: the summary is then written as CSV only
+PARQUET_HINT = 'pip install pyarrow (or pip install -e ".[test]")'
 
 #: statuses that :func:`collect` reports
 STATUSES = ("ok", "failed", "incomplete", "missing")
@@ -390,7 +395,9 @@ def collect(
         Extra expected jobs ``{"subdir": str, "overrides": [str, ...]}``,
         merged with those in ``sweep.json``.
     write
-        Write ``summary.parquet`` and ``summary.csv`` atomically into ``sweep_dir``.
+        Write ``summary.csv`` atomically into ``sweep_dir``, and ``summary.parquet``
+        when a parquet engine is installed (:func:`parquet_engine`; the base install
+        has none, and the CSV holds the same table).
 
     Returns
     -------
@@ -424,11 +431,33 @@ def collect(
         df = pd.DataFrame(columns=["run", "status"])
     df = _arrow_safe(df)
     if write:
-        buf = io.BytesIO()
-        df.to_parquet(buf, index=False)
-        atomic_write_bytes(sweep / "summary.parquet", buf.getvalue())
         atomic_write_bytes(sweep / "summary.csv", df.to_csv(index=False).encode())
+        if parquet_engine() is not None:
+            buf = io.BytesIO()
+            df.to_parquet(buf, index=False)
+            atomic_write_bytes(sweep / "summary.parquet", buf.getvalue())
+        elif (sweep / "summary.parquet").exists():
+            (sweep / "summary.parquet").unlink()  # stale: the CSV is the current table
     return df
+
+
+def parquet_engine() -> str | None:
+    """``"pyarrow"`` or ``"fastparquet"`` if pandas can write parquet here, else ``None``."""
+    import importlib
+
+    for name in ("pyarrow", "fastparquet"):
+        try:
+            importlib.import_module(name)
+        except ImportError:
+            continue
+        return name
+    return None
+
+
+def summary_files() -> str:
+    """The summary files :func:`collect` writes on this install, for messages."""
+    return "summary.csv, summary.parquet" if parquet_engine() is not None else \
+        f"summary.csv (no summary.parquet: no parquet engine; {PARQUET_HINT})"
 
 
 def status_counts(df) -> dict[str, int]:

@@ -15,7 +15,8 @@ It is a composition of named steps, each its own module:
 1. :func:`slt.target.prepare_target` — model, parameters, data, loss, ``w*``,
    nβ, γ and the computation path (``native``, ``vmap`` or ``loop``;
    :mod:`slt.evaluator`);
-2. :func:`slt.stepsize.auto_step_size` — the step size, unless given;
+2. :func:`slt.stepsize.adapt_step_size` — the step size, adapted during burn-in
+   unless given;
 3. :func:`slt.loop.run_chains` — the sampler (:mod:`slt.samplers`, chosen by
    name or value) folded over the target's minibatch stream;
 4. :meth:`slt.LLCResult.from_traces` — estimates and diagnostics per checkpoint.
@@ -54,7 +55,7 @@ from .result import LLCResult
 from .rng import ChainRNG
 from .samplers import LocalizedPotential, SamplerSpec, build_sampler, resolve_sampler
 from .stepsize import STEP_SIZE_SAFETY, adapt_step_size, auto_step_size, initial_step_size, stable_step_size
-from .target import prepare_target
+from .target import fastest_path, prepare_target
 
 __all__ = [
     "estimate_llc",
@@ -133,25 +134,25 @@ def estimate_llc(
         Chains per checkpoint, recorded draws per chain, steps discarded first
         (default ``num_draws // 4``), and steps between draws.
     step_size
-        ε.  Default ``None``: :math:`\epsilon = 0.2/(n\beta\,h_{max} + \gamma)`
-        with :math:`h_{max}` the largest Hessian eigenvalue of :math:`L_n` near
-        ``w*`` (power iteration; see :func:`slt.stepsize.estimate_curvature`), refined by
-        short full-batch pilot chains that re-measure the curvature where the
-        chains actually go (:func:`slt.stepsize.pilot_step_size`; at a singular ``w*`` the
-        curvature near ``w*`` can be zero while the flat directions lead to
-        stiff regions).  SGLD is
-        stable only for :math:`\epsilon\,(n\beta h + \gamma) < 2` in every
-        direction, and its discretisation bias in a direction of curvature κ
-        is about εκ/4; this default keeps it ≤ 5% in the stiffest direction.
-        With minibatches the step is further capped at :math:`0.2/(n\beta^2 s)`,
-        :math:`s` the largest eigenvalue of the minibatch-gradient covariance
-        (see :func:`slt.stepsize.minibatch_gradient_noise`): minibatch noise inflates the
-        sampled variance by about :math:`\epsilon n\beta^2 s/4`, kept ≤ 5%.
-        Confirm with the MALA acceptance (≈ 0.9 or above) and
-        :func:`slt.calibrate`.  ``"adapt"``: dual averaging of ε toward
-        ``target_accept`` during the first 80% of burn-in, one ε per checkpoint,
-        with divergence back-off (:func:`slt.stepsize.adapt_step_size`), then
-        frozen; opt-in (see the README's "Known limitation on real networks").
+        ε.  Default ``None`` (= ``"adapt"``): during the first 80% of burn-in, dual
+        averaging (Hoffman & Gelman 2014, as NUTS/Stan adapt their step) drives
+        ε toward a Metropolis acceptance of ``target_accept`` for the Langevin
+        proposal on the potential being sampled (same minibatch at both
+        points), one ε per checkpoint, starting from
+        :math:`0.2/(n\beta h(w^*) + \gamma)`; a chain that diverges while adapting
+        halves its checkpoint's ε and restarts from ``w*``; then ε is frozen
+        (:func:`slt.stepsize.adapt_step_size`).  SGLD has no accept/reject step:
+        the acceptance only measures its discretisation error, whose bias on
+        E[L] is about εκ/4 in a direction of curvature κ.  ``"curvature"``: the
+        earlier one-shot rule :math:`\epsilon = 0.2/(n\beta\,h_{max} + \gamma)`
+        with :math:`h_{max}` measured near ``w*`` and by short pilot chains,
+        capped at :math:`0.2/(n\beta^2 s)` with minibatch-gradient noise
+        :math:`s` (:func:`slt.stepsize.auto_step_size`); it is cheap but returns
+        steps far too small on networks (chains that do not move) and too large
+        on higher-order singularities.  With either automatic rule, a run in
+        which chains diverge is repeated with the step of those checkpoints
+        halved (at most ``MAX_HALVINGS`` = 2 times; ``diagnostics["step_size_halvings"]``).
+        A number is used as given.
     nbeta
         nβ.  Default :func:`default_nbeta` (n / log n, β = 1/log n).
     localization
@@ -179,11 +180,13 @@ def estimate_llc(
         ``"auto"`` (native if the model has ``forward_chains``, else vmap, else
         a loop with a warning), ``"native"``, ``"vmap"``, ``"loop"``.
     mala_every
-        Compute the MALA acceptance diagnostic every this many steps (costs one
-        extra gradient evaluation each time on minibatches; 0 disables).
+        Compute the MALA acceptance diagnostic every this many steps (0 disables).
+        For SGLD and RMSProp-SGLD it is free: the evaluation at the proposal
+        becomes the next step's, on the same minibatch (``reuse_batch``); other
+        samplers pay one extra gradient evaluation each time on minibatches.
     target_accept
-        With ``step_size="adapt"``: the target Metropolis acceptance of the
-        Langevin proposal (default 0.97).
+        With the adapted step: the target Metropolis acceptance of the
+        Langevin proposal (default 0.99; see :data:`slt.defaults.LLC`).
     divergence_threshold
         A chain is divergent when its loss or parameters become non-finite or
         :math:`n\beta(L_B(w) - L_B(w^*))` exceeds this (default
@@ -225,21 +228,9 @@ def estimate_llc(
     """
 
     t_setup = time.perf_counter()
-    num_chains = check_int("num_chains", num_chains, 1)
-    num_draws = check_int("num_draws", num_draws, 1)
-    num_burnin = check_int("num_burnin", num_draws // 4 if num_burnin is None else num_burnin, 0)
-    num_steps_bw_draws = check_int("num_steps_bw_draws", num_steps_bw_draws, 1)
-    mala_every = check_int("mala_every", mala_every, 0)
-    if step_size is not None and step_size != "adapt":
-        check_real("step_size", step_size, positive=True)
-    if nbeta is not None:
-        check_real("nbeta", nbeta, positive=True)
-    if localization is not None:
-        check_real("localization", localization, nonnegative=True)
-    if batch_size is not None:
-        batch_size = check_int("batch_size", batch_size, 1)
-    if not (isinstance(target_accept, (int, float)) and 0.0 < target_accept < 1.0):
-        raise ValueError(f"target_accept must lie in (0, 1), got {target_accept!r}")
+    num_chains, num_draws, num_burnin, num_steps_bw_draws, mala_every, batch_size = _check_arguments(
+        num_chains, num_draws, num_burnin, num_steps_bw_draws, mala_every, step_size, nbeta, localization,
+        batch_size, target_accept)
     spec = resolve_sampler(sampler)
 
     # 1. the target, its random streams and its minibatches
@@ -250,9 +241,9 @@ def estimate_llc(
     rng = ChainRNG(target.seeds, C, dev)
     batches = target.batches(rng, C, batch_size, control_variate=control_variate, shared=shared_batches)
 
-    # 2. the step size: given, automatic (curvature rule), or adapted during burn-in ("adapt")
-    auto = auto_step_size(target, batches) if step_size is None else None
-    potential = LocalizedPotential(target.evaluator.loss_and_grad, rows, target.nbeta, target.localization)
+    # 2. the step size: adapted during burn-in (default), the curvature rule, or given
+    rule = _step_size_rule(step_size)
+    auto = auto_step_size(target, batches) if rule == "curvature" else None
     kw = {"deterministic": batches.full, **dict(sampler_kwargs or {})}
     num_steps = num_burnin + num_draws * num_steps_bw_draws
     thresh = divergence_threshold if divergence_threshold is not None else 1000.0 * max(target.d, 1)
@@ -260,12 +251,15 @@ def estimate_llc(
         num_threads = small_work_threads(K * C * (batches.batch_size or 1) * target.d, dev)
     if num_threads is not None:
         num_threads = check_int("num_threads", num_threads, 1)
-    n_adapt = num_burnin - num_burnin // 5 if step_size == "adapt" else 0
+    n_adapt = num_burnin - num_burnin // 5 if rule == "adapt" else 0
     with intra_op_threads(num_threads):
+        if vectorize == "auto":  # vmap or the loop, whichever is measured faster here
+            target = fastest_path(target, rows, None if batches.full else batches.batch_size)
+        potential = LocalizedPotential(target.evaluator.loss_and_grad, rows, target.nbeta, target.localization)
         state = build_sampler(spec, potential, 1.0, mala_every=0, **kw).init(rows)
         setup_seconds = time.perf_counter() - t_setup
         adapt = None
-        if step_size == "adapt":
+        if rule == "adapt":
             eps0, _ = initial_step_size(target, batches)
             state, adapt = adapt_step_size(spec, potential, state, batches, rng, n_adapt, eps0, C, threshold=thresh,
                                            target_accept=target_accept, **kw)
@@ -273,25 +267,29 @@ def estimate_llc(
                else adapt.step_size.to(target.dtype).repeat_interleave(C).unsqueeze(1))
         adapt_seconds = time.perf_counter() - t_setup - setup_seconds
 
-        # 3. the sampler, folded over the batches
-        smp = build_sampler(spec, potential, eps, mala_every=mala_every, **kw)
-        _, trace = run_chains(
-            smp, state, batches, rng, num_steps - n_adapt, num_burnin=num_burnin - n_adapt, thin=num_steps_bw_draws,
-            observe=_observe(target.spec, observables),
-            divergence=Divergence(thresh, target.nbeta, rows, 10 if dev.type == "cpu" else 25),
-            nbeta=target.nbeta, progress=show_progress(progress, num_steps * K * C), start=n_adapt,
-        )
-    _warn_divergent(trace.diverged, trace.divergence_step, C, thresh)
-    if raise_on_divergence:
+        # 3. the sampler, folded over the batches; an automatic step that lets chains diverge is halved
+        for halvings in range(MAX_HALVINGS + 1 if rule != "given" else 1):
+            smp = build_sampler(spec, potential, eps, mala_every=mala_every, **kw, **_free_mala(spec, kw))
+            _, trace = run_chains(
+                smp, state, batches, rng, num_steps - n_adapt, num_burnin=num_burnin - n_adapt,
+                thin=num_steps_bw_draws, observe=_observe(target.spec, observables),
+                divergence=Divergence(thresh, target.nbeta, rows, 10 if dev.type == "cpu" else 25),
+                nbeta=target.nbeta, progress=show_progress(progress, num_steps * K * C), start=n_adapt,
+            )
+            bad = trace.diverged.view(K, C).any(1)
+            if rule == "given" or halvings == MAX_HALVINGS or not bool(bad.any()):
+                break
+            eps = _halve(eps, bad, C, target.dtype)
+    if raise_on_divergence:  # before the warning: the error names the same chains
         _raise_if_all_diverged(trace.diverged.view(K, C).all(1), spec, potential, target, rows, eps, thresh,
                                min(200, num_steps), None if batches.full else batches.batch_size, kw)
+    _warn_divergent(trace.diverged, trace.divergence_step, C, thresh)
 
     # 4. one result per checkpoint
     config = {
         "num_chains": C, "num_draws": num_draws, "num_burnin": num_burnin,
-        "num_steps_bw_draws": num_steps_bw_draws, "step_size_auto": step_size is None or step_size == "adapt",
-        "step_size_rule": "curvature" if step_size is None else step_size if step_size == "adapt" else "given",
-        "target_accept": target_accept if step_size == "adapt" else None,
+        "num_steps_bw_draws": num_steps_bw_draws, "step_size_auto": rule != "given", "step_size_rule": rule,
+        "target_accept": target_accept if rule == "adapt" else None,
         "nbeta": target.nbeta, "localization": target.localization,
         "batch_size": None if batches.full else batches.batch_size, "n": target.n, "sampler": smp.name,
         "sampler_kwargs": {**spec.kwargs, **dict(sampler_kwargs or {})}, "device": str(dev),
@@ -303,11 +301,12 @@ def estimate_llc(
     results = []
     for k in range(K):
         tr = trace.rows(slice(k * C, (k + 1) * C))
-        eps_k = float(adapt.step_size[k]) if adapt is not None else float(eps)
+        eps_k = float(eps[k * C]) if isinstance(eps, Tensor) else float(eps)
         diag = {
             "path": target.path, "path_reason": target.path_reason,
             "seconds": trace.seconds, "setup_seconds": setup_seconds, "adapt_seconds": adapt_seconds,
             "chain_steps_per_second": (num_steps - n_adapt) * K * C / max(trace.seconds, 1e-12),
+            "step_size_halvings": halvings,
         }
         burnin = tr.burnin if adapt is None else torch.cat([adapt.loss_trace[k * C:(k + 1) * C].cpu(), tr.burnin], 1)
         diag.update(_step_size_diagnostics(auto, adapt, k))
@@ -321,6 +320,60 @@ def estimate_llc(
             warnings.warn(f"slt.estimate_llc (checkpoint {k}): {w}", RuntimeWarning, stacklevel=2)
         results.append(res)
     return results if target.is_batch else results[0]
+
+
+def _check_arguments(num_chains, num_draws, num_burnin, num_steps_bw_draws, mala_every, step_size, nbeta,
+                     localization, batch_size, target_accept) -> tuple:
+    """Validated counts ``(num_chains, num_draws, num_burnin, num_steps_bw_draws, mala_every, batch_size)``;
+    a clear error for any bad argument, before anything is prepared."""
+    num_chains = check_int("num_chains", num_chains, 1)
+    num_draws = check_int("num_draws", num_draws, 1)
+    num_burnin = check_int("num_burnin", num_draws // 4 if num_burnin is None else num_burnin, 0)
+    num_steps_bw_draws = check_int("num_steps_bw_draws", num_steps_bw_draws, 1)
+    mala_every = check_int("mala_every", mala_every, 0)
+    if _step_size_rule(step_size) == "given":
+        check_real("step_size", step_size, positive=True)
+    if nbeta is not None:
+        check_real("nbeta", nbeta, positive=True)
+    if localization is not None:
+        check_real("localization", localization, nonnegative=True)
+    if batch_size is not None:
+        batch_size = check_int("batch_size", batch_size, 1)
+    if not (isinstance(target_accept, (int, float)) and 0.0 < target_accept < 1.0):
+        raise ValueError(f"target_accept must lie in (0, 1), got {target_accept!r}")
+    return num_chains, num_draws, num_burnin, num_steps_bw_draws, mala_every, batch_size
+
+
+#: With an automatic step size, how many times a run whose chains diverged is repeated with the
+#: step of the affected checkpoints halved.
+MAX_HALVINGS = 2
+#: The automatic step-size rules by name (``step_size=None`` is the default rule).
+STEP_SIZE_RULES = ("adapt", "curvature")
+
+
+def _step_size_rule(step_size: float | str | None) -> str:
+    """``"adapt"`` (the default, ``None``), ``"curvature"``, or ``"given"`` for a number."""
+    if step_size is None:
+        return "adapt" if LLC.step_size is None else _step_size_rule(LLC.step_size)
+    if isinstance(step_size, str):
+        if step_size not in STEP_SIZE_RULES:
+            raise ValueError(f"step_size must be a positive number, None, or one of {STEP_SIZE_RULES}, got {step_size!r}")
+        return step_size
+    return "given"
+
+
+def _free_mala(spec: SamplerSpec, kw: Mapping[str, Any]) -> dict[str, Any]:
+    """``reuse_batch=True`` for samplers that take it (SGLD, RMSProp-SGLD): the MALA diagnostic's
+    evaluation at the proposal becomes the next step's, on the same minibatch, so it costs nothing."""
+    return {"reuse_batch": True} if spec.accepts("reuse_batch") and "reuse_batch" not in kw else {}
+
+
+def _halve(eps: float | Tensor, checkpoints: Tensor, C: int, dtype: torch.dtype) -> Tensor:
+    """Per-row steps ``(K*C, 1)`` with those of ``checkpoints`` (K,) bool halved."""
+    K = checkpoints.shape[0]
+    rows = eps.clone() if isinstance(eps, Tensor) else torch.full((K * C, 1), float(eps), dtype=dtype,
+                                                                  device=checkpoints.device)
+    return torch.where(checkpoints.repeat_interleave(C).unsqueeze(1).to(rows.device), rows / 2, rows)
 
 
 def _observe(spec: Any, observables: Mapping[str, Observable] | None) -> Callable[[Tensor], dict] | None:

@@ -26,7 +26,7 @@ per-sample losses at w* the same way; plain tensors keep the tensor code path.
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 from torch import Tensor, nn
 import torch
@@ -244,11 +244,63 @@ class ChainEvaluator:
                 losses, grads = self.model.loss_and_grad_chains(params, b.x, b.y, b.weights, self.adapter.loss_fn)
             grad = torch.cat([grads[n].reshape(C, -1) for n in self.spec.names], dim=1)
             return losses, grad
+        if self.path == "loop":
+            return self._loop_loss_and_grad(flat, batch)
+        if self.path == "vmap":
+            return self._vmap_loss_and_grad(flat, batch)
         with torch.enable_grad():
             p = flat.detach().requires_grad_(True)
             losses = self.losses(p, batch)
             (grad,) = torch.autograd.grad(losses.sum(), p)
         return losses.detach(), grad
+
+    def _leaves(self, flat: Tensor) -> dict[str, Tensor]:
+        """Views of ``flat`` per parameter, each a leaf that requires grad: autograd then returns
+        each parameter's gradient directly (no backward through a split of the flat vector, which
+        for the loop path zero-fills a whole (C, d) tensor per chain)."""
+        return {n: v.detach().requires_grad_(True) for n, v in self.spec.unflatten(flat.detach()).items()}
+
+    def _gather_grad(self, grads: Sequence[Tensor | None], leaves: Sequence[Tensor], out: Tensor) -> Tensor:
+        """Per-parameter gradients (``None``: unused, zero) written into ``out`` (..., d) in one copy."""
+        lead = out.shape[:-1]
+        parts = [(torch.zeros_like(v) if g is None else g).reshape(*lead, -1) for g, v in zip(grads, leaves)]
+        return torch.cat(parts, dim=-1, out=out)
+
+    def _vmap_loss_and_grad(self, flat: Tensor, batch: Batch) -> tuple[Tensor, Tensor]:
+        buffers = self.buffers
+
+        def one(params: dict[str, Tensor], xb: Any, yb: Any, wb: Tensor | None) -> Tensor:
+            out = call_module(self.model, {**params, **buffers}, xb, self.aliases)
+            return self.adapter.single_loss(out, yb, wb)
+
+        bd = None if batch.shared else 0  # a shared batch is broadcast, not copied
+        in_dims = (0, bd, bd, bd if batch.weights is not None else None)
+        leaves = self._leaves(flat)
+        with torch.enable_grad():
+            losses = torch.vmap(one, in_dims=in_dims)(leaves, batch.x, batch.y, batch.weights)
+            grads = torch.autograd.grad(losses.sum(), list(leaves.values()), allow_unused=True)
+        return losses.detach(), self._gather_grad(grads, list(leaves.values()), torch.empty_like(flat))
+
+    def _loop_loss_and_grad(self, flat: Tensor, batch: Batch) -> tuple[Tensor, Tensor]:
+        """One chain at a time, forward then backward (activations of one chain alive at once)."""
+        C = flat.shape[0]
+        losses = torch.empty(C, dtype=flat.dtype, device=flat.device)
+        grad = torch.empty_like(flat)
+        for c in range(C):
+            leaves = self._leaves(flat[c])
+            if batch.shared:
+                xc, yc, wc = batch.x, batch.y, batch.weights
+            else:
+                xc = _index(batch.x, c)
+                yc = xc if batch.y is batch.x else _index(batch.y, c)
+                wc = None if batch.weights is None else batch.weights[c]
+            with torch.enable_grad():
+                loss = self.adapter.single_loss(
+                    call_module(self.model, {**leaves, **self.buffers}, xc, self.aliases), yc, wc)
+                grads = torch.autograd.grad(loss, list(leaves.values()), allow_unused=True)
+            losses[c] = loss.detach()
+            self._gather_grad(grads, list(leaves.values()), grad[c])
+        return losses, grad
 
     def per_sample(self, flat: Tensor, x: Any, y: Any) -> Tensor:
         """(K, d), (n, ...), (n, ...) -> (K, n) per-sample losses, no grad."""

@@ -763,15 +763,17 @@ def classify_point(
       ``rank_tol``, ``dead_tol``), ``summands`` (feature index lists),
       ``direct_sum`` (bool);
     * ``name``: the polygon name when the live columns are a regular polygon
-      with equal biases (so a square stays ``"4-gon"`` although it is
-      ``2-gon ⊕ 2-gon``); otherwise, when the live columns are not planar or
-      split into several summands and every summand has a recognised label
-      (k-gon, tetrahedron/simplex), the decomposition name -- in parentheses
-      when it has several summands -- followed by one ``"+"`` per
-      positive-bias dead column: ``"(3-gon ⊕ 2-gon)"`` for a triangular
-      bipyramid, ``"(1-gon ⊕ 1-gon)"`` for two orthogonal features,
-      ``"tetrahedron+"``; ``None`` otherwise (the decomposition names only
-      the geometry of :math:`W`; biases may differ between summands).
+      with equal biases within ``tol`` (so a square stays ``"4-gon"``
+      although it is ``2-gon ⊕ 2-gon``); otherwise, when every summand of
+      the decomposition has a recognised label (k-gon, tetrahedron/simplex),
+      the decomposition name -- in parentheses when it has several summands
+      -- followed by one ``"+"`` per positive-bias dead column: ``"6-gon"``
+      for a trained hexagon whose biases differ by more than ``tol`` (finite
+      data), ``"(3-gon ⊕ 2-gon)"`` for a triangular bipyramid,
+      ``"(1-gon ⊕ 1-gon)"`` for two orthogonal features, ``"tetrahedron+"``;
+      ``None`` otherwise.  So ``name`` never contradicts ``decomposition``
+      (which names only the geometry of :math:`W`; biases may differ between
+      and within summands: see ``equal_biases`` and ``regular``).
 
     Parameters
     ----------
@@ -798,7 +800,7 @@ def classify_point(
     info["summands"] = dec.partition
     info["direct_sum"] = dec.is_direct_sum
     recognised = bool(dec.summands) and all(" features in " not in s.label for s in dec.summands)
-    if info["name"] is None and recognised and (len(dec.summands) > 1 or not info["planar"]):
+    if info["name"] is None and recognised:
         core = dec.name if len(dec.summands) == 1 else f"({dec.name})"
         info["name"] = core + "+" * len(info["dead_positive_bias"])
     return info

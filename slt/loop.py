@@ -9,6 +9,8 @@ source.  It records, rows first,
   variate :math:`L_{B_t}(w^*)` and the observables evaluated at :math:`w_t`;
 * during burn-in: the loss;
 * the MALA acceptance of the draws' proposals, when the sampler computes it;
+* batches: a state that carries a cache (the sampler's evaluation at its new position,
+  e.g. SGLD after a MALA step with ``reuse_batch``) is stepped on the same batch again;
 * divergence: every ``divergence.every`` steps a row whose loss or parameters
   are non-finite, or whose :math:`n\beta(L_B(w) - L_B(w^*))` exceeds the
   threshold, is marked divergent at that step and put back at ``w*`` through
@@ -94,6 +96,10 @@ class Divergence:
     every: int = 10
 
 
+#: the progress bar (and its running λ̂) is redrawn at most this often, whatever a step costs
+PROGRESS_SECONDS = 0.5
+
+
 def show_progress(progress: bool | None, work: int, threshold: int = 20000) -> bool:
     """``progress`` if given, else on a terminal when ``work`` (chain-steps) reaches ``threshold``."""
     return progress if progress is not None else (sys.stderr.isatty() and work >= threshold)
@@ -154,11 +160,11 @@ def run_chains(
     diverged = torch.zeros(R, dtype=torch.bool, device=dev)
     div_step = torch.full((R,), -1, dtype=torch.long, device=dev)
     bar = tqdm(total=num_steps, disable=not progress, desc=desc, unit="step", leave=False)
-    refresh = max(1, num_steps // 100)
-    t0 = time.perf_counter()
+    t0 = last = time.perf_counter()
     draw = 0
+    held = None  # (batch, L_B(w*)) of a state that carries its evaluation on that batch
     for t in range(num_steps):
-        batch, star = batches()
+        batch, star = held if held is not None else batches()
         w_t = state.params  # the draw: loss and observables are taken here
         state, info = sampler.step(state, batch, rng)
         in_draws = t >= num_burnin
@@ -183,7 +189,9 @@ def run_chains(
                 div_step = torch.where(bad, torch.full_like(div_step, start + t), div_step)
                 diverged |= bad
                 state = sampler.reset(state, diverged, divergence.w_star)
-        if progress and (t % refresh == 0 or t == num_steps - 1):
+        held = (batch, star) if getattr(state, "cache", None) is not None else None
+        if progress and ((now := time.perf_counter()) - last >= PROGRESS_SECONDS or t == num_steps - 1):
+            last = now
             bar.update(t + 1 - bar.n)
             if draw > 0:
                 ok = ~diverged

@@ -33,7 +33,6 @@ they only measure where the chains started, and ``mixed`` says so.
 from __future__ import annotations
 
 import math
-import sys
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Hashable, Mapping, Sequence
@@ -43,6 +42,7 @@ import torch
 from torch import Tensor, nn
 
 from ._checks import check_int, check_real
+from .loop import show_progress
 from .params import ParamSpec
 from .samplers import LocalizedPotential, langevin_step, mala_acceptance
 from .stepsize import power_iteration
@@ -387,8 +387,11 @@ def sample_posterior(
     acc_sum = torch.zeros(C, dtype=torch.float64)
     from tqdm.auto import tqdm
 
-    show = progress if progress is not None else (sys.stderr.isatty() and total * C * R >= 500_000)
-    bar = tqdm(total=total, disable=not show, desc="posterior", unit="step", leave=False)
+    show = show_progress(progress, total * C * R, threshold=500_000)
+    # updated every step (redrawn at most every 0.5 s): steps/s, ETA, draws, draws/s, MALA acceptance, swap rate
+    bar = tqdm(total=total, disable=not show, desc=f"posterior ({C} chains × {R} rungs)", unit="step",
+               leave=False, mininterval=0.5)
+    t_post, t_burn = 0.0, None
     t0 = time.perf_counter()
     j = 0
     for t in range(total):
@@ -424,8 +427,20 @@ def sample_posterior(
             draws[:, :, j] = w.view(R, C, d).double().cpu()
             losses[:, j] = L[:C].double().cpu()
             j += 1
-        if t % 1000 == 999:
-            bar.update(1000)
+        if show:
+            if t == burn - 1 or (burn == 0 and t == 0):
+                t_burn = time.perf_counter()
+            bar.update(1)
+            now = time.perf_counter()
+            if now - t_post >= 1.0 or t == total - 1:
+                t_post = now
+                post = {"draws": f"{j}/{T}"}
+                if t_burn is not None and j > 0:
+                    post["draws_per_s"] = f"{j / max(now - t_burn, 1e-9):.3g}"
+                post["mala"] = f"{float(acc_sum.mean()) / (t + 1):.2f}"
+                if R > 1:
+                    post["swap"] = f"{float(swap_acc.sum() / swap_tries.sum().clamp_min(1)):.2f}"
+                bar.set_postfix(post, refresh=False)
     bar.close()
     config = {"n": target.n, "nbeta": nb, "prior_std": sigma, "step_size": eps, "rung_step_sizes": eps_r,
               "hessian_max": h, "temperatures": ladder, "swap_every": every,

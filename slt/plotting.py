@@ -1,4 +1,4 @@
-"""Plots of LLC runs: loss traces per chain and calibration grids."""
+"""Plots of LLC runs: per-draw nβΔL traces with the running λ̂, and calibration grids."""
 
 from __future__ import annotations
 
@@ -29,36 +29,90 @@ def _has_display() -> bool:
     return bool(os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY"))
 
 
-def plot_trace(result: "LLCResult", ax: Any = None, *, include_burnin: bool = True, title: str | None = None):
-    """Loss trace of every chain with ``L(w*)`` marked.
+def plot_trace(
+    result: "LLCResult",
+    ax: Any = None,
+    *,
+    include_burnin: bool = True,
+    title: str | None = None,
+    max_chains: int = 4,
+    max_points: int = 400,
+):
+    r"""What the estimate and its diagnostics measure, per draw: :math:`n\beta\,\Delta L`.
 
-    Divergent chains are drawn dashed; burn-in steps (if recorded) are shaded.
-    Returns the matplotlib Figure.
+    Draws ``result.llc_trace``, the control-variate-corrected
+    :math:`n\beta\,(L_B(w_t) - L_B(w^*))` (both losses on the same minibatch; the
+    full-batch :math:`n\beta\,(L_n(w_t) - L_n(w^*))` for NUTS), whose mean is
+    :math:`\hat\lambda` and whose sign is the "draws below :math:`L(w^*)`" diagnostic:
+
+    * the draws of ``max_chains`` chains (thinned to at most ``max_points`` per chain,
+      one colour each; divergent chains dashed), 0 (= :math:`L(w^*)`) marked;
+    * each shown chain's running mean (bold) and the running :math:`\hat\lambda` over all
+      valid chains (black), ending at ``result.llc_mean`` (± s.e. at the right end);
+    * the burn-in (shaded, when recorded and ``include_burnin``): block means (50 blocks)
+      of :math:`n\beta\,(L_B(w_t) - L_n(w^*))` of the same chains, uncorrected (the
+      burn-in keeps no per-batch :math:`L_B(w^*)`), so whether the chains had settled shows.
+
+    The legend is placed outside the axes, to the right.  Returns the matplotlib Figure.
     """
     plt = _plt()
     if ax is None:
-        fig, ax = plt.subplots(figsize=(7, 4))
+        fig, ax = plt.subplots(figsize=(8.5, 4))
     else:
         fig = ax.figure
+    tr = result.llc_trace.double().numpy()  # (C, T)
+    C, T = tr.shape
+    nbeta = float(result.nbeta)
     burn = result.burnin_loss_trace if include_burnin else None
-    nb = 0 if burn is None else burn.shape[1]
+    nb = 0 if burn is None else int(burn.shape[1])
+    thin = int(result.config.get("num_steps_bw_draws", 1) or 1)
     div = set(result.divergent_chains)
-    thin = int(result.config.get("num_steps_bw_draws", 1))
-    for c in range(result.num_chains):
-        y = result.loss_trace[c].double().numpy()
-        x = nb + np.arange(y.shape[0]) * thin
+    x = nb + np.arange(T) * thin
+    shown = list(range(min(C, max(1, int(max_chains)))))
+    every = max(1, -(-T // max(1, int(max_points))))  # thin the drawn points, not the means
+    for c in shown:
         style = "--" if c in div else "-"
-        line = ax.plot(x, y, style, lw=0.7, alpha=0.8, label=f"chain {c}" + (" (divergent)" if c in div else ""))[0]
-        if nb:
-            ax.plot(np.arange(nb), burn[c].double().numpy(), style, lw=0.7, alpha=0.4, color=line.get_color())
+        lab = f"chain {c}" + (" (divergent)" if c in div else "")
+        pts = ax.plot(x[::every], tr[c, ::every], style, lw=0.5, alpha=0.35)[0]
+        col = pts.get_color()
+        with np.errstate(invalid="ignore", divide="ignore"):
+            run_c = np.nancumsum(tr[c]) / np.cumsum(np.isfinite(tr[c]))
+        ax.plot(x, run_c, style, lw=1.6, color=col, label=f"{lab}: running mean")
+        if nb:  # block means: the uncorrected minibatch noise would swamp the panel
+            yb = nbeta * (burn[c].double().numpy() - float(result.init_loss))
+            k = max(1, nb // 50)
+            m_b = nb // k
+            xb = np.arange(m_b) * k + (k - 1) / 2
+            ax.plot(xb, yb[: m_b * k].reshape(m_b, k).mean(1), style, lw=1.0, alpha=0.6, color=col)
+    valid = [c for c in range(C) if c not in div]
+    if valid:
+        with np.errstate(invalid="ignore", divide="ignore"):
+            run = np.nancumsum(np.nanmean(tr[valid], 0)) / np.arange(1, T + 1)
+        ax.plot(x, run, color="k", lw=2.0, label=rf"running $\hat\lambda$ ({len(valid)} chains)")
+    m, se = float(result.llc_mean), float(result.llc_sem)
+    if np.isfinite(m) and T:
+        se = se if np.isfinite(se) else 0.0
+        x_end = x[-1] if T else nb
+        ax.errorbar([x_end], [m], yerr=[se], fmt="o", color="k", ms=4, capsize=3,
+                    label=rf"$\hat\lambda$ = {m:.3g} ± {se:.2g}")
+    ax.axhline(0.0, color="0.3", lw=0.9, ls=":", label=r"0: $L(w^*)$ (draws below it are < 0)")
     if nb:
-        ax.axvspan(0, nb, color="0.9", zorder=0, label="burn-in")
-    ax.axhline(result.init_loss, color="k", lw=1.2, label=r"$L(w^*)$")
-    ax.set_xlabel("SGLD step")
-    ax.set_ylabel(r"minibatch loss $L_B(w_t)$")
-    ax.set_title(title or f"LLC = {result.llc_mean:.3g} ± {result.llc_sem:.2g} ({result.sampler})")
-    if result.num_chains <= 10:
-        ax.legend(fontsize=7, ncol=2, loc="upper right")
+        ax.axvspan(0, nb, color="0.92", zorder=0, label="burn-in (block means, uncorrected)")
+    if len(shown) < C:
+        ax.plot([], [], " ", label=f"({len(shown)} of {C} chains drawn)")
+    ax.set_xlabel("SGLD step" if result.sampler != "nuts" else "iteration")
+    ax.set_ylabel(r"$n\beta\,(L_B(w_t) - L_B(w^*))$ per draw")
+    frac = result.diagnostics.get("frac_below_init")
+    sub = f"; {frac:.1%} of draws below L(w*)" if isinstance(frac, float) and np.isfinite(frac) else ""
+    ax.set_title(title or f"LLC = {m:.3g} ± {float(result.llc_sem):.2g} ({result.sampler}){sub}", fontsize=9)
+    # a robust y-range: the bulk of the draws, the running means and 0 (single outliers would flatten it)
+    finite = tr[shown][np.isfinite(tr[shown])]
+    if finite.size:
+        lo, hi = np.percentile(finite, [0.5, 99.5])
+        lo, hi = min(lo, 0.0), max(hi, m if np.isfinite(m) else hi)
+        pad = 0.08 * (hi - lo or 1.0)
+        ax.set_ylim(lo - pad, hi + pad)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0, frameon=False)
     fig.tight_layout()
     return fig
 

@@ -93,6 +93,7 @@ from ._checks import check_int, check_real
 from ._runtime import intra_op_threads, small_work_threads, versions
 from .data import as_source
 from .defaults import default_localization, default_nbeta
+from .loop import show_progress
 from .params import ParamSpec
 from .result import LLCResult
 from .target import Target, prepare_target
@@ -185,7 +186,7 @@ def _run_nuts(
     max_tree_depth: int,
     target_accept_prob: float,
     full_mass: bool,
-    progress: bool,
+    progress: bool | None,
 ) -> dict[str, Any]:
     """C sequential NUTS chains on U(w) = nβ L_n(w) + γ/2 ‖w − center‖², started at w*.
 
@@ -203,18 +204,37 @@ def _run_nuts(
             U = U + 0.5 * gamma * (w - center).square().sum()
         return U
 
+    from tqdm.auto import tqdm
+
+    # one bar over all chains (they run one after another), updated every iteration (redrawn at most
+    # every 0.5 s): iterations/s and ETA of the whole call, the chain and stage, and the last
+    # iteration's cost in gradients (2^depth) -- NUTS's cost follows the posterior's geometry
+    show = show_progress(progress, num_chains * (num_draws + num_warmup), threshold=1)
+    bar = tqdm(total=num_chains * (num_draws + num_warmup), disable=not show, desc="NUTS", unit="it",
+               leave=False, mininterval=0.5)
     draws, evals, pyro_diag, step_sizes, warm_secs, secs = [], [], [], [], [], []
     for c, s in enumerate(_chain_seeds(seed, num_chains)):
         per_step: list[int] = []
-        mark: dict[str, Any] = {"evals": 0, "t_warm": None}
+        mark: dict[str, Any] = {"evals": counter["evals"], "t_warm": None, "t_post": 0.0}  # counter spans chains
         t0 = time.perf_counter()
 
-        def hook(kernel, params, stage, i, per_step=per_step, mark=mark, t0=t0):
-            if stage.startswith("Sample"):
+        def hook(kernel, params, stage, i, per_step=per_step, mark=mark, t0=t0, c=c):
+            sampling = stage.startswith("Sample")
+            if sampling:
                 if mark["t_warm"] is None:
                     mark["t_warm"] = time.perf_counter() - t0
                 per_step.append(counter["evals"] - mark["evals"])
                 mark["accept"] = float(getattr(kernel, "_mean_accept_prob", float("nan")))  # reset by cleanup()
+            if show:
+                bar.update(1)
+                now = time.perf_counter()
+                if now - mark["t_post"] >= 1.0:
+                    mark["t_post"] = now
+                    post = {"chain": f"{c + 1}/{num_chains}", "stage": "sample" if sampling else "warmup",
+                            "grads_per_it": counter["evals"] - mark["evals"]}
+                    if sampling and mark["t_warm"] is not None and len(per_step) > 0:
+                        post["draws_per_s"] = f"{len(per_step) / max(now - t0 - mark['t_warm'], 1e-9):.3g}"
+                    bar.set_postfix(post, refresh=False)
             mark["evals"] = counter["evals"]
 
         with _seeded_global_rng(s, full.target.device):
@@ -225,7 +245,7 @@ def _run_nuts(
             mcmc = MCMC(
                 kernel, num_samples=num_draws, warmup_steps=num_warmup,
                 initial_params={"w": full.w_star.clone()}, hook_fn=hook,
-                disable_progbar=not progress,
+                disable_progbar=True,  # our bar above spans all chains
             )
             mcmc.run()
         secs.append(time.perf_counter() - t0)
@@ -240,6 +260,7 @@ def _run_nuts(
             "mean_accept_prob": float(mark.get("accept", float("nan"))),
         })
         step_sizes.append(float(kernel.step_size))
+    bar.close()
     return {
         "draws": torch.stack(draws),  # (C, T, d)
         "grad_evals": torch.tensor(evals, dtype=torch.float64),  # (C, T)
@@ -348,7 +369,7 @@ def nuts_llc(
     dtype: torch.dtype = torch.float64,
     device: str | torch.device | None = "cpu",
     force: bool = False,
-    progress: bool = False,
+    progress: bool | None = None,
 ) -> LLCResult:
     r"""LLC by NUTS on exactly the localized tempered posterior SGLD samples.
 
@@ -387,7 +408,8 @@ def nuts_llc(
     force
         Run even above :data:`NUTS_MAX_PARAMS` parameters.
     progress
-        Pyro's progress bar.
+        A progress bar over all chains (iterations/s, ETA, chain, warmup or sampling, gradients
+        of the last iteration, draws/s), updated every iteration; ``None`` (default): on a terminal.
 
     Returns
     -------
@@ -554,6 +576,7 @@ def compare(
     reference: float | None = None,
     title: str = "",
     verbose: bool = False,
+    progress: bool | None = None,
     **sgld_kwargs: Any,
 ) -> ComparisonResult:
     r"""SGLD at each step size and NUTS on the same localized posterior.
@@ -587,6 +610,8 @@ def compare(
         Printed above the table and used as the plot title.
     verbose
         Print each row as it finishes.
+    progress
+        Progress bars of the NUTS run and of each SGLD run (``None``, default: on a terminal).
     **sgld_kwargs
         Passed to :func:`slt.estimate_llc` (e.g. ``batch_size=None``, ``dtype``).
 
@@ -626,12 +651,13 @@ def compare(
     ref = None
     if nuts:
         ref = nuts_llc(model, data, loss_fn, nbeta=nb, localization=gamma, num_chains=nuts_chains,
-                       num_draws=nuts_draws, seed=seed, **dict(nuts_kwargs or {}))
+                       num_draws=nuts_draws, seed=seed, **{"progress": progress, **dict(nuts_kwargs or {})})
         if verbose:
             print(f"NUTS: λ̂ = {ref.llc_mean:.4g} ± {ref.llc_sem:.2g}", flush=True)
     for eps in eps_list:
         r = estimate_llc(model, data, loss_fn, step_size=eps, nbeta=nb, localization=gamma,
-                         num_chains=num_chains, num_draws=num_draws, seed=seed, **sgld_kwargs)
+                         num_chains=num_chains, num_draws=num_draws, seed=seed,
+                         **{"progress": progress, **sgld_kwargs})
         sgld.append(r)
         if verbose:
             print(f"SGLD ε = {eps:.2e}: λ̂ = {r.llc_mean:.4g} ± {r.llc_sem:.2g}", flush=True)
@@ -771,7 +797,7 @@ def _wls(x: np.ndarray, y: np.ndarray, s: np.ndarray) -> tuple[float, float, flo
 def _global_runs(
     model, data, loss_fn, *, betas_rel: Sequence[float], prior_std: float | None, prior_mean: Any,
     num_chains: int, num_draws: int, num_warmup: int | None, seed: int, dtype: torch.dtype, device: Any,
-    force: bool, max_tree_depth: int, target_accept_prob: float, full_mass: bool | None, progress: bool,
+    force: bool, max_tree_depth: int, target_accept_prob: float, full_mass: bool | None, progress: bool | None,
     sampler: str = "nuts", sgld_kwargs: Mapping[str, Any] | None = None,
 ) -> tuple[_Full, list[float], list[LLCResult]]:
     num_warmup = _check_nuts_args(num_chains, num_draws, num_warmup, max_tree_depth, target_accept_prob, seed)
@@ -848,7 +874,7 @@ def multitemperature_llc(
     dtype: torch.dtype = torch.float64,
     device: str | torch.device | None = "cpu",
     force: bool = False,
-    progress: bool = False,
+    progress: bool | None = None,
     sampler: str = "nuts",
     sgld_kwargs: Mapping[str, Any] | None = None,
 ) -> TemperatureRegression:
@@ -977,7 +1003,7 @@ def wbic(
     dtype: torch.dtype = torch.float64,
     device: str | torch.device | None = "cpu",
     force: bool = False,
-    progress: bool = False,
+    progress: bool | None = None,
     sampler: str = "nuts",
     sgld_kwargs: Mapping[str, Any] | None = None,
 ) -> WBICResult:

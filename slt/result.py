@@ -281,13 +281,22 @@ class LLCResult:
         def f(x: Any, spec: str = ".3g") -> str:
             return "nan" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, spec)
 
+        def known(x: Any) -> bool:
+            return x is not None and not (isinstance(x, float) and math.isnan(x))
+
+        # the acceptance that applies: MALA's for the Langevin samplers (where computed), the
+        # mean Metropolis acceptance for NUTS; nothing where neither was measured
+        accept = ""
+        if known(d.get("mala_acceptance")):
+            accept = f"MALA acceptance={f(d.get('mala_acceptance'))} "
+        elif known(d.get("mean_accept_prob")):
+            accept = f"NUTS accept prob={f(d.get('mean_accept_prob'))} "
         lines = [
             f"LLC = {f(self.llc_mean, '.4g')} ± {f(self.llc_sem)} (s.e.; std over chains "
             f"{f(self.llc_std)}), {valid}/{self.num_chains} chains × {self.num_draws} draws",
             f"  sampler={self.sampler} step_size={self.step_size:.3g} nbeta={self.nbeta:.4g} "
             f"localization={self.localization:.4g} L(w*)={self.init_loss:.6g}",
-            f"  R-hat={f(d.get('rhat'))} ESS={f(d.get('ess'), '.0f')} "
-            f"MALA acceptance={f(d.get('mala_acceptance'))} "
+            f"  R-hat={f(d.get('rhat'))} ESS={f(d.get('ess'), '.0f')} {accept}"
             f"draws below L(w*)={f(d.get('frac_below_init'), '.1%')} path={d.get('path')}",
         ]
         if self.divergent_chains:

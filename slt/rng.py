@@ -50,7 +50,7 @@ class ChainRNG:
                 torch.randn((S, self.C, *d_shape), generator=g, device=like.device, dtype=like.dtype)
                 for g in self.noise_gens
             ]
-            self._noise = torch.cat(parts, dim=1)
+            self._noise = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)  # no copy of one part
             self._noise_pos = 0
         out = self._noise[self._noise_pos]
         self._noise_pos += 1

@@ -410,13 +410,18 @@ def adapt_step_size(
     loss_tr = torch.empty((R, num_steps), dtype=dtype, device=w_star.device)
     acc_hist = []
     backs = torch.zeros(K, dtype=torch.long, device=w_star.device)
+    # minibatch SGLD: MALA every other step, the proposal's evaluation reused by the next step on
+    # the same batch (one gradient evaluation per step); full batch: every step, free
+    reuse = spec.accepts("reuse_batch") and not sampler_kwargs.get("deterministic", False)
+    mala = {"mala_every": 2, "reuse_batch": True} if reuse else {"mala_every": 1}
+    held = None
     for t in range(num_steps):
         eps_rows = da.step_size.to(dtype).repeat_interleave(C).unsqueeze(1)
-        smp = spec.bind(potential, eps_rows, mala_every=1, **sampler_kwargs)
-        batch, star = batches()
+        smp = spec.bind(potential, eps_rows, **mala, **sampler_kwargs)
+        batch, star = held if held is not None else batches()
         state, info = smp.step(state, batch, rng)
         acc = info.mala_accept
-        if acc is None:  # e.g. SGHMC: the Langevin proposal from where the chain now is
+        if acc is None and not reuse:  # e.g. SGHMC: the Langevin proposal from where the chain now is
             acc = _acceptance_probe(potential, state.params, batch, eps_rows, rng)
         loss_tr[:, t] = info.loss
         bad = (~torch.isfinite(info.loss) | (potential.nbeta * (info.loss - star) > threshold)
@@ -426,7 +431,13 @@ def adapt_step_size(
             backs += bad_k.long()
             da.back_off(bad_k)
             state = smp.reset(state, bad, w_star)
-            acc = acc.masked_fill(bad, 0.0)
+            if acc is not None:
+                acc = acc.masked_fill(bad, 0.0)
+            else:  # a step without the diagnostic: the divergence alone drives the scheme
+                acc = torch.where(bad, 0.0, float(target_accept)).to(info.loss.dtype)
+        held = (batch, star) if getattr(state, "cache", None) is not None else None
+        if acc is None:
+            continue
         a_k = acc.view(K, C).double().nan_to_num(0.0).mean(1)
         acc_hist.append(a_k)
         da.update(a_k)

@@ -236,6 +236,52 @@ def test_collect_marks_failed_incomplete_and_missing(tmp_path):
         records.collect(tmp_path / "nope")
 
 
+def test_collect_without_a_parquet_engine_writes_the_csv(tmp_path, monkeypatch):
+    """The base install has no parquet engine: the summary is the CSV (a stale parquet is removed),
+    the messages say what to install, and the figures read the CSV's table."""
+    sweep = tmp_path / "sweeps" / "tms"
+    records.atomic_write_json(sweep / "seed=0" / "result.json",
+                              {"status": "ok", "overrides": ["seed=0"], "metrics": {"llc_mean": 8.0}})
+    records.collect(sweep)
+    assert (sweep / "summary.parquet").exists() == (records.parquet_engine() is not None)
+    (sweep / "summary.parquet").write_bytes(b"stale")
+    with monkeypatch.context() as m:  # import pyarrow -> ImportError
+        m.setitem(sys.modules, "pyarrow", None)
+        m.setitem(sys.modules, "fastparquet", None)
+        assert records.parquet_engine() is None
+    # (pandas itself would use the pyarrow it found at import, so the switch is patched here)
+    monkeypatch.setattr(records, "parquet_engine", lambda: None)
+    df = records.collect(sweep)
+    assert not (sweep / "summary.parquet").exists()
+    assert pd.read_csv(sweep / "summary.csv")["llc_mean"].tolist() == [8.0] == df["llc_mean"].tolist()
+    assert "pip install pyarrow" in records.summary_files()
+    from experiments import figures
+
+    assert figures.load_sweep(tmp_path, "tms")["llc_mean"].tolist() == [8.0]
+
+
+def test_failed_end_of_sweep_step_exits_nonzero(tmp_path, monkeypatch, capsys):
+    """A documented output that was not written (the summary, or an entry point's own end-of-sweep
+    step) makes the command exit 1 with the reason, not 0 after a logged warning."""
+    sweep = tmp_path / "sweeps" / "x"
+    sweep.mkdir(parents=True)
+
+    def broken(sweep_dir):
+        raise ImportError("no module named 'parquetlib'", name="parquetlib")
+
+    monkeypatch.setattr(_runlib, "_SWEEP_ERRORS", [])
+    monkeypatch.setattr(_runlib, "_SWEEP_END_HOOKS", [broken])
+    errors = _runlib.finish_sweep(sweep)  # reported, not raised (Hydra would only log a callback error)
+    assert len(errors) == 1 and "pip install parquetlib" in errors[0]
+    assert (sweep / "summary.csv").exists()  # the summary itself was written
+    with pytest.raises(SystemExit) as e:
+        _runlib.main(lambda: None)
+    assert e.value.code == 1
+    assert "were not written" in capsys.readouterr().err
+    monkeypatch.setattr(_runlib, "_SWEEP_ERRORS", [])
+    _runlib.main(lambda: None)  # nothing failed: returns normally
+
+
 # ---------------------------------------------------------------------------
 # end to end
 # ---------------------------------------------------------------------------

@@ -276,6 +276,16 @@ def test_classify_point_kgons(k, plus, name):
     assert info["decomposition"]["dead"] == list(range(k, 6))
 
 
+def test_classify_point_names_a_trained_kgon_like_its_decomposition():
+    """A trained hexagon's biases differ by ~0.02 (finite data), beyond the regularity tolerance:
+    it is still named by its decomposition ("6-gon"), never None beside a decomposition "6-gon"."""
+    p = kgon_parameters(6, dead_bias=-0.1)
+    b = p["b"] + 0.02 * torch.tensor([1.0, -1.0, 0.5, 0.0, -0.5, 1.0], dtype=p["b"].dtype)
+    info = classify_point(p["W"], b)
+    assert not info["equal_biases"] and not info["regular"]
+    assert info["decomposition"]["name"] == "6-gon" and info["name"] == "6-gon"
+
+
 def test_classify_point_three_dims():
     b = torch.full((5,), -0.2, dtype=F64)
     info = classify_point(BIPYRAMID, b)

@@ -38,8 +38,28 @@ def test_plot_trace_writes_png(tmp_path):
     assert out.stat().st_size > 1000
     ax = fig.axes[0]
     assert ax.get_xlabel() == "SGLD step"
-    # one line per chain for draws and one for burn-in, plus L(w*)
-    assert len(ax.lines) == 3 * 2 + 1
+    # what the diagnostics measure: the control-variate-corrected nβΔL per draw, and the running λ̂
+    assert "L_B(w^*)" in ax.get_ylabel()
+    running = [ln for ln in ax.lines if str(ln.get_label()).startswith("running")]
+    assert len(running) == 1
+    assert running[0].get_ydata()[-1] == pytest.approx(r.llc_mean, rel=1e-5)  # float32 trace
+    labels = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert sum(lab.startswith("chain") for lab in labels) == 3
+    # the legend sits outside the data (right of the axes)
+    fig.canvas.draw()
+    leg = ax.get_legend().get_window_extent()
+    assert leg.x0 >= ax.get_window_extent().x1
+
+
+def test_plot_trace_draws_a_few_chains_thinned():
+    m, X, Y = _problem()
+    r = slt.estimate_llc(m, (X, Y), F.mse_loss, num_chains=6, num_draws=1000, num_burnin=10,
+                         step_size=1e-4, localization=1.0, progress=False)
+    fig = slt.plot_trace(r, max_chains=2, max_points=100)
+    ax = fig.axes[0]
+    labels = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert sum(lab.startswith("chain") for lab in labels) == 2 and "(2 of 6 chains drawn)" in labels
+    assert min(len(ln.get_xdata()) for ln in ax.lines if len(ln.get_xdata()) > 2) <= 100  # thinned points
 
 
 def test_calibrate_finds_largest_stable_step(tmp_path):

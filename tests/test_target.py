@@ -144,3 +144,29 @@ def test_every_estimator_starts_from_prepare_target(monkeypatch):
                          num_draws=2, progress=False)
     sus.full_data_loss(model, X, dtype=F64)
     assert calls == ["slt.estimate_llc", "slt.nuts_llc", "slt.reference", "slt.sample_posterior", "slt.symmetry"]
+
+
+@pytest.mark.parametrize("t_vmap, t_loop, path", [(0.02, 0.01, "loop"), (0.02, 0.019, "vmap"), (0.001, 0.0001, "vmap")])
+def test_auto_path_is_chosen_by_measurement(monkeypatch, t_vmap, t_loop, path):
+    """vmap is replaced by the loop only when the loop is ≥ PATH_MARGIN faster and a vmap step is
+    long enough to matter; the timings land in ``path_reason`` (timings patched: the decision, not
+    the machine, is under test); and estimate_llc runs on the chosen path."""
+    import slt
+    import slt.target as tg
+
+    def fake(evaluator, rows, batch, repeats):
+        return t_vmap if evaluator.path == "vmap" else t_loop
+
+    monkeypatch.setattr(tg, "_step_seconds", fake)
+    monkeypatch.setattr(tg, "_PATH_DECISIONS", {})
+    X = torch.randn(64, 3, generator=torch.Generator().manual_seed(0))
+    Y = X @ torch.tensor([[1.0], [-1.0], [0.5]])
+    t = prepare_target(nn.Linear(3, 1), (X, Y), F.mse_loss)
+    assert t.path == "vmap"
+    t = tg.fastest_path(t, t.rows(4), 16)
+    assert t.path == path
+    if t_vmap >= tg.PATH_MIN_SECONDS:
+        assert "measured" in t.path_reason
+    r = slt.estimate_llc(nn.Linear(3, 1), (X, Y), F.mse_loss, num_chains=2, num_draws=20, step_size=1e-3,
+                         progress=False)
+    assert r.diagnostics["path"] == path

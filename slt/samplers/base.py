@@ -94,11 +94,14 @@ class LocalizedPotential:
     def __call__(self, params: Tensor, batch: Any) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """Returns ``(L_B (C,), ∇L_B (C, d), U (C,), ∇U (C, d))``."""
         loss, grad = self.loss_and_grad(params, batch)
-        diff = params - self.w_star
+        diff = params - self.w_star  # the only (C, d) temporary besides ∇U
         nb = self._nb()
         nb_flat = nb.squeeze(-1) if isinstance(nb, Tensor) else nb
-        U = nb_flat * loss + 0.5 * self.localization * diff.square().sum(-1)
-        grad_U = nb * grad + self.localization * diff
+        U = nb_flat * loss + 0.5 * self.localization * torch.einsum("...d,...d->...", diff, diff)
+        if isinstance(nb, Tensor):
+            grad_U = torch.addcmul(diff.mul_(self.localization), nb, grad)
+        else:
+            grad_U = diff.mul_(self.localization).add_(grad, alpha=nb)
         return loss, grad, U, grad_U
 
 
@@ -116,14 +119,16 @@ class SamplerInfo(NamedTuple):
     """Diagnostics of one step, all per chain.
 
     ``loss``: L_B at the pre-step position (the draw), (C,); ``potential``: U_B
-    there, (C,); ``grad_norm``: ‖∇U_B‖, (C,); ``mala_accept``: MALA acceptance
+    there, (C,); ``grad_norm``: ‖∇U_B‖, (C,), or ``None`` (the built-in samplers leave
+    it out: a pass over the (C, d) gradient every step that the run loop never reads);
+    ``mala_accept``: MALA acceptance
     probability of the proposal, (C,) or ``None`` when not computed this step
     (or not defined for the sampler).
     """
 
     loss: Tensor
     potential: Tensor
-    grad_norm: Tensor
+    grad_norm: Tensor | None
     mala_accept: Tensor | None
 
 
@@ -171,6 +176,16 @@ class SamplerSpec:
             raise ValueError(f"sampler {self.name!r} already sets {clash}; do not pass them again in sampler_kwargs")
         return self.factory(potential, step_size, **dict(self.kwargs), **engine_kwargs)
 
+    def accepts(self, argument: str) -> bool:
+        """Whether the sampler's factory takes ``argument`` (e.g. ``"reuse_batch"``)."""
+        import inspect
+
+        try:
+            params = inspect.signature(self.factory).parameters
+        except (TypeError, ValueError):
+            return False
+        return argument in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
+
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={v!r}" for k, v in self.kwargs.items())
         return f"{self.name}({args})"
@@ -190,14 +205,13 @@ def langevin_step(
     float or a per-chain ``(C, 1)`` tensor; ``precond`` 1 or a ``(C, d)`` tensor; ``xi``
     standard normal ``(C, d)``.
     """
-    drift = (0.5 * step_size) * precond * grad_U
     if isinstance(precond, Tensor):
-        scale: float | Tensor = (step_size * precond).sqrt()
-    elif isinstance(step_size, Tensor):
-        scale = (step_size * precond).sqrt() if precond != 1.0 else step_size.sqrt()
-    else:
-        scale = math.sqrt(step_size * precond)
-    return w - drift + xi * scale
+        return w - (0.5 * step_size) * precond * grad_U + xi * (step_size * precond).sqrt()
+    if isinstance(step_size, Tensor):  # per-chain (C, 1) steps
+        eps = step_size * precond if precond != 1.0 else step_size
+        return torch.addcmul(w, grad_U, -0.5 * eps).addcmul_(xi, eps.sqrt())
+    # a number: one fresh (C, d) tensor, updated in place (no other parameter-sized temporaries)
+    return torch.add(w, grad_U, alpha=-0.5 * step_size * precond).add_(xi, alpha=math.sqrt(step_size * precond))
 
 
 def mala_acceptance(

@@ -76,7 +76,7 @@ def sghmc(
         w = state.params
         loss, _, U, grad_U = potential(w, batch)
         v = (1.0 - friction) * state.velocity - eta * grad_U + noise_std * normal(rng, w)
-        info = SamplerInfo(loss.detach(), U.detach(), grad_U.norm(dim=-1), None)
+        info = SamplerInfo(loss.detach(), U.detach(), None, None)
         return SGHMCState(w + v, v, state.step + 1), info
 
     def reset(state: SGHMCState, rows: Tensor, w_star: Tensor) -> SGHMCState:

@@ -20,7 +20,13 @@ It is a diagnostic only (the proposal is always accepted); healthy step sizes
 give values near 0.9.  On a minibatch it costs one extra gradient evaluation, so
 it is computed every ``mala_every`` steps; with full-batch gradients
 (``deterministic=True``) the evaluation at the proposal is the next step's, so it
-is free and computed every step.
+is free and computed every step.  With ``reuse_batch=True`` it is free on
+minibatches too: after a MALA step the state keeps the evaluation at the
+proposal (``cache``) and the *next step must use the same minibatch*
+(:func:`slt.loop.run_chains` and :func:`slt.stepsize.adapt_step_size` do: a
+state with a cache is stepped on the batch it was computed on).  Each gradient
+is still an unbiased minibatch estimate; one batch in ``mala_every`` is used for
+two consecutive steps.
 """
 
 from __future__ import annotations
@@ -50,7 +56,9 @@ Cache = tuple[Tensor, Tensor, Tensor, Tensor]
 
 class SGLDState(NamedTuple):
     """``params`` (C, d); ``step`` steps taken; ``cache``: ``(L, ∇L, U, ∇U)`` at
-    ``params`` when the potential is deterministic (full batch), else ``None``."""
+    ``params`` on the last batch, when the potential is deterministic (full batch) or
+    after a MALA step with ``reuse_batch``, else ``None`` (a state with a cache must be
+    stepped on that batch)."""
 
     params: Tensor
     step: int
@@ -76,6 +84,7 @@ def _langevin_sampler(
     new_aux: Callable[[Tensor], Any],
     make_state: Callable[[Tensor, Any, int, Cache | None], Any],
     aux_of: Callable[[Any], Any],
+    reuse_batch: bool = False,
 ) -> Sampler:
     """The SGLD step, shared by both samplers: ``precondition(aux, ∇L) -> (G, aux')``."""
     check_step_size(step_size)
@@ -94,9 +103,9 @@ def _langevin_sampler(
         if deterministic or (mala_every and state.step % mala_every == 0):
             loss_n, grad_n, U_n, grad_U_n = potential(w_new, batch)
             accept = mala_acceptance(w, w_new, U, grad_U, U_n, grad_U_n, step_size, G)
-            if deterministic:
+            if deterministic or (reuse_batch and mala_every > 1):  # every batch used at most twice
                 cache = (loss_n, grad_n, U_n, grad_U_n)
-        info = SamplerInfo(loss.detach(), U.detach(), grad_U.norm(dim=-1), accept)
+        info = SamplerInfo(loss.detach(), U.detach(), None, accept)
         return make_state(w_new, aux, state.step + 1, cache), info
 
     def reset(state: Any, rows: Tensor, w_star: Tensor) -> Any:
@@ -114,11 +123,13 @@ def sgld(
     *,
     deterministic: bool = False,
     mala_every: int = 10,
+    reuse_batch: bool = False,
 ) -> Sampler | SamplerSpec:
     r"""SGLD: :math:`w \leftarrow w - \tfrac{\epsilon}{2}\nabla U_B(w) + \mathcal N(0, \epsilon I)`.
 
     Welling & Teh (2011); Lau et al. (2023) for the LLC.  ``deterministic=True``
-    declares full-batch gradients (enables the free every-step MALA diagnostic).
+    declares full-batch gradients (enables the free every-step MALA diagnostic);
+    ``reuse_batch=True`` makes the diagnostic free on minibatches (see the module docstring).
     Without a potential, returns the :class:`SamplerSpec` ``sgld()`` for
     ``slt.estimate_llc(..., sampler=...)``.
     """
@@ -128,7 +139,7 @@ def sgld(
         "sgld", potential, step_size, deterministic, mala_every, None,
         new_aux=lambda p: None,
         make_state=lambda p, aux, t, cache: SGLDState(p, t, cache),
-        aux_of=lambda s: None,
+        aux_of=lambda s: None, reuse_batch=reuse_batch,
     )
 
 
@@ -140,8 +151,9 @@ def rmsprop_sgld(
     eps: float = 0.1,
     deterministic: bool = False,
     mala_every: int = 10,
+    reuse_batch: bool = False,
 ) -> Sampler | SamplerSpec:
-    r"""RMSProp-preconditioned SGLD.
+    r"""RMSProp-preconditioned SGLD (``reuse_batch`` as for :func:`sgld`).
 
     :math:`v \leftarrow \alpha v + (1-\alpha)(\nabla L_B)^2`,
     :math:`G = 1/(\sqrt v + a)`,
@@ -168,5 +180,5 @@ def rmsprop_sgld(
         "rmsprop_sgld", potential, step_size, deterministic, mala_every, precondition,
         new_aux=torch.zeros_like,
         make_state=lambda p, v, t, cache: RMSPropSGLDState(p, v, t, cache),
-        aux_of=lambda s: s.precond_v,
+        aux_of=lambda s: s.precond_v, reuse_batch=reuse_batch,
     )

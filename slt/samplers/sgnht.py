@@ -113,7 +113,7 @@ def sgnht(
         loss, _, U, grad_U = potential(w, batch)
         v = (1.0 - state.thermostat) * state.velocity - eta * grad_U + noise_std * normal(rng, w)
         alpha = state.thermostat + (v.square().mean(-1, keepdim=True) - eta / (1.0 - 0.5 * state.thermostat).clamp_min(0.5))
-        info = SamplerInfo(loss.detach(), U.detach(), grad_U.norm(dim=-1), None)
+        info = SamplerInfo(loss.detach(), U.detach(), None, None)
         return SGNHTState(w + v, v, alpha, state.step + 1), info
 
     def reset(state: SGNHTState, rows: Tensor, w_star: Tensor) -> SGNHTState:

@@ -38,7 +38,7 @@ class LLCDefaults:
     #: itself.  For a Gaussian direction of curvature κ the bias of E[L] is εκ/4 and the acceptance
     #: deficit about (εκ)³/8 per direction; measured (full batch, 8 chains × 3000 draws) on the DLN
     #: [5, 3, 5] oracle (λ = 6.5): target 0.97 gave +10.8%, 0.99 +6.7%, 0.995 +6.0%, the curvature
-    #: rule +7.7%; TMS 5-/6-gon (λ = 7, 8.5): 0.99 gave +7.9% / +4.5% (curvature rule +7.4% / +4.4%).
+    #: rule +7.7%; TMS 5-/6-gon (λ = 7, 8.5): 0.99 gave +7.5% / +4.5% (curvature rule +7.4% / +4.4%).
     target_accept: float = 0.99
 
     def asdict(self) -> dict:

@@ -118,6 +118,15 @@ def describe(obj: Any, depth: int = 0) -> str:
     return type(obj).__name__
 
 
+def _chain_batch(batch: Batch, c: int) -> tuple[Any, Any, Tensor | None]:
+    """Chain ``c``'s inputs, targets and weights (the batch itself when it is shared)."""
+    if batch.shared:
+        return batch.x, batch.y, batch.weights
+    xc = _index(batch.x, c)
+    yc = xc if batch.y is batch.x else _index(batch.y, c)
+    return xc, yc, None if batch.weights is None else batch.weights[c]
+
+
 def _index(t: Any, c: int) -> Any:
     return t[c] if isinstance(t, Tensor) else _map(lambda v: v[c], t)
 
@@ -221,12 +230,7 @@ class ChainEvaluator:
         res = []
         for c in range(C):
             params = {**self.spec.unflatten(flat[c]), **self.buffers}
-            if batch.shared:
-                xc, yc, wc = batch.x, batch.y, batch.weights
-            else:
-                xc = _index(batch.x, c)
-                yc = xc if batch.y is batch.x else _index(batch.y, c)
-                wc = None if batch.weights is None else batch.weights[c]
+            xc, yc, wc = _chain_batch(batch, c)
             out = call_module(self.model, params, xc, self.aliases)
             res.append(self.adapter.single_loss(out, yc, wc))
         return torch.stack(res)
@@ -288,12 +292,7 @@ class ChainEvaluator:
         grad = torch.empty_like(flat)
         for c in range(C):
             leaves = self._leaves(flat[c])
-            if batch.shared:
-                xc, yc, wc = batch.x, batch.y, batch.weights
-            else:
-                xc = _index(batch.x, c)
-                yc = xc if batch.y is batch.x else _index(batch.y, c)
-                wc = None if batch.weights is None else batch.weights[c]
+            xc, yc, wc = _chain_batch(batch, c)
             with torch.enable_grad():
                 loss = self.adapter.single_loss(
                     call_module(self.model, {**leaves, **self.buffers}, xc, self.aliases), yc, wc)

@@ -268,7 +268,9 @@ def estimate_llc(
         adapt_seconds = time.perf_counter() - t_setup - setup_seconds
 
         # 3. the sampler, folded over the batches; an automatic step that lets chains diverge is halved
+        handover = batches.last  # the batch on which the state's cached evaluation (if any) was made
         for halvings in range(MAX_HALVINGS + 1 if rule != "given" else 1):
+            batches.last = handover  # a re-run starts from the same state, so from the same batch
             smp = build_sampler(spec, potential, eps, mala_every=mala_every, **kw, **_free_mala(spec, kw))
             _, trace = run_chains(
                 smp, state, batches, rng, num_steps - n_adapt, num_burnin=num_burnin - n_adapt,
@@ -354,7 +356,7 @@ STEP_SIZE_RULES = ("adapt", "curvature")
 def _step_size_rule(step_size: float | str | None) -> str:
     """``"adapt"`` (the default, ``None``), ``"curvature"``, or ``"given"`` for a number."""
     if step_size is None:
-        return "adapt" if LLC.step_size is None else _step_size_rule(LLC.step_size)
+        return "adapt"
     if isinstance(step_size, str):
         if step_size not in STEP_SIZE_RULES:
             raise ValueError(f"step_size must be a positive number, None, or one of {STEP_SIZE_RULES}, got {step_size!r}")
@@ -406,7 +408,7 @@ def _raise_if_all_diverged(all_dead: Tensor, spec, potential, target, rows: Tens
     rng = ChainRNG([s + 0x2F1 for s in target.seeds], C, target.device)
     sug = stable_step_size(spec, potential, rows, target.batches(rng, C, batch_size), rng, eps_max, steps=steps,
                            threshold=threshold, **kw)
-    fix = (f"step_size={sug:.3g} ran {steps} steps from w* without divergence: pass it (or step_size='adapt')"
+    fix = (f"step_size={sug:.3g} ran {steps} steps from w* without divergence: pass it"
            if sug is not None else "no step size down to ε/1024 ran without divergence: check the model and loss")
     raise LLCEstimationError(
         f"every chain of checkpoint(s) {bad} diverged at step_size={eps_max:.3g} (the loss or parameters became "

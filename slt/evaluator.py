@@ -218,22 +218,26 @@ class ChainEvaluator:
             out = self.outputs(flat, b.x)
             return self.adapter.chain_loss(out, b.y, b.weights)
         if self.path == "vmap":
-            buffers = self.buffers
+            return self._vmap_losses(self.spec.unflatten(flat), batch)
+        return torch.stack([self._chain_loss(self.spec.unflatten(flat[c]), batch, c) for c in range(C)])
 
-            def one(p: Tensor, xb: Any, yb: Any, wb: Tensor | None) -> Tensor:
-                out = call_module(self.model, {**self.spec.unflatten(p), **buffers}, xb, self.aliases)
-                return self.adapter.single_loss(out, yb, wb)
+    def _vmap_losses(self, params: Mapping[str, Tensor], batch: Batch) -> Tensor:
+        """``name -> (C, *shape)`` -> (C,) losses, vmapped over chains (and over the batch's chain
+        dimension unless it is shared)."""
+        buffers = self.buffers
 
-            bd = None if batch.shared else 0  # a shared batch is broadcast, not copied
-            in_dims = (0, bd, bd, bd if batch.weights is not None else None)
-            return torch.vmap(one, in_dims=in_dims)(flat, batch.x, batch.y, batch.weights)
-        res = []
-        for c in range(C):
-            params = {**self.spec.unflatten(flat[c]), **self.buffers}
-            xc, yc, wc = _chain_batch(batch, c)
-            out = call_module(self.model, params, xc, self.aliases)
-            res.append(self.adapter.single_loss(out, yc, wc))
-        return torch.stack(res)
+        def one(p: Mapping[str, Tensor], xb: Any, yb: Any, wb: Tensor | None) -> Tensor:
+            out = call_module(self.model, {**p, **buffers}, xb, self.aliases)
+            return self.adapter.single_loss(out, yb, wb)
+
+        bd = None if batch.shared else 0  # a shared batch is broadcast, not copied
+        in_dims = (0, bd, bd, bd if batch.weights is not None else None)
+        return torch.vmap(one, in_dims=in_dims)(dict(params), batch.x, batch.y, batch.weights)
+
+    def _chain_loss(self, params: Mapping[str, Tensor], batch: Batch, c: int) -> Tensor:
+        """Chain ``c``'s loss with its parameters ``name -> shape``, on its slice of the batch."""
+        xc, yc, wc = _chain_batch(batch, c)
+        return self.adapter.single_loss(call_module(self.model, {**params, **self.buffers}, xc, self.aliases), yc, wc)
 
     def loss_and_grad(self, flat: Tensor, batch: Batch) -> tuple[Tensor, Tensor]:
         """(C, d) -> ((C,) losses, (C, d) gradients); chains are independent, so the
@@ -271,17 +275,9 @@ class ChainEvaluator:
         return torch.cat(parts, dim=-1, out=out)
 
     def _vmap_loss_and_grad(self, flat: Tensor, batch: Batch) -> tuple[Tensor, Tensor]:
-        buffers = self.buffers
-
-        def one(params: dict[str, Tensor], xb: Any, yb: Any, wb: Tensor | None) -> Tensor:
-            out = call_module(self.model, {**params, **buffers}, xb, self.aliases)
-            return self.adapter.single_loss(out, yb, wb)
-
-        bd = None if batch.shared else 0  # a shared batch is broadcast, not copied
-        in_dims = (0, bd, bd, bd if batch.weights is not None else None)
         leaves = self._leaves(flat)
         with torch.enable_grad():
-            losses = torch.vmap(one, in_dims=in_dims)(leaves, batch.x, batch.y, batch.weights)
+            losses = self._vmap_losses(leaves, batch)
             grads = torch.autograd.grad(losses.sum(), list(leaves.values()), allow_unused=True)
         return losses.detach(), self._gather_grad(grads, list(leaves.values()), torch.empty_like(flat))
 
@@ -292,10 +288,8 @@ class ChainEvaluator:
         grad = torch.empty_like(flat)
         for c in range(C):
             leaves = self._leaves(flat[c])
-            xc, yc, wc = _chain_batch(batch, c)
             with torch.enable_grad():
-                loss = self.adapter.single_loss(
-                    call_module(self.model, {**leaves, **self.buffers}, xc, self.aliases), yc, wc)
+                loss = self._chain_loss(leaves, batch, c)
                 grads = torch.autograd.grad(loss, list(leaves.values()), allow_unused=True)
             losses[c] = loss.detach()
             self._gather_grad(grads, list(leaves.values()), grad[c])

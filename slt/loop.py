@@ -29,7 +29,7 @@ from torch import Tensor
 
 from .samplers.base import Sampler
 
-__all__ = ["Trace", "Divergence", "run_chains", "show_progress"]
+__all__ = ["Trace", "Divergence", "run_chains", "show_progress", "next_batch", "diverged_rows"]
 
 BatchFn = Callable[[], tuple[Any, Tensor]]
 Observe = Callable[[Tensor], Mapping[str, Tensor]]
@@ -94,6 +94,31 @@ class Divergence:
     nbeta: float
     w_star: Tensor
     every: int = 10
+
+
+    def check(self, loss: Tensor, star: Tensor, params: Tensor) -> Tensor:
+        """``(R,)`` bool: rows whose loss or parameters are non-finite or whose
+        :math:`n\beta(L_B(w) - L_B(w^*))` exceeds the threshold."""
+        return diverged_rows(loss, star, params, self.nbeta, self.threshold)
+
+
+def diverged_rows(loss: Tensor, star: Tensor, params: Tensor, nbeta: float | Tensor, threshold: float) -> Tensor:
+    r"""``(R,)`` bool: a non-finite loss (R,) or parameters (R, d), or
+    :math:`n\beta(L_B(w) - L_B(w^*)) >` ``threshold`` — the divergence test of every loop."""
+    return ~torch.isfinite(loss) | (nbeta * (loss - star) > threshold) | ~torch.isfinite(params).all(1)
+
+
+def next_batch(batches: BatchFn, state: Any, previous: tuple[Any, Tensor] | None = None) -> tuple[Any, Tensor]:
+    """``(batch, L_B(w*))`` for the next step of ``state``: the batch it was last stepped on when the
+    state carries its evaluation there (a ``cache``: full batch, or SGLD after a MALA step with
+    ``reuse_batch``), else the stream's next.  The last batch is the stream's ``last`` when it keeps
+    one (:class:`slt.target.BatchStream`, so a state handed from one loop to another keeps its
+    batch), else ``previous``."""
+    if getattr(state, "cache", None) is not None:
+        held = getattr(batches, "last", previous)
+        if held is not None:
+            return held
+    return batches()
 
 
 #: the progress bar (and its running λ̂) is redrawn at most this often, whatever a step costs
@@ -162,9 +187,9 @@ def run_chains(
     bar = tqdm(total=num_steps, disable=not progress, desc=desc, unit="step", leave=False)
     t0 = last = time.perf_counter()
     draw = 0
-    held = None  # (batch, L_B(w*)) of a state that carries its evaluation on that batch
+    current = None
     for t in range(num_steps):
-        batch, star = held if held is not None else batches()
+        batch, star = current = next_batch(batches, state, current)
         w_t = state.params  # the draw: loss and observables are taken here
         state, info = sampler.step(state, batch, rng)
         in_draws = t >= num_burnin
@@ -182,14 +207,11 @@ def run_chains(
             mala_sum += info.mala_accept.double().nan_to_num(0.0)
             mala_cnt += 1
         if divergence is not None and (t % divergence.every == 0 or t == num_steps - 1):
-            bad = (~torch.isfinite(info.loss) | (divergence.nbeta * (info.loss - star) > divergence.threshold)
-                   | ~torch.isfinite(state.params).all(1))
-            bad &= ~diverged
+            bad = divergence.check(info.loss, star, state.params) & ~diverged
             if bool(bad.any()):
                 div_step = torch.where(bad, torch.full_like(div_step, start + t), div_step)
                 diverged |= bad
                 state = sampler.reset(state, diverged, divergence.w_star)
-        held = (batch, star) if getattr(state, "cache", None) is not None else None
         if progress and ((now := time.perf_counter()) - last >= PROGRESS_SECONDS or t == num_steps - 1):
             last = now
             bar.update(t + 1 - bar.n)

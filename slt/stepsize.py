@@ -31,6 +31,7 @@ from torch import Tensor
 from .data import Batch, Data
 from .defaults import LLC
 from .evaluator import ChainEvaluator
+from .loop import diverged_rows, next_batch
 from .samplers.base import LocalizedPotential, langevin_step
 from .target import BatchStream, Target
 
@@ -388,8 +389,10 @@ def adapt_step_size(
     Runs ``num_steps`` steps of the sampler ``spec`` (re-bound every step to the current
     step sizes, one per checkpoint as a ``(K*C, 1)`` tensor) from ``state``; after each step
     the mean Metropolis acceptance α of the Langevin proposal over each checkpoint's chains
-    (the sampler's own MALA diagnostic, computed every step here, or a separate proposal for
-    samplers without one) drives :class:`DualAveraging` toward ``target_accept``.  A chain
+    (the sampler's own MALA diagnostic: every other step on minibatches for samplers with
+    ``reuse_batch``, whose evaluation at the proposal the next step reuses on the same batch,
+    every step otherwise; or a separate proposal for samplers without one) drives
+    :class:`DualAveraging` toward ``target_accept``.  A chain
     whose loss or parameters become non-finite, or whose :math:`n\beta(L_B(w) - L_B(w^*))`
     exceeds ``threshold``, is reset to ``w*`` (``sampler.reset``) and its checkpoint's step is
     halved and capped (divergence back-off).  Returns the final state and the
@@ -397,7 +400,7 @@ def adapt_step_size(
 
     The acceptance of the SGLD proposal measures its discretisation error on the potential
     actually sampled (same minibatch at both points, so minibatch noise does not enter it);
-    a target of 0.9 is the value the README's calibration advice asked users to check by hand.
+    the default target is :data:`slt.defaults.LLC` ``.target_accept`` (0.99; see there why).
     """
     from .samplers import resolve_sampler
 
@@ -414,18 +417,17 @@ def adapt_step_size(
     # the same batch (one gradient evaluation per step); full batch: every step, free
     reuse = spec.accepts("reuse_batch") and not sampler_kwargs.get("deterministic", False)
     mala = {"mala_every": 2, "reuse_batch": True} if reuse else {"mala_every": 1}
-    held = None
+    current = None
     for t in range(num_steps):
         eps_rows = da.step_size.to(dtype).repeat_interleave(C).unsqueeze(1)
         smp = spec.bind(potential, eps_rows, **mala, **sampler_kwargs)
-        batch, star = held if held is not None else batches()
+        batch, star = current = next_batch(batches, state, current)
         state, info = smp.step(state, batch, rng)
         acc = info.mala_accept
         if acc is None and not reuse:  # e.g. SGHMC: the Langevin proposal from where the chain now is
             acc = _acceptance_probe(potential, state.params, batch, eps_rows, rng)
         loss_tr[:, t] = info.loss
-        bad = (~torch.isfinite(info.loss) | (potential.nbeta * (info.loss - star) > threshold)
-               | ~torch.isfinite(state.params).all(1))
+        bad = diverged_rows(info.loss, star, state.params, potential.nbeta, threshold)
         if bool(bad.any()):
             bad_k = bad.view(K, C).any(1)
             backs += bad_k.long()
@@ -435,7 +437,6 @@ def adapt_step_size(
                 acc = acc.masked_fill(bad, 0.0)
             else:  # a step without the diagnostic: the divergence alone drives the scheme
                 acc = torch.where(bad, 0.0, float(target_accept)).to(info.loss.dtype)
-        held = (batch, star) if getattr(state, "cache", None) is not None else None
         if acc is None:
             continue
         a_k = acc.view(K, C).double().nan_to_num(0.0).mean(1)
@@ -465,9 +466,7 @@ def stable_step_size(
             batch, star = batches()
             state, info = smp.step(state, batch, rng)
             if t % 10 == 9 or t == steps - 1:
-                bad = (~torch.isfinite(info.loss) | (potential.nbeta * (info.loss - star) > threshold)
-                       | ~torch.isfinite(state.params).all(1))
-                if bool(bad.any()):
+                if bool(diverged_rows(info.loss, star, state.params, potential.nbeta, threshold).any()):
                     ok = False
                     break
         if ok:

@@ -322,7 +322,15 @@ class BatchStream:
         with torch.no_grad():
             return self.target.evaluator.losses(self._rows, b)
 
+    #: the last ``(batch, L_B(w*))`` returned (:func:`slt.loop.next_batch` steps a state that
+    #: carries its evaluation on it again, also across loops, e.g. adaptation then sampling)
+    last: tuple[Batch, Tensor] | None = None
+
     def __call__(self) -> tuple[Batch, Tensor]:
+        self.last = self._next()
+        return self.last
+
+    def _next(self) -> tuple[Batch, Tensor]:
         if self._full is not None:
             return self._full, self._init
         source = self.target.source
@@ -463,8 +471,8 @@ def train_mode_issues(model: nn.Module) -> list[str]:
             isinstance(m, nn.modules.batchnorm._NormBase) and m.track_running_stats
         ):
             norms.append(label)
-        elif _dropout_rate_attrs(m):
-            dropout.append(f"{name or '<model>'} ({', '.join(_dropout_rate_attrs(m))})")
+        elif rates := _dropout_rate_attrs(m):
+            dropout.append(f"{name or '<model>'} ({', '.join(rates)})")
     issues = []
     if dropout:
         issues.append(
@@ -687,28 +695,30 @@ def fastest_path(target: Target, rows: Tensor, batch_size: int | None, repeats: 
         return target
     key = (type(target.model).__qualname__, tuple(map(tuple, target.spec.shapes)), rows.shape[0], batch_size,
            str(target.device), target.dtype, target.evaluator.structured)
-    if key in _PATH_DECISIONS:  # the same kind of job in this process: the same path, so repeated runs
-        use_loop, timing = _PATH_DECISIONS[key]  # with one seed agree bit for bit
-        if use_loop:
-            target.evaluator = ChainEvaluator(target.model, target.spec, target.adapter, "loop",
-                                              structured=target.evaluator.structured)
+    if key not in _PATH_DECISIONS:  # once per kind of job in this process: repeated runs agree bit for bit
+        if len(_PATH_DECISIONS) > 256:
+            _PATH_DECISIONS.clear()
+        _PATH_DECISIONS[key] = _measure_paths(target, rows, batch_size, repeats)
+    use_loop, timing = _PATH_DECISIONS[key]
+    if use_loop:
+        target.evaluator = ChainEvaluator(target.model, target.spec, target.adapter, "loop",
+                                          structured=target.evaluator.structured)
+    if timing:
         target.path_reason = f"loop over chains: {timing}" if use_loop else f"{target.path_reason}; {timing}"
-        return target
+    return target
+
+
+def _measure_paths(target: Target, rows: Tensor, batch_size: int | None, repeats: int) -> tuple[bool, str]:
+    """``(loop faster, timings)`` for :func:`fastest_path`; ``(False, "")`` when a vmap step is too
+    short for the choice to matter (the loop is then not timed)."""
     size = target.source.n if batch_size is None else min(batch_size, target.source.n)
     batch = probe_batch(target.source, size, target.device, target.dtype)
     if batch_size is not None and batch_size < target.source.n:
         batch = batch.per_chain(rows.shape[0])
-    loop = ChainEvaluator(target.model, target.spec, target.adapter, "loop", structured=target.evaluator.structured)
     t_vmap = _step_seconds(target.evaluator, rows, batch, repeats)
     if t_vmap < PATH_MIN_SECONDS:
-        return target
+        return False, ""
+    loop = ChainEvaluator(target.model, target.spec, target.adapter, "loop", structured=target.evaluator.structured)
     t_loop = _step_seconds(loop, rows, batch, repeats)
     timing = f"measured {1e3 * t_vmap:.3g} ms (vmap) vs {1e3 * t_loop:.3g} ms (loop) per step of {rows.shape[0]} chains"
-    if len(_PATH_DECISIONS) > 256:
-        _PATH_DECISIONS.clear()
-    _PATH_DECISIONS[key] = (t_loop * PATH_MARGIN < t_vmap, timing)
-    if t_loop * PATH_MARGIN < t_vmap:
-        target.evaluator, target.path_reason = loop, f"loop over chains: {timing}"
-    else:
-        target.path_reason = f"{target.path_reason}; {timing}"
-    return target
+    return t_loop * PATH_MARGIN < t_vmap, timing

@@ -149,3 +149,30 @@ def test_defaults_on_normal_crossings_written_as_plain_modules(powers):
     assert r.divergent_chains == [] and r.converged, r.convergence_reasons
     assert r.llc_sem <= 0.10 * exact
     assert abs(r.llc_mean - exact) <= 4 * r.llc_sem, (r.llc_mean, r.llc_sem, exact)
+
+
+def test_a_state_handed_between_loops_keeps_the_batch_of_its_cached_evaluation():
+    """SGLD with ``reuse_batch`` caches its evaluation at the proposal after a MALA step; the next step
+    must use that batch, also when the state moves from one loop to another (adaptation, then
+    ``run_chains``): the first draw's control variate L_B(w*) is the held batch's, and its loss is
+    the cached one (exact: the same numbers, no re-evaluation)."""
+    import torch.nn.functional as F
+    from slt.loop import run_chains
+    from slt.rng import ChainRNG
+    from slt.samplers import LocalizedPotential, sgld
+    from slt.target import prepare_target
+
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(200, 3, generator=g, dtype=F64)
+    Y = X @ torch.tensor([[1.0], [-1.0], [0.5]], dtype=F64)
+    target = prepare_target(nn.Linear(3, 1).double(), (X, Y), F.mse_loss, dtype=F64)
+    rng = ChainRNG(target.seeds, 2, target.device)
+    batches = target.batches(rng, 2, 16)
+    pot = LocalizedPotential(target.evaluator.loss_and_grad, target.rows(2), target.nbeta, target.localization)
+    smp = sgld(pot, 1e-4, mala_every=2, reuse_batch=True)
+    state, _ = smp.step(smp.init(target.rows(2)), batches()[0], rng)  # step 0: MALA, evaluation cached
+    assert state.cache is not None
+    held_star = batches.last[1].clone()
+    _, trace = run_chains(smp, state, batches, rng, 1, num_burnin=0)
+    assert torch.equal(trace.star[:, 0], held_star)
+    assert torch.equal(trace.loss[:, 0], state.cache[0])

@@ -61,10 +61,14 @@ with 8 chains (3 draws; memory does not grow with draws).  With model, data and 
 reads its resident set (``VmRSS``), resets the kernel's peak mark (``echo 5 > /proc/self/clear_refs``),
 runs the call and reads the peak (``VmHWM``): growth = peak − RSS before, i.e. everything the call held at
 its worst moment (parameter copies, activations, autograd buffers, noise, traces).  (``ru_maxrss`` is not
-usable here: Linux carries the parent's peak into a forked child.)  "MB/chain" is the marginal cost
+usable here: Linux carries the parent's peak into a forked child.)  The child runs with
+``MALLOC_MMAP_THRESHOLD_=65536``: every tensor above 64 kB is its own mmap and leaves the resident set
+when freed (glibc's adaptive threshold would keep freed tensors below 32 MB resident in the heap, so
+the peak would count tensors that were never alive together).  "MB/chain" is the marginal cost
 (growth(8) − growth(1)) / 7, which cancels one-time costs (lazy imports, set-up); "MB@8" is the total
 growth with 8 chains.  For ``curve`` slt runs all 16 checkpoints (MB/chain is per chain-row, i.e. divided
-by 16 too); devinterp and the hand loop one checkpoint.
+by 16 too); devinterp and the hand loop one checkpoint.  "copies" is MB/chain over 4·d bytes: the number
+of parameter-sized float32 tensors each extra chain costs (activations included).
 
 Targets (issue #14, item 5), checked and printed at the end:
 
@@ -492,15 +496,22 @@ def measure_memory(job: Job, method: str, threads: int, draws: int = 3) -> dict[
         for chains in (1, CHAINS):
             f = os.path.join(tmp, f"{method}_{chains}.pt")
             torch.save({"job": job, "method": method, "chains": chains, "draws": draws, "threads": threads}, f)
+            # every allocation above 64 kB its own mmap: freed tensors leave the resident set at once, so
+            # the peak counts what was alive together (glibc's adaptive threshold otherwise keeps freed
+            # tensors below 32 MB in the heap, resident, and 1-chain runs look larger than they are)
+            env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
             proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--_child", f],
-                                  capture_output=True, text=True, timeout=1800)
+                                  capture_output=True, text=True, timeout=1800, env=env)
             if proc.returncode != 0:
                 tail = [ln for ln in proc.stderr.strip().splitlines() if ln.strip()][-1:]
                 raise RuntimeError(f"memory child {method}/{chains} failed (exit {proc.returncode}): {tail}")
             out[chains] = json.loads(proc.stdout.strip().splitlines()[-1])["growth_kb"] / 1024
     k = len(job.state_dicts) if (job.state_dicts is not None and method.startswith("slt-")) else 1
-    return {"mb_at_1": out[1], "mb_at_8": out[CHAINS],
-            "mb_per_chain": (out[CHAINS] - out[1]) / ((CHAINS - 1) * k)}
+    per_chain = (out[CHAINS] - out[1]) / ((CHAINS - 1) * k)
+    d = sum(p.numel() for p in job.model.parameters() if p.requires_grad)
+    # parameter-sized copies per chain: the marginal MB over one float32 copy of the d parameters
+    return {"mb_at_1": out[1], "mb_at_8": out[CHAINS], "mb_per_chain": per_chain,
+            "copies_per_chain": per_chain * 2**20 / (4 * d)}
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -620,13 +631,14 @@ def run_job(job: Job, args: argparse.Namespace) -> list[dict[str, Any]]:
     hand_ms = rows[0]["ms_per_chain_step"]
     auto_ms = slt_rows["slt auto"][0]["ms_per_chain_step"]
     print(f"   {'method':<22s} {'path':<5s} {'ms/chain-step':>13s} {'(loop only)':>11s} {'× hand':>7s} "
-          f"{'λ̂ ± s.e.':>17s} {'MALA':>5s} {'MB/chain':>9s} {'MB@8':>7s}")
+          f"{'λ̂ ± s.e.':>17s} {'MALA':>5s} {'MB/chain':>9s} {'copies':>6s} {'MB@8':>7s}")
     for r in rows:
         ratio = r["ms_per_chain_step"] / hand_ms
         print(f"   {r['method']:<22s} {r['path']:<5s} {r['ms_per_chain_step']:13.3f} "
               f"{_fmt(r['loop_ms_per_chain_step'], '.3f'):>11s} {ratio:7.2f} "
               f"{_fmt(r['llc']):>8s} ± {_fmt(r['llc_se']):<6s} {_fmt(r.get('mala')):>5s} "
-              f"{_fmt(r.get('mb_per_chain'), '.2f'):>9s} {_fmt(r.get('mb_at_8'), '.1f'):>7s}")
+              f"{_fmt(r.get('mb_per_chain'), '.2f'):>9s} {_fmt(r.get('copies_per_chain'), '.1f'):>6s} "
+              f"{_fmt(r.get('mb_at_8'), '.1f'):>7s}")
         r["ratio_to_hand"] = ratio
     for r in rows:
         for w in r.get("warnings", []) or []:
@@ -770,6 +782,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         print(line)
     print(f"memory method: peak-RSS growth (VmHWM after a clear_refs reset − VmRSS before) of each method in a "
           f"fresh subprocess; MB/chain = (growth at {CHAINS} chains − at 1) / {CHAINS - 1}; "
+          f"copies = MB/chain over 4·d bytes (parameter-sized float32 copies per chain); "
           f"MB@8 = growth at {CHAINS} chains")
     print(f"total {time.perf_counter() - t_all:.0f} s, load avg {os.getloadavg()[0]:.2f}")
     return rows

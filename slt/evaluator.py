@@ -26,7 +26,9 @@ per-sample losses at w* the same way; plain tensors keep the tensor code path.
 
 from __future__ import annotations
 
-from typing import Any, Mapping, Sequence
+import warnings
+from contextlib import contextmanager
+from typing import Any, Mapping
 
 from torch import Tensor, nn
 import torch
@@ -39,8 +41,45 @@ __all__ = ["ChainEvaluator", "choose_path", "PATH_REASONS", "validate_model_and_
            "call_module", "module_aliases", "describe"]
 
 
+@contextmanager
+def _standard_attention():
+    """PyTorch's fused "fast path" of ``nn.MultiheadAttention`` / ``nn.TransformerEncoderLayer`` (taken
+    in eval mode when no parameter seems to require grad — as under ``vmap``) has no derivative and
+    no batching rule: switch it off while slt calls the model (same maths, differentiable)."""
+    mha = getattr(torch.backends, "mha", None)
+    if mha is None or not mha.get_fastpath_enabled():
+        yield
+        return
+    mha.set_fastpath_enabled(False)
+    try:
+        yield
+    finally:
+        mha.set_fastpath_enabled(True)
+
+
+@contextmanager
+def _vmap_attention():
+    """Under ``vmap``, ``scaled_dot_product_attention`` in its math form (matmuls and a softmax, which
+    vmap batches over chains) instead of the fused CPU/GPU kernels, which have no batching rule and
+    would run once per sample with a performance warning per call."""
+    try:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+    except ImportError:  # torch without the context manager: the default kernels
+        yield
+        return
+    with sdpa_kernel([SDPBackend.MATH]):
+        yield
+
+
 def call_module(model: nn.Module, params: Mapping[str, Tensor], x: Any,
                 aliases: Mapping[str, list[str]] | None = None) -> Any:
+    """:func:`_call_module` with PyTorch's non-differentiable attention fast path switched off."""
+    with _standard_attention():
+        return _call_module(model, params, x, aliases)
+
+
+def _call_module(model: nn.Module, params: Mapping[str, Tensor], x: Any,
+                 aliases: Mapping[str, list[str]] | None = None) -> Any:
     """``model(x)`` (``model(**x)`` for a mapping) with ``params`` substituted (``functional_call``).
 
     ``aliases`` (from :func:`module_aliases`): for a module that reaches one parameter slot
@@ -127,6 +166,15 @@ def _chain_batch(batch: Batch, c: int) -> tuple[Any, Any, Tensor | None]:
     return xc, yc, None if batch.weights is None else batch.weights[c]
 
 
+def _row_block(batch: Batch, sl: slice) -> Batch:
+    """Rows ``sl`` of a per-chain batch (a shared batch is the same for every block)."""
+    if batch.shared:
+        return batch
+    x = _map(lambda v: v[sl], batch.x)
+    y = x if batch.y is batch.x else _map(lambda v: v[sl], batch.y)
+    return Batch(x, y, None if batch.weights is None else batch.weights[sl], False)
+
+
 def _index(t: Any, c: int) -> Any:
     return t[c] if isinstance(t, Tensor) else _map(lambda v: v[c], t)
 
@@ -182,6 +230,9 @@ class ChainEvaluator:
         )
         self.frozen = {n: p.detach() for n, p in model.named_parameters() if not p.requires_grad}
         self.aliases = module_aliases(model)
+        #: vmap path: evaluate at most this many rows (chains) at once (None: all); bounds the
+        #: activation memory of a gradient evaluation to that of ``max_rows`` chains
+        self.max_rows: int | None = None
         # functional_call may update buffers in place (BatchNorm running stats in
         # training mode): work on private copies so the user's module is never modified.
         self.buffers = {n: b.detach().clone() for n, b in model.named_buffers()}
@@ -203,7 +254,8 @@ class ChainEvaluator:
             def one(p: Tensor, xb: Tensor) -> Tensor:
                 return call_module(self.model, {**self.spec.unflatten(p), **buffers}, xb, self.aliases)
 
-            return torch.vmap(one, in_dims=(0, None if shared else 0))(flat, x)
+            with _vmap_attention():
+                return torch.vmap(one, in_dims=(0, None if shared else 0))(flat, x)
         outs = []
         for c in range(C):
             params = {**self.spec.unflatten(flat[c]), **self.buffers}
@@ -232,7 +284,8 @@ class ChainEvaluator:
 
         bd = None if batch.shared else 0  # a shared batch is broadcast, not copied
         in_dims = (0, bd, bd, bd if batch.weights is not None else None)
-        return torch.vmap(one, in_dims=in_dims)(dict(params), batch.x, batch.y, batch.weights)
+        with _vmap_attention():
+            return torch.vmap(one, in_dims=in_dims)(dict(params), batch.x, batch.y, batch.weights)
 
     def _chain_loss(self, params: Mapping[str, Tensor], batch: Batch, c: int) -> Tensor:
         """Chain ``c``'s loss with its parameters ``name -> shape``, on its slice of the batch."""
@@ -268,31 +321,57 @@ class ChainEvaluator:
         for the loop path zero-fills a whole (C, d) tensor per chain)."""
         return {n: v.detach().requires_grad_(True) for n, v in self.spec.unflatten(flat.detach()).items()}
 
-    def _gather_grad(self, grads: Sequence[Tensor | None], leaves: Sequence[Tensor], out: Tensor) -> Tensor:
-        """Per-parameter gradients (``None``: unused, zero) written into ``out`` (..., d) in one copy."""
-        lead = out.shape[:-1]
-        parts = [(torch.zeros_like(v) if g is None else g).reshape(*lead, -1) for g, v in zip(grads, leaves)]
-        return torch.cat(parts, dim=-1, out=out)
+    def _grads_into(self, loss: Tensor, leaves: dict[str, Tensor], out: Tensor) -> Tensor:
+        """Backward of ``loss`` with each leaf's gradient accumulated straight into its slice of
+        ``out`` (..., d): the slices are zeroed and set as the leaves' ``.grad``, and autograd adds
+        each parameter's gradient into its ``.grad`` in place as soon as it is computed (0 + g = g
+        exactly), so the per-parameter gradients are never all alive together and are not
+        concatenated (an unused parameter's slice stays 0)."""
+        out.zero_()
+        for leaf, slot in zip(leaves.values(), self.spec.unflatten(out).values()):
+            leaf.grad = slot
+        with warnings.catch_warnings():  # a slot of a (C, d) row is strided, as its leaf is: harmless
+            warnings.filterwarnings("ignore", message="grad and param do not obey the gradient layout contract")
+            torch.autograd.backward(loss, inputs=list(leaves.values()))
+        for leaf, slot in zip(leaves.values(), self.spec.unflatten(out).values()):
+            if leaf.grad is not slot and leaf.grad is not None:  # autograd replaced it: copy (not expected)
+                slot.copy_(leaf.grad)
+            leaf.grad = None
+        return out
 
     def _vmap_loss_and_grad(self, flat: Tensor, batch: Batch) -> tuple[Tensor, Tensor]:
+        """Rows in blocks of at most ``max_rows`` (all at once when ``None``): activations and
+        autograd buffers are those of one block; each row's loss and gradient do not depend on the
+        blocks (rows are independent; checked in tests/test_memory.py)."""
+        out = torch.empty(flat.shape, dtype=flat.dtype, device=flat.device)  # contiguous (flat may be a broadcast)
+        R = flat.shape[0]
+        step = R if not getattr(self, "max_rows", None) else max(1, int(self.max_rows))
+        if step >= R:
+            return self._vmap_block(flat, batch, out), out
+        losses = torch.empty(R, dtype=flat.dtype, device=flat.device)
+        for r0 in range(0, R, step):
+            sl = slice(r0, min(r0 + step, R))
+            losses[sl] = self._vmap_block(flat[sl], _row_block(batch, sl), out[sl])
+        return losses, out
+
+    def _vmap_block(self, flat: Tensor, batch: Batch, out: Tensor) -> Tensor:
         leaves = self._leaves(flat)
         with torch.enable_grad():
             losses = self._vmap_losses(leaves, batch)
-            grads = torch.autograd.grad(losses.sum(), list(leaves.values()), allow_unused=True)
-        return losses.detach(), self._gather_grad(grads, list(leaves.values()), torch.empty_like(flat))
+            self._grads_into(losses.sum(), leaves, out)
+        return losses.detach()
 
     def _loop_loss_and_grad(self, flat: Tensor, batch: Batch) -> tuple[Tensor, Tensor]:
         """One chain at a time, forward then backward (activations of one chain alive at once)."""
         C = flat.shape[0]
         losses = torch.empty(C, dtype=flat.dtype, device=flat.device)
-        grad = torch.empty_like(flat)
+        grad = torch.empty(flat.shape, dtype=flat.dtype, device=flat.device)
         for c in range(C):
             leaves = self._leaves(flat[c])
             with torch.enable_grad():
                 loss = self._chain_loss(leaves, batch, c)
-                grads = torch.autograd.grad(loss, list(leaves.values()), allow_unused=True)
+                self._grads_into(loss, leaves, grad[c])
             losses[c] = loss.detach()
-            self._gather_grad(grads, list(leaves.values()), grad[c])
         return losses, grad
 
     def per_sample(self, flat: Tensor, x: Any, y: Any) -> Tensor:
@@ -317,7 +396,8 @@ class ChainEvaluator:
                     return self.adapter.per_sample(
                         call_module(self.model, {**self.spec.unflatten(p), **buffers}, x, self.aliases), y, 1)
 
-                return torch.vmap(one)(flat)
+                with _vmap_attention():
+                    return torch.vmap(one)(flat)
             return torch.stack([
                 self.adapter.per_sample(
                     call_module(self.model, {**self.spec.unflatten(flat[c]), **buffers}, x, self.aliases), y, 1)

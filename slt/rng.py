@@ -43,27 +43,50 @@ class ChainRNG:
 
     def normal(self, like: Tensor) -> Tensor:
         """Standard normal noise shaped like ``like`` ((K*C, d))."""
+        return self.owned_normal(like)
+
+    def owned_normal(self, like: Tensor) -> Tensor:
+        """:meth:`normal`, and a promise: the returned slice of the pre-drawn chunk is never
+        handed out again and, once the chunk is used up, this object holds no reference to it, so
+        the caller owns it (a sampler may build its update in it, :func:`slt.samplers.base.owned_normal`).
+
+        The chunk of ``S`` draws per stream is drawn straight into one ``(S, K*C, ...)`` buffer
+        (no per-checkpoint parts and concatenation): for large models ``S = 1`` and a step's noise
+        is one parameter-sized tensor, alive only while the caller holds it."""
         if self._noise is None or self._noise_pos >= self._noise.shape[0] or self._noise.shape[2:] != like.shape[1:]:
             d_shape = like.shape[1:]
             S = self._chunk(self.C * int(torch.Size(d_shape).numel()))
-            parts = [
-                torch.randn((S, self.C, *d_shape), generator=g, device=like.device, dtype=like.dtype)
-                for g in self.noise_gens
-            ]
-            self._noise = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)  # no copy of one part
+            self._noise = None  # the used-up chunk is not held while the next one is drawn
+            if len(self.noise_gens) == 1:
+                buf = torch.randn((S, self.C, *d_shape), generator=self.noise_gens[0], device=like.device,
+                                  dtype=like.dtype)
+            else:
+                buf = torch.empty((S, self.C * len(self.noise_gens), *d_shape), device=like.device, dtype=like.dtype)
+                for k, g in enumerate(self.noise_gens):
+                    part = buf[:, k * self.C:(k + 1) * self.C]
+                    if S == 1:  # a contiguous slice: drawn in place, the numbers of torch.randn
+                        part.normal_(generator=g)
+                    else:
+                        part.copy_(torch.randn((S, self.C, *d_shape), generator=g, device=like.device,
+                                               dtype=like.dtype))
+            self._noise = buf
             self._noise_pos = 0
         out = self._noise[self._noise_pos]
         self._noise_pos += 1
+        if self._noise_pos >= self._noise.shape[0]:
+            self._noise = None  # used up: the caller's slice is the only reference left
         return out
 
-    def index(self, data: Data, batch_size: int, shared: bool = False) -> Tensor:
-        """(K*C, B) minibatch indices; ``shared``: the chains of a checkpoint share them."""
+    def index(self, data: Data | Sequence[Data], batch_size: int, shared: bool = False) -> Tensor:
+        """(K*C, B) minibatch indices; ``shared``: the chains of a checkpoint share them.  ``data``
+        may be one dataset per stream (indices into each stream's own dataset)."""
         if self._idx is None or self._idx_pos >= self._idx.shape[0]:
             S = self._chunk(self.C * batch_size)
             c = 1 if shared else self.C
+            datas = data if isinstance(data, Sequence) else [data] * len(self.index_gens)
             parts = [
-                data.sample_index(S * c, batch_size, g).view(S, c, batch_size).expand(S, self.C, batch_size)
-                for g in self.index_gens
+                dk.sample_index(S * c, batch_size, g).view(S, c, batch_size).expand(S, self.C, batch_size)
+                for dk, g in zip(datas, self.index_gens)
             ]
             self._idx = torch.cat(parts, dim=1)
             self._idx_pos = 0

@@ -29,7 +29,9 @@ import torch
 from torch import Tensor, nn
 
 from ._checks import check_int, check_real
-from .data import Data
+from typing import Any, Mapping
+
+from .data import Data, _leaves, _map, as_source, num_rows
 from .losses import LossAdapter
 
 __all__ = ["TrainResult", "train", "full_batch_loss_and_grad_norm"]
@@ -75,8 +77,18 @@ class TrainResult:
 def _unpack(data: object) -> tuple[Tensor, Tensor, Tensor | None]:
     """``(x, y, weights)`` of any accepted data form (weights ``None`` if unweighted)."""
     w: Tensor | None = None
+    if _structured(data):  # mappings of columns (model(**batch)), NumPy arrays, datasets: as slt.Data
+        try:
+            data = as_source(data)
+        except TypeError as err:
+            raise ValueError(str(err)) from None
+        if not isinstance(data, Data):
+            raise ValueError("train needs the data in memory: pass tensors, a mapping of them or a Dataset, "
+                             "not a DataLoader")
     if isinstance(data, Data):
         x, y, w = data.x, data.target, data.weights
+        if not isinstance(x, Tensor) or not isinstance(y, Tensor):
+            return x, y, w
     elif isinstance(data, Tensor):
         x, y = data, data
     elif isinstance(data, (tuple, list)) and len(data) in (2, 3) and all(isinstance(t, Tensor) for t in data):
@@ -94,6 +106,30 @@ def _unpack(data: object) -> tuple[Tensor, Tensor, Tensor | None]:
             f"X and Y must have the same number of samples, got {tuple(x.shape)} and {tuple(y.shape)}"
         )
     return x, y, w
+
+
+def _structured(data: object) -> bool:
+    """Data that is not tensors only: a mapping, NumPy arrays, a (Hugging Face) Dataset, or tuples
+    holding those."""
+    if isinstance(data, (Tensor, Data)):
+        return False
+    if isinstance(data, (tuple, list)):
+        return any(not isinstance(t, Tensor) for t in data)
+    return True
+
+
+def _call(model: nn.Module, x: Any) -> Any:
+    """``model(x)``, or ``model(**x)`` for a mapping of columns (as :func:`slt.estimate_llc` calls it)."""
+    return model(**x) if isinstance(x, Mapping) else model(x)
+
+
+def _take(t: Any, idx: Tensor) -> Any:
+    """Rows ``idx`` of a tensor or of every column of a mapping."""
+    return t[idx] if isinstance(t, Tensor) else _map(lambda v: v[idx], t)
+
+
+def _device(t: Any) -> torch.device:
+    return t.device if isinstance(t, Tensor) else _leaves(t)[0].device
 
 
 def _check_weights(weights: object, n: int, device: torch.device) -> Tensor:
@@ -129,7 +165,7 @@ def _resolve_data(
         w = weights  # type: ignore[assignment]
     if w is None:
         return x, y, None
-    wn = _check_weights(w, x.shape[0], x.device)
+    wn = _check_weights(w, num_rows(x), _device(x))
     if bool((wn == wn[0]).all()):  # equal weights: the unweighted mean, on the unweighted path
         return x, y, None
     return x, y, wn
@@ -200,7 +236,7 @@ def _loss_and_grad_norm(
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ValueError("model has no trainable parameters")
-    loss = objective(model(x), y)
+    loss = objective(_call(model, x), y)
     grads = torch.autograd.grad(loss, params, allow_unused=True)
     sq = sum(float(g.detach().square().sum()) for g in grads if g is not None)
     return float(loss.detach()), math.sqrt(sq)
@@ -263,7 +299,11 @@ def train(
         ``(n, ...)``, or a single tensor ``X`` (then the target is ``X``, as
         for autoencoders such as the TMS), or a triple ``(X, Y, weights)``,
         or an :class:`slt.Data` (``y=None``: the target is ``x``; its
-        ``weights``, if any, weight the loss).  Must be on the model's device.
+        ``weights``, if any, weight the loss).  As for :func:`slt.estimate_llc`, the
+        inputs may also be a mapping of columns (the model is called as ``model(**batch)``;
+        without a separate ``Y`` the loss receives the batch mapping, e.g.
+        :func:`slt.losses.causal_lm`), NumPy arrays, or a torch or Hugging Face ``Dataset``.
+        Must be on the model's device.
     loss_fn
         ``loss_fn(output, target) -> scalar``, the mean loss over a batch.
     weights
@@ -343,7 +383,9 @@ def train(
         raise ValueError(f"optimizer must be one of {_OPTIMIZERS}, got {optimizer!r}")
     if finish not in _FINISHERS:
         raise ValueError(f"finish must be one of {_FINISHERS}, got {finish!r}")
-    n = x.shape[0]
+    n = num_rows(x)
+    if stream is not None and not isinstance(x, Tensor):
+        raise ValueError("stream needs tensor data (X or (X, Y)), not a mapping of columns")
     if batch_size is not None:
         batch_size = check_int("batch_size", batch_size, 1)
         if batch_size >= n and stream is None:
@@ -384,7 +426,7 @@ def train(
         if optimizer == "lbfgs":
             def closure() -> Tensor:
                 opt.zero_grad()
-                obj = objective(model(x), y)
+                obj = objective(_call(model, x), y)
                 if weight_decay:
                     obj = obj + 0.5 * weight_decay * sum(p.square().sum() for p in params)
                 obj.backward()
@@ -408,17 +450,18 @@ def train(
                     if w is not None:  # i.i.d. with probability ∝ weight: the plain mean is unbiased
                         idx = torch.multinomial(
                             w.to(generator.device), batch_size, replacement=True, generator=generator
-                        ).to(x.device)
+                        ).to(_device(x))
                     else:
                         if pos + batch_size > n:  # new epoch
-                            perm = torch.randperm(n, generator=generator, device=generator.device).to(x.device)
+                            perm = torch.randperm(n, generator=generator, device=generator.device).to(_device(x))
                             pos = 0
                         assert perm is not None
                         idx = perm[pos : pos + batch_size]
                         pos += batch_size
-                    xb, yb = x[idx], y[idx]
+                    xb = _take(x, idx)
+                    yb = xb if y is x else _take(y, idx)
                 opt.zero_grad()
-                loss = (objective if batch_size is None else loss_fn)(model(xb), yb)
+                loss = (objective if batch_size is None else loss_fn)(_call(model, xb), yb)
                 loss.backward()
                 opt.step()
                 history.append(check(float(loss.detach())))
@@ -439,7 +482,7 @@ def train(
 
         def full_closure() -> Tensor:
             lbfgs.zero_grad()
-            obj = objective(model(x), y)
+            obj = objective(_call(model, x), y)
             obj.backward()
             return obj
 

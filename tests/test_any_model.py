@@ -572,3 +572,26 @@ def test_batchnorm_note_and_fallback_hint():
     assert t.path == "loop" and len(t.issues) == 1
     # a plain target has no issues
     assert prepare_target(_plain_model(), (X, Y), F.mse_loss).issues == []
+
+
+def test_torch_transformer_layers_in_eval_mode_run_batched():
+    """``nn.TransformerEncoderLayer`` / ``nn.MultiheadAttention`` in eval mode take PyTorch's fused fast
+    path (no derivative, no vmap batching rule) when parameters seem not to require grad, as under
+    vmap; slt switches it off, so the vmap path runs (no fallback warning) and gives the loop's chains
+    (float64: the two summation orders agree to a few ulp over these few steps)."""
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=True, dtype=torch.float64).eval()
+    x = torch.randn(32, 5, 8, dtype=torch.float64)
+    y = torch.randn(32, 5, 8, dtype=torch.float64)
+    kw = dict(num_chains=2, num_draws=8, num_burnin=0, step_size=1e-5, batch_size=8, dtype=torch.float64,
+              seed=0, progress=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # no "the vmap path failed ... falling back"
+        warnings.filterwarnings("ignore", message=".*draws below L")  # w* is a random point
+        warnings.filterwarnings("ignore", message=".*R-hat")
+        warnings.filterwarnings("ignore", message=".*barely moved|.*still rising|.*falling")
+        v = slt.estimate_llc(layer, (x, y), F.mse_loss, vectorize="vmap", **kw)
+    loop = slt.estimate_llc(layer, (x, y), F.mse_loss, vectorize="loop", **kw)
+    assert v.config["path"] == "vmap"
+    torch.testing.assert_close(v.loss_trace, loop.loss_trace, rtol=1e-10, atol=0)
+    assert torch.backends.mha.get_fastpath_enabled()  # restored for the user's own code

@@ -434,3 +434,42 @@ def test_stream_bad_arguments(rrr_data):
     for kwargs, msg in cases:
         with pytest.raises(ValueError, match=msg):
             train(m, (X, Y), gaussian_nll, steps=2, **kwargs)
+
+
+def test_train_accepts_mappings_of_columns_as_estimate_llc_does():
+    """``model(**batch)`` with a separate target, and a causal LM whose loss reads the batch mapping."""
+    import torch.nn.functional as F
+    from torch import nn
+
+    import slt
+
+    class TwoInputs(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(3, 1), nn.Linear(2, 1)
+
+        def forward(self, left, right):
+            return self.a(left) + self.b(right)
+
+    g = torch.Generator().manual_seed(0)
+    cols = {"left": torch.randn(64, 3, generator=g), "right": torch.randn(64, 2, generator=g)}
+    y = cols["left"] @ torch.tensor([[1.0], [2.0], [-1.0]]) + cols["right"] @ torch.tensor([[0.5], [0.5]])
+    m = TwoInputs()
+    res = train(m, (cols, y), F.mse_loss, steps=200, lr=0.05, batch_size=16)
+    assert res.loss < 1e-6  # an exactly linear target: the minimum is 0
+
+    class TinyLM(nn.Module):
+        def __init__(self, vocab=8, d=8):
+            super().__init__()
+            self.emb, self.out = nn.Embedding(vocab, d), nn.Linear(d, vocab)
+
+        def forward(self, input_ids):
+            return self.out(self.emb(input_ids))
+
+    ids = torch.randint(0, 8, (32, 6), generator=g)
+    lm = TinyLM()
+    before = float(slt.losses.causal_lm(lm(ids), {"input_ids": ids}))
+    res = train(lm, {"input_ids": ids}, slt.losses.causal_lm, steps=100, lr=0.05, finish=None)
+    assert res.loss < before
+    with pytest.raises(ValueError, match="stream needs tensor data"):
+        train(lm, {"input_ids": ids}, slt.losses.causal_lm, steps=1, batch_size=4, stream=lambda b, g: ids[:b])

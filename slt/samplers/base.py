@@ -41,6 +41,10 @@ __all__ = [
     "SamplerSpec",
     "NoiseSource",
     "normal",
+    "owned_normal",
+    "initial_params",
+    "zeros_like_params",
+    "column_chunks",
     "langevin_step",
     "mala_acceptance",
     "reset_rows",
@@ -64,6 +68,62 @@ def normal(rng: torch.Generator | NoiseSource, like: Tensor) -> Tensor:
     if isinstance(rng, torch.Generator):
         return torch.randn(like.shape, generator=rng, device=like.device, dtype=like.dtype)
     return rng.normal(like)
+
+
+def owned_normal(rng: torch.Generator | NoiseSource, like: Tensor) -> Tensor:
+    """Standard normal noise shaped like ``like`` that the caller owns: nothing else holds or will
+    read it, so a sampler may build its update in it (the noise buffer becomes the new position or
+    velocity: no separate parameter-sized noise tensor).  Same numbers as :func:`normal`.  A
+    generator's draws are fresh; a source with ``owned_normal`` (:class:`slt.rng.ChainRNG`) hands
+    out a slice it never hands out again; any other source's noise is copied (it may return a
+    tensor it keeps, as a fixed-noise test source does)."""
+    if isinstance(rng, torch.Generator):
+        return torch.randn(like.shape, generator=rng, device=like.device, dtype=like.dtype)
+    own = getattr(rng, "owned_normal", None)
+    if own is not None:
+        return own(like)
+    return rng.normal(like).clone()
+
+
+def initial_params(params: Tensor) -> Tensor:
+    """A state's initial ``params``: a broadcast view of a (d,) row (stride 0 over chains, e.g. the
+    engine's ``w*`` rows, :meth:`slt.target.Target.rows`) is kept as it is — it cannot be written in
+    place, and no step writes its inputs — so the initial state costs no parameter-sized copy per
+    chain; any other tensor is copied (the caller may write into it later)."""
+    params = params.detach()
+    if params.ndim == 2 and params.shape[0] > 1 and params.stride(0) == 0:
+        return params
+    return params.clone()
+
+
+def zeros_like_params(params: Tensor) -> Tensor:
+    """Zeros shaped like ``params`` (an initial momentum or second moment): a broadcast view of one
+    (d,) row of zeros when ``params`` is one (:func:`initial_params`), else a fresh tensor."""
+    if params.ndim == 2 and params.shape[0] > 1 and params.stride(0) == 0:
+        return params.new_zeros(params.shape[-1]).expand(params.shape)
+    return torch.zeros_like(params)
+
+
+#: Elements of a (C, d) tensor processed at once by the fused updates (:func:`column_chunks`): their
+#: temporaries hold at most about this many elements, whatever the number of chains.
+CHUNK_ELEMENTS = {"cpu": 1 << 18}
+_CHUNK_DEFAULT = 1 << 22  # accelerators: fewer, larger kernels
+
+
+def column_chunks(like: Tensor) -> list[slice]:
+    """Column slices of a (C, d) tensor, each of about :data:`CHUNK_ELEMENTS` elements (at least 64
+    columns): what the fused sampler updates loop over, so that their temporaries are a chunk,
+    not a parameter-sized (C, d) tensor."""
+    C, d = like.shape[0], like.shape[-1]
+    per = CHUNK_ELEMENTS.get(like.device.type, _CHUNK_DEFAULT)
+    step = max(64, per // max(C, 1))
+    return [slice(s, min(s + step, d)) for s in range(0, d, step)]
+
+
+def rowsum64(x: Tensor) -> Tensor:
+    """(C, k) -> (C,) row sums accumulated in float64 (the MALA terms are differences of sums over
+    d coordinates: float32 accumulation would lose them for large d)."""
+    return x.sum(-1, dtype=torch.float64)
 
 
 @dataclass(frozen=True)
@@ -93,16 +153,38 @@ class LocalizedPotential:
 
     def __call__(self, params: Tensor, batch: Any) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """Returns ``(L_B (C,), ∇L_B (C, d), U (C,), ∇U (C, d))``."""
-        loss, grad = self.loss_and_grad(params, batch)
-        diff = params - self.w_star  # the only (C, d) temporary besides ∇U
+        loss, grad, U = self.loss_grad(params, batch)
+        diff = params - self.w_star  # the only (C, d) temporary: it becomes ∇U
         nb = self._nb()
-        nb_flat = nb.squeeze(-1) if isinstance(nb, Tensor) else nb
-        U = nb_flat * loss + 0.5 * self.localization * torch.einsum("...d,...d->...", diff, diff)
         if isinstance(nb, Tensor):
             grad_U = torch.addcmul(diff.mul_(self.localization), nb, grad)
         else:
             grad_U = diff.mul_(self.localization).add_(grad, alpha=nb)
         return loss, grad, U, grad_U
+
+    def loss_grad(self, params: Tensor, batch: Any) -> tuple[Tensor, Tensor, Tensor]:
+        """``(L_B (C,), ∇L_B (C, d), U (C,))``: no ∇U, and no parameter-sized temporary (the
+        samplers form ∇U a chunk of columns at a time, :meth:`grad_U_cols`)."""
+        loss, grad = self.loss_and_grad(params, batch)
+        return loss, grad, self.potential_of(params, loss)
+
+    def potential_of(self, params: Tensor, loss: Tensor) -> Tensor:
+        """U (C,) from the loss (C,) at ``params`` (C, d): ‖w − w*‖² is summed a chunk of columns
+        at a time, in float64."""
+        sq = torch.zeros(params.shape[0], dtype=torch.float64, device=params.device)
+        for sl in column_chunks(params):
+            sq += rowsum64((params[:, sl] - self.w_star[:, sl]).square_())
+        nb = self.nbeta
+        return nb * loss + (0.5 * self.localization * sq).to(loss.dtype)
+
+    def grad_U_cols(self, params: Tensor, grad: Tensor, sl: slice) -> Tensor:
+        """Columns ``sl`` of ∇U = nβ∇L + γ(w − w*) from those of ``params`` and ``grad`` (C, d): a
+        fresh (C, |sl|) tensor, computed as :meth:`__call__` computes ∇U."""
+        diff = params[:, sl] - self.w_star[:, sl]
+        nb = self._nb()
+        if isinstance(nb, Tensor):
+            return torch.addcmul(diff.mul_(self.localization), nb, grad[:, sl])
+        return diff.mul_(self.localization).add_(grad[:, sl], alpha=nb)
 
 
 class SamplerState(Protocol):
@@ -224,16 +306,100 @@ def mala_acceptance(
     :math:`\alpha = \min(1, \exp[U(w) - U(w') + \log q(w|w') - \log q(w'|w)])`
     (Roberts & Tweedie 1996), on the same batch at both points; the same ``G`` is
     used both ways.  A diagnostic: the proposal is always taken.
+
+    The two Gaussian exponents are expanded: with :math:`\Delta = w' - w`, :math:`g = \nabla U(w)`,
+    :math:`g' = \nabla U(w')`,
+
+    .. math:: \log q(w|w') - \log q(w'|w) = \tfrac12 \Delta\cdot(g + g')
+              - \tfrac\epsilon8 \textstyle\sum_i G_i (g_i'^2 - g_i^2),
+
+    so the :math:`\lVert\Delta\rVert^2/2\epsilon \approx d/2` terms that the direct form computes
+    twice and subtracts cancel exactly (in float32 at d = 10⁶ their rounding alone is of order 1 in
+    :math:`\log\alpha`).  Sums over d accumulate in float64, a chunk of columns at a time (no
+    parameter-sized temporaries).
     """
-    half = 0.5 * step_size
-    eps = step_size.reshape(-1) if isinstance(step_size, Tensor) else step_size
-    # log q(w' | w) and log q(w | w'), up to the same constant (same G both ways)
-    fwd = (w_new - (w - half * precond * grad_U)).square() / precond
-    bwd = (w - (w_new - half * precond * grad_U_new)).square() / precond
-    log_q_fwd = -fwd.sum(-1) / (2 * eps)
-    log_q_bwd = -bwd.sum(-1) / (2 * eps)
-    log_alpha = U - U_new + log_q_bwd - log_q_fwd
-    return torch.clamp(log_alpha, max=0.0).exp()
+    a = torch.zeros(w.shape[0], dtype=torch.float64, device=w.device)
+    b = torch.zeros_like(a)
+    for sl in column_chunks(w):
+        g, gn = grad_U[:, sl], grad_U_new[:, sl]
+        s = g + gn
+        diff = gn - g
+        if isinstance(precond, Tensor):
+            diff.mul_(precond[:, sl])
+        elif precond != 1.0:
+            diff.mul_(precond)
+        b += rowsum64(diff.mul_(s))
+        a += rowsum64((w_new[:, sl] - w[:, sl]).mul_(s))
+    return _accept(U, U_new, a, b, step_size)
+
+
+def _accept(U: Tensor, U_new: Tensor, a: Tensor, b: Tensor, step_size: float | Tensor) -> Tensor:
+    """min(1, exp(U - U' + a/2 - ε b/8)) in U's dtype, from a = Δ·(g + g') and b = Σ G (g'² - g²)."""
+    eps = step_size.reshape(-1).double() if isinstance(step_size, Tensor) else step_size
+    log_alpha = (U.double() - U_new.double()) + 0.5 * a - (eps / 8.0) * b
+    return torch.clamp(log_alpha, max=0.0).exp().to(U.dtype)
+
+
+PrecondCols = Callable[[slice], Tensor]
+
+
+def fused_langevin(
+    potential: "LocalizedPotential", w: Tensor, grad: Tensor, xi: Tensor, step_size: float | Tensor,
+    precond: PrecondCols | None = None, mala: bool = False,
+) -> tuple[Tensor, tuple[Tensor, Tensor] | None]:
+    r""":func:`langevin_step` on ∇U = nβ∇L + γ(w − w*) formed from ``grad`` (∇L) a chunk of columns
+    at a time, written into ``xi`` (owned noise, :func:`owned_normal`), which is returned as the new
+    position: the step allocates no parameter-sized tensor.  ``precond(sl)`` gives columns ``sl``
+    of G (None: G = 1).  With ``mala``, also returns the first half of the MALA sums at the old
+    point, ``(Δ·g, Σ G g²)`` (float64, (C,)), for :func:`fused_mala` — so ∇L at ``w`` may be freed
+    before the proposal is evaluated."""
+    tensor_eps = isinstance(step_size, Tensor)
+    # the arithmetic of langevin_step, element for element (a sampler built from it reproduces these chains)
+    if tensor_eps:
+        neg_half, sqrt_eps = -0.5 * step_size, step_size.sqrt()
+    else:
+        neg_half, sqrt_eps = -0.5 * step_size, math.sqrt(step_size)
+    a = b = None
+    if mala:
+        a = torch.zeros(w.shape[0], dtype=torch.float64, device=w.device)
+        b = torch.zeros_like(a)
+    for sl in column_chunks(w):
+        gU = potential.grad_U_cols(w, grad, sl)
+        x, wc = xi[:, sl], w[:, sl]
+        if precond is None:
+            t = torch.addcmul(wc, gU, neg_half) if tensor_eps else torch.add(wc, gU, alpha=neg_half)
+            if tensor_eps:
+                torch.addcmul(t, x, sqrt_eps, out=x)
+            else:
+                torch.add(t, x, alpha=sqrt_eps, out=x)
+            if mala:
+                b += rowsum64(gU.square())
+        else:
+            G = precond(sl)
+            t = wc - (0.5 * step_size) * G * gU
+            torch.add(t, x.mul_((step_size * G).sqrt_()), out=x)
+            if mala:
+                b += rowsum64(G.mul_(gU).mul_(gU))
+        if mala:
+            a += rowsum64((x - wc).mul_(gU))
+    return xi, (None if a is None else (a, b))
+
+
+def fused_mala(
+    potential: "LocalizedPotential", w: Tensor, w_new: Tensor, grad_new: Tensor, U: Tensor, U_new: Tensor,
+    step_size: float | Tensor, first: tuple[Tensor, Tensor], precond: PrecondCols | None = None,
+) -> Tensor:
+    """:func:`mala_acceptance` from the sums ``first`` of :func:`fused_langevin` and ∇L at ``w_new``
+    (∇U formed a chunk at a time; the same G as the step)."""
+    a, b = first[0].clone(), first[1].clone()
+    for sl in column_chunks(w):
+        gU = potential.grad_U_cols(w_new, grad_new, sl)
+        if precond is None:
+            b -= rowsum64(gU.square())
+        else:
+            b -= rowsum64(precond(sl).mul_(gU).mul_(gU))
+        a += rowsum64((w_new[:, sl] - w[:, sl]).mul_(gU))
+    return _accept(U, U_new, a, -b, step_size)
 
 
 def reset_rows(t: Tensor, rows: Tensor, value: Tensor | float) -> Tensor:

@@ -27,7 +27,9 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from .base import LocalizedPotential, Sampler, SamplerInfo, SamplerSpec, check_step_size, normal, reset_rows, sqrt
+from .base import (LocalizedPotential, Sampler, SamplerInfo, SamplerSpec, check_step_size, column_chunks, initial_params,
+                   owned_normal, zeros_like_params,
+                   reset_rows, sqrt)
 
 __all__ = ["SGHMCState", "sghmc"]
 
@@ -69,13 +71,22 @@ def sghmc(
     noise_std = sqrt(friction * step_size)
 
     def init(params: Tensor) -> SGHMCState:
-        params = params.detach().clone()
-        return SGHMCState(params, torch.zeros_like(params), 0)
+        params = initial_params(params)  # w* broadcast rows are kept without a copy: steps never write inputs
+        return SGHMCState(params, zeros_like_params(params), 0)
 
     def step(state: SGHMCState, batch, rng) -> tuple[SGHMCState, SamplerInfo]:
+        # the new velocity is built in the (owned) noise buffer and ∇U formed a chunk of columns at a
+        # time; ∇L is dropped before w + v is allocated.  Inputs are never written.
         w = state.params
-        loss, _, U, grad_U = potential(w, batch)
-        v = (1.0 - friction) * state.velocity - eta * grad_U + noise_std * normal(rng, w)
+        loss, grad, U = potential.loss_grad(w, batch)
+        v = owned_normal(rng, w)
+        for sl in column_chunks(w):
+            gU = potential.grad_U_cols(w, grad, sl)
+            # (1-α)v - η∇U + σξ, in the order (and so the rounding) of the formula
+            t = (1.0 - friction) * state.velocity[:, sl] - gU.mul_(eta)
+            x = v[:, sl]
+            torch.add(t, x.mul_(noise_std), out=x)
+        del grad
         info = SamplerInfo(loss.detach(), U.detach(), None, None)
         return SGHMCState(w + v, v, state.step + 1), info
 

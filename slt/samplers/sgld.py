@@ -43,22 +43,25 @@ from .base import (
     SamplerSpec,
     check_mala_every,
     check_step_size,
-    langevin_step,
-    mala_acceptance,
-    normal,
+    column_chunks,
+    fused_langevin,
+    fused_mala,
+    initial_params,
+    owned_normal,
     reset_rows,
+    zeros_like_params,
 )
 
 __all__ = ["SGLDState", "RMSPropSGLDState", "sgld", "rmsprop_sgld"]
 
-Cache = tuple[Tensor, Tensor, Tensor, Tensor]
+Cache = tuple[Tensor, Tensor, Tensor]
 
 
 class SGLDState(NamedTuple):
-    """``params`` (C, d); ``step`` steps taken; ``cache``: ``(L, ∇L, U, ∇U)`` at
+    """``params`` (C, d); ``step`` steps taken; ``cache``: ``(L, ∇L, U)`` at
     ``params`` on the last batch, when the potential is deterministic (full batch) or
     after a MALA step with ``reuse_batch``, else ``None`` (a state with a cache must be
-    stepped on that batch)."""
+    stepped on that batch).  ∇U is not kept: the step forms it from ∇L a chunk at a time."""
 
     params: Tensor
     step: int
@@ -80,31 +83,40 @@ def _langevin_sampler(
     step_size: float,
     deterministic: bool,
     mala_every: int,
-    precondition: Callable[[Any, Tensor], tuple[Tensor | float, Any]] | None,
+    precondition: Callable[[Any, Tensor], tuple[Callable[[slice], Tensor] | None, Any]] | None,
     new_aux: Callable[[Tensor], Any],
     make_state: Callable[[Tensor, Any, int, Cache | None], Any],
     aux_of: Callable[[Any], Any],
     reuse_batch: bool = False,
 ) -> Sampler:
-    """The SGLD step, shared by both samplers: ``precondition(aux, ∇L) -> (G, aux')``."""
+    """The SGLD step, shared by both samplers: ``precondition(aux, ∇L) -> (G's columns, aux')``.
+
+    Memory: the step allocates the new position in the noise buffer (:func:`owned_normal`) and
+    forms ∇U a chunk of columns at a time (:func:`fused_langevin`); on a MALA step the first half
+    of the acceptance sums is taken before ∇L at ``w`` is dropped, so while the proposal is
+    evaluated the live parameter-sized tensors are ``w``, ``w_new``, the new gradient (and
+    RMSProp's second moments, old and new).  Inputs are never written: ``state`` (its params,
+    preconditioner and cache) stays valid, e.g. for the engine's re-run from the same state."""
     check_step_size(step_size)
     check_mala_every(mala_every)
 
     def init(params: Tensor) -> Any:
-        params = params.detach().clone()
+        params = initial_params(params)  # w* broadcast rows are kept without a copy: steps never write inputs
         return make_state(params, new_aux(params), 0, None)
 
     def step(state: Any, batch: Any, rng: Any) -> tuple[Any, SamplerInfo]:
         w = state.params
-        loss, grad, U, grad_U = state.cache if state.cache is not None else potential(w, batch)
-        G, aux = (1.0, None) if precondition is None else precondition(aux_of(state), grad)
-        w_new = langevin_step(w, grad_U, normal(rng, w), step_size, G)
+        loss, grad, U = state.cache if state.cache is not None else potential.loss_grad(w, batch)
+        G, aux = (None, None) if precondition is None else precondition(aux_of(state), grad)
+        mala = bool(deterministic or (mala_every and state.step % mala_every == 0))
+        w_new, first = fused_langevin(potential, w, grad, owned_normal(rng, w), step_size, G, mala)
+        del grad  # ∇L at w: not needed any more (freed here unless the input state's cache holds it)
         accept = cache = None
-        if deterministic or (mala_every and state.step % mala_every == 0):
-            loss_n, grad_n, U_n, grad_U_n = potential(w_new, batch)
-            accept = mala_acceptance(w, w_new, U, grad_U, U_n, grad_U_n, step_size, G)
+        if mala:
+            loss_n, grad_n, U_n = potential.loss_grad(w_new, batch)
+            accept = fused_mala(potential, w, w_new, grad_n, U, U_n, step_size, first, G)
             if deterministic or (reuse_batch and mala_every > 1):  # every batch used at most twice
-                cache = (loss_n, grad_n, U_n, grad_U_n)
+                cache = (loss_n, grad_n, U_n)
         info = SamplerInfo(loss.detach(), U.detach(), None, accept)
         return make_state(w_new, aux, state.step + 1, cache), info
 
@@ -172,13 +184,17 @@ def rmsprop_sgld(
     if potential is None:
         return SamplerSpec("rmsprop_sgld", rmsprop_sgld, {"alpha": alpha, "eps": eps})
 
-    def precondition(v: Tensor, grad: Tensor) -> tuple[Tensor, Tensor]:
-        v = alpha * v + (1.0 - alpha) * grad.square()
-        return 1.0 / (v.sqrt() + eps), v
+    def precondition(v: Tensor, grad: Tensor) -> tuple[Callable[[slice], Tensor], Tensor]:
+        # v' = αv + (1-α)∇L², one new (C, d) tensor filled a chunk of columns at a time
+        new = torch.empty_like(v)
+        for sl in column_chunks(v):
+            torch.mul(v[:, sl], alpha, out=new[:, sl]).add_(grad[:, sl].square().mul_(1.0 - alpha))
+        # G = 1/(√v' + a), a chunk at a time, never stored (fresh: the caller may write into it)
+        return (lambda sl: 1.0 / (new[:, sl].sqrt().add_(eps))), new
 
     return _langevin_sampler(
         "rmsprop_sgld", potential, step_size, deterministic, mala_every, precondition,
-        new_aux=torch.zeros_like,
+        new_aux=zeros_like_params,
         make_state=lambda p, v, t, cache: RMSPropSGLDState(p, v, t, cache),
         aux_of=lambda s: s.precond_v, reuse_batch=reuse_batch,
     )

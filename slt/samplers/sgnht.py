@@ -60,7 +60,9 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from .base import LocalizedPotential, Sampler, SamplerInfo, SamplerSpec, check_step_size, normal, reset_rows, sqrt
+from .base import (LocalizedPotential, Sampler, SamplerInfo, SamplerSpec, check_step_size, column_chunks, initial_params,
+                   owned_normal, zeros_like_params,
+                   reset_rows, rowsum64, sqrt)
 
 __all__ = ["SGNHTState", "sgnht"]
 
@@ -104,15 +106,27 @@ def sgnht(
     noise_std = sqrt(diffusion * step_size)
 
     def init(params: Tensor) -> SGNHTState:
-        params = params.detach().clone()
+        params = initial_params(params)  # w* broadcast rows are kept without a copy: steps never write inputs
         alpha = torch.full((params.shape[0], 1), float(diffusion), dtype=params.dtype, device=params.device)
-        return SGNHTState(params, torch.zeros_like(params), alpha, 0)
+        return SGNHTState(params, zeros_like_params(params), alpha, 0)
 
     def step(state: SGNHTState, batch, rng) -> tuple[SGNHTState, SamplerInfo]:
+        # as SGHMC: the new velocity is built in the (owned) noise buffer, ∇U and ‖v‖² a chunk of
+        # columns at a time; inputs are never written
         w = state.params
-        loss, _, U, grad_U = potential(w, batch)
-        v = (1.0 - state.thermostat) * state.velocity - eta * grad_U + noise_std * normal(rng, w)
-        alpha = state.thermostat + (v.square().mean(-1, keepdim=True) - eta / (1.0 - 0.5 * state.thermostat).clamp_min(0.5))
+        loss, grad, U = potential.loss_grad(w, batch)
+        v = owned_normal(rng, w)
+        keep = 1.0 - state.thermostat  # (C, 1)
+        sq = torch.zeros(w.shape[0], dtype=torch.float64, device=w.device)
+        for sl in column_chunks(w):
+            gU = potential.grad_U_cols(w, grad, sl)
+            t = keep * state.velocity[:, sl] - gU.mul_(eta)  # the formula's order (and rounding)
+            x = v[:, sl]
+            torch.add(t, x.mul_(noise_std), out=x)
+            sq += rowsum64(x.square())
+        del grad
+        mean_sq = (sq / w.shape[1]).to(w.dtype).unsqueeze(1)
+        alpha = state.thermostat + (mean_sq - eta / (1.0 - 0.5 * state.thermostat).clamp_min(0.5))
         info = SamplerInfo(loss.detach(), U.detach(), None, None)
         return SGNHTState(w + v, v, alpha, state.step + 1), info
 

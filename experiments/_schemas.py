@@ -356,6 +356,55 @@ class TMSPosteriorConfig(_Base):
     posterior: PosteriorConf = field(default_factory=PosteriorConf)
 
 
+@dataclass
+class RefinedModelConf:
+    """``refined.yaml`` ``model``: :class:`experiments._induction.AttnOnlyTransformer`."""
+
+    vocab: int = 48
+    d_model: int = 32
+    n_heads: int = 4
+    n_layers: int = 2
+    context: int = 32
+    layer_norm: bool = True
+
+
+@dataclass
+class RefinedDataConf:
+    """``refined.yaml`` ``data``: :func:`experiments._induction.make_induction_data`."""
+
+    n: int = 4096
+    n_eval: int = 512
+    min_len: int = 8
+    max_len: int = 16
+    concentration: float = 1.0
+
+
+@dataclass
+class RefinedTrainConf:
+    """``refined.yaml`` ``training``: minibatch Adam and the log-spaced checkpoints."""
+
+    steps: int = 3000
+    lr: float = 0.01
+    batch_size: int = 32
+    num_checkpoints: int = 20
+    first_checkpoint: int = 20
+    log_every: int = 25
+
+
+@dataclass
+class RefinedConfig(_Base):
+    """``refined.yaml``: refined LLCs of the attention heads of a 2-layer attention-only transformer
+    over training (``experiments/refined.py``; the meaning of each key is in the yaml file)."""
+
+    name: str = "refined"
+    model: RefinedModelConf = field(default_factory=RefinedModelConf)
+    data: RefinedDataConf = field(default_factory=RefinedDataConf)
+    training: RefinedTrainConf = field(default_factory=RefinedTrainConf)  # not "train": that node is TrainConf's
+    score_threshold: float = 0.3
+    data_refined: bool = True
+    sampler: SamplerConf = field(default_factory=SamplerConf)
+
+
 # ---------------------------------------------------------------------------
 # registration and validation
 # ---------------------------------------------------------------------------
@@ -369,6 +418,7 @@ def register() -> None:
     cs.store(name="tms_curve_schema", node=TMSCurveConfig)
     cs.store(name="decompose_schema", node=DecomposeConfig)
     cs.store(name="tms_posterior_schema", node=TMSPosteriorConfig)
+    cs.store(name="refined_schema", node=RefinedConfig)
     cs.store(group="schema/sampler", name="sampler", node=SamplerConf)
     cs.store(group="schema/symmetry", name="symmetry", node=SymmetryConf)
     cs.store(group="schema/model", name="tms", node=TMSModelConf)

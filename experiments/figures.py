@@ -22,6 +22,8 @@ symmetry   λ̂ vs h on symmetry paths, covariance slopes, Hessian-    ``expfam_
 phase2     two features in one hidden dimension: phase diagram       ``fig_phase2``
            over relative importance and density
 tegum      direct-sum decomposition of W with 3 hidden dimensions    ``fig_tegum``
+refined    per-head weight-refined and data-refined LLCs over the   ``refined``
+           training of a 2-layer attention-only transformer
 =========  =======================================================  ==================================
 
 Usage::
@@ -69,6 +71,7 @@ __all__ = [
     "fig_phase2",
     "phase2_cells",
     "fig_tegum",
+    "fig_refined",
     "predicted_crossing",
     "measured_crossing",
     "posterior_phase_table",
@@ -844,6 +847,128 @@ def fig_tegum(results: Path, out: Path) -> list[Path]:
 
 
 # ---------------------------------------------------------------------------
+# figure 9: refined LLCs of attention heads over training
+# ---------------------------------------------------------------------------
+#: head class (experiments/_induction.classify_heads) -> colour in the refined figure
+HEAD_COLORS = {"induction": "tab:red", "previous-token": "tab:blue", "other": "0.55"}
+#: data set of the data-refined LLC -> (legend text, colour)
+DATA_SETS = {"induction": ("induction positions (inside the copy)", "tab:red"),
+             "other": ("other positions", "0.45"),
+             "all": ("all positions (the ordinary LLC)", "k")}
+
+
+def _refined_data_llc(r: pd.Series, stat: str) -> dict[str, np.ndarray]:
+    """``{data set: per-checkpoint values}`` of ``data_llc_<stat>`` from a summary row (a JSON dict
+    cell, or the flattened columns ``data_llc_<stat>.<set>`` of the summary table)."""
+    key = f"data_llc_{stat}"
+    if key in r and isinstance(_list(r[key]), dict):
+        return {k: np.asarray(v, float) for k, v in _list(r[key]).items()}
+    out = {}
+    for c in r.index:
+        if c.startswith(key + ".") and r[c] is not None and not (isinstance(r[c], float) and math.isnan(r[c])):
+            out[c[len(key) + 1:]] = np.asarray(_list(r[c]), float)
+    return out
+
+
+def fig_refined(results: Path, out: Path, seed: int | None = None) -> list[Path]:
+    """One ``refined`` run (``experiments/refined.py``; the given seed, else the run that ends at the
+    lowest held-out loss): (a) the held-out loss on all / induction / other token positions over
+    training; (b) every head's induction and previous-token scores; (c) every head's weight-refined
+    LLC ± s.e. over training, coloured by the head's class at the last checkpoint, solid for layer 0 and
+    dashed for layer 1; (d) the data-refined LLC on induction / other / all positions.  The checkpoint
+    interval with the steepest drop of the induction-position loss (per e-fold of steps) is shaded in
+    every panel; hollow markers: most draws fell below L(w*) (w* is not a local minimum of that loss,
+    so λ̂ is biased low there)."""
+    df = load_sweep(results, "refined")
+    if seed is not None:
+        df = df[df["seed"] == seed]
+        if not len(df):
+            raise NoData(f"refined has no finished run with seed={seed}")
+    df = df.assign(final=[_list(v)[-1] for v in _col(df, "ckpt_loss")])
+    r = df.sort_values(["final", "seed"]).iloc[0]
+    step = np.maximum(np.asarray(_list(r["ckpt_step"]), float), 1)
+    heads = [str(h) for h in _list(r["heads"])]
+    classes = [str(c) for c in _list(r["head_class"])]
+    rllc = np.asarray(_list(r["head_rllc_mean"]), float)  # (heads, K)
+    rsem = np.asarray(_list(r["head_rllc_sem"]), float)
+    below = np.asarray(_list(r["head_frac_below_init"]), float) if "head_frac_below_init" in r else np.zeros_like(rllc)
+    scores = {"induction": np.asarray(_list(r["head_induction_score"]), float),
+              "previous-token": np.asarray(_list(r["head_previous_score"]), float)
+              if "head_previous_score" in r else None}
+    cs = np.maximum(np.asarray(_list(r["curve_step"]), float), 1)
+    curves = {k: np.asarray(_list(r[f"curve_{k}"]), float) for k in ("loss", "loss_induction", "loss_other")}
+    li = np.asarray(_list(r["ckpt_loss_induction"]), float) if "ckpt_loss_induction" in r else None
+    bump = None
+    if li is not None and len(li) > 2:
+        j = int(np.argmin(np.diff(li) / np.diff(np.log(step))))
+        bump = (step[j], step[j + 1])
+    fig, axes = plt.subplots(2, 2, figsize=(10.0, 6.8), sharex=True)
+    (a1, a2), (a3, a4) = axes
+
+    def points(ax: Any, y: np.ndarray, e: Any, hollow: np.ndarray, col: str, ls: str, lab: str | None) -> None:
+        ax.plot(step, y, ls, color=col, lw=1.3, label=lab)
+        ax.errorbar(step[~hollow], y[~hollow], yerr=None if e is None else e[~hollow], fmt="o", color=col, ms=2.8,
+                    capsize=1.5)
+        if hollow.any():
+            ax.errorbar(step[hollow], y[hollow], yerr=None if e is None else e[hollow], fmt="o", color=col, ms=3.2,
+                        mfc="none", capsize=1.5)
+
+    # (a) loss curves
+    for k, lab, col in (("loss", "all positions", "k"), ("loss_induction", "induction positions", "tab:red"),
+                        ("loss_other", "other positions", "0.45")):
+        a1.plot(cs, curves[k], "-", color=col, lw=1.2, label=f"held-out loss, {lab}")
+    a1.plot(step, np.asarray(_list(r["ckpt_loss"]), float), "o", color="k", ms=3, label="checkpoints")
+    a1.set_ylabel("cross-entropy (nats / token)")
+    a1.set_title("(a) held-out loss per set of token positions", fontsize=8.5)
+    # (b) scores, (c) rLLCs, coloured by class
+    seen: set[str] = set()
+    for i, (h, c) in enumerate(zip(heads, classes)):
+        col = HEAD_COLORS.get(c, "tab:green")
+        lab = None if c in seen else f"{c} head"
+        seen.add(c)
+        a2.plot(step, scores["induction"][i], "-" if h.startswith("l0") else "--", color=col, lw=1.3, label=lab)
+        if scores["previous-token"] is not None:
+            a2.plot(step, scores["previous-token"][i], ":", color=col, lw=1.3, marker="x", ms=3)
+        points(a3, rllc[i], rsem[i], below[i] > 0.5, col, "-" if h.startswith("l0") else "--", lab)
+        a3.annotate(h, (step[-1], rllc[i, -1]), xytext=(4, 0), textcoords="offset points", fontsize=6.5,
+                    color=col, va="center")
+    a2.set_ylabel("attention score")
+    a2.set_title("(b) induction score (lines: solid layer 0, dashed layer 1) and\n"
+                 "previous-token score (dotted, ×) per head", fontsize=8.5)
+    a3.set_ylabel("weight-refined LLC (one head)")
+    a3.set_title("(c) weight-refined LLC per head ± s.e. (chains), coloured by class at the end", fontsize=8.5)
+    # (d) data-refined
+    dm, ds = _refined_data_llc(r, "mean"), _refined_data_llc(r, "sem")
+    db = _refined_data_llc(r, "frac_below_init") if any(c.startswith("data_frac_below_init") for c in r.index) else {}
+    for k, v in dm.items():
+        lab, col = DATA_SETS.get(k, (k, "tab:green"))
+        points(a4, v, ds.get(k), db.get(k, np.zeros_like(v)) > 0.5, col, "-", lab)
+    a4.set_ylabel("data-refined LLC (all weights)")
+    a4.set_title("(d) data-refined LLC (all weights move) per set of positions", fontsize=8.5)
+    if not dm:
+        a4.text(0.5, 0.5, "no data-refined LLCs in this run (data_refined=false)", transform=a4.transAxes,
+                ha="center", fontsize=8)
+    for ax in axes.flat:
+        ax.set_xscale("log")
+        if bump is not None:
+            ax.axvspan(*bump, color="tab:orange", alpha=0.15, lw=0,
+                       label="steepest drop of the induction-position loss" if ax is a1 else None)
+    for ax in (a2, a3, a4):
+        ax.legend(fontsize=6.5, loc="upper left")
+    a1.legend(fontsize=6.5, loc="lower left")
+    for ax in (a3, a4):
+        ax.set_xlabel("training step (log scale; step 0 drawn at 1); hollow: most draws below L(w*)", fontsize=8)
+    counts = ", ".join(f"{classes.count(c)} {c}" for c in HEAD_COLORS if classes.count(c))
+    nc = int(r["sampler.num_chains"]) if "sampler.num_chains" in r else "?"
+    nd = int(r["sampler.num_draws"]) if "sampler.num_draws" in r else "?"
+    fig.suptitle(f"Refined LLCs of the heads of a 2-layer attention-only transformer over training (seed {int(r['seed'])}; "
+                 f"{len(step)} checkpoints; heads: {counts};\nnβ = {float(r['nbeta']):g}, γ = {float(r['localization']):g}, "
+                 f"{nc} chains × {nd} draws per head and checkpoint)", fontsize=9)
+    fig.tight_layout()
+    return _save(fig, out, "refined")
+
+
+# ---------------------------------------------------------------------------
 # command line
 # ---------------------------------------------------------------------------
 FIGURES: dict[str, Callable[[Path, Path], list[Path]]] = {
@@ -855,6 +980,7 @@ FIGURES: dict[str, Callable[[Path, Path], list[Path]]] = {
     "symmetry": fig_symmetry,
     "phase2": fig_phase2,
     "tegum": fig_tegum,
+    "refined": fig_refined,
 }
 
 

@@ -11,7 +11,8 @@ problem), :mod:`slt.stepsize`, :mod:`slt.samplers`, :mod:`slt.loop` and
 __version__ = "0.1.0"
 
 from . import defaults, diagnostics, geometry, models, symmetry, theory  # noqa: E402
-from . import loop, samplers, stepsize, target  # noqa: E402
+from . import groups, influence, loop, restrict, samplers, stepsize, target  # noqa: E402
+from .influence import InfluenceResult, SusceptibilityResult, bif, loss_kernel, per_sample_susceptibility  # noqa: E402
 from ._runtime import versions  # noqa: E402
 from .calibrate import CalibrationResult, calibrate  # noqa: E402
 from .data import Data  # noqa: E402
@@ -20,6 +21,7 @@ from .engine import (  # noqa: E402
     default_localization,
     default_nbeta,
     estimate_llc,
+    sample_target,
 )
 from .plotting import plot_calibration, plot_trace  # noqa: E402
 from . import phases, reference  # noqa: E402
@@ -55,6 +57,15 @@ __all__ = [
     "default_localization",
     "default_nbeta",
     "estimate_llc",
+    "sample_target",
+    "restrict",
+    "groups",
+    "influence",
+    "bif",
+    "loss_kernel",
+    "per_sample_susceptibility",
+    "InfluenceResult",
+    "SusceptibilityResult",
     "rmsprop_sgld",
     "sgld",
     "sghmc",

@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import time
 import warnings
+from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Sequence
 
 import torch
@@ -50,7 +51,7 @@ from ._checks import check_int, check_real
 from ._runtime import intra_op_threads, resolve_device, small_work_threads, versions
 from .defaults import LLC, default_localization, default_nbeta
 from .evaluator import ChainEvaluator
-from .loop import Divergence, run_chains, show_progress
+from .loop import Divergence, Trace, run_chains, show_progress
 from .result import LLCResult
 from .rng import ChainRNG
 from .samplers import LocalizedPotential, SamplerSpec, build_sampler, resolve_sampler
@@ -59,6 +60,8 @@ from .target import fastest_path, prepare_target
 
 __all__ = [
     "estimate_llc",
+    "sample_target",
+    "Sampling",
     "default_nbeta",
     "default_localization",
     "resolve_device",
@@ -93,6 +96,7 @@ def estimate_llc(
     sampler: str | SamplerSpec = LLC.sampler,
     sampler_kwargs: Mapping[str, Any] | None = None,
     observables: Mapping[str, Observable] | None = None,
+    restrict_to: Any = None,
     device: str | torch.device | None = "cpu",
     dtype: torch.dtype = torch.float32,
     seed: int | Sequence[int] = 0,
@@ -123,7 +127,10 @@ def estimate_llc(
         ``(X, Y)``, ``X`` alone (density model: ``loss_fn(model(x), x)``),
         ``(X, Y, weights)``, :class:`slt.Data`, a ``Dataset`` (items ``x``,
         ``(x, y)`` or ``(x, y, weight)``) or a ``DataLoader`` (streamed;
-        its batches are shared by all chains).
+        its batches are shared by all chains).  ``{label: dataset}`` (values tuples,
+        :class:`slt.Data` or ``Dataset`` s — a mapping of tensors is one dataset's columns):
+        the data-refined LLC of each distribution q′ (posterior and estimator both on q′;
+        Wang et al. 2024), batched; the distributions need one nβ (given, or equal sizes).
     loss_fn
         ``loss_fn(output, target) -> scalar`` mean loss.  Defaults to
         ``model.default_loss`` when the model defines one.
@@ -170,6 +177,17 @@ def estimate_llc(
         ``name -> f(params)`` with ``params`` a mapping ``name -> (C, *shape)``
         and ``f`` returning ``(C, ...)``; evaluated at every draw, batched over
         chains, returned as ``(C, T, ...)`` in ``result.observables``.
+    restrict_to
+        Weight-refined LLC (Wang et al. 2024, arXiv 2410.02984): only the selected parameters
+        move, the others stay at ``w*`` (the loss gradient and the noise of each chain are masked).
+        A glob over parameter names (``"blocks.0.attn.*"``), a list of globs, a callable
+        ``(name, param) -> bool | bool mask | index``, per-parameter masks ``{name: mask or
+        index}`` (parts of a tensor, e.g. one head's slice of a fused QKV matrix), or a mapping
+        ``{label: any of those}`` — then the result is ``{label: result}`` and all restrictions ×
+        checkpoints × chains run as one batched computation (:mod:`slt.restrict` builds the usual
+        ones: ``heads``, ``layers``, ``attention_and_mlp``, ``embeddings``).  Restrictions of one
+        checkpoint share its random streams; a restriction to every parameter is the unrestricted
+        run bit for bit.  Not with ``sampler="sgnht"``.
     device, dtype
         ``"cpu"``, ``"cuda"`` or ``"auto"``; ``torch.float32`` or ``torch.float64``.
     seed
@@ -215,9 +233,11 @@ def estimate_llc(
 
     Returns
     -------
-    LLCResult or list of LLCResult
-        One result per checkpoint (a list when several were given);
-        ``result.converged`` and ``result.convergence_reasons`` give the verdict.
+    LLCResult, list of LLCResult, or a mapping of them
+        One result per checkpoint (a list when several were given); ``{label: ...}`` of those per
+        restriction when ``restrict_to`` is a mapping, per distribution when ``data`` is a mapping
+        of datasets, ``{restriction: {distribution: ...}}`` with both.  ``result.converged`` and
+        ``result.convergence_reasons`` give the verdict.
 
     Calibration
     -----------
@@ -228,66 +248,213 @@ def estimate_llc(
     """
 
     t_setup = time.perf_counter()
+    _check_arguments(num_chains, num_draws, num_burnin, num_steps_bw_draws, mala_every, step_size, nbeta,
+                     localization, batch_size, target_accept)
+    resolve_sampler(sampler)
+
+    # 1. the target: model, data, loss, w*, nβ, γ, and the groups (restrictions, distributions)
+    target = prepare_target(model, data, loss_fn, models=models, state_dicts=state_dicts, nbeta=nbeta,
+                            localization=localization, device=device, dtype=dtype, vectorize=vectorize, seed=seed,
+                            restrict_to=restrict_to)
+    # 2.-3. step size and sampler, folded over the minibatches
+    run = sample_target(
+        target, num_chains=num_chains, num_draws=num_draws, num_burnin=num_burnin,
+        num_steps_bw_draws=num_steps_bw_draws, step_size=step_size, batch_size=batch_size, sampler=sampler,
+        sampler_kwargs=sampler_kwargs, observables=observables, vectorize=vectorize, mala_every=mala_every,
+        target_accept=target_accept, divergence_threshold=divergence_threshold, control_variate=control_variate,
+        shared_batches=shared_batches, raise_on_divergence=raise_on_divergence, num_threads=num_threads,
+        progress=progress, started=t_setup)
+    # 4. one result per group, in the caller's shape
+    results = run.results()
+    for g, res in enumerate(results):
+        where = ", ".join(f"{k} {v!r}" if isinstance(v, str) else f"{k} {v}"
+                          for k, v in target.group_labels(g).items() if v is not None)
+        for w in res.diagnostics["warnings"]:
+            warnings.warn(f"slt.estimate_llc ({where}): {w}", RuntimeWarning, stacklevel=2)
+    return target.arrange(results)
+
+
+@dataclass
+class Sampling:
+    """One sampling run of a prepared target, before it is summarised (:meth:`results`).
+
+    Attributes
+    ----------
+    target
+        The prepared target (its groups: checkpoints × restrictions × distributions).
+    trace
+        The run's :class:`slt.loop.Trace` (rows ``G * C``).
+    step_size
+        ε: a number, or ``(G*C, 1)`` per row.
+    rule
+        ``"adapt"``, ``"curvature"`` or ``"given"``.
+    auto, adapt
+        The curvature rule's :class:`slt.stepsize.StepSize` or the
+        :class:`slt.stepsize.Adaptation` (``None`` when not used).
+    halvings
+        Times the step of diverging groups was halved and the run repeated.
+    num_chains, num_steps, n_adapt
+        Chains per group, steps in all (adaptation included) and adaptation steps.
+    sampler
+        The bound sampler's name.
+    setup_seconds, adapt_seconds
+        Set-up time (preparation included when ``started`` was given) and adaptation time.
+    config
+        What the run used (recorded with every result).
+    """
+
+    target: Any
+    trace: Trace
+    step_size: float | Tensor
+    rule: str
+    auto: Any
+    adapt: Any
+    halvings: int
+    num_chains: int
+    num_steps: int
+    n_adapt: int
+    sampler: str
+    setup_seconds: float
+    adapt_seconds: float
+    config: dict[str, Any]
+
+    def group_step_size(self, g: int) -> float:
+        eps = self.step_size
+        return float(eps[g * self.num_chains]) if isinstance(eps, Tensor) else float(eps)
+
+    def results(self) -> list[LLCResult]:
+        """One :class:`slt.LLCResult` per group (``G``), in group order."""
+        target, C, trace = self.target, self.num_chains, self.trace
+        init = target.group_init_loss
+        masks = target.groups.masks
+        out = []
+        for g in range(target.G):
+            tr = trace.rows(slice(g * C, (g + 1) * C))
+            labels = target.group_labels(g)
+            diag = {
+                "path": target.path, "path_reason": target.path_reason,
+                "seconds": trace.seconds, "setup_seconds": self.setup_seconds, "adapt_seconds": self.adapt_seconds,
+                "chain_steps_per_second": (self.num_steps - self.n_adapt) * target.G * C / max(trace.seconds, 1e-12),
+                "step_size_halvings": self.halvings,
+            }
+            burnin = tr.burnin
+            if self.adapt is not None:
+                burnin = torch.cat([self.adapt.loss_trace[g * C:(g + 1) * C].cpu(), tr.burnin], 1)
+            diag.update(_step_size_diagnostics(self.auto, self.adapt, g, labels["checkpoint"]))
+            eps_g = self.group_step_size(g)
+            config = {**self.config, "step_size": eps_g, "seed": target.group_seeds[g], **labels}
+            if masks is not None:
+                config["restricted_params"] = int(masks[g // target.groups.D % target.groups.M].sum())
+            out.append(LLCResult.from_traces(
+                tr.loss, tr.star, nbeta=target.nbeta, init_loss=float(init[g]), step_size=eps_g,
+                localization=target.localization, sampler=self.sampler, burnin=burnin, observables=tr.observables,
+                diverged=tr.diverged, divergence_step=tr.divergence_step, draw_steps=tr.draw_steps, mala=tr.mala,
+                issues=target.issues, diagnostics=diag, config=config,
+            ))
+        return out
+
+
+def sample_target(
+    target: Any,
+    *,
+    num_chains: int = LLC.num_chains,
+    num_draws: int = LLC.num_draws,
+    num_burnin: int | None = LLC.num_burnin,
+    num_steps_bw_draws: int = LLC.num_steps_bw_draws,
+    step_size: float | str | None = LLC.step_size,
+    batch_size: int | None = LLC.batch_size,
+    sampler: str | SamplerSpec = LLC.sampler,
+    sampler_kwargs: Mapping[str, Any] | None = None,
+    observables: Mapping[str, Observable] | None = None,
+    on_draw: Callable[[Tensor], None] | None = None,
+    on_start: Callable[[], None] | None = None,
+    vectorize: str = "auto",
+    mala_every: int = LLC.mala_every,
+    target_accept: float = LLC.target_accept,
+    divergence_threshold: float | None = None,
+    control_variate: bool = True,
+    shared_batches: bool = False,
+    raise_on_divergence: bool = True,
+    num_threads: int | None = None,
+    progress: bool | None = None,
+    started: float | None = None,
+) -> Sampling:
+    r"""Sample a prepared target (:func:`slt.prepare_target`): the engine behind
+    :func:`estimate_llc` and every estimator built on its runs (e.g. :func:`slt.bif`).
+
+    Arguments as for :func:`estimate_llc`; ``on_draw(params)`` is called at every draw with the
+    ``(G*C, d)`` parameters of all rows (without grad; rows of diverged chains sit at ``w*``, see
+    ``trace.diverged``), for estimators that accumulate their own statistics online; ``on_start()``
+    before the draws of every run (a run whose chains diverged under an automatic step is repeated
+    with a halved step: statistics gathered by ``on_draw`` start over).  ``started``:
+    a ``time.perf_counter()`` stamp from before the target was prepared (counted as set-up).
+
+    Steps: the minibatch stream (:meth:`slt.target.Target.batches`); the path (``vectorize="auto"``:
+    :func:`slt.target.fastest_path`); the step size (adapted during burn-in, the curvature rule,
+    or given); :func:`slt.loop.run_chains`, repeated with the step of diverging groups halved
+    under an automatic rule; an :class:`LLCEstimationError` when every chain of a group diverged.
+    """
+    t_setup = time.perf_counter() if started is None else started
     num_chains, num_draws, num_burnin, num_steps_bw_draws, mala_every, batch_size = _check_arguments(
-        num_chains, num_draws, num_burnin, num_steps_bw_draws, mala_every, step_size, nbeta, localization,
+        num_chains, num_draws, num_burnin, num_steps_bw_draws, mala_every, step_size, None, None,
         batch_size, target_accept)
     spec = resolve_sampler(sampler)
-
-    # 1. the target, its random streams and its minibatches
-    target = prepare_target(model, data, loss_fn, models=models, state_dicts=state_dicts, nbeta=nbeta,
-                            localization=localization, device=device, dtype=dtype, vectorize=vectorize, seed=seed)
-    C, K, dev = num_chains, target.K, target.device
-    rows = target.rows(C)  # (K*C, d)
-    rng = ChainRNG(target.seeds, C, dev)
+    _check_restrictable(spec, target)
+    C, G, dev = num_chains, target.G, target.device
+    rows = target.rows(C)  # (G*C, d)
+    rng = ChainRNG(target.group_seeds, C, dev)
     batches = target.batches(rng, C, batch_size, control_variate=control_variate, shared=shared_batches)
+    noise = _MaskedNoise(rng, target.groups, target.K) if target.groups.masks is not None else rng
 
-    # 2. the step size: adapted during burn-in (default), the curvature rule, or given
     rule = _step_size_rule(step_size)
     auto = auto_step_size(target, batches) if rule == "curvature" else None
     kw = {"deterministic": batches.full, **dict(sampler_kwargs or {})}
     num_steps = num_burnin + num_draws * num_steps_bw_draws
     thresh = divergence_threshold if divergence_threshold is not None else 1000.0 * max(target.d, 1)
     if num_threads is None:
-        num_threads = small_work_threads(K * C * (batches.batch_size or 1) * target.d, dev)
+        num_threads = small_work_threads(G * C * (batches.batch_size or 1) * target.d, dev)
     if num_threads is not None:
         num_threads = check_int("num_threads", num_threads, 1)
     n_adapt = num_burnin - num_burnin // 5 if rule == "adapt" else 0
     with intra_op_threads(num_threads):
         if vectorize == "auto":  # vmap or the loop, whichever is measured faster here
             target = fastest_path(target, rows, None if batches.full else batches.batch_size)
-        potential = LocalizedPotential(target.evaluator.loss_and_grad, rows, target.nbeta, target.localization)
+        potential = LocalizedPotential(_loss_and_grad(target), rows, target.nbeta, target.localization)
         state = build_sampler(spec, potential, 1.0, mala_every=0, **kw).init(rows)
         setup_seconds = time.perf_counter() - t_setup
         adapt = None
         if rule == "adapt":
             eps0, _ = initial_step_size(target, batches)
-            state, adapt = adapt_step_size(spec, potential, state, batches, rng, n_adapt, eps0, C, threshold=thresh,
+            state, adapt = adapt_step_size(spec, potential, state, batches, noise, n_adapt,
+                                           eps0[target.group_checkpoint], C, threshold=thresh,
                                            target_accept=target_accept, **kw)
         eps = (auto.step_size if auto is not None else float(step_size) if adapt is None
                else adapt.step_size.to(target.dtype).repeat_interleave(C).unsqueeze(1))
         adapt_seconds = time.perf_counter() - t_setup - setup_seconds
 
-        # 3. the sampler, folded over the batches; an automatic step that lets chains diverge is halved
+        # the sampler, folded over the batches; an automatic step that lets chains diverge is halved
         handover = batches.last  # the batch on which the state's cached evaluation (if any) was made
+        held = [state]  # kept for re-runs with a halved step; a given step runs once and lets it go
+        del state
         for halvings in range(MAX_HALVINGS + 1 if rule != "given" else 1):
             batches.last = handover  # a re-run starts from the same state, so from the same batch
+            if on_start is not None:
+                on_start()
             smp = build_sampler(spec, potential, eps, mala_every=mala_every, **kw, **_free_mala(spec, kw))
             _, trace = run_chains(
-                smp, state, batches, rng, num_steps - n_adapt, num_burnin=num_burnin - n_adapt,
-                thin=num_steps_bw_draws, observe=_observe(target.spec, observables),
+                smp, held[0] if rule != "given" else held.pop(), batches, noise, num_steps - n_adapt, num_burnin=num_burnin - n_adapt,
+                thin=num_steps_bw_draws, observe=_observe(target.spec, observables, on_draw),
                 divergence=Divergence(thresh, target.nbeta, rows, 10 if dev.type == "cpu" else 25),
-                nbeta=target.nbeta, progress=show_progress(progress, num_steps * K * C), start=n_adapt,
+                nbeta=target.nbeta, progress=show_progress(progress, num_steps * G * C), start=n_adapt,
             )
-            bad = trace.diverged.view(K, C).any(1)
+            bad = trace.diverged.view(G, C).any(1)
             if rule == "given" or halvings == MAX_HALVINGS or not bool(bad.any()):
                 break
             eps = _halve(eps, bad, C, target.dtype)
     if raise_on_divergence:  # before the warning: the error names the same chains
-        _raise_if_all_diverged(trace.diverged.view(K, C).all(1), spec, potential, target, rows, eps, thresh,
+        _raise_if_all_diverged(trace.diverged.view(G, C).all(1), spec, potential, target, rows, eps, thresh,
                                min(200, num_steps), None if batches.full else batches.batch_size, kw)
     _warn_divergent(trace.diverged, trace.divergence_step, C, thresh)
-
-    # 4. one result per checkpoint
     config = {
         "num_chains": C, "num_draws": num_draws, "num_burnin": num_burnin,
         "num_steps_bw_draws": num_steps_bw_draws, "step_size_auto": rule != "given", "step_size_rule": rule,
@@ -298,30 +465,46 @@ def estimate_llc(
         "dtype": str(target.dtype).replace("torch.", ""), "vectorize": vectorize, "path": target.path,
         "mala_every": mala_every, "divergence_threshold": thresh, "num_threads": num_threads,
         "control_variate": control_variate, "shared_batches": batches.shared, "num_params": target.d,
-        "num_checkpoints": K, "versions": versions(),
+        "num_checkpoints": target.K, "versions": versions(),
     }
-    results = []
-    for k in range(K):
-        tr = trace.rows(slice(k * C, (k + 1) * C))
-        eps_k = float(eps[k * C]) if isinstance(eps, Tensor) else float(eps)
-        diag = {
-            "path": target.path, "path_reason": target.path_reason,
-            "seconds": trace.seconds, "setup_seconds": setup_seconds, "adapt_seconds": adapt_seconds,
-            "chain_steps_per_second": (num_steps - n_adapt) * K * C / max(trace.seconds, 1e-12),
-            "step_size_halvings": halvings,
-        }
-        burnin = tr.burnin if adapt is None else torch.cat([adapt.loss_trace[k * C:(k + 1) * C].cpu(), tr.burnin], 1)
-        diag.update(_step_size_diagnostics(auto, adapt, k))
-        res = LLCResult.from_traces(
-            tr.loss, tr.star, nbeta=target.nbeta, init_loss=float(target.init_loss[k]), step_size=eps_k,
-            localization=target.localization, sampler=smp.name, burnin=burnin, observables=tr.observables,
-            diverged=tr.diverged, divergence_step=tr.divergence_step, draw_steps=tr.draw_steps, mala=tr.mala,
-            issues=target.issues, diagnostics=diag, config={**config, "step_size": eps_k, "seed": target.seeds[k], "checkpoint": k},
-        )
-        for w in res.diagnostics["warnings"]:
-            warnings.warn(f"slt.estimate_llc (checkpoint {k}): {w}", RuntimeWarning, stacklevel=2)
-        results.append(res)
-    return results if target.is_batch else results[0]
+    return Sampling(target, trace, eps, rule, auto, adapt, halvings, C, num_steps, n_adapt, smp.name,
+                    setup_seconds, adapt_seconds, config)
+
+
+class _MaskedNoise:
+    """The run's noise source with each row's noise multiplied by its restriction's mask (masked
+    coordinates get neither gradient nor noise, so they stay at w*)."""
+
+    def __init__(self, rng: ChainRNG, groups: Any, K: int):
+        self.rng, self.groups, self.K = rng, groups, K
+
+    def normal(self, like: Tensor) -> Tensor:
+        return self.groups.apply_mask(self.rng.normal(like), self.K)
+
+    def owned_normal(self, like: Tensor) -> Tensor:
+        """Noise the caller owns (:func:`slt.samplers.base.owned_normal`), masked in place."""
+        return self.groups.apply_mask(self.rng.owned_normal(like), self.K)
+
+
+def _loss_and_grad(target: Any) -> Callable[[Tensor, Any], tuple[Tensor, Tensor]]:
+    """The evaluator's ``loss_and_grad``; with restrictions the gradient of each row is masked."""
+    ev, groups = target.evaluator, target.groups
+    if groups.masks is None:
+        return ev.loss_and_grad
+
+    def masked(params: Tensor, batch: Any) -> tuple[Tensor, Tensor]:
+        loss, grad = ev.loss_and_grad(params, batch)
+        return loss, groups.apply_mask(grad, target.K)
+
+    return masked
+
+
+def _check_restrictable(spec: SamplerSpec, target: Any) -> None:
+    """SGNHT's thermostat averages the kinetic energy over all d coordinates: with masked
+    coordinates (always at rest) it would heat the free ones."""
+    if target.groups.masks is not None and spec.name == "sgnht":
+        raise ValueError("restrict_to does not work with sgnht (its thermostat averages over every parameter, "
+                         "masked ones included): use sgld, rmsprop_sgld or sghmc")
 
 
 def _check_arguments(num_chains, num_draws, num_burnin, num_steps_bw_draws, mala_every, step_size, nbeta,
@@ -378,21 +561,29 @@ def _halve(eps: float | Tensor, checkpoints: Tensor, C: int, dtype: torch.dtype)
     return torch.where(checkpoints.repeat_interleave(C).unsqueeze(1).to(rows.device), rows / 2, rows)
 
 
-def _observe(spec: Any, observables: Mapping[str, Observable] | None) -> Callable[[Tensor], dict] | None:
-    """The run loop's ``observe``: user observables take named parameters ``name -> (R, *shape)``."""
-    if not observables:
+def _observe(spec: Any, observables: Mapping[str, Observable] | None,
+             on_draw: Callable[[Tensor], None] | None = None) -> Callable[[Tensor], dict] | None:
+    """The run loop's ``observe``: user observables take named parameters ``name -> (R, *shape)``;
+    ``on_draw(params (R, d))`` is called first (online statistics, nothing stored)."""
+    if not observables and on_draw is None:
         return None
-    return lambda w: {k: f(spec.unflatten(w)) for k, f in observables.items()}
+
+    def observe(w: Tensor) -> dict:
+        if on_draw is not None:
+            on_draw(w)
+        return {k: f(spec.unflatten(w)) for k, f in (observables or {}).items()}
+
+    return observe
 
 
-def _step_size_diagnostics(auto: Any, adapt: Any, k: int) -> dict[str, Any]:
-    """How checkpoint ``k``'s step size was chosen (curvature rule or adaptation)."""
+def _step_size_diagnostics(auto: Any, adapt: Any, g: int, k: int) -> dict[str, Any]:
+    """How group ``g`` (of checkpoint ``k``) got its step size (curvature rule or adaptation)."""
     if auto is not None:
         return {"curvature": float(auto.curvature[k]), "step_size_pilot_rounds": auto.pilot_rounds,
                 "minibatch_gradient_noise": None if auto.grad_noise is None else float(auto.grad_noise[k])}
     if adapt is not None:
-        return {"step_size_initial": float(adapt.initial[k]), "adapt_steps": adapt.steps,
-                "adapt_acceptance": float(adapt.accept[k]), "adapt_back_offs": int(adapt.back_offs[k])}
+        return {"step_size_initial": float(adapt.initial[g]), "adapt_steps": adapt.steps,
+                "adapt_acceptance": float(adapt.accept[g]), "adapt_back_offs": int(adapt.back_offs[g])}
     return {}
 
 
@@ -405,7 +596,7 @@ def _raise_if_all_diverged(all_dead: Tensor, spec, potential, target, rows: Tens
     bad = all_dead.nonzero().flatten().tolist()
     C = rows.shape[0] // all_dead.shape[0]
     eps_max = float(eps.max()) if isinstance(eps, Tensor) else float(eps)
-    rng = ChainRNG([s + 0x2F1 for s in target.seeds], C, target.device)
+    rng = ChainRNG([s + 0x2F1 for s in target.group_seeds], C, target.device)
     sug = stable_step_size(spec, potential, rows, target.batches(rng, C, batch_size), rng, eps_max, steps=steps,
                            threshold=threshold, **kw)
     fix = (f"step_size={sug:.3g} ran {steps} steps from w* without divergence: pass it"

@@ -54,6 +54,7 @@ from torch import Tensor, nn
 
 from .data import Batch, Data, LoaderSource, as_source, num_rows, row_numel
 from .defaults import default_localization, default_nbeta
+from .groups import Groups, concat_data, split_data
 from .evaluator import (PATH_REASONS, ChainEvaluator, call_module, choose_path, probe_batch, to_device,
                         validate_model_and_loss)
 from .losses import LossAdapter
@@ -118,9 +119,11 @@ class Target:
     is_batch: bool = False
     _star: tuple[Tensor | None, Tensor] | None = field(default=None, repr=False)
     issues: list[str] = field(default_factory=list)
-    #: elements per sample of the inputs or outputs, whichever is larger (sizes chunks of
-    #: structured data; ``None`` for tensors, which use their input size as before)
+    #: elements per sample of the inputs or outputs, whichever is larger (sizes the chunks of the
+    #: losses at w*: a language model's logits are vocab times its token ids); ``None``: the input size
     _row_numel: int | None = field(default=None, repr=False)
+    #: restrictions and data distributions (refined LLCs); the default: none
+    groups: "Groups" = field(default_factory=lambda: Groups())
 
     # -- shape ---------------------------------------------------------------
     @property
@@ -141,12 +144,67 @@ class Target:
     def loss_fn(self) -> LossFn:
         return self.adapter.loss_fn
 
+    @property
+    def G(self) -> int:
+        """Number of groups of chains: checkpoints × restrictions × data distributions
+        (checkpoint-major, then restriction, then distribution); ``K`` without refinement."""
+        return self.K * self.groups.M * self.groups.D
+
+    @property
+    def group_checkpoint(self) -> Tensor:
+        """``(G,)`` the checkpoint of each group."""
+        return torch.arange(self.K, device=self.device).repeat_interleave(self.groups.M * self.groups.D)
+
+    @property
+    def group_seeds(self) -> list[int]:
+        """``(G,)`` seed of each group: its checkpoint's (restrictions and distributions of one
+        checkpoint share its random streams, so a restriction to every parameter reproduces the
+        unrestricted run bit for bit)."""
+        per = self.groups.M * self.groups.D
+        return [s for s in self.seeds for _ in range(per)]
+
+    @property
+    def group_init_loss(self) -> Tensor:
+        """``(G,)`` :math:`L_n(w^*)` of each group (on its own distribution)."""
+        star_ps, init = self.star_losses
+        g = self.groups
+        if g.parts is None:
+            return init.repeat_interleave(g.M)
+        per = torch.stack([g.range_mean(star_ps, i) for i in range(g.D)], 1)  # (K, D)
+        return per.unsqueeze(1).expand(self.K, g.M, g.D).reshape(-1)
+
     def rows(self, num_chains: int) -> Tensor:
-        """``(K * C, d)``: ``w*`` of each checkpoint repeated for its ``C`` chains (read-only: with
+        """``(G * C, d)``: ``w*`` of each group repeated for its ``C`` chains (read-only: with
         one checkpoint a broadcast view, no parameter-sized copy per chain)."""
         if self.K == 1:
-            return self.w_star.expand(num_chains, self.d)
-        return self.w_star.repeat_interleave(num_chains, 0)
+            return self.w_star.expand(self.G * num_chains, self.d)
+        return self.w_star.repeat_interleave(self.groups.M * self.groups.D * num_chains, 0)
+
+    def arrange(self, per_group: list[Any]) -> Any:
+        """Results of the ``G`` groups in the caller's shape: one result, a list over checkpoints,
+        ``{restriction: ...}``, ``{distribution: ...}`` or ``{restriction: {distribution: ...}}``."""
+        K, g = self.K, self.groups
+
+        def ckpts(m: int, i: int) -> Any:
+            out = [per_group[(k * g.M + m) * g.D + i] for k in range(K)]
+            return out if self.is_batch else out[0]
+
+        def dists(m: int) -> Any:
+            if g.data_labels is None:
+                return ckpts(m, 0)
+            return {lab: ckpts(m, i) for i, lab in enumerate(g.data_labels)}
+
+        if g.restrict_labels is None:
+            return dists(0)
+        return {lab: dists(m) for m, lab in enumerate(g.restrict_labels)}
+
+    def group_labels(self, group: int) -> dict[str, Any]:
+        """``{"checkpoint": k, "restriction": label or None, "data": label or None}`` of a group."""
+        g = self.groups
+        k, rest = divmod(group, g.M * g.D)
+        m, i = divmod(rest, g.D)
+        return {"checkpoint": k, "restriction": None if g.restrict_labels is None else g.restrict_labels[m],
+                "data": None if g.data_labels is None else g.data_labels[i]}
 
     # -- losses at w* ----------------------------------------------------------
     @property
@@ -309,14 +367,39 @@ class BatchStream:
         self.batch_size = source.n if self.full else batch_size
         self.shared = shared or isinstance(source, LoaderSource)
         self._shared_index = shared
-        self._rows = target.rows(num_chains)  # (K*C, d)
+        self._rows = target.rows(num_chains)  # (G*C, d)
         star_ps, init = target.star_losses
         self._star_ps = star_ps
-        self._init = init.repeat_interleave(num_chains)  # (K*C,)
-        self._full = source.full_batch() if self.full else None
-        if star_ps is not None:  # (K*C, 1) offset of each row's checkpoint in the flattened (K, n) losses
-            ckpt = torch.arange(target.K, device=target.device).repeat_interleave(num_chains)
+        self._init = target.group_init_loss.repeat_interleave(num_chains)  # (G*C,)
+        groups = target.groups
+        self._parts = None  # data-refined: each group's own dataset and its first row in the source
+        if groups.parts is not None:
+            self._parts = [groups.parts[g % groups.D] for g in range(target.G)]
+            first = torch.tensor(groups.offsets, device=target.device).repeat(target.K * groups.M)
+            self._data_offset = first.repeat_interleave(num_chains).unsqueeze(1)  # (G*C, 1)
+        self._full = None
+        if self.full:
+            self._full = source.full_batch() if groups.parts is None else self._group_full_batch(num_chains)
+        if star_ps is not None:  # (G*C, 1) offset of each row's checkpoint in the flattened (K, n) losses
+            ckpt = target.group_checkpoint.repeat_interleave(num_chains)
             self._offset = (ckpt * star_ps.shape[1]).unsqueeze(1)
+
+    def _group_full_batch(self, num_chains: int) -> Batch:
+        """Full batch of a data-refined run: each row its own distribution's rows (padded to the
+        largest with zero weight), as a per-row batch (``rows × n`` samples in memory)."""
+        groups, dev = self.target.groups, self.target.device
+        n_max = max(p.n for p in groups.parts)
+        idx, wts = [], []
+        for part, lo in zip(groups.parts, groups.offsets):
+            i = torch.arange(n_max, device=dev) % part.n + lo
+            w = part.normalized_weights()
+            w = torch.full((part.n,), 1.0 / part.n, device=dev) if w is None else w.to(dev)
+            wts.append(torch.cat([w, w.new_zeros(n_max - part.n)]).to(self.target.dtype))
+            idx.append(i)
+        per_group = torch.arange(self.target.G, device=dev) % groups.D
+        rows = per_group.repeat_interleave(num_chains)
+        b = self.target.source.gather(torch.stack(idx)[rows])
+        return Batch(b.x, b.y, torch.stack(wts)[rows], False)
 
     def _forward_star(self, b: Batch) -> Tensor:
         with torch.no_grad():
@@ -335,7 +418,10 @@ class BatchStream:
             return self._full, self._init
         source = self.target.source
         if isinstance(source, Data):
-            idx = self.rng.index(source, self.batch_size, self._shared_index)
+            if self._parts is None:
+                idx = self.rng.index(source, self.batch_size, self._shared_index)
+            else:  # each group draws from its own distribution's rows of the concatenated source
+                idx = self.rng.index(self._parts, self.batch_size, self._shared_index) + self._data_offset
             b = source.gather(idx)
             if not self.control_variate:
                 return b, self._init
@@ -548,6 +634,7 @@ def prepare_target(
     seed: int | Sequence[int] = 0,
     full_data: bool = False,
     caller: str = "slt.estimate_llc",
+    restrict_to: Any = None,
 ) -> Target:
     r"""Prepare ``(model, data, loss)`` and the checkpoints ``w*`` for sampling.
 
@@ -576,6 +663,10 @@ def prepare_target(
         Stack a DataLoader into tensors (estimators that need the full batch).
     caller
         Named in warnings.
+    restrict_to
+        Weight restriction(s) (:func:`slt.restrict.resolve_restrictions`): a glob, a list of globs,
+        a callable, per-parameter masks, or ``{label: restriction}``; ``None``: every sampled
+        parameter.  ``data`` may be ``{label: dataset}`` (data-refined LLC, :mod:`slt.groups`).
 
     Returns
     -------
@@ -619,26 +710,34 @@ def prepare_target(
     if issues:
         warnings.warn(f"{caller}: " + "; ".join(issues), RuntimeWarning, stacklevel=3)
 
-    # data
+    # data (a mapping {label: dataset}: one distribution per label, concatenated into one source)
+    split = split_data(data)
+    parts = offsets = None
+    if split is not None:
+        data, parts, offsets = concat_data(split[1])
+        if nbeta is None and len({p.n for p in parts}) > 1:
+            raise ValueError(
+                f"the distributions of data have different sizes {[p.n for p in parts]}: pass nbeta explicitly "
+                "(one nβ for all, so that their refined LLCs are comparable)")
     source = as_source(data)
     if isinstance(source, LoaderSource) and full_data:
         source = _stack_loader(source)
     if isinstance(source, Data):
         source = source.to(dev, dtype)
-    n = source.n
+    n = source.n if parts is None else parts[0].n
     if n is None and (nbeta is None or callable(nbeta)):
         raise ValueError("the DataLoader's dataset has no length: pass nbeta explicitly")
     adapter = LossAdapter(loss_fn)
     probe = probe_batch(source, 64, dev, dtype)
     out = validate_model_and_loss(work_model, adapter, probe)
     structured = not (isinstance(probe.x, Tensor) and isinstance(probe.y, Tensor) and isinstance(out, Tensor))
-    row_size = None
-    if structured:  # chunks of the losses at w* are sized by the larger of input and output per sample
-        from .losses import _flatten
+    # chunks of the losses at w* are sized by the larger of input and output per sample (a language
+    # model's logits are vocab times its token ids)
+    from .losses import _flatten
 
-        rows_probe = max(1, min(2, num_rows(probe.x)))
-        out_size = sum(t.numel() for t in _flatten(out)[0] if isinstance(t, Tensor)) // rows_probe
-        row_size = max(1, row_numel(probe.x), int(out_size))
+    rows_probe = max(1, min(2, num_rows(probe.x)))
+    out_size = sum(t.numel() for t in _flatten(out)[0] if isinstance(t, Tensor)) // rows_probe
+    row_size = max(1, row_numel(probe.x), int(out_size))
 
     # nβ, γ, path
     if nbeta is None:
@@ -649,8 +748,22 @@ def prepare_target(
     evaluator, reason = _evaluator(work_model, spec, adapter, vectorize, w_star[:1].repeat(2, 1),
                                    probe_batch(source, 8, dev, dtype), caller, structured, issues,
                                    per_chain_probe=isinstance(source, Data))
+    groups = _groups(restrict_to, work_model, spec, split, parts, offsets, dev, dtype)
     return Target(work_model, spec, adapter, evaluator, source, w_star, seeds, nb, gamma, n, dev, dtype, reason,
-                  is_batch, issues=issues, _row_numel=row_size)
+                  is_batch, issues=issues, _row_numel=row_size, groups=groups)
+
+
+def _groups(restrict_to: Any, model: nn.Module, spec: ParamSpec, split: Any, parts: Any, offsets: Any,
+            dev: torch.device, dtype: torch.dtype) -> Groups:
+    """The run's restrictions (masks from :func:`slt.restrict.resolve_restrictions`) and distributions."""
+    labels = masks = None
+    if restrict_to is not None:
+        from .restrict import resolve_restrictions
+
+        labels, masks = resolve_restrictions(restrict_to, model, spec)
+        masks = masks.to(device=dev, dtype=dtype)
+    return Groups(labels, masks, None if split is None else split[0],
+                  None if parts is None else [p.to(dev, dtype) for p in parts], offsets)
 
 
 #: :func:`fastest_path` replaces vmap by the loop only when the loop is measured this much faster ...
@@ -660,7 +773,7 @@ PATH_MARGIN = 1.10
 PATH_MIN_SECONDS = 5e-3
 #: decisions of :func:`fastest_path` in this process, by model class, parameter shapes, rows, batch size,
 #: device, dtype and data structure
-_PATH_DECISIONS: dict[tuple, tuple[bool, str]] = {}
+_PATH_DECISIONS: dict[tuple, tuple[Any, str]] = {}
 
 
 def _step_seconds(evaluator: ChainEvaluator, rows: Tensor, batch: Batch, repeats: int) -> float:
@@ -699,26 +812,46 @@ def fastest_path(target: Target, rows: Tensor, batch_size: int | None, repeats: 
         if len(_PATH_DECISIONS) > 256:
             _PATH_DECISIONS.clear()
         _PATH_DECISIONS[key] = _measure_paths(target, rows, batch_size, repeats)
-    use_loop, timing = _PATH_DECISIONS[key]
-    if use_loop:
+    choice, timing = _PATH_DECISIONS[key]
+    if choice == "loop":
         target.evaluator = ChainEvaluator(target.model, target.spec, target.adapter, "loop",
                                           structured=target.evaluator.structured)
+    elif choice is not None:  # vmap in blocks of rows
+        target.evaluator.max_rows = int(choice)
     if timing:
-        target.path_reason = f"loop over chains: {timing}" if use_loop else f"{target.path_reason}; {timing}"
+        target.path_reason = f"loop over chains: {timing}" if choice == "loop" else f"{target.path_reason}; {timing}"
     return target
 
 
-def _measure_paths(target: Target, rows: Tensor, batch_size: int | None, repeats: int) -> tuple[bool, str]:
-    """``(loop faster, timings)`` for :func:`fastest_path`; ``(False, "")`` when a vmap step is too
-    short for the choice to matter (the loop is then not timed)."""
+#: rows per block of the blocked-vmap candidate of :func:`fastest_path` (tried when a step has more rows):
+#: with many chains the activations of one vmapped step outgrow the caches (measured 10–30% slower per
+#: chain on a 105k-parameter GPT-2 at 32 rows than in blocks of 4–8)
+VMAP_BLOCK_ROWS = 8
+
+
+def _measure_paths(target: Target, rows: Tensor, batch_size: int | None, repeats: int) -> tuple[Any, str]:
+    """``(choice, timings)`` for :func:`fastest_path`: ``None`` (vmap of all rows, the default), an int
+    (vmap in blocks of that many rows) or ``"loop"``; ``(None, "")`` when a vmap step is too short
+    for the choice to matter (the others are then not timed).  An alternative replaces the default
+    only when it is :data:`PATH_MARGIN` times faster."""
     size = target.source.n if batch_size is None else min(batch_size, target.source.n)
-    batch = probe_batch(target.source, size, target.device, target.dtype)
-    if batch_size is not None and batch_size < target.source.n:
-        batch = batch.per_chain(rows.shape[0])
+    R = rows.shape[0]
+    if batch_size is not None and batch_size < target.source.n:  # a different minibatch per row, as in a run
+        idx = torch.arange(R * size, device=target.device).view(R, size) % target.source.n
+        batch = target.source.gather(idx)
+    else:
+        batch = probe_batch(target.source, size, target.device, target.dtype)
     t_vmap = _step_seconds(target.evaluator, rows, batch, repeats)
     if t_vmap < PATH_MIN_SECONDS:
-        return False, ""
-    loop = ChainEvaluator(target.model, target.spec, target.adapter, "loop", structured=target.evaluator.structured)
-    t_loop = _step_seconds(loop, rows, batch, repeats)
-    timing = f"measured {1e3 * t_vmap:.3g} ms (vmap) vs {1e3 * t_loop:.3g} ms (loop) per step of {rows.shape[0]} chains"
-    return t_loop * PATH_MARGIN < t_vmap, timing
+        return None, ""
+    times = {"loop": _step_seconds(ChainEvaluator(target.model, target.spec, target.adapter, "loop",
+                                                  structured=target.evaluator.structured), rows, batch, repeats)}
+    if R > VMAP_BLOCK_ROWS:
+        blocked = ChainEvaluator(target.model, target.spec, target.adapter, "vmap", structured=target.evaluator.structured)
+        blocked.max_rows = VMAP_BLOCK_ROWS
+        times[VMAP_BLOCK_ROWS] = _step_seconds(blocked, rows, batch, repeats)
+    best = min(times, key=times.get)
+    parts = [f"{1e3 * t_vmap:.3g} ms (vmap)"] + [
+        f"{1e3 * t:.3g} ms ({'loop' if k == 'loop' else f'vmap in blocks of {k}'})" for k, t in times.items()]
+    timing = f"measured {' vs '.join(parts)} per step of {R} chains"
+    return (best if times[best] * PATH_MARGIN < t_vmap else None), timing

@@ -29,6 +29,7 @@ STEMS = {
     "symmetry": "symmetry",
     "phase2": "phase_diagram_2x1",
     "tegum": "tegum",
+    "refined": "refined",
 }
 
 
@@ -151,6 +152,9 @@ def results(tmp_path_factory) -> Path:
                    {"W": W, "b": [0.0] * 5, "train_loss": 0.1, **_llc(rng, 5.0)})
     for sweep in ("fig_kgon", "fig_elhage", "fig_dims", "fig_phase", "expfam_symmetrize"):
         records.collect(root / "sweeps" / sweep)  # these read summary.parquet; the others the run folders
+    from test_refined_experiment import write_synthetic_refined_record
+
+    write_synthetic_refined_record(root)  # figure 9: per-head refined LLCs over training
     return root
 
 

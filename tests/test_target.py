@@ -170,3 +170,30 @@ def test_auto_path_is_chosen_by_measurement(monkeypatch, t_vmap, t_loop, path):
     r = slt.estimate_llc(nn.Linear(3, 1), (X, Y), F.mse_loss, num_chains=2, num_draws=20, step_size=1e-3,
                          progress=False)
     assert r.diagnostics["path"] == path
+
+
+@pytest.mark.parametrize("t_blocked, expect", [(0.05, 8), (0.095, None)])
+def test_auto_path_may_vmap_in_blocks_of_rows(monkeypatch, t_blocked, expect):
+    """With more rows than VMAP_BLOCK_ROWS, vmap in blocks of rows is a candidate too; it replaces
+    vmap of all rows only when ≥ PATH_MARGIN faster (timings patched), and rows evaluated in blocks
+    give the same losses and gradients as all at once."""
+    import slt.target as tg
+
+    def fake(evaluator, rows, batch, repeats):
+        if evaluator.path == "loop":
+            return 1.0
+        return 0.1 if evaluator.max_rows is None else t_blocked
+
+    X = torch.randn(64, 3, generator=torch.Generator().manual_seed(0))
+    Y = X @ torch.tensor([[1.0], [-1.0], [0.5]])
+    t = prepare_target(nn.Linear(3, 1), (X, Y), F.mse_loss)
+    monkeypatch.setattr(tg, "_step_seconds", fake)
+    monkeypatch.setattr(tg, "_PATH_DECISIONS", {})
+    rows = t.rows(16)
+    ref = t.evaluator.loss_and_grad(rows, t.full_batch())
+    t = tg.fastest_path(t, rows, 16)
+    assert t.path == "vmap" and t.evaluator.max_rows == expect
+    assert "vmap in blocks of 8" in t.path_reason
+    got = t.evaluator.loss_and_grad(rows, t.full_batch())
+    torch.testing.assert_close(got[0], ref[0], rtol=0, atol=0)
+    torch.testing.assert_close(got[1], ref[1], rtol=0, atol=0)

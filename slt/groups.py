@@ -1,0 +1,158 @@
+r"""Groups of chains beyond checkpoints: weight restrictions and data distributions (refined LLCs).
+
+A run samples ``G = K × M × D`` groups of ``C`` chains each: ``K`` checkpoints, ``M`` weight
+restrictions and ``D`` data distributions, checkpoint-major, then restriction, then
+distribution (group ``g = (k M + m) D + i``; chain ``c`` of group ``g`` is row ``g C + c``).
+
+Weight-refined LLC (Wang, Farrugia-Roberts, Hoogland, Carroll, Wei & Murfet 2024,
+"Differentiation and specialization of attention heads via the refined local learning
+coefficient", arXiv 2410.02984): only the parameters :math:`V` of a component move, the others stay
+at :math:`w^*`,
+
+.. math::
+
+    \hat\lambda_V(w^*) = n\beta\bigl(\mathbb E_{w_V}[L_n(w_V, w^*_{\bar V})] - L_n(w^*)\bigr),
+    \quad p(w_V) \propto \exp\bigl(-n\beta L_n(w_V, w^*_{\bar V}) - \tfrac\gamma2\|w_V - w^*_V\|^2\bigr).
+
+It is sampled by masking the update: the loss gradient and the injected noise of a restricted
+row are multiplied by its 0/1 mask, so masked coordinates never leave :math:`w^*` (their
+localization term is then zero too).  A mask of ones is the unrestricted run bit for bit
+(multiplying by 1.0 is exact).
+
+Data-refined LLC (same paper): the same formula with the empirical loss of another distribution
+:math:`q'` in both the posterior and the estimator.  The distributions' datasets are concatenated
+into one source; each group draws its minibatches from its own range (and its control variate
+gathers its own per-sample losses at :math:`w^*`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Mapping, Sequence
+
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset
+
+from .data import Data, _leaves, as_source
+
+__all__ = ["Groups", "split_data", "concat_data"]
+
+
+@dataclass(frozen=True, eq=False)
+class Groups:
+    """Restrictions and distributions of a run (see the module docstring).
+
+    Attributes
+    ----------
+    restrict_labels
+        Labels of the restrictions when ``restrict_to`` was a mapping, else ``None``.
+    masks
+        ``(M, d)`` 0/1 masks over the flat sampled parameters (the target's dtype), or ``None``.
+    data_labels
+        Labels of the distributions when ``data`` was a mapping of datasets, else ``None``.
+    parts
+        The distributions' datasets (in label order), or ``None``.
+    offsets
+        ``(D,)`` first row of each distribution in the concatenated source.
+    """
+
+    restrict_labels: list[str] | None = None
+    masks: Tensor | None = None
+    data_labels: list[str] | None = None
+    parts: list[Data] | None = None
+    offsets: list[int] | None = None
+
+    @property
+    def M(self) -> int:
+        return 1 if self.masks is None else int(self.masks.shape[0])
+
+    @property
+    def D(self) -> int:
+        return 1 if self.parts is None else len(self.parts)
+
+    def range_mean(self, per_sample: Tensor, i: int) -> Tensor:
+        """``(K, N)`` per-sample losses of the concatenated data -> ``(K,)`` (weighted) mean over
+        distribution ``i``'s rows."""
+        part, lo = self.parts[i], self.offsets[i]
+        block = per_sample[:, lo : lo + part.n]
+        w = part.normalized_weights()
+        return block.mean(1) if w is None else (block * w.to(block)).sum(1)
+
+    def apply_mask(self, t: Tensor, K: int) -> Tensor:
+        """Multiply the rows of ``t`` ``(K M D C, d)`` by their restriction's mask, in place."""
+        if self.masks is None:
+            return t
+        M, d = self.M, t.shape[-1]
+        t.view(K, M, -1, d).mul_(self.masks.to(t.dtype).view(1, M, 1, d))
+        return t
+
+
+def _is_dataset(v: Any) -> bool:
+    """A value that is a whole dataset (not a column of one)."""
+    return isinstance(v, (Data, Dataset, DataLoader, tuple, list)) or type(v).__name__ == "Dataset"
+
+
+def split_data(data: Any) -> tuple[list[str], list[Any]] | None:
+    """``(labels, datasets)`` when ``data`` is a mapping ``{label: dataset}`` (data-refined LLC),
+    else ``None``.
+
+    A mapping whose values are all datasets — tuples ``(X, Y)``, :class:`slt.Data`, torch or
+    Hugging Face ``Dataset`` s — is a mapping of distributions; a mapping whose values are tensors or
+    arrays is one dataset's columns (``model(**batch)``).  A mixture is an error."""
+    if not isinstance(data, Mapping) or not data:
+        return None
+    kinds = [_is_dataset(v) for v in data.values()]
+    if not any(kinds):
+        return None
+    if not all(kinds):
+        bad = [k for k, ok in zip(data, kinds) if not ok]
+        raise ValueError(
+            f"data mixes datasets and columns (keys {bad} are not datasets): a data-refined mapping is "
+            "{label: dataset}, each dataset a tuple (X, Y), slt.Data or Dataset; a mapping of tensors is "
+            "one dataset's columns"
+        )
+    labels = list(data)
+    if not all(isinstance(k, str) for k in labels):
+        raise ValueError(f"labels of a data mapping must be strings, got {labels!r}")
+    for k, v in data.items():
+        if isinstance(v, DataLoader):
+            raise ValueError(f"data[{k!r}] is a DataLoader: a data-refined LLC needs every distribution as "
+                             "tensors (X, Y) or a Dataset (each distribution draws its own minibatches)")
+    return labels, list(data.values())
+
+
+def concat_data(parts: Sequence[Any]) -> tuple[Data, list[Data], list[int]]:
+    """``(concatenated source, parts as Data, offsets)``; the parts must have the same structure
+    (inputs, targets present or not, weights present or not: absent weights become ones)."""
+    datas = [as_source(p) for p in parts]
+    if not all(isinstance(p, Data) for p in datas):
+        raise ValueError("every distribution of a data mapping must be tensor data (not a DataLoader)")
+    has_y = {p.y is not None for p in datas}
+    if len(has_y) > 1:
+        raise ValueError("the distributions of a data mapping must all have targets or all have none")
+
+    def cat(vals: list[Any]) -> Any:
+        if isinstance(vals[0], Tensor):
+            shapes = {tuple(v.shape[1:]) for v in vals}
+            if len(shapes) > 1:
+                raise ValueError(f"the distributions' tensors have different per-sample shapes {sorted(shapes)}: "
+                                 "pad them to one shape")
+            return torch.cat(vals)
+        keys = [tuple(v) for v in vals]
+        if len(set(keys)) > 1:
+            raise ValueError(f"the distributions have different columns: {sorted(set(keys))}")
+        return {k: cat([v[k] for v in vals]) for k in vals[0]}
+
+    x = cat([p.x for p in datas])
+    y = cat([p.y for p in datas]) if datas[0].y is not None else None
+    weights = None
+    if any(p.weights is not None for p in datas):
+        dev = _leaves(x)[0].device if not isinstance(x, Tensor) else x.device
+        weights = torch.cat([p.weights.to(dev) if p.weights is not None else torch.ones(p.n, device=dev)
+                             for p in datas])
+    offsets, pos = [], 0
+    for p in datas:
+        offsets.append(pos)
+        pos += p.n
+    return Data(x, y, weights), datas, offsets

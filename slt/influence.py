@@ -1,0 +1,819 @@
+r"""Bayesian influence functions, the loss kernel and per-sample susceptibilities.
+
+All three are (co)variances of per-sample losses under the localized tempered posterior that
+:func:`slt.estimate_llc` samples,
+
+.. math::
+
+    p(w) \propto \exp\Bigl(-n\beta\,L_n(w) - \tfrac{\gamma}{2}\lVert w - w^*\rVert^2\Bigr),
+    \qquad L_n(w) = \tfrac1n \textstyle\sum_i \ell_i(w),
+
+estimated from one SG-MCMC run (:func:`slt.engine.sample_target`; the LLC of the run comes with
+every result as :attr:`InfluenceResult.llc`).
+
+Bayesian influence function (Kreer, Wu, Adam, Furman & Hoogland 2025, arXiv 2509.26544)
+    :math:`\mathrm{BIF}(z_i, \varphi_j) = -\operatorname{Cov}_p(\ell_i(w), \varphi_j(w))` with
+    :math:`\ell_i` the loss of training sample ``i`` and :math:`\varphi_j` the loss of query sample
+    ``j`` or a user observable; :func:`bif`.  ``normalize=True`` gives
+    :math:`-\operatorname{Corr}_p` (devinterp's default; no minus sign there: devinterp reports
+    :math:`+\operatorname{Corr}`).
+Loss kernel (arXiv 2509.26537)
+    :math:`K_{ij} = \operatorname{Corr}_p(\ell_i, \ell_j)` of one set of samples (``+``, a positive
+    semi-definite kernel; ``normalize=False``: the covariance); :func:`loss_kernel`.
+Per-sample susceptibilities (Baker, Wang, Hoogland, Pathak & Murfet 2025, arXiv 2504.18274)
+    :math:`\chi_{\varphi,i} = -\beta\,\operatorname{Cov}_p(\varphi, \ell_i)` with
+    :math:`\beta = n\beta/n` (weighted data, normalised weights :math:`u_i`: :math:`n\beta\,u_i` in place of
+    β); :func:`per_sample_susceptibility`.  Normalisation: this is the exact
+    derivative :math:`\partial E[\varphi]/\partial c_i` of the posterior with sample ``i``'s loss
+    counted :math:`1 + c_i` times, :math:`p_c \propto \exp(-\beta\sum_i(1+c_i)\ell_i - \frac\gamma2
+    \lVert w-w^*\rVert^2)`; so for any reweighting :math:`c = h\,\delta`,
+    :math:`\frac{d}{dh}E_h[\varphi]\big|_0 = \sum_i \delta_i\,\chi_{\varphi,i}`
+    (:meth:`SusceptibilityResult.total`).  With :math:`\sum_i u_i\delta_i = 0` this is the mixture path
+    :math:`q_h = (1-h)q_0 + h q_1` of :func:`slt.symmetry.llc_susceptibility` (``q1`` = the samples
+    with weights :math:`u_i(1+\delta_i)`, :math:`u_i = 1/n` unweighted), whose
+    :math:`\chi_\varphi = -n\beta\operatorname{Cov}(\varphi, L_{q_1} - L_{q_0})` it reproduces.  Baker et al.
+    report :math:`-\operatorname{Cov}(\varphi, \ell_z - L_n)` (no :math:`n\beta`, relative to the sampling loss):
+    :attr:`SusceptibilityResult.baker`.
+    The LLC's own per-sample decomposition is
+    :math:`\lambda_i = \beta(E[\ell_i] - \ell_i(w^*)) - n\beta^2\operatorname{Cov}(L_n, \ell_i)`,
+    with :math:`\sum_i\delta_i\lambda_i = d\hat\lambda/dh` of the same path.
+
+Component-localized observables: with ``restrict_to`` (a mapping of weight restrictions, e.g.
+:func:`slt.restrict.heads`) every component ``C`` is sampled with only its weights moving (all
+components in one batched run), and the default observable is the sampling loss
+:math:`\varphi_C(w) = L_n(w_C, w^*_{\bar C})`: the loss restricted to the component's effect, as
+in Baker et al.; one result per component.
+
+Per-token values for causal language models (``per_token=True``): the per-token next-token losses
+:math:`\ell_{i,t} = -\log p(x_{i,t+1}\mid x_{i,\le t})` (shape ``(n, T-1)`` per data set, 0 at
+invalid positions; :func:`causal_lm_tokens`) take the place of :math:`\ell_i`; ``sum_tokens=True``
+sums them over each sequence first (covariances are bilinear, so this equals summing the token-level
+covariance; correlations are those of the summed losses).  Per-token susceptibilities are the
+response to reweighting single tokens; for :func:`slt.losses.causal_lm` (the mean over a sequence's
+``V_i`` valid tokens) :math:`\chi_{\varphi,i} = \sum_t \chi_{\varphi,(i,t)} / V_i`.
+
+Estimation
+----------
+Nothing of size ``n × draws`` is stored.  At every draw the per-sample losses of all chains,
+``A (R, n_a)`` and ``B (R, n_b)``, update per-row running means and co-moments (Welford's
+recurrence, :class:`OnlineCovariance`); the cross co-moment is ``(R, n_a, n_b)`` — unavoidable for
+the full matrix (it is the output's size times the number of chains; checked against
+``max_bytes``).  At the end the chains of a group are combined with Chan et al.'s parallel formula
+into the covariance *about the group mean* (the sample covariance of all draws pooled: chains
+started at one ``w*`` that have not fully mixed differ in their means, and that spread is part of the
+posterior's covariance which a pooled *within-chain* covariance would drop; it is also devinterp's
+``"stack"``).  The standard error of each entry is the spread of the per-chain estimates,
+:math:`\mathrm{sd}_c(\widehat{\mathrm{Cov}}_c)/\sqrt{C}` (per-chain correlations when normalised).
+Diverged chains (:attr:`slt.loop.Trace.diverged`) are excluded; a run that the engine repeats with a
+halved step starts the statistics afresh.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from ._checks import check_int
+from .defaults import LLC
+from .data import Data, _map, _plain, as_source, row_numel
+from .evaluator import call_module
+from .losses import _logits, _tokens_and_mask
+from .result import LLCResult
+
+__all__ = [
+    "OnlineCovariance",
+    "InfluenceResult",
+    "SusceptibilityResult",
+    "bif",
+    "loss_kernel",
+    "per_sample_susceptibility",
+    "causal_lm_tokens",
+]
+
+Observable = Callable[[Mapping[str, Tensor]], Tensor]
+#: default limit on the bytes of the cross co-moment ``(R, n_a, n_b)`` (float64)
+MAX_BYTES = 8 << 30
+#: elements of model output (and input) evaluated per chunk of samples, over all chains
+CHUNK_ELEMENTS = 1 << 22
+#: keyword arguments that go to :func:`slt.prepare_target` (the others go to :func:`slt.engine.sample_target`)
+_PREPARE_KEYS = ("models", "state_dicts", "nbeta", "localization", "device", "dtype", "vectorize", "seed",
+                 "restrict_to")
+
+
+# ----------------------------------------------------------------------------
+# the online accumulator
+# ----------------------------------------------------------------------------
+class OnlineCovariance:
+    r"""Per-row running means and co-moments of two vectors ``A (R, n_a)`` and ``B (R, n_b)``.
+
+    Welford's recurrence per row: after the ``t``-th draw, with :math:`\delta = a - \bar a_{t-1}`,
+    :math:`\bar a_t = \bar a_{t-1} + \delta/t` and the co-moment
+    :math:`M_{ab} \mathrel{+}= \delta\,(b - \bar b_t)^\top` (likewise the variances' :math:`M_{aa}`,
+    :math:`M_{bb}` diagonals).  ``same=True``: ``B`` is ``A`` (the loss kernel; no second copy).
+    Memory: ``R·n_a·n_b`` float64 for the cross moment.  :meth:`combine` pools rows (chains) with
+    the parallel formula of Chan, Golub & LeVeque (1979).
+    """
+
+    def __init__(self, rows: int, n_a: int, n_b: int | None = None, *, device: Any = "cpu",
+                 dtype: torch.dtype = torch.float64, cross: bool = True):
+        self.same = n_b is None
+        n_b = n_a if n_b is None else n_b
+        self.R, self.n_a, self.n_b, self.cross = rows, n_a, n_b, cross
+        z = lambda *s: torch.zeros(*s, dtype=dtype, device=device)  # noqa: E731
+        self.count = 0
+        self.mean_a, self.m2_a = z(rows, n_a), z(rows, n_a)
+        self.mean_b, self.m2_b = (self.mean_a, self.m2_a) if self.same else (z(rows, n_b), z(rows, n_b))
+        self.m_ab = z(rows, n_a, n_b) if cross else None
+
+    def reset(self) -> None:
+        self.count = 0
+        for t in (self.mean_a, self.m2_a, self.mean_b, self.m2_b, self.m_ab):
+            if t is not None:
+                t.zero_()
+
+    def update(self, a: Tensor, b: Tensor | None = None) -> None:
+        """One draw: ``a (R, n_a)``, ``b (R, n_b)`` (omitted when ``same``)."""
+        a = a.to(self.mean_a.dtype)
+        self.count += 1
+        t = self.count
+        da = a - self.mean_a
+        self.mean_a.add_(da / t)
+        da_new = a - self.mean_a
+        self.m2_a.addcmul_(da, da_new)
+        if self.same:
+            db_new = da_new
+        else:
+            b = b.to(self.mean_b.dtype)
+            db = b - self.mean_b
+            self.mean_b.add_(db / t)
+            db_new = b - self.mean_b
+            self.m2_b.addcmul_(db, db_new)
+        if self.m_ab is not None:
+            self.m_ab.baddbmm_(da.unsqueeze(2), db_new.unsqueeze(1))
+
+    def combine(self, rows: Sequence[int] | Tensor) -> dict[str, Tensor]:
+        r"""Pool ``rows`` (each with ``count`` draws): means, variances and the covariance about the pooled
+        mean (divisor ``N - 1``), and per-row covariances / variances (divisor ``count - 1``)."""
+        idx = torch.as_tensor(rows, dtype=torch.long, device=self.mean_a.device)
+        t, k = self.count, int(idx.numel())
+        N = t * k
+        ma, mb = self.mean_a[idx], self.mean_b[idx]
+        ga, gb = ma.mean(0), mb.mean(0)
+        ca, cb = ma - ga, mb - gb
+        out = {
+            "mean_a": ga, "mean_b": gb,
+            "var_a": (self.m2_a[idx].sum(0) + t * (ca * ca).sum(0)) / max(N - 1, 1),
+            "var_b": (self.m2_b[idx].sum(0) + t * (cb * cb).sum(0)) / max(N - 1, 1),
+            "row_var_a": self.m2_a[idx] / max(t - 1, 1),
+            "row_var_b": self.m2_b[idx] / max(t - 1, 1),
+        }
+        if self.m_ab is not None:
+            m = self.m_ab[idx]
+            out["cov"] = (m.sum(0) + t * torch.einsum("ca,cb->ab", ca, cb)) / max(N - 1, 1)
+            out["row_cov"] = m / max(t - 1, 1)
+        return out
+
+
+# ----------------------------------------------------------------------------
+# results
+# ----------------------------------------------------------------------------
+@dataclass
+class InfluenceResult:
+    r"""A BIF or loss-kernel matrix of one group (checkpoint × restriction).
+
+    Attributes
+    ----------
+    values, sem
+        ``(n_train, n_query)`` (``(n_train, T-1, n_query, T-1)`` per token;
+        ``(n_train[, T-1], n_obs)`` for observables): :math:`-\operatorname{Cov}` (:func:`bif`) or
+        :math:`+\operatorname{Cov}` (:func:`loss_kernel`), or the correlations when ``normalized``;
+        and the standard error of each entry (chain spread / √C).
+    kind
+        ``"bif"`` or ``"loss_kernel"``.
+    normalized
+        Correlations instead of covariances.
+    row_labels, col_labels
+        ``"train[i]"`` rows; ``"query[j]"`` (or ``"train[j]"``) or the observables' names as columns.
+    mean_rows, var_rows, mean_cols, var_cols
+        Posterior means and variances of the row / column quantities (same leading shapes).
+    token_mask
+        ``(n, T-1)`` valid positions of the row data set (per-token runs), else ``None``.
+    num_chains_used
+        Chains combined (diverged ones excluded).
+    llc
+        The run's :class:`slt.LLCResult` for this group.
+    config
+        The run's settings (``kind``, ``normalize``, ``per_token`` ... and the engine's).
+    """
+
+    values: Tensor
+    sem: Tensor
+    kind: str
+    normalized: bool
+    row_labels: list[str]
+    col_labels: list[str]
+    mean_rows: Tensor
+    var_rows: Tensor
+    mean_cols: Tensor
+    var_cols: Tensor
+    num_chains_used: int
+    llc: LLCResult | None = None
+    token_mask: Tensor | None = None
+    config: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.values.shape)
+
+    def __str__(self) -> str:
+        what = {"bif": "BIF −Corr" if self.normalized else "BIF −Cov",
+                "loss_kernel": "loss kernel Corr" if self.normalized else "loss kernel Cov"}[self.kind]
+        v = self.values
+        llc = "" if self.llc is None else f"; λ̂ = {self.llc.llc_mean:.4g} ± {self.llc.llc_sem:.2g}"
+        return (f"{what}: shape {tuple(v.shape)}, range [{float(v.min()):.4g}, {float(v.max()):.4g}], "
+                f"median s.e. {float(self.sem.flatten().nanmedian()):.2g}, {self.num_chains_used} chains{llc}")
+
+
+@dataclass
+class SusceptibilityResult:
+    r"""Per-sample (or per-token) susceptibilities of one group (checkpoint × restriction).
+
+    Attributes
+    ----------
+    values, sem
+        ``(n[, T-1], n_obs)``: :math:`\chi_{\varphi,i} = -s_i\operatorname{Cov}(\varphi, \ell_i)` with
+        :math:`s_i` = :attr:`scale` (module docstring: the response of :math:`E[\varphi]` to counting
+        sample ``i`` :math:`1+c_i` times), and their standard errors.
+    scale
+        ``(n[, T-1])``: :math:`s_i = n\beta\,u_i`, ``u`` the normalised data weights (:math:`\beta = n\beta/n`
+        for unweighted data and for probe samples).
+    baker
+        ``(n[, T-1], n_obs)``: :math:`-\operatorname{Cov}(\varphi, \ell_z - L_n)`, the normalisation of
+        Baker et al. (2025): no :math:`n\beta`, relative to the sampling loss.
+    observables
+        Column names; ``"loss"`` is the sampling loss :math:`L_n` (component-localized under a
+        restriction).
+    llc_values, llc_sem
+        ``(n[, T-1])``: :math:`\lambda_i = s_i(E[\ell_i] - \ell_i(w^*)) - n\beta\,s_i\operatorname{Cov}(L_n,
+        \ell_i)`, the per-sample decomposition of :math:`d\hat\lambda/dh`.
+    nbeta, n, beta
+        :math:`n\beta`, the number of training samples and :math:`\beta = n\beta/n`.
+    mean_losses, star_losses
+        :math:`E[\ell_i]` and :math:`\ell_i(w^*)`.
+    restriction
+        The group's restriction label (``None`` when unrestricted).
+    token_mask, num_chains_used, llc, config
+        As for :class:`InfluenceResult`.
+    """
+
+    values: Tensor
+    sem: Tensor
+    observables: list[str]
+    llc_values: Tensor
+    llc_sem: Tensor
+    scale: Tensor
+    baker: Tensor
+    nbeta: float
+    n: int
+    mean_losses: Tensor
+    star_losses: Tensor
+    num_chains_used: int
+    restriction: str | None = None
+    llc: LLCResult | None = None
+    token_mask: Tensor | None = None
+    config: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def beta(self) -> float:
+        return self.nbeta / self.n
+
+    def chi(self, name: str) -> Tensor:
+        """The contributions ``(n[, T-1])`` of one observable."""
+        return self.values[..., self.observables.index(name)]
+
+    def total(self, delta: Tensor) -> dict[str, float]:
+        r""":math:`\sum_i \delta_i\chi_{\varphi,i}` for every observable and :math:`\sum_i\delta_i\lambda_i`
+        (key ``"llc"``): the derivative at ``h = 0`` along the reweighting :math:`c = h\,\delta`
+        (``delta`` shaped like :attr:`llc_values`)."""
+        delta = torch.as_tensor(delta, dtype=self.values.dtype)
+        if delta.shape != self.llc_values.shape:
+            raise ValueError(f"delta must have shape {tuple(self.llc_values.shape)}, got {tuple(delta.shape)}")
+        lead = tuple(range(delta.ndim))
+        chi = torch.tensordot(delta, self.values, dims=(lead, lead))
+        out = {k: float(chi[j]) for j, k in enumerate(self.observables)}
+        out["llc"] = float((delta * self.llc_values).sum())
+        return out
+
+    def __str__(self) -> str:
+        head = f"per-sample susceptibilities{'' if self.restriction is None else f' [{self.restriction}]'}"
+        return (f"{head}: shape {tuple(self.values.shape)}, observables {self.observables}, β = {self.beta:.4g}, "
+                f"{self.num_chains_used} chains")
+
+
+# ----------------------------------------------------------------------------
+# per-sample and per-token losses of many parameter rows
+# ----------------------------------------------------------------------------
+def causal_lm_tokens(output: Any, target: Any) -> Tensor:
+    r"""Per-token next-token losses ``(..., T-1)`` of a causal LM (0 at invalid positions).
+
+    The same shift and validity rule as :func:`slt.losses.causal_lm` (position ``t`` predicts token
+    ``t+1``; ``-100`` labels and padding are invalid), without the average over positions."""
+    logits = _logits(output)
+    ids, _ = _tokens_and_mask(target)
+    if tuple(logits.shape[:-1]) != tuple(ids.shape):
+        raise ValueError(f"causal_lm_tokens: logits of shape {tuple(logits.shape)} do not match token ids of "
+                         f"shape {tuple(ids.shape)}")
+    nxt = ids[..., 1:]
+    logp = torch.log_softmax(logits[..., :-1, :], dim=-1)
+    nll = -logp.gather(-1, nxt.clamp_min(0).long().unsqueeze(-1)).squeeze(-1)
+    return nll * _token_valid(target).to(nll.dtype)  # (raises for non-integer ids)
+
+
+def _token_valid(target: Any) -> Tensor:
+    """``(..., T-1)`` bool: positions whose next token counts (as :func:`slt.losses.causal_lm`)."""
+    ids, mask = _tokens_and_mask(target)
+    if ids.is_floating_point() or ids.is_complex():
+        raise TypeError(f"token ids must be integers, got dtype {ids.dtype}")
+    valid = ids[..., 1:] != -100
+    if mask is not None:
+        m = mask.bool()
+        valid = valid & m[..., 1:] & m[..., :-1]
+    return valid
+
+
+class _Losses:
+    """Per-sample (or per-token) losses ``(R, n[, T-1])`` of a data set at parameter rows, chunked over
+    samples: the target's own per-sample losses, an explicit per-sample loss, or per-token losses."""
+
+    def __init__(self, target: Any, data: Data, fn: Callable | None, per_token: bool, sum_tokens: bool,
+                 rows: int, name: str):
+        self.target, self.data, self.fn, self.rows = target, data, fn, rows
+        self.per_token, self.sum_tokens = per_token, sum_tokens
+        self.n = data.n
+        per_row = max(row_numel(data.x), target._row_numel or 1)
+        self.chunk = max(1, CHUNK_ELEMENTS // max(1, rows * per_row))
+        self.mask = None
+        if per_token:
+            try:
+                self.mask = _token_valid(_plain(data.target)).cpu()
+            except (KeyError, TypeError) as e:
+                raise ValueError(f"per_token=True needs token ids in {name} (a tensor of ids or a mapping with "
+                                 f"'input_ids' / 'labels'): {e}") from e
+        self.shape = (self.n,) if (not per_token or sum_tokens) else (self.n, int(self.mask.shape[-1]))
+
+    @property
+    def size(self) -> int:
+        return int(math.prod(self.shape))
+
+    def __call__(self, flat: Tensor) -> Tensor:
+        """``(R, d) -> (R, size)`` flattened, no grad."""
+        d = self.data
+        parts = []
+        with torch.no_grad():
+            for i in range(0, self.n, self.chunk):
+                x, y = d.x[i:i + self.chunk], d.target[i:i + self.chunk]
+                if self.fn is None:
+                    v = self.target.evaluator.per_sample(flat, x, y)
+                else:
+                    v = _apply(self.target.evaluator, flat, x, y, self.fn)
+                if self.per_token and self.sum_tokens:
+                    v = v.sum(-1)
+                parts.append(v.reshape(flat.shape[0], -1))
+        out = torch.cat(parts, 1)
+        if out.shape[1] != self.size:
+            raise ValueError(f"the per-sample loss returned {out.shape[1] // max(flat.shape[0], 1)} values per "
+                             f"parameter row, expected {self.size} (shape {self.shape})")
+        return out
+
+
+def _apply(ev: Any, flat: Tensor, x: Any, y: Any, fn: Callable) -> Tensor:
+    """``fn(output, target)`` per row of ``flat`` on the evaluator's path: ``(R, B[, ...])``."""
+    R = flat.shape[0]
+    x, y = _plain(x), _plain(y)
+    if ev.path == "native":
+        out = ev.outputs(flat, x, shared=True)
+        return fn(out, _map(lambda t: t.unsqueeze(0).expand(R, *t.shape), y))
+    buffers = ev.buffers
+    if ev.path == "vmap":
+        def one(p: Tensor) -> Tensor:
+            return fn(call_module(ev.model, {**ev.spec.unflatten(p), **buffers}, x, ev.aliases), y)
+
+        return torch.vmap(one)(flat)
+    return torch.stack([fn(call_module(ev.model, {**ev.spec.unflatten(flat[c]), **buffers}, x, ev.aliases), y)
+                        for c in range(R)])
+
+
+def _observable_columns(spec: Any, observables: Mapping[str, Observable], flat: Tensor) -> tuple[Tensor, list[str]]:
+    """``(R, n_obs)`` values of the observables at ``flat`` (each ``(R,)`` or ``(R, k)``) and column names."""
+    R = flat.shape[0]
+    params = spec.unflatten(flat)
+    cols, names = [], []
+    with torch.no_grad():
+        for k, f in observables.items():
+            v = f(params)
+            if not isinstance(v, Tensor) or v.ndim < 1 or v.shape[0] != R:
+                got = tuple(v.shape) if isinstance(v, Tensor) else type(v).__name__
+                raise ValueError(f"observable {k!r} must return a tensor (R, ...) with R = {R} rows (one per "
+                                 f"chain), got {got}")
+            v = v.reshape(R, -1)
+            cols.append(v)
+            names += [k] if v.shape[1] == 1 else [f"{k}[{j}]" for j in range(v.shape[1])]
+    return torch.cat(cols, 1), names
+
+
+# ----------------------------------------------------------------------------
+# the run
+# ----------------------------------------------------------------------------
+def _split_kwargs(caller: str, kwargs: Mapping[str, Any]) -> tuple[dict, dict]:
+    prep = {k: v for k, v in kwargs.items() if k in _PREPARE_KEYS}
+    samp = {k: v for k, v in kwargs.items() if k not in _PREPARE_KEYS}
+    for bad in ("observables", "on_draw", "started"):
+        if bad in samp:
+            raise TypeError(f"{caller}: {bad!r} cannot be passed through to the sampler here")
+    return prep, samp
+
+
+def _prepare(model: Any, data: Any, loss_fn: Any, caller: str, prep: dict) -> Any:
+    from .target import prepare_target
+
+    target = prepare_target(model, data, loss_fn, full_data=True, caller=caller, **prep)
+    if target.groups.D > 1:
+        raise ValueError(f"{caller}: data must be one data set; a mapping of data sets (data-refined runs) is not "
+                         "supported")
+    if not isinstance(target.source, Data):
+        raise TypeError(f"{caller}: the data must be in memory (tensors, a Dataset or a finite DataLoader)")
+    return target
+
+
+def _check_data(caller: str, name: str, data: Any, target: Any) -> Data:
+    try:
+        d = as_source(data)
+    except (TypeError, ValueError) as e:  # re-raised with the argument's name
+        raise type(e)(f"{caller}: {name}: {e}") from e
+    if not isinstance(d, Data):
+        from .target import _stack_loader
+
+        d = _stack_loader(d)
+    if d.n < 1:
+        raise ValueError(f"{caller}: {name} is empty")
+    return d.to(target.device, target.dtype)
+
+
+def _check_observables(caller: str, observables: Any) -> dict[str, Observable]:
+    if observables is None:
+        return {}
+    if not isinstance(observables, Mapping):
+        raise TypeError(f"{caller}: observables must be a mapping name -> f(params), got "
+                        f"{type(observables).__name__}")
+    for k, f in observables.items():
+        if not callable(f):
+            raise TypeError(f"{caller}: observable {k!r} must be callable f(params) -> (R,) tensor")
+    return dict(observables)
+
+
+def _setup(caller: str, model: Any, data: Any, loss_fn: Any, kwargs: dict, per_sample_loss: Any,
+           per_token: bool) -> tuple[Any, dict, int, int, Any]:
+    """``(target, sampling options, chains per group C, rows R = G·C, per-sample loss or None)``:
+    the shared start of every estimator here (one prepared target, options split between
+    :func:`slt.prepare_target` and :func:`slt.engine.sample_target`)."""
+    prep, samp = _split_kwargs(caller, kwargs)
+    target = _prepare(model, data, loss_fn, caller, prep)
+    C = check_int("num_chains", samp.get("num_chains", LLC.num_chains), 1)
+    samp["num_chains"] = C
+    fn = per_sample_loss if per_sample_loss is not None else (causal_lm_tokens if per_token else None)
+    if fn is not None and not callable(fn):
+        raise TypeError(f"{caller}: per_sample_loss must be callable (output, target) -> per-sample losses")
+    return target, samp, C, target.G * C, fn
+
+
+def _run(target: Any, acc: OnlineCovariance, draw: Callable[[Tensor], None], samp: dict) -> Any:
+    """Sample ``target`` with ``draw(params)`` at every draw; the statistics restart with every repeat of
+    the run (the engine halves the step of diverging groups and runs again)."""
+    from .engine import sample_target
+
+    return sample_target(target, on_draw=draw, on_start=acc.reset, **samp)
+
+
+def _good_rows(run: Any, g: int, C: int, acc: OnlineCovariance) -> list[int]:
+    """Rows of group ``g`` whose chains did not diverge (and whose statistics are finite)."""
+    dead = run.trace.diverged.view(-1).cpu()
+    rows = [g * C + c for c in range(C) if not bool(dead[g * C + c])]
+    finite = torch.isfinite(acc.mean_a[rows]).all(1) & torch.isfinite(acc.mean_b[rows]).all(1)
+    return [r for r, ok in zip(rows, finite.tolist()) if ok]
+
+
+def _check_memory(caller: str, R: int, n_a: int, n_b: int, max_bytes: float) -> None:
+    need = 8 * R * n_a * n_b
+    if need > max_bytes:
+        raise ValueError(
+            f"{caller}: the cross co-moment needs {need / 2**30:.3g} GiB (chains×groups {R} × {n_a} × {n_b} "
+            "float64), "
+            f"over max_bytes={max_bytes / 2**30:.3g} GiB: use fewer chains, split the query set into chunks (one "
+            "call per chunk with the same seed gives the same draws), or raise max_bytes")
+
+
+def _spread(per_chain: Tensor) -> Tensor:
+    k = per_chain.shape[0]
+    if k < 2:
+        return torch.full(per_chain.shape[1:], float("nan"), dtype=per_chain.dtype, device=per_chain.device)
+    return per_chain.std(0) / math.sqrt(k)
+
+
+def _corr(cov: Tensor, var_a: Tensor, var_b: Tensor) -> Tensor:
+    den = (var_a.unsqueeze(-1) * var_b.unsqueeze(-2)).sqrt()
+    return cov / den
+
+
+def _covariances(caller: str, model: Any, data: Any, loss_fn: Any, *, query: Any, observables: Any,
+                 normalize: bool, sign: float, kind: str, per_token: bool, sum_tokens: bool,
+                 per_sample_loss: Callable | None, max_bytes: float, kwargs: dict) -> Any:
+    if not isinstance(normalize, bool):
+        raise TypeError(f"{caller}: normalize must be True or False, got {normalize!r}")
+    if sum_tokens and not per_token:
+        raise ValueError(f"{caller}: sum_tokens=True needs per_token=True")
+    obs = _check_observables(caller, observables)
+    if query is not None and obs:
+        raise ValueError(f"{caller}: pass query (per-sample losses of another set) or observables, not both")
+    target, samp, C, R, fn = _setup(caller, model, data, loss_fn, kwargs, per_sample_loss, per_token)
+    rows_losses = _Losses(target, target.source, fn, per_token, sum_tokens, R, "data")
+    same = (query is None and not obs) or query is data
+    cols_losses = None
+    if same:
+        col_labels = [f"train[{j}]" for j in range(rows_losses.n)]
+    elif query is not None:
+        cols_losses = _Losses(target, _check_data(caller, "query", query, target), fn, per_token, sum_tokens, R,
+                              "query")
+        col_labels = [f"query[{j}]" for j in range(cols_losses.n)]
+    else:
+        _, col_labels = _observable_columns(target.spec, obs, target.w_star[:1].expand(1, target.d))
+    n_a = rows_losses.size
+    n_b = n_a if same else cols_losses.size if cols_losses is not None else len(col_labels)
+    _check_memory(caller, R, n_a, n_b, max_bytes)
+    acc = OnlineCovariance(R, n_a, None if same else n_b, device=target.device)
+
+    def draw(params: Tensor) -> None:
+        a = rows_losses(params)
+        if acc.same:
+            acc.update(a)
+        elif cols_losses is not None:
+            acc.update(a, cols_losses(params))
+        else:
+            acc.update(a, _observable_columns(target.spec, obs, params)[0])
+
+    run = _run(target, acc, draw, samp)
+    llcs = run.results()
+    config = {"kind": kind, "normalize": normalize, "per_token": per_token, "sum_tokens": sum_tokens,
+              "query": "data" if same else "observables" if obs else "query", **run.config}
+    row_shape = rows_losses.shape
+    col_shape = row_shape if same else cols_losses.shape if cols_losses is not None else (len(col_labels),)
+    out = []
+    for g in range(target.G):
+        good = _good_rows(run, g, C, acc)
+        if not good:
+            nan = torch.full((*row_shape, *col_shape), float("nan"), dtype=torch.float64)
+            out.append(InfluenceResult(nan, nan.clone(), kind, normalize, _labels("train", row_shape), col_labels,
+                                       torch.full(row_shape, float("nan")), torch.full(row_shape, float("nan")),
+                                       torch.full(col_shape, float("nan")), torch.full(col_shape, float("nan")), 0,
+                                       llcs[g], rows_losses.mask, {**config, **target.group_labels(g)}))
+            continue
+        st = acc.combine(good)
+        if normalize:
+            val = _corr(st["cov"], st["var_a"], st["var_b"])
+            per = _corr(st["row_cov"], st["row_var_a"], st["row_var_b"])
+        else:
+            val, per = st["cov"], st["row_cov"]
+        val, sem = (sign * val).cpu(), _spread(per).cpu()
+        out.append(InfluenceResult(
+            values=val.reshape(*row_shape, *col_shape), sem=sem.reshape(*row_shape, *col_shape), kind=kind,
+            normalized=normalize, row_labels=_labels("train", row_shape), col_labels=col_labels,
+            mean_rows=st["mean_a"].cpu().reshape(row_shape), var_rows=st["var_a"].cpu().reshape(row_shape),
+            mean_cols=st["mean_b"].cpu().reshape(col_shape), var_cols=st["var_b"].cpu().reshape(col_shape),
+            num_chains_used=len(good), llc=llcs[g], token_mask=rows_losses.mask,
+            config={**config, **target.group_labels(g)},
+        ))
+    return target.arrange(out)
+
+
+def _labels(prefix: str, shape: tuple[int, ...]) -> list[str]:
+    return [f"{prefix}[{i}]" for i in range(shape[0])]
+
+
+# ----------------------------------------------------------------------------
+# public functions
+# ----------------------------------------------------------------------------
+def bif(
+    model: nn.Module | Sequence[nn.Module] | None,
+    data: Any,
+    loss_fn: Callable[[Tensor, Tensor], Tensor] | None = None,
+    *,
+    query: Any = None,
+    observables: Mapping[str, Observable] | None = None,
+    normalize: bool = False,
+    per_token: bool = False,
+    sum_tokens: bool = False,
+    per_sample_loss: Callable[[Any, Any], Tensor] | None = None,
+    max_bytes: float = MAX_BYTES,
+    **kwargs: Any,
+) -> InfluenceResult | list | dict:
+    r"""Bayesian influence functions :math:`\mathrm{BIF}_{ij} = -\operatorname{Cov}_p(\ell_i(w), \varphi_j(w))`.
+
+    Kreer et al. (2025, arXiv 2509.26544): the covariance, under the localized tempered posterior of
+    ``(model, data, loss_fn)`` (the one :func:`slt.estimate_llc` samples), between the loss
+    :math:`\ell_i` of each training sample and each query quantity :math:`\varphi_j`: the loss of a
+    query sample (``query``), or a user observable (``observables``); with neither, the training
+    samples themselves (``(n, n)``).  No Hessian is inverted.  For a regular model and large
+    :math:`n\beta` the BIF tends to :math:`-\beta^{-1}\nabla\ell_i^\top H^{-1}\nabla\varphi_j`, the classical
+    influence function up to scale.
+
+    Parameters
+    ----------
+    model, data, loss_fn
+        As for :func:`slt.estimate_llc` (one data set in memory; ``loss_fn`` the mean loss, default
+        ``model.default_loss``).
+    query
+        A data set of the same kind as ``data``: columns are its per-sample losses.
+    observables
+        ``name -> f(params)`` with ``params`` ``name -> (R, *shape)`` returning ``(R,)`` (or ``(R, k)``:
+        ``k`` columns): columns are their values (not together with ``query``).
+    normalize
+        ``True``: :math:`-\operatorname{Corr}` (devinterp's default scale, with the BIF's sign).
+    per_token
+        Per-token losses of a causal LM (:func:`causal_lm_tokens`, or ``per_sample_loss`` returning
+        ``(..., B, T-1)``): ``values`` is ``(n_train, T-1, n_query, T-1)`` (``(n_train, T-1, n_obs)`` with
+        observables).  ``sum_tokens=True`` sums each sequence's token losses first: ``(n_train, n_query)``.
+    per_sample_loss
+        ``f(output, target) -> (..., B)`` per-sample losses (leading dims as the output's), used instead of
+        the per-sample form of ``loss_fn`` (which is exact for the known PyTorch losses and
+        :func:`slt.losses.causal_lm`, and a ``vmap`` over samples otherwise).  The sampler still uses
+        ``loss_fn``.
+    max_bytes
+        Limit on the cross co-moment's memory (``8·R·n_train·n_query`` bytes, ``R`` = chains × groups).
+    **kwargs
+        :func:`slt.prepare_target`'s ``nbeta``, ``localization``, ``device``, ``dtype``, ``seed``,
+        ``restrict_to``, ``models``, ... and :func:`slt.engine.sample_target`'s ``num_chains``,
+        ``num_draws``, ``step_size``, ``batch_size``, ``sampler`` ... (as for :func:`slt.estimate_llc`).
+
+    Returns
+    -------
+    InfluenceResult
+        Or a list / mapping of them, shaped as :func:`slt.estimate_llc`'s results (checkpoints,
+        restrictions).  ``.values``, ``.sem`` (chain spread), ``.llc`` (the run's LLC).
+
+    Notes
+    -----
+    Evaluating every per-sample loss at every draw costs one forward pass over ``data`` (and ``query``)
+    per draw; the covariance accumulates online (module docstring), so memory does not grow with draws.
+    """
+    return _covariances("slt.bif", model, data, loss_fn, query=query, observables=observables,
+                        normalize=normalize, sign=-1.0, kind="bif", per_token=per_token, sum_tokens=sum_tokens,
+                        per_sample_loss=per_sample_loss, max_bytes=max_bytes, kwargs=kwargs)
+
+
+def loss_kernel(
+    model: nn.Module | Sequence[nn.Module] | None,
+    data: Any,
+    loss_fn: Callable[[Tensor, Tensor], Tensor] | None = None,
+    *,
+    normalize: bool = True,
+    per_token: bool = False,
+    sum_tokens: bool = False,
+    per_sample_loss: Callable[[Any, Any], Tensor] | None = None,
+    max_bytes: float = MAX_BYTES,
+    **kwargs: Any,
+) -> InfluenceResult | list | dict:
+    r"""The loss kernel :math:`K_{ij} = \operatorname{Corr}_p(\ell_i(w), \ell_j(w))` of one data set (arXiv 2509.26537).
+
+    The correlation matrix of the per-sample losses under the localized posterior (``normalize=False``:
+    the covariance, :math:`= -\mathrm{BIF}` of the set with itself): symmetric, positive semi-definite,
+    unit diagonal.  Arguments as for :func:`bif`; ``values`` is ``(n, n)`` (``(n, T-1, n, T-1)`` per token).
+    """
+    return _covariances("slt.loss_kernel", model, data, loss_fn, query=None, observables=None,
+                        normalize=normalize, sign=1.0, kind="loss_kernel", per_token=per_token,
+                        sum_tokens=sum_tokens, per_sample_loss=per_sample_loss, max_bytes=max_bytes, kwargs=kwargs)
+
+
+def per_sample_susceptibility(
+    model: nn.Module | Sequence[nn.Module] | None,
+    data: Any,
+    loss_fn: Callable[[Tensor, Tensor], Tensor] | None = None,
+    *,
+    observables: Mapping[str, Observable] | None = None,
+    probe: Any = None,
+    per_token: bool = False,
+    per_sample_loss: Callable[[Any, Any], Tensor] | None = None,
+    max_bytes: float = MAX_BYTES,
+    **kwargs: Any,
+) -> SusceptibilityResult | list | dict:
+    r"""Per-sample (per-token) susceptibilities :math:`\chi_{\varphi,i} = -\beta\operatorname{Cov}_p(\varphi, \ell_i)`.
+
+    Baker et al. (2025, arXiv 2504.18274) with the normalisation of the module docstring:
+    :math:`\beta = n\beta/n` (:math:`n\beta\,u_i` for data with normalised weights :math:`u_i`) and
+    :math:`\chi_{\varphi,i} = \partial E[\varphi]/\partial c_i` for the posterior
+    :math:`\propto\exp(-\beta\sum_i(1+c_i)\ell_i(w) - \frac\gamma2\lVert w-w^*\rVert^2)`, so that the
+    susceptibility of any perturbation that reweights the samples by :math:`1 + h\delta_i` is
+    :math:`\sum_i\delta_i\chi_{\varphi,i}` (:meth:`SusceptibilityResult.total`; the mixture path of
+    :func:`slt.symmetry.llc_susceptibility` when :math:`\sum_i u_i\delta_i = 0`).  Also returned: the
+    per-sample decomposition of the LLC's susceptibility,
+    :math:`\lambda_i = \beta(E[\ell_i] - \ell_i(w^*)) - n\beta^2\operatorname{Cov}(L_n, \ell_i)`.
+
+    Parameters
+    ----------
+    model, data, loss_fn
+        As for :func:`slt.estimate_llc` (``data``: the sampling distribution, one data set in memory).
+    observables
+        ``name -> f(params)`` returning ``(R,)`` or ``(R, k)``; the sampling loss :math:`L_n(w)` is always
+        included as ``"loss"``: under ``restrict_to`` it is the component-localized observable of Baker
+        et al. (only the component's weights move).
+    probe
+        Samples whose contributions are wanted (default: ``data``'s own); for a sample ``z`` outside the
+        training set :math:`\chi_{\varphi,z}` is the response to adding it with count :math:`c_z`.
+        ``L_n`` then costs one extra pass over ``data`` per draw.
+    per_token
+        Per-token contributions of a causal LM: ``values`` ``(n, T-1, n_obs)`` (0 rows at invalid
+        positions; :attr:`SusceptibilityResult.token_mask`).
+    per_sample_loss, max_bytes, **kwargs
+        As for :func:`bif`; ``restrict_to={label: ...}`` gives one result per component from one run.
+
+    Returns
+    -------
+    SusceptibilityResult
+        Or a list / mapping of them (checkpoints, restrictions), as :func:`slt.estimate_llc`.
+    """
+    caller = "slt.per_sample_susceptibility"
+    obs = _check_observables(caller, observables)
+    if "loss" in obs:
+        raise ValueError(f"{caller}: the observable name 'loss' is reserved for the sampling loss L_n")
+    target, samp, C, R, fn = _setup(caller, model, data, loss_fn, kwargs, per_sample_loss, per_token)
+    train = target.source
+    probe_data = train if probe is None else _check_data(caller, "probe", probe, target)
+    zs = _Losses(target, probe_data, fn, per_token, False, R, "probe" if probe is not None else "data")
+    # L_n: from the same losses when they are the training set's per-sample losses, else one more pass
+    reuse = probe is None and not per_token and per_sample_loss is None
+    train_losses = None if reuse else _Losses(target, train, None, False, False, R, "data")
+    wn = train.normalized_weights()
+
+    def sampling_loss(per_sample: Tensor) -> Tensor:
+        return per_sample.mean(1) if wn is None else per_sample @ wn.to(per_sample)
+
+    _, obs_names = _observable_columns(target.spec, obs, target.w_star[:1]) if obs else (None, [])
+    names = ["loss", *obs_names]
+    n_a = zs.size + 1  # the probe's losses, then L_n (for Cov(L_n, φ) in the Baker normalisation)
+    _check_memory(caller, R, n_a, len(names), max_bytes)
+    acc = OnlineCovariance(R, n_a, len(names), device=target.device)
+
+    def draw(params: Tensor) -> None:
+        z = zs(params)
+        L = sampling_loss(z if reuse else train_losses(params))
+        b = L.unsqueeze(1)
+        if obs:
+            b = torch.cat([b, _observable_columns(target.spec, obs, params)[0].to(b)], 1)
+        acc.update(torch.cat([z, L.unsqueeze(1)], 1), b)
+
+    run = _run(target, acc, draw, samp)
+    llcs = run.results()
+    star = zs(target.w_star).double().cpu()  # (K, size) ℓ_z(w*)
+    nb, n = float(target.nbeta), int(target.n)
+    # s_i = nβ u_i: the potential's weight of sample i (β = nβ/n unweighted; probe samples: β)
+    scale = torch.full((zs.n,), nb / n, dtype=torch.float64)
+    if probe is None and wn is not None:
+        scale = nb * wn.double().cpu()
+    if len(zs.shape) > 1:
+        scale = scale[:, None].expand(zs.shape)
+    s_flat = scale.reshape(-1)
+    out = []
+    M, D = target.groups.M, target.groups.D
+    for g in range(target.G):
+        labels = target.group_labels(g)
+        good = _good_rows(run, g, C, acc)
+        k = g // (M * D)
+        if not good:
+            nan, nan_z = (torch.full(sh, float("nan"), dtype=torch.float64)
+                          for sh in ((*zs.shape, len(names)), zs.shape))
+            out.append(SusceptibilityResult(
+                values=nan, sem=nan.clone(), observables=names, llc_values=nan_z, llc_sem=nan_z.clone(),
+                scale=scale.clone(), baker=nan.clone(), nbeta=nb, n=n, mean_losses=nan_z.clone(),
+                star_losses=star[k].reshape(zs.shape), num_chains_used=0, restriction=labels["restriction"],
+                llc=llcs[g], token_mask=zs.mask, config={**run.config, **labels}))
+            continue
+        st = acc.combine(good)
+        cov, per = st["cov"].cpu(), st["row_cov"].cpu()  # (n_a, n_obs), (C, n_a, n_obs)
+        chi, chi_per = -s_flat[:, None] * cov[:-1], -s_flat[:, None] * per[:, :-1]
+        mean_z, mean_z_per = st["mean_a"].cpu()[:-1], acc.mean_a[good].cpu()[:, :-1]
+        lam = s_flat * (mean_z - star[k]) - nb * s_flat * cov[:-1, 0]
+        lam_per = s_flat * (mean_z_per - star[k]) - nb * s_flat * per[:, :-1, 0]
+        baker = -(cov[:-1] - cov[-1])
+        out.append(SusceptibilityResult(
+            values=chi.reshape(*zs.shape, len(names)), sem=_spread(chi_per).reshape(*zs.shape, len(names)),
+            observables=names, llc_values=lam.reshape(zs.shape), llc_sem=_spread(lam_per).reshape(zs.shape),
+            scale=scale.clone(), baker=baker.reshape(*zs.shape, len(names)), nbeta=nb, n=n,
+            mean_losses=mean_z.reshape(zs.shape),
+            star_losses=star[k].reshape(zs.shape), num_chains_used=len(good), restriction=labels["restriction"],
+            llc=llcs[g], token_mask=zs.mask,
+            config={"kind": "per_sample_susceptibility", "per_token": per_token,
+                    "probe": probe is not None, **run.config, **labels},
+        ))
+    return target.arrange(out)

@@ -1,0 +1,784 @@
+r"""Weight restrictions: which sampled parameters move in a weight-refined LLC.
+
+The weight-refined LLC of a component :math:`V` (Wang, Farrugia-Roberts, Hoogland, Carroll, Wei &
+Murfet 2024, "Differentiation and specialization of attention heads via the refined local learning
+coefficient", arXiv 2410.02984) samples only :math:`V`'s weights; every other weight stays at
+:math:`w^*`.  :func:`resolve_restrictions` turns a user's ``restrict_to`` into ``(M, d)`` boolean
+masks over the flat sampled parameters (the layout of :class:`slt.params.ParamSpec`:
+``torch.cat([p.reshape(-1) for p in sampled params])`` in ``spec.names`` order); the engine applies
+row ``m`` of the masks to the update of the chains of restriction ``m``.
+
+Forms of ``restrict_to``
+------------------------
+* **a glob** over parameter names (:func:`fnmatch.fnmatchcase`; ``*`` also matches dots), e.g.
+  ``"blocks.0.attn.*"`` or ``"transformer.h.0.attn.*"``: the whole of every matching parameter.
+  A name matches if any of its names does (a tied or twice-registered parameter has several;
+  it is sampled once, under its first name);
+* **a list or tuple of globs**: their union;
+* **an** ``nn.Module`` (a submodule of the model): all its sampled parameters;
+* **a callable** ``f(name, param)`` called once per sampled parameter, returning ``True`` (the
+  whole parameter), ``False`` or ``None`` (none of it), a bool tensor shaped like the parameter
+  (those entries), or an *index*: anything valid as ``param[index]`` — an int, a slice, a tuple
+  of slices/ints, an integer tensor or list — selecting the entries ``param[index]``.  Note that
+  an int is an index (``1`` is row 1), not a truth value;
+* **a per-parameter mapping** ``{name or glob: mask}`` whose values are all masks (``True``,
+  ``False``, ``None``, a bool tensor like the parameter or an index, as above): explicit entries,
+  e.g. the rows of one head in a fused ``qkv`` weight.  Every key must match a sampled parameter;
+* **a labelled mapping** ``{label: restriction}`` whose values are all restrictions (a glob, a
+  list of globs, a module, a callable or a per-parameter mapping): ``M`` restrictions, one row
+  each, in the mapping's order.  This is what :func:`heads`, :func:`layers`,
+  :func:`attention_and_mlp` and :func:`embeddings` return.
+
+The rule telling the two mappings apart looks at the **values**: all masks (``True``/``False``/
+``None``, tensors, ints, slices, tuples or lists of index parts) make a per-parameter mapping; all
+restrictions (strings, lists of strings, modules, callables, mappings) make a labelled one; a
+mixture is an error.  (A string value is never an index, so ``{"attn": "blocks.0.attn.*"}`` is a
+label; ``{"blocks.0.attn.W_Q": 0}`` is a per-parameter mapping, and its keys must then be
+parameter names.)  Labels must be strings.
+
+Every problem raises :class:`ValueError` before sampling, naming it: a glob or name matching no
+sampled parameter (with similar names, and whether it matched only frozen parameters), a bool mask
+of the wrong shape, an index that fails on its parameter, a restriction that selects nothing, a
+non-string label, a value of an unknown kind.
+
+Architecture helpers
+--------------------
+:func:`heads`, :func:`layers`, :func:`attention_and_mlp` and :func:`embeddings` read the module tree
+and return ``{label: {param_name: index or True}}``, usable directly as ``restrict_to``, with
+devinterp's labels (``"l0h1"`` = layer 0 head 1, ``"l0"``, ``"l0 attn"``, ``"l0 mlp"``,
+``"embed"``, ``"unembed"``).  Only sampled (``requires_grad``) parameters appear, tied ones once
+under their first name (as in :class:`~slt.params.ParamSpec`).
+"""
+
+from __future__ import annotations
+
+import difflib
+import fnmatch
+from collections.abc import Mapping
+from typing import Any, NamedTuple
+
+import torch
+from torch import Tensor, nn
+
+from .params import ParamSpec
+
+__all__ = ["Restrictions", "resolve_restrictions", "heads", "layers", "attention_and_mlp", "embeddings"]
+
+
+class Restrictions(NamedTuple):
+    """The resolved ``restrict_to``.
+
+    Attributes
+    ----------
+    labels
+        The labels, in order, when ``restrict_to`` was a labelled mapping; ``None`` otherwise
+        (then ``M == 1``).
+    masks
+        ``(M, d)`` bool on the CPU: ``masks[m, i]`` is True when flat sampled parameter ``i``
+        (``spec`` order) moves under restriction ``m``.
+    """
+
+    labels: list[str] | None
+    masks: Tensor
+
+
+# ----------------------------------------------------------------------------
+# resolving restrict_to
+# ----------------------------------------------------------------------------
+class _Params:
+    """The sampled parameters of a model, their names (aliases included) and flat offsets."""
+
+    def __init__(self, model: nn.Module, spec: ParamSpec):
+        self.spec = spec
+        self.index = {n: i for i, n in enumerate(spec.names)}
+        self.offsets = [0]
+        for n in spec.numels:
+            self.offsets.append(self.offsets[-1] + n)
+        self.tensors: list[Tensor | None] = [None] * len(spec.names)
+        self.aliases: list[list[str]] = [[n] for n in spec.names]
+        self.by_id: dict[int, int] = {}
+        self.frozen_names: list[str] = list(spec.frozen)
+        first: dict[int, str] = {}
+        for name, p in model.named_parameters(remove_duplicate=False):
+            canon = first.setdefault(id(p), name)
+            i = self.index.get(canon)
+            if i is None:
+                if canon != name and canon in spec.frozen and name not in self.frozen_names:
+                    self.frozen_names.append(name)
+                continue
+            self.by_id[id(p)] = i
+            self.tensors[i] = p
+            if name != canon:
+                self.aliases[i].append(name)
+        missing = [n for n, t in zip(spec.names, self.tensors) if t is None]
+        if missing:
+            raise ValueError(f"the model has no parameters {missing[:5]} of its ParamSpec: spec and model differ")
+
+    def match(self, glob: str, where: str) -> list[int]:
+        hits = [i for i, names in enumerate(self.aliases) if any(fnmatch.fnmatchcase(n, glob) for n in names)]
+        if hits:
+            return hits
+        frozen = [n for n in self.frozen_names if fnmatch.fnmatchcase(n, glob)]
+        msg = f"{where}: {glob!r} matches no sampled parameter"
+        if frozen:
+            msg += (f"; it matches only frozen parameters ({', '.join(frozen[:5])}"
+                    f"{', ...' if len(frozen) > 5 else ''}), which have requires_grad=False and stay at w*")
+        close = difflib.get_close_matches(glob, [n for a in self.aliases for n in a], n=3, cutoff=0.5)
+        if close:
+            msg += f"; similar names: {', '.join(close)}"
+        names = self.spec.names
+        msg += (f"; sampled parameters ({len(names)}): {', '.join(names[:6])}{', ...' if len(names) > 6 else ''}"
+                " (a glob uses fnmatch: '*' matches any characters, dots included)")
+        raise ValueError(msg)
+
+
+_INDEX_ERRORS = (IndexError, TypeError, ValueError, RuntimeError)
+
+
+def _is_bool(v: Any) -> bool:
+    return isinstance(v, bool) or type(v).__name__ == "bool_"  # numpy.bool_ without importing numpy
+
+
+def _is_mask_value(v: Any) -> bool:
+    """A per-parameter value: True/False/None, a tensor or array, or an index."""
+    if v is None or _is_bool(v) or isinstance(v, (Tensor, int, slice)) or v is Ellipsis:
+        return True
+    if isinstance(v, (tuple, list)):
+        return not any(isinstance(x, str) for x in v)
+    return hasattr(v, "__array__")
+
+
+def _is_restriction_value(v: Any) -> bool:
+    """A whole restriction: a glob, a list of globs, a module, a callable or a mapping."""
+    if isinstance(v, (str, Mapping, nn.Module)):
+        return True
+    if isinstance(v, (tuple, list)):
+        return bool(v) and all(isinstance(x, str) for x in v)
+    return callable(v) and not isinstance(v, Tensor)
+
+
+def _describe(v: Any) -> str:
+    if isinstance(v, Tensor):
+        return f"tensor {tuple(v.shape)} {str(v.dtype).replace('torch.', '')}"
+    r = repr(v)
+    return r if len(r) <= 60 else r[:57] + "..."
+
+
+def _param_mask(value: Any, name: str, shape: torch.Size, where: str) -> Tensor:
+    """``value`` (True/False/None, bool tensor like the parameter, or an index) -> bool mask ``shape``."""
+    if value is None or _is_bool(value):
+        return torch.full(shape, bool(value), dtype=torch.bool)
+    if hasattr(value, "__array__") and not isinstance(value, Tensor):
+        value = torch.as_tensor(value)
+    if isinstance(value, Tensor) and value.dtype == torch.bool:
+        if value.dim() == 0:
+            return torch.full(shape, bool(value), dtype=torch.bool)
+        if tuple(value.shape) != tuple(shape):
+            raise ValueError(f"{where}: the bool mask for parameter {name!r} has shape {tuple(value.shape)}, "
+                             f"expected {tuple(shape)} (the parameter's shape)")
+        return value.detach().cpu()
+    index = value
+    if isinstance(index, Tensor):
+        index = index.detach().cpu()
+    elif isinstance(index, tuple):
+        index = tuple(x.detach().cpu() if isinstance(x, Tensor) else x for x in index)
+    m = torch.zeros(shape, dtype=torch.bool)
+    try:
+        m[index] = True
+    except _INDEX_ERRORS as e:
+        raise ValueError(f"{where}: index {_describe(value)} fails on parameter {name!r} of shape "
+                         f"{tuple(shape)}: {e}") from None
+    return m
+
+
+def _fill(row: Tensor, P: _Params, i: int, value: Any, where: str) -> None:
+    """OR parameter ``i``'s mask for ``value`` into the flat ``row`` ``(d,)``."""
+    lo, hi = P.offsets[i], P.offsets[i + 1]
+    if value is True:
+        row[lo:hi] = True
+        return
+    m = _param_mask(value, P.spec.names[i], P.spec.shapes[i], where)
+    row[lo:hi] |= m.reshape(-1)
+
+
+def _resolve_into(row: Tensor, r: Any, P: _Params, where: str) -> None:
+    """Resolve one (unlabelled) restriction ``r`` into the flat bool ``row`` ``(d,)``."""
+    if isinstance(r, str):
+        r = [r]
+    if isinstance(r, (list, tuple)) and r and all(isinstance(g, str) for g in r):
+        for glob in r:
+            for i in P.match(glob, where):
+                row[P.offsets[i]:P.offsets[i + 1]] = True
+        return
+    if isinstance(r, nn.Module):
+        hits = {P.by_id[id(p)] for p in r.parameters() if id(p) in P.by_id}
+        if not hits:
+            raise ValueError(f"{where}: the module {type(r).__name__} has no sampled parameter of the model")
+        for i in hits:
+            row[P.offsets[i]:P.offsets[i + 1]] = True
+        return
+    if isinstance(r, Mapping):
+        bad = [k for k, v in r.items() if not _is_mask_value(v)]
+        if bad:
+            k = bad[0]
+            raise ValueError(
+                f"{where}: a per-parameter mapping {{name or glob: mask}} needs masks as values (True, False, "
+                f"None, a bool tensor like the parameter or an index), but {k!r} maps to {_describe(r[k])}; "
+                "labelled mappings {label: restriction} cannot be nested")
+        for k, v in r.items():
+            if not isinstance(k, str):
+                raise ValueError(f"{where}: per-parameter mapping keys must be parameter names or globs "
+                                 f"(strings), got {k!r} ({type(k).__name__})")
+            hint = f"{where} (a mapping whose values are masks: its keys are parameter names or globs)"
+            for i in P.match(k, hint):
+                _fill(row, P, i, v, f"{where}[{k!r}]")
+        return
+    if callable(r) and not isinstance(r, Tensor):
+        for i, name in enumerate(P.spec.names):
+            try:
+                v = r(name, P.tensors[i])
+            except Exception as e:  # noqa: BLE001 - re-raised with the parameter it failed on
+                raise ValueError(f"{where}: the callable failed on parameter {name!r}: "
+                                 f"{type(e).__name__}: {e}") from e
+            if v is False or v is None:
+                continue
+            if isinstance(v, (str, Mapping)) or callable(v) and not isinstance(v, Tensor):
+                raise ValueError(f"{where}: the callable returned {_describe(v)} for {name!r}; expected "
+                                 "True, False, None, a bool tensor like the parameter or an index")
+            _fill(row, P, i, v, f"{where} (callable, parameter {name!r})")
+        return
+    raise ValueError(
+        f"{where}: cannot use {_describe(r)} ({type(r).__name__}) as a restriction; expected a glob over "
+        "parameter names, a list of globs, a module, a callable (name, param) -> mask, a mapping "
+        "{name or glob: mask} or a mapping {label: restriction}")
+
+
+def _is_labelled(mapping: Mapping, where: str) -> bool:
+    """Which kind of mapping ``restrict_to`` is (see the module docstring)."""
+    if not mapping:
+        raise ValueError(f"{where} is an empty mapping: nothing to restrict to")
+    kinds = []
+    for k, v in mapping.items():
+        if _is_restriction_value(v):
+            kinds.append(True)
+        elif _is_mask_value(v):
+            kinds.append(False)
+        else:
+            raise ValueError(
+                f"{where}[{k!r}] is {_describe(v)} ({type(v).__name__}): a value must be a restriction "
+                "(glob, list of globs, module, callable, mapping) or a mask (True, False, None, a bool tensor "
+                "like the parameter or an index)")
+    if all(kinds):
+        return True
+    if not any(kinds):
+        return False
+    labels = [k for k, kd in zip(mapping, kinds) if kd]
+    masks = [k for k, kd in zip(mapping, kinds) if not kd]
+    raise ValueError(
+        f"{where} mixes restrictions (values of {labels[:3]}) and masks (values of {masks[:3]}): a mapping is "
+        "either {label: restriction} (values are globs, lists of globs, modules, callables or mappings) or "
+        "{parameter name or glob: mask} (values are True, False, None, bool tensors or indices)")
+
+
+def resolve_restrictions(restrict_to: Any, model: nn.Module, spec: ParamSpec) -> Restrictions:
+    """Resolve ``restrict_to`` into boolean masks over the flat sampled parameters.
+
+    Parameters
+    ----------
+    restrict_to
+        A glob, a list of globs, a module, a callable ``(name, param) -> mask``, a per-parameter
+        mapping ``{name or glob: mask}``, or a labelled mapping ``{label: any of these}`` (see the
+        module docstring for the forms and the rule that tells the mappings apart).
+    model
+        The model whose parameters ``spec`` describes.
+    spec
+        Its :class:`~slt.params.ParamSpec` (names, shapes, numels; the flat layout).
+
+    Returns
+    -------
+    Restrictions
+        ``labels`` (the mapping's keys in order, or ``None`` when ``restrict_to`` is not a labelled
+        mapping, then ``M == 1``) and ``masks`` ``(M, d)`` bool on the CPU over the flat sampled
+        parameters in ``spec`` order.
+
+    Raises
+    ------
+    ValueError
+        Naming the problem: a glob or name matching no sampled parameter (similar and frozen names
+        shown), a bool mask of the wrong shape, an index that fails on its parameter, a restriction
+        that selects nothing, a non-string label, a value of an unknown kind.
+    """
+    P = _Params(model, spec)
+    if isinstance(restrict_to, Mapping) and _is_labelled(restrict_to, "restrict_to"):
+        labels = list(restrict_to)
+        for k in labels:
+            if not isinstance(k, str):
+                raise ValueError(f"restriction labels must be strings, got {k!r} ({type(k).__name__})")
+        masks = torch.zeros(len(labels), spec.d, dtype=torch.bool)
+        for m, (k, r) in enumerate(restrict_to.items()):
+            where = f"restrict_to[{k!r}]"
+            _resolve_into(masks[m], r, P, where)
+            if not masks[m].any():
+                raise ValueError(f"{where} selects no parameter entries: an empty restriction has nothing to sample")
+        return Restrictions(labels, masks)
+    masks = torch.zeros(1, spec.d, dtype=torch.bool)
+    _resolve_into(masks[0], restrict_to, P, "restrict_to")
+    if not masks[0].any():
+        raise ValueError("restrict_to selects no parameter entries: an empty restriction has nothing to sample")
+    return Restrictions(None, masks)
+
+
+# ----------------------------------------------------------------------------
+# attention layouts
+# ----------------------------------------------------------------------------
+HeadSlices = list[dict[int, tuple[Tensor, Any]]]  # per head: {id(param): (param, index)}
+
+
+def _mro_names(m: nn.Module) -> set[str]:
+    return {c.__name__ for c in type(m).__mro__}
+
+
+def _span(h: int, hd: int) -> slice:
+    return slice(h * hd, (h + 1) * hd)
+
+
+def _blocks(h: int, hd: int, offsets: list[int]) -> Tensor:
+    """Indices of head ``h`` in each of the fused blocks starting at ``offsets``: ``(len(offsets) * hd,)``."""
+    return torch.cat([torch.arange(o + h * hd, o + (h + 1) * hd) for o in offsets])
+
+
+def _add(head: dict, p: Any, index: Any) -> None:
+    if isinstance(p, Tensor):
+        head[id(p)] = (p, index)
+
+
+def _mha_heads(m: nn.MultiheadAttention) -> HeadSlices:
+    E, H = m.embed_dim, m.num_heads
+    hd = E // H
+    out = []
+    for h in range(H):
+        head: dict = {}
+        if m._qkv_same_embed_dim:
+            _add(head, m.in_proj_weight, _blocks(h, hd, [0, E, 2 * E]))
+        else:
+            for p in (m.q_proj_weight, m.k_proj_weight, m.v_proj_weight):
+                _add(head, p, _span(h, hd))
+        _add(head, m.in_proj_bias, _blocks(h, hd, [0, E, 2 * E]))
+        _add(head, m.bias_k, (..., _span(h, hd)))
+        _add(head, m.bias_v, (..., _span(h, hd)))
+        _add(head, m.out_proj.weight, (slice(None), _span(h, hd)))
+        out.append(head)
+    return out
+
+
+def _gpt2_heads(m: nn.Module) -> HeadSlices | None:
+    H, hd = int(m.num_heads), int(m.head_dim)
+    E = H * hd
+    cross = bool(getattr(m, "is_cross_attention", False))
+    nblocks = 2 if cross else 3
+    W = m.c_attn.weight  # Conv1D: y = x @ W + b, W (E, nblocks E)
+    if tuple(W.shape) != (E, nblocks * E) or tuple(m.c_proj.weight.shape) != (E, E):
+        return None
+    offsets = [i * E for i in range(nblocks)]
+    out = []
+    for h in range(H):
+        head: dict = {}
+        if cross:
+            _add(head, m.q_attn.weight, (slice(None), _span(h, hd)))
+            _add(head, getattr(m.q_attn, "bias", None), _span(h, hd))
+        _add(head, W, (slice(None), _blocks(h, hd, offsets)))
+        _add(head, getattr(m.c_attn, "bias", None), _blocks(h, hd, offsets))
+        _add(head, m.c_proj.weight, _span(h, hd))  # rows: the input of c_proj is the heads side by side
+        out.append(head)
+    return out
+
+
+def _neox_heads(m: nn.Module) -> HeadSlices | None:
+    hd = int(m.head_size)
+    qkv, dense = m.query_key_value, m.dense
+    H = qkv.weight.shape[0] // (3 * hd)
+    if tuple(qkv.weight.shape) != (3 * H * hd, H * hd) or tuple(dense.weight.shape) != (H * hd, H * hd):
+        return None
+    out = []
+    for h in range(H):
+        head: dict = {}
+        # the output of query_key_value is viewed as (..., H, 3 hd) and then chunked into q, k, v
+        _add(head, qkv.weight, _span(h, 3 * hd))
+        _add(head, qkv.bias, _span(h, 3 * hd))
+        _add(head, dense.weight, (slice(None), _span(h, hd)))
+        out.append(head)
+    return out
+
+
+def _tl_heads(m: nn.Module) -> HeadSlices | None:
+    P = dict(m.named_parameters(recurse=False))
+    WQ, WO = P["W_Q"], P["W_O"]
+    if WQ.dim() != 3 or WO.dim() != 3 or WO.shape[0] != WQ.shape[0]:
+        return None
+    H = WQ.shape[0]
+    kv = [P.get(n) for n in ("W_K", "W_V", "_W_K", "_W_V", "b_K", "b_V", "_b_K", "_b_V")]
+    n_kv = next((t.shape[0] for t in kv if t is not None), H)
+    if n_kv == 0 or H % n_kv:
+        return None
+    out = []
+    for h in range(H):
+        g = h // (H // n_kv)  # grouped-query: K/V heads are repeat_interleave'd
+        head: dict = {}
+        for n in ("W_Q", "b_Q", "W_O"):
+            _add(head, P.get(n), h)
+        for n in ("W_K", "W_V", "b_K", "b_V", "_W_K", "_W_V", "_b_K", "_b_V"):
+            _add(head, P.get(n), g)
+        out.append(head)
+    return out
+
+
+_Q, _K, _V = ("q_proj", "q", "query", "W_q"), ("k_proj", "k", "key", "W_k"), ("v_proj", "v", "value", "W_v")
+_O = ("o_proj", "o", "out_proj", "dense", "c_proj", "W_o")
+
+
+def _wb(m: nn.Module) -> tuple[Tensor | None, Tensor | None]:
+    """Weight and bias of a Linear-like module (possibly a wrapper around one)."""
+    ps = list(m.named_parameters())
+    w = [p for n, p in ps if n.split(".")[-1] == "weight"]
+    b = [p for n, p in ps if n.split(".")[-1] == "bias"]
+    if len(w) != 1 or len(b) > 1 or w[0].dim() != 2:
+        return None, None
+    return w[0], (b[0] if b else None)
+
+
+def _int_attr(m: nn.Module, names: tuple[str, ...]) -> int | None:
+    for src in (m, getattr(m, "config", None), getattr(m, "cfg", None)):
+        for n in names:
+            v = getattr(src, n, None) if src is not None else None
+            if isinstance(v, int) and not isinstance(v, bool) and v > 0:
+                return v
+    return None
+
+
+def _separate_heads(m: nn.Module) -> HeadSlices | None:
+    """Separate q/k/v/o projections as ``nn.Linear`` (out, in): a head is rows of q, k, v, columns of o."""
+    mods = []
+    for names in (_Q, _K, _V, _O):
+        c = next((getattr(m, n) for n in names if isinstance(getattr(m, n, None), nn.Module)), None)
+        if c is None:
+            return None
+        mods.append(_wb(c))
+    (qw, qb), (kw, kb), (vw, vb), (ow, ob) = mods
+    if qw is None or kw is None or vw is None or ow is None:
+        return None
+    hd = _int_attr(m, ("head_dim", "d_head", "head_size", "attention_head_size"))
+    H = _int_attr(m, ("num_heads", "n_heads", "num_attention_heads", "n_head"))
+    if hd is None and H is None:
+        return None
+    if hd is None:
+        hd = qw.shape[0] // H
+    if H is None:
+        H = qw.shape[0] // hd
+    n_kv = kw.shape[0] // hd
+    if (qw.shape[0] != H * hd or ow.shape[1] != H * hd or kw.shape[0] != n_kv * hd or vw.shape[0] != n_kv * hd
+            or n_kv == 0 or H % n_kv):
+        return None
+    out = []
+    for h in range(H):
+        g = h // (H // n_kv)
+        head: dict = {}
+        _add(head, qw, _span(h, hd))
+        _add(head, qb, _span(h, hd))
+        for p in (kw, vw):
+            _add(head, p, _span(g, hd))
+        for p in (kb, vb):
+            _add(head, p, _span(g, hd))
+        _add(head, ow, (slice(None), _span(h, hd)))
+        out.append(head)
+    return out
+
+
+def _attention_heads(m: nn.Module) -> HeadSlices | None:
+    """Per-head parameter slices of ``m`` if it is an attention module of a known layout."""
+    if isinstance(m, nn.MultiheadAttention):
+        return _mha_heads(m)
+    mro = _mro_names(m)
+    if "GPT2Attention" in mro and hasattr(m, "c_attn") and hasattr(m, "c_proj"):
+        return _gpt2_heads(m)
+    if "GPTNeoXAttention" in mro and hasattr(m, "query_key_value"):
+        return _neox_heads(m)
+    own = dict(m.named_parameters(recurse=False))
+    if "W_Q" in own and "W_O" in own:
+        return _tl_heads(m)
+    return _separate_heads(m)
+
+
+_LOOKED_FOR = (
+    "torch.nn.MultiheadAttention; Hugging Face GPT2Attention (c_attn, c_proj) and GPTNeoXAttention "
+    "(query_key_value, dense); TransformerLens attention (W_Q, W_K, W_V, W_O of shape (n_heads, ...), "
+    "_W_K/_W_V for grouped queries); and modules with separate q/k/v/o nn.Linear projections (q_proj/k_proj/"
+    "v_proj/o_proj, q/k/v/o, query/key/value/out_proj or dense) and a head count (num_heads, n_heads, "
+    "num_attention_heads or head_dim)"
+)
+
+
+# ----------------------------------------------------------------------------
+# the module tree: attention modules, blocks
+# ----------------------------------------------------------------------------
+class _Arch:
+    def __init__(self, model: nn.Module):
+        self.model = model
+        self.modules = dict(model.named_modules())
+        self.name_of: dict[int, str] = {}  # id(param) -> first name, sampled parameters only
+        for name, p in model.named_parameters():
+            if p.requires_grad:
+                self.name_of[id(p)] = name
+        self.id_of = {n: i for i, n in self.name_of.items()}
+        self.pos = {n: j for j, n in enumerate(self.name_of.values())}  # the model's parameter order
+        self.attn: list[tuple[str, nn.Module, HeadSlices]] = []
+        found: list[str] = []
+        for name, m in model.named_modules():
+            if any(f == "" or name == f or name.startswith(f + ".") for f in found):  # inside a found one
+                continue
+            hs = _attention_heads(m)
+            if hs is not None:
+                self.attn.append((name, m, hs))
+                found.append(name)
+
+    def names(self, m: nn.Module) -> dict[str, Any]:
+        """``{name: True}`` for the sampled parameters of module ``m``, in the model's order."""
+        ids = {id(p) for p in m.parameters()}
+        return {n: True for i, n in self.name_of.items() if i in ids}
+
+    def block_of(self, name: str) -> tuple[str, int] | None:
+        """``(module list name, index)`` of the deepest ModuleList element containing module ``name``."""
+        parts = name.split(".") if name else []
+        for j in range(len(parts), 0, -1):
+            parent = ".".join(parts[:j - 1])
+            if parts[j - 1].isdigit() and isinstance(self.modules.get(parent), nn.ModuleList):
+                return parent, int(parts[j - 1])
+        return None
+
+    def block_list(self, what: str) -> tuple[str, nn.ModuleList]:
+        """The ModuleList holding the transformer blocks (the one that holds every attention module)."""
+        if not self.attn:
+            raise ValueError(f"{what}: found no attention module in {type(self.model).__name__} (looked for "
+                             f"{_LOOKED_FOR}), so no transformer blocks; give the mapping by hand, e.g. "
+                             "{'l0': 'layers.0.*', 'l1': 'layers.1.*'}")
+        lists = {}
+        for name, _, _ in self.attn:
+            b = self.block_of(name)
+            if b is None:
+                raise ValueError(f"{what}: the attention module {name!r} is not inside a ModuleList of blocks; "
+                                 "give the mapping by hand, e.g. {'l0': 'layers.0.*'}")
+            lists.setdefault(b[0], []).append(name)
+        if len(lists) > 1:
+            raise ValueError(f"{what}: attention modules sit in several lists of blocks ({', '.join(lists)}), "
+                             "e.g. an encoder and a decoder: the labels 'l0', 'l1', ... would be ambiguous; "
+                             "give the mapping by hand, e.g. {'enc l0': 'encoder.layers.0.*'}")
+        lname = next(iter(lists))
+        return lname, self.modules[lname]
+
+
+def _label_heads(arch: _Arch, heads_: HeadSlices, layer: int, out: dict) -> None:
+    for h, head in enumerate(heads_):
+        entry = {}
+        for i, (p, index) in head.items():
+            name = arch.name_of.get(i)
+            if name is not None:
+                entry[name] = index
+        out[f"l{layer}h{h}"] = dict(sorted(entry.items(), key=lambda kv: arch.pos[kv[0]]))
+
+
+def heads(model: nn.Module) -> dict[str, dict[str, Any]]:
+    """One restriction per attention head: ``{"l{layer}h{head}": {param_name: index}}``.
+
+    A head (Wang et al. 2024, arXiv 2410.02984) is the set of its slices of the query, key and
+    value projections (weights and biases) and of the output projection's weight:
+
+    * ``torch.nn.MultiheadAttention`` (also inside ``nn.TransformerEncoderLayer``): rows
+      ``[h hd, (h+1) hd)`` of each of the Q, K, V blocks of ``in_proj_weight`` ``(3E, E)`` (block
+      offsets 0, E, 2E) and the same entries of ``in_proj_bias``; rows ``[h hd, (h+1) hd)`` of
+      ``q_proj_weight``/``k_proj_weight``/``v_proj_weight`` when they are separate; entries
+      ``[h hd, (h+1) hd)`` of ``bias_k``/``bias_v`` if present; columns ``[h hd, (h+1) hd)`` of
+      ``out_proj.weight`` ``(E, E)``;
+    * Hugging Face GPT-2 (``GPT2Attention``; ``Conv1D`` computes ``x @ W``): columns of head ``h``
+      in each of the Q, K, V blocks of ``c_attn.weight`` ``(E, 3E)``, the same entries of
+      ``c_attn.bias``, rows ``[h hd, (h+1) hd)`` of ``c_proj.weight`` ``(E, E)`` (cross-attention:
+      ``q_attn`` columns and the K, V blocks of ``c_attn``);
+    * Hugging Face GPT-NeoX (``GPTNeoXAttention``): the output of ``query_key_value`` is viewed as
+      ``(..., H, 3 hd)`` and split into q, k, v per head, so head ``h`` is rows
+      ``[3 h hd, 3 (h+1) hd)`` of ``query_key_value.weight`` ``(3E, E)`` and of its bias, and
+      columns ``[h hd, (h+1) hd)`` of ``dense.weight`` ``(E, E)``;
+    * TransformerLens attention (``W_Q``, ``W_K``, ``W_V`` ``(H, E, hd)``, ``b_Q``, ``b_K``,
+      ``b_V`` ``(H, hd)``, ``W_O`` ``(H, hd, E)``): index ``[h]`` of each; grouped-query ``_W_K``,
+      ``_W_V``, ``_b_K``, ``_b_V`` ``(H_kv, ...)``: index ``[h // (H / H_kv)]``;
+    * separate ``nn.Linear`` projections (``q_proj``/``k_proj``/``v_proj``/``o_proj``, ``q``/``k``/
+      ``v``/``o`` as in TransformerLens' native ``TransformerBridge``, ``query``/``key``/``value``/
+      ``out_proj``, with a head count attribute): rows ``[h hd, (h+1) hd)`` of q (weight and bias),
+      the rows of K/V head ``h // (H / H_kv)`` of k and v, columns ``[h hd, (h+1) hd)`` of o.
+
+    The output projection's bias (``out_proj.bias``, ``c_proj.bias``, ``dense.bias``, ``b_O``) is
+    shared by all heads and belongs to none.  With grouped-query attention the K/V slices of a group
+    belong to every head of the group (as in devinterp), so those heads' masks overlap there; the
+    heads of plain multi-head attention are disjoint.
+
+    Parameters
+    ----------
+    model
+        The model; attention modules are found in ``model.named_modules()`` and their layer is the
+        index of the block (an element of an ``nn.ModuleList``) that contains them.  Attention
+        modules outside any ModuleList (e.g. a lone ``nn.MultiheadAttention``) are numbered in
+        module order.
+
+    Returns
+    -------
+    dict
+        ``{"l0h0": {param_name: index, ...}, "l0h1": ..., ...}``, layer-major; indices are ints,
+        slices, tuples of slices or integer tensors, valid as ``param[index]``.  Only sampled
+        (``requires_grad``) parameters appear.
+
+    Raises
+    ------
+    ValueError
+        When no attention module of a known layout is found (the message lists what was looked for
+        and how to write the mapping by hand), or a block holds two attention modules.
+    """
+    arch = _Arch(model)
+    if not arch.attn:
+        raise ValueError(
+            f"heads: found no attention module in {type(model).__name__}: looked for {_LOOKED_FOR}. "
+            "Give the heads by hand as {label: {parameter name: index}}, one index per parameter, e.g. for a "
+            "fused qkv weight (3E, E) with head size 16: {'l0h0': {'layers.0.attn.qkv.weight': "
+            "torch.cat([torch.arange(0, 16), torch.arange(E, E + 16), torch.arange(2 * E, 2 * E + 16)]), "
+            "'layers.0.attn.out.weight': (slice(None), slice(0, 16))}, 'l0h1': ...}")
+    blocks = [arch.block_of(name) for name, _, _ in arch.attn]
+    if all(b is None for b in blocks):
+        layer_of = list(range(len(arch.attn)))
+    else:
+        _, _ = arch.block_list("heads")  # one list of blocks, or a ValueError
+        layer_of = [b[1] for b in blocks]
+        seen = {}
+        for (name, _, _), layer in zip(arch.attn, layer_of):
+            if layer in seen:
+                raise ValueError(f"heads: block {layer} holds two attention modules ({seen[layer]!r} and {name!r}); "
+                                 "labels 'l{layer}h{head}' would be ambiguous: give the mapping by hand")
+            seen[layer] = name
+    out: dict[str, dict[str, Any]] = {}
+    for (_, _, hs), layer in sorted(zip(arch.attn, layer_of), key=lambda t: t[1]):
+        _label_heads(arch, hs, layer, out)
+    return out
+
+
+def layers(model: nn.Module) -> dict[str, dict[str, Any]]:
+    """One restriction per transformer block: ``{"l0": {param_name: True, ...}, "l1": ...}``.
+
+    The blocks are the elements of the ``nn.ModuleList`` that holds the model's attention modules
+    (found as in :func:`heads`): GPT-2 ``transformer.h.{i}``, GPT-NeoX ``gpt_neox.layers.{i}``,
+    TransformerLens ``blocks.{i}``, ``nn.TransformerEncoder`` ``layers.{i}``, ...  A block's
+    restriction is all its sampled parameters.
+
+    Raises
+    ------
+    ValueError
+        When no attention module is found, or attention modules sit in several lists of blocks
+        (an encoder and a decoder).
+    """
+    arch = _Arch(model)
+    _, blist = arch.block_list("layers")
+    return {f"l{i}": arch.names(b) for i, b in enumerate(blist)}
+
+
+def _is_norm(m: nn.Module) -> bool:
+    return any("Norm" in n for n in _mro_names(m))
+
+
+def attention_and_mlp(model: nn.Module) -> dict[str, dict[str, Any]]:
+    """Two restrictions per block: ``"l{i} attn"`` and ``"l{i} mlp"``.
+
+    ``"l{i} attn"`` is the block's attention module and its normalization layer (the block's
+    first normalization module in registration order: GPT-2 ``ln_1``, GPT-NeoX
+    ``input_layernorm``, TransformerLens ``ln1``, ``nn.TransformerEncoderLayer`` ``norm1``);
+    ``"l{i} mlp"`` is the rest of the block (the MLP and its normalization), so the two are
+    disjoint and their union is :func:`layers`' ``"l{i}"``.  (devinterp leaves the layer norms out
+    of both.)  A block with nothing outside attention (an attention-only model) has no
+    ``"l{i} mlp"`` entry.
+    """
+    arch = _Arch(model)
+    lname, blist = arch.block_list("attention_and_mlp")
+    out: dict[str, dict[str, Any]] = {}
+    for i, b in enumerate(blist):
+        prefix = f"{lname}.{i}"
+        attn_mods = [m for name, m, _ in arch.attn if name == prefix or name.startswith(prefix + ".")]
+        attn_ids = {id(p) for m in attn_mods for p in m.parameters()}
+        inside = {id(m) for a in attn_mods for m in a.modules()}
+        for m in b.modules():
+            if id(m) not in inside and _is_norm(m) and any(id(p) not in attn_ids for p in m.parameters()):
+                attn_ids |= {id(p) for p in m.parameters()}
+                break
+        allp = arch.names(b)
+        out[f"l{i} attn"] = {n: True for n in allp if arch.id_of[n] in attn_ids}
+        mlp = {n: True for n in allp if arch.id_of[n] not in attn_ids}
+        if mlp:
+            out[f"l{i} mlp"] = mlp
+    return out
+
+
+_UNEMBED_NAMES = ("unembed", "lm_head", "embed_out")
+
+
+def embeddings(model: nn.Module) -> dict[str, dict[str, Any]]:
+    """``"embed"`` (token and positional embeddings) and ``"unembed"`` (the output head).
+
+    ``"embed"``: the parameters of every ``nn.Embedding`` (or TransformerLens ``W_E``/``W_pos``)
+    outside the transformer blocks.  ``"unembed"``: the parameters of the output head —
+    ``model.get_output_embeddings()`` (Hugging Face), a module holding ``W_U`` (TransformerLens),
+    or a module named ``unembed``, ``lm_head`` or ``embed_out`` — that are not already in
+    ``"embed"``.  With tied input and output embeddings (GPT-2's default) the shared matrix is
+    sampled once, under its first name, and listed in ``"embed"`` only; ``"unembed"`` is then
+    absent unless the head has parameters of its own (a bias).  The final normalization layer
+    belongs to neither.  (devinterp's GPT-2 ``"embed"`` is the token embedding alone.)
+
+    Raises
+    ------
+    ValueError
+        When the model has no embedding.
+    """
+    arch = _Arch(model)
+    in_blocks: set[int] = set()
+    try:
+        _, blist = arch.block_list("embeddings")
+        in_blocks = {id(m) for m in blist.modules()}
+    except ValueError:
+        pass
+    head = None
+    goe = getattr(model, "get_output_embeddings", None)
+    if callable(goe):
+        try:
+            head = goe()
+        except Exception:  # noqa: BLE001 - not every model implements it
+            head = None
+    if not isinstance(head, nn.Module):
+        head = None
+        for name, m in arch.modules.items():
+            if id(m) in in_blocks or not name:
+                continue
+            if "W_U" in dict(m.named_parameters(recurse=False)) or name.split(".")[-1] in _UNEMBED_NAMES:
+                head = m
+                break
+    head_mods = {id(m) for m in head.modules()} if head is not None else set()
+    embed_ids: set[int] = set()
+    for name, m in arch.modules.items():
+        if id(m) in in_blocks or id(m) in head_mods:
+            continue
+        own = dict(m.named_parameters(recurse=False))
+        if isinstance(m, nn.Embedding):
+            embed_ids |= {id(p) for p in own.values()}
+        else:
+            embed_ids |= {id(p) for n, p in own.items() if n in ("W_E", "W_pos")}
+    embed = {n: True for i, n in arch.name_of.items() if i in embed_ids}
+    if not embed:
+        raise ValueError(f"embeddings: found no embedding (nn.Embedding, TransformerLens W_E/W_pos) outside the "
+                         f"blocks of {type(model).__name__}; give the mapping by hand, e.g. {{'embed': 'wte.*'}}")
+    out: dict[str, dict[str, Any]] = {"embed": embed}
+    if head is not None:
+        head_ids = {id(p) for p in head.parameters()} - embed_ids
+        unembed = {n: True for i, n in arch.name_of.items() if i in head_ids}
+        if unembed:
+            out["unembed"] = unembed
+    return out

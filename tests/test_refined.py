@@ -1,0 +1,210 @@
+"""Refined LLCs in the engine: weight restrictions (``restrict_to``) and data distributions
+(``data={label: dataset}``), batched with checkpoints (Wang et al. 2024, arXiv 2410.02984).
+
+Exact tier: a restriction to everything is the unrestricted run bit for bit; masked parameters
+never leave w*; a restriction to parameters the loss does not see gives λ̂ = 0 up to float
+rounding; results come back in the caller's shape.  Oracle tier: a model of two independent
+deep-linear blocks whose losses add: each block's refined LLC is that block's closed-form λ and
+the unrestricted one their sum (10% band as in test_oracle.py, MC error ≤ 4% of λ).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import slt
+from slt import theory
+from slt.models import DeepLinearNetwork, gaussian_nll, make_dln_data
+from slt.training import train
+
+from conftest import IGNORE_CHECKPOINT_WARNING
+
+pytestmark = IGNORE_CHECKPOINT_WARNING
+
+KW = dict(num_chains=3, num_draws=40, num_burnin=20, progress=False)
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Linear(4, 8)
+        self.head = nn.Linear(8, 3)
+        self.unused = nn.Parameter(torch.randn(5))  # the loss never sees it
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.body(x)))
+
+
+@pytest.fixture(scope="module")
+def net():
+    torch.manual_seed(0)
+    X, Y = torch.randn(256, 4), torch.randint(0, 3, (256,))
+    m = Net()
+    train(m, (X, Y), F.cross_entropy, steps=300, lr=1e-2)
+    return m, X, Y
+
+
+def test_restriction_to_every_parameter_is_the_unrestricted_run_bit_for_bit(net):
+    m, X, Y = net
+    for kw in (dict(batch_size=64), dict(batch_size=None), dict(batch_size=32, step_size=1e-3)):
+        a = slt.estimate_llc(m, (X, Y), F.cross_entropy, seed=3, **KW, **kw)
+        b = slt.estimate_llc(m, (X, Y), F.cross_entropy, seed=3, restrict_to="*", **KW, **kw)
+        assert torch.equal(a.loss_trace, b.loss_trace)
+        assert a.step_size == b.step_size
+
+
+def test_masked_parameters_stay_at_w_star_and_the_free_ones_move(net):
+    m, X, Y = net
+    obs = {"body": lambda p: p["body.weight"].flatten(1), "head": lambda p: p["head.weight"].flatten(1)}
+    r = slt.estimate_llc(m, (X, Y), F.cross_entropy, restrict_to={"head": "head.*", "body": ["body.*"]},
+                         observables=obs, batch_size=64, seed=0, **KW)
+    assert list(r) == ["head", "body"]
+    w_body, w_head = m.body.weight.detach().flatten(), m.head.weight.detach().flatten()
+    assert torch.equal(r["head"].observables["body"], w_body.expand_as(r["head"].observables["body"]))
+    assert not torch.equal(r["head"].observables["head"], w_head.expand_as(r["head"].observables["head"]))
+    assert torch.equal(r["body"].observables["head"], w_head.expand_as(r["body"].observables["head"]))
+    assert r["head"].config["restriction"] == "head"
+    assert r["head"].config["restricted_params"] == m.head.weight.numel() + m.head.bias.numel()
+
+
+def test_a_restriction_the_loss_does_not_see_gives_zero(net):
+    m, X, Y = net
+    r = slt.estimate_llc(m, (X, Y), F.cross_entropy, restrict_to="unused", batch_size=None, seed=0,
+                         raise_on_divergence=True, **KW)
+    # L(w) = L(w*) exactly in exact arithmetic: the only error is the rounding of two evaluations
+    # of the same loss, |ΔL| ≤ a few ulp of L(w*), times nβ
+    bound = 8 * torch.finfo(torch.float32).eps * r.init_loss * r.nbeta
+    assert abs(r.llc_mean) <= bound
+
+
+def test_restrictions_times_checkpoints_shape_and_one_batch(net):
+    m, X, Y = net
+    m2 = Net()
+    m2.load_state_dict(m.state_dict())
+    with torch.no_grad():
+        m2.head.bias.add_(0.01)
+    r = slt.estimate_llc(m, (X, Y), F.cross_entropy, models=[m, m2], restrict_to={"a": "head.*", "b": "body.*"},
+                         batch_size=64, **KW)
+    assert set(r) == {"a", "b"} and all(len(v) == 2 for v in r.values())
+    assert r["b"][1].config["checkpoint"] == 1 and r["b"][1].config["restriction"] == "b"
+    # groups of one checkpoint share its seed
+    assert r["a"][1].config["seed"] == r["b"][1].config["seed"] == 1
+
+
+def test_data_refined_shape_and_agreement_with_separate_calls(net):
+    m, X, Y = net
+    d1, d2 = (X[:128], Y[:128]), (X[128:], Y[128:])
+    nb = 40.0
+    r = slt.estimate_llc(m, {"first": d1, "second": d2}, F.cross_entropy, nbeta=nb, batch_size=32,
+                         step_size=1e-3, seed=5, **KW)
+    assert list(r) == ["first", "second"]
+    for lab, d in (("first", d1), ("second", d2)):
+        s = slt.estimate_llc(m, d, F.cross_entropy, nbeta=nb, batch_size=32, step_size=1e-3, seed=5, **KW)
+        # same random streams and data; only the batched evaluation's rounding differs
+        assert r[lab].init_loss == pytest.approx(s.init_loss, rel=1e-5)
+        torch.testing.assert_close(r[lab].loss_trace, s.loss_trace, rtol=1e-3, atol=1e-4)
+    both = slt.estimate_llc(m, {"first": d1, "second": d2}, F.cross_entropy, nbeta=nb, batch_size=32,
+                            step_size=1e-3, restrict_to={"h": "head.*", "b": "body.*"}, seed=5, **KW)
+    assert list(both) == ["h", "b"] and list(both["h"]) == ["first", "second"]
+    assert both["b"]["second"].config["data"] == "second"
+
+
+def test_data_refined_full_batch_matches_separate_calls(net):
+    m, X, Y = net
+    d1, d2 = (X[:100], Y[:100]), (X[100:], Y[100:])  # different sizes: padded with zero weight
+    r = slt.estimate_llc(m, {"a": d1, "b": d2}, F.cross_entropy, nbeta=30.0, step_size=1e-3, seed=2, **KW)
+    for lab, d in (("a", d1), ("b", d2)):
+        s = slt.estimate_llc(m, d, F.cross_entropy, nbeta=30.0, step_size=1e-3, seed=2, **KW)
+        torch.testing.assert_close(r[lab].loss_trace, s.loss_trace, rtol=1e-3, atol=1e-4)
+
+
+def test_refinement_errors(net):
+    m, X, Y = net
+    with pytest.raises(ValueError, match="different sizes"):
+        slt.estimate_llc(m, {"a": (X[:100], Y[:100]), "b": (X[100:], Y[100:])}, F.cross_entropy, **KW)
+    with pytest.raises(ValueError, match="mixes datasets and columns"):
+        slt.estimate_llc(m, {"a": (X, Y), "b": X}, F.cross_entropy, **KW)
+    with pytest.raises(ValueError, match="sgnht"):
+        slt.estimate_llc(m, (X, Y), F.cross_entropy, restrict_to="head.*", sampler="sgnht", **KW)
+    with pytest.raises(ValueError, match="nomatch"):
+        slt.estimate_llc(m, (X, Y), F.cross_entropy, restrict_to="nomatch.*", **KW)
+
+
+class TwoBlocks(nn.Module):
+    """Two independent deep linear networks on separate inputs; the Gaussian loss of the
+    concatenated output is the sum of the blocks' losses, so λ = λ_a + λ_b."""
+
+    def __init__(self, wa, wb, gen):
+        super().__init__()
+        self.a = DeepLinearNetwork(wa, generator=gen, dtype=torch.float64)
+        self.b = DeepLinearNetwork(wb, generator=gen, dtype=torch.float64)
+        self.na = wa[0]
+
+    def forward(self, x):
+        return torch.cat([self.a(x[:, : self.na]), self.b(x[:, self.na:])], 1)
+
+
+@pytest.mark.slow
+def test_refined_llc_of_independent_blocks_is_each_block_closed_form():
+    wa, ra, wb, rb, n = [5, 3, 5], 1, [4, 3, 3, 4], 1, 10_000
+    Xa, Ya, _ = make_dln_data(wa, ra, n, torch.Generator().manual_seed(0), dtype=torch.float64)
+    Xb, Yb, _ = make_dln_data(wb, rb, n, torch.Generator().manual_seed(1), dtype=torch.float64)
+    X, Y = torch.cat([Xa, Xb], 1), torch.cat([Ya, Yb], 1)
+    m = TwoBlocks(wa, wb, torch.Generator().manual_seed(2))
+    assert train(m, (X, Y), gaussian_nll, steps=500, lr=1e-2, finish="lbfgs").converged
+    la, lb = theory.dln_llc(wa, ra), theory.dln_llc(wb, rb)
+    r = slt.estimate_llc(m, (X, Y), gaussian_nll, restrict_to={"a": "a.*", "b": "b.*", "all": "*"},
+                         num_chains=8, num_draws=3000, num_burnin=1000, batch_size=None, dtype=torch.float64,
+                         seed=0, progress=False)
+    for lab, lam in (("a", la), ("b", lb), ("all", la + lb)):
+        res = r[lab]
+        assert res.divergent_chains == []
+        assert res.llc_sem <= 0.04 * lam, f"{lab}: MC error too large: {res.llc_sem}"
+        assert abs(res.llc_mean - lam) <= 0.10 * lam, f"{lab}: λ̂ = {res.llc_mean:.3f} ± {res.llc_sem:.3f}, λ = {lam}"
+
+
+@pytest.mark.slow
+def test_per_head_refined_llc_agrees_with_devinterp_on_gpt2():
+    """devinterp 2.0.1 on its home turf: per-head weight-refined LLC of a tiny Hugging Face GPT-2
+    (``create_param_masks(model, "l{i}h{h}")`` + ``llc``) against slt's one batched call with
+    ``restrict_to=slt.restrict.heads(model)``, on the identical job (nβ, γ, ε, steps, full batch: no
+    minibatch noise, so the chain spread is each side's whole Monte-Carlo error; devinterp's mean
+    includes step 0 at w*, so slt's first draw is at step 0 too, no burn-in on either side).
+    Tolerance: |Δ| ≤ 4 s.e. of the difference per head (8 heads: a false alarm has probability
+    < 1e-3)."""
+    pytest.importorskip("transformers")
+    pytest.importorskip("devinterp")
+    import os
+    import sys
+
+    import numpy as np
+
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
+    from bench_refined import NBETA, GAMMA, build_lm, run_devinterp
+
+    from slt.restrict import heads
+
+    torch.set_num_threads(1)
+    lm, seq = build_lm()
+    seq = seq[:128]
+    C, T, eps = 4, 150, 3e-4
+    H = heads(lm)
+    r = slt.estimate_llc(lm, {"input_ids": seq}, slt.losses.causal_lm, restrict_to=H, num_chains=C, num_draws=T,
+                         num_burnin=0, step_size=eps, nbeta=NBETA, localization=GAMMA, batch_size=None, seed=0,
+                         progress=False)
+    import bench_refined
+
+    old = bench_refined.EPS
+    bench_refined.EPS = eps
+    try:
+        for lab in H:
+            per_chain, _ = run_devinterp(lm, seq, lab, C, T, seq.shape[0])
+            m, se = per_chain.mean(), per_chain.std(ddof=1) / np.sqrt(C)
+            s_slt = float(r[lab].llc_per_chain.std()) / np.sqrt(C)
+            z = abs(r[lab].llc_mean - m) / np.hypot(s_slt, se)
+            assert z <= 4, f"{lab}: slt {r[lab].llc_mean:.3f} ± {s_slt:.3f} vs devinterp {m:.3f} ± {se:.3f}"
+    finally:
+        bench_refined.EPS = old

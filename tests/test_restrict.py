@@ -1,0 +1,588 @@
+"""Weight restrictions (``slt.restrict``): every form of ``restrict_to`` against masks built by hand
+from the flat layout, every error, and the architecture helpers — heads checked functionally
+(perturbing exactly a head's entries moves that head's output and no other's) on
+``nn.MultiheadAttention``, GPT-2, GPT-NeoX, TransformerLens' native ``TransformerBridge`` and a
+stand-in with TransformerLens' ``HookedTransformer`` parameter layout (``W_Q`` ... ``(H, E, hd)``;
+``HookedTransformer`` itself was removed in TransformerLens 4), and against devinterp's
+``create_param_masks`` on GPT-2 and GPT-NeoX."""
+
+from __future__ import annotations
+
+import copy
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+from slt.params import ParamSpec
+from slt.restrict import Restrictions, attention_and_mlp, embeddings, heads, layers, resolve_restrictions
+
+torch.set_num_threads(1)
+
+
+# ----------------------------------------------------------------------------
+# forms of restrict_to on a toy model
+# ----------------------------------------------------------------------------
+class Toy(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(3, 2)  # a.weight (2, 3), a.bias (2,)
+        self.s = nn.Parameter(torch.zeros(()))  # 0-dim
+        self.frozen = nn.Parameter(torch.ones(4), requires_grad=False)
+        self.c = nn.Linear(2, 4)  # c.weight (4, 2), c.bias (4,)
+
+
+def hand(spec: ParamSpec, parts: dict[str, torch.Tensor | bool]) -> torch.Tensor:
+    """The flat (d,) mask with ``parts[name]`` (True = whole, or a bool tensor) at that parameter's offset."""
+    out = torch.zeros(spec.d, dtype=torch.bool)
+    off = 0
+    for name, shape, n in zip(spec.names, spec.shapes, spec.numels):
+        if name in parts:
+            v = parts[name]
+            out[off:off + n] = True if v is True else v.reshape(-1)
+        off += n
+    return out
+
+
+def entries(shape, index) -> torch.Tensor:
+    m = torch.zeros(shape, dtype=torch.bool)
+    m[index] = True
+    return m
+
+
+@pytest.fixture
+def toy():
+    torch.manual_seed(0)
+    model = Toy()
+    spec = ParamSpec(model)
+    assert spec.names == ["s", "a.weight", "a.bias", "c.weight", "c.bias"]  # own parameters first
+    return model, spec
+
+
+def one(r: Restrictions) -> torch.Tensor:
+    assert r.labels is None and r.masks.shape[0] == 1 and r.masks.dtype == torch.bool
+    return r.masks[0]
+
+
+def test_glob_and_union(toy):
+    model, spec = toy
+    assert torch.equal(one(resolve_restrictions("a.*", model, spec)), hand(spec, {"a.weight": True, "a.bias": True}))
+    assert torch.equal(one(resolve_restrictions("s", model, spec)), hand(spec, {"s": True}))
+    assert torch.equal(one(resolve_restrictions(["a.weight", "c.*"], model, spec)),
+                       hand(spec, {"a.weight": True, "c.weight": True, "c.bias": True}))
+    assert torch.equal(one(resolve_restrictions(("*.bias",), model, spec)), hand(spec, {"a.bias": True, "c.bias": True}))
+    assert torch.equal(one(resolve_restrictions("*", model, spec)), torch.ones(spec.d, dtype=torch.bool))
+    assert torch.equal(one(resolve_restrictions(model.c, model, spec)), hand(spec, {"c.weight": True, "c.bias": True}))
+
+
+def test_callables(toy):
+    model, spec = toy
+    r = resolve_restrictions(lambda n, p: n.endswith("bias"), model, spec)
+    assert torch.equal(one(r), hand(spec, {"a.bias": True, "c.bias": True}))
+    r = resolve_restrictions(lambda n, p: (p > 0) if n == "a.weight" else None, model, spec)
+    assert torch.equal(one(r), hand(spec, {"a.weight": model.a.weight > 0}))
+    r = resolve_restrictions(lambda n, p: slice(1, 3) if n == "c.weight" else False, model, spec)
+    assert torch.equal(one(r), hand(spec, {"c.weight": entries((4, 2), slice(1, 3))}))
+    r = resolve_restrictions(lambda n, p: (slice(None), slice(0, 1)) if n == "c.weight" else 0 if n == "a.bias" else None,
+                             model, spec)
+    assert torch.equal(one(r), hand(spec, {"c.weight": entries((4, 2), (slice(None), slice(0, 1))),
+                                           "a.bias": entries((2,), 0)}))
+    r = resolve_restrictions(lambda n, p: ... if n == "s" else None, model, spec)  # a 0-dim parameter by index
+    assert torch.equal(one(r), hand(spec, {"s": True}))
+
+
+def test_per_parameter_mapping(toy):
+    model, spec = toy
+    bias_mask = torch.tensor([False, True, True, False])
+    r = resolve_restrictions({"a.weight": (slice(None), 1), "c.bias": bias_mask, "s": True, "c.weight": False},
+                             model, spec)
+    assert torch.equal(one(r), hand(spec, {"a.weight": entries((2, 3), (slice(None), 1)), "c.bias": bias_mask,
+                                           "s": True}))
+    r = resolve_restrictions({"*.weight": torch.tensor([0]), "a.bias": [1]}, model, spec)  # a glob key; list index
+    assert torch.equal(one(r), hand(spec, {"a.weight": entries((2, 3), 0), "c.weight": entries((4, 2), 0),
+                                           "a.bias": entries((2,), 1)}))
+
+
+def test_labelled_mapping_keeps_order(toy):
+    model, spec = toy
+    r = resolve_restrictions({"z": "c.*", "a": ["a.*"], "m": {"a.weight": 0}, "f": lambda n, p: n == "s",
+                              "mod": model.a}, model, spec)
+    assert r.labels == ["z", "a", "m", "f", "mod"] and r.masks.shape == (5, spec.d)
+    expected = [hand(spec, {"c.weight": True, "c.bias": True}), hand(spec, {"a.weight": True, "a.bias": True}),
+                hand(spec, {"a.weight": entries((2, 3), 0)}), hand(spec, {"s": True}),
+                hand(spec, {"a.weight": True, "a.bias": True})]
+    assert torch.equal(r.masks, torch.stack(expected))
+
+
+def test_tied_parameter_alias():
+    class Tied(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = nn.Embedding(5, 3)
+            self.head = nn.Linear(3, 5, bias=False)
+            self.head.weight = self.emb.weight
+
+    model = Tied()
+    spec = ParamSpec(model)
+    assert spec.names == ["emb.weight"]
+    assert torch.equal(one(resolve_restrictions("head.weight", model, spec)), torch.ones(15, dtype=torch.bool))
+
+
+@pytest.mark.parametrize("restrict_to, match", [
+    ("x.*", r"'x\.\*' matches no sampled parameter.*sampled parameters \(5\): s, a\.weight"),
+    ("frozen", r"matches only frozen parameters \(frozen\)"),
+    (["a.*", "c.wieght"], r"'c\.wieght' matches no sampled parameter.*similar names: c\.weight"),
+    ({"a.weight": torch.ones(2, 2, dtype=torch.bool)}, r"mask for parameter 'a\.weight' has shape \(2, 2\), expected \(2, 3\)"),
+    (lambda n, p: torch.ones(1, dtype=torch.bool) if n != "s" else None, r"mask for parameter 'a\.weight' has shape \(1,\), expected \(2, 3\)"),
+    ({"a.bias": 5}, r"index 5 fails on parameter 'a\.bias' of shape \(2,\)"),
+    (lambda n, p: (slice(None), 7) if n == "c.weight" else None, r"index .* fails on parameter 'c\.weight' of shape \(4, 2\)"),
+    ({"ok": "a.*", "none": lambda n, p: False}, r"restrict_to\['none'\] selects no parameter entries"),
+    (lambda n, p: None, r"restrict_to selects no parameter entries"),
+    ({"a.weight": slice(0, 0)}, r"selects no parameter entries"),
+    ({0: "a.*"}, r"labels must be strings, got 0"),
+    ({"l0": "a.*", "a.bias": True}, r"mixes restrictions .* and masks"),
+    ({}, r"empty mapping"),
+    (42, r"cannot use 42"),
+    ({"lab": {"inner": "a.*"}}, r"cannot be nested"),
+    ({"nothere": True}, r"values are masks: its keys are parameter names or globs\): 'nothere' matches no sampled"),
+    (lambda n, p: 1 / 0, r"callable failed on parameter 's': ZeroDivisionError"),
+])
+def test_errors(toy, restrict_to, match):
+    model, spec = toy
+    with pytest.raises(ValueError, match=match):
+        resolve_restrictions(restrict_to, model, spec)
+
+
+# ----------------------------------------------------------------------------
+# models: small configs, random init
+# ----------------------------------------------------------------------------
+E, H, HD, B, S = 32, 4, 8, 2, 5
+
+
+def gpt2(tie=True):
+    tf = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        cfg = tf.GPT2Config(vocab_size=16, n_positions=8, n_embd=E, n_layer=2, n_head=H, bos_token_id=0,
+                            eos_token_id=0, tie_word_embeddings=tie, attn_implementation="eager")
+        return tf.GPT2LMHeadModel(cfg).eval()
+
+
+def neox():
+    tf = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = tf.GPTNeoXConfig(vocab_size=16, hidden_size=E, num_attention_heads=H, num_hidden_layers=2,
+                           intermediate_size=64, max_position_embeddings=8, attn_implementation="eager")
+    return tf.GPTNeoXForCausalLM(cfg).eval()
+
+
+def bridge(n_kv=None):
+    tl = pytest.importorskip("transformer_lens")
+    try:
+        import transformer_lens.model_bridge.sources.native  # noqa: F401 - registers boot_native
+        from transformer_lens.config import TransformerBridgeConfig
+    except ImportError:
+        pytest.skip("TransformerLens < 4: no native TransformerBridge")
+    cfg = TransformerBridgeConfig(n_layers=2, d_model=E, n_ctx=8, d_head=HD, n_heads=H, d_vocab=16, act_fn="gelu",
+                                  d_mlp=64, seed=0, n_key_value_heads=n_kv)
+    return tl.TransformerBridge.boot_native(cfg).eval()
+
+
+class Encoder(nn.Module):
+    """Token embedding + nn.TransformerEncoder (nn.MultiheadAttention inside) + an untied lm_head."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.emb = nn.Embedding(16, E)
+        layer = nn.TransformerEncoderLayer(E, H, 64, dropout=0.0, batch_first=True)
+        self.encoder = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
+        self.lm_head = nn.Linear(E, 16)
+
+    def forward(self, ids):
+        return self.lm_head(self.encoder(self.emb(ids)))
+
+
+class TLAttention(nn.Module):
+    """TransformerLens' (< 4) HookedTransformer attention layout and math: W_Q/W_K/W_V (H, E, hd),
+    b_Q/b_K/b_V (H, hd), W_O (H, hd, E), b_O (E,); grouped-query _W_K/_W_V/_b_K/_b_V (H_kv, ...)
+    repeat_interleave'd over heads."""
+
+    def __init__(self, n_kv=None):
+        super().__init__()
+        kv = "" if n_kv is None else "_"
+        n_kv = n_kv or H
+        self.kv = kv
+        self.W_Q = nn.Parameter(torch.randn(H, E, HD) / E ** 0.5)
+        self.b_Q = nn.Parameter(torch.randn(H, HD) * 0.1)
+        for n in ("W_K", "W_V"):
+            setattr(self, kv + n, nn.Parameter(torch.randn(n_kv, E, HD) / E ** 0.5))
+        for n in ("b_K", "b_V"):
+            setattr(self, kv + n, nn.Parameter(torch.randn(n_kv, HD) * 0.1))
+        self.W_O = nn.Parameter(torch.randn(H, HD, E) / HD ** 0.5)
+        self.b_O = nn.Parameter(torch.zeros(E))
+        self.z = None
+
+    def kv_(self, n):
+        t = getattr(self, self.kv + n)
+        return t.repeat_interleave(H // t.shape[0], dim=0)
+
+    def out(self, z):
+        return torch.einsum("bphd,hdm->bpm", z, self.W_O) + self.b_O
+
+    def forward(self, x):
+        q = torch.einsum("bpm,hmd->bphd", x, self.W_Q) + self.b_Q
+        k = torch.einsum("bpm,hmd->bphd", x, self.kv_("W_K")) + self.kv_("b_K")
+        v = torch.einsum("bpm,hmd->bphd", x, self.kv_("W_V")) + self.kv_("b_V")
+        pattern = torch.einsum("bqhd,bkhd->bhqk", q, k).div(HD ** 0.5).softmax(-1)
+        self.z = torch.einsum("bhqk,bkhd->bqhd", pattern, v)  # hook_z: (batch, pos, head, d_head)
+        return self.out(self.z)
+
+
+class TLBlock(nn.Module):
+    def __init__(self, n_kv):
+        super().__init__()
+        self.ln1 = nn.LayerNorm(E)
+        self.attn = TLAttention(n_kv)
+        self.ln2 = nn.LayerNorm(E)
+        self.mlp = nn.Sequential(nn.Linear(E, 64), nn.GELU(), nn.Linear(64, E))
+
+    def forward(self, x):
+        x = x + self.attn(self.ln1(x))
+        return x + self.mlp(self.ln2(x))
+
+
+class TLEmbed(nn.Module):
+    def __init__(self, name, n):
+        super().__init__()
+        self.register_parameter(name, nn.Parameter(torch.randn(n, E) * 0.1))
+
+
+class TLUnembed(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.W_U = nn.Parameter(torch.randn(E, 16) * 0.1)
+        self.b_U = nn.Parameter(torch.zeros(16))
+
+
+class TLModel(nn.Module):
+    """The parameter names of a HookedTransformer: embed.W_E, pos_embed.W_pos, blocks.{i}.attn.W_Q, ...,
+    unembed.W_U."""
+
+    def __init__(self, n_kv=None):
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed, self.pos_embed = TLEmbed("W_E", 16), TLEmbed("W_pos", 8)
+        self.blocks = nn.ModuleList([TLBlock(n_kv) for _ in range(2)])
+        self.ln_final = nn.LayerNorm(E)
+        self.unembed = TLUnembed()
+
+    def forward(self, ids):
+        x = self.embed.W_E[ids] + self.pos_embed.W_pos[: ids.shape[1]]
+        for b in self.blocks:
+            x = b(x)
+        return self.ln_final(x) @ self.unembed.W_U + self.unembed.b_U
+
+
+IDS = torch.randint(0, 16, (B, S), generator=torch.Generator().manual_seed(0))
+
+
+# ----------------------------------------------------------------------------
+# the functional check: a head's entries move that head and no other
+# ----------------------------------------------------------------------------
+def set_flat(model, spec, flat):
+    named = dict(model.named_parameters())
+    with torch.no_grad():
+        for n, t in spec.unflatten(flat).items():
+            named[n].copy_(t)
+
+
+def input_hook_runner(model, out_proj: nn.Module, call):
+    """Per-head output via the input of the output projection: z (B, S, H, hd) and each head's
+    contribution out_proj(z with only that head) - out_proj(0), (H, B, S, E)."""
+    def run():
+        cap = {}
+        handle = out_proj.register_forward_pre_hook(lambda m, args: cap.__setitem__("z", args[0].detach().clone()))
+        try:
+            with torch.no_grad():
+                call()
+        finally:
+            handle.remove()
+        return split(cap["z"], out_proj)
+    return run
+
+
+def split(z_flat, out_proj):
+    z = z_flat.reshape(*z_flat.shape[:-1], H, -1)
+    with torch.no_grad():
+        zero = out_proj(torch.zeros_like(z_flat))
+        contrib = []
+        for h in range(H):
+            zh = torch.zeros_like(z)
+            zh[..., h, :] = z[..., h, :]
+            contrib.append(out_proj(zh.reshape(z_flat.shape)) - zero)
+    return z, torch.stack(contrib)
+
+
+def mha_runner(mha, q, k, v):
+    """nn.MultiheadAttention applies out_proj.weight functionally (no hook fires): z is the output of a
+    copy whose out_proj is the identity."""
+    def run():
+        ident = copy.deepcopy(mha)
+        with torch.no_grad():
+            ident.out_proj.weight.copy_(torch.eye(E))
+            ident.out_proj.bias.zero_()
+            z = ident(q, k, v, need_weights=False)[0]
+        return split(z, mha.out_proj)
+    return run
+
+
+def check_heads(model, spec, masks, run, groups=None):
+    """Perturb exactly the entries of ``masks[h]`` and check that the heads that move are head h (or
+    its grouped-query group ``groups[h]``, whose K/V it shares) and no other.  ``masks`` (H, d)."""
+    w0 = spec.flatten_module(model).detach().clone()
+    z0, c0 = run()
+    gen = torch.Generator().manual_seed(1)
+    try:
+        for h in range(H):
+            set_flat(model, spec, w0 + torch.randn(spec.d, generator=gen) * masks[h])
+            z1, c1 = run()
+            expected = {h} if groups is None else groups[h]
+            for g in range(H):
+                moved = not (torch.allclose(z1[..., g, :], z0[..., g, :], atol=1e-6)
+                             and torch.allclose(c1[g], c0[g], atol=1e-6))
+                assert moved == (g in expected), (
+                    f"perturbing head {h}'s entries {'moved' if moved else 'did not move'} head {g}")
+            assert not torch.allclose(c1[h], c0[h], atol=1e-3)  # head h's own contribution moved
+    finally:
+        set_flat(model, spec, w0)
+
+
+def layer_masks(model, spec, layer):
+    hs = heads(model)
+    labels = [f"l{layer}h{h}" for h in range(H)]
+    assert [k for k in hs if k.startswith(f"l{layer}h")] == labels
+    return resolve_restrictions({k: hs[k] for k in labels}, model, spec).masks
+
+
+def check_disjoint_and_sizes(masks, per_head):
+    assert masks.sum(1).tolist() == [per_head] * H
+    assert int(masks.sum(0).max()) == 1  # pairwise disjoint
+
+
+FULL = 3 * E * HD + 3 * HD + HD * E  # Q, K, V weights and biases, the output projection's columns
+
+
+def test_heads_gpt2():
+    model = gpt2()
+    spec = ParamSpec(model)
+    masks = layer_masks(model, spec, 0)
+    check_disjoint_and_sizes(masks, FULL)
+    attn = model.transformer.h[0].attn
+    check_heads(model, spec, masks, input_hook_runner(model, attn.c_proj, lambda: model(IDS)))
+
+
+def test_heads_gpt_neox():
+    model = neox()
+    spec = ParamSpec(model)
+    masks = layer_masks(model, spec, 1)
+    check_disjoint_and_sizes(masks, FULL)
+    dense = model.gpt_neox.layers[1].attention.dense
+    run = input_hook_runner(model, dense, lambda: model(IDS))
+    check_heads(model, spec, masks, run)
+
+    # the check can fail: GPT-2's (3, H, hd) layout of the fused rows is wrong for GPT-NeoX
+    name = "gpt_neox.layers.1.attention.query_key_value"
+    wrong = {f"h{h}": {f"{name}.weight": torch.cat([torch.arange(o + h * HD, o + (h + 1) * HD) for o in (0, E, 2 * E)]),
+                       f"{name}.bias": torch.cat([torch.arange(o + h * HD, o + (h + 1) * HD) for o in (0, E, 2 * E)]),
+                       "gpt_neox.layers.1.attention.dense.weight": (slice(None), slice(h * HD, (h + 1) * HD))}
+             for h in range(H)}
+    wrong_masks = resolve_restrictions(wrong, model, spec).masks
+    check_disjoint_and_sizes(wrong_masks, FULL)  # the sizes alone cannot tell
+    with pytest.raises(AssertionError, match="perturbing head"):
+        check_heads(model, spec, wrong_masks, run)
+
+
+def test_heads_multihead_attention():
+    model = Encoder()
+    spec = ParamSpec(model)
+    masks = layer_masks(model, spec, 1)
+    check_disjoint_and_sizes(masks, FULL)
+    mha = model.encoder.layers[1].self_attn
+    x = torch.randn(B, S, E, generator=torch.Generator().manual_seed(2))
+    check_heads(model, spec, masks, mha_runner(mha, x, x, x))
+
+
+def test_heads_multihead_attention_separate_projections():
+    torch.manual_seed(0)
+    mha = nn.MultiheadAttention(E, H, kdim=24, vdim=20, add_bias_kv=True, batch_first=True)
+    assert not mha._qkv_same_embed_dim
+    spec = ParamSpec(mha)
+    masks = layer_masks(mha, spec, 0)  # a lone attention module: layer 0
+    check_disjoint_and_sizes(masks, HD * (E + 24 + 20) + 3 * HD + 2 * HD + HD * E)  # + bias_k, bias_v entries
+    g = torch.Generator().manual_seed(2)
+    q, k, v = torch.randn(B, S, E, generator=g), torch.randn(B, S, 24, generator=g), torch.randn(B, S, 20, generator=g)
+    check_heads(mha, spec, masks, mha_runner(mha, q, k, v))
+
+
+def test_heads_transformer_bridge():
+    model = bridge()
+    spec = ParamSpec(model)
+    masks = layer_masks(model, spec, 0)
+    check_disjoint_and_sizes(masks, FULL)
+    o = model.blocks[0]._original_component.attn._original_component.o._original_component
+    check_heads(model, spec, masks, input_hook_runner(model, o, lambda: model(IDS)))
+
+
+def test_heads_transformer_bridge_grouped_query():
+    model = bridge(n_kv=2)
+    spec = ParamSpec(model)
+    masks = layer_masks(model, spec, 1)
+    kv_share = 2 * (E * HD + HD)  # the K and V rows (and biases) of the group
+    assert masks.sum(1).tolist() == [FULL] * H
+    overlap = (masks[0] & masks[1]).sum(), (masks[0] & masks[2]).sum(), (masks[2] & masks[3]).sum()
+    assert [int(t) for t in overlap] == [kv_share, 0, kv_share]
+    o = model.blocks[1]._original_component.attn._original_component.o._original_component
+    check_heads(model, spec, masks, input_hook_runner(model, o, lambda: model(IDS)),
+                groups=[{0, 1}, {0, 1}, {2, 3}, {2, 3}])
+
+
+@pytest.mark.parametrize("n_kv", [None, 2])
+def test_heads_hooked_transformer_layout(n_kv):
+    model = TLModel(n_kv)
+    spec = ParamSpec(model)
+    masks = layer_masks(model, spec, 0)
+    attn = model.blocks[0].attn
+
+    def run():
+        with torch.no_grad():
+            model(IDS)
+            return split(attn.z.reshape(B, S, -1), lambda zf: attn.out(zf.reshape(B, S, H, HD)))
+
+    if n_kv is None:
+        check_disjoint_and_sizes(masks, FULL)
+        check_heads(model, spec, masks, run)
+    else:
+        assert masks.sum(1).tolist() == [FULL] * H
+        check_heads(model, spec, masks, run, groups=[{0, 1}, {0, 1}, {2, 3}, {2, 3}])
+
+
+def test_heads_hooked_transformer():
+    """The real HookedTransformer (TransformerLens < 4), per-head output from hook_z."""
+    pytest.importorskip("transformer_lens")
+    try:
+        from transformer_lens import HookedTransformer, HookedTransformerConfig
+    except ImportError:
+        pytest.skip("TransformerLens >= 4 has no HookedTransformer (its layout is tested on TLModel)")
+    cfg = HookedTransformerConfig(n_layers=2, d_model=E, n_ctx=8, d_head=HD, n_heads=H, d_vocab=16, act_fn="gelu",
+                                  d_mlp=64, seed=0, device="cpu")
+    model = HookedTransformer(cfg).eval()
+    spec = ParamSpec(model)
+    masks = layer_masks(model, spec, 0)
+    check_disjoint_and_sizes(masks, FULL)
+    attn = model.blocks[0].attn
+
+    def run():
+        cap = {}
+        with torch.no_grad():
+            model.run_with_hooks(IDS, fwd_hooks=[("blocks.0.attn.hook_z",
+                                                  lambda z, hook: cap.__setitem__("z", z.detach().clone()))])
+            return split(cap["z"].reshape(B, S, -1),
+                         lambda zf: torch.einsum("bphd,hdm->bpm", zf.reshape(B, S, H, HD), attn.W_O))
+
+    check_heads(model, spec, masks, run)
+
+
+def test_heads_unknown_architecture():
+    model = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 1))
+    with pytest.raises(ValueError, match=r"found no attention module in Sequential: looked for torch\.nn\.MultiheadAttention.*by hand"):
+        heads(model)
+    with pytest.raises(ValueError, match="found no attention module"):
+        layers(model)
+
+
+# ----------------------------------------------------------------------------
+# layers, attention_and_mlp, embeddings
+# ----------------------------------------------------------------------------
+MODELS = {"gpt2": gpt2, "neox": neox, "encoder": Encoder, "bridge": bridge, "tl": TLModel}
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_layers_attention_and_mlp(name):
+    model = MODELS[name]()
+    spec = ParamSpec(model)
+    L = resolve_restrictions(layers(model), model, spec)
+    A = resolve_restrictions(attention_and_mlp(model), model, spec)
+    Hs = resolve_restrictions(heads(model), model, spec)
+    assert L.labels == ["l0", "l1"]
+    assert A.labels == ["l0 attn", "l0 mlp", "l1 attn", "l1 mlp"]
+    assert Hs.labels == [f"l{i}h{h}" for i in range(2) for h in range(H)]
+    assert int(L.masks.sum(0).max()) == 1  # layers are disjoint
+    for i in range(2):
+        attn, mlp = A.masks[2 * i], A.masks[2 * i + 1]
+        assert torch.equal(attn | mlp, L.masks[i]) and not (attn & mlp).any()
+        head_union = Hs.masks[i * H:(i + 1) * H].any(0)
+        assert torch.equal(head_union & attn, head_union)  # the heads lie in the attention part
+    # the attention part is the attention module and its layer norm; every block parameter is in its layer
+    attn_names = {n for n in attention_and_mlp(model)["l0 attn"]}
+    assert any("attn" in n or "attention" in n for n in attn_names)
+    assert any(s in n for n in attn_names for s in ("ln_1", "input_layernorm", "norm1", "ln1"))
+    assert not any(s in n for n in attn_names for s in ("ln_2", "post_attention_layernorm", "norm2", "ln2", "mlp"))
+
+
+def test_embeddings():
+    assert embeddings(gpt2()) == {"embed": {"transformer.wte.weight": True, "transformer.wpe.weight": True}}
+    assert embeddings(gpt2(tie=False)) == {"embed": {"transformer.wte.weight": True, "transformer.wpe.weight": True},
+                                           "unembed": {"lm_head.weight": True}}
+    assert embeddings(neox()) == {"embed": {"gpt_neox.embed_in.weight": True}, "unembed": {"lm_head.weight": True}}
+    assert embeddings(Encoder()) == {"embed": {"emb.weight": True},
+                                     "unembed": {"lm_head.weight": True, "lm_head.bias": True}}
+    assert embeddings(TLModel()) == {"embed": {"embed.W_E": True, "pos_embed.W_pos": True},
+                                     "unembed": {"unembed.W_U": True, "unembed.b_U": True}}
+    model = bridge()
+    emb = embeddings(model)
+    named = dict(model.named_parameters())
+    assert list(emb) == ["embed", "unembed"]
+    assert [tuple(named[n].shape) for n in emb["embed"]] == [(16, E), (8, E)]
+    assert [tuple(named[n].shape) for n in emb["unembed"]] == [(16, E)]
+    # usable as restrict_to, with the labels in order
+    r = resolve_restrictions(emb, model, ParamSpec(model))
+    assert r.labels == ["embed", "unembed"] and r.masks.sum(1).tolist() == [16 * E + 8 * E, 16 * E]
+
+
+def test_helpers_skip_frozen_parameters():
+    model = gpt2()
+    model.transformer.h[0].attn.c_proj.weight.requires_grad_(False)
+    hs = heads(model)
+    assert "transformer.h.0.attn.c_proj.weight" not in hs["l0h0"]
+    assert "transformer.h.1.attn.c_proj.weight" in hs["l1h0"]
+    assert "transformer.h.0.attn.c_proj.weight" not in layers(model)["l0"]
+    spec = ParamSpec(model)
+    assert resolve_restrictions(hs, model, spec).masks.sum(1)[0] == FULL - HD * E
+
+
+# ----------------------------------------------------------------------------
+# devinterp 2.0.1's create_param_masks
+# ----------------------------------------------------------------------------
+@pytest.mark.parametrize("build", [gpt2, neox])
+def test_heads_match_devinterp(build):
+    pytest.importorskip("devinterp")
+    from devinterp.slt.weight_restrictions import create_param_masks
+
+    model = build()
+    spec = ParamSpec(model)
+    mine = resolve_restrictions(heads(model), model, spec)
+    named = dict(model.named_parameters())
+    for label, row in zip(mine.labels, mine.masks):
+        theirs = create_param_masks(model, label)  # {name: bool mask broadcast to the parameter, or None = all}
+        full = {n: (torch.ones_like(named[n], dtype=torch.bool) if m is None else m.expand_as(named[n]))
+                for n, m in theirs.items()}
+        per_param = {n: m for n, m in spec.unflatten(row).items() if m.any()}
+        assert set(per_param) == set(full), label
+        for n in full:
+            assert torch.equal(per_param[n], full[n]), (label, n)
+    for i in range(2):  # a whole layer
+        theirs = set(create_param_masks(model, f"l{i}"))
+        assert set(layers(model)[f"l{i}"]) == theirs

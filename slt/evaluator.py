@@ -233,6 +233,10 @@ class ChainEvaluator:
         #: vmap path: evaluate at most this many rows (chains) at once (None: all); bounds the
         #: activation memory of a gradient evaluation to that of ``max_rows`` chains
         self.max_rows: int | None = None
+        #: vmap and loop paths: the sampled parameters whose gradient is needed (None: all); the others'
+        #: gradient is 0 and autograd skips computing it (weight-refined LLCs: only the parameters some
+        #: restriction moves)
+        self.grad_names: set[str] | None = None
         # functional_call may update buffers in place (BatchNorm running stats in
         # training mode): work on private copies so the user's module is never modified.
         self.buffers = {n: b.detach().clone() for n, b in model.named_buffers()}
@@ -319,7 +323,9 @@ class ChainEvaluator:
         """Views of ``flat`` per parameter, each a leaf that requires grad: autograd then returns
         each parameter's gradient directly (no backward through a split of the flat vector, which
         for the loop path zero-fills a whole (C, d) tensor per chain)."""
-        return {n: v.detach().requires_grad_(True) for n, v in self.spec.unflatten(flat.detach()).items()}
+        need = self.grad_names
+        return {n: v.detach().requires_grad_(need is None or n in need)
+                for n, v in self.spec.unflatten(flat.detach()).items()}
 
     def _grads_into(self, loss: Tensor, leaves: dict[str, Tensor], out: Tensor) -> Tensor:
         """Backward of ``loss`` with each leaf's gradient accumulated straight into its slice of
@@ -328,11 +334,13 @@ class ChainEvaluator:
         exactly), so the per-parameter gradients are never all alive together and are not
         concatenated (an unused parameter's slice stays 0)."""
         out.zero_()
+        if not loss.requires_grad:  # the loss does not depend on any parameter whose gradient is needed
+            return out
         for leaf, slot in zip(leaves.values(), self.spec.unflatten(out).values()):
             leaf.grad = slot
         with warnings.catch_warnings():  # a slot of a (C, d) row is strided, as its leaf is: harmless
             warnings.filterwarnings("ignore", message="grad and param do not obey the gradient layout contract")
-            torch.autograd.backward(loss, inputs=list(leaves.values()))
+            torch.autograd.backward(loss, inputs=[v for v in leaves.values() if v.requires_grad])
         for leaf, slot in zip(leaves.values(), self.spec.unflatten(out).values()):
             if leaf.grad is not slot and leaf.grad is not None:  # autograd replaced it: copy (not expected)
                 slot.copy_(leaf.grad)

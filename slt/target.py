@@ -749,6 +749,10 @@ def prepare_target(
                                    probe_batch(source, 8, dev, dtype), caller, structured, issues,
                                    per_chain_probe=isinstance(source, Data))
     groups = _groups(restrict_to, work_model, spec, split, parts, offsets, dev, dtype)
+    if groups.masks is not None:  # gradients only of the parameters some restriction moves
+        moved = groups.masks.bool().any(0)
+        evaluator.grad_names = {n: bool(m.any()) for n, m in spec.unflatten(moved).items()}
+        evaluator.grad_names = {n for n, keep in evaluator.grad_names.items() if keep}
     return Target(work_model, spec, adapter, evaluator, source, w_star, seeds, nb, gamma, n, dev, dtype, reason,
                   is_batch, issues=issues, _row_numel=row_size, groups=groups)
 
@@ -814,8 +818,7 @@ def fastest_path(target: Target, rows: Tensor, batch_size: int | None, repeats: 
         _PATH_DECISIONS[key] = _measure_paths(target, rows, batch_size, repeats)
     choice, timing = _PATH_DECISIONS[key]
     if choice == "loop":
-        target.evaluator = ChainEvaluator(target.model, target.spec, target.adapter, "loop",
-                                          structured=target.evaluator.structured)
+        target.evaluator = _like(target.evaluator, "loop")
     elif choice is not None:  # vmap in blocks of rows
         target.evaluator.max_rows = int(choice)
     if timing:
@@ -823,17 +826,26 @@ def fastest_path(target: Target, rows: Tensor, batch_size: int | None, repeats: 
     return target
 
 
-#: rows per block of the blocked-vmap candidate of :func:`fastest_path` (tried when a step has more rows):
-#: with many chains the activations of one vmapped step outgrow the caches (measured 10–30% slower per
-#: chain on a 105k-parameter GPT-2 at 32 rows than in blocks of 4–8)
+def _like(evaluator: ChainEvaluator, path: str) -> ChainEvaluator:
+    """An evaluator of the same model, parameters and loss on ``path`` (same gradient set)."""
+    out = ChainEvaluator(evaluator.model, evaluator.spec, evaluator.adapter, path, structured=evaluator.structured)
+    out.grad_names = evaluator.grad_names
+    return out
+
+
+#: rows per block of vmap in :func:`fastest_path`: with more rows than this (and a step long enough to
+#: matter), vmap runs in blocks of this many rows unless vmap of all rows or the loop is measured
+#: :data:`PATH_MARGIN` faster.  With many chains the activations of one vmapped step outgrow the caches:
+#: a 105k-parameter GPT-2 at 32 rows ran 9.6 ms per chain-step in blocks of 8 against 11.4 all at once,
+#: while timed probes of single steps differed by only ~4% (so blocking is the default, not a candidate)
 VMAP_BLOCK_ROWS = 8
 
 
 def _measure_paths(target: Target, rows: Tensor, batch_size: int | None, repeats: int) -> tuple[Any, str]:
-    """``(choice, timings)`` for :func:`fastest_path`: ``None`` (vmap of all rows, the default), an int
-    (vmap in blocks of that many rows) or ``"loop"``; ``(None, "")`` when a vmap step is too short
-    for the choice to matter (the others are then not timed).  An alternative replaces the default
-    only when it is :data:`PATH_MARGIN` times faster."""
+    """``(choice, timings)`` for :func:`fastest_path`: ``None`` (vmap of all rows), an int (vmap in
+    blocks of that many rows: the default with more than :data:`VMAP_BLOCK_ROWS` rows) or ``"loop"``;
+    ``(None, "")`` when a vmap step is too short for the choice to matter (the others are then not
+    timed).  An alternative replaces the default only when it is :data:`PATH_MARGIN` times faster."""
     size = target.source.n if batch_size is None else min(batch_size, target.source.n)
     R = rows.shape[0]
     if batch_size is not None and batch_size < target.source.n:  # a different minibatch per row, as in a run
@@ -844,14 +856,15 @@ def _measure_paths(target: Target, rows: Tensor, batch_size: int | None, repeats
     t_vmap = _step_seconds(target.evaluator, rows, batch, repeats)
     if t_vmap < PATH_MIN_SECONDS:
         return None, ""
-    times = {"loop": _step_seconds(ChainEvaluator(target.model, target.spec, target.adapter, "loop",
-                                                  structured=target.evaluator.structured), rows, batch, repeats)}
+    times = {"loop": _step_seconds(_like(target.evaluator, "loop"), rows, batch, repeats)}
     if R > VMAP_BLOCK_ROWS:
-        blocked = ChainEvaluator(target.model, target.spec, target.adapter, "vmap", structured=target.evaluator.structured)
+        blocked = _like(target.evaluator, "vmap")
         blocked.max_rows = VMAP_BLOCK_ROWS
         times[VMAP_BLOCK_ROWS] = _step_seconds(blocked, rows, batch, repeats)
+    times[None] = t_vmap
+    default = VMAP_BLOCK_ROWS if R > VMAP_BLOCK_ROWS else None
     best = min(times, key=times.get)
-    parts = [f"{1e3 * t_vmap:.3g} ms (vmap)"] + [
-        f"{1e3 * t:.3g} ms ({'loop' if k == 'loop' else f'vmap in blocks of {k}'})" for k, t in times.items()]
+    parts = [f"{1e3 * t:.3g} ms ({'loop' if k == 'loop' else 'vmap' if k is None else f'vmap in blocks of {k}'})"
+             for k, t in times.items()]
     timing = f"measured {' vs '.join(parts)} per step of {R} chains"
-    return (best if times[best] * PATH_MARGIN < t_vmap else None), timing
+    return (best if times[best] * PATH_MARGIN < times[default] else default), timing

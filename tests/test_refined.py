@@ -208,3 +208,24 @@ def test_per_head_refined_llc_agrees_with_devinterp_on_gpt2():
             assert z <= 4, f"{lab}: slt {r[lab].llc_mean:.3f} ± {s_slt:.3f} vs devinterp {m:.3f} ± {se:.3f}"
     finally:
         bench_refined.EPS = old
+
+
+@pytest.mark.parametrize("path", ["vmap", "loop"])
+def test_only_the_restricted_parameters_gradients_are_computed(net, path):
+    """With restrictions the evaluator asks autograd only for the parameters some restriction moves
+    (``grad_names``); their gradients are exactly those of the full computation, the others are 0."""
+    from slt.target import prepare_target
+
+    m, X, Y = net
+    t = prepare_target(m, (X, Y), F.cross_entropy, restrict_to={"h": "head.weight", "b": "body.bias"},
+                       vectorize=path)
+    assert t.evaluator.grad_names == {"head.weight", "body.bias"}
+    rows = t.rows(2)
+    batch = t.full_batch()
+    loss, grad = t.evaluator.loss_and_grad(rows, batch)
+    t.evaluator.grad_names = None
+    loss_all, grad_all = t.evaluator.loss_and_grad(rows, batch)
+    assert torch.equal(loss, loss_all)
+    for name, g in t.spec.unflatten(grad).items():
+        ref = t.spec.unflatten(grad_all)[name]
+        assert torch.equal(g, ref) if name in ("head.weight", "body.bias") else not g.any(), name

@@ -751,8 +751,7 @@ def prepare_target(
     groups = _groups(restrict_to, work_model, spec, split, parts, offsets, dev, dtype)
     if groups.masks is not None:  # gradients only of the parameters some restriction moves
         moved = groups.masks.bool().any(0)
-        evaluator.grad_names = {n: bool(m.any()) for n, m in spec.unflatten(moved).items()}
-        evaluator.grad_names = {n for n, keep in evaluator.grad_names.items() if keep}
+        evaluator.grad_names = {n for n, m in spec.unflatten(moved).items() if bool(m.any())}
     return Target(work_model, spec, adapter, evaluator, source, w_star, seeds, nb, gamma, n, dev, dtype, reason,
                   is_batch, issues=issues, _row_numel=row_size, groups=groups)
 

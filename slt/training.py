@@ -123,13 +123,8 @@ def _call(model: nn.Module, x: Any) -> Any:
     return model(**x) if isinstance(x, Mapping) else model(x)
 
 
-def _take(t: Any, idx: Tensor) -> Any:
-    """Rows ``idx`` of a tensor or of every column of a mapping."""
-    return t[idx] if isinstance(t, Tensor) else _map(lambda v: v[idx], t)
-
-
 def _device(t: Any) -> torch.device:
-    return t.device if isinstance(t, Tensor) else _leaves(t)[0].device
+    return _leaves(t)[0].device  # a tensor is its own only leaf
 
 
 def _check_weights(weights: object, n: int, device: torch.device) -> Tensor:
@@ -458,8 +453,8 @@ def train(
                         assert perm is not None
                         idx = perm[pos : pos + batch_size]
                         pos += batch_size
-                    xb = _take(x, idx)
-                    yb = xb if y is x else _take(y, idx)
+                    xb = _map(lambda v: v[idx], x)  # rows of a tensor or of every column
+                    yb = xb if y is x else _map(lambda v: v[idx], y)
                 opt.zero_grad()
                 loss = (objective if batch_size is None else loss_fn)(_call(model, xb), yb)
                 loss.backward()

@@ -5,7 +5,7 @@ The engine's signature and the experiment configs (``experiments/_schemas.py``,
 line.  ``None`` means "chosen from the problem": ``num_burnin`` = ``num_draws // 4``,
 ``step_size`` adapted during burn-in toward ``target_accept`` (:func:`slt.stepsize.adapt_step_size`), ``nbeta`` =
 :func:`slt.default_nbeta` (n / log n), ``localization`` = :func:`slt.default_localization`
-(γ = 1).
+(γ = 1, raised tenfold while the chains do not settle: :data:`LOCALIZATION_STEPS`).
 """
 
 from __future__ import annotations
@@ -13,10 +13,17 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass
 
-__all__ = ["LLCDefaults", "LLC", "default_nbeta", "default_localization", "LOCALIZATION"]
+__all__ = ["LLCDefaults", "LLC", "default_nbeta", "default_localization", "LOCALIZATION", "LOCALIZATION_STEPS", "LOCALIZATION_MIN_DRAWS"]
 
-#: γ for ``localization=None``.
+#: γ for ``localization=None`` (where the automatic γ starts).
 LOCALIZATION = 1.0
+#: With ``localization=None``, how many times γ may be raised tenfold (never above nβ) when a run's
+#: chains have not settled (R-hat > 1.1 or λ̂ still rising through the draws): each raise repeats
+#: the run from w* with fresh streams (:func:`slt.engine.localization_levels`).
+LOCALIZATION_STEPS = 3
+#: Runs with fewer draws than this keep γ as it starts (R-hat and the drift test of a few dozen draws
+#: are too noisy to act on: at 20 draws R-hat exceeds 1.1 by chance); their results still report both.
+LOCALIZATION_MIN_DRAWS = 100
 
 
 @dataclass(frozen=True)
@@ -67,8 +74,11 @@ def default_localization() -> float:
     γ = 0.01 nβ, 0.12 with γ = 10 and 0.23 ± 0.03 with γ = 1).  A regular
     direction of curvature h is shrunk by 1/(1 + γ/(nβ h)) (the exact
     quadratic formula), negligible once nβ h ≫ 1.  The price of a weak γ is
-    slow mixing along flat directions (relaxation ≈ 2/(εγ) steps): check R-hat,
-    and for large networks, where many flat directions wander, raise γ with
-    :func:`slt.calibrate` (Lau et al. use γ = 100 at nβ ≈ 5000).
+    slow mixing along flat directions (relaxation ≈ 2/(εγ) steps).  With
+    ``localization=None`` the engine therefore starts here and raises γ tenfold
+    while the chains have not settled (R-hat > 1.1 or λ̂ still rising through the
+    draws; :data:`LOCALIZATION_STEPS`): networks, whose near-flat directions
+    wander, end near the γ ≈ 100 that Lau et al. (2025) use for networks, while
+    toy models keep γ = 1.
     """
     return LOCALIZATION

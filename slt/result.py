@@ -155,30 +155,10 @@ class LLCResult:
             )
         if mala is not None and mala_mean < 0.5:
             warn_list.append(f"MALA acceptance {mala_mean:.2f} is low: reduce step_size")
-        if r == r and r > rhat_threshold:
-            warn_list.append(f"R-hat {r:.2f} > {rhat_threshold:g}: chains disagree; run longer or check burn-in")
-        drift = _drift(tr[valid]) if int(valid.sum()) >= 3 else None
-        if drift is not None and abs(drift[1] - drift[0]) > 0.02 * max(abs(mean), 1e-12):
-            first, second, z = drift  # larger than 2% of λ̂; significant at the 3σ level of Student's t
-            thr = t_threshold(3.0, int(valid.sum()) - 1)
-            moved = not (mala is not None and mala_mean >= 0.995)
-            if z > thr and not moved:
-                warn_list.append(
-                    f"chains barely moved (MALA acceptance {mala_mean:.3f} ≈ 1, λ̂ still rising: {first:.4g} in the "
-                    f"first half of the draws, {second:.4g} in the second): the step size is too small for this "
-                    "number of steps (λ̂ then scales with ε); raise step_size or num_burnin"
-                )
-            elif z > thr:
-                warn_list.append(
-                    f"λ̂ still rising through the draws ({first:.4g} in the first half, {second:.4g} in the second, "
-                    f"z = {z:.1f}): the chains have not reached equilibrium; raise num_burnin, or the localization "
-                    "when flat directions keep the chains wandering away from w*"
-                )
-            elif z < -thr:
-                warn_list.append(
-                    f"λ̂ still falling through the draws ({first:.4g} then {second:.4g}, z = {z:.1f}): the chains are "
-                    "finding lower loss away from w*; is w* a minimum? (train it further)"
-                )
+        drift = None
+        if valid.any():
+            _, drift, found = equilibrium_checks(tr[valid], mala_mean if mala is not None else None, rhat_threshold, r=r)
+            warn_list += [msg for _, msg in found]
         problems = list(issues or []) + warn_list
         if bool(dead.any()) and valid.any():
             problems.append(f"{int(dead.sum())} of {C} chains diverged (excluded)")
@@ -306,6 +286,64 @@ class LLCResult:
         return "\n".join(lines)
 
     __repr__ = __str__
+
+
+#: The kinds of :func:`equilibrium_checks` findings that say the chains have not reached equilibrium
+#: (what a stronger localization cures when flat directions keep chains wandering; see
+#: :func:`slt.engine.sample_target`'s automatic localization).
+UNSETTLED = ("rhat", "rising")
+
+
+def equilibrium_checks(tr: Tensor, mala_mean: float | None = None, rhat_threshold: float = 1.1, *,
+                       r: float | None = None) -> tuple[float, tuple[float, float, float] | None, list[tuple[str, str]]]:
+    r"""Whether the chains of one group look settled: R-hat and the trend of λ̂ through the draws.
+
+    Parameters
+    ----------
+    tr
+        ``(C, T)`` per-draw λ̂ of the valid (non-divergent) chains.
+    mala_mean
+        Mean MALA acceptance (``None``: not computed); ≥ 0.995 with a rising λ̂ means the chains
+        barely moved (the step is too small), not that they are still relaxing.
+    rhat_threshold
+        R-hat above this is a finding.
+    r
+        R-hat if already computed.
+
+    Returns
+    -------
+    ``(rhat, drift, findings)``: drift as :func:`_drift` (``None`` under 3 chains or 8 draws) and
+    findings ``(kind, message)`` with kind ``"rhat"``, ``"rising"``, ``"barely_moved"`` or ``"falling"``.
+    A drift counts when the change between the halves exceeds 2% of λ̂ and its z exceeds Student's t
+    at the two-sided level of a normal 3σ (df = C − 1).
+    """
+    C = tr.shape[0]
+    if r is None:
+        r = rhat(tr) if C > 1 else float("nan")
+    found: list[tuple[str, str]] = []
+    if r == r and r > rhat_threshold:
+        found.append(("rhat", f"R-hat {r:.2f} > {rhat_threshold:g}: chains disagree; run longer or check burn-in"))
+    drift = _drift(tr) if C >= 3 else None
+    mean = float(tr.double().mean(1).mean()) if C else float("nan")
+    if drift is not None and abs(drift[1] - drift[0]) > 0.02 * max(abs(mean), 1e-12):
+        first, second, z = drift
+        thr = t_threshold(3.0, C - 1)
+        if z > thr and mala_mean is not None and mala_mean >= 0.995:
+            found.append(("barely_moved",
+                f"chains barely moved (MALA acceptance {mala_mean:.3f} ≈ 1, λ̂ still rising: {first:.4g} in the "
+                f"first half of the draws, {second:.4g} in the second): the step size is too small for this "
+                "number of steps (λ̂ then scales with ε); raise step_size or num_burnin"))
+        elif z > thr:
+            found.append(("rising",
+                f"λ̂ still rising through the draws ({first:.4g} in the first half, {second:.4g} in the second, "
+                f"z = {z:.1f}): the chains have not reached equilibrium; raise num_burnin, or the localization "
+                "when flat directions keep the chains wandering away from w*"))
+        elif z < -thr:
+            found.append(("falling",
+                f"λ̂ still falling through the draws ({first:.4g} then {second:.4g}, z = {z:.1f}): the chains are "
+                "finding lower loss away from w*; is w* a minimum? (train it further)"))
+    return r, drift, found
+
 
 
 def _drift(tr: Tensor) -> tuple[float, float, float] | None:

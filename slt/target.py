@@ -124,6 +124,9 @@ class Target:
     _row_numel: int | None = field(default=None, repr=False)
     #: restrictions and data distributions (refined LLCs); the default: none
     groups: "Groups" = field(default_factory=lambda: Groups())
+    #: whether γ is automatic (``localization=None``): the engine then raises it tenfold while the
+    #: chains do not settle (:func:`slt.engine.localization_levels`)
+    localization_auto: bool = False
 
     # -- shape ---------------------------------------------------------------
     @property
@@ -753,7 +756,7 @@ def prepare_target(
         moved = groups.masks.bool().any(0)
         evaluator.grad_names = {n for n, m in spec.unflatten(moved).items() if bool(m.any())}
     return Target(work_model, spec, adapter, evaluator, source, w_star, seeds, nb, gamma, n, dev, dtype, reason,
-                  is_batch, issues=issues, _row_numel=row_size, groups=groups)
+                  is_batch, issues=issues, _row_numel=row_size, groups=groups, localization_auto=localization is None)
 
 
 def _groups(restrict_to: Any, model: nn.Module, spec: ParamSpec, split: Any, parts: Any, offsets: Any,

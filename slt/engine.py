@@ -99,6 +99,7 @@ def estimate_llc(
     restrict_to: Any = None,
     device: str | torch.device | None = "cpu",
     dtype: torch.dtype = torch.float32,
+    autocast: Any = None,
     seed: int | Sequence[int] = 0,
     vectorize: str = "auto",
     mala_every: int = LLC.mala_every,
@@ -188,6 +189,11 @@ def estimate_llc(
         ``name -> f(params)`` with ``params`` a mapping ``name -> (C, *shape)``
         and ``f`` returning ``(C, ...)``; evaluated at every draw, batched over
         chains, returned as ``(C, T, ...)`` in ``result.observables``.
+    autocast
+        ``None`` (default), ``"bf16"`` or ``"fp16"``: mixed precision for large models on a GPU —
+        the model runs under ``torch.autocast`` in that precision; the loss, the losses at w*, the
+        gradients and the sampler stay in ``dtype`` (:func:`slt.prepare_target`).  Check λ̂
+        against a full-precision run of the same job once.
     restrict_to
         Weight-refined LLC (Wang et al. 2024, arXiv 2410.02984): only the selected parameters
         move, the others stay at ``w*`` (the loss gradient and the noise of each chain are masked).
@@ -266,7 +272,7 @@ def estimate_llc(
     # 1. the target: model, data, loss, w*, nβ, γ, and the groups (restrictions, distributions)
     target = prepare_target(model, data, loss_fn, models=models, state_dicts=state_dicts, nbeta=nbeta,
                             localization=localization, device=device, dtype=dtype, vectorize=vectorize, seed=seed,
-                            restrict_to=restrict_to)
+                            restrict_to=restrict_to, autocast=autocast)
     # 2.-3. step size and sampler, folded over the minibatches
     run = sample_target(
         target, num_chains=num_chains, num_draws=num_draws, num_burnin=num_burnin,
@@ -351,7 +357,7 @@ class Sampling:
                 "step_size_halvings": self.halvings,
             }
             burnin = tr.burnin
-            if self.adapt is not None:
+            if self.adapt is not None and not self.halvings:  # a re-run's burn-in starts again from w*
                 burnin = torch.cat([self.adapt.loss_trace[g * C:(g + 1) * C].cpu(), tr.burnin], 1)
             diag.update(_step_size_diagnostics(self.auto, self.adapt, g, labels["checkpoint"]))
             eps_g = self.group_step_size(g)
@@ -462,6 +468,7 @@ def sample_target(
         "batch_size": None if batches.full else batches.batch_size, "n": target.n, "sampler": smp.name,
         "sampler_kwargs": {**spec.kwargs, **dict(sampler_kwargs or {})}, "device": str(dev),
         "dtype": str(target.dtype).replace("torch.", ""), "vectorize": vectorize, "path": target.path,
+        "autocast": None if target.evaluator.autocast is None else str(target.evaluator.autocast).replace("torch.", ""),
         "mala_every": mala_every, "divergence_threshold": thresh, "num_threads": num_threads,
         "control_variate": control_variate, "shared_batches": batches.shared, "num_params": target.d,
         "num_checkpoints": target.K, "versions": versions(),
@@ -502,20 +509,22 @@ def _run_at(target, rows, spec, rule, step_size, kw, C, num_steps, num_burnin, n
                else adapt.step_size.to(target.dtype).repeat_interleave(C).unsqueeze(1))
         adapt_seconds = time.perf_counter() - t_setup - setup_seconds
 
-        # the sampler, folded over the batches; an automatic step that lets chains diverge is halved
-        handover = batches.last  # the batch on which the state's cached evaluation (if any) was made
-        held = [state]  # kept for re-runs with a halved step; a given step runs once and lets it go
+        # the sampler, folded over the batches; an automatic step that lets chains diverge is halved.
+        # A re-run starts from w* (a fresh state: the adapted chains' positions are not kept, which
+        # saves a parameter-sized copy per chain) and spends the whole burn-in at the fixed step.
+        held = [state]
         del state
         for halvings in range(MAX_HALVINGS + 1 if rule != "given" else 1):
-            batches.last = handover  # a re-run starts from the same state, so from the same batch
             if on_start is not None:
                 on_start()
             smp = build_sampler(spec, potential, eps, mala_every=mala_every, **kw, **_free_mala(spec, kw))
-            _, trace = run_chains(
-                smp, held[0] if rule != "given" else held.pop(), batches, noise, num_steps - n_adapt,
-                num_burnin=num_burnin - n_adapt, thin=thin, observe=_observe(target.spec, observables, on_draw),
+            start = n_adapt if halvings == 0 else 0
+            _, trace = run_chains(  # the start state is handed over, not kept here (it is freed as the chains move)
+                smp, held.pop() if held else build_sampler(spec, potential, 1.0, mala_every=0, **kw).init(rows),
+                batches, noise, num_steps - start,
+                num_burnin=num_burnin - start, thin=thin, observe=_observe(target.spec, observables, on_draw),
                 divergence=Divergence(thresh, target.nbeta, rows, 10 if dev.type == "cpu" else 25),
-                nbeta=target.nbeta, progress=show_progress(progress, num_steps * G * C), start=n_adapt,
+                nbeta=target.nbeta, progress=show_progress(progress, num_steps * G * C), start=start,
             )
             bad = trace.diverged.view(G, C).any(1)
             if rule == "given" or halvings == MAX_HALVINGS or not bool(bad.any()):

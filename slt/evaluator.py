@@ -38,7 +38,7 @@ from .losses import LossAdapter
 from .params import ParamSpec
 
 __all__ = ["ChainEvaluator", "choose_path", "PATH_REASONS", "validate_model_and_loss", "probe_batch", "to_device",
-           "call_module", "module_aliases", "describe"]
+           "call_module", "module_aliases", "describe", "resolve_autocast", "AUTOCAST_DTYPES"]
 
 
 @contextmanager
@@ -71,11 +71,56 @@ def _vmap_attention():
         yield
 
 
+#: The precisions ``autocast`` accepts, by name.
+AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16,
+                   "float16": torch.float16}
+
+
+def resolve_autocast(autocast: Any) -> torch.dtype | None:
+    """``None``/``False`` -> ``None``; ``"bf16"``, ``"fp16"`` (or their long names, or the torch
+    dtypes) -> the dtype; anything else a clear error."""
+    if autocast is None or autocast is False:
+        return None
+    if autocast is True:
+        return torch.bfloat16
+    if isinstance(autocast, str) and autocast.lower() in AUTOCAST_DTYPES:
+        return AUTOCAST_DTYPES[autocast.lower()]
+    if autocast in (torch.bfloat16, torch.float16):
+        return autocast
+    raise ValueError(f"autocast must be None, 'bf16' or 'fp16' (or torch.bfloat16 / torch.float16), got {autocast!r}")
+
+
+def _upcast(out: Any, dtype: torch.dtype) -> Any:
+    """The model's output with every half-precision floating tensor cast to ``dtype`` (tensors, and
+    the tensors of tuples, lists and mappings such as a ``ModelOutput``, one level deep): the loss
+    then runs outside autocast in the parameters' precision."""
+    def up(t: Any) -> Any:
+        return t.to(dtype) if isinstance(t, Tensor) and t.dtype in (torch.bfloat16, torch.float16) else t
+
+    if isinstance(out, Tensor):
+        return up(out)
+    if isinstance(out, Mapping):
+        for k in list(out.keys()):
+            if isinstance(out[k], Tensor):
+                out[k] = up(out[k])
+        return out
+    if isinstance(out, (tuple, list)) and not hasattr(out, "_fields"):
+        return type(out)(up(t) for t in out)
+    return out
+
+
 def call_module(model: nn.Module, params: Mapping[str, Tensor], x: Any,
-                aliases: Mapping[str, list[str]] | None = None) -> Any:
-    """:func:`_call_module` with PyTorch's non-differentiable attention fast path switched off."""
+                aliases: Mapping[str, list[str]] | None = None, autocast: torch.dtype | None = None) -> Any:
+    """:func:`_call_module` with PyTorch's non-differentiable attention fast path switched off; with
+    ``autocast`` (a half-precision dtype) the model runs under ``torch.autocast`` and its
+    floating outputs come back in the parameters' dtype."""
     with _standard_attention():
-        return _call_module(model, params, x, aliases)
+        if autocast is None:
+            return _call_module(model, params, x, aliases)
+        first = next(iter(params.values()))
+        with torch.autocast(device_type=first.device.type, dtype=autocast):
+            out = _call_module(model, params, x, aliases)
+        return _upcast(out, first.dtype)
 
 
 def _call_module(model: nn.Module, params: Mapping[str, Tensor], x: Any,
@@ -209,10 +254,14 @@ class ChainEvaluator:
         Inputs, targets or outputs are not plain tensors (mappings, tuples,
         ``ModelOutput``): per-sample losses are then computed inside each
         chain's call instead of from stacked outputs.
+    autocast
+        ``None``, or a half-precision dtype the model runs in under ``torch.autocast``
+        (:func:`resolve_autocast`); the loss, gradients and sampler stay in the
+        parameters' dtype.  Not for hand-written gradients (``analytic``).
     """
 
     def __init__(self, model: nn.Module, spec: ParamSpec, adapter: LossAdapter, path: str,
-                 structured: bool = False):
+                 structured: bool = False, autocast: torch.dtype | None = None):
         if path not in ("native", "vmap", "loop"):
             raise ValueError(f"unknown vectorization path {path!r}")
         if path == "native" and not hasattr(model, "forward_chains"):
@@ -228,6 +277,9 @@ class ChainEvaluator:
             and hasattr(model, "supports_analytic_grad")
             and bool(model.supports_analytic_grad(adapter.loss_fn))
         )
+        self.autocast = autocast
+        if autocast is not None:
+            self.analytic = False  # the model's own forward, under autocast, with autograd
         self.frozen = {n: p.detach() for n, p in model.named_parameters() if not p.requires_grad}
         self.aliases = module_aliases(model)
         #: vmap path: evaluate at most this many rows (chains) at once (None: all); bounds the
@@ -241,6 +293,11 @@ class ChainEvaluator:
         # training mode): work on private copies so the user's module is never modified.
         self.buffers = {n: b.detach().clone() for n, b in model.named_buffers()}
 
+    def call(self, params: Mapping[str, Tensor], x: Any) -> Any:
+        """The model at ``params`` (name -> tensor, buffers included) on ``x``: :func:`call_module`
+        with this evaluator's aliases and precision."""
+        return call_module(self.model, params, x, self.aliases, self.autocast)
+
     def outputs(self, flat: Tensor, x: Tensor, shared: bool = False) -> Tensor:
         """(C, d), (C, B, ...) -> (C, B, ...) model outputs; with ``shared`` the
         input is one (B, ...) batch for all chains."""
@@ -251,19 +308,23 @@ class ChainEvaluator:
             params = self.spec.unflatten(flat)
             for n, p in self.frozen.items():
                 params[n] = p.unsqueeze(0).expand(C, *p.shape)
-            return self.model.forward_chains(params, x)
+            if self.autocast is None:
+                return self.model.forward_chains(params, x)
+            with torch.autocast(device_type=flat.device.type, dtype=self.autocast):
+                out = self.model.forward_chains(params, x)
+            return _upcast(out, flat.dtype)
         if self.path == "vmap":
             buffers = self.buffers
 
             def one(p: Tensor, xb: Tensor) -> Tensor:
-                return call_module(self.model, {**self.spec.unflatten(p), **buffers}, xb, self.aliases)
+                return self.call({**self.spec.unflatten(p), **buffers}, xb)
 
             with _vmap_attention():
                 return torch.vmap(one, in_dims=(0, None if shared else 0))(flat, x)
         outs = []
         for c in range(C):
             params = {**self.spec.unflatten(flat[c]), **self.buffers}
-            outs.append(call_module(self.model, params, _index(x, c), self.aliases))
+            outs.append(self.call(params, _index(x, c)))
         return torch.stack(outs)
 
     def losses(self, flat: Tensor, batch: Batch) -> Tensor:
@@ -283,7 +344,7 @@ class ChainEvaluator:
         buffers = self.buffers
 
         def one(p: Mapping[str, Tensor], xb: Any, yb: Any, wb: Tensor | None) -> Tensor:
-            out = call_module(self.model, {**p, **buffers}, xb, self.aliases)
+            out = self.call({**p, **buffers}, xb)
             return self.adapter.single_loss(out, yb, wb)
 
         bd = None if batch.shared else 0  # a shared batch is broadcast, not copied
@@ -294,7 +355,7 @@ class ChainEvaluator:
     def _chain_loss(self, params: Mapping[str, Tensor], batch: Batch, c: int) -> Tensor:
         """Chain ``c``'s loss with its parameters ``name -> shape``, on its slice of the batch."""
         xc, yc, wc = _chain_batch(batch, c)
-        return self.adapter.single_loss(call_module(self.model, {**params, **self.buffers}, xc, self.aliases), yc, wc)
+        return self.adapter.single_loss(self.call({**params, **self.buffers}, xc), yc, wc)
 
     def loss_and_grad(self, flat: Tensor, batch: Batch) -> tuple[Tensor, Tensor]:
         """(C, d) -> ((C,) losses, (C, d) gradients); chains are independent, so the
@@ -402,13 +463,13 @@ class ChainEvaluator:
             if self.path == "vmap":
                 def one(p: Tensor) -> Tensor:
                     return self.adapter.per_sample(
-                        call_module(self.model, {**self.spec.unflatten(p), **buffers}, x, self.aliases), y, 1)
+                        self.call({**self.spec.unflatten(p), **buffers}, x), y, 1)
 
                 with _vmap_attention():
                     return torch.vmap(one)(flat)
             return torch.stack([
                 self.adapter.per_sample(
-                    call_module(self.model, {**self.spec.unflatten(flat[c]), **buffers}, x, self.aliases), y, 1)
+                    self.call({**self.spec.unflatten(flat[c]), **buffers}, x), y, 1)
                 for c in range(K)
             ])
 

@@ -80,7 +80,7 @@ from torch import Tensor, nn
 from ._checks import check_int
 from .defaults import LLC
 from .data import Data, _map, _plain, as_source, row_numel
-from .evaluator import call_module
+
 from .losses import _logits, _tokens_and_mask
 from .result import LLCResult
 
@@ -100,7 +100,7 @@ MAX_BYTES = 8 << 30
 #: elements of model output (and input) evaluated per chunk of samples, over all chains
 CHUNK_ELEMENTS = 1 << 22
 #: keyword arguments that go to :func:`slt.prepare_target` (the others go to :func:`slt.engine.sample_target`)
-_PREPARE_KEYS = ("models", "state_dicts", "nbeta", "localization", "device", "dtype", "vectorize", "seed",
+_PREPARE_KEYS = ("models", "state_dicts", "nbeta", "localization", "device", "dtype", "vectorize", "seed", "autocast",
                  "restrict_to")
 
 
@@ -400,10 +400,10 @@ def _apply(ev: Any, flat: Tensor, x: Any, y: Any, fn: Callable) -> Tensor:
     buffers = ev.buffers
     if ev.path == "vmap":
         def one(p: Tensor) -> Tensor:
-            return fn(call_module(ev.model, {**ev.spec.unflatten(p), **buffers}, x, ev.aliases), y)
+            return fn(ev.call({**ev.spec.unflatten(p), **buffers}, x), y)
 
         return torch.vmap(one)(flat)
-    return torch.stack([fn(call_module(ev.model, {**ev.spec.unflatten(flat[c]), **buffers}, x, ev.aliases), y)
+    return torch.stack([fn(ev.call({**ev.spec.unflatten(flat[c]), **buffers}, x), y)
                         for c in range(R)])
 
 

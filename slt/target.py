@@ -55,7 +55,7 @@ from torch import Tensor, nn
 from .data import Batch, Data, LoaderSource, as_source, num_rows, row_numel
 from .defaults import default_localization, default_nbeta
 from .groups import Groups, concat_data, split_data
-from .evaluator import (PATH_REASONS, ChainEvaluator, call_module, choose_path, probe_batch, to_device,
+from .evaluator import (PATH_REASONS, ChainEvaluator, choose_path, resolve_autocast, probe_batch, to_device,
                         validate_model_and_loss)
 from .losses import LossAdapter
 from .params import ParamSpec
@@ -303,8 +303,7 @@ class Target:
         if self.evaluator.analytic:
             return _LossFn.apply(w, self)
         if self.path == "vmap":
-            out = call_module(self.model, {**self.spec.unflatten(w), **self.evaluator.buffers}, batch.x,
-                              self.evaluator.aliases)
+            out = self.evaluator.call({**self.spec.unflatten(w), **self.evaluator.buffers}, batch.x)
             return self.adapter.single_loss(out, batch.y, batch.weights)
         return self.evaluator.losses(w[None], batch)[0]
 
@@ -320,8 +319,7 @@ class Target:
             return loss[0], grad[0]
         with torch.enable_grad():
             p = w.detach().requires_grad_(True)
-            out = call_module(self.model, {**self.spec.unflatten(p), **self.evaluator.buffers}, batch.x,
-                              self.evaluator.aliases)
+            out = self.evaluator.call({**self.spec.unflatten(p), **self.evaluator.buffers}, batch.x)
             loss = self.adapter.single_loss(out, batch.y, batch.weights)
             (grad,) = torch.autograd.grad(loss, p)
         return loss.detach(), grad
@@ -593,12 +591,13 @@ def _fallback_hint(e: Exception, model: nn.Module, issues: list[str]) -> str:
 def _evaluator(
     model: nn.Module, spec: ParamSpec, adapter: LossAdapter, vectorize: str, rows: Tensor, probe: Batch, caller: str,
     structured: bool = False, issues: Sequence[str] = (), per_chain_probe: bool = False,
+    autocast: torch.dtype | None = None,
 ) -> tuple[ChainEvaluator, str]:
     """The evaluator on the chosen path; with ``vectorize="auto"`` a path that fails on a
     probe (shared by the chains, and for vmap also one batch per chain) falls back to a loop
     over chains, with a warning naming the error and, when recognisable, the fix."""
     path = choose_path(model, vectorize)
-    evaluator = ChainEvaluator(model, spec, adapter, path, structured=structured)
+    evaluator = ChainEvaluator(model, spec, adapter, path, structured=structured, autocast=autocast)
     reason = PATH_REASONS[path]
     if evaluator.analytic:
         reason += " and a hand-written gradient for this loss (loss_and_grad_chains)"
@@ -618,7 +617,7 @@ def _evaluator(
             stacklevel=4,
         )
         reason = f"fallback: {reason} failed with {type(e).__name__}: {msg}"  # the fix: in the warning and issues
-        evaluator = ChainEvaluator(model, spec, adapter, "loop", structured=structured)
+        evaluator = ChainEvaluator(model, spec, adapter, "loop", structured=structured, autocast=autocast)
     return evaluator, reason
 
 
@@ -638,6 +637,7 @@ def prepare_target(
     full_data: bool = False,
     caller: str = "slt.estimate_llc",
     restrict_to: Any = None,
+    autocast: Any = None,
 ) -> Target:
     r"""Prepare ``(model, data, loss)`` and the checkpoints ``w*`` for sampling.
 
@@ -670,6 +670,15 @@ def prepare_target(
         Weight restriction(s) (:func:`slt.restrict.resolve_restrictions`): a glob, a list of globs,
         a callable, per-parameter masks, or ``{label: restriction}``; ``None``: every sampled
         parameter.  ``data`` may be ``{label: dataset}`` (data-refined LLC, :mod:`slt.groups`).
+    autocast
+        ``None`` (default), ``"bf16"`` or ``"fp16"``: the model's forward (and its backward) run
+        under ``torch.autocast`` in that precision — mixed precision for large models on a GPU.
+        Its outputs are cast back to ``dtype`` before the loss, and the parameters, gradients,
+        sampler, losses at w* (the control variate: same precision at both points) stay in
+        ``dtype``.  Chains then run in a loop (``vectorize="auto"`` or ``"loop"``; ``"vmap"`` is
+        refused: under ``torch.vmap`` autocast misses some ops, e.g. a linear layer with a bias).  Rounding adds noise of relative size ~2⁻⁸ (bf16) to each loss, so check λ̂
+        against a full-precision run of the same job before relying on it.  On a CPU it is
+        correct but rarely faster.
 
     Returns
     -------
@@ -683,6 +692,13 @@ def prepare_target(
     template, ckpts, is_batch = _checkpoints(model, models, state_dicts)
     if dtype not in (torch.float32, torch.float64):
         raise ValueError(f"dtype must be torch.float32 or torch.float64, got {dtype}")
+    half = resolve_autocast(autocast)
+    if half is not None and vectorize == "vmap":
+        raise ValueError("autocast runs the model in a loop over chains: torch.vmap does not apply autocast to "
+                         "every op (a linear layer with a bias stays in float32 under vmap in torch 2.x); pass "
+                         "vectorize='auto' or 'loop'")
+    if half is not None and vectorize == "auto" and not hasattr(template, "forward_chains"):
+        vectorize = "loop"
     if loss_fn is None:
         loss_fn = getattr(template, "default_loss", None)
         if loss_fn is None:
@@ -750,7 +766,9 @@ def prepare_target(
     gamma = float(localization) if localization is not None else default_localization()
     evaluator, reason = _evaluator(work_model, spec, adapter, vectorize, w_star[:1].repeat(2, 1),
                                    probe_batch(source, 8, dev, dtype), caller, structured, issues,
-                                   per_chain_probe=isinstance(source, Data))
+                                   per_chain_probe=isinstance(source, Data), autocast=half)
+    if half is not None and evaluator.path == "loop":
+        reason = f"autocast ({half}): a loop over chains (vmap does not apply autocast to every op)"
     groups = _groups(restrict_to, work_model, spec, split, parts, offsets, dev, dtype)
     if groups.masks is not None:  # gradients only of the parameters some restriction moves
         moved = groups.masks.bool().any(0)
@@ -830,7 +848,8 @@ def fastest_path(target: Target, rows: Tensor, batch_size: int | None, repeats: 
 
 def _like(evaluator: ChainEvaluator, path: str) -> ChainEvaluator:
     """An evaluator of the same model, parameters and loss on ``path`` (same gradient set)."""
-    out = ChainEvaluator(evaluator.model, evaluator.spec, evaluator.adapter, path, structured=evaluator.structured)
+    out = ChainEvaluator(evaluator.model, evaluator.spec, evaluator.adapter, path, structured=evaluator.structured,
+                         autocast=evaluator.autocast)
     out.grad_names = evaluator.grad_names
     return out
 

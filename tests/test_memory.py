@@ -236,3 +236,33 @@ def test_row_blocks_give_the_same_rows(shared):
     with CountLarge(min_bytes=1) as full:
         ev.loss_and_grad(flat, batch)
     assert m.peak < full.peak  # the blocks' activations are smaller
+
+
+def test_the_adapted_start_state_is_not_kept_while_sampling(monkeypatch):
+    """After the step-size adaptation the chains' positions are handed to the sampler and not kept for
+    a possible re-run (a re-run with a halved step starts from w*): by the second draw the adapted
+    state's parameter tensor is gone (one parameter-sized copy per chain less)."""
+    import weakref
+
+    import torch.nn.functional as F
+
+    import slt.engine as engine
+    from slt.target import prepare_target
+
+    refs = []
+    real = engine.adapt_step_size
+
+    def spy(*args, **kwargs):
+        state, adapt = real(*args, **kwargs)
+        refs.append(weakref.ref(state.params))
+        return state, adapt
+
+    monkeypatch.setattr(engine, "adapt_step_size", spy)
+    torch.manual_seed(0)
+    X = torch.randn(64, 3)
+    target = prepare_target(torch.nn.Linear(3, 1), (X, X[:, :1]), F.mse_loss, nbeta=50.0, localization=1.0)
+    alive = []
+    engine.sample_target(target, num_chains=2, num_draws=5, num_burnin=10, batch_size=16,
+                         on_draw=lambda p: alive.append(refs[0]() is not None))
+    assert len(refs) == 1 and len(alive) == 5
+    assert not any(alive[1:]), alive

@@ -496,6 +496,10 @@ def _run_at(target, rows, spec, rule, step_size, kw, C, num_steps, num_burnin, n
     with intra_op_threads(num_threads):
         if choose_path:  # vmap or the loop, whichever is measured faster here
             target = fastest_path(target, rows, None if batches.full else batches.batch_size)
+        if target.path == "vmap" and target.groups.masks is not None and target.evaluator.row_plan is None:
+            plan = target.groups.row_plan(target.K, C, target.spec)  # restricted rows share what they can
+            if plan is not None:
+                target.evaluator.row_plan = (rows.shape[0], [(r.to(dev), n) for r, n in plan])
         potential = LocalizedPotential(_loss_and_grad(target), rows, target.nbeta, target.localization)
         state = build_sampler(spec, potential, 1.0, mala_every=0, **kw).init(rows)
         setup_seconds = time.perf_counter() - t_setup

@@ -33,7 +33,7 @@ from typing import Any, Mapping
 from torch import Tensor, nn
 import torch
 
-from .data import Batch, Data, LoaderSource, _map, _plain, num_rows
+from .data import Batch, Columns, Data, LoaderSource, _map, _plain, num_rows
 from .losses import LossAdapter
 from .params import ParamSpec
 
@@ -220,6 +220,26 @@ def _row_block(batch: Batch, sl: slice) -> Batch:
     return Batch(x, y, None if batch.weights is None else batch.weights[sl], False)
 
 
+def _once(t: Any, shared: bool) -> tuple[Any, Any]:
+    """``(value, in_dim)`` of a block's input for vmap: a shared batch, or a per-row one whose rows are
+    all equal, is passed once (``None``: vmap broadcasts it); otherwise per row (``0``).  A mapping is
+    decided column by column."""
+    if shared:
+        return t, None
+    if isinstance(t, Tensor):
+        if t.shape[0] > 1 and torch.equal(t[1:], t[:1].expand_as(t[1:])):
+            return t[0], None
+        return t, 0
+    if isinstance(t, Mapping):
+        pairs = {k: _once(v, False) for k, v in t.items()}
+        vals = {k: v for k, (v, _) in pairs.items()}
+        dims = {k: d for k, (_, d) in pairs.items()}
+        if isinstance(t, Columns):  # in_dims must have the input's pytree type
+            return Columns(vals), Columns(dims)
+        return vals, dims
+    return t, 0
+
+
 def _index(t: Any, c: int) -> Any:
     return t[c] if isinstance(t, Tensor) else _map(lambda v: v[c], t)
 
@@ -289,6 +309,12 @@ class ChainEvaluator:
         #: gradient is 0 and autograd skips computing it (weight-refined LLCs: only the parameters some
         #: restriction moves)
         self.grad_names: set[str] | None = None
+        #: vmap path, weight-refined runs (:func:`slt.groups.row_plan`): ``(R, blocks)`` with each block
+        #: ``(rows, names)``: rows that move only the parameters ``names`` (and share one checkpoint); in a
+        #: block the other parameters are passed once, unbatched, and an input that is the same for
+        #: every row of the block is passed once — vmap then evaluates what lies upstream of the moved
+        #: parameters once per block and autograd stops at the lowest of them.  Used for ``R`` rows only.
+        self.row_plan: tuple[int, list[tuple[Tensor, frozenset[str]]]] | None = None
         # functional_call may update buffers in place (BatchNorm running stats in
         # training mode): work on private copies so the user's module is never modified.
         self.buffers = {n: b.detach().clone() for n, b in model.named_buffers()}
@@ -412,8 +438,10 @@ class ChainEvaluator:
         """Rows in blocks of at most ``max_rows`` (all at once when ``None``): activations and
         autograd buffers are those of one block; each row's loss and gradient do not depend on the
         blocks (rows are independent; checked in tests/test_memory.py)."""
-        out = torch.empty(flat.shape, dtype=flat.dtype, device=flat.device)  # contiguous (flat may be a broadcast)
         R = flat.shape[0]
+        if self.row_plan is not None and self.row_plan[0] == R:
+            return self._planned_loss_and_grad(flat, batch, self.row_plan[1])
+        out = torch.empty(flat.shape, dtype=flat.dtype, device=flat.device)  # contiguous (flat may be a broadcast)
         step = R if not getattr(self, "max_rows", None) else max(1, int(self.max_rows))
         if step >= R:
             return self._vmap_block(flat, batch, out), out
@@ -429,6 +457,49 @@ class ChainEvaluator:
             losses = self._vmap_losses(leaves, batch)
             self._grads_into(losses.sum(), leaves, out)
         return losses.detach()
+
+    def _planned_loss_and_grad(self, flat: Tensor, batch: Batch,
+                               blocks: list[tuple[Tensor, frozenset[str]]]) -> tuple[Tensor, Tensor]:
+        """:attr:`row_plan`'s evaluation: per block (in pieces of at most ``max_rows`` rows), the moved
+        parameters batched over its rows, the others once (the block's first row: every row of the
+        block holds w* there), and each input column once when all rows of the block have the same.
+        Gradients of parameters a block does not move are 0 (its restrictions mask them anyway)."""
+        R = flat.shape[0]
+        out = torch.zeros(flat.shape, dtype=flat.dtype, device=flat.device)
+        losses = torch.empty(R, dtype=flat.dtype, device=flat.device)
+        step = R if not self.max_rows else max(1, int(self.max_rows))
+        buffers = self.buffers
+        for rows, names in blocks:
+            for sub in rows.split(step):
+                fb = flat.index_select(0, sub)
+                views = self.spec.unflatten(fb)
+                moved = {n: v.detach().requires_grad_(True) for n, v in views.items() if n in names}
+                fixed = {n: v[0].detach() for n, v in views.items() if n not in names}
+                bb = batch if batch.shared else _row_block(batch, sub)
+                x, xd = _once(bb.x, batch.shared)
+                y, yd = (x, xd) if bb.y is bb.x else _once(bb.y, batch.shared)
+                w, wd = (None, None) if bb.weights is None else _once(bb.weights, batch.shared)
+
+                def one(p: Mapping[str, Tensor], xb: Any, yb: Any, wb: Tensor | None) -> Tensor:
+                    return self.adapter.single_loss(self.call({**fixed, **p, **buffers}, xb), yb, wb)
+
+                block_out = torch.zeros(fb.shape, dtype=flat.dtype, device=flat.device)
+                with torch.enable_grad(), _vmap_attention():
+                    lb = torch.vmap(one, in_dims=(0, xd, yd, wd))(moved, x, y, w)
+                    if lb.requires_grad and moved:
+                        slots = self.spec.unflatten(block_out)
+                        for n, leaf in moved.items():
+                            leaf.grad = slots[n]
+                        with warnings.catch_warnings():
+                            warnings.filterwarnings("ignore", message="grad and param do not obey")
+                            torch.autograd.backward(lb.sum(), inputs=list(moved.values()))
+                        for n, leaf in moved.items():
+                            if leaf.grad is not slots[n] and leaf.grad is not None:
+                                slots[n].copy_(leaf.grad)
+                            leaf.grad = None
+                out.index_copy_(0, sub, block_out)
+                losses.index_copy_(0, sub, lb.detach())
+        return losses, out
 
     def _loop_loss_and_grad(self, flat: Tensor, batch: Batch) -> tuple[Tensor, Tensor]:
         """One chain at a time, forward then backward (activations of one chain alive at once)."""

@@ -79,6 +79,35 @@ class Groups:
         w = part.normalized_weights()
         return block.mean(1) if w is None else (block * w.to(block)).sum(1)
 
+    def row_plan(self, K: int, C: int, spec: Any) -> list[tuple[Tensor, frozenset[str]]] | None:
+        r"""Blocks of the ``K·M·D·C`` rows for :attr:`slt.evaluator.ChainEvaluator.row_plan`: the
+        restrictions are partitioned by the set of parameter names they move (e.g. the heads of one
+        layer); a part of several restrictions gives, per checkpoint, distribution and chain, one
+        block of its rows — they share their minibatch (one random stream per checkpoint and chain),
+        so the layers below the moved parameters are evaluated once for the block; a part of one
+        restriction gives one block of its chains per checkpoint and distribution (parameters it
+        does not move are still passed once).  ``None`` without restrictions or when every restriction
+        moves every parameter (nothing to share).  Row ``r = ((k M + m) D + i) C + c``."""
+        if self.masks is None:
+            return None
+        M, D = self.M, self.D
+        moved = [frozenset(n for n, v in spec.unflatten(self.masks[m]).items() if bool(v.any())) for m in range(M)]
+        if all(len(ms) == len(spec.names) for ms in moved):
+            return None
+        parts: dict[frozenset[str], list[int]] = {}
+        for m, names in enumerate(moved):
+            parts.setdefault(names, []).append(m)
+        blocks = []
+        for names, ms in parts.items():
+            for k in range(K):
+                for i in range(D):
+                    base = [((k * M + m) * D + i) * C for m in ms]
+                    if len(ms) > 1:
+                        blocks += [(torch.tensor([b + c for b in base]), names) for c in range(C)]
+                    else:
+                        blocks.append((torch.arange(base[0], base[0] + C), names))
+        return blocks
+
     def apply_mask(self, t: Tensor, K: int) -> Tensor:
         """Multiply the rows of ``t`` ``(K M D C, d)`` by their restriction's mask, in place."""
         if self.masks is None:

@@ -229,3 +229,44 @@ def test_only_the_restricted_parameters_gradients_are_computed(net, path):
     for name, g in t.spec.unflatten(grad).items():
         ref = t.spec.unflatten(grad_all)[name]
         assert torch.equal(g, ref) if name in ("head.weight", "body.bias") else not g.any(), name
+
+
+@pytest.mark.parametrize("per_row", [False, True])
+def test_the_row_plan_gives_each_row_its_masked_gradient(net, per_row):
+    """``ChainEvaluator.row_plan`` (vmap, restrictions): rows of restrictions that move the same
+    parameters and share a minibatch are evaluated as one block with the other parameters and the
+    shared input passed once.  Each row's loss and its gradient on the parameters its restriction
+    moves equal the plain evaluation to float32 rounding (batched vs. one matmul: bound from ε32 and
+    the size of the sums); the rest of the gradient is masked away by the engine."""
+    from conftest import fp_tol
+
+    from slt.data import Batch
+    from slt.target import prepare_target
+
+    m, X, Y = net
+    head = torch.zeros(3, 8, dtype=torch.bool)
+    masks = {"h0": {"head.weight": head.clone().index_fill_(0, torch.tensor([0]), True)},
+             "h1": {"head.weight": head.clone().index_fill_(0, torch.tensor([1, 2]), True)},
+             "body": "body.*"}
+    t = prepare_target(m, (X, Y), F.cross_entropy, restrict_to=masks, vectorize="vmap", seed=[3])
+    C = 2
+    plan = t.groups.row_plan(t.K, C, t.spec)
+    # h0 and h1 move the same tensor: one block per chain; body: one block of its chains
+    assert sorted(len(r) for r, _ in plan) == [2, 2, 2]
+    rows = t.rows(C).clone()
+    rows += 1e-2 * torch.randn(rows.shape, generator=torch.Generator().manual_seed(0)) * t.groups.masks.repeat_interleave(C, 0)
+    if per_row:  # chain c's minibatch, the same for every restriction (as the engine draws them)
+        idx = torch.randint(0, 256, (C, 32), generator=torch.Generator().manual_seed(1))
+        idx = idx.repeat(t.groups.M, 1)
+        batch = Batch(X[idx], Y[idx], None, False)
+    else:
+        batch = t.full_batch()
+    t.evaluator.row_plan = None
+    loss_ref, grad_ref = t.evaluator.loss_and_grad(rows, batch)
+    t.evaluator.row_plan = (rows.shape[0], plan)
+    loss, grad = t.evaluator.loss_and_grad(rows, batch)
+    tol = fp_tol(torch.float32, scale=float(loss_ref.abs().max()), terms=256 * 8)
+    assert torch.allclose(loss, loss_ref, atol=tol, rtol=0)
+    mask = t.groups.masks.repeat_interleave(C, 0).bool()
+    gtol = fp_tol(torch.float32, scale=float(grad_ref.abs().max()), terms=256 * 8)
+    assert torch.allclose(grad[mask], grad_ref[mask], atol=gtol, rtol=0)

@@ -55,15 +55,21 @@ def test_localization_levels(nbeta, given, levels):
     assert levels[0] == (LOCALIZATION if given is None else given)
 
 
-def test_an_unsettled_run_is_repeated_at_ten_times_the_localization_and_equals_the_explicit_call(monkeypatch):
-    m, X, Y = _regression()
+def _first_level_unsettled(monkeypatch) -> list:
+    """Make the engine's verdict "not settled" at the first level only; returns the list of calls."""
     calls = []
 
-    def first_level_unsettled(trace, nbeta, G, C):
+    def verdict(trace, nbeta, G, C):
         calls.append(1)
         return {0: ["R-hat 9.99 > 1.1: forced"]} if len(calls) == 1 else {}
 
-    monkeypatch.setattr(engine, "_unsettled", first_level_unsettled)
+    monkeypatch.setattr(engine, "_unsettled", verdict)
+    return calls
+
+
+def test_an_unsettled_run_is_repeated_at_ten_times_the_localization_and_equals_the_explicit_call(monkeypatch):
+    m, X, Y = _regression()
+    calls = _first_level_unsettled(monkeypatch)
     auto = slt.estimate_llc(m, (X, Y), F.mse_loss, nbeta=200.0, **KW)
     assert auto.localization == 10.0 and len(calls) == 2
     esc = auto.config["localization_escalations"]
@@ -92,13 +98,7 @@ def test_bif_statistics_come_from_the_final_level_only(monkeypatch):
     """bif accumulates online (``on_draw``): with an escalation its statistics must be those of the
     run at the final γ, i.e. equal to a direct call at that γ."""
     m, X, Y = _regression(n=40)
-    calls = []
-
-    def first_level_unsettled(trace, nbeta, G, C):
-        calls.append(1)
-        return {0: ["forced"]} if len(calls) == 1 else {}
-
-    monkeypatch.setattr(engine, "_unsettled", first_level_unsettled)
+    _first_level_unsettled(monkeypatch)
     auto = slt.bif(m, (X, Y), F.mse_loss, nbeta=200.0, **KW)
     explicit = slt.bif(m, (X, Y), F.mse_loss, nbeta=200.0, localization=10.0, **KW)
     assert auto.llc.localization == 10.0

@@ -419,18 +419,20 @@ class ChainEvaluator:
         ``out`` (..., d): the slices are zeroed and set as the leaves' ``.grad``, and autograd adds
         each parameter's gradient into its ``.grad`` in place as soon as it is computed (0 + g = g
         exactly), so the per-parameter gradients are never all alive together and are not
-        concatenated (an unused parameter's slice stays 0)."""
+        concatenated.  ``leaves`` maps names to leaves, any subset of the parameters: the slices of
+        the others (and of an unused parameter) stay 0."""
         out.zero_()
-        if not loss.requires_grad:  # the loss does not depend on any parameter whose gradient is needed
+        if not loss.requires_grad or not leaves:  # the loss depends on no parameter whose gradient is needed
             return out
-        for leaf, slot in zip(leaves.values(), self.spec.unflatten(out).values()):
-            leaf.grad = slot
+        slots = self.spec.unflatten(out)
+        for name, leaf in leaves.items():
+            leaf.grad = slots[name]
         with warnings.catch_warnings():  # a slot of a (C, d) row is strided, as its leaf is: harmless
             warnings.filterwarnings("ignore", message="grad and param do not obey the gradient layout contract")
             torch.autograd.backward(loss, inputs=[v for v in leaves.values() if v.requires_grad])
-        for leaf, slot in zip(leaves.values(), self.spec.unflatten(out).values()):
-            if leaf.grad is not slot and leaf.grad is not None:  # autograd replaced it: copy (not expected)
-                slot.copy_(leaf.grad)
+        for name, leaf in leaves.items():
+            if leaf.grad is not slots[name] and leaf.grad is not None:  # autograd replaced it: copy (not expected)
+                slots[name].copy_(leaf.grad)
             leaf.grad = None
         return out
 
@@ -483,20 +485,10 @@ class ChainEvaluator:
                 def one(p: Mapping[str, Tensor], xb: Any, yb: Any, wb: Tensor | None) -> Tensor:
                     return self.adapter.single_loss(self.call({**fixed, **p, **buffers}, xb), yb, wb)
 
-                block_out = torch.zeros(fb.shape, dtype=flat.dtype, device=flat.device)
+                block_out = torch.empty(fb.shape, dtype=flat.dtype, device=flat.device)
                 with torch.enable_grad(), _vmap_attention():
                     lb = torch.vmap(one, in_dims=(0, xd, yd, wd))(moved, x, y, w)
-                    if lb.requires_grad and moved:
-                        slots = self.spec.unflatten(block_out)
-                        for n, leaf in moved.items():
-                            leaf.grad = slots[n]
-                        with warnings.catch_warnings():
-                            warnings.filterwarnings("ignore", message="grad and param do not obey")
-                            torch.autograd.backward(lb.sum(), inputs=list(moved.values()))
-                        for n, leaf in moved.items():
-                            if leaf.grad is not slots[n] and leaf.grad is not None:
-                                slots[n].copy_(leaf.grad)
-                            leaf.grad = None
+                    self._grads_into(lb.sum(), moved, block_out)  # unmoved parameters' slices stay 0
                 out.index_copy_(0, sub, block_out)
                 losses.index_copy_(0, sub, lb.detach())
         return losses, out

@@ -79,6 +79,11 @@ class Groups:
         w = part.normalized_weights()
         return block.mean(1) if w is None else (block * w.to(block)).sum(1)
 
+    def moved_names(self, spec: Any) -> list[frozenset[str]]:
+        """Per restriction (``M``), the names of the parameters its mask moves (any element)."""
+        return [frozenset(n for n, v in spec.unflatten(self.masks[m]).items() if bool(v.any()))
+                for m in range(self.M)]
+
     def row_plan(self, K: int, C: int, spec: Any) -> list[tuple[Tensor, frozenset[str]]] | None:
         r"""Blocks of the ``K·M·D·C`` rows for :attr:`slt.evaluator.ChainEvaluator.row_plan`: the
         restrictions are partitioned by the set of parameter names they move (e.g. the heads of one
@@ -91,7 +96,7 @@ class Groups:
         if self.masks is None:
             return None
         M, D = self.M, self.D
-        moved = [frozenset(n for n, v in spec.unflatten(self.masks[m]).items() if bool(v.any())) for m in range(M)]
+        moved = self.moved_names(spec)
         if all(len(ms) == len(spec.names) for ms in moved):
             return None
         parts: dict[frozenset[str], list[int]] = {}

@@ -80,7 +80,6 @@ from torch import Tensor, nn
 from ._checks import check_int
 from .defaults import LLC
 from .data import Data, _map, _plain, as_source, row_numel
-
 from .losses import _logits, _tokens_and_mask
 from .result import LLCResult
 

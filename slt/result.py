@@ -345,7 +345,6 @@ def equilibrium_checks(tr: Tensor, mala_mean: float | None = None, rhat_threshol
     return r, drift, found
 
 
-
 def _drift(tr: Tensor) -> tuple[float, float, float] | None:
     """Trend of λ̂ through the draws: ``(first-half mean, second-half mean, z)`` with z the mean
     per-chain difference (second − first) over its standard error across chains (chains are

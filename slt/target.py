@@ -676,9 +676,10 @@ def prepare_target(
         Its outputs are cast back to ``dtype`` before the loss, and the parameters, gradients,
         sampler, losses at w* (the control variate: same precision at both points) stay in
         ``dtype``.  Chains then run in a loop (``vectorize="auto"`` or ``"loop"``; ``"vmap"`` is
-        refused: under ``torch.vmap`` autocast misses some ops, e.g. a linear layer with a bias).  Rounding adds noise of relative size ~2⁻⁸ (bf16) to each loss, so check λ̂
-        against a full-precision run of the same job before relying on it.  On a CPU it is
-        correct but rarely faster.
+        refused: under ``torch.vmap`` autocast misses some ops, e.g. a linear layer with a bias).
+        Rounding adds noise of relative size ~2⁻⁸ (bf16) to each loss, so check λ̂ against a
+        full-precision run of the same job before relying on it.  On a CPU it is correct but
+        rarely faster.
 
     Returns
     -------
@@ -771,8 +772,7 @@ def prepare_target(
         reason = f"autocast ({half}): a loop over chains (vmap does not apply autocast to every op)"
     groups = _groups(restrict_to, work_model, spec, split, parts, offsets, dev, dtype)
     if groups.masks is not None:  # gradients only of the parameters some restriction moves
-        moved = groups.masks.bool().any(0)
-        evaluator.grad_names = {n for n, m in spec.unflatten(moved).items() if bool(m.any())}
+        evaluator.grad_names = set().union(*groups.moved_names(spec))
     return Target(work_model, spec, adapter, evaluator, source, w_star, seeds, nb, gamma, n, dev, dtype, reason,
                   is_batch, issues=issues, _row_numel=row_size, groups=groups, localization_auto=localization is None)
 

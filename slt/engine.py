@@ -212,8 +212,13 @@ def estimate_llc(
         ``seed[k]`` when a list is given (so a batched call reproduces separate
         calls exactly).
     vectorize
-        ``"auto"`` (native if the model has ``forward_chains``, else vmap, else
-        a loop with a warning), ``"native"``, ``"vmap"``, ``"loop"``.
+        ``"auto"`` (native if the model has ``forward_chains``; else vmap or a
+        loop over chains, whichever is measured faster, and for runs that
+        would take over a minute ``torch.compile`` of the vmapped step when
+        measured faster still, :mod:`slt.compiled`; a loop with a warning when
+        vmap fails), ``"native"``, ``"vmap"``, ``"loop"``, ``"compile"``
+        (vmap with its step compiled; a warning and the uncompiled step when
+        the model does not compile as one graph).
     mala_every
         Compute the MALA acceptance diagnostic every this many steps (0 disables).
         For SGLD and RMSProp-SGLD it is free: the evaluation at the proposal
@@ -439,7 +444,7 @@ def sample_target(
         run = _run_at(target, rows, spec, rule, step_size, kw, C, num_steps, num_burnin, n_adapt,
                       num_steps_bw_draws, batch_size, control_variate, shared_batches, mala_every,
                       target_accept, thresh, num_threads, observables, on_draw, on_start,
-                      vectorize == "auto" and level == 0, progress, t_setup)
+                      vectorize if level == 0 else None, progress, t_setup)
         target = run["target"]
         unsettled = (_unsettled(run["trace"], target.nbeta, G, C)
                      if target.localization_auto and num_draws >= LOCALIZATION_MIN_DRAWS else {})
@@ -468,6 +473,7 @@ def sample_target(
         "batch_size": None if batches.full else batches.batch_size, "n": target.n, "sampler": smp.name,
         "sampler_kwargs": {**spec.kwargs, **dict(sampler_kwargs or {})}, "device": str(dev),
         "dtype": str(target.dtype).replace("torch.", ""), "vectorize": vectorize, "path": target.path,
+        "compiled_calls": None if target.evaluator.compiled is None else target.evaluator.compiled.calls,
         "autocast": None if target.evaluator.autocast is None else str(target.evaluator.autocast).replace("torch.", ""),
         "mala_every": mala_every, "divergence_threshold": thresh, "num_threads": num_threads,
         "control_variate": control_variate, "shared_batches": batches.shared, "num_params": target.d,
@@ -480,9 +486,10 @@ def sample_target(
 
 def _run_at(target, rows, spec, rule, step_size, kw, C, num_steps, num_burnin, n_adapt, thin, batch_size,
             control_variate, shared_batches, mala_every, target_accept, thresh, num_threads, observables,
-            on_draw, on_start, choose_path, progress, t_setup) -> dict[str, Any]:
+            on_draw, on_start, choose, progress, t_setup) -> dict[str, Any]:
     """One run at the target's γ, from fresh random streams: the minibatch stream, the path
-    (measured when ``choose_path``), the step size (adapted, curvature rule or given), and the
+    (measured when ``choose`` is ``"auto"``; compiled when ``"compile"``), the step size (adapted,
+    curvature rule or given), and the
     sampler folded over the batches, repeated with the step of diverging groups halved under an
     automatic rule."""
     G, dev = target.G, target.device
@@ -494,8 +501,9 @@ def _run_at(target, rows, spec, rule, step_size, kw, C, num_steps, num_burnin, n
     if num_threads is None:
         num_threads = small_work_threads(G * C * (batches.batch_size or 1) * target.d, dev)
     with intra_op_threads(num_threads):
-        if choose_path:  # vmap or the loop, whichever is measured faster here
-            target = fastest_path(target, rows, None if batches.full else batches.batch_size)
+        if choose in ("auto", "compile"):  # vmap, the loop or the compiled step, whichever is measured faster here
+            target = fastest_path(target, rows, None if batches.full else batches.batch_size, num_steps=num_steps,
+                                  shared=batches.shared, compile=True if choose == "compile" else None)
         if target.path == "vmap" and target.groups.masks is not None and target.evaluator.row_plan is None:
             plan = target.groups.row_plan(target.K, C, target.spec)  # restricted rows share what they can
             if plan is not None:

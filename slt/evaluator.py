@@ -248,10 +248,17 @@ PATH_REASONS = {"native": "model defines forward_chains", "vmap": "torch.func.vm
                 "loop": "requested"}
 
 
+#: the values of ``vectorize``
+VECTORIZE = ("auto", "native", "vmap", "loop", "compile")
+
+
 def choose_path(model: nn.Module, vectorize: str) -> str:
-    """``"auto"`` -> ``"native"`` when the model has ``forward_chains``, else ``"vmap"``."""
-    if vectorize not in ("auto", "native", "vmap", "loop"):
-        raise ValueError(f"vectorize must be 'auto', 'native', 'vmap' or 'loop', got {vectorize!r}")
+    """``"auto"`` -> ``"native"`` when the model has ``forward_chains``, else ``"vmap"``; ``"compile"``
+    -> ``"vmap"`` (its step compiled when the run starts: :func:`slt.target.fastest_path`)."""
+    if vectorize not in VECTORIZE:
+        raise ValueError(f"vectorize must be one of {', '.join(map(repr, VECTORIZE))}, got {vectorize!r}")
+    if vectorize == "compile":
+        return "vmap"
     if vectorize != "auto":
         return vectorize
     return "native" if hasattr(model, "forward_chains") else "vmap"
@@ -315,6 +322,9 @@ class ChainEvaluator:
         #: every row of the block is passed once — vmap then evaluates what lies upstream of the moved
         #: parameters once per block and autograd stops at the lowest of them.  Used for ``R`` rows only.
         self.row_plan: tuple[int, list[tuple[Tensor, frozenset[str]]]] | None = None
+        #: vmap path: a :class:`slt.compiled.CompiledStep` serving the calls of its signature (the run's
+        #: step); set by :func:`slt.target.fastest_path`
+        self.compiled: Any = None
         # functional_call may update buffers in place (BatchNorm running stats in
         # training mode): work on private copies so the user's module is never modified.
         self.buffers = {n: b.detach().clone() for n, b in model.named_buffers()}
@@ -441,6 +451,8 @@ class ChainEvaluator:
         autograd buffers are those of one block; each row's loss and gradient do not depend on the
         blocks (rows are independent; checked in tests/test_memory.py)."""
         R = flat.shape[0]
+        if self.compiled is not None and self.compiled.matches(flat, batch):
+            return self.compiled(flat, batch)
         if self.row_plan is not None and self.row_plan[0] == R:
             return self._planned_loss_and_grad(flat, batch, self.row_plan[1])
         out = torch.empty(flat.shape, dtype=flat.dtype, device=flat.device)  # contiguous (flat may be a broadcast)

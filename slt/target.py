@@ -47,12 +47,14 @@ import copy
 import time
 import warnings
 from dataclasses import dataclass, field
+from types import SimpleNamespace
 from typing import Any, Callable, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
 
-from .data import Batch, Data, LoaderSource, as_source, num_rows, row_numel
+from .compiled import COMPILE_MIN_SECONDS, compile_step
+from .data import Batch, Data, LoaderSource, _map, as_source, num_rows, row_numel
 from .defaults import default_localization, default_nbeta
 from .groups import Groups, concat_data, split_data
 from .evaluator import (PATH_REASONS, ChainEvaluator, choose_path, resolve_autocast, probe_batch, to_device,
@@ -694,7 +696,7 @@ def prepare_target(
     if dtype not in (torch.float32, torch.float64):
         raise ValueError(f"dtype must be torch.float32 or torch.float64, got {dtype}")
     half = resolve_autocast(autocast)
-    if half is not None and vectorize == "vmap":
+    if half is not None and vectorize in ("vmap", "compile"):
         raise ValueError("autocast runs the model in a loop over chains: torch.vmap does not apply autocast to "
                          "every op (a linear layer with a bias stays in float32 under vmap in torch 2.x); pass "
                          "vectorize='auto' or 'loop'")
@@ -797,53 +799,145 @@ PATH_MARGIN = 1.10
 PATH_MIN_SECONDS = 5e-3
 #: decisions of :func:`fastest_path` in this process, by model class, parameter shapes, rows, batch size,
 #: device, dtype and data structure
-_PATH_DECISIONS: dict[tuple, tuple[Any, str]] = {}
+_PATH_DECISIONS: dict[tuple, tuple[Any, str, float | None]] = {}
 
 
 def _step_seconds(evaluator: ChainEvaluator, rows: Tensor, batch: Batch, repeats: int) -> float:
     """Fastest of ``repeats`` timed ``loss_and_grad`` calls after one warm-up call."""
-    evaluator.loss_and_grad(rows, batch)
-    best = float("inf")
+    return _interleaved_seconds({0: evaluator}, rows, batch, repeats)[0]
+
+
+def _interleaved_seconds(evaluators: Mapping[Any, ChainEvaluator], rows: Tensor, batch: Batch,
+                         repeats: int) -> dict[Any, float]:
+    """Fastest of ``repeats`` timed ``loss_and_grad`` calls of each evaluator after one warm-up call
+    each, the candidates taking turns (a slow spell of a shared machine then hits all of them, not
+    the one that happened to be timed during it)."""
+    for ev in evaluators.values():
+        ev.loss_and_grad(rows, batch)
+    best = {k: float("inf") for k in evaluators}
     for _ in range(repeats):
-        t = time.perf_counter()
-        _, g = evaluator.loss_and_grad(rows, batch)
-        if g.is_cuda:
-            torch.cuda.synchronize(g.device)
-        best = min(best, time.perf_counter() - t)
+        for k, ev in evaluators.items():
+            t = time.perf_counter()
+            _, g = ev.loss_and_grad(rows, batch)
+            if g.is_cuda:
+                torch.cuda.synchronize(g.device)
+            best[k] = min(best[k], time.perf_counter() - t)
     return best
 
 
-def fastest_path(target: Target, rows: Tensor, batch_size: int | None, repeats: int = 3) -> Target:
-    r"""Choose between the ``vmap`` path and the loop over chains by timing both.
+def fastest_path(target: Target, rows: Tensor, batch_size: int | None, repeats: int = 3, *,
+                 num_steps: int | None = None, shared: bool = False, compile: bool | None = None) -> Target:
+    r"""Choose the computation of a run's gradient evaluations by timing the candidates: ``vmap``,
+    the loop over chains, and ``torch.compile`` of the vmapped step (:mod:`slt.compiled`).
 
     On a CPU a loop of per-chain ``functional_call`` + autograd can beat ``vmap`` (measured 1.42×
     faster on a small BatchNorm CNN), so a fixed preference is wrong.  For a target on the vmap path
     with tensor data, time one ``loss_and_grad`` of all ``rows`` (``(R, d)``, the run's chains) on a
-    batch of ``batch_size`` samples (per chain, as the run draws them) on each path (fastest of
-    ``repeats`` after a warm-up; no random numbers are drawn) and keep the loop when it is
-    :data:`PATH_MARGIN` times faster and a vmap step costs at least :data:`PATH_MIN_SECONDS`.
-    Returns the target, its evaluator and ``path_reason`` updated (the timings are in the reason).
-    The decision is remembered for the same kind of job (model class, parameter shapes, rows, batch
-    size, device, dtype) for the rest of the process, so repeated runs with one seed agree bit for
-    bit; across processes the path may differ (results then agree to float rounding): pass
-    ``vectorize="vmap"`` or ``"loop"`` to pin it.
+    batch of ``batch_size`` samples (per chain, as the run draws them; one batch for all rows when
+    ``shared``) on each path (fastest of ``repeats`` after a warm-up; no random numbers are drawn)
+    and keep the loop when it is :data:`PATH_MARGIN` times faster and a vmap step costs at least
+    :data:`PATH_MIN_SECONDS`.  Then, when vmap stays and the run's ``num_steps`` evaluations would
+    take at least :data:`slt.compiled.COMPILE_MIN_SECONDS` (or ``compile=True``: asked for), compile
+    the vmapped step and keep it when it is :data:`PATH_MARGIN` times faster (``compile=True``: kept
+    whenever it compiles); ``compile=False`` never tries.  Not for restricted (weight-refined) runs
+    nor autocast.  Returns the target, its evaluator and ``path_reason`` updated (the timings are in
+    the reason).  The decisions are remembered for the same kind of job (model class, parameter
+    shapes, rows, batch size, device, dtype) for the rest of the process, so repeated runs with one
+    seed agree bit for bit; across processes the path may differ (results then agree to float
+    rounding): pass ``vectorize="vmap"``, ``"loop"`` or ``"compile"`` to pin it.
     """
     if target.path != "vmap" or not isinstance(target.source, Data):
+        if compile:
+            warnings.warn(f"vectorize='compile' needs the vmap path and tensor data (here: the {target.path} path, "
+                          f"{type(target.source).__name__}): running uncompiled", RuntimeWarning, stacklevel=3)
         return target
     key = (type(target.model).__qualname__, tuple(map(tuple, target.spec.shapes)), rows.shape[0], batch_size,
-           str(target.device), target.dtype, target.evaluator.structured)
-    if key not in _PATH_DECISIONS:  # once per kind of job in this process: repeated runs agree bit for bit
-        if len(_PATH_DECISIONS) > 256:
-            _PATH_DECISIONS.clear()
-        _PATH_DECISIONS[key] = _measure_paths(target, rows, batch_size, repeats)
-    choice, timing = _PATH_DECISIONS[key]
-    if choice == "loop":
-        target.evaluator = _like(target.evaluator, "loop")
-    elif choice is not None:  # vmap in blocks of rows
-        target.evaluator.max_rows = int(choice)
-    if timing:
-        target.path_reason = f"loop over chains: {timing}" if choice == "loop" else f"{target.path_reason}; {timing}"
+           str(target.device), target.dtype, target.evaluator.structured, shared)
+    batch = _probe_rows(target, rows.shape[0], batch_size, shared)
+    if not compile:
+        if key not in _PATH_DECISIONS:  # once per kind of job in this process: repeated runs agree bit for bit
+            if len(_PATH_DECISIONS) > 256:
+                _PATH_DECISIONS.clear()
+            _PATH_DECISIONS[key] = _measure_paths(target, rows, batch, repeats)
+        choice, timing, seconds = _PATH_DECISIONS[key]
+        if choice == "loop":
+            target.evaluator = _like(target.evaluator, "loop")
+        elif choice is not None:  # vmap in blocks of rows
+            target.evaluator.max_rows = int(choice)
+        if timing:
+            target.path_reason = (f"loop over chains: {timing}" if choice == "loop"
+                                  else f"{target.path_reason}; {timing}")
+        if choice == "loop" or compile is False or num_steps is None:
+            return target
+        if seconds * num_steps < COMPILE_MIN_SECONDS:
+            return target
+    ev = target.evaluator
+    why_not = ("weight-refined runs (restrictions)" if ev.grad_names is not None or target.groups.masks is not None
+               else "autocast" if ev.autocast is not None else None)
+    if why_not is not None:
+        if compile:
+            warnings.warn(f"vectorize='compile' is not used for {why_not}: running uncompiled", RuntimeWarning,
+                          stacklevel=3)
+        return target
+    return _compile_path(target, rows, batch, repeats, key, bool(compile))
+
+
+#: compile decisions of :func:`fastest_path` in this process (same key as :data:`_PATH_DECISIONS`):
+#: ``(compiles, faster, reason)`` — whether the step compiled as one graph, whether it was measured
+#: :data:`PATH_MARGIN` faster than the eager step, and the timings or the error
+_COMPILE_DECISIONS: dict[tuple, tuple[bool, bool, str]] = {}
+
+
+def _compile_path(target: Target, rows: Tensor, batch: Batch, repeats: int, key: tuple, asked: bool) -> Target:
+    """Compile the target's vmapped step (:func:`slt.compiled.compile_step`) and keep it when asked
+    or measured :data:`PATH_MARGIN` faster than the eager evaluator; a model that does not compile
+    as one graph keeps the eager path, with the error in ``path_reason`` (and a warning when asked)."""
+    ev = target.evaluator
+    known = _COMPILE_DECISIONS.get(key)
+    error = known[2] if known is not None and not known[0] else None
+    if error is None:
+        try:
+            step, t_compile, _ = compile_step(ev, rows, batch, 0)
+        except Exception as e:  # noqa: BLE001 - torch.compile's many failure types: keep the eager path
+            msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            error = f"{type(e).__name__}: {msg[:300]}"
+            _COMPILE_DECISIONS[key] = (False, False, error)
+    if error is not None:
+        if asked:
+            warnings.warn(f"vectorize='compile': torch.compile could not compile this model as one graph "
+                          f"({error}); running the uncompiled vmap path", RuntimeWarning, stacklevel=4)
+        target.path_reason = f"{target.path_reason}; not compiled (torch.compile failed: {error})"
+        return target
+    if known is not None:  # measured before in this process: the same choice, without timing again
+        faster, timing = known[1], known[2]
+    else:
+        times = _interleaved_seconds({"eager": ev, "compiled": SimpleNamespace(loss_and_grad=step)},
+                                     rows.contiguous(), batch, repeats)
+        faster = times["compiled"] * PATH_MARGIN < times["eager"]
+        timing = (f"{1e3 * times['compiled']:.3g} ms vs {1e3 * times['eager']:.3g} ms eager per step of "
+                  f"{rows.shape[0]} chains, compiled in {t_compile:.3g} s")
+        _COMPILE_DECISIONS[key] = (True, faster, timing)
+        step.calls = 0  # the run's evaluations are counted from here
+    keep = asked or faster
+    if keep:
+        ev.compiled = step
+        ev.max_rows = None  # the compiled step evaluates all rows at once
+    target.path_reason = f"{target.path_reason}; {'compiled' if keep else 'not compiled'} (torch.compile): {timing}"
     return target
+
+
+def _probe_rows(target: Target, R: int, batch_size: int | None, shared: bool) -> Batch:
+    """A minibatch shaped as a run's: per row (``batch_size`` samples each), one for all rows when
+    ``shared``, or the whole data set (full batch)."""
+    size = target.source.n if batch_size is None else min(batch_size, target.source.n)
+    if batch_size is not None and batch_size < target.source.n:
+        idx = torch.arange((1 if shared else R) * size, device=target.device).view(-1, size) % target.source.n
+        batch = target.source.gather(idx)
+        if shared:
+            x = _map(lambda v: v[0], batch.x)
+            return Batch(x, x if batch.y is batch.x else _map(lambda v: v[0], batch.y), None, True)
+        return batch
+    return probe_batch(target.source, size, target.device, target.dtype)
 
 
 def _like(evaluator: ChainEvaluator, path: str) -> ChainEvaluator:
@@ -862,30 +956,26 @@ def _like(evaluator: ChainEvaluator, path: str) -> ChainEvaluator:
 VMAP_BLOCK_ROWS = 8
 
 
-def _measure_paths(target: Target, rows: Tensor, batch_size: int | None, repeats: int) -> tuple[Any, str]:
-    """``(choice, timings)`` for :func:`fastest_path`: ``None`` (vmap of all rows), an int (vmap in
-    blocks of that many rows: the default with more than :data:`VMAP_BLOCK_ROWS` rows) or ``"loop"``;
-    ``(None, "")`` when a vmap step is too short for the choice to matter (the others are then not
-    timed).  An alternative replaces the default only when it is :data:`PATH_MARGIN` times faster."""
-    size = target.source.n if batch_size is None else min(batch_size, target.source.n)
+def _measure_paths(target: Target, rows: Tensor, batch: Batch, repeats: int) -> tuple[Any, str, float | None]:
+    """``(choice, timings, seconds)`` for :func:`fastest_path`: ``None`` (vmap of all rows), an int
+    (vmap in blocks of that many rows: the default with more than :data:`VMAP_BLOCK_ROWS` rows) or
+    ``"loop"``, and the chosen evaluation's seconds per step; ``(None, "", t)`` when a vmap step is too
+    short for the choice to matter (the others are then not timed).  An alternative replaces the
+    default only when it is :data:`PATH_MARGIN` times faster."""
     R = rows.shape[0]
-    if batch_size is not None and batch_size < target.source.n:  # a different minibatch per row, as in a run
-        idx = torch.arange(R * size, device=target.device).view(R, size) % target.source.n
-        batch = target.source.gather(idx)
-    else:
-        batch = probe_batch(target.source, size, target.device, target.dtype)
     t_vmap = _step_seconds(target.evaluator, rows, batch, repeats)
     if t_vmap < PATH_MIN_SECONDS:
-        return None, ""
-    times = {"loop": _step_seconds(_like(target.evaluator, "loop"), rows, batch, repeats)}
+        return None, "", t_vmap
+    candidates: dict[Any, ChainEvaluator] = {None: target.evaluator, "loop": _like(target.evaluator, "loop")}
     if R > VMAP_BLOCK_ROWS:
-        blocked = _like(target.evaluator, "vmap")
-        blocked.max_rows = VMAP_BLOCK_ROWS
-        times[VMAP_BLOCK_ROWS] = _step_seconds(blocked, rows, batch, repeats)
-    times[None] = t_vmap
+        candidates[VMAP_BLOCK_ROWS] = _like(target.evaluator, "vmap")
+        candidates[VMAP_BLOCK_ROWS].max_rows = VMAP_BLOCK_ROWS
+    times = _interleaved_seconds(candidates, rows, batch, repeats)  # vmap timed again, in turn with the others
+    times = {k: times[k] for k in ("loop", VMAP_BLOCK_ROWS, None) if k in times}  # the order of the reason
     default = VMAP_BLOCK_ROWS if R > VMAP_BLOCK_ROWS else None
     best = min(times, key=times.get)
     parts = [f"{1e3 * t:.3g} ms ({'loop' if k == 'loop' else 'vmap' if k is None else f'vmap in blocks of {k}'})"
              for k, t in times.items()]
     timing = f"measured {' vs '.join(parts)} per step of {R} chains"
-    return (best if times[best] * PATH_MARGIN < times[default] else default), timing
+    choice = best if times[best] * PATH_MARGIN < times[default] else default
+    return choice, timing, times[choice]

@@ -146,6 +146,16 @@ def test_every_estimator_starts_from_prepare_target(monkeypatch):
     assert calls == ["slt.estimate_llc", "slt.nuts_llc", "slt.reference", "slt.sample_posterior", "slt.symmetry"]
 
 
+def _patch_timings(monkeypatch, fake):
+    """Every timing of slt.target (alone or candidates in turn) from ``fake(evaluator, rows, batch,
+    repeats) -> seconds``; fresh path decisions."""
+    import slt.target as tg
+
+    monkeypatch.setattr(tg, "_interleaved_seconds",
+                        lambda evs, rows, batch, repeats: {k: fake(e, rows, batch, repeats) for k, e in evs.items()})
+    monkeypatch.setattr(tg, "_PATH_DECISIONS", {})
+
+
 @pytest.mark.parametrize("t_vmap, t_loop, path", [(0.02, 0.01, "loop"), (0.02, 0.019, "vmap"), (0.001, 0.0001, "vmap")])
 def test_auto_path_is_chosen_by_measurement(monkeypatch, t_vmap, t_loop, path):
     """vmap is replaced by the loop only when the loop is ≥ PATH_MARGIN faster and a vmap step is
@@ -157,8 +167,7 @@ def test_auto_path_is_chosen_by_measurement(monkeypatch, t_vmap, t_loop, path):
     def fake(evaluator, rows, batch, repeats):
         return t_vmap if evaluator.path == "vmap" else t_loop
 
-    monkeypatch.setattr(tg, "_step_seconds", fake)
-    monkeypatch.setattr(tg, "_PATH_DECISIONS", {})
+    _patch_timings(monkeypatch, fake)
     X = torch.randn(64, 3, generator=torch.Generator().manual_seed(0))
     Y = X @ torch.tensor([[1.0], [-1.0], [0.5]])
     t = prepare_target(nn.Linear(3, 1), (X, Y), F.mse_loss)
@@ -187,8 +196,7 @@ def test_auto_path_may_vmap_in_blocks_of_rows(monkeypatch, t_blocked, expect):
     X = torch.randn(64, 3, generator=torch.Generator().manual_seed(0))
     Y = X @ torch.tensor([[1.0], [-1.0], [0.5]])
     t = prepare_target(nn.Linear(3, 1), (X, Y), F.mse_loss)
-    monkeypatch.setattr(tg, "_step_seconds", fake)
-    monkeypatch.setattr(tg, "_PATH_DECISIONS", {})
+    _patch_timings(monkeypatch, fake)
     rows = t.rows(16)
     ref = t.evaluator.loss_and_grad(rows, t.full_batch())
     t = tg.fastest_path(t, rows, 16)

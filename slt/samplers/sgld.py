@@ -95,8 +95,9 @@ def _langevin_sampler(
     forms ∇U a chunk of columns at a time (:func:`fused_langevin`); on a MALA step the first half
     of the acceptance sums is taken before ∇L at ``w`` is dropped, so while the proposal is
     evaluated the live parameter-sized tensors are ``w``, ``w_new``, the new gradient (and
-    RMSProp's second moments, old and new).  Inputs are never written: ``state`` (its params,
-    preconditioner and cache) stays valid, e.g. for the engine's re-run from the same state."""
+    RMSProp's second moment).  Inputs are never written except RMSProp's second moment, which the
+    step updates in place (the state's own tensor, made by ``init``/``reset``): ``state``'s params
+    and cache stay valid; a state is stepped once (the engine never re-runs from a kept state)."""
     check_step_size(step_size)
     check_mala_every(mala_every)
 
@@ -185,12 +186,15 @@ def rmsprop_sgld(
         return SamplerSpec("rmsprop_sgld", rmsprop_sgld, {"alpha": alpha, "eps": eps})
 
     def precondition(v: Tensor, grad: Tensor) -> tuple[Callable[[slice], Tensor], Tensor]:
-        # v' = αv + (1-α)∇L², one new (C, d) tensor filled a chunk of columns at a time
-        new = torch.empty_like(v)
+        # v ← αv + (1-α)∇L² in place, a chunk of columns at a time: the state's second moment is the
+        # sampler's own (made by init/reset, never a caller's tensor), and a copy would cost one more
+        # parameter-sized tensor per chain.  The step thus consumes the input state's v.
+        if v.shape[0] > 1 and v.stride(0) == 0:  # init's broadcast zeros: the first step makes v its own
+            v = torch.zeros(v.shape, dtype=v.dtype, device=v.device)
         for sl in column_chunks(v):
-            torch.mul(v[:, sl], alpha, out=new[:, sl]).add_(grad[:, sl].square().mul_(1.0 - alpha))
-        # G = 1/(√v' + a), a chunk at a time, never stored (fresh: the caller may write into it)
-        return (lambda sl: 1.0 / (new[:, sl].sqrt().add_(eps))), new
+            v[:, sl].mul_(alpha).add_(grad[:, sl].square().mul_(1.0 - alpha))
+        # G = 1/(√v + a), a chunk at a time, never stored (fresh: the caller may write into it)
+        return (lambda sl: 1.0 / (v[:, sl].sqrt().add_(eps))), v
 
     return _langevin_sampler(
         "rmsprop_sgld", potential, step_size, deterministic, mala_every, precondition,

@@ -148,3 +148,26 @@ def test_defaults_converge_on_a_trained_mlp():
     assert half.converged, half.convergence_reasons
     z = (r.llc_mean - half.llc_mean) / math.hypot(r.llc_sem, half.llc_sem)
     assert abs(z) < 4, (r.llc_mean, r.llc_sem, half.llc_mean, half.llc_sem)
+
+
+def test_a_rising_estimate_names_the_relaxation_time_it_needed():
+    """Exact: the warning of a run whose λ̂ still rises says how many steps the localization needs
+    (RELAXATION_TIMES / (εγ)) when the run had fewer, and nothing more when it had enough."""
+    from slt.result import RELAXATION_TIMES, LLCResult, relaxation_hint
+
+    assert relaxation_hint(2e-5, 100.0, {"num_burnin": 250, "num_draws": 1000}).endswith(
+        f"this run had 1250 steps; num_burnin ≈ {RELAXATION_TIMES * 500} covers it)")
+    assert relaxation_hint(2e-5, 100.0, {"num_burnin": 2000, "num_draws": 1000}) == ""
+    assert relaxation_hint(2e-5, 100.0, None) == ""  # steps unknown
+    C, T = 8, 200
+    g = torch.Generator().manual_seed(0)
+    rising = torch.linspace(0.0, 1.0, T).expand(C, T) + 0.01 * torch.rand(C, T, generator=g)  # (C, T) losses
+    kw = dict(nbeta=10.0, init_loss=0.0, localization=100.0, sampler="sgld")
+    short = LLCResult.from_traces(rising, torch.zeros(C, T), step_size=2e-5, config={"num_burnin": 50, "num_draws": T},
+                                  **kw)
+    msg = next(w for w in short.diagnostics["warnings"] if "still rising" in w)
+    assert "1/(εγ) = 500 steps" in msg and "this run had 250 steps" in msg
+    long = LLCResult.from_traces(rising, torch.zeros(C, T), step_size=2e-5, config={"num_burnin": 5000, "num_draws": T},
+                                 **kw)
+    assert not any("1/(εγ)" in w for w in long.diagnostics["warnings"])
+    assert any("still rising" in w for w in long.diagnostics["warnings"])

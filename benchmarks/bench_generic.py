@@ -4,8 +4,9 @@ Every job is one trained network (plain ``nn.Module``s, no ``forward_chains``) r
 identical LLC job (same model at w*, data, loss, nβ, γ, ε, chains, draws, batch size, no burn-in):
 
 (a) ``slt.estimate_llc`` — ``vectorize="auto"`` (the default a user gets) and each explicit path
-    (``"vmap"``, ``"loop"``), plus ``vmap`` with the MALA diagnostic off (``mala_every=0``) to show
-    what the diagnostic costs;
+    (``"vmap"``, ``"loop"``, ``"compile"``: vmap with its step compiled by ``torch.compile``, the
+    compiling included in its time and excluded from "loop only"), plus ``vmap`` with the MALA
+    diagnostic off (``mala_every=0``) to show what the diagnostic costs;
 (b) devinterp 2.0.1 through ``slt.peers.devinterp_llc`` (chains one after another; λ̂ averages every
     step, so burn-in is 0 on all sides and its mean is the comparable one);
 (c) the *floor*: a plain loop a competent user writes in 20 lines (:func:`hand_loop_llc`) — for each
@@ -69,6 +70,11 @@ the peak would count tensors that were never alive together).  "MB/chain" is the
 growth with 8 chains.  For ``curve`` slt runs all 16 checkpoints (MB/chain is per chain-row, i.e. divided
 by 16 too); devinterp and the hand loop one checkpoint.  "copies" is MB/chain over 4·d bytes: the number
 of parameter-sized float32 tensors each extra chain costs (activations included).
+
+Floor: the matrix-multiply, convolution and attention FLOPs of one chain-step (forward and backward to the
+parameters on one minibatch, ``torch.utils.flop_counter``) at the machine's float32 rate on the same
+threads (a 512² matmul): no implementation of the same chain-steps can run faster, so devinterp ÷ floor
+bounds the ratio any library could reach against devinterp on this machine.
 
 Targets (issue #14, item 5), checked and printed at the end:
 
@@ -243,7 +249,7 @@ class Job:
     per_sample: Callable | None  # for the hand loop's control variate; None: forward pass at w*
     batch_size: int
     draws: int
-    paths: tuple[str, ...] = ("auto", "vmap", "loop")
+    paths: tuple[str, ...] = ("auto", "vmap", "loop", "compile")
     state_dicts: list[dict[str, Tensor]] | None = None  # curve job: the checkpoints
     notes: list[str] = field(default_factory=list)
     train_loss: float = float("nan")
@@ -380,7 +386,7 @@ def job_curve(draws: int, checkpoints: int = 16) -> Job:
         at = sorted({int(round(x)) for x in np.linspace(10, steps - 1, checkpoints)})
     loss, saved = _fit(m, X, Y, F.cross_entropy, steps, 1e-2, weight_decay=1e-2, every=set(at))
     job = Job("curve", m.eval(), X, Y, F.cross_entropy, ce_per_sample, 256, max(2, (draws * 3) // 8),
-              paths=("auto",), state_dicts=saved, train_loss=loss,
+              paths=("auto", "compile"), state_dicts=saved, train_loss=loss,
               notes=[f"{len(saved)} checkpoints at Adam steps {at}"])
     return job
 
@@ -420,7 +426,7 @@ def run_slt(job: Job, path: str, chains: int, draws: int, mala_every: int = 10) 
         "llc": [r.llc_mean for r in results], "se": [r.llc_sem for r in results],
         "mala": [r.diagnostics.get("mala_acceptance") for r in results],
         "rhat": [r.diagnostics.get("rhat") for r in results],
-        "warnings": msgs,
+        "warnings": msgs, "path_reason": r0.diagnostics.get("path_reason", ""),
     }
 
 
@@ -527,6 +533,34 @@ def _z(a: float, sa: float, b: float, sb: float) -> float:
     return abs(a - b) / math.sqrt(sa * sa + sb * sb + 1e-300)
 
 
+def chain_step_flops(job: Job) -> float:
+    """Matrix-multiply, convolution and attention FLOPs of one chain-step (forward and the backward to
+    the parameters on one minibatch of ``job.batch_size``), counted by ``torch.utils.flop_counter``;
+    elementwise work (activations, the loss, the SGLD update) is not counted."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    params = {n: p.detach().clone().requires_grad_(True) for n, p in job.model.named_parameters()}
+    buffers = dict(job.model.named_buffers())
+    x, y = job.X[:job.batch_size], job.Y[:job.batch_size]
+    with FlopCounterMode(display=False) as fc:
+        loss = job.loss_fn(functional_call(job.model, (params, buffers), (x,)), y)
+        torch.autograd.grad(loss, list(params.values()))
+    return float(fc.get_total_flops())
+
+
+def gemm_flops_per_second(size: int = 512, repeats: int = 20) -> float:
+    """The float32 matrix-multiply rate of this machine on the current threads (a ``size``² product,
+    fastest of ``repeats``): what a chain-step's FLOPs cost at best."""
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    a @ b
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - t)
+    return 2 * size ** 3 / best
+
+
 def run_job(job: Job, args: argparse.Namespace) -> list[dict[str, Any]]:
     C, T = CHAINS, job.draws
     K = 1 if job.state_dicts is None else len(job.state_dicts)
@@ -544,8 +578,11 @@ def run_job(job: Job, args: argparse.Namespace) -> list[dict[str, Any]]:
         warnings.simplefilter("ignore")
         warm = Job(job.name, job.model, job.X, job.Y, job.loss_fn, job.per_sample, job.batch_size, 2,
                    state_dicts=None if job.state_dicts is None else job.state_dicts[:2], paths=job.paths)
+        compile_note = None
         for p in job.paths:
-            run_slt(warm, p, C, 3)
+            w = run_slt(warm, p, C, 3)
+            if p == "compile":
+                compile_note = w["path_reason"].split("; ")[-1]
         run_hand(warm, singles[0], C, 3)
         if not args.no_devinterp:
             run_devinterp(warm, singles[0], 1, 2)
@@ -615,7 +652,8 @@ def run_job(job: Job, args: argparse.Namespace) -> list[dict[str, Any]]:
     # memory
     mem: dict[str, dict[str, float]] = {}
     if not args.no_memory:
-        methods = [f"slt-{p}" for p in job.paths] + ["hand"] + ([] if args.no_devinterp else ["devinterp"])
+        methods = ([f"slt-{p}" for p in job.paths if p != "compile"] + ["hand"]
+                   + ([] if args.no_devinterp else ["devinterp"]))
         for mth in methods:
             try:
                 mem[mth] = measure_memory(job, mth, torch.get_num_threads())
@@ -640,10 +678,20 @@ def run_job(job: Job, args: argparse.Namespace) -> list[dict[str, Any]]:
               f"{_fmt(r.get('mb_per_chain'), '.2f'):>9s} {_fmt(r.get('copies_per_chain'), '.1f'):>6s} "
               f"{_fmt(r.get('mb_at_8'), '.1f'):>7s}")
         r["ratio_to_hand"] = ratio
+    if compile_note is not None:  # a timed run with the warm-up's shapes reuses its graph (torch.compile's cache)
+        timed = got["slt compile"]["path_reason"].split("; ")[-1]
+        print(f"   slt compile: warm-up run (8 chains, 3 draws{', 2 checkpoints' if K > 1 else ''}): {compile_note}; "
+              f"timed run: {timed}")
     for r in rows:
         for w in r.get("warnings", []) or []:
             print(f"   warning ({r['method']}): {w[:200]}")
     summary = {"job": job.name, "method": "summary", "params": job.d, "slt_over_hand": auto_ms / hand_ms}
+    flops, rate = chain_step_flops(job), gemm_flops_per_second()
+    floor_ms = 1e3 * flops / rate
+    summary.update({"flops_per_chain_step": flops, "gemm_flops_per_second": rate, "floor_ms": floor_ms})
+    print(f"   floor: {flops / 1e6:.1f} MFLOP of matmul/conv/attention per chain-step at this thread's "
+          f"{rate / 1e9:.0f} GFLOP/s (a 512² matmul) = {floor_ms:.3f} ms; slt auto = {auto_ms / floor_ms:.1f}× the "
+          f"floor, hand loop {hand_ms / floor_ms:.1f}×")
     print(f"   slt auto / hand loop = {auto_ms / hand_ms:.2f}× per chain-step (target ≤ 1.0: "
           f"{'met' if auto_ms / hand_ms <= 1.0 else 'NOT met'})")
     if di is not None:
@@ -651,6 +699,9 @@ def run_job(job: Job, args: argparse.Namespace) -> list[dict[str, Any]]:
         summary["devinterp_over_slt"] = speed
         target = 20.0 if K > 1 else (3.0 if job.d < 1_000_000 else None)
         summary["target_devinterp_over_slt"] = target
+        summary["devinterp_over_floor"] = di["ms_per_chain_step"] / floor_ms
+        print(f"   devinterp / floor = {di['ms_per_chain_step'] / floor_ms:.1f}×: the most any implementation of "
+              "these FLOPs could gain over devinterp on this thread")
         tgt = "no target (≥ 1M params)" if target is None else \
             f"target ≥ {target:g}: {'met' if speed >= target else 'NOT met'}"
         sa = slt_rows["slt auto"][0]
@@ -779,6 +830,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
             tgt, sp = r["target_devinterp_over_slt"], r["devinterp_over_slt"]
             line += f"; devinterp/slt {sp:.2f}×"
             line += " (no target)" if tgt is None else f" (≥ {tgt:g}: {'met' if sp >= tgt else 'NOT met'})"
+            line += f"; devinterp/floor {r['devinterp_over_floor']:.1f}× (the most possible)"
         print(line)
     print(f"memory method: peak-RSS growth (VmHWM after a clear_refs reset − VmRSS before) of each method in a "
           f"fresh subprocess; MB/chain = (growth at {CHAINS} chains − at 1) / {CHAINS - 1}; "

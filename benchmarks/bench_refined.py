@@ -25,7 +25,7 @@ With ``--bif``, also the cost of ``slt.bif`` on the full model (ms per draw per 
 
 Usage::
 
-    python benchmarks/bench_refined.py                 # ~5 min on a quiet 2-core CPU
+    python benchmarks/bench_refined.py                 # ~7 min on a 2-core CPU (--bif: ~8)
     python benchmarks/bench_refined.py --quick         # smoke run (~1 min)
 """
 
@@ -111,6 +111,35 @@ def run_devinterp(lm, seq, label: str, chains: int, draws: int, batch: int):
     return per_chain, seconds
 
 
+def step_flops(lm, seq, H, chains: int, batch: int) -> tuple[float, float]:
+    """Matrix-multiply and attention FLOPs per chain-step (``torch.utils.flop_counter``): of slt's one
+    call (the rows of every head, evaluated with the row plan the engine sets: layers below a head's
+    layer once per block, backward down to that layer), and of a full forward and backward of one
+    chain (what a run per restriction without sharing computes)."""
+    import slt
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from slt.target import prepare_target
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        t = prepare_target(lm, {"input_ids": seq}, slt.losses.causal_lm, restrict_to=H, nbeta=NBETA,
+                           localization=GAMMA, vectorize="vmap")
+    rows = t.rows(chains)
+    plan = t.groups.row_plan(t.K, chains, t.spec)
+    if plan is not None:
+        t.evaluator.row_plan = (rows.shape[0], plan)
+    g = torch.Generator().manual_seed(0)
+    idx = torch.randint(seq.shape[0], (chains, batch), generator=g).repeat(t.G, 1)  # chain c of every head: one batch
+    with FlopCounterMode(display=False) as fc:
+        t.evaluator.loss_and_grad(rows, t.source.gather(idx))
+    one_call = fc.get_total_flops() / rows.shape[0]
+    full = prepare_target(lm, {"input_ids": seq}, slt.losses.causal_lm, vectorize="loop")
+    with FlopCounterMode(display=False) as fc:
+        full.evaluator.loss_and_grad(full.rows(1), full.source.gather(idx[:1]))
+    return float(one_call), float(fc.get_total_flops())
+
+
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--chains", type=int, default=4)
@@ -161,6 +190,17 @@ def main(argv: list[str] | None = None) -> dict:
         out["devinterp_s"] = t_di
         print(f"devinterp 2.0.1, one run per head: {t_di:.1f} s = {1e3 * t_di / (steps * len(H)):.2f} ms per "
               f"chain-step; devinterp ÷ slt one call = {t_di / t_one:.1f}×")
+    from bench_generic import gemm_flops_per_second
+
+    f_one, f_full = step_flops(lm, seq, H, C, B)
+    rate = gemm_flops_per_second()
+    floor = 1e3 * f_one / rate
+    out.update({"flops_one_call_per_chain_step": f_one, "flops_full_per_chain_step": f_full, "floor_ms": floor})
+    print(f"floor: slt's one call computes {f_one / 1e6:.1f} MFLOP of matmul/attention per chain-step (a full forward "
+          f"and backward: {f_full / 1e6:.1f}); at this thread's {rate / 1e9:.0f} GFLOP/s (a 512² matmul) that is "
+          f"{floor:.2f} ms: slt one call = {1e3 * t_one / (steps * len(H)) / floor:.1f}× the floor"
+          + (f", devinterp ÷ floor = {1e3 * out['devinterp_s'] / (steps * len(H)) / floor:.1f}× (the most this "
+             "evaluation could gain over devinterp on this thread)" if "devinterp_s" in out else ""))
     print("\nhead    λ̂ slt            λ̂ devinterp       z")
     zs = []
     for lab, r in res.items():

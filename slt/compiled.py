@@ -5,8 +5,10 @@ compiled, the same function — ``vmap(grad_and_value(one chain's loss))`` — b
 and backward graph.  Measured on one CPU thread (8 chains, batch 256; ms per chain-step of the
 gradient evaluation alone, eager vmap → compiled, compile time): a 26k-parameter MLP 1.30 → 0.66
 (4.6 s), 16 checkpoints × 8 chains of a 13k-parameter MLP 0.71 → 0.46 (3.6 s), a 105k-parameter
-GPT-2 at batch 64 × 16 tokens 35 → 21 (30 s), a small BatchNorm CNN 5.2 → 4.5 (4.9 s).  Compiling
-costs seconds to a minute, so with ``vectorize="auto"`` it is tried only when the run's gradient
+GPT-2 at batch 64 × 16 tokens 35 → 21 (30 s), a small BatchNorm CNN 5.2 → 4.5 (4.9 s): the first
+compile of a graph in a process; each later step is traced afresh (its own code object, so that
+dynamo's counters speak for it) and inductor reuses the kernels of a graph it has seen (0.4–0.8 s
+for a small MLP).  Compiling costs seconds to a minute, so with ``vectorize="auto"`` it is tried only when the run's gradient
 evaluations would take at least :data:`COMPILE_MIN_SECONDS` eagerly, and kept only when measured
 faster (:func:`slt.target.fastest_path`); ``vectorize="compile"`` asks for it outright.
 

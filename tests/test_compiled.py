@@ -84,8 +84,8 @@ def test_compiled_step_equals_the_eager_step():
     assert gc.shape == (4, t.d) and float(ge.abs().max()) > 0
     # another shape is not served (it would take the eager path)
     assert not step.matches(rows[:2], t.source.gather(torch.zeros(2, 64, dtype=torch.long)))
-    # a second model of the class reuses the compiled graph (torch.compile's cache) and still computes
-    # with its own frozen parameter and buffer, not the first model's
+    # a second model of the class (compiled for the same shapes; inductor may reuse the first one's
+    # kernels) computes with its own frozen parameter and buffer, not the first model's
     torch.manual_seed(1)
     m2 = UserNet()
     with torch.no_grad():

@@ -8,9 +8,10 @@ gradient evaluation alone, eager vmap → compiled, compile time): a 26k-paramet
 GPT-2 at batch 64 × 16 tokens 35 → 21 (30 s), a small BatchNorm CNN 5.2 → 4.5 (4.9 s): the first
 compile of a graph in a process; each later step is traced afresh (its own code object, so that
 dynamo's counters speak for it) and inductor reuses the kernels of a graph it has seen (0.4–0.8 s
-for a small MLP).  Compiling costs seconds to a minute, so with ``vectorize="auto"`` it is tried only when the run's gradient
-evaluations would take at least :data:`COMPILE_MIN_SECONDS` eagerly, and kept only when measured
-faster (:func:`slt.target.fastest_path`); ``vectorize="compile"`` asks for it outright.
+for a small MLP).  Compiling costs seconds to a minute, so with ``vectorize="auto"`` it is tried
+only when the run's gradient evaluations would take at least :data:`COMPILE_MIN_SECONDS` eagerly,
+and kept only when measured faster (:func:`slt.target.fastest_path`); ``vectorize="compile"`` asks
+for it outright.
 
 A :class:`CompiledStep` serves only calls with the shapes it was compiled for (the run's step: its
 rows and minibatch); any other call (a probe, a MALA evaluation at another batch size) takes the
@@ -35,6 +36,7 @@ __all__ = ["CompiledStep", "COMPILE_MIN_SECONDS", "compile_step", "NotOneGraph"]
 
 class NotOneGraph(RuntimeError):
     """``torch.compile`` did not capture the step as one graph (a graph break, or no graph)."""
+
 
 #: ``vectorize="auto"`` tries compiling only when the run's gradient evaluations would take at least
 #: this long on the fastest eager path (compiling took 3.6–30 s on the models above; a run this long
@@ -119,9 +121,9 @@ class CompiledStep:
         return losses.detach(), out
 
 
-def compile_step(evaluator: Any, flat: Tensor, batch: Batch, repeats: int = 3) -> tuple[CompiledStep, float, float]:
-    """Compile ``evaluator``'s step for ``(flat, batch)`` and time it: ``(step, compile seconds,
-    seconds per call)`` (the fastest of ``repeats`` calls after the compiling one).  Raises
+def compile_step(evaluator: Any, flat: Tensor, batch: Batch) -> tuple[CompiledStep, float]:
+    """Compile ``evaluator``'s step for ``(flat, batch)``: ``(step, seconds of the compiling call)``
+    (timing it against the eager step is :func:`slt.target.fastest_path`'s).  Raises
     :class:`NotOneGraph` when dynamo broke the graph or captured none, and what ``torch.compile``
     raises when it fails outright."""
     from torch._dynamo.utils import counters
@@ -137,12 +139,5 @@ def compile_step(evaluator: Any, flat: Tensor, batch: Batch, repeats: int = 3) -
         raise NotOneGraph(f"graph break: {str(new[0]).strip().splitlines()[0]}")
     if counters["stats"]["unique_graphs"] == graphs0:
         raise NotOneGraph("dynamo captured no graph of the step")
-    best = float("inf")
-    for _ in range(repeats):
-        t = time.perf_counter()
-        _, g = step(flat, batch)
-        if g.is_cuda:
-            torch.cuda.synchronize(g.device)
-        best = min(best, time.perf_counter() - t)
     step.calls = 0
-    return step, t_compile, best
+    return step, t_compile

@@ -489,9 +489,8 @@ def _run_at(target, rows, spec, rule, step_size, kw, C, num_steps, num_burnin, n
             on_draw, on_start, choose, progress, t_setup) -> dict[str, Any]:
     """One run at the target's γ, from fresh random streams: the minibatch stream, the path
     (measured when ``choose`` is ``"auto"``; compiled when ``"compile"``), the step size (adapted,
-    curvature rule or given), and the
-    sampler folded over the batches, repeated with the step of diverging groups halved under an
-    automatic rule."""
+    curvature rule or given), and the sampler folded over the batches, repeated with the step of
+    diverging groups halved under an automatic rule."""
     G, dev = target.G, target.device
     rng = ChainRNG(target.group_seeds, C, dev)
     batches = target.batches(rng, C, batch_size, control_variate=control_variate, shared=shared_batches)

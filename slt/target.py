@@ -799,7 +799,7 @@ PATH_MARGIN = 1.10
 PATH_MIN_SECONDS = 5e-3
 #: decisions of :func:`fastest_path` in this process, by model class, parameter shapes, rows, batch size,
 #: device, dtype and data structure
-_PATH_DECISIONS: dict[tuple, tuple[Any, str, float | None]] = {}
+_PATH_DECISIONS: dict[tuple, tuple[Any, str, float]] = {}
 
 
 def _step_seconds(evaluator: ChainEvaluator, rows: Tensor, batch: Batch, repeats: int) -> float:
@@ -853,12 +853,12 @@ def fastest_path(target: Target, rows: Tensor, batch_size: int | None, repeats: 
         return target
     key = (type(target.model).__qualname__, tuple(map(tuple, target.spec.shapes)), rows.shape[0], batch_size,
            str(target.device), target.dtype, target.evaluator.structured, shared)
-    batch = _probe_rows(target, rows.shape[0], batch_size, shared)
     if not compile:
         if key not in _PATH_DECISIONS:  # once per kind of job in this process: repeated runs agree bit for bit
             if len(_PATH_DECISIONS) > 256:
                 _PATH_DECISIONS.clear()
-            _PATH_DECISIONS[key] = _measure_paths(target, rows, batch, repeats)
+            _PATH_DECISIONS[key] = _measure_paths(target, rows, _probe_rows(target, rows.shape[0], batch_size, shared),
+                                                  repeats)
         choice, timing, seconds = _PATH_DECISIONS[key]
         if choice == "loop":
             target.evaluator = _like(target.evaluator, "loop")
@@ -871,15 +871,15 @@ def fastest_path(target: Target, rows: Tensor, batch_size: int | None, repeats: 
             return target
         if seconds * num_steps < COMPILE_MIN_SECONDS:
             return target
-    ev = target.evaluator
-    why_not = ("weight-refined runs (restrictions)" if ev.grad_names is not None or target.groups.masks is not None
-               else "autocast" if ev.autocast is not None else None)
+    why_not = ("weight-refined runs (restrictions)" if target.groups.masks is not None
+               else "autocast" if target.evaluator.autocast is not None else None)
     if why_not is not None:
         if compile:
             warnings.warn(f"vectorize='compile' is not used for {why_not}: running uncompiled", RuntimeWarning,
                           stacklevel=3)
         return target
-    return _compile_path(target, rows, batch, repeats, key, bool(compile))
+    return _compile_path(target, rows, _probe_rows(target, rows.shape[0], batch_size, shared), repeats, key,
+                         bool(compile))
 
 
 #: compile decisions of :func:`fastest_path` in this process (same key as :data:`_PATH_DECISIONS`):
@@ -897,7 +897,7 @@ def _compile_path(target: Target, rows: Tensor, batch: Batch, repeats: int, key:
     error = known[2] if known is not None and not known[0] else None
     if error is None:
         try:
-            step, t_compile, _ = compile_step(ev, rows, batch, 0)
+            step, t_compile = compile_step(ev, rows, batch)
         except Exception as e:  # noqa: BLE001 - torch.compile's many failure types: keep the eager path
             msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             error = f"{type(e).__name__}: {msg[:300]}"
@@ -956,7 +956,7 @@ def _like(evaluator: ChainEvaluator, path: str) -> ChainEvaluator:
 VMAP_BLOCK_ROWS = 8
 
 
-def _measure_paths(target: Target, rows: Tensor, batch: Batch, repeats: int) -> tuple[Any, str, float | None]:
+def _measure_paths(target: Target, rows: Tensor, batch: Batch, repeats: int) -> tuple[Any, str, float]:
     """``(choice, timings, seconds)`` for :func:`fastest_path`: ``None`` (vmap of all rows), an int
     (vmap in blocks of that many rows: the default with more than :data:`VMAP_BLOCK_ROWS` rows) or
     ``"loop"``, and the chosen evaluation's seconds per step; ``(None, "", t)`` when a vmap step is too

@@ -75,7 +75,7 @@ def test_compiled_step_equals_the_eager_step():
     rows = t.rows(4) + 1e-2 * torch.randn(4, t.d, generator=g, dtype=torch.float64)
     batch = t.source.gather(torch.randint(X.shape[0], (4, 64), generator=g))
     le, ge = t.evaluator.loss_and_grad(rows, batch)
-    step, t_compile, _ = compile_step(t.evaluator, rows, batch, repeats=1)
+    step, t_compile = compile_step(t.evaluator, rows, batch)
     assert step.matches(rows, batch)
     lc, gc = step(rows, batch)
     tol = 64 * 16 * torch.finfo(torch.float64).eps
@@ -94,7 +94,7 @@ def test_compiled_step_equals_the_eager_step():
     t2 = prepare_target(m2, (X, Y), loss_fn, vectorize="vmap", dtype=torch.float64)
     rows2 = t2.rows(4) + 1e-2 * torch.randn(4, t2.d, generator=g, dtype=torch.float64)
     le2, ge2 = t2.evaluator.loss_and_grad(rows2, batch)
-    lc2, gc2 = compile_step(t2.evaluator, rows2, batch, repeats=0)[0](rows2, batch)
+    lc2, gc2 = compile_step(t2.evaluator, rows2, batch)[0](rows2, batch)
     assert torch.allclose(lc2, le2, rtol=0, atol=tol * float(le2.abs().max()))
     assert torch.allclose(gc2, ge2, rtol=0, atol=tol * float(ge2.abs().max()))
     assert not torch.allclose(le2, le)  # the two models differ

@@ -366,7 +366,7 @@ def relaxation_hint(step_size: Any, localization: Any, config: Mapping[str, Any]
         steps = int(cfg["num_burnin"]) + int(cfg["num_draws"]) * int(cfg.get("num_steps_bw_draws", 1))
     except (TypeError, ValueError, KeyError):
         return ""
-    if not (eps > 0 and gamma > 0) or eps != eps:
+    if not (eps > 0 and gamma > 0):  # NaN fails too
         return ""
     tau = 1.0 / (eps * gamma)
     if steps >= RELAXATION_TIMES * tau:

@@ -678,10 +678,11 @@ def run_job(job: Job, args: argparse.Namespace) -> list[dict[str, Any]]:
               f"{_fmt(r.get('mb_per_chain'), '.2f'):>9s} {_fmt(r.get('copies_per_chain'), '.1f'):>6s} "
               f"{_fmt(r.get('mb_at_8'), '.1f'):>7s}")
         r["ratio_to_hand"] = ratio
-    if compile_note is not None:  # a timed run with the warm-up's shapes reuses its graph (torch.compile's cache)
-        timed = got["slt compile"]["path_reason"].split("; ")[-1]
-        print(f"   slt compile: warm-up run (8 chains, 3 draws{', 2 checkpoints' if K > 1 else ''}): {compile_note}; "
-              f"timed run: {timed}")
+    if compile_note is not None:  # the timed run repeats this decision (kept for the process) and re-traces
+        print(f"   slt compile: decided in the warm-up run (8 chains, 3 draws{', 2 checkpoints' if K > 1 else ''}): "
+              f"{compile_note}; the timed run "
+              + ("(other shapes) decides and compiles anew" if K > 1 else
+                 "keeps that decision and compiles its own step") + " in its set-up")
     for r in rows:
         for w in r.get("warnings", []) or []:
             print(f"   warning ({r['method']}): {w[:200]}")

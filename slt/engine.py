@@ -49,7 +49,8 @@ from torch import Tensor, nn
 
 from ._checks import check_int, check_real
 from ._runtime import intra_op_threads, resolve_device, small_work_threads, versions
-from .defaults import LLC, LOCALIZATION_MIN_DRAWS, LOCALIZATION_STEPS, default_localization, default_nbeta
+from .defaults import (LLC, LOCALIZATION_MIN_DRAWS, LOCALIZATION_STEPS, default_burnin, default_localization,
+                       default_nbeta)
 from .evaluator import ChainEvaluator
 from .loop import Divergence, Trace, run_chains, show_progress
 from .result import UNSETTLED, LLCResult, equilibrium_checks
@@ -139,8 +140,13 @@ def estimate_llc(
         Several checkpoints estimated in one batched computation; with
         ``state_dicts``, ``model`` is the template.  Returns a list of results.
     num_chains, num_draws, num_burnin, num_steps_bw_draws
-        Chains per checkpoint, recorded draws per chain, steps discarded first
-        (default ``num_draws // 4``), and steps between draws.
+        Chains per checkpoint, recorded draws per chain, steps discarded first, and steps between
+        draws.  ``num_burnin=None`` (default): ``num_draws // 4``, lengthened once ε and γ are known to
+        the step-size adaptation plus ``RELAXATION_TIMES`` = 5 relaxation times 1/(εγ) of a direction
+        only the localization holds, when that is at most ``BURNIN_MAX_FACTOR`` = 4 times the draws'
+        steps (:func:`slt.defaults.default_burnin`): then λ̂ is still settled when ε is halved at the
+        same number of steps.  The burn-in used is ``config["num_burnin"]`` (its rule
+        ``config["num_burnin_rule"]``: ``"quarter"``, ``"relaxation"`` or ``"given"``).
     step_size
         ε.  Default ``None`` (= ``"adapt"``): during the first 80% of burn-in, dual
         averaging (Hoffman & Gelman 2014, as NUTS/Stan adapt their step) drives
@@ -423,6 +429,7 @@ def sample_target(
     when every chain of a group diverged.
     """
     t_setup = time.perf_counter() if started is None else started
+    burnin_auto = num_burnin is None
     num_chains, num_draws, num_burnin, num_steps_bw_draws, mala_every, batch_size = _check_arguments(
         num_chains, num_draws, num_burnin, num_steps_bw_draws, mala_every, step_size, None, None,
         batch_size, target_accept)
@@ -441,7 +448,7 @@ def sample_target(
         num_threads = check_int("num_threads", num_threads, 1)
     for level, gamma in enumerate(gammas):  # γ raised tenfold while the chains do not settle (automatic γ)
         target = replace(target, localization=gamma) if gamma != target.localization else target
-        run = _run_at(target, rows, spec, rule, step_size, kw, C, num_steps, num_burnin, n_adapt,
+        run = _run_at(target, rows, spec, rule, step_size, kw, C, num_steps, num_burnin, burnin_auto, n_adapt,
                       num_steps_bw_draws, batch_size, control_variate, shared_batches, mala_every,
                       target_accept, thresh, num_threads, observables, on_draw, on_start,
                       vectorize if level == 0 else None, progress, t_setup)
@@ -460,13 +467,15 @@ def sample_target(
     trace, eps, smp, batches, potential = run["trace"], run["eps"], run["smp"], run["batches"], run["potential"]
     auto, adapt, halvings, kw = run["auto"], run["adapt"], run["halvings"], run["kw"]
     setup_seconds, adapt_seconds = run["setup_seconds"], run["adapt_seconds"]
-    num_threads = run["num_threads"]
+    num_threads, num_burnin, num_steps = run["num_threads"], run["num_burnin"], run["num_steps"]
     if raise_on_divergence:  # before the warning: the error names the same chains
         _raise_if_all_diverged(trace.diverged.view(G, C).all(1), spec, potential, target, rows, eps, thresh,
                                min(200, num_steps), None if batches.full else batches.batch_size, kw)
     _warn_divergent(trace.diverged, trace.divergence_step, C, thresh)
     config = {
         "num_chains": C, "num_draws": num_draws, "num_burnin": num_burnin,
+        "num_burnin_rule": ("given" if not burnin_auto else "relaxation" if num_burnin > num_draws // 4
+                            else "quarter"),
         "num_steps_bw_draws": num_steps_bw_draws, "step_size_auto": rule != "given", "step_size_rule": rule,
         "target_accept": target_accept if rule == "adapt" else None,
         "nbeta": target.nbeta, "localization": target.localization,
@@ -484,13 +493,14 @@ def sample_target(
                     setup_seconds, adapt_seconds, config, notes=limit)
 
 
-def _run_at(target, rows, spec, rule, step_size, kw, C, num_steps, num_burnin, n_adapt, thin, batch_size,
+def _run_at(target, rows, spec, rule, step_size, kw, C, num_steps, num_burnin, burnin_auto, n_adapt, thin, batch_size,
             control_variate, shared_batches, mala_every, target_accept, thresh, num_threads, observables,
             on_draw, on_start, choose, progress, t_setup) -> dict[str, Any]:
     """One run at the target's γ, from fresh random streams: the minibatch stream, the path
     (measured when ``choose`` is ``"auto"``; compiled when ``"compile"``), the step size (adapted,
-    curvature rule or given), and the sampler folded over the batches, repeated with the step of
-    diverging groups halved under an automatic rule."""
+    curvature rule or given), the burn-in (with ``burnin_auto``, :func:`slt.defaults.default_burnin` at the
+    run's ε and γ), and the sampler folded over the batches, repeated with the step of diverging groups
+    halved under an automatic rule."""
     G, dev = target.G, target.device
     rng = ChainRNG(target.group_seeds, C, dev)
     batches = target.batches(rng, C, batch_size, control_variate=control_variate, shared=shared_batches)
@@ -525,7 +535,11 @@ def _run_at(target, rows, spec, rule, step_size, kw, C, num_steps, num_burnin, n
         # saves a parameter-sized copy per chain) and spends the whole burn-in at the fixed step.
         held = [state]
         del state
+        num_draws = (num_steps - num_burnin) // thin
         for halvings in range(MAX_HALVINGS + 1 if rule != "given" else 1):
+            if burnin_auto:  # cover the slowest relaxation γ allows at this ε, when affordable
+                num_burnin = default_burnin(num_draws, thin, _smallest(eps), target.localization, n_adapt)
+                num_steps = num_burnin + num_draws * thin
             if on_start is not None:
                 on_start()
             smp = build_sampler(spec, potential, eps, mala_every=mala_every, **kw, **_free_mala(spec, kw))
@@ -543,7 +557,8 @@ def _run_at(target, rows, spec, rule, step_size, kw, C, num_steps, num_burnin, n
             eps = _halve(eps, bad, C, target.dtype)
     return {"target": target, "trace": trace, "eps": eps, "smp": smp, "batches": batches, "potential": potential,
             "auto": auto, "adapt": adapt, "halvings": halvings, "kw": kw, "setup_seconds": setup_seconds,
-            "adapt_seconds": adapt_seconds, "num_threads": num_threads}
+            "adapt_seconds": adapt_seconds, "num_threads": num_threads, "num_burnin": num_burnin,
+            "num_steps": num_steps}
 
 
 def localization_levels(target: Any) -> list[float]:
@@ -662,6 +677,11 @@ def _free_mala(spec: SamplerSpec, kw: Mapping[str, Any]) -> dict[str, Any]:
     """``reuse_batch=True`` for samplers that take it (SGLD, RMSProp-SGLD): the MALA diagnostic's
     evaluation at the proposal becomes the next step's, on the same minibatch, so it costs nothing."""
     return {"reuse_batch": True} if spec.accepts("reuse_batch") and "reuse_batch" not in kw else {}
+
+
+def _smallest(eps: float | Tensor) -> float:
+    """The smallest step of a run (a number, or per row ``(R, 1)``)."""
+    return float(eps.min()) if isinstance(eps, Tensor) else float(eps)
 
 
 def _halve(eps: float | Tensor, checkpoints: Tensor, C: int, dtype: torch.dtype) -> Tensor:

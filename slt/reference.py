@@ -600,7 +600,7 @@ def compare(
     nbeta, localization
         Shared by all runs (defaults as :func:`slt.estimate_llc`).
     num_chains, num_draws, seed
-        For each SGLD run (burn-in ``num_draws // 4`` unless ``num_burnin`` is
+        For each SGLD run (burn-in as :func:`slt.estimate_llc` chooses unless ``num_burnin`` is
         given in ``sgld_kwargs``).
     nuts_chains, nuts_draws, nuts_kwargs
         For the NUTS run (``nuts_kwargs`` go to :func:`nuts_llc`).

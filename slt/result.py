@@ -10,6 +10,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from .defaults import RELAXATION_TIMES
 from .diagnostics import ess, llc_standard_error, rhat, t_threshold
 
 __all__ = ["LLCResult"]
@@ -346,11 +347,6 @@ def equilibrium_checks(tr: Tensor, mala_mean: float | None = None, rhat_threshol
     return r, drift, found
 
 
-#: :func:`relaxation_hint`: relaxation times 1/(εγ) a localized run needs before its draws.  Measured on
-#: a 26k-parameter MLP at γ = 100 (ε = 2.2e-5 adapted, τ = 452 steps): 1250 steps (2.8τ) left λ̂ rising
-#: (92 ± 4), 5000 (11τ) settled at 106.6 ± 0.9; at ε/2, 5000 steps (5.5τ) reached 103 ± 1.4, still rising
-#: slightly; at ε/4 (2.8τ) 90 ± 4, rising.
-RELAXATION_TIMES = 5
 
 
 def relaxation_hint(step_size: Any, localization: Any, config: Mapping[str, Any] | None) -> str:

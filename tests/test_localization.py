@@ -137,14 +137,15 @@ def test_defaults_converge_on_a_trained_mlp():
     """An 18k-parameter MLP trained to interpolation, every sampling setting at its default.  At
     γ = 1 its near-flat directions keep the chains wandering (R-hat ≈ 1.9, λ̂ ≈ 190 and growing);
     the automatic γ settles, and the estimate then passes the library's definition of converged,
-    including the halved-step check (measured: 8.99 ± 0.32 at ε, 9.05 ± 0.33 at ε/2, γ = 100)."""
+    including the halved-step check at the same number of steps (burn-in and draws)."""
     m, X, Y = _trained_mlp()
     r = slt.estimate_llc(m, (X, Y), F.cross_entropy, seed=0, progress=False)
     assert r.localization > LOCALIZATION and r.config["localization_escalations"]  # γ = 1 did not settle
     assert r.converged, r.convergence_reasons
     assert r.diagnostics["rhat"] <= 1.1 and r.divergent_chains == []
-    half = slt.estimate_llc(m, (X, Y), F.cross_entropy, seed=1, localization=r.localization,
-                            step_size=r.step_size / 2, progress=False)
+    assert r.config["num_burnin_rule"] == "relaxation"  # the burn-in covers RELAXATION_TIMES / (εγ)
+    half = slt.estimate_llc(m, (X, Y), F.cross_entropy, seed=1, localization=r.localization,  # same steps
+                            step_size=r.step_size / 2, num_burnin=r.config["num_burnin"], progress=False)
     assert half.converged, half.convergence_reasons
     z = (r.llc_mean - half.llc_mean) / math.hypot(r.llc_sem, half.llc_sem)
     assert abs(z) < 4, (r.llc_mean, r.llc_sem, half.llc_mean, half.llc_sem)
@@ -171,3 +172,34 @@ def test_a_rising_estimate_names_the_relaxation_time_it_needed():
                                  **kw)
     assert not any("1/(εγ)" in w for w in long.diagnostics["warnings"])
     assert any("still rising" in w for w in long.diagnostics["warnings"])
+
+
+def test_the_default_burnin_covers_the_relaxation_the_localization_allows_when_affordable():
+    """Exact: ``num_burnin=None`` is ``num_draws // 4``, lengthened to the adaptation plus
+    RELAXATION_TIMES / (εγ) steps when that is at most BURNIN_MAX_FACTOR times the draws' steps."""
+    from slt.defaults import BURNIN_MAX_FACTOR, RELAXATION_TIMES, default_burnin
+
+    assert default_burnin(1000) == 250  # ε, γ unknown
+    assert default_burnin(1000, 1, 2e-5, 100.0, num_adapt=200) == 200 + math.ceil(RELAXATION_TIMES / 2e-3)
+    assert default_burnin(1000, 1, 1e-1, 100.0, num_adapt=200) == 250  # relaxes within the quarter
+    assert default_burnin(1000, 1, 2e-5, 0.0) == 250  # γ = 0: nothing holds flat directions
+    edge = RELAXATION_TIMES / (BURNIN_MAX_FACTOR * 1000 * 2)  # the εγ at which it costs the cap (thin 2)
+    assert default_burnin(1000, 2, edge * 0.99, 1.0) == 250  # beyond the cap: the quarter
+    assert default_burnin(1000, 2, edge * 1.01, 1.0) == math.ceil(RELAXATION_TIMES / (edge * 1.01))
+
+
+def test_the_engine_uses_and_records_the_default_burnin():
+    """A given ε and γ with ``num_burnin=None``: the run's burn-in is :func:`default_burnin`'s (its
+    burn-in trace that long, recorded with its rule); a given burn-in is kept as given."""
+    from slt.defaults import default_burnin
+
+    m, X, Y = _regression()
+    kw = {**KW, "num_draws": 120, "step_size": 2e-3, "localization": 20.0}
+    r = slt.estimate_llc(m, (X, Y), F.mse_loss, **kw)
+    want = default_burnin(120, 1, 2e-3, 20.0)
+    assert want > 120 // 4 and r.config["num_burnin"] == want and r.config["num_burnin_rule"] == "relaxation"
+    assert r.burnin_loss_trace.shape == (4, want) and r.llc_trace.shape == (4, 120)
+    given = slt.estimate_llc(m, (X, Y), F.mse_loss, num_burnin=30, **kw)
+    assert given.config["num_burnin"] == 30 and given.config["num_burnin_rule"] == "given"
+    quick = slt.estimate_llc(m, (X, Y), F.mse_loss, **{**kw, "step_size": 0.02, "localization": 50.0})
+    assert quick.config["num_burnin"] == 30 and quick.config["num_burnin_rule"] == "quarter"

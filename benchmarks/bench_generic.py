@@ -88,6 +88,14 @@ Usage::
     python benchmarks/bench_generic.py --jobs mlp cnn --out generic.json
     python benchmarks/bench_generic.py --quick                  # smoke run: tiny draws (~2-3 min)
     python benchmarks/bench_generic.py --jobs mlp --profile     # cProfile of slt vs the hand loop
+    python benchmarks/bench_generic.py --device cuda --no-devinterp --out generic_cuda.json   # on a GPU
+
+``--device cuda``: the jobs are built (trained) on the CPU and moved to the GPU; slt, the hand loop (its
+random numbers from a CUDA generator) and devinterp run there; the floor is the GPU's float32 matmul rate
+(a 4096² product, TF32 as torch's default leaves it); memory is measured in-process from CUDA's allocator
+(peak ``max_memory_allocated`` growth over the allocation before the call, with 1 and with 8 chains:
+the same MB/chain and copies as on the CPU, counting tensors on the GPU only).  ``benchmarks/gpu_suite.sh``
+runs this with the step-cost benchmark as one prepared script.
 """
 
 from __future__ import annotations
@@ -203,8 +211,10 @@ def hand_loop_llc(model: nn.Module, X: Tensor, Y: Tensor, loss_fn: Callable, per
     chain-step, in-place updates.  ``per_sample(out, y) -> (n,)`` gives the control variate L_B(w*) as a
     gather from losses precomputed once at w*; ``None`` (e.g. BatchNorm in training mode, where a
     sample's loss depends on its batch) evaluates it by a forward pass at w* on the same batch."""
+    _sync()
     t0 = time.perf_counter()
-    g = torch.Generator().manual_seed(seed)
+    dev = X.device
+    g = torch.Generator(device=dev).manual_seed(seed)
     names = [n for n, _ in model.named_parameters()]
     w_star = [p.detach() for _, p in model.named_parameters()]
     buffers = {n: b.detach().clone() for n, b in model.named_buffers()}  # train-mode BN writes these
@@ -212,11 +222,11 @@ def hand_loop_llc(model: nn.Module, X: Tensor, Y: Tensor, loss_fn: Callable, per
     with torch.no_grad():
         ell_star = per_sample(model(X), Y) if per_sample is not None else None  # (n,)
     chains = [[p.clone().requires_grad_(True) for p in w_star] for _ in range(num_chains)]
-    trace = torch.empty(num_chains, num_draws)
+    trace = torch.empty(num_chains, num_draws, device=dev)
     a, b, s = -0.5 * step_size * nbeta, -0.5 * step_size * localization, math.sqrt(step_size)
     for t in range(num_draws):
         for c, w in enumerate(chains):
-            idx = torch.randint(n, (batch_size,), generator=g)
+            idx = torch.randint(n, (batch_size,), generator=g, device=dev)
             x, y = X.index_select(0, idx), Y.index_select(0, idx)  # ~4× faster than X[idx] on CPU
             loss = loss_fn(functional_call(model, (dict(zip(names, w)), buffers), (x,)), y)
             grads = torch.autograd.grad(loss, w)
@@ -227,9 +237,10 @@ def hand_loop_llc(model: nn.Module, X: Tensor, Y: Tensor, loss_fn: Callable, per
                     star = loss_fn(functional_call(model, (dict(zip(names, w_star)), buffers), (x,)), y)
                 trace[c, t] = loss.detach() - star
                 for p, p0, gr in zip(w, w_star, grads):  # w ← w − ε/2 (nβ ∇L + γ (w − w*)) + √ε ξ
-                    p.add_(p - p0, alpha=b).add_(gr, alpha=a).add_(torch.randn(p.shape, generator=g), alpha=s)
+                    p.add_(p - p0, alpha=b).add_(gr, alpha=a).add_(torch.randn(p.shape, generator=g, device=dev), alpha=s)
+    _sync()
     seconds = time.perf_counter() - t0
-    per_chain = nbeta * trace.double().mean(1)
+    per_chain = nbeta * trace.double().mean(1).cpu()
     return {"llc_mean": float(per_chain.mean()), "llc_se": float(per_chain.std() / math.sqrt(num_chains)),
             "llc_per_chain": per_chain.numpy(), "seconds": seconds}
 
@@ -260,6 +271,23 @@ class Job:
 
 
 NBETA, GAMMA, EPS, CHAINS = 46.0, 100.0, 1e-4, 8
+#: where every method runs (``--device``); jobs are built on the CPU and moved here
+DEVICE = torch.device("cpu")
+
+
+def _sync() -> None:
+    """Wait for the device's queued work (CUDA launches return before the kernels finish)."""
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize(DEVICE)
+
+
+def to_device(job: "Job", device: torch.device) -> "Job":
+    """The job with its model, data and checkpoints on ``device`` (in place for the model)."""
+    job.model.to(device)
+    job.X, job.Y = job.X.to(device), job.Y.to(device)
+    if job.state_dicts is not None:
+        job.state_dicts = [{k: v.to(device) for k, v in sd.items()} for sd in job.state_dicts]
+    return job
 
 
 def _fit(model: nn.Module, X: Tensor, Y: Tensor, loss_fn: Callable, steps: int, lr: float,
@@ -410,7 +438,7 @@ def run_slt(job: Job, path: str, chains: int, draws: int, mala_every: int = 10) 
         warnings.simplefilter("always")
         t = time.perf_counter()
         res = slt.estimate_llc(job.model, (job.X, job.Y), job.loss_fn, num_burnin=0, seed=0, vectorize=path,
-                               mala_every=mala_every, progress=False, **kw, **extra)
+                               mala_every=mala_every, progress=False, device=DEVICE, **kw, **extra)
         sec = time.perf_counter() - t
     results = res if isinstance(res, list) else [res]
     msgs = []
@@ -435,7 +463,8 @@ def run_devinterp(job: Job, model: nn.Module, chains: int, draws: int) -> dict[s
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        di = devinterp_llc(model, job.X, job.Y, job.loss_fn, num_burnin=0, seed=0, **_kw(job, chains, draws))
+        di = devinterp_llc(model, job.X, job.Y, job.loss_fn, num_burnin=0, seed=0, device=str(DEVICE),
+                           **_kw(job, chains, draws))
     per_chain = np.asarray(di["llc_per_chain_post_burnin"], dtype=np.float64)
     msgs = list(dict.fromkeys(str(w.message).splitlines()[0][:160] for w in caught
                               if "performance drop" not in str(w.message)))
@@ -481,23 +510,62 @@ def _child(path: str) -> None:
     if method == "devinterp":
         import devinterp.slt.llc  # noqa: F401
         import slt.peers  # noqa: F401
-    single = job.model if job.state_dicts is None else _ckpt_model(job, len(job.state_dicts) - 1)
+    single = _single(job)  # made before the baseline (not counted)
     before = _status_kb("VmRSS")
     with open("/proc/self/clear_refs", "w") as f:  # reset the peak-RSS mark (VmHWM) to the current RSS
         f.write("5")
+    _run_method(job, method, chains, draws, single)
+    peak = _status_kb("VmHWM")
+    print(json.dumps({"growth_kb": peak - before, "before_kb": before, "peak_kb": peak}))
+
+
+def _single(job: Job) -> nn.Module:
+    """The one model devinterp and the hand loop run (the curve's last checkpoint)."""
+    return job.model if job.state_dicts is None else _ckpt_model(job, len(job.state_dicts) - 1)
+
+
+def _run_method(job: Job, method: str, chains: int, draws: int, single: nn.Module) -> None:
     if method.startswith("slt-"):
         run_slt(job, method[4:], chains, draws)
     elif method == "devinterp":
         run_devinterp(job, single, chains, draws)
     else:
         run_hand(job, single, chains, draws)
-    peak = _status_kb("VmHWM")
-    print(json.dumps({"growth_kb": peak - before, "before_kb": before, "peak_kb": peak}))
+
+
+def _per_chain(job: Job, method: str, out: dict[int, float]) -> dict[str, float]:
+    k = len(job.state_dicts) if (job.state_dicts is not None and method.startswith("slt-")) else 1
+    per_chain = (out[CHAINS] - out[1]) / ((CHAINS - 1) * k)
+    d = sum(p.numel() for p in job.model.parameters() if p.requires_grad)
+    # parameter-sized copies per chain: the marginal MB over one float32 copy of the d parameters
+    return {"mb_at_1": out[1], "mb_at_8": out[CHAINS], "mb_per_chain": per_chain,
+            "copies_per_chain": per_chain * 2**20 / (4 * d)}
+
+
+def measure_memory_cuda(job: Job, method: str, draws: int = 3) -> dict[str, float]:
+    """Peak growth (MB) of CUDA's allocated memory during ``method`` with 1 and 8 chains, in this process
+    (the allocator's peak counts exactly the tensors alive together on the GPU)."""
+    out: dict[int, float] = {}
+    single = _single(job)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for chains in (1, CHAINS):
+            _sync()
+            torch.cuda.empty_cache()
+            before = torch.cuda.memory_allocated(DEVICE)
+            torch.cuda.reset_peak_memory_stats(DEVICE)
+            _run_method(job, method, chains, draws, single)
+            _sync()
+            out[chains] = (torch.cuda.max_memory_allocated(DEVICE) - before) / 2**20
+    return _per_chain(job, method, out)
 
 
 def measure_memory(job: Job, method: str, threads: int, draws: int = 3) -> dict[str, float]:
-    """Peak-RSS growth (MB) of ``method`` with 1 and 8 chains, each in a fresh process."""
-    out: dict[str, float] = {}
+    """Peak-RSS growth (MB) of ``method`` with 1 and 8 chains, each in a fresh process (on a GPU:
+    :func:`measure_memory_cuda`)."""
+    if DEVICE.type == "cuda":
+        return measure_memory_cuda(job, method, draws)
+    out: dict[int, float] = {}
     with tempfile.TemporaryDirectory(prefix="bench_generic_") as tmp:
         for chains in (1, CHAINS):
             f = os.path.join(tmp, f"{method}_{chains}.pt")
@@ -512,12 +580,7 @@ def measure_memory(job: Job, method: str, threads: int, draws: int = 3) -> dict[
                 tail = [ln for ln in proc.stderr.strip().splitlines() if ln.strip()][-1:]
                 raise RuntimeError(f"memory child {method}/{chains} failed (exit {proc.returncode}): {tail}")
             out[chains] = json.loads(proc.stdout.strip().splitlines()[-1])["growth_kb"] / 1024
-    k = len(job.state_dicts) if (job.state_dicts is not None and method.startswith("slt-")) else 1
-    per_chain = (out[CHAINS] - out[1]) / ((CHAINS - 1) * k)
-    d = sum(p.numel() for p in job.model.parameters() if p.requires_grad)
-    # parameter-sized copies per chain: the marginal MB over one float32 copy of the d parameters
-    return {"mb_at_1": out[1], "mb_at_8": out[CHAINS], "mb_per_chain": per_chain,
-            "copies_per_chain": per_chain * 2**20 / (4 * d)}
+    return _per_chain(job, method, out)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -548,15 +611,19 @@ def chain_step_flops(job: Job) -> float:
     return float(fc.get_total_flops())
 
 
-def gemm_flops_per_second(size: int = 512, repeats: int = 20) -> float:
-    """The float32 matrix-multiply rate of this machine on the current threads (a ``size``² product,
-    fastest of ``repeats``): what a chain-step's FLOPs cost at best."""
-    a, b = torch.randn(size, size), torch.randn(size, size)
+def gemm_flops_per_second(size: int | None = None, repeats: int = 20) -> float:
+    """The float32 matrix-multiply rate of this machine on the current threads, or of the GPU (a
+    ``size``² product — 512 on a CPU, 4096 on a GPU — fastest of ``repeats``): what a chain-step's
+    FLOPs cost at best."""
+    size = size or (4096 if DEVICE.type == "cuda" else 512)
+    a, b = torch.randn(size, size, device=DEVICE), torch.randn(size, size, device=DEVICE)
     a @ b
+    _sync()
     best = float("inf")
     for _ in range(repeats):
         t = time.perf_counter()
         a @ b
+        _sync()
         best = min(best, time.perf_counter() - t)
     return 2 * size ** 3 / best
 
@@ -567,7 +634,7 @@ def run_job(job: Job, args: argparse.Namespace) -> list[dict[str, Any]]:
     work = C * T * K
     print(f"\n== {job.name}: d = {job.d:,} params, n = {job.X.shape[0]}, L_n(w*) = {job.train_loss:.4f} after "
           f"training; {C} chains × {T} draws{f' × {K} checkpoints' if K > 1 else ''}, batch {job.batch_size}, "
-          f"nβ = {NBETA:g}, γ = {GAMMA:g}, ε = {EPS:g}, no burn-in, {torch.get_num_threads()} thread(s), "
+          f"nβ = {NBETA:g}, γ = {GAMMA:g}, ε = {EPS:g}, no burn-in, {torch.get_num_threads()} thread(s), {DEVICE}, "
           f"load avg {os.getloadavg()[0]:.2f}", flush=True)
     for note in job.notes:
         print(f"   note: {note}")
@@ -690,8 +757,9 @@ def run_job(job: Job, args: argparse.Namespace) -> list[dict[str, Any]]:
     flops, rate = chain_step_flops(job), gemm_flops_per_second()
     floor_ms = 1e3 * flops / rate
     summary.update({"flops_per_chain_step": flops, "gemm_flops_per_second": rate, "floor_ms": floor_ms})
-    print(f"   floor: {flops / 1e6:.1f} MFLOP of matmul/conv/attention per chain-step at this thread's "
-          f"{rate / 1e9:.0f} GFLOP/s (a 512² matmul) = {floor_ms:.3f} ms; slt auto = {auto_ms / floor_ms:.1f}× the "
+    where = "the GPU's" if DEVICE.type == "cuda" else "this thread's"
+    print(f"   floor: {flops / 1e6:.1f} MFLOP of matmul/conv/attention per chain-step at {where} "
+          f"{rate / 1e9:.0f} GFLOP/s (a float32 matmul) = {floor_ms:.3f} ms; slt auto = {auto_ms / floor_ms:.1f}× the "
           f"floor, hand loop {hand_ms / floor_ms:.1f}×")
     print(f"   slt auto / hand loop = {auto_ms / hand_ms:.2f}× per chain-step (target ≤ 1.0: "
           f"{'met' if auto_ms / hand_ms <= 1.0 else 'NOT met'})")
@@ -731,7 +799,7 @@ def run_job(job: Job, args: argparse.Namespace) -> list[dict[str, Any]]:
 
 def profile_job(job: Job, top: int = 25) -> None:
     """cProfile of slt (each path) and of the hand loop on the same job; prints the top functions by tottime."""
-    model = job.model if job.state_dicts is None else _ckpt_model(job, len(job.state_dicts) - 1)
+    model = _single(job)
     cases = [(f"slt {p}", lambda p=p: run_slt(job, p, CHAINS, job.draws)) for p in job.paths]
     cases.append(("hand loop", lambda: run_hand(job, model, CHAINS, job.draws)))
     for name, fn in cases:
@@ -782,6 +850,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     ap.add_argument("--quick", action="store_true",
                     help="smoke run: 16 draws, 4 curve checkpoints, memory for the first job only (~2 min)")
     ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads for all methods (default 1)")
+    ap.add_argument("--device", default="cpu", help="cpu (default) or cuda: where every method runs")
     ap.add_argument("--repeats", type=int, default=1,
                     help="timing rounds per method, alternating order; the fastest is kept (default 1)")
     ap.add_argument("--checkpoints", type=int, default=16, help="checkpoints in the curve job")
@@ -797,6 +866,10 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     if args._child:
         _child(args._child)
         return []
+    global DEVICE
+    DEVICE = torch.device(args.device)
+    if DEVICE.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: torch sees no CUDA device here")
     torch.set_num_threads(args.threads)
     draws = 16 if args.quick else args.draws
     if args.quick:  # a smoke run: 4 checkpoints, memory children for the first job only
@@ -804,9 +877,10 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     import slt
 
     print(f"slt {slt.__version__}, torch {torch.__version__}, {torch.get_num_threads()} thread(s), "
-          f"{os.cpu_count()} cpus, python {sys.version.split()[0]}, load avg {os.getloadavg()[0]:.2f}", flush=True)
+          f"{os.cpu_count()} cpus, python {sys.version.split()[0]}, load avg {os.getloadavg()[0]:.2f}, device "
+          f"{torch.cuda.get_device_name(DEVICE) if DEVICE.type == 'cuda' else 'cpu'}", flush=True)
     t_all = time.perf_counter()
-    jobs = build_jobs(args.jobs, draws, args)
+    jobs = [to_device(job, DEVICE) for job in build_jobs(args.jobs, draws, args)]
     if args.profile:
         for job in jobs:
             profile_job(job)

@@ -1,0 +1,74 @@
+"""The CUDA path (skipped without a GPU; CI has none).  ``benchmarks/gpu_suite.sh`` runs this file on a
+lent GPU machine, with the GPU benchmarks.
+
+Exact tier: on the GPU the vmap, native and loop paths consume the same random numbers and give the same
+chains up to float64 rounding (the bound of ``tests/test_engine_exact.py``: cuBLAS sums in other orders
+than a CPU BLAS, which the bound allows).  Statistical tier: the same job on the GPU and on the CPU (different
+random streams: CUDA generators draw other numbers) agrees within 4 combined standard errors, and a plain
+``nn.Module`` at every default converges there; bf16 autocast stays within 5% of float32 with the same noise
+(the bound of ``tests/test_autocast.py``)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import slt
+from test_engine_exact import KW, _data, _model, trace_tol
+
+pytestmark = [pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+              pytest.mark.filterwarnings("ignore:.*slt.estimate_llc \\(checkpoint:RuntimeWarning")]
+
+
+@pytest.mark.parametrize("path", ["native", "loop", "compile"])
+def test_paths_agree_with_vmap_on_cuda(path):
+    X, Y = _data()
+    ref = slt.estimate_llc(_model(), (X, Y), F.mse_loss, vectorize="vmap", device="cuda", **KW)
+    other = slt.estimate_llc(_model(), (X, Y), F.mse_loss, vectorize=path, device="cuda", **KW)
+    assert ref.config["device"].startswith("cuda") and other.config["device"].startswith("cuda")
+    tol = trace_tol(_model(), X, Y, KW, ref.loss_trace)
+    torch.testing.assert_close(other.loss_trace, ref.loss_trace, rtol=0, atol=tol)
+
+
+def _trained(n=512, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    X = torch.randn(n, 6, generator=g)
+    Y = (X @ torch.randn(6, 3, generator=g)).argmax(1)
+    torch.manual_seed(seed)
+    m = nn.Sequential(nn.Linear(6, 32), nn.ReLU(), nn.Linear(32, 3))
+    opt = torch.optim.Adam(m.parameters(), 1e-2)
+    for _ in range(400):
+        opt.zero_grad()
+        F.cross_entropy(m(X), Y).backward()
+        opt.step()
+    return m.eval(), X, Y
+
+
+def test_cuda_and_cpu_agree_within_monte_carlo_error():
+    m, X, Y = _trained()
+    kw = dict(num_chains=8, num_draws=400, step_size=1e-4, localization=100.0, batch_size=64, seed=0, progress=False)
+    cpu = slt.estimate_llc(m, (X, Y), F.cross_entropy, device="cpu", **kw)
+    gpu = slt.estimate_llc(m, (X, Y), F.cross_entropy, device="cuda", **kw)
+    z = (gpu.llc_mean - cpu.llc_mean) / math.hypot(gpu.llc_sem, cpu.llc_sem)
+    assert abs(z) < 4, (gpu.llc_mean, gpu.llc_sem, cpu.llc_mean, cpu.llc_sem)
+
+
+def test_a_plain_module_at_every_default_converges_on_cuda():
+    m, X, Y = _trained()
+    r = slt.estimate_llc(m, (X, Y), F.cross_entropy, device="cuda", progress=False)
+    assert r.config["device"].startswith("cuda") and math.isfinite(r.llc_mean) and r.llc_mean > 0
+    assert r.converged, r.convergence_reasons
+
+
+def test_bf16_autocast_on_cuda_stays_close_to_float32():
+    m, X, Y = _trained()
+    kw = dict(num_chains=8, num_draws=300, step_size=1e-4, localization=100.0, batch_size=64, seed=0,
+              progress=False, device="cuda")
+    full = slt.estimate_llc(m, (X, Y), F.cross_entropy, **kw)
+    half = slt.estimate_llc(m, (X, Y), F.cross_entropy, autocast="bf16", **kw)
+    assert half.config["autocast"] == "bfloat16"
+    assert abs(half.llc_mean - full.llc_mean) < 0.05 * full.llc_mean, (half.llc_mean, full.llc_mean)

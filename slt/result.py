@@ -347,8 +347,6 @@ def equilibrium_checks(tr: Tensor, mala_mean: float | None = None, rhat_threshol
     return r, drift, found
 
 
-
-
 def relaxation_hint(step_size: Any, localization: Any, config: Mapping[str, Any] | None) -> str:
     r"""What the steps of a run whose λ̂ is still rising should have been: under the localized potential
     a direction the loss leaves flat is held only by γ, and SGLD relaxes it at a rate εγ per step

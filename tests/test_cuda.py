@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import slt
+from slt.training import train
 from test_engine_exact import KW, _data, _model, trace_tol
 
 pytestmark = [pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
@@ -40,11 +41,7 @@ def _trained(n=512, seed=0):
     Y = (X @ torch.randn(6, 3, generator=g)).argmax(1)
     torch.manual_seed(seed)
     m = nn.Sequential(nn.Linear(6, 32), nn.ReLU(), nn.Linear(32, 3))
-    opt = torch.optim.Adam(m.parameters(), 1e-2)
-    for _ in range(400):
-        opt.zero_grad()
-        F.cross_entropy(m(X), Y).backward()
-        opt.step()
+    train(m, (X, Y), F.cross_entropy, steps=400, lr=1e-2, finish=None)  # full-batch Adam
     return m.eval(), X, Y
 
 

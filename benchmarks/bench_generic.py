@@ -684,7 +684,15 @@ def run_job(job: Job, args: argparse.Namespace) -> list[dict[str, Any]]:
     variants = [(p, 10) for p in job.paths]
     if job.state_dicts is None and "vmap" in job.paths and not args.no_mala_row:
         variants.append(("vmap", 0))
+    def hand_heap() -> dict[str, Any]:  # the hand loop with slt's allocator setting (what a user could add)
+        from slt._runtime import retained_heap
+
+        with retained_heap(DEVICE):
+            return hand_all()
+
     runners: list[tuple[str, Callable[[], dict[str, Any]]]] = [("hand loop", hand_all)]
+    if args.hand_heap:
+        runners.append(("hand loop, heap kept", hand_heap))
     for p, me in variants:
         runners.append((f"slt {p}" + (" mala_every=0" if me == 0 else ""),
                         lambda p=p, me=me: run_slt(job, p, C, T, mala_every=me)))
@@ -700,10 +708,13 @@ def run_job(job: Job, args: argparse.Namespace) -> list[dict[str, Any]]:
                 got[label]["seconds"] = min(got[label]["seconds"], res["seconds"])
                 if "loop_seconds" in res:
                     got[label]["loop_seconds"] = min(got[label]["loop_seconds"], res["loop_seconds"])
-    h = got["hand loop"]
-    add("hand loop", "loop", h["seconds"], h["llc"], h["se"], extra={"llc_curve": h["curve"]} if K > 1 else None)
+    for label in ("hand loop", "hand loop, heap kept"):
+        if label in got:
+            h = got[label]
+            add(label, "loop", h["seconds"], h["llc"], h["se"], extra={"llc_curve": h["curve"]} if K > 1 else None)
     slt_rows = {}
-    for label, _ in runners[1:1 + len(variants)]:
+    first = 2 if args.hand_heap else 1
+    for label, _ in runners[first:first + len(variants)]:
         s = got[label]
         r = add(label, s["path"], s["seconds"], s["llc"][-1], s["se"][-1], s["loop_seconds"],
                 extra={"mala": s["mala"][-1], "rhat": s["rhat"][-1], "warnings": s["warnings"],
@@ -763,6 +774,10 @@ def run_job(job: Job, args: argparse.Namespace) -> list[dict[str, Any]]:
           f"floor, hand loop {hand_ms / floor_ms:.1f}×")
     print(f"   slt auto / hand loop = {auto_ms / hand_ms:.2f}× per chain-step (target ≤ 1.0: "
           f"{'met' if auto_ms / hand_ms <= 1.0 else 'NOT met'})")
+    if args.hand_heap:
+        heap_ms = rows[1]["ms_per_chain_step"]
+        summary["slt_over_hand_heap"] = auto_ms / heap_ms
+        print(f"   slt auto / hand loop with the heap kept as slt keeps it = {auto_ms / heap_ms:.2f}×")
     if di is not None:
         speed = di["ms_per_chain_step"] / auto_ms
         summary["devinterp_over_slt"] = speed
@@ -859,6 +874,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     ap.add_argument("--no-devinterp", action="store_true")
     ap.add_argument("--no-mala-row", action="store_true", help="skip the slt vmap mala_every=0 row")
     ap.add_argument("--no-train-row", action="store_true", help="skip the cnn-train (BatchNorm train mode) row")
+    ap.add_argument("--hand-heap", action="store_true",
+                    help="add a row: the hand loop inside slt's allocator setting (slt._runtime.retained_heap)")
     ap.add_argument("--profile", action="store_true", help="cProfile slt vs the hand loop on the jobs, then exit")
     ap.add_argument("--out", default=None, help="write all rows as JSON here")
     ap.add_argument("--_child", default=None, help=argparse.SUPPRESS)

@@ -48,7 +48,7 @@ import torch
 from torch import Tensor, nn
 
 from ._checks import check_int, check_real
-from ._runtime import intra_op_threads, resolve_device, small_work_threads, versions
+from ._runtime import intra_op_threads, resolve_device, retained_heap, small_work_threads, versions
 from .defaults import (LLC, LOCALIZATION_MIN_DRAWS, LOCALIZATION_STEPS, default_burnin, default_localization,
                        default_nbeta)
 from .evaluator import ChainEvaluator
@@ -485,7 +485,7 @@ def sample_target(
         "compiled_calls": None if target.evaluator.compiled is None else target.evaluator.compiled.calls,
         "autocast": None if target.evaluator.autocast is None else str(target.evaluator.autocast).replace("torch.", ""),
         "mala_every": mala_every, "divergence_threshold": thresh, "num_threads": num_threads,
-        "control_variate": control_variate, "shared_batches": batches.shared, "num_params": target.d,
+        "allocator": run["allocator"], "control_variate": control_variate, "shared_batches": batches.shared, "num_params": target.d,
         "num_checkpoints": target.K, "versions": versions(),
         "localization_auto": target.localization_auto, "localization_escalations": escalations,
     }
@@ -509,7 +509,7 @@ def _run_at(target, rows, spec, rule, step_size, kw, C, num_steps, num_burnin, b
     kw = {"deterministic": batches.full, **kw}
     if num_threads is None:
         num_threads = small_work_threads(G * C * (batches.batch_size or 1) * target.d, dev)
-    with intra_op_threads(num_threads):
+    with intra_op_threads(num_threads), retained_heap(dev) as allocator:
         if choose in ("auto", "compile"):  # vmap, the loop or the compiled step, whichever is measured faster here
             target = fastest_path(target, rows, None if batches.full else batches.batch_size, num_steps=num_steps,
                                   shared=batches.shared, compile=True if choose == "compile" else None)
@@ -558,7 +558,7 @@ def _run_at(target, rows, spec, rule, step_size, kw, C, num_steps, num_burnin, b
     return {"target": target, "trace": trace, "eps": eps, "smp": smp, "batches": batches, "potential": potential,
             "auto": auto, "adapt": adapt, "halvings": halvings, "kw": kw, "setup_seconds": setup_seconds,
             "adapt_seconds": adapt_seconds, "num_threads": num_threads, "num_burnin": num_burnin,
-            "num_steps": num_steps}
+            "num_steps": num_steps, "allocator": allocator}
 
 
 def localization_levels(target: Any) -> list[float]:

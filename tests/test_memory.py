@@ -271,3 +271,98 @@ def test_the_adapted_start_state_is_not_kept_while_sampling(monkeypatch):
                          on_draw=lambda p: alive.append(refs[0]() is not None))
     assert len(refs) == 1 and len(alive) == 5
     assert not any(alive[1:]), alive
+
+
+# ---------------------------------------------------------------------------------------------------
+# the C allocator while sampling (slt._runtime.retained_heap)
+# ---------------------------------------------------------------------------------------------------
+
+
+class FakeLibc:
+    """Records mallopt/malloc_trim calls instead of making them."""
+
+    def __init__(self):
+        self.calls: list[tuple] = []
+
+    def mallopt(self, param, value):
+        self.calls.append(("mallopt", param, value))
+        return 1
+
+    def malloc_trim(self, pad):
+        self.calls.append(("malloc_trim", pad))
+        return 1
+
+
+@pytest.fixture
+def fake_libc(monkeypatch):
+    from slt import _runtime
+
+    libc = FakeLibc()
+    monkeypatch.setattr(_runtime, "_glibc", lambda: libc)
+    for k in (*_runtime._USER_MALLOC_ENV, "GLIBC_TUNABLES", "LD_PRELOAD", _runtime.HEAP_ENV):
+        monkeypatch.delenv(k, raising=False)
+    return libc
+
+
+def test_the_heap_is_kept_while_sampling_and_given_back_after(fake_libc):
+    from slt._runtime import GLIBC_TOP_PAD, HEAP_MMAP_THRESHOLD, HEAP_PAD, HEAP_TRIM_THRESHOLD, retained_heap
+
+    cpu = torch.device("cpu")
+    with retained_heap(cpu) as what:
+        assert what.startswith("glibc heap kept")
+        assert fake_libc.calls == [("mallopt", -3, HEAP_MMAP_THRESHOLD), ("mallopt", -1, HEAP_TRIM_THRESHOLD),
+                                   ("mallopt", -2, HEAP_PAD)]
+        with retained_heap(cpu) as inner:  # nested runs (an estimator calling the engine) act once
+            assert inner == "untouched (nested in another sampling run)"
+        assert len(fake_libc.calls) == 3
+    assert fake_libc.calls[3:] == [("mallopt", -2, GLIBC_TOP_PAD), ("malloc_trim", 0)]
+    with pytest.raises(ZeroDivisionError):  # restored on an exception too, and usable again after
+        with retained_heap(cpu):
+            1 / 0
+    assert fake_libc.calls[-2:] == [("mallopt", -2, GLIBC_TOP_PAD), ("malloc_trim", 0)]
+    assert len(fake_libc.calls) == 10
+
+
+@pytest.mark.parametrize("env, device, reason", [
+    ({"SLT_TUNE_MALLOC": "0"}, "cpu", "SLT_TUNE_MALLOC=0"),
+    ({"MALLOC_TOP_PAD_": "1000"}, "cpu", "the environment sets MALLOC_TOP_PAD_"),
+    ({"GLIBC_TUNABLES": "glibc.malloc.trim_threshold=1"}, "cpu", "the environment sets GLIBC_TUNABLES"),
+    ({"LD_PRELOAD": "/usr/lib/libjemalloc.so.2"}, "cpu", "another allocator is preloaded"),
+    ({}, "cuda", "device cuda"),
+    ({}, "meta", "device meta"),
+])
+def test_the_heap_is_left_alone_when_asked_or_not_ours(fake_libc, monkeypatch, env, device, reason):
+    from slt._runtime import retained_heap
+
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    with retained_heap(torch.device(device)) as what:
+        assert what.startswith("untouched (") and reason in what
+    assert fake_libc.calls == []
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # 4 draws: R-hat and w* warnings are expected
+def test_a_run_records_what_it_did_with_the_allocator(fake_libc, monkeypatch):
+    import slt
+
+    torch.manual_seed(0)
+    X = torch.randn(64, 3)
+    kw = dict(num_chains=2, num_draws=4, num_burnin=0, step_size=1e-4, localization=10.0, progress=False, seed=0)
+    r = slt.estimate_llc(nn.Linear(3, 1), (X, X.sum(1, keepdim=True)), F.mse_loss, **kw)
+    assert r.config["allocator"].startswith("glibc heap kept") and fake_libc.calls[-1] == ("malloc_trim", 0)
+    monkeypatch.setenv("SLT_TUNE_MALLOC", "0")
+    r = slt.estimate_llc(nn.Linear(3, 1), (X, X.sum(1, keepdim=True)), F.mse_loss, **kw)
+    assert r.config["allocator"] == "untouched (SLT_TUNE_MALLOC=0)"
+
+
+@pytest.mark.skipif(__import__("slt._runtime", fromlist=["_glibc"])._glibc() is None, reason="needs glibc")
+def test_glibc_accepts_every_setting():
+    """The real mallopt returns 1 for each value (0 would mean glibc refused it, e.g. a threshold
+    above its maximum)."""
+    from slt import _runtime
+
+    libc = _runtime._glibc()
+    for param, value in [(-3, _runtime.HEAP_MMAP_THRESHOLD), (-1, _runtime.HEAP_TRIM_THRESHOLD),
+                         (-2, _runtime.HEAP_PAD), (-2, _runtime.GLIBC_TOP_PAD)]:
+        assert libc.mallopt(param, value) == 1
+    assert libc.malloc_trim(0) in (0, 1)

@@ -13,6 +13,10 @@ identical LLC job (same model at w*, data, loss, nβ, γ, ε, chains, draws, bat
     step, for each chain, ``torch.func.functional_call`` + ``torch.autograd.grad`` on a minibatch and
     the in-place SGLD update w ← w − ε/2 (nβ ∇L_B + γ(w − w*)) + √ε ξ, recording
     nβ (L_B(w) − L_B(w*)) with L_B(w*) gathered from per-sample losses at w* precomputed once.
+    ``--hand-heap`` adds a row: the same loop inside ``slt._runtime.retained_heap`` (glibc's heap kept
+    mapped while sampling, as slt keeps it), so that the allocator setting and slt's own work can be told
+    apart.  slt's setting freezes glibc's dynamic thresholds at 32/64 MiB for the rest of the process, and
+    the warm-up runs slt first: every timed method runs with those thresholds.
 
 Jobs (synthetic data, fixed seeds, each network trained briefly with Adam to near a minimum):
 
@@ -63,7 +67,8 @@ reads its resident set (``VmRSS``), resets the kernel's peak mark (``echo 5 > /p
 runs the call and reads the peak (``VmHWM``): growth = peak − RSS before, i.e. everything the call held at
 its worst moment (parameter copies, activations, autograd buffers, noise, traces).  (``ru_maxrss`` is not
 usable here: Linux carries the parent's peak into a forked child.)  The child runs with
-``MALLOC_MMAP_THRESHOLD_=65536``: every tensor above 64 kB is its own mmap and leaves the resident set
+``MALLOC_MMAP_THRESHOLD_=65536`` (so slt leaves the allocator alone there, see
+``config["allocator"]``): every tensor above 64 kB is its own mmap and leaves the resident set
 when freed (glibc's adaptive threshold would keep freed tensors below 32 MB resident in the heap, so
 the peak would count tensors that were never alive together).  "MB/chain" is the marginal cost
 (growth(8) − growth(1)) / 7, which cancels one-time costs (lazy imports, set-up); "MB@8" is the total

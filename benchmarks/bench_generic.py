@@ -689,6 +689,7 @@ def run_job(job: Job, args: argparse.Namespace) -> list[dict[str, Any]]:
     variants = [(p, 10) for p in job.paths]
     if job.state_dicts is None and "vmap" in job.paths and not args.no_mala_row:
         variants.append(("vmap", 0))
+
     def hand_heap() -> dict[str, Any]:  # the hand loop with slt's allocator setting (what a user could add)
         from slt._runtime import retained_heap
 
@@ -718,8 +719,7 @@ def run_job(job: Job, args: argparse.Namespace) -> list[dict[str, Any]]:
             h = got[label]
             add(label, "loop", h["seconds"], h["llc"], h["se"], extra={"llc_curve": h["curve"]} if K > 1 else None)
     slt_rows = {}
-    first = 2 if args.hand_heap else 1
-    for label, _ in runners[first:first + len(variants)]:
+    for label in (lb for lb, _ in runners if lb.startswith("slt ")):
         s = got[label]
         r = add(label, s["path"], s["seconds"], s["llc"][-1], s["se"][-1], s["loop_seconds"],
                 extra={"mala": s["mala"][-1], "rhat": s["rhat"][-1], "warnings": s["warnings"],
@@ -780,7 +780,7 @@ def run_job(job: Job, args: argparse.Namespace) -> list[dict[str, Any]]:
     print(f"   slt auto / hand loop = {auto_ms / hand_ms:.2f}× per chain-step (target ≤ 1.0: "
           f"{'met' if auto_ms / hand_ms <= 1.0 else 'NOT met'})")
     if args.hand_heap:
-        heap_ms = rows[1]["ms_per_chain_step"]
+        heap_ms = next(r["ms_per_chain_step"] for r in rows if r["method"] == "hand loop, heap kept")
         summary["slt_over_hand_heap"] = auto_ms / heap_ms
         print(f"   slt auto / hand loop with the heap kept as slt keeps it = {auto_ms / heap_ms:.2f}×")
     if di is not None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import functools
 import importlib
 import os
 import platform
@@ -68,9 +69,10 @@ _USER_MALLOC_ENV = ("MALLOC_TOP_PAD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_MMAP_TH
 _heap_depth = 0
 
 
+@functools.cache
 def _glibc() -> Any:
     """The process's C library when it is glibc (it has ``mallopt``, ``malloc_trim`` and
-    ``gnu_get_libc_version``), else ``None``."""
+    ``gnu_get_libc_version``), else ``None``; looked up once per process."""
     if not sys.platform.startswith("linux"):
         return None
     try:
@@ -112,8 +114,9 @@ def retained_heap(device: torch.device) -> Iterator[str]:
     kernel).  For the block, ``mallopt`` keeps up to :data:`HEAP_PAD` of freed memory at the top of
     the heap and serves allocations below :data:`HEAP_MMAP_THRESHOLD` from the heap; afterwards the
     pad returns to glibc's default and ``malloc_trim(0)`` hands the free memory back.  Measured on a
-    2-core VM: the 16-checkpoint curve of ``benchmarks/bench_generic.py`` 0.70 → 0.55 ms per chain-step,
-    the GPT-2 job 23–31 → 23–25 ms on the vmap path; no change on the small MLP and CNN.
+    2-core VM (alternating processes): the 16-checkpoint curve of ``benchmarks/bench_generic.py``
+    0.78 → 0.61 ms per chain-step on average, the GPT-2 job 26–34 → 22–25 ms on the vmap path; no
+    change beyond noise on the small MLP, the CNN and the 1M MLP.
 
     Process-wide and one-way in part: setting any of these disables glibc's dynamic thresholds for
     the rest of the process, which keeps 32 MiB / 64 MiB (the values that rule converges to).  Left

@@ -485,7 +485,8 @@ def sample_target(
         "compiled_calls": None if target.evaluator.compiled is None else target.evaluator.compiled.calls,
         "autocast": None if target.evaluator.autocast is None else str(target.evaluator.autocast).replace("torch.", ""),
         "mala_every": mala_every, "divergence_threshold": thresh, "num_threads": num_threads,
-        "allocator": run["allocator"], "control_variate": control_variate, "shared_batches": batches.shared, "num_params": target.d,
+        "allocator": run["allocator"], "control_variate": control_variate, "shared_batches": batches.shared,
+        "num_params": target.d,
         "num_checkpoints": target.K, "versions": versions(),
         "localization_auto": target.localization_auto, "localization_escalations": escalations,
     }

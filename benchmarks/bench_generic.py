@@ -112,6 +112,7 @@ import json
 import math
 import os
 import pstats
+import re
 import subprocess
 import sys
 import tempfile
@@ -460,7 +461,14 @@ def run_slt(job: Job, path: str, chains: int, draws: int, mala_every: int = 10) 
         "mala": [r.diagnostics.get("mala_acceptance") for r in results],
         "rhat": [r.diagnostics.get("rhat") for r in results],
         "warnings": msgs, "path_reason": r0.diagnostics.get("path_reason", ""),
+        "compile_seconds": _compile_seconds(r0.diagnostics.get("path_reason", "")),
     }
+
+
+def _compile_seconds(reason: str) -> float | None:
+    """Seconds of the compiling call named in a path reason (``"... compiled in 2.43 s"``), if any."""
+    m = re.search(r"compiled in ([0-9.eE+-]+) s", reason)
+    return float(m.group(1)) if m else None
 
 
 def run_devinterp(job: Job, model: nn.Module, chains: int, draws: int) -> dict[str, Any]:
@@ -708,10 +716,15 @@ def run_job(job: Job, args: argparse.Namespace) -> list[dict[str, Any]]:
     for rnd in range(args.repeats):
         for label, fn in (runners if rnd % 2 == 0 else runners[::-1]):
             res = fn()
+            if res.get("compile_seconds"):  # the run without its compiling call (a long run's steady rate)
+                res["steady_seconds"] = res["seconds"] - res["compile_seconds"]
             if label not in got:
                 got[label] = res
             else:
                 got[label]["seconds"] = min(got[label]["seconds"], res["seconds"])
+                if "steady_seconds" in res:
+                    got[label]["steady_seconds"] = min(got[label].get("steady_seconds", math.inf),
+                                                       res["steady_seconds"])
                 if "loop_seconds" in res:
                     got[label]["loop_seconds"] = min(got[label]["loop_seconds"], res["loop_seconds"])
     for label in ("hand loop", "hand loop, heap kept"):
@@ -724,6 +737,8 @@ def run_job(job: Job, args: argparse.Namespace) -> list[dict[str, Any]]:
         r = add(label, s["path"], s["seconds"], s["llc"][-1], s["se"][-1], s["loop_seconds"],
                 extra={"mala": s["mala"][-1], "rhat": s["rhat"][-1], "warnings": s["warnings"],
                        **({"llc_curve": s["llc"], "se_curve": s["se"]} if K > 1 else {})})
+        if s.get("steady_seconds") is not None:
+            r["steady_ms_per_chain_step"] = 1e3 * s["steady_seconds"] / work
         slt_rows[label] = (r, s)
     di = None
     if "devinterp" in got:
@@ -791,6 +806,12 @@ def run_job(job: Job, args: argparse.Namespace) -> list[dict[str, Any]]:
         summary["devinterp_over_floor"] = di["ms_per_chain_step"] / floor_ms
         print(f"   devinterp / floor = {di['ms_per_chain_step'] / floor_ms:.1f}×: the most any implementation of "
               "these FLOPs could gain over devinterp on this thread")
+        for label, (r, _) in slt_rows.items():
+            if r.get("steady_ms_per_chain_step"):
+                st = r["steady_ms_per_chain_step"]
+                summary[f"devinterp_over_{label.replace(' ', '_')}_steady"] = di["ms_per_chain_step"] / st
+                print(f"   {label} without its compiling call (a long run's rate): {st:.3f} ms per chain-step; "
+                      f"devinterp / that = {di['ms_per_chain_step'] / st:.2f}×")
         tgt = "no target (≥ 1M params)" if target is None else \
             f"target ≥ {target:g}: {'met' if speed >= target else 'NOT met'}"
         sa = slt_rows["slt auto"][0]

@@ -69,10 +69,16 @@ class CompiledStep:
     evaluator
         A :class:`slt.evaluator.ChainEvaluator` on the vmap path, without restrictions.
     flat, batch
-        The rows and a minibatch of the run (their shapes are what is compiled for).
+        The rows and a minibatch of the run (their shapes are what is served).
+    block
+        Rows per compiled call (``None``, or one that does not divide the rows: all at once).  The
+        graph is compiled for one block and called for each: with many rows the activations of all
+        at once outgrow the caches.  Measured on one CPU thread, 16 checkpoints × 8 chains of a
+        13k-parameter MLP (batch 256; ms per row of the gradient evaluation): 0.345 all 128 rows at
+        once, 0.286 in blocks of 32, 0.276 of 16, 0.274 of 8 (eager: 0.40–0.59, 0.37–0.39, 0.37, 0.39).
     """
 
-    def __init__(self, evaluator: Any, flat: Tensor, batch: Batch):
+    def __init__(self, evaluator: Any, flat: Tensor, batch: Batch, block: int | None = None):
         from torch.func import grad_and_value
 
         from .evaluator import _call_module
@@ -101,6 +107,9 @@ class CompiledStep:
         self._fn: Callable = torch.compile(step, dynamic=False)
         self._ev, self._spec = ev, spec
         self.signature = _signature(flat, batch)
+        R = flat.shape[0]
+        #: rows per compiled call (divides the rows)
+        self.block = int(block) if block and 0 < block < R and R % block == 0 else R
         #: evaluations served (a run whose steps never match the signature would show 0)
         self.calls = 0
 
@@ -110,26 +119,34 @@ class CompiledStep:
     def __call__(self, flat: Tensor, batch: Batch) -> tuple[Tensor, Tensor]:
         from .evaluator import _standard_attention, _vmap_attention
 
-        # the strides compiled for (a run starts from a broadcast w*)
-        params = self._spec.unflatten(flat.detach().contiguous())
-        with _standard_attention(), _vmap_attention():  # switched outside the graph (dynamo cannot trace them)
-            grads, losses = self._fn(params, self._ev.buffers, batch.x, batch.y, batch.weights)
+        from .evaluator import _row_block
+
+        flat = flat.detach().contiguous()  # the strides compiled for (a run starts from a broadcast w*)
+        R, b = flat.shape[0], self.block
         out = torch.empty(flat.shape, dtype=flat.dtype, device=flat.device)
-        for name, slot in self._spec.unflatten(out).items():
-            slot.copy_(grads[name])
+        losses = torch.empty(R, dtype=flat.dtype, device=flat.device)
+        with _standard_attention(), _vmap_attention():  # switched outside the graph (dynamo cannot trace them)
+            for r0 in range(0, R, b):
+                sl = slice(r0, r0 + b)
+                bb = batch if b == R else _row_block(batch, sl)
+                grads, lb = self._fn(self._spec.unflatten(flat[sl]), self._ev.buffers, bb.x, bb.y, bb.weights)
+                for name, slot in self._spec.unflatten(out[sl]).items():
+                    slot.copy_(grads[name])
+                losses[sl] = lb.detach()
         self.calls += 1
-        return losses.detach(), out
+        return losses, out
 
 
-def compile_step(evaluator: Any, flat: Tensor, batch: Batch) -> tuple[CompiledStep, float]:
-    """Compile ``evaluator``'s step for ``(flat, batch)``: ``(step, seconds of the compiling call)``
+def compile_step(evaluator: Any, flat: Tensor, batch: Batch, block: int | None = None) -> tuple[CompiledStep, float]:
+    """Compile ``evaluator``'s step for ``(flat, batch)``, in blocks of ``block`` rows when that divides
+    them (:class:`CompiledStep`): ``(step, seconds of the compiling call)``
     (timing it against the eager step is :func:`slt.target.fastest_path`'s).  Raises
     :class:`NotOneGraph` when dynamo broke the graph or captured none, and what ``torch.compile``
     raises when it fails outright."""
     from torch._dynamo.utils import counters
 
     flat = flat.contiguous()  # as a run's state is (a broadcast w* would compile for other strides)
-    step = CompiledStep(evaluator, flat, batch)
+    step = CompiledStep(evaluator, flat, batch, block)
     breaks0, graphs0 = dict(counters["graph_break"]), counters["stats"]["unique_graphs"]
     t0 = time.perf_counter()
     step(flat, batch)

@@ -26,6 +26,7 @@ per-sample losses at w* the same way; plain tensors keep the tensor code path.
 
 from __future__ import annotations
 
+import math
 import warnings
 from contextlib import contextmanager
 from typing import Any, Mapping
@@ -37,7 +38,7 @@ from .data import Batch, Columns, Data, LoaderSource, _map, _plain, num_rows
 from .losses import LossAdapter
 from .params import ParamSpec
 
-__all__ = ["ChainEvaluator", "choose_path", "PATH_REASONS", "validate_model_and_loss", "probe_batch", "to_device",
+__all__ = ["ChainEvaluator", "choose_path", "PATH_REASONS", "validate_model_and_loss", "check_gradients_reach", "probe_batch", "to_device",
            "call_module", "module_aliases", "describe", "resolve_autocast", "AUTOCAST_DTYPES"]
 
 
@@ -634,6 +635,8 @@ def validate_model_and_loss(model: nn.Module, adapter: LossAdapter, probe: Batch
         raise ValueError(
             f"loss_fn must return a scalar (0-d tensor, the mean loss over the batch); got {shape}"
         )
+    _check_buffer_writes(model, buffers, x, y, adapter)
+    _check_mean_reduction(model, x, y, adapter, loss)
     name = _loss_name(adapter.loss_fn)
     if isinstance(out, Tensor) and isinstance(y, Tensor) and name in _ELEMENTWISE and out.shape != y.shape:
         raise ValueError(
@@ -656,6 +659,161 @@ def validate_model_and_loss(model: nn.Module, adapter: LossAdapter, probe: Batch
     elif not (isinstance(out, Tensor) and isinstance(y, Tensor)):
         _check_per_sample_lift(adapter, out, y, loss)
     return out
+
+
+def _same_values(a: Tensor, b: Tensor) -> bool:
+    """Equal shapes and values, NaN equal to NaN."""
+    if a.shape != b.shape or a.dtype != b.dtype:
+        return False
+    if torch.equal(a, b):
+        return True
+    if not (a.is_floating_point() or a.is_complex()):
+        return False
+    return bool(((a == b) | (a.isnan() & b.isnan())).all())
+
+
+def _check_buffer_writes(model: nn.Module, buffers: dict[str, Tensor], x: Any, y: Any, adapter: LossAdapter) -> None:
+    """Refuse a model whose ``forward`` writes to its buffers in a way that changes its output.
+
+    slt evaluates the model on its own copies of the buffers (the user's are never touched), so a
+    forward that only keeps count (a call counter, BatchNorm's running statistics in train mode, a
+    cache filled on the first call) is harmless.  One that updates state its output depends on (a
+    running normaliser or a moving average updated in ``forward``) makes the loss of the same ``w``
+    change with every evaluation: the chains then sample a target that moves while they sample it,
+    and λ̂ mixes that drift with the geometry (seen as "draws below L(w*)" and a large R-hat).
+    Detected on the probe: if the validation call changed a buffer, the model is called twice more on
+    the same samples from fresh copies of the buffers (the second call sees what the first wrote),
+    with the same random numbers (so active dropout is not taken for a change), and the two losses
+    are compared."""
+    written = [n for n, b in model.named_buffers() if n in buffers and not _same_values(buffers[n], b)]
+    if not written:
+        return
+    fresh = {n: b.clone() for n, b in model.named_buffers()}
+    cuda = sorted({b.device for b in fresh.values() if b.device.type == "cuda"}, key=str)
+    losses: list[Tensor] = []
+    failure = ""
+    # the same random numbers for both calls (active dropout must not count as a change)
+    with torch.no_grad(), torch.random.fork_rng(devices=cuda):
+        cpu_state = torch.get_rng_state()
+        cuda_states = [torch.cuda.get_rng_state(d) for d in cuda]
+        for _ in range(2):
+            torch.set_rng_state(cpu_state)
+            for st, d in zip(cuda_states, cuda):
+                torch.cuda.set_rng_state(st, d)
+            try:  # the second call sees the buffers as the first left them
+                losses.append(adapter.loss_fn(call_module(model, fresh, x, module_aliases(model)), y).detach())
+            except Exception as e:  # noqa: BLE001 - the state the first call wrote broke the second
+                failure = f"{type(e).__name__}: {e}"
+                break
+    if len(losses) == 2 and _same_values(losses[0], losses[1]):
+        return
+    names = ", ".join(repr(n) for n in written[:6]) + (f" and {len(written) - 6} more" if len(written) > 6 else "")
+    what = (f"the loss changed from {float(losses[0]):.6g} to {float(losses[1]):.6g}" if len(losses) == 2
+            else f"the second call failed ({failure})" if losses else f"the call failed ({failure})")
+    raise ValueError(
+        f"the model's forward writes to its buffer{'s' if len(written) > 1 else ''} {names} and its output "
+        f"depends on {'them' if len(written) > 1 else 'it'}: called twice on the same two samples, {what}. The "
+        "loss of a fixed w would then change with every evaluation, so the chains would sample a moving target "
+        "and λ̂ would not be the LLC of any one model. Update such state outside forward (or only while "
+        "self.training is True, and call model.eval())"
+    )
+
+
+def check_gradients_reach(model: nn.Module, spec: ParamSpec, adapter: LossAdapter, probe: Batch, w: Tensor,
+                          rows: int = 8) -> None:
+    """Refuse a model whose loss depends on sampled parameters that autograd gives no gradient.
+
+    SGLD moves each parameter by its gradient; a parameter used in ``forward`` under
+    ``torch.no_grad()``, through ``.detach()`` or ``.data`` gets none, so the sampler would let it
+    diffuse as if the loss did not depend on it while the loss does: λ̂ is then meaningless (a model
+    whose output is detached gave a small, finite λ̂ with no warning).  On the first ``rows`` samples
+    of ``probe`` at ``w`` ((d,)), the parameters without a gradient are perturbed (relative size
+    1e-2, fixed generator, the same random numbers in both forward passes) and the loss compared;
+    parameters the loss really does not use (left over, unused) pass."""
+    x = _map(lambda t: t[:rows], probe.x)
+    y = x if probe.y is probe.x else _map(lambda t: t[:rows], probe.y)
+    aliases = module_aliases(model)
+    buffers = {n: b.clone() for n, b in model.named_buffers()}
+    params = {n: v.detach().clone().requires_grad_(True) for n, v in spec.unflatten(w.detach()).items()}
+    cuda = sorted({v.device for v in params.values() if v.device.type == "cuda"}, key=str)
+    with torch.random.fork_rng(devices=cuda):
+        state = torch.get_rng_state(), [torch.cuda.get_rng_state(d) for d in cuda]
+
+        def loss_at(p: Mapping[str, Tensor]) -> Any:
+            torch.set_rng_state(state[0])
+            for st, d in zip(state[1], cuda):
+                torch.cuda.set_rng_state(st, d)
+            return adapter.loss_fn(call_module(model, {**p, **{k: v.clone() for k, v in buffers.items()}}, x,
+                                               aliases), y)
+
+        with torch.enable_grad():
+            loss = loss_at(params)
+        if isinstance(loss, Tensor) and loss.requires_grad:
+            grads = torch.autograd.grad(loss, list(params.values()), allow_unused=True)
+            silent = [n for n, g in zip(params, grads) if g is None]
+        else:
+            silent = list(params)
+        if not silent:
+            return
+        gen = torch.Generator(device=w.device).manual_seed(0)
+        moved = {n: (v.detach() + 1e-2 * (v.detach().abs() + 1e-2)
+                     * torch.randn(v.shape, generator=gen, device=v.device, dtype=v.dtype)) if n in silent
+                 else v.detach() for n, v in params.items()}
+        with torch.no_grad():
+            again = loss_at(moved)
+    if _same_values(torch.as_tensor(again).detach(), torch.as_tensor(loss).detach()):
+        return  # unused parameters: their gradient is 0 indeed
+    everything = len(silent) == len(params)
+    names = ", ".join(repr(n) for n in silent[:6]) + (f" and {len(silent) - 6} more" if len(silent) > 6 else "")
+    raise ValueError(
+        (f"no parameter gets a gradient from loss_fn (the loss does not require grad), yet the loss changes "
+         f"when they move" if everything else
+         f"the loss depends on the parameters {names}, yet autograd gives them no gradient")
+        + f" (moving them by 1e-2 of their size changed the loss on the first samples from {float(loss):.6g} "
+        f"to {float(again):.6g}): they are used under torch.no_grad(), through .detach() or .data in forward or "
+        "loss_fn. SGLD would move them as if the loss did not depend on them, so λ̂ would be meaningless. Remove "
+        "the detach/no_grad, or freeze those parameters (p.requires_grad_(False)) to hold them at w*"
+    )
+
+
+def _check_mean_reduction(model: nn.Module, x: Any, y: Any, adapter: LossAdapter, loss: Tensor) -> None:
+    r"""Refuse a ``loss_fn`` that sums over the batch (``reduction="sum"``).
+
+    :math:`\hat\lambda = n\beta(\mathbb E[L_n(w)] - L_n(w^*))` needs :math:`L_n` the mean loss: a
+    sum multiplies the loss and the gradient the sampler follows by the batch size, and nothing
+    downstream can tell (an MLP's λ̂ came out 2485 instead of 0.57, with no warning).  On the probe's ``k`` samples
+    the loss is compared with the losses of each sample alone: equal to their sum and not to their
+    mean is a sum.  Losses that couple the samples of a batch (neither) and models that cannot run on
+    one sample pass."""
+    k = num_rows(x)
+    if k < 2:
+        return
+    aliases = module_aliases(model)
+    parts = []
+    try:
+        with torch.no_grad():
+            for i in range(k):
+                xi = _map(lambda t: t[i:i + 1], x)
+                yi = xi if y is x else _map(lambda t: t[i:i + 1], y)
+                buffers = {n: b.clone() for n, b in model.named_buffers()}
+                part = adapter.loss_fn(call_module(model, buffers, xi, aliases), yi)
+                if not isinstance(part, Tensor) or part.numel() != 1:
+                    return
+                parts.append(float(part))
+    except Exception:  # noqa: BLE001 - a model or loss that needs several samples: nothing to compare
+        return
+    total, whole = math.fsum(parts), float(loss)
+    mean, scale = total / k, math.fsum(abs(p) for p in parts)
+    if not (math.isfinite(whole) and math.isfinite(scale)) or scale == 0:
+        return
+    tol = 1e-3 * scale  # far above float rounding, far below the gap k·mean − mean
+    if abs(whole - total) <= tol and abs(whole - mean) > 10 * tol:
+        raise ValueError(
+            f"loss_fn sums over the batch: on {k} samples it returned {whole:.6g}, the sum of the samples' "
+            f"losses ({total:.6g}), not their mean ({mean:.6g}). λ̂ = nβ (E[L_n(w)] − L_n(w*)) needs L_n the mean "
+            "loss (a sum multiplies the loss and the sampler's gradient by the batch size): use reduction='mean' (the "
+            "default of nn.CrossEntropyLoss(), F.mse_loss, ...) or divide by the number of samples"
+        )
 
 
 def _check_per_sample_lift(adapter: LossAdapter, out: Any, y: Any, loss: Tensor) -> None:

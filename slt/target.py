@@ -58,7 +58,7 @@ from .data import Batch, Data, LoaderSource, _map, as_source, num_rows, row_nume
 from .defaults import default_localization, default_nbeta
 from .groups import Groups, concat_data, split_data
 from .evaluator import (PATH_REASONS, ChainEvaluator, choose_path, resolve_autocast, probe_batch, to_device,
-                        validate_model_and_loss)
+                        validate_model_and_loss, check_gradients_reach)
 from .losses import LossAdapter
 from .params import ParamSpec
 from .rng import ChainRNG
@@ -752,6 +752,7 @@ def prepare_target(
     adapter = LossAdapter(loss_fn)
     probe = probe_batch(source, 64, dev, dtype)
     out = validate_model_and_loss(work_model, adapter, probe)
+    check_gradients_reach(work_model, spec, adapter, probe, w_star[0])
     structured = not (isinstance(probe.x, Tensor) and isinstance(probe.y, Tensor) and isinstance(out, Tensor))
     # chunks of the losses at w* are sized by the larger of input and output per sample (a language
     # model's logits are vocab times its token ids)
@@ -897,7 +898,7 @@ def _compile_path(target: Target, rows: Tensor, batch: Batch, repeats: int, key:
     error = known[2] if known is not None and not known[0] else None
     if error is None:
         try:
-            step, t_compile = compile_step(ev, rows, batch)
+            step, t_compile = compile_step(ev, rows, batch, VMAP_BLOCK_ROWS)
         except Exception as e:  # noqa: BLE001 - torch.compile's many failure types: keep the eager path
             msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             error = f"{type(e).__name__}: {msg[:300]}"
@@ -921,7 +922,7 @@ def _compile_path(target: Target, rows: Tensor, batch: Batch, repeats: int, key:
     keep = asked or faster
     if keep:
         ev.compiled = step
-        ev.max_rows = None  # the compiled step evaluates all rows at once
+        ev.max_rows = None  # the compiled step has its own blocks (CompiledStep.block)
     target.path_reason = f"{target.path_reason}; {'compiled' if keep else 'not compiled'} (torch.compile): {timing}"
     return target
 

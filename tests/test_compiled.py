@@ -100,6 +100,35 @@ def test_compiled_step_equals_the_eager_step():
     assert not torch.allclose(le2, le)  # the two models differ
 
 
+def test_compiled_step_in_blocks_equals_the_eager_step():
+    """A step compiled for blocks of rows (one graph, called per block: what a run with more rows than
+    slt.target.VMAP_BLOCK_ROWS uses) gives every row its own loss and gradient: the eager values to
+    the same float64 bound; a block that does not divide the rows means all rows at once."""
+    m, X, Y = _trained()
+    t = prepare_target(m, (X, Y), loss_fn, vectorize="vmap", dtype=torch.float64)
+    g = torch.Generator().manual_seed(1)
+    rows = t.rows(12) + 1e-2 * torch.randn(12, t.d, generator=g, dtype=torch.float64)
+    batch = t.source.gather(torch.randint(X.shape[0], (12, 64), generator=g))
+    le, ge = t.evaluator.loss_and_grad(rows, batch)
+    tol = 64 * 16 * torch.finfo(torch.float64).eps
+    step = compile_step(t.evaluator, rows, batch, block=4)[0]
+    assert step.block == 4 and step.matches(rows, batch)
+    lc, gc = step(rows, batch)
+    assert torch.allclose(lc, le, rtol=0, atol=tol * float(le.abs().max()))
+    assert torch.allclose(gc, ge, rtol=0, atol=tol * float(ge.abs().max()))
+    # each block sees its own rows' minibatch: permuting the rows permutes the results
+    perm = torch.randperm(12, generator=g)
+    lp, gp = step(rows[perm], slt.data.Batch(batch.x[perm], batch.y[perm], None, False))
+    assert torch.allclose(lp, lc[perm], rtol=0, atol=tol * float(le.abs().max()))
+    assert compile_step(t.evaluator, rows, batch, block=5)[0].block == 12
+    # a shared batch (one for all rows) is passed whole to every block
+    shared = slt.data.Batch(batch.x[0], batch.y[0], None, True)
+    ls, gs = t.evaluator.loss_and_grad(rows, shared)
+    lb, gb = compile_step(t.evaluator, rows, shared, block=4)[0](rows, shared)
+    assert torch.allclose(lb, ls, rtol=0, atol=tol * float(ls.abs().max()))
+    assert torch.allclose(gb, gs, rtol=0, atol=tol * float(gs.abs().max()))
+
+
 def test_vectorize_compile_serves_every_step_of_the_run():
     m, X, Y = _trained()
     kw = dict(RUN, dtype=torch.float64)

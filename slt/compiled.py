@@ -125,7 +125,7 @@ class CompiledStep:
         R, b = flat.shape[0], self.block
         out = torch.empty(flat.shape, dtype=flat.dtype, device=flat.device)
         losses = torch.empty(R, dtype=flat.dtype, device=flat.device)
-        with _standard_attention(), _vmap_attention():  # switched outside the graph (dynamo cannot trace them)
+        with _standard_attention(), _vmap_attention(self._ev.hf_eager):  # outside the graph (dynamo cannot trace them)
             for r0 in range(0, R, b):
                 sl = slice(r0, r0 + b)
                 bb = batch if b == R else _row_block(batch, sl)

@@ -347,6 +347,24 @@ class LoaderSource:
         if self.n == 0:
             raise ValueError("empty dataset: the DataLoader's dataset has 0 samples")
 
+    @property
+    def batch_size(self) -> int | None:
+        """Samples per batch the loader yields (``None`` when its batch sampler does not say)."""
+        b = getattr(self.loader, "batch_size", None)
+        if b is None:
+            b = getattr(getattr(self.loader, "batch_sampler", None), "batch_size", None)
+        return int(b) if isinstance(b, int) else None
+
+    @property
+    def unseeded_shuffle(self) -> bool:
+        """Whether the loader shuffles with PyTorch's global random state (a ``RandomSampler`` without a
+        generator): its batches, and so a run, then differ from call to call whatever ``seed`` is."""
+        from torch.utils.data import RandomSampler
+
+        samplers = [getattr(self.loader, "sampler", None),
+                    getattr(getattr(self.loader, "batch_sampler", None), "sampler", None)]
+        return any(isinstance(sm, RandomSampler) and sm.generator is None for sm in samplers)
+
     def _unpack(self, item: Any) -> tuple[Inputs, Inputs | None, Tensor | None]:
         if isinstance(item, Tensor):
             return item, None, None

@@ -29,7 +29,7 @@ from __future__ import annotations
 import math
 import warnings
 from contextlib import contextmanager
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 from torch import Tensor, nn
 import torch
@@ -59,17 +59,53 @@ def _standard_attention():
 
 
 @contextmanager
-def _vmap_attention():
+def _vmap_attention(hf_configs: Sequence[Any] = ()):
     """Under ``vmap``, ``scaled_dot_product_attention`` in its math form (matmuls and a softmax, which
     vmap batches over chains) instead of the fused CPU/GPU kernels, which have no batching rule and
-    would run once per sample with a performance warning per call."""
+    would run once per sample with a performance warning per call.  ``hf_configs``: Hugging Face
+    configs whose attention implementation is switched to ``"eager"`` for the block and restored
+    after (:func:`hf_attention_configs`)."""
+    saved = [(c, _attn_slot(c), getattr(c, _attn_slot(c))) for c in hf_configs]
     try:
-        from torch.nn.attention import SDPBackend, sdpa_kernel
-    except ImportError:  # torch without the context manager: the default kernels
-        yield
-        return
-    with sdpa_kernel([SDPBackend.MATH]):
-        yield
+        for c, slot, _ in saved:
+            setattr(c, slot, "eager")
+        try:
+            from torch.nn.attention import SDPBackend, sdpa_kernel
+        except ImportError:  # torch without the context manager: the default kernels
+            yield
+            return
+        with sdpa_kernel([SDPBackend.MATH]):
+            yield
+    finally:
+        for c, slot, value in reversed(saved):
+            setattr(c, slot, value)
+
+
+def _attn_slot(config: Any) -> str:
+    """The attribute that holds a Hugging Face config's attention implementation, set without
+    recursing into sub-configs (``_attn_implementation_internal`` in transformers ≥ 4.4x)."""
+    return "_attn_implementation_internal" if hasattr(config, "_attn_implementation_internal") \
+        else "_attn_implementation"
+
+
+def hf_attention_configs(model: nn.Module) -> list[Any]:
+    """The distinct Hugging Face configs reachable from ``model``'s modules whose attention
+    implementation is neither ``"eager"`` nor unset (``"sdpa"``, ...).
+
+    Hugging Face's ``sdpa`` path builds its attention mask with a branch on the mask's values
+    (whether every position is real), which ``vmap`` cannot batch when each chain has its own
+    minibatch; ``eager`` attention computes the same softmax attention with the mask always
+    materialised.  The vmap path switches these configs to ``"eager"`` while it calls the model
+    (:func:`_vmap_attention`) when the model would otherwise fail under vmap."""
+    out: list[Any] = []
+    for m in model.modules():
+        c = getattr(m, "config", None)
+        if c is None or any(c is o for o in out):
+            continue
+        impl = getattr(c, "_attn_implementation", None)
+        if isinstance(impl, str) and impl != "eager":
+            out.append(c)
+    return out
 
 
 #: The precisions ``autocast`` accepts, by name.
@@ -326,6 +362,9 @@ class ChainEvaluator:
         #: vmap path: a :class:`slt.compiled.CompiledStep` serving the calls of its signature (the run's
         #: step); set by :func:`slt.target.fastest_path`
         self.compiled: Any = None
+        #: vmap path: Hugging Face configs run with ``"eager"`` attention during vmapped calls
+        #: (:func:`hf_attention_configs`; set by :func:`slt.target._evaluator` when ``sdpa`` fails under vmap)
+        self.hf_eager: list[Any] = []
         # functional_call may update buffers in place (BatchNorm running stats in
         # training mode): work on private copies so the user's module is never modified.
         self.buffers = {n: b.detach().clone() for n, b in model.named_buffers()}
@@ -356,7 +395,7 @@ class ChainEvaluator:
             def one(p: Tensor, xb: Tensor) -> Tensor:
                 return self.call({**self.spec.unflatten(p), **buffers}, xb)
 
-            with _vmap_attention():
+            with _vmap_attention(self.hf_eager):
                 return torch.vmap(one, in_dims=(0, None if shared else 0))(flat, x)
         outs = []
         for c in range(C):
@@ -386,7 +425,7 @@ class ChainEvaluator:
 
         bd = None if batch.shared else 0  # a shared batch is broadcast, not copied
         in_dims = (0, bd, bd, bd if batch.weights is not None else None)
-        with _vmap_attention():
+        with _vmap_attention(self.hf_eager):
             return torch.vmap(one, in_dims=in_dims)(dict(params), batch.x, batch.y, batch.weights)
 
     def _chain_loss(self, params: Mapping[str, Tensor], batch: Batch, c: int) -> Tensor:
@@ -499,7 +538,7 @@ class ChainEvaluator:
                     return self.adapter.single_loss(self.call({**fixed, **p, **buffers}, xb), yb, wb)
 
                 block_out = torch.empty(fb.shape, dtype=flat.dtype, device=flat.device)
-                with torch.enable_grad(), _vmap_attention():
+                with torch.enable_grad(), _vmap_attention(self.hf_eager):
                     lb = torch.vmap(one, in_dims=(0, xd, yd, wd))(moved, x, y, w)
                     self._grads_into(lb.sum(), moved, block_out)  # unmoved parameters' slices stay 0
                 out.index_copy_(0, sub, block_out)
@@ -541,7 +580,7 @@ class ChainEvaluator:
                     return self.adapter.per_sample(
                         self.call({**self.spec.unflatten(p), **buffers}, x), y, 1)
 
-                with _vmap_attention():
+                with _vmap_attention(self.hf_eager):
                     return torch.vmap(one)(flat)
             return torch.stack([
                 self.adapter.per_sample(
@@ -634,6 +673,17 @@ def validate_model_and_loss(model: nn.Module, adapter: LossAdapter, probe: Batch
         shape = tuple(loss.shape) if isinstance(loss, Tensor) else type(loss).__name__
         raise ValueError(
             f"loss_fn must return a scalar (0-d tensor, the mean loss over the batch); got {shape}"
+        )
+    if loss.is_floating_point() and not bool(torch.isfinite(loss.detach()).all()):
+        from .losses import _flatten
+
+        outs = [t for t in _flatten(out)[0] if isinstance(t, Tensor)]
+        bad = sum(int((~torch.isfinite(t)).sum()) for t in outs if t.is_floating_point())
+        where = (f": {bad} of the model's {sum(t.numel() for t in outs)} output values are NaN or inf" if bad
+                 else " (the model's output is finite: the loss makes it NaN or inf)")
+        raise ValueError(
+            f"the loss at w* is {float(loss)} on {on} of the data{where}; model output {describe(out)}, target "
+            f"{describe(y)}. Check the model and data (e.g. a log or a division of a value that can reach 0)"
         )
     _check_buffer_writes(model, buffers, x, y, adapter)
     _check_mean_reduction(model, x, y, adapter, loss)

@@ -58,7 +58,7 @@ from .data import Batch, Data, LoaderSource, _map, as_source, num_rows, row_nume
 from .defaults import default_localization, default_nbeta
 from .groups import Groups, concat_data, split_data
 from .evaluator import (PATH_REASONS, ChainEvaluator, choose_path, resolve_autocast, probe_batch, to_device,
-                        validate_model_and_loss, check_gradients_reach)
+                        validate_model_and_loss, check_gradients_reach, hf_attention_configs)
 from .losses import LossAdapter
 from .params import ParamSpec
 from .rng import ChainRNG
@@ -368,6 +368,8 @@ class BatchStream:
         self.full = target.is_full_batch(batch_size)
         source = target.source
         self.batch_size = source.n if self.full else batch_size
+        if isinstance(source, LoaderSource) and source.batch_size is not None:
+            self.batch_size = source.batch_size  # the loader's batches are what the run uses
         self.shared = shared or isinstance(source, LoaderSource)
         self._shared_index = shared
         self._rows = target.rows(num_chains)  # (G*C, d)
@@ -573,8 +575,9 @@ def train_mode_issues(model: nn.Module) -> list[str]:
     return issues
 
 
-def _fallback_hint(e: Exception, model: nn.Module, issues: list[str]) -> str:
-    """What to do about a vmap failure, when the cause is recognisable."""
+def _fallback_hint(e: Exception, model: nn.Module, issues: list[str], eager_tried: bool = False) -> str:
+    """What to do about a vmap failure, when the cause is recognisable (``eager_tried``: the vmap path
+    was retried with Hugging Face attention run as ``"eager"`` and failed again)."""
     msg = str(e)
     if "random" in msg and any(i.startswith("dropout") for i in issues):
         return " — dropout is active: call model.eval()"
@@ -582,6 +585,10 @@ def _fallback_hint(e: Exception, model: nn.Module, issues: list[str]) -> str:
         return " — BatchNorm in train mode: call model.eval() to use the batched path"
     attn = getattr(getattr(model, "config", None), "_attn_implementation", None)
     if "data-dependent control flow" in msg:
+        if eager_tried:
+            return (f" — retried with Hugging Face attention {attn!r} run as 'eager': the model still branches on "
+                    "tensor values (e.g. an encoder's mask creation checks the attention mask for padding), which "
+                    "vmap cannot batch over chains")
         if attn not in (None, "eager"):
             return (f" — Hugging Face attention {attn!r} branches on the attention mask, which vmap cannot "
                     "batch over chains: load the model with attn_implementation=\"eager\" "
@@ -603,15 +610,33 @@ def _evaluator(
     reason = PATH_REASONS[path]
     if evaluator.analytic:
         reason += " and a hand-written gradient for this loss (loss_and_grad_chains)"
-    try:
+    def probe_path() -> None:
         evaluator.loss_and_grad(rows, probe)
         if path == "vmap" and per_chain_probe:  # minibatches differ per chain: vmap maps the inputs too
             evaluator.loss_and_grad(rows, probe.per_chain(rows.shape[0]))
+
+    eager_tried = False
+    try:
+        try:
+            probe_path()
+        except Exception as e:  # noqa: BLE001 - Hugging Face sdpa attention: retried as eager (same maths)
+            configs = hf_attention_configs(model) if path == "vmap" else []
+            if not (configs and "data-dependent control flow" in str(e)):
+                raise
+            evaluator.hf_eager, eager_tried = configs, True
+            try:
+                probe_path()
+            except Exception:  # noqa: BLE001 - not the attention: report the first failure
+                evaluator.hf_eager = []
+                raise e from None
+            impls = sorted({str(c._attn_implementation) for c in configs})
+            reason += (f"; Hugging Face attention {', '.join(map(repr, impls))} run as 'eager' under vmap (the same "
+                       "attention; the other branches on the attention mask, which vmap cannot batch over chains)")
     except Exception as e:  # noqa: BLE001 - decide the fallback
         if vectorize != "auto" or path == "loop":
             raise
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-        hint = _fallback_hint(e, model, list(issues))
+        hint = _fallback_hint(e, model, list(issues), eager_tried)
         warnings.warn(
             f"{caller}: the {path} path failed on this model ({type(e).__name__}: {msg}){hint}; "
             "falling back to a sequential loop over chains (slower).",
@@ -744,6 +769,11 @@ def prepare_target(
     source = as_source(data)
     if isinstance(source, LoaderSource) and full_data:
         source = _stack_loader(source)
+    if isinstance(source, LoaderSource) and source.unseeded_shuffle:
+        issues.append("the DataLoader shuffles with PyTorch's global random state (its sampler has no generator), "
+                      "so runs with the same seed see different batches and differ: to make a run repeatable, build the "
+                      "loader for it with DataLoader(..., generator=torch.Generator().manual_seed(s))")
+        warnings.warn(f"{caller}: {issues[-1]}", RuntimeWarning, stacklevel=3)
     if isinstance(source, Data):
         source = source.to(dev, dtype)
     n = source.n if parts is None else parts[0].n
@@ -946,6 +976,7 @@ def _like(evaluator: ChainEvaluator, path: str) -> ChainEvaluator:
     out = ChainEvaluator(evaluator.model, evaluator.spec, evaluator.adapter, path, structured=evaluator.structured,
                          autocast=evaluator.autocast)
     out.grad_names = evaluator.grad_names
+    out.hf_eager = evaluator.hf_eager
     return out
 
 

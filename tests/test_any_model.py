@@ -368,6 +368,31 @@ def test_loader_of_dicts_and_full_data():
     assert torch.isfinite(r.loss_trace).all()
 
 
+def test_a_shuffling_loader_without_a_generator_is_named_and_its_batch_size_recorded():
+    from torch.utils.data import DataLoader, TensorDataset
+
+    X, Y = _data(n=120)
+    ds = TensorDataset(X, Y)
+    kw = dict(KW, batch_size=64)  # the loader's 16 is what runs, and what the config records
+    with pytest.warns(RuntimeWarning, match=r"the DataLoader shuffles with PyTorch's global random state .*"
+                                            r"generator=torch.Generator\(\).manual_seed\(s\)"):
+        r = slt.estimate_llc(_plain_model(), DataLoader(ds, batch_size=16, shuffle=True), F.mse_loss, **kw)
+    assert r.config["batch_size"] == 16
+
+    def run():
+        loader = DataLoader(ds, batch_size=16, shuffle=True, generator=torch.Generator().manual_seed(5))
+        with warnings.catch_warnings():
+            warnings.filterwarnings("error", message=".*global random state")
+            return slt.estimate_llc(_plain_model(), loader, F.mse_loss, **kw)
+
+    a, b = run(), run()
+    assert torch.equal(a.loss_trace, b.loss_trace)
+    # not shuffled: nothing to say
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*global random state")
+        slt.estimate_llc(_plain_model(), DataLoader(ds, batch_size=16), F.mse_loss, **kw)
+
+
 def test_dataset_of_dict_items_is_stacked():
     X, Y = _data(n=30)
 
@@ -469,6 +494,30 @@ def test_losses_that_average_or_couple_samples_pass_the_reduction_check():
     # a sum over output dimensions, mean over samples: fine
     Xr, Yr = _data(n=60)
     slt.estimate_llc(nn.Linear(3, 2).to(F64), (Xr, Yr), lambda out, t: ((out - t) ** 2).sum(-1).mean(), **KW)
+
+
+def test_a_loss_that_is_nan_at_w_star_names_the_output():
+    """It used to surface as "the per-sample form of loss_fn does not average to loss_fn: nan vs nan"."""
+    X, _ = _cls_data()
+
+    class LogOut(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.l = nn.Linear(3, 1)
+            with torch.no_grad():
+                self.l.weight.copy_(torch.tensor([[1.0, 0.0, 0.0]]))
+                self.l.bias.zero_()
+
+        def forward(self, x):
+            return {"pred": torch.log(self.l(x)).squeeze(-1)}  # NaN where x[:, 0] < 0
+
+    y = torch.randn(50)
+    X[0, 0], X[1, 0] = -1.0, 2.0
+    with pytest.raises(ValueError, match=r"the loss at w\* is nan on the first 2 samples of the data: 1 of the "
+                                         r"model's 2 output values are NaN or inf; model output dict\{'pred'"):
+        slt.estimate_llc(LogOut(), (X, y), lambda out, t: F.mse_loss(out["pred"], t), **SMALL)
+    with pytest.raises(ValueError, match=r"the model's output is finite: the loss makes it NaN or inf"):
+        slt.estimate_llc(nn.Linear(3, 1), (X, y[:, None]), lambda out, t: F.mse_loss(out, t) / 0.0 * 0.0, **SMALL)
 
 
 def test_model_and_loss_errors_show_the_real_exception():

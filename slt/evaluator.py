@@ -722,6 +722,23 @@ def _same_values(a: Tensor, b: Tensor) -> bool:
     return bool(((a == b) | (a.isnan() & b.isnan())).all())
 
 
+@contextmanager
+def _replayed_rng(tensors: Any):
+    """Inside: ``rewind()`` puts the global CPU (and the CUDA devices of ``tensors``) random state back
+    where it was on entry, so that calls made after each rewind draw the same random numbers (active
+    dropout then gives the same mask); on exit the state is restored (``torch.random.fork_rng``)."""
+    cuda = sorted({t.device for t in tensors if isinstance(t, Tensor) and t.device.type == "cuda"}, key=str)
+    with torch.random.fork_rng(devices=cuda):
+        cpu_state, cuda_states = torch.get_rng_state(), [torch.cuda.get_rng_state(d) for d in cuda]
+
+        def rewind() -> None:
+            torch.set_rng_state(cpu_state)
+            for st, d in zip(cuda_states, cuda):
+                torch.cuda.set_rng_state(st, d)
+
+        yield rewind
+
+
 def _check_buffer_writes(model: nn.Module, buffers: dict[str, Tensor], x: Any, y: Any, adapter: LossAdapter) -> None:
     """Refuse a model whose ``forward`` writes to its buffers in a way that changes its output.
 
@@ -739,17 +756,12 @@ def _check_buffer_writes(model: nn.Module, buffers: dict[str, Tensor], x: Any, y
     if not written:
         return
     fresh = {n: b.clone() for n, b in model.named_buffers()}
-    cuda = sorted({b.device for b in fresh.values() if b.device.type == "cuda"}, key=str)
     losses: list[Tensor] = []
     failure = ""
     # the same random numbers for both calls (active dropout must not count as a change)
-    with torch.no_grad(), torch.random.fork_rng(devices=cuda):
-        cpu_state = torch.get_rng_state()
-        cuda_states = [torch.cuda.get_rng_state(d) for d in cuda]
+    with torch.no_grad(), _replayed_rng(fresh.values()) as rewind:
         for _ in range(2):
-            torch.set_rng_state(cpu_state)
-            for st, d in zip(cuda_states, cuda):
-                torch.cuda.set_rng_state(st, d)
+            rewind()
             try:  # the second call sees the buffers as the first left them
                 losses.append(adapter.loss_fn(call_module(model, fresh, x, module_aliases(model)), y).detach())
             except Exception as e:  # noqa: BLE001 - the state the first call wrote broke the second
@@ -785,14 +797,10 @@ def check_gradients_reach(model: nn.Module, spec: ParamSpec, adapter: LossAdapte
     aliases = module_aliases(model)
     buffers = {n: b.clone() for n, b in model.named_buffers()}
     params = {n: v.detach().clone().requires_grad_(True) for n, v in spec.unflatten(w.detach()).items()}
-    cuda = sorted({v.device for v in params.values() if v.device.type == "cuda"}, key=str)
-    with torch.random.fork_rng(devices=cuda):
-        state = torch.get_rng_state(), [torch.cuda.get_rng_state(d) for d in cuda]
+    with _replayed_rng(params.values()) as rewind:
 
         def loss_at(p: Mapping[str, Tensor]) -> Any:
-            torch.set_rng_state(state[0])
-            for st, d in zip(state[1], cuda):
-                torch.cuda.set_rng_state(st, d)
+            rewind()
             return adapter.loss_fn(call_module(model, {**p, **{k: v.clone() for k, v in buffers.items()}}, x,
                                                aliases), y)
 

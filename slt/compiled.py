@@ -117,9 +117,7 @@ class CompiledStep:
         return _signature(flat, batch) == self.signature
 
     def __call__(self, flat: Tensor, batch: Batch) -> tuple[Tensor, Tensor]:
-        from .evaluator import _standard_attention, _vmap_attention
-
-        from .evaluator import _row_block
+        from .evaluator import _row_block, _standard_attention, _vmap_attention
 
         flat = flat.detach().contiguous()  # the strides compiled for (a run starts from a broadcast w*)
         R, b = flat.shape[0], self.block

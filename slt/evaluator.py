@@ -641,10 +641,11 @@ def validate_model_and_loss(model: nn.Module, adapter: LossAdapter, probe: Batch
     y = x if probe.y is probe.x else _map(lambda t: t[:2], probe.y)
 
     buffers = {n: b.clone() for n, b in model.named_buffers()}  # never touch the user's buffers
+    aliases = module_aliases(model)
     call = "model(**inputs)" if isinstance(x, Mapping) else "model(x)"
     try:
         with torch.no_grad():
-            out = call_module(model, buffers, x, module_aliases(model))
+            out = call_module(model, buffers, x, aliases)
     except Exception as e:  # noqa: BLE001 - re-raised with context
         what = f"inputs {describe(x)}" if isinstance(x, Mapping) else f"x of shape {tuple(x.shape)}"
         if not isinstance(x, (Tensor, Mapping)):
@@ -685,8 +686,8 @@ def validate_model_and_loss(model: nn.Module, adapter: LossAdapter, probe: Batch
             f"the loss at w* is {float(loss)} on {on} of the data{where}; model output {describe(out)}, target "
             f"{describe(y)}. Check the model and data (e.g. a log or a division of a value that can reach 0)"
         )
-    _check_buffer_writes(model, buffers, x, y, adapter)
-    _check_mean_reduction(model, x, y, adapter, loss)
+    _check_buffer_writes(model, aliases, buffers, x, y, adapter)
+    _check_mean_reduction(model, aliases, x, y, adapter, loss)
     name = _loss_name(adapter.loss_fn)
     if isinstance(out, Tensor) and isinstance(y, Tensor) and name in _ELEMENTWISE and out.shape != y.shape:
         raise ValueError(
@@ -709,6 +710,13 @@ def validate_model_and_loss(model: nn.Module, adapter: LossAdapter, probe: Batch
     elif not (isinstance(out, Tensor) and isinstance(y, Tensor)):
         _check_per_sample_lift(adapter, out, y, loss)
     return out
+
+
+def _names(names: list[str], limit: int = 4) -> str:
+    """``"a, b, c, d and 3 more"``: the first ``limit`` names (an empty one is the model itself)."""
+    names = [n or "<model>" for n in names]
+    shown = ", ".join(names[:limit])
+    return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
 
 
 def _same_values(a: Tensor, b: Tensor) -> bool:
@@ -739,7 +747,8 @@ def _replayed_rng(tensors: Any):
         yield rewind
 
 
-def _check_buffer_writes(model: nn.Module, buffers: dict[str, Tensor], x: Any, y: Any, adapter: LossAdapter) -> None:
+def _check_buffer_writes(model: nn.Module, aliases: Mapping[str, list[str]] | None, buffers: dict[str, Tensor],
+                         x: Any, y: Any, adapter: LossAdapter) -> None:
     """Refuse a model whose ``forward`` writes to its buffers in a way that changes its output.
 
     slt evaluates the model on its own copies of the buffers (the user's are never touched), so a
@@ -763,13 +772,13 @@ def _check_buffer_writes(model: nn.Module, buffers: dict[str, Tensor], x: Any, y
         for _ in range(2):
             rewind()
             try:  # the second call sees the buffers as the first left them
-                losses.append(adapter.loss_fn(call_module(model, fresh, x, module_aliases(model)), y).detach())
+                losses.append(adapter.loss_fn(call_module(model, fresh, x, aliases), y).detach())
             except Exception as e:  # noqa: BLE001 - the state the first call wrote broke the second
                 failure = f"{type(e).__name__}: {e}"
                 break
     if len(losses) == 2 and _same_values(losses[0], losses[1]):
         return
-    names = ", ".join(repr(n) for n in written[:6]) + (f" and {len(written) - 6} more" if len(written) > 6 else "")
+    names = _names([repr(n) for n in written], 6)
     what = (f"the loss changed from {float(losses[0]):.6g} to {float(losses[1]):.6g}" if len(losses) == 2
             else f"the second call failed ({failure})" if losses else f"the call failed ({failure})")
     raise ValueError(
@@ -822,7 +831,7 @@ def check_gradients_reach(model: nn.Module, spec: ParamSpec, adapter: LossAdapte
     if _same_values(torch.as_tensor(again).detach(), torch.as_tensor(loss).detach()):
         return  # unused parameters: their gradient is 0 indeed
     everything = len(silent) == len(params)
-    names = ", ".join(repr(n) for n in silent[:6]) + (f" and {len(silent) - 6} more" if len(silent) > 6 else "")
+    names = _names([repr(n) for n in silent], 6)
     raise ValueError(
         (f"no parameter gets a gradient from loss_fn (the loss does not require grad), yet the loss changes "
          f"when they move" if everything else
@@ -834,7 +843,8 @@ def check_gradients_reach(model: nn.Module, spec: ParamSpec, adapter: LossAdapte
     )
 
 
-def _check_mean_reduction(model: nn.Module, x: Any, y: Any, adapter: LossAdapter, loss: Tensor) -> None:
+def _check_mean_reduction(model: nn.Module, aliases: Mapping[str, list[str]] | None, x: Any, y: Any,
+                          adapter: LossAdapter, loss: Tensor) -> None:
     r"""Refuse a ``loss_fn`` that sums over the batch (``reduction="sum"``).
 
     :math:`\hat\lambda = n\beta(\mathbb E[L_n(w)] - L_n(w^*))` needs :math:`L_n` the mean loss: a
@@ -846,7 +856,6 @@ def _check_mean_reduction(model: nn.Module, x: Any, y: Any, adapter: LossAdapter
     k = num_rows(x)
     if k < 2:
         return
-    aliases = module_aliases(model)
     parts = []
     try:
         with torch.no_grad():

@@ -58,7 +58,7 @@ from .data import Batch, Data, LoaderSource, _map, as_source, num_rows, row_nume
 from .defaults import default_localization, default_nbeta
 from .groups import Groups, concat_data, split_data
 from .evaluator import (PATH_REASONS, ChainEvaluator, choose_path, resolve_autocast, probe_batch, to_device,
-                        validate_model_and_loss, check_gradients_reach, hf_attention_configs)
+                        validate_model_and_loss, check_gradients_reach, hf_attention_configs, _names)
 from .losses import LossAdapter
 from .params import ParamSpec
 from .rng import ChainRNG
@@ -522,12 +522,6 @@ def _stack_loader(source: LoaderSource) -> Data:
 # ----------------------------------------------------------------------------
 # train-mode notes
 # ----------------------------------------------------------------------------
-def _names(names: list[str], limit: int = 4) -> str:
-    names = [n or "<model>" for n in names]
-    shown = ", ".join(names[:limit])
-    return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
-
-
 def _dropout_rate_attrs(module: nn.Module) -> list[str]:
     """Float attributes of a module that name a positive drop rate (``attention_dropout``,
     ``dropout``, ``drop_path_rate``, ``resid_pdrop``, ...): functional dropout in ``forward``."""

@@ -683,7 +683,8 @@ def validate_model_and_loss(model: nn.Module, adapter: LossAdapter, probe: Batch
         where = (f": {bad} of the model's {sum(t.numel() for t in outs)} output values are NaN or inf" if bad
                  else " (the model's output is finite: the loss makes it NaN or inf)")
         raise ValueError(
-            f"the loss at w* is {float(loss)} on {on} of the data{where}; model output {describe(out)}, target "
+            f"the loss at w* is NaN or inf ({float(loss)}) on {on} of the data{where}; model output {describe(out)}, "
+            f"target "
             f"{describe(y)}. Check the model and data (e.g. a log or a division of a value that can reach 0)"
         )
     _check_buffer_writes(model, aliases, buffers, x, y, adapter)

@@ -513,7 +513,7 @@ def test_a_loss_that_is_nan_at_w_star_names_the_output():
 
     y = torch.randn(50)
     X[0, 0], X[1, 0] = -1.0, 2.0
-    with pytest.raises(ValueError, match=r"the loss at w\* is nan on the first 2 samples of the data: 1 of the "
+    with pytest.raises(ValueError, match=r"the loss at w\* is NaN or inf \(nan\) on the first 2 samples of the data: 1 of the "
                                          r"model's 2 output values are NaN or inf; model output dict\{'pred'"):
         slt.estimate_llc(LogOut(), (X, y), lambda out, t: F.mse_loss(out["pred"], t), **SMALL)
     with pytest.raises(ValueError, match=r"the model's output is finite: the loss makes it NaN or inf"):

@@ -20,7 +20,8 @@ __all__ = ["LLCDefaults", "LLC", "default_nbeta", "default_localization", "defau
 #: γ for ``localization=None`` (where the automatic γ starts).
 LOCALIZATION = 1.0
 #: With ``localization=None``, how many times γ may be raised tenfold (never above nβ) when a run's
-#: chains have not settled (R-hat > 1.1 or λ̂ still rising through the draws): each raise repeats
+#: chains have not settled (R-hat > 1.1, λ̂ still rising through the draws, or λ̂ not stable when ε
+#: halves: :func:`slt.diagnostics.halved_step_estimate`): each raise repeats
 #: the run from w* with fresh streams (:func:`slt.engine.localization_levels`).
 LOCALIZATION_STEPS = 3
 #: Runs with fewer draws than this keep γ as it starts (R-hat and the drift test of a few dozen draws
@@ -124,8 +125,8 @@ def default_localization() -> float:
     quadratic formula), negligible once nβ h ≫ 1.  The price of a weak γ is
     slow mixing along flat directions (relaxation ≈ 2/(εγ) steps).  With
     ``localization=None`` the engine therefore starts here and raises γ tenfold
-    while the chains have not settled (R-hat > 1.1 or λ̂ still rising through the
-    draws; :data:`LOCALIZATION_STEPS`): networks, whose near-flat directions
+    while the chains have not settled (R-hat > 1.1, λ̂ still rising through the
+    draws or not stable when ε halves; :data:`LOCALIZATION_STEPS`): networks, whose near-flat directions
     wander, end near the γ ≈ 100 that Lau et al. (2025) use for networks, while
     toy models keep γ = 1.
     """

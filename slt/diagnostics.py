@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-__all__ = ["rhat", "ess", "batch_means_sem", "llc_standard_error", "t_threshold"]
+__all__ = ["rhat", "ess", "batch_means_sem", "llc_standard_error", "t_threshold", "halved_step_estimate"]
 
 
 def rhat(trace: Tensor) -> float:
@@ -93,3 +93,39 @@ def t_threshold(z: float, df: int) -> float:
         mid = 0.5 * (lo + hi)
         lo, hi = (mid, hi) if tail(mid) > p else (lo, mid)
     return 0.5 * (lo + hi)
+
+
+def halved_step_estimate(values: Tensor, times: Tensor, step_size: Tensor, num_burnin: int,
+                         num_steps: int) -> Tensor:
+    r"""Per-chain estimate that the same run at half the step size would give, read off this run's trace.
+
+    Langevin dynamics depend on the step only through the time :math:`\tau = \sum_s \epsilon_s`
+    they have run (up to the discretisation bias, which the step's acceptance target bounds
+    separately).  A run at :math:`\epsilon/2` with the same ``num_steps`` and ``num_burnin`` starts
+    from w* like this one and draws over the times :math:`[B\epsilon/2, N\epsilon/2)` — the first
+    half of this run's time.  Its estimate is therefore the mean of this run's values over the steps
+    whose time lies in that window; where it differs from the draws' mean beyond Monte-Carlo error,
+    λ̂ is not stable when ε halves: the chains had not relaxed by the middle of the run.
+
+    Parameters
+    ----------
+    values
+        ``(C, S)`` :math:`n\beta(L_B(w_t) - L_B(w^*))` at every recorded step (adaptation, burn-in,
+        then the draws), in step order; NaN marks a step to leave out.
+    times
+        ``(C, S)`` time :math:`\tau_t = \sum_{s<t}\epsilon_s` of each recorded step (the step sizes of
+        an adaptation phase included).
+    step_size
+        ``(C,)`` the frozen step ε of the draws.
+    num_burnin, num_steps
+        B and N of the run (adaptation counted in both).
+
+    Returns
+    -------
+    ``(C,)`` the mean over the window, NaN for a chain with fewer than 8 usable steps in it.
+    """
+    eps = step_size.double().reshape(-1, 1)
+    inside = (times >= num_burnin * eps / 2) & (times < num_steps * eps / 2) & ~values.isnan()
+    count = inside.sum(1)
+    total = torch.where(inside, values.double(), torch.zeros((), dtype=torch.float64)).sum(1)
+    return torch.where(count >= 8, total / count.clamp(min=1), torch.full_like(total, float("nan")))

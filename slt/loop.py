@@ -43,8 +43,8 @@ class Trace:
     ----------
     loss, star
         ``(R, T)`` :math:`L_B(w_t)` and :math:`L_B(w^*)` at the draws.
-    burnin
-        ``(R, num_burnin)`` loss during burn-in.
+    burnin, burnin_star
+        ``(R, num_burnin)`` :math:`L_B(w_t)` and :math:`L_B(w^*)` during burn-in.
     observables
         ``name -> (R, T, ...)``.
     mala_sum, mala_count
@@ -67,6 +67,7 @@ class Trace:
     divergence_step: Tensor | None = None
     draw_steps: Tensor | None = None
     seconds: float = 0.0
+    burnin_star: Tensor | None = None
 
     @property
     def mala(self) -> Tensor | None:
@@ -81,7 +82,7 @@ class Trace:
         return Trace(cut(self.loss), cut(self.star), cut(self.burnin),
                      {k: cut(v) for k, v in self.observables.items()}, cut(self.mala_sum), self.mala_count,
                      cut(self.diverged), cut(self.divergence_step),
-                     None if self.draw_steps is None else self.draw_steps.cpu(), self.seconds)
+                     None if self.draw_steps is None else self.draw_steps.cpu(), self.seconds, cut(self.burnin_star))
 
 
 @dataclass(frozen=True)
@@ -180,6 +181,7 @@ def run_chains(
     loss_tr = torch.empty((R, T), dtype=dtype, device=dev)
     star_tr = torch.empty((R, T), dtype=dtype, device=dev)
     burn_tr = torch.empty((R, num_burnin), dtype=dtype, device=dev)
+    burn_star = torch.empty((R, num_burnin), dtype=dtype, device=dev)
     obs: dict[str, list[Tensor]] = {}
     mala_sum = torch.zeros(R, dtype=torch.float64, device=dev)
     mala_cnt = 0
@@ -204,6 +206,7 @@ def run_chains(
             draw += 1
         elif not in_draws:
             burn_tr[:, t] = info.loss
+            burn_star[:, t] = star
         if info.mala_accept is not None and in_draws:
             mala_sum += info.mala_accept.double().nan_to_num(0.0)
             mala_cnt += 1
@@ -225,4 +228,4 @@ def run_chains(
     draw_steps = start + num_burnin + torch.arange(T, device=dev) * thin
     observables = {k: torch.stack(v, 1) for k, v in obs.items() if v}
     return state, Trace(loss_tr, star_tr, burn_tr, observables, mala_sum, mala_cnt, diverged, div_step, draw_steps,
-                        seconds)
+                        seconds, burn_star)

@@ -88,6 +88,7 @@ class LLCResult:
         divergence_step: Tensor | None = None,
         draw_steps: Tensor | None = None,
         mala: Tensor | None = None,
+        halved: Tensor | None = None,
         issues: list[str] | None = None,
         rhat_threshold: float = 1.1,
         diagnostics: Mapping[str, Any] | None = None,
@@ -107,6 +108,10 @@ class LLCResult:
             chain is excluded from every statistic.
         mala
             ``(C,)`` mean MALA acceptance per chain, or ``None`` (not computed).
+        halved
+            ``(C,)`` the estimate each chain would give at half the step with the same steps
+            (:func:`slt.diagnostics.halved_step_estimate`), or ``None``: a shortfall of it below
+            λ̂ means λ̂ is not stable when ε halves (a reason for ``converged = False``).
         issues
             Problems of the set-up already reported (e.g. :attr:`slt.target.Target.issues`:
             dropout active): reasons for ``converged = False``, not repeated as warnings.
@@ -121,9 +126,10 @@ class LLCResult:
         (:func:`slt.diagnostics.llc_standard_error`), ``frac_below_init`` (fraction of
         draws below :math:`L(w^*)`, and ``_per_chain``), ``mala_acceptance`` (and
         ``_per_chain``; NaN when not computed), ``divergent_chains``,
-        ``divergence_step`` and ``warnings``: every chain diverged; more than half the
-        draws below :math:`L(w^*)` (w* is not a minimum); MALA acceptance below 0.5;
-        R-hat above ``rhat_threshold``.
+        ``divergence_step``, ``halving`` (:func:`_halving_record`) and ``warnings``: every
+        chain diverged; more than half the draws below :math:`L(w^*)` (w* is not a minimum); MALA
+        acceptance below 0.5; R-hat above ``rhat_threshold``; λ̂ drifting through the draws or not
+        stable when ε halves (:func:`equilibrium_checks`).
         """
         C = loss.shape[0]
         tr = nbeta * (loss - star)
@@ -158,9 +164,10 @@ class LLCResult:
             warn_list.append(f"MALA acceptance {mala_mean:.2f} is low: reduce step_size")
         drift = None
         if valid.any():
-            _, drift, found = equilibrium_checks(tr[valid], mala_mean if mala is not None else None, rhat_threshold, r=r)
+            _, drift, found = equilibrium_checks(tr[valid], mala_mean if mala is not None else None, rhat_threshold,
+                                                 r=r, halved=None if halved is None else halved[valid])
             hint = relaxation_hint(step_size, localization, config)
-            warn_list += [msg + hint if kind == "rising" else msg for kind, msg in found]
+            warn_list += [msg + hint if kind in ("rising", "halving") else msg for kind, msg in found]
         problems = list(issues or []) + warn_list
         if bool(dead.any()) and valid.any():
             problems.append(f"{int(dead.sum())} of {C} chains diverged (excluded)")
@@ -176,6 +183,7 @@ class LLCResult:
             "divergence_step": [int(s) for s in steps if s >= 0],
             "sem_chains": sem_c, "sem_batch_means": sem_b,
             "drift": None if drift is None else {"first_half": drift[0], "second_half": drift[1], "z": drift[2]},
+            "halving": _halving_record(tr[valid], None if halved is None else halved[valid]),
             **dict(diagnostics or {}),
             "warnings": warn_list,
             "converged": not problems,
@@ -191,8 +199,10 @@ class LLCResult:
     @property
     def converged(self) -> bool:
         """Whether no check failed (see :attr:`convergence_reasons`): every chain kept, R-hat within its
-        threshold, no drift of λ̂ through the draws, MALA acceptance ≥ 0.5 where computed, w* a minimum
-        (fewer than half the draws below it), and no problem of the model set-up (e.g. dropout active)."""
+        threshold, no drift of λ̂ through the draws, λ̂ stable when ε halves at the same number of steps (read
+        off the run's own trace: :func:`slt.diagnostics.halved_step_estimate`), MALA acceptance ≥ 0.5 where
+        computed, w* a minimum (fewer than half the draws below it), and no problem of the model set-up
+        (e.g. dropout active)."""
         return bool(self.diagnostics.get("converged", False))
 
     @property
@@ -293,11 +303,12 @@ class LLCResult:
 #: The kinds of :func:`equilibrium_checks` findings that say the chains have not reached equilibrium
 #: (what a stronger localization cures when flat directions keep chains wandering; see
 #: :func:`slt.engine.sample_target`'s automatic localization).
-UNSETTLED = ("rhat", "rising")
+UNSETTLED = ("rhat", "rising", "halving")
 
 
 def equilibrium_checks(tr: Tensor, mala_mean: float | None = None, rhat_threshold: float = 1.1, *,
-                       r: float | None = None) -> tuple[float, tuple[float, float, float] | None, list[tuple[str, str]]]:
+                       r: float | None = None, halved: Tensor | None = None
+                       ) -> tuple[float, tuple[float, float, float] | None, list[tuple[str, str]]]:
     r"""Whether the chains of one group look settled: R-hat and the trend of λ̂ through the draws.
 
     Parameters
@@ -311,13 +322,18 @@ def equilibrium_checks(tr: Tensor, mala_mean: float | None = None, rhat_threshol
         R-hat above this is a finding.
     r
         R-hat if already computed.
+    halved
+        ``(C,)`` the estimate of each chain at half the step with the same steps
+        (:func:`slt.diagnostics.halved_step_estimate`), or ``None``.
 
     Returns
     -------
     ``(rhat, drift, findings)``: drift as :func:`_drift` (``None`` under 3 chains or 8 draws) and
-    findings ``(kind, message)`` with kind ``"rhat"``, ``"rising"``, ``"barely_moved"`` or ``"falling"``.
-    A drift counts when the change between the halves exceeds 2% of λ̂ and its z exceeds Student's t
-    at the two-sided level of a normal 3σ (df = C − 1).
+    findings ``(kind, message)`` with kind ``"rhat"``, ``"rising"``, ``"barely_moved"``, ``"falling"``
+    or ``"halving"``.  A drift counts when the change between the halves exceeds 2% of λ̂ and its z
+    exceeds Student's t at the two-sided level of a normal 3σ (df = C − 1); so does the shortfall
+    of ``halved`` below λ̂ (:func:`_halving_gap`; one-sided: steps of an adaptation phase run at
+    larger ε, whose discretisation bias can only raise ``halved``).
     """
     C = tr.shape[0]
     if r is None:
@@ -344,7 +360,37 @@ def equilibrium_checks(tr: Tensor, mala_mean: float | None = None, rhat_threshol
             found.append(("falling",
                 f"λ̂ still falling through the draws ({first:.4g} then {second:.4g}, z = {z:.1f}): the chains are "
                 "finding lower loss away from w*; is w* a minimum? (train it further)"))
+    gap = _halving_gap(tr, halved) if halved is not None and C >= 3 else None
+    if gap is not None and not any(kind in ("rising", "barely_moved") for kind, _ in found):
+        half, full, z = gap
+        if full - half > 0.02 * max(abs(mean), 1e-12) and z > t_threshold(3.0, C - 1):
+            found.append(("halving",
+                f"λ̂ is not stable when ε halves: a run at ε/2 with the same steps would draw over the first half "
+                f"of this run's time, where λ̂ was {half:.4g} against {full:.4g} in the draws (z = {z:.1f}): the "
+                "chains relax more slowly than the run lasts; raise num_burnin or num_draws, or the localization "
+                "when flat directions keep the chains wandering away from w*"))
     return r, drift, found
+
+
+def _halving_record(tr: Tensor, halved: Tensor | None) -> dict[str, float] | None:
+    """``{"llc_at_half_step", "llc", "z"}`` of :func:`_halving_gap` (``None`` when not computed)."""
+    gap = None if halved is None or tr.shape[0] == 0 else _halving_gap(tr, halved)
+    return None if gap is None else {"llc_at_half_step": gap[0], "llc": gap[1], "z": gap[2]}
+
+
+def _halving_gap(tr: Tensor, halved: Tensor) -> tuple[float, float, float] | None:
+    """``(mean halved estimate, mean λ̂, z)`` over the chains with a halved estimate, z the mean
+    per-chain shortfall (λ̂ − halved) over its standard error across chains; ``None`` under 3 chains."""
+    ok = ~halved.isnan()
+    if int(ok.sum()) < 3:
+        return None
+    full = tr[ok].double().mean(1)
+    half = halved[ok].double()
+    d = full - half
+    se = float(d.std() / math.sqrt(d.numel()))
+    m = float(d.mean())
+    z = m / se if se > 0 else (0.0 if m == 0 else math.copysign(math.inf, m))
+    return float(half.mean()), float(full.mean()), z
 
 
 def relaxation_hint(step_size: Any, localization: Any, config: Mapping[str, Any] | None) -> str:

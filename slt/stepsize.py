@@ -370,7 +370,10 @@ def _acceptance_probe(potential: LocalizedPotential, w: Tensor, batch, eps: Tens
 class Adaptation:
     """What :func:`adapt_step_size` did: the frozen steps (K,), the starting steps (K,), the
     mean acceptance over the last quarter of adaptation (K,), divergence back-offs per
-    checkpoint (K,), adaptation steps, and the loss trace (R, steps)."""
+    checkpoint (K,), adaptation steps, the loss trace :math:`L_B(w_t)` and
+    :math:`L_B(w^*)` (R, steps), the step each step used (K, steps), and which steps drew a fresh
+    batch (steps,) bool (a step after a MALA evaluation reuses its batch, and its loss, taken on the
+    batch that just moved the chain, is biased low)."""
 
     step_size: Tensor
     initial: Tensor
@@ -378,6 +381,9 @@ class Adaptation:
     back_offs: Tensor
     steps: int
     loss_trace: Tensor
+    star_trace: Tensor | None = None
+    step_trace: Tensor | None = None
+    fresh_steps: Tensor | None = None
 
 
 def adapt_step_size(
@@ -411,6 +417,9 @@ def adapt_step_size(
     R, dtype = w_star.shape[0], w_star.dtype
     da = DualAveraging.start(eps0, target_accept)
     loss_tr = torch.empty((R, num_steps), dtype=dtype, device=w_star.device)
+    star_tr = torch.empty((R, num_steps), dtype=dtype, device=w_star.device)
+    eps_tr = torch.empty((K, num_steps), dtype=torch.float64, device=w_star.device)
+    fresh = torch.ones(num_steps, dtype=torch.bool)
     acc_hist = []
     backs = torch.zeros(K, dtype=torch.long, device=w_star.device)
     # minibatch SGLD: MALA every other step, the proposal's evaluation reused by the next step on
@@ -421,12 +430,15 @@ def adapt_step_size(
     for t in range(num_steps):
         eps_rows = da.step_size.to(dtype).repeat_interleave(C).unsqueeze(1)
         smp = spec.bind(potential, eps_rows, **mala, **sampler_kwargs)
+        fresh[t] = not reuse or getattr(state, "cache", None) is None  # full batch: always the same batch
         batch, star = current = next_batch(batches, state, current)
         state, info = smp.step(state, batch, rng)
         acc = info.mala_accept
         if acc is None and not reuse:  # e.g. SGHMC: the Langevin proposal from where the chain now is
             acc = _acceptance_probe(potential, state.params, batch, eps_rows, rng)
         loss_tr[:, t] = info.loss
+        star_tr[:, t] = star
+        eps_tr[:, t] = da.step_size
         bad = diverged_rows(info.loss, star, state.params, potential.nbeta, threshold)
         if bool(bad.any()):
             bad_k = bad.view(K, C).any(1)
@@ -444,7 +456,7 @@ def adapt_step_size(
         da.update(a_k)
     last = torch.stack(acc_hist[-max(1, num_steps // 4):]).mean(0) if acc_hist else torch.full((K,), float("nan"))
     final = da.final if num_steps else eps0.double()
-    return state, Adaptation(final, eps0.double(), last, backs, num_steps, loss_tr)
+    return state, Adaptation(final, eps0.double(), last, backs, num_steps, loss_tr, star_tr, eps_tr, fresh)
 
 
 def stable_step_size(

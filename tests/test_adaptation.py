@@ -136,8 +136,11 @@ def test_defaults_on_normal_crossings_written_as_plain_modules(powers):
     earlier curvature rule made every chain diverge at (1, 2) and (2, 2).  Checks: no divergent
     chain, converged, and λ̂ equal to the exact finite-n expectation on the same potential
     (quadrature; the closed form λ is asymptotic: at n = 1000, γ = 1 the exact value is 16–26%
-    below it for (1, 2) and (2, 3)) within 4 s.e., with s.e. ≤ 10% of it.  SGLD's own bias at the
-    adapted step (acceptance 0.99) is a few per cent, inside that band."""
+    below it for (1, 2) and (2, 3)) within 4 s.e., with s.e. ≤ 12% of it (at (1, 2) the chains
+    spread by about 60% of the value over 1000 draws along the flat direction, so 32 chains give
+    ≈ 0.6/√32 = 10.6%: the earlier 10% floor sat on that edge and failed at 10.4% once the draws
+    stopped reusing MALA batches).  SGLD's own bias at the adapted step (acceptance 0.99) is a few
+    per cent, inside that band."""
     from slt.models import NormalCrossing, gaussian_nll, make_normal_crossing_data
     from test_oracle import _normal_crossing_exact
 
@@ -147,7 +150,7 @@ def test_defaults_on_normal_crossings_written_as_plain_modules(powers):
     r = slt.estimate_llc(_Crossing(powers, w_star), (X, Y), gaussian_nll, num_chains=32, seed=0, progress=False)
     exact = _normal_crossing_exact(list(powers), X.double(), Y.double(), w_star, r.nbeta, r.localization, num=4001)
     assert r.divergent_chains == [] and r.converged, r.convergence_reasons
-    assert r.llc_sem <= 0.10 * exact
+    assert r.llc_sem <= 0.12 * exact
     assert abs(r.llc_mean - exact) <= 4 * r.llc_sem, (r.llc_mean, r.llc_sem, exact)
 
 

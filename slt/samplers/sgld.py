@@ -24,9 +24,11 @@ is free and computed every step.  With ``reuse_batch=True`` it is free on
 minibatches too: after a MALA step the state keeps the evaluation at the
 proposal (``cache``) and the *next step must use the same minibatch*
 (:func:`slt.loop.run_chains` and :func:`slt.stepsize.adapt_step_size` do: a
-state with a cache is stepped on the batch it was computed on).  Each gradient
-is still an unbiased minibatch estimate; one batch in ``mala_every`` is used for
-two consecutive steps.
+state with a cache is stepped on the batch it was computed on).  One batch in
+``mala_every`` is used for two consecutive steps, so the loss recorded at the
+second is taken on the batch that just moved the chain, and is biased low:
+:func:`slt.stepsize.adapt_step_size` reuses (it needs the acceptance, not the
+loss), the engine's draws do not.
 """
 
 from __future__ import annotations

@@ -51,8 +51,8 @@ from ._checks import check_int, check_real
 from ._runtime import intra_op_threads, resolve_device, retained_heap, small_work_threads, versions
 from .defaults import (LLC, LOCALIZATION_MIN_DRAWS, LOCALIZATION_STEPS, default_burnin, default_localization,
                        default_nbeta)
-from .evaluator import ChainEvaluator
 from .diagnostics import halved_step_estimate
+from .evaluator import ChainEvaluator
 from .loop import Divergence, Trace, run_chains, show_progress
 from .result import UNSETTLED, LLCResult, equilibrium_checks
 from .rng import ChainRNG
@@ -351,6 +351,8 @@ class Sampling:
     config: dict[str, Any]
     #: per group, warnings about the run as a whole (e.g. the automatic γ reached its limit)
     notes: dict[int, str] = field(default_factory=dict)
+    #: ``(G*C,)`` the estimate of each row at half its step with the same steps (:func:`_halved_estimates`)
+    halved: Tensor | None = None
 
     def group_step_size(self, g: int) -> float:
         eps = self.step_size
@@ -361,8 +363,7 @@ class Sampling:
         target, C, trace = self.target, self.num_chains, self.trace
         init = target.group_init_loss
         masks = target.groups.masks
-        halved = _halved_estimates(trace, self.adapt, self.halvings, self.step_size, C, target.nbeta,
-                                   int(self.config["num_burnin"]), self.num_steps)
+        halved = self.halved
         out = []
         for g in range(target.G):
             tr = trace.rows(slice(g * C, (g + 1) * C))
@@ -385,7 +386,7 @@ class Sampling:
                 tr.loss, tr.star, nbeta=target.nbeta, init_loss=float(init[g]), step_size=eps_g,
                 localization=target.localization, sampler=self.sampler, burnin=burnin, observables=tr.observables,
                 diverged=tr.diverged, divergence_step=tr.divergence_step, draw_steps=tr.draw_steps, mala=tr.mala,
-                halved=halved[g * C:(g + 1) * C], issues=target.issues, diagnostics=diag, config=config,
+                halved=None if halved is None else halved[g * C:(g + 1) * C], issues=target.issues, diagnostics=diag, config=config,
                 warnings=[self.notes[g]] if g in self.notes else None,
             ))
         return out
@@ -499,7 +500,7 @@ def sample_target(
         "localization_auto": target.localization_auto, "localization_escalations": escalations,
     }
     return Sampling(target, trace, eps, rule, auto, adapt, halvings, C, num_steps, n_adapt, smp.name,
-                    setup_seconds, adapt_seconds, config, notes=limit)
+                    setup_seconds, adapt_seconds, config, notes=limit, halved=halved)
 
 
 def _run_at(target, rows, spec, rule, step_size, kw, C, num_steps, num_burnin, burnin_auto, n_adapt, thin, batch_size,
@@ -687,35 +688,23 @@ def _halved_estimates(trace: Trace, adapt: Any, halvings: int, eps: float | Tens
                       num_burnin: int, num_steps: int) -> Tensor:
     """``(R,)`` the estimate each row would give at half its step with the same steps
     (:func:`slt.diagnostics.halved_step_estimate`), from the run's recorded steps: the adaptation's
-    (when this run continued from it) with their own steps, the burn-in and the draws at the frozen one."""
+    (when this run continued from it) at their own steps, the burn-in and the draws at the frozen one."""
     R = trace.loss.shape[0]
     eps_rows = (eps.reshape(-1).double().cpu() if isinstance(eps, Tensor)
                 else torch.full((R,), float(eps), dtype=torch.float64))
-    parts, steps = [], []
-    if adapt is not None and not halvings and adapt.star_trace is not None and adapt.steps:
+    burn = nbeta * (trace.burnin - trace.burnin_star).detach().cpu().double()
+    values, steps = [burn], [eps_rows.unsqueeze(1).expand_as(burn)]
+    if adapt is not None and not halvings:  # a re-run starts again from w*: its adaptation is not its past
         vals = nbeta * (adapt.loss_trace - adapt.star_trace).detach().cpu().double()
-        if adapt.fresh_steps is not None:  # a reused batch's loss is biased low: not part of the window
-            vals = vals.masked_fill(~adapt.fresh_steps.cpu().unsqueeze(0), float("nan"))
-        parts.append(vals)
-        steps.append(adapt.step_trace.detach().cpu().repeat_interleave(C, 0))
-    n0 = sum(p.shape[1] for p in parts)
-    if trace.burnin_star is not None and trace.burnin.shape[1]:
-        burn = nbeta * (trace.burnin - trace.burnin_star).detach().cpu().double()
-        parts.append(burn)
-        steps.append(eps_rows.unsqueeze(1).expand(R, burn.shape[1]))
-    if not parts:  # nothing recorded before the draws: the window lies in the draws alone
-        before = torch.zeros((R, 1), dtype=torch.float64)
-    else:
-        before = torch.cat([torch.zeros((R, 1), dtype=torch.float64), torch.cat(steps, 1).cumsum(1)], 1)
-    t_pre = before[:, :-1] if parts else before[:, :0]
-    # draws at their absolute steps, after the last recorded step before them at the frozen ε
-    first = n0 + (trace.burnin.shape[1] if trace.burnin_star is not None else 0)
-    draw_steps = trace.draw_steps.detach().cpu().double() if trace.draw_steps is not None else \
-        torch.arange(trace.loss.shape[1], dtype=torch.float64) + first
-    t_draws = before[:, -1:] + (draw_steps.unsqueeze(0) - first) * eps_rows.unsqueeze(1)
-    values = torch.cat(parts + [nbeta * (trace.loss - trace.star).detach().cpu().double()], 1)
-    times = torch.cat([t_pre, t_draws], 1)
-    return halved_step_estimate(values, times, eps_rows, num_burnin, num_steps)
+        # a reused batch's loss is biased low: not part of the window
+        values.insert(0, vals.masked_fill(~adapt.fresh_steps.unsqueeze(0), float("nan")))
+        steps.insert(0, adapt.step_trace.detach().cpu().repeat_interleave(C, 0))
+    pre = torch.cat(steps, 1)  # (R, steps before the draws)
+    before = torch.cat([torch.zeros((R, 1), dtype=torch.float64), pre.cumsum(1)], 1)  # τ at each of them, then
+    draws = (trace.draw_steps.cpu().double() - pre.shape[1]).unsqueeze(0)  # steps after the first draw's
+    times = torch.cat([before[:, :-1], before[:, -1:] + draws * eps_rows.unsqueeze(1)], 1)
+    values.append(nbeta * (trace.loss - trace.star).detach().cpu().double())
+    return halved_step_estimate(torch.cat(values, 1), times, eps_rows, num_burnin, num_steps)
 
 
 def _smallest(eps: float | Tensor) -> float:

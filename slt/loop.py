@@ -60,6 +60,7 @@ class Trace:
     loss: Tensor
     star: Tensor
     burnin: Tensor
+    burnin_star: Tensor
     observables: dict[str, Tensor] = field(default_factory=dict)
     mala_sum: Tensor | None = None
     mala_count: int = 0
@@ -67,7 +68,6 @@ class Trace:
     divergence_step: Tensor | None = None
     draw_steps: Tensor | None = None
     seconds: float = 0.0
-    burnin_star: Tensor | None = None
 
     @property
     def mala(self) -> Tensor | None:
@@ -79,10 +79,10 @@ class Trace:
         def cut(t: Tensor | None) -> Tensor | None:
             return None if t is None else t[sl].detach().cpu()
 
-        return Trace(cut(self.loss), cut(self.star), cut(self.burnin),
+        return Trace(cut(self.loss), cut(self.star), cut(self.burnin), cut(self.burnin_star),
                      {k: cut(v) for k, v in self.observables.items()}, cut(self.mala_sum), self.mala_count,
                      cut(self.diverged), cut(self.divergence_step),
-                     None if self.draw_steps is None else self.draw_steps.cpu(), self.seconds, cut(self.burnin_star))
+                     None if self.draw_steps is None else self.draw_steps.cpu(), self.seconds)
 
 
 @dataclass(frozen=True)
@@ -227,5 +227,5 @@ def run_chains(
     seconds = time.perf_counter() - t0
     draw_steps = start + num_burnin + torch.arange(T, device=dev) * thin
     observables = {k: torch.stack(v, 1) for k, v in obs.items() if v}
-    return state, Trace(loss_tr, star_tr, burn_tr, observables, mala_sum, mala_cnt, diverged, div_step, draw_steps,
-                        seconds, burn_star)
+    return state, Trace(loss_tr, star_tr, burn_tr, burn_star, observables, mala_sum, mala_cnt, diverged, div_step,
+                        draw_steps, seconds)

@@ -360,7 +360,7 @@ def equilibrium_checks(tr: Tensor, mala_mean: float | None = None, rhat_threshol
             found.append(("falling",
                 f"λ̂ still falling through the draws ({first:.4g} then {second:.4g}, z = {z:.1f}): the chains are "
                 "finding lower loss away from w*; is w* a minimum? (train it further)"))
-    gap = _halving_gap(tr, halved) if halved is not None and C >= 3 else None
+    gap = None if halved is None else _halving_gap(tr, halved)
     if gap is not None and not any(kind in ("rising", "barely_moved") for kind, _ in found):
         half, full, z = gap
         if full - half > 0.02 * max(abs(mean), 1e-12) and z > t_threshold(3.0, C - 1):
@@ -386,11 +386,15 @@ def _halving_gap(tr: Tensor, halved: Tensor) -> tuple[float, float, float] | Non
         return None
     full = tr[ok].double().mean(1)
     half = halved[ok].double()
-    d = full - half
+    return float(half.mean()), float(full.mean()), _paired_z(full - half)
+
+
+def _paired_z(d: Tensor) -> float:
+    """z of the mean of per-chain differences ``d`` (C,) over its standard error across chains (chains
+    are independent); ±inf for a nonzero mean with no spread, 0 for none."""
     se = float(d.std() / math.sqrt(d.numel()))
     m = float(d.mean())
-    z = m / se if se > 0 else (0.0 if m == 0 else math.copysign(math.inf, m))
-    return float(half.mean()), float(full.mean()), z
+    return m / se if se > 0 else (0.0 if m == 0 else math.copysign(math.inf, m))
 
 
 def relaxation_hint(step_size: Any, localization: Any, config: Mapping[str, Any] | None) -> str:
@@ -421,13 +425,9 @@ def _drift(tr: Tensor) -> tuple[float, float, float] | None:
     per-chain difference (second − first) over its standard error across chains (chains are
     independent); ``None`` for fewer than 8 draws.  |z| beyond Student's t at the two-sided level
     of a normal 3σ (df = C − 1) with a change above 2% of λ̂ flags chains that are still relaxing."""
-    C, T = tr.shape
+    T = tr.shape[1]
     if T < 8:
         return None
     h = T // 2
     a, b = tr[:, :h].double().mean(1), tr[:, T - h:].double().mean(1)
-    d = b - a
-    se = float(d.std() / math.sqrt(C))
-    mean = float(d.mean())
-    z = mean / se if se > 0 else (0.0 if mean == 0 else math.copysign(math.inf, mean))
-    return float(a.mean()), float(b.mean()), z
+    return float(a.mean()), float(b.mean()), _paired_z(b - a)

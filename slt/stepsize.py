@@ -381,9 +381,9 @@ class Adaptation:
     back_offs: Tensor
     steps: int
     loss_trace: Tensor
-    star_trace: Tensor | None = None
-    step_trace: Tensor | None = None
-    fresh_steps: Tensor | None = None
+    star_trace: Tensor
+    step_trace: Tensor
+    fresh_steps: Tensor
 
 
 def adapt_step_size(

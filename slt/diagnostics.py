@@ -14,7 +14,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-__all__ = ["rhat", "ess", "batch_means_sem", "llc_standard_error", "t_threshold", "halved_step_estimate"]
+__all__ = ["rhat", "ess", "batch_means_sem", "llc_standard_error", "t_threshold", "halved_step_estimate",
+           "minibatch_heating"]
 
 
 def rhat(trace: Tensor) -> float:
@@ -129,3 +130,35 @@ def halved_step_estimate(values: Tensor, times: Tensor, step_size: Tensor, num_b
     count = inside.sum(1)
     total = torch.where(inside, values.double(), torch.zeros((), dtype=torch.float64)).sum(1)
     return torch.where(count >= 8, total / count.clamp(min=1), torch.full_like(total, float("nan")))
+
+
+def minibatch_heating(grad_noise_trace: Tensor, step_size: Tensor | float, nbeta: float) -> Tensor:
+    r"""The first-order excess of λ̂ caused by minibatch gradient noise, per chain, (C,).
+
+    .. math:: \Delta\hat\lambda \approx \frac{\epsilon}{8}\,(n\beta)^2\,
+              \operatorname{tr}\operatorname{Cov}_B[\nabla L_B(w)]
+
+    An SGLD step adds the minibatch noise of :math:`\tfrac\epsilon2 n\beta\nabla L_B` to the
+    injected :math:`\mathcal N(0, \epsilon)`, which heats a direction of gradient-noise variance
+    :math:`\sigma^2` to the temperature :math:`1 + \tfrac\epsilon4 (n\beta)^2\sigma^2`
+    (Welling & Teh 2011, Sec. 4); a direction whose curvature the loss sets holds
+    :math:`n\beta\,\Delta L = T/2` on average, so λ̂ gains half the sum of the excess
+    temperatures.  The excess is proportional to ε (halving ε halves it) and to 1/batch size.
+    Measured (8 chains, 1000 draws): a 5-dimensional Gaussian location model (n = 10⁴, batch 256,
+    ε = 8.75e-5) predicted 0.30 against 0.22 ± 0.09 observed (minibatch minus full-batch λ̂ at
+    that ε).  It overstates the excess where the noise lies in directions that γ, not the loss,
+    holds, or that the loss holds more weakly than quadratically (DLN [5, 3, 5] at ε = 1.43e-3:
+    6.3 predicted, 1.5 observed).
+
+    Parameters
+    ----------
+    grad_noise_trace
+        ``(C,)`` :math:`\operatorname{tr}\operatorname{Cov}_B[\nabla L_B]` at each chain's position
+        (:func:`slt.stepsize.gradient_noise_trace`).
+    step_size
+        ε, a number or ``(C,)``/``(C, 1)`` per chain.
+    nbeta
+        nβ.
+    """
+    eps = step_size.reshape(-1) if isinstance(step_size, Tensor) else step_size
+    return grad_noise_trace.double() * (eps * nbeta**2 / 8.0)

@@ -51,13 +51,14 @@ from ._checks import check_int, check_real
 from ._runtime import intra_op_threads, resolve_device, retained_heap, small_work_threads, versions
 from .defaults import (LLC, LOCALIZATION_MIN_DRAWS, LOCALIZATION_STEPS, default_burnin, default_localization,
                        default_nbeta)
-from .diagnostics import halved_step_estimate
+from .diagnostics import halved_step_estimate, minibatch_heating
 from .evaluator import ChainEvaluator
 from .loop import Divergence, Trace, run_chains, show_progress
 from .result import UNSETTLED, LLCResult, equilibrium_checks
 from .rng import ChainRNG
 from .samplers import LocalizedPotential, SamplerSpec, build_sampler, resolve_sampler
-from .stepsize import STEP_SIZE_SAFETY, adapt_step_size, auto_step_size, initial_step_size, stable_step_size
+from .stepsize import (STEP_SIZE_SAFETY, adapt_step_size, auto_step_size, gradient_noise_trace, initial_step_size,
+                       stable_step_size)
 from .target import fastest_path, prepare_target
 
 __all__ = [
@@ -353,6 +354,9 @@ class Sampling:
     notes: dict[int, str] = field(default_factory=dict)
     #: ``(G*C,)`` the estimate of each row at half its step with the same steps (:func:`_halved_estimates`)
     halved: Tensor | None = None
+    #: ``(G*C,)`` the first-order excess of each row's λ̂ from minibatch noise (:func:`slt.diagnostics.minibatch_heating`;
+    #: ``None`` at full batch)
+    heating: Tensor | None = None
 
     def group_step_size(self, g: int) -> float:
         eps = self.step_size
@@ -363,7 +367,7 @@ class Sampling:
         target, C, trace = self.target, self.num_chains, self.trace
         init = target.group_init_loss
         masks = target.groups.masks
-        halved = self.halved
+        halved, heating = self.halved, self.heating
         out = []
         for g in range(target.G):
             tr = trace.rows(slice(g * C, (g + 1) * C))
@@ -386,7 +390,9 @@ class Sampling:
                 tr.loss, tr.star, nbeta=target.nbeta, init_loss=float(init[g]), step_size=eps_g,
                 localization=target.localization, sampler=self.sampler, burnin=burnin, observables=tr.observables,
                 diverged=tr.diverged, divergence_step=tr.divergence_step, draw_steps=tr.draw_steps, mala=tr.mala,
-                halved=None if halved is None else halved[g * C:(g + 1) * C], issues=target.issues, diagnostics=diag, config=config,
+                halved=None if halved is None else halved[g * C:(g + 1) * C],
+                heating=None if heating is None else heating[g * C:(g + 1) * C], issues=target.issues,
+                diagnostics=diag, config=config,
                 warnings=[self.notes[g]] if g in self.notes else None,
             ))
         return out
@@ -500,7 +506,7 @@ def sample_target(
         "localization_auto": target.localization_auto, "localization_escalations": escalations,
     }
     return Sampling(target, trace, eps, rule, auto, adapt, halvings, C, num_steps, n_adapt, smp.name,
-                    setup_seconds, adapt_seconds, config, notes=limit, halved=halved)
+                    setup_seconds, adapt_seconds, config, notes=limit, halved=halved, heating=run["heating"])
 
 
 def _run_at(target, rows, spec, rule, step_size, kw, C, num_steps, num_burnin, burnin_auto, n_adapt, thin, batch_size,
@@ -554,7 +560,7 @@ def _run_at(target, rows, spec, rule, step_size, kw, C, num_steps, num_burnin, b
                 on_start()
             smp = build_sampler(spec, potential, eps, mala_every=mala_every, **kw)
             start = n_adapt if halvings == 0 else 0
-            _, trace = run_chains(  # the start state is handed over, not kept here (it is freed as the chains move)
+            final, trace = run_chains(  # the start state is handed over, not kept here (it is freed as the chains move)
                 smp, held.pop() if held else build_sampler(spec, potential, 1.0, mala_every=0, **kw).init(rows),
                 batches, noise, num_steps - start,
                 num_burnin=num_burnin - start, thin=thin, observe=_observe(target.spec, observables, on_draw),
@@ -565,8 +571,15 @@ def _run_at(target, rows, spec, rule, step_size, kw, C, num_steps, num_burnin, b
             if rule == "given" or halvings == MAX_HALVINGS or not bool(bad.any()):
                 break
             eps = _halve(eps, bad, C, target.dtype)
+            del final
+        heating = None
+        if not batches.full:  # minibatch noise heats the chains: its first-order excess of λ̂, at the final positions
+            mask = None if target.groups.masks is None else (lambda t: target.groups.apply_mask(t, target.K))
+            noise_trace = gradient_noise_trace(potential, final.params, batches, HEATING_BATCHES, mask)
+            heating = minibatch_heating(noise_trace, eps, target.nbeta).cpu()
+        del final
     return {"target": target, "trace": trace, "eps": eps, "smp": smp, "batches": batches, "potential": potential,
-            "auto": auto, "adapt": adapt, "halvings": halvings, "kw": kw, "setup_seconds": setup_seconds,
+            "heating": heating, "auto": auto, "adapt": adapt, "halvings": halvings, "kw": kw, "setup_seconds": setup_seconds,
             "adapt_seconds": adapt_seconds, "num_threads": num_threads, "num_burnin": num_burnin,
             "num_steps": num_steps, "allocator": allocator}
 
@@ -669,6 +682,9 @@ def _check_arguments(num_chains, num_draws, num_burnin, num_steps_bw_draws, mala
 #: With an automatic step size, how many times a run whose chains diverged is repeated with the
 #: step of the affected checkpoints halved.
 MAX_HALVINGS = 2
+#: minibatches at each chain's final position from which the gradient-noise trace of the heating
+#: estimate is taken (:func:`slt.stepsize.gradient_noise_trace`; costs as many gradient evaluations)
+HEATING_BATCHES = 4
 #: The automatic step-size rules by name (``step_size=None`` is the default rule).
 STEP_SIZE_RULES = ("adapt", "curvature")
 

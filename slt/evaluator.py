@@ -870,7 +870,7 @@ def _check_mean_reduction(model: nn.Module, aliases: Mapping[str, list[str]] | N
                 parts.append(float(part))
     except Exception:  # noqa: BLE001 - a model or loss that needs several samples: nothing to compare
         return
-    total, whole = math.fsum(parts), float(loss)
+    total, whole = math.fsum(parts), float(loss.detach())
     mean, scale = total / k, math.fsum(abs(p) for p in parts)
     if not (math.isfinite(whole) and math.isfinite(scale)) or scale == 0:
         return

@@ -89,6 +89,7 @@ class LLCResult:
         draw_steps: Tensor | None = None,
         mala: Tensor | None = None,
         halved: Tensor | None = None,
+        heating: Tensor | None = None,
         issues: list[str] | None = None,
         rhat_threshold: float = 1.1,
         diagnostics: Mapping[str, Any] | None = None,
@@ -112,6 +113,11 @@ class LLCResult:
             ``(C,)`` the estimate each chain would give at half the step with the same steps
             (:func:`slt.diagnostics.halved_step_estimate`), or ``None``: a shortfall of it below
             λ̂ means λ̂ is not stable when ε halves (a reason for ``converged = False``).
+        heating
+            ``(C,)`` the first-order excess of each chain's λ̂ from minibatch noise
+            (:func:`slt.diagnostics.minibatch_heating`), or ``None`` (full batch): it scales with ε,
+            so when half of it exceeds λ̂'s Monte-Carlo error (2 s.e.) and 2% of λ̂, λ̂ is not stable
+            when ε halves (:func:`heating_check`).
         issues
             Problems of the set-up already reported (e.g. :attr:`slt.target.Target.issues`:
             dropout active): reasons for ``converged = False``, not repeated as warnings.
@@ -168,6 +174,12 @@ class LLCResult:
                                                  r=r, halved=None if halved is None else halved[valid])
             hint = relaxation_hint(step_size, localization, config)
             warn_list += [msg + hint if kind in ("rising", "halving") else msg for kind, msg in found]
+        heat = None
+        if heating is not None and valid.any():
+            heat = heating_record(heating[valid], mean)
+            msg = heating_check(heat, sem, config)
+            if msg is not None:
+                warn_list.append(msg)
         problems = list(issues or []) + warn_list
         if bool(dead.any()) and valid.any():
             problems.append(f"{int(dead.sum())} of {C} chains diverged (excluded)")
@@ -184,6 +196,7 @@ class LLCResult:
             "sem_chains": sem_c, "sem_batch_means": sem_b,
             "drift": None if drift is None else {"first_half": drift[0], "second_half": drift[1], "z": drift[2]},
             "halving": _halving_record(tr[valid], None if halved is None else halved[valid]),
+            "minibatch_heating": heat,
             **dict(diagnostics or {}),
             "warnings": warn_list,
             "converged": not problems,
@@ -370,6 +383,32 @@ def equilibrium_checks(tr: Tensor, mala_mean: float | None = None, rhat_threshol
                 "chains relax more slowly than the run lasts; raise num_burnin or num_draws, or the localization "
                 "when flat directions keep the chains wandering away from w*"))
     return r, drift, found
+
+
+def heating_record(heating: Tensor, llc: float) -> dict[str, float]:
+    """``{"excess", "fraction"}``: the mean first-order excess of λ̂ from minibatch noise over the
+    valid chains (``heating`` (C,), :func:`slt.diagnostics.minibatch_heating`) and its share of λ̂."""
+    excess = float(heating.double().nanmean())
+    return {"excess": excess, "fraction": excess / llc if llc == llc and llc != 0 else float("nan")}
+
+
+def heating_check(heat: Mapping[str, float], sem: float, config: Mapping[str, Any] | None = None) -> str | None:
+    r"""The finding that minibatch noise makes λ̂ depend on ε, or ``None``.
+
+    The excess :math:`\Delta` of :func:`slt.diagnostics.minibatch_heating` is proportional to ε, so
+    a run at ε/2 would give λ̂ lower by about Δ/2: a finding when Δ/2 exceeds both twice the standard
+    error of λ̂ and 2% of it (the tolerance of the other "stable when ε halves" check)."""
+    excess, frac = heat["excess"], heat["fraction"]
+    if not (excess == excess and frac == frac) or excess <= 0:
+        return None
+    llc = excess / frac
+    if 0.5 * excess <= 2 * sem or 0.5 * excess <= 0.02 * abs(llc):
+        return None
+    bs = (config or {}).get("batch_size")
+    return (f"minibatch noise heats the chains: it adds about {excess:.3g} ({frac:.0%}) to λ̂ (first order, "
+            f"ε(nβ)²·tr Cov[∇L_B]/8), so λ̂ is not stable when ε halves (it would drop by about {0.5 * excess:.3g}); "
+            f"raise batch_size{f' (now {bs})' if bs else ''} — the excess scales as ε/batch_size — or pass "
+            "batch_size=None, or a smaller step_size with more num_burnin")
 
 
 def _halving_record(tr: Tensor, halved: Tensor | None) -> dict[str, float] | None:

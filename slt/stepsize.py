@@ -32,7 +32,7 @@ from .data import Batch, Data
 from .defaults import LLC
 from .evaluator import ChainEvaluator
 from .loop import diverged_rows, next_batch
-from .samplers.base import LocalizedPotential, langevin_step
+from .samplers.base import LocalizedPotential, equilibrium_acceptance, langevin_step, rowsum64
 from .target import BatchStream, Target
 
 __all__ = [
@@ -44,6 +44,7 @@ __all__ = [
     "estimate_curvature",
     "pilot_step_size",
     "minibatch_gradient_noise",
+    "gradient_noise_trace",
 ]
 
 #: ε = STEP_SIZE_SAFETY / (nβ h_max + γ) for ``step_size=None``.
@@ -227,6 +228,35 @@ def minibatch_gradient_noise(
     return _combine_probes(top).to(w_star.dtype)
 
 
+def gradient_noise_trace(
+    potential: LocalizedPotential, params: Tensor, batches: BatchStream, num_batches: int = 4,
+    mask: Callable[[Tensor], Tensor] | None = None,
+) -> Tensor:
+    r""":math:`\operatorname{tr}\operatorname{Cov}_B[\nabla L_B(w)]` at each row of ``params`` (R, d), (R,).
+
+    The unbiased sample variance over ``num_batches`` batches of the stream (each row's own
+    batches), summed over coordinates, accumulated one gradient at a time (Welford: the running
+    mean, the gradient and one difference live, in the parameters' dtype; sums in float64).
+    ``mask`` multiplies each gradient by the coordinates the rows sample (restricted runs).  For
+    :func:`slt.diagnostics.minibatch_heating`."""
+    if num_batches < 2:
+        raise ValueError(f"num_batches must be at least 2, got {num_batches}")
+    mean = None
+    m2 = torch.zeros(params.shape[0], dtype=torch.float64, device=params.device)
+    for k in range(num_batches):
+        grad = potential.loss_grad(params, batches()[0])[1].detach()
+        if mask is not None:
+            grad = mask(grad.clone())
+        if mean is None:
+            mean = grad.clone()
+            continue
+        delta = grad - mean
+        mean.add_(delta, alpha=1.0 / (k + 1))
+        m2 += rowsum64(delta.mul_(grad.sub_(mean)))  # (g − mean_old)·(g − mean_new)
+        del delta, grad
+    return m2 / (num_batches - 1)
+
+
 def _curvature_batch(target: Target, batches: BatchStream, generator: torch.Generator) -> Batch:
     """At most :data:`CURVATURE_ROWS` rows of tensor data (weighted data: drawn by weight), or
     the stream's next batch for a loader."""
@@ -355,15 +385,15 @@ def initial_step_size(target: Target, batches: BatchStream) -> tuple[Tensor, Ten
     return eps0.clamp(max=1.0), h
 
 
-def _acceptance_probe(potential: LocalizedPotential, w: Tensor, batch, eps: Tensor, rng) -> Tensor:
+def _acceptance_probe(potential: LocalizedPotential, w: Tensor, batch, eps: Tensor, rng, symmetric: bool) -> Tensor:
     """MALA acceptance of one Langevin proposal from ``w`` on ``batch`` (for samplers that do not
-    report one, e.g. SGHMC): two potential evaluations."""
+    report one, e.g. SGHMC): two potential evaluations; ``symmetric``: its equilibrium form."""
     from .samplers.base import mala_acceptance, normal
 
     _, _, U, gU = potential(w, batch)
     w_new = langevin_step(w, gU, normal(rng, w), eps)
     _, _, U_n, gU_n = potential(w_new, batch)
-    return mala_acceptance(w, w_new, U, gU, U_n, gU_n, eps)
+    return mala_acceptance(w, w_new, U, gU, U_n, gU_n, eps, symmetric=symmetric)
 
 
 @dataclass
@@ -424,7 +454,8 @@ def adapt_step_size(
     backs = torch.zeros(K, dtype=torch.long, device=w_star.device)
     # minibatch SGLD: MALA every other step, the proposal's evaluation reused by the next step on
     # the same batch (one gradient evaluation per step); full batch: every step, free
-    reuse = spec.accepts("reuse_batch") and not sampler_kwargs.get("deterministic", False)
+    stochastic = not sampler_kwargs.get("deterministic", False)
+    reuse = spec.accepts("reuse_batch") and stochastic
     mala = {"mala_every": 2, "reuse_batch": True} if reuse else {"mala_every": 1}
     current = None
     for t in range(num_steps):
@@ -434,8 +465,10 @@ def adapt_step_size(
         batch, star = current = next_batch(batches, state, current)
         state, info = smp.step(state, batch, rng)
         acc = info.mala_accept
+        if stochastic and info.mala_log_ratio is not None:
+            acc = equilibrium_acceptance(info.mala_log_ratio)
         if acc is None and not reuse:  # e.g. SGHMC: the Langevin proposal from where the chain now is
-            acc = _acceptance_probe(potential, state.params, batch, eps_rows, rng)
+            acc = _acceptance_probe(potential, state.params, batch, eps_rows, rng, stochastic)
         loss_tr[:, t] = info.loss
         star_tr[:, t] = star
         eps_tr[:, t] = da.step_size

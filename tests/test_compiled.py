@@ -11,6 +11,7 @@ from torch import nn
 import slt
 from slt import target as tg
 from slt.compiled import compile_step
+from slt.engine import HEATING_BATCHES
 from slt.target import prepare_target
 
 
@@ -135,8 +136,9 @@ def test_vectorize_compile_serves_every_step_of_the_run():
     eager = slt.estimate_llc(m, (X, Y), loss_fn, vectorize="vmap", **kw)
     comp = slt.estimate_llc(m, (X, Y), loss_fn, vectorize="compile", **kw)
     assert "compiled (torch.compile)" in comp.diagnostics["path_reason"]
-    steps = RUN["num_draws"] + RUN["num_burnin"]  # one call per step, and one per MALA diagnostic (every
-    assert comp.config["compiled_calls"] == steps + steps // comp.config["mala_every"]  # 10th: not reused)
+    steps = RUN["num_draws"] + RUN["num_burnin"]  # one call per step, one per MALA diagnostic (every 10th: not
+    # reused) and HEATING_BATCHES for the minibatch-noise estimate at the end
+    assert comp.config["compiled_calls"] == steps + steps // comp.config["mala_every"] + HEATING_BATCHES
     assert eager.config["compiled_calls"] is None
     # float64 rounding differences (~1e-15 per step) stay far below the estimate's scale over 50 steps
     assert comp.llc_mean == pytest.approx(eager.llc_mean, rel=1e-9)
@@ -179,8 +181,9 @@ def test_auto_tries_compiling_only_runs_long_enough(monkeypatch):
     reason = long.diagnostics["path_reason"]
     assert "(torch.compile):" in reason and "ms eager per step of 4 chains, compiled in" in reason
     kept = "; compiled (torch.compile)" in reason  # kept only when measured faster: machine-dependent
-    steps = RUN["num_draws"] + RUN["num_burnin"]  # and one call per MALA diagnostic (not reused)
-    assert long.config["compiled_calls"] == (steps + steps // long.config["mala_every"] if kept else None)
+    steps = RUN["num_draws"] + RUN["num_burnin"]  # and one call per MALA diagnostic (not reused), and the heating's
+    calls = steps + steps // long.config["mala_every"] + HEATING_BATCHES
+    assert long.config["compiled_calls"] == (calls if kept else None)
 
 
 def test_compile_is_refused_or_skipped_where_it_does_not_apply():

@@ -38,6 +38,8 @@ from .base import (
     SamplerInfo,
     SamplerSpec,
     SamplerState,
+    acceptance,
+    equilibrium_acceptance,
     langevin_step,
     mala_acceptance,
 )
@@ -62,6 +64,8 @@ __all__ = [
     "sgnht",
     "langevin_step",
     "mala_acceptance",
+    "acceptance",
+    "equilibrium_acceptance",
     "build_sampler",
     "resolve_sampler",
     "SAMPLERS",

@@ -43,6 +43,7 @@ from .base import (
     Sampler,
     SamplerInfo,
     SamplerSpec,
+    acceptance,
     check_mala_every,
     check_step_size,
     column_chunks,
@@ -114,13 +115,14 @@ def _langevin_sampler(
         mala = bool(deterministic or (mala_every and state.step % mala_every == 0))
         w_new, first = fused_langevin(potential, w, grad, owned_normal(rng, w), step_size, G, mala)
         del grad  # ∇L at w: not needed any more (freed here unless the input state's cache holds it)
-        accept = cache = None
+        accept = log_r = cache = None
         if mala:
             loss_n, grad_n, U_n = potential.loss_grad(w_new, batch)
-            accept = fused_mala(potential, w, w_new, grad_n, U, U_n, step_size, first, G)
+            log_r = fused_mala(potential, w, w_new, grad_n, U, U_n, step_size, first, G)
+            accept = acceptance(log_r, U.dtype)
             if deterministic or (reuse_batch and mala_every > 1):  # every batch used at most twice
                 cache = (loss_n, grad_n, U_n)
-        info = SamplerInfo(loss.detach(), U.detach(), None, accept)
+        info = SamplerInfo(loss.detach(), U.detach(), None, accept, log_r)
         return make_state(w_new, aux, state.step + 1, cache), info
 
     def reset(state: Any, rows: Tensor, w_star: Tensor) -> Any:

@@ -1,0 +1,121 @@
+"""Minibatch heating: the excess of λ̂ that minibatch gradient noise adds, proportional to ε (so λ̂ is
+not stable when ε halves), its first-order estimate ``slt.diagnostics.minibatch_heating`` and the
+finding it gives.
+
+Exact: the gradient-noise trace (Welford over the stream's batches) against ``torch.var`` of the same
+gradients; the estimate's formula; the finding's thresholds.  Statistical with a known answer: on a
+Gaussian location model written as a plain module the stationary λ̂ of minibatch SGLD has a closed form
+(below), which the run must match within 4 s.e., and the first-order estimate must match that closed
+form's excess within 4 times its own chi-square error."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+import slt
+from slt.diagnostics import minibatch_heating
+from slt.result import LLCResult, heating_check
+from slt.samplers import LocalizedPotential
+from slt.stepsize import gradient_noise_trace
+from slt.target import prepare_target
+
+F64 = torch.float64
+
+
+class _Location(nn.Module):
+    """L(μ) = ½ mean‖x − μ‖², as a user would write it (the mean is the output)."""
+
+    def __init__(self, mu: torch.Tensor):
+        super().__init__()
+        self.mu = nn.Parameter(mu.clone())
+
+    def forward(self, x):
+        return self.mu.expand_as(x)
+
+
+def _half_sq(out, x):
+    return 0.5 * ((x - out) ** 2).sum(-1).mean()
+
+
+def _data(n=10_000, d=5, seed=0):
+    return torch.randn(n, d, generator=torch.Generator().manual_seed(seed), dtype=F64)
+
+
+def test_gradient_noise_trace_is_the_sample_variance_of_the_batch_gradients():
+    X = _data(n=500, d=3)
+    target = prepare_target(_Location(X.mean(0)), X, _half_sq, dtype=F64)
+    R, B, M = 4, 16, 5
+    rows = target.rows(R) + 0.1 * torch.randn(R, target.d, generator=torch.Generator().manual_seed(1), dtype=F64)
+    pot = LocalizedPotential(target.evaluator.loss_and_grad, target.rows(R), target.nbeta, target.localization)
+    g = torch.Generator().manual_seed(2)
+    idx = [torch.randint(0, 500, (R, B), generator=g) for _ in range(M)]
+    it = iter(idx)
+    got = gradient_noise_trace(pot, rows, lambda: (target.source.gather(next(it)), None), num_batches=M)
+    grads = torch.stack([rows - X[i].mean(1) for i in idx])  # ∇L_B = μ − mean of the batch, (M, R, d)
+    want = grads.var(0, unbiased=True).sum(-1)
+    # float64 sums of O(1) terms: rounding ~ M·d·eps64
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    # a restriction's mask: only the sampled coordinates count
+    it = iter(idx)
+    keep = torch.tensor([0.0, 1.0, 1.0], dtype=F64)
+    masked = gradient_noise_trace(pot, rows, lambda: (target.source.gather(next(it)), None), num_batches=M,
+                                  mask=lambda t: t.mul_(keep))
+    torch.testing.assert_close(masked, grads.var(0, unbiased=True)[:, 1:].sum(-1), rtol=1e-12, atol=1e-12)
+    # the estimate's formula, ε per chain or one number
+    eps = torch.tensor([[1e-3], [2e-3], [1e-3], [4e-3]], dtype=F64)
+    torch.testing.assert_close(minibatch_heating(got, eps, 100.0), got * eps.flatten() * 100.0**2 / 8)
+    torch.testing.assert_close(minibatch_heating(got, 1e-3, 100.0), got * 1e-3 * 100.0**2 / 8)
+
+
+def test_the_heating_finding_fires_when_half_the_excess_exceeds_the_mc_error():
+    """Half the excess against 2 s.e. and 2% of λ̂, through ``LLCResult.from_traces``."""
+    assert heating_check({"excess": 1.0, "fraction": 0.1}, sem=0.2) is not None  # 0.5 > 0.4 and > 0.2
+    assert heating_check({"excess": 1.0, "fraction": 0.1}, sem=0.3) is None  # 0.5 < 0.6: within MC error
+    assert heating_check({"excess": 0.3, "fraction": 0.01}, sem=0.01) is None  # 0.15 < 2% of λ̂ = 0.6
+    g = torch.Generator().manual_seed(0)
+    C, T = 8, 200
+    loss = 1.0 + 0.05 * torch.randn(C, T, generator=g, dtype=F64)  # λ̂ = 10 (nβ = 10), s.e. ≈ 0.013
+
+    def res(heating):
+        return LLCResult.from_traces(loss, torch.zeros(C, T, dtype=F64), nbeta=10.0, init_loss=0.0, step_size=1e-3,
+                                     localization=1.0, sampler="sgld", heating=heating,
+                                     config={"num_burnin": 50, "num_draws": T, "batch_size": 32})
+
+    hot = res(torch.full((C,), 2.0, dtype=F64))
+    assert not hot.converged and any("minibatch noise heats the chains" in s and "batch_size (now 32)" in s
+                                     for s in hot.convergence_reasons), hot.convergence_reasons
+    assert abs(hot.diagnostics["minibatch_heating"]["fraction"] - 2.0 / hot.llc_mean) < 1e-12
+    cool = res(torch.full((C,), 0.01, dtype=F64))
+    assert cool.converged, cool.convergence_reasons
+    assert res(None).diagnostics["minibatch_heating"] is None
+
+
+def test_minibatch_sgld_on_a_gaussian_location_matches_its_closed_form_and_the_heating_estimate():
+    r"""L_B(μ) = ½ mean_B‖x − μ‖², n = 10⁴, d = 5, batch 32, ε = 1e-4, γ = 1, 16 chains.  With y = μ − x̄
+    and e_B = x̄_B − x̄ (per coordinate variance s²/B, s² the data's variance), SGLD is
+    y' = (1 − εa/2) y + (ε/2) nβ e_B + √ε ξ with a = nβ + γ, so at stationarity
+    Var y = (ε + ε² nβ² s²/(4B)) / (εa(1 − εa/4)) per coordinate, and since a draw's batch is fresh
+    (independent of y), E λ̂ = (nβ/2) Σ Var y.  The minibatch part of it is the exact excess; the
+    first-order estimate is (ε/8) nβ² Σ s²/B, i.e. the exact excess × a(1 − εa/4)/nβ (= 0.974 here).
+    Its relative chi-square error: the trace from 4 batches per chain has 3 degrees of freedom per
+    coordinate, so √(2/(16·3·5)) = 9.1%; asserted within 4 of those.  Then the finding must fire
+    (half the excess, ≈ 1.2, is far above 2 s.e.)."""
+    X = _data()
+    n, d, B, eps, C = X.shape[0], X.shape[1], 32, 1e-4, 16
+    r = slt.estimate_llc(_Location(X.mean(0)), X, _half_sq, num_chains=C, num_draws=2000, num_burnin=500,
+                         batch_size=B, step_size=eps, localization=1.0, dtype=F64, seed=0, progress=False)
+    nb = r.nbeta
+    a = nb + 1.0
+    s2 = X.var(0, unbiased=False)  # batches are drawn with replacement from the data
+    var_y = (eps + eps**2 * nb**2 * s2 / (4 * B)) / (eps * a * (1 - eps * a / 4))
+    exact = float(nb / 2 * var_y.sum())
+    exact_excess = float(nb / 2 * (eps**2 * nb**2 * s2 / (4 * B)).sum() / (eps * a * (1 - eps * a / 4)))
+    assert exact_excess > 0.4 * exact  # the regime the test is about: heating nearly doubles λ̂
+    assert abs(r.llc_mean - exact) < 4 * r.llc_sem, (r.llc_mean, r.llc_sem, exact)
+    heat = r.diagnostics["minibatch_heating"]
+    ratio = heat["excess"] / (exact_excess * a * (1 - eps * a / 4) / nb)
+    assert abs(ratio - 1) < 4 * math.sqrt(2 / (C * 3 * d)), (heat, exact_excess)
+    assert not r.converged and any("minibatch noise heats" in s for s in r.convergence_reasons)

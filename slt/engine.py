@@ -573,7 +573,9 @@ def _run_at(target, rows, spec, rule, step_size, kw, C, num_steps, num_burnin, b
             eps = _halve(eps, bad, C, target.dtype)
             del final
         heating = None
-        if not batches.full:  # minibatch noise heats the chains: its first-order excess of λ̂, at the final positions
+        # minibatch noise heats SGLD's chains: its first-order excess of λ̂, at the final positions (the formula
+        # is plain SGLD's: a preconditioner or momentum changes how the noise enters)
+        if not batches.full and smp.name == "sgld":
             mask = None if target.groups.masks is None else (lambda t: target.groups.apply_mask(t, target.K))
             noise_trace = gradient_noise_trace(potential, final.params, batches, HEATING_BATCHES, mask)
             heating = minibatch_heating(noise_trace, eps, target.nbeta).cpu()

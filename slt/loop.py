@@ -27,7 +27,7 @@ from typing import Any, Callable, Mapping
 import torch
 from torch import Tensor
 
-from .samplers.base import Sampler
+from .samplers.base import Sampler, equilibrium_acceptance
 
 __all__ = ["Trace", "Divergence", "run_chains", "show_progress", "next_batch", "diverged_rows"]
 
@@ -48,7 +48,10 @@ class Trace:
     observables
         ``name -> (R, T, ...)``.
     mala_sum, mala_count
-        ``(R,)`` summed MALA acceptance over ``mala_count`` draw steps where it was computed.
+        ``(R,)`` summed MALA acceptance over ``mala_count`` draw steps where it was computed (on
+        minibatches, a stream whose ``full`` is False, its equilibrium form
+        :func:`slt.samplers.equilibrium_acceptance` where the sampler reports its log ratio: the
+        Metropolis acceptance of a minibatch chain reads ≈ 1 whatever the step).
     diverged, divergence_step
         ``(R,)`` divergent rows and the step at which each diverged (-1 if not).
     draw_steps
@@ -185,6 +188,7 @@ def run_chains(
     obs: dict[str, list[Tensor]] = {}
     mala_sum = torch.zeros(R, dtype=torch.float64, device=dev)
     mala_cnt = 0
+    full = getattr(batches, "full", True)
     diverged = torch.zeros(R, dtype=torch.bool, device=dev)
     div_step = torch.full((R,), -1, dtype=torch.long, device=dev)
     bar = tqdm(total=num_steps, disable=not progress, desc=desc, unit="step", leave=False)
@@ -208,7 +212,8 @@ def run_chains(
             burn_tr[:, t] = info.loss
             burn_star[:, t] = star
         if info.mala_accept is not None and in_draws:
-            mala_sum += info.mala_accept.double().nan_to_num(0.0)
+            acc = info.mala_accept if full or info.mala_log_ratio is None else equilibrium_acceptance(info.mala_log_ratio)
+            mala_sum += acc.double().nan_to_num(0.0)
             mala_cnt += 1
         if divergence is not None and (t % divergence.every == 0 or t == num_steps - 1):
             bad = divergence.check(info.loss, star, state.params) & ~diverged

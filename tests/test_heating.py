@@ -119,3 +119,39 @@ def test_minibatch_sgld_on_a_gaussian_location_matches_its_closed_form_and_the_h
     ratio = heat["excess"] / (exact_excess * a * (1 - eps * a / 4) / nb)
     assert abs(ratio - 1) < 4 * math.sqrt(2 / (C * 3 * d)), (heat, exact_excess)
     assert not r.converged and any("minibatch noise heats" in s for s in r.convergence_reasons)
+
+
+def test_the_draws_record_the_equilibrium_acceptance_on_minibatches():
+    """``run_chains`` averages the MALA acceptance of the draws as min(1, r) for a full-batch stream and
+    as ½(1 + min(r, 1/r)) for a minibatch stream (exact: the same steps replayed by hand)."""
+    from slt.loop import run_chains
+    from slt.rng import ChainRNG
+    from slt.samplers import acceptance, equilibrium_acceptance, sgld
+
+    C, D, T = 3, 4, 12
+    offsets = torch.randn(T, C, D, generator=torch.Generator().manual_seed(0), dtype=F64)
+
+    def loss_and_grad(w, b):  # a "batch" is an offset of the quadratic's mode
+        return 0.5 * ((w - b) ** 2).sum(-1), w - b
+
+    class Stream:
+        def __init__(self, full):
+            self.full, self.t = full, 0
+
+        def __call__(self):
+            self.t += 1
+            return offsets[self.t - 1], torch.zeros(C, dtype=F64)
+
+    w0 = torch.zeros(C, D, dtype=F64)
+    for full in (True, False):
+        pot = LocalizedPotential(loss_and_grad, w0, 50.0, 1.0)
+        smp = sgld(pot, 5e-3, mala_every=1)
+        _, trace = run_chains(smp, smp.init(w0), Stream(full), ChainRNG([7], C, torch.device("cpu")), T)
+        rng, state, logs = ChainRNG([7], C, torch.device("cpu")), smp.init(w0), []
+        for t in range(T):
+            state, info = smp.step(state, offsets[t], rng)
+            logs.append(info.mala_log_ratio)
+        lr = torch.stack(logs)
+        want = (acceptance(lr) if full else equilibrium_acceptance(lr)).mean(0)
+        torch.testing.assert_close(trace.mala, want, rtol=1e-12, atol=1e-12)
+    assert not torch.allclose(acceptance(lr).mean(0), equilibrium_acceptance(lr).mean(0))

@@ -4,7 +4,7 @@ Accuracy, not speed: for each problem ``slt.estimate_llc`` runs with all samplin
 defaults (batch 256 and ``batch_size=None``), float64, and the script prints the adapted ε, λ̂ ± s.e.,
 its error against the known value, ``converged`` and the minibatch heating estimate
 (``diagnostics["minibatch_heating"]``).  The problems: deep linear networks at rank 0 (λ from Aoyagi's
-formula: [5, 3, 5] 6.5, [5, 3, 4] 6.0, [3, 2, 3] 3.0; n = 10⁴), N(ab², 1) at w* = 0 (the exact finite-n
+formula, ``slt.theory.dln_llc``: [5, 3, 5] 6.5, [5, 3, 4] 5.5, [3, 2, 3] 2.5; n = 10⁴), N(ab², 1) at w* = 0 (the exact finite-n
 value 0.221 by 2-D quadrature, tests/test_statistical.py; 16 chains × 4000 draws) and a 5-dimensional
 Gaussian location model written as a plain module (d/2 ⋅ nβ/(nβ + γ)).
 
@@ -28,7 +28,7 @@ from slt.models import DeepLinearNetwork, gaussian_nll, make_dln_data
 from slt.training import train
 
 F64 = torch.float64
-DLN = {"dln535": ([5, 3, 5], 6.5), "dln534": ([5, 3, 4], 6.0), "dln323": ([3, 2, 3], 3.0)}
+DLN = {"dln535": [5, 3, 5], "dln534": [5, 3, 4], "dln323": [3, 2, 3]}
 
 
 def _dln(widths):
@@ -64,8 +64,8 @@ def _gauss():
 def problem(name):
     """(model, data, loss or None, known value, extra estimate_llc kwargs)."""
     if name in DLN:
-        widths, lam = DLN[name]
-        return (*_dln(widths), lam, {})
+        widths = DLN[name]
+        return (*_dln(widths), slt.theory.dln_llc(widths, 0), {})
     if name == "ab":
         return (*_ab(), 0.221, {"num_chains": 16, "num_draws": 4000})
     if name == "gauss":

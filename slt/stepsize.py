@@ -441,7 +441,7 @@ def adapt_step_size(
     (½(1 + min(r, 1/r)) from the log ratio the sampler reports), not min(1, r): a minibatch chain
     is never at equilibrium under the batch's potential, so most of its proposals head for the
     batch's mode with r > 1, and min(1, r) reads ≈ 1 for steps far too large (DLN [5, 3, 5],
-    batch 256: ε = 1.43e-3 adapted that way against 1.35e-4 at full batch, and λ̂ +46%).
+    batch 256, defaults: ε = 6.7e-4 adapted that way against 1.28e-4 at full batch, and λ̂ +43%).
     The bias minibatch noise itself adds is not bounded by any acceptance; the run measures it
     (:func:`slt.diagnostics.minibatch_heating`).
     """

@@ -304,6 +304,10 @@ class LLCResult:
             f"  R-hat={f(d.get('rhat'))} ESS={f(d.get('ess'), '.0f')} {accept}"
             f"draws below L(w*)={f(d.get('frac_below_init'), '.1%')} path={d.get('path')}",
         ]
+        heat = d.get("minibatch_heating")
+        if heat:
+            lines.append(f"  minibatch heating ≈ {f(heat['excess'])} ({f(heat['fraction'], '.1%')} of λ̂; first order, "
+                         "∝ step_size/batch_size)")
         if self.divergent_chains:
             lines.append(f"  DIVERGENT chains (excluded): {self.divergent_chains}")
         for w in d.get("warnings", []):

@@ -48,10 +48,8 @@ class Trace:
     observables
         ``name -> (R, T, ...)``.
     mala_sum, mala_count
-        ``(R,)`` summed MALA acceptance over ``mala_count`` draw steps where it was computed (on
-        minibatches, a stream whose ``full`` is False, its equilibrium form
-        :func:`slt.samplers.equilibrium_acceptance` where the sampler reports its log ratio: the
-        Metropolis acceptance of a minibatch chain reads ≈ 1 whatever the step).
+        ``(R,)`` summed MALA acceptance over ``mala_count`` draw steps where it was computed
+        (:func:`mala_reading`; a stream whose ``full`` is False counts as minibatches).
     diverged, divergence_step
         ``(R,)`` divergent rows and the step at which each diverged (-1 if not).
     draw_steps
@@ -112,6 +110,16 @@ def diverged_rows(loss: Tensor, star: Tensor, params: Tensor, nbeta: float | Ten
     # a NaN or inf anywhere in a row makes its sum non-finite: one reduction, no (R, d) temporaries
     # (only rows whose entries sum beyond the float range, ~3e38, would newly count as divergent)
     return ~torch.isfinite(loss) | (nbeta * (loss - star) > threshold) | ~torch.isfinite(params.sum(1))
+
+
+def mala_reading(info: Any, full: bool) -> Tensor | None:
+    """The acceptance a step's MALA diagnostic contributes (``None`` when not computed): min(1, r) at
+    full batch, its equilibrium form on minibatches where the sampler reports log r
+    (:func:`slt.samplers.equilibrium_acceptance`: the Metropolis acceptance of a minibatch chain
+    reads ≈ 1 whatever the step)."""
+    if full or info.mala_log_ratio is None:
+        return info.mala_accept
+    return equilibrium_acceptance(info.mala_log_ratio)
 
 
 def next_batch(batches: BatchFn, state: Any, previous: tuple[Any, Tensor] | None = None) -> tuple[Any, Tensor]:
@@ -212,8 +220,7 @@ def run_chains(
             burn_tr[:, t] = info.loss
             burn_star[:, t] = star
         if info.mala_accept is not None and in_draws:
-            acc = info.mala_accept if full or info.mala_log_ratio is None else equilibrium_acceptance(info.mala_log_ratio)
-            mala_sum += acc.double().nan_to_num(0.0)
+            mala_sum += mala_reading(info, full).double().nan_to_num(0.0)
             mala_cnt += 1
         if divergence is not None and (t % divergence.every == 0 or t == num_steps - 1):
             bad = divergence.check(info.loss, star, state.params) & ~diverged

@@ -177,7 +177,7 @@ class LLCResult:
         heat = None
         if heating is not None and valid.any():
             heat = heating_record(heating[valid], mean)
-            msg = heating_check(heat, sem, config)
+            msg = heating_check(heat["excess"], mean, sem, config)
             if msg is not None:
                 warn_list.append(msg)
         problems = list(issues or []) + warn_list
@@ -396,16 +396,15 @@ def heating_record(heating: Tensor, llc: float) -> dict[str, float]:
     return {"excess": excess, "fraction": excess / llc if llc == llc and llc != 0 else float("nan")}
 
 
-def heating_check(heat: Mapping[str, float], sem: float, config: Mapping[str, Any] | None = None) -> str | None:
+def heating_check(excess: float, llc: float, sem: float, config: Mapping[str, Any] | None = None) -> str | None:
     r"""The finding that minibatch noise makes λ̂ depend on ε, or ``None``.
 
     The excess :math:`\Delta` of :func:`slt.diagnostics.minibatch_heating` is proportional to ε, so
     a run at ε/2 would give λ̂ lower by about Δ/2: a finding when Δ/2 exceeds both twice the standard
     error of λ̂ and 2% of it (the tolerance of the other "stable when ε halves" check)."""
-    excess, frac = heat["excess"], heat["fraction"]
-    if not (excess == excess and frac == frac) or excess <= 0:
+    if not (excess == excess and llc == llc) or excess <= 0 or llc == 0:
         return None
-    llc = excess / frac
+    frac = excess / llc
     if 0.5 * excess <= 2 * sem or 0.5 * excess <= 0.02 * abs(llc):
         return None
     bs = (config or {}).get("batch_size")

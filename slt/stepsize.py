@@ -31,8 +31,8 @@ from torch import Tensor
 from .data import Batch, Data
 from .defaults import LLC
 from .evaluator import ChainEvaluator
-from .loop import diverged_rows, next_batch
-from .samplers.base import LocalizedPotential, equilibrium_acceptance, langevin_step, rowsum64
+from .loop import diverged_rows, mala_reading, next_batch
+from .samplers.base import LocalizedPotential, langevin_step, rowsum64
 from .target import BatchStream, Target
 
 __all__ = [
@@ -471,9 +471,7 @@ def adapt_step_size(
         fresh[t] = not reuse or getattr(state, "cache", None) is None  # full batch: always the same batch
         batch, star = current = next_batch(batches, state, current)
         state, info = smp.step(state, batch, rng)
-        acc = info.mala_accept
-        if stochastic and info.mala_log_ratio is not None:
-            acc = equilibrium_acceptance(info.mala_log_ratio)
+        acc = mala_reading(info, not stochastic)
         if acc is None and not reuse:  # e.g. SGHMC: the Langevin proposal from where the chain now is
             acc = _acceptance_probe(potential, state.params, batch, eps_rows, rng, stochastic)
         loss_tr[:, t] = info.loss

@@ -72,9 +72,9 @@ def test_gradient_noise_trace_is_the_sample_variance_of_the_batch_gradients():
 
 def test_the_heating_finding_fires_when_half_the_excess_exceeds_the_mc_error():
     """Half the excess against 2 s.e. and 2% of λ̂, through ``LLCResult.from_traces``."""
-    assert heating_check({"excess": 1.0, "fraction": 0.1}, sem=0.2) is not None  # 0.5 > 0.4 and > 0.2
-    assert heating_check({"excess": 1.0, "fraction": 0.1}, sem=0.3) is None  # 0.5 < 0.6: within MC error
-    assert heating_check({"excess": 0.3, "fraction": 0.01}, sem=0.01) is None  # 0.15 < 2% of λ̂ = 0.6
+    assert heating_check(1.0, llc=10.0, sem=0.2) is not None  # 0.5 > 0.4 and > 0.2
+    assert heating_check(1.0, llc=10.0, sem=0.3) is None  # 0.5 < 0.6: within MC error
+    assert heating_check(0.3, llc=30.0, sem=0.01) is None  # 0.15 < 2% of λ̂ = 0.6
     g = torch.Generator().manual_seed(0)
     C, T = 8, 200
     loss = 1.0 + 0.05 * torch.randn(C, T, generator=g, dtype=F64)  # λ̂ = 10 (nβ = 10), s.e. ≈ 0.013

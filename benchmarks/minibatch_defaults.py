@@ -1,16 +1,17 @@
 """λ̂ at every default, on minibatches and at full batch, against the known answer.
 
 Accuracy, not speed: for each problem ``slt.estimate_llc`` runs with all sampling settings at their
-defaults (batch 256 and ``batch_size=None``), float64, and the script prints the adapted ε, λ̂ ± s.e.,
-its error against the known value, ``converged`` and the minibatch heating estimate
-(``diagnostics["minibatch_heating"]``).  The problems: deep linear networks at rank 0 (λ from Aoyagi's
+defaults (``batch_size="auto"``, the default: 256 raised when minibatch heating would bias λ̂), and
+for comparison at a fixed batch 256 and at ``batch_size=None`` (full batch), float64; the script
+prints the batch the run ended with, the adapted ε, λ̂ ± s.e., its error against the known value,
+``converged`` and the minibatch heating estimate (``diagnostics["minibatch_heating"]``).  The problems: deep linear networks at rank 0 (λ from Aoyagi's
 formula, ``slt.theory.dln_llc``: [5, 3, 5] 6.5, [5, 3, 4] 5.5, [3, 2, 3] 2.5; n = 10⁴), N(ab², 1) at w* = 0 (the exact finite-n
 value 0.221 by 2-D quadrature, tests/test_statistical.py; 16 chains × 4000 draws) and a 5-dimensional
 Gaussian location model written as a plain module (d/2 ⋅ nβ/(nβ + γ)).
 
 Usage::
 
-    python benchmarks/minibatch_defaults.py                 # all (about 3 minutes on 2 cores)
+    python benchmarks/minibatch_defaults.py                 # all (about 5 minutes on 2 cores)
     python benchmarks/minibatch_defaults.py dln535 gauss    # some
 """
 
@@ -79,13 +80,14 @@ def main(names):
     print(f"slt {slt.__version__}, torch {torch.__version__}")
     for name in names:
         model, data, loss, known, kw = problem(name)
-        for bs in (256, None):
+        for bs in ("auto", 256, None):
             t = time.perf_counter()
             args = (model, data) if loss is None else (model, data, loss)
             r = slt.estimate_llc(*args, batch_size=bs, seed=0, progress=False, dtype=F64, **kw)
             heat = r.diagnostics.get("minibatch_heating")
             heat_s = "—" if heat is None else f"{heat['excess']:.3g} ({heat['fraction']:.0%})"
-            print(f"{name:7s} batch {str(bs):4s}  ε {r.step_size:.3g}  λ̂ {r.llc_mean:.3f} ± {r.llc_sem:.3f}  "
+            used = r.config["batch_size"]
+            print(f"{name:7s} batch {str(bs):4s} → {str(used):5s}  ε {r.step_size:.3g}  λ̂ {r.llc_mean:.3f} ± {r.llc_sem:.3f}  "
                   f"known {known:.3f} ({100 * (r.llc_mean / known - 1):+.0f}%)  γ {r.localization:g}  "
                   f"converged {r.converged}  heating {heat_s}  {time.perf_counter() - t:.0f} s", flush=True)
 

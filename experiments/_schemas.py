@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Union
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
@@ -66,7 +66,7 @@ class SamplerConf:
     step_size: Optional[float] = LLC.step_size
     nbeta: Optional[float] = LLC.nbeta
     localization: Optional[float] = LLC.localization
-    batch_size: Optional[int] = LLC.batch_size
+    batch_size: Optional[Union[int, str]] = LLC.batch_size  # a number, null (full batch) or "auto"
     mala_every: int = LLC.mala_every
     sampler_kwargs: Dict[str, float] = field(default_factory=dict)
 
@@ -493,7 +493,8 @@ def validate(cfg: Any) -> None:
         _int_at_least(cfg, "sampler.num_draws", 1)
         _int_at_least(cfg, "sampler.num_burnin", 0, optional=True)
         _int_at_least(cfg, "sampler.num_steps_bw_draws", 1)
-        _int_at_least(cfg, "sampler.batch_size", 1, optional=True)
+        if _select(cfg, "sampler.batch_size") != "auto":
+            _int_at_least(cfg, "sampler.batch_size", 1, optional=True)
         _int_at_least(cfg, "sampler.mala_every", 0)
         _positive(cfg, "sampler.step_size", optional=True)
         _positive(cfg, "sampler.nbeta", optional=True)

@@ -39,6 +39,7 @@ not hidden by the spread across chains.
 
 from __future__ import annotations
 
+import math
 import time
 import warnings
 from dataclasses import dataclass, field, replace
@@ -49,12 +50,13 @@ from torch import Tensor, nn
 
 from ._checks import check_int, check_real
 from ._runtime import intra_op_threads, resolve_device, retained_heap, small_work_threads, versions
-from .defaults import (LLC, LOCALIZATION_MIN_DRAWS, LOCALIZATION_STEPS, default_burnin, default_localization,
-                       default_nbeta)
-from .diagnostics import halved_step_estimate, minibatch_heating
+from .data import LoaderSource
+from .defaults import (BATCH_RAISES, BATCH_SIZE, BATCH_SIZE_MAX, LLC, LOCALIZATION_MIN_DRAWS, LOCALIZATION_STEPS,
+                       default_burnin, default_localization, default_nbeta)
+from .diagnostics import halved_step_estimate, llc_standard_error, minibatch_heating
 from .evaluator import ChainEvaluator
 from .loop import Divergence, Trace, run_chains, show_progress
-from .result import UNSETTLED, LLCResult, equilibrium_checks
+from .result import UNSETTLED, LLCResult, equilibrium_checks, heating_check
 from .rng import ChainRNG
 from .samplers import LocalizedPotential, SamplerSpec, build_sampler, resolve_sampler
 from .stepsize import (STEP_SIZE_SAFETY, adapt_step_size, auto_step_size, gradient_noise_trace, initial_step_size,
@@ -95,7 +97,7 @@ def estimate_llc(
     step_size: float | str | None = LLC.step_size,
     nbeta: float | None = LLC.nbeta,
     localization: float | None = LLC.localization,
-    batch_size: int | None = LLC.batch_size,
+    batch_size: int | str | None = LLC.batch_size,
     sampler: str | SamplerSpec = LLC.sampler,
     sampler_kwargs: Mapping[str, Any] | None = None,
     observables: Mapping[str, Observable] | None = None,
@@ -186,7 +188,16 @@ def estimate_llc(
         as given and never raised.
     batch_size
         Minibatch size; ``None`` or ``>= n`` uses full-batch gradients (no
-        minibatch noise, free every-step MALA diagnostic).
+        minibatch noise, free every-step MALA diagnostic).  ``"auto"`` (the default):
+        :data:`slt.defaults.BATCH_SIZE` = 256 samples per step, and when the run's minibatch
+        heating (the first-order excess :math:`\tfrac\epsilon8(n\beta)^2\operatorname{tr}\operatorname{Cov}
+        [\nabla L_B]` that minibatch noise adds to λ̂; plain SGLD on tensor data) would make λ̂
+        drop when ε halves (:func:`slt.result.heating_check`), the run is repeated once at the
+        same γ with the batch at which the measured excess falls to half of what the check
+        allows (at most :data:`slt.defaults.BATCH_SIZE_MAX`; the full batch once that is half the
+        data or more): the noise trace falls as 1/batch size.
+        The batches tried and why are in ``config["batch_size_raises"]``.  A number is used as
+        given (the finding, if any, names the fix).
     sampler
         A name — ``"sgld"``, ``"rmsprop_sgld"``, ``"sghmc"`` or ``"sgnht"`` — with
         ``sampler_kwargs`` going to it (e.g. ``alpha``, ``eps`` for RMSProp,
@@ -406,7 +417,7 @@ def sample_target(
     num_burnin: int | None = LLC.num_burnin,
     num_steps_bw_draws: int = LLC.num_steps_bw_draws,
     step_size: float | str | None = LLC.step_size,
-    batch_size: int | None = LLC.batch_size,
+    batch_size: int | str | None = LLC.batch_size,
     sampler: str | SamplerSpec = LLC.sampler,
     sampler_kwargs: Mapping[str, Any] | None = None,
     observables: Mapping[str, Observable] | None = None,
@@ -448,6 +459,9 @@ def sample_target(
         batch_size, target_accept)
     spec = resolve_sampler(sampler)
     _check_restrictable(spec, target)
+    batch_auto = batch_size == "auto"
+    if batch_auto:
+        batch_size = BATCH_SIZE
     C, G, dev = num_chains, target.G, target.device
     rows = target.rows(C)  # (G*C, d)
     rule = _step_size_rule(step_size)
@@ -457,6 +471,7 @@ def sample_target(
     n_adapt = num_burnin - num_burnin // 5 if rule == "adapt" else 0
     gammas = localization_levels(target)
     escalations: list[dict[str, Any]] = []
+    batch_raises: list[dict[str, Any]] = []
     if num_threads is not None:
         num_threads = check_int("num_threads", num_threads, 1)
     for level, gamma in enumerate(gammas):  # γ raised tenfold while the chains do not settle (automatic γ)
@@ -466,6 +481,17 @@ def sample_target(
                       target_accept, thresh, num_threads, observables, on_draw, on_start,
                       vectorize if level == 0 else None, progress, t_setup)
         target = run["target"]
+        while batch_auto and len(batch_raises) < BATCH_RAISES:  # minibatch noise heats the chains: a larger batch
+            raised = _raised_batch(run, target, spec, C, batch_size)
+            if raised is None:
+                break
+            batch_raises.append({**raised, "localization": gamma,
+                                 "seconds": run["trace"].seconds + run["adapt_seconds"]})
+            batch_size = raised["to"]
+            run = _run_at(target, rows, spec, rule, step_size, kw, C, num_steps, num_burnin, burnin_auto, n_adapt,
+                          num_steps_bw_draws, batch_size, control_variate, shared_batches, mala_every,
+                          target_accept, thresh, num_threads, observables, on_draw, on_start, None, progress, t_setup)
+            target = run["target"]
         halved = _halved_estimates(run["trace"], run["adapt"], run["halvings"], run["eps"], C, target.nbeta,
                                    run["num_burnin"], run["num_steps"])
         unsettled = (_unsettled(run["trace"], target.nbeta, G, C, halved)
@@ -494,7 +520,8 @@ def sample_target(
         "num_steps_bw_draws": num_steps_bw_draws, "step_size_auto": rule != "given", "step_size_rule": rule,
         "target_accept": target_accept if rule == "adapt" else None,
         "nbeta": target.nbeta, "localization": target.localization,
-        "batch_size": None if batches.full else batches.batch_size, "n": target.n, "sampler": smp.name,
+        "batch_size": None if batches.full else batches.batch_size, "batch_size_rule": "auto" if batch_auto else "given",
+        "batch_size_raises": batch_raises, "n": target.n, "sampler": smp.name,
         "sampler_kwargs": {**spec.kwargs, **dict(sampler_kwargs or {})}, "device": str(dev),
         "dtype": str(target.dtype).replace("torch.", ""), "vectorize": vectorize, "path": target.path,
         "compiled_calls": None if target.evaluator.compiled is None else target.evaluator.compiled.calls,
@@ -586,6 +613,51 @@ def _run_at(target, rows, spec, rule, step_size, kw, C, num_steps, num_burnin, b
             "num_steps": num_steps, "allocator": allocator}
 
 
+def _raised_batch(run: Mapping[str, Any], target: Any, spec: SamplerSpec, C: int,
+                  batch_size: int) -> dict[str, Any] | None:
+    r"""The larger minibatch a ``batch_size="auto"`` run is repeated with, or ``None``.
+
+    ``None`` unless some group's minibatch heating :math:`\Delta` (``run["heating"]``, plain SGLD on
+    minibatches) makes :func:`slt.result.heating_check` fire, the data are tensors (a DataLoader's
+    batches are the user's), and the batch can grow.  The gradient-noise trace of i.i.d. indices
+    falls as 1/batch size, so the batch is raised by the largest factor
+    :math:`\Delta / (a/2)` over those groups, :math:`a = 2\max(2\,\mathrm{s.e.}, 0.02\,\hat\lambda)`
+    the excess the check allows (a margin for the noise of the trace and for the larger ε the
+    adaptation may find), at least doubled, at most :data:`slt.defaults.BATCH_SIZE_MAX`, and the
+    full batch once that is at least half the data.  Returns ``{"from", "to" (None:
+    full batch), "excess", "fraction", "llc", "sem"}`` of the group that needed most."""
+    heating, trace = run["heating"], run["trace"]
+    if heating is None or spec.name != "sgld" or isinstance(target.source, LoaderSource) or run["batches"].full:
+        return None
+    tr = (target.nbeta * (trace.loss - trace.star)).detach().cpu()  # (G*C, T)
+    worst = None
+    for g in range(target.G):
+        rows = slice(g * C, (g + 1) * C)
+        valid = ~trace.diverged[rows].cpu()
+        if int(valid.sum()) < 2:
+            continue
+        t = tr[rows][valid]
+        llc = float(t.double().mean())
+        sem = llc_standard_error(t.mean(1), t)[0]
+        excess = float(heating[rows][valid].double().nanmean())
+        if heating_check(excess, llc, sem) is None:
+            continue
+        factor = excess / max(2 * sem, 0.02 * abs(llc))  # Δ over half the allowed excess
+        if worst is None or factor > worst[0]:
+            worst = (factor, excess, llc, sem)
+    if worst is None:
+        return None
+    factor, excess, llc, sem = worst
+    new = max(2 * batch_size, math.ceil(batch_size * factor))
+    if new > BATCH_SIZE_MAX:
+        if batch_size >= BATCH_SIZE_MAX:
+            return None
+        new = BATCH_SIZE_MAX
+    if 2 * new >= target.n:
+        new = None
+    return {"from": batch_size, "to": new, "excess": excess, "fraction": excess / llc, "llc": llc, "sem": sem}
+
+
 def localization_levels(target: Any) -> list[float]:
     r"""The γ values a run may use: the given γ alone, or for the automatic γ (``localization=None``)
     :data:`slt.defaults.LOCALIZATION` and then tenfold steps while the chains do not settle, at most
@@ -674,7 +746,10 @@ def _check_arguments(num_chains, num_draws, num_burnin, num_steps_bw_draws, mala
         check_real("nbeta", nbeta, positive=True)
     if localization is not None:
         check_real("localization", localization, nonnegative=True)
-    if batch_size is not None:
+    if isinstance(batch_size, str):
+        if batch_size != "auto":
+            raise ValueError(f"batch_size must be a positive integer, None (full batch) or 'auto', got {batch_size!r}")
+    elif batch_size is not None:
         batch_size = check_int("batch_size", batch_size, 1)
     if not (isinstance(target_accept, (int, float)) and 0.0 < target_accept < 1.0):
         raise ValueError(f"target_accept must lie in (0, 1), got {target_accept!r}")

@@ -306,8 +306,12 @@ class LLCResult:
         ]
         heat = d.get("minibatch_heating")
         if heat:
+            bs = self.config.get("batch_size")
             lines.append(f"  minibatch heating ≈ {f(heat['excess'])} ({f(heat['fraction'], '.1%')} of λ̂; first order, "
-                         "∝ step_size/batch_size)")
+                         f"∝ step_size/batch_size) at batch_size={bs}")
+        for up in self.config.get("batch_size_raises") or []:
+            lines.append(f"  batch_size raised {up['from']} → {up['to'] or 'full batch'}: minibatch heating "
+                         f"{f(up['excess'])} ({f(up['fraction'], '.1%')} of λ̂ {f(up['llc'])}) at {up['from']}")
         if self.divergent_chains:
             lines.append(f"  DIVERGENT chains (excluded): {self.divergent_chains}")
         for w in d.get("warnings", []):

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 from torch import nn
 
@@ -156,3 +157,80 @@ def test_the_draws_record_the_equilibrium_acceptance_on_minibatches():
         want = (acceptance(lr) if full else equilibrium_acceptance(lr)).mean(0)
         torch.testing.assert_close(trace.mala, want, rtol=1e-12, atol=1e-12)
     assert not torch.allclose(acceptance(lr).mean(0), equilibrium_acceptance(lr).mean(0))
+
+
+def _stationary_llc(X, nb, eps, B, gamma=1.0):
+    """E λ̂ of minibatch SGLD on the Gaussian location model (the closed form of the test above)."""
+    a = nb + gamma
+    s2 = X.var(0, unbiased=False)
+    var_y = (eps + eps**2 * nb**2 * s2 / (4 * B)) / (eps * a * (1 - eps * a / 4))
+    return float(nb / 2 * var_y.sum())
+
+
+def test_the_automatic_batch_is_raised_when_heating_fires_and_then_matches_the_closed_form():
+    """``batch_size="auto"`` (the default): the run at 256 heats (the finding would fire), so it is repeated
+    once with the batch the rule names — max(2·256, ⌈256·Δ/max(2 s.e., 2% λ̂)⌉) from the first run's
+    record — and the repeat matches the closed-form stationary λ̂ of minibatch SGLD at its own batch and ε
+    within 4 s.e., with a heating share below the first run's.  A given 256 is kept and flagged."""
+    X = _data()
+    r = slt.estimate_llc(_Location(X.mean(0)), X, _half_sq, dtype=F64, seed=0, progress=False)
+    cfg = r.config
+    assert cfg["batch_size_rule"] == "auto" and len(cfg["batch_size_raises"]) == 1, cfg["batch_size_raises"]
+    up = cfg["batch_size_raises"][0]
+    assert up["from"] == 256 and up["localization"] == r.localization
+    want = max(512, math.ceil(256 * up["excess"] / max(2 * up["sem"], 0.02 * abs(up["llc"]))))
+    assert up["to"] == (None if 2 * want >= X.shape[0] else want) == cfg["batch_size"], (up, want)
+    exact = _stationary_llc(X, r.nbeta, r.step_size, cfg["batch_size"])
+    assert abs(r.llc_mean - exact) < 4 * r.llc_sem, (r.llc_mean, r.llc_sem, exact)
+    assert r.diagnostics["minibatch_heating"]["fraction"] < up["fraction"]
+    assert r.converged, r.convergence_reasons
+    assert f"batch_size raised 256 → {cfg['batch_size'] or 'full batch'}" in str(r)
+
+    given = slt.estimate_llc(_Location(X.mean(0)), X, _half_sq, batch_size=256, dtype=F64, seed=0, progress=False)
+    assert given.config["batch_size_rule"] == "given" and given.config["batch_size_raises"] == []
+    assert given.config["batch_size"] == 256
+    assert any("minibatch noise heats" in s for s in given.convergence_reasons), given.convergence_reasons
+    # the first run of the automatic batch is the given-256 run (same seed, same streams)
+    assert abs(up["llc"] - given.llc_mean) < 1e-9 * abs(given.llc_mean)
+
+
+def test_the_batch_rule_goes_to_full_batch_caps_the_batch_and_leaves_loaders_alone():
+    """``_raised_batch`` on a hand-made run: the factor, the switch to the full batch at half the data,
+    the cap, and no raise for a DataLoader, another sampler or a run the finding does not fire on."""
+    from types import SimpleNamespace
+
+    from slt.data import LoaderSource
+    from slt.defaults import BATCH_SIZE_MAX
+    from slt.engine import _raised_batch
+
+    C, T = 8, 400
+    loss = 1.0 + 0.05 * torch.randn(C, T, generator=torch.Generator().manual_seed(0), dtype=F64)
+    trace = SimpleNamespace(loss=loss, star=torch.zeros(C, T, dtype=F64), diverged=torch.zeros(C, dtype=torch.bool))
+    sgld = SimpleNamespace(name="sgld")
+
+    def raised(excess, n=10**6, batch=256, source=None, spec=sgld, full=False):
+        target = SimpleNamespace(nbeta=10.0, G=1, n=n, source=object() if source is None else source)
+        run = {"heating": torch.full((C,), excess, dtype=F64), "trace": trace, "batches": SimpleNamespace(full=full)}
+        return _raised_batch(run, target, spec, C, batch)
+
+    tr = 10.0 * loss
+    llc = float(tr.mean())
+    sem = slt.diagnostics.llc_standard_error(tr.mean(1), tr)[0]
+    assert raised(0.01) is None  # within MC error: no raise
+    up = raised(1.0)
+    factor = 1.0 / max(2 * sem, 0.02 * llc)
+    assert up["to"] == max(512, math.ceil(256 * factor)) and up["from"] == 256 and abs(up["llc"] - llc) < 1e-9
+    assert raised(1.0, n=2 * up["to"])["to"] is None  # half the data or more: the full batch
+    assert raised(1.0, n=2 * up["to"] + 1)["to"] == up["to"]
+    assert raised(1e3)["to"] == BATCH_SIZE_MAX  # 10⁶ samples: not the full batch
+    assert raised(1e3, n=2 * BATCH_SIZE_MAX)["to"] is None
+    assert raised(1e3, batch=BATCH_SIZE_MAX) is None  # at the cap: the finding stays and names the fix
+    assert raised(1.0, source=LoaderSource.__new__(LoaderSource)) is None
+    assert raised(1.0, spec=SimpleNamespace(name="sghmc")) is None
+    assert raised(1.0, full=True) is None
+
+
+def test_batch_size_must_be_a_number_none_or_auto():
+    X = _data(n=100, d=2)
+    with pytest.raises(ValueError, match="batch_size must be a positive integer, None .* or 'auto'"):
+        slt.estimate_llc(_Location(X.mean(0)), X, _half_sq, batch_size="full")

@@ -195,7 +195,7 @@ def estimate_llc(
         drop when ε halves (:func:`slt.result.heating_check`), the run is repeated once at the
         same γ with the batch at which the measured excess falls to half of what the check
         allows (at most :data:`slt.defaults.BATCH_SIZE_MAX`; the full batch once that is half the
-        data or more): the noise trace falls as 1/batch size.
+        data or more): the noise trace falls as 1/batch size.  One batch size serves every group (as one γ does).
         The batches tried and why are in ``config["batch_size_raises"]``.  A number is used as
         given (the finding, if any, names the fix).
     sampler
@@ -653,7 +653,7 @@ def _raised_batch(run: Mapping[str, Any], target: Any, spec: SamplerSpec, C: int
         if batch_size >= BATCH_SIZE_MAX:
             return None
         new = BATCH_SIZE_MAX
-    if 2 * new >= target.n:
+    if 2 * new >= target.source.n:  # tensor data here (a loader returned above): the full batch is source.n
         new = None
     return {"from": batch_size, "to": new, "excess": excess, "fraction": excess / llc, "llc": llc, "sem": sem}
 

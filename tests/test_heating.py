@@ -209,7 +209,7 @@ def test_the_batch_rule_goes_to_full_batch_caps_the_batch_and_leaves_loaders_alo
     sgld = SimpleNamespace(name="sgld")
 
     def raised(excess, n=10**6, batch=256, source=None, spec=sgld, full=False):
-        target = SimpleNamespace(nbeta=10.0, G=1, n=n, source=object() if source is None else source)
+        target = SimpleNamespace(nbeta=10.0, G=1, source=SimpleNamespace(n=n) if source is None else source)
         run = {"heating": torch.full((C,), excess, dtype=F64), "trace": trace, "batches": SimpleNamespace(full=full)}
         return _raised_batch(run, target, spec, C, batch)
 

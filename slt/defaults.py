@@ -50,7 +50,7 @@ BATCH_SIZE = 256
 #: nβ = n/log n that grows with n at a fixed batch (measured: a 5-dimensional Gaussian location model, n = 10⁴,
 #: gave λ̂ 13% above its closed form at batch 256, 5% at full batch); the trace falls as 1/batch size
 #: (indices drawn with replacement), so the repeat uses the batch at which the measured excess falls to
-#: half of what the check allows (full batch once that is at least half the data).
+#: a quarter of what the check allows (full batch once that is at least half the data).
 BATCH_RAISES = 1
 #: The largest minibatch ``batch_size="auto"`` raises to short of the full batch (16 × :data:`BATCH_SIZE`); a
 #: run that would need more keeps its finding and names the fix.
@@ -99,11 +99,11 @@ def default_nbeta(n: int) -> float:
 
 
 def default_burnin(num_draws: int, num_steps_bw_draws: int = 1, step_size: float | None = None,
-                   localization: float | None = None, num_adapt: int = 0) -> int:
-    r"""``num_burnin`` for ``num_burnin=None``: the steps before the first draw, step-size adaptation
-    (``num_adapt`` steps) included.
+                   localization: float | None = None) -> int:
+    r"""``num_burnin`` for ``num_burnin=None``: the steps from w* at the frozen step before the first
+    draw (a step-size adaptation runs before them, as a phase of its own).
 
-    ``num_draws // 4``, lengthened once ε and γ are known to ``num_adapt`` + :data:`RELAXATION_TIMES`
+    ``num_draws // 4``, lengthened once ε and γ are known to :data:`RELAXATION_TIMES`
     / (εγ) steps when that costs at most :data:`BURNIN_MAX_FACTOR` times the draws' steps.  Under the
     localized potential a direction the loss leaves flat is held by γ alone, and SGLD relaxes it at a
     rate εγ per step (:math:`w \leftarrow w - \tfrac{\epsilon}{2}\gamma w + \sqrt{\epsilon}\xi` has
@@ -120,8 +120,6 @@ def default_burnin(num_draws: int, num_steps_bw_draws: int = 1, step_size: float
         The run's draws and steps between draws.
     step_size, localization
         ε (the smallest over the run's rows) and γ; ``None`` while unknown (before adaptation).
-    num_adapt
-        Steps of step-size adaptation at the start of the burn-in.
     """
     base = num_draws // 4
     if step_size is None or localization is None or not (step_size > 0 and localization > 0):
@@ -129,7 +127,7 @@ def default_burnin(num_draws: int, num_steps_bw_draws: int = 1, step_size: float
     relax = math.ceil(RELAXATION_TIMES / (step_size * localization))
     if relax > BURNIN_MAX_FACTOR * num_draws * num_steps_bw_draws:
         return base
-    return max(base, num_adapt + relax)
+    return max(base, relax)
 
 
 def default_localization() -> float:

@@ -145,21 +145,27 @@ def estimate_llc(
         ``state_dicts``, ``model`` is the template.  Returns a list of results.
     num_chains, num_draws, num_burnin, num_steps_bw_draws
         Chains per checkpoint, recorded draws per chain, steps discarded first, and steps between
-        draws.  ``num_burnin=None`` (default): ``num_draws // 4``, lengthened once ε and γ are known to
-        the step-size adaptation plus ``RELAXATION_TIMES`` = 5 relaxation times 1/(εγ) of a direction
-        only the localization holds, when that is at most ``BURNIN_MAX_FACTOR`` = 4 times the draws'
-        steps (:func:`slt.defaults.default_burnin`): then λ̂ is still settled when ε is halved at the
-        same number of steps.  The burn-in used is ``config["num_burnin"]`` (its rule
+        draws.  The burn-in runs from ``w*`` at the frozen step (after the step-size adaptation, if
+        any, which is a phase of its own).  ``num_burnin=None`` (default): ``num_draws // 4``,
+        lengthened once ε and γ are known to ``RELAXATION_TIMES`` = 5 relaxation times 1/(εγ) of a
+        direction only the localization holds, when that is at most ``BURNIN_MAX_FACTOR`` = 4 times
+        the draws' steps (:func:`slt.defaults.default_burnin`): then λ̂ is still settled when ε is
+        halved at the same number of steps.  The burn-in used is ``config["num_burnin"]`` (its rule
         ``config["num_burnin_rule"]``: ``"quarter"``, ``"relaxation"`` or ``"given"``).
     step_size
-        ε.  Default ``None`` (= ``"adapt"``): during the first 80% of burn-in, dual
+        ε.  Default ``None`` (= ``"adapt"``): for 4/5 of ``num_burnin`` steps (of ``num_draws // 4``
+        with the automatic burn-in; ``diagnostics["adapt_steps"]``) before the burn-in, dual
         averaging (Hoffman & Gelman 2014, as NUTS/Stan adapt their step) drives
         ε toward a Metropolis acceptance of ``target_accept`` for the Langevin
         proposal on the potential being sampled (same minibatch at both
         points), one ε per checkpoint, starting from
         :math:`0.2/(n\beta h(w^*) + \gamma)`; a chain that diverges while adapting
         halves its checkpoint's ε and restarts from ``w*``; then ε is frozen
-        (:func:`slt.stepsize.adapt_step_size`).  SGLD has no accept/reject step:
+        (:func:`slt.stepsize.adapt_step_size`) and the chains start again from ``w*``: SGLD
+        has no accept/reject step, so the adaptation's exploratory first steps (up to
+        10 ε₀) move the chains for real, and where the loss leaves its flat neighbourhood of
+        ``w*`` abruptly (a trained GRU) they would otherwise sit far out at a step too small
+        to bring them back.  SGLD has no accept/reject step:
         the acceptance only measures its discretisation error, whose bias on
         E[L] is about εκ/4 in a direction of curvature κ.  ``"curvature"``: the
         earlier one-shot rule :math:`\epsilon = 0.2/(n\beta\,h_{max} + \gamma)`
@@ -193,7 +199,7 @@ def estimate_llc(
         heating (the first-order excess :math:`\tfrac\epsilon8(n\beta)^2\operatorname{tr}\operatorname{Cov}
         [\nabla L_B]` that minibatch noise adds to λ̂; plain SGLD on tensor data) would make λ̂
         drop when ε halves (:func:`slt.result.heating_check`), the run is repeated once at the
-        same γ with the batch at which the measured excess falls to half of what the check
+        same γ with the batch at which the measured excess falls to a quarter of what the check
         allows (at most :data:`slt.defaults.BATCH_SIZE_MAX`; the full batch once that is half the
         data or more): the noise trace falls as 1/batch size.  One batch size serves every group (as one γ does).
         The batches tried and why are in ``config["batch_size_raises"]``.  A number is used as
@@ -338,7 +344,8 @@ class Sampling:
     halvings
         Times the step of diverging groups was halved and the run repeated.
     num_chains, num_steps, n_adapt
-        Chains per group, steps in all (adaptation included) and adaptation steps.
+        Chains per group, steps of the run from w* (burn-in and draws) and the adaptation's steps
+        before it.
     sampler
         The bound sampler's name.
     setup_seconds, adapt_seconds
@@ -386,12 +393,9 @@ class Sampling:
             diag = {
                 "path": target.path, "path_reason": target.path_reason,
                 "seconds": trace.seconds, "setup_seconds": self.setup_seconds, "adapt_seconds": self.adapt_seconds,
-                "chain_steps_per_second": (self.num_steps - self.n_adapt) * target.G * C / max(trace.seconds, 1e-12),
+                "chain_steps_per_second": self.num_steps * target.G * C / max(trace.seconds, 1e-12),
                 "step_size_halvings": self.halvings,
             }
-            burnin = tr.burnin
-            if self.adapt is not None and not self.halvings:  # a re-run's burn-in starts again from w*
-                burnin = torch.cat([self.adapt.loss_trace[g * C:(g + 1) * C].cpu(), tr.burnin], 1)
             diag.update(_step_size_diagnostics(self.auto, self.adapt, g, labels["checkpoint"]))
             eps_g = self.group_step_size(g)
             config = {**self.config, "step_size": eps_g, "seed": target.group_seeds[g], **labels}
@@ -399,7 +403,7 @@ class Sampling:
                 config["restricted_params"] = int(masks[g // target.groups.D % target.groups.M].sum())
             out.append(LLCResult.from_traces(
                 tr.loss, tr.star, nbeta=target.nbeta, init_loss=float(init[g]), step_size=eps_g,
-                localization=target.localization, sampler=self.sampler, burnin=burnin, observables=tr.observables,
+                localization=target.localization, sampler=self.sampler, burnin=tr.burnin, observables=tr.observables,
                 diverged=tr.diverged, divergence_step=tr.divergence_step, draw_steps=tr.draw_steps, mala=tr.mala,
                 halved=None if halved is None else halved[g * C:(g + 1) * C],
                 heating=None if heating is None else heating[g * C:(g + 1) * C], issues=target.issues,
@@ -492,8 +496,7 @@ def sample_target(
                           num_steps_bw_draws, batch_size, control_variate, shared_batches, mala_every,
                           target_accept, thresh, num_threads, observables, on_draw, on_start, None, progress, t_setup)
             target = run["target"]
-        halved = _halved_estimates(run["trace"], run["adapt"], run["halvings"], run["eps"], C, target.nbeta,
-                                   run["num_burnin"], run["num_steps"])
+        halved = _halved_estimates(run["trace"], run["eps"], target.nbeta, run["num_burnin"], run["num_steps"])
         unsettled = (_unsettled(run["trace"], target.nbeta, G, C, halved)
                      if target.localization_auto and num_draws >= LOCALIZATION_MIN_DRAWS else {})
         if not unsettled or level == len(gammas) - 1:
@@ -573,26 +576,27 @@ def _run_at(target, rows, spec, rule, step_size, kw, C, num_steps, num_burnin, b
                else adapt.step_size.to(target.dtype).repeat_interleave(C).unsqueeze(1))
         adapt_seconds = time.perf_counter() - t_setup - setup_seconds
 
-        # the sampler, folded over the batches; an automatic step that lets chains diverge is halved.
-        # A re-run starts from w* (a fresh state: the adapted chains' positions are not kept, which
-        # saves a parameter-sized copy per chain) and spends the whole burn-in at the fixed step.
-        held = [state]
+        # the sampler, folded over the batches, from w* at the frozen step: the adapted chains' positions are
+        # not kept.  SGLD has no accept/reject step, so the adaptation's first steps (dual averaging explores
+        # from 10 ε₀) move the chains for real, and where the loss leaves its flat neighbourhood of w* abruptly
+        # they land where the step that adaptation settles on cannot bring them back (a trained GRU: two steps at
+        # 1.8e-6 raised nβ(L − L*) from 0 to 25, then ε fell to 5.8e-9, at which γ = 100 relaxes over 2·10⁶
+        # steps).  An automatic step that lets chains diverge is halved and the run repeated, also from w*.
         del state
         num_draws = (num_steps - num_burnin) // thin
         for halvings in range(MAX_HALVINGS + 1 if rule != "given" else 1):
             if burnin_auto:  # cover the slowest relaxation γ allows at this ε, when affordable
-                num_burnin = default_burnin(num_draws, thin, _smallest(eps), target.localization, n_adapt)
+                num_burnin = default_burnin(num_draws, thin, _smallest(eps), target.localization)
                 num_steps = num_burnin + num_draws * thin
             if on_start is not None:
                 on_start()
             smp = build_sampler(spec, potential, eps, mala_every=mala_every, **kw)
-            start = n_adapt if halvings == 0 else 0
-            final, trace = run_chains(  # the start state is handed over, not kept here (it is freed as the chains move)
-                smp, held.pop() if held else build_sampler(spec, potential, 1.0, mala_every=0, **kw).init(rows),
-                batches, noise, num_steps - start,
-                num_burnin=num_burnin - start, thin=thin, observe=_observe(target.spec, observables, on_draw),
+            final, trace = run_chains(
+                smp, build_sampler(spec, potential, 1.0, mala_every=0, **kw).init(rows),
+                batches, noise, num_steps,
+                num_burnin=num_burnin, thin=thin, observe=_observe(target.spec, observables, on_draw),
                 divergence=Divergence(thresh, target.nbeta, rows, 10 if dev.type == "cpu" else 25),
-                nbeta=target.nbeta, progress=show_progress(progress, num_steps * G * C), start=start,
+                nbeta=target.nbeta, progress=show_progress(progress, num_steps * G * C),
             )
             bad = trace.diverged.view(G, C).any(1)
             if rule == "given" or halvings == MAX_HALVINGS or not bool(bad.any()):
@@ -621,7 +625,7 @@ def _raised_batch(run: Mapping[str, Any], target: Any, spec: SamplerSpec, C: int
     minibatches) makes :func:`slt.result.heating_check` fire, the data are tensors (a DataLoader's
     batches are the user's), and the batch can grow.  The gradient-noise trace of i.i.d. indices
     falls as 1/batch size, so the batch is raised by the largest factor
-    :math:`\Delta / (a/2)` over those groups, :math:`a = 2\max(2\,\mathrm{s.e.}, 0.02\,\hat\lambda)`
+    :math:`\Delta / (a/4)` over those groups, :math:`a = 2\max(2\,\mathrm{s.e.}, 0.02\,\hat\lambda)`
     the excess the check allows (a margin for the noise of the trace and for the larger ε the
     adaptation may find), at least doubled, at most :data:`slt.defaults.BATCH_SIZE_MAX`, and the
     full batch once that is at least half the data.  Returns ``{"from", "to" (None:
@@ -642,7 +646,7 @@ def _raised_batch(run: Mapping[str, Any], target: Any, spec: SamplerSpec, C: int
         excess = float(heating[rows][valid].double().nanmean())
         if heating_check(excess, llc, sem) is None:
             continue
-        factor = excess / max(2 * sem, 0.02 * abs(llc))  # Δ over half the allowed excess
+        factor = excess / max(sem, 0.01 * abs(llc))  # Δ over a quarter of the allowed excess
         if worst is None or factor > worst[0]:
             worst = (factor, excess, llc, sem)
     if worst is None:
@@ -777,27 +781,18 @@ def _step_size_rule(step_size: float | str | None) -> str:
     return "given"
 
 
-def _halved_estimates(trace: Trace, adapt: Any, halvings: int, eps: float | Tensor, C: int, nbeta: float,
-                      num_burnin: int, num_steps: int) -> Tensor:
+def _halved_estimates(trace: Trace, eps: float | Tensor, nbeta: float, num_burnin: int, num_steps: int) -> Tensor:
     """``(R,)`` the estimate each row would give at half its step with the same steps
-    (:func:`slt.diagnostics.halved_step_estimate`), from the run's recorded steps: the adaptation's
-    (when this run continued from it) at their own steps, the burn-in and the draws at the frozen one."""
+    (:func:`slt.diagnostics.halved_step_estimate`), from the run's recorded steps: the burn-in and the
+    draws, all at the frozen step from w*."""
     R = trace.loss.shape[0]
     eps_rows = (eps.reshape(-1).double().cpu() if isinstance(eps, Tensor)
                 else torch.full((R,), float(eps), dtype=torch.float64))
     burn = nbeta * (trace.burnin - trace.burnin_star).detach().cpu().double()
-    values, steps = [burn], [eps_rows.unsqueeze(1).expand_as(burn)]
-    if adapt is not None and not halvings:  # a re-run starts again from w*: its adaptation is not its past
-        vals = nbeta * (adapt.loss_trace - adapt.star_trace).detach().cpu().double()
-        # a reused batch's loss is biased low: not part of the window
-        values.insert(0, vals.masked_fill(~adapt.fresh_steps.unsqueeze(0), float("nan")))
-        steps.insert(0, adapt.step_trace.detach().cpu().repeat_interleave(C, 0))
-    pre = torch.cat(steps, 1)  # (R, steps before the draws)
-    before = torch.cat([torch.zeros((R, 1), dtype=torch.float64), pre.cumsum(1)], 1)  # τ at each of them, then
-    draws = (trace.draw_steps.cpu().double() - pre.shape[1]).unsqueeze(0)  # steps after the first draw's
-    times = torch.cat([before[:, :-1], before[:, -1:] + draws * eps_rows.unsqueeze(1)], 1)
-    values.append(nbeta * (trace.loss - trace.star).detach().cpu().double())
-    return halved_step_estimate(torch.cat(values, 1), times, eps_rows, num_burnin, num_steps)
+    steps = torch.cat([torch.arange(burn.shape[1], dtype=torch.float64), trace.draw_steps.cpu().double()])
+    times = steps.unsqueeze(0) * eps_rows.unsqueeze(1)  # τ = ε t at each recorded step
+    values = torch.cat([burn, nbeta * (trace.loss - trace.star).detach().cpu().double()], 1)
+    return halved_step_estimate(values, times, eps_rows, num_burnin, num_steps)
 
 
 def _smallest(eps: float | Tensor) -> float:

@@ -180,8 +180,8 @@ def test_the_default_burnin_covers_the_relaxation_the_localization_allows_when_a
     from slt.defaults import BURNIN_MAX_FACTOR, RELAXATION_TIMES, default_burnin
 
     assert default_burnin(1000) == 250  # ε, γ unknown
-    assert default_burnin(1000, 1, 2e-5, 100.0, num_adapt=200) == 200 + math.ceil(RELAXATION_TIMES / 2e-3)
-    assert default_burnin(1000, 1, 1e-1, 100.0, num_adapt=200) == 250  # relaxes within the quarter
+    assert default_burnin(1000, 1, 2e-5, 100.0) == math.ceil(RELAXATION_TIMES / 2e-3)
+    assert default_burnin(1000, 1, 1e-1, 100.0) == 250  # relaxes within the quarter
     assert default_burnin(1000, 1, 2e-5, 0.0) == 250  # γ = 0: nothing holds flat directions
     edge = RELAXATION_TIMES / (BURNIN_MAX_FACTOR * 1000 * 2)  # the εγ at which it costs the cap (thin 2)
     assert default_burnin(1000, 2, edge * 0.99, 1.0) == 250  # beyond the cap: the quarter

@@ -239,3 +239,28 @@ def test_minibatch_adaptation_finds_the_full_batch_step():
     assert mb.config["batch_size"] == 256 and full.config["batch_size"] is None
     assert mb.step_size <= 1.5 * full.step_size, (mb.step_size, full.step_size)
     assert abs(mb.llc_mean - 6.5) <= 4 * mb.llc_sem + 0.65, (mb.llc_mean, mb.llc_sem)
+
+
+def test_the_run_starts_from_w_star_after_the_adaptation():
+    """The adapted chains' positions are not kept: the burn-in's first loss is the loss at w* on its batch
+    (to float64 rounding: the control variate is gathered from per-sample losses at w*, the loss is a
+    forward pass), the burn-in has ``num_burnin`` steps of its own after the adaptation's, and the
+    adaptation did move the chains (so the check can fail)."""
+    from slt.engine import sample_target
+    from slt.target import prepare_target
+
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(300, 3, generator=g, dtype=F64)
+    Y = X @ torch.tensor([[1.0], [-1.0], [0.5]], dtype=F64) + 0.3 * torch.randn(300, 1, generator=g, dtype=F64)
+    model = nn.Linear(3, 1).double()
+    with torch.no_grad():
+        sol = torch.linalg.lstsq(torch.cat([X, torch.ones(300, 1, dtype=F64)], 1), Y).solution
+        model.weight.copy_(sol[:3].T)
+        model.bias.copy_(sol[3])
+    target = prepare_target(model, (X, Y), torch.nn.functional.mse_loss, dtype=F64, localization=1.0)
+    s = sample_target(target, num_chains=3, num_draws=200, num_burnin=100, batch_size=32, progress=False)
+    tr = s.trace
+    assert tr.burnin.shape == (3, 100) and s.adapt.steps == 80
+    torch.testing.assert_close(tr.burnin[:, 0], tr.burnin_star[:, 0], rtol=1e-13, atol=0.0)
+    moved = s.adapt.loss_trace[:, -1] - s.adapt.star_trace[:, -1]
+    assert bool((moved.abs() > 1e3 * torch.finfo(F64).eps).all())  # the adapted chains were elsewhere

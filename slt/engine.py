@@ -478,12 +478,14 @@ def sample_target(
     batch_raises: list[dict[str, Any]] = []
     if num_threads is not None:
         num_threads = check_int("num_threads", num_threads, 1)
+    def run_once(target: Any, batch_size: int | None, choose: str | None) -> dict[str, Any]:
+        return _run_at(target, rows, spec, rule, step_size, kw, C, num_steps, num_burnin, burnin_auto, n_adapt,
+                       num_steps_bw_draws, batch_size, control_variate, shared_batches, mala_every,
+                       target_accept, thresh, num_threads, observables, on_draw, on_start, choose, progress, t_setup)
+
     for level, gamma in enumerate(gammas):  # γ raised tenfold while the chains do not settle (automatic γ)
         target = replace(target, localization=gamma) if gamma != target.localization else target
-        run = _run_at(target, rows, spec, rule, step_size, kw, C, num_steps, num_burnin, burnin_auto, n_adapt,
-                      num_steps_bw_draws, batch_size, control_variate, shared_batches, mala_every,
-                      target_accept, thresh, num_threads, observables, on_draw, on_start,
-                      vectorize if level == 0 else None, progress, t_setup)
+        run = run_once(target, batch_size, vectorize if level == 0 else None)
         target = run["target"]
         while batch_auto and len(batch_raises) < BATCH_RAISES:  # minibatch noise heats the chains: a larger batch
             raised = _raised_batch(run, target, spec, C, batch_size)
@@ -492,9 +494,7 @@ def sample_target(
             batch_raises.append({**raised, "localization": gamma,
                                  "seconds": run["trace"].seconds + run["adapt_seconds"]})
             batch_size = raised["to"]
-            run = _run_at(target, rows, spec, rule, step_size, kw, C, num_steps, num_burnin, burnin_auto, n_adapt,
-                          num_steps_bw_draws, batch_size, control_variate, shared_batches, mala_every,
-                          target_accept, thresh, num_threads, observables, on_draw, on_start, None, progress, t_setup)
+            run = run_once(target, batch_size, None)
             target = run["target"]
         halved = _halved_estimates(run["trace"], run["eps"], target.nbeta, run["num_burnin"], run["num_steps"])
         unsettled = (_unsettled(run["trace"], target.nbeta, G, C, halved)

@@ -5,13 +5,15 @@ burn-in and draws (a direct check of "λ̂ stable when ε halves", which ``conve
 networks are written as users write them: a 2-layer ``nn.TransformerEncoder`` classifier (18k
 parameters) and a GRU classifier (2k parameters; vmap has no batching rule for GRU, so slt runs
 its loop over chains), each trained with Adam (3000 steps) on n = 1024 random token sequences whose
-label is the sum of the first 4 tokens mod 4.  Slow: about 20 minutes on 2 cores (the transformer's
-default run raises γ twice).
+label is the sum of the first 4 tokens mod 4; and ``mlp``, the 26k-parameter MLP 64-128-128-10 of
+``bench_generic.py`` (about 2 minutes).  Slow: the transformer and the GRU take 25–35 minutes each on
+2 cores (their default runs raise γ twice).
 
 Usage::
 
-    python benchmarks/real_defaults.py                  # both
+    python benchmarks/real_defaults.py                  # all three
     python benchmarks/real_defaults.py transformer
+    python benchmarks/real_defaults.py mlp
 """
 
 from __future__ import annotations
@@ -62,12 +64,23 @@ def data(n=1024):
     return tokens, tokens[:, :4].sum(1) % 4
 
 
+def generic_mlp():
+    """The 26k-parameter MLP 64-128-128-10 of ``bench_generic.py`` (n = 1792, trained there)."""
+    from bench_generic import job_mlp
+
+    job = job_mlp(0)
+    return job.model, job.X, job.Y
+
+
 def main(names):
-    X, Y = data()
     for name in names:
-        torch.manual_seed(0)
-        model = NETWORKS[name]()
-        train(model, (X, Y), F.cross_entropy, steps=3000, lr=3e-3)
+        if name == "mlp":
+            model, X, Y = generic_mlp()
+        else:
+            X, Y = data()
+            torch.manual_seed(0)
+            model = NETWORKS[name]()
+            train(model, (X, Y), F.cross_entropy, steps=3000, lr=3e-3)
         model.eval()
         with torch.no_grad():
             loss = float(F.cross_entropy(model(X), Y))
@@ -89,4 +102,4 @@ def main(names):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:] or list(NETWORKS))
+    main(sys.argv[1:] or [*NETWORKS, "mlp"])

@@ -149,7 +149,8 @@ def estimate_llc(
         any, which is a phase of its own).  ``num_burnin=None`` (default): ``num_draws // 4``,
         lengthened once ε and γ are known to ``RELAXATION_TIMES`` = 5 relaxation times 1/(εγ) of a
         direction only the localization holds, when that is at most ``BURNIN_MAX_FACTOR`` = 4 times
-        the draws' steps (:func:`slt.defaults.default_burnin`): then λ̂ is still settled when ε is
+        the draws' steps (16 times at γ > 1, where the automatic localization goes when chains do not
+        settle at γ = 1; :func:`slt.defaults.default_burnin`): then λ̂ is still settled when ε is
         halved at the same number of steps.  The burn-in used is ``config["num_burnin"]`` (its rule
         ``config["num_burnin_rule"]``: ``"quarter"``, ``"relaxation"`` or ``"given"``).
     step_size

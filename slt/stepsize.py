@@ -114,6 +114,10 @@ def _top_eigenvalue(evaluator: ChainEvaluator, w: Tensor, batch: Batch, generato
     def grad(x: Tensor) -> Tensor:
         return evaluator.loss_and_grad(x, batch)[1]
 
+    # the difference step is a secant, not a derivative: where the loss leaves its quadratic bowl within r
+    # the product measures the curvature a short move away, which is what a step from w* meets (a GRU
+    # trained to L = 3e-7: exact top eigenvalue 0.107 at w*, the secant 1.09 at r = 1e-4 and 9.4e3 at
+    # r = 1e-3 in float32 and float64 alike; float32's r = 1e-3 keeps gradient rounding below the signal)
     r = 1e-3 if w.dtype == torch.float32 else 1e-5
     eig, _ = power_iteration(grad, w, _unit_normal(w.shape, generator, w), iters, r)
     return eig.abs().nan_to_num(0.0)

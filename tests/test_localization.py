@@ -175,9 +175,10 @@ def test_a_rising_estimate_names_the_relaxation_time_it_needed():
 
 
 def test_the_default_burnin_covers_the_relaxation_the_localization_allows_when_affordable():
-    """Exact: ``num_burnin=None`` is ``num_draws // 4``, lengthened to the adaptation plus
-    RELAXATION_TIMES / (εγ) steps when that is at most BURNIN_MAX_FACTOR times the draws' steps."""
-    from slt.defaults import BURNIN_MAX_FACTOR, RELAXATION_TIMES, default_burnin
+    """Exact: ``num_burnin=None`` is ``num_draws // 4``, lengthened to RELAXATION_TIMES / (εγ) steps
+    when that is at most BURNIN_MAX_FACTOR times the draws' steps at γ ≤ 1 (the default γ), at most
+    BURNIN_MAX_FACTOR_ESCALATED times above it."""
+    from slt.defaults import BURNIN_MAX_FACTOR, BURNIN_MAX_FACTOR_ESCALATED, RELAXATION_TIMES, default_burnin
 
     assert default_burnin(1000) == 250  # ε, γ unknown
     assert default_burnin(1000, 1, 2e-5, 100.0) == math.ceil(RELAXATION_TIMES / 2e-3)
@@ -186,6 +187,13 @@ def test_the_default_burnin_covers_the_relaxation_the_localization_allows_when_a
     edge = RELAXATION_TIMES / (BURNIN_MAX_FACTOR * 1000 * 2)  # the εγ at which it costs the cap (thin 2)
     assert default_burnin(1000, 2, edge * 0.99, 1.0) == 250  # beyond the cap: the quarter
     assert default_burnin(1000, 2, edge * 1.01, 1.0) == math.ceil(RELAXATION_TIMES / (edge * 1.01))
+    # above the default γ the cap is BURNIN_MAX_FACTOR_ESCALATED (the 26k MLP's γ = 100, ε = 8.5e-6: 5.9 × draws)
+    assert BURNIN_MAX_FACTOR < 5.9 < BURNIN_MAX_FACTOR_ESCALATED
+    assert default_burnin(1000, 1, 8.5e-6, 100.0) == math.ceil(RELAXATION_TIMES / 8.5e-4)
+    high = RELAXATION_TIMES / (BURNIN_MAX_FACTOR_ESCALATED * 1000 * 2)  # the εγ at the escalated cap (thin 2)
+    assert default_burnin(1000, 2, high * 1.01 / 10.0, 10.0) == math.ceil(RELAXATION_TIMES / (high * 1.01))
+    assert default_burnin(1000, 2, high * 0.99 / 10.0, 10.0) == 250
+    assert default_burnin(1000, 2, high * 1.01, 1.0) == 250  # at γ = 1 the same εγ is beyond its cap
 
 
 def test_the_engine_uses_and_records_the_default_burnin():

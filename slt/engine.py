@@ -831,7 +831,8 @@ def _step_size_diagnostics(auto: Any, adapt: Any, g: int, k: int) -> dict[str, A
                 "minibatch_gradient_noise": None if auto.grad_noise is None else float(auto.grad_noise[k])}
     if adapt is not None:
         return {"step_size_initial": float(adapt.initial[g]), "adapt_steps": adapt.steps,
-                "adapt_acceptance": float(adapt.accept[g]), "adapt_back_offs": int(adapt.back_offs[g])}
+                "adapt_acceptance": float(adapt.accept[g]), "adapt_back_offs": int(adapt.back_offs[g]),
+                "adapt_resets": None if adapt.resets is None else int(adapt.resets[g])}
     return {}
 
 

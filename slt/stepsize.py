@@ -53,6 +53,23 @@ STEP_SIZE_SAFETY = 0.2
 PILOT_CHAINS, PILOT_STEPS, PILOT_ROUNDS = 2, 100, 4
 #: Rows of tensor data used for curvature (a weighted dataset is subsampled by weight).
 CURVATURE_ROWS = 1024
+#: During step-size adaptation a chain is put back at w* (its step kept: dual averaging already reads
+#: the step's acceptance) when its Langevin step was a kick, not a move of the sampler: the
+#: Metropolis–Hastings log ratio of the step beyond ±KICK_LOG_RATIO (r off by a factor e³ ≈ 20; below
+#: −KICK_LOG_RATIO at full batch, where the ratio is exact), or :math:`n\beta(L_B(w) - L_B(w^*))` beyond
+#: :func:`kick_bound`.  SGLD cannot reject a step, so dual averaging's first steps (from 10 ε₀) throw
+#: chains where the loss is steep, and there every step is inaccurate: the acceptance those chains report
+#: drove ε down without end (an 18k-parameter MLP at γ = 1: ε₀ = 0.022, two steps at 0.09 put the chains
+#: at nβΔL = 10⁴–10⁷; six of them stayed out there and ε fell to 3.9e-9, at which the run from w* did not
+#: move).  The adapted chains' positions are discarded (the run starts from w*), so a reset costs nothing.
+KICK_LOG_RATIO = 3.0
+
+
+def kick_bound(d: int) -> float:
+    r""":math:`d/2 + 10\sqrt{d/2} + 20`: an :math:`n\beta(L - L^*)` that no chain of the localized
+    posterior reaches (for a regular model of d parameters it is Gamma(d/2) distributed, mean d/2; a
+    singular one has λ < d/2), used to reset chains thrown out during adaptation (:data:`KICK_LOG_RATIO`)."""
+    return d / 2 + 10.0 * math.sqrt(d / 2) + 20.0
 
 
 @dataclass(frozen=True)
@@ -418,6 +435,7 @@ class Adaptation:
     star_trace: Tensor
     step_trace: Tensor
     fresh_steps: Tensor
+    resets: Tensor | None = None
 
 
 def adapt_step_size(
@@ -463,6 +481,8 @@ def adapt_step_size(
     fresh = torch.ones(num_steps, dtype=torch.bool)
     acc_hist = []
     backs = torch.zeros(K, dtype=torch.long, device=w_star.device)
+    resets = torch.zeros(K, dtype=torch.long, device=w_star.device)
+    far = kick_bound(w_star.shape[1])
     # minibatch SGLD: MALA every other step, the proposal's evaluation reused by the next step on
     # the same batch (one gradient evaluation per step); full batch: every step, free
     stochastic = not sampler_kwargs.get("deterministic", False)
@@ -482,15 +502,21 @@ def adapt_step_size(
         star_tr[:, t] = star
         eps_tr[:, t] = da.step_size
         bad = diverged_rows(info.loss, star, state.params, potential.nbeta, threshold)
+        kicked = ~bad & (potential.nbeta * (info.loss - star) > far)
+        log_r = info.mala_log_ratio
+        if log_r is not None:
+            kicked |= ~bad & ((log_r < -KICK_LOG_RATIO) if not stochastic else (log_r.abs() > KICK_LOG_RATIO))
         if bool(bad.any()):
             bad_k = bad.view(K, C).any(1)
             backs += bad_k.long()
             da.back_off(bad_k)
-            state = smp.reset(state, bad, w_star)
             if acc is not None:
                 acc = acc.masked_fill(bad, 0.0)
             else:  # a step without the diagnostic: the divergence alone drives the scheme
                 acc = torch.where(bad, 0.0, float(target_accept)).to(info.loss.dtype)
+        if bool((bad | kicked).any()):
+            resets += kicked.view(K, C).sum(1)
+            state = smp.reset(state, bad | kicked, w_star)
         if acc is None:
             continue
         a_k = acc.view(K, C).double().nan_to_num(0.0).mean(1)
@@ -498,7 +524,7 @@ def adapt_step_size(
         da.update(a_k)
     last = torch.stack(acc_hist[-max(1, num_steps // 4):]).mean(0) if acc_hist else torch.full((K,), float("nan"))
     final = da.final if num_steps else eps0.double()
-    return state, Adaptation(final, eps0.double(), last, backs, num_steps, loss_tr, star_tr, eps_tr, fresh)
+    return state, Adaptation(final, eps0.double(), last, backs, num_steps, loss_tr, star_tr, eps_tr, fresh, resets)
 
 
 def stable_step_size(

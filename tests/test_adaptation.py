@@ -181,6 +181,40 @@ def test_a_state_handed_between_loops_keeps_the_batch_of_its_cached_evaluation()
     assert torch.equal(trace.loss[:, 0], state.cache[0])
 
 
+def test_adaptation_puts_chains_thrown_beyond_the_kick_bound_back_at_w_star():
+    """Exact: a chain whose nβ(L − L*) exceeds :func:`slt.stepsize.kick_bound` (d/2 + 10√(d/2) + 20,
+    which no chain of the posterior reaches) is back at w* after the step that saw it, counted in
+    ``resets`` and not as a divergence (no back-off: dual averaging runs on, the step is not capped);
+    chains below the bound move on.  Regression: on a trained MLP such chains drove ε to 3.9e-9."""
+    import torch.nn.functional as F
+    from slt.rng import ChainRNG
+    from slt.samplers import LocalizedPotential, sgld
+    from slt.stepsize import adapt_step_size, kick_bound
+    from slt.target import prepare_target
+
+    assert kick_bound(4) == 2 + 10 * math.sqrt(2) + 20
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(200, 3, generator=g, dtype=F64)
+    Y = X @ torch.tensor([[1.0], [-1.0], [0.5]], dtype=F64)
+    target = prepare_target(nn.Linear(3, 1).double(), (X, Y), F.mse_loss, dtype=F64)
+    C, w_star = 3, target.rows(3)
+    rng = ChainRNG(target.seeds, C, target.device)
+    batches = target.batches(rng, C, None)
+    pot = LocalizedPotential(target.evaluator.loss_and_grad, w_star, target.nbeta, target.localization)
+    start = w_star.clone()
+    start[0] += 3.0  # nβΔL ≈ nβ·9·E|x|²: far beyond kick_bound(4) ≈ 36, far below the divergence threshold
+    start[1] += 0.01  # nβΔL ≈ 0.03·nβ ≈ 1: a chain of the posterior
+    thresh = 1e12
+    far = float(target.nbeta * (target.evaluator.loss_and_grad(start, batches()[0])[0] - batches()[1])[0])
+    assert kick_bound(4) < far < thresh
+    state = sgld(pot, 1e-4, deterministic=True).init(start)
+    eps0 = torch.tensor([1e-4], dtype=F64)
+    state, ad = adapt_step_size("sgld", pot, state, batches, rng, 1, eps0, C, threshold=thresh, deterministic=True)
+    assert ad.resets.tolist() == [1] and ad.back_offs.tolist() == [0]
+    assert torch.equal(state.params[0], w_star[0])  # put back
+    assert not torch.equal(state.params[1], w_star[1]) and not torch.equal(state.params[2], w_star[2])  # moved on
+
+
 def _gaussian_mala_log_ratios(a: float, eps: float, x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
     """log r of one Langevin proposal from each of ``x`` under U = a x²/2, via the library's
     :func:`slt.samplers.mala_acceptance` arithmetic (one chain per element)."""

@@ -56,8 +56,14 @@ PILOT_CHAINS, PILOT_STEPS, PILOT_ROUNDS = 2, 100, 4
 CURVATURE_ROWS = 1024
 
 
+#: The least :func:`kick_bound`: in few dimensions the steep parts of a singular posterior that a too
+#: large adaptation step reaches carry what the adaptation must learn (normal crossing x·a²·b³: with the
+#: bound at d/2 + 10√(d/2) + 20 = 31 the adapted ε let one of 32 chains diverge in the run).
+KICK_MIN = 1000.0
+
+
 def kick_bound(d: int) -> float:
-    r""":math:`d/2 + 10\sqrt{d/2} + 20`: an :math:`n\beta(L - L^*)` that no chain of the localized
+    r""":math:`\max(d/2 + 10\sqrt{d/2} + 20,` :data:`KICK_MIN` :math:`)`: an :math:`n\beta(L - L^*)` that no chain of the localized
     posterior reaches (for a regular model of d parameters it is Gamma(d/2) distributed, mean d/2; a
     singular one has λ < d/2).  During step-size adaptation a chain beyond it is put back at w* (its
     step kept: dual averaging reads the acceptance of the steps that threw it).  SGLD cannot reject a
@@ -69,7 +75,7 @@ def kick_bound(d: int) -> float:
     reset costs nothing.  A bound on the Metropolis–Hastings ratio of the step as well (|log r| > 3)
     was tried and dropped: it also put back chains that had reached the steep parts of a singular
     posterior legitimately, and ε came out 5.7× larger on x·a·b² at full batch."""
-    return d / 2 + 10.0 * math.sqrt(d / 2) + 20.0
+    return max(d / 2 + 10.0 * math.sqrt(d / 2) + 20.0, KICK_MIN)
 
 
 @dataclass(frozen=True)

@@ -192,7 +192,7 @@ def test_adaptation_puts_chains_thrown_beyond_the_kick_bound_back_at_w_star():
     from slt.stepsize import adapt_step_size, kick_bound
     from slt.target import prepare_target
 
-    assert kick_bound(4) == 2 + 10 * math.sqrt(2) + 20
+    assert kick_bound(4) == 1000.0 and kick_bound(10**6) == 5e5 + 10 * math.sqrt(5e5) + 20
     g = torch.Generator().manual_seed(0)
     X = torch.randn(200, 3, generator=g, dtype=F64)
     Y = X @ torch.tensor([[1.0], [-1.0], [0.5]], dtype=F64)
@@ -202,7 +202,7 @@ def test_adaptation_puts_chains_thrown_beyond_the_kick_bound_back_at_w_star():
     batches = target.batches(rng, C, None)
     pot = LocalizedPotential(target.evaluator.loss_and_grad, w_star, target.nbeta, target.localization)
     start = w_star.clone()
-    start[0] += 3.0  # nβΔL ≈ nβ·9·E|x|²: far beyond kick_bound(4) ≈ 36, far below the divergence threshold
+    start[0] += 30.0  # nβΔL ≈ nβ·900·E|x|²: far beyond kick_bound(4) = 1000, far below the divergence threshold
     start[1] += 0.01  # nβΔL ≈ 0.03·nβ ≈ 1: a chain of the posterior
     thresh = 1e12
     far = float(target.nbeta * (target.evaluator.loss_and_grad(start, batches()[0])[0] - batches()[1])[0])

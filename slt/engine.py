@@ -832,7 +832,7 @@ def _step_size_diagnostics(auto: Any, adapt: Any, g: int, k: int) -> dict[str, A
     if adapt is not None:
         return {"step_size_initial": float(adapt.initial[g]), "adapt_steps": adapt.steps,
                 "adapt_acceptance": float(adapt.accept[g]), "adapt_back_offs": int(adapt.back_offs[g]),
-                "adapt_resets": None if adapt.resets is None else int(adapt.resets[g])}
+                "adapt_resets": int(adapt.resets[g])}
     return {}
 
 

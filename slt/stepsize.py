@@ -442,7 +442,7 @@ class Adaptation:
     star_trace: Tensor
     step_trace: Tensor
     fresh_steps: Tensor
-    resets: Tensor | None = None
+    resets: Tensor
 
 
 def adapt_step_size(

@@ -25,16 +25,7 @@ from slt.target import prepare_target, train_mode_issues
 from conftest import IGNORE_CHECKPOINT_WARNING, engine_trace_tol, fp_tol
 
 F64 = torch.float64
-pytestmark = IGNORE_CHECKPOINT_WARNING
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models: one thread is 10x faster than two busy cores (the engine samples on one anyway)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = [IGNORE_CHECKPOINT_WARNING, pytest.mark.usefixtures("one_thread")]
 
 KW = dict(num_chains=3, num_draws=20, num_burnin=5, step_size=1e-3, nbeta=50.0, localization=10.0,
           batch_size=32, dtype=F64, progress=False)

@@ -375,14 +375,6 @@ LM_KW = dict(num_chains=2, num_draws=25, num_burnin=5, step_size=1e-4, nbeta=10.
              batch_size=None, seed=0, progress=False, dtype=F64)
 
 
-@pytest.fixture
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def test_token_level_shapes_and_sums(one_thread):
     model, data, query = _gpt2(), _tokens(5, 0), _tokens(3, 1)
     r = bif(model, data, causal_lm, query=query, per_token=True, **LM_KW)

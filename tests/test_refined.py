@@ -167,7 +167,7 @@ def test_refined_llc_of_independent_blocks_is_each_block_closed_form():
 
 
 @pytest.mark.slow
-def test_per_head_refined_llc_agrees_with_devinterp_on_gpt2():
+def test_per_head_refined_llc_agrees_with_devinterp_on_gpt2(one_thread):
     """devinterp 2.0.1 on its home turf: per-head weight-refined LLC of a tiny Hugging Face GPT-2
     (``create_param_masks(model, "l{i}h{h}")`` + ``llc``) against slt's one batched call with
     ``restrict_to=slt.restrict.heads(model)``, on the identical job (nβ, γ, ε, steps, full batch: no
@@ -187,7 +187,6 @@ def test_per_head_refined_llc_agrees_with_devinterp_on_gpt2():
 
     from slt.restrict import heads
 
-    torch.set_num_threads(1)
     lm, seq = build_lm()
     seq = seq[:128]
     C, T, eps = 4, 150, 3e-4

@@ -18,7 +18,7 @@ from torch import nn
 from slt.params import ParamSpec
 from slt.restrict import Restrictions, attention_and_mlp, embeddings, heads, layers, resolve_restrictions
 
-torch.set_num_threads(1)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ----------------------------------------------------------------------------

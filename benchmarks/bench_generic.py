@@ -466,9 +466,10 @@ def run_slt(job: Job, path: str, chains: int, draws: int, mala_every: int = 10) 
 
 
 def _compile_seconds(reason: str) -> float | None:
-    """Seconds of the compiling call named in a path reason (``"... compiled in 2.43 s"``), if any."""
-    m = re.search(r"compiled in ([0-9.eE+-]+) s", reason)
-    return float(m.group(1)) if m else None
+    """Seconds of this run's compiling call named in a path reason (``"... compiled in 2.43 s"``; the
+    last one: a decision taken earlier in the process is quoted before this call's time), if any."""
+    m = re.findall(r"compiled in ([0-9.eE+-]+) s", reason)
+    return float(m[-1]) if m else None
 
 
 def run_devinterp(job: Job, model: nn.Module, chains: int, draws: int) -> dict[str, Any]:

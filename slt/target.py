@@ -920,6 +920,10 @@ def _compile_path(target: Target, rows: Tensor, batch: Batch, repeats: int, key:
     ev = target.evaluator
     known = _COMPILE_DECISIONS.get(key)
     error = known[2] if known is not None and not known[0] else None
+    if error is None and known is not None and not (asked or known[1]):  # measured slower before: no compiling
+        target.path_reason = (f"{target.path_reason}; not compiled (torch.compile): {known[2]} "
+                              "(measured earlier in this process)")
+        return target
     if error is None:
         try:
             step, t_compile = compile_step(ev, rows, batch, VMAP_BLOCK_ROWS)
@@ -934,7 +938,8 @@ def _compile_path(target: Target, rows: Tensor, batch: Batch, repeats: int, key:
         target.path_reason = f"{target.path_reason}; not compiled (torch.compile failed: {error})"
         return target
     if known is not None:  # measured before in this process: the same choice, without timing again
-        faster, timing = known[1], known[2]
+        faster = known[1]
+        timing = f"{known[2]} (measured earlier in this process; this call compiled in {t_compile:.3g} s)"
     else:
         times = _interleaved_seconds({"eager": ev, "compiled": SimpleNamespace(loss_and_grad=step)},
                                      rows.contiguous(), batch, repeats)

@@ -184,6 +184,13 @@ def test_auto_tries_compiling_only_runs_long_enough(monkeypatch):
     steps = RUN["num_draws"] + RUN["num_burnin"]  # and one call per MALA diagnostic (not reused), and the heating's
     calls = steps + steps // long.config["mala_every"] + HEATING_BATCHES
     assert long.config["compiled_calls"] == (calls if kept else None)
+    # the decision is kept for the process: a rerun compiles only when it was kept, and says so
+    again = slt.estimate_llc(m, (X, Y), loss_fn, **RUN)
+    reason = again.diagnostics["path_reason"]
+    assert "(measured earlier in this process" in reason
+    assert ("this call compiled in" in reason) == kept
+    assert again.config["compiled_calls"] == (calls if kept else None)
+    assert again.llc_mean == long.llc_mean
 
 
 def test_compile_is_refused_or_skipped_where_it_does_not_apply():

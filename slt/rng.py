@@ -29,8 +29,8 @@ def draw_normal(out: Tensor, generator: torch.Generator) -> Tensor:
     back from memory what the first wrote; pieces whose sizes are multiples of 16, the last one at
     least 16 long, give the same numbers (checked for float32, float64 and bfloat16 in
     ``tests/test_rng.py``) with both passes in cache: 8 chains of a 1M-parameter MLP, one thread,
-    33 → 24 ms per step inside a run (the gradient takes 88 ms).  Other devices: one call (their generators count offsets
-    per call)."""
+    33 → 24 ms per step inside a run (the gradient takes 88 ms).  Other devices: one call (their
+    generators count offsets per call)."""
     n = out.numel()
     if out.device.type != "cpu" or n < 2 * NOISE_PIECE:
         return out.normal_(generator=generator)

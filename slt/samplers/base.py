@@ -33,6 +33,8 @@ from typing import Any, Callable, Mapping, NamedTuple, Protocol
 import torch
 from torch import Tensor
 
+from ..rng import draw_normal
+
 __all__ = [
     "LocalizedPotential",
     "SamplerState",
@@ -68,7 +70,7 @@ class NoiseSource(Protocol):
 def normal(rng: torch.Generator | NoiseSource, like: Tensor) -> Tensor:
     """Standard normal noise shaped like ``like`` from a generator or a :class:`NoiseSource`."""
     if isinstance(rng, torch.Generator):
-        return torch.randn(like.shape, generator=rng, device=like.device, dtype=like.dtype)
+        return draw_normal(torch.empty(like.shape, device=like.device, dtype=like.dtype), rng)
     return rng.normal(like)
 
 
@@ -80,7 +82,7 @@ def owned_normal(rng: torch.Generator | NoiseSource, like: Tensor) -> Tensor:
     out a slice it never hands out again; any other source's noise is copied (it may return a
     tensor it keeps, as a fixed-noise test source does)."""
     if isinstance(rng, torch.Generator):
-        return torch.randn(like.shape, generator=rng, device=like.device, dtype=like.dtype)
+        return normal(rng, like)
     own = getattr(rng, "owned_normal", None)
     if own is not None:
         return own(like)

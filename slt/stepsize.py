@@ -32,7 +32,7 @@ from .data import Batch, Data
 from .defaults import LLC
 from .evaluator import ChainEvaluator
 from .loop import diverged_rows, mala_reading, next_batch
-from .samplers.base import LocalizedPotential, langevin_step, rowsum64
+from .samplers.base import LocalizedPotential, column_chunks, langevin_step, rowsum64
 from .target import BatchStream, Target
 
 __all__ = [
@@ -262,25 +262,28 @@ def gradient_noise_trace(
     r""":math:`\operatorname{tr}\operatorname{Cov}_B[\nabla L_B(w)]` at each row of ``params`` (R, d), (R,).
 
     The unbiased sample variance over ``num_batches`` batches of the stream (each row's own
-    batches), summed over coordinates, accumulated one gradient at a time (Welford: the running
-    mean, the gradient and one difference live, in the parameters' dtype; sums in float64).
-    ``mask`` multiplies each gradient by the coordinates the rows sample (restricted runs).  For
+    batches), summed over coordinates, accumulated one gradient at a time (Welford, a column chunk
+    at a time: the running mean and the gradient are the only parameter-sized tensors besides
+    ``params``, as in a sampler step; in the parameters' dtype, sums in float64).  ``mask``
+    multiplies each gradient by the coordinates the rows sample (restricted runs).  For
     :func:`slt.diagnostics.minibatch_heating`."""
     if num_batches < 2:
         raise ValueError(f"num_batches must be at least 2, got {num_batches}")
     mean = None
     m2 = torch.zeros(params.shape[0], dtype=torch.float64, device=params.device)
     for k in range(num_batches):
-        grad = potential.loss_grad(params, batches()[0])[1].detach()
+        grad = potential.loss_grad(params, batches()[0])[1].detach()  # a fresh tensor: ours to write
         if mask is not None:
-            grad = mask(grad.clone())
+            grad = mask(grad)
         if mean is None:
-            mean = grad.clone()
+            mean, grad = grad, None  # no reference to it is left under another name
             continue
-        delta = grad - mean
-        mean.add_(delta, alpha=1.0 / (k + 1))
-        m2 += rowsum64(delta.mul_(grad.sub_(mean)))  # (g − mean_old)·(g − mean_new)
-        del delta, grad
+        for sl in column_chunks(grad):  # (g − mean_old)·(g − mean_new), a chunk of columns at a time
+            g, m = grad[:, sl], mean[:, sl]
+            delta = g - m
+            m.add_(delta, alpha=1.0 / (k + 1))
+            m2 += rowsum64(delta.mul_(g.sub_(m)))
+        del g, m, delta, grad  # the chunk views hold the gradient too: freed before the next evaluation
     return m2 / (num_batches - 1)
 
 

@@ -5,9 +5,12 @@
 #   3. benchmarks/bench_generic.py --device cuda: the generic suite (ms per chain-step, slt vs the hand loop,
 #      and devinterp when it imports), memory per chain from CUDA's allocator.
 # Results go to $OUT (the device tool's folder) or results/gpu.  The machine has torch, transformers and
-# pytest but no network: slt runs from the checkout (PYTHONPATH); devinterp is used only if it imports
-# (carry its wheels as /work/.library/device/README.md says), otherwise the devinterp column is skipped.
-# Budget: about 6-8 minutes on an H200 (run it with timeout_s=540).  A CPU smoke run of the script itself:
+# pytest but no network and no pyro: slt runs from the checkout (PYTHONPATH), and a folder .whl of cp312
+# wheels, when present, is installed into /tmp/site first.  Make it here with benchmarks/gpu_wheels.sh
+# (pyro-ppl, which slt needs, and devinterp 2.0.1 with its missing dependencies) and pass carry=[".whl"];
+# devinterp is used only if it imports, otherwise the devinterp column is skipped.
+# Budget: about 8-9 minutes on an H200 (run it with timeout_s=580); each part has its own timeout, and the
+# generic suite writes its JSON after every job, so a part cut short leaves what it finished.  A CPU smoke run of the script itself:
 #   DEVICE=cpu STEP_ARGS="--width 200" GENERIC_ARGS="--quick --jobs mlp --no-memory" benchmarks/gpu_suite.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -15,14 +18,21 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 MPLBACKEN
 OUT="${OUT:-results/gpu}"
 mkdir -p "$OUT"
 PY=python3
+if compgen -G ".whl/*.whl" > /dev/null; then
+  $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    && export PYTHONPATH="$PYTHONPATH:/tmp/site"
+fi
+stamp() { echo "== $(date -u +%T) $*"; }
 DEVICE="${DEVICE:-cuda}"
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
   $PY -c "import torch, sys; print('python', sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name() if torch.cuda.is_available() else 'NO CUDA')"
 } 2>&1 | tee "$OUT/env.txt"
-timeout 150 $PY -m pytest -q -p no:cacheprovider -o addopts="" tests/test_cuda.py 2>&1 | tail -25 | tee "$OUT/cuda_tests.txt"
-timeout 120 $PY benchmarks/bench_step_cost.py --device "$DEVICE" ${STEP_ARGS:-} --out "$OUT/step_cost.json" 2>&1 | tee "$OUT/step_cost.txt"
+stamp tests; timeout 150 $PY -m pytest -q -p no:cacheprovider -o addopts="" tests/test_cuda.py 2>&1 | tail -25 | tee "$OUT/cuda_tests.txt"
+stamp step cost; timeout 150 $PY benchmarks/bench_step_cost.py --device "$DEVICE" --profile ${STEP_ARGS:-} --out "$OUT/step_cost.json" 2>&1 | tee "$OUT/step_cost.txt"
 DI=""
-$PY -c "import devinterp" 2>/dev/null || DI="--no-devinterp"
-timeout 300 $PY benchmarks/bench_generic.py --device "$DEVICE" $DI --no-train-row --no-mala-row ${GENERIC_ARGS:-} --out "$OUT/generic.json" \
+$PY -c "from devinterp.slt import sampler; from devinterp.slt.llc import llc" 2>&1 | tail -3 | tee "$OUT/devinterp_import.txt"
+$PY -c "from devinterp.slt import sampler; from devinterp.slt.llc import llc" 2>/dev/null || DI="--no-devinterp"
+stamp generic $DI
+timeout ${GENERIC_TIMEOUT:-360} $PY benchmarks/bench_generic.py --device "$DEVICE" $DI --no-train-row --no-mala-row ${GENERIC_ARGS:---jobs curve mlp cnn gpt2 mlp1m} --out "$OUT/generic.json" \
   2>&1 | grep -v "Warning\|warnings.warn" | tee "$OUT/generic.txt"
-echo "gpu_suite done"
+stamp gpu_suite done

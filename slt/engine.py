@@ -53,7 +53,7 @@ from ._runtime import intra_op_threads, resolve_device, retained_heap, small_wor
 from .data import LoaderSource
 from .defaults import (BATCH_RAISES, BATCH_SIZE, BATCH_SIZE_MAX, LLC, LOCALIZATION_MIN_DRAWS, LOCALIZATION_STEPS,
                        default_burnin, default_localization, default_nbeta)
-from .diagnostics import halved_step_estimate, llc_standard_error, minibatch_heating
+from .diagnostics import free_diffusion, halved_step_estimate, llc_standard_error, minibatch_heating
 from .evaluator import ChainEvaluator
 from .loop import Divergence, Trace, run_chains, show_progress
 from .result import UNSETTLED, LLCResult, equilibrium_checks, heating_check
@@ -376,6 +376,9 @@ class Sampling:
     #: ``(G*C,)`` the first-order excess of each row's λ̂ from minibatch noise (:func:`slt.diagnostics.minibatch_heating`;
     #: ``None`` at full batch)
     heating: Tensor | None = None
+    #: ``(G*C,)`` each row's spread at the end of the run over a free walk's (:func:`slt.diagnostics.free_diffusion`;
+    #: plain SGLD, else ``None``)
+    diffusion: Tensor | None = None
 
     def group_step_size(self, g: int) -> float:
         eps = self.step_size
@@ -386,7 +389,8 @@ class Sampling:
         target, C, trace = self.target, self.num_chains, self.trace
         init = target.group_init_loss
         masks = target.groups.masks
-        halved, heating = self.halved, self.heating
+        halved, heating, diffusion = self.halved, self.heating, self.diffusion
+        times = _draw_times(trace, self.config["num_burnin"], self.config["num_steps_bw_draws"])
         out = []
         for g in range(target.G):
             tr = trace.rows(slice(g * C, (g + 1) * C))
@@ -407,7 +411,9 @@ class Sampling:
                 localization=target.localization, sampler=self.sampler, burnin=tr.burnin, observables=tr.observables,
                 diverged=tr.diverged, divergence_step=tr.divergence_step, draw_steps=tr.draw_steps, mala=tr.mala,
                 halved=None if halved is None else halved[g * C:(g + 1) * C],
-                heating=None if heating is None else heating[g * C:(g + 1) * C], issues=target.issues,
+                heating=None if heating is None else heating[g * C:(g + 1) * C],
+                diffusion=None if diffusion is None else diffusion[g * C:(g + 1) * C], draw_times=times,
+                issues=target.issues,
                 diagnostics=diag, config=config,
                 warnings=[self.notes[g]] if g in self.notes else None,
             ))
@@ -498,7 +504,8 @@ def sample_target(
             run = run_once(target, batch_size, None)
             target = run["target"]
         halved = _halved_estimates(run["trace"], run["eps"], target.nbeta, run["num_burnin"], run["num_steps"])
-        unsettled = (_unsettled(run["trace"], target.nbeta, G, C, halved)
+        unsettled = (_unsettled(run["trace"], target.nbeta, G, C, halved, diffusion=run["diffusion"],
+                                times=_draw_times(run["trace"], run["num_burnin"], num_steps_bw_draws))
                      if target.localization_auto and num_draws >= LOCALIZATION_MIN_DRAWS else {})
         if not unsettled or level == len(gammas) - 1:
             break
@@ -537,7 +544,8 @@ def sample_target(
         "localization_auto": target.localization_auto, "localization_escalations": escalations,
     }
     return Sampling(target, trace, eps, rule, auto, adapt, halvings, C, num_steps, n_adapt, smp.name,
-                    setup_seconds, adapt_seconds, config, notes=limit, halved=halved, heating=run["heating"])
+                    setup_seconds, adapt_seconds, config, notes=limit, halved=halved, heating=run["heating"],
+                    diffusion=run["diffusion"])
 
 
 def _run_at(target, rows, spec, rule, step_size, kw, C, num_steps, num_burnin, burnin_auto, n_adapt, thin, batch_size,
@@ -604,7 +612,9 @@ def _run_at(target, rows, spec, rule, step_size, kw, C, num_steps, num_burnin, b
                 break
             eps = _halve(eps, bad, C, target.dtype)
             del final
-        heating = None
+        heating = diffusion = None
+        if smp.name == "sgld":  # how far the chains spread, against a free walk's d·ε·t (SGLD's noise is N(0, ε))
+            diffusion = free_diffusion(final.params, rows, eps, num_steps, _moved_dims(target, rows.shape[0]))
         # minibatch noise heats SGLD's chains: its first-order excess of λ̂, at the final positions (the formula
         # is plain SGLD's: a preconditioner or momentum changes how the noise enters)
         if not batches.full and smp.name == "sgld":
@@ -613,7 +623,7 @@ def _run_at(target, rows, spec, rule, step_size, kw, C, num_steps, num_burnin, b
             heating = minibatch_heating(noise_trace, eps, target.nbeta).cpu()
         del final
     return {"target": target, "trace": trace, "eps": eps, "smp": smp, "batches": batches, "potential": potential,
-            "heating": heating, "auto": auto, "adapt": adapt, "halvings": halvings, "kw": kw, "setup_seconds": setup_seconds,
+            "heating": heating, "diffusion": diffusion, "auto": auto, "adapt": adapt, "halvings": halvings, "kw": kw, "setup_seconds": setup_seconds,
             "adapt_seconds": adapt_seconds, "num_threads": num_threads, "num_burnin": num_burnin,
             "num_steps": num_steps, "allocator": allocator}
 
@@ -679,9 +689,11 @@ def localization_levels(target: Any) -> list[float]:
     return levels
 
 
-def _unsettled(trace: Trace, nbeta: float, G: int, C: int, halved: Tensor | None = None) -> dict[int, list[str]]:
+def _unsettled(trace: Trace, nbeta: float, G: int, C: int, halved: Tensor | None = None,
+               diffusion: Tensor | None = None, times: Tensor | None = None) -> dict[int, list[str]]:
     """Why the run has not reached equilibrium, by group: R-hat above 1.1, λ̂ still rising through
-    the draws or not stable when ε halves (``halved``: ``(G*C,)`` from :func:`_halved_estimates`), over
+    the draws, not stable when ε halves (``halved``: ``(G*C,)`` from :func:`_halved_estimates`) or
+    growing while the chains still diffuse freely (``diffusion`` ``(G*C,)``, ``times`` ``(T,)``), over
     the group's valid chains (:func:`slt.result.equilibrium_checks`); empty when every group settled."""
     tr = nbeta * (trace.loss - trace.star)  # (G*C, T)
     out: dict[int, list[str]] = {}
@@ -693,7 +705,9 @@ def _unsettled(trace: Trace, nbeta: float, G: int, C: int, halved: Tensor | None
         mala = trace.mala[rows][valid] if trace.mala is not None else None
         mala_mean = float(mala.double().mean()) if mala is not None else None
         _, _, found = equilibrium_checks(tr[rows][valid].detach().cpu(), mala_mean,
-                                         halved=None if halved is None else halved[rows][valid.cpu()])
+                                         halved=None if halved is None else halved[rows][valid.cpu()],
+                                         diffusion=None if diffusion is None else diffusion[rows][valid.cpu()],
+                                         times=times)
         msgs = [msg for kind, msg in found if kind in UNSETTLED]
         if msgs:
             out[g] = msgs
@@ -794,6 +808,23 @@ def _halved_estimates(trace: Trace, eps: float | Tensor, nbeta: float, num_burni
     times = steps.unsqueeze(0) * eps_rows.unsqueeze(1)  # τ = ε t at each recorded step
     values = torch.cat([burn, nbeta * (trace.loss - trace.star).detach().cpu().double()], 1)
     return halved_step_estimate(values, times, eps_rows, num_burnin, num_steps)
+
+
+def _draw_times(trace: Trace, num_burnin: int, thin: int) -> Tensor:
+    """``(T,)`` steps from w* at each draw of a run (the draw at loop step t is taken before that step)."""
+    T = trace.loss.shape[1]
+    return num_burnin + torch.arange(T, dtype=torch.float64) * thin
+
+
+def _moved_dims(target: Any, R: int) -> Tensor | int:
+    """Coordinates each of the ``R`` rows moves: ``d``, or per row for restricted runs (rows in
+    ``(K, M, D·C)`` order, as :meth:`slt.groups.Groups.apply_mask`)."""
+    masks = target.groups.masks
+    if masks is None:
+        return target.d
+    M = masks.shape[0]
+    counts = masks.sum(1).double().cpu()
+    return counts.view(1, M, 1).expand(target.K, M, R // (target.K * M)).reshape(R)
 
 
 def _smallest(eps: float | Tensor) -> float:

@@ -90,6 +90,8 @@ class LLCResult:
         mala: Tensor | None = None,
         halved: Tensor | None = None,
         heating: Tensor | None = None,
+        diffusion: Tensor | None = None,
+        draw_times: Tensor | None = None,
         issues: list[str] | None = None,
         rhat_threshold: float = 1.1,
         diagnostics: Mapping[str, Any] | None = None,
@@ -118,6 +120,11 @@ class LLCResult:
             (:func:`slt.diagnostics.minibatch_heating`), or ``None`` (full batch): it scales with ε,
             so when half of it exceeds λ̂'s Monte-Carlo error (2 s.e.) and 2% of λ̂, λ̂ is not stable
             when ε halves (:func:`heating_check`).
+        diffusion, draw_times
+            ``(C,)`` each chain's spread at the end of the run over a free walk's
+            (:func:`slt.diagnostics.free_diffusion`; plain SGLD) and ``(T,)`` the steps from w* at each
+            draw, or ``None``: chains still diffusing freely whose λ̂ grows with time are not
+            converged (:func:`equilibrium_checks`); ``diagnostics["free_diffusion"]`` is the mean.
         issues
             Problems of the set-up already reported (e.g. :attr:`slt.target.Target.issues`:
             dropout active): reasons for ``converged = False``, not repeated as warnings.
@@ -171,9 +178,11 @@ class LLCResult:
         drift = None
         if valid.any():
             _, drift, found = equilibrium_checks(tr[valid], mala_mean if mala is not None else None, rhat_threshold,
-                                                 r=r, halved=None if halved is None else halved[valid])
+                                                 r=r, halved=None if halved is None else halved[valid],
+                                                 diffusion=None if diffusion is None else diffusion[valid],
+                                                 times=draw_times)
             hint = relaxation_hint(step_size, localization, config)
-            warn_list += [msg + hint if kind in ("rising", "halving") else msg for kind, msg in found]
+            warn_list += [msg + hint if kind in ("rising", "halving", "diffusing") else msg for kind, msg in found]
         heat = None
         if heating is not None and valid.any():
             heat = heating_record(heating[valid], mean)
@@ -197,6 +206,8 @@ class LLCResult:
             "drift": None if drift is None else {"first_half": drift[0], "second_half": drift[1], "z": drift[2]},
             "halving": _halving_record(tr[valid], None if halved is None else halved[valid]),
             "minibatch_heating": heat,
+            "free_diffusion": (None if diffusion is None or not valid.any()
+                               else float(diffusion[valid].double().mean())),
             **dict(diagnostics or {}),
             "warnings": warn_list,
             "converged": not problems,
@@ -324,11 +335,16 @@ class LLCResult:
 #: The kinds of :func:`equilibrium_checks` findings that say the chains have not reached equilibrium
 #: (what a stronger localization cures when flat directions keep chains wandering; see
 #: :func:`slt.engine.sample_target`'s automatic localization).
-UNSETTLED = ("rhat", "rising", "halving")
+UNSETTLED = ("rhat", "rising", "halving", "diffusing")
+
+#: :func:`equilibrium_checks` reads chains whose spread is at least this share of a free walk's
+#: (:func:`slt.diagnostics.free_diffusion`) as not yet held by the potential in most directions
+FREE_DIFFUSION = 0.5
 
 
 def equilibrium_checks(tr: Tensor, mala_mean: float | None = None, rhat_threshold: float = 1.1, *,
-                       r: float | None = None, halved: Tensor | None = None
+                       r: float | None = None, halved: Tensor | None = None, diffusion: Tensor | None = None,
+                       times: Tensor | None = None
                        ) -> tuple[float, tuple[float, float, float] | None, list[tuple[str, str]]]:
     r"""Whether the chains of one group look settled: R-hat and the trend of λ̂ through the draws.
 
@@ -346,12 +362,22 @@ def equilibrium_checks(tr: Tensor, mala_mean: float | None = None, rhat_threshol
     halved
         ``(C,)`` the estimate of each chain at half the step with the same steps
         (:func:`slt.diagnostics.halved_step_estimate`), or ``None``.
+    diffusion, times
+        ``(C,)`` each chain's spread over a free walk's at the end of the run
+        (:func:`slt.diagnostics.free_diffusion`) and ``(T,)`` the steps from w* at each draw, or
+        ``None``: chains that spread like a free walk (mean ≥ :data:`FREE_DIFFUSION`) and whose λ̂
+        grew through the draws by more than half of what λ̂ ∝ t (a free walk's growth) predicts
+        are a finding ``"diffusing"`` whatever the z of that growth: such chains have not felt the
+        potential in most directions, λ̂ grows with the run's time εt, and with 8 chains of a
+        few diffusing directions the growth's z stays far below the 3σ of the trend test (a GRU at
+        ε = 1.5e-9: λ̂ 2.3 → 3.9, z = 2.5, f = 0.98).  It replaces a ``"rising"`` finding (it names
+        the cause) and gives way to ``"barely_moved"`` (which names it too).
 
     Returns
     -------
     ``(rhat, drift, findings)``: drift as :func:`_drift` (``None`` under 3 chains or 8 draws) and
-    findings ``(kind, message)`` with kind ``"rhat"``, ``"rising"``, ``"barely_moved"``, ``"falling"``
-    or ``"halving"``.  A drift counts when the change between the halves exceeds 2% of λ̂ and its z
+    findings ``(kind, message)`` with kind ``"rhat"``, ``"rising"``, ``"barely_moved"``, ``"falling"``,
+    ``"halving"`` or ``"diffusing"``.  A drift counts when the change between the halves exceeds 2% of λ̂ and its z
     exceeds Student's t at the two-sided level of a normal 3σ (df = C − 1); so does the shortfall
     of ``halved`` below λ̂ (:func:`_halving_gap`; one-sided: steps of an adaptation phase run at
     larger ε, whose discretisation bias can only raise ``halved``).
@@ -381,6 +407,9 @@ def equilibrium_checks(tr: Tensor, mala_mean: float | None = None, rhat_threshol
             found.append(("falling",
                 f"λ̂ still falling through the draws ({first:.4g} then {second:.4g}, z = {z:.1f}): the chains are "
                 "finding lower loss away from w*; is w* a minimum? (train it further)"))
+    free = _diffusing(drift, diffusion, times, tr.shape[1], mean)
+    if free is not None and not any(kind == "barely_moved" for kind, _ in found):
+        found = [(kind, msg) for kind, msg in found if kind != "rising"] + [("diffusing", free)]  # the cause
     gap = None if halved is None else _halving_gap(tr, halved)
     if gap is not None and not any(kind in ("rising", "barely_moved") for kind, _ in found):
         half, full, z = gap
@@ -433,6 +462,34 @@ def _halving_gap(tr: Tensor, halved: Tensor) -> tuple[float, float, float] | Non
     full = tr[ok].double().mean(1)
     half = halved[ok].double()
     return float(half.mean()), float(full.mean()), _paired_z(full - half)
+
+
+def _diffusing(drift: tuple[float, float, float] | None, diffusion: Tensor | None, times: Tensor | None, T: int,
+               mean: float) -> str | None:
+    """The ``"diffusing"`` finding of :func:`equilibrium_checks`, or ``None``: the chains' spread is at
+    least :data:`FREE_DIFFUSION` of a free walk's and λ̂ grew from the first half of the draws to the
+    second by more than half of the growth λ̂ ∝ t predicts (the midpoint between a settled λ̂ and one
+    made only of directions still diffusing, each adding ½κεt; the halves as :func:`_drift`'s)."""
+    if drift is None or diffusion is None or times is None or diffusion.numel() == 0:
+        return None
+    f = float(diffusion.double().nanmean())
+    if not f >= FREE_DIFFUSION:
+        return None
+    first, second, _ = drift
+    h = T // 2
+    t1, t2 = float(times[:h].double().mean()), float(times[T - h:].double().mean())
+    if not t1 > 0:
+        return None
+    predicted = max(first, 0.0) * (t2 / t1 - 1.0)  # λ̂ ∝ t from the first half's mean
+    growth = second - first
+    if not (growth > 0.5 * predicted and growth > 0.02 * max(abs(mean), 1e-12)):
+        return None
+    return (f"chains still diffuse freely: their spread ‖w − w*‖² is {f:.2f} of a free random walk's (d·ε·t), so the "
+            f"potential has not held them in most directions within the run, and λ̂ grows with the run's time "
+            f"({first:.4g} in the first half of the draws, {second:.4g} in the second; λ̂ ∝ t predicts "
+            f"{first + predicted:.4g}): λ̂ counts only the directions that relaxed and scales with step_size × steps; "
+            "raise step_size (an automatic one is set by the sharpest direction), num_burnin, or the localization "
+            "(γ·ε·steps ≳ 1 holds every direction)")
 
 
 def _paired_z(d: Tensor) -> float:

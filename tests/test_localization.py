@@ -59,7 +59,7 @@ def _first_level_unsettled(monkeypatch) -> list:
     """Make the engine's verdict "not settled" at the first level only; returns the list of calls."""
     calls = []
 
-    def verdict(trace, nbeta, G, C, halved=None):
+    def verdict(trace, nbeta, G, C, halved=None, **kw):
         calls.append(1)
         return {0: ["R-hat 9.99 > 1.1: forced"]} if len(calls) == 1 else {}
 
@@ -83,7 +83,7 @@ def test_an_unsettled_run_is_repeated_at_ten_times_the_localization_and_equals_t
 
 def test_a_given_localization_is_never_raised_and_the_limit_is_named(monkeypatch):
     m, X, Y = _regression()
-    monkeypatch.setattr(engine, "_unsettled", lambda trace, nbeta, G, C, halved=None: {0: ["forced"]})
+    monkeypatch.setattr(engine, "_unsettled", lambda trace, nbeta, G, C, halved=None, **kw: {0: ["forced"]})
     given = slt.estimate_llc(m, (X, Y), F.mse_loss, nbeta=200.0, localization=1.0, **KW)
     assert given.localization == 1.0 and given.config["localization_escalations"] == []
     # never settles: the ladder 1, 10, 100 (1000 > nβ = 200) runs out and the result says so
@@ -107,7 +107,7 @@ def test_bif_statistics_come_from_the_final_level_only(monkeypatch):
 
 def test_short_runs_are_not_escalated(monkeypatch):
     m, X, Y = _regression()
-    monkeypatch.setattr(engine, "_unsettled", lambda trace, nbeta, G, C, halved=None: {0: ["forced"]})
+    monkeypatch.setattr(engine, "_unsettled", lambda trace, nbeta, G, C, halved=None, **kw: {0: ["forced"]})
     r = slt.estimate_llc(m, (X, Y), F.mse_loss, nbeta=200.0, **{**KW, "num_draws": 99})
     assert r.localization == LOCALIZATION and r.config["localization_escalations"] == []
 

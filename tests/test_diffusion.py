@@ -1,0 +1,149 @@
+"""Chains that still diffuse freely: :func:`slt.diagnostics.free_diffusion` and the ``"diffusing"`` finding.
+
+A trained GRU at its adapted step (ε ≈ 1.5e-9, γ = 100, 1250 steps) spread exactly like a free random
+walk (‖w − w*‖² = 0.98 d·ε·t) and its λ̂ halved with ε, yet the trend test (z = 2.5 against a 3σ
+threshold of 4.5 for 8 chains) and the trace-based halving check passed it as converged.  These tests:
+
+* statistical: the spread of a free Gaussian walk is 1 (Monte-Carlo error √(2/d) per row), and that of
+  an Ornstein–Uhlenbeck chain long after it relaxed is about 1/(γεt);
+* exact: the finding fires for chains spreading freely whose λ̂ grows as λ̂ ∝ t predicts, also at a low z,
+  and not for a settled λ̂, nor for a growing λ̂ of chains the potential holds;
+* end to end: a small MLP run at a step far too small for its run is not converged and says why;
+  at a workable step the spread is small.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import slt
+from slt.training import train
+from slt.diagnostics import free_diffusion
+from slt.result import FREE_DIFFUSION, LLCResult, equilibrium_checks
+
+F64 = torch.float64
+
+
+def test_a_free_walk_spreads_as_d_eps_t():
+    """100 steps of N(0, ε) per coordinate, d = 5000: f = ‖w − w*‖²/(d ε t) has mean 1 and standard
+    deviation √(2/d) = 0.02 per row (a χ² with d degrees of freedom over d): within 5σ = 0.1 for every
+    row; a per-row ε (R, 1) and per-row dimensions give the same."""
+    g = torch.Generator().manual_seed(0)
+    R, d, t, eps = 4, 5000, 100, 1e-3
+    w_star = torch.randn(1, d, generator=g, dtype=F64).expand(R, d)
+    w = w_star + math.sqrt(eps * t) * torch.randn(R, d, generator=g, dtype=F64)  # the sum of t steps
+    f = free_diffusion(w, w_star, eps, t, d)
+    assert f.shape == (R,) and f.dtype == F64
+    assert bool(((f - 1).abs() < 5 * math.sqrt(2 / d)).all()), f
+    f2 = free_diffusion(w, w_star, torch.full((R, 1), eps, dtype=F64), t, torch.full((R,), float(d)))
+    torch.testing.assert_close(f2, f, rtol=1e-12, atol=0.0)
+    # half the coordinates frozen (a restricted row): the moved ones set the scale
+    w_half = w.clone()
+    w_half[:, d // 2:] = w_star[:, d // 2:]
+    f3 = free_diffusion(w_half, w_star, eps, t, torch.full((R,), float(d // 2)))
+    assert bool(((f3 - 1).abs() < 5 * math.sqrt(2 / (d // 2))).all()), f3
+
+
+def test_a_relaxed_chain_spreads_about_one_over_gamma_eps_t():
+    """SGLD on U = γ/2 ‖w‖² (no loss), ε = 0.01, γ = 1, t = 2000 steps (εγt = 20: relaxed): the variance
+    per coordinate is ε/(1 − (1 − εγ/2)²) ≈ 1/γ (1.0025), so f ≈ 1/(γεt) = 0.05, far below the
+    threshold; d = 2000 gives each row's f a relative error √(2/d) = 3%: within 15%."""
+    g = torch.Generator().manual_seed(1)
+    R, d, t, eps, gamma = 3, 2000, 2000, 0.01, 1.0
+    w = torch.zeros(R, d, dtype=F64)
+    for _ in range(t):
+        w = w - 0.5 * eps * gamma * w + math.sqrt(eps) * torch.randn(R, d, generator=g, dtype=F64)
+    f = free_diffusion(w, torch.zeros(1, d, dtype=F64).expand(R, d), eps, t, d)
+    expected = eps / (1 - (1 - 0.5 * eps * gamma) ** 2) / (eps * t)
+    assert bool(((f / expected - 1).abs() < 0.15).all()), (f, expected)
+    assert bool((f < FREE_DIFFUSION).all())
+
+
+def _trace(C: int, T: int, start: float, slope: float, noise: float, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    t = torch.arange(T, dtype=F64)
+    return start + slope * t + noise * torch.randn(C, T, generator=g, dtype=F64)
+
+
+def test_the_finding_fires_for_free_chains_whose_estimate_grows_with_time():
+    """Draws at steps 250 … 1249 (burn-in 250).  λ̂ ∝ t with a large spread across chains (each chain's
+    own slope): the trend's z stays below the 3σ threshold, yet with f = 0.98 the growth (the halves'
+    ratio about 2 against a predicted 2) is a finding; the same trace with f = 0.2 (chains held) is
+    not, and neither is a settled λ̂ with f = 0.98."""
+    C, T = 8, 1000
+    times = 250 + torch.arange(T, dtype=F64)
+    g = torch.Generator().manual_seed(3)
+    slopes = 0.004 * (1 + 0.9 * torch.randn(C, 1, generator=g, dtype=F64))  # chains disagree on the rate
+    tr = slopes * times + 0.5 * torch.randn(C, T, generator=g, dtype=F64)
+    free, held = torch.full((C,), 0.98), torch.full((C,), 0.2)
+    _, drift, found = equilibrium_checks(tr, diffusion=free, times=times, rhat_threshold=math.inf)
+    kinds = [k for k, _ in found]
+    assert drift[2] < 4.5 and "rising" not in kinds, drift  # the trend test alone passes it
+    assert "diffusing" in kinds
+    msg = dict(found)["diffusing"]
+    assert "0.98" in msg and "step_size" in msg and "localization" in msg
+    assert "diffusing" not in [k for k, _ in equilibrium_checks(tr, diffusion=held, times=times,
+                                                                  rhat_threshold=math.inf)[2]]
+    flat = _trace(C, T, 4.0, 0.0, 0.5, seed=4)
+    assert "diffusing" not in [k for k, _ in equilibrium_checks(flat, diffusion=free, times=times,
+                                                                  rhat_threshold=math.inf)[2]]
+
+
+def test_from_traces_records_the_spread_and_is_not_converged():
+    """Through :meth:`LLCResult.from_traces`: ``diagnostics["free_diffusion"]`` is the mean over the
+    valid chains (a divergent chain left out) and the finding makes ``converged`` False."""
+    C, T = 8, 400
+    times = 100 + torch.arange(T, dtype=F64)
+    loss = 1e-3 * times.expand(C, T).clone()  # nβ = 10: λ̂ = 0.01 t, growing with time
+    diffusion = torch.full((C,), 0.9, dtype=F64)
+    diffusion[0] = 5.0
+    diverged = torch.zeros(C, dtype=torch.bool)
+    diverged[0] = True
+    r = LLCResult.from_traces(loss + 1e-4 * torch.randn(C, T, generator=torch.Generator().manual_seed(5), dtype=F64),
+                              torch.zeros(C, T, dtype=F64), nbeta=10.0, init_loss=0.0, step_size=1e-3,
+                              localization=1.0, sampler="sgld", diverged=diverged,
+                              divergence_step=torch.tensor([5] + [-1] * (C - 1)), draw_steps=times.long(),
+                              diffusion=diffusion, draw_times=times)
+    assert math.isclose(r.diagnostics["free_diffusion"], 0.9, rel_tol=1e-12)
+    assert not r.converged
+
+
+class _MLP(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(4, 32), nn.Tanh(), nn.Linear(32, 1))
+
+    def forward(self, x):
+        return self.net(x)
+
+
+def test_an_mlp_at_a_far_too_small_step_is_not_converged_and_says_why():
+    """A 193-parameter MLP trained to a minimum of a regression (L ≈ 2e-7), sampled from w* at
+    ε = 1e-7 (γ = 1, nβ = 100, batch 256, 600 draws, no burn-in: εt ≤ 6e-5, so only directions of curvature above
+    1/(εt) ≈ 1.7e4 relax): the chains spread like a free walk (f ≈ 1.05 measured; bound 0.9) and λ̂
+    grows about as λ̂ ∝ t predicts (halves' ratio 2.8 measured against 3, the finding's threshold 2).
+    On minibatches without the MALA diagnostic (which would name the cause as "barely moved") the
+    finding is "diffuse freely", in place of "rising".  At ε = 1e-3 with γ = 100 (γεt = 60: every direction held)
+    the spread is small (0.016 measured; bound 0.1) and no such finding is made."""
+    torch.manual_seed(0)
+    X = torch.randn(512, 4)
+    Y = torch.sin(X[:, :1] + 0.5 * X[:, 1:2])
+    model = _MLP()
+    train(model, (X, Y), F.mse_loss, steps=3000, lr=1e-2)
+    kw = dict(num_chains=8, num_draws=600, num_burnin=0, nbeta=100.0, batch_size=256, seed=0, progress=False)
+    tiny = slt.estimate_llc(model, (X, Y), F.mse_loss, step_size=1e-7, localization=1.0, mala_every=0, **kw)
+    assert tiny.diagnostics["free_diffusion"] > 0.9
+    assert not tiny.converged
+    reasons = tiny.convergence_reasons
+    assert any("diffuse freely" in m for m in reasons), reasons
+    assert not any("still rising" in m for m in reasons), reasons
+    with_mala = slt.estimate_llc(model, (X, Y), F.mse_loss, step_size=1e-7, localization=1.0, **kw)
+    assert not with_mala.converged
+    assert any("diffuse freely" in m or "barely moved" in m for m in with_mala.convergence_reasons)
+    fine = slt.estimate_llc(model, (X, Y), F.mse_loss, step_size=1e-3, localization=100.0, **kw)
+    assert fine.diagnostics["free_diffusion"] < 0.1
+    assert not any("diffuse freely" in m for m in fine.convergence_reasons), fine.convergence_reasons

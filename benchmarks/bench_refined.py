@@ -27,6 +27,7 @@ Usage::
 
     python benchmarks/bench_refined.py                 # ~7 min on a 2-core CPU (--bif: ~8)
     python benchmarks/bench_refined.py --quick         # smoke run (~1 min)
+    python benchmarks/bench_refined.py --device cuda   # on a GPU (benchmarks/gpu_suite.sh runs it)
 """
 
 from __future__ import annotations
@@ -84,7 +85,7 @@ def run_slt(lm, seq, restrict_to, chains: int, draws: int, batch: int):
         warnings.simplefilter("ignore")
         return slt.estimate_llc(lm, {"input_ids": seq}, slt.losses.causal_lm, restrict_to=restrict_to,
                                 num_chains=chains, num_draws=draws, num_burnin=0, step_size=EPS, nbeta=NBETA,
-                                localization=GAMMA, batch_size=batch, seed=0, progress=False)
+                                localization=GAMMA, batch_size=batch, seed=0, progress=False, device=seq.device)
 
 
 def run_devinterp(lm, seq, label: str, chains: int, draws: int, batch: int):
@@ -95,16 +96,16 @@ def run_devinterp(lm, seq, label: str, chains: int, draws: int, batch: int):
 
     from slt.peers.devinterp import _preserve_global_rngs, _quiet_progress
 
-    ds = Dataset.from_dict({"input_ids": seq.numpy()}).with_format("torch")
+    ds = Dataset.from_dict({"input_ids": seq.cpu().numpy()}).with_format("torch")
     net = copy.deepcopy(lm)
     masks = create_param_masks(net, label)
     with tempfile.TemporaryDirectory(prefix="bench_refined_") as tmp, warnings.catch_warnings(), \
-            _preserve_global_rngs("cpu"), _quiet_progress(di_sampler, False):
+            _preserve_global_rngs(str(seq.device)), _quiet_progress(di_sampler, False):
         warnings.simplefilter("ignore")
         t0 = time.perf_counter()
         raw = llc(net, ds, {}, lr=EPS, n_beta=NBETA, param_masks=masks, localization=GAMMA, noise_level=1.0,
                   num_chains=chains, num_draws=draws, num_burnin_steps=0, batch_size=batch,
-                  num_init_loss_batches=seq.shape[0] // batch, init_seed=0, device="cpu",
+                  num_init_loss_batches=seq.shape[0] // batch, init_seed=0, device=str(seq.device),
                   output_path=os.path.join(tmp, "s.zarr"))
         seconds = time.perf_counter() - t0
         per_chain = np.asarray(raw["llc_per_chain"].values, dtype=np.float64)
@@ -124,17 +125,17 @@ def step_flops(lm, seq, H, chains: int, batch: int) -> tuple[float, float]:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         t = prepare_target(lm, {"input_ids": seq}, slt.losses.causal_lm, restrict_to=H, nbeta=NBETA,
-                           localization=GAMMA, vectorize="vmap")
+                           localization=GAMMA, vectorize="vmap", device=seq.device)
     rows = t.rows(chains)
     plan = t.groups.row_plan(t.K, chains, t.spec)
     if plan is not None:
         t.evaluator.row_plan = (rows.shape[0], plan)
     g = torch.Generator().manual_seed(0)
-    idx = torch.randint(seq.shape[0], (chains, batch), generator=g).repeat(t.G, 1)  # chain c of every head: one batch
+    idx = torch.randint(seq.shape[0], (chains, batch), generator=g).to(seq.device).repeat(t.G, 1)  # chain c of every head: one batch
     with FlopCounterMode(display=False) as fc:
         t.evaluator.loss_and_grad(rows, t.source.gather(idx))
     one_call = fc.get_total_flops() / rows.shape[0]
-    full = prepare_target(lm, {"input_ids": seq}, slt.losses.causal_lm, vectorize="loop")
+    full = prepare_target(lm, {"input_ids": seq}, slt.losses.causal_lm, vectorize="loop", device=seq.device)
     with FlopCounterMode(display=False) as fc:
         full.evaluator.loss_and_grad(full.rows(1), full.source.gather(idx[:1]))
     return float(one_call), float(fc.get_total_flops())
@@ -150,6 +151,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--no-devinterp", action="store_true")
     ap.add_argument("--no-separate", action="store_true", help="skip the one-slt-call-per-head row")
     ap.add_argument("--bif", action="store_true", help="also time slt.bif on the full model")
+    ap.add_argument("--device", default="cpu", help="cpu (default) or cuda: the model is trained on the CPU and "
+                    "moved there; every method runs there")
     args = ap.parse_args(argv)
     if args.quick:
         args.draws = 20
@@ -159,13 +162,17 @@ def main(argv: list[str] | None = None) -> dict:
 
     t0 = time.perf_counter()
     lm, seq = build_lm()
+    import bench_generic
+
+    bench_generic.DEVICE = dev = torch.device(args.device)  # where the floor's matmul runs too
+    lm, seq = lm.to(dev), seq.to(dev)
     H = heads(lm)
     print(f"GPT-2: {sum(p.numel() for p in lm.parameters())} params, {len(H)} heads, n = {seq.shape[0]} sequences "
           f"of {seq.shape[1]} tokens; trained in {time.perf_counter() - t0:.1f} s")
     C, T, B = args.chains, args.draws, args.batch
     steps = C * T
     print(f"settings: {C} chains × {T} draws, batch {B} sequences, nβ = {NBETA}, γ = {GAMMA}, ε = {EPS}, "
-          f"no burn-in, {args.threads} thread(s)\n")
+          f"no burn-in, {args.threads} thread(s), device {dev}\n")
     run_slt(lm, seq, H, C, 2, B)  # warm-up (path decision, allocator)
 
     t = time.perf_counter()
@@ -197,7 +204,7 @@ def main(argv: list[str] | None = None) -> dict:
     floor = 1e3 * f_one / rate
     out.update({"flops_one_call_per_chain_step": f_one, "flops_full_per_chain_step": f_full, "floor_ms": floor})
     print(f"floor: slt's one call computes {f_one / 1e6:.1f} MFLOP of matmul/attention per chain-step (a full forward "
-          f"and backward: {f_full / 1e6:.1f}); at this thread's {rate / 1e9:.0f} GFLOP/s (a 512² matmul) that is "
+          f"and backward: {f_full / 1e6:.1f}); at this device's {rate / 1e9:.0f} GFLOP/s (a float32 matmul) that is "
           f"{floor:.2f} ms: slt one call = {1e3 * t_one / (steps * len(H)) / floor:.1f}× the floor"
           + (f", devinterp ÷ floor = {1e3 * out['devinterp_s'] / (steps * len(H)) / floor:.1f}× (the most this "
              "evaluation could gain over devinterp on this thread)" if "devinterp_s" in out else ""))

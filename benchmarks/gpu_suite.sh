@@ -3,13 +3,17 @@
 #   1. tests/test_cuda.py (the CUDA path: paths agree, GPU vs CPU, defaults converge, bf16 autocast);
 #   2. benchmarks/bench_step_cost.py --device cuda: SGLD step / SGD step on a 10.2M-parameter DLN (target ≤ 1.2);
 #   3. benchmarks/bench_generic.py --device cuda: the generic suite (ms per chain-step, slt vs the hand loop,
-#      and devinterp when it imports), memory per chain from CUDA's allocator.
+#      and devinterp when it imports), memory per chain from CUDA's allocator;
+#   4. benchmarks/bench_refined.py --device cuda: the per-head refined LLC of a GPT-2 (issue #15's target:
+#      slt's one batched call ≥ 10× devinterp's runs per head).
 # Results go to $OUT (the device tool's folder) or results/gpu.  The machine has torch, transformers and
 # pytest but no network and no pyro: slt runs from the checkout (PYTHONPATH), and a folder .whl of cp312
 # wheels, when present, is installed into /tmp/site first.  Make it here with benchmarks/gpu_wheels.sh
 # (pyro-ppl, which slt needs, and devinterp 2.0.1 with its missing dependencies) and pass carry=[".whl"];
 # devinterp is used only if it imports, otherwise the devinterp column is skipped.
-# Budget: about 8-9 minutes on an H200 (run it with timeout_s=580); each part has its own timeout, and the
+# Budget: about 9 minutes on an H200 (run it with timeout_s=580): with a machine's start it fits a 15-minute lease.
+# Files in $OUT: env.txt, cuda_tests.txt, step_cost.txt/.json, generic.txt/.json, refined.txt (7; the device
+# tool returns at most 8, so a tee of the whole log into $OUT still fits).; each part has its own timeout, and the
 # generic suite writes its JSON after every job, so a part cut short leaves what it finished.  A CPU smoke run of the script itself:
 #   DEVICE=cpu STEP_ARGS="--width 200" GENERIC_ARGS="--quick --jobs mlp --no-memory" benchmarks/gpu_suite.sh
 set -uo pipefail
@@ -30,9 +34,11 @@ DEVICE="${DEVICE:-cuda}"
 stamp tests; timeout 150 $PY -m pytest -q -p no:cacheprovider -o addopts="" tests/test_cuda.py 2>&1 | tail -25 | tee "$OUT/cuda_tests.txt"
 stamp step cost; timeout 150 $PY benchmarks/bench_step_cost.py --device "$DEVICE" --profile ${STEP_ARGS:-} --out "$OUT/step_cost.json" 2>&1 | tee "$OUT/step_cost.txt"
 DI=""
-$PY -c "from devinterp.slt import sampler; from devinterp.slt.llc import llc" 2>&1 | tail -3 | tee "$OUT/devinterp_import.txt"
+$PY -c "from devinterp.slt import sampler; from devinterp.slt.llc import llc" 2>&1 | tail -3 | tee -a "$OUT/env.txt"
 $PY -c "from devinterp.slt import sampler; from devinterp.slt.llc import llc" 2>/dev/null || DI="--no-devinterp"
 stamp generic $DI
-timeout ${GENERIC_TIMEOUT:-360} $PY benchmarks/bench_generic.py --device "$DEVICE" $DI --no-train-row --no-mala-row ${GENERIC_ARGS:---jobs curve mlp cnn gpt2 mlp1m} --out "$OUT/generic.json" \
+timeout ${GENERIC_TIMEOUT:-300} $PY benchmarks/bench_generic.py --device "$DEVICE" $DI --no-train-row --no-mala-row ${GENERIC_ARGS:---jobs curve mlp cnn gpt2 mlp1m} --out "$OUT/generic.json" \
   2>&1 | grep -v "Warning\|warnings.warn" | tee "$OUT/generic.txt"
+stamp refined; timeout ${REFINED_TIMEOUT:-120} $PY benchmarks/bench_refined.py --device "$DEVICE" --no-separate ${REFINED_ARGS:-} \
+  2>&1 | grep -v "Warning\|warnings.warn" | tee "$OUT/refined.txt"
 stamp gpu_suite done

@@ -315,6 +315,11 @@ class LLCResult:
             f"  R-hat={f(d.get('rhat'))} ESS={f(d.get('ess'), '.0f')} {accept}"
             f"draws below L(w*)={f(d.get('frac_below_init'), '.1%')} path={d.get('path')}",
         ]
+        spread = d.get("free_diffusion")
+        if known(spread):
+            lines.append(f"  spread ‖w − w*‖² = {f(spread, '.3g')} of a free random walk's d·ε·t"
+                         + (" (the potential has not yet held the chains in most directions)"
+                            if spread >= FREE_DIFFUSION else ""))
         heat = d.get("minibatch_heating")
         if heat:
             bs = self.config.get("batch_size")

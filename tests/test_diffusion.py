@@ -110,6 +110,7 @@ def test_from_traces_records_the_spread_and_is_not_converged():
                               diffusion=diffusion, draw_times=times)
     assert math.isclose(r.diagnostics["free_diffusion"], 0.9, rel_tol=1e-12)
     assert not r.converged
+    assert "spread ‖w − w*‖² = 0.9 of a free random walk's d·ε·t (the potential has not yet held" in str(r)
 
 
 class _MLP(nn.Module):

@@ -623,8 +623,8 @@ def _run_at(target, rows, spec, rule, step_size, kw, C, num_steps, num_burnin, b
             heating = minibatch_heating(noise_trace, eps, target.nbeta).cpu()
         del final
     return {"target": target, "trace": trace, "eps": eps, "smp": smp, "batches": batches, "potential": potential,
-            "heating": heating, "diffusion": diffusion, "auto": auto, "adapt": adapt, "halvings": halvings, "kw": kw, "setup_seconds": setup_seconds,
-            "adapt_seconds": adapt_seconds, "num_threads": num_threads, "num_burnin": num_burnin,
+            "heating": heating, "diffusion": diffusion, "auto": auto, "adapt": adapt, "halvings": halvings, "kw": kw,
+            "setup_seconds": setup_seconds, "adapt_seconds": adapt_seconds, "num_threads": num_threads, "num_burnin": num_burnin,
             "num_steps": num_steps, "allocator": allocator}
 
 

@@ -382,8 +382,8 @@ def equilibrium_checks(tr: Tensor, mala_mean: float | None = None, rhat_threshol
     -------
     ``(rhat, drift, findings)``: drift as :func:`_drift` (``None`` under 3 chains or 8 draws) and
     findings ``(kind, message)`` with kind ``"rhat"``, ``"rising"``, ``"barely_moved"``, ``"falling"``,
-    ``"halving"`` or ``"diffusing"``.  A drift counts when the change between the halves exceeds 2% of λ̂ and its z
-    exceeds Student's t at the two-sided level of a normal 3σ (df = C − 1); so does the shortfall
+    ``"halving"`` or ``"diffusing"``.  A drift counts when the change between the halves exceeds 2% of
+    λ̂ and its z exceeds Student's t at the two-sided level of a normal 3σ (df = C − 1); so does the shortfall
     of ``halved`` below λ̂ (:func:`_halving_gap`; one-sided: steps of an adaptation phase run at
     larger ε, whose discretisation bias can only raise ``halved``).
     """

@@ -131,7 +131,8 @@ def step_flops(lm, seq, H, chains: int, batch: int) -> tuple[float, float]:
     if plan is not None:
         t.evaluator.row_plan = (rows.shape[0], plan)
     g = torch.Generator().manual_seed(0)
-    idx = torch.randint(seq.shape[0], (chains, batch), generator=g).to(seq.device).repeat(t.G, 1)  # chain c of every head: one batch
+    idx = torch.randint(seq.shape[0], (chains, batch), generator=g).to(seq.device)
+    idx = idx.repeat(t.G, 1)  # chain c of every head: one batch
     with FlopCounterMode(display=False) as fc:
         t.evaluator.loss_and_grad(rows, t.source.gather(idx))
     one_call = fc.get_total_flops() / rows.shape[0]

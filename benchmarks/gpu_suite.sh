@@ -13,8 +13,9 @@
 # devinterp is used only if it imports, otherwise the devinterp column is skipped.
 # Budget: about 9 minutes on an H200 (run it with timeout_s=580): with a machine's start it fits a 15-minute lease.
 # Files in $OUT: env.txt, cuda_tests.txt, step_cost.txt/.json, generic.txt/.json, refined.txt (7; the device
-# tool returns at most 8, so a tee of the whole log into $OUT still fits).; each part has its own timeout, and the
-# generic suite writes its JSON after every job, so a part cut short leaves what it finished.  A CPU smoke run of the script itself:
+# tool returns at most 8, so a tee of the whole log into $OUT still fits).  Each part has its own timeout, and
+# the generic suite writes its JSON after every job, so a part cut short leaves what it finished.
+# A CPU smoke run of the script itself:
 #   DEVICE=cpu STEP_ARGS="--width 200" GENERIC_ARGS="--quick --jobs mlp --no-memory" benchmarks/gpu_suite.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -34,8 +35,8 @@ DEVICE="${DEVICE:-cuda}"
 stamp tests; timeout 150 $PY -m pytest -q -p no:cacheprovider -o addopts="" tests/test_cuda.py 2>&1 | tail -25 | tee "$OUT/cuda_tests.txt"
 stamp step cost; timeout 150 $PY benchmarks/bench_step_cost.py --device "$DEVICE" --profile ${STEP_ARGS:-} --out "$OUT/step_cost.json" 2>&1 | tee "$OUT/step_cost.txt"
 DI=""
-$PY -c "from devinterp.slt import sampler; from devinterp.slt.llc import llc" 2>&1 | tail -3 | tee -a "$OUT/env.txt"
-$PY -c "from devinterp.slt import sampler; from devinterp.slt.llc import llc" 2>/dev/null || DI="--no-devinterp"
+$PY -c "from devinterp.slt import sampler; from devinterp.slt.llc import llc" 2>&1 | tail -3 | tee -a "$OUT/env.txt" \
+  || DI="--no-devinterp"  # pipefail: the import's own status
 stamp generic $DI
 timeout ${GENERIC_TIMEOUT:-300} $PY benchmarks/bench_generic.py --device "$DEVICE" $DI --no-train-row --no-mala-row ${GENERIC_ARGS:---jobs curve mlp cnn gpt2 mlp1m} --out "$OUT/generic.json" \
   2>&1 | grep -v "Warning\|warnings.warn" | tee "$OUT/generic.txt"

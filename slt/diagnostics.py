@@ -132,8 +132,7 @@ def halved_step_estimate(values: Tensor, times: Tensor, step_size: Tensor, num_b
     return torch.where(count >= 8, total / count.clamp(min=1), torch.full_like(total, float("nan")))
 
 
-def free_diffusion(params: Tensor, w_star: Tensor, step_size: Tensor | float, num_steps: int,
-                   dims: Tensor | int) -> Tensor:
+def free_diffusion(sq_distance: Tensor, step_size: Tensor | float, num_steps: int, dims: Tensor | int) -> Tensor:
     r"""How far each chain has spread from w* after ``num_steps`` SGLD steps, over the spread of a free
     random walk: :math:`f = \lVert w_t - w^*\rVert^2 / (d\,\epsilon\,t)`, ``(R,)`` float64.
 
@@ -148,8 +147,9 @@ def free_diffusion(params: Tensor, w_star: Tensor, step_size: Tensor | float, nu
 
     Parameters
     ----------
-    params, w_star
-        ``(R, d)`` final positions and the centres (w* rows; broadcast rows allowed).
+    sq_distance
+        ``(R,)`` :math:`\lVert w_t - w^*\rVert^2` of each row's final position
+        (:meth:`slt.samplers.LocalizedPotential.squared_distance`).
     step_size
         ε, a number or per row ``(R, 1)``.
     num_steps
@@ -157,15 +157,10 @@ def free_diffusion(params: Tensor, w_star: Tensor, step_size: Tensor | float, nu
     dims
         Coordinates each row moves: ``d``, or ``(R,)`` (restricted rows).
     """
-    R, d = params.shape
-    sq = torch.zeros(R, dtype=torch.float64, device=params.device)
-    step = max(64, (1 << 16) // max(R, 1))
-    for a in range(0, d, step):  # a chunk of columns at a time: no (R, d) temporary
-        sq += (params[:, a:a + step] - w_star[:, a:a + step]).square().sum(1, dtype=torch.float64)
-    eps = step_size.reshape(-1).double() if isinstance(step_size, Tensor) else torch.tensor(float(step_size),
-                                                                                              dtype=torch.float64)
-    dims = dims.double() if isinstance(dims, Tensor) else torch.tensor(float(dims), dtype=torch.float64)
-    return sq.cpu() / (dims.cpu() * eps.cpu() * max(int(num_steps), 1))
+    eps = step_size.reshape(-1) if isinstance(step_size, Tensor) else float(step_size)
+    out = sq_distance.detach().double().cpu() / max(int(num_steps), 1)
+    out = out / (eps.detach().double().cpu() if isinstance(eps, Tensor) else eps)
+    return out / (dims.double().cpu() if isinstance(dims, Tensor) else float(dims))
 
 
 def minibatch_heating(grad_noise_trace: Tensor, step_size: Tensor | float, nbeta: float) -> Tensor:

@@ -614,7 +614,8 @@ def _run_at(target, rows, spec, rule, step_size, kw, C, num_steps, num_burnin, b
             del final
         heating = diffusion = None
         if smp.name == "sgld":  # how far the chains spread, against a free walk's d·ε·t (SGLD's noise is N(0, ε))
-            diffusion = free_diffusion(final.params, rows, eps, num_steps, _moved_dims(target, rows.shape[0]))
+            diffusion = free_diffusion(potential.squared_distance(final.params), eps, num_steps,
+                                       _moved_dims(target, rows.shape[0]))
         # minibatch noise heats SGLD's chains: its first-order excess of λ̂, at the final positions (the formula
         # is plain SGLD's: a preconditioner or momentum changes how the noise enters)
         if not batches.full and smp.name == "sgld":

@@ -272,7 +272,7 @@ def gradient_noise_trace(
     mean = None
     m2 = torch.zeros(params.shape[0], dtype=torch.float64, device=params.device)
     for k in range(num_batches):
-        grad = potential.loss_grad(params, batches()[0])[1].detach()  # a fresh tensor: ours to write
+        grad = potential.loss_grad(params, batches()[0], with_potential=False)[1].detach()  # fresh: ours to write
         if mask is not None:
             grad = mask(grad)
         if mean is None:

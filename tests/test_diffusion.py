@@ -28,6 +28,13 @@ from slt.result import FREE_DIFFUSION, LLCResult, equilibrium_checks
 F64 = torch.float64
 
 
+def _sq(w: torch.Tensor, w_star: torch.Tensor) -> torch.Tensor:
+    """‖w − w*‖² per row, as the engine takes it (LocalizedPotential.squared_distance)."""
+    from slt.samplers import LocalizedPotential
+
+    return LocalizedPotential(lambda p, b: None, w_star, 1.0, 1.0).squared_distance(w)
+
+
 def test_a_free_walk_spreads_as_d_eps_t():
     """100 steps of N(0, ε) per coordinate, d = 5000: f = ‖w − w*‖²/(d ε t) has mean 1 and standard
     deviation √(2/d) = 0.02 per row (a χ² with d degrees of freedom over d): within 5σ = 0.1 for every
@@ -36,15 +43,15 @@ def test_a_free_walk_spreads_as_d_eps_t():
     R, d, t, eps = 4, 5000, 100, 1e-3
     w_star = torch.randn(1, d, generator=g, dtype=F64).expand(R, d)
     w = w_star + math.sqrt(eps * t) * torch.randn(R, d, generator=g, dtype=F64)  # the sum of t steps
-    f = free_diffusion(w, w_star, eps, t, d)
+    f = free_diffusion(_sq(w, w_star), eps, t, d)
     assert f.shape == (R,) and f.dtype == F64
     assert bool(((f - 1).abs() < 5 * math.sqrt(2 / d)).all()), f
-    f2 = free_diffusion(w, w_star, torch.full((R, 1), eps, dtype=F64), t, torch.full((R,), float(d)))
+    f2 = free_diffusion(_sq(w, w_star), torch.full((R, 1), eps, dtype=F64), t, torch.full((R,), float(d)))
     torch.testing.assert_close(f2, f, rtol=1e-12, atol=0.0)
     # half the coordinates frozen (a restricted row): the moved ones set the scale
     w_half = w.clone()
     w_half[:, d // 2:] = w_star[:, d // 2:]
-    f3 = free_diffusion(w_half, w_star, eps, t, torch.full((R,), float(d // 2)))
+    f3 = free_diffusion(_sq(w_half, w_star), eps, t, torch.full((R,), float(d // 2)))
     assert bool(((f3 - 1).abs() < 5 * math.sqrt(2 / (d // 2))).all()), f3
 
 
@@ -57,7 +64,7 @@ def test_a_relaxed_chain_spreads_about_one_over_gamma_eps_t():
     w = torch.zeros(R, d, dtype=F64)
     for _ in range(t):
         w = w - 0.5 * eps * gamma * w + math.sqrt(eps) * torch.randn(R, d, generator=g, dtype=F64)
-    f = free_diffusion(w, torch.zeros(1, d, dtype=F64).expand(R, d), eps, t, d)
+    f = free_diffusion(_sq(w, torch.zeros(1, d, dtype=F64).expand(R, d)), eps, t, d)
     expected = eps / (1 - (1 - 0.5 * eps * gamma) ** 2) / (eps * t)
     assert bool(((f / expected - 1).abs() < 0.15).all()), (f, expected)
     assert bool((f < FREE_DIFFUSION).all())

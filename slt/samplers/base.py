@@ -181,13 +181,17 @@ class LocalizedPotential:
         return loss, grad, (self.potential_of(params, loss) if with_potential else None)
 
     def potential_of(self, params: Tensor, loss: Tensor) -> Tensor:
-        """U (C,) from the loss (C,) at ``params`` (C, d): ‖w − w*‖² is summed a chunk of columns
-        at a time, in float64."""
+        """U (C,) from the loss (C,) at ``params`` (C, d)."""
+        nb = self.nbeta
+        return nb * loss + (0.5 * self.localization * self.squared_distance(params)).to(loss.dtype)
+
+    def squared_distance(self, params: Tensor) -> Tensor:
+        """‖w − w*‖² (C,) of ``params`` (C, d), float64, summed a chunk of columns at a time (no
+        (C, d) temporary)."""
         sq = torch.zeros(params.shape[0], dtype=torch.float64, device=params.device)
         for sl in column_chunks(params):
             sq += rowsum64((params[:, sl] - self.w_star[:, sl]).square_())
-        nb = self.nbeta
-        return nb * loss + (0.5 * self.localization * sq).to(loss.dtype)
+        return sq
 
     def grad_U_cols(self, params: Tensor, grad: Tensor, sl: slice) -> Tensor:
         """Columns ``sl`` of ∇U = nβ∇L + γ(w − w*) from those of ``params`` and ``grad`` (C, d): a

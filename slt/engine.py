@@ -54,7 +54,7 @@ from .data import LoaderSource
 from .defaults import (BATCH_RAISES, BATCH_SIZE, BATCH_SIZE_MAX, LLC, LOCALIZATION_MIN_DRAWS, LOCALIZATION_STEPS,
                        default_burnin, default_localization, default_nbeta)
 from .diagnostics import free_diffusion, halved_step_estimate, llc_standard_error, minibatch_heating
-from .evaluator import ChainEvaluator
+from .evaluator import ChainEvaluator, fused_summary
 from .loop import Divergence, Trace, run_chains, show_progress
 from .result import UNSETTLED, LLCResult, equilibrium_checks, heating_check
 from .rng import ChainRNG
@@ -537,6 +537,8 @@ def sample_target(
         "dtype": str(target.dtype).replace("torch.", ""), "vectorize": vectorize, "path": target.path,
         "compiled_calls": None if target.evaluator.compiled is None else target.evaluator.compiled.calls,
         "autocast": None if target.evaluator.autocast is None else str(target.evaluator.autocast).replace("torch.", ""),
+        "fused_activations": fused_summary(target.evaluator.fused),
+        "setup_notes": list(target.notes),
         "mala_every": mala_every, "divergence_threshold": thresh, "num_threads": num_threads,
         "allocator": run["allocator"], "control_variate": control_variate, "shared_batches": batches.shared,
         "num_params": target.d,

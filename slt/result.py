@@ -330,8 +330,12 @@ class LLCResult:
                          f"{f(up['excess'])} ({f(up['fraction'], '.1%')} of λ̂ {f(up['llc'])}) at {up['from']}")
         if self.divergent_chains:
             lines.append(f"  DIVERGENT chains (excluded): {self.divergent_chains}")
-        for w in d.get("warnings", []):
+        shown = d.get("warnings", [])
+        for w in shown:
             lines.append(f"  warning: {w}")
+        for p in d.get("convergence_reasons", []):  # set-up problems (dropout active, ...) and excluded chains
+            if p not in shown:
+                lines.append(f"  not converged: {p}")
         return "\n".join(lines)
 
     __repr__ = __str__
@@ -491,9 +495,9 @@ def _diffusing(drift: tuple[float, float, float] | None, diffusion: Tensor | Non
         return None
     return (f"chains still diffuse freely: their spread ‖w − w*‖² is {f:.2f} of a free random walk's (d·ε·t), so the "
             f"potential has not held them in most directions within the run, and λ̂ grows with the run's time "
-            f"({first:.4g} in the first half of the draws, {second:.4g} in the second; λ̂ ∝ t predicts "
-            f"{first + predicted:.4g}): λ̂ counts only the directions that relaxed and scales with step_size × steps; "
-            "raise step_size (an automatic one is set by the sharpest direction), num_burnin, or the localization "
+            f"({first:.4g} in the first half of the draws, {second:.4g} in the second"
+            + (f"; λ̂ ∝ t predicts {first + predicted:.4g}" if first > 0 else "")
+            + "): λ̂ counts only the directions that relaxed and scales with step_size × steps; raise step_size (an automatic one is set by the sharpest direction), num_burnin, or the localization "
             "(γ·ε·steps ≳ 1 holds every direction)")
 
 

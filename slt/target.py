@@ -102,7 +102,12 @@ class Target:
         Whether several checkpoints were given (estimators then return lists).
     issues
         Notes on the model's state found at set-up (dropout active, BatchNorm in
-        training mode), each naming the modules and the fix; empty when none.
+        training mode), each naming the modules and the fix; empty when none.  Each is
+        a reason for ``converged = False`` in the results.
+    notes
+        What was found at set-up that does not bias λ̂ but is worth knowing (a
+        DataLoader that shuffles with the global random state: runs do not repeat);
+        warned once and recorded as ``config["setup_notes"]``.
     """
 
     model: nn.Module
@@ -121,6 +126,7 @@ class Target:
     is_batch: bool = False
     _star: tuple[Tensor | None, Tensor] | None = field(default=None, repr=False)
     issues: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
     #: elements per sample of the inputs or outputs, whichever is larger (sizes the chunks of the
     #: losses at w*: a language model's logits are vocab times its token ids); ``None``: the input size
     _row_numel: int | None = field(default=None, repr=False)
@@ -763,11 +769,12 @@ def prepare_target(
     source = as_source(data)
     if isinstance(source, LoaderSource) and full_data:
         source = _stack_loader(source)
+    notes: list[str] = []
     if isinstance(source, LoaderSource) and source.unseeded_shuffle:
-        issues.append("the DataLoader shuffles with PyTorch's global random state (its sampler has no generator), "
+        notes.append("the DataLoader shuffles with PyTorch's global random state (its sampler has no generator), "
                       "so runs with the same seed see different batches and differ: to make a run repeatable, build the "
                       "loader for it with DataLoader(..., generator=torch.Generator().manual_seed(s))")
-        warnings.warn(f"{caller}: {issues[-1]}", RuntimeWarning, stacklevel=3)
+        warnings.warn(f"{caller}: {notes[-1]}", RuntimeWarning, stacklevel=3)
     if isinstance(source, Data):
         source = source.to(dev, dtype)
     n = source.n if parts is None else parts[0].n
@@ -801,7 +808,7 @@ def prepare_target(
     if groups.masks is not None:  # gradients only of the parameters some restriction moves
         evaluator.grad_names = set().union(*groups.moved_names(spec))
     return Target(work_model, spec, adapter, evaluator, source, w_star, seeds, nb, gamma, n, dev, dtype, reason,
-                  is_batch, issues=issues, _row_numel=row_size, groups=groups, localization_auto=localization is None)
+                  is_batch, issues=issues, notes=notes, _row_numel=row_size, groups=groups, localization_auto=localization is None)
 
 
 def _groups(restrict_to: Any, model: nn.Module, spec: ParamSpec, split: Any, parts: Any, offsets: Any,

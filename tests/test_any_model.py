@@ -369,6 +369,9 @@ def test_a_shuffling_loader_without_a_generator_is_named_and_its_batch_size_reco
                                             r"generator=torch.Generator\(\).manual_seed\(s\)"):
         r = slt.estimate_llc(_plain_model(), DataLoader(ds, batch_size=16, shuffle=True), F.mse_loss, **kw)
     assert r.config["batch_size"] == 16
+    # recorded, but a run that does not repeat is not a run that has not converged
+    assert len(r.config["setup_notes"]) == 1 and "global random state" in r.config["setup_notes"][0]
+    assert not any("global random state" in p for p in r.convergence_reasons)
 
     def run():
         loader = DataLoader(ds, batch_size=16, shuffle=True, generator=torch.Generator().manual_seed(5))

@@ -336,6 +336,8 @@ class LLCResult:
         for p in d.get("convergence_reasons", []):  # set-up problems (dropout active, ...) and excluded chains
             if p not in shown:
                 lines.append(f"  not converged: {p}")
+        for note in self.config.get("setup_notes") or []:  # e.g. an unseeded shuffling DataLoader
+            lines.append(f"  note: {note}")
         return "\n".join(lines)
 
     __repr__ = __str__
@@ -497,7 +499,8 @@ def _diffusing(drift: tuple[float, float, float] | None, diffusion: Tensor | Non
             f"potential has not held them in most directions within the run, and λ̂ grows with the run's time "
             f"({first:.4g} in the first half of the draws, {second:.4g} in the second"
             + (f"; λ̂ ∝ t predicts {first + predicted:.4g}" if first > 0 else "")
-            + "): λ̂ counts only the directions that relaxed and scales with step_size × steps; raise step_size (an automatic one is set by the sharpest direction), num_burnin, or the localization "
+            + "): λ̂ counts only the directions that relaxed and scales with step_size × steps; raise step_size "
+            "(an automatic one is set by the sharpest direction), num_burnin, or the localization "
             "(γ·ε·steps ≳ 1 holds every direction)")
 
 

@@ -372,6 +372,7 @@ def test_a_shuffling_loader_without_a_generator_is_named_and_its_batch_size_reco
     # recorded, but a run that does not repeat is not a run that has not converged
     assert len(r.config["setup_notes"]) == 1 and "global random state" in r.config["setup_notes"][0]
     assert not any("global random state" in p for p in r.convergence_reasons)
+    assert "\n  note: the DataLoader shuffles with PyTorch's global random state" in str(r)
 
     def run():
         loader = DataLoader(ds, batch_size=16, shuffle=True, generator=torch.Generator().manual_seed(5))

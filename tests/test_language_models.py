@@ -1,6 +1,6 @@
 """Language models (LM tier): ``slt.losses.causal_lm`` against a hand-computed shifted, masked
 cross-entropy, and ``slt.estimate_llc(model, {"input_ids": ..., "attention_mask": ...},
-slt.losses.causal_lm)`` on tiny Hugging Face GPT-2 and GPT-NeoX (Pythia) models and a
+slt.losses.causal_lm)`` on tiny Hugging Face GPT-2, GPT-NeoX (Pythia), GPT-Neo and Llama models and a
 TransformerLens model, built from configs (no downloads) and trained briefly with Adam on a
 synthetic repeating-pattern task.  Tests that need ``transformers``, ``datasets`` or
 ``transformer_lens`` are skipped when those are missing (``pip install -e ".[lm]"``)."""
@@ -179,6 +179,28 @@ def _neox(attn="eager"):
     return transformers.GPTNeoXForCausalLM(cfg)
 
 
+def _gpt_neo(attn="eager"):
+    """GPT-Neo (the TinyStories models' architecture: gelu_new, global and local attention layers)."""
+    transformers = pytest.importorskip("transformers")
+    transformers.utils.logging.set_verbosity_error()
+    torch.manual_seed(0)  # test-side only
+    cfg = transformers.GPTNeoConfig(vocab_size=V, max_position_embeddings=T, hidden_size=32, num_layers=2, num_heads=2,
+                                    attention_types=[[["global", "local"], 1]], window_size=4, intermediate_size=64,
+                                    bos_token_id=0, eos_token_id=0, attn_implementation=attn)
+    return transformers.GPTNeoForCausalLM(cfg)
+
+
+def _llama(attn="eager"):
+    """Llama (RMSNorm, rotary embeddings, SiLU gating, grouped-query attention with 2 K/V heads for 4)."""
+    transformers = pytest.importorskip("transformers")
+    transformers.utils.logging.set_verbosity_error()
+    torch.manual_seed(0)  # test-side only
+    cfg = transformers.LlamaConfig(vocab_size=V, max_position_embeddings=T, hidden_size=32, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, intermediate_size=64, bos_token_id=0,
+                                   eos_token_id=0, pad_token_id=0, attn_implementation=attn)
+    return transformers.LlamaForCausalLM(cfg)
+
+
 def _check_gradient_matches_autograd(model, data):
     """The engine's per-chain gradient (vmap, float64) equals plain autograd of causal_lm on the module."""
     t = prepare_target(model, data, causal_lm, dtype=F64)
@@ -200,7 +222,7 @@ def _check_gradient_matches_autograd(model, data):
         torch.testing.assert_close(loss[c], ref_loss.detach(), rtol=0, atol=tol)
 
 
-@pytest.mark.parametrize("make", [_gpt2, _neox], ids=["gpt2", "gpt-neox"])
+@pytest.mark.parametrize("make", [_gpt2, _neox, _gpt_neo, _llama], ids=["gpt2", "gpt-neox", "gpt-neo", "llama"])
 def test_hugging_face_causal_lm_on_the_batched_path(make):
     data = pattern_data()
     model = make()

@@ -1,7 +1,7 @@
 """Weight restrictions (``slt.restrict``): every form of ``restrict_to`` against masks built by hand
 from the flat layout, every error, and the architecture helpers — heads checked functionally
 (perturbing exactly a head's entries moves that head's output and no other's) on
-``nn.MultiheadAttention``, GPT-2, GPT-NeoX, TransformerLens' native ``TransformerBridge`` and a
+``nn.MultiheadAttention``, GPT-2, GPT-NeoX, GPT-Neo, Llama (grouped-query), TransformerLens' native ``TransformerBridge`` and a
 stand-in with TransformerLens' ``HookedTransformer`` parameter layout (``W_Q`` ... ``(H, E, hd)``;
 ``HookedTransformer`` itself was removed in TransformerLens 4), and against devinterp's
 ``create_param_masks`` on GPT-2 and GPT-NeoX."""
@@ -188,6 +188,31 @@ def bridge(n_kv=None):
     cfg = TransformerBridgeConfig(n_layers=2, d_model=E, n_ctx=8, d_head=HD, n_heads=H, d_vocab=16, act_fn="gelu",
                                   d_mlp=64, seed=0, n_key_value_heads=n_kv)
     return tl.TransformerBridge.boot_native(cfg).eval()
+
+
+def gpt_neo():
+    """Hugging Face GPT-Neo (the TinyStories models' architecture): separate q/k/v/out projections,
+    q/k/v without biases, global and local attention layers."""
+    tf = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        cfg = tf.GPTNeoConfig(vocab_size=16, max_position_embeddings=8, hidden_size=E, num_layers=2, num_heads=H,
+                              attention_types=[[["global", "local"], 1]], window_size=4, intermediate_size=64,
+                              bos_token_id=0, eos_token_id=0, attn_implementation="eager")
+        return tf.GPTNeoForCausalLM(cfg).eval()
+
+
+def llama(n_kv=2):
+    """Hugging Face Llama: q/k/v/o projections without biases, grouped-query attention (``n_kv`` K/V heads)."""
+    tf = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        cfg = tf.LlamaConfig(vocab_size=16, max_position_embeddings=8, hidden_size=E, num_hidden_layers=2,
+                             num_attention_heads=H, num_key_value_heads=n_kv, intermediate_size=64,
+                             bos_token_id=0, eos_token_id=0, pad_token_id=0, attn_implementation="eager")
+        return tf.LlamaForCausalLM(cfg).eval()
 
 
 class Encoder(nn.Module):
@@ -405,6 +430,29 @@ def test_heads_gpt_neox():
         check_heads(model, spec, wrong_masks, run)
 
 
+def test_heads_gpt_neo():
+    model = gpt_neo()
+    spec = ParamSpec(model)
+    for layer in (0, 1):  # a global and a local attention layer
+        masks = layer_masks(model, spec, layer)
+        check_disjoint_and_sizes(masks, 3 * E * HD + HD * E)  # no q/k/v biases
+        out = model.transformer.h[layer].attn.attention.out_proj
+        check_heads(model, spec, masks, input_hook_runner(model, out, lambda: model(IDS)))
+
+
+def test_heads_llama_grouped_query():
+    model = llama(n_kv=2)
+    spec = ParamSpec(model)
+    masks = layer_masks(model, spec, 1)
+    assert masks.sum(1).tolist() == [3 * E * HD + HD * E] * H  # q rows, its group's k and v rows, o columns
+    kv_share = 2 * E * HD
+    overlap = (masks[0] & masks[1]).sum(), (masks[0] & masks[2]).sum(), (masks[2] & masks[3]).sum()
+    assert [int(t) for t in overlap] == [kv_share, 0, kv_share]
+    o = model.model.layers[1].self_attn.o_proj
+    check_heads(model, spec, masks, input_hook_runner(model, o, lambda: model(IDS)),
+                groups=[{0, 1}, {0, 1}, {2, 3}, {2, 3}])
+
+
 def test_heads_multihead_attention():
     model = Encoder()
     spec = ParamSpec(model)
@@ -506,7 +554,8 @@ def test_heads_unknown_architecture():
 # ----------------------------------------------------------------------------
 # layers, attention_and_mlp, embeddings
 # ----------------------------------------------------------------------------
-MODELS = {"gpt2": gpt2, "neox": neox, "encoder": Encoder, "bridge": bridge, "tl": TLModel}
+MODELS = {"gpt2": gpt2, "neox": neox, "gpt-neo": gpt_neo, "llama": llama, "encoder": Encoder, "bridge": bridge,
+          "tl": TLModel}
 
 
 @pytest.mark.parametrize("name", list(MODELS))

@@ -160,45 +160,35 @@ def test_causal_lm_on_a_plain_torch_language_model():
 # ----------------------------------------------------------------------------
 # Hugging Face
 # ----------------------------------------------------------------------------
-def _gpt2(attn="eager"):
+def _hf_lm(config: str, model: str, attn: str, **kw):
+    """``transformers.<model>(transformers.<config>(vocab V, context T, **kw))`` from a fixed seed."""
     transformers = pytest.importorskip("transformers")
     transformers.utils.logging.set_verbosity_error()
     torch.manual_seed(0)  # test-side only
-    cfg = transformers.GPT2Config(vocab_size=V, n_positions=T, n_embd=32, n_layer=2, n_head=2,
-                                  bos_token_id=0, eos_token_id=0, attn_implementation=attn)
-    return transformers.GPT2LMHeadModel(cfg)
+    cfg = getattr(transformers, config)(vocab_size=V, bos_token_id=0, eos_token_id=0, attn_implementation=attn, **kw)
+    return getattr(transformers, model)(cfg)
+
+
+def _gpt2(attn="eager"):
+    return _hf_lm("GPT2Config", "GPT2LMHeadModel", attn, n_positions=T, n_embd=32, n_layer=2, n_head=2)
 
 
 def _neox(attn="eager"):
-    transformers = pytest.importorskip("transformers")
-    transformers.utils.logging.set_verbosity_error()
-    torch.manual_seed(0)  # test-side only
-    cfg = transformers.GPTNeoXConfig(vocab_size=V, max_position_embeddings=T, hidden_size=32, num_hidden_layers=2,
-                                     num_attention_heads=2, intermediate_size=64, rotary_pct=0.25,
-                                     bos_token_id=0, eos_token_id=0, attn_implementation=attn)
-    return transformers.GPTNeoXForCausalLM(cfg)
+    return _hf_lm("GPTNeoXConfig", "GPTNeoXForCausalLM", attn, max_position_embeddings=T, hidden_size=32,
+                  num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, rotary_pct=0.25)
 
 
 def _gpt_neo(attn="eager"):
     """GPT-Neo (the TinyStories models' architecture: gelu_new, global and local attention layers)."""
-    transformers = pytest.importorskip("transformers")
-    transformers.utils.logging.set_verbosity_error()
-    torch.manual_seed(0)  # test-side only
-    cfg = transformers.GPTNeoConfig(vocab_size=V, max_position_embeddings=T, hidden_size=32, num_layers=2, num_heads=2,
-                                    attention_types=[[["global", "local"], 1]], window_size=4, intermediate_size=64,
-                                    bos_token_id=0, eos_token_id=0, attn_implementation=attn)
-    return transformers.GPTNeoForCausalLM(cfg)
+    return _hf_lm("GPTNeoConfig", "GPTNeoForCausalLM", attn, max_position_embeddings=T, hidden_size=32, num_layers=2,
+                  num_heads=2, attention_types=[[["global", "local"], 1]], window_size=4, intermediate_size=64)
 
 
 def _llama(attn="eager"):
     """Llama (RMSNorm, rotary embeddings, SiLU gating, grouped-query attention with 2 K/V heads for 4)."""
-    transformers = pytest.importorskip("transformers")
-    transformers.utils.logging.set_verbosity_error()
-    torch.manual_seed(0)  # test-side only
-    cfg = transformers.LlamaConfig(vocab_size=V, max_position_embeddings=T, hidden_size=32, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=2, intermediate_size=64, bos_token_id=0,
-                                   eos_token_id=0, pad_token_id=0, attn_implementation=attn)
-    return transformers.LlamaForCausalLM(cfg)
+    return _hf_lm("LlamaConfig", "LlamaForCausalLM", attn, max_position_embeddings=T, hidden_size=32,
+                  num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, intermediate_size=64,
+                  pad_token_id=0)
 
 
 def _check_gradient_matches_autograd(model, data):

@@ -119,15 +119,17 @@ def _tanh_gelu(self: nn.Module, x: Tensor) -> Tensor:
 
 #: Activation modules whose ``forward`` composes elementwise operations for a function PyTorch has as
 #: one fused kernel, by ``module.qualname`` of the exact class (subclasses are left alone), with the
-#: fused forward slt calls instead.  Hugging Face's ``gelu_new`` (GPT-2's default) and ``gelu_fast`` are
-#: the tanh GELU written as 8 and 7 tensor operations, each a pass over the activations with its own
-#: saved tensors for backward: on one CPU thread their forward and backward took 4.5 ms against
+#: fused forward slt calls instead.  Hugging Face's ``gelu_new`` (GPT-2's and GPT-Neo's default),
+#: ``gelu_fast`` and ``gelu_accurate`` are the tanh GELU written as 7–8 tensor operations (Hugging Face's
+#: own ``GELUTanh`` is the fused one, "equivalent to NewGELU and FastGELU but much faster"), each a
+#: pass over the activations with its own saved tensors for backward: on one CPU thread their forward and backward took 4.5 ms against
 #: 1.9 ms for ``F.gelu(approximate="tanh")`` on a (4, 32, 17, 256) tensor, and 16.0–16.7 against
 #: 13.6–13.8 ms per chain-step of a 2-layer GPT-2 (loop path; vmap 20.8 → 15.8), measured 2026-12-04.
 #: Same function: the outputs differ by float rounding (2.4e-7 at most on N(0, 1) inputs).
 FUSED_FORWARDS = {
     "transformers.activations.NewGELUActivation": _tanh_gelu,
     "transformers.activations.FastGELUActivation": _tanh_gelu,
+    "transformers.activations.AccurateGELUActivation": _tanh_gelu,
 }
 #: set to ``0`` to run every module's own ``forward`` (no fused activations)
 FUSE_ENV = "SLT_FUSE_ACTIVATIONS"

@@ -1,4 +1,4 @@
-"""Fused activations (exact tier): Hugging Face's ``gelu_new`` / ``gelu_fast`` modules run as
+"""Fused activations (exact tier): Hugging Face's ``gelu_new`` / ``gelu_fast`` / ``gelu_accurate`` modules run as
 ``F.gelu(approximate="tanh")`` inside slt's calls of the model (:data:`slt.evaluator.FUSED_FORWARDS`),
 the same function to rounding, with the module's own ``forward`` back after every call."""
 
@@ -35,7 +35,7 @@ def _data(seed=0):
     return {"input_ids": torch.randint(1, V, (N, 3), generator=g).repeat(1, T // 3)}
 
 
-@pytest.mark.parametrize("activation", ["gelu_new", "gelu_fast"])
+@pytest.mark.parametrize("activation", ["gelu_new", "gelu_fast", "gelu_accurate"])
 def test_gpt2_activations_run_fused_and_compute_the_same_function(activation):
     model = _gpt2(activation)
     acts = fused_activations(model)

@@ -30,6 +30,7 @@ import math
 import os
 import types
 import warnings
+from collections import Counter
 from contextlib import contextmanager
 from typing import Any, Mapping, Sequence
 
@@ -122,8 +123,8 @@ def _tanh_gelu(self: nn.Module, x: Tensor) -> Tensor:
 #: fused forward slt calls instead.  Hugging Face's ``gelu_new`` (GPT-2's and GPT-Neo's default),
 #: ``gelu_fast`` and ``gelu_accurate`` are the tanh GELU written as 7–8 tensor operations (Hugging Face's
 #: own ``GELUTanh`` is the fused one, "equivalent to NewGELU and FastGELU but much faster"), each a
-#: pass over the activations with its own saved tensors for backward: on one CPU thread their forward and backward took 4.5 ms against
-#: 1.9 ms for ``F.gelu(approximate="tanh")`` on a (4, 32, 17, 256) tensor, and 16.0–16.7 against
+#: pass over the activations with its own saved tensors for backward: on one CPU thread their forward
+#: and backward took 4.5 ms against 1.9 ms for ``F.gelu(approximate="tanh")`` on a (4, 32, 17, 256) tensor, and 16.0–16.7 against
 #: 13.6–13.8 ms per chain-step of a 2-layer GPT-2 (loop path; vmap 20.8 → 15.8), measured 2026-12-04.
 #: Same function: the outputs differ by float rounding (2.4e-7 at most on N(0, 1) inputs).
 FUSED_FORWARDS = {
@@ -141,20 +142,19 @@ def fused_activations(model: nn.Module) -> dict[str, nn.Module]:
     environment sets ``SLT_FUSE_ACTIVATIONS=0``."""
     if os.environ.get(FUSE_ENV, "1").strip().lower() in ("0", "false", "no", "off"):
         return {}
-    out: dict[str, nn.Module] = {}
-    for name, m in model.named_modules():
-        cls = type(m)
-        if f"{cls.__module__}.{cls.__qualname__}" in FUSED_FORWARDS and "forward" not in vars(m):
-            out[name] = m
-    return out
+    return {name: m for name, m in model.named_modules()
+            if _fused_forward(m) is not None and "forward" not in vars(m)}
+
+
+def _fused_forward(m: nn.Module) -> Any:
+    """The fused forward :data:`FUSED_FORWARDS` lists for ``m``'s exact class, or ``None``."""
+    cls = type(m)
+    return FUSED_FORWARDS.get(f"{cls.__module__}.{cls.__qualname__}")
 
 
 def fused_summary(modules: Mapping[str, nn.Module]) -> dict[str, int]:
     """``{class name: count}`` of :func:`fused_activations`' modules (what a run records)."""
-    out: dict[str, int] = {}
-    for m in modules.values():
-        out[type(m).__name__] = out.get(type(m).__name__, 0) + 1
-    return out
+    return dict(Counter(type(m).__name__ for m in modules.values()))
 
 
 @contextmanager
@@ -164,9 +164,8 @@ def _fused(modules: Mapping[str, nn.Module]):
     done = []
     try:
         for m in modules.values():
-            if "forward" not in vars(m):
-                cls = type(m)
-                m.forward = types.MethodType(FUSED_FORWARDS[f"{cls.__module__}.{cls.__qualname__}"], m)
+            if "forward" not in vars(m):  # not already inside a fused call
+                m.forward = types.MethodType(_fused_forward(m), m)
                 done.append(m)
         yield
     finally:
@@ -440,8 +439,6 @@ class ChainEvaluator:
     def call(self, params: Mapping[str, Tensor], x: Any) -> Any:
         """The model at ``params`` (name -> tensor, buffers included) on ``x``: :func:`call_module`
         with this evaluator's aliases and precision, and its activation modules fused (:attr:`fused`)."""
-        if not self.fused:
-            return call_module(self.model, params, x, self.aliases, self.autocast)
         with _fused(self.fused):
             return call_module(self.model, params, x, self.aliases, self.autocast)
 

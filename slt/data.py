@@ -434,6 +434,24 @@ def _stack_items(items: list[Any]) -> Any:
     return torch.stack([torch.as_tensor(it) for it in items])
 
 
+def _is_records(data: Sequence[Any]) -> bool:
+    """Whether a sequence holds one sample per item (a list used as a map-style dataset): every
+    item a tuple/list or a mapping whose fields are tensors, arrays or numbers — not the columns
+    ``(X, Y)`` themselves, whose items are whole tensors or arrays."""
+    if not len(data):
+        return False
+
+    def field(v: Any) -> bool:
+        return isinstance(v, (Tensor, np.ndarray, np.generic, int, float, bool))
+
+    def record(it: Any) -> bool:
+        if isinstance(it, Mapping):
+            return bool(it) and all(field(v) for v in it.values())
+        return isinstance(it, (tuple, list)) and 0 < len(it) <= 3 and all(field(v) for v in it)
+
+    return all(record(it) for it in data)
+
+
 def _is_hf_dataset(data: Any) -> bool:
     mod = type(data).__module__ or ""
     return mod.startswith("datasets.") and hasattr(data, "column_names") and hasattr(data, "features")
@@ -484,7 +502,8 @@ def as_source(data: Any) -> Data | LoaderSource:
     a triple ``(X, Y, weights)``; a mapping of equal-length tensors (inputs
     passed as ``model(**x)``, the loss receiving the mapping); a ``Dataset``
     whose items are ``x``, ``(x, y)``, ``(x, y, weight)`` or mappings (or that
-    has a ``weights`` attribute), which is stacked into tensors; a Hugging Face
+    has a ``weights`` attribute), which is stacked into tensors, and likewise a
+    list of such samples (``[(x, y), ...]``); a Hugging Face
     ``datasets.Dataset`` (its numeric columns, as a mapping); a ``DataLoader``
     (streamed, shared batches; it may yield mappings).  NumPy arrays are
     accepted wherever a tensor is.
@@ -502,6 +521,8 @@ def as_source(data: Any) -> Data | LoaderSource:
     if isinstance(data, Dataset):
         return _stack_dataset(data)
     if isinstance(data, Sequence) and not isinstance(data, (str, bytes)):
+        if _is_records(data):  # [(x, y), ...] or [{"x": ..., ...}, ...]: one sample per item
+            return _stack_dataset(data)  # type: ignore[arg-type]
         if len(data) == 2:
             return Data(data[0], data[1])
         if len(data) == 3:
@@ -509,7 +530,8 @@ def as_source(data: Any) -> Data | LoaderSource:
         if len(data) == 1:
             return Data(data[0])
         raise ValueError(
-            f"data as a sequence must be (X,), (X, Y) or (X, Y, weights); got {len(data)} items"
+            f"data as a sequence must be (X,), (X, Y) or (X, Y, weights), or a list of samples (x, y) or "
+            f"mappings; got {len(data)} items of type {type(data[0]).__name__ if len(data) else None}"
         )
     raise TypeError(
         "data must be a tensor X, a pair (X, Y), a triple (X, Y, weights), a mapping of tensors, slt.Data, "

@@ -402,6 +402,22 @@ def test_dataset_of_dict_items_is_stacked():
     assert isinstance(d, Data) and torch.equal(d.x["a"], X[:, :2]) and d.y is None
 
 
+def test_a_list_of_samples_is_a_dataset():
+    X, Y = _data(n=30)
+    pairs = as_source([(X[i], Y[i]) for i in range(30)])
+    assert isinstance(pairs, Data) and torch.equal(pairs.x, X) and torch.equal(pairs.y, Y)
+    two = as_source([(X[i], Y[i]) for i in range(2)])  # two samples, not the columns (X, Y)
+    assert torch.equal(two.x, X[:2]) and torch.equal(two.y, Y[:2])
+    dicts = as_source([{"a": X[i, :2].numpy(), "b": X[i, 2:]} for i in range(30)])
+    assert torch.equal(dicts.x["a"], X[:, :2]) and dicts.y is None
+    assert torch.equal(as_source((X, Y)).x, X)  # columns stay columns
+    with pytest.raises(ValueError, match="got 4 items of type Tensor"):
+        as_source([X, Y, Y, Y])
+    r_list = slt.estimate_llc(_plain_model(), [(X[i], Y[i]) for i in range(30)], F.mse_loss, **KW)
+    r_cols = slt.estimate_llc(_plain_model(), (X, Y), F.mse_loss, **KW)
+    assert torch.equal(r_list.loss_trace, r_cols.loss_trace)
+
+
 def test_hugging_face_dataset_becomes_columns():
     datasets = pytest.importorskip("datasets")
     X, Y = _data(n=50)

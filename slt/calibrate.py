@@ -7,15 +7,17 @@ from dataclasses import dataclass
 from typing import Any, Sequence
 
 from .engine import estimate_llc
+from .result import LLCResult
 
 __all__ = ["calibrate", "CalibrationResult"]
 
 
 @dataclass
 class CalibrationResult:
-    """``frame``: one row per grid point (step_size, the other axis, llc_mean,
-    llc_sem, mala_acceptance, num_divergent, stable); ``best_step_size``: the
-    largest ε that is stable for every value of the other axis (``None`` if none)."""
+    """``frame``: one row per grid point (step_size, the other axis, localization, llc_mean, llc_sem,
+    mala_acceptance, rhat, num_divergent, converged, z_smaller, stable); ``best_step_size``: the
+    largest ε that is stable for every value of the other axis, every smaller ε stable too
+    (``None`` if none)."""
 
     frame: Any
     best_step_size: float | None
@@ -42,14 +44,22 @@ def calibrate(
 ) -> CalibrationResult:
     r"""Run short chains over a grid of step sizes × nβ (or × localization γ).
 
-    A setting is *stable* when no chain diverged and the mean MALA acceptance
-    is at least ``min_acceptance``.  The recommended step size is the largest ε
-    stable for every value of the other axis; check in the plot that λ̂ has
-    flattened there (SGLD's bias grows roughly linearly in ε).
+    A grid point is *stable* when no chain diverged, the mean MALA acceptance is at least
+    ``min_acceptance``, and λ̂ agrees with λ̂ at the next smaller step size of the grid (same nβ
+    and γ): their difference is within 2% of λ̂ or within Student's t at a normal 3σ of its
+    standard error (the test :attr:`slt.LLCResult.converged` applies to ε/2 within a run).  SGLD's
+    bias grows about linearly in ε, so the largest stable ε is where λ̂ has flattened;
+    ``z_smaller`` is that difference over its standard error.  The recommended step size is the
+    largest ε that, with every smaller ε of the grid, is stable for every value of the other axis.
 
-    Remaining keyword arguments go to :func:`slt.estimate_llc`.
+    With the automatic localization each grid point may settle at its own γ (the ``localization``
+    column); λ̂ at different γ are not compared (``z_smaller`` is NaN there, with a warning):
+    pass ``localization=`` for a grid on one potential.  Remaining keyword arguments go to
+    :func:`slt.estimate_llc` (one checkpoint, no restriction or distribution mapping).
     """
     import pandas as pd
+
+    from .diagnostics import t_threshold
 
     if not step_sizes:
         raise ValueError("step_sizes is empty")
@@ -61,26 +71,47 @@ def calibrate(
         other_name, others = "localization", list(localizations)
     else:
         other_name, others = "nbeta", [kwargs.pop("nbeta", None)]
+    kw = {"raise_on_divergence": False, "progress": False, **kwargs}  # a diverging grid point is a result here
     rows = []
     for val in others:
         for eps in sorted(step_sizes):
-            kw = {"raise_on_divergence": False, **kwargs}  # a diverging grid point is a result here
-            kw[other_name] = val
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", RuntimeWarning)
-                res = estimate_llc(
-                    model, data, loss_fn, step_size=float(eps), num_draws=num_draws,
-                    num_chains=num_chains, progress=False, **kw,
-                )
-            ndiv = len(res.divergent_chains)
-            acc = res.diagnostics.get("mala_acceptance", float("nan"))
-            stable = ndiv == 0 and (acc != acc or acc >= min_acceptance) and res.llc_mean == res.llc_mean
+                res = estimate_llc(model, data, loss_fn, **{**kw, other_name: val}, step_size=float(eps),
+                                   num_draws=num_draws, num_chains=num_chains)
+            if not isinstance(res, LLCResult):
+                raise ValueError("calibrate runs one checkpoint on one dataset without restrictions: pass one model "
+                                 f"and no restrict_to mapping (estimate_llc returned a {type(res).__name__})")
             rows.append({
                 "step_size": float(eps), other_name: res.nbeta if other_name == "nbeta" else res.localization,
-                "llc_mean": res.llc_mean, "llc_sem": res.llc_sem, "mala_acceptance": acc,
-                "num_divergent": ndiv, "stable": bool(stable),
+                "localization": res.localization, "llc_mean": res.llc_mean, "llc_sem": res.llc_sem,
+                "mala_acceptance": res.diagnostics.get("mala_acceptance", float("nan")),
+                "rhat": res.diagnostics.get("rhat", float("nan")), "num_divergent": len(res.divergent_chains),
+                "converged": bool(res.converged), "num_chains": len(res.llc_per_chain),
             })
     frame = pd.DataFrame(rows)
+    frame["z_smaller"] = float("nan")
+    frame["within_2pc"] = False
+    mixed = False
+    for _, grp in frame.groupby(other_name, sort=False):
+        idx = list(grp.sort_values("step_size").index)
+        for lo, hi in zip(idx, idx[1:]):
+            a, b = frame.loc[lo], frame.loc[hi]
+            if a["localization"] != b["localization"]:
+                mixed = True
+                continue
+            se = (a["llc_sem"] ** 2 + b["llc_sem"] ** 2) ** 0.5
+            diff = abs(b["llc_mean"] - a["llc_mean"])
+            frame.loc[hi, "z_smaller"] = diff / se if se > 0 else (0.0 if diff == 0 else float("inf"))
+            frame.loc[hi, "within_2pc"] = diff <= 0.02 * max(abs(b["llc_mean"]), 1e-12)
+    if mixed:
+        warnings.warn("slt.calibrate: the automatic localization settled at different γ across step sizes, whose λ̂ "
+                      "are not compared; pass localization= for a grid on one potential", RuntimeWarning, stacklevel=2)
+    thr = frame["num_chains"].map(lambda c: t_threshold(3.0, max(int(c) - 1, 1)))
+    acc = frame["mala_acceptance"]
+    frame["stable"] = ((frame["num_divergent"] == 0) & (acc.isna() | (acc >= min_acceptance))
+                       & frame["llc_mean"].notna() & ~((frame["z_smaller"] > thr) & ~frame["within_2pc"]))
+    frame = frame.drop(columns=["num_chains", "within_2pc"])
     ok = frame.groupby("step_size")["stable"].all().sort_index()
     # the largest ε such that it and every smaller ε are stable
     run = ok.cummin()

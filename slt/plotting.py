@@ -119,7 +119,7 @@ def plot_trace(
 
 def plot_calibration(cal: "CalibrationResult", ax: Any = None):
     """λ̂ (± s.e.) against step size, one line per value of the second grid axis;
-    divergent or low-acceptance settings are marked with an x."""
+    unstable settings (divergent, low acceptance, or λ̂ off the next smaller ε) are marked with an x."""
     plt = _plt()
     if ax is None:
         fig, ax = plt.subplots(figsize=(6, 4))
@@ -138,7 +138,7 @@ def plot_calibration(cal: "CalibrationResult", ax: Any = None):
     ax.set_xscale("log")
     ax.set_xlabel("step size ε")
     ax.set_ylabel(r"$\hat\lambda$")
-    ax.set_title("LLC calibration (x: divergent or MALA acceptance below threshold)")
+    ax.set_title("LLC calibration (x: divergent, low MALA acceptance, or λ̂ off the next smaller ε)", fontsize=9)
     ax.legend(fontsize=7)
     fig.tight_layout()
     return fig

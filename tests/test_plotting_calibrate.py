@@ -6,6 +6,8 @@ import matplotlib
 
 matplotlib.use("Agg")
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -79,3 +81,20 @@ def test_calibrate_finds_largest_stable_step(tmp_path):
     fig.savefig(tmp_path / "cal.png")
     with pytest.raises(ValueError, match="either nbetas or localizations"):
         slt.calibrate(m, (X, Y), F.mse_loss, step_sizes=steps, nbetas=[1.0], localizations=[1.0])
+
+
+def test_calibrate_marks_a_step_whose_lambda_moved_from_the_smaller_one():
+    """Gaussian posterior of a 2-parameter regression (λ = d/2 = 1, curvature κ = nβ h ≈ 400): SGLD's
+    stationary λ̂ is inflated by about 1/(1 − εκ/4) — +2.5% and +5% at the two small steps (they agree
+    within their s.e. ≈ 0.03), +50% at ε = 3.5e-3 (εκ ≈ 1.4, still stable in the sense of no divergence,
+    and with min_acceptance=0 only the λ̂ comparison can mark it): z ≈ 10 against the threshold of
+    Student's t (7 df) at 3σ, 4.8.  Progress arguments pass through (they used to be given twice)."""
+    m, X, Y = _problem()
+    cal = slt.calibrate(m, (X, Y), F.mse_loss, step_sizes=[3.5e-3, 2.5e-4, 5e-4], nbetas=[200.0],
+                        min_acceptance=0.0, num_draws=1000, num_chains=8, batch_size=None, localization=1.0,
+                        num_burnin=200, progress=False)
+    f = cal.frame.set_index("step_size")
+    assert math.isnan(f.loc[2.5e-4, "z_smaller"]) and f.loc[5e-4, "z_smaller"] < 3
+    assert f.loc[3.5e-3, "z_smaller"] > 6 and f.loc[3.5e-3, "llc_mean"] > 1.3
+    assert list(f["stable"]) == [True, True, False] and cal.best_step_size == 5e-4
+    assert (f["num_divergent"] == 0).all()

@@ -68,6 +68,7 @@ class SamplerConf:
     localization: Optional[float] = LLC.localization
     batch_size: Optional[Union[int, str]] = LLC.batch_size  # a number, null (full batch) or "auto"
     mala_every: int = LLC.mala_every
+    extend_draws: Union[bool, int] = LLC.extend_draws  # continue stationary, unmixed chains; false: num_draws
     sampler_kwargs: Dict[str, float] = field(default_factory=dict)
 
 

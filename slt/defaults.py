@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass
 __all__ = ["LLCDefaults", "LLC", "default_nbeta", "default_localization", "default_burnin", "LOCALIZATION",
            "LOCALIZATION_STEPS", "LOCALIZATION_MIN_DRAWS", "RELAXATION_TIMES", "BURNIN_MAX_FACTOR",
            "BURNIN_MAX_FACTOR_ESCALATED", "BATCH_SIZE",
-           "BATCH_SIZE_MAX", "BATCH_RAISES"]
+           "BATCH_SIZE_MAX", "BATCH_RAISES", "EXTENSION_BUDGET"]
 
 #: γ for ``localization=None`` (where the automatic γ starts).
 LOCALIZATION = 1.0
@@ -64,6 +64,13 @@ BATCH_RAISES = 1
 #: The largest minibatch ``batch_size="auto"`` raises to short of the full batch (16 × :data:`BATCH_SIZE`); a
 #: run that would need more keeps its finding and names the fix.
 BATCH_SIZE_MAX = 4096
+#: With ``extend_draws=True``, the steps an extension of the draws may add, as a multiple of the steps the
+#: run had (burn-in and draws at the final γ): a run whose only unsettled finding is R-hat > 1.1 (chains
+#: stationary — no drift, stable when ε halves, not diffusing — but slow to mix) is continued, doubling
+#: its draws, until R-hat ≤ 1.1 or this budget is spent, so an extension costs at most this many times
+#: the run.  Measured on the README's tiny GPT-2 (n = 96 sequences, γ = 10, ε = 1.8e-4, 2789 burn-in
+#: steps): 200 draws gave R-hat 1.28, 1000 gave 1.15, and 200 draws 10 steps apart (2000 steps) 1.09.
+EXTENSION_BUDGET = 1.0
 
 
 @dataclass(frozen=True)
@@ -89,6 +96,10 @@ class LLCDefaults:
     #: [5, 3, 5] oracle (λ = 6.5): target 0.97 gave +10.8%, 0.99 +6.7%, 0.995 +6.0%, the curvature
     #: rule +7.7%; TMS 5-/6-gon (λ = 7, 8.5): 0.99 gave +7.5% / +4.5% (curvature rule +7.4% / +4.4%).
     target_accept: float = 0.99
+    #: continue a run whose chains are stationary but have not mixed (R-hat > 1.1 its only unsettled
+    #: finding) for more draws: ``True`` within :data:`EXTENSION_BUDGET`, an int caps the draws in all,
+    #: ``False`` keeps ``num_draws``
+    extend_draws: bool | int = True
 
     def asdict(self) -> dict:
         return asdict(self)

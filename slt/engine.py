@@ -51,8 +51,8 @@ from torch import Tensor, nn
 from ._checks import check_int, check_real
 from ._runtime import intra_op_threads, resolve_device, retained_heap, small_work_threads, versions
 from .data import LoaderSource
-from .defaults import (BATCH_RAISES, BATCH_SIZE, BATCH_SIZE_MAX, LLC, LOCALIZATION_MIN_DRAWS, LOCALIZATION_STEPS,
-                       default_burnin, default_localization, default_nbeta)
+from .defaults import (BATCH_RAISES, BATCH_SIZE, BATCH_SIZE_MAX, EXTENSION_BUDGET, LLC, LOCALIZATION_MIN_DRAWS,
+                       LOCALIZATION_STEPS, default_burnin, default_localization, default_nbeta)
 from .diagnostics import free_diffusion, halved_step_estimate, llc_standard_error, minibatch_heating
 from .evaluator import ChainEvaluator, fused_summary
 from .loop import Divergence, Trace, run_chains, show_progress
@@ -113,6 +113,7 @@ def estimate_llc(
     control_variate: bool = True,
     shared_batches: bool = False,
     raise_on_divergence: bool = True,
+    extend_draws: bool | int = LLC.extend_draws,
     num_threads: int | None = None,
     progress: bool | None = None,
 ) -> LLCResult | list[LLCResult]:
@@ -273,6 +274,18 @@ def estimate_llc(
         When every chain of a checkpoint diverged, raise
         :class:`LLCEstimationError` naming the cause and a step size that ran
         from ``w*`` without divergence (default); ``False`` returns NaN for it.
+    extend_draws
+        ``True`` (default): when the run's only unsettled finding is R-hat > 1.1 — the chains are
+        stationary (no drift of λ̂ through the draws, stable when ε halves, not diffusing freely)
+        but have not yet mixed — they are continued from where they are, the draws doubled each
+        time, until R-hat ≤ 1.1 in every such group or the extension's steps reach
+        ``EXTENSION_BUDGET`` = 1 times the run's own (burn-in and draws): at most twice the run's
+        cost, and no new burn-in.  Only runs of at least ``LOCALIZATION_MIN_DRAWS`` = 100 draws, and
+        with the automatic γ only at its last level (earlier levels raise γ instead).  The draws
+        are then more than ``num_draws`` (``result.num_draws``; ``config["num_draws_requested"]`` and
+        ``config["draw_extensions"]`` say how and why).  An int caps the draws in all; ``False``
+        keeps ``num_draws``.  An extension is a sequential decision on R-hat, so the R-hat it stops
+        at is slightly optimistic; the other checks are read on all draws.
     num_threads
         Intra-op CPU threads while sampling (restored afterwards).  Default:
         1 when a step's work is tiny (chains × batch × parameters < 2·10⁶, e.g.
@@ -313,8 +326,8 @@ def estimate_llc(
         num_steps_bw_draws=num_steps_bw_draws, step_size=step_size, batch_size=batch_size, sampler=sampler,
         sampler_kwargs=sampler_kwargs, observables=observables, vectorize=vectorize, mala_every=mala_every,
         target_accept=target_accept, divergence_threshold=divergence_threshold, control_variate=control_variate,
-        shared_batches=shared_batches, raise_on_divergence=raise_on_divergence, num_threads=num_threads,
-        progress=progress, started=t_setup)
+        shared_batches=shared_batches, raise_on_divergence=raise_on_divergence, extend_draws=extend_draws,
+        num_threads=num_threads, progress=progress, started=t_setup)
     # 4. one result per group, in the caller's shape
     results = run.results()
     for g, res in enumerate(results):
@@ -441,6 +454,7 @@ def sample_target(
     control_variate: bool = True,
     shared_batches: bool = False,
     raise_on_divergence: bool = True,
+    extend_draws: bool | int = LLC.extend_draws,
     num_threads: int | None = None,
     progress: bool | None = None,
     started: float | None = None,
@@ -468,6 +482,8 @@ def sample_target(
     num_chains, num_draws, num_burnin, num_steps_bw_draws, mala_every, batch_size = _check_arguments(
         num_chains, num_draws, num_burnin, num_steps_bw_draws, mala_every, step_size, None, None,
         batch_size, target_accept)
+    if not isinstance(extend_draws, bool):
+        extend_draws = check_int("extend_draws", extend_draws, 0)
     spec = resolve_sampler(sampler)
     _check_restrictable(spec, target)
     batch_auto = batch_size == "auto"
@@ -501,6 +517,7 @@ def sample_target(
             batch_raises.append({**raised, "localization": gamma,
                                  "seconds": run["trace"].seconds + run["adapt_seconds"]})
             batch_size = raised["to"]
+            run.pop("final", None)
             run = run_once(target, batch_size, None)
             target = run["target"]
         halved = _halved_estimates(run["trace"], run["eps"], target.nbeta, run["num_burnin"], run["num_steps"])
@@ -511,6 +528,16 @@ def sample_target(
             break
         escalations.append({"localization": gamma, "seconds": run["trace"].seconds + run["adapt_seconds"],
                             "reasons": [f"group {g}: {m}" for g, ms in unsettled.items() for m in ms]})
+        run.pop("final", None)
+    # chains stationary but not yet mixed: continue them (no new burn-in) rather than report R-hat > 1.1
+    extensions = _extend_while_unmixed(run, target, rows, extend_draws, num_draws, num_steps_bw_draws, G, C,
+                                       observables, on_draw, thresh, progress)
+    run.pop("final", None)
+    if extensions:
+        halved = _halved_estimates(run["trace"], run["eps"], target.nbeta, run["num_burnin"], run["num_steps"])
+        unsettled = (_unsettled(run["trace"], target.nbeta, G, C, halved, diffusion=run["diffusion"],
+                                times=_draw_times(run["trace"], run["num_burnin"], num_steps_bw_draws))
+                     if target.localization_auto and num_draws >= LOCALIZATION_MIN_DRAWS else {})
     # groups still unsettled after γ was raised: say that the automatic γ ran out
     limit = {g: (f"the automatic localization was raised to γ = {target.localization:g} (its limit: at most "
                  f"{LOCALIZATION_STEPS} tenfold raises, γ ≤ nβ = {target.nbeta:.4g}) and the chains still have not "
@@ -525,7 +552,8 @@ def sample_target(
                                min(200, num_steps), None if batches.full else batches.batch_size, kw)
     _warn_divergent(trace.diverged, trace.divergence_step, C, thresh)
     config = {
-        "num_chains": C, "num_draws": num_draws, "num_burnin": num_burnin,
+        "num_chains": C, "num_draws": int(trace.loss.shape[1]), "num_draws_requested": num_draws,
+        "draw_extensions": extensions, "num_burnin": num_burnin,
         "num_burnin_rule": ("given" if not burnin_auto else "relaxation" if num_burnin > num_draws // 4
                             else "quarter"),
         "num_steps_bw_draws": num_steps_bw_draws, "step_size_auto": rule != "given", "step_size_rule": rule,
@@ -614,21 +642,70 @@ def _run_at(target, rows, spec, rule, step_size, kw, C, num_steps, num_burnin, b
                 break
             eps = _halve(eps, bad, C, target.dtype)
             del final
-        heating = diffusion = None
-        if smp.name == "sgld":  # how far the chains spread, against a free walk's d·ε·t (SGLD's noise is N(0, ε))
-            diffusion = free_diffusion(potential.squared_distance(final.params), eps, num_steps,
-                                       _moved_dims(target, rows.shape[0]))
-        # minibatch noise heats SGLD's chains: its first-order excess of λ̂, at the final positions (the formula
-        # is plain SGLD's: a preconditioner or momentum changes how the noise enters)
-        if not batches.full and smp.name == "sgld":
-            mask = None if target.groups.masks is None else (lambda t: target.groups.apply_mask(t, target.K))
-            noise_trace = gradient_noise_trace(potential, final.params, batches, HEATING_BATCHES, mask)
-            heating = minibatch_heating(noise_trace, eps, target.nbeta).cpu()
-        del final
+        heating, diffusion = _end_of_run(target, rows, smp, potential, batches, final, eps, num_steps)
     return {"target": target, "trace": trace, "eps": eps, "smp": smp, "batches": batches, "potential": potential,
             "heating": heating, "diffusion": diffusion, "auto": auto, "adapt": adapt, "halvings": halvings, "kw": kw,
             "setup_seconds": setup_seconds, "adapt_seconds": adapt_seconds, "num_threads": num_threads, "num_burnin": num_burnin,
-            "num_steps": num_steps, "allocator": allocator}
+            "num_steps": num_steps, "allocator": allocator, "final": final, "noise": noise}
+
+
+def _end_of_run(target, rows, smp, potential, batches, final, eps, num_steps) -> tuple[Tensor | None, Tensor | None]:
+    """``(heating, diffusion)`` read at the chains' final positions (``None`` where they do not apply)."""
+    heating = diffusion = None
+    if smp.name == "sgld":  # how far the chains spread, against a free walk's d·ε·t (SGLD's noise is N(0, ε))
+        diffusion = free_diffusion(potential.squared_distance(final.params), eps, num_steps,
+                                   _moved_dims(target, rows.shape[0]))
+    # minibatch noise heats SGLD's chains: its first-order excess of λ̂, at the final positions (the formula
+    # is plain SGLD's: a preconditioner or momentum changes how the noise enters)
+    if not batches.full and smp.name == "sgld":
+        mask = None if target.groups.masks is None else (lambda t: target.groups.apply_mask(t, target.K))
+        noise_trace = gradient_noise_trace(potential, final.params, batches, HEATING_BATCHES, mask)
+        heating = minibatch_heating(noise_trace, eps, target.nbeta).cpu()
+    return heating, diffusion
+
+
+def _extend_while_unmixed(run: dict[str, Any], target: Any, rows: Tensor, extend_draws: bool | int, num_draws: int,
+                          thin: int, G: int, C: int, observables: Any, on_draw: Any, thresh: float,
+                          progress: bool | None) -> list[dict[str, Any]]:
+    """Continue ``run`` (in place: its trace, final state, step count, heating and diffusion) while some
+    group's only unsettled finding is R-hat > 1.1, doubling the draws each time within the budget of
+    ``extend_draws`` (see :func:`estimate_llc`).  Returns one record per extension: ``{"from", "to"
+    (draws), "rhat" (the groups' worst R-hat before it), "seconds"}``."""
+    if extend_draws is False or num_draws < LOCALIZATION_MIN_DRAWS or run.get("final") is None:
+        return []
+    max_draws = (num_draws + int(EXTENSION_BUDGET * run["num_steps"]) // thin if extend_draws is True
+                 else int(extend_draws))
+    out: list[dict[str, Any]] = []
+    while True:
+        T = int(run["trace"].loss.shape[1])
+        worst = _unmixed(run, target, G, C, thin)
+        new_T = min(2 * T, max_draws)
+        if worst is None or new_T <= T:
+            return out
+        extra = (new_T - T) * thin
+        dev = target.device
+        with intra_op_threads(run["num_threads"]), retained_heap(dev):
+            final, more = run_chains(
+                run["smp"], run["final"], run["batches"], run["noise"], extra, num_burnin=0, thin=thin,
+                observe=_observe(target.spec, observables, on_draw),
+                divergence=Divergence(thresh, target.nbeta, rows, 10 if dev.type == "cpu" else 25),
+                nbeta=target.nbeta, progress=show_progress(progress, extra * G * C), desc="LLC (more draws)",
+                start=run["num_steps"])
+            run["final"], run["trace"], run["num_steps"] = final, run["trace"].then(more), run["num_steps"] + extra
+            run["heating"], run["diffusion"] = _end_of_run(target, rows, run["smp"], run["potential"], run["batches"],
+                                                           final, run["eps"], run["num_steps"])
+        out.append({"from": T, "to": new_T, "rhat": worst, "seconds": more.seconds})
+
+
+def _unmixed(run: Mapping[str, Any], target: Any, G: int, C: int, thin: int) -> float | None:
+    """The largest R-hat over the groups whose only finding (:func:`_findings`) is R-hat > 1.1 — not,
+    e.g., chains that barely moved, whose R-hat more draws at the same step would not cure — or
+    ``None`` when there is none."""
+    halved = _halved_estimates(run["trace"], run["eps"], target.nbeta, run["num_burnin"], run["num_steps"])
+    found = _findings(run["trace"], target.nbeta, G, C, halved, diffusion=run["diffusion"],
+                      times=_draw_times(run["trace"], run["num_burnin"], thin))
+    rhats = [r for r, kinds in found.values() if {kind for kind, _ in kinds} == {"rhat"}]
+    return max(rhats) if rhats else None
 
 
 def _raised_batch(run: Mapping[str, Any], target: Any, spec: SamplerSpec, C: int,
@@ -698,8 +775,16 @@ def _unsettled(trace: Trace, nbeta: float, G: int, C: int, halved: Tensor | None
     the draws, not stable when ε halves (``halved``: ``(G*C,)`` from :func:`_halved_estimates`) or
     growing while the chains still diffuse freely (``diffusion`` ``(G*C,)``, ``times`` ``(T,)``), over
     the group's valid chains (:func:`slt.result.equilibrium_checks`); empty when every group settled."""
+    out = _findings(trace, nbeta, G, C, halved, diffusion, times)
+    return {g: msgs for g, (_, found) in out.items() if (msgs := [m for kind, m in found if kind in UNSETTLED])}
+
+
+def _findings(trace: Trace, nbeta: float, G: int, C: int, halved: Tensor | None = None,
+              diffusion: Tensor | None = None, times: Tensor | None = None) -> dict[int, tuple[float, list]]:
+    """By group with any finding: ``(R-hat, [(kind, message), ...])`` of
+    :func:`slt.result.equilibrium_checks` over the group's valid chains."""
     tr = nbeta * (trace.loss - trace.star)  # (G*C, T)
-    out: dict[int, list[str]] = {}
+    out: dict[int, Any] = {}
     for g in range(G):
         rows = slice(g * C, (g + 1) * C)
         valid = ~trace.diverged[rows]
@@ -707,13 +792,12 @@ def _unsettled(trace: Trace, nbeta: float, G: int, C: int, halved: Tensor | None
             continue
         mala = trace.mala[rows][valid] if trace.mala is not None else None
         mala_mean = float(mala.double().mean()) if mala is not None else None
-        _, _, found = equilibrium_checks(tr[rows][valid].detach().cpu(), mala_mean,
+        r, _, found = equilibrium_checks(tr[rows][valid].detach().cpu(), mala_mean,
                                          halved=None if halved is None else halved[rows][valid.cpu()],
                                          diffusion=None if diffusion is None else diffusion[rows][valid.cpu()],
                                          times=times)
-        msgs = [msg for kind, msg in found if kind in UNSETTLED]
-        if msgs:
-            out[g] = msgs
+        if found:
+            out[g] = (r, found)
     return out
 
 

@@ -75,6 +75,19 @@ class Trace:
         """``(R,)`` mean MALA acceptance, or ``None`` when it was never computed."""
         return None if not self.mala_count else self.mala_sum / self.mala_count
 
+    def then(self, more: "Trace") -> "Trace":
+        """This trace followed by ``more``, a continuation of the same rows from where this one
+        ended (its draws appended, its burn-in ignored; a row that diverged in either is divergent,
+        at its first divergence)."""
+        obs = {k: torch.cat([v, more.observables[k]], 1) for k, v in self.observables.items()}
+        mala_sum = (self.mala_sum if more.mala_sum is None else more.mala_sum if self.mala_sum is None
+                    else self.mala_sum + more.mala_sum)
+        return Trace(torch.cat([self.loss, more.loss], 1), torch.cat([self.star, more.star], 1), self.burnin,
+                     self.burnin_star, obs, mala_sum, self.mala_count + more.mala_count,
+                     self.diverged | more.diverged,
+                     torch.where(self.divergence_step >= 0, self.divergence_step, more.divergence_step),
+                     torch.cat([self.draw_steps, more.draw_steps]), self.seconds + more.seconds)
+
     def rows(self, sl: slice) -> "Trace":
         """The same trace restricted to rows ``sl`` (one checkpoint's chains), on the CPU."""
         def cut(t: Tensor | None) -> Tensor | None:

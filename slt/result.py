@@ -328,6 +328,9 @@ class LLCResult:
         for up in self.config.get("batch_size_raises") or []:
             lines.append(f"  batch_size raised {up['from']} → {up['to'] or 'full batch'}: minibatch heating "
                          f"{f(up['excess'])} ({f(up['fraction'], '.1%')} of λ̂ {f(up['llc'])}) at {up['from']}")
+        for ext in self.config.get("draw_extensions") or []:
+            lines.append(f"  draws extended {ext['from']} → {ext['to']}: chains stationary but not yet mixed "
+                         f"(R-hat {f(ext['rhat'])})")
         if self.divergent_chains:
             lines.append(f"  DIVERGENT chains (excluded): {self.divergent_chains}")
         shown = d.get("warnings", [])

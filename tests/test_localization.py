@@ -202,7 +202,7 @@ def test_the_engine_uses_and_records_the_default_burnin():
     from slt.defaults import default_burnin
 
     m, X, Y = _regression()
-    kw = {**KW, "num_draws": 120, "step_size": 2e-3, "localization": 20.0}
+    kw = {**KW, "num_draws": 120, "step_size": 2e-3, "localization": 20.0, "extend_draws": False}  # draws as asked
     r = slt.estimate_llc(m, (X, Y), F.mse_loss, **kw)
     want = default_burnin(120, 1, 2e-3, 20.0)
     assert want > 120 // 4 and r.config["num_burnin"] == want and r.config["num_burnin_rule"] == "relaxation"

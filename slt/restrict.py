@@ -62,7 +62,7 @@ from torch import Tensor, nn
 
 from .params import ParamSpec
 
-__all__ = ["Restrictions", "resolve_restrictions", "heads", "layers", "attention_and_mlp", "embeddings"]
+__all__ = ["Restrictions", "resolve_restrictions", "heads", "layers", "modules", "attention_and_mlp", "embeddings"]
 
 
 class Restrictions(NamedTuple):
@@ -666,7 +666,9 @@ def heads(model: nn.Module) -> dict[str, dict[str, Any]]:
 
 
 def layers(model: nn.Module) -> dict[str, dict[str, Any]]:
-    """One restriction per transformer block: ``{"l0": {param_name: True, ...}, "l1": ...}``.
+    """One restriction per transformer block: ``{"l0": {param_name: True, ...}, "l1": ...}``; for a
+    model without attention (an MLP, a CNN, a recurrent net), one per module that owns parameters
+    (:func:`modules`).
 
     The blocks are the elements of the ``nn.ModuleList`` that holds the model's attention modules
     (found as in :func:`heads`): GPT-2 ``transformer.h.{i}``, GPT-NeoX ``gpt_neox.layers.{i}``,
@@ -676,12 +678,44 @@ def layers(model: nn.Module) -> dict[str, dict[str, Any]]:
     Raises
     ------
     ValueError
-        When no attention module is found, or attention modules sit in several lists of blocks
-        (an encoder and a decoder).
+        When attention modules sit outside a list of blocks or in several lists of blocks (an
+        encoder and a decoder).
     """
     arch = _Arch(model)
+    if not arch.attn:
+        return modules(model)
     _, blist = arch.block_list("layers")
     return {f"l{i}": arch.names(b) for i, b in enumerate(blist)}
+
+
+def modules(model: nn.Module) -> dict[str, dict[str, Any]]:
+    """One restriction per module that owns sampled parameters, labelled by its name:
+    ``{"0": {"0.weight": True, "0.bias": True}, "2": {...}}`` for an ``nn.Sequential`` MLP,
+    ``{"conv1": ..., "bn1": ..., "fc": ...}`` for a CNN — the layer-wise LLC of any network.
+
+    A module's restriction is the parameters it registers itself (not those of its children), so
+    the restrictions are disjoint and together cover every sampled parameter; a parameter the
+    model's root registers directly is its own restriction (labelled by its name); a tied parameter
+    belongs to the first module that registers it; frozen parameters are left out.
+
+    Raises
+    ------
+    ValueError
+        When the model has no sampled parameter.
+    """
+    arch = _Arch(model)
+    out: dict[str, dict[str, Any]] = {}
+    seen: set[int] = set()
+    for mname, m in model.named_modules():
+        for pname, p in m.named_parameters(recurse=False):
+            if id(p) in seen or id(p) not in arch.name_of:
+                continue
+            seen.add(id(p))
+            label = mname or pname
+            out.setdefault(label, {})[arch.name_of[id(p)]] = True
+    if not out:
+        raise ValueError(f"modules: {type(model).__name__} has no parameter with requires_grad=True to restrict to")
+    return out
 
 
 def _is_norm(m: nn.Module) -> bool:

@@ -16,7 +16,8 @@ import torch
 from torch import nn
 
 from slt.params import ParamSpec
-from slt.restrict import Restrictions, attention_and_mlp, embeddings, heads, layers, resolve_restrictions
+from slt.restrict import (Restrictions, attention_and_mlp, embeddings, heads, layers, modules,
+                          resolve_restrictions)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -547,8 +548,35 @@ def test_heads_unknown_architecture():
     model = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 1))
     with pytest.raises(ValueError, match=r"found no attention module in Sequential: looked for torch\.nn\.MultiheadAttention.*by hand"):
         heads(model)
-    with pytest.raises(ValueError, match="found no attention module"):
-        layers(model)
+    assert layers(model) == modules(model)  # no attention: one restriction per module with parameters
+
+
+def test_modules_split_any_network_into_disjoint_layers():
+    class CNN(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.scale = nn.Parameter(torch.ones(()))  # registered by the root: its own restriction
+            self.features = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU())
+            self.fc = nn.Linear(4, 2)
+            self.head = self.fc  # tied: belongs to the first module that registers it
+            self.frozen = nn.Linear(2, 2)
+            self.frozen.requires_grad_(False)
+
+    model = CNN()
+    got = modules(model)
+    assert got == {"scale": {"scale": True},
+                   "features.0": {"features.0.weight": True, "features.0.bias": True},
+                   "features.1": {"features.1.weight": True, "features.1.bias": True},
+                   "fc": {"fc.weight": True, "fc.bias": True}}
+    assert layers(model) == got
+    spec = ParamSpec(model)
+    r = resolve_restrictions(got, model, spec)
+    assert int(r.masks.sum(0).max()) == 1 and int(r.masks.sum()) == spec.d  # disjoint, covering every sampled one
+    mlp = nn.Sequential(nn.Flatten(), nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 2))
+    assert list(modules(mlp)) == ["1", "3"]
+    frozen = nn.Linear(2, 2).requires_grad_(False)
+    with pytest.raises(ValueError, match="no parameter with requires_grad=True"):
+        modules(frozen)
 
 
 # ----------------------------------------------------------------------------

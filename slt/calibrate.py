@@ -54,7 +54,8 @@ def calibrate(
 
     With the automatic localization each grid point may settle at its own γ (the ``localization``
     column); λ̂ at different γ are not compared (``z_smaller`` is NaN there, with a warning):
-    pass ``localization=`` for a grid on one potential.  Remaining keyword arguments go to
+    pass ``localization=`` for a grid on one potential.  Every grid point runs the same steps
+    (``extend_draws=False`` unless given).  Remaining keyword arguments go to
     :func:`slt.estimate_llc` (one checkpoint, no restriction or distribution mapping).
     """
     import pandas as pd
@@ -71,7 +72,8 @@ def calibrate(
         other_name, others = "localization", list(localizations)
     else:
         other_name, others = "nbeta", [kwargs.pop("nbeta", None)]
-    kw = {"raise_on_divergence": False, "progress": False, **kwargs}  # a diverging grid point is a result here
+    # a diverging grid point is a result here; every grid point runs the same steps (no extension of the draws)
+    kw = {"raise_on_divergence": False, "progress": False, "extend_draws": False, **kwargs}
     rows = []
     for val in others:
         for eps in sorted(step_sizes):

@@ -56,7 +56,7 @@ def _z(a_mean: float, a_se: float, b_mean: float, b_se: float) -> float:
 
 def _slt_run(model, data, loss, **kw):
     t = time.perf_counter()
-    res = slt.estimate_llc(model, data, loss, progress=False, **kw)
+    res = slt.estimate_llc(model, data, loss, progress=False, extend_draws=False, **kw)  # the same job as devinterp's
     return res, time.perf_counter() - t
 
 
@@ -134,7 +134,7 @@ def job_curve(args):
     t = time.perf_counter()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # early checkpoints are not minima
-        results = slt.estimate_llc(m, X, tms_loss, state_dicts=ckpts, progress=False, seed=0, **kw)
+        results = slt.estimate_llc(m, X, tms_loss, state_dicts=ckpts, progress=False, seed=0, extend_draws=False, **kw)
     sec = time.perf_counter() - t
     d_sec = 0.0
     d_llc = []

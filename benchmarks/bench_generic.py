@@ -443,7 +443,7 @@ def run_slt(job: Job, path: str, chains: int, draws: int, mala_every: int = 10) 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         t = time.perf_counter()
-        res = slt.estimate_llc(job.model, (job.X, job.Y), job.loss_fn, num_burnin=0, seed=0, vectorize=path,
+        res = slt.estimate_llc(job.model, (job.X, job.Y), job.loss_fn, num_burnin=0, seed=0, vectorize=path, extend_draws=False,
                                mala_every=mala_every, progress=False, device=DEVICE, **kw, **extra)
         sec = time.perf_counter() - t
     results = res if isinstance(res, list) else [res]

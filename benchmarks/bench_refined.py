@@ -85,7 +85,8 @@ def run_slt(lm, seq, restrict_to, chains: int, draws: int, batch: int):
         warnings.simplefilter("ignore")
         return slt.estimate_llc(lm, {"input_ids": seq}, slt.losses.causal_lm, restrict_to=restrict_to,
                                 num_chains=chains, num_draws=draws, num_burnin=0, step_size=EPS, nbeta=NBETA,
-                                localization=GAMMA, batch_size=batch, seed=0, progress=False, device=seq.device)
+                                localization=GAMMA, batch_size=batch, seed=0, progress=False, device=seq.device,
+                                extend_draws=False)  # the same steps as devinterp's runs
 
 
 def run_devinterp(lm, seq, label: str, chains: int, draws: int, batch: int):
@@ -228,7 +229,7 @@ def main(argv: list[str] | None = None) -> dict:
             warnings.simplefilter("ignore")
             b = slt.bif(lm, {"input_ids": seq[:n_train]}, slt.losses.causal_lm, num_chains=C, num_draws=T,
                         num_burnin=0, step_size=EPS, nbeta=NBETA, localization=GAMMA, batch_size=B, seed=0,
-                        progress=False)
+                        progress=False, extend_draws=False)
         t_bif = time.perf_counter() - t
         out["bif_ms_per_draw_per_sample"] = 1e3 * t_bif / (C * T * n_train)
         print(f"\nslt.bif, {n_train} training sequences: {t_bif:.1f} s = "

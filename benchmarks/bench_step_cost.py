@@ -75,7 +75,7 @@ def sgld_run(model: nn.Module, X: torch.Tensor, Y: torch.Tensor, batch: int, T: 
     t0 = time.perf_counter()
     res = slt.estimate_llc(model, (X, Y), nn.functional.mse_loss, num_chains=1, num_draws=T, num_burnin=0,
                            step_size=1e-7, localization=1.0, batch_size=batch, device=X.device, seed=0,
-                           progress=False)
+                           progress=False, extend_draws=False)
     _sync(X.device)
     return time.perf_counter() - t0, res.diagnostics
 

@@ -88,7 +88,8 @@ def main(names):
         first = None
         for label in ("defaults", "ε/2, same γ, burn-in and draws"):
             kw = {} if first is None else dict(step_size=first.step_size / 2, localization=first.localization,
-                                               num_burnin=first.config["num_burnin"])
+                                               num_burnin=first.config["num_burnin"], num_draws=first.num_draws,
+                                               extend_draws=False)  # the same steps, draws extended or not
             t = time.perf_counter()
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")

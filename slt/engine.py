@@ -276,8 +276,9 @@ def estimate_llc(
         from ``w*`` without divergence (default); ``False`` returns NaN for it.
     extend_draws
         ``True`` (default): when the run's only unsettled finding is R-hat > 1.1 — the chains are
-        stationary (no drift of λ̂ through the draws, stable when ε halves, not diffusing freely)
-        but have not yet mixed — they are continued from where they are, the draws doubled each
+        stationary (no drift of λ̂ through the draws, stable when ε halves, not diffusing freely, not
+        "barely moved") but have not yet mixed — they are continued from where they are, on the same
+        random streams (the draws of one longer run), the draws doubled each
         time, until R-hat ≤ 1.1 in every such group or the extension's steps reach
         ``EXTENSION_BUDGET`` = 1 times the run's own (burn-in and draws): at most twice the run's
         cost, and no new burn-in.  Only runs of at least ``LOCALIZATION_MIN_DRAWS`` = 100 draws, and

@@ -961,6 +961,11 @@ def fig_refined(results: Path, out: Path, seed: int | None = None) -> list[Path]
     counts = ", ".join(f"{classes.count(c)} {c}" for c in HEAD_COLORS if classes.count(c))
     nc = int(r["sampler.num_chains"]) if "sampler.num_chains" in r else "?"
     nd = int(r["sampler.num_draws"]) if "sampler.num_draws" in r else "?"
+    # draws as run: extend_draws may have continued unmixed chains past sampler.num_draws
+    if "rllc_num_draws" in r and r["rllc_num_draws"] == r["rllc_num_draws"]:
+        nd = int(r["rllc_num_draws"])
+        if "dllc_num_draws" in r and r["dllc_num_draws"] == r["dllc_num_draws"] and int(r["dllc_num_draws"]) != nd:
+            nd = f"{nd} (data-refined: {int(r['dllc_num_draws'])})"
     fig.suptitle(f"Refined LLCs of the heads of a 2-layer attention-only transformer over training (seed {int(r['seed'])}; "
                  f"{len(step)} checkpoints; heads: {counts};\nnβ = {float(r['nbeta']):g}, γ = {float(r['localization']):g}, "
                  f"{nc} chains × {nd} draws per head and checkpoint)", fontsize=9)

@@ -25,7 +25,9 @@ Records (``result.json`` metrics): ``ckpt_step``, ``ckpt_loss`` / ``ckpt_loss_in
 ``ckpt_loss_other`` (held-out), ``heads`` (labels ``l{layer}h{head}``), ``head_class``,
 ``head_induction_score`` / ``head_previous_score`` / ``head_rllc_mean`` / ``head_rllc_sem``
 (lists per head of lists per checkpoint), ``data_llc_mean`` / ``data_llc_sem`` (per data set, lists per
-checkpoint), ``curve_step`` / ``curve_loss`` / ``curve_loss_induction`` / ``curve_loss_other``; ``traces.npz``
+checkpoint), ``rllc_num_draws`` / ``dllc_num_draws`` (draws per chain as run: more than ``sampler.num_draws``
+when ``extend_draws`` continued unmixed chains), ``curve_step`` / ``curve_loss`` / ``curve_loss_induction`` /
+``curve_loss_other``; ``traces.npz``
 the per-chain λ̂ (``head_llc_per_chain`` (heads, K, C), ``data_<set>_llc_per_chain`` (K, C)) and the
 scores.
 
@@ -211,6 +213,9 @@ def run(cfg: DictConfig, out_dir: Path) -> tuple[dict[str, Any], dict[str, Any]]
         "dllc_seconds": dllc_seconds,
         "nbeta": first.config.get("nbeta"),
         "localization": first.config.get("localization"),
+        # draws per chain as run (more than sampler.num_draws when extend_draws continued unmixed chains)
+        "rllc_num_draws": first.num_draws,
+        "dllc_num_draws": next(iter(dres.values()))[0].num_draws if dres else None,
         "head_step_size": [[float(r.step_size) for r in rres[h]] for h in labels],
         "head_mala_acceptance": [[float(r.diagnostics.get("mala_acceptance", float("nan"))) for r in rres[h]]
                                  for h in labels],

@@ -25,7 +25,7 @@ Records (``result.json`` metrics): ``ckpt_step``, ``ckpt_loss`` / ``ckpt_loss_in
 ``ckpt_loss_other`` (held-out), ``heads`` (labels ``l{layer}h{head}``), ``head_class``,
 ``head_induction_score`` / ``head_previous_score`` / ``head_rllc_mean`` / ``head_rllc_sem``
 (lists per head of lists per checkpoint), ``data_llc_mean`` / ``data_llc_sem`` (per data set, lists per
-checkpoint), ``rllc_num_draws`` / ``dllc_num_draws`` (draws per chain as run: more than ``sampler.num_draws``
+checkpoint), ``head_rhat`` / ``data_rhat`` (R-hat over chains, same layout), ``rllc_num_draws`` / ``dllc_num_draws`` (draws per chain as run: more than ``sampler.num_draws``
 when ``extend_draws`` continued unmixed chains), ``curve_step`` / ``curve_loss`` / ``curve_loss_induction`` /
 ``curve_loss_other``; ``traces.npz``
 the per-chain λ̂ (``head_llc_per_chain`` (heads, K, C), ``data_<set>_llc_per_chain`` (K, C)) and the
@@ -217,6 +217,8 @@ def run(cfg: DictConfig, out_dir: Path) -> tuple[dict[str, Any], dict[str, Any]]
         "rllc_num_draws": first.num_draws,
         "dllc_num_draws": next(iter(dres.values()))[0].num_draws if dres else None,
         "head_step_size": [[float(r.step_size) for r in rres[h]] for h in labels],
+        "head_rhat": [[float(r.diagnostics.get("rhat", float("nan"))) for r in rres[h]] for h in labels],
+        "data_rhat": {k: [float(r.diagnostics.get("rhat", float("nan"))) for r in v] for k, v in dres.items()},
         "head_mala_acceptance": [[float(r.diagnostics.get("mala_acceptance", float("nan"))) for r in rres[h]]
                                  for h in labels],
         "data_frac_below_init": {k: [float(r.diagnostics.get("frac_below_init", float("nan"))) for r in v]

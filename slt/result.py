@@ -401,7 +401,7 @@ def equilibrium_checks(tr: Tensor, mala_mean: float | None = None, rhat_threshol
         r = rhat(tr) if C > 1 else float("nan")
     found: list[tuple[str, str]] = []
     if r == r and r > rhat_threshold:
-        found.append(("rhat", f"R-hat {r:.2f} > {rhat_threshold:g}: chains disagree; run longer or check burn-in"))
+        found.append(("rhat", f"R-hat {r:.3f} > {rhat_threshold:g}: chains disagree; run longer or check burn-in"))
     drift = _drift(tr) if C >= 3 else None
     mean = float(tr.double().mean(1).mean()) if C else float("nan")
     if drift is not None and abs(drift[1] - drift[0]) > 0.02 * max(abs(mean), 1e-12):

@@ -130,7 +130,7 @@ def step_flops(lm, seq, H, chains: int, batch: int) -> tuple[float, float]:
     rows = t.rows(chains)
     plan = t.groups.row_plan(t.K, chains, t.spec)
     if plan is not None:
-        t.evaluator.row_plan = (rows.shape[0], plan)
+        t.evaluator.row_plan = (rows.shape[0], [(r.to(seq.device), n) for r, n in plan])  # as the engine sets it
     g = torch.Generator().manual_seed(0)
     idx = torch.randint(seq.shape[0], (chains, batch), generator=g).to(seq.device)
     idx = idx.repeat(t.G, 1)  # chain c of every head: one batch

@@ -113,16 +113,23 @@ def zeros_like_params(params: Tensor) -> Tensor:
 #: (256 KiB of float32 per operand, so a chunk's four operands stay in L2): the SGLD update of 8
 #: chains of a 1M-parameter MLP took 12.2 ms against 14.2 ms with 256 Ki, a MALA step's 26 against 36.
 CHUNK_ELEMENTS = {"cpu": 1 << 16}
-_CHUNK_DEFAULT = 1 << 22  # accelerators: fewer, larger kernels
+_CHUNK_DEFAULT = 1 << 22  # accelerators: fewer, larger kernels (16 MiB of float32 per operand)
+#: A (C, d) tensor of at most this many chunks' elements is one chunk (each chunk costs a few
+#: Python-level operations and, on a GPU, kernel launches).  On accelerators one: a bound of four let
+#: the update's temporaries grow with the chains (8 chains of a 1M-parameter MLP on an H200: 6.9
+#: parameter-sized copies per chain from CUDA's allocator, 4.0 with one; reproduced on the CPU with the
+#: GPU's sizes).
+ONE_CHUNK_FACTOR = {"cpu": 4}
 
 
 def column_chunks(like: Tensor) -> list[slice]:
     """Column slices of a (C, d) tensor, each of about :data:`CHUNK_ELEMENTS` elements (at least 64
     columns): what the fused sampler updates loop over, so that their temporaries are a chunk,
-    not a parameter-sized (C, d) tensor."""
+    not a parameter-sized (C, d) tensor.  One slice when the tensor has at most
+    :data:`ONE_CHUNK_FACTOR` chunks' elements."""
     C, d = like.shape[0], like.shape[-1]
     per = CHUNK_ELEMENTS.get(like.device.type, _CHUNK_DEFAULT)
-    if C * d <= 4 * per:  # small: one chunk (each chunk costs a few Python-level operations)
+    if C * d <= ONE_CHUNK_FACTOR.get(like.device.type, 1) * per:
         return [slice(0, d)]
     step = max(64, per // max(C, 1))
     return [slice(s, min(s + step, d)) for s in range(0, d, step)]

@@ -47,7 +47,8 @@ def calibrate(
     A grid point is *stable* when no chain diverged, the mean MALA acceptance is at least
     ``min_acceptance``, and λ̂ agrees with λ̂ at the next smaller step size of the grid (same nβ
     and γ): their difference is within 2% of λ̂ or within Student's t at a normal 3σ of its
-    standard error (the test :attr:`slt.LLCResult.converged` applies to ε/2 within a run).  SGLD's
+    standard error (:func:`slt.diagnostics.changed`, the test :attr:`slt.LLCResult.converged` applies
+    to ε/2 within a run).  SGLD's
     bias grows about linearly in ε, so the largest stable ε is where λ̂ has flattened;
     ``z_smaller`` is that difference over its standard error.  The recommended step size is the
     largest ε that, with every smaller ε of the grid, is stable for every value of the other axis.
@@ -60,7 +61,7 @@ def calibrate(
     """
     import pandas as pd
 
-    from .diagnostics import t_threshold
+    from .diagnostics import changed
 
     if not step_sizes:
         raise ValueError("step_sizes is empty")
@@ -93,7 +94,7 @@ def calibrate(
             })
     frame = pd.DataFrame(rows)
     frame["z_smaller"] = float("nan")
-    frame["within_2pc"] = False
+    frame["differs"] = False
     mixed = False
     for _, grp in frame.groupby(other_name, sort=False):
         idx = list(grp.sort_values("step_size").index)
@@ -104,16 +105,16 @@ def calibrate(
                 continue
             se = (a["llc_sem"] ** 2 + b["llc_sem"] ** 2) ** 0.5
             diff = abs(b["llc_mean"] - a["llc_mean"])
-            frame.loc[hi, "z_smaller"] = diff / se if se > 0 else (0.0 if diff == 0 else float("inf"))
-            frame.loc[hi, "within_2pc"] = diff <= 0.02 * max(abs(b["llc_mean"]), 1e-12)
+            z = diff / se if se > 0 else (0.0 if diff == 0 else float("inf"))
+            frame.loc[hi, "z_smaller"] = z
+            frame.loc[hi, "differs"] = changed(diff, z, b["llc_mean"], int(b["num_chains"]))  # two-sided
     if mixed:
         warnings.warn("slt.calibrate: the automatic localization settled at different γ across step sizes, whose λ̂ "
                       "are not compared; pass localization= for a grid on one potential", RuntimeWarning, stacklevel=2)
-    thr = frame["num_chains"].map(lambda c: t_threshold(3.0, max(int(c) - 1, 1)))
     acc = frame["mala_acceptance"]
     frame["stable"] = ((frame["num_divergent"] == 0) & (acc.isna() | (acc >= min_acceptance))
-                       & frame["llc_mean"].notna() & ~((frame["z_smaller"] > thr) & ~frame["within_2pc"]))
-    frame = frame.drop(columns=["num_chains", "within_2pc"])
+                       & frame["llc_mean"].notna() & ~frame["differs"].astype(bool))
+    frame = frame.drop(columns=["num_chains", "differs"])
     ok = frame.groupby("step_size")["stable"].all().sort_index()
     # the largest ε such that it and every smaller ε are stable
     run = ok.cummin()

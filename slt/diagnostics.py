@@ -14,8 +14,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-__all__ = ["rhat", "ess", "batch_means_sem", "llc_standard_error", "t_threshold", "halved_step_estimate",
-           "minibatch_heating", "free_diffusion"]
+__all__ = ["rhat", "ess", "batch_means_sem", "llc_standard_error", "t_threshold", "changed", "CHANGE_FRACTION",
+           "CHANGE_SIGMAS", "halved_step_estimate", "minibatch_heating", "free_diffusion"]
 
 
 def rhat(trace: Tensor) -> float:
@@ -94,6 +94,28 @@ def t_threshold(z: float, df: int) -> float:
         mid = 0.5 * (lo + hi)
         lo, hi = (mid, hi) if tail(mid) > p else (lo, mid)
     return 0.5 * (lo + hi)
+
+
+#: a change of λ̂ within this fraction of λ̂ is never a finding, however many standard errors it is
+CHANGE_FRACTION = 0.02
+#: ... nor one within Student's t at the two-sided level of this many normal standard deviations
+CHANGE_SIGMAS = 3.0
+
+
+def changed(change: float, z: float, scale: float, num_chains: int) -> bool:
+    r"""The rule of every "λ̂ changed" check: ``True`` when ``change`` exceeds :data:`CHANGE_FRACTION`
+    of ``|scale|`` (λ̂) *and* its ``z`` exceeds Student's t with C − 1 degrees of freedom at the
+    two-sided level of a normal :data:`CHANGE_SIGMAS` σ (:func:`t_threshold`; 4.5 for 8 chains).
+
+    Both bounds: with many draws a shift of 0.5% is significant but no reason to distrust λ̂, and with
+    few chains a large shift can be noise.  The test is one-sided in the direction given: pass the
+    change and z as measured in the direction tested (a fall: ``−change, −z``), or both absolute
+    for a two-sided test.  Used by the drift and ε/2 checks of :func:`slt.result.equilibrium_checks`
+    and by :func:`slt.calibrate.calibrate`."""
+    if not (change == change and z == z):
+        return False
+    return (change > CHANGE_FRACTION * max(abs(scale), 1e-12)
+            and z > t_threshold(CHANGE_SIGMAS, max(int(num_chains) - 1, 1)))
 
 
 def halved_step_estimate(values: Tensor, times: Tensor, step_size: Tensor, num_burnin: int,

@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 
 from .defaults import RELAXATION_TIMES
-from .diagnostics import ess, llc_standard_error, rhat, t_threshold
+from .diagnostics import CHANGE_FRACTION, changed, ess, llc_standard_error, rhat
 
 __all__ = ["LLCResult"]
 
@@ -404,20 +404,19 @@ def equilibrium_checks(tr: Tensor, mala_mean: float | None = None, rhat_threshol
         found.append(("rhat", f"R-hat {r:.3f} > {rhat_threshold:g}: chains disagree; run longer or check burn-in"))
     drift = _drift(tr) if C >= 3 else None
     mean = float(tr.double().mean(1).mean()) if C else float("nan")
-    if drift is not None and abs(drift[1] - drift[0]) > 0.02 * max(abs(mean), 1e-12):
+    if drift is not None:
         first, second, z = drift
-        thr = t_threshold(3.0, C - 1)
-        if z > thr and mala_mean is not None and mala_mean >= 0.995:
+        if changed(second - first, z, mean, C) and mala_mean is not None and mala_mean >= 0.995:
             found.append(("barely_moved",
                 f"chains barely moved (MALA acceptance {mala_mean:.3f} ≈ 1, λ̂ still rising: {first:.4g} in the "
                 f"first half of the draws, {second:.4g} in the second): the step size is too small for this "
                 "number of steps (λ̂ then scales with ε); raise step_size or num_burnin"))
-        elif z > thr:
+        elif changed(second - first, z, mean, C):
             found.append(("rising",
                 f"λ̂ still rising through the draws ({first:.4g} in the first half, {second:.4g} in the second, "
                 f"z = {z:.1f}): the chains have not reached equilibrium; raise num_burnin, or the localization "
                 "when flat directions keep the chains wandering away from w*"))
-        elif z < -thr:
+        elif changed(first - second, -z, mean, C):
             found.append(("falling",
                 f"λ̂ still falling through the draws ({first:.4g} then {second:.4g}, z = {z:.1f}): the chains are "
                 "finding lower loss away from w*; is w* a minimum? (train it further)"))
@@ -427,7 +426,7 @@ def equilibrium_checks(tr: Tensor, mala_mean: float | None = None, rhat_threshol
     gap = None if halved is None else _halving_gap(tr, halved)
     if gap is not None and not any(kind in ("rising", "barely_moved") for kind, _ in found):
         half, full, z = gap
-        if full - half > 0.02 * max(abs(mean), 1e-12) and z > t_threshold(3.0, C - 1):
+        if changed(full - half, z, mean, C):
             found.append(("halving",
                 f"λ̂ is not stable when ε halves: a run at ε/2 with the same steps would draw over the first half "
                 f"of this run's time, where λ̂ was {half:.4g} against {full:.4g} in the draws (z = {z:.1f}): the "
@@ -452,7 +451,7 @@ def heating_check(excess: float, llc: float, sem: float, config: Mapping[str, An
     if not (excess == excess and llc == llc) or excess <= 0 or llc == 0:
         return None
     frac = excess / llc
-    if 0.5 * excess <= 2 * sem or 0.5 * excess <= 0.02 * abs(llc):
+    if 0.5 * excess <= 2 * sem or 0.5 * excess <= CHANGE_FRACTION * abs(llc):
         return None
     bs = (config or {}).get("batch_size")
     return (f"minibatch noise heats the chains: it adds about {excess:.3g} ({frac:.0%}) to λ̂ (first order, "
@@ -496,7 +495,7 @@ def _diffusing(drift: tuple[float, float, float] | None, diffusion: Tensor | Non
         return None
     predicted = max(first, 0.0) * (t2 / t1 - 1.0)  # λ̂ ∝ t from the first half's mean
     growth = second - first
-    if not (growth > 0.5 * predicted and growth > 0.02 * max(abs(mean), 1e-12)):
+    if not (growth > 0.5 * predicted and growth > CHANGE_FRACTION * max(abs(mean), 1e-12)):
         return None
     return (f"chains still diffuse freely: their spread ‖w − w*‖² is {f:.2f} of a free random walk's (d·ε·t), so the "
             f"potential has not held them in most directions within the run, and λ̂ grows with the run's time "

@@ -98,3 +98,19 @@ def test_the_mala_diagnostic_does_not_change_the_draws_on_minibatches():
     reused = slt.estimate_llc(m, (X, Y), F.mse_loss, mala_every=2, sampler_kwargs={"reuse_batch": True}, **kw)
     gap = plain.llc_mean - reused.llc_mean
     assert gap > 6 * math.hypot(plain.llc_sem, reused.llc_sem), (plain.llc_mean, reused.llc_mean)
+
+
+def test_the_change_rule_needs_both_a_material_and_a_significant_change():
+    """:func:`slt.diagnostics.changed`, shared by the drift, ε/2 and calibrate checks: more than 2% of
+    λ̂ *and* z beyond Student's t (df = C − 1) at a normal 3σ (4.53 for 8 chains, 9.22 for 4)."""
+    from slt.diagnostics import changed, t_threshold
+
+    thr8 = t_threshold(3.0, 7)
+    assert 4.4 < thr8 < 4.7
+    assert changed(0.5, thr8 + 0.01, 10.0, 8)          # 5% and significant
+    assert not changed(0.5, thr8 - 0.01, 10.0, 8)      # 5% but within t at 3σ
+    assert not changed(0.19, 100.0, 10.0, 8)           # significant but within 2%
+    assert not changed(0.5, 6.0, 10.0, 4)              # 4 chains: t at 3σ is 9.22
+    assert changed(0.5, float("inf"), -10.0, 8)        # no spread; |λ̂| sets the scale
+    assert not changed(-0.5, -6.0, 10.0, 8)            # one-sided: a fall is not a rise
+    assert not changed(float("nan"), 6.0, 10.0, 8) and not changed(0.5, float("nan"), 10.0, 8)

@@ -181,6 +181,34 @@ def test_auto_path_is_chosen_by_measurement(monkeypatch, t_vmap, t_loop, path):
     assert r.diagnostics["path"] == path
 
 
+def test_one_chain_runs_the_loop_without_timing(monkeypatch):
+    """One chain: vmap of one row computes the loop's step plus its batching overhead, so the auto path
+    is the loop, chosen without timing (a timing here fails the test); two chains are measured as
+    before; an explicit vectorize="vmap" is kept."""
+    import slt
+    import slt.target as tg
+
+    def no_timing(*args, **kwargs):
+        raise AssertionError("timed a one-chain run")
+
+    monkeypatch.setattr(tg, "_interleaved_seconds", no_timing)
+    monkeypatch.setattr(tg, "_PATH_DECISIONS", {})
+    X = torch.randn(64, 3, generator=torch.Generator().manual_seed(0))
+    Y = X @ torch.tensor([[1.0], [-1.0], [0.5]])
+    t = tg.fastest_path(prepare_target(nn.Linear(3, 1), (X, Y), F.mse_loss), prepare_target(
+        nn.Linear(3, 1), (X, Y), F.mse_loss).rows(1), 16)
+    assert t.path == "loop" and "one chain" in t.path_reason
+    kw = dict(num_draws=20, step_size=1e-3, progress=False, seed=0)
+    m = nn.Linear(3, 1)
+    r = slt.estimate_llc(m, (X, Y), F.mse_loss, num_chains=1, **kw)
+    assert r.diagnostics["path"] == "loop"
+    v = slt.estimate_llc(m, (X, Y), F.mse_loss, num_chains=1, vectorize="vmap", **kw)
+    assert v.diagnostics["path"] == "vmap"
+    torch.testing.assert_close(r.loss_trace, v.loss_trace, rtol=1e-5, atol=1e-6)  # same chain, float32 rounding
+    _patch_timings(monkeypatch, lambda evaluator, rows, batch, repeats: 0.02 if evaluator.path == "vmap" else 0.019)
+    assert slt.estimate_llc(m, (X, Y), F.mse_loss, num_chains=2, **kw).diagnostics["path"] == "vmap"
+
+
 @pytest.mark.parametrize("t_blocked, expect", [(0.05, 8), (0.105, 8), (0.2, None)])
 def test_auto_path_may_vmap_in_blocks_of_rows(monkeypatch, t_blocked, expect):
     """With more rows than VMAP_BLOCK_ROWS (and a step long enough), vmap runs in blocks of rows

@@ -567,7 +567,7 @@ def sample_target(
         "compiled_calls": None if target.evaluator.compiled is None else target.evaluator.compiled.calls,
         "autocast": None if target.evaluator.autocast is None else str(target.evaluator.autocast).replace("torch.", ""),
         "fused_activations": fused_summary(target.evaluator.fused),
-        "setup_notes": list(target.notes),
+        "setup_notes": list(target.notes) + list(getattr(target.evaluator, "notes", [])),
         "mala_every": mala_every, "divergence_threshold": thresh, "num_threads": num_threads,
         "allocator": run["allocator"], "control_variate": control_variate, "shared_batches": batches.shared,
         "num_params": target.d,

@@ -192,6 +192,16 @@ def resolve_autocast(autocast: Any) -> torch.dtype | None:
     raise ValueError(f"autocast must be None, 'bf16' or 'fp16' (or torch.bfloat16 / torch.float16), got {autocast!r}")
 
 
+def out_of_memory(e: BaseException) -> bool:
+    """Whether ``e`` is an allocation failure: CUDA's ``OutOfMemoryError``, a ``MemoryError``, or the CPU
+    allocator's ``RuntimeError`` ("DefaultCPUAllocator: can't allocate memory", "out of memory")."""
+    oom = getattr(torch, "OutOfMemoryError", None) or getattr(torch.cuda, "OutOfMemoryError", None)
+    if (oom is not None and isinstance(e, oom)) or isinstance(e, MemoryError):
+        return True
+    msg = str(e).lower()
+    return isinstance(e, RuntimeError) and ("out of memory" in msg or "can't allocate memory" in msg)
+
+
 def _upcast(out: Any, dtype: torch.dtype) -> Any:
     """The model's output with every half-precision floating tensor cast to ``dtype`` (tensors, and
     the tensors of tuples, lists and mappings such as a ``ModelOutput``, one level deep): the loss
@@ -463,6 +473,8 @@ class ChainEvaluator:
         self.aliases = module_aliases(model)
         #: where the model holds each tensor: calls substitute through them (:class:`ModuleSlots`)
         self.slots = ModuleSlots(model)
+        #: what the evaluator changed while running (vmap blocks made smaller after running out of memory)
+        self.notes: list[str] = []
         #: vmap path: evaluate at most this many rows (chains) at once (None: all); bounds the
         #: activation memory of a gradient evaluation to that of ``max_rows`` chains
         self.max_rows: int | None = None
@@ -609,10 +621,36 @@ class ChainEvaluator:
     def _vmap_loss_and_grad(self, flat: Tensor, batch: Batch) -> tuple[Tensor, Tensor]:
         """Rows in blocks of at most ``max_rows`` (all at once when ``None``): activations and
         autograd buffers are those of one block; each row's loss and gradient do not depend on the
-        blocks (rows are independent; checked in tests/test_memory.py)."""
+        blocks (rows are independent; checked in tests/test_memory.py).
+
+        When an evaluation runs out of memory (CUDA's ``OutOfMemoryError``, or a CPU allocation that
+        fails), the block is halved and the evaluation repeated, down to one row; the smaller block
+        is kept for the rest of the run and said in :attr:`notes` (the run's ``config["setup_notes"]``).
+        One row that does not fit is an error naming the batch size."""
         R = flat.shape[0]
         if self.compiled is not None and self.compiled.matches(flat, batch):
             return self.compiled(flat, batch)
+        while True:
+            try:
+                return self._vmap_rows(flat, batch)
+            except (RuntimeError, MemoryError) as e:
+                if not out_of_memory(e):
+                    raise
+                step = R if not self.max_rows else min(R, max(1, int(self.max_rows)))
+                if flat.is_cuda:
+                    torch.cuda.empty_cache()
+                if step <= 1:
+                    raise MemoryError(
+                        f"one chain's gradient evaluation does not fit in memory on {flat.device} ({type(e).__name__}: "
+                        f"{str(e).strip().splitlines()[0][:200] if str(e).strip() else ''}): pass a smaller batch_size, "
+                        "or run on a device with more memory") from e
+                self.max_rows = step // 2
+                self.notes.append(f"vmap in blocks of {self.max_rows} rows: {step} rows at once ran out of memory "
+                                  f"on {flat.device} ({type(e).__name__})")
+
+    def _vmap_rows(self, flat: Tensor, batch: Batch) -> tuple[Tensor, Tensor]:
+        """:meth:`_vmap_loss_and_grad`'s evaluation at the current ``max_rows``."""
+        R = flat.shape[0]
         if self.row_plan is not None and self.row_plan[0] == R:
             return self._planned_loss_and_grad(flat, batch, self.row_plan[1])
         out = torch.empty(flat.shape, dtype=flat.dtype, device=flat.device)  # contiguous (flat may be a broadcast)
@@ -672,9 +710,16 @@ class ChainEvaluator:
         grad = torch.empty(flat.shape, dtype=flat.dtype, device=flat.device)
         for c in range(C):
             leaves = self._leaves(flat[c])
-            with torch.enable_grad():
-                loss = self._chain_loss(leaves, batch, c)
-                self._grads_into(loss, leaves, grad[c])
+            try:
+                with torch.enable_grad():
+                    loss = self._chain_loss(leaves, batch, c)
+                    self._grads_into(loss, leaves, grad[c])
+            except (RuntimeError, MemoryError) as e:
+                if not out_of_memory(e):
+                    raise
+                raise MemoryError(
+                    f"one chain's gradient evaluation does not fit in memory on {flat.device} ({type(e).__name__}): "
+                    "pass a smaller batch_size, or run on a device with more memory") from e
             losses[c] = loss.detach()
         return losses, grad
 

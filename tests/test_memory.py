@@ -410,3 +410,61 @@ def test_column_chunks_bound_the_update_temporaries_on_every_device(device, C, d
         assert len(chunks) > 1 and all(C * (s.stop - s.start) <= max(per, 64 * C) for s in chunks)
     if like.device.type != "cpu" and C * d > per:  # accelerators: split above one chunk
         assert len(chunks) > 1
+
+
+def test_out_of_memory_is_recognised_from_the_allocators_own_errors():
+    from slt.evaluator import out_of_memory
+
+    with pytest.raises(RuntimeError) as cpu:
+        torch.empty(1 << 50)  # 4 PiB: the CPU allocator refuses it
+    assert out_of_memory(cpu.value) and out_of_memory(MemoryError())
+    assert not out_of_memory(RuntimeError("mat1 and mat2 shapes cannot be multiplied"))
+    oom = getattr(torch, "OutOfMemoryError", None) or getattr(torch.cuda, "OutOfMemoryError", None)
+    if oom is not None:
+        assert out_of_memory(oom("CUDA out of memory. Tried to allocate 20.00 GiB"))
+
+
+def _oom_above(monkeypatch, rows: int):
+    """Every vmap block of more than ``rows`` rows fails as the CPU allocator fails (a real allocation)."""
+    from slt.evaluator import ChainEvaluator
+
+    real = ChainEvaluator._vmap_block
+
+    def block(self, flat, batch, out):
+        if flat.shape[0] > rows:
+            torch.empty(1 << 50)
+        return real(self, flat, batch, out)
+
+    monkeypatch.setattr(ChainEvaluator, "_vmap_block", block)
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # 30 draws: the chains' findings are not under test
+def test_vmap_halves_its_blocks_when_memory_runs_out_and_says_so(monkeypatch):
+    """A run whose vmap evaluation of all chains runs out of memory continues in blocks of half as many
+    rows (down to what fits), keeps them for the rest of the run, gives the chains of a run that fits
+    (rows are independent: same losses to float rounding) and records the change in setup_notes."""
+    import slt
+
+    X = torch.randn(64, 3, generator=torch.Generator().manual_seed(0))
+    Y = X @ torch.tensor([[1.0], [-1.0], [0.5]])
+    m = nn.Linear(3, 1)
+    kw = dict(num_chains=8, num_draws=30, step_size=1e-3, vectorize="vmap", progress=False, seed=0)
+    ref = slt.estimate_llc(m, (X, Y), F.mse_loss, **kw)
+    _oom_above(monkeypatch, 3)
+    r = slt.estimate_llc(m, (X, Y), F.mse_loss, **kw)
+    notes = r.config["setup_notes"]
+    assert [n.split(":")[0] for n in notes] == ["vmap in blocks of 4 rows", "vmap in blocks of 2 rows"], notes
+    assert "ran out of memory" in notes[0]
+    torch.testing.assert_close(r.loss_trace, ref.loss_trace, rtol=1e-5, atol=1e-6)
+    assert "vmap in blocks of 2 rows" in str(r)  # print(result) shows it as a note
+
+
+def test_one_row_that_does_not_fit_is_an_error_naming_the_batch_size(monkeypatch):
+    import slt
+
+    X = torch.randn(64, 3, generator=torch.Generator().manual_seed(0))
+    Y = X @ torch.tensor([[1.0], [-1.0], [0.5]])
+    _oom_above(monkeypatch, 0)
+    with pytest.raises(MemoryError, match="batch_size"):
+        slt.estimate_llc(nn.Linear(3, 1), (X, Y), F.mse_loss, num_chains=4, num_draws=10, step_size=1e-3,
+                         vectorize="vmap", progress=False)

@@ -636,17 +636,18 @@ class ChainEvaluator:
             except (RuntimeError, MemoryError) as e:
                 if not out_of_memory(e):
                     raise
-                step = R if not self.max_rows else min(R, max(1, int(self.max_rows)))
-                if flat.is_cuda:
-                    torch.cuda.empty_cache()
-                if step <= 1:
-                    raise MemoryError(
-                        f"one chain's gradient evaluation does not fit in memory on {flat.device} ({type(e).__name__}: "
-                        f"{str(e).strip().splitlines()[0][:200] if str(e).strip() else ''}): pass a smaller batch_size, "
-                        "or run on a device with more memory") from e
-                self.max_rows = step // 2
-                self.notes.append(f"vmap in blocks of {self.max_rows} rows: {step} rows at once ran out of memory "
-                                  f"on {flat.device} ({type(e).__name__})")
+                first = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
+                what = f"{type(e).__name__}: {first}" if first else type(e).__name__
+            # out of the handler, so that the failed attempt's frames (and their tensors) are released
+            step = R if not self.max_rows else min(R, max(1, int(self.max_rows)))
+            if flat.is_cuda:
+                torch.cuda.empty_cache()
+            if step <= 1:
+                raise MemoryError(f"one chain's gradient evaluation does not fit in memory on {flat.device} ({what}): "
+                                  "pass a smaller batch_size, or run on a device with more memory")
+            self.max_rows = step // 2
+            self.notes.append(f"vmap in blocks of {self.max_rows} rows: {step} rows at once ran out of memory "
+                              f"on {flat.device} ({what.split(':')[0]})")
 
     def _vmap_rows(self, flat: Tensor, batch: Batch) -> tuple[Tensor, Tensor]:
         """:meth:`_vmap_loss_and_grad`'s evaluation at the current ``max_rows``."""

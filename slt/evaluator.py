@@ -202,6 +202,12 @@ def out_of_memory(e: BaseException) -> bool:
     return isinstance(e, RuntimeError) and ("out of memory" in msg or "can't allocate memory" in msg)
 
 
+def _chain_too_large(device: torch.device, what: str) -> MemoryError:
+    """The error for one chain whose gradient evaluation does not fit in memory (``what``: the allocator's)."""
+    return MemoryError(f"one chain's gradient evaluation does not fit in memory on {device} ({what}): pass a "
+                       "smaller batch_size, or run on a device with more memory")
+
+
 def _upcast(out: Any, dtype: torch.dtype) -> Any:
     """The model's output with every half-precision floating tensor cast to ``dtype`` (tensors, and
     the tensors of tuples, lists and mappings such as a ``ModelOutput``, one level deep): the loss
@@ -283,15 +289,15 @@ class ModuleSlots:
 
 def _call_module(model: nn.Module, params: Mapping[str, Tensor], x: Any,
                  aliases: Mapping[str, list[str]] | None = None, slots: ModuleSlots | None = None) -> Any:
-    """``model(x)`` (``model(**x)`` for a mapping) with ``params`` substituted (``functional_call``,
-    or ``slots`` when given and covering every name).
+    """``model(x)`` (``model(**x)`` for a mapping) with ``params`` substituted (``slots`` when given and
+    covering every name, else ``functional_call``).
 
-    ``aliases`` (from :func:`module_aliases`): for a module that reaches one parameter slot
-    under several names, the other slots holding the same tensor; they are substituted
-    explicitly, with ``tie_weights=False``."""
+    ``aliases`` (from :func:`module_aliases`; used by ``functional_call`` only): for a module that
+    reaches one parameter slot under several names, the other slots holding the same tensor; they are
+    substituted explicitly, with ``tie_weights=False``."""
     from torch.func import functional_call
 
-    if slots is not None and aliases is None and slots.covers(params):
+    if slots is not None and slots.covers(params):  # one slot per (module, attribute): aliases included
         return (slots.substitute(model, params, (), dict(x)) if isinstance(x, Mapping)
                 else slots.substitute(model, params, (x,), {}))
     if aliases is not None:
@@ -639,12 +645,11 @@ class ChainEvaluator:
                 first = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
                 what = f"{type(e).__name__}: {first}" if first else type(e).__name__
             # out of the handler, so that the failed attempt's frames (and their tensors) are released
-            step = R if not self.max_rows else min(R, max(1, int(self.max_rows)))
+            step = self._rows_per_call(R)
             if flat.is_cuda:
                 torch.cuda.empty_cache()
             if step <= 1:
-                raise MemoryError(f"one chain's gradient evaluation does not fit in memory on {flat.device} ({what}): "
-                                  "pass a smaller batch_size, or run on a device with more memory")
+                raise _chain_too_large(flat.device, what)
             self.max_rows = step // 2
             self.notes.append(f"vmap in blocks of {self.max_rows} rows: {step} rows at once ran out of memory "
                               f"on {flat.device} ({what.split(':')[0]})")
@@ -655,7 +660,7 @@ class ChainEvaluator:
         if self.row_plan is not None and self.row_plan[0] == R:
             return self._planned_loss_and_grad(flat, batch, self.row_plan[1])
         out = torch.empty(flat.shape, dtype=flat.dtype, device=flat.device)  # contiguous (flat may be a broadcast)
-        step = R if not getattr(self, "max_rows", None) else max(1, int(self.max_rows))
+        step = self._rows_per_call(R)
         if step >= R:
             return self._vmap_block(flat, batch, out), out
         losses = torch.empty(R, dtype=flat.dtype, device=flat.device)
@@ -663,6 +668,10 @@ class ChainEvaluator:
             sl = slice(r0, min(r0 + step, R))
             losses[sl] = self._vmap_block(flat[sl], _row_block(batch, sl), out[sl])
         return losses, out
+
+    def _rows_per_call(self, R: int) -> int:
+        """Rows evaluated at once out of ``R``: :attr:`max_rows`, or all of them when it is ``None``."""
+        return R if not self.max_rows else min(R, max(1, int(self.max_rows)))
 
     def _vmap_block(self, flat: Tensor, batch: Batch, out: Tensor) -> Tensor:
         leaves = self._leaves(flat)
@@ -680,7 +689,7 @@ class ChainEvaluator:
         R = flat.shape[0]
         out = torch.zeros(flat.shape, dtype=flat.dtype, device=flat.device)
         losses = torch.empty(R, dtype=flat.dtype, device=flat.device)
-        step = R if not self.max_rows else max(1, int(self.max_rows))
+        step = self._rows_per_call(R)
         buffers = self.buffers
         for rows, names in blocks:
             for sub in rows.split(step):
@@ -718,9 +727,7 @@ class ChainEvaluator:
             except (RuntimeError, MemoryError) as e:
                 if not out_of_memory(e):
                     raise
-                raise MemoryError(
-                    f"one chain's gradient evaluation does not fit in memory on {flat.device} ({type(e).__name__}): "
-                    "pass a smaller batch_size, or run on a device with more memory") from e
+                raise _chain_too_large(flat.device, type(e).__name__) from e
             losses[c] = loss.detach()
         return losses, grad
 

@@ -406,12 +406,13 @@ def equilibrium_checks(tr: Tensor, mala_mean: float | None = None, rhat_threshol
     mean = float(tr.double().mean(1).mean()) if C else float("nan")
     if drift is not None:
         first, second, z = drift
-        if changed(second - first, z, mean, C) and mala_mean is not None and mala_mean >= 0.995:
+        rising = changed(second - first, z, mean, C)
+        if rising and mala_mean is not None and mala_mean >= 0.995:
             found.append(("barely_moved",
                 f"chains barely moved (MALA acceptance {mala_mean:.3f} ≈ 1, λ̂ still rising: {first:.4g} in the "
                 f"first half of the draws, {second:.4g} in the second): the step size is too small for this "
                 "number of steps (λ̂ then scales with ε); raise step_size or num_burnin"))
-        elif changed(second - first, z, mean, C):
+        elif rising:
             found.append(("rising",
                 f"λ̂ still rising through the draws ({first:.4g} in the first half, {second:.4g} in the second, "
                 f"z = {z:.1f}): the chains have not reached equilibrium; raise num_burnin, or the localization "

@@ -69,3 +69,44 @@ def test_bf16_autocast_on_cuda_stays_close_to_float32():
     half = slt.estimate_llc(m, (X, Y), F.cross_entropy, autocast="bf16", **kw)
     assert half.config["autocast"] == "bfloat16"
     assert abs(half.llc_mean - full.llc_mean) < 0.05 * full.llc_mean, (half.llc_mean, full.llc_mean)
+
+
+def test_a_real_cuda_out_of_memory_halves_the_vmap_blocks():
+    """Item 4 on the device it is for: a vmapped evaluation that exceeds the GPU's memory is repeated in
+    smaller blocks of chains, the run goes on and gives the chains of a run that fits.
+
+    The memory is capped (``torch.cuda.set_per_process_memory_fraction``) at the idle use plus 70% of what
+    the uncapped run of all 8 chains at once added at its peak, which is mostly the activations of the 8
+    chains' batches (the (C, d) parameters, gradient and noise are 3 × 8 × 1.1M float64 = 0.2 GB against
+    about 1.6 GB of activations): all 8 rows do not fit, 4 (about 57% of that peak) do.  float64, so that a block's other matmul
+    shapes (cuBLAS picks kernels by shape) change the chains by rounding only: λ̂ agrees to 1e-6."""
+    dev = torch.device("cuda")
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(8192, 64, generator=g, dtype=torch.float64)
+    Y = torch.randn(8192, 1, generator=g, dtype=torch.float64)
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(64, 1024), nn.ReLU(), nn.Linear(1024, 1024), nn.ReLU(), nn.Linear(1024, 1)).double()
+    kw = dict(num_chains=8, num_draws=12, num_burnin=0, step_size=1e-7, nbeta=100.0, localization=100.0,
+              batch_size=4096, vectorize="vmap", dtype=torch.float64, device=dev, seed=0, progress=False,
+              extend_draws=False)
+    torch.cuda.synchronize(dev)
+    torch.cuda.empty_cache()
+    idle = torch.cuda.memory_allocated(dev)
+    torch.cuda.reset_peak_memory_stats(dev)
+    ref = slt.estimate_llc(m, (X, Y), F.mse_loss, **kw)
+    grew = torch.cuda.max_memory_allocated(dev) - idle
+    assert not ref.config.get("setup_notes"), ref.config.get("setup_notes")
+    total = torch.cuda.get_device_properties(dev).total_memory
+    cap = idle + int(0.7 * grew)
+    torch.cuda.empty_cache()
+    torch.cuda.set_per_process_memory_fraction(cap / total, dev)
+    try:
+        r = slt.estimate_llc(m, (X, Y), F.mse_loss, **kw)
+    finally:
+        torch.cuda.set_per_process_memory_fraction(1.0, dev)
+        torch.cuda.empty_cache()
+    notes = r.config.get("setup_notes") or []
+    assert notes and notes[0].startswith("vmap in blocks of 4 rows") and "ran out of memory" in notes[0], (notes, grew)
+    assert "OutOfMemoryError" in notes[0], notes
+    assert abs(r.llc_mean - ref.llc_mean) <= 1e-6 * max(1.0, abs(ref.llc_mean)), (r.llc_mean, ref.llc_mean)
+    torch.testing.assert_close(r.loss_trace, ref.loss_trace, rtol=1e-9, atol=1e-12)

@@ -540,9 +540,9 @@ def sample_target(
                                 times=_draw_times(run["trace"], run["num_burnin"], num_steps_bw_draws))
                      if target.localization_auto and num_draws >= LOCALIZATION_MIN_DRAWS else {})
     # groups still unsettled after γ was raised: say that the automatic γ ran out
-    limit = {g: (f"the automatic localization was raised to γ = {target.localization:g} (its limit: at most "
-                 f"{LOCALIZATION_STEPS} tenfold raises, γ ≤ nβ = {target.nbeta:.4g}) and the chains still have not "
-                 "settled: pass a larger localization, more num_burnin/num_draws, or sampler='rmsprop_sgld'")
+    limit = {g: (f"the automatic localization was raised to γ = {target.localization:g} ({_ladder_end(gammas, target.nbeta)})"
+                 " and the chains still have not settled: pass a larger localization, more num_burnin/num_draws, "
+                 "or sampler='rmsprop_sgld'")
              for g in unsettled} if escalations else {}
     trace, eps, smp, batches, potential = run["trace"], run["eps"], run["smp"], run["batches"], run["potential"]
     auto, adapt, halvings, kw = run["auto"], run["adapt"], run["halvings"], run["kw"]
@@ -768,6 +768,13 @@ def localization_levels(target: Any) -> list[float]:
     while len(levels) <= LOCALIZATION_STEPS and levels[-1] * 10 <= target.nbeta:
         levels.append(levels[-1] * 10)
     return levels
+
+
+def _ladder_end(levels: list[float], nbeta: float) -> str:
+    """Why the automatic γ stopped at ``levels[-1]`` (:func:`localization_levels`): the number of raises or nβ."""
+    if len(levels) > LOCALIZATION_STEPS:
+        return f"its limit: at most {LOCALIZATION_STEPS} tenfold raises"
+    return f"its limit: the next tenfold raise, γ = {levels[-1] * 10:g}, would exceed nβ = {nbeta:.4g}"
 
 
 def _unsettled(trace: Trace, nbeta: float, G: int, C: int, halved: Tensor | None = None,

@@ -92,6 +92,12 @@ def test_a_given_localization_is_never_raised_and_the_limit_is_named(monkeypatch
     assert [e["localization"] for e in auto.config["localization_escalations"]] == [1.0, 10.0]
     assert not auto.converged
     assert any("raised to γ = 100" in s and "larger localization" in s for s in auto.convergence_reasons)
+    # the reason names the limit that ended the ladder: nβ here (1000 > 200), the number of raises at nβ = 5000
+    assert any("γ = 1000, would exceed nβ = 200" in s for s in auto.convergence_reasons), auto.convergence_reasons
+    many = slt.estimate_llc(m, (X, Y), F.mse_loss, nbeta=5000.0, **KW)
+    assert many.localization == 1000.0
+    assert any("raised to γ = 1000 (its limit: at most 3 tenfold raises)" in s for s in many.convergence_reasons), \
+        many.convergence_reasons
 
 
 def test_bif_statistics_come_from_the_final_level_only(monkeypatch):

@@ -562,6 +562,7 @@ def sample_target(
         "nbeta": target.nbeta, "localization": target.localization,
         "batch_size": None if batches.full else batches.batch_size, "batch_size_rule": "auto" if batch_auto else "given",
         "batch_size_raises": batch_raises, "n": target.n, "sampler": smp.name,
+        "relaxation_gain": float(getattr(smp, "relaxation_gain", 1.0)),
         "sampler_kwargs": {**spec.kwargs, **dict(sampler_kwargs or {})}, "device": str(dev),
         "dtype": str(target.dtype).replace("torch.", ""), "vectorize": vectorize, "path": target.path,
         "compiled_calls": None if target.evaluator.compiled is None else target.evaluator.compiled.calls,
@@ -604,7 +605,9 @@ def _run_at(target, rows, spec, rule, step_size, kw, C, num_steps, num_burnin, b
             if plan is not None:
                 target.evaluator.row_plan = (rows.shape[0], [(r.to(dev), n) for r, n in plan])
         potential = LocalizedPotential(_loss_and_grad(target), rows, target.nbeta, target.localization)
-        state = build_sampler(spec, potential, 1.0, mala_every=0, **kw).init(rows)
+        probe = build_sampler(spec, potential, 1.0, mala_every=0, **kw)
+        gain = float(getattr(probe, "relaxation_gain", 1.0))  # RMSProp-SGLD: flat directions move 1/a times faster
+        state = probe.init(rows)
         setup_seconds = time.perf_counter() - t_setup
         adapt = None
         if rule == "adapt":
@@ -626,7 +629,7 @@ def _run_at(target, rows, spec, rule, step_size, kw, C, num_steps, num_burnin, b
         num_draws = (num_steps - num_burnin) // thin
         for halvings in range(MAX_HALVINGS + 1 if rule != "given" else 1):
             if burnin_auto:  # cover the slowest relaxation γ allows at this ε, when affordable
-                num_burnin = default_burnin(num_draws, thin, _smallest(eps), target.localization)
+                num_burnin = default_burnin(num_draws, thin, _smallest(eps), target.localization, gain)
                 num_steps = num_burnin + num_draws * thin
             if on_start is not None:
                 on_start()

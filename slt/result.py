@@ -520,21 +520,25 @@ def relaxation_hint(step_size: Any, localization: Any, config: Mapping[str, Any]
     a direction the loss leaves flat is held only by γ, and SGLD relaxes it at a rate εγ per step
     (:math:`w \leftarrow w - \tfrac{\epsilon}{2}\gamma w + \sqrt{\epsilon}\xi` has variance
     :math:`(1 - e^{-\epsilon\gamma t})/\gamma` after t steps), so the draws are settled only after
-    about :data:`RELAXATION_TIMES` times :math:`\tau = 1/(\epsilon\gamma)` steps.  Empty unless
-    ε, γ and the run's steps are known and the run had fewer than that."""
+    about :data:`RELAXATION_TIMES` times :math:`\tau = 1/(\epsilon\gamma)` steps; a preconditioned
+    sampler moves such a direction ``config["relaxation_gain"]`` G times faster (RMSProp-SGLD: 1/a),
+    :math:`\tau = 1/(\epsilon G\gamma)`.  Empty unless ε, γ and the run's steps are known and the
+    run had fewer than that."""
     try:
         eps, gamma = float(step_size), float(localization)
         cfg = dict(config or {})
         steps = int(cfg["num_burnin"]) + int(cfg["num_draws"]) * int(cfg.get("num_steps_bw_draws", 1))
+        gain = float(cfg.get("relaxation_gain") or 1.0)
     except (TypeError, ValueError, KeyError):
         return ""
-    if not (eps > 0 and gamma > 0):  # NaN fails too
+    if not (eps > 0 and gamma > 0 and gain > 0):  # NaN fails too
         return ""
-    tau = 1.0 / (eps * gamma)
+    tau = 1.0 / (eps * gain * gamma)
     if steps >= RELAXATION_TIMES * tau:
         return ""
+    rate = "1/(εγ)" if gain == 1.0 else f"1/(ε·G·γ) with G = {gain:g} (the sampler's step factor in a flat direction)"
     return (f" (at ε = {eps:.3g} and γ = {gamma:g} a direction only the localization holds relaxes over "
-            f"1/(εγ) = {tau:.0f} steps and needs about {RELAXATION_TIMES} of them: this run had {steps} steps; "
+            f"{rate} = {tau:.0f} steps and needs about {RELAXATION_TIMES} of them: this run had {steps} steps; "
             f"num_burnin ≈ {RELAXATION_TIMES * tau:.0f} covers it)")
 
 

@@ -178,6 +178,10 @@ def test_a_rising_estimate_names_the_relaxation_time_it_needed():
                                  **kw)
     assert not any("1/(εγ)" in w for w in long.diagnostics["warnings"])
     assert any("still rising" in w for w in long.diagnostics["warnings"])
+    # a sampler with a step factor G in flat directions (RMSProp-SGLD: G = 1/a) relaxes G times faster
+    hint = relaxation_hint(2e-5, 100.0, {"num_burnin": 10, "num_draws": 40, "relaxation_gain": 10.0})
+    assert "G = 10" in hint and "= 50 steps" in hint and f"num_burnin ≈ {RELAXATION_TIMES * 50} covers it" in hint
+    assert relaxation_hint(2e-5, 100.0, {"num_burnin": 250, "num_draws": 1000, "relaxation_gain": 10.0}) == ""
 
 
 def test_the_default_burnin_covers_the_relaxation_the_localization_allows_when_affordable():
@@ -200,6 +204,10 @@ def test_the_default_burnin_covers_the_relaxation_the_localization_allows_when_a
     assert default_burnin(1000, 2, high * 1.01 / 10.0, 10.0) == math.ceil(RELAXATION_TIMES / (high * 1.01))
     assert default_burnin(1000, 2, high * 0.99 / 10.0, 10.0) == 250
     assert default_burnin(1000, 2, high * 1.01, 1.0) == 250  # at γ = 1 the same εγ is beyond its cap
+    # a preconditioned sampler moving flat directions G times faster needs G times fewer steps, so more runs
+    # get the relaxation burn-in: RMSProp-SGLD's G = 1/a = 10 at the 26k MLP's γ = 100 with ε = 8.5e-7
+    assert default_burnin(1000, 1, 8.5e-7, 100.0) == 250  # SGLD: 58 824 steps, beyond the cap
+    assert default_burnin(1000, 1, 8.5e-7, 100.0, relaxation_gain=10.0) == math.ceil(RELAXATION_TIMES / 8.5e-4)
 
 
 def test_the_engine_uses_and_records_the_default_burnin():
@@ -217,3 +225,10 @@ def test_the_engine_uses_and_records_the_default_burnin():
     assert given.config["num_burnin"] == 30 and given.config["num_burnin_rule"] == "given"
     quick = slt.estimate_llc(m, (X, Y), F.mse_loss, **{**kw, "step_size": 0.02, "localization": 50.0})
     assert quick.config["num_burnin"] == 30 and quick.config["num_burnin_rule"] == "quarter"
+    assert r.config["relaxation_gain"] == 1.0
+    # RMSProp-SGLD (a = 0.1 by default, 0.05 here): flat directions move 1/a times faster, so the burn-in is shorter
+    rms = slt.estimate_llc(m, (X, Y), F.mse_loss, sampler="rmsprop_sgld", sampler_kwargs={"eps": 0.05},
+                           **{**kw, "step_size": 2e-4})
+    assert rms.config["relaxation_gain"] == 20.0
+    assert rms.config["num_burnin"] == default_burnin(120, 1, 2e-4, 20.0, relaxation_gain=20.0) == 63
+    assert default_burnin(120, 1, 2e-4, 20.0) == 1250 and rms.config["num_burnin_rule"] == "relaxation"

@@ -253,6 +253,10 @@ class Sampler(NamedTuple):
     ``step_size`` is a number or a ``(C, 1)`` tensor (one step size per row, e.g. per
     checkpoint); a state never depends on it, so a sampler may be re-bound to another
     step size between steps (step-size adaptation does).
+    ``relaxation_gain``: the factor by which the sampler multiplies ε in a direction the loss
+    leaves flat (SGLD 1; RMSProp-SGLD 1/a, its preconditioner where ∇L, and so √v, vanishes): such
+    a direction, held by γ alone, relaxes over 1/(ε · gain · γ) steps, which sets the automatic
+    burn-in (:func:`slt.defaults.default_burnin`).
     """
 
     name: str
@@ -260,6 +264,7 @@ class Sampler(NamedTuple):
     step: Callable[[Any, Any, Any], tuple[Any, SamplerInfo]]
     step_size: float
     reset: Callable[[Any, Tensor, Tensor], Any] = _no_reset
+    relaxation_gain: float = 1.0
 
 
 @dataclass(frozen=True)

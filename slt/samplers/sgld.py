@@ -91,6 +91,7 @@ def _langevin_sampler(
     make_state: Callable[[Tensor, Any, int, Cache | None], Any],
     aux_of: Callable[[Any], Any],
     reuse_batch: bool = False,
+    relaxation_gain: float = 1.0,
 ) -> Sampler:
     """The SGLD step, shared by both samplers: ``precondition(aux, ∇L) -> (G's columns, aux')``.
 
@@ -131,7 +132,7 @@ def _langevin_sampler(
             aux = reset_rows(aux, rows, 0.0)
         return make_state(reset_rows(state.params, rows, w_star), aux, state.step, None)
 
-    return Sampler(name, init, step, step_size, reset)
+    return Sampler(name, init, step, step_size, reset, relaxation_gain)
 
 
 def sgld(
@@ -179,8 +180,10 @@ def rmsprop_sgld(
     Li, Chen, Carlson & Carin (2016); Hitchcock & Hoogland (2025, arXiv
     2507.21449), whose defaults α = 0.99, a = 0.1 are used.  The preconditioner
     depends on the chain's history, so the chain targets the posterior only
-    approximately; in exchange flat directions get larger steps.  Without a
-    potential, returns a :class:`SamplerSpec`.
+    approximately; in exchange flat directions get larger steps, up to 1/a times ε
+    (``Sampler.relaxation_gain``: a direction held by γ alone relaxes 1/a times faster than
+    under SGLD, which the automatic burn-in counts).  Without a potential, returns a
+    :class:`SamplerSpec`.
     """
     if not 0.0 <= alpha < 1.0:
         raise ValueError(f"rmsprop alpha must lie in [0, 1), got {alpha}")
@@ -205,4 +208,5 @@ def rmsprop_sgld(
         new_aux=zeros_like_params,
         make_state=lambda p, v, t, cache: RMSPropSGLDState(p, v, t, cache),
         aux_of=lambda s: s.precond_v, reuse_batch=reuse_batch,
+        relaxation_gain=1.0 / eps,  # G = 1/(√v + a) → 1/a where the loss is flat (∇L = 0, so v → 0)
     )

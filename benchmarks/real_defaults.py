@@ -14,6 +14,7 @@ Usage::
     python benchmarks/real_defaults.py                  # all three
     python benchmarks/real_defaults.py transformer
     python benchmarks/real_defaults.py mlp
+    python benchmarks/real_defaults.py mlp --sampler rmsprop_sgld   # the same check with another sampler
 """
 
 from __future__ import annotations
@@ -72,7 +73,7 @@ def generic_mlp():
     return job.model, job.X, job.Y
 
 
-def main(names):
+def main(names, sampler="sgld"):
     for name in names:
         if name == "mlp":
             model, X, Y = generic_mlp()
@@ -84,7 +85,8 @@ def main(names):
         model.eval()
         with torch.no_grad():
             loss = float(F.cross_entropy(model(X), Y))
-        print(f"== {name}: d = {sum(p.numel() for p in model.parameters())}, L_n(w*) = {loss:.3g}", flush=True)
+        print(f"== {name}: d = {sum(p.numel() for p in model.parameters())}, L_n(w*) = {loss:.3g}, sampler "
+              f"{sampler}", flush=True)
         first = None
         for label in ("defaults", "ε/2, same γ, burn-in and draws"):
             kw = {} if first is None else dict(step_size=first.step_size / 2, localization=first.localization,
@@ -93,7 +95,7 @@ def main(names):
             t = time.perf_counter()
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                r = slt.estimate_llc(model, (X, Y), F.cross_entropy, seed=0, progress=False, **kw)
+                r = slt.estimate_llc(model, (X, Y), F.cross_entropy, seed=0, progress=False, sampler=sampler, **kw)
             first = first or r
             print(f"   {label}: λ̂ {r.llc_mean:.4g} ± {r.llc_sem:.2g}, R-hat {r.diagnostics['rhat']:.3f}, "
                   f"ε {r.step_size:.3g}, γ {r.localization:g}, burn-in {r.config['num_burnin']}, converged "
@@ -103,4 +105,10 @@ def main(names):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:] or [*NETWORKS, "mlp"])
+    args = sys.argv[1:]
+    chosen = "sgld"
+    if "--sampler" in args:
+        i = args.index("--sampler")
+        chosen = args[i + 1]
+        del args[i:i + 2]
+    main(args or [*NETWORKS, "mlp"], chosen)

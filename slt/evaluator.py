@@ -642,8 +642,8 @@ class ChainEvaluator:
             except (RuntimeError, MemoryError) as e:
                 if not out_of_memory(e):
                     raise
-                first = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
-                what = f"{type(e).__name__}: {first}" if first else type(e).__name__
+                kind, first = type(e).__name__, (str(e).strip().splitlines() or [""])[0][:200]
+                what = f"{kind}: {first}" if first else kind
             # out of the handler, so that the failed attempt's frames (and their tensors) are released
             step = self._rows_per_call(R)
             if flat.is_cuda:
@@ -652,7 +652,7 @@ class ChainEvaluator:
                 raise _chain_too_large(flat.device, what)
             self.max_rows = step // 2
             self.notes.append(f"vmap in blocks of {self.max_rows} rows: {step} rows at once ran out of memory "
-                              f"on {flat.device} ({what.split(':')[0]})")
+                              f"on {flat.device} ({kind})")
 
     def _vmap_rows(self, flat: Tensor, batch: Batch) -> tuple[Tensor, Tensor]:
         """:meth:`_vmap_loss_and_grad`'s evaluation at the current ``max_rows``."""

@@ -13,6 +13,7 @@ Usage::
 
     python benchmarks/minibatch_defaults.py                 # all (about 5 minutes on 2 cores)
     python benchmarks/minibatch_defaults.py dln535 gauss    # some
+    python benchmarks/minibatch_defaults.py --sampler rmsprop_sgld   # another sampler, every other default
 """
 
 from __future__ import annotations
@@ -75,15 +76,15 @@ def problem(name):
     raise SystemExit(f"unknown problem {name!r}: choose from {[*DLN, 'ab', 'gauss']}")
 
 
-def main(names):
+def main(names, sampler="sgld"):
     warnings.filterwarnings("ignore")
-    print(f"slt {slt.__version__}, torch {torch.__version__}")
+    print(f"slt {slt.__version__}, torch {torch.__version__}, sampler {sampler}")
     for name in names:
         model, data, loss, known, kw = problem(name)
         for bs in ("auto", 256, None):
             t = time.perf_counter()
             args = (model, data) if loss is None else (model, data, loss)
-            r = slt.estimate_llc(*args, batch_size=bs, seed=0, progress=False, dtype=F64, **kw)
+            r = slt.estimate_llc(*args, batch_size=bs, seed=0, progress=False, dtype=F64, sampler=sampler, **kw)
             heat = r.diagnostics.get("minibatch_heating")
             heat_s = "—" if heat is None else f"{heat['excess']:.3g} ({heat['fraction']:.0%})"
             used = r.config["batch_size"]
@@ -93,4 +94,10 @@ def main(names):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:] or [*DLN, "ab", "gauss"])
+    args = sys.argv[1:]
+    chosen = "sgld"
+    if "--sampler" in args:
+        i = args.index("--sampler")
+        chosen = args[i + 1]
+        del args[i:i + 2]
+    main(args or [*DLN, "ab", "gauss"], chosen)

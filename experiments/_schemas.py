@@ -476,9 +476,9 @@ def _sampler_names() -> tuple[str, ...]:
     try:
         from slt.samplers import SAMPLERS
 
-        return tuple(SAMPLERS)
+        return ("auto", *SAMPLERS)  # "auto": the engine's default (SGLD, RMSProp-SGLD when SGLD does not settle)
     except ImportError:  # pragma: no cover - a library without the registry
-        return _SAMPLERS
+        return ("auto", *_SAMPLERS)
 
 
 def validate(cfg: Any) -> None:

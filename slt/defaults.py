@@ -77,7 +77,9 @@ EXTENSION_BUDGET = 1.0
 class LLCDefaults:
     """Sampling defaults of :func:`slt.estimate_llc` (see its docstring for each)."""
 
-    sampler: str = "sgld"
+    #: SGLD, followed by RMSProp-SGLD (frozen preconditioner) at the γ reached when SGLD's chains do not
+    #: settle under the automatic γ (see :func:`slt.estimate_llc`); ``"sgld"`` never switches
+    sampler: str = "auto"
     num_chains: int = 8
     num_draws: int = 1000
     num_burnin: int | None = None

@@ -177,7 +177,9 @@ def free_diffusion(sq_distance: Tensor, step_size: Tensor | float, num_steps: in
     num_steps
         Steps taken from w*.
     dims
-        Coordinates each row moves: ``d``, or ``(R,)`` (restricted rows).
+        Coordinates each row moves: ``d``, or ``(R,)`` (restricted rows).  For SGLD in a fixed
+        diagonal metric G (RMSProp-SGLD after burn-in) the free walk spreads as :math:`\epsilon\,t
+        \operatorname{tr}G`: pass :math:`\operatorname{tr}G` over the moved coordinates instead of d.
     """
     eps = step_size.reshape(-1) if isinstance(step_size, Tensor) else float(step_size)
     out = sq_distance.detach().double().cpu() / max(int(num_steps), 1)
@@ -199,7 +201,10 @@ def minibatch_heating(grad_noise_trace: Tensor, step_size: Tensor | float, nbeta
     temperatures.  The excess is proportional to ε (halving ε halves it) and to 1/batch size.
     Measured (8 chains, 1000 draws): a 5-dimensional Gaussian location model (n = 10⁴, batch 256,
     ε = 8.75e-5) predicted 0.30 against 0.22 ± 0.09 observed (minibatch minus full-batch λ̂ at
-    that ε).  It overstates the excess where the noise lies in directions that γ, not the loss,
+    that ε).  In a fixed diagonal metric G (RMSProp-SGLD after burn-in) the same Lyapunov argument
+    gives :math:`\tfrac\epsilon8(n\beta)^2\operatorname{tr}(G\operatorname{Cov}_B[\nabla L_B])`: pass that
+    trace (:func:`slt.stepsize.gradient_noise_trace` with ``metric``).
+    It overstates the excess where the noise lies in directions that γ, not the loss,
     holds, or that the loss holds more weakly than quadratically (DLN [5, 3, 5] at ε = 1.43e-3:
     6.3 predicted, 1.5 observed).
 

@@ -7,7 +7,8 @@ source.  It records, rows first,
 * at every draw (step ``t >= num_burnin`` with ``(t - num_burnin) % thin == 0``):
   the minibatch loss :math:`L_{B_t}(w_t)` at the pre-step position, the control
   variate :math:`L_{B_t}(w^*)` and the observables evaluated at :math:`w_t`;
-* during burn-in: the loss;
+* during burn-in: the loss; before the first draw the sampler's ``end_burnin`` (if any) is applied
+  to the state (RMSProp-SGLD freezes its preconditioner there);
 * the MALA acceptance of the draws' proposals, when the sampler computes it;
 * batches: a state that carries a cache (the sampler's evaluation at its new position,
   e.g. SGLD after a MALA step with ``reuse_batch``) is stepped on the same batch again;
@@ -217,6 +218,8 @@ def run_chains(
     draw = 0
     current = None
     for t in range(num_steps):
+        if t == num_burnin and getattr(sampler, "end_burnin", None) is not None:  # RMSProp-SGLD: freeze G
+            state = sampler.end_burnin(state)
         batch, star = current = next_batch(batches, state, current)
         w_t = state.params  # the draw: loss and observables are taken here
         state, info = sampler.step(state, batch, rng)

@@ -317,7 +317,8 @@ class LLCResult:
         ]
         spread = d.get("free_diffusion")
         if known(spread):
-            lines.append(f"  spread ‖w − w*‖² = {f(spread, '.3g')} of a free random walk's d·ε·t"
+            walk = "d·ε·t" if self.sampler == "sgld" else "ε·t·tr G (G the frozen preconditioner)"
+            lines.append(f"  spread ‖w − w*‖² = {f(spread, '.3g')} of a free random walk's {walk}"
                          + (" (the potential has not yet held the chains in most directions)"
                             if spread >= FREE_DIFFUSION else ""))
         heat = d.get("minibatch_heating")
@@ -328,6 +329,14 @@ class LLCResult:
         for up in self.config.get("batch_size_raises") or []:
             lines.append(f"  batch_size raised {up['from']} → {up['to'] or 'full batch'}: minibatch heating "
                          f"{f(up['excess'])} ({f(up['fraction'], '.1%')} of λ̂ {f(up['llc'])}) at {up['from']}")
+        fb = self.config.get("sampler_fallback")
+        if fb:
+            why = "; ".join(fb.get("reasons") or [])
+            lines.append(f"  sampler: {fb['from']} did not settle at γ = {f(fb['localization'], 'g')} ({why}); repeated "
+                         f"with {fb['to']} (preconditioner frozen after burn-in), which "
+                         + ("settled: these are its draws" if fb.get("settled") else
+                            f"did not settle either ({'; '.join(fb.get('reasons_after') or [])}): these are "
+                            f"{fb['from']}'s draws"))
         for ext in self.config.get("draw_extensions") or []:
             lines.append(f"  draws extended {ext['from']} → {ext['to']}: chains stationary but not yet mixed "
                          f"(R-hat {f(ext['rhat'])})")

@@ -257,9 +257,11 @@ def minibatch_gradient_noise(
 
 def gradient_noise_trace(
     potential: LocalizedPotential, params: Tensor, batches: BatchStream, num_batches: int = 4,
-    mask: Callable[[Tensor], Tensor] | None = None,
+    mask: Callable[[Tensor], Tensor] | None = None, metric: Callable[[slice], Tensor] | None = None,
 ) -> Tensor:
-    r""":math:`\operatorname{tr}\operatorname{Cov}_B[\nabla L_B(w)]` at each row of ``params`` (R, d), (R,).
+    r""":math:`\operatorname{tr}\operatorname{Cov}_B[\nabla L_B(w)]` at each row of ``params`` (R, d), (R,);
+    with ``metric`` (a diagonal preconditioner's columns, ``Sampler.metric``)
+    :math:`\operatorname{tr}(G\operatorname{Cov}_B[\nabla L_B(w)])`.
 
     The unbiased sample variance over ``num_batches`` batches of the stream (each row's own
     batches), summed over coordinates, accumulated one gradient at a time (Welford, a column chunk
@@ -282,7 +284,8 @@ def gradient_noise_trace(
             g, m = grad[:, sl], mean[:, sl]
             delta = g - m
             m.add_(delta, alpha=1.0 / (k + 1))
-            m2 += rowsum64(delta.mul_(g.sub_(m)))
+            delta.mul_(g.sub_(m))
+            m2 += rowsum64(delta if metric is None else delta.mul_(metric(sl)))
         del g, m, delta, grad  # the chunk views hold the gradient too: freed before the next evaluation
     return m2 / (num_batches - 1)
 

@@ -65,6 +65,12 @@ def test_gradient_noise_trace_is_the_sample_variance_of_the_batch_gradients():
     masked = gradient_noise_trace(pot, rows, lambda: (target.source.gather(next(it)), None), num_batches=M,
                                   mask=lambda t: t.mul_(keep))
     torch.testing.assert_close(masked, grads.var(0, unbiased=True)[:, 1:].sum(-1), rtol=1e-12, atol=1e-12)
+    # a fixed diagonal metric G (RMSProp-SGLD after burn-in): tr(G Cov)
+    it = iter(idx)
+    G = torch.tensor([[0.5, 2.0, 10.0]], dtype=F64).expand(R, 3)
+    weighted = gradient_noise_trace(pot, rows, lambda: (target.source.gather(next(it)), None), num_batches=M,
+                                    metric=lambda sl: G[:, sl].clone())
+    torch.testing.assert_close(weighted, (grads.var(0, unbiased=True) * G).sum(-1), rtol=1e-12, atol=1e-12)
     # the estimate's formula, ε per chain or one number
     eps = torch.tensor([[1e-3], [2e-3], [1e-3], [4e-3]], dtype=F64)
     torch.testing.assert_close(minibatch_heating(got, eps, 100.0), got * eps.flatten() * 100.0**2 / 8)
@@ -198,7 +204,8 @@ def test_the_automatic_batch_is_raised_when_heating_fires_and_then_matches_the_c
 
 def test_the_batch_rule_goes_to_full_batch_caps_the_batch_and_leaves_loaders_alone():
     """``_raised_batch`` on a hand-made run: the factor, the switch to the full batch at half the data,
-    the cap, and no raise for a DataLoader, another sampler or a run the finding does not fire on."""
+    the cap, and no raise for a DataLoader, a run without a heating estimate (another sampler: sghmc, or
+    RMSProp-SGLD with a running preconditioner) or a run the finding does not fire on."""
     from types import SimpleNamespace
 
     from slt.data import LoaderSource
@@ -212,7 +219,8 @@ def test_the_batch_rule_goes_to_full_batch_caps_the_batch_and_leaves_loaders_alo
 
     def raised(excess, n=10**6, batch=256, source=None, spec=sgld, full=False):
         target = SimpleNamespace(nbeta=10.0, G=1, source=SimpleNamespace(n=n) if source is None else source)
-        run = {"heating": torch.full((C,), excess, dtype=F64), "trace": trace, "batches": SimpleNamespace(full=full)}
+        heating = None if excess is None else torch.full((C,), excess, dtype=F64)
+        run = {"heating": heating, "trace": trace, "batches": SimpleNamespace(full=full)}
         return _raised_batch(run, target, spec, C, batch)
 
     tr = 10.0 * loss
@@ -228,7 +236,8 @@ def test_the_batch_rule_goes_to_full_batch_caps_the_batch_and_leaves_loaders_alo
     assert raised(1e3, n=2 * BATCH_SIZE_MAX)["to"] is None
     assert raised(1e3, batch=BATCH_SIZE_MAX) is None  # at the cap: the finding stays and names the fix
     assert raised(1.0, source=LoaderSource.__new__(LoaderSource)) is None
-    assert raised(1.0, spec=SimpleNamespace(name="sghmc")) is None
+    assert raised(None, spec=SimpleNamespace(name="sghmc")) is None
+    assert raised(1.0, spec=SimpleNamespace(name="rmsprop_sgld"))["to"] == up["to"]  # frozen metric: its heating
     assert raised(1.0, full=True) is None
 
 
@@ -236,3 +245,21 @@ def test_batch_size_must_be_a_number_none_or_auto():
     X = _data(n=100, d=2)
     with pytest.raises(ValueError, match="batch_size must be a positive integer, None .* or 'auto'"):
         slt.estimate_llc(_Location(X.mean(0)), X, _half_sq, batch_size="full")
+
+
+def test_frozen_rmsprop_sgld_reports_heating_and_diffusion_and_a_running_one_does_not():
+    """The end-of-run checks hold for SGLD in a fixed metric G (tr G Cov, ε t tr G): RMSProp-SGLD with its
+    preconditioner frozen after burn-in reports both; with ``freeze=False`` (a running preconditioner,
+    whose noise enters otherwise) neither.  On the location model at batch 32 the heating estimate is
+    the same order as SGLD's at the same ε: its G lies between 1/(0.1 + √v) and 1/a = 10."""
+    X = _data(n=2000)
+    kw = dict(num_chains=4, num_draws=200, num_burnin=200, batch_size=32, step_size=1e-4, localization=1.0,
+              dtype=F64, seed=0, progress=False, extend_draws=False)
+    m = _Location(X.mean(0))
+    frozen = slt.estimate_llc(m, X, _half_sq, sampler="rmsprop_sgld", **kw)
+    running = slt.estimate_llc(m, X, _half_sq, sampler="rmsprop_sgld", sampler_kwargs={"freeze": False}, **kw)
+    plain = slt.estimate_llc(m, X, _half_sq, **kw)
+    h_f, h_s = frozen.diagnostics["minibatch_heating"], plain.diagnostics["minibatch_heating"]
+    assert h_f is not None and running.diagnostics["minibatch_heating"] is None
+    assert 0.5 * h_s["excess"] < h_f["excess"] < 10.5 * h_s["excess"], (h_f, h_s)
+    assert frozen.diagnostics.get("free_diffusion") is not None and running.diagnostics.get("free_diffusion") is None

@@ -169,6 +169,9 @@ def test_reset_restarts_only_the_given_rows(make):
             assert new.step == state.step
             continue
         a, b, f = getattr(new, name), getattr(state, name), getattr(fresh, name)
+        if name == "frozen":  # RMSProp-SGLD's flag: a reset during burn-in leaves it as it was
+            assert a is b is f is False
+            continue
         if a is None or name == "cache":
             assert a is None  # a deterministic cache would be stale
             continue
@@ -189,9 +192,84 @@ def test_sampler_arguments_are_checked():
         slt.samplers.resolve_sampler(42)
 
 
+def _rmsprop_run(freeze: bool, num_burnin: int, num_steps: int = 30, rows=None):
+    """RMSProp-SGLD on U = ½ Σ P_j w_j² (3 chains) through :func:`run_chains`; rows diverge at step 12
+    when ``rows`` is given (the divergence check restarts them at w*)."""
+    P = torch.tensor([0.5, 1.0, 3.0, 8.0], dtype=F64)
+    w_star = torch.zeros(3, 4, dtype=F64)
+    pot = LocalizedPotential(_quadratic(P), w_star, 10.0, 1.0)
+    smp = rmsprop_sgld(pot, 0.01, freeze=freeze, mala_every=0)
+    seen = []
+
+    def batches():
+        return None, torch.zeros(3, dtype=F64)
+
+    class Watch:  # records v before each step
+        def __init__(self):
+            self.g = torch.Generator().manual_seed(0)
+
+        def normal(self, *a, **k):
+            return torch.randn(*a, generator=self.g, **k)
+
+    def step(state, batch, rng):
+        seen.append((state.precond_v.clone(), state.frozen))
+        return smp.step(state, batch, rng)
+
+    div = None
+    if rows is not None:
+        class Div(Divergence):
+            def check(self, loss, star, params):
+                return rows.clone() if len(seen) == 12 else torch.zeros(3, dtype=torch.bool)
+        div = Div(1e9, 10.0, w_star, 1)
+    final, _ = run_chains(smp._replace(step=step), smp.init(w_star), batches, torch.Generator().manual_seed(0),
+                          num_steps, num_burnin=num_burnin, divergence=div)
+    return seen, final
+
+
+def test_rmsprop_sgld_freezes_its_preconditioner_at_the_end_of_burn_in():
+    """``freeze=True``: v changes through the burn-in, then stays bit for bit the same through the draws
+    (and a row restarted at w* keeps it); ``freeze=False`` keeps updating; without burn-in nothing freezes."""
+    seen, final = _rmsprop_run(True, 10)
+    assert [f for _, f in seen] == [False] * 10 + [True] * 20 and final.frozen
+    assert not torch.equal(seen[5][0], seen[9][0])  # adapting during burn-in
+    assert all(torch.equal(v, seen[10][0]) for v, _ in seen[10:]) and torch.equal(final.precond_v, seen[10][0])
+    assert float(seen[10][0].min()) > 0
+    seen_r, final_r = _rmsprop_run(True, 10, rows=torch.tensor([True, False, False]))
+    assert torch.equal(final_r.precond_v, seen_r[10][0])  # the restarted row kept its metric
+    seen, final = _rmsprop_run(False, 10)
+    assert not final.frozen and not torch.equal(final.precond_v, seen[10][0])
+    seen, final = _rmsprop_run(True, 0)
+    assert not final.frozen and not torch.equal(final.precond_v, seen[1][0])
+
+
 # ----------------------------------------------------------------------------
 # statistical tier: stationary laws on a Gaussian target
 # ----------------------------------------------------------------------------
+def test_frozen_rmsprop_sgld_samples_the_exact_discrete_law_of_its_metric():
+    """With G frozen after burn-in the step on U = ½ Σ P_j w_j² is, per coordinate, the linear recursion
+    w' = (1 − εG_jP_j/2) w + √(εG_j) ξ, whose stationary variance is exactly 1/(P_j (1 − εG_jP_j/4)): every
+    chain's own G enters, and 400 chains × 6000 draws match it within 4 s.e. per coordinate.  Large steps
+    (εG_jP_j up to about 0.7) make the discrete factor up to about 1.2, so using 1/P_j instead fails."""
+    P, eps, C, burn, T = P8, 0.4, 400, 2000, 6000
+    d = P.shape[0]
+    pot = LocalizedPotential(_quadratic(P), torch.zeros(C, d, dtype=F64), 1.0, 0.0)
+    smp = rmsprop_sgld(pot, eps, mala_every=0)
+    state = smp.init(torch.zeros(C, d, dtype=F64))
+    noise = torch.Generator().manual_seed(7)
+    for _ in range(burn):
+        state, _ = smp.step(state, None, noise)
+    state = smp.end_burnin(state)
+    G = smp.metric(state)(slice(0, d))
+    acc = torch.zeros(C, d, dtype=F64)
+    for _ in range(T):
+        state, _ = smp.step(state, None, noise)
+        acc += state.params.square()
+    ratio = acc / T * P * (1 - eps * G * P / 4)  # 1 in expectation, chain by chain
+    mean, se = ratio.mean(0), ratio.std(0) / math.sqrt(C)
+    assert float((eps * G * P).max()) > 0.5  # the discrete factor matters at these steps
+    assert ((mean - 1).abs() < 4 * se).all(), (mean, se)
+    naive = (acc / T * P).mean(0)
+    assert ((naive - 1).abs() > 4 * se).any()
 P8 = torch.tensor([0.25, 0.5, 1.0, 2.0] * 2, dtype=F64)
 
 
@@ -296,7 +374,8 @@ def test_sampler_by_value_equals_sampler_by_name(value, name, kwargs):
     a = slt.estimate_llc(m, data, F.mse_loss, sampler=value, **KW)
     b = slt.estimate_llc(m, data, F.mse_loss, sampler=name, sampler_kwargs=kwargs, **KW)
     assert torch.equal(a.llc_trace, b.llc_trace) and a.sampler == b.sampler == name
-    assert a.config["sampler_kwargs"] == {**value.kwargs} == {**kwargs, **({"eps": 0.1} if name == "rmsprop_sgld" else {})}
+    own = {"eps": 0.1, "freeze": True} if name == "rmsprop_sgld" else {}
+    assert a.config["sampler_kwargs"] == {**value.kwargs} == {**own, **kwargs}
 
 
 def test_a_spec_and_sampler_kwargs_must_not_repeat_a_hyperparameter():

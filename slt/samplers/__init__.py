@@ -78,7 +78,9 @@ SAMPLERS: dict[str, Callable[..., Any]] = {
     "sghmc": sghmc,
     "sgnht": sgnht,
 }
-_ALIASES = {"rmsprop": "rmsprop_sgld", "rmspropsgld": "rmsprop_sgld", "rmsprop-sgld": "rmsprop_sgld"}
+#: ``"auto"`` is :func:`slt.estimate_llc`'s default: SGLD, which that engine may follow with RMSProp-SGLD
+#: when SGLD's chains do not settle; elsewhere it is SGLD
+_ALIASES = {"rmsprop": "rmsprop_sgld", "rmspropsgld": "rmsprop_sgld", "rmsprop-sgld": "rmsprop_sgld", "auto": "sgld"}
 
 
 def resolve_sampler(sampler: str | SamplerSpec) -> SamplerSpec:

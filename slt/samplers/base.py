@@ -257,6 +257,13 @@ class Sampler(NamedTuple):
     leaves flat (SGLD 1; RMSProp-SGLD 1/a, its preconditioner where ∇L, and so √v, vanishes): such
     a direction, held by γ alone, relaxes over 1/(ε · gain · γ) steps, which sets the automatic
     burn-in (:func:`slt.defaults.default_burnin`).
+    ``end_burnin(state) -> State`` (``None``: nothing to do) is called by :func:`slt.loop.run_chains`
+    before the first draw: a sampler that adapts something during burn-in freezes it there (RMSProp-SGLD
+    its preconditioner, so that the draws follow a fixed metric and target the posterior exactly).
+    ``metric(state) -> cols | None`` gives the fixed diagonal preconditioner G of a state, as a function of
+    a column slice returning a fresh ``(C, len)`` tensor, or ``None`` where the state has none (SGLD:
+    G = I is implied by ``metric is None``; RMSProp-SGLD before its preconditioner is frozen); the
+    end-of-run checks (free diffusion, minibatch heating) read it.
     """
 
     name: str
@@ -265,6 +272,8 @@ class Sampler(NamedTuple):
     step_size: float
     reset: Callable[[Any, Tensor, Tensor], Any] = _no_reset
     relaxation_gain: float = 1.0
+    end_burnin: Callable[[Any], Any] | None = None
+    metric: Callable[[Any], Callable[[slice], Tensor] | None] | None = None
 
 
 @dataclass(frozen=True)

@@ -9,6 +9,10 @@ r"""SGLD and RMSProp-preconditioned SGLD.
     2025, arXiv 2507.21449): :math:`v \leftarrow \alpha v + (1-\alpha) g^2` with
     ``g = ∇L_B(w)`` (the loss gradient only), :math:`G = 1/(\sqrt v + a)`,
     :math:`\Delta w = -\tfrac{\epsilon}{2} G \odot \nabla U_B(w) + \sqrt{\epsilon G}\,\xi`.
+    By default v stops updating at the end of burn-in (``freeze=True``): the draws then follow a
+    fixed diagonal metric G and target the posterior exactly (up to the discretisation), as a
+    mass matrix adapted during warm-up does in Stan; ``freeze=False`` keeps Li et al.'s running
+    preconditioner (devinterp's), whose stationary law is only approximately the posterior.
 
 MALA diagnostic
 ---------------
@@ -72,12 +76,14 @@ class SGLDState(NamedTuple):
 
 
 class RMSPropSGLDState(NamedTuple):
-    """As :class:`SGLDState`, plus ``precond_v`` (C, d), RMSProp's running second moment of ∇L."""
+    """As :class:`SGLDState`, plus ``precond_v`` (C, d), RMSProp's running second moment of ∇L, and
+    ``frozen``: True once the burn-in has ended (``Sampler.end_burnin``) and v no longer changes."""
 
     params: Tensor
     precond_v: Tensor
     step: int
     cache: Cache | None
+    frozen: bool = False
 
 
 def _langevin_sampler(
@@ -92,6 +98,9 @@ def _langevin_sampler(
     aux_of: Callable[[Any], Any],
     reuse_batch: bool = False,
     relaxation_gain: float = 1.0,
+    reset_aux: Callable[[Any, Tensor], Any] | None = None,
+    end_burnin: Callable[[Any], Any] | None = None,
+    metric: Callable[[Any], Callable[[slice], Tensor] | None] | None = None,
 ) -> Sampler:
     """The SGLD step, shared by both samplers: ``precondition(aux, ∇L) -> (G's columns, aux')``.
 
@@ -128,11 +137,11 @@ def _langevin_sampler(
 
     def reset(state: Any, rows: Tensor, w_star: Tensor) -> Any:
         aux = aux_of(state)
-        if aux is not None:
-            aux = reset_rows(aux, rows, 0.0)
+        if aux is not None and reset_aux is not None:
+            aux = reset_aux(aux, rows)
         return make_state(reset_rows(state.params, rows, w_star), aux, state.step, None)
 
-    return Sampler(name, init, step, step_size, reset, relaxation_gain)
+    return Sampler(name, init, step, step_size, reset, relaxation_gain, end_burnin, metric)
 
 
 def sgld(
@@ -167,6 +176,7 @@ def rmsprop_sgld(
     *,
     alpha: float = 0.99,
     eps: float = 0.1,
+    freeze: bool = True,
     deterministic: bool = False,
     mala_every: int = 10,
     reuse_batch: bool = False,
@@ -178,21 +188,36 @@ def rmsprop_sgld(
     :math:`w \leftarrow w - \tfrac{\epsilon}{2} G \odot \nabla U_B(w) + \sqrt{\epsilon G}\,\xi`.
 
     Li, Chen, Carlson & Carin (2016); Hitchcock & Hoogland (2025, arXiv
-    2507.21449), whose defaults α = 0.99, a = 0.1 are used.  The preconditioner
-    depends on the chain's history, so the chain targets the posterior only
-    approximately; in exchange flat directions get larger steps, up to 1/a times ε
-    (``Sampler.relaxation_gain``: a direction held by γ alone relaxes 1/a times faster than
-    under SGLD, which the automatic burn-in counts).  Without a potential, returns a
-    :class:`SamplerSpec`.
+    2507.21449), whose defaults α = 0.99, a = 0.1 are used.  Flat directions get larger
+    steps, up to 1/a times ε (``Sampler.relaxation_gain``: a direction held by γ alone relaxes
+    1/a times faster than under SGLD, which the automatic burn-in counts).
+
+    ``freeze=True`` (default): v adapts during burn-in only; :func:`slt.loop.run_chains` freezes
+    it before the first draw (``Sampler.end_burnin``; a run without burn-in keeps it running).  With
+    G fixed the step is SGLD in the metric G, whose stationary law is the posterior up to the
+    discretisation (Girolami & Calderhead 2011 with a constant metric; Stan's adapted diagonal mass
+    matrix), the MALA diagnostic is exact for it, and the end-of-run checks apply with G in place of
+    I: a free walk spreads as ε t tr G, and minibatch noise heats λ̂ by
+    :math:`\tfrac\epsilon8(n\beta)^2\operatorname{tr}(G\operatorname{Cov}[\nabla L_B])`.  A divergent
+    row restarted at w* keeps its frozen metric.  ``freeze=False``: the running preconditioner of Li et
+    al. and devinterp, which depends on the chain's history, so the chain targets the posterior only
+    approximately.  Without a potential, returns a :class:`SamplerSpec`.
     """
     if not 0.0 <= alpha < 1.0:
         raise ValueError(f"rmsprop alpha must lie in [0, 1), got {alpha}")
     if not eps > 0:
         raise ValueError(f"rmsprop eps (a) must be positive, got {eps}")
     if potential is None:
-        return SamplerSpec("rmsprop_sgld", rmsprop_sgld, {"alpha": alpha, "eps": eps})
+        return SamplerSpec("rmsprop_sgld", rmsprop_sgld, {"alpha": alpha, "eps": eps, "freeze": freeze})
 
-    def precondition(v: Tensor, grad: Tensor) -> tuple[Callable[[slice], Tensor], Tensor]:
+    def cols(v: Tensor) -> Callable[[slice], Tensor]:
+        # G = 1/(√v + a), a chunk at a time, never stored (fresh: the caller may write into it)
+        return lambda sl: 1.0 / (v[:, sl].sqrt().add_(eps))
+
+    def precondition(aux: tuple[Tensor, bool], grad: Tensor) -> tuple[Callable[[slice], Tensor], tuple[Tensor, bool]]:
+        v, frozen = aux
+        if frozen:
+            return cols(v), aux
         # v ← αv + (1-α)∇L² in place, a chunk of columns at a time: the state's second moment is the
         # sampler's own (made by init/reset, never a caller's tensor), and a copy would cost one more
         # parameter-sized tensor per chain.  The step thus consumes the input state's v.
@@ -200,13 +225,26 @@ def rmsprop_sgld(
             v = torch.zeros(v.shape, dtype=v.dtype, device=v.device)
         for sl in column_chunks(v):
             v[:, sl].mul_(alpha).add_(grad[:, sl].square().mul_(1.0 - alpha))
-        # G = 1/(√v + a), a chunk at a time, never stored (fresh: the caller may write into it)
-        return (lambda sl: 1.0 / (v[:, sl].sqrt().add_(eps))), v
+        return cols(v), (v, False)
+
+    def reset_aux(aux: tuple[Tensor, bool], rows: Tensor) -> tuple[Tensor, bool]:
+        v, frozen = aux
+        return aux if frozen else (reset_rows(v, rows, 0.0), False)  # a frozen metric is kept
+
+    def end_burnin(state: RMSPropSGLDState) -> RMSPropSGLDState:
+        # no gradient seen yet (no burn-in): v is zero and G = 1/a everywhere, so keep adapting
+        if not freeze or state.frozen or state.step == 0:
+            return state
+        return state._replace(frozen=True)
+
+    def metric(state: RMSPropSGLDState) -> Callable[[slice], Tensor] | None:
+        return cols(state.precond_v) if state.frozen else None
 
     return _langevin_sampler(
         "rmsprop_sgld", potential, step_size, deterministic, mala_every, precondition,
-        new_aux=zeros_like_params,
-        make_state=lambda p, v, t, cache: RMSPropSGLDState(p, v, t, cache),
-        aux_of=lambda s: s.precond_v, reuse_batch=reuse_batch,
+        new_aux=lambda p: (zeros_like_params(p), False),
+        make_state=lambda p, aux, t, cache: RMSPropSGLDState(p, aux[0], t, cache, aux[1]),
+        aux_of=lambda s: (s.precond_v, s.frozen), reuse_batch=reuse_batch,
         relaxation_gain=1.0 / eps,  # G = 1/(√v + a) → 1/a where the loss is flat (∇L = 0, so v → 0)
+        reset_aux=reset_aux, end_burnin=end_burnin, metric=metric,
     )

@@ -1,0 +1,103 @@
+"""``sampler="auto"`` (the default of ``estimate_llc``): SGLD, repeated with RMSProp-SGLD (preconditioner
+frozen after burn-in) at the γ reached when SGLD's chains have not settled under the automatic γ.
+
+Exact tier, on the mechanism: which run is returned and what the config records.  Whether a run
+"settled" is forced here by wrapping the engine's verdict (the real verdicts are tested in
+``test_localization.py`` and ``test_diffusion.py``), so each branch runs in seconds."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import slt
+import slt.engine as engine
+
+F64 = torch.float64
+pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")  # an untrained toy: w* and R-hat warnings
+
+
+def _job():
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(200, 3, generator=g, dtype=F64)
+    Y = X.sum(1, keepdim=True) + 0.3 * torch.randn(200, 1, generator=g, dtype=F64)
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 1)).to(F64)
+    return m, (X, Y)
+
+
+KW = dict(num_chains=4, num_draws=100, num_burnin=50, dtype=F64, seed=0, progress=False, extend_draws=False)
+
+
+@pytest.fixture
+def forced(monkeypatch):
+    """``forced(names)``: runs of the samplers in ``names`` are judged unsettled, every other as settled."""
+    run_at = engine._run_at
+
+    def tagged(target, rows, spec, *a, **k):
+        out = run_at(target, rows, spec, *a, **k)
+        out["trace"].sampler_name = spec.name
+        return out
+
+    def install(names):
+        def unsettled(trace, *a, **k):
+            return {0: ["forced by the test"]} if getattr(trace, "sampler_name", None) in names else {}
+        monkeypatch.setattr(engine, "_run_at", tagged)
+        monkeypatch.setattr(engine, "_unsettled", unsettled)
+    return install
+
+
+def test_auto_falls_back_to_frozen_rmsprop_sgld_when_sgld_does_not_settle(forced):
+    forced({"sgld"})
+    m, data = _job()
+    r = slt.estimate_llc(m, data, F.mse_loss, **KW)
+    fb = r.config["sampler_fallback"]
+    assert r.sampler == r.config["sampler"] == "rmsprop_sgld" and r.config["sampler_requested"] == "auto"
+    assert fb["from"] == "sgld" and fb["to"] == "rmsprop_sgld" and fb["settled"] is True
+    assert fb["localization"] == r.localization == r.config["localization_escalations"][-1]["localization"] * 10
+    assert any("forced by the test" in s for s in fb["reasons"])
+    assert r.config["relaxation_gain"] == pytest.approx(10.0)
+    assert r.diagnostics.get("free_diffusion") is not None  # the frozen metric's checks ran
+
+
+def test_sgld_by_name_never_switches_and_a_failed_fallback_keeps_sglds_draws(forced):
+    forced({"sgld"})
+    m, data = _job()
+    plain = slt.estimate_llc(m, data, F.mse_loss, sampler="sgld", **KW)
+    assert plain.sampler == "sgld" and plain.config["sampler_fallback"] is None
+    assert any("sampler='rmsprop_sgld'" in s for s in plain.convergence_reasons)
+    forced({"sgld", "rmsprop_sgld"})
+    both = slt.estimate_llc(m, data, F.mse_loss, **KW)
+    fb = both.config["sampler_fallback"]
+    assert both.sampler == "sgld" and fb["settled"] is False and fb["reasons_after"]
+    # the same SGLD draws as the run by name: the fallback's run leaves them alone
+    assert torch.equal(both.llc_trace, plain.llc_trace)
+    assert any("did not settle either" in s for s in both.convergence_reasons), both.convergence_reasons
+
+
+def test_no_fallback_with_a_given_localization_or_when_sgld_settles(forced):
+    m, data = _job()
+    forced({"sgld"})
+    given = slt.estimate_llc(m, data, F.mse_loss, localization=10.0, **KW)
+    assert given.sampler == "sgld" and given.config["sampler_fallback"] is None
+    forced(set())
+    settled = slt.estimate_llc(m, data, F.mse_loss, **KW)
+    assert settled.sampler == "sgld" and settled.config["sampler_fallback"] is None
+
+
+def test_the_printed_result_says_what_the_fallback_did(forced):
+    forced({"sgld"})
+    m, data = _job()
+    text = str(slt.estimate_llc(m, data, F.mse_loss, **KW))
+    assert "sampler: sgld did not settle at γ = " in text and "forced by the test" in text
+    assert "which settled: these are its draws" in text and "tr G" in text
+
+
+def test_no_fallback_with_a_given_step_size(forced):
+    """A given ε was chosen for SGLD: RMSProp-SGLD's steps are up to 1/a times larger at the same ε."""
+    forced({"sgld"})
+    m, data = _job()
+    r = slt.estimate_llc(m, data, F.mse_loss, step_size=1e-4, **KW)
+    assert r.sampler == "sgld" and r.config["sampler_fallback"] is None

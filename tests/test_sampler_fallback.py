@@ -101,3 +101,21 @@ def test_no_fallback_with_a_given_step_size(forced):
     m, data = _job()
     r = slt.estimate_llc(m, data, F.mse_loss, step_size=1e-4, **KW)
     assert r.sampler == "sgld" and r.config["sampler_fallback"] is None
+
+
+def test_the_metric_trace_counts_only_the_coordinates_a_restricted_row_moves():
+    """tr G over a restriction's coordinates, rows in (K, M, C) order as ``Groups.apply_mask``: with G
+    the column index + 1, each row's trace is the sum of (j + 1) over its mask."""
+    from types import SimpleNamespace
+
+    K, C, d = 2, 3, 5
+    masks = torch.tensor([[1, 1, 0, 0, 0], [0, 0, 1, 1, 1]], dtype=torch.bool)
+    target = SimpleNamespace(K=K, groups=SimpleNamespace(masks=masks))
+    R = K * masks.shape[0] * C
+    G = torch.arange(1.0, d + 1, dtype=F64).expand(R, d)
+    got = engine._metric_trace(target, lambda sl: G[:, sl].clone(), torch.zeros(R, d, dtype=F64))
+    want = torch.tensor([3.0] * C + [12.0] * C, dtype=F64).repeat(K)
+    assert torch.equal(got, want)
+    plain = engine._metric_trace(SimpleNamespace(K=1, groups=SimpleNamespace(masks=None)),
+                                 lambda sl: G[:4, sl].clone(), torch.zeros(4, d, dtype=F64))
+    assert torch.equal(plain, torch.full((4,), 15.0, dtype=F64))

@@ -71,7 +71,9 @@ which is our SGLD step with **lr = ε (step_size), n_beta = nβ, localization =
 ``V ← αV + (1-α) g²`` with ``g = p.grad`` (the *unscaled* loss gradient, not
 ``nβ g``), ``G = 1/(√V + eps)``, drift ``-(lr/2) G ⊙ ∇U`` and noise
 ``√(lr G) ⊙ N(0, 1)``; defaults ``alpha = 0.99``, ``eps = 0.1``, no
-:math:`\Gamma` correction term.  The same (ε, nβ, γ) mapping applies.
+:math:`\Gamma` correction term, V updated at every step (burn-in and draws): slt's
+``rmsprop_sgld(freeze=False)``; slt's default freezes G at the end of burn-in.  The same (ε, nβ, γ)
+mapping applies.
 
 Noise and data seeds: chain ``c`` reseeds the *global* torch / numpy /
 ``random`` RNGs with ``init_seed + c`` (``slt/sampler.py:155``,

@@ -53,10 +53,10 @@ from ._runtime import intra_op_threads, resolve_device, retained_heap, small_wor
 from .data import LoaderSource
 from .defaults import (BATCH_RAISES, BATCH_SIZE, BATCH_SIZE_MAX, EXTENSION_BUDGET, LLC, LOCALIZATION_MIN_DRAWS,
                        LOCALIZATION_STEPS, default_burnin, default_localization, default_nbeta)
-from .diagnostics import free_diffusion, halved_step_estimate, llc_standard_error, minibatch_heating
+from .diagnostics import changed, free_diffusion, halved_step_estimate, llc_standard_error, minibatch_heating
 from .evaluator import ChainEvaluator, fused_summary
 from .loop import Divergence, Trace, run_chains, show_progress
-from .result import UNSETTLED, LLCResult, equilibrium_checks, heating_check
+from .result import UNSETTLED, LLCResult, _paired_z, equilibrium_checks, heating_check
 from .rng import ChainRNG
 from .samplers import LocalizedPotential, SamplerSpec, build_sampler, resolve_sampler
 from .samplers.base import column_chunks, rowsum64
@@ -214,13 +214,16 @@ def estimate_llc(
         ``slt.samplers.sghmc(friction=0.05)`` (a :class:`slt.samplers.SamplerSpec`;
         see :mod:`slt.samplers`).  ``"auto"`` (default): SGLD; with the automatic γ and the
         adapted step size, when its chains have still not settled once γ can rise no further and
-        the draws were extended, the run is repeated with RMSProp-SGLD (preconditioner adapted during burn-in, then frozen, so
-        that its draws target the posterior) at the γ reached, whose result is returned if it
-        settled (``config["sampler_fallback"]`` says what was tried and why; ``config["sampler"]``
-        the sampler of the returned draws).  RMSProp-SGLD moves the directions only γ holds 1/a =
-        10 times faster, which mixes networks SGLD does not (a tiny GPT-2: R-hat 1.11 → 1.08), but
-        on the known answers of ``benchmarks/minibatch_defaults.py`` it sits above SGLD (batch 256:
-        +12–22% against +10–14%; full batch: +4–11% against +3–8%), so it is not the first choice.
+        the draws were extended, the run is repeated with RMSProp-SGLD (preconditioner adapted
+        during burn-in, then frozen, so that its draws target the posterior) at the γ reached.  Its
+        draws are returned if they settled: its own checks pass, and a direct run at ε/2 with the
+        same steps and seeds gives the same λ̂ within Monte-Carlo error (the in-run halving estimate
+        assumes a metric fixed from w*, which an adapting one is not).  ``config["sampler_fallback"]``
+        says what was tried and why; ``config["sampler"]`` is the sampler of the returned draws.
+        RMSProp-SGLD moves the directions only γ holds 1/a = 10 times faster, which mixes networks
+        SGLD does not (a tiny GPT-2: R-hat 1.11 → 1.08), but on the known answers of
+        ``benchmarks/minibatch_defaults.py`` it sits above SGLD (batch 256: +12–22% against
+        +10–14%; full batch: +4–11% against +3–8%), so it is not the first choice.
     observables
         ``name -> f(params)`` with ``params`` a mapping ``name -> (C, *shape)``
         and ``f`` returning ``(C, ...)``; evaluated at every draw, batched over
@@ -563,10 +566,21 @@ def sample_target(
         alt_halved = _halved_estimates(alt["trace"], alt["eps"], target.nbeta, alt["num_burnin"], alt["num_steps"])
         alt_unsettled = _unsettled(alt["trace"], target.nbeta, G, C, alt_halved, diffusion=alt["diffusion"],
                                    times=_draw_times(alt["trace"], alt["num_burnin"], num_steps_bw_draws))
+        seconds = alt["trace"].seconds + alt["adapt_seconds"] + sum(e["seconds"] for e in alt_ext)
+        halving = None
+        if not alt_unsettled:  # the in-run halving estimate assumes a fixed metric from w*; check it directly
+            half = _run_at(target, rows, resolve_sampler("rmsprop_sgld"), "given", alt["eps"] / 2, kw, C,
+                           alt["num_steps"], alt["num_burnin"], False, 0, num_steps_bw_draws,
+                           alt["batches"].batch_size if not alt["batches"].full else None, control_variate,
+                           shared_batches, mala_every, target_accept, thresh, num_threads, None, None, None,
+                           None, progress, time.perf_counter())
+            half.pop("final", None)
+            seconds += half["trace"].seconds
+            halving = _direct_halving(alt["trace"], half["trace"], target.nbeta, G, C)
+            alt_unsettled = {g: [h["message"]] for g, h in halving.items() if h["message"]}
         fallback = {"from": spec.name, "to": "rmsprop_sgld", "localization": target.localization,
                     "reasons": [f"group {g}: {m}" for g, ms in unsettled.items() for m in ms],
-                    "settled": not alt_unsettled,
-                    "seconds": alt["trace"].seconds + alt["adapt_seconds"] + sum(e["seconds"] for e in alt_ext)}
+                    "settled": not alt_unsettled, "halving": halving, "seconds": seconds}
         if not alt_unsettled:
             run, extensions, halved, unsettled, spec = alt, alt_ext, alt_halved, {}, resolve_sampler("rmsprop_sgld")
         else:
@@ -650,7 +664,8 @@ def _run_at(target, rows, spec, rule, step_size, kw, C, num_steps, num_burnin, b
             state, adapt = adapt_step_size(spec, potential, state, batches, noise, n_adapt,
                                            eps0[target.group_checkpoint], C, threshold=thresh,
                                            target_accept=target_accept, **kw)
-        eps = (auto.step_size if auto is not None else float(step_size) if adapt is None
+        eps = (auto.step_size if auto is not None
+               else (step_size if isinstance(step_size, Tensor) else float(step_size)) if adapt is None
                else adapt.step_size.to(target.dtype).repeat_interleave(C).unsqueeze(1))
         adapt_seconds = time.perf_counter() - t_setup - setup_seconds
 
@@ -739,6 +754,29 @@ def _extend_while_unmixed(run: dict[str, Any], target: Any, rows: Tensor, extend
             run["heating"], run["diffusion"] = _end_of_run(target, rows, run["smp"], run["potential"], run["batches"],
                                                            final, run["eps"], run["num_steps"])
         out.append({"from": T, "to": new_T, "rhat": worst, "seconds": more.seconds})
+
+
+def _direct_halving(trace: Trace, half: Trace, nbeta: float, G: int, C: int) -> dict[int, dict[str, Any]]:
+    """By group: λ̂ of ``trace`` and of ``half`` (the same run at ε/2 with the same steps and seeds), the
+    paired z of the per-chain differences and a message when λ̂ is not stable when ε halves (the change
+    beyond 2% of λ̂ and beyond Student's t at a normal 3σ, :func:`slt.diagnostics.changed`), else ``None``."""
+    full_tr = (nbeta * (trace.loss - trace.star)).detach().cpu().double()
+    half_tr = (nbeta * (half.loss - half.star)).detach().cpu().double()
+    out: dict[int, dict[str, Any]] = {}
+    for g in range(G):
+        rows = slice(g * C, (g + 1) * C)
+        ok = ~(trace.diverged[rows] | half.diverged[rows]).cpu()
+        if int(ok.sum()) < 3:
+            continue
+        a, b = full_tr[rows][ok].mean(1), half_tr[rows][ok].mean(1)
+        z = _paired_z(a - b)
+        llc, llc_half = float(a.mean()), float(b.mean())
+        bad = changed(abs(llc - llc_half), abs(z), llc, int(ok.sum()))
+        out[g] = {"llc": llc, "llc_at_half_step": llc_half, "z": z,
+                  "message": (f"λ̂ is not stable when ε halves: a run at ε/2 with the same steps gave {llc_half:.4g} "
+                              f"against {llc:.4g} (paired z = {z:.1f}): the chains relax more slowly than the run "
+                              "lasts" if bad else None)}
+    return out
 
 
 def _unmixed(run: Mapping[str, Any], target: Any, G: int, C: int, thin: int) -> float | None:

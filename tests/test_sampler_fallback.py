@@ -58,6 +58,9 @@ def test_auto_falls_back_to_frozen_rmsprop_sgld_when_sgld_does_not_settle(forced
     assert fb["from"] == "sgld" and fb["to"] == "rmsprop_sgld" and fb["settled"] is True
     assert fb["localization"] == r.localization == r.config["localization_escalations"][-1]["localization"] * 10
     assert any("forced by the test" in s for s in fb["reasons"])
+    h = fb["halving"][0]  # the direct run at ε/2 with the same steps
+    assert h["message"] is None and set(h) == {"llc", "llc_at_half_step", "z", "message"}
+    assert h["llc"] == pytest.approx(r.llc_mean)
     assert r.config["relaxation_gain"] == pytest.approx(10.0)
     assert r.diagnostics.get("free_diffusion") is not None  # the frozen metric's checks ran
 
@@ -119,3 +122,39 @@ def test_the_metric_trace_counts_only_the_coordinates_a_restricted_row_moves():
     plain = engine._metric_trace(SimpleNamespace(K=1, groups=SimpleNamespace(masks=None)),
                                  lambda sl: G[:4, sl].clone(), torch.zeros(4, d, dtype=F64))
     assert torch.equal(plain, torch.full((4,), 15.0, dtype=F64))
+
+
+def test_a_fallback_that_is_not_stable_when_eps_halves_is_not_taken(forced, monkeypatch):
+    """The in-run checks pass, but the direct run at ε/2 moves λ̂: SGLD's draws are kept and the reason says why."""
+    forced({"sgld"})
+    real = engine._direct_halving
+
+    def unstable(trace, half, nbeta, G, C):
+        out = real(trace, half, nbeta, G, C)
+        return {g: {**h, "message": "λ̂ is not stable when ε halves: forced"} for g, h in out.items()}
+
+    monkeypatch.setattr(engine, "_direct_halving", unstable)
+    m, data = _job()
+    r = slt.estimate_llc(m, data, F.mse_loss, **KW)
+    fb = r.config["sampler_fallback"]
+    assert r.sampler == "sgld" and fb["settled"] is False
+    assert any("not stable when ε halves: forced" in s for s in fb["reasons_after"])
+    assert "did not settle either" in str(r)
+
+
+def test_direct_halving_compares_paired_chains():
+    """λ̂ per chain at ε and at ε/2 (same seeds: paired); a shift far beyond the chains' spread is named."""
+    from types import SimpleNamespace
+
+    C, T = 8, 50
+    g = torch.Generator().manual_seed(0)
+    base = 1.0 + 0.01 * torch.randn(C, 1, generator=g, dtype=F64).expand(C, T)
+
+    def trace(loss):
+        return SimpleNamespace(loss=loss, star=torch.zeros(C, T, dtype=F64), diverged=torch.zeros(C, dtype=torch.bool))
+
+    same = engine._direct_halving(trace(base), trace(base + 1e-4), 10.0, 1, C)[0]
+    assert same["message"] is None and same["llc"] == pytest.approx(10.0, abs=0.1)
+    jitter = 0.001 * torch.randn(C, 1, generator=g, dtype=F64)
+    moved = engine._direct_halving(trace(base), trace(0.7 * base + jitter), 10.0, 1, C)[0]
+    assert moved["message"] is not None and moved["z"] > 10 and "not stable when ε halves" in moved["message"]

@@ -94,10 +94,7 @@ def main(names, sampler="sgld"):
 
 
 if __name__ == "__main__":
-    args = sys.argv[1:]
-    chosen = "sgld"
-    if "--sampler" in args:
-        i = args.index("--sampler")
-        chosen = args[i + 1]
-        del args[i:i + 2]
-    main(args or [*DLN, "ab", "gauss"], chosen)
+    from real_defaults import split_sampler  # (the benchmarks folder is the script's path)
+
+    names, chosen = split_sampler(sys.argv[1:], "sgld")
+    main(names or [*DLN, "ab", "gauss"], chosen)

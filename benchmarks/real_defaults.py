@@ -108,11 +108,16 @@ def main(names, sampler="auto"):
                 print(f"      {reason[:200]}", flush=True)
 
 
+def split_sampler(argv: list[str], default: str) -> tuple[list[str], str]:
+    """``argv`` without its ``--sampler NAME`` option, and that name (``default`` without one); shared
+    with ``minibatch_defaults.py``."""
+    args = list(argv)
+    if "--sampler" not in args:
+        return args, default
+    i = args.index("--sampler")
+    return args[:i] + args[i + 2:], args[i + 1]
+
+
 if __name__ == "__main__":
-    args = sys.argv[1:]
-    chosen = "auto"
-    if "--sampler" in args:
-        i = args.index("--sampler")
-        chosen = args[i + 1]
-        del args[i:i + 2]
-    main(args or [*NETWORKS, "mlp"], chosen)
+    names, chosen = split_sampler(sys.argv[1:], "auto")
+    main(names or [*NETWORKS, "mlp"], chosen)

@@ -56,7 +56,7 @@ from .defaults import (BATCH_RAISES, BATCH_SIZE, BATCH_SIZE_MAX, EXTENSION_BUDGE
 from .diagnostics import changed, free_diffusion, halved_step_estimate, llc_standard_error, minibatch_heating
 from .evaluator import ChainEvaluator, fused_summary
 from .loop import Divergence, Trace, run_chains, show_progress
-from .result import UNSETTLED, LLCResult, _paired_z, equilibrium_checks, heating_check
+from .result import UNSETTLED, LLCResult, _halving_gap, equilibrium_checks, heating_check
 from .rng import ChainRNG
 from .samplers import LocalizedPotential, SamplerSpec, build_sampler, resolve_sampler
 from .samplers.base import column_chunks, rowsum64
@@ -515,11 +515,21 @@ def sample_target(
     batch_raises: list[dict[str, Any]] = []
     if num_threads is not None:
         num_threads = check_int("num_threads", num_threads, 1)
-    def run_once(target: Any, batch_size: int | None, choose: str | None, spec: SamplerSpec = spec) -> dict[str, Any]:
-        return _run_at(target, rows, spec, rule, step_size, kw, C, num_steps, num_burnin, burnin_auto, n_adapt,
-                       num_steps_bw_draws, batch_size, control_variate, shared_batches, mala_every,
-                       target_accept, thresh, num_threads, observables, on_draw, on_start, choose, progress, t_setup)
+    def run_once(target: Any, batch_size: int | None, choose: str | None, spec: SamplerSpec = spec,
+                 fixed: tuple[Tensor | float, int, int] | None = None) -> dict[str, Any]:
+        """One run (:func:`_run_at`) with this call's settings; ``fixed = (ε, num_steps, num_burnin)``: a
+        check run at that step and length instead, without observables or the estimator's hooks."""
+        if fixed is None:
+            return _run_at(target, rows, spec, rule, step_size, kw, C, num_steps, num_burnin, burnin_auto, n_adapt,
+                           num_steps_bw_draws, batch_size, control_variate, shared_batches, mala_every,
+                           target_accept, thresh, num_threads, observables, on_draw, on_start, choose, progress,
+                           t_setup)
+        eps, steps, burnin = fixed
+        return _run_at(target, rows, spec, "given", eps, kw, C, steps, burnin, False, 0, num_steps_bw_draws,
+                       batch_size, control_variate, shared_batches, mala_every, target_accept, thresh,
+                       num_threads, None, None, None, choose, progress, t_setup)
 
+    judge = target.localization_auto and num_draws >= LOCALIZATION_MIN_DRAWS  # (fewer draws: too noisy to act on)
     for level, gamma in enumerate(gammas):  # γ raised tenfold while the chains do not settle (automatic γ)
         target = replace(target, localization=gamma) if gamma != target.localization else target
         run = run_once(target, batch_size, vectorize if level == 0 else None)
@@ -534,57 +544,45 @@ def sample_target(
             run.pop("final", None)
             run = run_once(target, batch_size, None)
             target = run["target"]
-        halved = _halved_estimates(run["trace"], run["eps"], target.nbeta, run["num_burnin"], run["num_steps"])
-        unsettled = (_unsettled(run["trace"], target.nbeta, G, C, halved, diffusion=run["diffusion"],
-                                times=_draw_times(run["trace"], run["num_burnin"], num_steps_bw_draws))
-                     if target.localization_auto and num_draws >= LOCALIZATION_MIN_DRAWS else {})
+        halved, unsettled = _verdict(run, target, G, C, num_steps_bw_draws, judge)
         if not unsettled or level == len(gammas) - 1:
             break
         escalations.append({"localization": gamma, "seconds": run["trace"].seconds + run["adapt_seconds"],
-                            "reasons": [f"group {g}: {m}" for g, ms in unsettled.items() for m in ms]})
+                            "reasons": _reasons(unsettled)})
         run.pop("final", None)
     # chains stationary but not yet mixed: continue them (no new burn-in) rather than report R-hat > 1.1
     extensions = _extend_while_unmixed(run, target, rows, extend_draws, num_draws, num_steps_bw_draws, G, C,
                                        observables, on_draw, thresh, progress)
     run.pop("final", None)
     if extensions:
-        halved = _halved_estimates(run["trace"], run["eps"], target.nbeta, run["num_burnin"], run["num_steps"])
-        unsettled = (_unsettled(run["trace"], target.nbeta, G, C, halved, diffusion=run["diffusion"],
-                                times=_draw_times(run["trace"], run["num_burnin"], num_steps_bw_draws))
-                     if target.localization_auto and num_draws >= LOCALIZATION_MIN_DRAWS else {})
+        halved, unsettled = _verdict(run, target, G, C, num_steps_bw_draws, judge)
     # sampler="auto": SGLD's chains have not settled at the γ reached; RMSProp-SGLD (preconditioner frozen after
     # burn-in) moves the flat directions 1/a times faster at that γ.  Its run replaces SGLD's when it settles.
     fallback = None
     # (only with the adapted step: a given ε was chosen for SGLD; and not for estimators whose online
     # statistics follow one run)
     if auto_sampler and unsettled and rule == "adapt" and on_draw is None:
-        alt = run_once(target, None if run["batches"].full else run["batches"].batch_size, None,
-                       resolve_sampler("rmsprop_sgld"))
+        rms = resolve_sampler("rmsprop_sgld")
+        alt = run_once(target, batch_size, None, rms)
         alt_ext = _extend_while_unmixed(alt, target, rows, extend_draws, num_draws, num_steps_bw_draws, G, C,
                                         observables, on_draw, thresh, progress)
         alt.pop("final", None)
-        alt_halved = _halved_estimates(alt["trace"], alt["eps"], target.nbeta, alt["num_burnin"], alt["num_steps"])
-        alt_unsettled = _unsettled(alt["trace"], target.nbeta, G, C, alt_halved, diffusion=alt["diffusion"],
-                                   times=_draw_times(alt["trace"], alt["num_burnin"], num_steps_bw_draws))
+        alt_halved, alt_unsettled = _verdict(alt, target, G, C, num_steps_bw_draws)
         seconds = alt["trace"].seconds + alt["adapt_seconds"] + sum(e["seconds"] for e in alt_ext)
         halving = None
         if not alt_unsettled:  # the in-run halving estimate assumes a fixed metric from w*; check it directly
-            half = _run_at(target, rows, resolve_sampler("rmsprop_sgld"), "given", alt["eps"] / 2, kw, C,
-                           alt["num_steps"], alt["num_burnin"], False, 0, num_steps_bw_draws,
-                           alt["batches"].batch_size if not alt["batches"].full else None, control_variate,
-                           shared_batches, mala_every, target_accept, thresh, num_threads, None, None, None,
-                           None, progress, time.perf_counter())
+            half = run_once(target, batch_size, None, rms, fixed=(alt["eps"] / 2, alt["num_steps"], alt["num_burnin"]))
             half.pop("final", None)
             seconds += half["trace"].seconds
             halving = _direct_halving(alt["trace"], half["trace"], target.nbeta, G, C)
             alt_unsettled = {g: [h["message"]] for g, h in halving.items() if h["message"]}
-        fallback = {"from": spec.name, "to": "rmsprop_sgld", "localization": target.localization,
-                    "reasons": [f"group {g}: {m}" for g, ms in unsettled.items() for m in ms],
-                    "settled": not alt_unsettled, "halving": halving, "seconds": seconds}
+        fallback = {"from": spec.name, "to": rms.name, "localization": target.localization,
+                    "reasons": _reasons(unsettled), "settled": not alt_unsettled, "halving": halving,
+                    "seconds": seconds}
         if not alt_unsettled:
-            run, extensions, halved, unsettled, spec = alt, alt_ext, alt_halved, {}, resolve_sampler("rmsprop_sgld")
+            run, extensions, halved, unsettled, spec = alt, alt_ext, alt_halved, {}, rms
         else:
-            fallback["reasons_after"] = [f"group {g}: {m}" for g, ms in alt_unsettled.items() for m in ms]
+            fallback["reasons_after"] = _reasons(alt_unsettled)
     # groups still unsettled after γ was raised: say that the automatic γ ran out
     tried = (" (RMSProp-SGLD, tried at that γ, did not settle either)" if fallback is not None
              else "" if auto_sampler else ", or sampler='rmsprop_sgld'")
@@ -756,9 +754,25 @@ def _extend_while_unmixed(run: dict[str, Any], target: Any, rows: Tensor, extend
         out.append({"from": T, "to": new_T, "rhat": worst, "seconds": more.seconds})
 
 
+def _verdict(run: Mapping[str, Any], target: Any, G: int, C: int, thin: int,
+             judge: bool = True) -> tuple[Tensor, dict[int, list[str]]]:
+    """``(halved, unsettled)`` of a run: its in-run ε/2 estimates (:func:`_halved_estimates`) and the groups
+    that have not settled (:func:`_unsettled`; ``{}`` without ``judge``)."""
+    halved = _halved_estimates(run["trace"], run["eps"], target.nbeta, run["num_burnin"], run["num_steps"])
+    if not judge:
+        return halved, {}
+    return halved, _unsettled(run["trace"], target.nbeta, G, C, halved, diffusion=run["diffusion"],
+                              times=_draw_times(run["trace"], run["num_burnin"], thin))
+
+
+def _reasons(unsettled: Mapping[int, list[str]]) -> list[str]:
+    """The findings of :func:`_unsettled` as ``"group g: message"`` lines."""
+    return [f"group {g}: {m}" for g, ms in unsettled.items() for m in ms]
+
+
 def _direct_halving(trace: Trace, half: Trace, nbeta: float, G: int, C: int) -> dict[int, dict[str, Any]]:
     """By group: λ̂ of ``trace`` and of ``half`` (the same run at ε/2 with the same steps and seeds), the
-    paired z of the per-chain differences and a message when λ̂ is not stable when ε halves (the change
+    paired z of the per-chain differences (:func:`slt.result._halving_gap`, as the in-run check) and a message when λ̂ is not stable when ε halves (the change
     beyond 2% of λ̂ and beyond Student's t at a normal 3σ, :func:`slt.diagnostics.changed`), else ``None``."""
     full_tr = (nbeta * (trace.loss - trace.star)).detach().cpu().double()
     half_tr = (nbeta * (half.loss - half.star)).detach().cpu().double()
@@ -768,9 +782,10 @@ def _direct_halving(trace: Trace, half: Trace, nbeta: float, G: int, C: int) -> 
         ok = ~(trace.diverged[rows] | half.diverged[rows]).cpu()
         if int(ok.sum()) < 3:
             continue
-        a, b = full_tr[rows][ok].mean(1), half_tr[rows][ok].mean(1)
-        z = _paired_z(a - b)
-        llc, llc_half = float(a.mean()), float(b.mean())
+        gap = _halving_gap(full_tr[rows][ok], half_tr[rows][ok].mean(1))
+        if gap is None:
+            continue
+        llc_half, llc, z = gap
         bad = changed(abs(llc - llc_half), abs(z), llc, int(ok.sum()))
         out[g] = {"llc": llc, "llc_at_half_step": llc_half, "z": z,
                   "message": (f"λ̂ is not stable when ε halves: a run at ε/2 with the same steps gave {llc_half:.4g} "
@@ -1004,18 +1019,12 @@ def _moved_dims(target: Any, R: int) -> Tensor | int:
 
 
 def _metric_trace(target: Any, metric: Any, params: Tensor) -> Tensor:
-    """tr G over the coordinates each row of ``params`` (R, d) moves (all of them, or a restriction's),
-    (R,) float64, from the columns ``metric(sl)`` of a fixed diagonal preconditioner."""
-    R = params.shape[0]
-    masks = target.groups.masks
-    rows_mask = None
-    if masks is not None:  # rows in (K, M, D·C) order, as Groups.apply_mask
-        M = masks.shape[0]
-        rows_mask = masks.view(1, M, 1, -1).expand(target.K, M, R // (target.K * M), masks.shape[1]).reshape(R, -1)
-    out = torch.zeros(R, dtype=torch.float64, device=params.device)
+    """tr G over the coordinates each row of ``params`` (R, d) moves (all of them, or a restriction's:
+    :meth:`slt.groups.Groups.apply_mask`), (R,) float64, from the columns ``metric(sl)`` of a fixed diagonal
+    preconditioner."""
+    out = torch.zeros(params.shape[0], dtype=torch.float64, device=params.device)
     for sl in column_chunks(params):
-        g = metric(sl)
-        out += rowsum64(g if rows_mask is None else g.mul_(rows_mask[:, sl].to(g.dtype)))
+        out += rowsum64(target.groups.apply_mask(metric(sl), target.K, sl))
     return out
 
 

@@ -113,12 +113,14 @@ class Groups:
                         blocks.append((torch.arange(base[0], base[0] + C), names))
         return blocks
 
-    def apply_mask(self, t: Tensor, K: int) -> Tensor:
-        """Multiply the rows of ``t`` ``(K M D C, d)`` by their restriction's mask, in place."""
+    def apply_mask(self, t: Tensor, K: int, cols: slice | None = None) -> Tensor:
+        """Multiply the rows of ``t`` ``(K M D C, d)`` by their restriction's mask, in place; with ``cols``,
+        ``t`` holds only those columns of the parameters (a chunk ``(K M D C, len)``)."""
         if self.masks is None:
             return t
         M, d = self.M, t.shape[-1]
-        t.view(K, M, -1, d).mul_(self.masks.to(t.dtype).view(1, M, 1, d))
+        masks = self.masks if cols is None else self.masks[:, cols]
+        t.view(K, M, -1, d).mul_(masks.to(t.dtype).view(1, M, 1, d))
         return t
 
 

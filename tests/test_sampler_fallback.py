@@ -111,15 +111,17 @@ def test_the_metric_trace_counts_only_the_coordinates_a_restricted_row_moves():
     the column index + 1, each row's trace is the sum of (j + 1) over its mask."""
     from types import SimpleNamespace
 
+    from slt.groups import Groups
+
     K, C, d = 2, 3, 5
-    masks = torch.tensor([[1, 1, 0, 0, 0], [0, 0, 1, 1, 1]], dtype=torch.bool)
-    target = SimpleNamespace(K=K, groups=SimpleNamespace(masks=masks))
+    masks = torch.tensor([[1, 1, 0, 0, 0], [0, 0, 1, 1, 1]], dtype=F64)
+    target = SimpleNamespace(K=K, groups=Groups(masks=masks))
     R = K * masks.shape[0] * C
     G = torch.arange(1.0, d + 1, dtype=F64).expand(R, d)
     got = engine._metric_trace(target, lambda sl: G[:, sl].clone(), torch.zeros(R, d, dtype=F64))
     want = torch.tensor([3.0] * C + [12.0] * C, dtype=F64).repeat(K)
     assert torch.equal(got, want)
-    plain = engine._metric_trace(SimpleNamespace(K=1, groups=SimpleNamespace(masks=None)),
+    plain = engine._metric_trace(SimpleNamespace(K=1, groups=Groups()),
                                  lambda sl: G[:4, sl].clone(), torch.zeros(4, d, dtype=F64))
     assert torch.equal(plain, torch.full((4,), 15.0, dtype=F64))
 

@@ -315,6 +315,12 @@ def _validate_inputs(name: str, t: Any, n: int | None) -> int:
 
 
 def _validate_tensor(name: str, t: Any, n: int | None, ref: str = "x") -> int:
+    if isinstance(t, (tuple, list)) and t and all(isinstance(v, Tensor) or _is_array(v) for v in t):
+        raise TypeError(
+            f"{name} is a {type(t).__name__} of {len(t)} tensors: a model with several inputs takes them as a "
+            f"mapping of named tensors, called as model(**inputs) — e.g. data = ({{'x1': X1, 'x2': X2}}, Y) for "
+            f"forward(self, x1, x2)"
+        )
     if not isinstance(t, Tensor):
         raise TypeError(f"{name} must be a torch.Tensor (or a NumPy array), got {type(t).__name__}")
     if t.ndim == 0:

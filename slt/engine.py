@@ -104,7 +104,7 @@ def estimate_llc(
     observables: Mapping[str, Observable] | None = None,
     restrict_to: Any = None,
     device: str | torch.device | None = "cpu",
-    dtype: torch.dtype = torch.float32,
+    dtype: torch.dtype | None = None,
     autocast: Any = None,
     seed: int | Sequence[int] = 0,
     vectorize: str = "auto",
@@ -245,7 +245,9 @@ def estimate_llc(
         checkpoint share its random streams; a restriction to every parameter is the unrestricted
         run bit for bit.  Not with ``sampler="sgnht"``.
     device, dtype
-        ``"cpu"``, ``"cuda"`` or ``"auto"``; ``torch.float32`` or ``torch.float64``.
+        ``"cpu"``, ``"cuda"`` or ``"auto"``; ``torch.float32``, ``torch.float64`` or ``None``
+        (default): the model's precision (a float64 model runs in float64; bfloat16/float16
+        parameters run in float32 on a copy, with a note in ``config["setup_notes"]``).
     seed
         Checkpoint ``k`` uses the random streams of ``seed + k``, or of
         ``seed[k]`` when a list is given (so a batched call reproduces separate

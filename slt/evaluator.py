@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 import types
 import warnings
 from collections import Counter
@@ -62,11 +63,42 @@ def _standard_attention():
         mha.set_fastpath_enabled(True)
 
 
+def _batched(t: Any) -> bool:
+    """Whether ``t`` is a tensor being mapped over by ``torch.vmap`` (a functorch BatchedTensor)."""
+    return isinstance(t, Tensor) and torch._C._functorch.is_batchedtensor(t)
+
+
+@contextmanager
+def _hf_masks_as_traced():
+    """Hugging Face's attention masks (``transformers.masking_utils``, transformers ≥ 5) skip building
+    the mask when every position of the padding mask is real — a branch on the mask's values, which
+    ``vmap`` cannot take over chains that each have their own minibatch — unless the mask is being
+    traced (``is_tracing``), when they always build it.  While slt maps the model over chains, a
+    batched mask counts as traced, so the mask is always built: the same attention (a mask of all-real
+    positions changes nothing), without the branch.  Restored on exit; nothing happens when the module
+    is not loaded."""
+    mu = sys.modules.get("transformers.masking_utils")
+    orig = getattr(mu, "is_tracing", None)
+    if orig is None:
+        yield
+        return
+
+    def is_tracing(tensor: Any = None) -> bool:
+        return bool(orig(tensor)) or _batched(tensor)
+
+    mu.is_tracing = is_tracing
+    try:
+        yield
+    finally:
+        mu.is_tracing = orig
+
+
 @contextmanager
 def _vmap_attention(hf_configs: Sequence[Any] = ()):
     """Under ``vmap``, ``scaled_dot_product_attention`` in its math form (matmuls and a softmax, which
     vmap batches over chains) instead of the fused CPU/GPU kernels, which have no batching rule and
-    would run once per sample with a performance warning per call.  ``hf_configs``: Hugging Face
+    would run once per sample with a performance warning per call; Hugging Face's masks built without
+    a branch on their values (:func:`_hf_masks_as_traced`).  ``hf_configs``: Hugging Face
     configs whose attention implementation is switched to ``"eager"`` for the block and restored
     after (:func:`hf_attention_configs`)."""
     saved = [(c, _attn_slot(c), getattr(c, _attn_slot(c))) for c in hf_configs]
@@ -76,9 +108,10 @@ def _vmap_attention(hf_configs: Sequence[Any] = ()):
         try:
             from torch.nn.attention import SDPBackend, sdpa_kernel
         except ImportError:  # torch without the context manager: the default kernels
-            yield
+            with _hf_masks_as_traced():
+                yield
             return
-        with sdpa_kernel([SDPBackend.MATH]):
+        with sdpa_kernel([SDPBackend.MATH]), _hf_masks_as_traced():
             yield
     finally:
         for c, slot, value in reversed(saved):

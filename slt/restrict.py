@@ -432,8 +432,9 @@ def _tl_heads(m: nn.Module) -> HeadSlices | None:
     return out
 
 
-_Q, _K, _V = ("q_proj", "q", "query", "W_q"), ("k_proj", "k", "key", "W_k"), ("v_proj", "v", "value", "W_v")
-_O = ("o_proj", "o", "out_proj", "dense", "c_proj", "W_o")
+_Q, _K, _V = (("q_proj", "q", "query", "W_q", "q_lin"), ("k_proj", "k", "key", "W_k", "k_lin"),
+              ("v_proj", "v", "value", "W_v", "v_lin"))
+_O = ("o_proj", "o", "out_proj", "dense", "c_proj", "W_o", "out_lin")
 
 
 def _wb(m: nn.Module) -> tuple[Tensor | None, Tensor | None]:
@@ -455,19 +456,48 @@ def _int_attr(m: nn.Module, names: tuple[str, ...]) -> int | None:
     return None
 
 
+def _child(m: nn.Module, names: tuple[str, ...]) -> nn.Module | None:
+    return next((getattr(m, n) for n in names if isinstance(getattr(m, n, None), nn.Module)), None)
+
+
+def _split_projections(m: nn.Module) -> tuple[nn.Module, nn.Module] | None:
+    """``(module with q/k/v, output projection)`` of an attention module whose q/k/v projections sit in
+    one child and its output projection in another — Hugging Face BERT, RoBERTa, ELECTRA, ViT:
+    ``attention.self.{query,key,value}`` and ``attention.output.dense`` — else ``None``."""
+    children = dict(m.named_children())
+    qkv = [c for c in children.values() if all(_child(c, names) is not None for names in (_Q, _K, _V))
+           and _child(c, _O) is None]
+    outs = [c for c in children.values() if c not in qkv and _child(c, ("dense", "out_proj", "o_proj")) is not None
+            and _child(c, _Q) is None]
+    if len(qkv) != 1 or len(outs) != 1:
+        return None
+    return qkv[0], _child(outs[0], ("dense", "out_proj", "o_proj"))
+
+
 def _separate_heads(m: nn.Module) -> HeadSlices | None:
-    """Separate q/k/v/o projections as ``nn.Linear`` (out, in): a head is rows of q, k, v, columns of o."""
+    """Separate q/k/v/o projections as ``nn.Linear`` (out, in): a head is rows of q, k, v, columns of o.
+    The output projection may sit in a sibling module (:func:`_split_projections`)."""
+    src, out_proj = m, None
+    if _child(m, _O) is None:
+        split = _split_projections(m)
+        if split is None:
+            return None
+        src, out_proj = split
     mods = []
-    for names in (_Q, _K, _V, _O):
-        c = next((getattr(m, n) for n in names if isinstance(getattr(m, n, None), nn.Module)), None)
+    for names in (_Q, _K, _V):
+        c = _child(src, names)
         if c is None:
             return None
         mods.append(_wb(c))
+    o = out_proj if out_proj is not None else _child(m, _O)
+    if o is None:
+        return None
+    mods.append(_wb(o))
     (qw, qb), (kw, kb), (vw, vb), (ow, ob) = mods
     if qw is None or kw is None or vw is None or ow is None:
         return None
-    hd = _int_attr(m, ("head_dim", "d_head", "head_size", "attention_head_size"))
-    H = _int_attr(m, ("num_heads", "n_heads", "num_attention_heads", "n_head"))
+    hd = _int_attr(src, ("head_dim", "d_head", "head_size", "attention_head_size"))
+    H = _int_attr(src, ("num_heads", "n_heads", "num_attention_heads", "n_head"))
     if hd is None and H is None:
         return None
     if hd is None:
@@ -512,7 +542,8 @@ _LOOKED_FOR = (
     "torch.nn.MultiheadAttention; Hugging Face GPT2Attention (c_attn, c_proj) and GPTNeoXAttention "
     "(query_key_value, dense); TransformerLens attention (W_Q, W_K, W_V, W_O of shape (n_heads, ...), "
     "_W_K/_W_V for grouped queries); and modules with separate q/k/v/o nn.Linear projections (q_proj/k_proj/"
-    "v_proj/o_proj, q/k/v/o, query/key/value/out_proj or dense) and a head count (num_heads, n_heads, "
+    "v_proj/o_proj, q/k/v/o, query/key/value/out_proj or dense, q_lin/k_lin/v_lin/out_lin; or q/k/v in one "
+    "child and the output dense in another, as BERT's self/output) and a head count (num_heads, n_heads, "
     "num_attention_heads or head_dim)"
 )
 
@@ -610,8 +641,12 @@ def heads(model: nn.Module) -> dict[str, dict[str, Any]]:
       ``_W_V``, ``_b_K``, ``_b_V`` ``(H_kv, ...)``: index ``[h // (H / H_kv)]``;
     * separate ``nn.Linear`` projections (``q_proj``/``k_proj``/``v_proj``/``o_proj``, ``q``/``k``/
       ``v``/``o`` as in TransformerLens' native ``TransformerBridge``, ``query``/``key``/``value``/
-      ``out_proj``, with a head count attribute): rows ``[h hd, (h+1) hd)`` of q (weight and bias),
-      the rows of K/V head ``h // (H / H_kv)`` of k and v, columns ``[h hd, (h+1) hd)`` of o.
+      ``out_proj``, DistilBERT's ``q_lin``/``k_lin``/``v_lin``/``out_lin``, with a head count
+      attribute): rows ``[h hd, (h+1) hd)`` of q (weight and bias), the rows of K/V head
+      ``h // (H / H_kv)`` of k and v, columns ``[h hd, (h+1) hd)`` of o;
+    * the same with q/k/v in one child and the output projection (``dense``) in another, as Hugging
+      Face BERT, RoBERTa, ELECTRA and ViT lay them out (``attention.self.query`` …,
+      ``attention.output.dense``).
 
     The output projection's bias (``out_proj.bias``, ``c_proj.bias``, ``dense.bias``, ``b_O``) is
     shared by all heads and belongs to none.  With grouped-query attention the K/V slices of a group

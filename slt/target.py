@@ -464,6 +464,38 @@ class _LossFn(torch.autograd.Function):
 # ----------------------------------------------------------------------------
 # set-up
 # ----------------------------------------------------------------------------
+#: the dtypes a run computes in (parameters, gradients, sampler, losses)
+RUN_DTYPES = (torch.float32, torch.float64)
+
+
+def resolve_dtype(dtype: torch.dtype | None, template: nn.Module) -> tuple[torch.dtype, str | None]:
+    """The run's dtype and a note for the run's record (``None``: nothing to say).
+
+    ``dtype`` given: float32 or float64 (anything else is an error).  ``None``: the model's own
+    precision — the promoted dtype of its floating-point parameters (a float64 model runs in
+    float64, a float32 one in float32); half-precision parameters (bfloat16, float16) run in
+    float32 on a copy, with a note: a Langevin step moves a weight by about √ε ≈ 10⁻³ of its
+    scale or less, below the 2⁻⁸ relative resolution of bfloat16, so chains sampled in it would
+    barely move and λ̂ would be meaningless (``autocast=`` runs the forward in half precision
+    with float32 parameters instead)."""
+    if dtype is not None:
+        if dtype not in RUN_DTYPES:
+            raise ValueError(f"dtype must be torch.float32 or torch.float64 (or None: the model's), got {dtype}")
+        return dtype, None
+    floats = [p.dtype for p in template.parameters() if p.is_floating_point()]
+    if not floats:
+        return torch.float32, None
+    found = floats[0]
+    for t in floats[1:]:
+        found = torch.promote_types(found, t)
+    if found in RUN_DTYPES:
+        return found, None
+    halves = sorted({str(t).replace("torch.", "") for t in floats if t not in RUN_DTYPES})
+    return torch.float32, (f"the model's parameters are {', '.join(halves)}: sampled in float32 on a copy (a "
+                           "Langevin step is below half precision's resolution); autocast='bf16' or 'fp16' runs "
+                           "the forward in half precision instead")
+
+
 def _checkpoints(
     model: Any, models: Sequence[Any] | None, state_dicts: Sequence[Mapping[str, Tensor]] | None
 ) -> tuple[nn.Module, list[Mapping[str, Tensor] | nn.Module], bool]:
@@ -658,7 +690,7 @@ def prepare_target(
     nbeta: float | Callable[[int], float] | None = None,
     localization: float | None = None,
     device: str | torch.device | None = "cpu",
-    dtype: torch.dtype = torch.float32,
+    dtype: torch.dtype | None = None,
     vectorize: str = "auto",
     seed: int | Sequence[int] = 0,
     full_data: bool = False,
@@ -718,8 +750,7 @@ def prepare_target(
         Bad model, checkpoints, data, loss or dtype (before any sampling).
     """
     template, ckpts, is_batch = _checkpoints(model, models, state_dicts)
-    if dtype not in (torch.float32, torch.float64):
-        raise ValueError(f"dtype must be torch.float32 or torch.float64, got {dtype}")
+    dtype, dtype_note = resolve_dtype(dtype, template)
     half = resolve_autocast(autocast)
     if half is not None and vectorize in ("vmap", "compile"):
         raise ValueError("autocast runs the model in a loop over chains: torch.vmap does not apply autocast to "
@@ -769,7 +800,7 @@ def prepare_target(
     source = as_source(data)
     if isinstance(source, LoaderSource) and full_data:
         source = _stack_loader(source)
-    notes: list[str] = []
+    notes: list[str] = [] if dtype_note is None else [dtype_note]
     if isinstance(source, LoaderSource) and source.unseeded_shuffle:
         notes.append("the DataLoader shuffles with PyTorch's global random state (its sampler has no generator), "
                       "so runs with the same seed see different batches and differ: to make a run repeatable, build the "

@@ -453,6 +453,36 @@ def test_numpy_inputs_equal_tensors(dtype):
 
 
 # ----------------------------------------------------------------------------
+# the run's dtype follows the model's
+# ----------------------------------------------------------------------------
+@pytest.mark.parametrize("model_dtype, expected", [(torch.float32, torch.float32), (F64, F64),
+                                                   (torch.bfloat16, torch.float32), (torch.float16, torch.float32)])
+def test_the_run_computes_in_the_models_precision(model_dtype, expected):
+    X, Y = _data()
+    model = _plain_model().to(model_dtype)
+    kw = {k: v for k, v in KW.items() if k != "dtype"}
+    r = slt.estimate_llc(model, (X, Y), F.mse_loss, **kw)
+    assert r.config["dtype"] == str(expected).replace("torch.", "")
+    assert r.loss_trace.dtype == expected and math.isfinite(r.llc_mean)
+    assert next(model.parameters()).dtype == model_dtype  # the user's module is never converted
+    notes = r.config.get("setup_notes") or []
+    half = model_dtype in (torch.bfloat16, torch.float16)
+    assert any("sampled in float32" in n and str(model_dtype).replace("torch.", "") in n for n in notes) == half
+    # the same job with the run's dtype given explicitly is the same computation
+    same = slt.estimate_llc(model, (X, Y), F.mse_loss, **kw, dtype=expected)
+    assert torch.equal(same.loss_trace, r.loss_trace)
+
+
+def test_an_explicit_dtype_overrides_the_models():
+    X, Y = _data()
+    kw = {k: v for k, v in KW.items() if k != "dtype"}
+    r = slt.estimate_llc(_plain_model().to(F64), (X, Y), F.mse_loss, **kw, dtype=torch.float32)
+    assert r.config["dtype"] == "float32" and r.loss_trace.dtype == torch.float32
+    with pytest.raises(ValueError, match="dtype must be torch.float32 or torch.float64"):
+        slt.estimate_llc(_plain_model(), (X, Y), F.mse_loss, **kw, dtype=torch.bfloat16)
+
+
+# ----------------------------------------------------------------------------
 # clear errors before sampling
 # ----------------------------------------------------------------------------
 SMALL = dict(num_chains=2, num_draws=5, step_size=1e-4, progress=False)
@@ -576,6 +606,9 @@ def test_bad_parameters_data_and_arrays_are_named():
                          F.cross_entropy, **SMALL)
     with pytest.raises(ValueError, match="NumPy array of dtype object.*pad them"):
         Data(np.array([np.zeros(2), np.zeros(3)], dtype=object))
+    with pytest.raises(TypeError, match=r"x is a tuple of 2 tensors: a model with several inputs takes them as a "
+                                        r"mapping.*model\(\*\*inputs\)"):
+        slt.estimate_llc(nn.Linear(3, 4), ((X, X), y), F.cross_entropy, **SMALL)
 
 
 # ----------------------------------------------------------------------------

@@ -244,14 +244,25 @@ def test_hugging_face_causal_lm_on_the_batched_path(make):
     _check_gradient_matches_autograd(model, data)
 
 
+def _no_traced_masks(monkeypatch):
+    """Switch off slt's treatment of Hugging Face's mask branch (as with transformers < 5, whose masks
+    it does not reach), so that the eager retry and the fallback are exercised."""
+    @contextlib.contextmanager
+    def null():
+        yield
+    monkeypatch.setattr(slt.evaluator, "_hf_masks_as_traced", null)
+
+
 @pytest.mark.filterwarnings("ignore:.*slt.estimate_llc \\(checkpoint:RuntimeWarning")
 @pytest.mark.parametrize("make", [_gpt2, _neox])
-def test_sdpa_attention_runs_batched_as_eager(make):
+def test_sdpa_attention_runs_batched(make, monkeypatch):
     """Hugging Face's sdpa path branches on the attention mask's values (is there padding?), which vmap
-    cannot batch when every chain has its own minibatch: slt runs the vmapped calls with the configs
-    switched to eager attention (the same attention, the mask always materialised) and restores them.
-    Before, such a model fell back to a loop over chains (1.5-1.8x slower per chain-step on
-    the README's GPT-2, measured 2026-12-03)."""
+    cannot batch when every chain has its own minibatch.  Under slt's vmap the mask counts as traced, so
+    Hugging Face always builds it (the same attention) and the model's own sdpa attention runs batched,
+    its config untouched; it equals eager attention to float32 rounding.  Without that (transformers < 5),
+    slt retries with the configs switched to eager attention and restores them.  Before either, such a
+    model fell back to a loop over chains (1.5-1.8x slower per chain-step on the README's GPT-2,
+    measured 2026-12-03)."""
     data = pattern_data()
     sdpa, eager = make(attn="sdpa").eval(), make(attn="eager").eval()
     eager.load_state_dict(sdpa.state_dict())
@@ -259,24 +270,54 @@ def test_sdpa_attention_runs_batched_as_eager(make):
     with warnings.catch_warnings():
         warnings.filterwarnings("error", message=".*the vmap path failed")
         r = slt.estimate_llc(sdpa, data, causal_lm, **kw)
-    assert r.diagnostics["path"] == "vmap"
-    assert "Hugging Face attention 'sdpa' run as 'eager' under vmap" in r.diagnostics["path_reason"]
+    assert r.diagnostics["path"] == "vmap" and "eager" not in r.diagnostics["path_reason"]
     ref = slt.estimate_llc(eager, data, causal_lm, **kw)
-    assert torch.equal(r.loss_trace, ref.loss_trace)  # the same computation
+    assert torch.allclose(r.loss_trace, ref.loss_trace, rtol=1e-4, atol=0)
+    assert sdpa.config._attn_implementation == "sdpa"
+
+    _no_traced_masks(monkeypatch)  # the eager retry
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*the vmap path failed")
+        retried = slt.estimate_llc(sdpa, data, causal_lm, **kw)
+    assert retried.diagnostics["path"] == "vmap"
+    assert "Hugging Face attention 'sdpa' run as 'eager' under vmap" in retried.diagnostics["path_reason"]
+    assert torch.equal(retried.loss_trace, ref.loss_trace)  # the same computation
     assert sdpa.config._attn_implementation == "sdpa"  # restored after every call
     # the loop path keeps the model's own sdpa attention: the same values to float32 rounding
     loop = slt.estimate_llc(sdpa, data, causal_lm, **{**kw, "vectorize": "loop"})
     assert torch.allclose(loop.loss_trace, ref.loss_trace, rtol=1e-4, atol=0)
 
 
-@pytest.mark.filterwarnings("ignore:.*slt.estimate_llc \\(checkpoint:RuntimeWarning")
-def test_an_encoder_that_branches_on_its_mask_falls_back_and_says_why():
+def _bert():
     transformers = pytest.importorskip("transformers")
     transformers.utils.logging.set_verbosity_error()
     torch.manual_seed(0)
-    model = transformers.BertForSequenceClassification(transformers.BertConfig(
+    return transformers.BertForSequenceClassification(transformers.BertConfig(
         vocab_size=V, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
         num_labels=3, max_position_embeddings=T)).eval()
+
+
+@pytest.mark.filterwarnings("ignore:.*slt.estimate_llc \\(checkpoint:RuntimeWarning")
+def test_an_encoder_with_a_padding_mask_runs_batched():
+    """BERT builds a bidirectional mask with a branch on its values in sdpa and eager attention alike;
+    under slt's vmap the mask is always built, so it runs batched and equals the loop."""
+    model = _bert()
+    data = pattern_data()
+    labels = data["input_ids"][:, 0] % 3
+    loss = lambda out, y: F.cross_entropy(out.logits, y)  # noqa: E731
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*the vmap path failed")
+        r = slt.estimate_llc(model, (data, labels), loss, **{**LLC_KW, "num_draws": 5, "vectorize": "vmap"})
+    loop = slt.estimate_llc(model, (data, labels), loss, **{**LLC_KW, "num_draws": 5, "vectorize": "loop"})
+    assert r.diagnostics["path"] == "vmap"
+    assert torch.allclose(r.loss_trace, loop.loss_trace, rtol=1e-4, atol=0)
+    assert model.config._attn_implementation == "sdpa"
+
+
+@pytest.mark.filterwarnings("ignore:.*slt.estimate_llc \\(checkpoint:RuntimeWarning")
+def test_an_encoder_that_branches_on_its_mask_falls_back_and_says_why(monkeypatch):
+    _no_traced_masks(monkeypatch)
+    model = _bert()
     data = pattern_data()
     labels = data["input_ids"][:, 0] % 3
     with pytest.warns(RuntimeWarning, match=r"data-dependent control flow.*retried with Hugging Face attention "

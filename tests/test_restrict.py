@@ -216,6 +216,24 @@ def llama(n_kv=2):
         return tf.LlamaForCausalLM(cfg).eval()
 
 
+def bert():
+    """Hugging Face BERT: q/k/v in ``attention.self``, the output projection in ``attention.output.dense``."""
+    tf = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = tf.BertConfig(vocab_size=16, hidden_size=E, num_hidden_layers=2, num_attention_heads=H, intermediate_size=64,
+                        max_position_embeddings=8, attn_implementation="eager")
+    return tf.BertForSequenceClassification(cfg).eval()
+
+
+def distilbert():
+    """Hugging Face DistilBERT: ``q_lin``/``k_lin``/``v_lin``/``out_lin``."""
+    tf = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = tf.DistilBertConfig(vocab_size=16, dim=E, n_layers=2, n_heads=H, hidden_dim=64, max_position_embeddings=8,
+                              attn_implementation="eager")
+    return tf.DistilBertForSequenceClassification(cfg).eval()
+
+
 class Encoder(nn.Module):
     """Token embedding + nn.TransformerEncoder (nn.MultiheadAttention inside) + an untied lm_head."""
 
@@ -439,6 +457,20 @@ def test_heads_gpt_neo():
         check_disjoint_and_sizes(masks, 3 * E * HD + HD * E)  # no q/k/v biases
         out = model.transformer.h[layer].attn.attention.out_proj
         check_heads(model, spec, masks, input_hook_runner(model, out, lambda: model(IDS)))
+
+
+@pytest.mark.parametrize("build, out_proj", [
+    (bert, lambda m, layer: m.bert.encoder.layer[layer].attention.output.dense),
+    (distilbert, lambda m, layer: m.distilbert.transformer.layer[layer].attention.out_lin),
+])
+def test_heads_encoders(build, out_proj):
+    """BERT's split layout (q/k/v and the output projection in sibling modules) and DistilBERT's names."""
+    model = build()
+    spec = ParamSpec(model)
+    for layer in (0, 1):
+        masks = layer_masks(model, spec, layer)
+        check_disjoint_and_sizes(masks, FULL)
+        check_heads(model, spec, masks, input_hook_runner(model, out_proj(model, layer), lambda: model(IDS)))
 
 
 def test_heads_llama_grouped_query():

@@ -262,7 +262,7 @@ class LLCConfig(_Base):
     checkpoint: Optional[str] = None
     train: Optional[TrainConf] = None
     sampler: SamplerConf = field(default_factory=SamplerConf)
-    dtype: str = "float32"
+    dtype: Optional[str] = "float32"  # null: the model's precision (slt.estimate_llc's dtype=None)
     reference: Any = None
 
 

@@ -9,7 +9,7 @@ the diagnostics and (if ``reference`` is set) the comparison with a known λ.
 
 Usage::
 
-    python -m experiments.llc                          # demo: RRR [5, 3, 4], rank 2 (λ = 4)
+    python -m experiments.llc                          # demo: RRR [5, 3, 4], rank 2 (λ = 8)
     python -m experiments.llc model._target_=mypkg.Net data._target_=mypkg.data \
         checkpoint=/path/ckpt.pt train=null loss=torch.nn.functional.cross_entropy
     python -m experiments.llc -m checkpoint=a.pt,b.pt,c.pt train=null   # one run per checkpoint
@@ -40,8 +40,8 @@ def _validate(cfg: DictConfig) -> None:
         raise ValueError("invalid config: checkpoint=null and train=null: give a checkpoint or training settings")
     if cfg.checkpoint is not None and not Path(cfg.checkpoint).is_file():
         raise ValueError(f"invalid config value checkpoint={cfg.checkpoint!r}: no such file")
-    if cfg.dtype not in ("float32", "float64"):
-        raise ValueError(f"invalid config value dtype={cfg.dtype!r}: must be float32 or float64")
+    if cfg.dtype not in ("float32", "float64", None):
+        raise ValueError(f"invalid config value dtype={cfg.dtype!r}: must be float32, float64 or null (the model's)")
     loss = cfg.loss
     if loss is not None and not isinstance(loss, (str, DictConfig)):
         raise ValueError(f"invalid config value loss={loss!r}: a dotted name, a node with _target_, or null")

@@ -60,7 +60,7 @@ from .result import UNSETTLED, LLCResult, _halving_gap, equilibrium_checks, heat
 from .rng import ChainRNG
 from .samplers import LocalizedPotential, SamplerSpec, build_sampler, resolve_sampler
 from .samplers.base import column_chunks, rowsum64
-from .stepsize import (STEP_SIZE_SAFETY, adapt_step_size, auto_step_size, gradient_noise_trace, initial_step_size,
+from .stepsize import (ADAPT_EXTENSIONS, ADAPT_MIN_STEPS, STEP_SIZE_SAFETY, adapt_step_size, auto_step_size, gradient_noise_trace, initial_step_size,
                        stable_step_size)
 from .target import fastest_path, prepare_target
 
@@ -157,7 +157,9 @@ def estimate_llc(
         ``config["num_burnin_rule"]``: ``"quarter"``, ``"relaxation"`` or ``"given"``).
     step_size
         ε.  Default ``None`` (= ``"adapt"``): for 4/5 of ``num_burnin`` steps (of ``num_draws // 4``
-        with the automatic burn-in; ``diagnostics["adapt_steps"]``) before the burn-in, dual
+        with the automatic burn-in), at least ``ADAPT_MIN_STEPS`` = 50, and for up to three more windows
+        while the acceptance is still far below its target (:func:`slt.stepsize.adapt_step_size`;
+        ``diagnostics["adapt_steps"]``, ``["adapt_extensions"]``) before the burn-in, dual
         averaging (Hoffman & Gelman 2014, as NUTS/Stan adapt their step) drives
         ε toward a Metropolis acceptance of ``target_accept`` for the Langevin
         proposal on the potential being sampled (same minibatch at both
@@ -511,7 +513,7 @@ def sample_target(
     kw = dict(sampler_kwargs or {})
     num_steps = num_burnin + num_draws * num_steps_bw_draws
     thresh = divergence_threshold if divergence_threshold is not None else 1000.0 * max(target.d, 1)
-    n_adapt = num_burnin - num_burnin // 5 if rule == "adapt" else 0
+    n_adapt = max(ADAPT_MIN_STEPS, num_burnin - num_burnin // 5) if rule == "adapt" else 0
     gammas = localization_levels(target)
     escalations: list[dict[str, Any]] = []
     batch_raises: list[dict[str, Any]] = []
@@ -663,7 +665,7 @@ def _run_at(target, rows, spec, rule, step_size, kw, C, num_steps, num_burnin, b
             eps0, _ = initial_step_size(target, batches)
             state, adapt = adapt_step_size(spec, potential, state, batches, noise, n_adapt,
                                            eps0[target.group_checkpoint], C, threshold=thresh,
-                                           target_accept=target_accept, **kw)
+                                           target_accept=target_accept, extensions=ADAPT_EXTENSIONS, **kw)
         eps = (auto.step_size if auto is not None
                else (step_size if isinstance(step_size, Tensor) else float(step_size)) if adapt is None
                else adapt.step_size.to(target.dtype).repeat_interleave(C).unsqueeze(1))
@@ -1065,6 +1067,7 @@ def _step_size_diagnostics(auto: Any, adapt: Any, g: int, k: int) -> dict[str, A
                 "minibatch_gradient_noise": None if auto.grad_noise is None else float(auto.grad_noise[k])}
     if adapt is not None:
         return {"step_size_initial": float(adapt.initial[g]), "adapt_steps": adapt.steps,
+                "adapt_extensions": adapt.extensions,
                 "adapt_acceptance": float(adapt.accept[g]), "adapt_back_offs": int(adapt.back_offs[g]),
                 "adapt_resets": int(adapt.resets[g])}
     return {}

@@ -332,6 +332,10 @@ def auto_step_size(target: Target, batches: BatchStream) -> StepSize:
 # ----------------------------------------------------------------------------
 #: Dual-averaging constants of Hoffman & Gelman (2014), Algorithm 5 (Stan's defaults).
 DA_GAMMA, DA_T0, DA_KAPPA = 0.05, 10.0, 0.75
+#: the adapted step stays above ε₀ · 2^-DA_RANGE (≈ 10⁻¹² ε₀): a checkpoint whose chains "diverge" at
+#: every step (a threshold nothing stays under) would otherwise halve ε to zero in float32 over a
+#: few hundred back-offs; the run's own divergence handling then reports it
+DA_RANGE = 40
 
 
 @dataclass
@@ -350,7 +354,7 @@ class DualAveraging:
     :math:`\mu = \log(10\,\epsilon_0)`, γ = 0.05, t₀ = 10, κ = 0.75; the step used after
     adaptation is :math:`\bar\epsilon`.  Divergence back-off (:meth:`back_off`): a
     checkpoint whose chain blew up restarts the scheme from half the step that diverged,
-    which also becomes an upper bound for it.  All state is ``(K,)`` tensors on the
+    which also becomes an upper bound for it; no step goes below :math:`\epsilon_0 2^{-40}`.  All state is ``(K,)`` tensors on the
     device (no host synchronisation per step).
     """
 
@@ -361,14 +365,15 @@ class DualAveraging:
     mu: Tensor
     t: Tensor
     log_eps_max: Tensor
+    log_eps_min: Tensor | None = None
 
     @classmethod
     def start(cls, eps0: Tensor, target: float) -> "DualAveraging":
-        """From initial steps ``eps0`` (K,)."""
+        """From initial steps ``eps0`` (K,); the step never goes below ``eps0`` · 2^-:data:`DA_RANGE`."""
         log0 = eps0.double().log()
         z = torch.zeros_like(log0)
         return cls(float(target), log0.clone(), log0.clone(), z.clone(), log0 + math.log(10.0), z.clone(),
-                   torch.full_like(log0, math.inf))
+                   torch.full_like(log0, math.inf), log0 - DA_RANGE * math.log(2.0))
 
     @property
     def step_size(self) -> Tensor:
@@ -387,6 +392,8 @@ class DualAveraging:
         w = 1.0 / (self.t + DA_T0)
         self.h_bar = (1 - w) * self.h_bar + w * (self.target - a)
         self.log_eps = torch.minimum(self.mu - self.t.sqrt() / DA_GAMMA * self.h_bar, self.log_eps_max)
+        if self.log_eps_min is not None:
+            self.log_eps = torch.maximum(self.log_eps, self.log_eps_min)
         eta = self.t.pow(-DA_KAPPA)
         self.log_eps_bar = eta * self.log_eps + (1 - eta) * self.log_eps_bar
 
@@ -395,11 +402,14 @@ class DualAveraging:
         bounds set by divergences."""
         new = DualAveraging.start(torch.minimum(eps.double().log(), self.log_eps_max).exp(), self.target)
         new.log_eps_max = self.log_eps_max.clone()
+        new.log_eps_min = self.log_eps_min
         return new
 
     def back_off(self, diverged: Tensor) -> None:
         """Checkpoints ``diverged`` (K,) bool restart from half the step that diverged."""
         half = self.log_eps - math.log(2.0)
+        if self.log_eps_min is not None:
+            half = torch.maximum(half, self.log_eps_min)
         self.log_eps_max = torch.where(diverged, torch.minimum(self.log_eps_max, half), self.log_eps_max)
         self.log_eps = torch.where(diverged, half, self.log_eps)
         self.log_eps_bar = torch.where(diverged, half, self.log_eps_bar)

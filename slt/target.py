@@ -496,10 +496,37 @@ def resolve_dtype(dtype: torch.dtype | None, template: nn.Module) -> tuple[torch
                            "the forward in half precision instead")
 
 
+def _unwrap(m: Any) -> Any:
+    """The module inside ``nn.DataParallel`` / ``DistributedDataParallel`` wrappers (which compute the
+    same function and whose parameters are the inner module's; ``functional_call`` refuses them)."""
+    while isinstance(m, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
+        m = m.module
+    return m
+
+
+def _unprefixed(sd: Any, template: nn.Module) -> Any:
+    """A state dict saved from a data-parallel wrapper (every key ``"module.…"``) for an unwrapped
+    template whose keys have no such prefix: the keys without it; any other mapping as it is."""
+    if not isinstance(sd, Mapping) or not sd or not all(isinstance(k, str) and k.startswith("module.") for k in sd):
+        return sd
+    if any(k.startswith("module.") for k in template.state_dict()):
+        return sd
+    return {k[len("module."):]: v for k, v in sd.items()}
+
+
 def _checkpoints(
     model: Any, models: Sequence[Any] | None, state_dicts: Sequence[Mapping[str, Tensor]] | None
 ) -> tuple[nn.Module, list[Mapping[str, Tensor] | nn.Module], bool]:
-    """Returns (template module, list of checkpoints, is_batch)."""
+    """Returns (template module, list of checkpoints, is_batch).  Data-parallel wrappers are unwrapped
+    and their ``"module."`` key prefix dropped from state dicts (:func:`_unwrap`)."""
+    template, ckpts, is_batch = _checkpoint_list(model, models, state_dicts)
+    template = _unwrap(template)
+    return template, [_unprefixed(_unwrap(c), template) for c in ckpts], is_batch
+
+
+def _checkpoint_list(
+    model: Any, models: Sequence[Any] | None, state_dicts: Sequence[Mapping[str, Tensor]] | None
+) -> tuple[nn.Module, list[Mapping[str, Tensor] | nn.Module], bool]:
     if models is not None and state_dicts is not None:
         raise ValueError("pass either models=[...] or state_dicts=[...], not both")
     if isinstance(model, (list, tuple)):

@@ -452,6 +452,21 @@ def test_numpy_inputs_equal_tensors(dtype):
     assert isinstance(d.x["a"], torch.Tensor) and d.x["a"].dtype == F64
 
 
+def test_data_parallel_wrappers_are_unwrapped():
+    """nn.DataParallel computes the same function with the inner module's parameters (functional_call
+    refuses the wrapper): the run is the plain model's, and a state dict saved from the wrapper (keys
+    "module.…") loads into the plain template."""
+    X, Y = _data()
+    model = _plain_model()
+    ref = slt.estimate_llc(model, (X, Y), F.mse_loss, **KW)
+    wrapped = slt.estimate_llc(nn.DataParallel(model), (X, Y), F.mse_loss, **KW)
+    assert torch.equal(wrapped.loss_trace, ref.loss_trace)
+    sd = nn.DataParallel(model).state_dict()
+    assert all(k.startswith("module.") for k in sd)
+    (from_sd,) = slt.estimate_llc(model, (X, Y), F.mse_loss, state_dicts=[sd], **KW)
+    assert torch.equal(from_sd.loss_trace, ref.loss_trace)
+
+
 # ----------------------------------------------------------------------------
 # the run's dtype follows the model's
 # ----------------------------------------------------------------------------

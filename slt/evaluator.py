@@ -32,7 +32,7 @@ import sys
 import types
 import warnings
 from collections import Counter
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from typing import Any, Mapping, Sequence
 
 from torch import Tensor, nn
@@ -308,13 +308,23 @@ class ModuleSlots:
 
     def substitute(self, model: nn.Module, params: Mapping[str, Tensor], args: tuple, kwargs: dict) -> Any:
         """``model(*args, **kwargs)`` with ``params`` in place of the module's tensors of those names."""
+        with self.holding(params):
+            return model(*args, **kwargs)
+
+    @contextmanager
+    def holding(self, params: Mapping[str, Tensor]):
+        """The module holds ``params`` in place of its tensors of those names until the block ends (the
+        originals are put back, also on an exception).  :meth:`ChainEvaluator._loop_loss_and_grad` holds a
+        chain's tensors through the backward pass: a model that recomputes part of its forward during
+        backward (activation checkpointing, ``torch.utils.checkpoint``) then recomputes it at the chain's
+        parameters, not at the module's own."""
         saved: list[tuple[dict, str, Any]] = []
         try:
             for name, t in params.items():
                 for store, attr in self.slots[name]:
                     saved.append((store, attr, store[attr]))
                     store[attr] = t
-            return model(*args, **kwargs)
+            yield
         finally:
             for store, attr, old in reversed(saved):
                 store[attr] = old
@@ -753,8 +763,9 @@ class ChainEvaluator:
         grad = torch.empty(flat.shape, dtype=flat.dtype, device=flat.device)
         for c in range(C):
             leaves = self._leaves(flat[c])
-            try:
-                with torch.enable_grad():
+            held = {**leaves, **self.buffers}
+            try:  # held through the backward pass: activation checkpointing recomputes at the chain's parameters
+                with torch.enable_grad(), (self.slots.holding(held) if self.slots.covers(held) else nullcontext()):
                     loss = self._chain_loss(leaves, batch, c)
                     self._grads_into(loss, leaves, grad[c])
             except (RuntimeError, MemoryError) as e:

@@ -327,9 +327,11 @@ class Target:
             return loss[0], grad[0]
         with torch.enable_grad():
             p = w.detach().requires_grad_(True)
-            out = self.evaluator.call({**self.spec.unflatten(p), **self.evaluator.buffers}, batch.x)
-            loss = self.adapter.single_loss(out, batch.y, batch.weights)
-            (grad,) = torch.autograd.grad(loss, p)
+            params = {**self.spec.unflatten(p), **self.evaluator.buffers}
+            with self.evaluator.slots.holding(params):  # through the backward pass (activation checkpointing)
+                out = self.evaluator.call(params, batch.x)
+                loss = self.adapter.single_loss(out, batch.y, batch.weights)
+                (grad,) = torch.autograd.grad(loss, p)
         return loss.detach(), grad
 
     # -- minibatches ---------------------------------------------------------------
@@ -642,6 +644,10 @@ def _fallback_hint(e: Exception, model: nn.Module, issues: list[str], eager_trie
         return " — dropout is active: call model.eval()"
     if any(i.startswith("BatchNorm") for i in issues):
         return " — BatchNorm in train mode: call model.eval() to use the batched path"
+    if type(e).__name__ == "CheckpointError" or "torch.utils.checkpoint" in msg:
+        return (" — the model recomputes part of its forward during backward (activation checkpointing, "
+                "torch.utils.checkpoint), which runs outside vmap; the loop recomputes it at each chain's "
+                "parameters (same gradients, one chain at a time)")
     attn = getattr(getattr(model, "config", None), "_attn_implementation", None)
     if "data-dependent control flow" in msg:
         if eager_tried:

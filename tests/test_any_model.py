@@ -452,6 +452,49 @@ def test_numpy_inputs_equal_tensors(dtype):
     assert isinstance(d.x["a"], torch.Tensor) and d.x["a"].dtype == F64
 
 
+class Checkpointed(nn.Module):
+    """A hidden layer under activation checkpointing (torch.utils.checkpoint, non-reentrant): its
+    activations are recomputed during backward."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Sequential(nn.Linear(3, 8), nn.Tanh())
+        self.h = nn.Linear(8, 2)
+
+    def forward(self, x):
+        import torch.utils.checkpoint as cp
+
+        return self.h(cp.checkpoint(self.a, x, use_reentrant=False))
+
+
+def test_activation_checkpointing_recomputes_at_the_chains_parameters():
+    """Regression: the loop path put a chain's tensors into the module for the forward only, so the
+    backward's recomputation ran at the module's own parameters (w*) and the gradient inside the
+    checkpointed segment was wrong away from w* (first-layer entries -0.100 against -0.086), silently.
+    Now the chain's tensors are held through the backward: the gradient and the chains equal the plain
+    twin's (to float rounding: the same operations in the same order).  vmap cannot run the
+    recomputation (it happens outside vmap): the auto path falls back to the loop and says why."""
+    torch.manual_seed(0)
+    ck = Checkpointed().to(F64)
+    plain = nn.Sequential()
+    plain.a, plain.h = ck.a, ck.h
+    X, Y = _data()
+    targets = [prepare_target(m, (X, Y), F.mse_loss, dtype=F64, vectorize="loop") for m in (ck, plain)]
+    w = targets[0].rows(2) + 0.05 * torch.randn(2, targets[0].d, generator=torch.Generator().manual_seed(1), dtype=F64)
+    (l0, g0), (l1, g1) = (t.evaluator.loss_and_grad(w, t.source.full_batch()) for t in targets)
+    # the same operations in the same order: equal to a few ulps of the terms summed over the batch
+    tol = fp_tol(F64, scale=float(g1.abs().max()) + 1.0, terms=X.shape[0])
+    assert torch.allclose(l0, l1, rtol=0, atol=fp_tol(F64, scale=float(l1.max()), terms=X.shape[0]))
+    assert torch.allclose(g0, g1, rtol=0, atol=tol), (g0 - g1).abs().max()
+    kw = {**KW, "vectorize": "loop"}
+    a = slt.estimate_llc(ck, (X, Y), F.mse_loss, **kw)
+    b = slt.estimate_llc(plain, (X, Y), F.mse_loss, **kw)
+    assert torch.allclose(a.loss_trace, b.loss_trace, rtol=0, atol=_trace_tol(plain, X, Y, b))
+    with pytest.warns(RuntimeWarning, match="activation checkpointing"):
+        auto = slt.estimate_llc(ck, (X, Y), F.mse_loss, **{**KW, "vectorize": "auto"})
+    assert auto.diagnostics["path"] == "loop"
+
+
 def test_data_parallel_wrappers_are_unwrapped():
     """nn.DataParallel computes the same function with the inner module's parameters (functional_call
     refuses the wrapper): the run is the plain model's, and a state dict saved from the wrapper (keys

@@ -63,9 +63,12 @@ def _standard_attention():
         mha.set_fastpath_enabled(True)
 
 
+_IS_BATCHED = getattr(getattr(torch._C, "_functorch", None), "is_batchedtensor", None)
+
+
 def _batched(t: Any) -> bool:
     """Whether ``t`` is a tensor being mapped over by ``torch.vmap`` (a functorch BatchedTensor)."""
-    return isinstance(t, Tensor) and torch._C._functorch.is_batchedtensor(t)
+    return _IS_BATCHED is not None and isinstance(t, Tensor) and bool(_IS_BATCHED(t))
 
 
 @contextmanager

@@ -547,7 +547,7 @@ def adapt_step_size(
     eps_tr = torch.empty((K, cap), dtype=torch.float64, device=w_star.device)
     fresh = torch.ones(cap, dtype=torch.bool)
     acc_hist = []
-    window_start, end, extended = 0, num_steps, 0
+    window_start, window_steps, end, extended = 0, num_steps, num_steps, 0  # window_start: index into acc_hist
     backs = torch.zeros(K, dtype=torch.long, device=w_star.device)
     resets = torch.zeros(K, dtype=torch.long, device=w_star.device)
     far = kick_bound(w_star.shape[1])
@@ -562,7 +562,8 @@ def adapt_step_size(
     while t < end or (extended < extensions and num_steps and restart is not None):
         if t == end:  # still searching: another window, the scheme restarted
             da = da.restart(restart)
-            window_start, end, extended, restart = len(acc_hist), end + more, extended + 1, None
+            window_start, window_steps, end = len(acc_hist), more, end + more
+            extended, restart = extended + 1, None
         t += 1
         eps_rows = da.step_size.to(dtype).repeat_interleave(C).unsqueeze(1)
         smp = spec.bind(potential, eps_rows, **mala, **sampler_kwargs)
@@ -588,37 +589,39 @@ def adapt_step_size(
         if bool((bad | kicked).any()):
             resets += kicked.view(K, C).sum(1)
             state = smp.reset(state, bad | kicked, w_star)
-        if acc is None:
-            continue
-        a_k = acc.view(K, C).double().nan_to_num(0.0).mean(1)
-        acc_hist.append(a_k)
-        da.update(a_k)
-        if t == end and extended < extensions:
-            q = max(1, (end - window_start) // 4)
-            restart = _still_searching(da, acc_hist[window_start:], eps_tr[:, end - q:end],
+        if acc is not None:
+            a_k = acc.view(K, C).double().nan_to_num(0.0).mean(1)
+            acc_hist.append(a_k)
+            da.update(a_k)
+        if t == end and extended < extensions:  # (a step without a reading may end the window)
+            q = max(1, window_steps // 4)
+            restart = _still_searching(da, acc_hist[window_start:], window_steps, eps_tr[:, end - q:end],
                                        target_accept - ADAPT_MARGIN)
-    last = _last_quarter(acc_hist[window_start:], end - window_start, K)
+    last = _last_quarter(acc_hist[window_start:], window_steps, K)
     final = da.final if num_steps else eps0.double()
     return state, Adaptation(final, eps0.double(), last, backs, t, loss_tr[:, :t], star_tr[:, :t], eps_tr[:, :t],
                              fresh[:t], resets, extended)
 
 
 def _last_quarter(acc_hist: list[Tensor], steps: int, K: int) -> Tensor:
-    """Mean acceptance (K,) over the last quarter of a window of ``steps`` steps (NaN: none read)."""
+    """Mean acceptance (K,) of the last ``steps // 4`` readings of a window of ``steps`` steps (with a
+    reading every other step, as on minibatches, its last half; NaN: none read)."""
     if not acc_hist:
         return torch.full((K,), float("nan"), dtype=torch.float64)
     return torch.stack(acc_hist[-max(1, steps // 4):]).mean(0)
 
 
-def _still_searching(da: DualAveraging, acc_hist: list[Tensor], recent: Tensor, settled: float) -> Tensor | None:
+def _still_searching(da: DualAveraging, acc_hist: list[Tensor], steps: int, recent: Tensor,
+                     settled: float) -> Tensor | None:
     """At a window's end: the steps (K,) to restart dual averaging from when some checkpoint is still
-    searching, else ``None``.  Searching: the mean acceptance over the window's last quarter reads below
+    searching, else ``None``.  Searching: the mean acceptance over the last quarter of the window's ``steps``
+    (its readings ``acc_hist``, as for :attr:`Adaptation.accept`) reads below
     ``settled``, or the averaged step :math:`\bar\epsilon` is more than :data:`ADAPT_LAG` times the
     geometric mean of the steps used over that quarter (``recent`` (K, q)), i.e. still carries the first,
     exploratory steps.  The restart is from the smaller of the two."""
     if not acc_hist:
         return None
-    acc = _last_quarter(acc_hist, len(acc_hist), acc_hist[0].shape[0])
+    acc = _last_quarter(acc_hist, steps, acc_hist[0].shape[0])
     used = recent.log().mean(1).exp()
     if not bool(((acc < settled) | (da.final > ADAPT_LAG * used)).any()):
         return None

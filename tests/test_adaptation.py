@@ -217,7 +217,7 @@ def test_adaptation_puts_chains_thrown_beyond_the_kick_bound_back_at_w_star():
     assert not torch.equal(state.params[1], w_star[1]) and not torch.equal(state.params[2], w_star[2])  # moved on
 
 
-def _regression_potential(C=4, seed=0):
+def _regression_potential(C=4, seed=0, batch_size=None):
     import torch.nn.functional as F
     from slt.rng import ChainRNG
     from slt.samplers import LocalizedPotential
@@ -233,44 +233,48 @@ def _regression_potential(C=4, seed=0):
         m.bias.copy_(sol[3])
     target = prepare_target(m, (X, Y), F.mse_loss, dtype=F64)
     rng = ChainRNG(target.seeds, C, target.device)
-    batches = target.batches(rng, C, None)
+    batches = target.batches(rng, C, batch_size)
     pot = LocalizedPotential(target.evaluator.loss_and_grad, target.rows(C), target.nbeta, target.localization)
     return target, pot, batches, rng
 
 
-def test_adaptation_is_extended_while_it_is_still_searching():
+@pytest.mark.parametrize("batch_size", [None, 32])
+def test_adaptation_is_extended_while_it_is_still_searching(batch_size):
     """A start 10⁴ times the stable step, 8 steps of adaptation: dual averaging is still searching (the
     last quarter's acceptance reads far below the target) and its averaged step is far too large.  With
     extensions the scheme runs another window restarted from its averaged step, until the acceptance
     reads within ADAPT_MARGIN of the target; the frozen step is then one the chains tolerate.  A start
-    near the right step is not extended.  Exact counts, deterministic under the seed."""
+    near the right step is not extended.  Full batch (a reading every step) and minibatches (a reading
+    every other step, so the window's last step has none).  Exact counts, deterministic under the seed."""
     from slt.samplers import sgld
     from slt.stepsize import ADAPT_LAG, ADAPT_MARGIN, adapt_step_size
 
     C = 4
-    target, pot, batches, rng = _regression_potential(C)
+    target, pot, batches, rng = _regression_potential(C, batch_size=batch_size)
+    full = batch_size is None
+    n = 8 if full else 16  # 8 readings of the acceptance either way (minibatches: one every other step)
     kappa = float(target.nbeta) * 2 * 1.0 + target.localization  # ≈ nβ · top eigenvalue of 2XᵀX/n + γ
     good = 0.2 / kappa
     runs = {}
     for name, eps0, ext in [("far", 1e4 * good, 0), ("far+ext", 1e4 * good, 3), ("near+ext", good, 3)]:
-        state = sgld(pot, good, deterministic=True).init(target.rows(C))
-        _, ad = adapt_step_size("sgld", pot, state, batches, rng, 8, torch.tensor([eps0], dtype=F64), C,
-                                threshold=1e12, target_accept=0.9, extensions=ext, window=20, deterministic=True)
+        state = sgld(pot, good, deterministic=full).init(target.rows(C))
+        _, ad = adapt_step_size("sgld", pot, state, batches, rng, n, torch.tensor([eps0], dtype=F64), C,
+                                threshold=1e12, target_accept=0.9, extensions=ext, window=20, deterministic=full)
         runs[name] = ad
     far, ext, near = runs["far"], runs["far+ext"], runs["near+ext"]
 
     def lag(ad):  # the averaged step over the geometric mean of the steps used in the last quarter
         return float(ad.step_size[0] / ad.step_trace[0, -2:].log().mean().exp())
 
-    assert far.extensions == 0 and far.steps == 8 and lag(far) > ADAPT_LAG
-    assert ext.extensions >= 1 and ext.steps == 8 + 20 * ext.extensions
+    assert far.extensions == 0 and far.steps == n and lag(far) > ADAPT_LAG
+    assert ext.extensions >= 1 and ext.steps == n + 20 * ext.extensions
     assert ext.extensions == 3 or (float(ext.accept[0]) >= 0.9 - ADAPT_MARGIN and lag(ext) <= ADAPT_LAG)
     # extended, the far start ends where a start near the right step does (measured: 0.0078 against
     # 0.0072); without, 2.7 times above it (0.019)
     ratio = float(ext.step_size[0] / near.step_size[0])
     assert 2 / 3 < ratio < 1.5 and float(far.step_size[0] / near.step_size[0]) > 2
     assert ext.loss_trace.shape == (C, ext.steps) and ext.step_trace.shape == (1, ext.steps)
-    assert near.extensions == 0 and near.steps == 8
+    assert near.extensions == 0 and near.steps == n
 
 
 def _gaussian_mala_log_ratios(a: float, eps: float, x: torch.Tensor, g: torch.Generator) -> torch.Tensor:

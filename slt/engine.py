@@ -60,8 +60,8 @@ from .result import UNSETTLED, LLCResult, _halving_gap, equilibrium_checks, heat
 from .rng import ChainRNG
 from .samplers import LocalizedPotential, SamplerSpec, build_sampler, resolve_sampler
 from .samplers.base import column_chunks, rowsum64
-from .stepsize import (ADAPT_EXTENSIONS, ADAPT_MIN_STEPS, STEP_SIZE_SAFETY, adapt_step_size, auto_step_size, gradient_noise_trace, initial_step_size,
-                       stable_step_size)
+from .stepsize import (ADAPT_EXTENSIONS, ADAPT_MIN_STEPS, STEP_SIZE_SAFETY, adapt_step_size, auto_step_size,
+                       gradient_noise_trace, initial_step_size, stable_step_size)
 from .target import fastest_path, prepare_target
 
 __all__ = [
@@ -776,8 +776,9 @@ def _reasons(unsettled: Mapping[int, list[str]]) -> list[str]:
 
 def _direct_halving(trace: Trace, half: Trace, nbeta: float, G: int, C: int) -> dict[int, dict[str, Any]]:
     """By group: λ̂ of ``trace`` and of ``half`` (the same run at ε/2 with the same steps and seeds), the
-    paired z of the per-chain differences (:func:`slt.result._halving_gap`, as the in-run check) and a message when λ̂ is not stable when ε halves (the change
-    beyond 2% of λ̂ and beyond Student's t at a normal 3σ, :func:`slt.diagnostics.changed`), else ``None``."""
+    paired z of the per-chain differences (:func:`slt.result._halving_gap`, as the in-run check) and a
+    message when λ̂ is not stable when ε halves (the change beyond 2% of λ̂ and beyond Student's t at a
+    normal 3σ, :func:`slt.diagnostics.changed`), else ``None``."""
     full_tr = (nbeta * (trace.loss - trace.star)).detach().cpu().double()
     half_tr = (nbeta * (half.loss - half.star)).detach().cpu().double()
     out: dict[int, dict[str, Any]] = {}

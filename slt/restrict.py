@@ -435,6 +435,8 @@ def _tl_heads(m: nn.Module) -> HeadSlices | None:
 _Q, _K, _V = (("q_proj", "q", "query", "W_q", "q_lin"), ("k_proj", "k", "key", "W_k", "k_lin"),
               ("v_proj", "v", "value", "W_v", "v_lin"))
 _O = ("o_proj", "o", "out_proj", "dense", "c_proj", "W_o", "out_lin")
+#: names of an output projection kept in a sibling module of the q/k/v projections (BERT's ``output.dense``)
+_SIBLING_O = ("dense", "out_proj", "o_proj")
 
 
 def _wb(m: nn.Module) -> tuple[Tensor | None, Tensor | None]:
@@ -467,31 +469,28 @@ def _split_projections(m: nn.Module) -> tuple[nn.Module, nn.Module] | None:
     children = dict(m.named_children())
     qkv = [c for c in children.values() if all(_child(c, names) is not None for names in (_Q, _K, _V))
            and _child(c, _O) is None]
-    outs = [c for c in children.values() if c not in qkv and _child(c, ("dense", "out_proj", "o_proj")) is not None
+    outs = [c for c in children.values() if c not in qkv and _child(c, _SIBLING_O) is not None
             and _child(c, _Q) is None]
     if len(qkv) != 1 or len(outs) != 1:
         return None
-    return qkv[0], _child(outs[0], ("dense", "out_proj", "o_proj"))
+    return qkv[0], _child(outs[0], _SIBLING_O)
 
 
 def _separate_heads(m: nn.Module) -> HeadSlices | None:
     """Separate q/k/v/o projections as ``nn.Linear`` (out, in): a head is rows of q, k, v, columns of o.
     The output projection may sit in a sibling module (:func:`_split_projections`)."""
-    src, out_proj = m, None
-    if _child(m, _O) is None:
+    src, o = m, _child(m, _O)
+    if o is None:
         split = _split_projections(m)
         if split is None:
             return None
-        src, out_proj = split
+        src, o = split
     mods = []
     for names in (_Q, _K, _V):
         c = _child(src, names)
         if c is None:
             return None
         mods.append(_wb(c))
-    o = out_proj if out_proj is not None else _child(m, _O)
-    if o is None:
-        return None
     mods.append(_wb(o))
     (qw, qb), (kw, kb), (vw, vb), (ow, ob) = mods
     if qw is None or kw is None or vw is None or ow is None:

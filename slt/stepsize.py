@@ -354,8 +354,8 @@ class DualAveraging:
     :math:`\mu = \log(10\,\epsilon_0)`, γ = 0.05, t₀ = 10, κ = 0.75; the step used after
     adaptation is :math:`\bar\epsilon`.  Divergence back-off (:meth:`back_off`): a
     checkpoint whose chain blew up restarts the scheme from half the step that diverged,
-    which also becomes an upper bound for it; no step goes below :math:`\epsilon_0 2^{-40}`.  All state is ``(K,)`` tensors on the
-    device (no host synchronisation per step).
+    which also becomes an upper bound for it; no step goes below :math:`\epsilon_0 2^{-40}`.  All
+    state is ``(K,)`` tensors on the device (no host synchronisation per step).
     """
 
     target: float
@@ -365,7 +365,7 @@ class DualAveraging:
     mu: Tensor
     t: Tensor
     log_eps_max: Tensor
-    log_eps_min: Tensor | None = None
+    log_eps_min: Tensor
 
     @classmethod
     def start(cls, eps0: Tensor, target: float) -> "DualAveraging":
@@ -392,8 +392,7 @@ class DualAveraging:
         w = 1.0 / (self.t + DA_T0)
         self.h_bar = (1 - w) * self.h_bar + w * (self.target - a)
         self.log_eps = torch.minimum(self.mu - self.t.sqrt() / DA_GAMMA * self.h_bar, self.log_eps_max)
-        if self.log_eps_min is not None:
-            self.log_eps = torch.maximum(self.log_eps, self.log_eps_min)
+        self.log_eps = torch.maximum(self.log_eps, self.log_eps_min)
         eta = self.t.pow(-DA_KAPPA)
         self.log_eps_bar = eta * self.log_eps + (1 - eta) * self.log_eps_bar
 
@@ -407,9 +406,7 @@ class DualAveraging:
 
     def back_off(self, diverged: Tensor) -> None:
         """Checkpoints ``diverged`` (K,) bool restart from half the step that diverged."""
-        half = self.log_eps - math.log(2.0)
-        if self.log_eps_min is not None:
-            half = torch.maximum(half, self.log_eps_min)
+        half = torch.maximum(self.log_eps - math.log(2.0), self.log_eps_min)
         self.log_eps_max = torch.where(diverged, torch.minimum(self.log_eps_max, half), self.log_eps_max)
         self.log_eps = torch.where(diverged, half, self.log_eps)
         self.log_eps_bar = torch.where(diverged, half, self.log_eps_bar)
@@ -559,7 +556,7 @@ def adapt_step_size(
     current = None
     t = 0
     restart = None
-    while t < end or (extended < extensions and num_steps and restart is not None):
+    while t < end or (extended < extensions and restart is not None):  # restart: set at a window's end
         if t == end:  # still searching: another window, the scheme restarted
             da = da.restart(restart)
             window_start, window_steps, end = len(acc_hist), more, end + more

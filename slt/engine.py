@@ -141,7 +141,9 @@ def estimate_llc(
         Wang et al. 2024), batched; the distributions need one nβ (given, or equal sizes).
     loss_fn
         ``loss_fn(output, target) -> scalar`` mean loss.  Defaults to
-        ``model.default_loss`` when the model defines one.
+        ``model.default_loss`` when the model defines one, else to the loss in the
+        model's output (:func:`slt.losses.model_loss`: a Hugging Face model called with
+        ``labels`` in the batch).
     models, state_dicts
         Several checkpoints estimated in one batched computation; with
         ``state_dicts``, ``model`` is the template.  Returns a list of results.

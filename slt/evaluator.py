@@ -882,6 +882,10 @@ def validate_model_and_loss(model: nn.Module, adapter: LossAdapter, probe: Batch
     try:
         loss = adapter.loss_fn(out, y)
     except Exception as e:  # noqa: BLE001
+        from .losses import model_loss
+
+        if adapter.loss_fn is model_loss and isinstance(e, ValueError):
+            raise  # the default loss_fn found no loss in the output: its message is the whole story
         hint = _label_hint(adapter.loss_fn, out, y)
         if not isinstance(out, Tensor) and isinstance(getattr(out, "logits", None), Tensor):
             hint += (f" (the model returns a {type(out).__name__}: take its logits in the loss, e.g. "
@@ -895,6 +899,14 @@ def validate_model_and_loss(model: nn.Module, adapter: LossAdapter, probe: Batch
         raise ValueError(
             f"loss_fn must return a scalar (0-d tensor, the mean loss over the batch); got {shape}"
         )
+    if loss.is_floating_point() and not bool(torch.isfinite(loss.detach()).all()) and num_rows(probe.x) > rows:
+        # a loss can be undefined on a few samples and fine on a batch (cross-entropy whose targets on
+        # those samples are all ignore_index: 0/0): check the whole probe before calling it an error
+        wide = _loss_on(model, adapter, probe.x, probe.y, aliases)
+        if wide is not None:
+            x, y, out, loss = probe.x, probe.y, wide[0], wide[1]
+            rows = num_rows(x)
+            on = f"the first {rows} samples"
     if loss.is_floating_point() and not bool(torch.isfinite(loss.detach()).all()):
         from .losses import _flatten
 
@@ -923,14 +935,29 @@ def validate_model_and_loss(model: nn.Module, adapter: LossAdapter, probe: Batch
             raise ValueError(f"loss_fn got a target that does not fit the model's output on {on} of the data{hint}")
     if adapter.has_native_per_sample:
         ps = adapter.per_sample(out, y, 1)
-        if not torch.allclose(ps.mean(), loss, rtol=1e-4, atol=1e-6):
+        c = adapter.counts(y, 1, ps.dtype)
+        mean = ps.mean() if c is None else (ps * c).sum() / c.sum().clamp_min(1.0)
+        if not torch.allclose(mean, loss, rtol=1e-4, atol=1e-6):
             raise ValueError(
                 "the per-sample form of loss_fn does not average to loss_fn: "
-                f"{float(ps.mean()):.6g} vs {float(loss):.6g}"
+                f"{float(mean):.6g} vs {float(loss):.6g}"
             )
     elif not (isinstance(out, Tensor) and isinstance(y, Tensor)):
         _check_per_sample_lift(adapter, out, y, loss)
     return out
+
+
+def _loss_on(model: nn.Module, adapter: LossAdapter, x: Any, y: Any, aliases: Any) -> tuple[Any, Tensor] | None:
+    """``(output, loss)`` on a batch when the loss there is a finite scalar, else ``None``."""
+    try:
+        with torch.no_grad():
+            out = call_module(model, {n: b.clone() for n, b in model.named_buffers()}, x, aliases)
+            loss = adapter.loss_fn(out, y)
+    except Exception:  # noqa: BLE001 - the two-sample error is the one reported
+        return None
+    if isinstance(loss, Tensor) and loss.ndim == 0 and bool(torch.isfinite(loss.detach())):
+        return out, loss
+    return None
 
 
 def _names(names: list[str], limit: int = 4) -> str:

@@ -22,7 +22,14 @@ target may be a mapping of tensors (the inputs of a model called as
 maps every tensor leaf whose leading dimension is the batch's.
 
 :func:`causal_lm` is next-token cross-entropy for causal language models, with a
-per-sequence form.
+per-sequence form; :func:`model_loss` reads the loss a model computed itself
+(``output.loss``), the default when no ``loss_fn`` is given.
+
+A loss that is not a mean over samples (cross-entropy over tokens some of whose
+labels are ``-100``, a loss that couples the samples of a batch) is followed as it
+is; the engine finds out (:meth:`slt.target.Target.star_losses`) and computes the
+loss at w* on each minibatch by a forward pass instead of a lookup.  The known
+cross-entropy and NLL count ignored targets exactly (:meth:`LossAdapter.counts`).
 """
 
 from __future__ import annotations
@@ -33,7 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["LossAdapter", "register_per_sample", "causal_lm"]
+__all__ = ["LossAdapter", "register_per_sample", "causal_lm", "model_loss"]
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
 PerSample = Callable[[Tensor, Tensor], Tensor]  # (lead..., *s), (lead..., *s) -> (lead...)
@@ -55,31 +62,51 @@ def _bce_logits(o: Tensor, t: Tensor, lead: int) -> Tensor:
     return _trailing_mean(F.binary_cross_entropy_with_logits(o, t, reduction="none"), lead)
 
 
-def _classification(fn: Callable) -> Callable[[Tensor, Tensor, int], Tensor]:
-    def per_sample(o: Tensor, t: Tensor, lead: int) -> Tensor:
-        # output (lead..., K, *extra), target (lead..., *extra)
+class _Classification:
+    r"""Per-sample cross-entropy / NLL: output ``(lead..., K, *extra)``, target ``(lead..., *extra)``
+    (class indices) or the output's shape (class probabilities).
+
+    With class indices, target entries equal to ``ignore_index`` do not count (as in PyTorch's
+    mean reduction): a sample's loss is the mean over its counted entries (0 when it has none),
+    and :meth:`counts` gives their number, so that the batch loss
+    :math:`\sum_i c_i \ell_i / \sum_i c_i` is PyTorch's mean over counted entries."""
+
+    def __init__(self, fn: Callable, ignore_index: int = -100):
+        self.fn, self.ignore_index = fn, ignore_index
+
+    def __call__(self, o: Tensor, t: Tensor, lead: int) -> Tensor:
         lead_shape = o.shape[:lead]
         o2 = o.reshape(-1, *o.shape[lead:])
         t2 = t.reshape(-1, *t.shape[lead:])
-        out = fn(o2, t2, reduction="none")
-        return _trailing_mean(out.reshape(*lead_shape, *out.shape[1:]), lead)
+        if t.is_floating_point():
+            out = self.fn(o2, t2, reduction="none")
+            return _trailing_mean(out.reshape(*lead_shape, *out.shape[1:]), lead)
+        out = self.fn(o2, t2, reduction="none", ignore_index=self.ignore_index)  # 0 at ignored entries
+        out = out.reshape(*lead_shape, *out.shape[1:])
+        total = out.reshape(*lead_shape, -1).sum(-1) if out.ndim > lead else out
+        return total / self.counts(t, lead, out.dtype).clamp_min(1.0)
 
-    return per_sample
+    def counts(self, t: Tensor, lead: int, dtype: torch.dtype) -> Tensor | None:
+        """Counted entries per sample ``(lead...)`` (``None`` for class-probability targets)."""
+        if t.is_floating_point():
+            return None
+        kept = (t != self.ignore_index).to(dtype)
+        return kept.reshape(*t.shape[:lead], -1).sum(-1) if t.ndim > lead else kept
 
 
 _KNOWN: dict[object, Callable[[Tensor, Tensor, int], Tensor]] = {
     F.mse_loss: _mse,
     F.l1_loss: _l1,
     F.binary_cross_entropy_with_logits: _bce_logits,
-    F.cross_entropy: _classification(F.cross_entropy),
-    F.nll_loss: _classification(F.nll_loss),
+    F.cross_entropy: _Classification(F.cross_entropy),
+    F.nll_loss: _Classification(F.nll_loss),
 }
 _KNOWN_MODULES: dict[type, Callable[[Tensor, Tensor, int], Tensor]] = {
     nn.MSELoss: _mse,
     nn.L1Loss: _l1,
     nn.BCEWithLogitsLoss: _bce_logits,
-    nn.CrossEntropyLoss: _classification(F.cross_entropy),
-    nn.NLLLoss: _classification(F.nll_loss),
+    nn.CrossEntropyLoss: _Classification(F.cross_entropy),
+    nn.NLLLoss: _Classification(F.nll_loss),
 }
 
 
@@ -101,8 +128,8 @@ def _known_per_sample(loss_fn: object) -> Callable[[Tensor, Tensor, int], Tensor
                 return None
             if getattr(mod, "label_smoothing", 0.0) or getattr(mod, "pos_weight", None) is not None:
                 return None
-            if getattr(mod, "ignore_index", -100) != -100:
-                return None
+            if isinstance(ps, _Classification):
+                return _Classification(ps.fn, getattr(mod, "ignore_index", -100))
             return ps
     return None
 
@@ -140,6 +167,8 @@ class LossAdapter:
             res = self._known(out, target, lead)
         elif self._attr is not None:
             res = self._attr(out, target)
+        elif self.per_sample_error is not None:
+            raise ValueError(self.per_sample_error)
         elif tensors:
             def one(o: Tensor, t: Tensor) -> Tensor:
                 return self.loss_fn(o.unsqueeze(0), t.unsqueeze(0))
@@ -148,8 +177,6 @@ class LossAdapter:
             for _ in range(lead):
                 f = torch.vmap(f)
             res = f(out, target)
-        elif self.per_sample_error is not None:
-            raise ValueError(self.per_sample_error)
         else:
             def one_tree(o: Any, t: Any) -> Tensor:
                 return self.loss_fn(_tree_map(_unsqueeze0, o), _tree_map(_unsqueeze0, t))
@@ -163,6 +190,17 @@ class LossAdapter:
             )
         return res
 
+    def counts(self, target: Any, lead: int, dtype: torch.dtype) -> Tensor | None:
+        r"""How much each sample weighs in the loss's mean over a batch, shape ``target.shape[:lead]``,
+        or ``None`` when every sample weighs the same.
+
+        Cross-entropy and NLL (known forms) with targets at ``ignore_index`` average over the counted
+        entries, not over samples: the mean over a batch is :math:`\sum_i c_i\ell_i / \sum_i c_i`."""
+        counts = getattr(self._known, "counts", None)
+        if counts is None or not isinstance(target, Tensor):
+            return None
+        return counts(target, lead, dtype)
+
     def chain_loss(self, out: Any, target: Any, weights: Tensor | None) -> Tensor:
         """Per-chain mean (or weighted mean) loss: (C, B, ...) -> (C,).
 
@@ -170,7 +208,9 @@ class LossAdapter:
         """
         if weights is None:
             if self.has_native_per_sample:
-                return self.per_sample(out, target, 2).mean(1)
+                ps = self.per_sample(out, target, 2)
+                c = self.counts(target, 2, ps.dtype)
+                return ps.mean(1) if c is None else (ps * c).sum(1) / c.sum(1).clamp_min(1.0)
             if isinstance(out, Tensor) and isinstance(target, Tensor):
                 return torch.vmap(self.loss_fn)(out, target)
             return _vmap_leading(self.loss_fn, [_lead_shape(target, 1)[0]], out, target)
@@ -371,3 +411,27 @@ def causal_lm(output: Any, target: Any) -> Tensor:
 
 
 causal_lm.per_sample = _causal_lm_per_sample  # type: ignore[attr-defined]
+
+
+def model_loss(output: Any, target: Any) -> Tensor:
+    r"""The loss the model computed itself: ``output.loss`` or ``output["loss"]``.
+
+    The default ``loss_fn`` of :func:`slt.estimate_llc` for a model that defines no ``default_loss``:
+    a Hugging Face model called with ``labels`` in the batch returns its own loss (for a causal
+    language model, the mean next-token cross-entropy over the batch's tokens whose label is not
+    ``-100``; ``model(**batch).loss`` in devinterp's examples).  That is a mean over tokens, not over
+    sequences, and one number per batch: the control variate then takes a forward pass at w* per
+    minibatch (a note says so), and per-sample methods need :func:`causal_lm` instead.
+    """
+    loss = getattr(output, "loss", None)
+    if loss is None and isinstance(output, Mapping):
+        loss = output.get("loss")
+    if not isinstance(loss, Tensor):
+        from .evaluator import describe
+
+        raise ValueError(
+            f"loss_fn is required: the model defines no default_loss and its output ({describe(output)}) "
+            "carries no loss (a Hugging Face model returns .loss when the batch has 'labels'); pass loss_fn, e.g. "
+            "slt.losses.causal_lm for a causal language model or F.cross_entropy for a classifier")
+    return loss
+

@@ -610,7 +610,7 @@ def _last_quarter(acc_hist: list[Tensor], steps: int, K: int) -> Tensor:
 
 def _still_searching(da: DualAveraging, acc_hist: list[Tensor], steps: int, recent: Tensor,
                      settled: float) -> Tensor | None:
-    """At a window's end: the steps (K,) to restart dual averaging from when some checkpoint is still
+    r"""At a window's end: the steps (K,) to restart dual averaging from when some checkpoint is still
     searching, else ``None``.  Searching: the mean acceptance over the last quarter of the window's ``steps``
     (its readings ``acc_hist``, as for :attr:`Adaptation.accept`) reads below
     ``settled``, or the averaged step :math:`\bar\epsilon` is more than :data:`ADAPT_LAG` times the

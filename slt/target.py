@@ -59,7 +59,7 @@ from .defaults import default_localization, default_nbeta
 from .groups import Groups, concat_data, split_data
 from .evaluator import (PATH_REASONS, ChainEvaluator, choose_path, resolve_autocast, probe_batch, to_device,
                         validate_model_and_loss, check_gradients_reach, hf_attention_configs, _names)
-from .losses import LossAdapter
+from .losses import LossAdapter, model_loss
 from .params import ParamSpec
 from .rng import ChainRNG
 from ._runtime import resolve_device
@@ -125,6 +125,9 @@ class Target:
     path_reason: str
     is_batch: bool = False
     _star: tuple[Tensor | None, Tensor] | None = field(default=None, repr=False)
+    #: ``(n,)`` how much each sample weighs in the loss's mean over a batch
+    #: (:meth:`slt.losses.LossAdapter.counts`), or ``None``: all the same
+    _star_counts: Tensor | None = field(default=None, repr=False)
     issues: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     #: elements per sample of the inputs or outputs, whichever is larger (sizes the chunks of the
@@ -181,7 +184,10 @@ class Target:
         g = self.groups
         if g.parts is None:
             return init.repeat_interleave(g.M)
-        per = torch.stack([g.range_mean(star_ps, i) for i in range(g.D)], 1)  # (K, D)
+        if star_ps is None:  # a loss without per-sample losses: each distribution by forward passes
+            per = torch.stack([self._forward_losses(part) for part in g.parts], 1)
+        else:
+            per = torch.stack([g.range_mean(star_ps, i) for i in range(g.D)], 1)  # (K, D)
         return per.unsqueeze(1).expand(self.K, g.M, g.D).reshape(-1)
 
     def rows(self, num_chains: int) -> Tensor:
@@ -238,7 +244,11 @@ class Target:
     def _compute_star_losses(self) -> tuple[Tensor | None, Tensor]:
         K, source, ev = self.K, self.source, self.evaluator
         star_ps: Tensor | None = None
-        if isinstance(source, Data):
+        if isinstance(source, Data) and self.adapter.per_sample_error is not None:
+            self._note_forward_control_variate("per-sample losses lifted from it are unavailable or are not each "
+                                               "sample's own loss")
+            init = self._forward_losses(source)
+        elif isinstance(source, Data):
             try:
                 per_row = int(source.x[0].numel()) if self._row_numel is None else self._row_numel
                 chunk = max(1, (1 << 22) // max(1, K * per_row))
@@ -250,10 +260,20 @@ class Target:
             except Exception:  # noqa: BLE001 - per-sample losses unavailable: forward at w* instead
                 star_ps = None
             if star_ps is not None:
+                self._star_counts = self.adapter.counts(source.target, 1, star_ps.dtype)
+                if not self.adapter.has_native_per_sample:
+                    star_ps = self._check_decomposition(star_ps)
+            if star_ps is not None:
                 wn = source.normalized_weights()
-                init = star_ps.mean(1) if wn is None else (star_ps * wn).sum(1)
+                c = self._star_counts
+                if wn is not None:
+                    init = (star_ps * wn).sum(1)
+                elif c is not None:
+                    init = (star_ps * c).sum(1) / c.sum().clamp_min(1.0)
+                else:
+                    init = star_ps.mean(1)
             else:
-                init = ev.losses(self.w_star, source.full_batch()).detach()
+                init = self._forward_losses(source)
         else:
             tot = torch.zeros(K, dtype=torch.float64, device=self.device)
             count = 0
@@ -270,6 +290,59 @@ class Target:
             bad = (~torch.isfinite(init)).nonzero().flatten().tolist()
             raise ValueError(f"the loss at w* is NaN or inf (checkpoints {bad}); check the model and data")
         return star_ps, init
+
+    def _check_decomposition(self, star_ps: Tensor) -> Tensor | None:
+        r"""The per-sample losses lifted from ``loss_fn`` (by ``vmap``, one sample at a time), if they
+        average to ``loss_fn`` on the first (up to 64) samples and are finite, else ``None``.
+
+        The control variate gathers them on every minibatch, so they must add up to the loss the
+        chains follow.  A loss that averages over something other than samples (tokens whose label
+        is ``-100``, a mask) or couples the samples of a batch does not decompose: its per-sample
+        mean differs from it (a token-level cross-entropy with 40% of labels ignored: 0.393 vs
+        0.401, λ̂ 7% low; a loss on centred logits: λ̂ = −14).  Then the loss at w* on each
+        minibatch is a forward pass at w* instead (one more evaluation per step), weighted data
+        and per-sample methods are refused with the reason, and a note says so."""
+        source = self.source
+        m = min(source.n, 64)
+        with torch.no_grad():
+            whole = self.evaluator.losses(self.w_star, _rows_of(source, 0, m).full_batch())
+        mean = star_ps[:, :m].mean(1)
+        finite = bool(torch.isfinite(star_ps).all())
+        scale = whole.abs().max().clamp_min(torch.finfo(star_ps.dtype).tiny)
+        if finite and bool(((mean - whole).abs() <= 1e-4 * scale + 1e-6).all()):
+            return star_ps
+        why = ("some samples' losses are NaN or inf on their own" if not finite else
+               f"on the first {m} samples their mean is {float(mean[0]):.6g} and the loss {float(whole[0]):.6g}")
+        self.adapter.per_sample_error = (
+            f"loss_fn is not the mean of per-sample losses ({why}: it averages over something other than "
+            "samples, e.g. tokens whose label is -100, or couples the samples of a batch); weighted data and "
+            "per-sample methods need per-sample losses: give loss_fn a per_sample form "
+            "(slt.losses.register_per_sample) whose mean over a batch is loss_fn")
+        self._note_forward_control_variate(why)
+        return None
+
+    def _note_forward_control_variate(self, why: str) -> None:
+        self.notes.append(
+            f"loss_fn is not the mean of per-sample losses ({why}), so the loss at w* on each minibatch (the "
+            "control variate) is a forward pass at w* (one more evaluation per step) instead of a lookup; to "
+            "make it a lookup, use a loss that averages over samples (e.g. slt.losses.causal_lm for language "
+            "models) or register its per-sample form (slt.losses.register_per_sample)")
+        warnings.warn(f"slt: {self.notes[-1]}", RuntimeWarning, stacklevel=5)
+
+    def _forward_losses(self, source: Data) -> Tensor:
+        """``(K,)`` :math:`L_n(w^*)` by forward passes of ``loss_fn``: one batch when the data fit
+        the per-sample chunk rule, else chunks combined by their number of samples."""
+        per_row = int(source.x[0].numel()) if self._row_numel is None else self._row_numel
+        chunk = max(1, (1 << 24) // max(1, self.K * per_row))
+        if source.n <= chunk or source.weights is not None:
+            with torch.no_grad():
+                return self.evaluator.losses(self.w_star, source.full_batch()).detach()
+        tot = torch.zeros(self.K, dtype=torch.float64, device=self.device)
+        for i in range(0, source.n, chunk):
+            part = _rows_of(source, i, i + chunk)
+            with torch.no_grad():
+                tot += self.evaluator.losses(self.w_star, part.full_batch()).double() * part.n
+        return (tot / source.n).to(self.dtype)
 
     def _loader_batch(self, x: Any, y: Any, w: Tensor | None) -> Batch:
         x = to_device(x, self.device, self.dtype)
@@ -440,12 +513,22 @@ class BatchStream:
                 return b, self._init
             if self._star_ps is not None:
                 flat_idx = (self._offset + idx).reshape(-1)  # index_select: fast on CPU
-                return b, self._star_ps.view(-1).index_select(0, flat_idx).view(idx.shape).mean(1)
+                star = self._star_ps.view(-1).index_select(0, flat_idx).view(idx.shape)
+                counts = self.target._star_counts
+                if counts is None:
+                    return b, star.mean(1)
+                c = counts.index_select(0, idx.reshape(-1)).view(idx.shape)
+                return b, (star * c).sum(1) / c.sum(1).clamp_min(1.0)
             return b, self._forward_star(b)
         b = self.target._loader_batch(*source.next_batch())
         if not self.control_variate:
             return b, self._init
         return b, self._forward_star(b)
+
+
+def _rows_of(source: Data, lo: int, hi: int) -> Data:
+    """Rows ``lo:hi`` of a dataset, unweighted (inputs without a target stay so)."""
+    return Data(source.x[lo:hi], None if source.y is None else source.y[lo:hi], None)
 
 
 class _LossFn(torch.autograd.Function):
@@ -500,20 +583,47 @@ def resolve_dtype(dtype: torch.dtype | None, template: nn.Module) -> tuple[torch
 
 def _unwrap(m: Any) -> Any:
     """The module inside ``nn.DataParallel`` / ``DistributedDataParallel`` wrappers (which compute the
-    same function and whose parameters are the inner module's; ``functional_call`` refuses them)."""
-    while isinstance(m, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
-        m = m.module
-    return m
+    same function and whose parameters are the inner module's; ``functional_call`` refuses them) and
+    inside ``torch.compile`` 's wrapper (slt compiles its own step when that pays: ``vectorize``)."""
+    while True:
+        if isinstance(m, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
+            m = m.module
+        elif isinstance(m, nn.Module) and type(m).__name__ == "OptimizedModule" and isinstance(
+                getattr(m, "_orig_mod", None), nn.Module):
+            m = m._orig_mod
+        else:
+            return m
+
+
+def _check_module(m: Any, what: str) -> None:
+    """Refuse modules slt cannot call with substituted parameters, naming the fix."""
+    if not isinstance(m, nn.Module):
+        return
+    if isinstance(m, torch.jit.ScriptModule):
+        raise TypeError(
+            f"{what} is a TorchScript module (torch.jit.script / torch.jit.trace): slt calls the model with each "
+            "chain's parameters substituted (torch.func.functional_call), which TorchScript modules do not "
+            "support; pass the original nn.Module (the one that was scripted)")
+    lazy = [n for n, t in list(m.named_parameters()) + list(m.named_buffers())
+            if isinstance(t, nn.parameter.UninitializedTensorMixin)]
+    if lazy:
+        raise ValueError(
+            f"{what} has uninitialized lazy parameters ({_names(lazy)}: nn.LazyLinear, nn.LazyConv2d, ...) "
+            "whose shapes are set by the first forward pass: train it, or call it once on a batch "
+            "(model(x)), before estimating")
 
 
 def _unprefixed(sd: Any, template: nn.Module) -> Any:
-    """A state dict saved from a data-parallel wrapper (every key ``"module.…"``) for an unwrapped
-    template whose keys have no such prefix: the keys without it; any other mapping as it is."""
-    if not isinstance(sd, Mapping) or not sd or not all(isinstance(k, str) and k.startswith("module.") for k in sd):
+    """A state dict saved from a data-parallel or ``torch.compile`` wrapper (every key ``"module.…"`` or
+    ``"_orig_mod.…"``) for an unwrapped template whose keys have no such prefix: the keys without it; any
+    other mapping as it is."""
+    if not isinstance(sd, Mapping) or not sd:
         return sd
-    if any(k.startswith("module.") for k in template.state_dict()):
-        return sd
-    return {k[len("module."):]: v for k, v in sd.items()}
+    keys = template.state_dict()
+    for prefix in ("module.", "_orig_mod."):  # saved from a data-parallel / torch.compile wrapper
+        if all(isinstance(k, str) and k.startswith(prefix) for k in sd) and not any(k.startswith(prefix) for k in keys):
+            return {k[len(prefix):]: v for k, v in sd.items()}
+    return sd
 
 
 def _checkpoints(
@@ -523,7 +633,12 @@ def _checkpoints(
     and their ``"module."`` key prefix dropped from state dicts (:func:`_unwrap`)."""
     template, ckpts, is_batch = _checkpoint_list(model, models, state_dicts)
     template = _unwrap(template)
-    return template, [_unprefixed(_unwrap(c), template) for c in ckpts], is_batch
+    _check_module(template, "the model")
+    ckpts = [_unprefixed(_unwrap(c), template) for c in ckpts]
+    for k, c in enumerate(ckpts):
+        if c is not template:
+            _check_module(c, f"checkpoint {k}")
+    return template, ckpts, is_batch
 
 
 def _checkpoint_list(
@@ -791,10 +906,8 @@ def prepare_target(
                          "vectorize='auto' or 'loop'")
     if half is not None and vectorize == "auto" and not hasattr(template, "forward_chains"):
         vectorize = "loop"
-    if loss_fn is None:
-        loss_fn = getattr(template, "default_loss", None)
-        if loss_fn is None:
-            raise ValueError("loss_fn is required (the model defines no default_loss)")
+    if loss_fn is None:  # the model's own: a default_loss, else the loss in its output (model_loss)
+        loss_fn = getattr(template, "default_loss", None) or model_loss
     dev = resolve_device(device)
     seeds = _seeds(seed, len(ckpts))
 

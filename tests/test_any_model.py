@@ -510,6 +510,33 @@ def test_data_parallel_wrappers_are_unwrapped():
     assert torch.equal(from_sd.loss_trace, ref.loss_trace)
 
 
+def test_a_torch_compile_wrapper_is_unwrapped():
+    """``torch.compile(model)`` returns a wrapper whose parameters are named "_orig_mod.…": the run is
+    the plain model's (slt compiles its own step where that pays), and a state dict saved from the
+    wrapper loads into the plain template."""
+    X, Y = _data()
+    model = _plain_model()
+    ref = slt.estimate_llc(model, (X, Y), F.mse_loss, **KW)
+    compiled = torch.compile(model)
+    run = slt.estimate_llc(compiled, (X, Y), F.mse_loss, **KW)
+    assert torch.equal(run.loss_trace, ref.loss_trace)
+    sd = compiled.state_dict()
+    assert all(k.startswith("_orig_mod.") for k in sd)
+    (from_sd,) = slt.estimate_llc(model, (X, Y), F.mse_loss, state_dicts=[sd], **KW)
+    assert torch.equal(from_sd.loss_trace, ref.loss_trace)
+
+
+def test_torchscript_and_uninitialized_lazy_modules_are_refused_by_name():
+    X, Y = _data()
+    with pytest.raises(TypeError, match="TorchScript module.*pass the original nn.Module"):
+        slt.estimate_llc(torch.jit.script(_plain_model()), (X, Y), F.mse_loss, **KW)
+    lazy = nn.Sequential(nn.LazyLinear(4), nn.Tanh(), nn.Linear(4, 2)).to(F64)
+    with pytest.raises(ValueError, match=r"uninitialized lazy parameters \(0.weight, 0.bias.*model\(x\)"):
+        slt.estimate_llc(lazy, (X, Y), F.mse_loss, **KW)
+    lazy(X[:2])  # the first forward pass sets the shapes: then it is an ordinary model
+    slt.estimate_llc(lazy, (X, Y), F.mse_loss, **KW)
+
+
 # ----------------------------------------------------------------------------
 # the run's dtype follows the model's
 # ----------------------------------------------------------------------------

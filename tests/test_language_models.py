@@ -244,6 +244,35 @@ def test_hugging_face_causal_lm_on_the_batched_path(make):
     _check_gradient_matches_autograd(model, data)
 
 
+def test_the_models_own_loss_is_the_default_and_followed_as_it_is():
+    """A Hugging Face model called with labels returns its loss (mean over the batch's tokens): with
+    loss_fn omitted it is what the chains follow — the same run as ``lambda out, _: out.loss``.  It is
+    one number per batch, so its per-sample lift is not each sample's loss: the control variate is a
+    forward pass at w* (a note says so), L(w*) is the model's own loss, and per-sample methods refuse
+    it by name (before, the lift gave every sample the batch's loss)."""
+    data = pattern_data()
+    model = _gpt2().eval()
+    train_briefly(model, data)
+    labelled = {**data, "labels": data["input_ids"].masked_fill(data["attention_mask"] == 0, -100)}
+    kw = {**LLC_KW, "dtype": F64}
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*(R-hat|below L)")
+        with pytest.warns(RuntimeWarning, match="not the mean of per-sample losses.*forward pass at w"):
+            own = slt.estimate_llc(model, labelled, **kw)
+        explicit = slt.estimate_llc(model, labelled, lambda out, _: out.loss, **kw)
+    torch.testing.assert_close(own.loss_trace, explicit.loss_trace, rtol=0, atol=0)
+    assert any("forward pass at w*" in n for n in own.config["setup_notes"])
+    t = prepare_target(model, labelled, None, dtype=F64)
+    with torch.no_grad():
+        ref = model.to(F64)(**labelled).loss
+    model.float()
+    assert float(t.init_loss[0]) == pytest.approx(float(ref), abs=fp_tol(F64, scale=10 * float(ref), terms=N * T))
+    with pytest.raises(ValueError, match="per-sample loss"):
+        t.evaluator.per_sample(t.w_star, {k: v[:4] for k, v in labelled.items()}, {k: v[:4] for k, v in labelled.items()})
+    with pytest.raises(ValueError, match="loss_fn is required: the model defines no default_loss and its output"):
+        slt.estimate_llc(model, data, **kw)  # no labels: no loss in the output
+
+
 def _no_traced_masks(monkeypatch):
     """Switch off slt's treatment of Hugging Face's mask branch (as with transformers < 5, whose masks
     it does not reach), so that the eager retry and the fallback are exercised."""

@@ -1,0 +1,174 @@
+"""Losses that are not a mean over samples (exact tier).
+
+The control variate looks up per-sample losses at w* on every minibatch and ``L_n(w*)`` is
+their mean, so they must add up to the loss the chains follow.  Cross-entropy whose targets
+hold ``ignore_index`` (token labels at ``-100``, masked-LM labels) averages over the counted
+entries, not over samples; a loss on centred logits couples the samples of a batch.  Before,
+the first crashed ("does not average to loss_fn", or NaN for a row with every label ignored)
+or was silently off (L(w*) 0.393 instead of 0.401, λ̂ 7% low), the second gave λ̂ = −14."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import slt
+from slt.rng import ChainRNG
+from slt.target import prepare_target
+
+from conftest import fp_tol
+
+F64 = torch.float64
+pytestmark = pytest.mark.usefixtures("one_thread")
+N, T, K = 150, 5, 3
+
+
+class Tokens(nn.Module):
+    """Per-token logits; ``channels=True`` gives them as (B, K, T), the layout F.cross_entropy takes."""
+
+    def __init__(self, channels: bool = False):
+        super().__init__()
+        self.lin, self.channels = nn.Linear(4, K), channels
+
+    def forward(self, x):
+        out = self.lin(x)
+        return out.transpose(1, 2) if self.channels else out
+
+
+def _tokens(ignored: float = 0.4, full_rows: int = 2, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    X = torch.randn(N, T, 4, generator=g, dtype=F64)
+    y = (X[..., 0] > 0).long() + (X[..., 1] > 1).long()
+    y[torch.rand(N, T, generator=g) < ignored] = -100
+    y[:full_rows] = -100  # rows with no counted label at all (their own loss is 0/0)
+    return X, y
+
+
+def _model(channels=False):
+    torch.manual_seed(0)
+    return Tokens(channels).to(F64)
+
+
+def _flat(o, t):
+    return F.cross_entropy(o.reshape(-1, K), t.reshape(-1))
+
+
+def _centred(o, t):
+    return F.cross_entropy(o - o.mean(0), t)
+
+
+LOSSES = {  # name -> (model, loss, ignore index)
+    "F.cross_entropy": (lambda: _model(True), F.cross_entropy, -100),
+    "CrossEntropyLoss(ignore_index=-1)": (lambda: _model(True), nn.CrossEntropyLoss(ignore_index=-1), -1),
+    "nll_loss": (lambda: nn.Sequential(_model(True), nn.LogSoftmax(1)), F.nll_loss, -100),
+    "lambda over tokens": (lambda: _model(False), _flat, -100),
+}
+
+
+@pytest.mark.parametrize("name", list(LOSSES))
+def test_loss_at_w_star_and_the_control_variate_are_the_users_loss(name):
+    make, loss_fn, ignore = LOSSES[name]
+    X, y = _tokens()
+    y = torch.where(y == -100, ignore, y)
+    model = make()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # the lambda's note: a forward control variate
+        t = prepare_target(model, (X, y), loss_fn, dtype=F64)
+        with torch.no_grad():
+            ref = loss_fn(model(X), y)
+        tol = fp_tol(F64, scale=float(ref) * 10, terms=N * T)
+        assert float(t.init_loss[0]) == pytest.approx(float(ref), abs=tol)
+        stream = t.batches(ChainRNG(t.seeds, 3, t.device), 3, 16)
+        for _ in range(3):
+            b, star = stream()
+            with torch.no_grad():
+                want = torch.stack([loss_fn(model(b.x[c]), b.y[c]) for c in range(3)])
+            torch.testing.assert_close(star, want, rtol=0, atol=tol)
+
+
+def test_known_and_lifted_forms_give_the_same_chains():
+    """The known cross-entropy (a lookup of per-sample losses and counts) and the same loss as a
+    lambda (not decomposable: a forward pass at w* per minibatch) follow one potential with one
+    random stream: the same λ̂ up to rounding."""
+    X, y = _tokens()
+    kw = dict(num_chains=2, num_draws=30, num_burnin=10, step_size=1e-3, nbeta=30.0, localization=10.0,
+              batch_size=16, dtype=F64, progress=False, seed=3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        known = slt.estimate_llc(_model(True), (X, y), F.cross_entropy, **kw)
+        lifted = slt.estimate_llc(_model(False), (X, y), _flat, **kw)
+    torch.testing.assert_close(known.loss_trace, lifted.loss_trace, rtol=0, atol=1e-10)
+    assert known.llc_mean == pytest.approx(lifted.llc_mean, abs=1e-8)
+    assert not any("per-sample" in n for n in known.config["setup_notes"])
+    assert any("not the mean of per-sample losses" in n for n in lifted.config["setup_notes"])
+
+
+def test_a_loss_that_couples_the_samples_is_not_looked_up():
+    g = torch.Generator().manual_seed(1)
+    X = torch.randn(N, 4, generator=g, dtype=F64)
+    y = (X[:, 0] > 0).long()
+    model = nn.Linear(4, 2).to(F64)
+    with pytest.warns(RuntimeWarning, match="not the mean of per-sample losses"):
+        t = prepare_target(model, (X, y), _centred, dtype=F64)
+        init = t.init_loss
+    with torch.no_grad():
+        ref = _centred(model(X), y)
+    assert float(init[0]) == pytest.approx(float(ref), abs=fp_tol(F64, scale=float(ref) * 10, terms=N))
+
+
+def test_weighted_data_with_a_loss_that_is_not_a_mean_over_samples_is_refused():
+    X, y = _tokens(full_rows=0)
+    w = torch.rand(N, dtype=F64) + 0.5
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        with pytest.raises(ValueError, match=r"not the mean of per-sample losses.*register_per_sample"):
+            slt.estimate_llc(_model(False), (X, y, w), _flat, num_chains=2, num_draws=5, dtype=F64,
+                             progress=False)
+
+
+def test_a_first_sample_with_every_label_ignored_is_not_an_error():
+    """The set-up checks ran the loss on the first two samples: all labels -100 there gave NaN
+    (0/0) and "the loss at w* is NaN"; the whole probe is checked before calling it an error."""
+    X, y = _tokens(full_rows=2)
+    r = slt.estimate_llc(_model(True), (X, y), F.cross_entropy, num_chains=2, num_draws=10, num_burnin=5,
+                         step_size=1e-3, nbeta=30.0, localization=10.0, dtype=F64, progress=False)
+    assert torch.isfinite(torch.as_tensor(r.llc_mean))
+    model = _model(True)
+    X2, y2 = X.clone(), y.clone()
+    y2[:] = -100  # nothing counted anywhere: a real error
+    with pytest.raises(ValueError, match="NaN or inf"):
+        slt.estimate_llc(model, (X2, y2), F.cross_entropy, num_chains=2, num_draws=5, dtype=F64, progress=False)
+
+
+class OwnLoss(nn.Module):
+    """A model that computes its own loss (one number per batch), called as model(**batch)."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(4, 1)
+
+    def forward(self, x, y):
+        pred = self.lin(x).squeeze(-1)
+        return {"loss": F.mse_loss(pred, y), "pred": pred}
+
+
+def test_a_loss_computed_by_the_model_is_the_default_and_is_not_looked_up():
+    """loss_fn omitted: the model's output["loss"], one number per batch, which has no per-sample lift:
+    the control variate is a forward pass, L(w*) the model's loss, and per-sample methods refuse it."""
+    g = torch.Generator().manual_seed(2)
+    X = torch.randn(N, 4, generator=g, dtype=F64)
+    data = {"x": X, "y": X[:, 0] + 0.1 * torch.randn(N, generator=g, dtype=F64)}
+    model = OwnLoss().to(F64)
+    with pytest.warns(RuntimeWarning, match="not the mean of per-sample losses"):
+        t = prepare_target(model, data, None, dtype=F64)
+        init = t.init_loss
+    with torch.no_grad():
+        ref = model(**data)["loss"]
+    assert float(init[0]) == pytest.approx(float(ref), abs=fp_tol(F64, scale=10 * float(ref), terms=N))
+    assert "per-sample losses of loss_fn" in t.adapter.per_sample_error
+    with pytest.raises(ValueError, match="per-sample losses of loss_fn .* unavailable"):
+        slt.bif(model, data, None, num_chains=2, num_draws=5, dtype=F64, progress=False)

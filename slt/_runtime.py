@@ -17,10 +17,25 @@ from typing import Any, Iterator
 
 import torch
 
-__all__ = ["resolve_device", "intra_op_threads", "retained_heap", "small_work_threads", "versions"]
+__all__ = ["autograd_allowed", "resolve_device", "intra_op_threads", "retained_heap", "small_work_threads", "versions"]
 
 #: below this much work per step (e.g. chains × batch × parameters) one CPU thread is faster
 SMALL_WORK = 2_000_000
+
+
+def autograd_allowed(fn: Any) -> Any:
+    """Run ``fn`` with ``torch.inference_mode`` switched off: the samplers need autograd, and a call made
+    from inside an evaluation script's ``with torch.inference_mode():`` failed with a misleading "the loss
+    does not require grad" (``torch.no_grad()`` needs nothing: slt enables gradients where it takes them)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        if not torch.is_inference_mode_enabled():
+            return fn(*args, **kwargs)
+        with torch.inference_mode(False):
+            return fn(*args, **kwargs)
+
+    return wrapper
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:

@@ -6,6 +6,7 @@ import warnings
 from dataclasses import dataclass
 from typing import Any, Sequence
 
+from ._runtime import autograd_allowed
 from .engine import estimate_llc
 from .result import LLCResult
 
@@ -29,6 +30,7 @@ class CalibrationResult:
         return plot_calibration(self, ax)
 
 
+@autograd_allowed
 def calibrate(
     model: Any,
     data: Any,

@@ -117,9 +117,21 @@ def _is_array(t: Any) -> bool:
     return isinstance(t, np.ndarray)
 
 
+def _normal(t: Tensor) -> Tensor:
+    """A tensor made under ``torch.inference_mode`` (features computed in an evaluation script) cannot
+    take part in autograd ("Inference tensors cannot be saved for backward"): a normal copy of it."""
+    if not t.is_inference():
+        return t
+    with torch.inference_mode(False):
+        return t.clone()
+
+
 def _to_tensor(name: str, t: Any) -> Any:
     """NumPy arrays become tensors (``torch.as_tensor``; float64 stays float64 until the
-    engine casts floating data to its ``dtype``); everything else is returned as is."""
+    engine casts floating data to its ``dtype``); inference tensors become normal ones
+    (:func:`_normal`); everything else is returned as is."""
+    if isinstance(t, Tensor):
+        return _normal(t)
     if not _is_array(t):
         return t
     if t.dtype == object or t.dtype.kind in "USV":
@@ -135,7 +147,7 @@ def _to_tensor(name: str, t: Any) -> Any:
 def _as_inputs(name: str, t: Any) -> Any:
     """A tensor, or :class:`Columns` of tensors (NumPy arrays converted)."""
     if isinstance(t, Tensor):
-        return t
+        return _normal(t)
     if isinstance(t, Mapping):
         if not t:
             raise ValueError(f"{name} is an empty mapping: no inputs")
@@ -373,7 +385,7 @@ class LoaderSource:
 
     def _unpack(self, item: Any) -> tuple[Inputs, Inputs | None, Tensor | None]:
         if isinstance(item, Tensor):
-            return item, None, None
+            return _normal(item), None, None
         if isinstance(item, Mapping):  # a dict batch (default collate of dict items, a BatchEncoding)
             return _plain(_as_inputs("x", dict(item))), None, None
         if isinstance(item, (tuple, list)):

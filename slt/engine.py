@@ -49,7 +49,7 @@ import torch
 from torch import Tensor, nn
 
 from ._checks import check_int, check_real
-from ._runtime import intra_op_threads, resolve_device, retained_heap, small_work_threads, versions
+from ._runtime import intra_op_threads, resolve_device, retained_heap, small_work_threads, versions, autograd_allowed
 from .data import LoaderSource
 from .defaults import (BATCH_RAISES, BATCH_SIZE, BATCH_SIZE_MAX, EXTENSION_BUDGET, LLC, LOCALIZATION_MIN_DRAWS,
                        LOCALIZATION_STEPS, default_burnin, default_localization, default_nbeta)
@@ -84,6 +84,7 @@ class LLCEstimationError(RuntimeError):
     """Raised when sampling cannot produce an estimate (e.g. every chain diverged)."""
 
 
+@autograd_allowed
 def estimate_llc(
     model: nn.Module | Sequence[nn.Module] | None,
     data: Any,
@@ -452,6 +453,7 @@ class Sampling:
         return out
 
 
+@autograd_allowed
 def sample_target(
     target: Any,
     *,

@@ -39,7 +39,7 @@ from torch import Tensor, nn
 import torch
 
 from .data import Batch, Columns, Data, LoaderSource, _map, _plain, num_rows
-from .losses import LossAdapter
+from .losses import LossAdapter, count_weighted_mean
 from .params import ParamSpec
 
 __all__ = ["ChainEvaluator", "choose_path", "PATH_REASONS", "validate_model_and_loss", "check_gradients_reach", "probe_batch", "to_device",
@@ -845,6 +845,8 @@ def _label_hint(loss_fn: Any, out: Any, y: Any) -> str:
     if not (isinstance(out, Tensor) and isinstance(y, Tensor)):
         return ""
     if name in _CLASSIFICATION:
+        if not y.is_floating_point() and y.dtype not in (torch.int64, torch.uint8):
+            return f" ({name} needs class indices as int64: pass the labels as y.long(), got {describe(y)})"
         probs = y.is_floating_point() and y.shape == out.shape
         indices = not y.is_floating_point() and out.ndim >= 1 and y.shape == out.shape[:1] + out.shape[2:]
         if not (probs or indices):
@@ -936,7 +938,7 @@ def validate_model_and_loss(model: nn.Module, adapter: LossAdapter, probe: Batch
     if adapter.has_native_per_sample:
         ps = adapter.per_sample(out, y, 1)
         c = adapter.counts(y, 1, ps.dtype)
-        mean = ps.mean() if c is None else (ps * c).sum() / c.sum().clamp_min(1.0)
+        mean = ps.mean() if c is None else count_weighted_mean(ps, c)
         if not torch.allclose(mean, loss, rtol=1e-4, atol=1e-6):
             raise ValueError(
                 "the per-sample form of loss_fn does not average to loss_fn: "

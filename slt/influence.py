@@ -77,6 +77,7 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
+from ._runtime import autograd_allowed
 from ._checks import check_int
 from .defaults import LLC
 from .data import Data, _map, _plain, as_source, row_numel
@@ -604,6 +605,7 @@ def _labels(prefix: str, shape: tuple[int, ...]) -> list[str]:
 # ----------------------------------------------------------------------------
 # public functions
 # ----------------------------------------------------------------------------
+@autograd_allowed
 def bif(
     model: nn.Module | Sequence[nn.Module] | None,
     data: Any,
@@ -672,6 +674,7 @@ def bif(
                         per_sample_loss=per_sample_loss, max_bytes=max_bytes, kwargs=kwargs)
 
 
+@autograd_allowed
 def loss_kernel(
     model: nn.Module | Sequence[nn.Module] | None,
     data: Any,
@@ -695,6 +698,7 @@ def loss_kernel(
                         sum_tokens=sum_tokens, per_sample_loss=per_sample_loss, max_bytes=max_bytes, kwargs=kwargs)
 
 
+@autograd_allowed
 def per_sample_susceptibility(
     model: nn.Module | Sequence[nn.Module] | None,
     data: Any,

@@ -66,32 +66,42 @@ class _Classification:
     r"""Per-sample cross-entropy / NLL: output ``(lead..., K, *extra)``, target ``(lead..., *extra)``
     (class indices) or the output's shape (class probabilities).
 
-    With class indices, target entries equal to ``ignore_index`` do not count (as in PyTorch's
-    mean reduction): a sample's loss is the mean over its counted entries (0 when it has none),
-    and :meth:`counts` gives their number, so that the batch loss
-    :math:`\sum_i c_i \ell_i / \sum_i c_i` is PyTorch's mean over counted entries."""
+    With class indices, PyTorch's mean reduction divides by the summed weights of the counted targets,
+    not by the number of samples: targets equal to ``ignore_index`` count 0 and, with class weights
+    ``weight``, a target of class k counts ``weight[k]``.  A sample's loss is its weighted mean over its
+    counted targets (0 when it has none), and :meth:`counts` gives its total count, so that the batch
+    loss :math:`\sum_i c_i \ell_i / \sum_i c_i` is PyTorch's mean."""
 
-    def __init__(self, fn: Callable, ignore_index: int = -100):
-        self.fn, self.ignore_index = fn, ignore_index
+    def __init__(self, fn: Callable, ignore_index: int = -100, weight: Tensor | None = None):
+        self.fn, self.ignore_index, self.weight = fn, ignore_index, weight
+
+    def _weight(self, like: Tensor) -> Tensor | None:
+        return None if self.weight is None else self.weight.to(device=like.device, dtype=like.dtype)
 
     def __call__(self, o: Tensor, t: Tensor, lead: int) -> Tensor:
         lead_shape = o.shape[:lead]
         o2 = o.reshape(-1, *o.shape[lead:])
         t2 = t.reshape(-1, *t.shape[lead:])
         if t.is_floating_point():
-            out = self.fn(o2, t2, reduction="none")
+            out = self.fn(o2, t2, reduction="none", weight=self._weight(o))
             return _trailing_mean(out.reshape(*lead_shape, *out.shape[1:]), lead)
-        out = self.fn(o2, t2, reduction="none", ignore_index=self.ignore_index)  # 0 at ignored entries
+        # weight[target] · loss, 0 at ignored entries
+        out = self.fn(o2, t2, reduction="none", ignore_index=self.ignore_index, weight=self._weight(o))
         out = out.reshape(*lead_shape, *out.shape[1:])
         total = out.reshape(*lead_shape, -1).sum(-1) if out.ndim > lead else out
-        return total / self.counts(t, lead, out.dtype).clamp_min(1.0)
+        return total / self.counts(t, lead, out.dtype).clamp_min(torch.finfo(out.dtype).tiny)
 
     def counts(self, t: Tensor, lead: int, dtype: torch.dtype) -> Tensor | None:
-        """Counted entries per sample ``(lead...)`` (``None`` for class-probability targets)."""
+        """Summed weights of each sample's counted targets ``(lead...)`` (``None`` for class
+        probabilities, whose mean is over samples)."""
         if t.is_floating_point():
             return None
-        kept = (t != self.ignore_index).to(dtype)
-        return kept.reshape(*t.shape[:lead], -1).sum(-1) if t.ndim > lead else kept
+        kept = t != self.ignore_index
+        if self.weight is None:
+            c = kept.to(dtype)
+        else:
+            c = self.weight.to(device=t.device, dtype=dtype)[t.masked_fill(~kept, 0).long()] * kept.to(dtype)
+        return c.reshape(*t.shape[:lead], -1).sum(-1) if t.ndim > lead else c
 
 
 _KNOWN: dict[object, Callable[[Tensor, Tensor, int], Tensor]] = {
@@ -110,6 +120,13 @@ _KNOWN_MODULES: dict[type, Callable[[Tensor, Tensor, int], Tensor]] = {
 }
 
 
+def count_weighted_mean(values: Tensor, counts: Tensor, dim: int | None = None) -> Tensor:
+    r""":math:`\sum_i c_i v_i / \sum_i c_i` along ``dim`` (all dims when ``None``); 0 where every count is 0."""
+    if dim is None:
+        return (values * counts).sum() / counts.sum().clamp_min(torch.finfo(values.dtype).tiny)
+    return (values * counts).sum(dim) / counts.sum(dim).clamp_min(torch.finfo(values.dtype).tiny)
+
+
 def register_per_sample(loss_fn: LossFn, per_sample: PerSample) -> LossFn:
     """Declare the per-sample form of ``loss_fn`` (returns ``loss_fn``)."""
     loss_fn.per_sample = per_sample  # type: ignore[attr-defined]
@@ -124,12 +141,12 @@ def _known_per_sample(loss_fn: object) -> Callable[[Tensor, Tensor, int], Tensor
             mod = loss_fn  # type: ignore[assignment]
             if getattr(mod, "reduction", "mean") != "mean":
                 return None
-            if getattr(mod, "weight", None) is not None:
-                return None
             if getattr(mod, "label_smoothing", 0.0) or getattr(mod, "pos_weight", None) is not None:
                 return None
             if isinstance(ps, _Classification):
-                return _Classification(ps.fn, getattr(mod, "ignore_index", -100))
+                return _Classification(ps.fn, getattr(mod, "ignore_index", -100), getattr(mod, "weight", None))
+            if getattr(mod, "weight", None) is not None:
+                return None
             return ps
     return None
 
@@ -210,7 +227,7 @@ class LossAdapter:
             if self.has_native_per_sample:
                 ps = self.per_sample(out, target, 2)
                 c = self.counts(target, 2, ps.dtype)
-                return ps.mean(1) if c is None else (ps * c).sum(1) / c.sum(1).clamp_min(1.0)
+                return ps.mean(1) if c is None else count_weighted_mean(ps, c, 1)
             if isinstance(out, Tensor) and isinstance(target, Tensor):
                 return torch.vmap(self.loss_fn)(out, target)
             return _vmap_leading(self.loss_fn, [_lead_shape(target, 1)[0]], out, target)

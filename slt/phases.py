@@ -41,6 +41,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from ._runtime import autograd_allowed
 from ._checks import check_int, check_real
 from .loop import show_progress
 from .params import ParamSpec
@@ -247,6 +248,7 @@ def _top_hessian_eigenvalue(target: Target, w: Tensor, iters: int = 20, rel: flo
     return float(lam.max())
 
 
+@autograd_allowed
 def sample_posterior(
     model: nn.Module,
     data: Any,

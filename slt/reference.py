@@ -90,7 +90,7 @@ import torch
 from torch import Tensor, nn
 
 from ._checks import check_int, check_real
-from ._runtime import intra_op_threads, small_work_threads, versions
+from ._runtime import intra_op_threads, small_work_threads, versions, autograd_allowed
 from .data import as_source
 from .defaults import default_localization, default_nbeta
 from .loop import show_progress
@@ -351,6 +351,7 @@ def _size_check(d: int, force: bool) -> None:
         )
 
 
+@autograd_allowed
 def nuts_llc(
     model: nn.Module,
     data: Any,
@@ -558,6 +559,7 @@ class ComparisonResult:
         return fig
 
 
+@autograd_allowed
 def compare(
     model: nn.Module,
     data: Any,

@@ -59,12 +59,12 @@ from .defaults import default_localization, default_nbeta
 from .groups import Groups, concat_data, split_data
 from .evaluator import (PATH_REASONS, ChainEvaluator, choose_path, resolve_autocast, probe_batch, to_device,
                         validate_model_and_loss, check_gradients_reach, hf_attention_configs, _names)
-from .losses import LossAdapter, model_loss
+from .losses import LossAdapter, count_weighted_mean, model_loss
 from .params import ParamSpec
 from .rng import ChainRNG
-from ._runtime import resolve_device
+from ._runtime import resolve_device, autograd_allowed
 
-__all__ = ["Target", "prepare_target", "BatchStream", "train_mode_issues", "fastest_path"]
+__all__ = ["Target", "prepare_target", "BatchStream", "train_mode_issues", "random_forward_issue", "fastest_path"]
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
 
@@ -269,7 +269,7 @@ class Target:
                 if wn is not None:
                     init = (star_ps * wn).sum(1)
                 elif c is not None:
-                    init = (star_ps * c).sum(1) / c.sum().clamp_min(1.0)
+                    init = count_weighted_mean(star_ps, c.unsqueeze(0), 1)
                 else:
                     init = star_ps.mean(1)
             else:
@@ -315,8 +315,9 @@ class Target:
                f"on the first {m} samples their mean is {float(mean[0]):.6g} and the loss {float(whole[0]):.6g}")
         self.adapter.per_sample_error = (
             f"loss_fn is not the mean of per-sample losses ({why}: it averages over something other than "
-            "samples, e.g. tokens whose label is -100, or couples the samples of a batch); weighted data and "
-            "per-sample methods need per-sample losses: give loss_fn a per_sample form "
+            "samples, e.g. tokens whose label is -100, or couples the samples of a batch); weighted data, "
+            "data-refined LLCs over distributions of different sizes and per-sample methods need per-sample "
+            "losses: give loss_fn a per_sample form "
             "(slt.losses.register_per_sample) whose mean over a batch is loss_fn")
         self._note_forward_control_variate(why)
         return None
@@ -475,6 +476,7 @@ class BatchStream:
         largest with zero weight), as a per-row batch (``rows × n`` samples in memory)."""
         groups, dev = self.target.groups, self.target.device
         n_max = max(p.n for p in groups.parts)
+        plain = all(p.n == n_max and p.weights is None for p in groups.parts)  # no padding: no weights needed
         idx, wts = [], []
         for part, lo in zip(groups.parts, groups.offsets):
             i = torch.arange(n_max, device=dev) % part.n + lo
@@ -485,7 +487,7 @@ class BatchStream:
         per_group = torch.arange(self.target.G, device=dev) % groups.D
         rows = per_group.repeat_interleave(num_chains)
         b = self.target.source.gather(torch.stack(idx)[rows])
-        return Batch(b.x, b.y, torch.stack(wts)[rows], False)
+        return Batch(b.x, b.y, None if plain else torch.stack(wts)[rows], False)
 
     def _forward_star(self, b: Batch) -> Tensor:
         with torch.no_grad():
@@ -518,7 +520,7 @@ class BatchStream:
                 if counts is None:
                     return b, star.mean(1)
                 c = counts.index_select(0, idx.reshape(-1)).view(idx.shape)
-                return b, (star * c).sum(1) / c.sum(1).clamp_min(1.0)
+                return b, count_weighted_mean(star, c, 1)
             return b, self._forward_star(b)
         b = self.target._loader_batch(*source.next_batch())
         if not self.control_variate:
@@ -751,12 +753,45 @@ def train_mode_issues(model: nn.Module) -> list[str]:
     return issues
 
 
+def random_forward_issue(model: nn.Module, probe: Batch) -> str | None:
+    """A note when two forward passes on the same inputs differ although no dropout module is active
+    (``F.dropout(x, p, training=True)``, noise drawn in ``forward``): the loss is then a random function
+    of w, so the draws scatter below L(w*) and λ̂ means nothing.  The global random state is left as it
+    was.  ``None`` when the forward is deterministic (or cannot be run twice)."""
+    from .evaluator import call_module, module_aliases
+    from .losses import _flatten
+
+    x = _map(lambda t: t[:2], probe.x)
+    aliases = module_aliases(model)
+    outs = []
+    try:
+        with torch.no_grad(), torch.random.fork_rng(devices=[]):
+            for _ in range(2):
+                out = call_module(model, {n: b.clone() for n, b in model.named_buffers()}, x, aliases)
+                outs.append([t for t in _flatten(out)[0] if isinstance(t, Tensor) and t.is_floating_point()])
+    except Exception:  # noqa: BLE001 - validate_model_and_loss has reported what matters
+        return None
+
+    def same(a: Tensor, b: Tensor) -> bool:  # up to rounding (non-deterministic GPU kernels reorder sums)
+        scale = float(a.detach().abs().nan_to_num(0.0, 0.0, 0.0).max()) if a.numel() else 0.0
+        return a.shape == b.shape and bool(torch.isclose(a, b, rtol=1e-4, atol=1e-5 * scale, equal_nan=True).all())
+
+    if all(same(a, b) for a, b in zip(*outs)):
+        return None
+    return ("the model's output is random (two forward passes on the same inputs differ, with no dropout module "
+            "active: F.dropout(..., training=True) or noise drawn in forward?): the loss is then a random function "
+            "of w, so λ̂ is meaningless (the draws fall below L(w*)) and vmap falls back to a loop; make forward "
+            "deterministic when model.training is False, then call model.eval()")
+
+
 def _fallback_hint(e: Exception, model: nn.Module, issues: list[str], eager_tried: bool = False) -> str:
     """What to do about a vmap failure, when the cause is recognisable (``eager_tried``: the vmap path
     was retried with Hugging Face attention run as ``"eager"`` and failed again)."""
     msg = str(e)
     if "random" in msg and any(i.startswith("dropout") for i in issues):
         return " — dropout is active: call model.eval()"
+    if "random" in msg and any(i.startswith("the model's output is random") for i in issues):
+        return " — the model draws random numbers in forward: make it deterministic in eval mode"
     if any(i.startswith("BatchNorm") for i in issues):
         return " — BatchNorm in train mode: call model.eval() to use the batched path"
     if type(e).__name__ == "CheckpointError" or "torch.utils.checkpoint" in msg:
@@ -828,6 +863,7 @@ def _evaluator(
     return evaluator, reason
 
 
+@autograd_allowed
 def prepare_target(
     model: nn.Module | Sequence[nn.Module] | None,
     data: Any,
@@ -957,9 +993,17 @@ def prepare_target(
     n = source.n if parts is None else parts[0].n
     if n is None and (nbeta is None or callable(nbeta)):
         raise ValueError("the DataLoader's dataset has no length: pass nbeta explicitly")
+    if isinstance(loss_fn, nn.Module) and any(
+            t.is_floating_point() and (t.dtype != dtype or t.device != dev)
+            for t in list(loss_fn.parameters()) + list(loss_fn.buffers())):
+        # a loss module's tensors (CrossEntropyLoss's class weights) follow the run, like the model's copy
+        loss_fn = copy.deepcopy(loss_fn).to(device=dev, dtype=dtype)
     adapter = LossAdapter(loss_fn)
     probe = probe_batch(source, 64, dev, dtype)
     out = validate_model_and_loss(work_model, adapter, probe)
+    if not any(i.startswith("dropout") for i in issues) and (random := random_forward_issue(work_model, probe)):
+        issues.append(random)
+        warnings.warn(f"{caller}: {random}", RuntimeWarning, stacklevel=3)
     check_gradients_reach(work_model, spec, adapter, probe, w_star[0])
     structured = not (isinstance(probe.x, Tensor) and isinstance(probe.y, Tensor) and isinstance(out, Tensor))
     # chunks of the losses at w* are sized by the larger of input and output per sample (a language

@@ -537,6 +537,30 @@ def test_torchscript_and_uninitialized_lazy_modules_are_refused_by_name():
     slt.estimate_llc(lazy, (X, Y), F.mse_loss, **KW)
 
 
+def test_inference_mode_and_inference_tensors():
+    """Called from an evaluation script's ``with torch.inference_mode():`` the run failed with "the loss
+    does not require grad ... torch.no_grad()" (misleading); data made under inference mode failed in
+    autograd ("Inference tensors cannot be saved for backward").  Both now give the plain run."""
+    X, Y = _data()
+    model = _plain_model()
+    ref = slt.estimate_llc(model, (X, Y), F.mse_loss, **KW)
+    for ctx in (torch.no_grad, torch.inference_mode):
+        for v in ("vmap", "loop"):
+            with ctx():
+                r = slt.estimate_llc(model, (X, Y), F.mse_loss, **{**KW, "vectorize": v})
+            assert torch.allclose(r.loss_trace, ref.loss_trace, rtol=0, atol=_trace_tol(model, X, Y, ref)), (ctx, v)
+    with torch.inference_mode():
+        Xi, Yi = X.clone(), Y.clone()
+    assert Xi.is_inference()
+    r = slt.estimate_llc(model, (Xi, Yi), F.mse_loss, **KW)
+    assert torch.equal(r.loss_trace, ref.loss_trace)
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(Xi, Yi), batch_size=32)
+    slt.estimate_llc(model, loader, F.mse_loss, **{**KW, "batch_size": None})
+    with torch.inference_mode():
+        b = slt.bif(model, (X[:40], Y[:40]), F.mse_loss, **{**KW, "batch_size": None})
+    assert b.values.shape == (40, 40)
+
+
 # ----------------------------------------------------------------------------
 # the run's dtype follows the model's
 # ----------------------------------------------------------------------------
@@ -585,6 +609,8 @@ def _cls_data(n=50):
     (lambda y: y[:, None], F.cross_entropy, r"target tensor \(2, 1\) int64.*needs integer class indices"),
     (lambda y: F.one_hot(y, 4), nn.CrossEntropyLoss(), r"target tensor \(2, 4\) int64: RuntimeError.*CrossEntropyLoss"),
     (lambda y: y[:40], F.cross_entropy, "x and y disagree on the number of samples: 50 vs 40"),
+    (lambda y: y.numpy().astype(np.int32), F.cross_entropy,  # NumPy's default integer on Windows
+     r"target tensor \(2,\) int32: RuntimeError.*cross_entropy needs class indices as int64: .*y.long\(\)"),
 ])
 def test_label_mistakes_name_shapes_and_dtypes(labels, loss, match):
     X, y = _cls_data()
@@ -760,6 +786,38 @@ def test_dropout_warns_once_with_the_fix_and_records_it():
         warnings.simplefilter("error")  # in eval mode: no note, the batched path
         t = prepare_target(DropNet().eval(), (X, Y), F.mse_loss)
     assert t.issues == [] and t.path == "vmap"
+
+
+class NoisyNet(Plain):
+    """Noise drawn in forward whatever the mode (MC dropout written with F.dropout(training=True))."""
+
+    def forward(self, x):
+        return F.dropout(super().forward(x), 0.3, training=True)
+
+
+def test_a_random_forward_without_dropout_modules_is_named():
+    """No nn.Dropout in train mode, yet the output is random: before, the only warning was "w* is
+    probably not a local minimum (train it further)", which sends the user the wrong way."""
+    X, Y = _data(n=100)
+    with pytest.warns(RuntimeWarning) as rec:
+        r = slt.estimate_llc(NoisyNet(), (X, Y), F.mse_loss, **{**KW, "vectorize": "auto"})
+    msgs = [str(w.message) for w in rec]
+    assert any(m.startswith("slt.estimate_llc: the model's output is random") and "deterministic" in m for m in msgs)
+    assert any("falling back" in m and "draws random numbers in forward" in m for m in msgs)
+    reasons = r.diagnostics["convergence_reasons"]
+    assert not r.converged and any(p.startswith("the model's output is random") for p in reasons)
+    assert not any("not a local minimum" in p for p in reasons)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        from slt.target import random_forward_issue
+        from slt.data import Data
+
+        probe = Data(X[:4], Y[:4]).full_batch()
+        plain, noisy = _plain_model(), NoisyNet().to(F64)
+        before = torch.get_rng_state()
+        assert random_forward_issue(plain, probe) is None
+        assert random_forward_issue(noisy, probe) is not None
+        assert torch.equal(torch.get_rng_state(), before)  # the user's random state is untouched
 
 
 def test_batchnorm_note_and_fallback_hint():

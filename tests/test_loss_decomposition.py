@@ -66,6 +66,9 @@ LOSSES = {  # name -> (model, loss, ignore index)
     "CrossEntropyLoss(ignore_index=-1)": (lambda: _model(True), nn.CrossEntropyLoss(ignore_index=-1), -1),
     "nll_loss": (lambda: nn.Sequential(_model(True), nn.LogSoftmax(1)), F.nll_loss, -100),
     "lambda over tokens": (lambda: _model(False), _flat, -100),
+    # class weights: PyTorch divides by the summed weights of the counted targets
+    "CrossEntropyLoss(weight)": (lambda: _model(True),
+                                 nn.CrossEntropyLoss(weight=torch.tensor([0.3, 1.0, 2.5], dtype=F64)), -100),
 }
 
 
@@ -172,3 +175,44 @@ def test_a_loss_computed_by_the_model_is_the_default_and_is_not_looked_up():
     assert "per-sample losses of loss_fn" in t.adapter.per_sample_error
     with pytest.raises(ValueError, match="per-sample losses of loss_fn .* unavailable"):
         slt.bif(model, data, None, num_chains=2, num_draws=5, dtype=F64, progress=False)
+
+
+def test_data_refined_llc_with_a_loss_over_tokens():
+    """Distributions of equal size need no weights: each group's full batch is its own rows, so a loss
+    that is not a mean over samples works there, and L(w*) of each group is the user's loss on it."""
+    X, y = _tokens(full_rows=0)
+    model = _model(False)
+    data = {"a": (X[:75], y[:75]), "b": (X[75:], y[75:])}
+    with pytest.warns(RuntimeWarning, match="not the mean of per-sample losses"):
+        t = prepare_target(model, data, _flat, dtype=F64)
+        init = t.group_init_loss
+    with torch.no_grad():
+        ref = torch.stack([_flat(model(X[:75]), y[:75]), _flat(model(X[75:]), y[75:])])
+    torch.testing.assert_close(init, ref, rtol=0, atol=fp_tol(F64, scale=10 * float(ref.max()), terms=75 * T))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        for bs in (None, 16):
+            r = slt.estimate_llc(model, data, _flat, num_chains=2, num_draws=10, num_burnin=5, step_size=1e-3,
+                                 nbeta=30.0, localization=10.0, batch_size=bs, dtype=F64, progress=False)
+            assert set(r) == {"a", "b"} and all(torch.isfinite(v.loss_trace).all() for v in r.values())
+
+
+def test_class_weighted_cross_entropy_on_samples():
+    """One label per sample, class weights (float32, as users build them; the run is float64): the
+    loss at w* and the control variate are PyTorch's weighted mean; before, such a loss was lifted
+    sample by sample, which drops the weights (the mean over samples of unweighted losses)."""
+    g = torch.Generator().manual_seed(4)
+    X = torch.randn(N, 4, generator=g, dtype=F64)
+    y = torch.randint(0, K, (N,), generator=g)
+    loss_fn = nn.CrossEntropyLoss(weight=torch.tensor([0.3, 1.0, 2.5]))
+    torch.manual_seed(0)
+    model = nn.Linear(4, K).to(F64)
+    t = prepare_target(model, (X, y), loss_fn, dtype=F64)
+    with torch.no_grad():
+        ref = F.cross_entropy(model(X), y, weight=loss_fn.weight.to(F64))
+    tol = fp_tol(F64, scale=10 * float(ref), terms=N)
+    assert float(t.init_loss[0]) == pytest.approx(float(ref), abs=tol)
+    b, star = t.batches(ChainRNG(t.seeds, 2, t.device), 2, 16)()
+    with torch.no_grad():
+        want = torch.stack([F.cross_entropy(model(b.x[c]), b.y[c], weight=loss_fn.weight.to(F64)) for c in range(2)])
+    torch.testing.assert_close(star, want, rtol=0, atol=tol)

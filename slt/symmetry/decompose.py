@@ -71,6 +71,7 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
+from .._runtime import autograd_allowed
 from .._checks import check_real
 from ..data import Data
 from ..engine import default_nbeta, estimate_llc
@@ -887,6 +888,7 @@ def combine(
     )
 
 
+@autograd_allowed
 def decompose(
     model: nn.Module | Callable[[], nn.Module],
     data: Any,

@@ -59,6 +59,7 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
+from .._runtime import autograd_allowed
 from .._checks import check_int, check_real
 from ..data import Data
 from ..engine import default_nbeta, estimate_llc
@@ -259,6 +260,7 @@ def _prepare(
     return loss_fn, num_blocks, d0, d1s, obs, nb
 
 
+@autograd_allowed
 def llc_susceptibility(
     model: nn.Module,
     q0: Any,

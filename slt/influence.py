@@ -528,6 +528,22 @@ def _corr(cov: Tensor, var_a: Tensor, var_b: Tensor) -> Tensor:
     return cov / den
 
 
+def _warn_constant(caller: str, var: Tensor, mask: Tensor | None, what: str) -> None:
+    """Warn when some losses did not vary over the draws: their correlations are 0/0 (NaN)."""
+    flat = var.detach().cpu()
+    if mask is not None and mask.shape == flat.shape:
+        flat = flat[mask.cpu().bool()]
+    zero = int((flat == 0).sum())
+    if zero:
+        import warnings
+
+        warnings.warn(
+            f"{caller}: {zero} of {flat.numel()} {what} have a loss that did not vary over the draws (a loss that is "
+            "0 to the dtype's precision: a saturated, confidently right sample), so their correlations are 0/0 and "
+            "are NaN; normalize=False gives the covariances (0 there), dtype=torch.float64 resolves smaller losses",
+            RuntimeWarning, stacklevel=4)
+
+
 def _covariances(caller: str, model: Any, data: Any, loss_fn: Any, *, query: Any, observables: Any,
                  normalize: bool, sign: float, kind: str, per_token: bool, sum_tokens: bool,
                  per_sample_loss: Callable | None, max_bytes: float, kwargs: dict) -> Any:
@@ -582,6 +598,11 @@ def _covariances(caller: str, model: Any, data: Any, loss_fn: Any, *, query: Any
             continue
         st = acc.combine(good)
         if normalize:
+            _warn_constant(caller, st["var_a"].reshape(row_shape), rows_losses.mask, "training samples")
+            if not same:
+                _warn_constant(caller, st["var_b"].reshape(col_shape),
+                               cols_losses.mask if cols_losses is not None else None,
+                               "query samples" if cols_losses is not None else "observables")
             val = _corr(st["cov"], st["var_a"], st["var_b"])
             per = _corr(st["row_cov"], st["row_var_a"], st["row_var_b"])
         else:

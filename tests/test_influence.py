@@ -432,3 +432,24 @@ def test_token_bif_matches_devinterp_on_the_same_draws(one_thread):
     ok = ours.token_mask.reshape(-1)
     a, b = -ours.values.reshape(4 * (TT - 1), -1)[ok][:, ok], theirs.reshape(4 * (TT - 1), -1)[ok][:, ok]
     torch.testing.assert_close(a, b, rtol=0, atol=1e-5)  # devinterp returns float32
+
+
+def test_correlations_of_losses_that_do_not_vary_are_named():
+    """A confidently right sample's cross-entropy is exactly 0 in float32 (margin > ~17): its loss does
+    not vary over the draws and its correlations are 0/0.  Before, normalize=True returned a matrix with
+    NaN rows and columns and said nothing (a trained MLP: 72 of 300 samples, 38016 NaN entries)."""
+    x = torch.cat([torch.linspace(0.01, 0.05, 20), torch.linspace(2.0, 3.0, 12)])
+    x = torch.cat([x, -x]).unsqueeze(1)
+    y = (x[:, 0] > 0).long()
+    model = nn.Linear(1, 2)
+    with torch.no_grad():
+        model.weight.copy_(torch.tensor([[-50.0], [50.0]]))
+        model.bias.zero_()
+    kw = dict(num_chains=2, num_draws=20, num_burnin=5, step_size=1e-6, nbeta=100.0, localization=100.0,
+              progress=False)
+    with pytest.warns(RuntimeWarning, match=r"slt.loss_kernel: 24 of 64 training samples have a loss that did not "
+                                            r"vary over the draws.*NaN.*normalize=False"):
+        r = loss_kernel(model, (x, y), F.cross_entropy, **kw)
+    constant = r.var_rows == 0
+    assert int(constant.sum()) == 24 and bool((x[constant].abs() >= 2).all())
+    assert bool(r.values[constant].isnan().all()) and not bool(r.values[~constant][:, ~constant].isnan().any())

@@ -17,10 +17,22 @@ from typing import Any, Iterator
 
 import torch
 
-__all__ = ["autograd_allowed", "resolve_device", "intra_op_threads", "retained_heap", "small_work_threads", "versions"]
+__all__ = ["autograd_allowed", "user_stacklevel", "resolve_device", "intra_op_threads", "retained_heap", "small_work_threads", "versions"]
 
 #: below this much work per step (e.g. chains × batch × parameters) one CPU thread is faster
 SMALL_WORK = 2_000_000
+
+
+_PACKAGE = os.path.dirname(os.path.abspath(__file__)) + os.sep
+
+
+def user_stacklevel() -> int:
+    """The ``stacklevel`` for a ``warnings.warn`` made by this function's caller that points at the first
+    frame outside the ``slt`` package (the user's call), however deep inside slt the warning is raised."""
+    frame, level = sys._getframe(1), 1
+    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(_PACKAGE):
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 def autograd_allowed(fn: Any) -> Any:

@@ -49,7 +49,7 @@ import torch
 from torch import Tensor, nn
 
 from ._checks import check_int, check_real
-from ._runtime import intra_op_threads, resolve_device, retained_heap, small_work_threads, versions, autograd_allowed
+from ._runtime import intra_op_threads, resolve_device, retained_heap, small_work_threads, versions, autograd_allowed, user_stacklevel
 from .data import LoaderSource
 from .defaults import (BATCH_RAISES, BATCH_SIZE, BATCH_SIZE_MAX, EXTENSION_BUDGET, LLC, LOCALIZATION_MIN_DRAWS,
                        LOCALIZATION_STEPS, default_burnin, default_localization, default_nbeta)
@@ -62,7 +62,7 @@ from .samplers import LocalizedPotential, SamplerSpec, build_sampler, resolve_sa
 from .samplers.base import column_chunks, rowsum64
 from .stepsize import (ADAPT_EXTENSIONS, ADAPT_MIN_STEPS, STEP_SIZE_SAFETY, adapt_step_size, auto_step_size,
                        gradient_noise_trace, initial_step_size, stable_step_size)
-from .target import fastest_path, prepare_target
+from .target import checkpoint_modules, checkpoint_state_differences, fastest_path, prepare_target
 
 __all__ = [
     "estimate_llc",
@@ -148,6 +148,8 @@ def estimate_llc(
     models, state_dicts
         Several checkpoints estimated in one batched computation; with
         ``state_dicts``, ``model`` is the template.  Returns a list of results.
+        Checkpoints whose buffers or frozen parameters differ (BatchNorm statistics)
+        run one at a time, with the seeds a batched run gives them.
     num_chains, num_draws, num_burnin, num_steps_bw_draws
         Chains per checkpoint, recorded draws per chain, steps discarded first, and steps between
         draws.  The burn-in runs from ``w*`` at the frozen step (after the step-size adaptation, if
@@ -335,6 +337,16 @@ def estimate_llc(
     _check_arguments(num_chains, num_draws, num_burnin, num_steps_bw_draws, mala_every, step_size, nbeta,
                      localization, batch_size, target_accept)
     resolve_sampler(sampler)
+    if differ := checkpoint_state_differences(model, models, state_dicts):
+        # 0. checkpoints whose buffers (BatchNorm statistics) differ: one run each, as if batched
+        return _each_checkpoint(checkpoint_modules(model, models, state_dicts), differ, data, loss_fn, seed, dict(
+            num_chains=num_chains, num_draws=num_draws, num_burnin=num_burnin, num_steps_bw_draws=num_steps_bw_draws,
+            step_size=step_size, nbeta=nbeta, localization=localization, batch_size=batch_size, sampler=sampler,
+            sampler_kwargs=sampler_kwargs, observables=observables, restrict_to=restrict_to, device=device,
+            dtype=dtype, autocast=autocast, vectorize=vectorize, mala_every=mala_every, target_accept=target_accept,
+            divergence_threshold=divergence_threshold, control_variate=control_variate,
+            shared_batches=shared_batches, raise_on_divergence=raise_on_divergence, extend_draws=extend_draws,
+            num_threads=num_threads, progress=progress))
 
     # 1. the target: model, data, loss, w*, nβ, γ, and the groups (restrictions, distributions)
     target = prepare_target(model, data, loss_fn, models=models, state_dicts=state_dicts, nbeta=nbeta,
@@ -354,8 +366,45 @@ def estimate_llc(
         where = ", ".join(f"{k} {v!r}" if isinstance(v, str) else f"{k} {v}"
                           for k, v in target.group_labels(g).items() if v is not None)
         for w in res.diagnostics["warnings"]:
-            warnings.warn(f"slt.estimate_llc ({where}): {w}", RuntimeWarning, stacklevel=2)
+            warnings.warn(f"slt.estimate_llc ({where}): {w}", RuntimeWarning, stacklevel=user_stacklevel())
     return target.arrange(results)
+
+
+def _each_checkpoint(modules: list[nn.Module], differ: list[str], data: Any, loss_fn: Any, seed: Any,
+                     kwargs: dict[str, Any]) -> Any:
+    """:func:`estimate_llc` of each checkpoint in its own run, with the seed it has in a batched run
+    (``seed + k``, or ``seed[k]``), the results in the batched call's shape (lists at the leaves) and
+    each run's warnings re-labelled with its checkpoint."""
+    seeds = [seed + k for k in range(len(modules))] if isinstance(seed, int) else [int(s) for s in seed]
+    if len(seeds) != len(modules):
+        raise ValueError(f"got {len(seeds)} seeds for {len(modules)} checkpoints")
+    note = (f"the checkpoints differ in buffers or frozen parameters ({', '.join(differ[:4])}"
+            f"{f' and {len(differ) - 4} more' if len(differ) > 4 else ''}), which a batched run takes from one "
+            "template: each checkpoint was estimated in its own run (same seeds as a batched run)")
+    outs = []
+    for k, (module, s) in enumerate(zip(modules, seeds)):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            res = estimate_llc(module, data, loss_fn, seed=s, **kwargs)
+        for w in caught:
+            msg = str(w.message).replace("(checkpoint 0", f"(checkpoint {k}", 1)
+            warnings.warn(msg, w.category, stacklevel=user_stacklevel())
+        for r in _leaves(res):
+            r.config.update(checkpoint=k, num_checkpoints=len(modules))
+            r.config["setup_notes"] = [note] + list(r.config.get("setup_notes", []))
+        outs.append(res)
+    return _stack(outs)
+
+
+def _leaves(res: Any) -> list[LLCResult]:
+    return [r for v in res.values() for r in _leaves(v)] if isinstance(res, dict) else [res]
+
+
+def _stack(outs: list[Any]) -> Any:
+    """``[result of checkpoint k]`` -> the batched shape: a list, or mappings of lists."""
+    if isinstance(outs[0], dict):
+        return {key: _stack([o[key] for o in outs]) for key in outs[0]}
+    return list(outs)
 
 
 @dataclass
@@ -1110,5 +1159,5 @@ def _warn_divergent(diverged: Tensor, divergence_step: Tensor, num_chains: int, 
         + ", ".join(f"checkpoint {i // num_chains} chain {i % num_chains} at step {s}" for i, s in zip(idx, steps))
         + ". Reduce step_size.",
         RuntimeWarning,
-        stacklevel=3,
+        stacklevel=user_stacklevel(),
     )

@@ -77,7 +77,7 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
-from ._runtime import autograd_allowed
+from ._runtime import autograd_allowed, user_stacklevel
 from ._checks import check_int
 from .defaults import LLC
 from .data import Data, _map, _plain, as_source, row_numel
@@ -541,7 +541,7 @@ def _warn_constant(caller: str, var: Tensor, mask: Tensor | None, what: str) -> 
             f"{caller}: {zero} of {flat.numel()} {what} have a loss that did not vary over the draws (a loss that is "
             "0 to the dtype's precision: a saturated, confidently right sample), so their correlations are 0/0 and "
             "are NaN; normalize=False gives the covariances (0 there), dtype=torch.float64 resolves smaller losses",
-            RuntimeWarning, stacklevel=4)
+            RuntimeWarning, stacklevel=user_stacklevel())
 
 
 def _covariances(caller: str, model: Any, data: Any, loss_fn: Any, *, query: Any, observables: Any,

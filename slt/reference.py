@@ -90,7 +90,7 @@ import torch
 from torch import Tensor, nn
 
 from ._checks import check_int, check_real
-from ._runtime import intra_op_threads, small_work_threads, versions, autograd_allowed
+from ._runtime import intra_op_threads, small_work_threads, versions, autograd_allowed, user_stacklevel
 from .data import as_source
 from .defaults import default_localization, default_nbeta
 from .loop import show_progress
@@ -324,7 +324,7 @@ def _nuts_result(
     e = res.diagnostics["ess"]
     res.diagnostics["sem_ess"] = float(res.llc_trace.double().std() / math.sqrt(e)) if e == e and e > 0 else float("nan")
     for w in res.diagnostics["warnings"]:
-        warnings.warn(f"slt.reference.nuts_llc: {w}", RuntimeWarning, stacklevel=3)
+        warnings.warn(f"slt.reference.nuts_llc: {w}", RuntimeWarning, stacklevel=user_stacklevel())
     return res
 
 

@@ -62,9 +62,10 @@ from .evaluator import (PATH_REASONS, ChainEvaluator, choose_path, resolve_autoc
 from .losses import LossAdapter, count_weighted_mean, model_loss
 from .params import ParamSpec
 from .rng import ChainRNG
-from ._runtime import resolve_device, autograd_allowed
+from ._runtime import resolve_device, autograd_allowed, user_stacklevel
 
-__all__ = ["Target", "prepare_target", "BatchStream", "train_mode_issues", "random_forward_issue", "fastest_path"]
+__all__ = ["Target", "prepare_target", "BatchStream", "train_mode_issues", "random_forward_issue", "fastest_path",
+           "checkpoint_state_differences", "checkpoint_modules"]
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
 
@@ -328,7 +329,7 @@ class Target:
             "control variate) is a forward pass at w* (one more evaluation per step) instead of a lookup; to "
             "make it a lookup, use a loss that averages over samples (e.g. slt.losses.causal_lm for language "
             "models) or register its per-sample form (slt.losses.register_per_sample)")
-        warnings.warn(f"slt: {self.notes[-1]}", RuntimeWarning, stacklevel=5)
+        warnings.warn(f"slt: {self.notes[-1]}", RuntimeWarning, stacklevel=user_stacklevel())
 
     def _forward_losses(self, source: Data) -> Tensor:
         """``(K,)`` :math:`L_n(w^*)` by forward passes of ``loss_fn``: one batch when the data fit
@@ -643,6 +644,53 @@ def _checkpoints(
     return template, ckpts, is_batch
 
 
+def checkpoint_state_differences(model: Any, models: Sequence[Any] | None = None,
+                                 state_dicts: Sequence[Mapping[str, Tensor]] | None = None) -> list[str]:
+    """Names of the buffers and frozen parameters whose values differ between the checkpoints.
+
+    A batched run over checkpoints substitutes each checkpoint's *sampled* parameters into one
+    template; its buffers (BatchNorm's running statistics) and frozen parameters are the template's.
+    When they differ between checkpoints (a BatchNorm network saved during training), each
+    checkpoint needs its own: :func:`slt.estimate_llc` then runs them one at a time
+    (:func:`checkpoint_modules`).  Empty for one checkpoint, or when they agree."""
+    template, ckpts, is_batch = _checkpoints(model, models, state_dicts)
+    if not is_batch or len(ckpts) < 2:
+        return []
+    # BatchNorm's step counter differs between any two training checkpoints and matters only in training
+    # mode (momentum=None), which is reported separately: not a difference here
+    fixed = {n: t for n, t in template.named_buffers() if not n.endswith("num_batches_tracked")}
+    fixed.update({n: p for n, p in template.named_parameters() if not p.requires_grad})
+    differ = []
+    for name, ref in fixed.items():
+        for ck in ckpts:
+            if ck is template:
+                continue
+            if isinstance(ck, nn.Module):
+                other = dict(ck.named_buffers()).get(name, dict(ck.named_parameters()).get(name))
+            else:
+                other = ck.get(name)
+            if isinstance(other, Tensor) and not (other.shape == ref.shape and torch.equal(other.to(ref), ref)):
+                differ.append(name)
+                break
+    return differ
+
+
+def checkpoint_modules(model: Any, models: Sequence[Any] | None = None,
+                       state_dicts: Sequence[Mapping[str, Tensor]] | None = None) -> list[nn.Module]:
+    """Each checkpoint as a module holding all of its state: a module as given, a state dict loaded
+    into a copy of the template (entries it lacks keep the template's)."""
+    template, ckpts, _ = _checkpoints(model, models, state_dicts)
+    out = []
+    for ck in ckpts:
+        if isinstance(ck, nn.Module):
+            out.append(ck)
+        else:
+            m = copy.deepcopy(template)
+            m.load_state_dict(ck, strict=False)
+            out.append(m)
+    return out
+
+
 def _checkpoint_list(
     model: Any, models: Sequence[Any] | None, state_dicts: Sequence[Mapping[str, Tensor]] | None
 ) -> tuple[nn.Module, list[Mapping[str, Tensor] | nn.Module], bool]:
@@ -856,7 +904,7 @@ def _evaluator(
             f"{caller}: the {path} path failed on this model ({type(e).__name__}: {msg}){hint}; "
             "falling back to a sequential loop over chains (slower).",
             RuntimeWarning,
-            stacklevel=4,
+            stacklevel=user_stacklevel(),
         )
         reason = f"fallback: {reason} failed with {type(e).__name__}: {msg}"  # the fix: in the warning and issues
         evaluator = ChainEvaluator(model, spec, adapter, "loop", structured=structured, autocast=autocast)
@@ -934,6 +982,11 @@ def prepare_target(
         Bad model, checkpoints, data, loss or dtype (before any sampling).
     """
     template, ckpts, is_batch = _checkpoints(model, models, state_dicts)
+    if differ := checkpoint_state_differences(model, models, state_dicts):
+        raise ValueError(
+            f"the checkpoints differ in buffers or frozen parameters ({_names(differ)}), which one batched "
+            "computation takes from a single template: slt.estimate_llc runs such checkpoints one at a time; "
+            "elsewhere, pass one checkpoint per call")
     dtype, dtype_note = resolve_dtype(dtype, template)
     half = resolve_autocast(autocast)
     if half is not None and vectorize in ("vmap", "compile"):
@@ -968,7 +1021,7 @@ def prepare_target(
         raise ValueError(f"the model's frozen parameters contain NaN or inf ({_names(frozen_bad)})")
     issues = train_mode_issues(work_model)
     if issues:
-        warnings.warn(f"{caller}: " + "; ".join(issues), RuntimeWarning, stacklevel=3)
+        warnings.warn(f"{caller}: " + "; ".join(issues), RuntimeWarning, stacklevel=user_stacklevel())
 
     # data (a mapping {label: dataset}: one distribution per label, concatenated into one source)
     split = split_data(data)
@@ -987,7 +1040,7 @@ def prepare_target(
         notes.append("the DataLoader shuffles with PyTorch's global random state (its sampler has no generator), "
                       "so runs with the same seed see different batches and differ: to make a run repeatable, build the "
                       "loader for it with DataLoader(..., generator=torch.Generator().manual_seed(s))")
-        warnings.warn(f"{caller}: {notes[-1]}", RuntimeWarning, stacklevel=3)
+        warnings.warn(f"{caller}: {notes[-1]}", RuntimeWarning, stacklevel=user_stacklevel())
     if isinstance(source, Data):
         source = source.to(dev, dtype)
     n = source.n if parts is None else parts[0].n
@@ -1003,7 +1056,7 @@ def prepare_target(
     out = validate_model_and_loss(work_model, adapter, probe)
     if not any(i.startswith("dropout") for i in issues) and (random := random_forward_issue(work_model, probe)):
         issues.append(random)
-        warnings.warn(f"{caller}: {random}", RuntimeWarning, stacklevel=3)
+        warnings.warn(f"{caller}: {random}", RuntimeWarning, stacklevel=user_stacklevel())
     check_gradients_reach(work_model, spec, adapter, probe, w_star[0])
     structured = not (isinstance(probe.x, Tensor) and isinstance(probe.y, Tensor) and isinstance(out, Tensor))
     # chunks of the losses at w* are sized by the larger of input and output per sample (a language
@@ -1103,7 +1156,7 @@ def fastest_path(target: Target, rows: Tensor, batch_size: int | None, repeats: 
     if target.path != "vmap" or not isinstance(target.source, Data):
         if compile:
             warnings.warn(f"vectorize='compile' needs the vmap path and tensor data (here: the {target.path} path, "
-                          f"{type(target.source).__name__}): running uncompiled", RuntimeWarning, stacklevel=3)
+                          f"{type(target.source).__name__}): running uncompiled", RuntimeWarning, stacklevel=user_stacklevel())
         return target
     if rows.shape[0] == 1 and not compile and target.groups.masks is None:
         # one chain: vmap over one row computes what the loop computes, plus its batching rules' dispatch
@@ -1137,7 +1190,7 @@ def fastest_path(target: Target, rows: Tensor, batch_size: int | None, repeats: 
     if why_not is not None:
         if compile:
             warnings.warn(f"vectorize='compile' is not used for {why_not}: running uncompiled", RuntimeWarning,
-                          stacklevel=3)
+                          stacklevel=user_stacklevel())
         return target
     return _compile_path(target, rows, _probe_rows(target, rows.shape[0], batch_size, shared), repeats, key,
                          bool(compile))
@@ -1170,7 +1223,7 @@ def _compile_path(target: Target, rows: Tensor, batch: Batch, repeats: int, key:
     if error is not None:
         if asked:
             warnings.warn(f"vectorize='compile': torch.compile could not compile this model as one graph "
-                          f"({error}); running the uncompiled vmap path", RuntimeWarning, stacklevel=4)
+                          f"({error}); running the uncompiled vmap path", RuntimeWarning, stacklevel=user_stacklevel())
         target.path_reason = f"{target.path_reason}; not compiled (torch.compile failed: {error})"
         return target
     if known is not None:  # measured before in this process: the same choice, without timing again

@@ -758,6 +758,53 @@ class BNNet(nn.Module):
         return self.l2(self.norm(self.l1(x)))
 
 
+def test_checkpoints_with_their_own_batchnorm_statistics():
+    """An LLC curve of a BatchNorm network: each checkpoint's running statistics are its own.  A batched
+    run took every checkpoint's buffers from the template (λ̂ 1.68 instead of 2.51 on a checkpoint of a
+    small classifier, silently); such checkpoints now run one at a time with the seeds a batched run
+    gives them, so each result equals its single-checkpoint run bit for bit."""
+    import copy
+
+    X, Y = _data(n=120)
+    torch.manual_seed(0)
+    net = BNNet().to(F64)
+    sds = []
+    for shift in (0.0, 1.5):
+        with torch.no_grad():  # different running statistics per checkpoint; parameters too
+            net.norm.running_mean.fill_(shift)
+            net.norm.running_var.fill_(1.0 + shift)
+            net.l1.weight.add_(0.1)
+        sds.append(copy.deepcopy(net.state_dict()))
+    net.eval()
+    kw = {**KW, "seed": 5}
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        batched = slt.estimate_llc(net, (X, Y), F.mse_loss, state_dicts=sds, **kw)
+    mods = []
+    for k, sd in enumerate(sds):
+        m = copy.deepcopy(net)
+        m.load_state_dict(sd)
+        mods.append(m)
+        single = slt.estimate_llc(m, (X, Y), F.mse_loss, **{**kw, "seed": 5 + k})
+        assert torch.equal(batched[k].loss_trace, single.loss_trace)
+        assert batched[k].config["checkpoint"] == k and "each checkpoint was estimated in its own run" in \
+            batched[k].config["setup_notes"][0] and "norm.running_mean" in batched[k].config["setup_notes"][0]
+    assert not any("checkpoint 0" in str(w.message) and "checkpoint 1" in str(w.message) for w in caught)
+    as_modules = slt.estimate_llc(mods, (X, Y), F.mse_loss, **kw)
+    assert all(torch.equal(a.loss_trace, b.loss_trace) for a, b in zip(as_modules, batched))
+    with pytest.raises(ValueError, match=r"checkpoints differ in buffers or frozen parameters \(norm.running_mean, "
+                                         r"norm.running_var\).*one checkpoint per call"):
+        slt.bif(mods, (X, Y), F.mse_loss, **kw)
+    # the same statistics everywhere (only BatchNorm's step counter differs): one batched run (the template's
+    # own statistics count too: a batched run would use them for every checkpoint)
+    net.load_state_dict(sds[0])
+    for sd in sds[1:]:
+        sd["norm.running_mean"], sd["norm.running_var"] = sds[0]["norm.running_mean"], sds[0]["norm.running_var"]
+        sd["norm.num_batches_tracked"] = sds[0]["norm.num_batches_tracked"] + 7
+    shared = slt.estimate_llc(net, (X, Y), F.mse_loss, state_dicts=sds, **kw)
+    assert not any("own run" in n for n in shared[0].config["setup_notes"])
+
+
 def test_train_mode_notes_name_the_modules_and_the_fix():
     assert train_mode_issues(DropNet()) == [
         "dropout active in drop: call model.eval() (dropout makes the loss random, so λ̂ is biased and vmap "

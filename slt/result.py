@@ -169,7 +169,8 @@ class LLCResult:
         mala_c = torch.full((C,), float("nan"), dtype=torch.float64) if mala is None else mala
         mala_mean = float(mala_c[valid].mean()) if valid.any() and mala is not None else float("nan")
         if frac_below > 0.5:
-            random = any(i.startswith(("dropout", "the model's output is random")) for i in issues or [])
+            random = any(i.startswith(("dropout", "the model's output is random", "the loss is random"))
+                         for i in issues or [])
             warn_list.append(
                 f"{frac_below:.0%} of draws have a loss below L(w*): " + (
                     "the model's loss is random (see the set-up note), so L(w*) is one random draw of it" if random

@@ -801,22 +801,26 @@ def train_mode_issues(model: nn.Module) -> list[str]:
     return issues
 
 
-def random_forward_issue(model: nn.Module, probe: Batch) -> str | None:
+def random_forward_issue(model: nn.Module, probe: Batch, loss_fn: Callable | None = None) -> str | None:
     """A note when two forward passes on the same inputs differ although no dropout module is active
-    (``F.dropout(x, p, training=True)``, noise drawn in ``forward``): the loss is then a random function
-    of w, so the draws scatter below L(w*) and λ̂ means nothing.  The global random state is left as it
-    was.  ``None`` when the forward is deterministic (or cannot be run twice)."""
+    (``F.dropout(x, p, training=True)``, noise drawn in ``forward``), or two evaluations of ``loss_fn``
+    on the same output differ (a sampled softmax, negative sampling): the loss is then a random
+    function of w, so the draws scatter below L(w*) and λ̂ means nothing.  The global random state is
+    left as it was.  ``None`` when both are deterministic (or cannot be run twice)."""
     from .evaluator import call_module, module_aliases
     from .losses import _flatten
 
     x = _map(lambda t: t[:2], probe.x)
+    y = x if probe.y is probe.x else _map(lambda t: t[:2], probe.y)
     aliases = module_aliases(model)
-    outs = []
+    outs, losses = [], []
     try:
         with torch.no_grad(), torch.random.fork_rng(devices=[]):
             for _ in range(2):
                 out = call_module(model, {n: b.clone() for n, b in model.named_buffers()}, x, aliases)
                 outs.append([t for t in _flatten(out)[0] if isinstance(t, Tensor) and t.is_floating_point()])
+            if loss_fn is not None:
+                losses = [loss_fn(out, y) for _ in range(2)]
     except Exception:  # noqa: BLE001 - validate_model_and_loss has reported what matters
         return None
 
@@ -824,12 +828,16 @@ def random_forward_issue(model: nn.Module, probe: Batch) -> str | None:
         scale = float(a.detach().abs().nan_to_num(0.0, 0.0, 0.0).max()) if a.numel() else 0.0
         return a.shape == b.shape and bool(torch.isclose(a, b, rtol=1e-4, atol=1e-5 * scale, equal_nan=True).all())
 
-    if all(same(a, b) for a, b in zip(*outs)):
-        return None
-    return ("the model's output is random (two forward passes on the same inputs differ, with no dropout module "
-            "active: F.dropout(..., training=True) or noise drawn in forward?): the loss is then a random function "
-            "of w, so λ̂ is meaningless (the draws fall below L(w*)) and vmap falls back to a loop; make forward "
-            "deterministic when model.training is False, then call model.eval()")
+    if not all(same(a, b) for a, b in zip(*outs)):
+        return ("the model's output is random (two forward passes on the same inputs differ, with no dropout module "
+                "active: F.dropout(..., training=True) or noise drawn in forward?): the loss is then a random "
+                "function of w, so λ̂ is meaningless (the draws fall below L(w*)) and vmap falls back to a loop; "
+                "make forward deterministic when model.training is False, then call model.eval()")
+    if len(losses) == 2 and all(isinstance(v, Tensor) for v in losses) and not same(losses[0], losses[1]):
+        return ("the loss is random (two evaluations of loss_fn on the same model output differ: a sampled softmax, "
+                "negative sampling or noise in the loss?): λ̂ is then meaningless (the draws fall below L(w*)); "
+                "make loss_fn deterministic (e.g. fixed negatives, or the full softmax)")
+    return None
 
 
 def _fallback_hint(e: Exception, model: nn.Module, issues: list[str], eager_tried: bool = False) -> str:
@@ -840,6 +848,8 @@ def _fallback_hint(e: Exception, model: nn.Module, issues: list[str], eager_trie
         return " — dropout is active: call model.eval()"
     if "random" in msg and any(i.startswith("the model's output is random") for i in issues):
         return " — the model draws random numbers in forward: make it deterministic in eval mode"
+    if "random" in msg and any(i.startswith("the loss is random") for i in issues):
+        return " — loss_fn draws random numbers: make it deterministic"
     if any(i.startswith("BatchNorm") for i in issues):
         return " — BatchNorm in train mode: call model.eval() to use the batched path"
     if type(e).__name__ == "CheckpointError" or "torch.utils.checkpoint" in msg:
@@ -1054,7 +1064,7 @@ def prepare_target(
     adapter = LossAdapter(loss_fn)
     probe = probe_batch(source, 64, dev, dtype)
     out = validate_model_and_loss(work_model, adapter, probe)
-    if not any(i.startswith("dropout") for i in issues) and (random := random_forward_issue(work_model, probe)):
+    if not any(i.startswith("dropout") for i in issues) and (random := random_forward_issue(work_model, probe, adapter.loss_fn)):
         issues.append(random)
         warnings.warn(f"{caller}: {random}", RuntimeWarning, stacklevel=user_stacklevel())
     check_gradients_reach(work_model, spec, adapter, probe, w_star[0])

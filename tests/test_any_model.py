@@ -866,6 +866,14 @@ def test_a_random_forward_without_dropout_modules_is_named():
         assert random_forward_issue(noisy, probe) is not None
         assert torch.equal(torch.get_rng_state(), before)  # the user's random state is untouched
 
+    def noisy_loss(out, y):  # e.g. a sampled softmax: a random subset of the samples' terms each call
+        keep = torch.rand(out.shape) < 0.5
+        return ((out - y).square() * keep).sum() / out.numel()
+
+    with pytest.warns(RuntimeWarning, match="the loss is random .*make loss_fn deterministic"):
+        r = slt.estimate_llc(_plain_model(), (X, Y), noisy_loss, **{**KW, "vectorize": "loop"})
+    assert any(p.startswith("the loss is random") for p in r.diagnostics["convergence_reasons"])
+
 
 def test_batchnorm_note_and_fallback_hint():
     X, Y = _data(n=100)

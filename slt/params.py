@@ -35,7 +35,11 @@ class ParamSpec:
             else:
                 self.frozen.append(name)
         if not self.names:
-            raise ValueError("the model has no parameters that require grad: nothing to sample")
+            raise ValueError(
+                "the model has no parameters that require grad: nothing to sample"
+                + (f" (all {len(self.frozen)} are frozen, requires_grad=False, as after model.requires_grad_(False) "
+                   "for evaluation: call model.requires_grad_(True) and freeze only what should stay at w*)"
+                   if self.frozen else " (it has no parameters)"))
         self.numels = [int(torch.Size(s).numel()) for s in self.shapes]
         self.d = sum(self.numels)
 

@@ -526,6 +526,14 @@ def test_a_torch_compile_wrapper_is_unwrapped():
     assert torch.equal(from_sd.loss_trace, ref.loss_trace)
 
 
+def test_a_model_frozen_for_evaluation_is_refused_with_the_fix():
+    X, Y = _data()
+    model = _plain_model().requires_grad_(False)
+    with pytest.raises(ValueError, match=r"no parameters that require grad: nothing to sample \(all 4 are frozen.*"
+                                         r"model.requires_grad_\(True\)"):
+        slt.estimate_llc(model, (X, Y), F.mse_loss, **KW)
+
+
 def test_torchscript_and_uninitialized_lazy_modules_are_refused_by_name():
     X, Y = _data()
     with pytest.raises(TypeError, match="TorchScript module.*pass the original nn.Module"):

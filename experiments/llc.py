@@ -75,10 +75,8 @@ def build(cfg: DictConfig, gen: torch.Generator) -> tuple[torch.nn.Module, Any, 
                 break
             lead.append(t)
         data = tuple(lead) if len(lead) > 1 else lead[0]
-    if cfg.loss is None:
-        loss = getattr(model, "default_loss", None)
-        if loss is None:
-            raise ValueError("loss=null but the model defines no default_loss: set loss=<dotted name>")
+    if cfg.loss is None:  # as in slt.estimate_llc: the model's default_loss, else the loss in its output
+        loss = getattr(model, "default_loss", None) or slt.losses.model_loss
     elif isinstance(cfg.loss, str):
         loss = get_object(cfg.loss)
     else:

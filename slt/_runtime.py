@@ -17,7 +17,8 @@ from typing import Any, Iterator
 
 import torch
 
-__all__ = ["autograd_allowed", "user_stacklevel", "resolve_device", "intra_op_threads", "retained_heap", "small_work_threads", "versions"]
+__all__ = ["autograd_allowed", "user_stacklevel", "resolve_device", "intra_op_threads", "retained_heap",
+           "small_work_threads", "versions"]
 
 #: below this much work per step (e.g. chains × batch × parameters) one CPU thread is faster
 SMALL_WORK = 2_000_000

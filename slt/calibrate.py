@@ -112,7 +112,8 @@ def calibrate(
             frame.loc[hi, "differs"] = changed(diff, z, b["llc_mean"], int(b["num_chains"]))  # two-sided
     if mixed:
         warnings.warn("slt.calibrate: the automatic localization settled at different γ across step sizes, whose λ̂ "
-                      "are not compared; pass localization= for a grid on one potential", RuntimeWarning, stacklevel=user_stacklevel())
+                      "are not compared; pass localization= for a grid on one potential", RuntimeWarning,
+                      stacklevel=user_stacklevel())
     acc = frame["mala_acceptance"]
     frame["stable"] = ((frame["num_divergent"] == 0) & (acc.isna() | (acc >= min_acceptance))
                        & frame["llc_mean"].notna() & ~frame["differs"].astype(bool))

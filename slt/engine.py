@@ -49,7 +49,8 @@ import torch
 from torch import Tensor, nn
 
 from ._checks import check_int, check_real
-from ._runtime import intra_op_threads, resolve_device, retained_heap, small_work_threads, versions, autograd_allowed, user_stacklevel
+from ._runtime import (autograd_allowed, intra_op_threads, resolve_device, retained_heap, small_work_threads,
+                       user_stacklevel, versions)
 from .data import LoaderSource
 from .defaults import (BATCH_RAISES, BATCH_SIZE, BATCH_SIZE_MAX, EXTENSION_BUDGET, LLC, LOCALIZATION_MIN_DRAWS,
                        LOCALIZATION_STEPS, default_burnin, default_localization, default_nbeta)

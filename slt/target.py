@@ -1064,7 +1064,9 @@ def prepare_target(
     adapter = LossAdapter(loss_fn)
     probe = probe_batch(source, 64, dev, dtype)
     out = validate_model_and_loss(work_model, adapter, probe)
-    if not any(i.startswith("dropout") for i in issues) and (random := random_forward_issue(work_model, probe, adapter.loss_fn)):
+    random = None if any(i.startswith("dropout") for i in issues) else random_forward_issue(
+        work_model, probe, adapter.loss_fn)
+    if random:
         issues.append(random)
         warnings.warn(f"{caller}: {random}", RuntimeWarning, stacklevel=user_stacklevel())
     check_gradients_reach(work_model, spec, adapter, probe, w_star[0])
@@ -1166,7 +1168,8 @@ def fastest_path(target: Target, rows: Tensor, batch_size: int | None, repeats: 
     if target.path != "vmap" or not isinstance(target.source, Data):
         if compile:
             warnings.warn(f"vectorize='compile' needs the vmap path and tensor data (here: the {target.path} path, "
-                          f"{type(target.source).__name__}): running uncompiled", RuntimeWarning, stacklevel=user_stacklevel())
+                          f"{type(target.source).__name__}): running uncompiled", RuntimeWarning,
+                          stacklevel=user_stacklevel())
         return target
     if rows.shape[0] == 1 and not compile and target.groups.masks is None:
         # one chain: vmap over one row computes what the loop computes, plus its batching rules' dispatch

@@ -892,6 +892,13 @@ def validate_model_and_loss(model: nn.Module, adapter: LossAdapter, probe: Batch
         if not isinstance(out, Tensor) and isinstance(getattr(out, "logits", None), Tensor):
             hint += (f" (the model returns a {type(out).__name__}: take its logits in the loss, e.g. "
                      "lambda out, y: F.cross_entropy(out.logits, y))")
+        elif isinstance(out, Mapping) and out and isinstance(next(iter(out.values())), Tensor):
+            key = "logits" if isinstance(out.get("logits"), Tensor) else next(iter(out))
+            hint += (f" (the model returns a {type(out).__name__}: take the prediction in the loss, e.g. "
+                     f"lambda out, y: loss(out[{key!r}], y))")
+        elif isinstance(out, (tuple, list)) and out and isinstance(out[0], Tensor):
+            hint += (f" (the model returns a {type(out).__name__}: take the prediction in the loss, e.g. "
+                     "lambda out, y: loss(out[0], y))")
         raise ValueError(
             f"loss_fn failed on {on} of the data: model output {describe(out)}, target {describe(y)}: "
             f"{type(e).__name__}: {e}{hint}"

@@ -626,6 +626,31 @@ def test_label_mistakes_name_shapes_and_dtypes(labels, loss, match):
         slt.estimate_llc(nn.Linear(3, 4), (X, labels(y)), loss, **SMALL)
 
 
+class TupleAux(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.l = nn.Linear(3, 4)
+
+    def forward(self, x):
+        h = self.l(x)
+        return h, h.square().mean()  # (logits, auxiliary loss), as mixture-of-experts layers return
+
+
+class DictAux(TupleAux):
+    def forward(self, x):
+        h, aux = super().forward(x)
+        return {"aux": aux, "logits": h}
+
+
+@pytest.mark.parametrize("model, fix", [(TupleAux, r"lambda out, y: loss\(out\[0\], y\)"),
+                                        (DictAux, r"lambda out, y: loss\(out\['logits'\], y\)")])
+def test_a_loss_given_a_structured_output_names_the_element_to_take(model, fix):
+    X, y = _cls_data()
+    with pytest.raises(ValueError, match=r"must be Tensor.*the model returns a (tuple|dict): take the prediction in "
+                                         r"the loss, e\.g\. " + fix):
+        slt.estimate_llc(model(), (X, y), F.cross_entropy, **SMALL)
+
+
 def test_elementwise_loss_with_a_broadcasting_target_is_refused():
     X, _ = _cls_data()
     with pytest.raises(ValueError, match=r"mse_loss: the model's output and the target have different shapes .*"

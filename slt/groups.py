@@ -71,13 +71,19 @@ class Groups:
     def D(self) -> int:
         return 1 if self.parts is None else len(self.parts)
 
-    def range_mean(self, per_sample: Tensor, i: int) -> Tensor:
+    def range_mean(self, per_sample: Tensor, i: int, counts: Tensor | None = None) -> Tensor:
         """``(K, N)`` per-sample losses of the concatenated data -> ``(K,)`` (weighted) mean over
-        distribution ``i``'s rows."""
+        distribution ``i``'s rows; with ``counts`` ``(N,)`` (a loss averaging over counted targets,
+        :meth:`slt.losses.LossAdapter.counts`) and no weights, the count-weighted mean."""
         part, lo = self.parts[i], self.offsets[i]
         block = per_sample[:, lo : lo + part.n]
         w = part.normalized_weights()
-        return block.mean(1) if w is None else (block * w.to(block)).sum(1)
+        if w is not None:
+            return (block * w.to(block)).sum(1)
+        if counts is not None:
+            c = counts[lo : lo + part.n].to(block)
+            return (block * c).sum(1) / c.sum().clamp_min(torch.finfo(block.dtype).tiny)
+        return block.mean(1)
 
     def moved_names(self, spec: Any) -> list[frozenset[str]]:
         """Per restriction (``M``), the names of the parameters its mask moves (any element)."""

@@ -188,7 +188,7 @@ class Target:
         if star_ps is None:  # a loss without per-sample losses: each distribution by forward passes
             per = torch.stack([self._forward_losses(part) for part in g.parts], 1)
         else:
-            per = torch.stack([g.range_mean(star_ps, i) for i in range(g.D)], 1)  # (K, D)
+            per = torch.stack([g.range_mean(star_ps, i, self._star_counts) for i in range(g.D)], 1)  # (K, D)
         return per.unsqueeze(1).expand(self.K, g.M, g.D).reshape(-1)
 
     def rows(self, num_chains: int) -> Tensor:
@@ -302,16 +302,35 @@ class Target:
         mean differs from it (a token-level cross-entropy with 40% of labels ignored: 0.393 vs
         0.401, λ̂ 7% low; a loss on centred logits: λ̂ = −14).  Then the loss at w* on each
         minibatch is a forward pass at w* instead (one more evaluation per step), weighted data
-        and per-sample methods are refused with the reason, and a note says so."""
+        and per-sample methods are refused with the reason, and a note says so.  A mean over the
+        labelled tokens of integer labels with -100 ignored (:func:`_label_counts`) is tried first:
+        weighted by each sample's labelled tokens, checked on the first rows and on rows spread over
+        the data, it stays a lookup."""
         source = self.source
         m = min(source.n, 64)
+        first = torch.arange(m)
+        spread = torch.linspace(0, source.n - 1, m).round().long().unique()  # rows across the whole set
+        finite = bool(torch.isfinite(star_ps).all())
+        if finite and self._averages_to_loss(star_ps, None, first):
+            return star_ps
+        counts = _label_counts(source.target)
+        if counts is not None:  # a mean over labelled entries (labels -100 ignored): exact with counts
+            empty = (counts == 0).to(star_ps.device)
+            weighted = star_ps.masked_fill(empty.unsqueeze(0), 0.0)  # a row with no label weighs 0 (its own loss: 0/0)
+            if (bool(torch.isfinite(weighted).all()) and self._averages_to_loss(weighted, counts, first)
+                    and self._averages_to_loss(weighted, counts, spread)):
+                self._star_counts = counts.to(device=star_ps.device, dtype=star_ps.dtype)
+                # the lookup is exact, yet a sample's own loss is not its share of loss_fn's mean
+                self.adapter.per_sample_error = (
+                    "loss_fn averages over labelled tokens (labels -100 ignored), not over samples: weighted "
+                    "data, data-refined LLCs over distributions of different sizes and per-sample methods need "
+                    "per-sample losses: use F.cross_entropy on (samples, classes, tokens) outputs (exact counts), "
+                    "or register a per_sample form (slt.losses.register_per_sample) whose mean over a batch is "
+                    "loss_fn")
+                return weighted
         with torch.no_grad():
             whole = self.evaluator.losses(self.w_star, _rows_of(source, 0, m).full_batch())
         mean = star_ps[:, :m].mean(1)
-        finite = bool(torch.isfinite(star_ps).all())
-        scale = whole.abs().max().clamp_min(torch.finfo(star_ps.dtype).tiny)
-        if finite and bool(((mean - whole).abs() <= 1e-4 * scale + 1e-6).all()):
-            return star_ps
         why = ("some samples' losses are NaN or inf on their own" if not finite else
                f"on the first {m} samples their mean is {float(mean[0]):.6g} and the loss {float(whole[0]):.6g}")
         self.adapter.per_sample_error = (
@@ -322,6 +341,18 @@ class Target:
             "(slt.losses.register_per_sample) whose mean over a batch is loss_fn")
         self._note_forward_control_variate(why)
         return None
+
+    def _averages_to_loss(self, star_ps: Tensor, counts: Tensor | None, rows: Tensor) -> bool:
+        """Whether the (count-weighted) mean of the per-sample losses at w* on ``rows`` is ``loss_fn``
+        on those rows, to rounding."""
+        source = self.source
+        with torch.no_grad():
+            whole = self.evaluator.losses(self.w_star, Data(source.x[rows], None if source.y is None
+                                                            else source.y[rows], None).full_batch())
+        ps = star_ps[:, rows]
+        mean = ps.mean(1) if counts is None else count_weighted_mean(ps, counts[rows].to(ps).unsqueeze(0), 1)
+        scale = whole.abs().max().clamp_min(torch.finfo(star_ps.dtype).tiny)
+        return bool(((mean - whole).abs() <= 1e-4 * scale + 1e-6).all())
 
     def _note_forward_control_variate(self, why: str) -> None:
         self.notes.append(
@@ -527,6 +558,16 @@ class BatchStream:
         if not self.control_variate:
             return b, self._init
         return b, self._forward_star(b)
+
+
+def _label_counts(target: Any) -> Tensor | None:
+    """``(n,)`` labelled entries per sample — integer labels not equal to -100 (Hugging Face's and
+    PyTorch's ignore index), from a tensor target or a mapping's ``"labels"`` — or ``None``."""
+    labels = target.get("labels") if isinstance(target, Mapping) else target
+    if not isinstance(labels, Tensor) or labels.is_floating_point() or labels.is_complex() or labels.ndim < 1:
+        return None
+    kept = (labels != -100).reshape(labels.shape[0], -1).sum(1)
+    return kept if bool((kept < kept.max()).any()) else None  # equal counts: the plain mean already fits
 
 
 def _rows_of(source: Data, lo: int, hi: int) -> Data:

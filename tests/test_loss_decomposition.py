@@ -57,6 +57,11 @@ def _flat(o, t):
     return F.cross_entropy(o.reshape(-1, K), t.reshape(-1))
 
 
+def _flat_minus_one(o, t):
+    """The same mean over labelled tokens, its ignored labels marked -1 (no -100 for slt to count)."""
+    return F.cross_entropy(o.reshape(-1, K), t.reshape(-1), ignore_index=-1)
+
+
 def _centred(o, t):
     return F.cross_entropy(o - o.mean(0), t)
 
@@ -66,6 +71,7 @@ LOSSES = {  # name -> (model, loss, ignore index)
     "CrossEntropyLoss(ignore_index=-1)": (lambda: _model(True), nn.CrossEntropyLoss(ignore_index=-1), -1),
     "nll_loss": (lambda: nn.Sequential(_model(True), nn.LogSoftmax(1)), F.nll_loss, -100),
     "lambda over tokens": (lambda: _model(False), _flat, -100),
+    "lambda over tokens, ignore_index=-1": (lambda: _model(False), _flat_minus_one, -1),
     # class weights: PyTorch divides by the summed weights of the counted targets
     "CrossEntropyLoss(weight)": (lambda: _model(True),
                                  nn.CrossEntropyLoss(weight=torch.tensor([0.3, 1.0, 2.5], dtype=F64)), -100),
@@ -93,10 +99,11 @@ def test_loss_at_w_star_and_the_control_variate_are_the_users_loss(name):
             torch.testing.assert_close(star, want, rtol=0, atol=tol)
 
 
-def test_known_and_lifted_forms_give_the_same_chains():
-    """The known cross-entropy (a lookup of per-sample losses and counts) and the same loss as a
-    lambda (not decomposable: a forward pass at w* per minibatch) follow one potential with one
-    random stream: the same λ̂ up to rounding."""
+def test_known_lifted_and_forward_forms_give_the_same_chains():
+    """One loss three ways: the known cross-entropy (a lookup of per-sample losses and counts), the
+    same loss as a lambda over tokens (its lifted per-sample losses weighted by the labels that are not
+    -100: a lookup, checked at set-up), and as a lambda whose ignored labels are -1 (nothing to count: a
+    forward pass at w* per minibatch).  One potential, one random stream: the same λ̂ up to rounding."""
     X, y = _tokens()
     kw = dict(num_chains=2, num_draws=30, num_burnin=10, step_size=1e-3, nbeta=30.0, localization=10.0,
               batch_size=16, dtype=F64, progress=False, seed=3)
@@ -104,10 +111,12 @@ def test_known_and_lifted_forms_give_the_same_chains():
         warnings.simplefilter("ignore", RuntimeWarning)
         known = slt.estimate_llc(_model(True), (X, y), F.cross_entropy, **kw)
         lifted = slt.estimate_llc(_model(False), (X, y), _flat, **kw)
-    torch.testing.assert_close(known.loss_trace, lifted.loss_trace, rtol=0, atol=1e-10)
-    assert known.llc_mean == pytest.approx(lifted.llc_mean, abs=1e-8)
-    assert not any("per-sample" in n for n in known.config["setup_notes"])
-    assert any("not the mean of per-sample losses" in n for n in lifted.config["setup_notes"])
+        forward = slt.estimate_llc(_model(False), (X, torch.where(y == -100, -1, y)), _flat_minus_one, **kw)
+    for other in (lifted, forward):
+        torch.testing.assert_close(other.loss_trace, known.loss_trace, rtol=0, atol=1e-10)
+        assert other.llc_mean == pytest.approx(known.llc_mean, abs=1e-8)
+    assert not any("per-sample" in n for r in (known, lifted) for n in r.config["setup_notes"])
+    assert any("not the mean of per-sample losses" in n for n in forward.config["setup_notes"])
 
 
 def test_a_loss_that_couples_the_samples_is_not_looked_up():
@@ -128,9 +137,11 @@ def test_weighted_data_with_a_loss_that_is_not_a_mean_over_samples_is_refused():
     w = torch.rand(N, dtype=F64) + 0.5
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
-        with pytest.raises(ValueError, match=r"not the mean of per-sample losses.*register_per_sample"):
-            slt.estimate_llc(_model(False), (X, y, w), _flat, num_chains=2, num_draws=5, dtype=F64,
-                             progress=False)
+        for loss_fn, labels in ((_flat, y), (_flat_minus_one, torch.where(y == -100, -1, y))):
+            with pytest.raises(ValueError, match=r"(not the mean of per-sample losses|averages over labelled tokens)"
+                                                 r".*weighted data.*register_per_sample"):
+                slt.estimate_llc(_model(False), (X, labels, w), loss_fn, num_chains=2, num_draws=5, dtype=F64,
+                                 progress=False)
 
 
 def test_a_first_sample_with_every_label_ignored_is_not_an_error():
@@ -177,22 +188,25 @@ def test_a_loss_computed_by_the_model_is_the_default_and_is_not_looked_up():
         slt.bif(model, data, None, num_chains=2, num_draws=5, dtype=F64, progress=False)
 
 
-def test_data_refined_llc_with_a_loss_over_tokens():
+@pytest.mark.parametrize("name", ["F.cross_entropy", "lambda over tokens", "lambda over tokens, ignore_index=-1"])
+def test_data_refined_llc_with_a_loss_over_tokens(name):
     """Distributions of equal size need no weights: each group's full batch is its own rows, so a loss
-    that is not a mean over samples works there, and L(w*) of each group is the user's loss on it."""
+    over tokens works there (counted, or by forward passes), and L(w*) of each group is the user's loss
+    on it (a first version took the plain mean of the per-sample losses there)."""
+    make, loss_fn, ignore = LOSSES[name]
     X, y = _tokens(full_rows=0)
-    model = _model(False)
+    y = torch.where(y == -100, ignore, y)
+    model = make()
     data = {"a": (X[:75], y[:75]), "b": (X[75:], y[75:])}
-    with pytest.warns(RuntimeWarning, match="not the mean of per-sample losses"):
-        t = prepare_target(model, data, _flat, dtype=F64)
-        init = t.group_init_loss
-    with torch.no_grad():
-        ref = torch.stack([_flat(model(X[:75]), y[:75]), _flat(model(X[75:]), y[75:])])
-    torch.testing.assert_close(init, ref, rtol=0, atol=fp_tol(F64, scale=10 * float(ref.max()), terms=75 * T))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
+        t = prepare_target(model, data, loss_fn, dtype=F64)
+        init = t.group_init_loss
+        with torch.no_grad():
+            ref = torch.stack([loss_fn(model(X[:75]), y[:75]), loss_fn(model(X[75:]), y[75:])])
+        torch.testing.assert_close(init, ref, rtol=0, atol=fp_tol(F64, scale=10 * float(ref.max()), terms=75 * T))
         for bs in (None, 16):
-            r = slt.estimate_llc(model, data, _flat, num_chains=2, num_draws=10, num_burnin=5, step_size=1e-3,
+            r = slt.estimate_llc(model, data, loss_fn, num_chains=2, num_draws=10, num_burnin=5, step_size=1e-3,
                                  nbeta=30.0, localization=10.0, batch_size=bs, dtype=F64, progress=False)
             assert set(r) == {"a", "b"} and all(torch.isfinite(v.loss_trace).all() for v in r.values())
 

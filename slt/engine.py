@@ -386,7 +386,10 @@ def _each_checkpoint(modules: list[nn.Module], differ: list[str], data: Any, los
     for k, (module, s) in enumerate(zip(modules, seeds)):
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            res = estimate_llc(module, data, loss_fn, seed=s, **kwargs)
+            try:
+                res = estimate_llc(module, data, loss_fn, seed=s, **kwargs)
+            except LLCEstimationError as e:
+                raise LLCEstimationError(str(e).replace("checkpoint(s) [0]", f"checkpoint(s) [{k}]")) from e
         for w in caught:
             msg = str(w.message).replace("(checkpoint 0", f"(checkpoint {k}", 1)
             warnings.warn(msg, w.category, stacklevel=user_stacklevel())

@@ -545,6 +545,15 @@ def test_torchscript_and_uninitialized_lazy_modules_are_refused_by_name():
     slt.estimate_llc(lazy, (X, Y), F.mse_loss, **KW)
 
 
+def test_warnings_point_at_the_users_call():
+    """slt's warnings are raised at various depths (set-up notes, run diagnostics, one-at-a-time
+    checkpoints, through the inference-mode wrapper); each points at the line that called slt."""
+    X, _ = _data(n=100)
+    with pytest.warns(RuntimeWarning) as rec:
+        slt.estimate_llc(NoisyNet().to(F64), (X, X[:, :2]), F.mse_loss, **KW)  # a set-up note and run warnings
+    assert rec and all(w.filename == __file__ for w in rec), {(w.filename, str(w.message)[:40]) for w in rec}
+
+
 def test_inference_mode_and_inference_tensors():
     """Called from an evaluation script's ``with torch.inference_mode():`` the run failed with "the loss
     does not require grad ... torch.no_grad()" (misleading); data made under inference mode failed in

@@ -30,13 +30,17 @@ class CalibrationResult:
         return plot_calibration(self, ax)
 
 
+#: the default grid of :func:`calibrate`, in units of the automatic step size
+AUTO_GRID = (0.125, 0.25, 0.5, 1.0, 2.0)
+
+
 @autograd_allowed
 def calibrate(
     model: Any,
     data: Any,
     loss_fn: Any = None,
     *,
-    step_sizes: Sequence[float],
+    step_sizes: Sequence[float] | None = None,
     nbetas: Sequence[float] | None = None,
     localizations: Sequence[float] | None = None,
     min_acceptance: float = 0.9,
@@ -60,12 +64,18 @@ def calibrate(
     pass ``localization=`` for a grid on one potential.  Every grid point runs the same steps
     (``extend_draws=False`` unless given).  Remaining keyword arguments go to
     :func:`slt.estimate_llc` (one checkpoint, no restriction or distribution mapping).
+
+    ``step_sizes=None`` (the default) brackets the step the defaults would use: one run with the
+    automatic step size (at the first value of the other axis) gives ε̂, and the grid is
+    ε̂ · (1/8, 1/4, 1/2, 1, 2) — so the result says whether the default step sits on λ̂'s plateau
+    and how far below the instability it is (:attr:`CalibrationResult.frame` records ε̂ in
+    ``auto_step_size``).
     """
     import pandas as pd
 
     from .diagnostics import changed
 
-    if not step_sizes:
+    if step_sizes is not None and not step_sizes:
         raise ValueError("step_sizes is empty")
     if nbetas is not None and localizations is not None:
         raise ValueError("sweep either nbetas or localizations, not both")
@@ -77,6 +87,17 @@ def calibrate(
         other_name, others = "nbeta", [kwargs.pop("nbeta", None)]
     # a diverging grid point is a result here; every grid point runs the same steps (no extension of the draws)
     kw = {"raise_on_divergence": False, "progress": False, "extend_draws": False, **kwargs}
+    auto = None
+    if step_sizes is None:  # bracket the automatic step: one run that adapts it
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            first = estimate_llc(model, data, loss_fn, **{**kw, other_name: others[0]}, num_draws=num_draws,
+                                 num_chains=num_chains)
+        if not isinstance(first, LLCResult):
+            raise ValueError("calibrate runs one checkpoint on one dataset without restrictions: pass one model "
+                             f"and no restrict_to mapping (estimate_llc returned a {type(first).__name__})")
+        auto = float(first.config["step_size"])
+        step_sizes = [auto * f for f in AUTO_GRID]
     rows = []
     for val in others:
         for eps in sorted(step_sizes):
@@ -95,6 +116,8 @@ def calibrate(
                 "converged": bool(res.converged), "num_chains": len(res.llc_per_chain),
             })
     frame = pd.DataFrame(rows)
+    if auto is not None:
+        frame["auto_step_size"] = auto
     frame["z_smaller"] = float("nan")
     frame["differs"] = False
     mixed = False

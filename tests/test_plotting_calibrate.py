@@ -98,3 +98,20 @@ def test_calibrate_marks_a_step_whose_lambda_moved_from_the_smaller_one():
     assert f.loc[3.5e-3, "z_smaller"] > 6 and f.loc[3.5e-3, "llc_mean"] > 1.3
     assert list(f["stable"]) == [True, True, False] and cal.best_step_size == 5e-4
     assert (f["num_divergent"] == 0).all()
+
+
+def test_calibrate_brackets_the_automatic_step_by_default():
+    """With no grid given, calibrate runs the defaults once and brackets their step size ε̂:
+    ε̂·(1/8, 1/4, 1/2, 1, 2).  On this problem SGLD is unstable above 2/(nβ h_max); the adapted ε̂
+    stays below that, and the grid's largest stable step is at most 2ε̂."""
+    from slt.calibrate import AUTO_GRID
+
+    m, X, Y = _problem()
+    nb = 200.0
+    h_max = float(torch.linalg.eigvalsh(2 * X.T @ X / 200).max())
+    cal = slt.calibrate(m, (X, Y), F.mse_loss, nbetas=[nb], num_draws=100, num_chains=2, batch_size=None,
+                        localization=1.0)
+    auto = float(cal.frame["auto_step_size"].iloc[0])
+    assert list(cal.frame["step_size"]) == pytest.approx([auto * f for f in AUTO_GRID], rel=1e-12)
+    assert auto < 2.0 / (nb * h_max)
+    assert cal.best_step_size is not None and cal.best_step_size <= 2 * auto * (1 + 1e-12)

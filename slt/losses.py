@@ -40,7 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["LossAdapter", "register_per_sample", "causal_lm", "model_loss"]
+__all__ = ["LossAdapter", "register_per_sample", "causal_lm", "model_loss", "count_weighted_mean", "label_counts"]
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
 PerSample = Callable[[Tensor, Tensor], Tensor]  # (lead..., *s), (lead..., *s) -> (lead...)
@@ -125,6 +125,21 @@ def count_weighted_mean(values: Tensor, counts: Tensor, dim: int | None = None) 
     if dim is None:
         return (values * counts).sum() / counts.sum().clamp_min(torch.finfo(values.dtype).tiny)
     return (values * counts).sum(dim) / counts.sum(dim).clamp_min(torch.finfo(values.dtype).tiny)
+
+
+def label_counts(target: Any) -> list[Tensor]:
+    """Candidate ``(n,)`` counts of labelled entries per sample — integer labels not equal to -100
+    (Hugging Face's and PyTorch's ignore index), from a tensor target or a mapping's ``"labels"``: over
+    all positions, and over positions 1: (a causal-LM loss that shifts the labels by one).  Counts that
+    are equal for every sample are left out (the plain mean already fits them)."""
+    labels = target.get("labels") if isinstance(target, Mapping) else target
+    if not isinstance(labels, Tensor) or labels.is_floating_point() or labels.is_complex() or labels.ndim < 1:
+        return []
+    kept = (labels != -100).reshape(labels.shape[0], -1)
+    options = [kept.sum(1)]
+    if labels.ndim == 2 and labels.shape[1] > 1:
+        options.append(kept[:, 1:].sum(1))
+    return [c for c in options if bool((c < c.max()).any())]
 
 
 def register_per_sample(loss_fn: LossFn, per_sample: PerSample) -> LossFn:

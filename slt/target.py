@@ -59,7 +59,7 @@ from .defaults import default_localization, default_nbeta
 from .groups import Groups, concat_data, split_data
 from .evaluator import (PATH_REASONS, ChainEvaluator, choose_path, resolve_autocast, probe_batch, to_device,
                         validate_model_and_loss, check_gradients_reach, hf_attention_configs, _names)
-from .losses import LossAdapter, count_weighted_mean, model_loss
+from .losses import LossAdapter, count_weighted_mean, label_counts, model_loss
 from .params import ParamSpec
 from .rng import ChainRNG
 from ._runtime import resolve_device, autograd_allowed, user_stacklevel
@@ -303,9 +303,9 @@ class Target:
         0.401, λ̂ 7% low; a loss on centred logits: λ̂ = −14).  Then the loss at w* on each
         minibatch is a forward pass at w* instead (one more evaluation per step), weighted data
         and per-sample methods are refused with the reason, and a note says so.  A mean over the
-        labelled tokens of integer labels with -100 ignored (:func:`_label_counts`) is tried first:
-        weighted by each sample's labelled tokens, checked on the first rows and on rows spread over
-        the data, it stays a lookup."""
+        labelled tokens of integer labels with -100 ignored (:func:`slt.losses.label_counts`: all positions, or
+        positions 1: for a shifted causal-LM loss) is tried first: weighted by each sample's labelled
+        tokens, checked on the first rows and on rows spread over the data, it stays a lookup."""
         source = self.source
         m = min(source.n, 64)
         first = torch.arange(m)
@@ -313,8 +313,7 @@ class Target:
         finite = bool(torch.isfinite(star_ps).all())
         if finite and self._averages_to_loss(star_ps, None, first):
             return star_ps
-        counts = _label_counts(source.target)
-        if counts is not None:  # a mean over labelled entries (labels -100 ignored): exact with counts
+        for counts in label_counts(source.target):  # a mean over labelled entries (-100 ignored)
             empty = (counts == 0).to(star_ps.device)
             weighted = star_ps.masked_fill(empty.unsqueeze(0), 0.0)  # a row with no label weighs 0 (its own loss: 0/0)
             if (bool(torch.isfinite(weighted).all()) and self._averages_to_loss(weighted, counts, first)
@@ -558,16 +557,6 @@ class BatchStream:
         if not self.control_variate:
             return b, self._init
         return b, self._forward_star(b)
-
-
-def _label_counts(target: Any) -> Tensor | None:
-    """``(n,)`` labelled entries per sample — integer labels not equal to -100 (Hugging Face's and
-    PyTorch's ignore index), from a tensor target or a mapping's ``"labels"`` — or ``None``."""
-    labels = target.get("labels") if isinstance(target, Mapping) else target
-    if not isinstance(labels, Tensor) or labels.is_floating_point() or labels.is_complex() or labels.ndim < 1:
-        return None
-    kept = (labels != -100).reshape(labels.shape[0], -1).sum(1)
-    return kept if bool((kept < kept.max()).any()) else None  # equal counts: the plain mean already fits
 
 
 def _rows_of(source: Data, lo: int, hi: int) -> Data:

@@ -230,3 +230,42 @@ def test_class_weighted_cross_entropy_on_samples():
     with torch.no_grad():
         want = torch.stack([F.cross_entropy(model(b.x[c]), b.y[c], weight=loss_fn.weight.to(F64)) for c in range(2)])
     torch.testing.assert_close(star, want, rtol=0, atol=tol)
+
+
+class TinyLM(nn.Module):
+    """Token embedding and a linear read-out: a causal language model's interface, (B, T) -> (B, T, V)."""
+
+    def __init__(self, vocab: int = 7):
+        super().__init__()
+        self.emb, self.out = nn.Embedding(vocab, 6), nn.Linear(6, vocab)
+
+    def forward(self, input_ids, labels=None):  # labels ride along in the batch, as with Hugging Face
+        return self.out(torch.tanh(self.emb(input_ids)))
+
+
+def _shifted(ignore):
+    def loss(out, batch):  # next-token cross-entropy written by hand: logits at t predict labels at t + 1
+        v = out.shape[-1]
+        return F.cross_entropy(out[:, :-1].reshape(-1, v), batch["labels"][:, 1:].reshape(-1), ignore_index=ignore)
+    return loss
+
+
+def test_a_hand_written_shifted_lm_loss_is_counted_too():
+    """Labels padded with -100 and shifted inside the loss: the labelled positions from 1 on weigh each
+    sequence; the same chains as with padding marked -1 (nothing to count: forward passes)."""
+    g = torch.Generator().manual_seed(5)
+    ids = torch.randint(0, 7, (N, 9), generator=g)
+    pad = torch.arange(9).expand(N, 9) >= torch.randint(4, 10, (N, 1), generator=g)  # right padding
+    torch.manual_seed(0)
+    model = TinyLM().to(F64)
+    kw = dict(num_chains=2, num_draws=20, num_burnin=5, step_size=1e-3, nbeta=30.0, localization=10.0,
+              batch_size=16, dtype=F64, progress=False, seed=1)
+    runs = {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        for ignore in (-100, -1):
+            data = {"input_ids": ids, "labels": ids.masked_fill(pad, ignore)}
+            runs[ignore] = slt.estimate_llc(model, data, _shifted(ignore), **kw)
+    torch.testing.assert_close(runs[-100].loss_trace, runs[-1].loss_trace, rtol=0, atol=1e-10)
+    assert not any("per-sample" in n for n in runs[-100].config["setup_notes"])
+    assert any("not the mean of per-sample losses" in n for n in runs[-1].config["setup_notes"])

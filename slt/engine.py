@@ -63,7 +63,7 @@ from .samplers import LocalizedPotential, SamplerSpec, build_sampler, resolve_sa
 from .samplers.base import column_chunks, rowsum64
 from .stepsize import (ADAPT_EXTENSIONS, ADAPT_MIN_STEPS, STEP_SIZE_SAFETY, adapt_step_size, auto_step_size,
                        gradient_noise_trace, initial_step_size, stable_step_size)
-from .target import checkpoint_modules, checkpoint_state_differences, fastest_path, prepare_target
+from .target import _seeds, checkpoint_modules, checkpoint_state_differences, fastest_path, prepare_target
 
 __all__ = [
     "estimate_llc",
@@ -376,9 +376,7 @@ def _each_checkpoint(modules: list[nn.Module], differ: list[str], data: Any, los
     """:func:`estimate_llc` of each checkpoint in its own run, with the seed it has in a batched run
     (``seed + k``, or ``seed[k]``), the results in the batched call's shape (lists at the leaves) and
     each run's warnings re-labelled with its checkpoint."""
-    seeds = [seed + k for k in range(len(modules))] if isinstance(seed, int) else [int(s) for s in seed]
-    if len(seeds) != len(modules):
-        raise ValueError(f"got {len(seeds)} seeds for {len(modules)} checkpoints")
+    seeds = _seeds(seed, len(modules))
     note = (f"the checkpoints differ in buffers or frozen parameters ({', '.join(differ[:4])}"
             f"{f' and {len(differ) - 4} more' if len(differ) > 4 else ''}), which a batched run takes from one "
             "template: each checkpoint was estimated in its own run (same seeds as a batched run)")

@@ -1144,13 +1144,12 @@ def _counted_mean_fits(ps: Tensor, y: Any, loss: Tensor) -> bool:
     """Whether the loss is the mean of the lifted per-sample losses weighted by each sample's labelled
     tokens (:func:`slt.losses.label_counts`): a mean over tokens; the losses at w* then check it on more
     rows (:meth:`slt.target.Target.star_losses`)."""
-    from .losses import label_counts
+    from .losses import label_counts, label_weighted
 
     for c in label_counts(y):
         c = c.to(ps)
-        weighted = ps.masked_fill(c == 0, 0.0)
-        if bool(torch.isfinite(weighted).all()) and torch.allclose(count_weighted_mean(weighted, c), loss,
-                                                                   rtol=1e-4, atol=1e-6):
+        weighted = label_weighted(ps, c)
+        if weighted is not None and torch.allclose(count_weighted_mean(weighted, c), loss, rtol=1e-4, atol=1e-6):
             return True
     return False
 

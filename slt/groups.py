@@ -81,8 +81,9 @@ class Groups:
         if w is not None:
             return (block * w.to(block)).sum(1)
         if counts is not None:
-            c = counts[lo : lo + part.n].to(block)
-            return (block * c).sum(1) / c.sum().clamp_min(torch.finfo(block.dtype).tiny)
+            from .losses import count_weighted_mean
+
+            return count_weighted_mean(block, counts[lo : lo + part.n].to(block).unsqueeze(0), 1)
         return block.mean(1)
 
     def moved_names(self, spec: Any) -> list[frozenset[str]]:

@@ -40,7 +40,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["LossAdapter", "register_per_sample", "causal_lm", "model_loss", "count_weighted_mean", "label_counts"]
+__all__ = ["LossAdapter", "register_per_sample", "causal_lm", "model_loss", "count_weighted_mean", "label_counts",
+           "label_weighted"]
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
 PerSample = Callable[[Tensor, Tensor], Tensor]  # (lead..., *s), (lead..., *s) -> (lead...)
@@ -140,6 +141,14 @@ def label_counts(target: Any) -> list[Tensor]:
     if labels.ndim == 2 and labels.shape[1] > 1:
         options.append(kept[:, 1:].sum(1))
     return [c for c in options if bool((c < c.max()).any())]
+
+
+def label_weighted(per_sample: Tensor, counts: Tensor) -> Tensor | None:
+    """Per-sample losses ``(..., n)`` ready for a mean weighted by ``counts`` ``(n,)`` (:func:`label_counts`):
+    a sample with no labelled entry weighs 0 (its own loss, 0/0, is set to 0); ``None`` when another is
+    not finite."""
+    weighted = per_sample.masked_fill((counts == 0).to(per_sample.device), 0.0)
+    return weighted if bool(torch.isfinite(weighted).all()) else None
 
 
 def register_per_sample(loss_fn: LossFn, per_sample: PerSample) -> LossFn:

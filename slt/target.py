@@ -59,7 +59,7 @@ from .defaults import default_localization, default_nbeta
 from .groups import Groups, concat_data, split_data
 from .evaluator import (PATH_REASONS, ChainEvaluator, choose_path, resolve_autocast, probe_batch, to_device,
                         validate_model_and_loss, check_gradients_reach, hf_attention_configs, _names)
-from .losses import LossAdapter, count_weighted_mean, label_counts, model_loss
+from .losses import LossAdapter, count_weighted_mean, label_counts, label_weighted, model_loss
 from .params import ParamSpec
 from .rng import ChainRNG
 from ._runtime import resolve_device, autograd_allowed, user_stacklevel
@@ -310,15 +310,21 @@ class Target:
         m = min(source.n, 64)
         first = torch.arange(m)
         spread = torch.linspace(0, source.n - 1, m).round().long().unique()  # rows across the whole set
+        whole = self._loss_on_rows(first)
+        mean = star_ps[:, first].mean(1)
         finite = bool(torch.isfinite(star_ps).all())
-        if finite and self._averages_to_loss(star_ps, None, first):
+        if finite and _agrees(mean, whole):
             return star_ps
         for counts in label_counts(source.target):  # a mean over labelled entries (-100 ignored)
-            empty = (counts == 0).to(star_ps.device)
-            weighted = star_ps.masked_fill(empty.unsqueeze(0), 0.0)  # a row with no label weighs 0 (its own loss: 0/0)
-            if (bool(torch.isfinite(weighted).all()) and self._averages_to_loss(weighted, counts, first)
-                    and self._averages_to_loss(weighted, counts, spread)):
-                self._star_counts = counts.to(device=star_ps.device, dtype=star_ps.dtype)
+            counts = counts.to(device=star_ps.device, dtype=star_ps.dtype)
+            weighted = label_weighted(star_ps, counts)
+
+            def counted(rows: Tensor, weighted: Tensor = weighted, counts: Tensor = counts) -> Tensor:
+                return count_weighted_mean(weighted[:, rows], counts[rows].unsqueeze(0), 1)
+
+            if (weighted is not None and _agrees(counted(first), whole)
+                    and _agrees(counted(spread), self._loss_on_rows(spread))):
+                self._star_counts = counts
                 # the lookup is exact, yet a sample's own loss is not its share of loss_fn's mean
                 self.adapter.per_sample_error = (
                     "loss_fn averages over labelled tokens (labels -100 ignored), not over samples: weighted "
@@ -327,9 +333,6 @@ class Target:
                     "or register a per_sample form (slt.losses.register_per_sample) whose mean over a batch is "
                     "loss_fn")
                 return weighted
-        with torch.no_grad():
-            whole = self.evaluator.losses(self.w_star, _rows_of(source, 0, m).full_batch())
-        mean = star_ps[:, :m].mean(1)
         why = ("some samples' losses are NaN or inf on their own" if not finite else
                f"on the first {m} samples their mean is {float(mean[0]):.6g} and the loss {float(whole[0]):.6g}")
         self.adapter.per_sample_error = (
@@ -341,17 +344,10 @@ class Target:
         self._note_forward_control_variate(why)
         return None
 
-    def _averages_to_loss(self, star_ps: Tensor, counts: Tensor | None, rows: Tensor) -> bool:
-        """Whether the (count-weighted) mean of the per-sample losses at w* on ``rows`` is ``loss_fn``
-        on those rows, to rounding."""
-        source = self.source
+    def _loss_on_rows(self, rows: Tensor) -> Tensor:
+        """``(K,)`` ``loss_fn`` at w* on the given rows of the data, as one batch."""
         with torch.no_grad():
-            whole = self.evaluator.losses(self.w_star, Data(source.x[rows], None if source.y is None
-                                                            else source.y[rows], None).full_batch())
-        ps = star_ps[:, rows]
-        mean = ps.mean(1) if counts is None else count_weighted_mean(ps, counts[rows].to(ps).unsqueeze(0), 1)
-        scale = whole.abs().max().clamp_min(torch.finfo(star_ps.dtype).tiny)
-        return bool(((mean - whole).abs() <= 1e-4 * scale + 1e-6).all())
+            return self.evaluator.losses(self.w_star, _rows_of(self.source, rows).full_batch())
 
     def _note_forward_control_variate(self, why: str) -> None:
         self.notes.append(
@@ -371,7 +367,7 @@ class Target:
                 return self.evaluator.losses(self.w_star, source.full_batch()).detach()
         tot = torch.zeros(self.K, dtype=torch.float64, device=self.device)
         for i in range(0, source.n, chunk):
-            part = _rows_of(source, i, i + chunk)
+            part = _rows_of(source, slice(i, i + chunk))
             with torch.no_grad():
                 tot += self.evaluator.losses(self.w_star, part.full_batch()).double() * part.n
         return (tot / source.n).to(self.dtype)
@@ -559,9 +555,15 @@ class BatchStream:
         return b, self._forward_star(b)
 
 
-def _rows_of(source: Data, lo: int, hi: int) -> Data:
-    """Rows ``lo:hi`` of a dataset, unweighted (inputs without a target stay so)."""
-    return Data(source.x[lo:hi], None if source.y is None else source.y[lo:hi], None)
+def _agrees(mean: Tensor, whole: Tensor) -> bool:
+    """Per-sample losses' mean ``(K,)`` equals ``loss_fn`` ``(K,)`` to rounding (relative to the largest)."""
+    scale = whole.abs().max().clamp_min(torch.finfo(whole.dtype).tiny)
+    return bool(((mean - whole).abs() <= 1e-4 * scale + 1e-6).all())
+
+
+def _rows_of(source: Data, rows: slice | Tensor) -> Data:
+    """Some rows of a dataset (a slice or an index tensor), unweighted (inputs without a target stay so)."""
+    return Data(source.x[rows], None if source.y is None else source.y[rows], None)
 
 
 class _LossFn(torch.autograd.Function):
@@ -684,25 +686,25 @@ def checkpoint_state_differences(model: Any, models: Sequence[Any] | None = None
     checkpoint needs its own: :func:`slt.estimate_llc` then runs them one at a time
     (:func:`checkpoint_modules`).  Empty for one checkpoint, or when they agree."""
     template, ckpts, is_batch = _checkpoints(model, models, state_dicts)
-    if not is_batch or len(ckpts) < 2:
-        return []
+    return _state_differences(template, ckpts) if is_batch else []
+
+
+def _state_differences(template: nn.Module, ckpts: list[Any]) -> list[str]:
+    """:func:`checkpoint_state_differences` of resolved checkpoints (modules or state dicts)."""
     # BatchNorm's step counter differs between any two training checkpoints and matters only in training
     # mode (momentum=None), which is reported separately: not a difference here
     fixed = {n: t for n, t in template.named_buffers() if not n.endswith("num_batches_tracked")}
     fixed.update({n: p for n, p in template.named_parameters() if not p.requires_grad})
-    differ = []
-    for name, ref in fixed.items():
-        for ck in ckpts:
-            if ck is template:
-                continue
-            if isinstance(ck, nn.Module):
-                other = dict(ck.named_buffers()).get(name, dict(ck.named_parameters()).get(name))
-            else:
-                other = ck.get(name)
+    differ: set[str] = set()
+    for ck in ckpts:
+        if ck is template or not fixed:
+            continue
+        state = {**dict(ck.named_parameters()), **dict(ck.named_buffers())} if isinstance(ck, nn.Module) else ck
+        for name, ref in fixed.items():
+            other = state.get(name)
             if isinstance(other, Tensor) and not (other.shape == ref.shape and torch.equal(other.to(ref), ref)):
-                differ.append(name)
-                break
-    return differ
+                differ.add(name)
+    return [name for name in fixed if name in differ]
 
 
 def checkpoint_modules(model: Any, models: Sequence[Any] | None = None,
@@ -1022,7 +1024,7 @@ def prepare_target(
         Bad model, checkpoints, data, loss or dtype (before any sampling).
     """
     template, ckpts, is_batch = _checkpoints(model, models, state_dicts)
-    if differ := checkpoint_state_differences(model, models, state_dicts):
+    if is_batch and (differ := _state_differences(template, ckpts)):
         raise ValueError(
             f"the checkpoints differ in buffers or frozen parameters ({_names(differ)}), which one batched "
             "computation takes from a single template: slt.estimate_llc runs such checkpoints one at a time; "

@@ -300,7 +300,7 @@ class Target:
         chains follow.  A loss that averages over something other than samples (tokens whose label
         is ``-100``, a mask) or couples the samples of a batch does not decompose: its per-sample
         mean differs from it (a token-level cross-entropy with 40% of labels ignored: 0.393 vs
-        0.401, λ̂ 7% low; a loss on centred logits: λ̂ = −14).  Then the loss at w* on each
+        0.401, λ̂ 8% high; a loss on centred logits: λ̂ = −14).  Then the loss at w* on each
         minibatch is a forward pass at w* instead (one more evaluation per step), weighted data
         and per-sample methods are refused with the reason, and a note says so.  A mean over the
         labelled tokens of integer labels with -100 ignored (:func:`slt.losses.label_counts`: all positions, or

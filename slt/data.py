@@ -236,7 +236,9 @@ class Data(Dataset):
             if not torch.isfinite(w).all():
                 raise ValueError("weights contain NaN or inf")
             if (w < 0).any():
-                raise ValueError("weights must be non-negative; got a negative weight")
+                raise ValueError("weights must be non-negative; got a negative weight (a dataset or batch of three "
+                                 "fields is read as (x, y, weights); a model with several inputs takes them as a "
+                                 "mapping: ({'x1': X1, 'x2': X2}, Y))")
             if not (w > 0).any():
                 raise ValueError("weights sum to zero: no sample carries any mass")
 
@@ -401,6 +403,16 @@ class LoaderSource:
             "DataLoader batches must be a tensor x, a mapping of tensors, (x,), (x, y) or (x, y, weights); got "
             f"{type(item).__name__} of length {len(item) if hasattr(item, '__len__') else '?'}"
         )
+
+    def count(self) -> int:
+        """Count the samples of a loader whose dataset has no length (an ``IterableDataset``) in one
+        pass over its batches, and record the number as ``n``.  The loader must be finite (the loss
+        at w* is a pass over it too)."""
+        n = sum(num_rows(x) for x, _, _ in self.iter_batches())
+        if n == 0:
+            raise ValueError("empty dataset: the DataLoader yielded no batch")
+        self.n = n
+        return n
 
     def iter_batches(self) -> Iterator[tuple[Inputs, Inputs | None, Tensor | None]]:
         for item in self.loader:

@@ -63,7 +63,8 @@ from .samplers import LocalizedPotential, SamplerSpec, build_sampler, resolve_sa
 from .samplers.base import column_chunks, rowsum64
 from .stepsize import (ADAPT_EXTENSIONS, ADAPT_MIN_STEPS, STEP_SIZE_SAFETY, adapt_step_size, auto_step_size,
                        gradient_noise_trace, initial_step_size, stable_step_size)
-from .target import _seeds, checkpoint_modules, checkpoint_state_differences, fastest_path, prepare_target
+from .target import (_seeds, checkpoint_modules, checkpoint_state_differences, fastest_path, load_checkpoint_files,
+                     prepare_target)
 
 __all__ = [
     "estimate_llc",
@@ -149,6 +150,9 @@ def estimate_llc(
     models, state_dicts
         Several checkpoints estimated in one batched computation; with
         ``state_dicts``, ``model`` is the template.  Returns a list of results.
+        A state dict may be a file path (read by ``torch.load(..., weights_only=True)``), a
+        training checkpoint holding it under one key (``{"model": ..., "optimizer": ...}``), or
+        saved under a prefix (``"module."``, ``"_orig_mod."``, Lightning's ``"model."``).
         Checkpoints whose buffers or frozen parameters differ (BatchNorm statistics)
         run one at a time, with the seeds a batched run gives them.
     num_chains, num_draws, num_burnin, num_steps_bw_draws
@@ -338,6 +342,7 @@ def estimate_llc(
     _check_arguments(num_chains, num_draws, num_burnin, num_steps_bw_draws, mala_every, step_size, nbeta,
                      localization, batch_size, target_accept)
     resolve_sampler(sampler)
+    model, models, state_dicts = load_checkpoint_files(model, models, state_dicts)  # paths read once
     if differ := checkpoint_state_differences(model, models, state_dicts):
         # 0. checkpoints whose buffers (BatchNorm statistics) differ: one run each, as if batched
         return _each_checkpoint(checkpoint_modules(model, models, state_dicts), differ, data, loss_fn, seed, dict(

@@ -876,6 +876,10 @@ def validate_model_and_loss(model: nn.Module, adapter: LossAdapter, probe: Batch
         if isinstance(x, Mapping) and isinstance(e, TypeError) and "argument" in str(e):
             hint = (" (every column of a mapping is passed to the model as a keyword: keep only its inputs, "
                     "e.g. dataset.select_columns([...]), or pass the target separately as (inputs, target))")
+        elif isinstance(e, TypeError) and "required positional argument" in str(e):
+            hint = (" (a model with several inputs takes them as a mapping of named tensors, called as "
+                    "model(**inputs): data = ({'x1': X1, 'x2': X2}, Y) for forward(self, x1, x2); the fields of a "
+                    "dataset or batch are read as (x,), (x, y) or (x, y, weights))")
         raise ValueError(
             f"the model failed on a batch of the data ({call} with {what}): {type(e).__name__}: {e}{hint}"
         ) from e

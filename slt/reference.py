@@ -643,9 +643,8 @@ def compare(
         check_real("nbeta", nbeta, positive=True)
     if localization is not None:
         check_real("localization", localization, nonnegative=True)
-    n = as_source(data).n
-    if nbeta is None and n is None:
-        raise ValueError("the DataLoader's dataset has no length: pass nbeta explicitly")
+    source = as_source(data)
+    n = source.n if source.n is not None or nbeta is not None else source.count()
     nb = float(nbeta) if nbeta is not None else default_nbeta(int(n))
     gamma = float(localization) if localization is not None else default_localization()
 

@@ -44,6 +44,7 @@ For tensor data the per-sample losses at every ``w*`` are computed once
 from __future__ import annotations
 
 import copy
+import os
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -648,17 +649,74 @@ def _check_module(m: Any, what: str) -> None:
             "(model(x)), before estimating")
 
 
-def _unprefixed(sd: Any, template: nn.Module) -> Any:
-    """A state dict saved from a data-parallel or ``torch.compile`` wrapper (every key ``"module.…"`` or
-    ``"_orig_mod.…"``) for an unwrapped template whose keys have no such prefix: the keys without it; any
-    other mapping as it is."""
+def _loaded(ck: Any, k: int) -> Any:
+    """A checkpoint given as a file path (``str`` or ``os.PathLike``): what ``torch.load`` reads from it
+    with ``weights_only=True`` (tensors and containers, onto the CPU); anything else as it is."""
+    if not isinstance(ck, (str, os.PathLike)):
+        return ck
+    try:
+        return torch.load(ck, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"checkpoint {k}: no such file {str(ck)!r}") from None
+    except Exception as e:  # noqa: BLE001 - unpickling refused or a corrupt file: say which and what to do
+        raise ValueError(
+            f"checkpoint {k} ({str(ck)!r}) could not be read by torch.load(..., weights_only=True) "
+            f"({type(e).__name__}): a file holding a pickled module or "
+            "other objects must be loaded by you (torch.load(path, weights_only=False), only for a file you "
+            "trust); pass the module or its state_dict()") from e
+
+
+def load_checkpoint_files(model: Any, models: Sequence[Any] | None, state_dicts: Sequence[Any] | None
+                          ) -> tuple[Any, list[Any] | None, list[Any] | None]:
+    """``(model, models, state_dicts)`` with the checkpoints given as file paths read, once
+    (:func:`_loaded`), for callers that resolve the checkpoints more than once."""
+    def each(items: Sequence[Any] | None) -> list[Any] | None:
+        return None if items is None else [_loaded(c, k) for k, c in enumerate(items)]
+
+    return each(model) if isinstance(model, (list, tuple)) else model, each(models), each(state_dicts)
+
+
+def _params_in(sd: Mapping[Any, Any], names: list[str]) -> Mapping[Any, Any] | None:
+    """``sd`` when it holds some of ``names``; its entries under the one key prefix that holds all of
+    them, without the prefix; else ``None``."""
+    if any(n in sd for n in names):
+        return sd
+    for key in sd:
+        if isinstance(key, str) and key.endswith("." + names[0]):
+            prefix = key[: len(key) - len(names[0])]
+            if all(prefix + n in sd for n in names):
+                return {kk[len(prefix):]: v for kk, v in sd.items() if isinstance(kk, str) and kk.startswith(prefix)}
+    return None
+
+
+def _unprefixed(sd: Any, template: nn.Module, k: int = 0) -> Any:
+    """The state dict of the template's parameters inside a checkpoint mapping.
+
+    A mapping holding the template's sampled parameters by name is returned as it is.  Otherwise,
+    the keys under one prefix (saved from a data-parallel or ``torch.compile`` wrapper: ``"module.…"``,
+    ``"_orig_mod.…"``; from a Lightning module: ``"model.…"``) without it; or the one value that is
+    such a mapping (a training checkpoint ``{"model": state_dict, "optimizer": ..., "step": ...}``).
+    Several such values (``"model"`` and ``"ema"``) or none: an error that names the keys."""
     if not isinstance(sd, Mapping) or not sd:
         return sd
-    keys = template.state_dict()
-    for prefix in ("module.", "_orig_mod."):  # saved from a data-parallel / torch.compile wrapper
-        if all(isinstance(k, str) and k.startswith(prefix) for k in sd) and not any(k.startswith(prefix) for k in keys):
-            return {k[len(prefix):]: v for k, v in sd.items()}
-    return sd
+    names = [n for n, p in template.named_parameters() if p.requires_grad]
+    if not names:
+        return sd
+    found = _params_in(sd, names)
+    if found is not None:
+        return found
+    inner = {key: _params_in(v, names) for key, v in sd.items() if isinstance(v, Mapping) and v}
+    holding = [key for key, v in inner.items() if v is not None]
+    if len(holding) == 1:
+        return inner[holding[0]]
+    keys = ", ".join(repr(kk) for kk in list(sd)[:8]) + (", ..." if len(sd) > 8 else "")
+    if holding:
+        raise ValueError(
+            f"checkpoint {k} holds the model's parameters under several keys ({', '.join(map(repr, holding))}): "
+            f"pass the one to estimate, e.g. state_dicts=[ckpt[{holding[0]!r}], ...]")
+    raise ValueError(
+        f"checkpoint {k} holds none of the model's parameters (e.g. {names[0]!r}), under any prefix or key; its "
+        f"keys are {keys}: pass the model's state_dict() (or the entry of the checkpoint that holds it)")
 
 
 def _checkpoints(
@@ -669,7 +727,7 @@ def _checkpoints(
     template, ckpts, is_batch = _checkpoint_list(model, models, state_dicts)
     template = _unwrap(template)
     _check_module(template, "the model")
-    ckpts = [_unprefixed(_unwrap(c), template) for c in ckpts]
+    ckpts = [_unprefixed(_unwrap(c), template, k) for k, c in enumerate(ckpts)]
     for k, c in enumerate(ckpts):
         if c is not template:
             _check_module(c, f"checkpoint {k}")
@@ -733,7 +791,7 @@ def _checkpoint_list(
             raise ValueError("pass the checkpoints either as model=[...] or models=[...], not both")
         models, model = model, None
     if models is not None:
-        models = list(models)
+        models = [_loaded(m, k) for k, m in enumerate(models)]
         if not models:
             raise ValueError("models is empty: no checkpoint to estimate")
         if all(isinstance(m, nn.Module) for m in models):
@@ -742,9 +800,13 @@ def _checkpoint_list(
         if all(isinstance(m, Mapping) for m in models):
             state_dicts, models = models, None
         else:
-            raise TypeError("models must be a list of nn.Module or of state dicts")
+            raise TypeError("models must be a list of nn.Module, or of state dicts or files holding them")
     if state_dicts is not None:
-        state_dicts = list(state_dicts)
+        state_dicts = [_loaded(sd, k) for k, sd in enumerate(state_dicts)]
+        bad = [(k, type(sd).__name__) for k, sd in enumerate(state_dicts) if not isinstance(sd, (Mapping, nn.Module))]
+        if bad:
+            raise TypeError(f"state_dicts must hold mappings name -> tensor (or paths of files holding them); "
+                            f"checkpoint {bad[0][0]} is a {bad[0][1]}")
         if not isinstance(model, nn.Module):
             raise ValueError("state dicts need a template module: estimate_llc(model, data, ..., state_dicts=[...])")
         if not state_dicts:
@@ -1085,9 +1147,10 @@ def prepare_target(
         warnings.warn(f"{caller}: {notes[-1]}", RuntimeWarning, stacklevel=user_stacklevel())
     if isinstance(source, Data):
         source = source.to(dev, dtype)
+    if isinstance(source, LoaderSource) and source.n is None and (nbeta is None or callable(nbeta)):
+        notes.append(f"the DataLoader's dataset has no length (an IterableDataset): n = {source.count()} samples, "
+                     "counted in one pass over it (the default nβ and the loss at w* need n)")
     n = source.n if parts is None else parts[0].n
-    if n is None and (nbeta is None or callable(nbeta)):
-        raise ValueError("the DataLoader's dataset has no length: pass nbeta explicitly")
     if isinstance(loss_fn, nn.Module) and any(
             t.is_floating_point() and (t.dtype != dtype or t.device != dev)
             for t in list(loss_fn.parameters()) + list(loss_fn.buffers())):

@@ -526,6 +526,60 @@ def test_a_torch_compile_wrapper_is_unwrapped():
     assert torch.equal(from_sd.loss_trace, ref.loss_trace)
 
 
+def test_checkpoint_files_and_training_checkpoints_load(tmp_path):
+    """Checkpoints as researchers save them: a file path (read with weights_only=True), a training
+    checkpoint holding the state dict under one key with the optimizer beside it, a Lightning-style
+    "model." prefix; each is the plain state dict's run exactly.  Ambiguous or empty checkpoints,
+    pickled modules and missing files are named before sampling."""
+    X, Y = _data()
+    model = _plain_model()
+    sd = model.state_dict()
+    (ref,) = slt.estimate_llc(model, (X, Y), F.mse_loss, state_dicts=[sd], **KW)
+    torch.save(sd, tmp_path / "plain.pt")
+    torch.save({"model": sd, "optimizer": torch.optim.Adam(model.parameters()).state_dict(), "step": 7},
+               tmp_path / "train.pt")
+    torch.save({"state_dict": {"model." + k: v for k, v in sd.items()}, "epoch": 1}, tmp_path / "lightning.ckpt")
+    for ck in [tmp_path / "plain.pt", str(tmp_path / "train.pt"), tmp_path / "lightning.ckpt",
+               torch.load(tmp_path / "train.pt")]:
+        (run,) = slt.estimate_llc(model, (X, Y), F.mse_loss, state_dicts=[ck], **KW)
+        assert torch.equal(run.loss_trace, ref.loss_trace), ck
+    (run,) = slt.estimate_llc(model, (X, Y), F.mse_loss, models=[tmp_path / "plain.pt"], **KW)
+    assert torch.equal(run.loss_trace, ref.loss_trace)
+    torch.save(model, tmp_path / "module.pt")
+    for bad, err, match in [
+        (tmp_path / "module.pt", ValueError, "weights_only=True.*torch.load\\(path, weights_only=False\\)"),
+        (tmp_path / "missing.pt", FileNotFoundError, "checkpoint 0: no such file"),
+        ({"model": sd, "ema": sd}, ValueError, "under several keys \\('model', 'ema'\\)"),
+        ({"step": torch.tensor(3)}, ValueError, "none of the model's parameters .* keys are 'step'"),
+        (3, TypeError, "checkpoint 0 is a int"),
+    ]:
+        with pytest.raises(err, match=match):
+            slt.estimate_llc(model, (X, Y), F.mse_loss, state_dicts=[bad], **KW)
+
+
+def test_a_dataset_of_several_inputs_names_the_mapping_form():
+    """TensorDataset(X1, X2, Y) for forward(self, x1, x2) is read as (x, y, weights): the error says
+    so and shows the mapping form, whether Y made invalid weights or the call lacked x2."""
+
+    class TwoInputs(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(2, 1), nn.Linear(1, 1)
+
+        def forward(self, x1, x2):
+            return self.a(x1) + self.b(x2)
+
+    X, _ = _data(d_in=3)
+    model = TwoInputs().to(F64)
+    Y = X[:, :1] - 5.0
+    for y, match in [(Y, "non-negative.*read as \\(x, y, weights\\)"),
+                     (Y.abs(), "missing 1 required positional argument.*\\{'x1': X1, 'x2': X2\\}")]:
+        with pytest.raises(ValueError, match=match):
+            slt.estimate_llc(model, torch.utils.data.TensorDataset(X[:, :2], X[:, 2:], y), F.mse_loss, **KW)
+    run = slt.estimate_llc(model, ({"x1": X[:, :2], "x2": X[:, 2:]}, Y), F.mse_loss, **KW)
+    assert torch.isfinite(run.loss_trace).all()
+
+
 def test_a_model_frozen_for_evaluation_is_refused_with_the_fix():
     X, Y = _data()
     model = _plain_model().requires_grad_(False)

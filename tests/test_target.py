@@ -87,15 +87,32 @@ def test_batch_streams_full_minibatch_and_loader():
     torch.testing.assert_close(stacked.losses(stacked.w_star), t.init_loss)
 
 
+def test_a_loader_without_length_is_counted_in_one_pass():
+    """An IterableDataset's loader has no len(): n (for the default nβ) is counted over its batches,
+    with a note; nβ and the loss at w* are those of the same data as tensors."""
+    X, Y = _data()
+
+    class Stream(torch.utils.data.IterableDataset):
+        def __iter__(self):
+            for i in range(0, X.shape[0], 30):
+                yield X[i : i + 30], Y[i : i + 30]
+
+    t = prepare_target(_mlp(), torch.utils.data.DataLoader(Stream(), batch_size=None), F.mse_loss, dtype=F64)
+    ref = prepare_target(_mlp(), (X, Y), F.mse_loss, dtype=F64)
+    assert t.source.n == X.shape[0] and t.nbeta == ref.nbeta
+    assert any(f"n = {X.shape[0]} samples, counted" in note for note in t.notes)
+    torch.testing.assert_close(t.init_loss, ref.init_loss)
+
+
 def test_errors_before_any_sampling():
     X, Y = _data()
 
-    class NoLen(torch.utils.data.IterableDataset):
+    class Empty(torch.utils.data.IterableDataset):
         def __iter__(self):
-            yield X[:10], Y[:10]
+            return iter(())
 
-    with pytest.raises(ValueError, match="no length: pass nbeta"):
-        prepare_target(_mlp(), torch.utils.data.DataLoader(NoLen(), batch_size=None), F.mse_loss, dtype=F64)
+    with pytest.raises(ValueError, match="empty dataset: the DataLoader yielded no batch"):
+        prepare_target(_mlp(), torch.utils.data.DataLoader(Empty(), batch_size=None), F.mse_loss, dtype=F64)
     with pytest.raises(ValueError, match="dtype"):
         prepare_target(_mlp(), (X, Y), F.mse_loss, dtype=torch.float16)
     with pytest.raises(ValueError, match="loss_fn is required"):

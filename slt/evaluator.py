@@ -778,13 +778,15 @@ class ChainEvaluator:
             losses[c] = loss.detach()
         return losses, grad
 
-    def per_sample(self, flat: Tensor, x: Any, y: Any) -> Tensor:
-        """(K, d), (n, ...), (n, ...) -> (K, n) per-sample losses, no grad."""
+    def per_sample(self, flat: Tensor, x: Any, y: Any, adapter: LossAdapter | None = None) -> Tensor:
+        """(K, d), (n, ...), (n, ...) -> (K, n) per-sample losses, no grad (of ``adapter``'s loss when
+        given, else of the run's)."""
         K = flat.shape[0]
+        adapter = self.adapter if adapter is None else adapter
         if not self.structured:
             with torch.no_grad():
                 out = self.outputs(flat, x, shared=True)
-                return self.adapter.per_sample(out, y.unsqueeze(0).expand(K, *y.shape), 2)
+                return adapter.per_sample(out, y.unsqueeze(0).expand(K, *y.shape), 2)
         # outputs that are not tensors (a ModelOutput with a cache) cannot be stacked over
         # chains: per-sample losses are computed inside each chain's call
         x, y = _plain(x), (None if y is x else _plain(y))
@@ -793,17 +795,17 @@ class ChainEvaluator:
             if self.path == "native":
                 out = self.outputs(flat, x, shared=True)
                 yk = _map(lambda t: t.unsqueeze(0).expand(K, *t.shape), y)
-                return self.adapter.per_sample(out, yk, 2)
+                return adapter.per_sample(out, yk, 2)
             buffers = self.buffers
             if self.path == "vmap":
                 def one(p: Tensor) -> Tensor:
-                    return self.adapter.per_sample(
+                    return adapter.per_sample(
                         self.call({**self.spec.unflatten(p), **buffers}, x), y, 1)
 
                 with _vmap_attention(self.hf_eager):
                     return torch.vmap(one)(flat)
             return torch.stack([
-                self.adapter.per_sample(
+                adapter.per_sample(
                     self.call({**self.spec.unflatten(flat[c]), **buffers}, x), y, 1)
                 for c in range(K)
             ])

@@ -182,14 +182,16 @@ class LossAdapter:
     ----------
     loss_fn
         ``loss_fn(output, target) -> scalar``, the mean loss over a batch.
+    per_sample
+        Its per-sample form ``(output, target) -> (B,)``, overriding a known or registered one.
     """
 
-    def __init__(self, loss_fn: LossFn):
+    def __init__(self, loss_fn: LossFn, per_sample: PerSample | None = None):
         if not callable(loss_fn):
             raise TypeError(f"loss_fn must be callable, got {type(loss_fn).__name__}")
         self.loss_fn = loss_fn
-        self._known = _known_per_sample(loss_fn)
-        self._attr: PerSample | None = getattr(loss_fn, "per_sample", None)
+        self._known = None if per_sample is not None else _known_per_sample(loss_fn)
+        self._attr: PerSample | None = per_sample if per_sample is not None else getattr(loss_fn, "per_sample", None)
         self.has_native_per_sample = self._known is not None or self._attr is not None
         #: why the vmap lift of the loss to per-sample losses is unusable for this model's outputs
         #: (set by :func:`slt.evaluator.validate_model_and_loss`), or ``None``
@@ -454,6 +456,44 @@ def causal_lm(output: Any, target: Any) -> Tensor:
 causal_lm.per_sample = _causal_lm_per_sample  # type: ignore[attr-defined]
 
 
+def _own_labels(output: Any, target: Any) -> tuple[Tensor, Tensor]:
+    """The logits of a model's output and the ``"labels"`` of a mapping batch (what a Hugging Face
+    model computes its own loss from)."""
+    labels = target.get("labels") if isinstance(target, Mapping) else None
+    if not isinstance(labels, Tensor):
+        raise ValueError("the batch has no 'labels'")
+    return _logits(output), labels
+
+
+def _token_nll(logits: Tensor, labels: Tensor) -> Tensor:
+    """Per-sample mean cross-entropy over the entries whose label is not -100 (0 where none is)."""
+    if labels.is_floating_point() or tuple(logits.shape[:-1]) != tuple(labels.shape):
+        raise ValueError("logits and labels do not pair up as (..., classes) and (...) integer labels")
+    valid = labels != -100
+    nll = -torch.log_softmax(logits, -1).gather(-1, labels.clamp_min(0).long().unsqueeze(-1)).squeeze(-1)
+    tok = valid.to(nll.dtype).reshape(labels.shape[0], -1)
+    return (nll.reshape(labels.shape[0], -1) * tok).sum(1) / tok.sum(1).clamp_min(1.0)
+
+
+def _own_shifted_ce(output: Any, target: Any) -> Tensor:
+    """A causal LM's own loss per sequence: next-token cross-entropy over labels[:, 1:] != -100."""
+    logits, labels = _own_labels(output, target)
+    return _token_nll(logits[:, :-1], labels[:, 1:])
+
+
+def _own_token_ce(output: Any, target: Any) -> Tensor:
+    """A masked-LM / token-classification model's own loss per sample: cross-entropy at every labelled entry."""
+    return _token_nll(*_own_labels(output, target))
+
+
+def _own_squared_error(output: Any, target: Any) -> Tensor:
+    """A regression head's own loss per sample (``num_labels=1``): squared error."""
+    logits, labels = _own_labels(output, target)
+    if not labels.is_floating_point():
+        raise ValueError("regression labels are floating point")
+    return (logits.reshape(labels.shape[0], -1) - labels.reshape(labels.shape[0], -1)).pow(2).mean(1)
+
+
 def model_loss(output: Any, target: Any) -> Tensor:
     r"""The loss the model computed itself: ``output.loss`` or ``output["loss"]``.
 
@@ -461,8 +501,15 @@ def model_loss(output: Any, target: Any) -> Tensor:
     a Hugging Face model called with ``labels`` in the batch returns its own loss (for a causal
     language model, the mean next-token cross-entropy over the batch's tokens whose label is not
     ``-100``; ``model(**batch).loss`` in devinterp's examples).  That is a mean over tokens, not over
-    sequences, and one number per batch: the control variate then takes a forward pass at w* per
-    minibatch (a note says so), and per-sample methods need :func:`causal_lm` instead.
+    sequences, and one number per batch.  The chains follow it as it is; for the control variate
+    (its value at w* on each minibatch), the forms of ``model_loss.per_sample_forms`` are tried at
+    set-up — cross-entropy of the output's logits against the batch's ``labels`` shifted by one
+    (causal LM) or not (masked LM, token and sequence classification), squared error (regression)
+    — and the first whose per-sample values, weighted by each sample's labelled entries, give the
+    model's own loss on 64 rows and on 64 rows spread over the data is looked up on every minibatch
+    like any per-sample loss.  When none fits, the control variate is a forward pass at w* per
+    minibatch (a note says so).  Per-sample methods (:func:`slt.bif`) need a per-sample loss such as
+    :func:`causal_lm`.
     """
     loss = getattr(output, "loss", None)
     if loss is None and isinstance(output, Mapping):
@@ -476,3 +523,6 @@ def model_loss(output: Any, target: Any) -> Tensor:
             "slt.losses.causal_lm for a causal language model or F.cross_entropy for a classifier")
     return loss
 
+
+#: per-sample forms of a Hugging Face model's own loss tried for :func:`model_loss`'s control variate
+model_loss.per_sample_forms = (_own_shifted_ce, _own_token_ce, _own_squared_error)  # type: ignore[attr-defined]

@@ -247,18 +247,17 @@ class Target:
         K, source, ev = self.K, self.source, self.evaluator
         star_ps: Tensor | None = None
         if isinstance(source, Data) and self.adapter.per_sample_error is not None:
-            self._note_forward_control_variate("per-sample losses lifted from it are unavailable or are not each "
-                                               "sample's own loss")
-            init = self._forward_losses(source)
+            star_ps = self._own_loss_lookup()
+            if star_ps is None:
+                self._note_forward_control_variate("per-sample losses lifted from it are unavailable or are not "
+                                                   "each sample's own loss")
+                init = self._forward_losses(source)
+            else:
+                c = self._star_counts
+                init = star_ps.mean(1) if c is None else count_weighted_mean(star_ps, c.unsqueeze(0), 1)
         elif isinstance(source, Data):
             try:
-                per_row = int(source.x[0].numel()) if self._row_numel is None else self._row_numel
-                chunk = max(1, (1 << 22) // max(1, K * per_row))
-                parts = [
-                    ev.per_sample(self.w_star, source.x[i : i + chunk], source.target[i : i + chunk])
-                    for i in range(0, source.n, chunk)
-                ]
-                star_ps = torch.cat(parts, dim=1)
+                star_ps = self._per_sample_at_star()
             except Exception:  # noqa: BLE001 - per-sample losses unavailable: forward at w* instead
                 star_ps = None
             if star_ps is not None:
@@ -293,6 +292,59 @@ class Target:
             raise ValueError(f"the loss at w* is NaN or inf (checkpoints {bad}); check the model and data")
         return star_ps, init
 
+    def _per_sample_at_star(self, adapter: LossAdapter | None = None) -> Tensor:
+        """``(K, n)`` per-sample losses at w* over the data (of ``adapter``'s loss when given), in chunks."""
+        source = self.source
+        per_row = int(source.x[0].numel()) if self._row_numel is None else self._row_numel
+        chunk = max(1, (1 << 22) // max(1, self.K * per_row))
+        return torch.cat([
+            self.evaluator.per_sample(self.w_star, source.x[i : i + chunk], source.target[i : i + chunk], adapter)
+            for i in range(0, source.n, chunk)
+        ], dim=1)
+
+    def _own_loss_lookup(self) -> Tensor | None:
+        """Per-sample losses at w* for the control variate of a loss with no per-sample lift (a Hugging
+        Face model's own ``output.loss``: :func:`slt.losses.model_loss`), from the first of its
+        ``per_sample_forms`` that reproduces it (:meth:`_fitted`); ``None`` when none does."""
+        for form in getattr(self.adapter.loss_fn, "per_sample_forms", ()):
+            try:
+                star_ps = self._per_sample_at_star(LossAdapter(self.adapter.loss_fn, per_sample=form))
+            except Exception:  # noqa: BLE001 - this form does not fit the model's outputs
+                continue
+            fitted, counts, _ = self._fitted(star_ps)
+            if fitted is not None:
+                self._star_counts = counts
+                return fitted
+        return None
+
+    def _fitted(self, star_ps: Tensor) -> tuple[Tensor | None, Tensor | None, str]:
+        """``(per-sample losses, counts, why not)``: ``star_ps`` as they are when they are finite and
+        average to ``loss_fn`` on the first (up to 64) samples; else weighted by the labelled tokens
+        of each sample (:func:`slt.losses.label_counts`) when that mean gives ``loss_fn`` on the first
+        rows and on rows spread over the data; else ``(None, None, why)``."""
+        source = self.source
+        m = min(source.n, 64)
+        first = torch.arange(m)
+        spread = torch.linspace(0, source.n - 1, m).round().long().unique()  # rows across the whole set
+        whole = self._loss_on_rows(first)
+        mean = star_ps[:, first].mean(1)
+        finite = bool(torch.isfinite(star_ps).all())
+        if finite and _agrees(mean, whole):
+            return star_ps, None, ""
+        for counts in label_counts(source.target):  # a mean over labelled entries (-100 ignored)
+            counts = counts.to(device=star_ps.device, dtype=star_ps.dtype)
+            weighted = label_weighted(star_ps, counts)
+
+            def counted(rows: Tensor, weighted: Tensor = weighted, counts: Tensor = counts) -> Tensor:
+                return count_weighted_mean(weighted[:, rows], counts[rows].unsqueeze(0), 1)
+
+            if (weighted is not None and _agrees(counted(first), whole)
+                    and _agrees(counted(spread), self._loss_on_rows(spread))):
+                return weighted, counts, ""
+        why = ("some samples' losses are NaN or inf on their own" if not finite else
+               f"on the first {m} samples their mean is {float(mean[0]):.6g} and the loss {float(whole[0]):.6g}")
+        return None, None, why
+
     def _check_decomposition(self, star_ps: Tensor) -> Tensor | None:
         r"""The per-sample losses lifted from ``loss_fn`` (by ``vmap``, one sample at a time), if they
         average to ``loss_fn`` on the first (up to 64) samples and are finite, else ``None``.
@@ -307,35 +359,19 @@ class Target:
         labelled tokens of integer labels with -100 ignored (:func:`slt.losses.label_counts`: all positions, or
         positions 1: for a shifted causal-LM loss) is tried first: weighted by each sample's labelled
         tokens, checked on the first rows and on rows spread over the data, it stays a lookup."""
-        source = self.source
-        m = min(source.n, 64)
-        first = torch.arange(m)
-        spread = torch.linspace(0, source.n - 1, m).round().long().unique()  # rows across the whole set
-        whole = self._loss_on_rows(first)
-        mean = star_ps[:, first].mean(1)
-        finite = bool(torch.isfinite(star_ps).all())
-        if finite and _agrees(mean, whole):
-            return star_ps
-        for counts in label_counts(source.target):  # a mean over labelled entries (-100 ignored)
-            counts = counts.to(device=star_ps.device, dtype=star_ps.dtype)
-            weighted = label_weighted(star_ps, counts)
-
-            def counted(rows: Tensor, weighted: Tensor = weighted, counts: Tensor = counts) -> Tensor:
-                return count_weighted_mean(weighted[:, rows], counts[rows].unsqueeze(0), 1)
-
-            if (weighted is not None and _agrees(counted(first), whole)
-                    and _agrees(counted(spread), self._loss_on_rows(spread))):
-                self._star_counts = counts
-                # the lookup is exact, yet a sample's own loss is not its share of loss_fn's mean
-                self.adapter.per_sample_error = (
-                    "loss_fn averages over labelled tokens (labels -100 ignored), not over samples: weighted "
-                    "data, data-refined LLCs over distributions of different sizes and per-sample methods need "
-                    "per-sample losses: use F.cross_entropy on (samples, classes, tokens) outputs (exact counts), "
-                    "or register a per_sample form (slt.losses.register_per_sample) whose mean over a batch is "
-                    "loss_fn")
-                return weighted
-        why = ("some samples' losses are NaN or inf on their own" if not finite else
-               f"on the first {m} samples their mean is {float(mean[0]):.6g} and the loss {float(whole[0]):.6g}")
+        fitted, counts, why = self._fitted(star_ps)
+        if fitted is not None and counts is None:
+            return fitted
+        if fitted is not None:
+            self._star_counts = counts
+            # the lookup is exact, yet a sample's own loss is not its share of loss_fn's mean
+            self.adapter.per_sample_error = (
+                "loss_fn averages over labelled tokens (labels -100 ignored), not over samples: weighted "
+                "data, data-refined LLCs over distributions of different sizes and per-sample methods need "
+                "per-sample losses: use F.cross_entropy on (samples, classes, tokens) outputs (exact counts), "
+                "or register a per_sample form (slt.losses.register_per_sample) whose mean over a batch is "
+                "loss_fn")
+            return fitted
         self.adapter.per_sample_error = (
             f"loss_fn is not the mean of per-sample losses ({why}: it averages over something other than "
             "samples, e.g. tokens whose label is -100, or couples the samples of a batch); weighted data, "

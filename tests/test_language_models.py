@@ -246,10 +246,12 @@ def test_hugging_face_causal_lm_on_the_batched_path(make):
 
 def test_the_models_own_loss_is_the_default_and_followed_as_it_is():
     """A Hugging Face model called with labels returns its loss (mean over the batch's tokens): with
-    loss_fn omitted it is what the chains follow — the same run as ``lambda out, _: out.loss``.  It is
-    one number per batch, so its per-sample lift is not each sample's loss: the control variate is a
-    forward pass at w* (a note says so), L(w*) is the model's own loss, and per-sample methods refuse
-    it by name (before, the lift gave every sample the batch's loss)."""
+    loss_fn omitted it is what the chains follow — the same chains as ``lambda out, _: out.loss``.  It
+    is one number per batch with no per-sample lift, yet its control variate is a lookup: the shifted
+    per-sequence cross-entropy weighted by each sequence's labelled tokens reproduces it at set-up, so
+    the run equals the lambda's, whose control variate is a forward pass at w* (a note says so), to
+    rounding; L(w*) is the model's own loss, and per-sample methods refuse it by name (before, the lift
+    gave every sample the batch's loss)."""
     data = pattern_data()
     model = _gpt2().eval()
     train_briefly(model, data)
@@ -257,20 +259,70 @@ def test_the_models_own_loss_is_the_default_and_followed_as_it_is():
     kw = {**LLC_KW, "dtype": F64}
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*(R-hat|below L)")
+        warnings.filterwarnings("error", message=".*forward pass at w")
+        own = slt.estimate_llc(model, labelled, **kw)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*(R-hat|below L)")
         with pytest.warns(RuntimeWarning, match="not the mean of per-sample losses.*forward pass at w"):
-            own = slt.estimate_llc(model, labelled, **kw)
-        explicit = slt.estimate_llc(model, labelled, lambda out, _: out.loss, **kw)
-    torch.testing.assert_close(own.loss_trace, explicit.loss_trace, rtol=0, atol=0)
-    assert any("forward pass at w*" in n for n in own.config["setup_notes"])
+            explicit = slt.estimate_llc(model, labelled, lambda out, _: out.loss, **kw)
+    assert not any("forward pass at w*" in n for n in own.config["setup_notes"])
+    assert any("forward pass at w*" in n for n in explicit.config["setup_notes"])
+    torch.testing.assert_close(own.loss_trace, explicit.loss_trace, rtol=0, atol=0)  # the same chains
+    # Hugging Face computes its own loss on logits cast to float32 (logits.float()), even in a float64 run
+    tol = fp_tol(torch.float32, scale=t_nbeta(own) * 10, terms=T)
+    assert own.llc_mean == pytest.approx(explicit.llc_mean, abs=tol)
     t = prepare_target(model, labelled, None, dtype=F64)
     with torch.no_grad():
         ref = model.to(F64)(**labelled).loss
     model.float()
-    assert float(t.init_loss[0]) == pytest.approx(float(ref), abs=fp_tol(F64, scale=10 * float(ref), terms=N * T))
+    assert float(t.init_loss[0]) == pytest.approx(float(ref), abs=fp_tol(torch.float32, scale=10 * float(ref), terms=T))
+    assert t._star_counts is not None  # weighted by labelled tokens, shifted by one
+    assert torch.equal(t._star_counts.long(), (labelled["labels"][:, 1:] != -100).sum(1))
     with pytest.raises(ValueError, match="per-sample loss"):
         t.evaluator.per_sample(t.w_star, {k: v[:4] for k, v in labelled.items()}, {k: v[:4] for k, v in labelled.items()})
     with pytest.raises(ValueError, match="loss_fn is required: the model defines no default_loss and its output"):
         slt.estimate_llc(model, data, **kw)  # no labels: no loss in the output
+
+
+@pytest.mark.parametrize("kind", ["masked_lm", "sequence_classification", "regression"])
+def test_the_own_loss_of_other_heads_is_looked_up_too(kind):
+    """A BERT masked LM (labels unshifted, most -100), a sequence classifier and a regression head
+    (num_labels=1): the model's own loss is reproduced per sample at set-up (unshifted token
+    cross-entropy weighted by labelled tokens; per-sample cross-entropy; squared error), so λ̂ equals
+    the forward-pass control variate's to rounding, without its note."""
+    transformers = pytest.importorskip("transformers")
+    transformers.utils.logging.set_verbosity_error()
+    torch.manual_seed(0)  # test-side only
+    cfg = dict(vocab_size=V, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
+               max_position_embeddings=T)
+    g = torch.Generator().manual_seed(1)
+    data = pattern_data()
+    if kind == "masked_lm":
+        model = transformers.BertForMaskedLM(transformers.BertConfig(**cfg))
+        hidden = torch.rand(N, T, generator=g) < 0.3
+        labels = data["input_ids"].masked_fill(~hidden | (data["attention_mask"] == 0), -100)
+        data = {**data, "input_ids": data["input_ids"].masked_fill(hidden, 1), "labels": labels}
+    elif kind == "sequence_classification":
+        model = transformers.BertForSequenceClassification(transformers.BertConfig(num_labels=3, **cfg))
+        data = {**data, "labels": torch.randint(0, 3, (N,), generator=g)}
+    else:
+        model = transformers.BertForSequenceClassification(transformers.BertConfig(num_labels=1, **cfg))
+        data = {**data, "labels": torch.randn(N, generator=g)}
+    model.eval()
+    kw = {**LLC_KW, "dtype": F64, "nbeta": 50.0, "localization": 10.0}
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*(R-hat|below L|rising|diffus)")
+        warnings.filterwarnings("error", message=".*forward pass at w")
+        own = slt.estimate_llc(model, data, **kw)
+        warnings.filterwarnings("ignore", message=".*forward pass at w")
+        explicit = slt.estimate_llc(model, data, lambda out, _: out.loss, **kw)
+    torch.testing.assert_close(own.loss_trace, explicit.loss_trace, rtol=0, atol=0)
+    # Hugging Face's LM losses cast the logits to float32 (logits.float()), even in a float64 run
+    assert own.llc_mean == pytest.approx(explicit.llc_mean, abs=fp_tol(torch.float32, scale=50.0 * 10, terms=T))
+
+
+def t_nbeta(result):
+    return float(result.config["nbeta"])
 
 
 def _no_traced_masks(monkeypatch):

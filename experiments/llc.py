@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import inspect
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import hydra
 import torch
@@ -27,6 +27,7 @@ from omegaconf import DictConfig, OmegaConf
 
 import slt
 from experiments import _runlib
+from slt.target import checkpoint_state
 from slt.training import train
 
 
@@ -87,16 +88,9 @@ def build(cfg: DictConfig, gen: torch.Generator) -> tuple[torch.nn.Module, Any, 
 
 
 def load_checkpoint(model: torch.nn.Module, path: str) -> None:
-    """Load a ``torch.save`` d state dict (also ``{"state_dict": ...}`` or ``{"model": ...}``) strictly."""
-    obj = torch.load(path, map_location="cpu", weights_only=True)
-    if isinstance(obj, Mapping):
-        for key in ("state_dict", "model", "model_state_dict"):
-            if key in obj and isinstance(obj[key], Mapping):
-                obj = obj[key]
-                break
-    if not isinstance(obj, Mapping):
-        raise ValueError(f"checkpoint {path!r} holds {type(obj).__name__}, not a state dict")
-    model.load_state_dict(dict(obj), strict=True)
+    """Load a ``torch.save`` d checkpoint strictly: a state dict, or a training checkpoint holding it
+    (``{"model": ...}``, ``{"state_dict": ...}``, under a key prefix; :func:`slt.target.checkpoint_state`)."""
+    model.load_state_dict(dict(checkpoint_state(model, path)), strict=True)
 
 
 def run(cfg: DictConfig, out_dir: Path) -> tuple[dict[str, Any], dict[str, Any]]:

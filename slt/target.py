@@ -702,6 +702,19 @@ def _loaded(ck: Any, k: int) -> Any:
             "trust); pass the module or its state_dict()") from e
 
 
+def checkpoint_state(model: nn.Module, checkpoint: Any, index: int = 0) -> Mapping[str, Any]:
+    """The state dict of ``model`` 's parameters inside a checkpoint as researchers save them.
+
+    ``checkpoint`` is a state dict, a file path (read with ``torch.load(..., weights_only=True)``), a
+    training checkpoint holding the state dict under one key (``{"model": ..., "optimizer": ...,
+    "step": ...}``, Lightning's ``{"state_dict": ...}``), or a state dict saved under a key prefix
+    (``"module."``, ``"_orig_mod."``, ``"model."``).  Errors name the checkpoint by ``index``."""
+    sd = _unprefixed(_loaded(checkpoint, index), _unwrap(model), index)
+    if not isinstance(sd, Mapping):
+        raise TypeError(f"checkpoint {index} is a {type(sd).__name__}, not a state dict (a mapping name -> tensor)")
+    return sd
+
+
 def load_checkpoint_files(model: Any, models: Sequence[Any] | None, state_dicts: Sequence[Any] | None
                           ) -> tuple[Any, list[Any] | None, list[Any] | None]:
     """``(model, models, state_dicts)`` with the checkpoints given as file paths read, once

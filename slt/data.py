@@ -456,12 +456,22 @@ def _stack_dataset(ds: Dataset) -> Data:
     )
 
 
-def _stack_items(items: list[Any]) -> Any:
-    """Stack per-sample items (tensors, arrays, numbers, or mappings of them) along a new dim 0."""
+def _stack_items(items: list[Any], name: str | None = None) -> Any:
+    """Stack per-sample items (tensors, arrays, numbers, lists of numbers, or mappings of them) along a
+    new dim 0; items of different shapes (unpadded token lists) are an error naming the field."""
     first = items[0]
     if isinstance(first, Mapping):
-        return {k: _stack_items([it[k] for it in items]) for k in first}
-    return torch.stack([torch.as_tensor(it) for it in items])
+        return {k: _stack_items([it[k] for it in items], repr(k)) for k in first}
+    try:
+        parts = [torch.as_tensor(it) for it in items]
+    except (ValueError, TypeError, RuntimeError):
+        parts = None  # ragged nested lists
+    if parts is None or len({tuple(t.shape) for t in parts}) > 1:
+        sizes = sorted({len(it) if hasattr(it, "__len__") else 0 for it in items})
+        raise ValueError(
+            f"the samples' field {name or ''} has different lengths ({sizes[0]} to {sizes[-1]}): pad them to one "
+            "length (e.g. tokenizer(..., padding='max_length'), with attention_mask, and labels -100 at the padding)")
+    return torch.stack(parts)
 
 
 def _is_records(data: Sequence[Any]) -> bool:
@@ -474,9 +484,13 @@ def _is_records(data: Sequence[Any]) -> bool:
     def field(v: Any) -> bool:
         return isinstance(v, (Tensor, np.ndarray, np.generic, int, float, bool))
 
+    def numbers(v: Any) -> bool:  # a tokenizer's lists of ids (possibly nested)
+        return isinstance(v, (list, tuple)) and all(
+            isinstance(e, (int, float, bool, np.generic)) or numbers(e) for e in v)
+
     def record(it: Any) -> bool:
         if isinstance(it, Mapping):
-            return bool(it) and all(field(v) for v in it.values())
+            return bool(it) and all(field(v) or numbers(v) for v in it.values())
         return isinstance(it, (tuple, list)) and 0 < len(it) <= 3 and all(field(v) for v in it)
 
     return all(record(it) for it in data)

@@ -416,6 +416,13 @@ def test_a_list_of_samples_is_a_dataset():
     r_list = slt.estimate_llc(_plain_model(), [(X[i], Y[i]) for i in range(30)], F.mse_loss, **KW)
     r_cols = slt.estimate_llc(_plain_model(), (X, Y), F.mse_loss, **KW)
     assert torch.equal(r_list.loss_trace, r_cols.loss_trace)
+    # a tokenizer's outputs, one per text: lists of ids, stacked; unpadded lists are named
+    enc = [{"input_ids": [i, i + 1, i + 2], "attention_mask": [1, 1, 0]} for i in range(30)]
+    tok = as_source(enc)
+    assert tok.x["input_ids"].shape == (30, 3) and tok.x["input_ids"].dtype == torch.int64
+    assert torch.equal(tok.x["attention_mask"][0], torch.tensor([1, 1, 0]))
+    with pytest.raises(ValueError, match="field 'input_ids' has different lengths \\(2 to 3\\): pad them"):
+        as_source([{"input_ids": [1, 2, 3]}, {"input_ids": [4, 5]}])
 
 
 def test_hugging_face_dataset_becomes_columns():

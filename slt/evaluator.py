@@ -911,8 +911,19 @@ def validate_model_and_loss(model: nn.Module, adapter: LossAdapter, probe: Batch
         ) from e
     if not isinstance(loss, Tensor) or loss.ndim != 0:
         shape = tuple(loss.shape) if isinstance(loss, Tensor) else type(loss).__name__
+        if isinstance(loss, Tensor) and loss.numel() == 1:
+            fix = ": reduce it to a 0-d tensor (.mean() over all dims, or .squeeze())"
+        elif isinstance(loss, Tensor):
+            fix = ": average it over the batch (reduction='mean'), e.g. .mean()"
+        elif isinstance(loss, (tuple, list)) or isinstance(loss, Mapping):
+            fix = (": pass a loss_fn that returns only the loss, e.g. lambda out, y: my_loss(out, y)"
+                   + ("[0]" if isinstance(loss, (tuple, list)) else "['loss']"))
+        elif isinstance(loss, (float, int)):
+            fix = ": return the tensor itself (float(...) or .item() cuts it from the parameters' gradient)"
+        else:
+            fix = ""
         raise ValueError(
-            f"loss_fn must return a scalar (0-d tensor, the mean loss over the batch); got {shape}"
+            f"loss_fn must return a scalar (0-d tensor, the mean loss over the batch); got {shape}{fix}"
         )
     if loss.is_floating_point() and not bool(torch.isfinite(loss.detach()).all()) and num_rows(probe.x) > rows:
         # a loss can be undefined on a few samples and fine on a batch (cross-entropy whose targets on

@@ -796,8 +796,14 @@ def test_model_and_loss_errors_show_the_real_exception():
     with pytest.raises(ValueError, match=r"model output dict\{'logits': tensor \(2, 4\) float32, 'cache': object\}"
                                          r", target tensor \(2,\) int64: TypeError"):
         slt.estimate_llc(ClassifierOutput(), (X, y), F.cross_entropy, **SMALL)
-    with pytest.raises(ValueError, match=r"loss_fn must return a scalar .*got \(2, 4\)"):
+    with pytest.raises(ValueError, match=r"loss_fn must return a scalar .*got \(2, 4\): average it over the batch"):
         slt.estimate_llc(nn.Linear(3, 4), (X, y), lambda o, t: o, **SMALL)
+    for loss, fix in [(lambda o, t: F.cross_entropy(o, t).reshape(1), r"got \(1,\): reduce it to a 0-d tensor"),
+                      (lambda o, t: (F.cross_entropy(o, t), {"acc": 0.5}), r"got tuple: .*my_loss\(out, y\)\[0\]"),
+                      (lambda o, t: {"loss": F.cross_entropy(o, t)}, r"got dict: .*my_loss\(out, y\)\['loss'\]"),
+                      (lambda o, t: F.cross_entropy(o, t).item(), r"got float: return the tensor itself")]:
+        with pytest.raises(ValueError, match=fix):
+            slt.estimate_llc(nn.Linear(3, 4), (X, y), loss, **SMALL)
 
 
 def test_bad_parameters_data_and_arrays_are_named():

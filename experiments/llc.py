@@ -59,6 +59,37 @@ def _accepts(target: str, name: str) -> bool:
     return name in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
 
 
+def without_demo(cfg: DictConfig) -> tuple[DictConfig, list[str]]:
+    """``cfg`` without the demo's own settings when the model is not the demo's, and their names.
+
+    ``conf/llc.yaml``'s defaults are a demo (a reduced-rank regression, its data, loss and closed-form
+    λ); Hydra merges an override such as ``model._target_=mypkg.Net`` into that node, so the demo's
+    keyword arguments (``model.widths``) would reach the user's constructor and the demo's reference
+    would be compared with the user's λ̂.  When ``model._target_`` differs from the demo's, every demo
+    setting still at its demo value is dropped: the model's and (when ``data._target_`` differs too)
+    the data's keyword arguments, the loss (then the model's own, as with ``loss=null``) and the
+    reference."""
+    demo = OmegaConf.load(Path(_runlib.CONF_DIR) / "llc.yaml")
+    if cfg.model._target_ == demo.model._target_:
+        return cfg, []
+    raw = OmegaConf.to_container(cfg, resolve=False)
+    dropped: list[str] = []
+    nodes = ["model"] + (["data"] if cfg.data._target_ != demo.data._target_ else [])
+    if "data" not in nodes:  # the demo's data kept: its references to the model's settings resolved first
+        raw["data"] = OmegaConf.to_container(cfg.data, resolve=True)
+    for node in nodes:
+        for key, value in OmegaConf.to_container(demo[node], resolve=False).items():
+            if key != "_target_" and key in raw[node] and raw[node][key] == value:
+                del raw[node][key]
+                dropped.append(f"{node}.{key}")
+    for key in ("loss", "reference"):
+        if raw[key] is not None and raw[key] == OmegaConf.to_container(demo, resolve=False)[key]:
+            raw[key] = None
+            dropped.append(key)
+    out = OmegaConf.create(raw)
+    return out, dropped
+
+
 def build(cfg: DictConfig, gen: torch.Generator) -> tuple[torch.nn.Module, Any, Any]:
     """Instantiate (model, data, loss) from ``cfg``; passes ``generator=`` where accepted."""
     from hydra.utils import get_object, instantiate
@@ -95,8 +126,12 @@ def load_checkpoint(model: torch.nn.Module, path: str) -> None:
 
 def run(cfg: DictConfig, out_dir: Path) -> tuple[dict[str, Any], dict[str, Any]]:
     seed = int(cfg.seed)
+    cfg, dropped = without_demo(cfg)
+    if dropped:
+        print(f"[llc] model {cfg.model._target_} is not the demo's: left out the demo's {', '.join(dropped)}",
+              flush=True)
     model, data, loss = build(cfg, torch.Generator().manual_seed(seed))
-    metrics: dict[str, Any] = {}
+    metrics: dict[str, Any] = {"demo_settings_dropped": dropped} if dropped else {}
     if cfg.checkpoint is not None:
         load_checkpoint(model, cfg.checkpoint)
         metrics["checkpoint"] = str(cfg.checkpoint)

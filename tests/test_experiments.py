@@ -368,6 +368,22 @@ def test_llc_from_checkpoint_in_process(tmp_path):
         _runlib.execute(llc.run, _compose("llc", ["checkpoint=/no/such.pt"]), tmp_path / "bad", [], llc._validate)
 
 
+def test_llc_with_the_users_model_leaves_out_the_demos_settings(tmp_path):
+    """``model._target_=...`` merges into the demo's node: the demo's keyword arguments (widths) would
+    reach the user's constructor and its closed-form reference would be compared with the user's λ̂.
+    They are left out and named; the demo data, kept, keeps its resolved settings."""
+    from experiments import llc
+
+    cfg = _compose("llc", ["model._target_=torch.nn.Linear", "+model.in_features=5", "+model.out_features=4",
+                           "loss=torch.nn.functional.mse_loss", *TINY_LLC[2:]])
+    rec = _runlib.execute(llc.run, cfg, tmp_path / "run")
+    met = rec["metrics"]
+    assert met["demo_settings_dropped"] == ["model.widths", "reference"]
+    assert met["num_params"] == 24 and "llc_reference" not in met and np.isfinite(met["llc_mean"])
+    kept, dropped = llc.without_demo(_compose("llc", []))
+    assert dropped == [] and kept.model.widths == [5, 3, 4]
+
+
 def test_tms_skips_the_hessian_of_large_models(tmp_path):
     from experiments import tms
 

@@ -13,6 +13,7 @@ Usage::
     python -m experiments.llc model._target_=mypkg.Net data._target_=mypkg.data \
         checkpoint=/path/ckpt.pt train=null loss=torch.nn.functional.cross_entropy
     python -m experiments.llc -m checkpoint=a.pt,b.pt,c.pt train=null   # one run per checkpoint
+    python -m experiments.llc 'checkpoint=ckpt/step_*.pt' train=null   # an LLC curve: one batched call
 """
 
 from __future__ import annotations
@@ -39,13 +40,34 @@ def _validate(cfg: DictConfig) -> None:
                              f"needs a _target_ (the dotted name of a callable)")
     if cfg.checkpoint is None and cfg.train is None:
         raise ValueError("invalid config: checkpoint=null and train=null: give a checkpoint or training settings")
-    if cfg.checkpoint is not None and not Path(cfg.checkpoint).is_file():
+    if cfg.checkpoint is not None and _is_glob(cfg.checkpoint):
+        if not checkpoint_files(cfg.checkpoint):
+            raise ValueError(f"invalid config value checkpoint={cfg.checkpoint!r}: no file matches the pattern")
+        if cfg.train is not None:
+            raise ValueError(f"invalid config: checkpoint={cfg.checkpoint!r} is a pattern (an LLC curve over the files "
+                             "it matches) and train is set: pass train=null")
+    elif cfg.checkpoint is not None and not Path(cfg.checkpoint).is_file():
         raise ValueError(f"invalid config value checkpoint={cfg.checkpoint!r}: no such file")
     if cfg.dtype not in ("float32", "float64", None):
         raise ValueError(f"invalid config value dtype={cfg.dtype!r}: must be float32, float64 or null (the model's)")
     loss = cfg.loss
     if loss is not None and not isinstance(loss, (str, DictConfig)):
         raise ValueError(f"invalid config value loss={loss!r}: a dotted name, a node with _target_, or null")
+
+
+def _is_glob(path: str) -> bool:
+    return any(c in str(path) for c in "*?[")
+
+
+def checkpoint_files(pattern: str) -> list[str]:
+    """The files a glob pattern matches, in natural order (``step_200.pt`` before ``step_1000.pt``)."""
+    import glob
+    import re
+
+    def key(path: str) -> list[Any]:
+        return [(0, int(t), "") if t.isdigit() else (1, 0, t) for t in re.split(r"(\d+)", path)]
+
+    return sorted((f for f in glob.glob(str(pattern)) if Path(f).is_file()), key=key)
 
 
 def _accepts(target: str, name: str) -> bool:
@@ -132,6 +154,8 @@ def run(cfg: DictConfig, out_dir: Path) -> tuple[dict[str, Any], dict[str, Any]]
               flush=True)
     model, data, loss = build(cfg, torch.Generator().manual_seed(seed))
     metrics: dict[str, Any] = {"demo_settings_dropped": dropped} if dropped else {}
+    if cfg.checkpoint is not None and _is_glob(cfg.checkpoint):
+        return _curve(cfg, model, data, loss, metrics)
     if cfg.checkpoint is not None:
         load_checkpoint(model, cfg.checkpoint)
         metrics["checkpoint"] = str(cfg.checkpoint)
@@ -150,16 +174,48 @@ def run(cfg: DictConfig, out_dir: Path) -> tuple[dict[str, Any], dict[str, Any]]
         cfg.sampler, seed=seed, device=cfg.device, dtype=cfg.dtype, progress=bool(cfg.progress)))
     metrics.update(_runlib.metrics_from_result(res))
     metrics["num_params"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    if cfg.reference is not None:
-        from hydra.utils import instantiate
-
-        ref = float(instantiate(cfg.reference)) if isinstance(cfg.reference, DictConfig) else float(cfg.reference)
+    ref = _reference(cfg)
+    if ref is not None:
         metrics.update(llc_reference=ref, relative_error=(res.llc_mean - ref) / ref if ref else None,
                        z_reference=(res.llc_mean - ref) / res.llc_sem if res.llc_sem > 0 else None)
     metrics["device"] = res.config.get("device", cfg.device)
     print(f"[llc] {cfg.model._target_}: λ̂ = {res.llc_mean:.3f} ± {res.llc_sem:.3f}"
           + (f" (reference {metrics['llc_reference']:.3g})" if "llc_reference" in metrics else ""), flush=True)
     return metrics, _runlib.result_arrays(res)
+
+
+def _reference(cfg: DictConfig) -> float | None:
+    if cfg.reference is None:
+        return None
+    from hydra.utils import instantiate
+
+    return float(instantiate(cfg.reference)) if isinstance(cfg.reference, DictConfig) else float(cfg.reference)
+
+
+def _curve(cfg: DictConfig, model: torch.nn.Module, data: Any, loss: Any,
+           metrics: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """λ̂ at every checkpoint a pattern matches (``checkpoint='ckpt/step_*.pt'``), in one batched
+    :func:`slt.estimate_llc` call (checkpoint k with the random streams of ``seed + k``): per-checkpoint
+    lists ``ckpt_*`` and the last checkpoint's summary as ``final_*``."""
+    paths = checkpoint_files(cfg.checkpoint)
+    states = [checkpoint_state(model, p, k) for k, p in enumerate(paths)]
+    results = slt.estimate_llc(model, data, loss, state_dicts=states, **_runlib.llc_kwargs(
+        cfg.sampler, seed=int(cfg.seed), device=cfg.device, dtype=cfg.dtype, progress=bool(cfg.progress)))
+    metrics.update(
+        num_checkpoints=len(paths), ckpt_path=paths,
+        ckpt_llc_mean=[r.llc_mean for r in results], ckpt_llc_sem=[r.llc_sem for r in results],
+        ckpt_init_loss=[r.init_loss for r in results], ckpt_converged=[r.converged for r in results],
+        ckpt_rhat=[float(r.diagnostics.get("rhat", float("nan"))) for r in results],
+        num_params=sum(p.numel() for p in model.parameters() if p.requires_grad),
+        device=results[-1].config.get("device", cfg.device),
+        **_runlib.metrics_from_result(results[-1], prefix="final_"))
+    ref = _reference(cfg)
+    if ref is not None:
+        metrics.update(llc_reference=ref, ckpt_z_reference=[(r.llc_mean - ref) / r.llc_sem if r.llc_sem > 0 else None
+                                                            for r in results])
+    print(f"[llc] {cfg.model._target_}: {len(paths)} checkpoints in one batched call; λ̂ = "
+          + ", ".join(f"{r.llc_mean:.3f}" for r in results), flush=True)
+    return metrics, _runlib.result_arrays(results, prefix="ckpt_")
 
 
 @hydra.main(version_base="1.3", config_path=_runlib.CONF_DIR, config_name="llc")

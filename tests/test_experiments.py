@@ -384,6 +384,34 @@ def test_llc_with_the_users_model_leaves_out_the_demos_settings(tmp_path):
     assert dropped == [] and kept.model.widths == [5, 3, 4]
 
 
+def test_llc_curve_over_checkpoint_files_in_one_call(tmp_path):
+    """``checkpoint='dir/step_*.pt'`` estimates every matching file in one batched call, in natural
+    order (step_2 < step_10 < step_100), each the same as its own estimate_llc call with seed + k."""
+    from experiments import llc
+
+    from slt.models import DeepLinearNetwork
+
+    for k, step in enumerate([100, 2, 10]):
+        m = DeepLinearNetwork([3, 2, 3], generator=torch.Generator().manual_seed(step))
+        torch.save({"model": m.state_dict(), "step": step}, tmp_path / f"step_{step}.pt")
+    common = ["model.widths=[3,2,3]", "data.rank=1", "train=null", "reference=null", "dtype=float64",
+              "sampler.sampler=sgld", "sampler.step_size=1e-4", "sampler.nbeta=50", "sampler.localization=10",
+              "sampler.extend_draws=false", *TINY_LLC[2:]]  # fixed settings: the same chains up to rounding
+    cfg = _compose("llc", [f"checkpoint={tmp_path / 'step_*.pt'}", *common])
+    met = _runlib.execute(llc.run, cfg, tmp_path / "curve")["metrics"]
+    assert [Path(p).name for p in met["ckpt_path"]] == ["step_2.pt", "step_10.pt", "step_100.pt"]
+    assert met["num_checkpoints"] == 3 and met["final_llc_mean"] == met["ckpt_llc_mean"][-1]
+    model, data, loss = llc.build(cfg, torch.Generator().manual_seed(0))  # the run's data (seed 0)
+    for k, path in enumerate(met["ckpt_path"]):
+        kw = _runlib.llc_kwargs(cfg.sampler, seed=k, device=cfg.device, dtype=cfg.dtype, progress=False)
+        (one,) = slt.estimate_llc(model, data, loss, state_dicts=[path], **kw)
+        assert one.llc_mean == pytest.approx(met["ckpt_llc_mean"][k], rel=1e-6)
+    for bad, match in [([f"checkpoint={tmp_path / 'none_*.pt'}", *common], "no file matches"),
+                       ([f"checkpoint={tmp_path / 'step_*.pt'}", "model.widths=[3,2,3]", "data.rank=1"], "train=null")]:
+        with pytest.raises(ValueError, match=match):
+            llc._validate(_compose("llc", bad))
+
+
 def test_tms_skips_the_hessian_of_large_models(tmp_path):
     from experiments import tms
 

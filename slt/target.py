@@ -319,17 +319,27 @@ class Target:
 
     def _fitted(self, star_ps: Tensor) -> tuple[Tensor | None, Tensor | None, str]:
         """``(per-sample losses, counts, why not)``: ``star_ps`` as they are when they are finite and
-        average to ``loss_fn`` on the first (up to 64) samples; else weighted by the labelled tokens
-        of each sample (:func:`slt.losses.label_counts`) when that mean gives ``loss_fn`` on the first
-        rows and on rows spread over the data; else ``(None, None, why)``."""
+        their mean gives ``loss_fn`` on the first (up to 64) samples and on as many spread over the
+        data; else weighted by the labelled tokens of each sample (:func:`slt.losses.label_counts`)
+        when that mean does; else ``(None, None, why)``.  Both row sets are checked for either form:
+        data whose first rows carry equally many labels (no padding there) fit the plain mean there
+        even when the loss is a mean over labelled tokens."""
         source = self.source
         m = min(source.n, 64)
         first = torch.arange(m)
         spread = torch.linspace(0, source.n - 1, m).round().long().unique()  # rows across the whole set
         whole = self._loss_on_rows(first)
-        mean = star_ps[:, first].mean(1)
+        at_spread: list[Tensor] = []
+
+        def fits(mean_of: Callable[[Tensor], Tensor]) -> bool:
+            if not _agrees(mean_of(first), whole):
+                return False
+            if not at_spread:
+                at_spread.append(self._loss_on_rows(spread))
+            return _agrees(mean_of(spread), at_spread[0])
+
         finite = bool(torch.isfinite(star_ps).all())
-        if finite and _agrees(mean, whole):
+        if finite and fits(lambda rows: star_ps[:, rows].mean(1)):
             return star_ps, None, ""
         for counts in label_counts(source.target):  # a mean over labelled entries (-100 ignored)
             counts = counts.to(device=star_ps.device, dtype=star_ps.dtype)
@@ -338,11 +348,13 @@ class Target:
             def counted(rows: Tensor, weighted: Tensor = weighted, counts: Tensor = counts) -> Tensor:
                 return count_weighted_mean(weighted[:, rows], counts[rows].unsqueeze(0), 1)
 
-            if (weighted is not None and _agrees(counted(first), whole)
-                    and _agrees(counted(spread), self._loss_on_rows(spread))):
+            if weighted is not None and fits(counted):
                 return weighted, counts, ""
+        mean = star_ps[:, first].mean(1)
         why = ("some samples' losses are NaN or inf on their own" if not finite else
-               f"on the first {m} samples their mean is {float(mean[0]):.6g} and the loss {float(whole[0]):.6g}")
+               f"on the first {m} samples their mean is {float(mean[0]):.6g} and the loss {float(whole[0]):.6g}"
+               if not _agrees(mean, whole) else
+               f"their mean gives the loss on the first {m} samples but not on {len(spread)} spread over the data")
         return None, None, why
 
     def _check_decomposition(self, star_ps: Tensor) -> Tensor | None:

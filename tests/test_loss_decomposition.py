@@ -119,6 +119,31 @@ def test_known_lifted_and_forward_forms_give_the_same_chains():
     assert any("not the mean of per-sample losses" in n for n in forward.config["setup_notes"])
 
 
+def test_a_loss_over_tokens_whose_first_rows_are_unpadded_is_still_counted():
+    """The first 64 rows carry a label at every token (equal counts), later rows have -100s: the plain
+    mean of the lifted losses fits the first rows only.  The spread rows decide: the lookup is the
+    count-weighted one, and the control variate is the user's loss on every minibatch (before, the
+    plain mean was taken: off on minibatches that mix padded rows)."""
+    X, y = _tokens(full_rows=0)
+    y[:64] = (X[:64, :, 0] > 0).long()  # no -100 in the first 64 rows
+    model = _model(False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # no forward control variate either
+        t = prepare_target(model, (X, y), _flat, dtype=F64)
+        init = t.init_loss
+    assert t._star_counts is not None
+    with torch.no_grad():
+        ref = _flat(model(X), y)
+    tol = fp_tol(F64, scale=float(ref) * 10, terms=N * T)
+    assert float(init[0]) == pytest.approx(float(ref), abs=tol)
+    stream = t.batches(ChainRNG(t.seeds, 3, t.device), 3, 32)
+    for _ in range(3):
+        b, star = stream()
+        with torch.no_grad():
+            want = torch.stack([_flat(model(b.x[c]), b.y[c]) for c in range(3)])
+        torch.testing.assert_close(star, want, rtol=0, atol=tol)
+
+
 def test_a_loss_that_couples_the_samples_is_not_looked_up():
     g = torch.Generator().manual_seed(1)
     X = torch.randn(N, 4, generator=g, dtype=F64)

@@ -342,7 +342,17 @@ def estimate_llc(
     _check_arguments(num_chains, num_draws, num_burnin, num_steps_bw_draws, mala_every, step_size, nbeta,
                      localization, batch_size, target_accept)
     resolve_sampler(sampler)
-    model, models, state_dicts = load_checkpoint_files(model, models, state_dicts)  # paths read once
+    model, models, state_dicts, files = load_checkpoint_files(model, models, state_dicts)  # paths read once
+    if files is not None:  # checkpoints read from files: each result records its file
+        return _with_files(estimate_llc(
+            model, data, loss_fn, models=models, state_dicts=state_dicts, num_chains=num_chains,
+            num_draws=num_draws, num_burnin=num_burnin, num_steps_bw_draws=num_steps_bw_draws,
+            step_size=step_size, nbeta=nbeta, localization=localization, batch_size=batch_size, sampler=sampler,
+            sampler_kwargs=sampler_kwargs, observables=observables, restrict_to=restrict_to, device=device,
+            dtype=dtype, autocast=autocast, seed=seed, vectorize=vectorize, mala_every=mala_every,
+            target_accept=target_accept, divergence_threshold=divergence_threshold, control_variate=control_variate,
+            shared_batches=shared_batches, raise_on_divergence=raise_on_divergence, extend_draws=extend_draws,
+            num_threads=num_threads, progress=progress), files)
     if differ := checkpoint_state_differences(model, models, state_dicts):
         # 0. checkpoints whose buffers (BatchNorm statistics) differ: one run each, as if batched
         return _each_checkpoint(checkpoint_modules(model, models, state_dicts), differ, data, loss_fn, seed, dict(
@@ -401,6 +411,18 @@ def _each_checkpoint(modules: list[nn.Module], differ: list[str], data: Any, los
             r.config["setup_notes"] = [note] + list(r.config.get("setup_notes", []))
         outs.append(res)
     return _stack(outs)
+
+
+def _with_files(res: Any, files: list[str | None]) -> Any:
+    """``res`` with ``config["checkpoint_file"]`` of each result: the file its checkpoint was read from."""
+    def each(node: Any) -> list[LLCResult]:
+        if isinstance(node, dict):
+            return [r for v in node.values() for r in each(v)]
+        return [r for v in node for r in each(v)] if isinstance(node, list) else [node]
+
+    for r in each(res):
+        r.config["checkpoint_file"] = files[int(r.config.get("checkpoint", 0))]
+    return res
 
 
 def _leaves(res: Any) -> list[LLCResult]:

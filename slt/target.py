@@ -728,13 +728,18 @@ def checkpoint_state(model: nn.Module, checkpoint: Any, index: int = 0) -> Mappi
 
 
 def load_checkpoint_files(model: Any, models: Sequence[Any] | None, state_dicts: Sequence[Any] | None
-                          ) -> tuple[Any, list[Any] | None, list[Any] | None]:
-    """``(model, models, state_dicts)`` with the checkpoints given as file paths read, once
-    (:func:`_loaded`), for callers that resolve the checkpoints more than once."""
+                          ) -> tuple[Any, list[Any] | None, list[Any] | None, list[str | None] | None]:
+    """``(model, models, state_dicts, files)`` with the checkpoints given as file paths read, once
+    (:func:`_loaded`), for callers that resolve the checkpoints more than once; ``files`` names each
+    checkpoint's file (``None`` for one given in memory), or is ``None`` when no file was given."""
+    given = model if isinstance(model, (list, tuple)) else models if models is not None else state_dicts
+    files = None if given is None else [str(c) if isinstance(c, (str, os.PathLike)) else None for c in given]
+
     def each(items: Sequence[Any] | None) -> list[Any] | None:
         return None if items is None else [_loaded(c, k) for k, c in enumerate(items)]
 
-    return each(model) if isinstance(model, (list, tuple)) else model, each(models), each(state_dicts)
+    return (each(model) if isinstance(model, (list, tuple)) else model, each(models), each(state_dicts),
+            files if files is not None and any(f is not None for f in files) else None)
 
 
 def _params_in(sd: Mapping[Any, Any], names: list[str]) -> Mapping[Any, Any] | None:

@@ -552,6 +552,9 @@ def test_checkpoint_files_and_training_checkpoints_load(tmp_path):
         assert torch.equal(run.loss_trace, ref.loss_trace), ck
     (run,) = slt.estimate_llc(model, (X, Y), F.mse_loss, models=[tmp_path / "plain.pt"], **KW)
     assert torch.equal(run.loss_trace, ref.loss_trace)
+    assert run.config["checkpoint_file"] == str(tmp_path / "plain.pt") and "checkpoint_file" not in ref.config
+    both = slt.estimate_llc(model, (X, Y), F.mse_loss, state_dicts=[sd, tmp_path / "plain.pt"], **KW)
+    assert [r.config["checkpoint_file"] for r in both] == [None, str(tmp_path / "plain.pt")]
     torch.save(model, tmp_path / "module.pt")
     for bad, err, match in [
         (tmp_path / "module.pt", ValueError, "weights_only=True.*torch.load\\(path, weights_only=False\\)"),

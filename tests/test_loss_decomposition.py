@@ -87,16 +87,21 @@ def test_loss_at_w_star_and_the_control_variate_are_the_users_loss(name):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # the lambda's note: a forward control variate
         t = prepare_target(model, (X, y), loss_fn, dtype=F64)
+        _assert_users_loss_at_w_star(t, model, X, y, loss_fn, batch=16)
+
+
+def _assert_users_loss_at_w_star(t, model, X, y, loss_fn, batch):
+    """L(w*) is ``loss_fn`` on the data, and the control variate ``loss_fn`` at w* on each minibatch."""
+    with torch.no_grad():
+        ref = loss_fn(model(X), y)
+    tol = fp_tol(F64, scale=float(ref) * 10, terms=N * T)
+    assert float(t.init_loss[0]) == pytest.approx(float(ref), abs=tol)
+    stream = t.batches(ChainRNG(t.seeds, 3, t.device), 3, batch)
+    for _ in range(3):
+        b, star = stream()
         with torch.no_grad():
-            ref = loss_fn(model(X), y)
-        tol = fp_tol(F64, scale=float(ref) * 10, terms=N * T)
-        assert float(t.init_loss[0]) == pytest.approx(float(ref), abs=tol)
-        stream = t.batches(ChainRNG(t.seeds, 3, t.device), 3, 16)
-        for _ in range(3):
-            b, star = stream()
-            with torch.no_grad():
-                want = torch.stack([loss_fn(model(b.x[c]), b.y[c]) for c in range(3)])
-            torch.testing.assert_close(star, want, rtol=0, atol=tol)
+            want = torch.stack([loss_fn(model(b.x[c]), b.y[c]) for c in range(3)])
+        torch.testing.assert_close(star, want, rtol=0, atol=tol)
 
 
 def test_known_lifted_and_forward_forms_give_the_same_chains():
@@ -130,18 +135,9 @@ def test_a_loss_over_tokens_whose_first_rows_are_unpadded_is_still_counted():
     with warnings.catch_warnings():
         warnings.simplefilter("error", RuntimeWarning)  # no forward control variate either
         t = prepare_target(model, (X, y), _flat, dtype=F64)
-        init = t.init_loss
+        t.init_loss
     assert t._star_counts is not None
-    with torch.no_grad():
-        ref = _flat(model(X), y)
-    tol = fp_tol(F64, scale=float(ref) * 10, terms=N * T)
-    assert float(init[0]) == pytest.approx(float(ref), abs=tol)
-    stream = t.batches(ChainRNG(t.seeds, 3, t.device), 3, 32)
-    for _ in range(3):
-        b, star = stream()
-        with torch.no_grad():
-            want = torch.stack([_flat(model(b.x[c]), b.y[c]) for c in range(3)])
-        torch.testing.assert_close(star, want, rtol=0, atol=tol)
+    _assert_users_loss_at_w_star(t, model, X, y, _flat, batch=32)
 
 
 def test_a_loss_that_couples_the_samples_is_not_looked_up():

@@ -292,9 +292,10 @@ class Target:
             raise ValueError(f"the loss at w* is NaN or inf (checkpoints {bad}); check the model and data")
         return star_ps, init
 
-    def _per_sample_at_star(self, adapter: LossAdapter | None = None) -> Tensor:
-        """``(K, n)`` per-sample losses at w* over the data (of ``adapter``'s loss when given), in chunks."""
-        source = self.source
+    def _per_sample_at_star(self, adapter: LossAdapter | None = None, source: Data | None = None) -> Tensor:
+        """``(K, n)`` per-sample losses at w* over the data, or over ``source`` (of ``adapter``'s loss when
+        given), in chunks."""
+        source = self.source if source is None else source
         per_row = int(source.x[0].numel()) if self._row_numel is None else self._row_numel
         chunk = max(1, (1 << 22) // max(1, self.K * per_row))
         return torch.cat([
@@ -306,9 +307,20 @@ class Target:
         """Per-sample losses at w* for the control variate of a loss with no per-sample lift (a Hugging
         Face model's own ``output.loss``: :func:`slt.losses.model_loss`), from the first of its
         ``per_sample_forms`` that reproduces it (:meth:`_fitted`); ``None`` when none does."""
+        first = torch.arange(min(self.source.n, 64))
+        head = _rows_of(self.source, first)
+        whole: list[Tensor] = []
         for form in getattr(self.adapter.loss_fn, "per_sample_forms", ()):
-            try:
-                star_ps = self._per_sample_at_star(LossAdapter(self.adapter.loss_fn, per_sample=form))
+            adapter = LossAdapter(self.adapter.loss_fn, per_sample=form)
+            try:  # on the first rows, before a pass over all the data
+                ps = self._per_sample_at_star(adapter, head)
+                whole = whole or [self._loss_on_rows(first)]
+                counted = [(w, c.to(w)) for c in label_counts(head.target)
+                           if (w := label_weighted(ps, c.to(ps))) is not None]
+                means = [ps.mean(1)] + [count_weighted_mean(w, c.unsqueeze(0), 1) for w, c in counted]
+                if not any(_agrees(mean, whole[0]) for mean in means):
+                    continue
+                star_ps = self._per_sample_at_star(adapter)
             except Exception:  # noqa: BLE001 - this form does not fit the model's outputs
                 continue
             fitted, counts, _ = self._fitted(star_ps)

@@ -756,7 +756,7 @@ class ChainEvaluator:
                     lb = torch.vmap(one, in_dims=(0, xd, yd, wd))(moved, x, y, w)
                     self._grads_into(lb.sum(), moved, block_out)  # unmoved parameters' slices stay 0
                 out.index_copy_(0, sub, block_out)
-                losses.index_copy_(0, sub, lb.detach())
+                losses.index_copy_(0, sub, lb.detach().to(losses.dtype))  # a loss in another dtype (HF: float32)
         return losses, out
 
     def _loop_loss_and_grad(self, flat: Tensor, batch: Batch) -> tuple[Tensor, Tensor]:

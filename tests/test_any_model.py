@@ -663,6 +663,19 @@ def test_the_run_computes_in_the_models_precision(model_dtype, expected):
     assert torch.equal(same.loss_trace, r.loss_trace)
 
 
+def test_a_loss_in_another_precision_than_the_run():
+    """A loss computed in float32 in a float64 run (Hugging Face casts logits to float32 for its own
+    loss) on every path, restrictions included (their blocked vmap path crashed in index_copy_)."""
+    X, Y = _data()
+    model = _plain_model()
+    loss32 = lambda o, y: F.mse_loss(o.float(), y.float())  # noqa: E731
+    for restrict in (None, {"a": "l1.*", "b": "l2.*"}):
+        for vec in ("vmap", "loop"):
+            r = slt.estimate_llc(model, (X, Y), loss32, restrict_to=restrict, **{**KW, "vectorize": vec})
+            for res in (r.values() if isinstance(r, dict) else [r]):
+                assert torch.isfinite(res.loss_trace).all() and res.loss_trace.dtype == F64
+
+
 def test_an_explicit_dtype_overrides_the_models():
     X, Y = _data()
     kw = {k: v for k, v in KW.items() if k != "dtype"}

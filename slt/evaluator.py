@@ -1189,8 +1189,14 @@ def _check_per_sample_lift(adapter: LossAdapter, out: Any, y: Any, loss: Tensor)
     except Exception as e:  # noqa: BLE001
         reason = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
     if reason is not None:
+        from .losses import model_loss
+
+        own = adapter.loss_fn is model_loss
         adapter.per_sample_error = (
             f"per-sample losses of loss_fn on the model's output ({describe(out)}) are unavailable: lifting "
-            f"the loss with vmap failed ({reason}). Give loss_fn a per_sample form "
-            "(slt.losses.register_per_sample(loss_fn, per_sample))"
+            f"the loss with vmap failed ({reason}). "
+            + ("loss_fn was omitted, so the loss is the model's own output.loss, one number per batch: pass a "
+               "per-sample loss instead: slt.losses.causal_lm for a causal language model, else a loss of "
+               "output.logits and the batch's labels (F.cross_entropy for a sequence classifier)" if own else
+               "Give loss_fn a per_sample form (slt.losses.register_per_sample(loss_fn, per_sample))")
         )

@@ -205,7 +205,8 @@ def test_a_loss_computed_by_the_model_is_the_default_and_is_not_looked_up():
         ref = model(**data)["loss"]
     assert float(init[0]) == pytest.approx(float(ref), abs=fp_tol(F64, scale=10 * float(ref), terms=N))
     assert "per-sample losses of loss_fn" in t.adapter.per_sample_error
-    with pytest.raises(ValueError, match="per-sample losses of loss_fn .* unavailable"):
+    with pytest.raises(ValueError, match="per-sample losses of loss_fn .* unavailable.*loss_fn was omitted, so the "
+                                         "loss is the model's own output.loss.*slt.losses.causal_lm"):
         slt.bif(model, data, None, num_chains=2, num_draws=5, dtype=F64, progress=False)
 
 

@@ -343,19 +343,9 @@ def estimate_llc(
                      localization, batch_size, target_accept)
     resolve_sampler(sampler)
     model, models, state_dicts, files = load_checkpoint_files(model, models, state_dicts)  # paths read once
-    if files is not None:  # checkpoints read from files: each result records its file
-        return _with_files(estimate_llc(
-            model, data, loss_fn, models=models, state_dicts=state_dicts, num_chains=num_chains,
-            num_draws=num_draws, num_burnin=num_burnin, num_steps_bw_draws=num_steps_bw_draws,
-            step_size=step_size, nbeta=nbeta, localization=localization, batch_size=batch_size, sampler=sampler,
-            sampler_kwargs=sampler_kwargs, observables=observables, restrict_to=restrict_to, device=device,
-            dtype=dtype, autocast=autocast, seed=seed, vectorize=vectorize, mala_every=mala_every,
-            target_accept=target_accept, divergence_threshold=divergence_threshold, control_variate=control_variate,
-            shared_batches=shared_batches, raise_on_divergence=raise_on_divergence, extend_draws=extend_draws,
-            num_threads=num_threads, progress=progress), files)
     if differ := checkpoint_state_differences(model, models, state_dicts):
         # 0. checkpoints whose buffers (BatchNorm statistics) differ: one run each, as if batched
-        return _each_checkpoint(checkpoint_modules(model, models, state_dicts), differ, data, loss_fn, seed, dict(
+        each = _each_checkpoint(checkpoint_modules(model, models, state_dicts), differ, data, loss_fn, seed, dict(
             num_chains=num_chains, num_draws=num_draws, num_burnin=num_burnin, num_steps_bw_draws=num_steps_bw_draws,
             step_size=step_size, nbeta=nbeta, localization=localization, batch_size=batch_size, sampler=sampler,
             sampler_kwargs=sampler_kwargs, observables=observables, restrict_to=restrict_to, device=device,
@@ -363,6 +353,7 @@ def estimate_llc(
             divergence_threshold=divergence_threshold, control_variate=control_variate,
             shared_batches=shared_batches, raise_on_divergence=raise_on_divergence, extend_draws=extend_draws,
             num_threads=num_threads, progress=progress))
+        return _with_files(files, each)
 
     # 1. the target: model, data, loss, w*, nβ, γ, and the groups (restrictions, distributions)
     target = prepare_target(model, data, loss_fn, models=models, state_dicts=state_dicts, nbeta=nbeta,
@@ -383,7 +374,7 @@ def estimate_llc(
                           for k, v in target.group_labels(g).items() if v is not None)
         for w in res.diagnostics["warnings"]:
             warnings.warn(f"slt.estimate_llc ({where}): {w}", RuntimeWarning, stacklevel=user_stacklevel())
-    return target.arrange(results)
+    return _with_files(files, target.arrange(results))
 
 
 def _each_checkpoint(modules: list[nn.Module], differ: list[str], data: Any, loss_fn: Any, seed: Any,
@@ -413,20 +404,19 @@ def _each_checkpoint(modules: list[nn.Module], differ: list[str], data: Any, los
     return _stack(outs)
 
 
-def _with_files(res: Any, files: list[str | None]) -> Any:
-    """``res`` with ``config["checkpoint_file"]`` of each result: the file its checkpoint was read from."""
-    def each(node: Any) -> list[LLCResult]:
-        if isinstance(node, dict):
-            return [r for v in node.values() for r in each(v)]
-        return [r for v in node for r in each(v)] if isinstance(node, list) else [node]
-
-    for r in each(res):
+def _with_files(files: list[str | None] | None, res: Any) -> Any:
+    """``res`` with ``config["checkpoint_file"]`` of each result, the file its checkpoint was read from
+    (as it is when no checkpoint came from a file)."""
+    for r in _leaves(res) if files is not None else []:
         r.config["checkpoint_file"] = files[int(r.config.get("checkpoint", 0))]
     return res
 
 
 def _leaves(res: Any) -> list[LLCResult]:
-    return [r for v in res.values() for r in _leaves(v)] if isinstance(res, dict) else [res]
+    """The results in an :func:`estimate_llc` return value (a result, or lists and mappings of them)."""
+    if isinstance(res, dict):
+        return [r for v in res.values() for r in _leaves(v)]
+    return [r for v in res for r in _leaves(v)] if isinstance(res, list) else [res]
 
 
 def _stack(outs: list[Any]) -> Any:

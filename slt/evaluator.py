@@ -39,7 +39,7 @@ from torch import Tensor, nn
 import torch
 
 from .data import Batch, Columns, Data, LoaderSource, _map, _plain, num_rows
-from .losses import LossAdapter, count_weighted_mean
+from .losses import LossAdapter, candidate_means, count_weighted_mean
 from .params import ParamSpec
 
 __all__ = ["ChainEvaluator", "choose_path", "PATH_REASONS", "validate_model_and_loss", "check_gradients_reach", "probe_batch", "to_device",
@@ -1157,20 +1157,6 @@ def _check_mean_reduction(model: nn.Module, aliases: Mapping[str, list[str]] | N
         )
 
 
-def _counted_mean_fits(ps: Tensor, y: Any, loss: Tensor) -> bool:
-    """Whether the loss is the mean of the lifted per-sample losses weighted by each sample's labelled
-    tokens (:func:`slt.losses.label_counts`): a mean over tokens; the losses at w* then check it on more
-    rows (:meth:`slt.target.Target.star_losses`)."""
-    from .losses import label_counts, label_weighted
-
-    for c in label_counts(y):
-        c = c.to(ps)
-        weighted = label_weighted(ps, c)
-        if weighted is not None and torch.allclose(count_weighted_mean(weighted, c), loss, rtol=1e-4, atol=1e-6):
-            return True
-    return False
-
-
 def _check_per_sample_lift(adapter: LossAdapter, out: Any, y: Any, loss: Tensor) -> None:
     """For outputs/targets that are not tensors, the vmap lift to per-sample losses maps every
     tensor leaf whose leading dim is the batch's; check that the lifted losses average to the
@@ -1184,7 +1170,9 @@ def _check_per_sample_lift(adapter: LossAdapter, out: Any, y: Any, loss: Tensor)
         with warnings.catch_warnings(), torch.no_grad():
             warnings.simplefilter("ignore")
             ps = adapter.per_sample(out, y, 1)
-        if not torch.allclose(ps.mean(), loss, rtol=1e-4, atol=1e-6) and not _counted_mean_fits(ps, y, loss):
+        # the plain mean, or a mean over labelled tokens (the losses at w* then check it on more rows,
+        # :meth:`slt.target.Target.star_losses`)
+        if not any(torch.allclose(mean, loss, rtol=1e-4, atol=1e-6) for mean in candidate_means(ps, y)):
             reason = f"their mean {float(ps.mean()):.6g} differs from the loss {float(loss):.6g}"
     except Exception as e:  # noqa: BLE001
         reason = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"

@@ -41,7 +41,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 __all__ = ["LossAdapter", "register_per_sample", "causal_lm", "model_loss", "count_weighted_mean", "label_counts",
-           "label_weighted"]
+           "label_weighted", "candidate_means"]
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
 PerSample = Callable[[Tensor, Tensor], Tensor]  # (lead..., *s), (lead..., *s) -> (lead...)
@@ -149,6 +149,19 @@ def label_weighted(per_sample: Tensor, counts: Tensor) -> Tensor | None:
     not finite."""
     weighted = per_sample.masked_fill((counts == 0).to(per_sample.device), 0.0)
     return weighted if bool(torch.isfinite(weighted).all()) else None
+
+
+def candidate_means(per_sample: Tensor, target: Any) -> list[Tensor]:
+    """The means over the last dim of per-sample losses ``(..., n)`` that a mean loss over the batch
+    can be: the plain mean, then the mean weighted by each sample's labelled entries for each of
+    :func:`label_counts` (a mean over tokens whose ignored labels are -100)."""
+    means = [per_sample.mean(-1)]
+    for counts in label_counts(target):
+        counts = counts.to(per_sample)
+        weighted = label_weighted(per_sample, counts)
+        if weighted is not None:
+            means.append(count_weighted_mean(weighted, counts, -1))
+    return means
 
 
 def register_per_sample(loss_fn: LossFn, per_sample: PerSample) -> LossFn:

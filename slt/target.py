@@ -60,7 +60,7 @@ from .defaults import default_localization, default_nbeta
 from .groups import Groups, concat_data, split_data
 from .evaluator import (PATH_REASONS, ChainEvaluator, choose_path, resolve_autocast, probe_batch, to_device,
                         validate_model_and_loss, check_gradients_reach, hf_attention_configs, _names)
-from .losses import LossAdapter, count_weighted_mean, label_counts, label_weighted, model_loss
+from .losses import LossAdapter, candidate_means, count_weighted_mean, label_counts, label_weighted, model_loss
 from .params import ParamSpec
 from .rng import ChainRNG
 from ._runtime import resolve_device, autograd_allowed, user_stacklevel
@@ -315,10 +315,7 @@ class Target:
             try:  # on the first rows, before a pass over all the data
                 ps = self._per_sample_at_star(adapter, head)
                 whole = whole or [self._loss_on_rows(first)]
-                counted = [(w, c.to(w)) for c in label_counts(head.target)
-                           if (w := label_weighted(ps, c.to(ps))) is not None]
-                means = [ps.mean(1)] + [count_weighted_mean(w, c.unsqueeze(0), 1) for w, c in counted]
-                if not any(_agrees(mean, whole[0]) for mean in means):
+                if not any(_agrees(mean, whole[0]) for mean in candidate_means(ps, head.target)):
                     continue
                 star_ps = self._per_sample_at_star(adapter)
             except Exception:  # noqa: BLE001 - this form does not fit the model's outputs

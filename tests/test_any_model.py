@@ -568,25 +568,15 @@ def test_checkpoint_files_and_training_checkpoints_load(tmp_path):
 
 
 def test_a_dataset_of_several_inputs_names_the_mapping_form():
-    """TensorDataset(X1, X2, Y) for forward(self, x1, x2) is read as (x, y, weights): the error says
-    so and shows the mapping form, whether Y made invalid weights or the call lacked x2."""
-
-    class TwoInputs(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.a, self.b = nn.Linear(2, 1), nn.Linear(1, 1)
-
-        def forward(self, x1, x2):
-            return self.a(x1) + self.b(x2)
-
-    X, _ = _data(d_in=3)
-    model = TwoInputs().to(F64)
-    Y = X[:, :1] - 5.0
-    for y, match in [(Y, "non-negative.*read as \\(x, y, weights\\)"),
-                     (Y.abs(), "missing 1 required positional argument.*\\{'x1': X1, 'x2': X2\\}")]:
+    """TensorDataset(A, B, Y) for forward(self, a, b) is read as (x, y, weights): the error says so and
+    shows the mapping form, whether Y made invalid weights or the call lacked its second input."""
+    X, Y = _data()
+    model = _two()
+    for y, match in [(X[:, 0] - 5.0, "non-negative.*read as \\(x, y, weights\\)"),
+                     (X[:, 0].abs(), "missing 1 required positional argument.*\\{'x1': X1, 'x2': X2\\}")]:
         with pytest.raises(ValueError, match=match):
             slt.estimate_llc(model, torch.utils.data.TensorDataset(X[:, :2], X[:, 2:], y), F.mse_loss, **KW)
-    run = slt.estimate_llc(model, ({"x1": X[:, :2], "x2": X[:, 2:]}, Y), F.mse_loss, **KW)
+    run = slt.estimate_llc(model, ({"a": X[:, :2], "b": X[:, 2:]}, Y), F.mse_loss, **KW)
     assert torch.isfinite(run.loss_trace).all()
 
 

@@ -114,7 +114,12 @@ def _plain(t: Any) -> Any:
 
 
 def _is_array(t: Any) -> bool:
-    return isinstance(t, np.ndarray)
+    """A NumPy array, or a pandas ``DataFrame``/``Series`` (read as its ``to_numpy()``)."""
+    return isinstance(t, np.ndarray) or _is_pandas(t)
+
+
+def _is_pandas(t: Any) -> bool:
+    return type(t).__module__.split(".")[0] == "pandas" and type(t).__name__ in ("DataFrame", "Series")
 
 
 def _normal(t: Tensor) -> Tensor:
@@ -134,10 +139,14 @@ def _to_tensor(name: str, t: Any) -> Any:
         return _normal(t)
     if not _is_array(t):
         return t
+    kind = "NumPy array"
+    if _is_pandas(t):
+        kind, t = f"pandas {type(t).__name__} (as to_numpy())", t.to_numpy()
     if t.dtype == object or t.dtype.kind in "USV":
         raise ValueError(
-            f"{name} is a NumPy array of dtype {t.dtype}, which cannot become a tensor"
-            + (" (rows of different lengths? pad them to one length)" if t.dtype == object else "")
+            f"{name} is a {kind} of dtype {t.dtype}, which cannot become a tensor"
+            + (" (rows of different lengths, or columns of mixed types? pad them to one length, or select "
+               "the numeric columns)" if t.dtype == object else "")
         )
     if not t.flags.writeable:
         t = t.copy()
@@ -336,7 +345,7 @@ def _validate_tensor(name: str, t: Any, n: int | None, ref: str = "x") -> int:
             f"forward(self, x1, x2)"
         )
     if not isinstance(t, Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor (or a NumPy array), got {type(t).__name__}")
+        raise TypeError(f"{name} must be a torch.Tensor (or a NumPy array or pandas DataFrame), got {type(t).__name__}")
     if t.ndim == 0:
         raise ValueError(f"{name} must have a leading sample dimension, got a 0-d tensor")
     if n is not None and t.shape[0] != n:

@@ -65,6 +65,29 @@ def _standard_attention():
 
 _IS_BATCHED = getattr(getattr(torch._C, "_functorch", None), "is_batchedtensor", None)
 
+#: PyTorch's one-per-process note "grad and param do not obey the gradient layout contract" (a
+#: ``TORCH_WARN_ONCE``): a strided slot of a ``(C, d)`` row as the gradient of a strided leaf is what
+#: slt means, so the note is caught (once) and not shown.  [True] once it has been caught.
+_LAYOUT_NOTE = [False]
+_LAYOUT_MESSAGE = "grad and param do not obey the gradient layout contract"
+
+
+def _backward_without_layout_note(loss: Tensor, inputs: list[Tensor]) -> None:
+    """``torch.autograd.backward`` with PyTorch's gradient-layout note caught; any other warning is
+    shown as it was raised.  Once the note has been caught (PyTorch raises it once per process), the
+    caller calls backward directly: entering ``warnings.catch_warnings`` on every step would reset
+    Python's once-per-location registry, and a warning the user's model raises in forward (e.g. vmap's
+    "There is a performance drop because we have not yet implemented the batching rule") would then
+    be printed at every step instead of once."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.autograd.backward(loss, inputs=inputs)
+    for w in caught:
+        if _LAYOUT_MESSAGE in str(w.message):
+            _LAYOUT_NOTE[0] = True
+        else:
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno, source=w.source)
+
 
 def _batched(t: Any) -> bool:
     """Whether ``t`` is a tensor being mapped over by ``torch.vmap`` (a functorch BatchedTensor)."""
@@ -661,9 +684,11 @@ class ChainEvaluator:
         slots = self.spec.unflatten(out)
         for name, leaf in leaves.items():
             leaf.grad = slots[name]
-        with warnings.catch_warnings():  # a slot of a (C, d) row is strided, as its leaf is: harmless
-            warnings.filterwarnings("ignore", message="grad and param do not obey the gradient layout contract")
-            torch.autograd.backward(loss, inputs=[v for v in leaves.values() if v.requires_grad])
+        inputs = [v for v in leaves.values() if v.requires_grad]
+        if _LAYOUT_NOTE[0] or all(s.is_contiguous() for s in slots.values()):
+            torch.autograd.backward(loss, inputs=inputs)
+        else:
+            _backward_without_layout_note(loss, inputs)
         for name, leaf in leaves.items():
             if leaf.grad is not slots[name] and leaf.grad is not None:  # autograd replaced it: copy (not expected)
                 slots[name].copy_(leaf.grad)

@@ -1021,6 +1021,12 @@ def _fallback_hint(e: Exception, model: nn.Module, issues: list[str], eager_trie
         return " — loss_fn draws random numbers: make it deterministic"
     if any(i.startswith("BatchNorm") for i in issues):
         return " — BatchNorm in train mode: call model.eval() to use the batched path"
+    if getattr(model, "is_gradient_checkpointing", False) or getattr(model, "is_activation_checkpointing", False):
+        disable = ("activation_checkpointing_disable" if hasattr(model, "activation_checkpointing_disable")
+                   else "gradient_checkpointing_disable")
+        return (" — Hugging Face gradient checkpointing is on: it recomputes activations during backward, which "
+                f"vmap cannot batch over chains; call model.{disable}() to use the batched path (it saves "
+                "memory, the gradients are the same)")
     if type(e).__name__ == "CheckpointError" or "torch.utils.checkpoint" in msg:
         return (" — the model recomputes part of its forward during backward (activation checkpointing, "
                 "torch.utils.checkpoint), which runs outside vmap; the loop recomputes it at each chain's "

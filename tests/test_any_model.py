@@ -459,6 +459,23 @@ def test_numpy_inputs_equal_tensors(dtype):
     assert isinstance(d.x["a"], torch.Tensor) and d.x["a"].dtype == F64
 
 
+
+def test_pandas_frames_equal_tensors():
+    """A pandas DataFrame / Series is read as its ``to_numpy()``; a frame with a text column is an
+    error that names it (before: "x must be a torch.Tensor (or a NumPy array), got DataFrame")."""
+    pd = pytest.importorskip("pandas")
+    X, Y = _data()
+    model = _plain_model()
+    ref = slt.estimate_llc(model, (X, Y), F.mse_loss, **KW)
+    r = slt.estimate_llc(model, (pd.DataFrame(X.numpy()), pd.DataFrame(Y.numpy())), F.mse_loss, **KW)
+    assert torch.equal(r.loss_trace, ref.loss_trace)
+    labels = pd.Series(np.arange(200) % 4)
+    cls = slt.estimate_llc(nn.Linear(3, 4).to(F64), (pd.DataFrame(X.numpy()), labels), F.cross_entropy, **KW)
+    assert math.isfinite(cls.llc_mean)
+    mixed = pd.DataFrame({"a": X[:, 0].numpy(), "name": ["s"] * 200})
+    with pytest.raises(ValueError, match=r"x is a pandas DataFrame \(as to_numpy\(\)\) of dtype object.*numeric columns"):
+        slt.estimate_llc(model, (mixed, Y), F.mse_loss, **KW)
+
 class Checkpointed(nn.Module):
     """A hidden layer under activation checkpointing (torch.utils.checkpoint, non-reentrant): its
     activations are recomputed during backward."""
@@ -1126,3 +1143,35 @@ def test_torch_transformer_layers_in_eval_mode_run_batched():
     assert v.config["path"] == "vmap"
     torch.testing.assert_close(v.loss_trace, loop.loss_trace, rtol=1e-10, atol=0)
     assert torch.backends.mha.get_fastpath_enabled()  # restored for the user's own code
+
+
+# ----------------------------------------------------------------------------
+# warnings the user's model raises
+# ----------------------------------------------------------------------------
+class Chatty(nn.Module):
+    """Warns at every forward, as a model on vmap's slow fallback does (PyTorch's "There is a
+    performance drop because we have not yet implemented the batching rule" for ``weight_norm``)."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin, self.out = nn.Linear(3, 4), nn.Linear(4, 2)
+
+    def forward(self, x):
+        warnings.warn("chatty model: a note from forward", UserWarning)
+        return self.out(torch.tanh(self.lin(x)))
+
+
+@pytest.mark.parametrize("vectorize", ["vmap", "loop"])
+def test_a_warning_from_the_models_forward_is_shown_once_not_at_every_step(vectorize):
+    """Python shows a warning once per code location, unless its filters change: a
+    ``warnings.catch_warnings`` entered at every step (once around each backward) reset that memory, and
+    a warning from the user's forward was printed at every step (305 times on vmap, 1810 in the loop
+    for 4 chains x 150 steps; a weight-normed model printed vmap's fallback note 3512 times).  The set-up
+    phases (loss checks, step-size choice) may each show it once more; the steps do not."""
+    X, Y = _data()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("default")
+        slt.estimate_llc(Chatty().double(), (X, Y), F.mse_loss, vectorize=vectorize,
+                         **{**KW, "num_draws": 100, "num_burnin": 50})
+    shown = sum("chatty model" in str(w.message) for w in caught)
+    assert 1 <= shown <= 5, f"the model's warning was shown {shown} times over {3 * 150} chain-steps"

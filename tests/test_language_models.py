@@ -411,6 +411,23 @@ def test_an_encoder_that_branches_on_its_mask_falls_back_and_says_why(monkeypatc
 
 
 @pytest.mark.filterwarnings("ignore:.*slt.estimate_llc \\(checkpoint:RuntimeWarning")
+@pytest.mark.filterwarnings("ignore::FutureWarning")  # transformers 5: gradient_checkpointing_enable renamed
+def test_gradient_checkpointing_falls_back_and_names_the_switch():
+    """Hugging Face gradient checkpointing recomputes activations in backward (reentrant
+    ``torch.utils.checkpoint``), which fails under vmap with "requires_grad_() ... inside of a function
+    being transformed by a functorch transform": the loop runs it (same gradients) and the warning names
+    the switch that gives the batched path back."""
+    model = _gpt2().eval()
+    model.gradient_checkpointing_enable()
+    data = pattern_data()
+    with pytest.warns(RuntimeWarning, match=r"gradient checkpointing is on: .*call model\.\w+_checkpointing_disable"
+                                            r"\(\) to use the batched path.*falling back to a sequential loop"):
+        r = slt.estimate_llc(model, data, causal_lm, **{**LLC_KW, "num_draws": 5})
+    assert r.diagnostics["path"] == "loop" and math.isfinite(r.llc_mean)
+    assert model.is_gradient_checkpointing  # left as the user set it
+
+
+@pytest.mark.filterwarnings("ignore:.*slt.estimate_llc \\(checkpoint:RuntimeWarning")
 def test_hugging_face_dataset_and_loader_of_dicts():
     datasets = pytest.importorskip("datasets")
     data = pattern_data()

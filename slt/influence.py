@@ -81,6 +81,7 @@ from ._runtime import autograd_allowed, user_stacklevel
 from ._checks import check_int
 from .defaults import LLC
 from .data import Data, _map, _plain, as_source, row_numel
+from .evaluator import _vmap_attention
 from .losses import _logits, _tokens_and_mask
 from .result import LLCResult
 
@@ -402,7 +403,8 @@ def _apply(ev: Any, flat: Tensor, x: Any, y: Any, fn: Callable) -> Tensor:
         def one(p: Tensor) -> Tensor:
             return fn(ev.call({**ev.spec.unflatten(p), **buffers}, x), y)
 
-        return torch.vmap(one)(flat)
+        with _vmap_attention(ev.hf_eager):  # batched attention and masks, as the evaluator's own vmap
+            return torch.vmap(one)(flat)
     return torch.stack([fn(ev.call({**ev.spec.unflatten(flat[c]), **buffers}, x), y)
                         for c in range(R)])
 
@@ -490,6 +492,21 @@ def _setup(caller: str, model: Any, data: Any, loss_fn: Any, kwargs: dict, per_s
     return target, samp, C, target.G * C, fn
 
 
+def _own_per_sample(target: Any) -> Callable | None:
+    r"""With ``loss_fn`` omitted, the model's own loss (a Hugging Face ``output.loss``: one number per batch,
+    :func:`slt.losses.model_loss`) has no per-sample lift; its per-sample form that the control variate
+    looks up (:attr:`slt.target.Target.own_per_sample`: for a causal LM, the mean next-token cross-entropy
+    over the sequence's labelled tokens) is each sample's loss :math:`\ell_i`.  ``None`` otherwise."""
+    if target.adapter.per_sample_error is None:
+        return None
+    target.star_losses  # noqa: B018 - the set-up that finds the form
+    return target.own_per_sample
+
+
+def _first_line(doc: str | None) -> str:
+    return (doc or "").strip().splitlines()[0].rstrip(".") if doc else ""
+
+
 def _run(target: Any, acc: OnlineCovariance, draw: Callable[[Tensor], None], samp: dict) -> Any:
     """Sample ``target`` with ``draw(params)`` at every draw; the statistics restart with every repeat of
     the run (the engine halves the step of diverging groups and runs again)."""
@@ -555,6 +572,8 @@ def _covariances(caller: str, model: Any, data: Any, loss_fn: Any, *, query: Any
     if query is not None and obs:
         raise ValueError(f"{caller}: pass query (per-sample losses of another set) or observables, not both")
     target, samp, C, R, fn = _setup(caller, model, data, loss_fn, kwargs, per_sample_loss, per_token)
+    own = _own_per_sample(target) if fn is None else None
+    fn = own or fn
     rows_losses = _Losses(target, target.source, fn, per_token, sum_tokens, R, "data")
     same = (query is None and not obs) or query is data
     cols_losses = None
@@ -584,6 +603,8 @@ def _covariances(caller: str, model: Any, data: Any, loss_fn: Any, *, query: Any
     llcs = run.results()
     config = {"kind": kind, "normalize": normalize, "per_token": per_token, "sum_tokens": sum_tokens,
               "query": "data" if same else "observables" if obs else "query", **run.config}
+    if own is not None:
+        config["per_sample_loss"] = f"the model's own loss per sample ({own.__name__}: {_first_line(own.__doc__)})"
     row_shape = rows_losses.shape
     col_shape = row_shape if same else cols_losses.shape if cols_losses is not None else (len(col_labels),)
     out = []
@@ -655,7 +676,10 @@ def bif(
     ----------
     model, data, loss_fn
         As for :func:`slt.estimate_llc` (one data set in memory; ``loss_fn`` the mean loss, default
-        ``model.default_loss``).
+        ``model.default_loss``, else the loss the model returns: a Hugging Face model's ``output.loss``
+        when the batch has ``labels``, whose per-sample form found at set-up — for a causal LM the mean
+        next-token cross-entropy over each sequence's labelled tokens — is then each sample's
+        :math:`\ell_i`, named in ``config["per_sample_loss"]``).
     query
         A data set of the same kind as ``data``: columns are its per-sample losses.
     observables

@@ -130,6 +130,9 @@ class Target:
     #: ``(n,)`` how much each sample weighs in the loss's mean over a batch
     #: (:meth:`slt.losses.LossAdapter.counts`), or ``None``: all the same
     _star_counts: Tensor | None = field(default=None, repr=False)
+    #: the model's own loss (``loss_fn`` omitted): the per-sample form of it that the control variate looks
+    #: up (one of :data:`slt.losses.model_loss.per_sample_forms`), or ``None``
+    own_per_sample: Callable[[Any, Any], Tensor] | None = field(default=None, repr=False)
     issues: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     #: elements per sample of the inputs or outputs, whichever is larger (sizes the chunks of the
@@ -322,7 +325,7 @@ class Target:
                 continue
             fitted, counts, _ = self._fitted(star_ps)
             if fitted is not None:
-                self._star_counts = counts
+                self._star_counts, self.own_per_sample = counts, form
                 return fitted
         return None
 

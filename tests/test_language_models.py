@@ -284,6 +284,41 @@ def test_the_models_own_loss_is_the_default_and_followed_as_it_is():
         slt.estimate_llc(model, data, **kw)  # no labels: no loss in the output
 
 
+
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+def test_bif_with_the_models_own_loss_uses_its_per_sample_form(attn):
+    """``slt.bif(model, batch_with_labels)`` with loss_fn omitted (devinterp's ``model(**batch).loss``):
+    each sample's loss is the per-sample form of the model's own loss that the control variate looks
+    up — for a causal LM the mean next-token cross-entropy over the sequence's labelled tokens — and
+    the result equals passing that loss by hand as ``per_sample_loss`` (same chains).  Before, bif
+    refused the model's own loss."""
+    data = pattern_data()
+    model = _gpt2(attn).eval()
+    train_briefly(model, data)
+    labelled = {**data, "labels": data["input_ids"].masked_fill(data["attention_mask"] == 0, -100)}
+    labelled = {k: v[:24] for k, v in labelled.items()}
+
+    def by_hand(out, batch):  # Hugging Face's shifted cross-entropy, per sequence over its labelled tokens
+        labels = batch["labels"][..., 1:]
+        nll = F.cross_entropy(out.logits[..., :-1, :].flatten(0, -2), labels.clamp_min(0).flatten(),
+                              reduction="none").view(labels.shape)
+        counted = (labels != -100).to(nll.dtype)
+        return (nll * counted).sum(-1) / counted.sum(-1).clamp_min(1)
+
+    kw = {**LLC_KW, "num_draws": 8, "dtype": F64}
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*(R-hat|below L|forward pass at w)")
+        own = slt.bif(model, labelled, **kw)
+        ref = slt.bif(model, labelled, lambda out, _: out.loss, per_sample_loss=by_hand, **kw)
+    assert own.values.shape == (24, 24)
+    assert "the model's own loss per sample (_own_shifted_ce" in own.config["per_sample_loss"]
+    # the same chains; Hugging Face casts its logits to float32 for its own loss (the chains' loss),
+    # while both per-sample losses here are float64 of the same logits
+    torch.testing.assert_close(own.mean_rows, ref.mean_rows, rtol=0, atol=fp_tol(F64, scale=10, terms=T))
+    torch.testing.assert_close(own.values, ref.values, rtol=0,
+                               atol=fp_tol(F64, scale=float(ref.values.abs().max()) + 1e-3, terms=T))
+    assert bool((own.values.diagonal() < 0).all())  # -Var: a loss varies over the posterior
+
 @pytest.mark.parametrize("kind", ["masked_lm", "sequence_classification", "regression"])
 def test_the_own_loss_of_other_heads_is_looked_up_too(kind):
     """A BERT masked LM (labels unshifted, most -100), a sequence classifier and a regression head

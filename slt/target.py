@@ -1034,6 +1034,11 @@ def _fallback_hint(e: Exception, model: nn.Module, issues: list[str], eager_trie
         return (" — the model recomputes part of its forward during backward (activation checkpointing, "
                 "torch.utils.checkpoint), which runs outside vmap; the loop recomputes it at each chain's "
                 "parameters (same gradients, one chain at a time)")
+    sparse = [n for n, m in model.named_modules() if isinstance(m, (nn.Embedding, nn.EmbeddingBag)) and m.sparse]
+    if sparse and "sparse" in msg:
+        names = ", ".join(sparse[:3]) + (f" and {len(sparse) - 3} more" if len(sparse) > 3 else "")
+        return (f" — {names}: an embedding with sparse=True gives sparse gradients, which vmap cannot batch; set "
+                "its .sparse = False (the same values and gradients, dense) to use the batched path")
     attn = getattr(getattr(model, "config", None), "_attn_implementation", None)
     if "data-dependent control flow" in msg:
         if eager_tried:

@@ -1175,3 +1175,29 @@ def test_a_warning_from_the_models_forward_is_shown_once_not_at_every_step(vecto
                          **{**KW, "num_draws": 100, "num_burnin": 50})
     shown = sum("chatty model" in str(w.message) for w in caught)
     assert 1 <= shown <= 5, f"the model's warning was shown {shown} times over {3 * 150} chain-steps"
+
+
+class SparseEmbedding(nn.Module):
+    def __init__(self, sparse=True):
+        super().__init__()
+        self.emb, self.out = nn.Embedding(10, 3, sparse=sparse), nn.Linear(3, 2)
+
+    def forward(self, ids):
+        return self.out(self.emb(ids))
+
+
+def test_a_sparse_embedding_runs_in_the_loop_and_the_warning_names_the_switch():
+    """``nn.Embedding(sparse=True)`` gives sparse gradients: vmap fails ("reshape is not implemented for
+    sparse tensors"), the loop gives the dense model's chains exactly, and the warning names the module and
+    the switch (``.sparse = False``) that gives the batched path back."""
+    ids = torch.randint(0, 10, (200,), generator=torch.Generator().manual_seed(0))
+    Y = torch.randn(200, 2, generator=torch.Generator().manual_seed(1), dtype=F64)
+    sparse = SparseEmbedding().to(F64)
+    dense = SparseEmbedding(sparse=False).to(F64)
+    dense.load_state_dict(sparse.state_dict())
+    with pytest.warns(RuntimeWarning, match=r"the vmap path failed .* emb: an embedding with sparse=True gives "
+                                            r"sparse gradients.*set its \.sparse = False"):
+        r = slt.estimate_llc(sparse, (ids, Y), F.mse_loss, **KW)
+    assert r.diagnostics["path"] == "loop"
+    ref = slt.estimate_llc(dense, (ids, Y), F.mse_loss, **{**KW, "vectorize": "loop"})
+    torch.testing.assert_close(r.loss_trace, ref.loss_trace, rtol=0, atol=0)

@@ -301,11 +301,12 @@ def estimate_llc(
         :class:`LLCEstimationError` naming the cause and a step size that ran
         from ``w*`` without divergence (default); ``False`` returns NaN for it.
     extend_draws
-        ``True`` (default): when the run's only unsettled finding is R-hat > 1.1 — the chains are
-        stationary (no drift of λ̂ through the draws, stable when ε halves, not diffusing freely, not
-        "barely moved") but have not yet mixed — they are continued from where they are, on the same
-        random streams (the draws of one longer run), the draws doubled each
-        time, until R-hat ≤ 1.1 in every such group or the extension's steps reach
+        ``True`` (default): when the run's only unsettled findings are R-hat > 1.1 or an effective
+        sample size under ``ESS_MIN`` = 100 — the chains are stationary (no drift of λ̂ through the
+        draws, stable when ε halves, not diffusing freely, not "barely moved") but have not yet mixed,
+        or not for long enough — they are continued from where they are, on the same random streams
+        (the draws of one longer run), the draws doubled each time, until R-hat ≤ 1.1 and ESS ≥ 100
+        in every such group or the extension's steps reach
         ``EXTENSION_BUDGET`` = 1 times the run's own (burn-in and draws): at most twice the run's
         cost, and no new burn-in.  Only runs of at least ``LOCALIZATION_MIN_DRAWS`` = 100 draws, and
         with the automatic γ only at its last level (earlier levels raise γ instead).  The draws
@@ -801,7 +802,7 @@ def _extend_while_unmixed(run: dict[str, Any], target: Any, rows: Tensor, extend
                           thin: int, G: int, C: int, observables: Any, on_draw: Any, thresh: float,
                           progress: bool | None) -> list[dict[str, Any]]:
     """Continue ``run`` (in place: its trace, final state, step count, heating and diffusion) while some
-    group's only unsettled finding is R-hat > 1.1, doubling the draws each time within the budget of
+    group's only unsettled findings are R-hat > 1.1 or too few effective draws (:func:`_unmixed`), doubling the draws each time within the budget of
     ``extend_draws`` (see :func:`estimate_llc`).  Returns one record per extension: ``{"from", "to"
     (draws), "rhat" (the groups' worst R-hat before it), "seconds"}``."""
     if extend_draws is False or num_draws < LOCALIZATION_MIN_DRAWS or run.get("final") is None:
@@ -872,13 +873,14 @@ def _direct_halving(trace: Trace, half: Trace, nbeta: float, G: int, C: int) -> 
 
 
 def _unmixed(run: Mapping[str, Any], target: Any, G: int, C: int, thin: int) -> float | None:
-    """The largest R-hat over the groups whose only finding (:func:`_findings`) is R-hat > 1.1 — not,
-    e.g., chains that barely moved, whose R-hat more draws at the same step would not cure — or
-    ``None`` when there is none."""
+    """The largest R-hat over the groups whose only findings (:func:`_findings`) are R-hat > 1.1 or an
+    effective sample size under :data:`slt.defaults.ESS_MIN` — what more draws cure, not, e.g., chains
+    that barely moved, whose R-hat more draws at the same step would not cure — or ``None`` when there
+    is none."""
     halved = _halved_estimates(run["trace"], run["eps"], target.nbeta, run["num_burnin"], run["num_steps"])
     found = _findings(run["trace"], target.nbeta, G, C, halved, diffusion=run["diffusion"],
                       times=_draw_times(run["trace"], run["num_burnin"], thin))
-    rhats = [r for r, kinds in found.values() if {kind for kind, _ in kinds} == {"rhat"}]
+    rhats = [r for r, kinds in found.values() if {kind for kind, _ in kinds} <= {"rhat", "ess"}]
     return max(rhats) if rhats else None
 
 

@@ -41,6 +41,7 @@ import torch
 from .data import Batch, Columns, Data, LoaderSource, _map, _plain, num_rows
 from .losses import LossAdapter, candidate_means, count_weighted_mean
 from .params import ParamSpec
+from ._rnn import CELL_CLASSES, RECURRENT_CLASSES, cell_forward, recurrent_forward
 
 __all__ = ["ChainEvaluator", "choose_path", "PATH_REASONS", "validate_model_and_loss", "check_gradients_reach", "probe_batch", "to_device",
            "call_module", "module_aliases", "describe", "resolve_autocast", "AUTOCAST_DTYPES",
@@ -193,22 +194,33 @@ FUSED_FORWARDS = {
 }
 #: set to ``0`` to run every module's own ``forward`` (no fused activations)
 FUSE_ENV = "SLT_FUSE_ACTIVATIONS"
+#: Recurrent layers whose fused kernels have no vmap batching rule, with the forward slt calls instead:
+#: the recurrence in plain operations when the call is vmapped, the module's own forward otherwise
+#: (:mod:`slt._rnn`).  Not switched off by :data:`FUSE_ENV` (without it such a model cannot be vmapped).
+BATCHABLE_FORWARDS = {**{name: recurrent_forward for name in RECURRENT_CLASSES},
+                      **{name: cell_forward for name in CELL_CLASSES}}
 
 
 def fused_activations(model: nn.Module) -> dict[str, nn.Module]:
-    """The modules of ``model`` (by name) that slt calls with a fused forward (:data:`FUSED_FORWARDS`):
-    instances of exactly those classes that carry no ``forward`` of their own.  Empty when the
-    environment sets ``SLT_FUSE_ACTIVATIONS=0``."""
-    if os.environ.get(FUSE_ENV, "1").strip().lower() in ("0", "false", "no", "off"):
-        return {}
+    """The modules of ``model`` (by name) that slt calls with a forward of its own: a fused activation
+    (:data:`FUSED_FORWARDS`, none when the environment sets ``SLT_FUSE_ACTIVATIONS=0``) or a recurrent
+    layer that vmap can batch (:data:`BATCHABLE_FORWARDS`) — instances of exactly those classes that
+    carry no ``forward`` of their own."""
+    fuse = os.environ.get(FUSE_ENV, "1").strip().lower() not in ("0", "false", "no", "off")
     return {name: m for name, m in model.named_modules()
-            if _fused_forward(m) is not None and "forward" not in vars(m)}
+            if "forward" not in vars(m) and (_fused_forward(m) is not None if fuse else _qualname(m) in BATCHABLE_FORWARDS)}
+
+
+def _qualname(m: nn.Module) -> str:
+    cls = type(m)
+    return f"{cls.__module__}.{cls.__qualname__}"
 
 
 def _fused_forward(m: nn.Module) -> Any:
-    """The fused forward :data:`FUSED_FORWARDS` lists for ``m``'s exact class, or ``None``."""
-    cls = type(m)
-    return FUSED_FORWARDS.get(f"{cls.__module__}.{cls.__qualname__}")
+    """The forward :data:`FUSED_FORWARDS` or :data:`BATCHABLE_FORWARDS` lists for ``m``'s exact class, or
+    ``None``."""
+    name = _qualname(m)
+    return FUSED_FORWARDS.get(name) or BATCHABLE_FORWARDS.get(name)
 
 
 def fused_summary(modules: Mapping[str, nn.Module]) -> dict[str, int]:

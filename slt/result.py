@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .defaults import RELAXATION_TIMES
+from .defaults import ESS_MIN, RELAXATION_TIMES
 from .diagnostics import CHANGE_FRACTION, changed, ess, llc_standard_error, rhat
 
 __all__ = ["LLCResult"]
@@ -226,7 +226,7 @@ class LLCResult:
     @property
     def converged(self) -> bool:
         """Whether no check failed (see :attr:`convergence_reasons`): every chain kept, R-hat within its
-        threshold, no drift of λ̂ through the draws, λ̂ stable when ε halves at the same number of steps (read
+        threshold, an effective sample size of at least :data:`slt.defaults.ESS_MIN`, no drift of λ̂ through the draws, λ̂ stable when ε halves at the same number of steps (read
         off the run's own trace: :func:`slt.diagnostics.halved_step_estimate`), MALA acceptance ≥ 0.5 where
         computed, w* a minimum (fewer than half the draws below it), and no problem of the model set-up
         (e.g. dropout active)."""
@@ -402,8 +402,9 @@ def equilibrium_checks(tr: Tensor, mala_mean: float | None = None, rhat_threshol
     Returns
     -------
     ``(rhat, drift, findings)``: drift as :func:`_drift` (``None`` under 3 chains or 8 draws) and
-    findings ``(kind, message)`` with kind ``"rhat"``, ``"rising"``, ``"barely_moved"``, ``"falling"``,
-    ``"halving"`` or ``"diffusing"``.  A drift counts when the change between the halves exceeds 2% of
+    findings ``(kind, message)`` with kind ``"rhat"``, ``"ess"`` (bulk effective sample size under
+    :data:`slt.defaults.ESS_MIN`), ``"rising"``, ``"barely_moved"``, ``"falling"``, ``"halving"`` or
+    ``"diffusing"``.  A drift counts when the change between the halves exceeds 2% of
     λ̂ and its z exceeds Student's t at the two-sided level of a normal 3σ (df = C − 1); so does the shortfall
     of ``halved`` below λ̂ (:func:`_halving_gap`; one-sided: steps of an adaptation phase run at
     larger ε, whose discretisation bias can only raise ``halved``).
@@ -414,6 +415,11 @@ def equilibrium_checks(tr: Tensor, mala_mean: float | None = None, rhat_threshol
     found: list[tuple[str, str]] = []
     if r == r and r > rhat_threshold:
         found.append(("rhat", f"R-hat {r:.3f} > {rhat_threshold:g}: chains disagree; run longer or check burn-in"))
+    e = ess(tr) if C > 1 else float("nan")
+    if e == e and e < ESS_MIN:
+        found.append(("ess", f"effective sample size {e:.0f} < {ESS_MIN:g} over the {C} chains' {tr.shape[1]} draws: "
+                             "too few independent draws for R-hat and λ̂'s standard error to be trusted; raise "
+                             "num_draws (or num_steps_bw_draws)"))
     drift = _drift(tr) if C >= 3 else None
     mean = float(tr.double().mean(1).mean()) if C else float("nan")
     if drift is not None:

@@ -71,7 +71,9 @@ def test_an_unsettled_run_is_repeated_at_ten_times_the_localization_and_equals_t
     m, X, Y = _regression()
     calls = _first_level_unsettled(monkeypatch)
     auto = slt.estimate_llc(m, (X, Y), F.mse_loss, nbeta=200.0, **KW)
-    assert auto.localization == 10.0 and len(calls) == 2
+    # one verdict per level, and one more after the final level's draws were extended (too few effective
+    # draws at 100: extend_draws continues the run, then judges it again)
+    assert auto.localization == 10.0 and len(calls) == 2 + bool(auto.config["draw_extensions"])
     esc = auto.config["localization_escalations"]
     assert [e["localization"] for e in esc] == [1.0] and "forced" in esc[0]["reasons"][0]
     assert auto.config["localization_auto"] is True and auto.converged, auto.convergence_reasons

@@ -60,14 +60,21 @@ def _is_glob(path: str) -> bool:
 
 
 def checkpoint_files(pattern: str) -> list[str]:
-    """The files a glob pattern matches, in natural order (``step_200.pt`` before ``step_1000.pt``)."""
+    """The files a glob pattern matches, and the Hugging Face checkpoint directories (``checkpoint-500/``
+    with a ``model.safetensors``, ``pytorch_model.bin`` or a sharded index), in natural order
+    (``step_200.pt`` before ``step_1000.pt``)."""
     import glob
     import re
 
     def key(path: str) -> list[Any]:
         return [(0, int(t), "") if t.isdigit() else (1, 0, t) for t in re.split(r"(\d+)", path)]
 
-    return sorted((f for f in glob.glob(str(pattern)) if Path(f).is_file()), key=key)
+    from slt.target import HF_WEIGHT_FILES, HF_WEIGHT_INDEXES
+
+    def weights(f: str) -> bool:
+        return Path(f).is_file() or any((Path(f) / w).is_file() for w in HF_WEIGHT_FILES + HF_WEIGHT_INDEXES)
+
+    return sorted((f for f in glob.glob(str(pattern)) if weights(f)), key=key)
 
 
 def _accepts(target: str, name: str) -> bool:

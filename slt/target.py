@@ -709,11 +709,23 @@ def _check_module(m: Any, what: str) -> None:
             "(model(x)), before estimating")
 
 
+#: the weight files a Hugging Face checkpoint directory (``save_pretrained``, a ``Trainer``'s
+#: ``checkpoint-500/``) holds, in the order they are looked for; a sharded one has an index instead
+HF_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+HF_WEIGHT_INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
+
+
 def _loaded(ck: Any, k: int) -> Any:
-    """A checkpoint given as a file path (``str`` or ``os.PathLike``): what ``torch.load`` reads from it
-    with ``weights_only=True`` (tensors and containers, onto the CPU); anything else as it is."""
+    """A checkpoint given as a path (``str`` or ``os.PathLike``): a file — ``.safetensors`` read with
+    ``safetensors.torch.load_file``, any other with ``torch.load(..., weights_only=True)`` (tensors and
+    containers, onto the CPU) — or a Hugging Face checkpoint directory (:func:`_directory_state`);
+    anything else as it is."""
     if not isinstance(ck, (str, os.PathLike)):
         return ck
+    if os.path.isdir(ck):
+        return _directory_state(str(ck), k)
+    if str(ck).endswith(".safetensors"):
+        return _safetensors(str(ck), k)
     try:
         return torch.load(ck, map_location="cpu", weights_only=True)
     except FileNotFoundError:
@@ -726,10 +738,50 @@ def _loaded(ck: Any, k: int) -> Any:
             "trust); pass the module or its state_dict()") from e
 
 
+def _safetensors(path: str, k: int) -> dict[str, Tensor]:
+    try:
+        from safetensors.torch import load_file
+    except ImportError:
+        raise ImportError(f"checkpoint {k} ({path!r}) is a .safetensors file: pip install safetensors") from None
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"checkpoint {k}: no such file {path!r}")
+    return load_file(path, device="cpu")
+
+
+def _directory_state(path: str, k: int) -> dict[str, Any]:
+    """The state dict in a Hugging Face checkpoint directory: its ``model.safetensors`` or
+    ``pytorch_model.bin``, or the shards its index lists (``*.index.json``, ``"weight_map"``), merged."""
+    import json
+
+    for name in HF_WEIGHT_FILES:
+        f = os.path.join(path, name)
+        if os.path.isfile(f):
+            return _loaded(f, k)
+    for name in HF_WEIGHT_INDEXES:
+        f = os.path.join(path, name)
+        if os.path.isfile(f):
+            with open(f) as fh:
+                shards = sorted(set(json.load(fh).get("weight_map", {}).values()))
+            if not shards:
+                raise ValueError(f"checkpoint {k}: {f!r} lists no weight files (its 'weight_map' is empty)")
+            state: dict[str, Any] = {}
+            for shard in shards:
+                state.update(_loaded(os.path.join(path, shard), k))
+            return state
+    found = sorted(os.listdir(path))
+    raise FileNotFoundError(
+        f"checkpoint {k}: the directory {path!r} holds none of {', '.join(HF_WEIGHT_FILES + HF_WEIGHT_INDEXES)} "
+        f"(a Hugging Face checkpoint's weights); it has {', '.join(found[:8]) or 'no files'}"
+        f"{' …' if len(found) > 8 else ''}: pass the weight file itself")
+
+
 def checkpoint_state(model: nn.Module, checkpoint: Any, index: int = 0) -> Mapping[str, Any]:
     """The state dict of ``model`` 's parameters inside a checkpoint as researchers save them.
 
-    ``checkpoint`` is a state dict, a file path (read with ``torch.load(..., weights_only=True)``), a
+    ``checkpoint`` is a state dict, a file path (read with ``torch.load(..., weights_only=True)``, or
+    ``safetensors`` for a ``.safetensors`` file), a Hugging Face checkpoint directory (its
+    ``model.safetensors``, ``pytorch_model.bin`` or sharded weights: ``save_pretrained``, a ``Trainer``'s
+    ``checkpoint-500/``), a
     training checkpoint holding the state dict under one key (``{"model": ..., "optimizer": ...,
     "step": ...}``, Lightning's ``{"state_dict": ...}``), or a state dict saved under a key prefix
     (``"module."``, ``"_orig_mod."``, ``"model."``).  Errors name the checkpoint by ``index``."""

@@ -584,6 +584,45 @@ def test_checkpoint_files_and_training_checkpoints_load(tmp_path):
             slt.estimate_llc(model, (X, Y), F.mse_loss, state_dicts=[bad], **KW)
 
 
+
+def test_safetensors_files_and_hugging_face_checkpoint_directories_load(tmp_path):
+    """A ``.safetensors`` file, a Hugging Face checkpoint directory (``save_pretrained``, a Trainer's
+    ``checkpoint-500/``: ``model.safetensors`` or ``pytorch_model.bin``) and a sharded one (an index's
+    ``weight_map`` over several files) give the in-memory state dict's run exactly; a directory without
+    weights is named with what it holds."""
+    st = pytest.importorskip("safetensors.torch")
+    import json
+
+    X, Y = _data()
+    model = _plain_model()
+    sd = {k: v.contiguous() for k, v in model.state_dict().items()}
+    (ref,) = slt.estimate_llc(model, (X, Y), F.mse_loss, state_dicts=[sd], **KW)
+    st.save_file(sd, tmp_path / "weights.safetensors")
+    (tmp_path / "checkpoint-500").mkdir()
+    st.save_file(sd, tmp_path / "checkpoint-500" / "model.safetensors")
+    (tmp_path / "bin").mkdir()
+    torch.save(sd, tmp_path / "bin" / "pytorch_model.bin")
+    sharded = tmp_path / "sharded"
+    sharded.mkdir()
+    names = sorted(sd)
+    halves = {"model-00001-of-00002.safetensors": names[: len(names) // 2],
+              "model-00002-of-00002.safetensors": names[len(names) // 2:]}
+    for f, keys in halves.items():
+        st.save_file({k: sd[k] for k in keys}, sharded / f)
+    (sharded / "model.safetensors.index.json").write_text(
+        json.dumps({"weight_map": {k: f for f, keys in halves.items() for k in keys}}))
+    for ck in [tmp_path / "weights.safetensors", tmp_path / "checkpoint-500", str(tmp_path / "bin"), sharded]:
+        (run,) = slt.estimate_llc(model, (X, Y), F.mse_loss, state_dicts=[ck], **KW)
+        assert torch.equal(run.loss_trace, ref.loss_trace), ck
+        assert run.config["checkpoint_file"] == str(ck)
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "config.json").write_text("{}")
+    with pytest.raises(FileNotFoundError, match=r"checkpoint 0: the directory .*empty' holds none of "
+                                                r"model.safetensors, pytorch_model.bin.*it has config.json"):
+        slt.estimate_llc(model, (X, Y), F.mse_loss, state_dicts=[tmp_path / "empty"], **KW)
+    with pytest.raises(FileNotFoundError, match="checkpoint 0: no such file"):
+        slt.estimate_llc(model, (X, Y), F.mse_loss, state_dicts=[tmp_path / "missing.safetensors"], **KW)
+
 def test_a_dataset_of_several_inputs_names_the_mapping_form():
     """TensorDataset(A, B, Y) for forward(self, a, b) is read as (x, y, weights): the error says so and
     shows the mapping form, whether Y made invalid weights or the call lacked its second input."""

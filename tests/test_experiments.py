@@ -412,6 +412,21 @@ def test_llc_curve_over_checkpoint_files_in_one_call(tmp_path):
             llc._validate(_compose("llc", bad))
 
 
+
+def test_checkpoint_files_include_hugging_face_checkpoint_directories(tmp_path):
+    """A Trainer's ``out/checkpoint-*`` directories are checkpoints when they hold weights (natural
+    order); a directory without weights, or one holding only a config, is not."""
+    from experiments import llc
+
+    for step in (40, 5):
+        (tmp_path / f"checkpoint-{step}").mkdir()
+        (tmp_path / f"checkpoint-{step}" / "model.safetensors").write_bytes(b"")
+    (tmp_path / "checkpoint-7").mkdir()
+    (tmp_path / "checkpoint-7" / "config.json").write_text("{}")
+    (tmp_path / "checkpoint-9.pt").write_bytes(b"")
+    found = llc.checkpoint_files(str(tmp_path / "checkpoint-*"))
+    assert [Path(f).name for f in found] == ["checkpoint-5", "checkpoint-9.pt", "checkpoint-40"]
+
 def test_tms_skips_the_hessian_of_large_models(tmp_path):
     from experiments import tms
 

@@ -67,7 +67,8 @@ BATCH_SIZE_MAX = 4096
 #: With ``extend_draws=True``, the steps an extension of the draws may add, as a multiple of the steps the
 #: run had (burn-in and draws at the final γ): a run whose only unsettled findings are R-hat > 1.1 or an
 #: effective sample size under :data:`ESS_MIN` (chains stationary — no drift, stable when ε halves, not
-#: diffusing — but slow to mix) is continued, doubling its draws, until both pass or this budget is spent, so an extension costs at most this many times
+#: diffusing — but slow to mix) is continued, doubling its draws, until both pass or this budget is spent,
+#: so an extension costs at most this many times
 #: the run.  Measured on the README's tiny GPT-2 (n = 96 sequences, γ = 10, ε = 1.8e-4, 2789 burn-in
 #: steps): 200 draws gave R-hat 1.28, 1000 gave 1.15, and 200 draws 10 steps apart (2000 steps) 1.09.
 EXTENSION_BUDGET = 1.0

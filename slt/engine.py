@@ -802,7 +802,8 @@ def _extend_while_unmixed(run: dict[str, Any], target: Any, rows: Tensor, extend
                           thin: int, G: int, C: int, observables: Any, on_draw: Any, thresh: float,
                           progress: bool | None) -> list[dict[str, Any]]:
     """Continue ``run`` (in place: its trace, final state, step count, heating and diffusion) while some
-    group's only unsettled findings are R-hat > 1.1 or too few effective draws (:func:`_unmixed`), doubling the draws each time within the budget of
+    group's only unsettled findings are R-hat > 1.1 or too few effective draws (:func:`_unmixed`), doubling
+    the draws each time within the budget of
     ``extend_draws`` (see :func:`estimate_llc`).  Returns one record per extension: ``{"from", "to"
     (draws), "rhat" (the groups' worst R-hat before it), "seconds"}``."""
     if extend_draws is False or num_draws < LOCALIZATION_MIN_DRAWS or run.get("final") is None:

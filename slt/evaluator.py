@@ -208,7 +208,8 @@ def fused_activations(model: nn.Module) -> dict[str, nn.Module]:
     carry no ``forward`` of their own."""
     fuse = os.environ.get(FUSE_ENV, "1").strip().lower() not in ("0", "false", "no", "off")
     return {name: m for name, m in model.named_modules()
-            if "forward" not in vars(m) and (_fused_forward(m) is not None if fuse else _qualname(m) in BATCHABLE_FORWARDS)}
+            if "forward" not in vars(m)
+            and (_fused_forward(m) is not None if fuse else _qualname(m) in BATCHABLE_FORWARDS)}
 
 
 def _qualname(m: nn.Module) -> str:

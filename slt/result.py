@@ -226,7 +226,8 @@ class LLCResult:
     @property
     def converged(self) -> bool:
         """Whether no check failed (see :attr:`convergence_reasons`): every chain kept, R-hat within its
-        threshold, an effective sample size of at least :data:`slt.defaults.ESS_MIN`, no drift of λ̂ through the draws, λ̂ stable when ε halves at the same number of steps (read
+        threshold, an effective sample size of at least :data:`slt.defaults.ESS_MIN`, no drift of λ̂ through the
+        draws, λ̂ stable when ε halves at the same number of steps (read
         off the run's own trace: :func:`slt.diagnostics.halved_step_estimate`), MALA acceptance ≥ 0.5 where
         computed, w* a minimum (fewer than half the draws below it), and no problem of the model set-up
         (e.g. dropout active)."""

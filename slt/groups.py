@@ -132,8 +132,10 @@ class Groups:
 
 
 def _is_dataset(v: Any) -> bool:
-    """A value that is a whole dataset (not a column of one)."""
-    return isinstance(v, (Data, Dataset, DataLoader, tuple, list)) or type(v).__name__ == "Dataset"
+    """A value that is a whole dataset (not a column of one): a column is a tensor or an array, so a
+    mapping is one dataset's columns (a tokenizer's batch ``{"input_ids": ..., "labels": ...}``)."""
+    return (isinstance(v, (Data, Dataset, DataLoader, tuple, list, Mapping))
+            or type(v).__name__ in ("Dataset", "BatchEncoding"))
 
 
 def split_data(data: Any) -> tuple[list[str], list[Any]] | None:
@@ -141,7 +143,8 @@ def split_data(data: Any) -> tuple[list[str], list[Any]] | None:
     else ``None``.
 
     A mapping whose values are all datasets — tuples ``(X, Y)``, :class:`slt.Data`, torch or
-    Hugging Face ``Dataset`` s — is a mapping of distributions; a mapping whose values are tensors or
+    Hugging Face ``Dataset`` s, mappings of columns (``{"input_ids": ..., "labels": ...}``) — is a mapping
+    of distributions; a mapping whose values are tensors or
     arrays is one dataset's columns (``model(**batch)``).  A mixture is an error."""
     if not isinstance(data, Mapping) or not data:
         return None
@@ -152,8 +155,8 @@ def split_data(data: Any) -> tuple[list[str], list[Any]] | None:
         bad = [k for k, ok in zip(data, kinds) if not ok]
         raise ValueError(
             f"data mixes datasets and columns (keys {bad} are not datasets): a data-refined mapping is "
-            "{label: dataset}, each dataset a tuple (X, Y), slt.Data or Dataset; a mapping of tensors is "
-            "one dataset's columns"
+            "{label: dataset}, each dataset a tuple (X, Y), a mapping of columns, slt.Data or Dataset; a "
+            "mapping of tensors is one dataset's columns"
         )
     labels = list(data)
     if not all(isinstance(k, str) for k in labels):

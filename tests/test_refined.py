@@ -121,6 +121,32 @@ def test_data_refined_full_batch_matches_separate_calls(net):
         torch.testing.assert_close(r[lab].loss_trace, s.loss_trace, rtol=1e-3, atol=1e-4)
 
 
+
+def test_data_refined_distributions_given_as_mappings_of_columns(net):
+    """``{label: {"x": ..., "y": ...}}`` (each distribution a batch mapping, as a tokenizer returns it) is
+    a data-refined run — the same as each mapping wrapped in ``slt.Data``; before, the inner mappings were
+    read as columns of one dataset ("x['first'] must be a torch.Tensor")."""
+    m, X, Y = net
+
+    def loss(out, batch):
+        return F.cross_entropy(out, batch["y"])
+
+    class Named(nn.Module):  # the model called as model(**batch): keyword x, the label column ignored
+        def __init__(self):
+            super().__init__()
+            self.net = m
+
+        def forward(self, x, y=None):
+            return self.net(x)
+
+    parts = {"first": {"x": X[:128], "y": Y[:128]}, "second": {"x": X[128:], "y": Y[128:]}}
+    kw = dict(nbeta=40.0, batch_size=32, step_size=1e-3, seed=5, **KW)
+    r = slt.estimate_llc(Named(), parts, loss, **kw)
+    ref = slt.estimate_llc(Named(), {k: slt.Data(v) for k, v in parts.items()}, loss, **kw)
+    assert list(r) == ["first", "second"]
+    for lab in parts:
+        assert torch.equal(r[lab].loss_trace, ref[lab].loss_trace)
+
 def test_refinement_errors(net):
     m, X, Y = net
     with pytest.raises(ValueError, match="different sizes"):

@@ -68,25 +68,25 @@ _IS_BATCHED = getattr(getattr(torch._C, "_functorch", None), "is_batchedtensor",
 
 #: PyTorch's one-per-process note "grad and param do not obey the gradient layout contract" (a
 #: ``TORCH_WARN_ONCE``): a strided slot of a ``(C, d)`` row as the gradient of a strided leaf is what
-#: slt means, so the note is caught (once) and not shown.  [True] once it has been caught.
+#: slt means, so the first backward into strided slots catches it and it is not shown.  [True] after
+#: that backward (the note was caught there or had been raised before; at worst it shows once later).
 _LAYOUT_NOTE = [False]
 _LAYOUT_MESSAGE = "grad and param do not obey the gradient layout contract"
 
 
 def _backward_without_layout_note(loss: Tensor, inputs: list[Tensor]) -> None:
     """``torch.autograd.backward`` with PyTorch's gradient-layout note caught; any other warning is
-    shown as it was raised.  Once the note has been caught (PyTorch raises it once per process), the
-    caller calls backward directly: entering ``warnings.catch_warnings`` on every step would reset
-    Python's once-per-location registry, and a warning the user's model raises in forward (e.g. vmap's
+    shown as it was raised.  After this first backward into strided slots (PyTorch raises the note at
+    most once per process), the caller calls backward directly: entering ``warnings.catch_warnings`` on
+    every step would reset Python's once-per-location registry, and a warning the user's model raises in forward (e.g. vmap's
     "There is a performance drop because we have not yet implemented the batching rule") would then
     be printed at every step instead of once."""
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         torch.autograd.backward(loss, inputs=inputs)
+    _LAYOUT_NOTE[0] = True
     for w in caught:
-        if _LAYOUT_MESSAGE in str(w.message):
-            _LAYOUT_NOTE[0] = True
-        else:
+        if _LAYOUT_MESSAGE not in str(w.message):
             warnings.warn_explicit(w.message, w.category, w.filename, w.lineno, source=w.source)
 
 

@@ -1032,9 +1032,12 @@ def _names(names: list[str], limit: int = 4) -> str:
 
 
 def _same_values(a: Tensor, b: Tensor) -> bool:
-    """Equal shapes and values, NaN equal to NaN."""
-    if a.shape != b.shape or a.dtype != b.dtype:
+    """Equal shapes and values, NaN equal to NaN (sparse tensors, e.g. a graph's adjacency buffer, compared
+    densely: ``torch.equal`` has no sparse kernel)."""
+    if a.shape != b.shape or a.dtype != b.dtype or a.layout != b.layout:
         return False
+    if a.layout != torch.strided:
+        a, b = a.to_dense(), b.to_dense()
     if torch.equal(a, b):
         return True
     if not (a.is_floating_point() or a.is_complex()):

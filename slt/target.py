@@ -890,9 +890,15 @@ def _state_differences(template: nn.Module, ckpts: list[Any]) -> list[str]:
         state = {**dict(ck.named_parameters()), **dict(ck.named_buffers())} if isinstance(ck, nn.Module) else ck
         for name, ref in fixed.items():
             other = state.get(name)
-            if isinstance(other, Tensor) and not (other.shape == ref.shape and torch.equal(other.to(ref), ref)):
+            if isinstance(other, Tensor) and not (other.shape == ref.shape and torch.equal(_dense(other.to(ref)),
+                                                                                         _dense(ref))):
                 differ.add(name)
     return [name for name in fixed if name in differ]
+
+
+def _dense(t: Tensor) -> Tensor:
+    """``t``, or its dense copy when sparse (``torch.equal`` has no sparse kernel)."""
+    return t if t.layout == torch.strided else t.to_dense()
 
 
 def checkpoint_modules(model: Any, models: Sequence[Any] | None = None,

@@ -1240,3 +1240,45 @@ def test_a_sparse_embedding_runs_in_the_loop_and_the_warning_names_the_switch():
     assert r.diagnostics["path"] == "loop"
     ref = slt.estimate_llc(dense, (ids, Y), F.mse_loss, **{**KW, "vectorize": "loop"})
     torch.testing.assert_close(r.loss_trace, ref.loss_trace, rtol=0, atol=0)
+
+
+class SparseGraph(nn.Module):
+    """A graph convolution as users write it: the adjacency a sparse buffer, the node features fixed,
+    the input a tensor of node indices."""
+
+    def __init__(self, adjacency, feats):
+        super().__init__()
+        self.register_buffer("adj", adjacency)
+        self.feats = feats
+        self.lin, self.out = nn.Linear(feats.shape[1], 4), nn.Linear(4, 3)
+
+    def forward(self, idx):
+        h = torch.tanh(torch.sparse.mm(self.adj, self.lin(self.feats)))
+        return self.out(torch.sparse.mm(self.adj, h))[idx]
+
+
+def _graph(scale=1.0):
+    g = torch.Generator().manual_seed(0)
+    N, E = 30, 90
+    edges = torch.randint(0, N, (2, E), generator=g)
+    adj = torch.sparse_coo_tensor(edges, scale * torch.ones(E, dtype=F64), (N, N)).coalesce()
+    return adj, torch.randn(N, 5, generator=g, dtype=F64), torch.randint(0, 3, (N,), generator=g)
+
+
+def test_a_sparse_buffer_runs_batched_and_checkpoints_compare_it():
+    """A sparse buffer (a graph's adjacency) crashed the set-up's buffer check ("Could not run
+    'aten::equal' with arguments from the 'SparseCPU' backend") on every path; now vmap follows the
+    loop's chains, and checkpoints whose adjacency differs run one at a time with the note."""
+    adj, feats, labels = _graph()
+    model = SparseGraph(adj, feats).to(F64)
+    nodes = torch.arange(30)
+    vm = slt.estimate_llc(model, (nodes, labels), F.cross_entropy, vectorize="vmap", **KW)
+    lp = slt.estimate_llc(model, (nodes, labels), F.cross_entropy, vectorize="loop", **KW)
+    tol = fp_tol(F64, scale=float(lp.loss_trace.abs().max()) + 1.0, terms=30 * 25)
+    torch.testing.assert_close(vm.loss_trace, lp.loss_trace, rtol=0, atol=tol)
+    other = SparseGraph(_graph(scale=2.0)[0], feats).to(F64)
+    other.load_state_dict(model.state_dict() | {"adj": other.adj})
+    runs = slt.estimate_llc(None, (nodes, labels), F.cross_entropy, models=[model, other], **KW)
+    assert "differ in buffers or frozen parameters (adj)" in runs[0].config["setup_notes"][0]
+    # checkpoint 0 alone: seed + 0, the same chains (on the path "auto" measured: equal to rounding)
+    torch.testing.assert_close(runs[0].loss_trace, lp.loss_trace, rtol=0, atol=tol)

@@ -1092,6 +1092,10 @@ def _fallback_hint(e: Exception, model: nn.Module, issues: list[str], eager_trie
         return (" — the model recomputes part of its forward during backward (activation checkpointing, "
                 "torch.utils.checkpoint), which runs outside vmap; the loop recomputes it at each chain's "
                 "parameters (same gradients, one chain at a time)")
+    if any(f"aten::{op}" in msg for op in ("lstm", "gru", "rnn_tanh", "rnn_relu")):
+        return (" — a recurrent layer on packed sequences (nn.utils.rnn.PackedSequence) runs PyTorch's fused "
+                "kernel, which vmap cannot batch over chains (slt batches nn.LSTM/GRU/RNN on padded tensors): "
+                "pass padded sequences and read each one's output at its last valid step to use the batched path")
     sparse = [n for n, m in model.named_modules() if isinstance(m, (nn.Embedding, nn.EmbeddingBag)) and m.sparse]
     if sparse and "sparse" in msg:
         names = ", ".join(sparse[:3]) + (f" and {len(sparse) - 3} more" if len(sparse) > 3 else "")

@@ -151,3 +151,37 @@ def test_vmapped_cells_equal_the_modules_own_forward(cls, batched_input):
         want = functional_call(ref, {n: v[c] for n, v in params.items()}, (x, hx))
         _tree_close(tuple(g[c] for g in got) if isinstance(got, tuple) else got[c], want, tol)
     _tree_close(m(x, hx), ref(x, hx), 0.0)
+
+
+class Packed(nn.Module):
+    """Variable-length sequences packed inside forward (lengths in the last input column)."""
+
+    def __init__(self):
+        super().__init__()
+        self.rnn = nn.GRU(3, 4, batch_first=True)
+        self.head = nn.Linear(4, 1)
+
+    def forward(self, x):
+        lengths = x[:, 0, 3].long().cpu()
+        packed = nn.utils.rnn.pack_padded_sequence(x[..., :3], lengths, batch_first=True, enforce_sorted=False)
+        _, h = self.rnn(packed)
+        return self.head(h[-1]).squeeze(-1)
+
+
+def test_packed_sequences_run_in_the_loop_and_the_warning_says_why():
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(60, 5, 4, generator=g, dtype=F64)
+    X[:, :, 3] = torch.randint(2, 6, (60, 1), generator=g).to(F64)
+    Y = X[:, :, :3].sum((1, 2)) * 0.3
+    torch.manual_seed(0)
+    model = Packed().to(F64)
+    kw = dict(num_chains=2, num_draws=10, num_burnin=5, step_size=1e-4, nbeta=50.0, localization=10.0,
+              batch_size=16, dtype=F64, progress=False, seed=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        warnings.filterwarnings("error", message=".*path failed")
+        with pytest.raises(RuntimeWarning, match=r"aten::gru.*packed sequences \(nn.utils.rnn.PackedSequence\) "
+                                                 r"runs PyTorch's fused kernel.*pass padded sequences"):
+            slt.estimate_llc(model, (X, Y), F.mse_loss, **kw)
+    r = slt.estimate_llc(model, (X, Y), F.mse_loss, **{**kw, "vectorize": "loop"})
+    assert r.diagnostics["path"] == "loop" and torch.isfinite(r.loss_trace).all()

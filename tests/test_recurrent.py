@@ -183,5 +183,5 @@ def test_packed_sequences_run_in_the_loop_and_the_warning_says_why():
         with pytest.raises(RuntimeWarning, match=r"aten::gru.*packed sequences \(nn.utils.rnn.PackedSequence\) "
                                                  r"runs PyTorch's fused kernel.*pass padded sequences"):
             slt.estimate_llc(model, (X, Y), F.mse_loss, **kw)
-    r = slt.estimate_llc(model, (X, Y), F.mse_loss, **{**kw, "vectorize": "loop"})
+        r = slt.estimate_llc(model, (X, Y), F.mse_loss, **{**kw, "vectorize": "loop"})  # an untrained model
     assert r.diagnostics["path"] == "loop" and torch.isfinite(r.loss_trace).all()

@@ -345,7 +345,8 @@ def _validate_tensor(name: str, t: Any, n: int | None, ref: str = "x") -> int:
             f"forward(self, x1, x2)"
         )
     if not isinstance(t, Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor (or a NumPy array or pandas DataFrame), got {type(t).__name__}")
+        raise TypeError(f"{name} must be a torch.Tensor (or a NumPy array or pandas DataFrame), got "
+                        f"{type(t).__name__}")
     if t.ndim == 0:
         raise ValueError(f"{name} must have a leading sample dimension, got a 0-d tensor")
     if n is not None and t.shape[0] != n:

@@ -78,9 +78,9 @@ def _backward_without_layout_note(loss: Tensor, inputs: list[Tensor]) -> None:
     """``torch.autograd.backward`` with PyTorch's gradient-layout note caught; any other warning is
     shown as it was raised.  After this first backward into strided slots (PyTorch raises the note at
     most once per process), the caller calls backward directly: entering ``warnings.catch_warnings`` on
-    every step would reset Python's once-per-location registry, and a warning the user's model raises in forward (e.g. vmap's
-    "There is a performance drop because we have not yet implemented the batching rule") would then
-    be printed at every step instead of once."""
+    every step would reset Python's once-per-location registry, and a warning the user's model raises in
+    forward (e.g. vmap's "There is a performance drop because we have not yet implemented the batching
+    rule") would then be printed at every step instead of once."""
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         torch.autograd.backward(loss, inputs=inputs)

@@ -504,7 +504,7 @@ def _own_per_sample(target: Any) -> Callable | None:
 
 
 def _first_line(doc: str | None) -> str:
-    return (doc or "").strip().splitlines()[0].rstrip(".") if doc else ""
+    return doc.strip().splitlines()[0].rstrip(".") if doc and doc.strip() else ""
 
 
 def _run(target: Any, acc: OnlineCovariance, draw: Callable[[Tensor], None], samp: dict) -> Any:

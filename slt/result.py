@@ -418,9 +418,9 @@ def equilibrium_checks(tr: Tensor, mala_mean: float | None = None, rhat_threshol
         found.append(("rhat", f"R-hat {r:.3f} > {rhat_threshold:g}: chains disagree; run longer or check burn-in"))
     e = ess(tr) if C > 1 else float("nan")
     if e == e and e < ESS_MIN:
-        found.append(("ess", f"effective sample size {e:.0f} < {ESS_MIN:g} over the {C} chains' {tr.shape[1]} draws: "
-                             "too few independent draws for R-hat and λ̂'s standard error to be trusted; raise "
-                             "num_draws (or num_steps_bw_draws)"))
+        found.append(("ess", f"effective sample size {e:.0f} < {ESS_MIN:g} over the {C} chains' {tr.shape[1]} "
+                             "draws: too few independent draws for R-hat and λ̂'s standard error to be trusted; "
+                             "raise num_draws (or num_steps_bw_draws)"))
     drift = _drift(tr) if C >= 3 else None
     mean = float(tr.double().mean(1).mean()) if C else float("nan")
     if drift is not None:

@@ -473,7 +473,8 @@ def test_pandas_frames_equal_tensors():
     cls = slt.estimate_llc(nn.Linear(3, 4).to(F64), (pd.DataFrame(X.numpy()), labels), F.cross_entropy, **KW)
     assert math.isfinite(cls.llc_mean)
     mixed = pd.DataFrame({"a": X[:, 0].numpy(), "name": ["s"] * 200})
-    with pytest.raises(ValueError, match=r"x is a pandas DataFrame \(as to_numpy\(\)\) of dtype object.*numeric columns"):
+    with pytest.raises(ValueError, match=r"x is a pandas DataFrame \(as to_numpy\(\)\) of dtype object.*"
+                                         r"numeric columns"):
         slt.estimate_llc(model, (mixed, Y), F.mse_loss, **KW)
 
 class Checkpointed(nn.Module):

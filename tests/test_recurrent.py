@@ -23,7 +23,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 CASES = {
     "lstm": lambda: nn.LSTM(3, 5),
-    "lstm batch_first, 2 layers, bidirectional": lambda: nn.LSTM(3, 5, num_layers=2, bidirectional=True, batch_first=True),
+    "lstm batch_first, 2 layers, bidirectional": lambda: nn.LSTM(3, 5, num_layers=2, bidirectional=True,
+                                                                batch_first=True),
     "lstm proj_size, no bias": lambda: nn.LSTM(3, 5, proj_size=2, bias=False, batch_first=True),
     "gru 2 layers": lambda: nn.GRU(3, 4, num_layers=2, batch_first=True),
     "gru bidirectional": lambda: nn.GRU(3, 4, bidirectional=True),
@@ -141,7 +142,8 @@ def test_vmapped_cells_equal_the_modules_own_forward(cls, batched_input):
     m.forward = cell_forward.__get__(m)
     x = torch.randn(5, 3, dtype=F64) if batched_input else torch.randn(3, dtype=F64)
     shape = (5, 4) if batched_input else (4,)
-    hx = (torch.randn(shape, dtype=F64), torch.randn(shape, dtype=F64)) if cls is nn.LSTMCell else torch.randn(shape, dtype=F64)
+    h0 = torch.randn(shape, dtype=F64)
+    hx = (h0, torch.randn(shape, dtype=F64)) if cls is nn.LSTMCell else h0
     params = _stacked(ref, 3)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # no vmap fallback

@@ -5,11 +5,11 @@ default burn-in and draws (a direct check of "λ̂ stable when ε halves", which
 sampler is the one whose draws the default ``sampler="auto"`` returned (SGLD, or RMSProp-SGLD where SGLD
 did not settle).  The
 networks are written as users write them: a 2-layer ``nn.TransformerEncoder`` classifier (18k
-parameters) and a GRU classifier (2k parameters; vmap has no batching rule for GRU, so slt runs
-its loop over chains), each trained with Adam (3000 steps) on n = 1024 random token sequences whose
+parameters) and a GRU classifier (2k parameters; PyTorch's GRU kernel has no vmap batching rule, and
+slt runs its recurrence in plain operations under vmap, :mod:`slt._rnn`), each trained with Adam (3000 steps) on n = 1024 random token sequences whose
 label is the sum of the first 4 tokens mod 4; and ``mlp``, the 26k-parameter MLP 64-128-128-10 of
-``bench_generic.py`` (about 2 minutes).  Slow: the transformer and the GRU take 25–35 minutes each on
-2 cores (their default runs raise γ twice).
+``bench_generic.py`` (about 2 minutes).  Slow: the transformer takes about 16 minutes on 2 cores (its
+default run raises γ twice); the GRU about 3 (15 in the loop over chains, before 2026-12-05).
 
 Usage::
 
@@ -103,7 +103,11 @@ def main(names, sampler="auto"):
             first = first or r
             print(f"   {label}: {r.sampler}, λ̂ {r.llc_mean:.4g} ± {r.llc_sem:.2g}, R-hat {r.diagnostics['rhat']:.3f}, "
                   f"ε {r.step_size:.3g}, γ {r.localization:g}, burn-in {r.config['num_burnin']}, converged "
-                  f"{r.converged}, {time.perf_counter() - t:.0f} s", flush=True)
+                  f"{r.converged}, {time.perf_counter() - t:.0f} s, path {r.diagnostics.get('path')}", flush=True)
+            fb = r.config.get("sampler_fallback")
+            if fb:
+                print(f"      sampler fallback: {fb['from']} -> {fb['to']} at γ {fb['localization']:g}, settled "
+                      f"{fb['settled']}, {fb['seconds']:.0f} s", flush=True)
             for reason in r.convergence_reasons:
                 print(f"      {reason[:200]}", flush=True)
 

@@ -2,7 +2,8 @@
 
 Exact tier: the continuation is the same chains carried on from where they stopped (bit for bit the
 draws of one longer run on the full batch), the budget and the cap hold, and the decision reads the
-findings: R-hat above 1.1 as the only one extends, any other (λ̂ still rising) does not.
+findings: R-hat above 1.1 or too few effective draws as the only ones extend, any other (λ̂ still rising)
+does not.
 """
 
 from __future__ import annotations
@@ -104,3 +105,42 @@ def test_only_unmixed_stationary_chains_are_extended(shape, extends):
     assert (worst is not None) == extends
     if extends:
         assert worst > 1.1
+
+
+
+def _ar1(phi, C=4, T=400, seed=0):
+    """``(C, T)`` stationary AR(1) traces around 20 with unit marginal variance: autocorrelation time
+    (1 + φ)/(1 − φ), so the effective sample size is about C·T·(1 − φ)/(1 + φ)."""
+    g = torch.Generator().manual_seed(seed)
+    e = torch.randn(C, T, generator=g, dtype=F64) * (1 - phi ** 2) ** 0.5
+    x = torch.empty(C, T, dtype=F64)
+    x[:, 0] = torch.randn(C, generator=g, dtype=F64)
+    for t in range(1, T):
+        x[:, t] = phi * x[:, t - 1] + e[:, t]
+    return 20.0 + x
+
+
+@pytest.mark.parametrize("phi, short", [(0.0, False), (0.98, True)])
+def test_too_few_effective_draws_is_a_finding_that_extends_the_run(phi, short):
+    """Stationary chains that agree (R-hat near 1) but whose draws are strongly correlated (AR(1) with
+    φ = 0.98: about 1600 · 0.02/1.98 ≈ 16 effective draws of 1600) are a finding ``"ess"``, which more
+    draws cure, so the run is extended; independent draws (≈ 1600 effective) are none.  Before the ESS
+    floor such a run counted as converged on R-hat alone."""
+    from slt.defaults import ESS_MIN
+    from slt.result import equilibrium_checks
+
+    level = _ar1(phi)
+    r, _, found = equilibrium_checks(level)
+    kinds = {kind for kind, _ in found}
+    assert ("ess" in kinds) == short
+    assert kinds <= {"ess", "rhat"}  # no drift: stationary by construction
+    e = slt.diagnostics.ess(level)
+    assert (e < ESS_MIN) == short and (e < 60 if short else e > 1000)
+    target = type("T", (), {"nbeta": 1.0})()
+    run = {"trace": _trace(level), "eps": 1e-3, "num_burnin": 50, "num_steps": 450, "diffusion": None}
+    assert (engine._unmixed(run, target, 1, 4, 1) is not None) == short
+    res = slt.LLCResult.from_traces(level, torch.zeros_like(level), nbeta=1.0, init_loss=0.0, step_size=1e-3,
+                                    localization=1.0, sampler="sgld")
+    assert any("effective sample size" in m for m in res.convergence_reasons) == short
+    if "rhat" not in kinds:
+        assert res.converged == (not short)

@@ -120,12 +120,13 @@ def _ar1(phi, C=4, T=400, seed=0):
     return 20.0 + x
 
 
-@pytest.mark.parametrize("phi, short", [(0.0, False), (0.98, True)])
+@pytest.mark.parametrize("phi, short", [(0.0, False), (0.95, True)])
 def test_too_few_effective_draws_is_a_finding_that_extends_the_run(phi, short):
     """Stationary chains that agree (R-hat near 1) but whose draws are strongly correlated (AR(1) with
-    φ = 0.98: about 1600 · 0.02/1.98 ≈ 16 effective draws of 1600) are a finding ``"ess"``, which more
-    draws cure, so the run is extended; independent draws (≈ 1600 effective) are none.  Before the ESS
-    floor such a run counted as converged on R-hat alone."""
+    φ = 0.95: about 1600 · 0.05/1.95 ≈ 41 effective draws of 1600, under ESS_MIN = 100 by more than the
+    estimate's spread) are a finding ``"ess"``, which more draws cure, so the run is extended;
+    independent draws (≈ 1600 effective) are none.  Before the ESS floor such a run counted as converged
+    on R-hat alone."""
     from slt.defaults import ESS_MIN
     from slt.result import equilibrium_checks
 
@@ -135,7 +136,7 @@ def test_too_few_effective_draws_is_a_finding_that_extends_the_run(phi, short):
     assert ("ess" in kinds) == short
     assert kinds <= {"ess", "rhat"}  # no drift: stationary by construction
     e = slt.diagnostics.ess(level)
-    assert (e < ESS_MIN) == short and (e < 60 if short else e > 1000)
+    assert (e < ESS_MIN) == short and (e > 1000 or short)
     target = type("T", (), {"nbeta": 1.0})()
     run = {"trace": _trace(level), "eps": 1e-3, "num_burnin": 50, "num_steps": 450, "diffusion": None}
     assert (engine._unmixed(run, target, 1, 4, 1) is not None) == short

@@ -771,7 +771,10 @@ def per_sample_susceptibility(
     Parameters
     ----------
     model, data, loss_fn
-        As for :func:`slt.estimate_llc` (``data``: the sampling distribution, one data set in memory).
+        As for :func:`slt.estimate_llc` (``data``: the sampling distribution, one data set in memory).  With
+        the model's own loss (``loss_fn`` omitted; as :func:`bif`), a mean over the batch's labelled tokens,
+        :math:`L_n = \sum_i u_i\ell_i` with :math:`u_i` sample i's share of the labelled tokens: the weights
+        of weighted data.
     observables
         ``name -> f(params)`` returning ``(R,)`` or ``(R, k)``; the sampling loss :math:`L_n(w)` is always
         included as ``"loss"``: under ``restrict_to`` it is the component-localized observable of Baker
@@ -797,12 +800,18 @@ def per_sample_susceptibility(
         raise ValueError(f"{caller}: the observable name 'loss' is reserved for the sampling loss L_n")
     target, samp, C, R, fn = _setup(caller, model, data, loss_fn, kwargs, per_sample_loss, per_token)
     train = target.source
+    # the model's own loss (loss_fn omitted): its per-sample form gives ℓ_i and L_n
+    own = _own_per_sample(target)
     probe_data = train if probe is None else _check_data(caller, "probe", probe, target)
-    zs = _Losses(target, probe_data, fn, per_token, False, R, "probe" if probe is not None else "data")
+    zs = _Losses(target, probe_data, fn or own, per_token, False, R, "probe" if probe is not None else "data")
     # L_n: from the same losses when they are the training set's per-sample losses, else one more pass
     reuse = probe is None and not per_token and per_sample_loss is None
-    train_losses = None if reuse else _Losses(target, train, None, False, False, R, "data")
+    train_losses = None if reuse else _Losses(target, train, own, False, False, R, "data")
     wn = train.normalized_weights()
+    if own is not None and target._star_counts is not None:
+        # a mean over labelled tokens: sample i weighs u_i = (its labelled tokens) / (all of them) in L_n
+        counts = target._star_counts.double()
+        wn = (counts / counts.sum()).to(device=target.device, dtype=target.dtype)
 
     def sampling_loss(per_sample: Tensor) -> Tensor:
         return per_sample.mean(1) if wn is None else per_sample @ wn.to(per_sample)
@@ -862,6 +871,8 @@ def per_sample_susceptibility(
             star_losses=star[k].reshape(zs.shape), num_chains_used=len(good), restriction=labels["restriction"],
             llc=llcs[g], token_mask=zs.mask,
             config={"kind": "per_sample_susceptibility", "per_token": per_token,
-                    "probe": probe is not None, **run.config, **labels},
+                    "probe": probe is not None, **run.config, **labels,
+                    **({"per_sample_loss": f"the model's own loss per sample ({own.__name__}: "
+                                           f"{_first_line(own.__doc__)})"} if own is not None else {})},
         ))
     return target.arrange(out)

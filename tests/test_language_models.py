@@ -319,6 +319,31 @@ def test_bif_with_the_models_own_loss_uses_its_per_sample_form(attn):
                                atol=fp_tol(F64, scale=float(ref.values.abs().max()) + 1e-3, terms=T))
     assert bool((own.values.diagonal() < 0).all())  # -Var: a loss varies over the posterior
 
+
+def test_per_sample_susceptibility_with_the_models_own_loss():
+    """The model's own loss is a mean over the batch's labelled tokens: L_n = Σ_i u_i ℓ_i with u_i = (labelled
+    tokens of sequence i) / (all of them) and ℓ_i its own per-sample form.  The susceptibilities use those
+    weights (scale nβ u_i, as for weighted data) and that L_n (Baker's form then sums to 0 under u); before,
+    the model's own loss was refused."""
+    data = pattern_data()  # every third sequence right-padded: the counts differ
+    model = _gpt2().eval()
+    train_briefly(model, data)
+    labelled = {**data, "labels": data["input_ids"].masked_fill(data["attention_mask"] == 0, -100)}
+    labelled = {k: v[:24] for k, v in labelled.items()}
+    obs = {"wpe": lambda p: p["transformer.wpe.weight"].flatten(1).norm(dim=1)}
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*(R-hat|below L|effective sample size|diffuse|rising)")
+        res = slt.per_sample_susceptibility(model, labelled, observables=obs, **{**LLC_KW, "num_draws": 10,
+                                                                                 "dtype": F64})
+    counts = (labelled["labels"][:, 1:] != -100).sum(1).to(F64)
+    u = counts / counts.sum()
+    assert len(set(counts.tolist())) > 1
+    torch.testing.assert_close(res.scale, t_nbeta(res.llc) * u)
+    torch.testing.assert_close(u @ res.baker, torch.zeros(2, dtype=F64), rtol=0,
+                               atol=fp_tol(F64, scale=float(res.baker.abs().max()) + 1e-12, terms=24))
+    assert res.values.shape == (24, 2) and torch.isfinite(res.values).all()
+    assert "_own_shifted_ce" in res.config["per_sample_loss"]
+
 @pytest.mark.parametrize("kind", ["masked_lm", "sequence_classification", "regression"])
 def test_the_own_loss_of_other_heads_is_looked_up_too(kind):
     """A BERT masked LM (labels unshifted, most -100), a sequence classifier and a regression head

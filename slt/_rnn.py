@@ -33,9 +33,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ._runtime import is_batched
+
 __all__ = ["recurrent_forward", "cell_forward", "RECURRENT_CLASSES", "CELL_CLASSES"]
 
-_IS_BATCHED = getattr(getattr(torch._C, "_functorch", None), "is_batchedtensor", None)
 
 #: the classes :func:`recurrent_forward` serves, by their qualified names
 RECURRENT_CLASSES = ("torch.nn.modules.rnn.RNN", "torch.nn.modules.rnn.LSTM", "torch.nn.modules.rnn.GRU")
@@ -43,16 +44,12 @@ RECURRENT_CLASSES = ("torch.nn.modules.rnn.RNN", "torch.nn.modules.rnn.LSTM", "t
 CELL_CLASSES = ("torch.nn.modules.rnn.RNNCell", "torch.nn.modules.rnn.LSTMCell", "torch.nn.modules.rnn.GRUCell")
 
 
-def _batched(t: Any) -> bool:
-    return isinstance(t, Tensor) and _IS_BATCHED is not None and bool(_IS_BATCHED(t))
-
-
 def recurrent_forward(self: nn.RNNBase, input: Any, hx: Any = None) -> Any:
     """The forward of ``nn.RNN`` / ``nn.LSTM`` / ``nn.GRU`` that ``vmap`` can batch (module docstring);
     the module's own forward when nothing in the call is batched, or for a packed sequence."""
     weights = [getattr(self, n) for n in self._flat_weights_names]
     states = list(hx) if isinstance(hx, tuple) else [hx]
-    if isinstance(input, nn.utils.rnn.PackedSequence) or not any(map(_batched, [input, *states, *weights])):
+    if isinstance(input, nn.utils.rnn.PackedSequence) or not any(map(is_batched, [input, *states, *weights])):
         return type(self).forward(self, input, hx)
     return _unrolled(self, input, hx)
 
@@ -136,7 +133,7 @@ def cell_forward(self: nn.RNNCellBase, input: Tensor, hx: Any = None) -> Any:
     is vmapped (their ``aten::lstm_cell``, ``rnn_tanh_cell``, ... run once per chain under vmap, with a
     performance warning at every call); the module's own forward otherwise."""
     states = list(hx) if isinstance(hx, tuple) else [hx]
-    if not any(map(_batched, [input, *states, self.weight_ih, self.weight_hh])):
+    if not any(map(is_batched, [input, *states, self.weight_ih, self.weight_hh])):
         return type(self).forward(self, input, hx)
     lstm = isinstance(self, nn.LSTMCell)
     mode = "LSTM" if lstm else "GRU" if isinstance(self, nn.GRUCell) else "RNN"

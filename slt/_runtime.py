@@ -17,7 +17,7 @@ from typing import Any, Iterator
 
 import torch
 
-__all__ = ["autograd_allowed", "user_stacklevel", "resolve_device", "intra_op_threads", "retained_heap",
+__all__ = ["autograd_allowed", "user_stacklevel", "resolve_device", "intra_op_threads", "retained_heap", "is_batched",
            "small_work_threads", "versions"]
 
 #: below this much work per step (e.g. chains × batch × parameters) one CPU thread is faster
@@ -34,6 +34,14 @@ def user_stacklevel() -> int:
     while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(_PACKAGE):
         frame, level = frame.f_back, level + 1
     return level
+
+
+_IS_BATCHED = getattr(getattr(torch._C, "_functorch", None), "is_batchedtensor", None)
+
+
+def is_batched(t: Any) -> bool:
+    """Whether ``t`` is a tensor being mapped over by ``torch.vmap`` (a functorch BatchedTensor)."""
+    return _IS_BATCHED is not None and isinstance(t, torch.Tensor) and bool(_IS_BATCHED(t))
 
 
 def autograd_allowed(fn: Any) -> Any:

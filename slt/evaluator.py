@@ -42,6 +42,7 @@ from .data import Batch, Columns, Data, LoaderSource, _map, _plain, num_rows
 from .losses import LossAdapter, candidate_means, count_weighted_mean
 from .params import ParamSpec
 from ._rnn import CELL_CLASSES, RECURRENT_CLASSES, cell_forward, recurrent_forward
+from ._runtime import is_batched
 
 __all__ = ["ChainEvaluator", "choose_path", "PATH_REASONS", "validate_model_and_loss", "check_gradients_reach", "probe_batch", "to_device",
            "call_module", "module_aliases", "describe", "resolve_autocast", "AUTOCAST_DTYPES",
@@ -63,8 +64,6 @@ def _standard_attention():
     finally:
         mha.set_fastpath_enabled(True)
 
-
-_IS_BATCHED = getattr(getattr(torch._C, "_functorch", None), "is_batchedtensor", None)
 
 #: PyTorch's one-per-process note "grad and param do not obey the gradient layout contract" (a
 #: ``TORCH_WARN_ONCE``): a strided slot of a ``(C, d)`` row as the gradient of a strided leaf is what
@@ -90,11 +89,6 @@ def _backward_without_layout_note(loss: Tensor, inputs: list[Tensor]) -> None:
             warnings.warn_explicit(w.message, w.category, w.filename, w.lineno, source=w.source)
 
 
-def _batched(t: Any) -> bool:
-    """Whether ``t`` is a tensor being mapped over by ``torch.vmap`` (a functorch BatchedTensor)."""
-    return _IS_BATCHED is not None and isinstance(t, Tensor) and bool(_IS_BATCHED(t))
-
-
 @contextmanager
 def _hf_masks_as_traced():
     """Hugging Face's attention masks (``transformers.masking_utils``, transformers ≥ 5) skip building
@@ -111,7 +105,7 @@ def _hf_masks_as_traced():
         return
 
     def is_tracing(tensor: Any = None) -> bool:
-        return bool(orig(tensor)) or _batched(tensor)
+        return bool(orig(tensor)) or is_batched(tensor)
 
     mu.is_tracing = is_tracing
     try:
@@ -1031,13 +1025,17 @@ def _names(names: list[str], limit: int = 4) -> str:
     return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
 
 
+def _dense(t: Tensor) -> Tensor:
+    """``t``, or its dense copy when sparse (e.g. a graph's adjacency buffer): ``torch.equal`` has no sparse
+    kernel."""
+    return t if t.layout == torch.strided else t.to_dense()
+
+
 def _same_values(a: Tensor, b: Tensor) -> bool:
-    """Equal shapes and values, NaN equal to NaN (sparse tensors, e.g. a graph's adjacency buffer, compared
-    densely: ``torch.equal`` has no sparse kernel)."""
+    """Equal shapes and values, NaN equal to NaN (sparse tensors compared densely, :func:`_dense`)."""
     if a.shape != b.shape or a.dtype != b.dtype or a.layout != b.layout:
         return False
-    if a.layout != torch.strided:
-        a, b = a.to_dense(), b.to_dense()
+    a, b = _dense(a), _dense(b)
     if torch.equal(a, b):
         return True
     if not (a.is_floating_point() or a.is_complex()):

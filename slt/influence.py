@@ -503,8 +503,10 @@ def _own_per_sample(target: Any) -> Callable | None:
     return target.own_per_sample
 
 
-def _first_line(doc: str | None) -> str:
-    return doc.strip().splitlines()[0].rstrip(".") if doc and doc.strip() else ""
+def _own_label(own: Callable) -> str:
+    """``config["per_sample_loss"]`` of a run on the model's own loss: the form's name and first line."""
+    doc = (own.__doc__ or "").strip()
+    return f"the model's own loss per sample ({own.__name__}: {doc.splitlines()[0].rstrip('.') if doc else ''})"
 
 
 def _run(target: Any, acc: OnlineCovariance, draw: Callable[[Tensor], None], samp: dict) -> Any:
@@ -604,7 +606,7 @@ def _covariances(caller: str, model: Any, data: Any, loss_fn: Any, *, query: Any
     config = {"kind": kind, "normalize": normalize, "per_token": per_token, "sum_tokens": sum_tokens,
               "query": "data" if same else "observables" if obs else "query", **run.config}
     if own is not None:
-        config["per_sample_loss"] = f"the model's own loss per sample ({own.__name__}: {_first_line(own.__doc__)})"
+        config["per_sample_loss"] = _own_label(own)
     row_shape = rows_losses.shape
     col_shape = row_shape if same else cols_losses.shape if cols_losses is not None else (len(col_labels),)
     out = []
@@ -872,7 +874,6 @@ def per_sample_susceptibility(
             llc=llcs[g], token_mask=zs.mask,
             config={"kind": "per_sample_susceptibility", "per_token": per_token,
                     "probe": probe is not None, **run.config, **labels,
-                    **({"per_sample_loss": f"the model's own loss per sample ({own.__name__}: "
-                                           f"{_first_line(own.__doc__)})"} if own is not None else {})},
+                    **({"per_sample_loss": _own_label(own)} if own is not None else {})},
         ))
     return target.arrange(out)

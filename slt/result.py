@@ -181,7 +181,7 @@ class LLCResult:
         drift = None
         if valid.any():
             _, drift, found = equilibrium_checks(tr[valid], mala_mean if mala is not None else None, rhat_threshold,
-                                                 r=r, halved=None if halved is None else halved[valid],
+                                                 r=r, e=e, halved=None if halved is None else halved[valid],
                                                  diffusion=None if diffusion is None else diffusion[valid],
                                                  times=draw_times)
             hint = relaxation_hint(step_size, localization, config)
@@ -370,7 +370,7 @@ FREE_DIFFUSION = 0.5
 
 
 def equilibrium_checks(tr: Tensor, mala_mean: float | None = None, rhat_threshold: float = 1.1, *,
-                       r: float | None = None, halved: Tensor | None = None, diffusion: Tensor | None = None,
+                       r: float | None = None, e: float | None = None, halved: Tensor | None = None, diffusion: Tensor | None = None,
                        times: Tensor | None = None
                        ) -> tuple[float, tuple[float, float, float] | None, list[tuple[str, str]]]:
     r"""Whether the chains of one group look settled: R-hat and the trend of λ̂ through the draws.
@@ -384,8 +384,8 @@ def equilibrium_checks(tr: Tensor, mala_mean: float | None = None, rhat_threshol
         barely moved (the step is too small), not that they are still relaxing.
     rhat_threshold
         R-hat above this is a finding.
-    r
-        R-hat if already computed.
+    r, e
+        R-hat and the effective sample size if already computed.
     halved
         ``(C,)`` the estimate of each chain at half the step with the same steps
         (:func:`slt.diagnostics.halved_step_estimate`), or ``None``.
@@ -416,8 +416,9 @@ def equilibrium_checks(tr: Tensor, mala_mean: float | None = None, rhat_threshol
     found: list[tuple[str, str]] = []
     if r == r and r > rhat_threshold:
         found.append(("rhat", f"R-hat {r:.3f} > {rhat_threshold:g}: chains disagree; run longer or check burn-in"))
-    e = ess(tr) if C > 1 else float("nan")
-    if e == e and e < ESS_MIN:
+    if C > 1 and e is None:
+        e = ess(tr)
+    if C > 1 and e == e and e < ESS_MIN:  # (one chain: R-hat is undefined, a finding of its own)
         found.append(("ess", f"effective sample size {e:.0f} < {ESS_MIN:g} over the {C} chains' {tr.shape[1]} "
                              "draws: too few independent draws for R-hat and λ̂'s standard error to be trusted; "
                              "raise num_draws (or num_steps_bw_draws)"))

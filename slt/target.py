@@ -59,7 +59,7 @@ from .data import Batch, Data, LoaderSource, _map, as_source, num_rows, row_nume
 from .defaults import default_localization, default_nbeta
 from .groups import Groups, concat_data, split_data
 from .evaluator import (PATH_REASONS, ChainEvaluator, choose_path, resolve_autocast, probe_batch, to_device,
-                        validate_model_and_loss, check_gradients_reach, hf_attention_configs, _names)
+                        validate_model_and_loss, check_gradients_reach, hf_attention_configs, _dense, _names)
 from .losses import LossAdapter, candidate_means, count_weighted_mean, label_counts, label_weighted, model_loss
 from .params import ParamSpec
 from .rng import ChainRNG
@@ -896,11 +896,6 @@ def _state_differences(template: nn.Module, ckpts: list[Any]) -> list[str]:
     return [name for name in fixed if name in differ]
 
 
-def _dense(t: Tensor) -> Tensor:
-    """``t``, or its dense copy when sparse (``torch.equal`` has no sparse kernel)."""
-    return t if t.layout == torch.strided else t.to_dense()
-
-
 def checkpoint_modules(model: Any, models: Sequence[Any] | None = None,
                        state_dicts: Sequence[Mapping[str, Tensor]] | None = None) -> list[nn.Module]:
     """Each checkpoint as a module holding all of its state: a module as given, a state dict loaded
@@ -1098,8 +1093,7 @@ def _fallback_hint(e: Exception, model: nn.Module, issues: list[str], eager_trie
                 "pass padded sequences and read each one's output at its last valid step to use the batched path")
     sparse = [n for n, m in model.named_modules() if isinstance(m, (nn.Embedding, nn.EmbeddingBag)) and m.sparse]
     if sparse and "sparse" in msg:
-        names = ", ".join(sparse[:3]) + (f" and {len(sparse) - 3} more" if len(sparse) > 3 else "")
-        return (f" — {names}: an embedding with sparse=True gives sparse gradients, which vmap cannot batch; set "
+        return (f" — {_names(sparse, 3)}: an embedding with sparse=True gives sparse gradients, which vmap cannot batch; set "
                 "its .sparse = False (the same values and gradients, dense) to use the batched path")
     attn = getattr(getattr(model, "config", None), "_attn_implementation", None)
     if "data-dependent control flow" in msg:

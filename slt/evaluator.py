@@ -889,6 +889,15 @@ def _label_hint(loss_fn: Any, out: Any, y: Any) -> str:
     return ""
 
 
+def own_tensors(model: nn.Module, params: Mapping[str, Tensor] | None = None) -> dict[str, Tensor]:
+    """Copies of ``model``'s parameters (or ``params``, reused) and fresh copies of its buffers for a
+    probe call: a forward may write into either (BatchNorm's running statistics; an ``Embedding`` with
+    ``max_norm`` renormalizes rows of its weight in place), and the user's model is never modified."""
+    if params is None:
+        params = {n: p.detach().clone() for n, p in model.named_parameters()}
+    return {**params, **{n: b.clone() for n, b in model.named_buffers()}}
+
+
 def validate_model_and_loss(model: nn.Module, adapter: LossAdapter, probe: Batch) -> Any:
     """Run the model and the loss once on a couple of samples; fail clearly.
 
@@ -896,7 +905,7 @@ def validate_model_and_loss(model: nn.Module, adapter: LossAdapter, probe: Batch
     x = _map(lambda t: t[:2], probe.x)
     y = x if probe.y is probe.x else _map(lambda t: t[:2], probe.y)
 
-    buffers = {n: b.clone() for n, b in model.named_buffers()}  # never touch the user's buffers
+    buffers = own_tensors(model)  # never touch the user's parameters or buffers
     aliases = module_aliases(model)
     call = "model(**inputs)" if isinstance(x, Mapping) else "model(x)"
     try:
@@ -1009,7 +1018,7 @@ def _loss_on(model: nn.Module, adapter: LossAdapter, x: Any, y: Any, aliases: An
     """``(output, loss)`` on a batch when the loss there is a finite scalar, else ``None``."""
     try:
         with torch.no_grad():
-            out = call_module(model, {n: b.clone() for n, b in model.named_buffers()}, x, aliases)
+            out = call_module(model, own_tensors(model), x, aliases)
             loss = adapter.loss_fn(out, y)
     except Exception:  # noqa: BLE001 - the two-sample error is the one reported
         return None
@@ -1077,7 +1086,7 @@ def _check_buffer_writes(model: nn.Module, aliases: Mapping[str, list[str]] | No
     written = [n for n, b in model.named_buffers() if n in buffers and not _same_values(buffers[n], b)]
     if not written:
         return
-    fresh = {n: b.clone() for n, b in model.named_buffers()}
+    fresh = own_tensors(model)
     losses: list[Tensor] = []
     failure = ""
     # the same random numbers for both calls (active dropout must not count as a change)
@@ -1170,13 +1179,13 @@ def _check_mean_reduction(model: nn.Module, aliases: Mapping[str, list[str]] | N
     if k < 2:
         return
     parts = []
+    params = {n: p.detach().clone() for n, p in model.named_parameters()}
     try:
         with torch.no_grad():
             for i in range(k):
                 xi = _map(lambda t: t[i:i + 1], x)
                 yi = xi if y is x else _map(lambda t: t[i:i + 1], y)
-                buffers = {n: b.clone() for n, b in model.named_buffers()}
-                part = adapter.loss_fn(call_module(model, buffers, xi, aliases), yi)
+                part = adapter.loss_fn(call_module(model, own_tensors(model, params), xi, aliases), yi)
                 if not isinstance(part, Tensor) or part.numel() != 1:
                     return
                 parts.append(float(part))

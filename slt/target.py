@@ -1032,17 +1032,18 @@ def random_forward_issue(model: nn.Module, probe: Batch, loss_fn: Callable | Non
     on the same output differ (a sampled softmax, negative sampling): the loss is then a random
     function of w, so the draws scatter below L(w*) and λ̂ means nothing.  The global random state is
     left as it was.  ``None`` when both are deterministic (or cannot be run twice)."""
-    from .evaluator import call_module, module_aliases
+    from .evaluator import call_module, module_aliases, own_tensors
     from .losses import _flatten
 
     x = _map(lambda t: t[:2], probe.x)
     y = x if probe.y is probe.x else _map(lambda t: t[:2], probe.y)
     aliases = module_aliases(model)
+    params = {n: p.detach().clone() for n, p in model.named_parameters()}
     outs, losses = [], []
     try:
         with torch.no_grad(), torch.random.fork_rng(devices=[]):
             for _ in range(2):
-                out = call_module(model, {n: b.clone() for n, b in model.named_buffers()}, x, aliases)
+                out = call_module(model, own_tensors(model, params), x, aliases)
                 outs.append([t for t in _flatten(out)[0] if isinstance(t, Tensor) and t.is_floating_point()])
             if loss_fn is not None:
                 losses = [loss_fn(out, y) for _ in range(2)]

@@ -209,6 +209,38 @@ def _plain_model(cls=Plain):
 PICK = {TupleOut: lambda o: o[0], DictOut: lambda o: o["pred"], DataclassOut: lambda o: o.mean}
 
 
+class MaxNormBag(nn.Module):
+    """Token classifier whose Embedding renormalizes the rows it reads in place (``max_norm``)."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(12, 4, max_norm=1.0)
+        self.head = nn.Linear(4, 2)
+
+    def forward(self, x):
+        return self.head(self.emb(x).mean(1))
+
+
+def test_a_forward_that_writes_into_its_parameters_leaves_the_model_unchanged():
+    # F.embedding(max_norm=...) calls embedding_renorm_ on the weight it is given: every probe call
+    # before sampling (model and loss checks, the random-forward and reduction checks) runs on copies
+    g = torch.Generator().manual_seed(0)
+    X, Y = torch.randint(0, 12, (64, 5), generator=g), torch.randn(64, 2, generator=g, dtype=F64)
+    torch.manual_seed(0)
+    m = MaxNormBag().to(F64)
+    with torch.no_grad():
+        m.emb.weight.mul_(3.0)  # rows of norm > 1: a forward on the model's own weight would shrink them
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    ref = slt.estimate_llc(m, (X, Y), F.mse_loss, vectorize="vmap", **KW)
+    loop = slt.estimate_llc(m, (X, Y), F.mse_loss, vectorize="loop", **KW)
+    for k, v in m.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    # both paths project the chains' rows alike (engine_trace_tol's per-sample vmap cannot run this forward:
+    # a generous bound of 10⁴ roundings at the loss's scale over the 25 steps)
+    tol = fp_tol(F64, scale=float(ref.loss_trace.abs().max()) + 1, terms=10_000)
+    torch.testing.assert_close(loop.loss_trace, ref.loss_trace, rtol=0, atol=tol)
+
+
 @pytest.mark.parametrize("cls", [TupleOut, DictOut, DataclassOut])
 @pytest.mark.parametrize("weighted", [False, True])
 def test_structured_outputs_match_the_tensor_model(cls, weighted):

@@ -26,6 +26,8 @@ per-sample losses at w* the same way; plain tensors keep the tensor code path.
 
 from __future__ import annotations
 
+import functools
+import inspect
 import math
 import os
 import sys
@@ -373,20 +375,31 @@ def _call_module(model: nn.Module, params: Mapping[str, Tensor], x: Any,
     substituted explicitly, with ``tie_weights=False``."""
     from torch.func import functional_call
 
+    args, kwargs = ((), dict(x)) if isinstance(x, Mapping) else ((x,), {})
+    if "use_cache" not in kwargs and _takes_use_cache(type(model)):
+        kwargs["use_cache"] = False
     if slots is not None and slots.covers(params):  # one slot per (module, attribute): aliases included
-        return (slots.substitute(model, params, (), dict(x)) if isinstance(x, Mapping)
-                else slots.substitute(model, params, (x,), {}))
+        return slots.substitute(model, params, args, kwargs)
     if aliases is not None:
         params = dict(params)
         for name, others in aliases.items():
             if name in params:
                 for other in others:
                     params[other] = params[name]
-        args, kwargs = ((), dict(x)) if isinstance(x, Mapping) else ((x,), None)
         return functional_call(model, params, args, kwargs, tie_weights=False)
-    if isinstance(x, Mapping):
-        return functional_call(model, params, (), dict(x))
-    return functional_call(model, params, (x,))
+    return functional_call(model, params, args, kwargs)
+
+
+@functools.lru_cache(maxsize=None)
+def _takes_use_cache(cls: type) -> bool:
+    """Whether ``cls.forward`` names a ``use_cache`` argument (Hugging Face models).  slt calls such a
+    model with ``use_cache=False`` unless the inputs say otherwise: a loss needs no key/value cache, and
+    building one costs memory per chain and time, and breaks vmap where the cache is written in place
+    (Mamba's convolution and state caches)."""
+    try:
+        return "use_cache" in inspect.signature(cls.forward).parameters
+    except (TypeError, ValueError):
+        return False
 
 
 def module_aliases(model: nn.Module) -> dict[str, list[str]] | None:

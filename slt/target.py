@@ -1078,7 +1078,10 @@ def _fallback_hint(e: Exception, model: nn.Module, issues: list[str], eager_trie
         return " — loss_fn draws random numbers: make it deterministic"
     if any(i.startswith("BatchNorm") for i in issues):
         return " — BatchNorm in train mode: call model.eval() to use the batched path"
-    if getattr(model, "is_gradient_checkpointing", False) or getattr(model, "is_activation_checkpointing", False):
+    # transformers 5 renamed the flag and warns on the old name: read the old one only where the new is absent
+    flag = ("is_activation_checkpointing" if hasattr(type(model), "is_activation_checkpointing")
+            else "is_gradient_checkpointing")
+    if getattr(model, flag, False):
         disable = ("activation_checkpointing_disable" if hasattr(model, "activation_checkpointing_disable")
                    else "gradient_checkpointing_disable")
         return (" — Hugging Face gradient checkpointing is on: it recomputes activations during backward, which "

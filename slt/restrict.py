@@ -519,6 +519,10 @@ def _separate_heads(m: nn.Module) -> HeadSlices | None:
             _add(head, p, _span(g, hd))
         _add(head, ow, (slice(None), _span(h, hd)))
         out.append(head)
+    rel = _child(m, ("relative_attention_bias",))  # T5: one learned position bias per head, column h
+    if isinstance(rel, nn.Embedding) and rel.weight.dim() == 2 and rel.weight.shape[1] == H:
+        for h, head in enumerate(out):
+            _add(head, rel.weight, (slice(None), h))
     return out
 
 
@@ -576,43 +580,71 @@ class _Arch:
         return {n: True for i, n in self.name_of.items() if i in ids}
 
     def block_of(self, name: str) -> tuple[str, int] | None:
-        """``(module list name, index)`` of the deepest ModuleList element containing module ``name``."""
+        """``(module list name, index)`` of the ModuleList element containing module ``name`` that is a
+        block: the deepest ModuleList ancestor whose elements are all of one class (T5 keeps each block's
+        sublayers — attention, cross-attention, feed-forward, of different classes — in a ModuleList of
+        its own, inside the list of blocks), else the deepest ModuleList ancestor."""
         parts = name.split(".") if name else []
+        deepest = None
         for j in range(len(parts), 0, -1):
             parent = ".".join(parts[:j - 1])
-            if parts[j - 1].isdigit() and isinstance(self.modules.get(parent), nn.ModuleList):
-                return parent, int(parts[j - 1])
-        return None
+            ml = self.modules.get(parent)
+            if parts[j - 1].isdigit() and isinstance(ml, nn.ModuleList):
+                if len({type(c) for c in ml}) == 1:
+                    return parent, int(parts[j - 1])
+                deepest = deepest or (parent, int(parts[j - 1]))
+        return deepest
 
-    def block_list(self, what: str) -> tuple[str, nn.ModuleList]:
-        """The ModuleList holding the transformer blocks (the one that holds every attention module)."""
+    def stacks(self, what: str) -> list[tuple[str, str, nn.ModuleList]]:
+        """The ModuleLists holding the transformer blocks (those holding the attention modules), in the
+        model's order, as ``(label prefix, list name, list)``.  One list: prefix ``""``.  Several (an
+        encoder and a decoder): the first component of their names that tells them apart, and a space
+        (``"encoder "``, ``"decoder "``; the whole list name when that is not unique)."""
         if not self.attn:
             raise ValueError(f"{what}: found no attention module in {type(self.model).__name__} (looked for "
                              f"{_LOOKED_FOR}), so no transformer blocks; give the mapping by hand, e.g. "
                              "{'l0': 'layers.0.*', 'l1': 'layers.1.*'}")
-        lists = {}
+        lists: dict[str, None] = {}
         for name, _, _ in self.attn:
             b = self.block_of(name)
             if b is None:
                 raise ValueError(f"{what}: the attention module {name!r} is not inside a ModuleList of blocks; "
                                  "give the mapping by hand, e.g. {'l0': 'layers.0.*'}")
-            lists.setdefault(b[0], []).append(name)
-        if len(lists) > 1:
-            raise ValueError(f"{what}: attention modules sit in several lists of blocks ({', '.join(lists)}), "
-                             "e.g. an encoder and a decoder: the labels 'l0', 'l1', ... would be ambiguous; "
-                             "give the mapping by hand, e.g. {'enc l0': 'encoder.layers.0.*'}")
-        lname = next(iter(lists))
-        return lname, self.modules[lname]
+            lists.setdefault(b[0])
+        names = list(lists)
+        if len(names) == 1:
+            return [("", names[0], self.modules[names[0]])]
+        split = [n.split(".") for n in names]
+        at = next((i for i in range(min(map(len, split))) if len({p[i] for p in split}) > 1), None)
+        labels = [p[at] for p in split] if at is not None else names
+        if len(set(labels)) < len(labels):
+            labels = names
+        return [(f"{label} ", n, self.modules[n]) for label, n in zip(labels, names)]
+
+    def attention_in(self, block: str) -> list[tuple[str, nn.Module, "HeadSlices"]]:
+        """The attention modules inside the block named ``block``, in the model's order."""
+        return [a for a in self.attn if a[0] == block or a[0].startswith(block + ".")]
 
 
-def _label_heads(arch: _Arch, heads_: HeadSlices, layer: int, out: dict) -> None:
+def _attention_tags(block: str, names: list[str]) -> list[str]:
+    """Labels of a block's attention modules when it holds several (a decoder's self- and cross-attention):
+    their last name components (``self_attn``, ``encoder_attn``; T5's ``SelfAttention``, ``EncDecAttention``),
+    or their paths inside the block when those repeat; ``[""]`` for one."""
+    if len(names) == 1:
+        return [""]
+    rel = [n[len(block) + 1:] for n in names]
+    last = [r.split(".")[-1] for r in rel]
+    return last if len(set(last)) == len(last) else rel
+
+
+def _label_heads(arch: _Arch, heads_: HeadSlices, label: str, out: dict) -> None:
     for h, head in enumerate(heads_):
         entry = {}
         for i, (p, index) in head.items():
             name = arch.name_of.get(i)
             if name is not None:
                 entry[name] = index
-        out[f"l{layer}h{h}"] = dict(sorted(entry.items(), key=lambda kv: arch.pos[kv[0]]))
+        out[f"{label}h{h}"] = dict(sorted(entry.items(), key=lambda kv: arch.pos[kv[0]]))
 
 
 def heads(model: nn.Module) -> dict[str, dict[str, Any]]:
@@ -645,7 +677,9 @@ def heads(model: nn.Module) -> dict[str, dict[str, Any]]:
       ``h // (H / H_kv)`` of k and v, columns ``[h hd, (h+1) hd)`` of o;
     * the same with q/k/v in one child and the output projection (``dense``) in another, as Hugging
       Face BERT, RoBERTa, ELECTRA and ViT lay them out (``attention.self.query`` …,
-      ``attention.output.dense``).
+      ``attention.output.dense``);
+    * T5's ``relative_attention_bias`` (an ``nn.Embedding`` (buckets, H) in the first block of each
+      stack, used by every block of that stack): column ``h`` belongs to head ``h`` of that first block.
 
     The output projection's bias (``out_proj.bias``, ``c_proj.bias``, ``dense.bias``, ``b_O``) is
     shared by all heads and belongs to none.  With grouped-query attention the K/V slices of a group
@@ -658,7 +692,10 @@ def heads(model: nn.Module) -> dict[str, dict[str, Any]]:
         The model; attention modules are found in ``model.named_modules()`` and their layer is the
         index of the block (an element of an ``nn.ModuleList``) that contains them.  Attention
         modules outside any ModuleList (e.g. a lone ``nn.MultiheadAttention``) are numbered in
-        module order.
+        module order.  An encoder-decoder model has one list of blocks per stack: labels then start
+        with the stack (``"encoder l0h1"``), and a block holding several attention modules (a
+        decoder's self- and cross-attention) names each (``"decoder l0 encoder_attn h1"``: BART;
+        ``"EncDecAttention"``: T5; ``"multihead_attn"``: ``nn.Transformer``).
 
     Returns
     -------
@@ -671,7 +708,8 @@ def heads(model: nn.Module) -> dict[str, dict[str, Any]]:
     ------
     ValueError
         When no attention module of a known layout is found (the message lists what was looked for
-        and how to write the mapping by hand), or a block holds two attention modules.
+        and how to write the mapping by hand), or some attention modules sit inside a list of blocks
+        and others outside any.
     """
     arch = _Arch(model)
     if not arch.attn:
@@ -681,21 +719,17 @@ def heads(model: nn.Module) -> dict[str, dict[str, Any]]:
             "fused qkv weight (3E, E) with head size 16: {'l0h0': {'layers.0.attn.qkv.weight': "
             "torch.cat([torch.arange(0, 16), torch.arange(E, E + 16), torch.arange(2 * E, 2 * E + 16)]), "
             "'layers.0.attn.out.weight': (slice(None), slice(0, 16))}, 'l0h1': ...}")
-    blocks = [arch.block_of(name) for name, _, _ in arch.attn]
-    if all(b is None for b in blocks):
-        layer_of = list(range(len(arch.attn)))
-    else:
-        _, _ = arch.block_list("heads")  # one list of blocks, or a ValueError
-        layer_of = [b[1] for b in blocks]
-        seen = {}
-        for (name, _, _), layer in zip(arch.attn, layer_of):
-            if layer in seen:
-                raise ValueError(f"heads: block {layer} holds two attention modules ({seen[layer]!r} and {name!r}); "
-                                 "labels 'l{layer}h{head}' would be ambiguous: give the mapping by hand")
-            seen[layer] = name
     out: dict[str, dict[str, Any]] = {}
-    for (_, _, hs), layer in sorted(zip(arch.attn, layer_of), key=lambda t: t[1]):
-        _label_heads(arch, hs, layer, out)
+    if all(arch.block_of(name) is None for name, _, _ in arch.attn):  # lone attention modules: numbered
+        for layer, (_, _, hs) in enumerate(arch.attn):
+            _label_heads(arch, hs, f"l{layer}", out)
+        return out
+    for prefix, lname, blist in arch.stacks("heads"):
+        for i in range(len(blist)):
+            block = f"{lname}.{i}"
+            mods = arch.attention_in(block)
+            for (_, _, hs), tag in zip(mods, _attention_tags(block, [a[0] for a in mods])):
+                _label_heads(arch, hs, f"{prefix}l{i} {tag} " if tag else f"{prefix}l{i}", out)
     return out
 
 
@@ -707,19 +741,18 @@ def layers(model: nn.Module) -> dict[str, dict[str, Any]]:
     The blocks are the elements of the ``nn.ModuleList`` that holds the model's attention modules
     (found as in :func:`heads`): GPT-2 ``transformer.h.{i}``, GPT-NeoX ``gpt_neox.layers.{i}``,
     TransformerLens ``blocks.{i}``, ``nn.TransformerEncoder`` ``layers.{i}``, ...  A block's
-    restriction is all its sampled parameters.
+    restriction is all its sampled parameters.  An encoder-decoder model (T5, BART, ``nn.Transformer``)
+    has a list per stack: ``"encoder l0"``, ..., ``"decoder l0"``, ...
 
     Raises
     ------
     ValueError
-        When attention modules sit outside a list of blocks or in several lists of blocks (an
-        encoder and a decoder).
+        When attention modules sit outside a list of blocks.
     """
     arch = _Arch(model)
     if not arch.attn:
         return modules(model)
-    _, blist = arch.block_list("layers")
-    return {f"l{i}": arch.names(b) for i, b in enumerate(blist)}
+    return {f"{prefix}l{i}": arch.names(b) for prefix, _, blist in arch.stacks("layers") for i, b in enumerate(blist)}
 
 
 def modules(model: nn.Module) -> dict[str, dict[str, Any]]:
@@ -765,25 +798,27 @@ def attention_and_mlp(model: nn.Module) -> dict[str, dict[str, Any]]:
     ``"l{i} mlp"`` is the rest of the block (the MLP and its normalization), so the two are
     disjoint and their union is :func:`layers`' ``"l{i}"``.  (devinterp leaves the layer norms out
     of both.)  A block with nothing outside attention (an attention-only model) has no
-    ``"l{i} mlp"`` entry.
+    ``"l{i} mlp"`` entry.  A decoder block with self- and cross-attention puts both in ``attn``, with
+    the block's first two normalization modules (BART's ``self_attn_layer_norm`` and
+    ``encoder_attn_layer_norm``, ``nn.TransformerDecoderLayer``'s ``norm1`` and ``norm2``); labels of
+    an encoder-decoder model start with the stack (``"decoder l0 attn"``), as in :func:`layers`.
     """
     arch = _Arch(model)
-    lname, blist = arch.block_list("attention_and_mlp")
     out: dict[str, dict[str, Any]] = {}
-    for i, b in enumerate(blist):
-        prefix = f"{lname}.{i}"
-        attn_mods = [m for name, m, _ in arch.attn if name == prefix or name.startswith(prefix + ".")]
-        attn_ids = {id(p) for m in attn_mods for p in m.parameters()}
-        inside = {id(m) for a in attn_mods for m in a.modules()}
-        for m in b.modules():
-            if id(m) not in inside and _is_norm(m) and any(id(p) not in attn_ids for p in m.parameters()):
+    for stack, lname, blist in arch.stacks("attention_and_mlp"):
+        for i, b in enumerate(blist):
+            attn_mods = [m for _, m, _ in arch.attention_in(f"{lname}.{i}")]
+            attn_ids = {id(p) for m in attn_mods for p in m.parameters()}
+            inside = {id(m) for a in attn_mods for m in a.modules()}
+            norms = [m for m in b.modules() if id(m) not in inside and _is_norm(m)
+                     and any(id(p) not in attn_ids for p in m.parameters())]
+            for m in norms[:len(attn_mods)]:  # each attention module's normalization, in order
                 attn_ids |= {id(p) for p in m.parameters()}
-                break
-        allp = arch.names(b)
-        out[f"l{i} attn"] = {n: True for n in allp if arch.id_of[n] in attn_ids}
-        mlp = {n: True for n in allp if arch.id_of[n] not in attn_ids}
-        if mlp:
-            out[f"l{i} mlp"] = mlp
+            allp = arch.names(b)
+            out[f"{stack}l{i} attn"] = {n: True for n in allp if arch.id_of[n] in attn_ids}
+            mlp = {n: True for n in allp if arch.id_of[n] not in attn_ids}
+            if mlp:
+                out[f"{stack}l{i} mlp"] = mlp
     return out
 
 
@@ -810,8 +845,7 @@ def embeddings(model: nn.Module) -> dict[str, dict[str, Any]]:
     arch = _Arch(model)
     in_blocks: set[int] = set()
     try:
-        _, blist = arch.block_list("embeddings")
-        in_blocks = {id(m) for m in blist.modules()}
+        in_blocks = {id(m) for _, _, blist in arch.stacks("embeddings") for m in blist.modules()}
     except ValueError:
         pass
     head = None

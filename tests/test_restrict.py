@@ -612,6 +612,109 @@ def test_modules_split_any_network_into_disjoint_layers():
 
 
 # ----------------------------------------------------------------------------
+# encoder-decoder models: one stack of blocks each, a decoder block with two attention modules
+# ----------------------------------------------------------------------------
+def t5():
+    """Hugging Face T5: encoder.block / decoder.block, each block's sublayers in a ModuleList of their own
+    (T5LayerSelfAttention, T5LayerCrossAttention, T5LayerFF), q/k/v/o without biases, a per-head relative
+    position bias in the first block of each stack."""
+    tf = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = tf.T5Config(vocab_size=16, d_model=E, d_kv=HD, d_ff=64, num_layers=2, num_heads=H, dropout_rate=0.0,
+                      decoder_start_token_id=0, pad_token_id=0, attn_implementation="eager")
+    return tf.T5ForConditionalGeneration(cfg).eval()
+
+
+def bart():
+    """Hugging Face BART: model.encoder.layers / model.decoder.layers, self_attn and encoder_attn."""
+    tf = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = tf.BartConfig(vocab_size=16, d_model=E, encoder_layers=2, decoder_layers=2, encoder_attention_heads=H,
+                        decoder_attention_heads=H, encoder_ffn_dim=64, decoder_ffn_dim=64, max_position_embeddings=8,
+                        dropout=0.0, attention_dropout=0.0, attn_implementation="eager")
+    return tf.BartForConditionalGeneration(cfg).eval()
+
+
+class Seq2Seq(nn.Module):
+    """nn.Transformer: encoder.layers / decoder.layers, a decoder layer's self_attn and multihead_attn."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.emb = nn.Embedding(16, E)
+        self.transformer = nn.Transformer(E, H, 2, 2, 64, dropout=0.0, batch_first=True)
+        self.head = nn.Linear(E, 16)
+
+    def forward(self, ids):
+        return self.head(self.transformer(self.emb(ids), self.emb(ids)))
+
+
+SEQ2SEQ = {"t5": (t5, ("SelfAttention", "EncDecAttention")), "bart": (bart, ("self_attn", "encoder_attn")),
+           "torch": (Seq2Seq, ("self_attn", "multihead_attn"))}
+
+
+@pytest.mark.parametrize("name", list(SEQ2SEQ))
+def test_encoder_decoder_stacks_are_labelled_and_partitioned(name):
+    build, (self_, cross) = SEQ2SEQ[name]
+    model = build()
+    spec = ParamSpec(model)
+    L = resolve_restrictions(layers(model), model, spec)
+    A = resolve_restrictions(attention_and_mlp(model), model, spec)
+    Hs = resolve_restrictions(heads(model), model, spec)
+    blocks = [f"{s} l{i}" for s in ("encoder", "decoder") for i in range(2)]
+    assert L.labels == blocks
+    assert A.labels == [f"{b} {part}" for b in blocks for part in ("attn", "mlp")]
+    assert Hs.labels == ([f"encoder l{i}h{h}" for i in range(2) for h in range(H)]
+                         + [f"decoder l{i} {a} h{h}" for i in range(2) for a in (self_, cross) for h in range(H)])
+    assert int(L.masks.sum(0).max()) == 1
+    for j in range(4):
+        attn, mlp = A.masks[2 * j], A.masks[2 * j + 1]
+        assert torch.equal(attn | mlp, L.masks[j]) and not (attn & mlp).any()
+        k = 1 if j < 2 else 2  # attention modules in the block
+        first = H * (j if j < 2 else 2 + 2 * (j - 2))
+        hm = Hs.masks[first:first + k * H]
+        assert int(hm.sum(0).max()) == 1  # the block's heads (self and cross) are disjoint
+        assert torch.equal(hm.any(0) & attn, hm.any(0))  # and lie in its attention part
+    # a decoder block's attention part holds both attention modules and both of their norms; its MLP part
+    # the feed-forward and its norm
+    names = attention_and_mlp(model)["decoder l1 attn"]
+    assert any(self_ in n for n in names) and any(cross in n for n in names)
+    norms = [n for n in names if "norm" in n and n.endswith("weight")]
+    assert len(norms) == 2, norms
+
+
+def masks_of(model, spec, labels):
+    return resolve_restrictions({k: heads(model)[k] for k in labels}, model, spec).masks
+
+
+def test_heads_t5_cross_attention_and_relative_position_bias():
+    model = t5()
+    spec = ParamSpec(model)
+    call = lambda: model(input_ids=IDS, decoder_input_ids=IDS)  # noqa: E731
+    # block 0 of the encoder: q, k, v rows, o columns and the relative position bias's column h
+    masks = masks_of(model, spec, [f"encoder l0h{h}" for h in range(H)])
+    buckets = model.config.relative_attention_num_buckets
+    check_disjoint_and_sizes(masks, 3 * E * HD + HD * E + buckets)
+    o = model.encoder.block[0].layer[0].SelfAttention.o
+    check_heads(model, spec, masks, input_hook_runner(model, o, call))
+    masks = masks_of(model, spec, [f"decoder l1 EncDecAttention h{h}" for h in range(H)])
+    check_disjoint_and_sizes(masks, 3 * E * HD + HD * E)
+    o = model.decoder.block[1].layer[1].EncDecAttention.o
+    check_heads(model, spec, masks, input_hook_runner(model, o, call))
+
+
+def test_heads_torch_transformer_cross_attention():
+    model = Seq2Seq()
+    spec = ParamSpec(model)
+    masks = masks_of(model, spec, [f"decoder l1 multihead_attn h{h}" for h in range(H)])
+    check_disjoint_and_sizes(masks, FULL)
+    mha = model.transformer.decoder.layers[1].multihead_attn
+    g = torch.Generator().manual_seed(2)
+    x, mem = torch.randn(B, S, E, generator=g), torch.randn(B, S + 1, E, generator=g)
+    check_heads(model, spec, masks, mha_runner(mha, x, mem, mem))
+
+
+# ----------------------------------------------------------------------------
 # layers, attention_and_mlp, embeddings
 # ----------------------------------------------------------------------------
 MODELS = {"gpt2": gpt2, "neox": neox, "gpt-neo": gpt_neo, "llama": llama, "encoder": Encoder, "bridge": bridge,

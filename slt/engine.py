@@ -61,9 +61,9 @@ from .result import UNSETTLED, LLCResult, _halving_gap, equilibrium_checks, heat
 from .rng import ChainRNG
 from .samplers import LocalizedPotential, SamplerSpec, build_sampler, resolve_sampler
 from .samplers.base import column_chunks, rowsum64
-from .stepsize import (ADAPT_EXTENSIONS, ADAPT_MIN_STEPS, STEP_SIZE_SAFETY, adapt_step_size, auto_step_size,
+from .stepsize import (ADAPT_EXTENSIONS, ADAPT_MIN_STEPS, JUMP_FACTOR, STEP_SIZE_SAFETY, adapt_step_size, auto_step_size,
                        gradient_noise_trace, initial_step_size, stable_step_size)
-from .target import (_seeds, checkpoint_modules, checkpoint_state_differences, fastest_path, load_checkpoint_files,
+from .target import (Target, _seeds, checkpoint_modules, checkpoint_state_differences, fastest_path, load_checkpoint_files,
                      prepare_target)
 
 __all__ = [
@@ -371,11 +371,33 @@ def estimate_llc(
     # 4. one result per group, in the caller's shape
     results = run.results()
     for g, res in enumerate(results):
-        where = ", ".join(f"{k} {v!r}" if isinstance(v, str) else f"{k} {v}"
-                          for k, v in target.group_labels(g).items() if v is not None)
+        where = _where(target, g)
         for w in res.diagnostics["warnings"]:
             warnings.warn(f"slt.estimate_llc ({where}): {w}", RuntimeWarning, stacklevel=user_stacklevel())
     return _with_files(files, target.arrange(results))
+
+
+def _where(target: Target, g: int) -> str:
+    """Group ``g``'s labels for a warning: ``checkpoint 0``, ``checkpoint 0, restriction 'l0h1'``, ..."""
+    return ", ".join(f"{k} {v!r}" if isinstance(v, str) else f"{k} {v}"
+                     for k, v in target.group_labels(g).items() if v is not None)
+
+
+def _warn_jumps(adapt: Any, target: Target) -> None:
+    """Name the groups whose loss :func:`slt.stepsize.jump_ratio` found to jump, so that adaptation toward
+    a Metropolis acceptance near 1 had collapsed their step (the run used ε₀ instead)."""
+    if adapt is None or adapt.collapsed is None:
+        return
+    for g in (adapt.collapsed != adapt.step_size).nonzero().flatten().tolist():
+        warnings.warn(
+            f"slt.estimate_llc ({_where(target, g)}): the loss jumps where the chains step (it is discontinuous in "
+            "w, e.g. top-k routing in a mixture of experts, argmax or rounding in forward): the Metropolis error of "
+            f"the Langevin proposal fell only {float(adapt.jump_ratio[g]):.1f}× for a {JUMP_FACTOR:g}× smaller step "
+            f"(a smooth loss: about {JUMP_FACTOR ** 1.5:g}×), so no step reaches the target acceptance, and "
+            f"adapting toward it drove ε down to {float(adapt.collapsed[g]):.3g}, where the chains barely move. The "
+            f"run used ε₀ = {float(adapt.step_size[g]):.3g} from the curvature at w* instead; the halving check "
+            "says whether λ̂ depends on it. Pass step_size to choose it yourself (a sweep: slt.calibrate).",
+            RuntimeWarning, stacklevel=user_stacklevel())
 
 
 def _each_checkpoint(modules: list[nn.Module], differ: list[str], data: Any, loss_fn: Any, seed: Any,
@@ -675,6 +697,7 @@ def sample_target(
         _raise_if_all_diverged(trace.diverged.view(G, C).all(1), spec, potential, target, rows, eps, thresh,
                                min(200, num_steps), None if batches.full else batches.batch_size, kw)
     _warn_divergent(trace.diverged, trace.divergence_step, C, thresh)
+    _warn_jumps(adapt, target)
     config = {
         "num_chains": C, "num_draws": int(trace.loss.shape[1]), "num_draws_requested": num_draws,
         "draw_extensions": extensions, "num_burnin": num_burnin,
@@ -995,6 +1018,10 @@ class _MaskedNoise:
     def normal(self, like: Tensor) -> Tensor:
         return self.groups.apply_mask(self.rng.normal(like), self.K)
 
+    def mask(self, t: Tensor) -> Tensor:
+        """``t`` (R, d) with each row's masked coordinates zeroed (noise drawn elsewhere)."""
+        return self.groups.apply_mask(t, self.K)
+
     def owned_normal(self, like: Tensor) -> Tensor:
         """Noise the caller owns (:func:`slt.samplers.base.owned_normal`), masked in place."""
         return self.groups.apply_mask(self.rng.owned_normal(like), self.K)
@@ -1145,7 +1172,10 @@ def _step_size_diagnostics(auto: Any, adapt: Any, g: int, k: int) -> dict[str, A
         return {"step_size_initial": float(adapt.initial[g]), "adapt_steps": adapt.steps,
                 "adapt_extensions": adapt.extensions,
                 "adapt_acceptance": float(adapt.accept[g]), "adapt_back_offs": int(adapt.back_offs[g]),
-                "adapt_resets": int(adapt.resets[g])}
+                "adapt_resets": int(adapt.resets[g]),
+                "adapt_jump_ratio": None if adapt.jump_ratio is None else float(adapt.jump_ratio[g]),
+                "step_size_collapsed": (float(adapt.collapsed[g]) if adapt.collapsed is not None
+                                        and bool(adapt.collapsed[g] != adapt.step_size[g]) else None)}
     return {}
 
 

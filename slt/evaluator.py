@@ -26,7 +26,6 @@ per-sample losses at w* the same way; plain tensors keep the tensor code path.
 
 from __future__ import annotations
 
-import functools
 import inspect
 import math
 import os
@@ -376,7 +375,10 @@ def _call_module(model: nn.Module, params: Mapping[str, Tensor], x: Any,
     from torch.func import functional_call
 
     args, kwargs = ((), dict(x)) if isinstance(x, Mapping) else ((x,), {})
-    if "use_cache" not in kwargs and _takes_use_cache(type(model)):
+    takes = _TAKES_USE_CACHE.get(type(model))  # a dict lookup: torch.compile traces this function
+    if takes is None:
+        takes = _TAKES_USE_CACHE[type(model)] = _takes_use_cache(type(model))
+    if takes and "use_cache" not in kwargs:
         kwargs["use_cache"] = False
     if slots is not None and slots.covers(params):  # one slot per (module, attribute): aliases included
         return slots.substitute(model, params, args, kwargs)
@@ -390,7 +392,9 @@ def _call_module(model: nn.Module, params: Mapping[str, Tensor], x: Any,
     return functional_call(model, params, args, kwargs)
 
 
-@functools.lru_cache(maxsize=None)
+_TAKES_USE_CACHE: dict[type, bool] = {}
+
+
 def _takes_use_cache(cls: type) -> bool:
     """Whether ``cls.forward`` names a ``use_cache`` argument (Hugging Face models).  slt calls such a
     model with ``use_cache=False`` unless the inputs say otherwise: a loss needs no key/value cache, and

@@ -6,7 +6,9 @@ the binomial-like spread of the recorded acceptance (stated at each assertion). 
 
 from __future__ import annotations
 
+import functools
 import math
+import warnings
 
 import pytest
 import torch
@@ -360,3 +362,91 @@ def test_the_run_starts_from_w_star_after_the_adaptation():
     torch.testing.assert_close(tr.burnin[:, 0], tr.burnin_star[:, 0], rtol=1e-13, atol=0.0)
     moved = s.adapt.loss_trace[:, -1] - s.adapt.star_trace[:, -1]
     assert bool((moved.abs() > 1e3 * torch.finfo(F64).eps).all())  # the adapted chains were elsewhere
+
+
+class _Routed(nn.Module):
+    """Two linear experts behind a gate: ``hard`` routes each sample to its top expert (top-1, as a Switch
+    mixture of experts: the loss jumps where a sample changes expert), else mixes them (smooth)."""
+
+    def __init__(self, hard: bool, d: int = 4):
+        super().__init__()
+        self.gate = nn.Linear(d, 2)
+        self.experts = nn.ModuleList([nn.Linear(d, 1) for _ in range(2)])
+        self.hard = hard
+
+    def forward(self, x):
+        p = self.gate(x).softmax(-1)
+        outs = torch.cat([e(x) for e in self.experts], -1)
+        if self.hard:
+            k = p.argmax(-1, keepdim=True)
+            return p.gather(-1, k) * outs.gather(-1, k)
+        return (p * outs).sum(-1, keepdim=True)
+
+
+@functools.lru_cache(maxsize=None)
+def _routed(hard: bool):
+    """A routed regression trained to its minimum (float64, fixed seeds): y = ±½ Σx by the sign of x₀."""
+    import torch.nn.functional as F
+
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(1000, 4, generator=g, dtype=F64)
+    Y = torch.where(X[:, :1] > 0, 0.5, -0.5) * X.sum(1, keepdim=True) + 0.1 * torch.randn(1000, 1, generator=g,
+                                                                                         dtype=F64)
+    torch.manual_seed(0)  # test-side only
+    m = _Routed(hard).double()
+    opt = torch.optim.Adam(m.parameters(), 3e-2)
+    for _ in range(300):
+        opt.zero_grad()
+        F.mse_loss(m(X), Y).backward()
+        opt.step()
+    return m, (X, Y)
+
+
+@pytest.mark.parametrize("hard", [False, True], ids=["smooth", "jumps"])
+def test_jump_ratio_tells_a_smooth_loss_from_one_that_jumps(hard):
+    """E|log r| of the Langevin proposal falls as ε^{3/2} for a smooth loss (64× for a 16× smaller step; a
+    quadratic: log r = −(ε/8)(2g·HΔ + |HΔ|²), so 64–256×) and as the chance of crossing a jump, ∝ ε^{1/2},
+    where the loss jumps (4×).  At ε = 1e-6, far below either problem's stability bound (≈ 1e-3), the
+    smooth router must read above JUMP_RATIO = 16 and the top-1 router below it, each with a factor of 2
+    to spare over 8 proposals × 4 chains (fixed seeds)."""
+    import torch.nn.functional as F
+    from slt.rng import ChainRNG
+    from slt.samplers import LocalizedPotential
+    from slt.stepsize import JUMP_RATIO, jump_ratio
+    from slt.target import prepare_target
+
+    model, data = _routed(hard)
+    target = prepare_target(model, data, F.mse_loss, dtype=F64)
+    C = 4
+    rng = ChainRNG(target.seeds, C, target.device)
+    batch, _ = target.batches(rng, C, None)()
+    pot = LocalizedPotential(target.evaluator.loss_and_grad, target.rows(C), target.nbeta, target.localization)
+    ratio = float(jump_ratio(pot, target.rows(C), batch, torch.tensor([1e-6], dtype=F64), rng, C)[0])
+    if hard:
+        assert ratio < JUMP_RATIO / 2, ratio
+    else:
+        assert ratio > 2 * JUMP_RATIO, ratio
+
+
+def test_a_loss_that_jumps_keeps_the_curvature_step_and_says_why():
+    """Regression: a tiny Mixtral (top-2 of 4 experts) adapted ε from 3.5e-5 down to 5e-9 — no step reaches
+    acceptance 0.99 where the loss jumps — and its chains, barely moving, gave λ̂ ∝ ε with warnings about
+    relaxation only.  Now the collapse is probed (:func:`slt.stepsize.jump_ratio`), ε₀ is kept and a warning
+    names the cause; the smooth router adapts as before and is not probed."""
+    import torch.nn.functional as F
+
+    kw = dict(num_chains=4, num_draws=100, seed=0, localization=100.0, progress=False)
+    model, data = _routed(True)
+    with pytest.warns(RuntimeWarning, match=r"the loss jumps where the chains step .* fell only [\d.]+× for a 16× "
+                                            r"smaller step .* The run used ε₀ = "):
+        r = slt.estimate_llc(model, data, F.mse_loss, **kw)
+    d = r.diagnostics
+    assert r.step_size == pytest.approx(d["step_size_initial"], rel=1e-12)
+    assert d["step_size_collapsed"] < d["step_size_initial"] / 20 and d["adapt_jump_ratio"] < 16
+    assert math.isfinite(r.llc_mean)
+    model, data = _routed(False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        warnings.filterwarnings("ignore", message=".*(effective sample size|R-hat)")  # 100 draws: not the point
+        r = slt.estimate_llc(model, data, F.mse_loss, **kw)
+    assert r.diagnostics["step_size_collapsed"] is None and r.diagnostics["adapt_jump_ratio"] is None

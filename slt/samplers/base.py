@@ -360,6 +360,16 @@ def mala_acceptance(
     :math:`\log\alpha`).  Sums over d accumulate in float64, a chunk of columns at a time (no
     parameter-sized temporaries).
     """
+    log_r = mala_log_ratio(w, w_new, U, grad_U, U_new, grad_U_new, step_size, precond)
+    return equilibrium_acceptance(log_r).to(U.dtype) if symmetric else acceptance(log_r, U.dtype)
+
+
+def mala_log_ratio(
+    w: Tensor, w_new: Tensor, U: Tensor, grad_U: Tensor, U_new: Tensor, grad_U_new: Tensor,
+    step_size: float | Tensor, precond: float | Tensor = 1.0,
+) -> Tensor:
+    r"""The Metropolis log-ratio :math:`\log r` (C,) float64 of the Langevin proposal ``w → w_new``
+    (:func:`mala_acceptance`, which takes :math:`\min(1, r)` of it)."""
     a = torch.zeros(w.shape[0], dtype=torch.float64, device=w.device)
     b = torch.zeros_like(a)
     for sl in column_chunks(w):
@@ -372,8 +382,7 @@ def mala_acceptance(
             diff.mul_(precond)
         b += rowsum64(diff.mul_(s))
         a += rowsum64((w_new[:, sl] - w[:, sl]).mul_(s))
-    log_r = _log_ratio(U, U_new, a, b, step_size)
-    return equilibrium_acceptance(log_r).to(U.dtype) if symmetric else acceptance(log_r, U.dtype)
+    return _log_ratio(U, U_new, a, b, step_size)
 
 
 def _log_ratio(U: Tensor, U_new: Tensor, a: Tensor, b: Tensor, step_size: float | Tensor) -> Tensor:

@@ -611,7 +611,25 @@ class _Arch:
                 raise ValueError(f"{what}: the attention module {name!r} is not inside a ModuleList of blocks; "
                                  "give the mapping by hand, e.g. {'l0': 'layers.0.*'}")
             lists.setdefault(b[0])
-        names = list(lists)
+        return self._labelled(list(lists))
+
+    def plain_stacks(self) -> list[tuple[str, str, nn.ModuleList]]:
+        """For a model without attention: its lists of blocks, labelled as :meth:`stacks` — the outermost
+        ModuleLists of two or more elements of one class, each with submodules of its own, holding sampled
+        parameters (Mamba's ``backbone.layers``); ``[]`` when it has none (an ``nn.Sequential`` MLP, a CNN,
+        an LSTM, a ModuleList of single layers)."""
+        ids = set(self.name_of)
+
+        def composite(b: nn.Module) -> bool:  # a block of layers, not a layer (a list of Conv2d is no stack)
+            return any(any(True for _ in c.parameters()) for c in b.children())
+
+        found = [n for n, m in self.modules.items()
+                 if isinstance(m, nn.ModuleList) and len(m) > 1 and len({type(c) for c in m}) == 1
+                 and all(composite(b) for b in m) and any(id(p) in ids for p in m.parameters())]
+        outer = [n for n in found if not any(o != n and (o == "" or n.startswith(o + ".")) for o in found)]
+        return self._labelled(outer) if outer else []
+
+    def _labelled(self, names: list[str]) -> list[tuple[str, str, nn.ModuleList]]:
         if len(names) == 1:
             return [("", names[0], self.modules[names[0]])]
         split = [n.split(".") for n in names]
@@ -734,9 +752,11 @@ def heads(model: nn.Module) -> dict[str, dict[str, Any]]:
 
 
 def layers(model: nn.Module) -> dict[str, dict[str, Any]]:
-    """One restriction per transformer block: ``{"l0": {param_name: True, ...}, "l1": ...}``; for a
-    model without attention (an MLP, a CNN, a recurrent net), one per module that owns parameters
-    (:func:`modules`).
+    """One restriction per transformer block: ``{"l0": {param_name: True, ...}, "l1": ...}``.  A model
+    without attention has blocks when it keeps them in a ModuleList of two or more elements of one class,
+    each made of submodules (a state-space model: Mamba's ``backbone.layers``); otherwise (an
+    ``nn.Sequential`` MLP, a CNN, a recurrent net) it gets one restriction per module that owns
+    parameters (:func:`modules`).
 
     The blocks are the elements of the ``nn.ModuleList`` that holds the model's attention modules
     (found as in :func:`heads`): GPT-2 ``transformer.h.{i}``, GPT-NeoX ``gpt_neox.layers.{i}``,
@@ -750,9 +770,10 @@ def layers(model: nn.Module) -> dict[str, dict[str, Any]]:
         When attention modules sit outside a list of blocks.
     """
     arch = _Arch(model)
-    if not arch.attn:
+    stacks = arch.stacks("layers") if arch.attn else arch.plain_stacks()
+    if not stacks:
         return modules(model)
-    return {f"{prefix}l{i}": arch.names(b) for prefix, _, blist in arch.stacks("layers") for i, b in enumerate(blist)}
+    return {f"{prefix}l{i}": arch.names(b) for prefix, _, blist in stacks for i, b in enumerate(blist)}
 
 
 def modules(model: nn.Module) -> dict[str, dict[str, Any]]:

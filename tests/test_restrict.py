@@ -714,6 +714,31 @@ def test_heads_torch_transformer_cross_attention():
     check_heads(model, spec, masks, mha_runner(mha, x, mem, mem))
 
 
+class Stacked(nn.Module):
+    """No attention: two residual blocks (conv + norm) in a ModuleList, a list of single layers, a head."""
+
+    def __init__(self):
+        super().__init__()
+        self.blocks = nn.ModuleList([nn.Sequential(nn.Conv1d(4, 4, 3, padding=1), nn.LayerNorm(5)) for _ in range(2)])
+        self.extra = nn.ModuleList([nn.Linear(5, 5) for _ in range(2)])
+        self.head = nn.Linear(5, 2)
+
+
+def test_layers_of_a_model_without_attention_are_its_blocks_when_it_has_them():
+    model = Stacked()
+    spec = ParamSpec(model)
+    got = layers(model)
+    assert list(got) == ["l0", "l1"]  # the list of composite blocks; single layers and the head are no blocks
+    assert got["l0"] == {"blocks.0.0.weight": True, "blocks.0.0.bias": True, "blocks.0.1.weight": True,
+                         "blocks.0.1.bias": True}
+    assert int(resolve_restrictions(got, model, spec).masks.sum(0).max()) == 1
+    mamba = pytest.importorskip("transformers").MambaForCausalLM(pytest.importorskip("transformers").MambaConfig(
+        vocab_size=16, hidden_size=E, state_size=4, num_hidden_layers=2, expand=2, conv_kernel=4))
+    named = layers(mamba)
+    assert list(named) == ["l0", "l1"]
+    assert all(n.startswith("backbone.layers.1.") for n in named["l1"]) and len(named["l1"]) == len(named["l0"])
+
+
 # ----------------------------------------------------------------------------
 # layers, attention_and_mlp, embeddings
 # ----------------------------------------------------------------------------

@@ -747,7 +747,8 @@ def _run_at(target, rows, spec, rule, step_size, kw, C, num_steps, num_burnin, b
         if choose in ("auto", "compile"):  # vmap, the loop or the compiled step, whichever is measured faster here
             target = fastest_path(target, rows, None if batches.full else batches.batch_size, num_steps=num_steps,
                                   shared=batches.shared, compile=True if choose == "compile" else None)
-        if target.path == "vmap" and target.groups.masks is not None and target.evaluator.row_plan is None:
+        if (target.path == "vmap" and target.groups.masks is not None and target.evaluator.row_plan is None
+                and not target.evaluator.row_plan_failed):
             plan = target.groups.row_plan(target.K, C, target.spec)  # restricted rows share what they can
             if plan is not None:
                 target.evaluator.row_plan = (rows.shape[0], [(r.to(dev), n) for r, n in plan])

@@ -587,6 +587,9 @@ class ChainEvaluator:
         #: every row of the block is passed once — vmap then evaluates what lies upstream of the moved
         #: parameters once per block and autograd stops at the lowest of them.  Used for ``R`` rows only.
         self.row_plan: tuple[int, list[tuple[Tensor, frozenset[str]]]] | None = None
+        #: the row plan failed on this model (an in-place op mixing its batched and unbatched activations):
+        #: not tried again; every row batched
+        self.row_plan_failed = False
         #: vmap path: a :class:`slt.compiled.CompiledStep` serving the calls of its signature (the run's
         #: step); set by :func:`slt.target.fastest_path`
         self.compiled: Any = None
@@ -753,7 +756,17 @@ class ChainEvaluator:
         """:meth:`_vmap_loss_and_grad`'s evaluation at the current ``max_rows``."""
         R = flat.shape[0]
         if self.row_plan is not None and self.row_plan[0] == R:
-            return self._planned_loss_and_grad(flat, batch, self.row_plan[1])
+            try:
+                return self._planned_loss_and_grad(flat, batch, self.row_plan[1])
+            except RuntimeError as e:  # the plan mixes batched and unbatched activations: every row batched
+                if out_of_memory(e):
+                    raise
+                self.row_plan, self.row_plan_failed = None, True
+                first = (str(e).strip().splitlines() or [""])[0][:200]
+                self.notes.append(f"vmap with every parameter batched: passing the parameters no restriction of a "
+                                  f"block moves once failed on this model ({type(e).__name__}: {first}), as an "
+                                  "in-place update of an activation they alone compute by one the restricted "
+                                  "ones change does")
         out = torch.empty(flat.shape, dtype=flat.dtype, device=flat.device)  # contiguous (flat may be a broadcast)
         step = self._rows_per_call(R)
         if step >= R:

@@ -393,23 +393,6 @@ def _gpt2_heads(m: nn.Module) -> HeadSlices | None:
     return out
 
 
-def _neox_heads(m: nn.Module) -> HeadSlices | None:
-    hd = int(m.head_size)
-    qkv, dense = m.query_key_value, m.dense
-    H = qkv.weight.shape[0] // (3 * hd)
-    if tuple(qkv.weight.shape) != (3 * H * hd, H * hd) or tuple(dense.weight.shape) != (H * hd, H * hd):
-        return None
-    out = []
-    for h in range(H):
-        head: dict = {}
-        # the output of query_key_value is viewed as (..., H, 3 hd) and then chunked into q, k, v
-        _add(head, qkv.weight, _span(h, 3 * hd))
-        _add(head, qkv.bias, _span(h, 3 * hd))
-        _add(head, dense.weight, (slice(None), _span(h, hd)))
-        out.append(head)
-    return out
-
-
 def _tl_heads(m: nn.Module) -> HeadSlices | None:
     P = dict(m.named_parameters(recurse=False))
     WQ, WO = P["W_Q"], P["W_O"]
@@ -432,9 +415,10 @@ def _tl_heads(m: nn.Module) -> HeadSlices | None:
     return out
 
 
-_Q, _K, _V = (("q_proj", "q", "query", "W_q", "q_lin"), ("k_proj", "k", "key", "W_k", "k_lin"),
-              ("v_proj", "v", "value", "W_v", "v_lin"))
-_O = ("o_proj", "o", "out_proj", "dense", "c_proj", "W_o", "out_lin")
+_Q, _K, _V = (("q_proj", "q", "query", "W_q", "q_lin", "query_proj", "to_q"),
+              ("k_proj", "k", "key", "W_k", "k_lin", "key_proj", "to_k"),
+              ("v_proj", "v", "value", "W_v", "v_lin", "value_proj", "to_v"))
+_O = ("o_proj", "o", "out_proj", "dense", "c_proj", "W_o", "out_lin", "to_out")
 #: names of an output projection kept in a sibling module of the q/k/v projections (BERT's ``output.dense``)
 _SIBLING_O = ("dense", "out_proj", "o_proj")
 
@@ -526,26 +510,143 @@ def _separate_heads(m: nn.Module) -> HeadSlices | None:
     return out
 
 
-def _attention_heads(m: nn.Module) -> HeadSlices | None:
-    """Per-head parameter slices of ``m`` if it is an attention module of a known layout."""
+# ----------------------------------------------------------------------------
+# fused q/k/v projections: one nn.Linear whose output rows hold q, k and v of every head
+# ----------------------------------------------------------------------------
+#: the layouts of a fused q/k/v projection's output rows that :func:`heads` knows (``qkv_layout=``)
+QKV_LAYOUTS = ("blocks", "per_head")
+_FUSED_QKV = ("qkv", "c_attn", "qkv_proj", "Wqkv", "to_qkv", "query_key_value", "in_proj", "qkv_linear", "attn_qkv")
+_FUSED_O = _O + ("proj", "out")
+_KV_HEADS = ("num_key_value_heads", "num_kv_heads", "n_kv_heads", "n_kv_head", "kv_heads")
+#: Hugging Face attention classes with a fused projection: (its name, the output projection's name)
+_HF_FUSED = {"GPTNeoXAttention": ("query_key_value", "dense"), "BloomAttention": ("query_key_value", "dense"),
+             "FalconAttention": ("query_key_value", "dense"), "GPTBigCodeAttention": ("c_attn", "c_proj"),
+             "Phi3Attention": ("qkv_proj", "o_proj"), "MptAttention": ("Wqkv", "out_proj"),
+             "CodeGenAttention": ("qkv_proj", "out_proj")}
+
+
+class _Unresolved(list):
+    """An attention module found, whose heads cannot be told without knowing its forward: no slices, and
+    the message :func:`heads` raises (:func:`layers` and :func:`attention_and_mlp` need no slices)."""
+
+    def __init__(self, why: str):
+        super().__init__()
+        self.why = why
+
+
+def _fused_rows(layout: str, h: int, H: int, n_kv: int, hd: int, mp: int = 1) -> Tensor | slice:
+    """Rows of head ``h``'s query, key and value in the output of a fused projection of
+    ``(H + 2 H_kv) hd`` rows, for each layout:
+
+    * ``"blocks"``: ``[Q of heads 0..H-1 | K of K/V heads 0..H_kv-1 | V ...]`` — nanoGPT's
+      ``q, k, v = c_attn(x).split(E, dim=2)``, timm's ``qkv(x).reshape(B, N, 3, H, hd)``; Phi-3, MPT,
+      Falcon and GPTBigCode with multi-query attention;
+    * ``"per_head"`` (``H_kv = H``): viewed as ``(H, 3 hd)``, each head's q, k, v side by side —
+      GPT-NeoX, Bloom, Falcon and GPTBigCode without multi-query;
+    * ``"grouped"``: viewed as ``(H_kv, H / H_kv + 2, hd)``, each K/V group's queries, then its key and
+      value — Falcon's new decoder architecture;
+    * ``"codegen"``: viewed as ``(mp, 3 local)``, ``local = H hd / mp``, each model-parallel shard's q,
+      v, k in that order (CodeGen, ``mp_num`` = 4).
+
+    Head ``h`` reads K/V head ``h // (H / H_kv)``."""
+    r = H // n_kv
+    g = h // r
+    if layout == "per_head":
+        return _span(h, 3 * hd)
+    if layout == "blocks":
+        starts = (h * hd, (H + g) * hd, (H + n_kv + g) * hd)
+    elif layout == "grouped":
+        base = g * (r + 2) * hd
+        starts = (base + (h % r) * hd, base + r * hd, base + (r + 1) * hd)
+    elif layout == "codegen":
+        local = H * hd // mp
+        a, off = divmod(h * hd, local)
+        base = 3 * a * local
+        starts = (base + off, base + 2 * local + off, base + local + off)  # q, k, v (stored q, v, k)
+    else:
+        raise ValueError(f"unknown fused q/k/v layout {layout!r}")
+    return torch.cat([torch.arange(o, o + hd) for o in starts])
+
+
+def _fused_heads(m: nn.Module, qkv_layout: str | None) -> HeadSlices | None:
+    """Per-head slices of an attention module computing q, k and v with one ``nn.Linear``: the Hugging
+    Face classes of :data:`_HF_FUSED` in their own layouts; any other module with a fused child
+    (:data:`_FUSED_QKV`), an output projection and a head count in ``qkv_layout`` (an
+    :class:`_Unresolved` when it is ``None``: the rows' order is in the forward)."""
+    mro = _mro_names(m)
+    cls = next((c for c in _HF_FUSED if c in mro), None)
+    if cls is not None:
+        qkv, o = (getattr(m, n, None) for n in _HF_FUSED[cls])
+        if getattr(m, "is_cross_attention", False):  # GPTBigCode's cross-attention: q_attn + c_attn (k, v)
+            return None
+    else:
+        qkv, o = _child(m, _FUSED_QKV), _child(m, _FUSED_O)
+    if not isinstance(qkv, nn.Linear) or not isinstance(o, nn.Module):
+        return None
+    ow, ob = _wb(o)
+    H = _int_attr(m, ("num_heads", "n_heads", "num_attention_heads", "n_head", "heads", "nhead"))
+    hd = _int_attr(m, ("head_dim", "head_size", "d_head", "attention_head_size"))
+    if ow is None or (H is None and hd is None):
+        return None
+    H, hd = H or ow.shape[1] // hd, hd or ow.shape[1] // H
+    n_kv, mp = H, 1
+    if cls == "FalconAttention":
+        n_kv = int(m.num_kv_heads)
+        layout = "grouped" if m.new_decoder_architecture else "blocks" if m.multi_query else "per_head"
+    elif cls == "GPTBigCodeAttention":
+        n_kv = int(m.kv_heads)
+        layout = "blocks" if m.multi_query else "per_head"
+    elif cls == "CodeGenAttention":
+        layout, mp = "codegen", int(m.mp_num)
+    elif cls is not None:
+        layout = "blocks" if cls in ("Phi3Attention", "MptAttention") else "per_head"
+        n_kv = _int_attr(m, _KV_HEADS) or H if cls == "Phi3Attention" else H
+    else:
+        layout, n_kv = qkv_layout, _int_attr(m, _KV_HEADS) or H
+    W, b = qkv.weight, qkv.bias
+    if (n_kv == 0 or H % n_kv or W.shape[0] != (H + 2 * n_kv) * hd or ow.shape[1] != H * hd
+            or (layout == "per_head" and n_kv != H)):
+        return None
+    if layout is None:
+        qkv_name = next(n for n, c in m.named_children() if c is qkv)
+        return _Unresolved(
+            f"{type(m).__name__} computes q, k and v with one projection {qkv_name!r} ({W.shape[0]} rows for {H} "
+            f"heads of size {hd}), and which rows belong to which head is up to its forward: pass "
+            "qkv_layout='blocks' when it splits the output into q, k, v first (nanoGPT's "
+            "q, k, v = c_attn(x).split(E, dim=2); timm's qkv(x).reshape(B, N, 3, H, hd)) or qkv_layout='per_head' "
+            "when it views it as (..., H, 3 hd) and then splits each head's part (GPT-NeoX, Bloom)")
+    out = []
+    for h in range(H):
+        head: dict = {}
+        rows = _fused_rows(layout, h, H, n_kv, hd, mp)
+        _add(head, W, rows)
+        _add(head, b, rows)
+        _add(head, ow, (slice(None), _span(h, hd)))
+        out.append(head)
+    return out
+
+
+def _attention_heads(m: nn.Module, qkv_layout: str | None = None) -> HeadSlices | None:
+    """Per-head parameter slices of ``m`` if it is an attention module of a known layout (an
+    :class:`_Unresolved` when it is one whose fused q/k/v rows need ``qkv_layout``)."""
     if isinstance(m, nn.MultiheadAttention):
         return _mha_heads(m)
     mro = _mro_names(m)
     if "GPT2Attention" in mro and hasattr(m, "c_attn") and hasattr(m, "c_proj"):
         return _gpt2_heads(m)
-    if "GPTNeoXAttention" in mro and hasattr(m, "query_key_value"):
-        return _neox_heads(m)
     own = dict(m.named_parameters(recurse=False))
     if "W_Q" in own and "W_O" in own:
         return _tl_heads(m)
-    return _separate_heads(m)
+    fused = _fused_heads(m, qkv_layout)
+    return fused if fused is not None else _separate_heads(m)
 
 
 _LOOKED_FOR = (
-    "torch.nn.MultiheadAttention; Hugging Face GPT2Attention (c_attn, c_proj) and GPTNeoXAttention "
-    "(query_key_value, dense); TransformerLens attention (W_Q, W_K, W_V, W_O of shape (n_heads, ...), "
+    "torch.nn.MultiheadAttention; Hugging Face GPT2Attention (c_attn, c_proj) and the fused q/k/v projections "
+    "of GPT-NeoX, Bloom, Falcon, GPTBigCode, Phi-3, MPT and CodeGen; any module with one fused q/k/v nn.Linear "
+    "(qkv, c_attn, qkv_proj, Wqkv, to_qkv, ...), an output projection and a head count; TransformerLens attention (W_Q, W_K, W_V, W_O of shape (n_heads, ...), "
     "_W_K/_W_V for grouped queries); and modules with separate q/k/v/o nn.Linear projections (q_proj/k_proj/"
-    "v_proj/o_proj, q/k/v/o, query/key/value/out_proj or dense, q_lin/k_lin/v_lin/out_lin; or q/k/v in one "
+    "v_proj/o_proj, q/k/v/o, query/key/value/out_proj or dense, q_lin/k_lin/v_lin/out_lin, query_proj/key_proj/value_proj, to_q/to_k/to_v/to_out; or q/k/v in one "
     "child and the output dense in another, as BERT's self/output) and a head count (num_heads, n_heads, "
     "num_attention_heads or head_dim)"
 )
@@ -555,7 +656,7 @@ _LOOKED_FOR = (
 # the module tree: attention modules, blocks
 # ----------------------------------------------------------------------------
 class _Arch:
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module, qkv_layout: str | None = None):
         self.model = model
         self.modules = dict(model.named_modules())
         self.name_of: dict[int, str] = {}  # id(param) -> first name, sampled parameters only
@@ -569,7 +670,7 @@ class _Arch:
         for name, m in model.named_modules():
             if any(f == "" or name == f or name.startswith(f + ".") for f in found):  # inside a found one
                 continue
-            hs = _attention_heads(m)
+            hs = _attention_heads(m, qkv_layout)
             if hs is not None:
                 self.attn.append((name, m, hs))
                 found.append(name)
@@ -665,7 +766,7 @@ def _label_heads(arch: _Arch, heads_: HeadSlices, label: str, out: dict) -> None
         out[f"{label}h{h}"] = dict(sorted(entry.items(), key=lambda kv: arch.pos[kv[0]]))
 
 
-def heads(model: nn.Module) -> dict[str, dict[str, Any]]:
+def heads(model: nn.Module, qkv_layout: str | None = None) -> dict[str, dict[str, Any]]:
     """One restriction per attention head: ``{"l{layer}h{head}": {param_name: index}}``.
 
     A head (Wang et al. 2024, arXiv 2410.02984) is the set of its slices of the query, key and
@@ -681,10 +782,18 @@ def heads(model: nn.Module) -> dict[str, dict[str, Any]]:
       in each of the Q, K, V blocks of ``c_attn.weight`` ``(E, 3E)``, the same entries of
       ``c_attn.bias``, rows ``[h hd, (h+1) hd)`` of ``c_proj.weight`` ``(E, E)`` (cross-attention:
       ``q_attn`` columns and the K, V blocks of ``c_attn``);
-    * Hugging Face GPT-NeoX (``GPTNeoXAttention``): the output of ``query_key_value`` is viewed as
-      ``(..., H, 3 hd)`` and split into q, k, v per head, so head ``h`` is rows
-      ``[3 h hd, 3 (h+1) hd)`` of ``query_key_value.weight`` ``(3E, E)`` and of its bias, and
-      columns ``[h hd, (h+1) hd)`` of ``dense.weight`` ``(E, E)``;
+    * one fused q/k/v ``nn.Linear`` of ``(H + 2 H_kv) hd`` output rows: head ``h`` is its rows of q,
+      k and v (weight and bias) and columns ``[h hd, (h+1) hd)`` of the output projection.  Which
+      rows those are depends on how the forward splits the output (:func:`_fused_rows`): Hugging Face
+      GPT-NeoX and Bloom (``query_key_value`` viewed as ``(..., H, 3 hd)``: rows
+      ``[3 h hd, 3 (h+1) hd)``), Falcon (that, or ``[Q | K | V]`` blocks with multi-query attention,
+      or per K/V group with the new decoder architecture), GPTBigCode (``c_attn``, an ``nn.Linear``:
+      blocks with multi-query, per head without), Phi-3 (``qkv_proj``, blocks, grouped-query), MPT
+      (``Wqkv``, blocks) and CodeGen (``qkv_proj`` in 4 shards of q, v, k) are read from their
+      classes.  Any other module with a fused child (``qkv``, ``c_attn``, ``qkv_proj``, ``Wqkv``,
+      ``to_qkv``, ``in_proj``, ...), an output projection (``proj``, ``c_proj``, ``out_proj``, ...)
+      and a head count needs ``qkv_layout``: ``"blocks"`` when its forward splits the output into
+      q, k, v first (nanoGPT, timm's ViT) or ``"per_head"`` when it views it as ``(..., H, 3 hd)``;
     * TransformerLens attention (``W_Q``, ``W_K``, ``W_V`` ``(H, E, hd)``, ``b_Q``, ``b_K``,
       ``b_V`` ``(H, hd)``, ``W_O`` ``(H, hd, E)``): index ``[h]`` of each; grouped-query ``_W_K``,
       ``_W_V``, ``_b_K``, ``_b_V`` ``(H_kv, ...)``: index ``[h // (H / H_kv)]``;
@@ -714,6 +823,9 @@ def heads(model: nn.Module) -> dict[str, dict[str, Any]]:
         with the stack (``"encoder l0h1"``), and a block holding several attention modules (a
         decoder's self- and cross-attention) names each (``"decoder l0 encoder_attn h1"``: BART;
         ``"EncDecAttention"``: T5; ``"multihead_attn"``: ``nn.Transformer``).
+    qkv_layout
+        ``"blocks"`` or ``"per_head"``: the order of the rows of fused q/k/v projections in modules of
+        classes :func:`heads` does not know (above); ignored for the others.
 
     Returns
     -------
@@ -726,10 +838,16 @@ def heads(model: nn.Module) -> dict[str, dict[str, Any]]:
     ------
     ValueError
         When no attention module of a known layout is found (the message lists what was looked for
-        and how to write the mapping by hand), or some attention modules sit inside a list of blocks
-        and others outside any.
+        and how to write the mapping by hand), some attention modules sit inside a list of blocks
+        and others outside any, or a fused q/k/v projection needs ``qkv_layout``.
     """
-    arch = _Arch(model)
+    if qkv_layout is not None and qkv_layout not in QKV_LAYOUTS:
+        raise ValueError(f"heads: qkv_layout must be one of {QKV_LAYOUTS}, got {qkv_layout!r}")
+    arch = _Arch(model, qkv_layout)
+    unresolved = [(name, hs) for name, _, hs in arch.attn if isinstance(hs, _Unresolved)]
+    if unresolved:
+        name, hs = unresolved[0]
+        raise ValueError(f"heads: the attention module {name!r} ({hs.why})")
     if not arch.attn:
         raise ValueError(
             f"heads: found no attention module in {type(model).__name__}: looked for {_LOOKED_FOR}. "

@@ -295,3 +295,39 @@ def test_the_row_plan_gives_each_row_its_masked_gradient(net, per_row):
     mask = t.groups.masks.repeat_interleave(C, 0).bool()
     gtol = fp_tol(torch.float32, scale=float(grad_ref.abs().max()), terms=256 * 8)
     assert torch.allclose(grad[mask], grad_ref[mask], atol=gtol, rtol=0)
+
+
+class ParallelBlock(nn.Module):
+    """Attention and MLP read the same input and are summed in place, as Falcon's and GPT-J's parallel
+    blocks do (``mlp_output += attention_output``)."""
+
+    def __init__(self):
+        super().__init__()
+        self.attn = nn.Linear(4, 4)
+        self.mlp = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 4))
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x):
+        out = self.mlp(x)
+        out += torch.tanh(self.attn(x))
+        return self.head(out)
+
+
+def test_restrictions_on_a_model_that_adds_activations_in_place_run_batched():
+    """The row plan passes parameters a block of rows does not move once, unbatched; an in-place add of a
+    batched activation into one they alone computed then fails under vmap.  The run falls back to every row
+    batched, says so in its setup notes, and gives the loop's chains."""
+    torch.manual_seed(0)
+    X, Y = torch.randn(128, 4), torch.randint(0, 3, (128,))
+    m = ParallelBlock()
+    train(m, (X, Y), F.cross_entropy, steps=200, lr=1e-2)
+    kw = dict(restrict_to={"attn": "attn.*", "mlp": "mlp.*"}, num_chains=2, num_draws=10, num_burnin=0,
+              step_size=1e-4, nbeta=20.0, localization=10.0, batch_size=None, extend_draws=False, progress=False)
+    vm = slt.estimate_llc(m, (X, Y), F.cross_entropy, vectorize="vmap", **kw)
+    lp = slt.estimate_llc(m, (X, Y), F.cross_entropy, vectorize="loop", **kw)
+    assert vm["attn"].config["path"] == "vmap"
+    assert any("every parameter batched" in n for n in vm["attn"].config["setup_notes"])
+    from conftest import fp_tol
+    for label in ("attn", "mlp"):  # nβ (L_n(w) − L_n(w*)): float32 sums over 128 samples of 8-wide layers
+        tol = fp_tol(torch.float32, scale=kw["nbeta"] * float(lp[label].loss_trace.abs().max()), terms=128 * 8)
+        assert torch.allclose(vm[label].llc_trace, lp[label].llc_trace, atol=tol, rtol=0)

@@ -234,6 +234,17 @@ def distilbert():
     return tf.DistilBertForSequenceClassification(cfg).eval()
 
 
+def deberta_v2():
+    """Hugging Face DeBERTa-v2 with relative attention: ``query_proj``/``key_proj``/``value_proj`` in
+    ``attention.self`` (the relative-position projections shared with them), ``attention.output.dense``."""
+    tf = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = tf.DebertaV2Config(vocab_size=16, hidden_size=E, num_hidden_layers=2, num_attention_heads=H,
+                             intermediate_size=64, max_position_embeddings=8, relative_attention=True,
+                             pos_att_type=["p2c", "c2p"], share_att_key=True, position_buckets=4)
+    return tf.DebertaV2ForSequenceClassification(cfg).eval()
+
+
 class Encoder(nn.Module):
     """Token embedding + nn.TransformerEncoder (nn.MultiheadAttention inside) + an untied lm_head."""
 
@@ -462,9 +473,11 @@ def test_heads_gpt_neo():
 @pytest.mark.parametrize("build, out_proj", [
     (bert, lambda m, layer: m.bert.encoder.layer[layer].attention.output.dense),
     (distilbert, lambda m, layer: m.distilbert.transformer.layer[layer].attention.out_lin),
+    (deberta_v2, lambda m, layer: m.deberta.encoder.layer[layer].attention.output.dense),
 ])
 def test_heads_encoders(build, out_proj):
-    """BERT's split layout (q/k/v and the output projection in sibling modules) and DistilBERT's names."""
+    """BERT's split layout (q/k/v and the output projection in sibling modules), DistilBERT's and DeBERTa's
+    names."""
     model = build()
     spec = ParamSpec(model)
     for layer in (0, 1):
@@ -484,6 +497,128 @@ def test_heads_llama_grouped_query():
     o = model.model.layers[1].self_attn.o_proj
     check_heads(model, spec, masks, input_hook_runner(model, o, lambda: model(IDS)),
                 groups=[{0, 1}, {0, 1}, {2, 3}, {2, 3}])
+
+
+def hf_causal(kind: str):
+    """Tiny Hugging Face models whose attention computes q, k and v with one fused nn.Linear, each in its
+    own layout: ``(model, output projection of layer l, K/V heads)``."""
+    tf = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    common = dict(vocab_size=16, bos_token_id=0, eos_token_id=0, pad_token_id=0)
+    cfgs = {
+        "bloom": lambda: tf.BloomConfig(hidden_size=E, n_head=H, n_layer=2, **common),
+        "falcon": lambda: tf.FalconConfig(hidden_size=E, num_attention_heads=H, num_hidden_layers=2,
+                                          multi_query=False, **common),
+        "falcon_multi_query": lambda: tf.FalconConfig(hidden_size=E, num_attention_heads=H, num_hidden_layers=2,
+                                                      multi_query=True, bias=True, **common),
+        "falcon_new_architecture": lambda: tf.FalconConfig(hidden_size=E, num_attention_heads=H, num_hidden_layers=2,
+                                                           new_decoder_architecture=True, num_kv_heads=2, **common),
+        "gpt_bigcode": lambda: tf.GPTBigCodeConfig(n_embd=E, n_head=H, n_layer=2, n_positions=8, multi_query=False,
+                                                   **common),
+        "gpt_bigcode_multi_query": lambda: tf.GPTBigCodeConfig(n_embd=E, n_head=H, n_layer=2, n_positions=8,
+                                                               multi_query=True, **common),
+        "phi3": lambda: tf.Phi3Config(hidden_size=E, num_attention_heads=H, num_key_value_heads=2, num_hidden_layers=2,
+                                      intermediate_size=64, max_position_embeddings=8, **common),
+        "mpt": lambda: tf.MptConfig(d_model=E, n_heads=H, n_layers=2, max_seq_len=8, **common),
+        "codegen": lambda: tf.CodeGenConfig(n_embd=E, n_head=H, n_layer=2, rotary_dim=4, n_ctx=8, n_positions=8,
+                                            **common),
+    }
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        cfg = cfgs[kind]()
+        cfg._attn_implementation = "eager"
+        model = tf.AutoModelForCausalLM.from_config(cfg).eval()
+    attn = [m for n, m in model.named_modules() if type(m).__name__.endswith("Attention")]
+    out = {"bloom": "dense", "falcon": "dense", "gpt_bigcode": "c_proj", "phi3": "o_proj", "mpt": "out_proj",
+           "codegen": "out_proj"}[kind.split("_multi")[0].split("_new")[0]]
+    n_kv = {"falcon_multi_query": 1, "gpt_bigcode_multi_query": 1, "falcon_new_architecture": 2, "phi3": 2}.get(kind, H)
+    return model, (lambda layer: getattr(attn[layer], out)), n_kv
+
+
+FUSED = ["bloom", "falcon", "falcon_multi_query", "falcon_new_architecture", "gpt_bigcode", "gpt_bigcode_multi_query",
+         "phi3", "mpt", "codegen"]
+
+
+def check_grouped_heads(model, spec, masks, run, n_kv):
+    """Heads reading shared K/V rows: perturbing head h moves exactly its K/V group; perturbing the entries
+    that are head h's alone (its query rows and output columns) moves head h alone."""
+    r = H // n_kv
+    check_heads(model, spec, masks, run, groups=[set(range(h // r * r, (h // r + 1) * r)) for h in range(H)])
+    own = masks & (masks.sum(0, keepdim=True) == 1)
+    assert own.sum(1).min() > 0
+    check_heads(model, spec, own, run)
+
+
+@pytest.mark.parametrize("kind", FUSED)
+def test_heads_fused_qkv_projections(kind):
+    """Every layout of a fused q/k/v projection that Hugging Face uses: each head's rows move that head
+    (and the heads sharing its K/V) and no other; together the heads cover every row."""
+    model, out_proj, n_kv = hf_causal(kind)
+    spec = ParamSpec(model)
+    ids = torch.randint(0, 16, (B, S), generator=torch.Generator().manual_seed(0))
+    for layer in (0, 1):
+        masks = layer_masks(model, spec, layer)
+        run = input_hook_runner(model, out_proj(layer), lambda: model(ids))
+        check_grouped_heads(model, spec, masks, run, n_kv)
+        fused = [p for n, p in model.named_parameters() if f".{layer}." in n and p.shape[0] == (H + 2 * n_kv) * HD
+                 and p.dim() == 2]
+        assert len(fused) == 1
+        rows = spec.unflatten(masks.any(0).float())  # every row of the fused weight belongs to some head
+        name = next(n for n, p in model.named_parameters() if p is fused[0])
+        assert bool(rows[name].all())
+
+
+class NanoGPTAttention(nn.Module):
+    """nanoGPT's CausalSelfAttention: c_attn (E, 3E) split into q, k, v blocks; c_proj."""
+
+    def __init__(self, per_head=False):
+        super().__init__()
+        self.c_attn, self.c_proj, self.n_head, self.per_head = nn.Linear(E, 3 * E), nn.Linear(E, E), H, per_head
+
+    def forward(self, x):
+        b, t, _ = x.shape
+        if self.per_head:  # GPT-NeoX's order: (..., H, 3 hd)
+            q, k, v = self.c_attn(x).view(b, t, H, 3 * HD).transpose(1, 2).split(HD, dim=-1)
+        else:
+            q, k, v = (z.view(b, t, H, HD).transpose(1, 2) for z in self.c_attn(x).split(E, dim=2))
+        y = nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.c_proj(y.transpose(1, 2).reshape(b, t, E))
+
+
+class NanoGPT(nn.Module):
+    def __init__(self, per_head=False):
+        super().__init__()
+        torch.manual_seed(0)
+        self.wte = nn.Embedding(16, E)
+        self.h = nn.ModuleList([NanoGPTAttention(per_head) for _ in range(2)])
+        self.lm_head = nn.Linear(E, 16)
+
+    def forward(self, ids):
+        x = self.wte(ids)
+        for blk in self.h:
+            x = x + blk(x)
+        return self.lm_head(x)
+
+
+@pytest.mark.parametrize("per_head", [False, True])
+def test_heads_of_a_users_fused_projection_need_its_layout(per_head):
+    model = NanoGPT(per_head)
+    spec = ParamSpec(model)
+    with pytest.raises(ValueError, match=r"'h\.0\.c_attn'|h\.0.*c_attn.*qkv_layout='blocks'.*qkv_layout='per_head'"):
+        heads(model)
+    assert list(layers(model)) == ["l0", "l1"]  # the blocks are found without the layout
+    with pytest.raises(ValueError, match="qkv_layout must be one of"):
+        heads(model, qkv_layout="interleaved")
+    right, wrong = ("per_head", "blocks") if per_head else ("blocks", "per_head")
+    run = input_hook_runner(model, model.h[1].c_proj, lambda: model(IDS))
+    hs = heads(model, qkv_layout=right)
+    masks = resolve_restrictions({f"l1h{h}": hs[f"l1h{h}"] for h in range(H)}, model, spec).masks
+    check_disjoint_and_sizes(masks, FULL)
+    check_heads(model, spec, masks, run)
+    hs = heads(model, qkv_layout=wrong)  # the check can fail: the other layout moves other heads
+    masks = resolve_restrictions({f"l1h{h}": hs[f"l1h{h}"] for h in range(H)}, model, spec).masks
+    with pytest.raises(AssertionError, match="perturbing head"):
+        check_heads(model, spec, masks, run)
 
 
 def test_heads_multihead_attention():

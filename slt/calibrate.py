@@ -50,6 +50,9 @@ def calibrate(
 ) -> CalibrationResult:
     r"""Run short chains over a grid of step sizes × nβ (or × localization γ).
 
+    One of ``nbetas`` and ``localizations`` is swept; the other is fixed with ``nbeta=`` or
+    ``localization=`` (a one-value list beside the swept axis is read as that fixed value).
+
     A grid point is *stable* when no chain diverged, the mean MALA acceptance is at least
     ``min_acceptance``, and λ̂ agrees with λ̂ at the next smaller step size of the grid (same nβ
     and γ): their difference is within 2% of λ̂ or within Student's t at a normal 3σ of its
@@ -77,8 +80,17 @@ def calibrate(
 
     if step_sizes is not None and not step_sizes:
         raise ValueError("step_sizes is empty")
-    if nbetas is not None and localizations is not None:
-        raise ValueError("sweep either nbetas or localizations, not both")
+    if nbetas is not None and localizations is not None:  # a one-value axis is that value, fixed
+        if len(list(localizations)) == 1 and "localization" not in kwargs:
+            kwargs["localization"], localizations = list(localizations)[0], None
+        elif len(list(nbetas)) == 1 and "nbeta" not in kwargs:
+            kwargs["nbeta"], nbetas = list(nbetas)[0], None
+        else:
+            raise ValueError(f"sweep either nbetas or localizations, not both (got {len(list(nbetas))} and "
+                             f"{len(list(localizations))} values): fix the other with nbeta=... or localization=...")
+    for axis, values, fixed in (("nbetas", nbetas, "nbeta"), ("localizations", localizations, "localization")):
+        if values is not None and fixed in kwargs:
+            raise ValueError(f"{axis} sweeps {fixed}, which was also given ({fixed}={kwargs[fixed]!r}): pass one")
     if nbetas is not None:
         other_name, others = "nbeta", list(nbetas)
     elif localizations is not None:

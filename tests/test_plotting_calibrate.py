@@ -79,8 +79,23 @@ def test_calibrate_finds_largest_stable_step(tmp_path):
     assert not cal.frame.loc[cal.frame.step_size == 3e-2, "stable"].item()
     fig = cal.plot()
     fig.savefig(tmp_path / "cal.png")
-    with pytest.raises(ValueError, match="either nbetas or localizations"):
-        slt.calibrate(m, (X, Y), F.mse_loss, step_sizes=steps, nbetas=[1.0], localizations=[1.0])
+    with pytest.raises(ValueError, match="either nbetas or localizations.*fix the other with"):
+        slt.calibrate(m, (X, Y), F.mse_loss, step_sizes=steps, nbetas=[1.0, 2.0], localizations=[1.0, 2.0])
+    with pytest.raises(ValueError, match=r"nbetas sweeps nbeta, which was also given"):
+        slt.calibrate(m, (X, Y), F.mse_loss, step_sizes=steps, nbetas=[1.0, 2.0], nbeta=3.0)
+
+
+def test_calibrate_reads_a_one_value_axis_as_fixed():
+    """``nbetas=[a, b], localizations=[g]`` is ``localization=g`` (and a one-value nβ axis beside a swept γ is
+    ``nbeta=``): the same grid points, the same chains."""
+    m, X, Y = _problem()
+    kw = dict(step_sizes=[1e-4, 1e-3], num_draws=20, num_chains=2, batch_size=None)
+    one = slt.calibrate(m, (X, Y), F.mse_loss, nbetas=[100.0, 200.0], localizations=[1.0], **kw)
+    fixed = slt.calibrate(m, (X, Y), F.mse_loss, nbetas=[100.0, 200.0], localization=1.0, **kw)
+    assert one.other_name == "nbeta" and list(one.frame["llc_mean"]) == list(fixed.frame["llc_mean"])
+    one = slt.calibrate(m, (X, Y), F.mse_loss, nbetas=[100.0], localizations=[1.0, 2.0], **kw)
+    fixed = slt.calibrate(m, (X, Y), F.mse_loss, nbeta=100.0, localizations=[1.0, 2.0], **kw)
+    assert one.other_name == "localization" and list(one.frame["llc_mean"]) == list(fixed.frame["llc_mean"])
 
 
 def test_calibrate_marks_a_step_whose_lambda_moved_from_the_smaller_one():

@@ -973,9 +973,16 @@ def validate_model_and_loss(model: nn.Module, adapter: LossAdapter, probe: Batch
             key = "logits" if isinstance(out.get("logits"), Tensor) else next(iter(out))
             hint += (f" (the model returns a {type(out).__name__}: take the prediction in the loss, e.g. "
                      f"lambda out, y: loss(out[{key!r}], y))")
-        elif isinstance(out, (tuple, list)) and out and isinstance(out[0], Tensor):
+        elif (isinstance(out, (tuple, list)) and out and isinstance(out[0], Tensor)
+              and not any(o is None for o in out)):
             hint += (f" (the model returns a {type(out).__name__}: take the prediction in the loss, e.g. "
                      "lambda out, y: loss(out[0], y))")
+        if isinstance(out, (tuple, list)) and any(o is None for o in out) and not isinstance(x, Mapping):
+            k = next(i for i, o in enumerate(out) if o is None)
+            hint += (f" (element {k} of the output is None: a forward that computes some outputs only when it is given "
+                     "more inputs — nanoGPT's forward(idx, targets) returns the last position's logits and loss=None "
+                     "without targets — gets them by keyword from a mapping: data = {'idx': X, 'targets': Y} and "
+                     f"loss_fn = lambda out, _: out[{k}])")
         raise ValueError(
             f"loss_fn failed on {on} of the data: model output {describe(out)}, target {describe(y)}: "
             f"{type(e).__name__}: {e}{hint}"

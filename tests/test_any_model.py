@@ -816,6 +816,34 @@ def test_a_loss_given_a_structured_output_names_the_element_to_take(model, fix):
         slt.estimate_llc(model(), (X, y), F.cross_entropy, **SMALL)
 
 
+class LossOnlyWithTargets(nn.Module):
+    """nanoGPT's forward(idx, targets=None): every position's logits and the loss with targets, the last
+    position's logits and loss=None without."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(8, 4)
+        self.head = nn.Linear(4, 8)
+
+    def forward(self, idx, targets=None):
+        h = self.emb(idx)
+        if targets is None:
+            return self.head(h[:, [-1], :]), None
+        logits = self.head(h)
+        return logits, F.cross_entropy(logits.reshape(-1, 8), targets.reshape(-1))
+
+
+def test_an_output_with_none_names_the_mapping_that_passes_the_missing_input():
+    g = torch.Generator().manual_seed(0)
+    X, Y = torch.randint(0, 8, (40, 6), generator=g), torch.randint(0, 8, (40, 6), generator=g)
+    model = LossOnlyWithTargets()
+    with pytest.raises(ValueError, match=r"element 1 of the output is None.*nanoGPT.*data = \{'idx': X, 'targets': Y\} "
+                                         r"and loss_fn = lambda out, _: out\[1\]"):
+        slt.estimate_llc(model, (X, Y), lambda out, y: F.cross_entropy(out[0].reshape(-1, 8), y.reshape(-1)), **SMALL)
+    r = slt.estimate_llc(model, {"idx": X, "targets": Y}, lambda out, _: out[1], **SMALL)  # the fix it names runs
+    assert math.isfinite(r.llc_mean)
+
+
 def test_elementwise_loss_with_a_broadcasting_target_is_refused():
     X, _ = _cls_data()
     with pytest.raises(ValueError, match=r"mse_loss: the model's output and the target have different shapes .*"

@@ -330,6 +330,13 @@ def _validate_inputs(name: str, t: Any, n: int | None) -> int:
     if isinstance(t, Mapping):
         first = None
         for k, v in t.items():
+            if v is None or isinstance(v, (bool, int, float, str)) or (isinstance(v, Tensor) and v.ndim == 0):
+                shown = v.item() if isinstance(v, Tensor) else v
+                raise TypeError(
+                    f"{name}[{k!r}] is {'a 0-d tensor' if isinstance(v, Tensor) else 'a ' + type(v).__name__} "
+                    f"({shown!r}), not a column of samples: every entry of a mapping holds one row per sample. A "
+                    f"keyword the model takes with the same value in every call belongs to the model: "
+                    f"model.forward = functools.partial(model.forward, {k}={shown!r})")
             m = _validate_tensor(f"{name}[{k!r}]", v, n, first or "x")
             if n is None:
                 n, first = m, f"{name}[{k!r}]"

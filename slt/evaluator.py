@@ -1234,11 +1234,19 @@ def _check_mean_reduction(model: nn.Module, aliases: Mapping[str, list[str]] | N
         return
     tol = 1e-3 * scale  # far above float rounding, far below the gap k·mean − mean
     if abs(whole - total) <= tol and abs(whole - mean) > 10 * tol:
+        from .losses import model_loss
+
+        fix = ("use reduction='mean' (the default of nn.CrossEntropyLoss(), F.mse_loss, ...) or divide by the number "
+               "of samples")
+        config = getattr(model, "config", None)
+        knobs = [a for a in dir(config) if a.endswith("loss_reduction")] if config is not None else []
+        if adapter.loss_fn is model_loss and knobs:  # a Hugging Face model's own loss, reduced as its config says
+            fix = (f"the model's own loss sums as its config says ({', '.join(f'{a}={getattr(config, a)!r}' for a in knobs)}"
+                   f"): set model.config.{knobs[0]} = 'mean'")
         raise ValueError(
             f"loss_fn sums over the batch: on {k} samples it returned {whole:.6g}, the sum of the samples' "
             f"losses ({total:.6g}), not their mean ({mean:.6g}). λ̂ = nβ (E[L_n(w)] − L_n(w*)) needs L_n the mean "
-            "loss (a sum multiplies the loss and the sampler's gradient by the batch size): use reduction='mean' (the "
-            "default of nn.CrossEntropyLoss(), F.mse_loss, ...) or divide by the number of samples"
+            f"loss (a sum multiplies the loss and the sampler's gradient by the batch size): {fix}"
         )
 
 

@@ -503,11 +503,22 @@ def _separate_heads(m: nn.Module) -> HeadSlices | None:
             _add(head, p, _span(g, hd))
         _add(head, ow, (slice(None), _span(h, hd)))
         out.append(head)
-    rel = _child(m, ("relative_attention_bias",))  # T5: one learned position bias per head, column h
-    if isinstance(rel, nn.Embedding) and rel.weight.dim() == 2 and rel.weight.shape[1] == H:
-        for h, head in enumerate(out):
-            _add(head, rel.weight, (slice(None), h))
+    _add_position_bias(m, out)
     return out
+
+
+#: learned relative-position biases with one column per head: T5's ``relative_attention_bias`` (an
+#: ``nn.Embedding`` (buckets, H)), Swin's ``relative_position_bias_table`` ((2w−1)², H)
+_POSITION_BIAS = ("relative_attention_bias.weight", "relative_position_bias_table")
+
+
+def _add_position_bias(m: nn.Module, heads_: HeadSlices) -> None:
+    """Give column ``h`` of the attention module's learned relative-position bias tables to head ``h``."""
+    H = len(heads_)
+    for name, p in m.named_parameters():
+        if name.endswith(_POSITION_BIAS) and p.dim() == 2 and p.shape[1] == H:
+            for h, head in enumerate(heads_):
+                _add(head, p, (slice(None), h))
 
 
 # ----------------------------------------------------------------------------
@@ -623,6 +634,7 @@ def _fused_heads(m: nn.Module, qkv_layout: str | None) -> HeadSlices | None:
         _add(head, b, rows)
         _add(head, ow, (slice(None), _span(h, hd)))
         out.append(head)
+    _add_position_bias(m, out)
     return out
 
 
@@ -735,7 +747,10 @@ class _Arch:
             return [("", names[0], self.modules[names[0]])]
         split = [n.split(".") for n in names]
         at = next((i for i in range(min(map(len, split))) if len({p[i] for p in split}) > 1), None)
-        labels = [p[at] for p in split] if at is not None else names
+        # the first component that tells the lists apart; an index with its list's name (Swin's stages:
+        # "layers.0", "layers.1")
+        labels = ([f"{p[at - 1]}.{p[at]}" if p[at].isdigit() and at else p[at] for p in split] if at is not None
+                  else names)
         if len(set(labels)) < len(labels):
             labels = names
         return [(f"{label} ", n, self.modules[n]) for label, n in zip(labels, names)]
@@ -806,7 +821,8 @@ def heads(model: nn.Module, qkv_layout: str | None = None) -> dict[str, dict[str
       Face BERT, RoBERTa, ELECTRA and ViT lay them out (``attention.self.query`` …,
       ``attention.output.dense``);
     * T5's ``relative_attention_bias`` (an ``nn.Embedding`` (buckets, H) in the first block of each
-      stack, used by every block of that stack): column ``h`` belongs to head ``h`` of that first block.
+      stack, used by every block of that stack): column ``h`` belongs to head ``h`` of that first block;
+      likewise column ``h`` of Swin's ``relative_position_bias_table`` ((2w−1)², H) in every block.
 
     The output projection's bias (``out_proj.bias``, ``c_proj.bias``, ``dense.bias``, ``b_O``) is
     shared by all heads and belongs to none.  With grouped-query attention the K/V slices of a group
@@ -820,9 +836,10 @@ def heads(model: nn.Module, qkv_layout: str | None = None) -> dict[str, dict[str
         index of the block (an element of an ``nn.ModuleList``) that contains them.  Attention
         modules outside any ModuleList (e.g. a lone ``nn.MultiheadAttention``) are numbered in
         module order.  An encoder-decoder model has one list of blocks per stack: labels then start
-        with the stack (``"encoder l0h1"``), and a block holding several attention modules (a
-        decoder's self- and cross-attention) names each (``"decoder l0 encoder_attn h1"``: BART;
-        ``"EncDecAttention"``: T5; ``"multihead_attn"``: ``nn.Transformer``).
+        with the stack (``"encoder l0h1"``; nested stages as Swin's: ``"layers.1 l0h1"``), and a block
+        holding several attention modules (a decoder's self- and cross-attention) names each
+        (``"decoder l0 encoder_attn h1"``: BART; ``"EncDecAttention"``: T5; ``"multihead_attn"``:
+        ``nn.Transformer``).
     qkv_layout
         ``"blocks"`` or ``"per_head"``: the order of the rows of fused q/k/v projections in modules of
         classes :func:`heads` does not know (above); ignored for the others.

@@ -863,6 +863,37 @@ def test_a_loss_summed_over_the_batch_is_refused(loss):
         slt.estimate_llc(nn.Linear(3, 4), (X, y), loss, **SMALL)
 
 
+def test_a_hugging_face_models_own_summed_loss_names_its_config_setting():
+    """Wav2Vec2ForCTC's own loss sums over the batch by default (ctc_loss_reduction='sum'): the error names
+    the config setting to change, and with it changed the run goes ahead."""
+    tf = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = tf.Wav2Vec2Config(vocab_size=10, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                            intermediate_size=32, conv_dim=(8, 8), conv_stride=(5, 4), conv_kernel=(10, 4),
+                            num_conv_pos_embeddings=4, num_conv_pos_embedding_groups=2, pad_token_id=0,
+                            feat_extract_norm="layer", do_stable_layer_norm=True)
+    model = tf.Wav2Vec2ForCTC(cfg).eval()
+    data = {"input_values": torch.randn(8, 800), "labels": torch.randint(1, 10, (8, 3))}
+    with pytest.raises(ValueError, match=r"sums over the batch.*own loss sums as its config says "
+                                         r"\(ctc_loss_reduction='sum'\): set model\.config\.ctc_loss_reduction = 'mean'"):
+        slt.estimate_llc(model, data, **SMALL)
+    model.config.ctc_loss_reduction = "mean"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert math.isfinite(slt.estimate_llc(model, data, **SMALL).llc_mean)
+
+
+@pytest.mark.parametrize("value", [True, 3, None, torch.tensor(True)])
+def test_a_constant_keyword_in_a_mapping_names_the_partial_that_passes_it(value):
+    """``{"input_ids": ..., "return_loss": True}`` (CLIP): a mapping's entries are columns of samples; a keyword
+    the same for every call is named with the fix, before any call to the model."""
+    X, _ = _cls_data()
+    shown = repr(value.item() if isinstance(value, torch.Tensor) else value)
+    with pytest.raises(TypeError, match=rf"x\['flag'\] is .*\({shown}\), not a column of samples.*"
+                                        rf"functools\.partial\(model\.forward, flag={shown}\)"):
+        slt.estimate_llc(nn.Linear(3, 4), {"input": X, "flag": value}, lambda out, _: out.square().mean(), **SMALL)
+
+
 def test_losses_that_average_or_couple_samples_pass_the_reduction_check():
     X, y = _cls_data()
     slt.estimate_llc(nn.Linear(3, 4), (X, y), lambda out, t: F.cross_entropy(out, t, reduction="sum") / len(t),

@@ -838,6 +838,31 @@ def test_heads_t5_cross_attention_and_relative_position_bias():
     check_heads(model, spec, masks, input_hook_runner(model, o, call))
 
 
+def test_heads_swin_stages_and_relative_position_bias_table():
+    """Swin keeps its blocks in a list per stage (labels "layers.1 l0h1") and a learned bias table
+    ((2w−1)², H) in every block: column h moves head h's attention pattern, and only head h's."""
+    tf = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = tf.SwinConfig(image_size=16, patch_size=2, embed_dim=E, depths=[1, 2], num_heads=[H, H], window_size=2,
+                        num_labels=3)
+    model = tf.SwinForImageClassification(cfg).eval()
+    spec = ParamSpec(model)
+    hs = heads(model)
+    assert list(hs) == [f"layers.{s} l{b}h{h}" for s, blocks in ((0, 1), (1, 2)) for b in range(blocks) for h in range(H)]
+    assert list(layers(model)) == ["layers.0 l0", "layers.1 l0", "layers.1 l1"]
+    px = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    masks = masks_of(model, spec, [f"layers.1 l1h{h}" for h in range(H)])
+    E1, HD1 = 2 * E, 2 * E // H  # stage 1 runs at twice the width (patch merging)
+    check_disjoint_and_sizes(masks, 3 * E1 * HD1 + 3 * HD1 + HD1 * E1 + (2 * 2 - 1) ** 2)
+    attn = model.swin.encoder.layers[1].blocks[1].attention
+    run = input_hook_runner(model, attn.o_proj, lambda: model(pixel_values=px))
+    check_heads(model, spec, masks, run)
+    table = "swin.encoder.layers.1.blocks.1.attention.relative_position_bias.relative_position_bias_table"
+    assert all(hs[f"layers.1 l1h{h}"][table] == (slice(None), h) for h in range(H))
+    columns = resolve_restrictions({f"c{h}": {table: (slice(None), h)} for h in range(H)}, model, spec).masks
+    check_heads(model, spec, columns, run)  # the bias column alone moves its head alone
+
+
 def test_heads_torch_transformer_cross_attention():
     model = Seq2Seq()
     spec = ParamSpec(model)

@@ -264,6 +264,8 @@ class LLCConfig(_Base):
     sampler: SamplerConf = field(default_factory=SamplerConf)
     dtype: Optional[str] = "float32"  # null: the model's precision (slt.estimate_llc's dtype=None)
     reference: Any = None
+    restrict: Any = None  # null, heads/layers/attention_and_mlp/embeddings/modules, a glob, globs, {label: glob}
+    qkv_layout: Optional[str] = None  # restrict=heads on a user's fused q/k/v projection: blocks or per_head
 
 
 @dataclass

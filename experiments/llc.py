@@ -14,6 +14,9 @@ Usage::
         checkpoint=/path/ckpt.pt train=null loss=torch.nn.functional.cross_entropy
     python -m experiments.llc -m checkpoint=a.pt,b.pt,c.pt train=null   # one run per checkpoint
     python -m experiments.llc 'checkpoint=ckpt/step_*.pt' train=null   # an LLC curve: one batched call
+    python -m experiments.llc ... restrict=heads     # weight-refined: every attention head, one batched call
+    python -m experiments.llc ... restrict=layers    # (also attention_and_mlp, embeddings, modules, a glob,
+                                                     #  a list of globs or a mapping {label: glob})
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ from typing import Any
 
 import hydra
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
 import slt
 from experiments import _runlib
@@ -53,6 +56,40 @@ def _validate(cfg: DictConfig) -> None:
     loss = cfg.loss
     if loss is not None and not isinstance(loss, (str, DictConfig)):
         raise ValueError(f"invalid config value loss={loss!r}: a dotted name, a node with _target_, or null")
+    _check_restrict(cfg.get("restrict"))
+    if cfg.get("qkv_layout") is not None and cfg.qkv_layout not in slt.restrict.QKV_LAYOUTS:
+        raise ValueError(f"invalid config value qkv_layout={cfg.qkv_layout!r}: one of {slt.restrict.QKV_LAYOUTS} or null")
+
+
+#: ``restrict=<name>``: the architecture helpers of :mod:`slt.restrict`, one restriction per component
+RESTRICT_HELPERS = ("heads", "layers", "attention_and_mlp", "embeddings", "modules")
+
+
+def _check_restrict(r: Any) -> None:
+    """``restrict``: null, a helper name, a glob, a list of globs, or a mapping ``{label: glob or list of globs}``."""
+    def globs(v: Any) -> bool:
+        return isinstance(v, str) or (isinstance(v, ListConfig) and len(v) > 0 and all(isinstance(g, str) for g in v))
+
+    if r is None or globs(r):
+        return
+    if isinstance(r, DictConfig) and len(r) > 0 and all(globs(v) for v in r.values()):
+        return
+    raise ValueError(f"invalid config value restrict={OmegaConf.to_container(r) if isinstance(r, (DictConfig, ListConfig)) else r!r}: "
+                     f"null, one of {', '.join(RESTRICT_HELPERS)}, a glob over parameter names, a list of globs or a "
+                     "mapping {label: glob or list of globs}")
+
+
+def restrict_to(cfg: DictConfig, model: torch.nn.Module) -> Any:
+    """The ``restrict_to`` of :func:`slt.estimate_llc` that ``cfg.restrict`` names: ``None``; a helper's
+    ``{label: ...}`` (``heads`` with ``cfg.qkv_layout``); a glob or list of globs (one restriction); or a
+    mapping ``{label: glob or globs}``."""
+    r = cfg.get("restrict")
+    if r is None:
+        return None
+    if isinstance(r, str) and r in RESTRICT_HELPERS:
+        helper = getattr(slt.restrict, r)
+        return helper(model, qkv_layout=cfg.get("qkv_layout")) if r == "heads" else helper(model)
+    return OmegaConf.to_container(r, resolve=True) if isinstance(r, (DictConfig, ListConfig)) else r
 
 
 def _is_glob(path: str) -> bool:
@@ -177,10 +214,12 @@ def run(cfg: DictConfig, out_dir: Path) -> tuple[dict[str, Any], dict[str, Any]]
             finish_iterations=int(cfg.train.finish_iterations),
         )
         metrics.update(train_loss=fit.loss, train_grad_norm=fit.grad_norm, train_converged=fit.converged)
-    res = slt.estimate_llc(model, data, loss, **_runlib.llc_kwargs(
+    res = slt.estimate_llc(model, data, loss, restrict_to=restrict_to(cfg, model), **_runlib.llc_kwargs(
         cfg.sampler, seed=seed, device=cfg.device, dtype=cfg.dtype, progress=bool(cfg.progress)))
-    metrics.update(_runlib.metrics_from_result(res))
     metrics["num_params"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    if isinstance(res, dict):  # one result per restriction
+        return _refined(cfg, res, metrics)
+    metrics.update(_runlib.metrics_from_result(res))
     ref = _reference(cfg)
     if ref is not None:
         metrics.update(llc_reference=ref, relative_error=(res.llc_mean - ref) / ref if ref else None,
@@ -206,8 +245,12 @@ def _curve(cfg: DictConfig, model: torch.nn.Module, data: Any, loss: Any,
     lists ``ckpt_*`` and the last checkpoint's summary as ``final_*``."""
     paths = checkpoint_files(cfg.checkpoint)
     states = [checkpoint_state(model, p, k) for k, p in enumerate(paths)]
-    results = slt.estimate_llc(model, data, loss, state_dicts=states, **_runlib.llc_kwargs(
-        cfg.sampler, seed=int(cfg.seed), device=cfg.device, dtype=cfg.dtype, progress=bool(cfg.progress)))
+    results = slt.estimate_llc(model, data, loss, state_dicts=states, restrict_to=restrict_to(cfg, model),
+                               **_runlib.llc_kwargs(cfg.sampler, seed=int(cfg.seed), device=cfg.device,
+                                                    dtype=cfg.dtype, progress=bool(cfg.progress)))
+    if isinstance(results, dict):  # {label: [result per checkpoint]}
+        metrics.update(num_checkpoints=len(paths), ckpt_path=paths)
+        return _refined(cfg, results, metrics)
     metrics.update(
         num_checkpoints=len(paths), ckpt_path=paths,
         ckpt_llc_mean=[r.llc_mean for r in results], ckpt_llc_sem=[r.llc_sem for r in results],
@@ -223,6 +266,37 @@ def _curve(cfg: DictConfig, model: torch.nn.Module, data: Any, loss: Any,
     print(f"[llc] {cfg.model._target_}: {len(paths)} checkpoints in one batched call; λ̂ = "
           + ", ".join(f"{r.llc_mean:.3f}" for r in results), flush=True)
     return metrics, _runlib.result_arrays(results, prefix="ckpt_")
+
+
+def _refined(cfg: DictConfig, res: dict[str, Any], metrics: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Metrics and arrays of a run with one result per restriction (``{label: result}``, or with checkpoints
+    ``{label: [result per checkpoint]}``): ``restrict_labels`` and, aligned with them, ``restrict_llc_mean``,
+    ``restrict_llc_sem``, ``restrict_converged``, ``restrict_rhat`` (lists over checkpoints in a curve); the
+    arrays of ``traces.npz`` stacked along a leading restriction axis (``restrict_llc_trace`` (M, C, T) or
+    (M, K, C, T))."""
+    labels = list(res)
+
+    def each(f: Any) -> list[Any]:
+        return [[f(r) for r in res[k]] if isinstance(res[k], list) else f(res[k]) for k in labels]
+
+    metrics.update(
+        restrict=OmegaConf.to_container(cfg.restrict) if isinstance(cfg.restrict, (DictConfig, ListConfig))
+        else cfg.restrict, restrict_labels=labels,
+        restrict_llc_mean=each(lambda r: r.llc_mean), restrict_llc_sem=each(lambda r: r.llc_sem),
+        restrict_converged=each(lambda r: r.converged),
+        restrict_rhat=each(lambda r: float(r.diagnostics.get("rhat", float("nan")))),
+        nbeta=next(iter(_leaves(res))).nbeta, device=next(iter(_leaves(res))).config.get("device", cfg.device))
+    per = [_runlib.result_arrays(res[k]) for k in labels]
+    arrays = {f"restrict_{name}": torch.stack([a[name] for a in per]) for name in per[0]}
+    shown = ", ".join(f"{k} {v:.3f}" if not isinstance(v, list) else f"{k} [{', '.join(f'{x:.3f}' for x in v)}]"
+                      for k, v in zip(labels[:8], metrics["restrict_llc_mean"][:8]))
+    print(f"[llc] {cfg.model._target_}: {len(labels)} restrictions in one batched call; λ̂: {shown}"
+          + (" ..." if len(labels) > 8 else ""), flush=True)
+    return metrics, arrays
+
+
+def _leaves(res: Any) -> list[Any]:
+    return [r for v in res.values() for r in (v if isinstance(v, list) else [v])]
 
 
 @hydra.main(version_base="1.3", config_path=_runlib.CONF_DIR, config_name="llc")

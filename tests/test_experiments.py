@@ -413,6 +413,49 @@ def test_llc_curve_over_checkpoint_files_in_one_call(tmp_path):
 
 
 
+def test_llc_weight_refined_from_config(tmp_path):
+    """``restrict=modules`` (any helper of slt.restrict), a glob, or a mapping: one batched call, metrics per
+    restriction aligned with ``restrict_labels``, the same numbers as estimate_llc with that restrict_to;
+    with a checkpoint pattern, lists over checkpoints; a bad value is refused when the config is checked."""
+    from experiments import llc
+
+    from slt.models import DeepLinearNetwork
+
+    fixed = ["model.widths=[3,2,3]", "data.rank=1", "reference=null", "dtype=float64", "sampler.sampler=sgld",
+             "sampler.step_size=1e-4", "sampler.nbeta=50", "sampler.localization=10", "sampler.extend_draws=false",
+             *TINY_LLC]
+    rec = _runlib.execute(llc.run, _compose("llc", ["restrict=modules", *fixed]), tmp_path / "modules")
+    met, npz = rec["metrics"], np.load(tmp_path / "modules" / "traces.npz")
+    assert met["restrict_labels"] == ["layers.0", "layers.1"] and "llc_mean" not in met
+    assert npz["restrict_llc_trace"].shape == (2, 2, 20)
+    cfg = _compose("llc", ["restrict=modules", *fixed])
+    model, data, loss = llc.build(cfg, torch.Generator().manual_seed(0))
+    model = model.double()  # as run() trains: in train.dtype, from the seed + 1 stream
+    slt.training.train(model, tuple(t.double() for t in data), loss, steps=20, lr=0.01,
+                       generator=torch.Generator().manual_seed(1), tol=1e-6, finish="lbfgs", finish_iterations=1000)
+    kw = _runlib.llc_kwargs(cfg.sampler, seed=0, device=cfg.device, dtype=cfg.dtype, progress=False)
+    direct = slt.estimate_llc(model, data, loss, restrict_to=slt.restrict.modules(model), **kw)
+    assert met["restrict_llc_mean"] == pytest.approx([direct[k].llc_mean for k in met["restrict_labels"]], rel=1e-6)
+    met = _runlib.execute(llc.run, _compose("llc", ["restrict={first: 'layers.0.*', both: ['layers.0.*', 'layers.1.*']}",
+                                                    *fixed]), tmp_path / "mapping")["metrics"]
+    assert met["restrict_labels"] == ["first", "both"]
+    met = _runlib.execute(llc.run, _compose("llc", ["restrict=layers.1.*", *fixed]), tmp_path / "glob")["metrics"]
+    assert "restrict_labels" not in met and np.isfinite(met["llc_mean"])  # one restriction: one result
+
+    for step in (2, 10):
+        m = DeepLinearNetwork([3, 2, 3], generator=torch.Generator().manual_seed(step))
+        torch.save(m.state_dict(), tmp_path / f"step_{step}.pt")
+    curve = [f"checkpoint={tmp_path / 'step_*.pt'}", "train=null", "restrict=modules",
+             *[o for o in fixed if not o.startswith("train.")]]
+    rec = _runlib.execute(llc.run, _compose("llc", curve), tmp_path / "curve")
+    met = rec["metrics"]
+    assert met["num_checkpoints"] == 2 and np.array(met["restrict_llc_mean"]).shape == (2, 2)
+    assert np.load(tmp_path / "curve" / "traces.npz")["restrict_llc_trace"].shape == (2, 2, 2, 20)
+    for bad in (["restrict=3"], ["restrict={a: 3}"], ["restrict=heads", "qkv_layout=interleaved"]):
+        with pytest.raises(ValueError, match="invalid config value (restrict|qkv_layout)"):
+            llc._validate(_compose("llc", bad))
+
+
 def test_checkpoint_files_include_hugging_face_checkpoint_directories(tmp_path):
     """A Trainer's ``out/checkpoint-*`` directories are checkpoints when they hold weights (natural
     order); a directory without weights, or one holding only a config, is not."""

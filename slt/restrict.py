@@ -319,7 +319,10 @@ def resolve_restrictions(restrict_to: Any, model: nn.Module, spec: ParamSpec) ->
             where = f"restrict_to[{k!r}]"
             _resolve_into(masks[m], r, P, where)
             if not masks[m].any():
-                raise ValueError(f"{where} selects no parameter entries: an empty restriction has nothing to sample")
+                why = (" (a helper of slt.restrict gives an empty one for a component whose parameters are all "
+                       "frozen: leave that label out)" if isinstance(r, Mapping) and not r else "")
+                raise ValueError(f"{where} selects no parameter entries: an empty restriction has nothing to "
+                                 f"sample{why}")
         return Restrictions(labels, masks)
     masks = torch.zeros(1, spec.d, dtype=torch.bool)
     _resolve_into(masks[0], restrict_to, P, "restrict_to")
@@ -876,13 +879,25 @@ def heads(model: nn.Module, qkv_layout: str | None = None) -> dict[str, dict[str
     if all(arch.block_of(name) is None for name, _, _ in arch.attn):  # lone attention modules: numbered
         for layer, (_, _, hs) in enumerate(arch.attn):
             _label_heads(arch, hs, f"l{layer}", out)
-        return out
+        return _sampled(out, model)
     for prefix, lname, blist in arch.stacks("heads"):
         for i in range(len(blist)):
             block = f"{lname}.{i}"
             mods = arch.attention_in(block)
             for (_, _, hs), tag in zip(mods, _attention_tags(block, [a[0] for a in mods])):
                 _label_heads(arch, hs, f"{prefix}l{i} {tag} " if tag else f"{prefix}l{i}", out)
+    return _sampled(out, model)
+
+
+def _sampled(out: dict[str, dict[str, Any]], model: nn.Module) -> dict[str, dict[str, Any]]:
+    """``out``, or an error naming the cause when no head has a sampled entry (frozen attention weights)."""
+    if out and not any(out.values()):
+        trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+        raise ValueError(
+            f"heads: the attention weights of {type(model).__name__} are frozen (requires_grad=False), so no head "
+            f"has an entry to sample; only trainable parameters are sampled ({len(trainable)}: "
+            f"{', '.join(trainable[:3])}{', ...' if len(trainable) > 3 else ''}). With adapters (PEFT/LoRA) restrict "
+            "to them: slt.restrict.modules(model) or layers(model)")
     return out
 
 

@@ -711,6 +711,23 @@ def test_heads_hooked_transformer():
     check_heads(model, spec, masks, run)
 
 
+def test_heads_of_frozen_attention_name_the_cause():
+    """Adapters (PEFT/LoRA) train beside frozen attention weights: no head has a sampled entry, and heads
+    says why instead of returning restrictions that select nothing."""
+    model = Encoder()
+    for layer in model.encoder.layers:
+        layer.self_attn.requires_grad_(False)
+    with pytest.raises(ValueError, match=r"attention weights of Encoder are frozen.*only trainable parameters are "
+                                         r"sampled \(\d+: emb\.weight, .*slt\.restrict\.modules\(model\)"):
+        heads(model)
+    model.encoder.layers[1].self_attn.requires_grad_(True)  # one layer sampled: its heads
+    hs = heads(model)
+    assert all(hs[f"l1h{h}"] for h in range(H)) and not any(hs[f"l0h{h}"] for h in range(H))
+    with pytest.raises(ValueError, match=r"restrict_to\['l0h0'\] selects no parameter entries.*frozen: leave that "
+                                         r"label out"):
+        resolve_restrictions(hs, model, ParamSpec(model))
+
+
 def test_heads_unknown_architecture():
     model = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 1))
     with pytest.raises(ValueError, match=r"found no attention module in Sequential: looked for torch\.nn\.MultiheadAttention.*by hand"):

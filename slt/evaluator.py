@@ -1192,8 +1192,8 @@ def check_gradients_reach(model: nn.Module, spec: ParamSpec, adapter: LossAdapte
     everything = len(silent) == len(params)
     names = _names([repr(n) for n in silent], 6)
     raise ValueError(
-        (f"no parameter gets a gradient from loss_fn (the loss does not require grad), yet the loss changes "
-         f"when they move" if everything else
+        ("no parameter gets a gradient from loss_fn (the loss does not require grad), yet the loss changes "
+         "when they move" if everything else
          f"the loss depends on the parameters {names}, yet autograd gives them no gradient")
         + f" (moving them by 1e-2 of their size changed the loss on the first samples from {float(loss):.6g} "
         f"to {float(again):.6g}): they are used under torch.no_grad(), through .detach() or .data in forward or "

@@ -597,7 +597,7 @@ def _fused_heads(m: nn.Module, qkv_layout: str | None) -> HeadSlices | None:
         qkv, o = _child(m, _FUSED_QKV), _child(m, _FUSED_O)
     if not isinstance(qkv, nn.Linear) or not isinstance(o, nn.Module):
         return None
-    ow, ob = _wb(o)
+    ow, _ = _wb(o)
     H = _int_attr(m, ("num_heads", "n_heads", "num_attention_heads", "n_head", "heads", "nhead"))
     hd = _int_attr(m, ("head_dim", "head_size", "d_head", "attention_head_size"))
     if ow is None or (H is None and hd is None):

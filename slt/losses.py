@@ -507,6 +507,16 @@ def _own_squared_error(output: Any, target: Any) -> Tensor:
     return (logits.reshape(labels.shape[0], -1) - labels.reshape(labels.shape[0], -1)).pow(2).mean(1)
 
 
+def _own_multilabel_bce(output: Any, target: Any) -> Tensor:
+    """A multi-label classifier's own loss per sample (``problem_type="multi_label_classification"``):
+    binary cross-entropy with logits, averaged over the labels."""
+    logits, labels = _own_labels(output, target)
+    if not labels.is_floating_point() or tuple(logits.shape) != tuple(labels.shape):
+        raise ValueError("multi-label targets are floating point and shaped like the logits")
+    bce = torch.nn.functional.binary_cross_entropy_with_logits(logits, labels.to(logits.dtype), reduction="none")
+    return bce.reshape(labels.shape[0], -1).mean(1)
+
+
 def model_loss(output: Any, target: Any) -> Tensor:
     r"""The loss the model computed itself: ``output.loss`` or ``output["loss"]``.
 
@@ -517,8 +527,8 @@ def model_loss(output: Any, target: Any) -> Tensor:
     sequences, and one number per batch.  The chains follow it as it is; for the control variate
     (its value at w* on each minibatch), the forms of ``model_loss.per_sample_forms`` are tried at
     set-up — cross-entropy of the output's logits against the batch's ``labels`` shifted by one
-    (causal LM) or not (masked LM, token and sequence classification), squared error (regression)
-    — and the first whose per-sample values, weighted by each sample's labelled entries, give the
+    (causal LM) or not (masked LM, token and sequence classification), squared error (regression),
+    binary cross-entropy averaged over the labels (multi-label classification) — and the first whose per-sample values, weighted by each sample's labelled entries, give the
     model's own loss on 64 rows and on 64 rows spread over the data is looked up on every minibatch
     like any per-sample loss.  When none fits, the control variate is a forward pass at w* per
     minibatch (a note says so).  Per-sample methods (:func:`slt.bif`) need a per-sample loss such as
@@ -538,4 +548,5 @@ def model_loss(output: Any, target: Any) -> Tensor:
 
 
 #: per-sample forms of a Hugging Face model's own loss tried for :func:`model_loss`'s control variate
-model_loss.per_sample_forms = (_own_shifted_ce, _own_token_ce, _own_squared_error)  # type: ignore[attr-defined]
+model_loss.per_sample_forms = (_own_shifted_ce, _own_token_ce, _own_squared_error,  # type: ignore[attr-defined]
+                               _own_multilabel_bce)

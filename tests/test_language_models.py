@@ -352,12 +352,13 @@ def test_per_sample_susceptibility_with_the_models_own_loss():
     assert res.values.shape == (24, 2) and torch.isfinite(res.values).all()
     assert "_own_shifted_ce" in res.config["per_sample_loss"]
 
-@pytest.mark.parametrize("kind", ["masked_lm", "sequence_classification", "regression"])
+@pytest.mark.parametrize("kind", ["masked_lm", "sequence_classification", "regression", "multi_label"])
 def test_the_own_loss_of_other_heads_is_looked_up_too(kind):
-    """A BERT masked LM (labels unshifted, most -100), a sequence classifier and a regression head
-    (num_labels=1): the model's own loss is reproduced per sample at set-up (unshifted token
-    cross-entropy weighted by labelled tokens; per-sample cross-entropy; squared error), so λ̂ equals
-    the forward-pass control variate's to rounding, without its note."""
+    """A BERT masked LM (labels unshifted, most -100), a sequence classifier, a regression head
+    (num_labels=1) and a multi-label classifier: the model's own loss is reproduced per sample at set-up
+    (unshifted token cross-entropy weighted by labelled tokens; per-sample cross-entropy; squared error;
+    binary cross-entropy averaged over the labels), so λ̂ equals the forward-pass control variate's to
+    rounding, without its note."""
     transformers = pytest.importorskip("transformers")
     transformers.utils.logging.set_verbosity_error()
     torch.manual_seed(0)  # test-side only
@@ -373,9 +374,13 @@ def test_the_own_loss_of_other_heads_is_looked_up_too(kind):
     elif kind == "sequence_classification":
         model = transformers.BertForSequenceClassification(transformers.BertConfig(num_labels=3, **cfg))
         data = {**data, "labels": torch.randint(0, 3, (N,), generator=g)}
-    else:
+    elif kind == "regression":
         model = transformers.BertForSequenceClassification(transformers.BertConfig(num_labels=1, **cfg))
         data = {**data, "labels": torch.randn(N, generator=g)}
+    else:
+        model = transformers.BertForSequenceClassification(
+            transformers.BertConfig(num_labels=4, problem_type="multi_label_classification", **cfg))
+        data = {**data, "labels": (torch.rand(N, 4, generator=g) < 0.4).float()}
     model.eval()
     kw = {**LLC_KW, "dtype": F64, "nbeta": 50.0, "localization": 10.0}
     with warnings.catch_warnings():

@@ -314,13 +314,34 @@ def _is_plain_dataclass(obj: Any) -> bool:
     return dataclasses.is_dataclass(obj) and not isinstance(obj, type) and type(obj) not in SUPPORTED_NODES
 
 
+#: parameters of a ``torch.distributions`` class given one way out of several: the first present is used
+_EXCLUSIVE_PARAMS = (("logits", "probs"), ("scale_tril", "covariance_matrix", "precision_matrix"))
+
+
+def _distribution_params(d: torch.distributions.Distribution) -> list[str] | None:
+    """The constructor arguments that rebuild distribution ``d`` (its ``arg_constraints`` set on the
+    instance, one of each exclusive group), or ``None`` when they do not (a wrapper such as
+    ``Independent`` holds another distribution, not tensors)."""
+    given = [k for k in getattr(d, "arg_constraints", {}) if k in vars(d)]
+    for group in _EXCLUSIVE_PARAMS:
+        present = [k for k in group if k in given]
+        given = [k for k in given if k not in group or k == (present[0] if present else None)]
+    return given or None
+
+
+def _is_leaf_node(obj: Any) -> bool:
+    return _is_plain_dataclass(obj) or (isinstance(obj, torch.distributions.Distribution)
+                                       and _distribution_params(obj) is not None)
+
+
 def _flatten(tree: Any) -> tuple[list[Any], Callable[[list[Any]], Any]]:
-    """Leaves of a pytree (dataclasses included) and the function that rebuilds it from new leaves."""
+    """Leaves of a pytree (dataclasses included, and ``torch.distributions`` objects by their parameters:
+    a model that returns ``Normal(mu, sigma)``) and the function that rebuilds it from new leaves."""
     import dataclasses
 
     from torch.utils._pytree import tree_flatten, tree_unflatten
 
-    leaves, spec = tree_flatten(tree, is_leaf=_is_plain_dataclass)
+    leaves, spec = tree_flatten(tree, is_leaf=_is_leaf_node)
     out: list[Any] = []
     parts: list[tuple[int, Callable[[list[Any]], Any]]] = []
     for leaf in leaves:
@@ -334,6 +355,15 @@ def _flatten(tree: Any) -> tuple[list[Any], Callable[[list[Any]], Any]]:
 
             parts.append((len(sub), rebuild_dc))
             out += sub
+        elif isinstance(leaf, torch.distributions.Distribution) and _distribution_params(leaf) is not None:
+            names = _distribution_params(leaf)
+            values = [vars(leaf)[k] for k in names]
+
+            def rebuild_dist(ls: list[Any], cls: type = type(leaf), names: list[str] = names) -> Any:
+                return cls(**dict(zip(names, ls)), validate_args=False)
+
+            parts.append((len(values), rebuild_dist))
+            out += values
         else:
             parts.append((1, lambda ls: ls[0]))
             out.append(leaf)

@@ -264,6 +264,56 @@ def test_structured_outputs_match_the_tensor_model(cls, weighted):
     assert t.evaluator.structured and t.star_losses[0] is not None  # the control variate is a gather
 
 
+class NormalOut(Plain):
+    """A probabilistic regression: the output is a ``torch.distributions.Normal``."""
+
+    def forward(self, x):
+        h = super().forward(x)
+        return torch.distributions.Normal(h, torch.ones_like(h))
+
+
+class CategoricalOut(Plain):
+    def forward(self, x):
+        return torch.distributions.Categorical(logits=super().forward(x))
+
+
+class IndependentOut(NormalOut):
+    def forward(self, x):
+        return torch.distributions.Independent(super().forward(x), 1)
+
+
+def _gauss(o, y):
+    return -torch.distributions.Normal(o, torch.ones_like(o)).log_prob(y).mean()
+
+
+def _nll(d, y):
+    return -d.log_prob(y).mean()
+
+
+def test_distribution_outputs_get_per_sample_losses_from_their_parameters():
+    """A model returning a ``torch.distributions`` object: its parameters are the output's leaves, so the loss
+    at w* on each minibatch is a lookup and the chains are those of the tensor model with the same loss.  A
+    wrapper holding another distribution (``Independent``) falls back to forward passes at w*."""
+    X, Y = _data()
+    ref = slt.estimate_llc(_plain_model(), (X, Y), _gauss, **KW)
+    t = prepare_target(_plain_model(NormalOut), (X, Y), _nll, dtype=F64)
+    assert t.adapter.per_sample_error is None and t.star_losses[0] is not None  # a gather
+    for vec in ("vmap", "loop"):
+        r = slt.estimate_llc(_plain_model(NormalOut), (X, Y), _nll, vectorize=vec, **KW)
+        tol = _trace_tol(_plain_model(), X, Y, ref, loss_fn=_gauss)
+        torch.testing.assert_close(r.loss_trace, ref.loss_trace, rtol=0, atol=tol)
+        torch.testing.assert_close(r.loss_star_trace, ref.loss_star_trace, rtol=0, atol=tol)
+    labels = torch.randint(0, 2, (200,), generator=torch.Generator().manual_seed(1))
+    t = prepare_target(_plain_model(CategoricalOut), (X, labels), _nll, dtype=F64)
+    assert t.adapter.per_sample_error is None and t.star_losses[0] is not None
+    cat = CategoricalOut.forward(_plain_model(CategoricalOut), X)
+    own = (-cat.log_prob(labels)).detach()  # each sample's own loss (log-softmax over 2 classes: a few roundings)
+    torch.testing.assert_close(t.star_losses[0][0], own, rtol=0, atol=fp_tol(F64, scale=float(own.abs().max()) + 1,
+                                                                               terms=2))
+    t = prepare_target(_plain_model(IndependentOut), (X, Y), _nll, dtype=F64)
+    assert t.adapter.per_sample_error is not None and t.star_losses[0] is None
+
+
 class Opaque:
     """Not a tensor, tuple, dict or dataclass: vmap cannot see inside."""
 

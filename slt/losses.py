@@ -318,10 +318,19 @@ def _is_plain_dataclass(obj: Any) -> bool:
 _EXCLUSIVE_PARAMS = (("logits", "probs"), ("scale_tril", "covariance_matrix", "precision_matrix"))
 
 
+#: distributions built from other distributions: constructor argument -> the attribute that holds it
+_WRAPPERS = {"Independent": {"base_distribution": "base_dist", "reinterpreted_batch_ndims": "reinterpreted_batch_ndims"},
+             "MixtureSameFamily": {"mixture_distribution": "_mixture_distribution",
+                                   "component_distribution": "_component_distribution"}}
+
+
 def _distribution_params(d: torch.distributions.Distribution) -> list[str] | None:
     """The constructor arguments that rebuild distribution ``d`` (its ``arg_constraints`` set on the
-    instance, one of each exclusive group), or ``None`` when they do not (a wrapper such as
-    ``Independent`` holds another distribution, not tensors)."""
+    instance, one of each exclusive group; a wrapper's inner distributions, :data:`_WRAPPERS`), or
+    ``None`` when they do not."""
+    wrapped = _WRAPPERS.get(type(d).__name__)
+    if wrapped is not None:
+        return list(wrapped) if all(hasattr(d, a) for a in wrapped.values()) else None
     given = [k for k in getattr(d, "arg_constraints", {}) if k in vars(d)]
     for group in _EXCLUSIVE_PARAMS:
         present = [k for k in group if k in given]
@@ -357,13 +366,15 @@ def _flatten(tree: Any) -> tuple[list[Any], Callable[[list[Any]], Any]]:
             out += sub
         elif isinstance(leaf, torch.distributions.Distribution) and _distribution_params(leaf) is not None:
             names = _distribution_params(leaf)
-            values = [vars(leaf)[k] for k in names]
+            attrs = _WRAPPERS.get(type(leaf).__name__, {})
+            sub, rebuild_sub = _flatten(tuple(getattr(leaf, attrs.get(k, k)) for k in names))  # inner ones too
 
-            def rebuild_dist(ls: list[Any], cls: type = type(leaf), names: list[str] = names) -> Any:
-                return cls(**dict(zip(names, ls)), validate_args=False)
+            def rebuild_dist(ls: list[Any], cls: type = type(leaf), names: list[str] = names,
+                             rebuild_sub: Callable = rebuild_sub) -> Any:
+                return cls(**dict(zip(names, rebuild_sub(ls))), validate_args=False)
 
-            parts.append((len(values), rebuild_dist))
-            out += values
+            parts.append((len(sub), rebuild_dist))
+            out += sub
         else:
             parts.append((1, lambda ls: ls[0]))
             out.append(leaf)

@@ -282,6 +282,11 @@ class IndependentOut(NormalOut):
         return torch.distributions.Independent(super().forward(x), 1)
 
 
+class TransformedOut(NormalOut):
+    def forward(self, x):
+        return torch.distributions.TransformedDistribution(super().forward(x), [torch.distributions.ExpTransform()])
+
+
 def _gauss(o, y):
     return -torch.distributions.Normal(o, torch.ones_like(o)).log_prob(y).mean()
 
@@ -291,9 +296,10 @@ def _nll(d, y):
 
 
 def test_distribution_outputs_get_per_sample_losses_from_their_parameters():
-    """A model returning a ``torch.distributions`` object: its parameters are the output's leaves, so the loss
-    at w* on each minibatch is a lookup and the chains are those of the tensor model with the same loss.  A
-    wrapper holding another distribution (``Independent``) falls back to forward passes at w*."""
+    """A model returning a ``torch.distributions`` object: its parameters are the output's leaves (those of
+    the inner distributions of ``Independent`` and ``MixtureSameFamily``), so the loss at w* on each
+    minibatch is a lookup and the chains are those of the tensor model with the same loss.  One that its
+    parameters do not rebuild (``TransformedDistribution``) falls back to forward passes at w*."""
     X, Y = _data()
     ref = slt.estimate_llc(_plain_model(), (X, Y), _gauss, **KW)
     t = prepare_target(_plain_model(NormalOut), (X, Y), _nll, dtype=F64)
@@ -311,6 +317,11 @@ def test_distribution_outputs_get_per_sample_losses_from_their_parameters():
     torch.testing.assert_close(t.star_losses[0][0], own, rtol=0, atol=fp_tol(F64, scale=float(own.abs().max()) + 1,
                                                                                terms=2))
     t = prepare_target(_plain_model(IndependentOut), (X, Y), _nll, dtype=F64)
+    assert t.adapter.per_sample_error is None
+    own = (-IndependentOut.forward(_plain_model(IndependentOut), X).log_prob(Y)).detach()  # summed over the event
+    torch.testing.assert_close(t.star_losses[0][0], own, rtol=0, atol=fp_tol(F64, scale=float(own.abs().max()) + 1,
+                                                                               terms=4))
+    t = prepare_target(_plain_model(TransformedOut), (X, Y.exp()), _nll, dtype=F64)
     assert t.adapter.per_sample_error is not None and t.star_losses[0] is None
 
 

@@ -418,10 +418,10 @@ def _tl_heads(m: nn.Module) -> HeadSlices | None:
     return out
 
 
-_Q, _K, _V = (("q_proj", "q", "query", "W_q", "q_lin", "query_proj", "to_q"),
-              ("k_proj", "k", "key", "W_k", "k_lin", "key_proj", "to_k"),
-              ("v_proj", "v", "value", "W_v", "v_lin", "value_proj", "to_v"))
-_O = ("o_proj", "o", "out_proj", "dense", "c_proj", "W_o", "out_lin", "to_out")
+_Q, _K, _V = (("q_proj", "q", "query", "W_q", "q_lin", "query_proj", "to_q", "wq"),
+              ("k_proj", "k", "key", "W_k", "k_lin", "key_proj", "to_k", "wk"),
+              ("v_proj", "v", "value", "W_v", "v_lin", "value_proj", "to_v", "wv"))
+_O = ("o_proj", "o", "out_proj", "dense", "c_proj", "W_o", "out_lin", "to_out", "wo")
 #: names of an output projection kept in a sibling module of the q/k/v projections (BERT's ``output.dense``)
 _SIBLING_O = ("dense", "out_proj", "o_proj")
 
@@ -529,9 +529,11 @@ def _add_position_bias(m: nn.Module, heads_: HeadSlices) -> None:
 # ----------------------------------------------------------------------------
 #: the layouts of a fused q/k/v projection's output rows that :func:`heads` knows (``qkv_layout=``)
 QKV_LAYOUTS = ("blocks", "per_head")
-_FUSED_QKV = ("qkv", "c_attn", "qkv_proj", "Wqkv", "to_qkv", "query_key_value", "in_proj", "qkv_linear", "attn_qkv")
+_FUSED_QKV = ("qkv", "c_attn", "qkv_proj", "Wqkv", "wqkv", "to_qkv", "query_key_value", "in_proj", "qkv_linear",
+              "attn_qkv")
 _FUSED_O = _O + ("proj", "out")
-_KV_HEADS = ("num_key_value_heads", "num_kv_heads", "n_kv_heads", "n_kv_head", "kv_heads")
+#: K/V head counts (gpt-fast calls it ``n_local_heads``)
+_KV_HEADS = ("num_key_value_heads", "num_kv_heads", "n_kv_heads", "n_kv_head", "kv_heads", "n_local_heads")
 #: Hugging Face attention classes with a fused projection: (its name, the output projection's name)
 _HF_FUSED = {"GPTNeoXAttention": ("query_key_value", "dense"), "BloomAttention": ("query_key_value", "dense"),
              "FalconAttention": ("query_key_value", "dense"), "GPTBigCodeAttention": ("c_attn", "c_proj"),
@@ -659,11 +661,12 @@ def _attention_heads(m: nn.Module, qkv_layout: str | None = None) -> HeadSlices 
 _LOOKED_FOR = (
     "torch.nn.MultiheadAttention; Hugging Face GPT2Attention (c_attn, c_proj) and the fused q/k/v projections "
     "of GPT-NeoX, Bloom, Falcon, GPTBigCode, Phi-3, MPT and CodeGen; any module with one fused q/k/v nn.Linear "
-    "(qkv, c_attn, qkv_proj, Wqkv, to_qkv, ...), an output projection and a head count; TransformerLens attention (W_Q, W_K, W_V, W_O of shape (n_heads, ...), "
-    "_W_K/_W_V for grouped queries); and modules with separate q/k/v/o nn.Linear projections (q_proj/k_proj/"
-    "v_proj/o_proj, q/k/v/o, query/key/value/out_proj or dense, q_lin/k_lin/v_lin/out_lin, query_proj/key_proj/value_proj, to_q/to_k/to_v/to_out; or q/k/v in one "
-    "child and the output dense in another, as BERT's self/output) and a head count (num_heads, n_heads, "
-    "num_attention_heads or head_dim)"
+    "(qkv, c_attn, qkv_proj, Wqkv, wqkv, to_qkv, ...), an output projection and a head count; TransformerLens "
+    "attention (W_Q, W_K, W_V, W_O of shape (n_heads, ...), _W_K/_W_V for grouped queries); and modules with "
+    "separate q/k/v/o nn.Linear projections (q_proj/k_proj/v_proj/o_proj, q/k/v/o, query/key/value/out_proj or "
+    "dense, q_lin/k_lin/v_lin/out_lin, query_proj/key_proj/value_proj, to_q/to_k/to_v/to_out, wq/wk/wv/wo; or "
+    "q/k/v in one child and the output dense in another, as BERT's self/output) and a head count (num_heads, "
+    "n_heads, num_attention_heads or head_dim)"
 )
 
 

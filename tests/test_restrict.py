@@ -621,6 +621,56 @@ def test_heads_of_a_users_fused_projection_need_its_layout(per_head):
         check_heads(model, spec, masks, run)
 
 
+class LlamaStyleAttention(nn.Module):
+    """Hand-written Llama attention with grouped queries (2 K/V heads): gpt-fast's fused ``wqkv`` split as
+    [q | k | v] (``n_local_heads`` K/V heads), or Meta's reference ``wq``/``wk``/``wv``; ``wo``."""
+
+    def __init__(self, fused):
+        super().__init__()
+        self.fused, self.n_head, self.head_dim = fused, H, HD
+        if fused:
+            self.wqkv, self.n_local_heads = nn.Linear(E, (H + 4) * HD, bias=False), 2
+        else:
+            self.wq, self.wk, self.wv, self.n_kv_heads = (nn.Linear(E, H * HD, bias=False), nn.Linear(E, 2 * HD, bias=False),
+                                                          nn.Linear(E, 2 * HD, bias=False), 2)
+        self.wo = nn.Linear(H * HD, E, bias=False)
+
+    def forward(self, x):
+        b, t, _ = x.shape
+        q, k, v = (self.wqkv(x).split([H * HD, 2 * HD, 2 * HD], -1) if self.fused
+                   else (self.wq(x), self.wk(x), self.wv(x)))
+        q = q.view(b, t, H, HD).transpose(1, 2)
+        k, v = (z.view(b, t, 2, HD).transpose(1, 2).repeat_interleave(H // 2, 1) for z in (k, v))
+        y = nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.wo(y.transpose(1, 2).reshape(b, t, H * HD))
+
+
+class LlamaStyle(nn.Module):
+    def __init__(self, fused):
+        super().__init__()
+        torch.manual_seed(0)
+        self.tok_embeddings = nn.Embedding(16, E)
+        self.layers = nn.ModuleList([LlamaStyleAttention(fused) for _ in range(2)])
+        self.output = nn.Linear(E, 16, bias=False)
+
+    def forward(self, ids):
+        x = self.tok_embeddings(ids)
+        for layer in self.layers:
+            x = x + layer(x)
+        return self.output(x)
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_heads_of_hand_written_llama_attention(fused):
+    model = LlamaStyle(fused)
+    spec = ParamSpec(model)
+    hs = heads(model, qkv_layout="blocks" if fused else None)
+    masks = resolve_restrictions({f"l1h{h}": hs[f"l1h{h}"] for h in range(H)}, model, spec).masks
+    assert masks.sum(1).tolist() == [3 * E * HD + HD * E] * H  # q rows, its group's k and v rows, wo columns
+    run = input_hook_runner(model, model.layers[1].wo, lambda: model(IDS))
+    check_grouped_heads(model, spec, masks, run, n_kv=2)
+
+
 def test_heads_multihead_attention():
     model = Encoder()
     spec = ParamSpec(model)

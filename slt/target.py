@@ -710,8 +710,9 @@ def _check_module(m: Any, what: str) -> None:
 
 
 #: the weight files a Hugging Face checkpoint directory (``save_pretrained``, a ``Trainer``'s
-#: ``checkpoint-500/``) holds, in the order they are looked for; a sharded one has an index instead
-HF_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+#: ``checkpoint-500/``; a PEFT model's adapters) holds, in the order they are looked for; a sharded one
+#: has an index instead
+HF_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "adapter_model.safetensors", "adapter_model.bin")
 HF_WEIGHT_INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
 
 
@@ -819,6 +820,21 @@ def _params_in(sd: Mapping[Any, Any], names: list[str]) -> Mapping[Any, Any] | N
     return None
 
 
+def _with_adapter_names(sd: Mapping[Any, Any], template: nn.Module, names: list[str]) -> Mapping[Any, Any]:
+    """A PEFT model's saved adapters (``save_pretrained``'s ``adapter_model.safetensors``,
+    ``get_peft_model_state_dict``) are keyed without the adapter's name (``….lora_A.weight`` for the
+    parameter ``….lora_A.default.weight``): the keys with it, when the template is a PEFT model (its
+    ``peft_config`` names the adapters) and the checkpoint holds none of its parameters by name."""
+    adapters = getattr(template, "peft_config", None)
+    if not isinstance(adapters, Mapping) or any(n in sd for n in names):
+        return sd
+    for a in adapters:
+        plain = {n.replace(f".{a}.", ".", 1): n for n in names if f".{a}." in n}
+        if any(key in plain for key in sd):
+            return {plain.get(key, key): v for key, v in sd.items()}
+    return sd
+
+
 def _unprefixed(sd: Any, template: nn.Module, k: int = 0) -> Any:
     """The state dict of the template's parameters inside a checkpoint mapping.
 
@@ -832,6 +848,7 @@ def _unprefixed(sd: Any, template: nn.Module, k: int = 0) -> Any:
     names = [n for n, p in template.named_parameters() if p.requires_grad]
     if not names:
         return sd
+    sd = _with_adapter_names(sd, template, names)
     found = _params_in(sd, names)
     if found is not None:
         return found

@@ -717,6 +717,51 @@ def test_safetensors_files_and_hugging_face_checkpoint_directories_load(tmp_path
     with pytest.raises(FileNotFoundError, match="checkpoint 0: no such file"):
         slt.estimate_llc(model, (X, Y), F.mse_loss, state_dicts=[tmp_path / "missing.safetensors"], **KW)
 
+class LoraLinear(nn.Module):
+    """PEFT's layout of a LoRA layer: a frozen ``base_layer`` and adapters ``lora_A.<name>``, ``lora_B.<name>``."""
+
+    def __init__(self, d_in, d_out, r=2):
+        super().__init__()
+        self.base_layer = nn.Linear(d_in, d_out).requires_grad_(False)
+        self.lora_A = nn.ModuleDict({"default": nn.Linear(d_in, r, bias=False)})
+        self.lora_B = nn.ModuleDict({"default": nn.Linear(r, d_out, bias=False)})
+
+    def forward(self, x):
+        return self.base_layer(x) + self.lora_B["default"](self.lora_A["default"](x))
+
+
+class PeftLike(nn.Module):
+    """A PEFT model as slt sees it: ``peft_config`` names the adapters; only they are trainable."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)  # test-side only
+        self.peft_config = {"default": None}
+        self.l1, self.l2 = LoraLinear(3, 4), LoraLinear(4, 2)
+
+    def forward(self, x):
+        return self.l2(torch.tanh(self.l1(x)))
+
+
+def test_saved_peft_adapters_load_as_checkpoints(tmp_path):
+    """``save_pretrained`` writes a PEFT model's adapters to ``adapter_model.safetensors`` keyed without the
+    adapter's name (``l1.lora_A.weight`` for the parameter ``l1.lora_A.default.weight``): a checkpoint
+    directory or state dict of adapters alone gives the run of the in-memory state dict."""
+    st = pytest.importorskip("safetensors.torch")
+    X, Y = _data()
+    model = PeftLike().to(F64)
+    adapters = {k: v.detach().clone().add_(0.01) for k, v in model.state_dict().items() if "lora" in k}
+    (ref,) = slt.estimate_llc(model, (X, Y), F.mse_loss, state_dicts=[adapters], **KW)
+    saved = {k.replace(".default.", "."): v.contiguous() for k, v in adapters.items()}
+    (tmp_path / "checkpoint-500").mkdir()
+    st.save_file(saved, tmp_path / "checkpoint-500" / "adapter_model.safetensors")
+    for ck in (saved, tmp_path / "checkpoint-500"):
+        (run,) = slt.estimate_llc(model, (X, Y), F.mse_loss, state_dicts=[ck], **KW)
+        assert torch.equal(run.loss_trace, ref.loss_trace)
+    (plain,) = slt.estimate_llc(model, (X, Y), F.mse_loss, state_dicts=[model.state_dict()], **KW)
+    assert not torch.equal(plain.loss_trace, ref.loss_trace)  # the saved adapters were read, not the model's
+
+
 def test_a_dataset_of_several_inputs_names_the_mapping_form():
     """TensorDataset(A, B, Y) for forward(self, a, b) is read as (x, y, weights): the error says so and
     shows the mapping form, whether Y made invalid weights or the call lacked its second input."""

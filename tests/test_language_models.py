@@ -565,3 +565,26 @@ def test_transformer_lens_model():
     assert r.diagnostics["path"] == "vmap" or "measured" in r.diagnostics["path_reason"]
     for k, v in model.named_parameters(remove_duplicate=False):  # every alias of every weight is intact
         assert torch.equal(v.detach(), before[k]), k
+
+
+def test_an_llc_curve_over_lora_fine_tuning_from_saved_adapters(tmp_path):
+    """A PEFT LoRA model (pip install peft): the adapters are the sampled parameters, the frozen base stays
+    at w*; the adapters a Trainer saves per checkpoint (``save_pretrained``: ``adapter_model.safetensors``,
+    keys without the adapter's name) give the LLC curve, each checkpoint the run of its in-memory state."""
+    peft = pytest.importorskip("peft")
+    model = peft.get_peft_model(_gpt2(), peft.LoraConfig(r=2, lora_alpha=4, target_modules=["c_attn"],
+                                                          lora_dropout=0.0, fan_in_fan_out=True))
+    data = pattern_data()
+    states = []
+    for k in range(2):
+        train_briefly(model, data, steps=10, seed=k)
+        model.save_pretrained(tmp_path / f"checkpoint-{k}")
+        states.append({n: v.detach().clone() for n, v in model.state_dict().items() if "lora_" in n})
+    model.eval()
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == set(states[0])
+    kw = {**LLC_KW, "nbeta": 20.0, "localization": 100.0, "dtype": F64}
+    files = slt.estimate_llc(model, data, slt.losses.causal_lm, state_dicts=sorted(tmp_path.glob("checkpoint-*")), **kw)
+    memory = slt.estimate_llc(model, data, slt.losses.causal_lm, state_dicts=states, **kw)
+    for f, m in zip(files, memory):
+        assert torch.equal(f.loss_trace, m.loss_trace)
+    assert files[0].config["num_params"] == sum(v.numel() for v in states[0].values())

@@ -58,7 +58,8 @@ def _validate(cfg: DictConfig) -> None:
         raise ValueError(f"invalid config value loss={loss!r}: a dotted name, a node with _target_, or null")
     _check_restrict(cfg.get("restrict"))
     if cfg.get("qkv_layout") is not None and cfg.qkv_layout not in slt.restrict.QKV_LAYOUTS:
-        raise ValueError(f"invalid config value qkv_layout={cfg.qkv_layout!r}: one of {slt.restrict.QKV_LAYOUTS} or null")
+        raise ValueError(f"invalid config value qkv_layout={cfg.qkv_layout!r}: one of {slt.restrict.QKV_LAYOUTS} "
+                         "or null")
 
 
 #: ``restrict=<name>``: the architecture helpers of :mod:`slt.restrict`, one restriction per component
@@ -74,7 +75,8 @@ def _check_restrict(r: Any) -> None:
         return
     if isinstance(r, DictConfig) and len(r) > 0 and all(globs(v) for v in r.values()):
         return
-    raise ValueError(f"invalid config value restrict={OmegaConf.to_container(r) if isinstance(r, (DictConfig, ListConfig)) else r!r}: "
+    shown = OmegaConf.to_container(r) if isinstance(r, (DictConfig, ListConfig)) else r
+    raise ValueError(f"invalid config value restrict={shown!r}: "
                      f"null, one of {', '.join(RESTRICT_HELPERS)}, a glob over parameter names, a list of globs or a "
                      "mapping {label: glob or list of globs}")
 

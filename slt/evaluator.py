@@ -1241,8 +1241,8 @@ def _check_mean_reduction(model: nn.Module, aliases: Mapping[str, list[str]] | N
         config = getattr(model, "config", None)
         knobs = [a for a in dir(config) if a.endswith("loss_reduction")] if config is not None else []
         if adapter.loss_fn is model_loss and knobs:  # a Hugging Face model's own loss, reduced as its config says
-            fix = (f"the model's own loss sums as its config says ({', '.join(f'{a}={getattr(config, a)!r}' for a in knobs)}"
-                   f"): set model.config.{knobs[0]} = 'mean'")
+            says = ", ".join(f"{a}={getattr(config, a)!r}" for a in knobs)
+            fix = f"the model's own loss sums as its config says ({says}): set model.config.{knobs[0]} = 'mean'"
         raise ValueError(
             f"loss_fn sums over the batch: on {k} samples it returned {whole:.6g}, the sum of the samples' "
             f"losses ({total:.6g}), not their mean ({mean:.6g}). λ̂ = nβ (E[L_n(w)] − L_n(w*)) needs L_n the mean "

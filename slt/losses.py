@@ -569,11 +569,11 @@ def model_loss(output: Any, target: Any) -> Tensor:
     (its value at w* on each minibatch), the forms of ``model_loss.per_sample_forms`` are tried at
     set-up — cross-entropy of the output's logits against the batch's ``labels`` shifted by one
     (causal LM) or not (masked LM, token and sequence classification), squared error (regression),
-    binary cross-entropy averaged over the labels (multi-label classification) — and the first whose per-sample values, weighted by each sample's labelled entries, give the
-    model's own loss on 64 rows and on 64 rows spread over the data is looked up on every minibatch
-    like any per-sample loss.  When none fits, the control variate is a forward pass at w* per
-    minibatch (a note says so).  Per-sample methods (:func:`slt.bif`) need a per-sample loss such as
-    :func:`causal_lm`.
+    binary cross-entropy averaged over the labels (multi-label classification) — and the first whose
+    per-sample values, weighted by each sample's labelled entries, give the model's own loss on 64
+    rows and on 64 rows spread over the data is looked up on every minibatch like any per-sample loss.
+    When none fits, the control variate is a forward pass at w* per minibatch (a note says so).
+    Per-sample methods (:func:`slt.bif`) need a per-sample loss such as :func:`causal_lm`.
     """
     loss = getattr(output, "loss", None)
     if loss is None and isinstance(output, Mapping):

@@ -981,7 +981,8 @@ def test_a_hugging_face_models_own_summed_loss_names_its_config_setting():
     model = tf.Wav2Vec2ForCTC(cfg).eval()
     data = {"input_values": torch.randn(8, 800), "labels": torch.randint(1, 10, (8, 3))}
     with pytest.raises(ValueError, match=r"sums over the batch.*own loss sums as its config says "
-                                         r"\(ctc_loss_reduction='sum'\): set model\.config\.ctc_loss_reduction = 'mean'"):
+                                         r"\(ctc_loss_reduction='sum'\): "
+                                         r"set model\.config\.ctc_loss_reduction = 'mean'"):
         slt.estimate_llc(model, data, **SMALL)
     model.config.ctc_loss_reduction = "mean"
     with warnings.catch_warnings():

@@ -631,8 +631,8 @@ class LlamaStyleAttention(nn.Module):
         if fused:
             self.wqkv, self.n_local_heads = nn.Linear(E, (H + 4) * HD, bias=False), 2
         else:
-            self.wq, self.wk, self.wv, self.n_kv_heads = (nn.Linear(E, H * HD, bias=False), nn.Linear(E, 2 * HD, bias=False),
-                                                          nn.Linear(E, 2 * HD, bias=False), 2)
+            self.wq, self.n_kv_heads = nn.Linear(E, H * HD, bias=False), 2
+            self.wk, self.wv = nn.Linear(E, 2 * HD, bias=False), nn.Linear(E, 2 * HD, bias=False)
         self.wo = nn.Linear(H * HD, E, bias=False)
 
     def forward(self, x):
@@ -915,7 +915,8 @@ def test_heads_swin_stages_and_relative_position_bias_table():
     model = tf.SwinForImageClassification(cfg).eval()
     spec = ParamSpec(model)
     hs = heads(model)
-    assert list(hs) == [f"layers.{s} l{b}h{h}" for s, blocks in ((0, 1), (1, 2)) for b in range(blocks) for h in range(H)]
+    assert list(hs) == [f"layers.{s} l{b}h{h}" for s, blocks in ((0, 1), (1, 2)) for b in range(blocks)
+                        for h in range(H)]
     assert list(layers(model)) == ["layers.0 l0", "layers.1 l0", "layers.1 l1"]
     px = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))
     masks = masks_of(model, spec, [f"layers.1 l1h{h}" for h in range(H)])

@@ -146,3 +146,20 @@ def check_real(name: str, value: Any, *, positive: bool = False, nonnegative: bo
         need = "positive and finite" if positive else "non-negative and finite" if nonnegative else "finite"
         raise ValueError(f"{name} must be {need}, got {value!r}")
     return v
+
+
+def check_observables(caller: str, observables: Any) -> dict[str, Any]:
+    """``observables`` as a dict ``name -> f(params)`` (``{}`` for ``None``); a clear error, before
+    sampling, for anything else or for a value that is not callable."""
+    from collections.abc import Mapping
+
+    if observables is None:
+        return {}
+    if not isinstance(observables, Mapping):
+        raise TypeError(f"{caller}: observables must be a mapping name -> f(params), got "
+                        f"{type(observables).__name__}")
+    for k, f in observables.items():
+        if not callable(f):
+            raise TypeError(f"{caller}: observable {k!r} must be callable f(params) -> (R,) tensor, got "
+                            f"{type(f).__name__}")
+    return dict(observables)

@@ -48,7 +48,7 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
-from ._checks import check_int, check_real
+from ._checks import check_int, check_observables, check_real
 from ._runtime import (autograd_allowed, intra_op_threads, resolve_device, retained_heap, small_work_threads,
                        user_stacklevel, versions)
 from .data import LoaderSource
@@ -343,6 +343,7 @@ def estimate_llc(
     _check_arguments(num_chains, num_draws, num_burnin, num_steps_bw_draws, mala_every, step_size, nbeta,
                      localization, batch_size, target_accept)
     resolve_sampler(sampler)
+    check_observables("slt.estimate_llc", observables)
     model, models, state_dicts, files = load_checkpoint_files(model, models, state_dicts)  # paths read once
     if differ := checkpoint_state_differences(model, models, state_dicts):
         # 0. checkpoints whose buffers (BatchNorm statistics) differ: one run each, as if batched

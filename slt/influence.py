@@ -78,7 +78,7 @@ import torch
 from torch import Tensor, nn
 
 from ._runtime import autograd_allowed, user_stacklevel
-from ._checks import check_int
+from ._checks import check_int, check_observables
 from .defaults import LLC
 from .data import Data, _map, _plain, as_source, row_numel
 from .evaluator import _vmap_attention
@@ -465,18 +465,6 @@ def _check_data(caller: str, name: str, data: Any, target: Any) -> Data:
     return d.to(target.device, target.dtype)
 
 
-def _check_observables(caller: str, observables: Any) -> dict[str, Observable]:
-    if observables is None:
-        return {}
-    if not isinstance(observables, Mapping):
-        raise TypeError(f"{caller}: observables must be a mapping name -> f(params), got "
-                        f"{type(observables).__name__}")
-    for k, f in observables.items():
-        if not callable(f):
-            raise TypeError(f"{caller}: observable {k!r} must be callable f(params) -> (R,) tensor")
-    return dict(observables)
-
-
 def _setup(caller: str, model: Any, data: Any, loss_fn: Any, kwargs: dict, per_sample_loss: Any,
            per_token: bool) -> tuple[Any, dict, int, int, Any]:
     """``(target, sampling options, chains per group C, rows R = G·C, per-sample loss or None)``:
@@ -570,7 +558,7 @@ def _covariances(caller: str, model: Any, data: Any, loss_fn: Any, *, query: Any
         raise TypeError(f"{caller}: normalize must be True or False, got {normalize!r}")
     if sum_tokens and not per_token:
         raise ValueError(f"{caller}: sum_tokens=True needs per_token=True")
-    obs = _check_observables(caller, observables)
+    obs = check_observables(caller, observables)
     if query is not None and obs:
         raise ValueError(f"{caller}: pass query (per-sample losses of another set) or observables, not both")
     target, samp, C, R, fn = _setup(caller, model, data, loss_fn, kwargs, per_sample_loss, per_token)
@@ -797,7 +785,7 @@ def per_sample_susceptibility(
         Or a list / mapping of them (checkpoints, restrictions), as :func:`slt.estimate_llc`.
     """
     caller = "slt.per_sample_susceptibility"
-    obs = _check_observables(caller, observables)
+    obs = check_observables(caller, observables)
     if "loss" in obs:
         raise ValueError(f"{caller}: the observable name 'loss' is reserved for the sampling loss L_n")
     target, samp, C, R, fn = _setup(caller, model, data, loss_fn, kwargs, per_sample_loss, per_token)

@@ -47,6 +47,19 @@ def test_invalid_arguments(kwargs, match):
         slt.estimate_llc(m, (X, Y), F.mse_loss, **{**KW, **kwargs})
 
 
+@pytest.mark.parametrize("kwargs, error, match", [
+    ({"observables": {"a": 3}}, TypeError, r"slt\.estimate_llc: observable 'a' must be callable .*got int"),
+    ({"observables": [lambda p: p]}, TypeError, "observables must be a mapping name -> f"),
+    ({"device": "mps"}, ValueError, r"device 'mps' requested but MPS \(Apple's GPU\) is not available"),
+])
+def test_invalid_observables_and_devices_are_named_before_sampling(kwargs, error, match):
+    if kwargs.get("device") == "mps" and torch.backends.mps.is_available():
+        pytest.skip("this machine has MPS")
+    m, X, Y = _setup()
+    with pytest.raises(error, match=match):
+        slt.estimate_llc(m, (X, Y), F.mse_loss, **{**KW, **kwargs})
+
+
 def test_wrong_shapes():
     m, X, Y = _setup()
     with pytest.raises(ValueError, match="the model failed on a batch of the data"):

@@ -364,7 +364,27 @@ class _Losses:
             except (KeyError, TypeError) as e:
                 raise ValueError(f"per_token=True needs token ids in {name} (a tensor of ids or a mapping with "
                                  f"'input_ids' / 'labels'): {e}") from e
+            if self.mask.dim() != 2 or self.mask.shape[0] != self.n:
+                raise ValueError(
+                    f"per_token=True needs token sequences in {name}: ids of shape (n, T), one row per sample; got "
+                    f"shape {tuple(self.mask.shape[:-1]) + (self.mask.shape[-1] + 1,)} (per-token values are for "
+                    "sequence models: a classifier's targets hold one value per sample)")
         self.shape = (self.n,) if (not per_token or sum_tokens) else (self.n, int(self.mask.shape[-1]))
+        self._probe(target.w_star[:1], name)
+
+    def _probe(self, w: Tensor, name: str) -> None:
+        """Evaluate the first two samples at w*: a model or loss that fails on this data set is named with
+        the real error before any sampling."""
+        x, y = self.data.x[:2], self.data.target[:2]
+        try:
+            with torch.no_grad():
+                if self.fn is None:
+                    self.target.evaluator.per_sample(w, x, y)
+                else:
+                    _apply(self.target.evaluator, w, x, y, self.fn)
+        except Exception as e:  # noqa: BLE001 - re-raised with the data set's name
+            raise ValueError(f"the model or the per-sample loss failed on the first samples of {name} "
+                             f"({type(e).__name__}: {e})") from e
 
     @property
     def size(self) -> int:

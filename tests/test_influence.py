@@ -346,6 +346,13 @@ def test_bad_input():
         bif(m, (X, Y), F.mse_loss, on_draw=print, **kw)
     with pytest.raises(ValueError, match="num_chains"):
         bif(m, (X, Y), F.mse_loss, **{**kw, "num_chains": 0})
+    # a query the model cannot take: the real error, named with the data set, before sampling
+    with pytest.raises(ValueError, match=r"failed on the first samples of query \(RuntimeError: "):
+        bif(m, (X, Y), F.mse_loss, query=(torch.randn(3, X.shape[1] + 1, dtype=X.dtype), Y[:3]), **kw)
+    labels = torch.randint(0, 3, (X.shape[0],))  # one integer label per sample: not token sequences
+    with pytest.raises(ValueError, match=r"per_token=True needs token sequences in data: ids of shape \(n, T\).*"
+                                         r"got shape \(\d+,\)"):
+        bif(nn.Linear(X.shape[1], 3).to(X.dtype), (X, labels), F.cross_entropy, per_token=True, **kw)
 
 
 # ----------------------------------------------------------------------------

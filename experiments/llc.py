@@ -199,9 +199,10 @@ def run(cfg: DictConfig, out_dir: Path) -> tuple[dict[str, Any], dict[str, Any]]
         print(f"[llc] model {cfg.model._target_} is not the demo's: left out the demo's {', '.join(dropped)}",
               flush=True)
     model, data, loss = build(cfg, torch.Generator().manual_seed(seed))
+    restriction = restrict_to(cfg, model)  # from the structure alone: a bad restrict fails before training
     metrics: dict[str, Any] = {"demo_settings_dropped": dropped} if dropped else {}
     if cfg.checkpoint is not None and _is_glob(cfg.checkpoint):
-        return _curve(cfg, model, data, loss, metrics)
+        return _curve(cfg, model, data, loss, metrics, restriction)
     if cfg.checkpoint is not None:
         load_checkpoint(model, cfg.checkpoint)
         metrics["checkpoint"] = str(cfg.checkpoint)
@@ -216,7 +217,7 @@ def run(cfg: DictConfig, out_dir: Path) -> tuple[dict[str, Any], dict[str, Any]]
             finish_iterations=int(cfg.train.finish_iterations),
         )
         metrics.update(train_loss=fit.loss, train_grad_norm=fit.grad_norm, train_converged=fit.converged)
-    res = slt.estimate_llc(model, data, loss, restrict_to=restrict_to(cfg, model), **_runlib.llc_kwargs(
+    res = slt.estimate_llc(model, data, loss, restrict_to=restriction, **_runlib.llc_kwargs(
         cfg.sampler, seed=seed, device=cfg.device, dtype=cfg.dtype, progress=bool(cfg.progress)))
     metrics["num_params"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
     if isinstance(res, dict):  # one result per restriction
@@ -240,14 +241,14 @@ def _reference(cfg: DictConfig) -> float | None:
     return float(instantiate(cfg.reference)) if isinstance(cfg.reference, DictConfig) else float(cfg.reference)
 
 
-def _curve(cfg: DictConfig, model: torch.nn.Module, data: Any, loss: Any,
-           metrics: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+def _curve(cfg: DictConfig, model: torch.nn.Module, data: Any, loss: Any, metrics: dict[str, Any],
+           restriction: Any = None) -> tuple[dict[str, Any], dict[str, Any]]:
     """λ̂ at every checkpoint a pattern matches (``checkpoint='ckpt/step_*.pt'``), in one batched
     :func:`slt.estimate_llc` call (checkpoint k with the random streams of ``seed + k``): per-checkpoint
     lists ``ckpt_*`` and the last checkpoint's summary as ``final_*``."""
     paths = checkpoint_files(cfg.checkpoint)
     states = [checkpoint_state(model, p, k) for k, p in enumerate(paths)]
-    results = slt.estimate_llc(model, data, loss, state_dicts=states, restrict_to=restrict_to(cfg, model),
+    results = slt.estimate_llc(model, data, loss, state_dicts=states, restrict_to=restriction,
                                **_runlib.llc_kwargs(cfg.sampler, seed=int(cfg.seed), device=cfg.device,
                                                     dtype=cfg.dtype, progress=bool(cfg.progress)))
     if isinstance(results, dict):  # {label: [result per checkpoint]}

@@ -413,7 +413,7 @@ def test_llc_curve_over_checkpoint_files_in_one_call(tmp_path):
 
 
 
-def test_llc_weight_refined_from_config(tmp_path):
+def test_llc_weight_refined_from_config(tmp_path, monkeypatch):
     """``restrict=modules`` (any helper of slt.restrict), a glob, or a mapping: one batched call, metrics per
     restriction aligned with ``restrict_labels``, the same numbers as estimate_llc with that restrict_to;
     with a checkpoint pattern, lists over checkpoints; a bad value is refused when the config is checked."""
@@ -454,6 +454,12 @@ def test_llc_weight_refined_from_config(tmp_path):
     for bad in (["restrict=3"], ["restrict={a: 3}"], ["restrict=heads", "qkv_layout=interleaved"]):
         with pytest.raises(ValueError, match="invalid config value (restrict|qkv_layout)"):
             llc._validate(_compose("llc", bad))
+    # a restriction the model cannot give (no attention in the demo) fails before training, not after
+    calls = []
+    monkeypatch.setattr(llc, "train", lambda *a, **k: calls.append(1))
+    with pytest.raises(ValueError, match="heads: found no attention module in DeepLinearNetwork"):
+        llc.run(_compose("llc", ["restrict=heads", *fixed]), tmp_path / "heads")
+    assert calls == []
 
 
 def test_checkpoint_files_include_hugging_face_checkpoint_directories(tmp_path):

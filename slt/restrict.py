@@ -445,6 +445,20 @@ def _int_attr(m: nn.Module, names: tuple[str, ...]) -> int | None:
     return None
 
 
+#: attributes (of an attention module or its config) giving the head count and the head size
+_HEAD_COUNT = ("num_heads", "n_heads", "num_attention_heads", "n_head", "heads", "nhead")
+_HEAD_SIZE = ("head_dim", "d_head", "head_size", "attention_head_size")
+
+
+def _head_shape(m: nn.Module, width: int) -> tuple[int, int] | None:
+    """``(H, hd)`` of attention module ``m`` whose heads side by side are ``width`` wide: from its head
+    count or head size attribute (the other one derived), ``None`` when it has neither."""
+    H, hd = _int_attr(m, _HEAD_COUNT), _int_attr(m, _HEAD_SIZE)
+    if H is None and hd is None:
+        return None
+    return H or width // hd, hd or width // H
+
+
 def _child(m: nn.Module, names: tuple[str, ...]) -> nn.Module | None:
     return next((getattr(m, n) for n in names if isinstance(getattr(m, n, None), nn.Module)), None)
 
@@ -482,14 +496,10 @@ def _separate_heads(m: nn.Module) -> HeadSlices | None:
     (qw, qb), (kw, kb), (vw, vb), (ow, ob) = mods
     if qw is None or kw is None or vw is None or ow is None:
         return None
-    hd = _int_attr(src, ("head_dim", "d_head", "head_size", "attention_head_size"))
-    H = _int_attr(src, ("num_heads", "n_heads", "num_attention_heads", "n_head"))
-    if hd is None and H is None:
+    shape = _head_shape(src, qw.shape[0])
+    if shape is None:
         return None
-    if hd is None:
-        hd = qw.shape[0] // H
-    if H is None:
-        H = qw.shape[0] // hd
+    H, hd = shape
     n_kv = kw.shape[0] // hd
     if (qw.shape[0] != H * hd or ow.shape[1] != H * hd or kw.shape[0] != n_kv * hd or vw.shape[0] != n_kv * hd
             or n_kv == 0 or H % n_kv):
@@ -600,11 +610,10 @@ def _fused_heads(m: nn.Module, qkv_layout: str | None) -> HeadSlices | None:
     if not isinstance(qkv, nn.Linear) or not isinstance(o, nn.Module):
         return None
     ow, _ = _wb(o)
-    H = _int_attr(m, ("num_heads", "n_heads", "num_attention_heads", "n_head", "heads", "nhead"))
-    hd = _int_attr(m, ("head_dim", "head_size", "d_head", "attention_head_size"))
-    if ow is None or (H is None and hd is None):
+    shape = None if ow is None else _head_shape(m, ow.shape[1])
+    if shape is None:
         return None
-    H, hd = H or ow.shape[1] // hd, hd or ow.shape[1] // H
+    H, hd = shape
     n_kv, mp = H, 1
     if cls == "FalconAttention":
         n_kv = int(m.num_kv_heads)

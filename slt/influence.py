@@ -375,16 +375,18 @@ class _Losses:
     def _probe(self, w: Tensor, name: str) -> None:
         """Evaluate the first two samples at w*: a model or loss that fails on this data set is named with
         the real error before any sampling."""
-        x, y = self.data.x[:2], self.data.target[:2]
         try:
             with torch.no_grad():
-                if self.fn is None:
-                    self.target.evaluator.per_sample(w, x, y)
-                else:
-                    _apply(self.target.evaluator, w, x, y, self.fn)
+                self._losses(w, self.data.x[:2], self.data.target[:2])
         except Exception as e:  # noqa: BLE001 - re-raised with the data set's name
             raise ValueError(f"the model or the per-sample loss failed on the first samples of {name} "
                              f"({type(e).__name__}: {e})") from e
+
+    def _losses(self, flat: Tensor, x: Any, y: Any) -> Tensor:
+        """Per-sample (or per-token) losses of samples ``x, y`` at the rows ``flat``."""
+        if self.fn is None:
+            return self.target.evaluator.per_sample(flat, x, y)
+        return _apply(self.target.evaluator, flat, x, y, self.fn)
 
     @property
     def size(self) -> int:
@@ -396,11 +398,7 @@ class _Losses:
         parts = []
         with torch.no_grad():
             for i in range(0, self.n, self.chunk):
-                x, y = d.x[i:i + self.chunk], d.target[i:i + self.chunk]
-                if self.fn is None:
-                    v = self.target.evaluator.per_sample(flat, x, y)
-                else:
-                    v = _apply(self.target.evaluator, flat, x, y, self.fn)
+                v = self._losses(flat, d.x[i:i + self.chunk], d.target[i:i + self.chunk])
                 if self.per_token and self.sum_tokens:
                     v = v.sum(-1)
                 parts.append(v.reshape(flat.shape[0], -1))

@@ -966,6 +966,7 @@ def validate_model_and_loss(model: nn.Module, adapter: LossAdapter, probe: Batch
         if adapter.loss_fn is model_loss and isinstance(e, ValueError):
             raise  # the default loss_fn found no loss in the output: its message is the whole story
         hint = _label_hint(adapter.loss_fn, out, y)
+        holes = [i for i, o in enumerate(out) if o is None] if isinstance(out, (tuple, list)) else []
         if not isinstance(out, Tensor) and isinstance(getattr(out, "logits", None), Tensor):
             hint += (f" (the model returns a {type(out).__name__}: take its logits in the loss, e.g. "
                      "lambda out, y: F.cross_entropy(out.logits, y))")
@@ -973,12 +974,11 @@ def validate_model_and_loss(model: nn.Module, adapter: LossAdapter, probe: Batch
             key = "logits" if isinstance(out.get("logits"), Tensor) else next(iter(out))
             hint += (f" (the model returns a {type(out).__name__}: take the prediction in the loss, e.g. "
                      f"lambda out, y: loss(out[{key!r}], y))")
-        elif (isinstance(out, (tuple, list)) and out and isinstance(out[0], Tensor)
-              and not any(o is None for o in out)):
+        elif isinstance(out, (tuple, list)) and out and isinstance(out[0], Tensor) and not holes:
             hint += (f" (the model returns a {type(out).__name__}: take the prediction in the loss, e.g. "
                      "lambda out, y: loss(out[0], y))")
-        if isinstance(out, (tuple, list)) and any(o is None for o in out) and not isinstance(x, Mapping):
-            k = next(i for i, o in enumerate(out) if o is None)
+        if holes and not isinstance(x, Mapping):
+            k = holes[0]
             hint += (f" (element {k} of the output is None: a forward that computes some outputs only when it is given "
                      "more inputs — nanoGPT's forward(idx, targets) returns the last position's logits and loss=None "
                      "without targets — gets them by keyword from a mapping: data = {'idx': X, 'targets': Y} and "

@@ -66,6 +66,11 @@ def _validate(cfg: DictConfig) -> None:
 RESTRICT_HELPERS = ("heads", "layers", "attention_and_mlp", "embeddings", "modules")
 
 
+def _plain(v: Any) -> Any:
+    """A config value as plain Python (lists and dicts for OmegaConf's containers)."""
+    return OmegaConf.to_container(v, resolve=True) if isinstance(v, (DictConfig, ListConfig)) else v
+
+
 def _check_restrict(r: Any) -> None:
     """``restrict``: null, a helper name, a glob, a list of globs, or a mapping ``{label: glob or list of globs}``."""
     def globs(v: Any) -> bool:
@@ -75,8 +80,7 @@ def _check_restrict(r: Any) -> None:
         return
     if isinstance(r, DictConfig) and len(r) > 0 and all(globs(v) for v in r.values()):
         return
-    shown = OmegaConf.to_container(r) if isinstance(r, (DictConfig, ListConfig)) else r
-    raise ValueError(f"invalid config value restrict={shown!r}: "
+    raise ValueError(f"invalid config value restrict={_plain(r)!r}: "
                      f"null, one of {', '.join(RESTRICT_HELPERS)}, a glob over parameter names, a list of globs or a "
                      "mapping {label: glob or list of globs}")
 
@@ -91,7 +95,7 @@ def restrict_to(cfg: DictConfig, model: torch.nn.Module) -> Any:
     if isinstance(r, str) and r in RESTRICT_HELPERS:
         helper = getattr(slt.restrict, r)
         return helper(model, qkv_layout=cfg.get("qkv_layout")) if r == "heads" else helper(model)
-    return OmegaConf.to_container(r, resolve=True) if isinstance(r, (DictConfig, ListConfig)) else r
+    return _plain(r)
 
 
 def _is_glob(path: str) -> bool:
@@ -278,17 +282,17 @@ def _refined(cfg: DictConfig, res: dict[str, Any], metrics: dict[str, Any]) -> t
     arrays of ``traces.npz`` stacked along a leading restriction axis (``restrict_llc_trace`` (M, C, T) or
     (M, K, C, T))."""
     labels = list(res)
+    first = next(iter(_leaves(res)))
 
     def each(f: Any) -> list[Any]:
         return [[f(r) for r in res[k]] if isinstance(res[k], list) else f(res[k]) for k in labels]
 
     metrics.update(
-        restrict=OmegaConf.to_container(cfg.restrict) if isinstance(cfg.restrict, (DictConfig, ListConfig))
-        else cfg.restrict, restrict_labels=labels,
+        restrict=_plain(cfg.restrict), restrict_labels=labels,
         restrict_llc_mean=each(lambda r: r.llc_mean), restrict_llc_sem=each(lambda r: r.llc_sem),
         restrict_converged=each(lambda r: r.converged),
         restrict_rhat=each(lambda r: float(r.diagnostics.get("rhat", float("nan")))),
-        nbeta=next(iter(_leaves(res))).nbeta, device=next(iter(_leaves(res))).config.get("device", cfg.device))
+        nbeta=first.nbeta, device=first.config.get("device", cfg.device))
     per = [_runlib.result_arrays(res[k]) for k in labels]
     arrays = {f"restrict_{name}": torch.stack([a[name] for a in per]) for name in per[0]}
     shown = ", ".join(f"{k} {v:.3f}" if not isinstance(v, list) else f"{k} [{', '.join(f'{x:.3f}' for x in v)}]"

@@ -80,14 +80,16 @@ def calibrate(
 
     if step_sizes is not None and not step_sizes:
         raise ValueError("step_sizes is empty")
+    nbetas = None if nbetas is None else list(nbetas)
+    localizations = None if localizations is None else list(localizations)
     if nbetas is not None and localizations is not None:  # a one-value axis is that value, fixed
-        if len(list(localizations)) == 1 and "localization" not in kwargs:
-            kwargs["localization"], localizations = list(localizations)[0], None
-        elif len(list(nbetas)) == 1 and "nbeta" not in kwargs:
-            kwargs["nbeta"], nbetas = list(nbetas)[0], None
+        if len(localizations) == 1 and "localization" not in kwargs:
+            kwargs["localization"], localizations = localizations[0], None
+        elif len(nbetas) == 1 and "nbeta" not in kwargs:
+            kwargs["nbeta"], nbetas = nbetas[0], None
         else:
-            raise ValueError(f"sweep either nbetas or localizations, not both (got {len(list(nbetas))} and "
-                             f"{len(list(localizations))} values): fix the other with nbeta=... or localization=...")
+            raise ValueError(f"sweep either nbetas or localizations, not both (got {len(nbetas)} and "
+                             f"{len(localizations)} values): fix the other with nbeta=... or localization=...")
     for axis, values, fixed in (("nbetas", nbetas, "nbeta"), ("localizations", localizations, "localization")):
         if values is not None and fixed in kwargs:
             raise ValueError(f"{axis} sweeps {fixed}, which was also given ({fixed}={kwargs[fixed]!r}): pass one")

@@ -585,33 +585,36 @@ class NanoGPTAttention(nn.Module):
         return self.c_proj(y.transpose(1, 2).reshape(b, t, E))
 
 
-class NanoGPT(nn.Module):
-    def __init__(self, per_head=False):
+class AttentionLM(nn.Module):
+    """A token embedding, two residual attention layers built by ``attention()`` and an output head: the
+    frame of the hand-written models below (``heads`` reads only their attention modules)."""
+
+    def __init__(self, attention):
         super().__init__()
         torch.manual_seed(0)
-        self.wte = nn.Embedding(16, E)
-        self.h = nn.ModuleList([NanoGPTAttention(per_head) for _ in range(2)])
-        self.lm_head = nn.Linear(E, 16)
+        self.emb = nn.Embedding(16, E)
+        self.layers = nn.ModuleList([attention() for _ in range(2)])
+        self.head = nn.Linear(E, 16)
 
     def forward(self, ids):
-        x = self.wte(ids)
-        for blk in self.h:
-            x = x + blk(x)
-        return self.lm_head(x)
+        x = self.emb(ids)
+        for layer in self.layers:
+            x = x + layer(x)
+        return self.head(x)
 
 
 @pytest.mark.parametrize("per_head", [False, True])
 def test_heads_of_a_users_fused_projection_need_its_layout(per_head):
-    model = NanoGPT(per_head)
+    model = AttentionLM(lambda: NanoGPTAttention(per_head))
     spec = ParamSpec(model)
-    with pytest.raises(ValueError, match=r"attention module 'h\.0' .*projection 'c_attn'.*qkv_layout='blocks'.*"
+    with pytest.raises(ValueError, match=r"attention module 'layers\.0' .*projection 'c_attn'.*qkv_layout='blocks'.*"
                                          r"qkv_layout='per_head'"):
         heads(model)
     assert list(layers(model)) == ["l0", "l1"]  # the blocks are found without the layout
     with pytest.raises(ValueError, match="qkv_layout must be one of"):
         heads(model, qkv_layout="interleaved")
     right, wrong = ("per_head", "blocks") if per_head else ("blocks", "per_head")
-    run = input_hook_runner(model, model.h[1].c_proj, lambda: model(IDS))
+    run = input_hook_runner(model, model.layers[1].c_proj, lambda: model(IDS))
     hs = heads(model, qkv_layout=right)
     masks = resolve_restrictions({f"l1h{h}": hs[f"l1h{h}"] for h in range(H)}, model, spec).masks
     check_disjoint_and_sizes(masks, FULL)
@@ -646,24 +649,9 @@ class LlamaStyleAttention(nn.Module):
         return self.wo(y.transpose(1, 2).reshape(b, t, H * HD))
 
 
-class LlamaStyle(nn.Module):
-    def __init__(self, fused):
-        super().__init__()
-        torch.manual_seed(0)
-        self.tok_embeddings = nn.Embedding(16, E)
-        self.layers = nn.ModuleList([LlamaStyleAttention(fused) for _ in range(2)])
-        self.output = nn.Linear(E, 16, bias=False)
-
-    def forward(self, ids):
-        x = self.tok_embeddings(ids)
-        for layer in self.layers:
-            x = x + layer(x)
-        return self.output(x)
-
-
 @pytest.mark.parametrize("fused", [True, False])
 def test_heads_of_hand_written_llama_attention(fused):
-    model = LlamaStyle(fused)
+    model = AttentionLM(lambda: LlamaStyleAttention(fused))
     spec = ParamSpec(model)
     hs = heads(model, qkv_layout="blocks" if fused else None)
     masks = resolve_restrictions({f"l1h{h}": hs[f"l1h{h}"] for h in range(H)}, model, spec).masks

@@ -57,6 +57,8 @@ class Trace:
         ``(T,)`` step index of each draw.
     seconds
         Wall time of the loop.
+    slope
+        ``(R, T', F)`` the ``slope`` probe of :func:`run_chains` at every ``slope_every``-th draw, or ``None``.
     """
 
     loss: Tensor
@@ -70,6 +72,7 @@ class Trace:
     divergence_step: Tensor | None = None
     draw_steps: Tensor | None = None
     seconds: float = 0.0
+    slope: Tensor | None = None
 
     @property
     def mala(self) -> Tensor | None:
@@ -87,7 +90,8 @@ class Trace:
                      self.burnin_star, obs, mala_sum, self.mala_count + more.mala_count,
                      self.diverged | more.diverged,
                      torch.where(self.divergence_step >= 0, self.divergence_step, more.divergence_step),
-                     torch.cat([self.draw_steps, more.draw_steps]), self.seconds + more.seconds)
+                     torch.cat([self.draw_steps, more.draw_steps]), self.seconds + more.seconds,
+                     None if self.slope is None or more.slope is None else torch.cat([self.slope, more.slope], 1))
 
     def rows(self, sl: slice) -> "Trace":
         """The same trace restricted to rows ``sl`` (one checkpoint's chains), on the CPU."""
@@ -97,7 +101,7 @@ class Trace:
         return Trace(cut(self.loss), cut(self.star), cut(self.burnin), cut(self.burnin_star),
                      {k: cut(v) for k, v in self.observables.items()}, cut(self.mala_sum), self.mala_count,
                      cut(self.diverged), cut(self.divergence_step),
-                     None if self.draw_steps is None else self.draw_steps.cpu(), self.seconds)
+                     None if self.draw_steps is None else self.draw_steps.cpu(), self.seconds, cut(self.slope))
 
 
 @dataclass(frozen=True)
@@ -173,6 +177,8 @@ def run_chains(
     progress: bool = False,
     desc: str = "LLC",
     start: int = 0,
+    slope: Callable[[Tensor], Tensor] | None = None,
+    slope_every: int = 1,
 ) -> tuple[Any, Trace]:
     r"""Run ``num_steps`` steps of ``sampler`` from ``state``; return the final state and the :class:`Trace`.
 
@@ -198,6 +204,9 @@ def run_chains(
     start
         Number of the first step (steps already run, e.g. by step-size adaptation): reported
         step indices (``divergence_step``, ``draw_steps``) count from it.
+    slope, slope_every
+        ``params (R, d) -> (R, F)`` evaluated (without grad) at draws 0, ``slope_every``, 2 ``slope_every``,
+        ... of this loop (the slope check, :func:`slt.engine.slope_gradient`): ``trace.slope``.
     """
     from tqdm.auto import tqdm
 
@@ -208,6 +217,7 @@ def run_chains(
     burn_tr = torch.empty((R, num_burnin), dtype=dtype, device=dev)
     burn_star = torch.empty((R, num_burnin), dtype=dtype, device=dev)
     obs: dict[str, list[Tensor]] = {}
+    slopes: list[Tensor] = []
     mala_sum = torch.zeros(R, dtype=torch.float64, device=dev)
     mala_cnt = 0
     full = getattr(batches, "full", True)
@@ -231,6 +241,9 @@ def run_chains(
                 with torch.no_grad():
                     for k, v in observe(w_t).items():
                         obs.setdefault(k, []).append(v.detach())
+            if slope is not None and draw % slope_every == 0:
+                with torch.no_grad():
+                    slopes.append(slope(w_t))
             draw += 1
         elif not in_draws:
             burn_tr[:, t] = info.loss
@@ -256,4 +269,4 @@ def run_chains(
     draw_steps = start + num_burnin + torch.arange(T, device=dev) * thin
     observables = {k: torch.stack(v, 1) for k, v in obs.items() if v}
     return state, Trace(loss_tr, star_tr, burn_tr, burn_star, observables, mala_sum, mala_cnt, diverged, div_step,
-                        draw_steps, seconds)
+                        draw_steps, seconds, torch.stack(slopes, 1) if slopes else None)

@@ -92,6 +92,8 @@ class LLCResult:
         heating: Tensor | None = None,
         diffusion: Tensor | None = None,
         draw_times: Tensor | None = None,
+        slope: Tensor | None = None,
+        slope_check: bool = True,
         issues: list[str] | None = None,
         rhat_threshold: float = 1.1,
         diagnostics: Mapping[str, Any] | None = None,
@@ -125,6 +127,13 @@ class LLCResult:
             (:func:`slt.diagnostics.free_diffusion`; plain SGLD) and ``(T,)`` the steps from w* at each
             draw, or ``None``: chains still diffusing freely whose λ̂ grows with time are not
             converged (:func:`equilibrium_checks`); ``diagnostics["free_diffusion"]`` is the mean.
+        slope, slope_check
+            ``(C, T, F)`` each draw's displacement projected on ``F`` independent estimates of the slope
+            at w*, :math:`\hat g_f\cdot(w_t - w^*)` with :math:`\hat g_f \approx \nabla L(w^*)`
+            (:func:`slt.engine.slope_gradient`; at every few draws, ``T`` of its own), or ``None``:
+            ``diagnostics["slope_at_init"]`` records :math:`n\beta\,\mathbb E[\hat g\cdot(w - w^*)]`,
+            the part of λ̂ owed to the slope, and with ``slope_check`` a large one is a finding
+            (:func:`slope_finding`; off for data-refined groups, whose loss need not be minimal at w*).
         issues
             Problems of the set-up already reported (e.g. :attr:`slt.target.Target.issues`:
             dropout active): reasons for ``converged = False``, not repeated as warnings.
@@ -186,6 +195,11 @@ class LLCResult:
                                                  times=draw_times)
             hint = relaxation_hint(step_size, localization, config)
             warn_list += [msg + hint if kind in ("rising", "halving", "diffusing") else msg for kind, msg in found]
+        sloped = None if slope is None or not valid.any() else slope_record(nbeta * slope.double()[valid], mean)
+        if sloped is not None and slope_check:
+            msg = slope_finding(sloped["value"], sloped["sem"], mean, sem)
+            if msg is not None:
+                warn_list.append(msg)
         heat = None
         if heating is not None and valid.any():
             heat = heating_record(heating[valid], mean)
@@ -209,6 +223,7 @@ class LLCResult:
             "drift": None if drift is None else {"first_half": drift[0], "second_half": drift[1], "z": drift[2]},
             "halving": _halving_record(tr[valid], None if halved is None else halved[valid]),
             "minibatch_heating": heat,
+            "slope_at_init": sloped,
             "free_diffusion": (None if diffusion is None or not valid.any()
                                else float(diffusion[valid].double().mean())),
             **dict(diagnostics or {}),
@@ -292,6 +307,9 @@ class LLCResult:
                 out[k] = v
             elif isinstance(v, (list, tuple)):
                 out[k] = [x if isinstance(x, (int, float, str, bool)) else float(x) for x in v]
+        slope = self.diagnostics.get("slope_at_init")
+        if slope:  # the part of λ̂ owed to the slope at w* (0 at a critical point) and its s.e.
+            out["slope_at_init"], out["slope_at_init_sem"] = slope["value"], slope["sem"]
         return out
 
     def __str__(self) -> str:
@@ -325,6 +343,10 @@ class LLCResult:
             lines.append(f"  spread ‖w − w*‖² = {f(spread, '.3g')} of a free random walk's {walk}"
                          + (" (the potential has not yet held the chains in most directions)"
                             if spread >= FREE_DIFFUSION else ""))
+        slope = d.get("slope_at_init")
+        if slope:
+            lines.append(f"  slope at w*: nβ·E[∇L(w*)·(w − w*)] = {f(slope['value'])} ± {f(slope['sem'], '.2g')} of λ̂ "
+                         "(0 at a critical point)")
         heat = d.get("minibatch_heating")
         if heat:
             bs = self.config.get("batch_size")
@@ -479,6 +501,54 @@ def heating_check(excess: float, llc: float, sem: float, config: Mapping[str, An
             f"ε(nβ)²·tr Cov[∇L_B]/8), so λ̂ is not stable when ε halves (it would drop by about {0.5 * excess:.3g}); "
             f"raise batch_size{f' (now {bs})' if bs else ''} — the excess scales as ε/batch_size — or pass "
             "batch_size=None, or a smaller step_size with more num_burnin")
+
+
+def slope_record(st: Tensor, llc: float) -> dict[str, float] | None:
+    r"""``{"value", "sem", "sem_gradient", "fraction"}`` of the slope's part of λ̂ from ``st`` ``(C, T, F)``,
+    :math:`n\beta\,\hat g_f\cdot(w_t - w^*)` per chain, draw (where it was taken) and fold of the slope
+    estimate; ``None`` without draws.
+
+    ``value`` is the mean over everything.  Its error has two independent parts: the chains' (the
+    fold-averaged trace through :func:`slt.diagnostics.llc_standard_error`, as λ̂'s) and the slope
+    estimate's own noise, common to all chains, whose size the folds' spread gives
+    (``sem_gradient`` = std over folds / √F; 0 with one fold, the exact gradient): ``sem`` is their
+    root sum of squares."""
+    if st.shape[1] == 0:
+        return None
+    per_draw = st.mean(2)
+    value = float(per_draw.mean())
+    sem_chains = llc_standard_error(per_draw.mean(1), per_draw)[0]
+    F = st.shape[2]
+    sem_grad = float(st.mean((0, 1)).std() / math.sqrt(F)) if F > 1 else 0.0
+    return {"value": value, "sem": math.hypot(sem_chains, sem_grad), "sem_gradient": sem_grad,
+            "fraction": value / llc if llc == llc and llc != 0 else float("nan")}
+
+
+#: the slope check (:func:`slope_finding`) fires when the least bias the slope implies exceeds this share of λ̂
+SLOPE_FRACTION = 0.05
+
+
+def slope_finding(value: float, value_sem: float, llc: float, sem: float) -> str | None:
+    r"""The finding that w* is not a minimum of the loss because the chains slide down its slope, or ``None``.
+
+    ``value`` is :math:`s = n\beta\,\mathbb E[\nabla L(w^*)\cdot(w - w^*)]`, the first-order part of
+    λ̂ :math:`= n\beta\,\mathbb E[L(w) - L(w^*)]`: zero at a critical point.  Where the loss is
+    quadratic around w*, :math:`L = L^* + g^\top\Delta + \tfrac12\Delta^\top H\Delta`, the localized
+    posterior's mean moves to :math:`-n\beta A^{-1}g`, :math:`A = n\beta H + \gamma I`, so
+    :math:`s = -(n\beta)^2 g^\top A^{-1}g` and λ̂ is lower than at a critical point with the same
+    curvature by between :math:`|s|/2` (where the curvature holds the chains) and :math:`|s|`
+    (where only γ does).  A finding when :math:`s` is resolved (beyond 3 of its standard errors) and
+    :math:`|s|/2` exceeds both twice λ̂'s standard error and :data:`SLOPE_FRACTION` of λ̂.  (Lau et al.
+    2023, "The local learning coefficient", take w* to be a local minimum: λ̂ at a point on a slope
+    measures how far the chains slide, not the geometry there.)"""
+    if not (value == value and llc == llc and value_sem == value_sem):
+        return None
+    if abs(value) <= 3 * value_sem or 0.5 * abs(value) <= max(2 * sem, SLOPE_FRACTION * abs(llc)):
+        return None
+    return (f"w* is not a minimum of the loss: nβ·E[∇L(w*)·(w − w*)] = {value:.3g} ± {value_sem:.2g} of λ̂ = {llc:.4g} "
+            f"is owed to the slope at w* (0 at a critical point): the chains slide {'down' if value < 0 else 'up'}hill and λ̂ "
+            f"is {'lower' if value < 0 else 'higher'} than the geometry at a minimum gives, by about {0.5 * abs(value):.3g} to {abs(value):.3g}; train w* further, to a "
+            "smaller gradient norm (slt.training.full_batch_loss_and_grad_norm), before measuring its LLC")
 
 
 def _halving_record(tr: Tensor, halved: Tensor | None) -> dict[str, float] | None:

@@ -294,3 +294,4 @@ def test_an_exact_pass_in_chunks_larger_than_the_batch():
     r = _run(X.mean(0) + g, X, batch_size=30)  # 67 batches of 30, but 2000 × 5 elements fit one chunk
     s = r.diagnostics["slope_at_init"]
     assert s["sem_gradient"] == 0 and abs(s["value"] - _exact(g)) < 4 * s["sem"], s
+

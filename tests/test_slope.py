@@ -25,28 +25,14 @@ from torch.utils.data import DataLoader, TensorDataset
 import slt
 import slt.engine as engine
 from slt.result import SLOPE_FRACTION, slope_finding, slope_record
+from test_heating import _data as _location_data, _half_sq, _Location  # L(μ) = ½ mean‖x − μ‖², a plain module
 
 F64 = torch.float64
 NB, GAMMA = 100.0, 10.0
 
 
-class _Location(nn.Module):
-    """L(μ) = ½ mean‖x − μ‖², as a user would write it (the mean is the output)."""
-
-    def __init__(self, mu: torch.Tensor):
-        super().__init__()
-        self.mu = nn.Parameter(mu.clone())
-
-    def forward(self, x):
-        return self.mu.expand_as(x)
-
-
-def _half_sq(out, x):
-    return 0.5 * ((x - out) ** 2).sum(-1).mean()
-
-
 def _data(n=2000, d=5, seed=0):
-    return torch.randn(n, d, generator=torch.Generator().manual_seed(seed), dtype=F64)
+    return _location_data(n=n, d=d, seed=seed)
 
 
 def _run(mu, data, **kw):

@@ -30,6 +30,7 @@ Face ``datasets.Dataset`` becomes the mapping of its numeric columns, and a
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Mapping, NamedTuple, Sequence, Union
 
@@ -430,6 +431,25 @@ class LoaderSource:
             raise ValueError("empty dataset: the DataLoader yielded no batch")
         self.n = n
         return n
+
+    @contextmanager
+    def random_state_kept(self) -> Iterator[None]:
+        """The loader's random generators (its own ``generator=``, its sampler's) and PyTorch's global one
+        (which a loader without its own draws from) restored on exit: a pass taken inside leaves the
+        batches of later passes as they would have been."""
+        samplers = [getattr(self.loader, "sampler", None), getattr(getattr(self.loader, "batch_sampler", None),
+                                                                   "sampler", None)]
+        gens = {id(g): g for g in [getattr(self.loader, "generator", None)] + [getattr(sm, "generator", None)
+                                                                            for sm in samplers]
+                if isinstance(g, torch.Generator)}
+        states = [(g, g.get_state()) for g in gens.values()]
+        global_state = torch.get_rng_state()
+        try:
+            yield
+        finally:
+            for g, state in states:
+                g.set_state(state)
+            torch.set_rng_state(global_state)
 
     def iter_batches(self) -> Iterator[tuple[Inputs, Inputs | None, Tensor | None]]:
         for item in self.loader:

@@ -1224,7 +1224,8 @@ def _slope_batches(plain: Any, batch_size: int | None, rows: int) -> tuple[Any, 
     rows (one per checkpoint and distribution) and the weight of each in its fold's mean."""
     source = plain.source
     if isinstance(source, LoaderSource):
-        got = [plain._loader_batch(*b) for _, b in zip(range(SLOPE_BATCHES + 1), source.iter_batches())]
+        with source.random_state_kept():  # the run's later passes shuffle as they would have
+            got = [plain._loader_batch(*b) for _, b in zip(range(SLOPE_BATCHES + 1), source.iter_batches())]
         if len(got) <= SLOPE_BATCHES:  # the whole pass: weighted by size
             sizes = [num_rows(b.x) for b in got]
             return [(b, 0, m / sum(sizes)) for b, m in zip(got, sizes)], 1

@@ -281,3 +281,20 @@ def test_an_exact_pass_in_chunks_larger_than_the_batch():
     s = r.diagnostics["slope_at_init"]
     assert s["sem_gradient"] == 0 and abs(s["value"] - _exact(g)) < 4 * s["sem"], s
 
+
+
+def test_a_shuffling_loaders_later_passes_are_left_alone(monkeypatch):
+    """The slope's pass over a DataLoader that shuffles with its own generator would advance it, so the
+    run's later epochs would shuffle differently; the generator is restored, the draws are those of a run
+    with the check switched off."""
+    X = _data(n=400)
+
+    def loader():
+        return DataLoader(TensorDataset(X), batch_size=100, shuffle=True, generator=torch.Generator().manual_seed(3))
+
+    kw = dict(num_draws=200, num_burnin=20)  # 4 batches an epoch: the run goes through many
+    on = _run(X.mean(0) + 0.05, loader(), **kw)
+    monkeypatch.setattr(engine, "SLOPE_BATCHES", 0)
+    off = _run(X.mean(0) + 0.05, loader(), **kw)
+    assert torch.equal(on.llc_trace, off.llc_trace)
+    assert on.diagnostics["slope_at_init"] is not None and off.diagnostics["slope_at_init"] is None

@@ -148,8 +148,9 @@ class LLCResult:
         (:func:`slt.diagnostics.llc_standard_error`), ``frac_below_init`` (fraction of
         draws below :math:`L(w^*)`, and ``_per_chain``), ``mala_acceptance`` (and
         ``_per_chain``; NaN when not computed), ``divergent_chains``,
-        ``divergence_step``, ``halving`` (:func:`_halving_record`) and ``warnings``: every
-        chain diverged; more than half the draws below :math:`L(w^*)` (w* is not a minimum); MALA
+        ``divergence_step``, ``halving`` (:func:`_halving_record`), ``slope_at_init``
+        (:func:`slope_record`) and ``warnings``: every chain diverged; more than half the draws below
+        :math:`L(w^*)` (w* is not a minimum); the slope at w* (:func:`slope_finding`); MALA
         acceptance below 0.5; R-hat above ``rhat_threshold``; λ̂ drifting through the draws or not
         stable when ε halves (:func:`equilibrium_checks`).
         """

@@ -394,14 +394,18 @@ class LoaderSource:
         return int(b) if isinstance(b, int) else None
 
     @property
+    def _samplers(self) -> list[Any]:
+        """The loader's sampler and its batch sampler's (either may be ``None``)."""
+        return [getattr(self.loader, "sampler", None),
+                getattr(getattr(self.loader, "batch_sampler", None), "sampler", None)]
+
+    @property
     def unseeded_shuffle(self) -> bool:
         """Whether the loader shuffles with PyTorch's global random state (a ``RandomSampler`` without a
         generator): its batches, and so a run, then differ from call to call whatever ``seed`` is."""
         from torch.utils.data import RandomSampler
 
-        samplers = [getattr(self.loader, "sampler", None),
-                    getattr(getattr(self.loader, "batch_sampler", None), "sampler", None)]
-        return any(isinstance(sm, RandomSampler) and sm.generator is None for sm in samplers)
+        return any(isinstance(sm, RandomSampler) and sm.generator is None for sm in self._samplers)
 
     def _unpack(self, item: Any) -> tuple[Inputs, Inputs | None, Tensor | None]:
         if isinstance(item, Tensor):
@@ -437,10 +441,8 @@ class LoaderSource:
         """The loader's random generators (its own ``generator=``, its sampler's) and PyTorch's global one
         (which a loader without its own draws from) restored on exit: a pass taken inside leaves the
         batches of later passes as they would have been."""
-        samplers = [getattr(self.loader, "sampler", None), getattr(getattr(self.loader, "batch_sampler", None),
-                                                                   "sampler", None)]
         gens = {id(g): g for g in [getattr(self.loader, "generator", None)] + [getattr(sm, "generator", None)
-                                                                            for sm in samplers]
+                                                                            for sm in self._samplers]
                 if isinstance(g, torch.Generator)}
         states = [(g, g.get_state()) for g in gens.values()]
         global_state = torch.get_rng_state()

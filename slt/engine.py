@@ -616,6 +616,8 @@ def sample_target(
     batch_raises: list[dict[str, Any]] = []
     if num_threads is not None:
         num_threads = check_int("num_threads", num_threads, 1)
+    slopes: dict[int | None, Tensor | None] = {}  # the slope at w* by batch size, shared by this call's runs
+
     def run_once(target: Any, batch_size: int | None, choose: str | None, spec: SamplerSpec = spec,
                  fixed: tuple[Tensor | float, int, int] | None = None) -> dict[str, Any]:
         """One run (:func:`_run_at`) with this call's settings; ``fixed = (ε, num_steps, num_burnin)``: a
@@ -624,7 +626,7 @@ def sample_target(
             return _run_at(target, rows, spec, rule, step_size, kw, C, num_steps, num_burnin, burnin_auto, n_adapt,
                            num_steps_bw_draws, batch_size, control_variate, shared_batches, mala_every,
                            target_accept, thresh, num_threads, observables, on_draw, on_start, choose, progress,
-                           t_setup)
+                           t_setup, slopes)
         eps, steps, burnin = fixed
         return _run_at(target, rows, spec, "given", eps, kw, C, steps, burnin, False, 0, num_steps_bw_draws,
                        batch_size, control_variate, shared_batches, mala_every, target_accept, thresh,
@@ -731,12 +733,14 @@ def sample_target(
 
 def _run_at(target, rows, spec, rule, step_size, kw, C, num_steps, num_burnin, burnin_auto, n_adapt, thin, batch_size,
             control_variate, shared_batches, mala_every, target_accept, thresh, num_threads, observables,
-            on_draw, on_start, choose, progress, t_setup) -> dict[str, Any]:
+            on_draw, on_start, choose, progress, t_setup, slopes=None) -> dict[str, Any]:
     """One run at the target's γ, from fresh random streams: the minibatch stream, the path
     (measured when ``choose`` is ``"auto"``; compiled when ``"compile"``), the step size (adapted,
     curvature rule or given), the burn-in (with ``burnin_auto``, :func:`slt.defaults.default_burnin` at the
     run's ε and γ), and the sampler folded over the batches, repeated with the step of diverging groups
-    halved under an automatic rule."""
+    halved under an automatic rule.  ``slopes``: the call's slope estimates by batch size
+    (:func:`slope_gradient`, taken once: w*, the data and the seeds do not change between its runs), or
+    ``None`` for a check run that records no slope."""
     G, dev = target.G, target.device
     rng = ChainRNG(target.group_seeds, C, dev)
     batches = target.batches(rng, C, batch_size, control_variate=control_variate, shared=shared_batches)
@@ -779,7 +783,10 @@ def _run_at(target, rows, spec, rule, step_size, kw, C, num_steps, num_burnin, b
         del state
         num_draws = (num_steps - num_burnin) // thin
         # the slope at w*: each draw's displacement projected on it (w* not a minimum, slt.result.slope_finding)
-        found = slope_gradient(target, None if batches.full else batches.batch_size)
+        found = None
+        if slopes is not None:
+            key = None if batches.full else batches.batch_size
+            found = slopes[key] if key in slopes else slopes.setdefault(key, slope_gradient(target, key))
         slope = None if found is None else _slope_dots(rows, found, target.K, target.groups.M, C)
         for halvings in range(MAX_HALVINGS + 1 if rule != "given" else 1):
             if burnin_auto:  # cover the slowest relaxation γ allows at this ε, when affordable

@@ -64,8 +64,8 @@ from .samplers import LocalizedPotential, SamplerSpec, build_sampler, resolve_sa
 from .samplers.base import column_chunks, rowsum64
 from .stepsize import (ADAPT_EXTENSIONS, ADAPT_MIN_STEPS, JUMP_FACTOR, STEP_SIZE_SAFETY, adapt_step_size, auto_step_size,
                        gradient_noise_trace, initial_step_size, stable_step_size)
-from .target import (Target, _seeds, checkpoint_modules, checkpoint_state_differences, fastest_path, load_checkpoint_files,
-                     prepare_target)
+from .target import (Target, _seeds, checkpoint_modules, checkpoint_state_batchable, checkpoint_state_differences,
+                     fastest_path, load_checkpoint_files, prepare_target)
 
 __all__ = [
     "estimate_llc",
@@ -154,8 +154,10 @@ def estimate_llc(
         A state dict may be a file path (read by ``torch.load(..., weights_only=True)``), a
         training checkpoint holding it under one key (``{"model": ..., "optimizer": ...}``), or
         saved under a prefix (``"module."``, ``"_orig_mod."``, Lightning's ``"model."``).
-        Checkpoints whose buffers or frozen parameters differ (BatchNorm statistics)
-        run one at a time, with the seeds a batched run gives them.
+        Checkpoints whose buffers or frozen parameters differ (BatchNorm statistics) run in
+        the same batched computation, each chain with its checkpoint's own (on a model with
+        ``forward_chains`` or with a sparse buffer that differs: one at a time, with the seeds a
+        batched run gives them).
     num_chains, num_draws, num_burnin, num_steps_bw_draws
         Chains per checkpoint, recorded draws per chain, steps discarded first, and steps between
         draws.  The burn-in runs from ``w*`` at the frozen step (after the step-size adaptation, if
@@ -346,8 +348,10 @@ def estimate_llc(
     resolve_sampler(sampler)
     check_observables("slt.estimate_llc", observables)
     model, models, state_dicts, files = load_checkpoint_files(model, models, state_dicts)  # paths read once
-    if differ := checkpoint_state_differences(model, models, state_dicts):
-        # 0. checkpoints whose buffers (BatchNorm statistics) differ: one run each, as if batched
+    differ = checkpoint_state_differences(model, models, state_dicts)
+    if differ and not checkpoint_state_batchable(model, models, state_dicts):
+        # 0. checkpoints whose buffers differ, on a model with its own chain dimension or sparse buffers: one
+        # run each, as if batched (otherwise each row of the batched run holds its checkpoint's buffers)
         each = _each_checkpoint(checkpoint_modules(model, models, state_dicts), differ, data, loss_fn, seed, dict(
             num_chains=num_chains, num_draws=num_draws, num_burnin=num_burnin, num_steps_bw_draws=num_steps_bw_draws,
             step_size=step_size, nbeta=nbeta, localization=localization, batch_size=batch_size, sampler=sampler,
@@ -361,7 +365,7 @@ def estimate_llc(
     # 1. the target: model, data, loss, w*, nβ, γ, and the groups (restrictions, distributions)
     target = prepare_target(model, data, loss_fn, models=models, state_dicts=state_dicts, nbeta=nbeta,
                             localization=localization, device=device, dtype=dtype, vectorize=vectorize, seed=seed,
-                            restrict_to=restrict_to, autocast=autocast)
+                            restrict_to=restrict_to, autocast=autocast, checkpoint_state=True)
     # 2.-3. step size and sampler, folded over the minibatches
     run = sample_target(
         target, num_chains=num_chains, num_draws=num_draws, num_burnin=num_burnin,

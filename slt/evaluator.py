@@ -599,6 +599,12 @@ class ChainEvaluator:
         # functional_call may update buffers in place (BatchNorm running stats in
         # training mode): work on private copies so the user's module is never modified.
         self.buffers = {n: b.detach().clone() for n, b in model.named_buffers()}
+        #: buffers and frozen parameters whose values differ between the checkpoints of a batched run (a
+        #: BatchNorm network's running statistics saved during training): ``name -> (K, *shape)``, checkpoint
+        #: ``k``'s value in row ``k``; ``None``: every row uses the module's own (:attr:`buffers`).  Rows are
+        #: checkpoint-major in every evaluation (:meth:`row_checkpoints`).  Set by
+        #: :func:`slt.target.prepare_target`; private copies, like :attr:`buffers`.
+        self.checkpoint_tensors: dict[str, Tensor] | None = None
         #: activation modules run with a fused forward in every call (:func:`fused_activations`)
         self.fused = fused_activations(model)
 
@@ -608,13 +614,40 @@ class ChainEvaluator:
         with _fused(self.fused):
             return call_module(self.model, params, x, self.aliases, self.autocast, self.slots)
 
+    def row_checkpoints(self, R: int) -> Tensor | None:
+        """``(R,)`` the checkpoint of each of ``R`` rows, or ``None`` when every checkpoint holds the same
+        buffers (:attr:`checkpoint_tensors` unset).  Every evaluation lays its rows out checkpoint-major
+        — the run's ``K·M·D·C`` chains (:meth:`slt.target.Target.rows`), the ``K`` points w*, the probes
+        of the step-size rule (``K·P``) — so of ``R`` rows, row ``r`` belongs to checkpoint ``r // (R / K)``."""
+        ct = self.checkpoint_tensors
+        if not ct:
+            return None
+        first = next(iter(ct.values()))
+        K = first.shape[0]
+        if R % K:
+            raise RuntimeError(f"an evaluation of {R} rows does not split into the {K} checkpoints' blocks, which "
+                               "hold different buffers (slt.evaluator.ChainEvaluator.checkpoint_tensors)")
+        return torch.arange(R, device=first.device) // (R // K)
+
+    def row_state(self, ck: Tensor | int | None) -> dict[str, Tensor]:
+        """The :attr:`checkpoint_tensors` of the rows whose checkpoints are ``ck``: ``name -> (r, *shape)``
+        for a ``(r,)`` tensor, ``name -> shape`` for one checkpoint (an int); empty when ``ck`` is ``None``."""
+        if ck is None or not self.checkpoint_tensors:
+            return {}
+        if isinstance(ck, Tensor):
+            return {n: t.index_select(0, ck) for n, t in self.checkpoint_tensors.items()}
+        return {n: t[ck] for n, t in self.checkpoint_tensors.items()}
+
     def outputs(self, flat: Tensor, x: Tensor, shared: bool = False) -> Tensor:
         """(C, d), (C, B, ...) -> (C, B, ...) model outputs; with ``shared`` the
         input is one (B, ...) batch for all chains."""
         C = flat.shape[0]
         if shared and self.path != "vmap":
             x = _map(lambda t: t.unsqueeze(0).expand(C, *t.shape), x)
+        ck = self.row_checkpoints(C)
         if self.path == "native":
+            if ck is not None:
+                raise ValueError("checkpoints that differ in buffers or frozen parameters need the vmap or loop path")
             params = self.spec.unflatten(flat)
             for n, p in self.frozen.items():
                 params[n] = p.unsqueeze(0).expand(C, *p.shape)
@@ -626,14 +659,15 @@ class ChainEvaluator:
         if self.path == "vmap":
             buffers = self.buffers
 
-            def one(p: Tensor, xb: Tensor) -> Tensor:
-                return self.call({**self.spec.unflatten(p), **buffers}, xb)
+            def one(p: Tensor, xb: Tensor, t: Mapping[str, Tensor]) -> Tensor:
+                return self.call({**self.spec.unflatten(p), **buffers, **t}, xb)
 
             with _vmap_attention(self.hf_eager):
-                return torch.vmap(one, in_dims=(0, None if shared else 0))(flat, x)
+                return torch.vmap(one, in_dims=(0, None if shared else 0, 0))(flat, x, self.row_state(ck))
         outs = []
         for c in range(C):
-            params = {**self.spec.unflatten(flat[c]), **self.buffers}
+            params = {**self.spec.unflatten(flat[c]), **self.buffers,
+                      **self.row_state(None if ck is None else int(ck[c]))}
             outs.append(self.call(params, _index(x, c)))
         return torch.stack(outs)
 
@@ -644,28 +678,31 @@ class ChainEvaluator:
             b = batch.per_chain(C)
             out = self.outputs(flat, b.x)
             return self.adapter.chain_loss(out, b.y, b.weights)
+        ck = self.row_checkpoints(C)
         if self.path == "vmap":
-            return self._vmap_losses(self.spec.unflatten(flat), batch)
-        return torch.stack([self._chain_loss(self.spec.unflatten(flat[c]), batch, c) for c in range(C)])
+            return self._vmap_losses(self.spec.unflatten(flat), batch, ck)
+        return torch.stack([self._chain_loss(self.spec.unflatten(flat[c]), batch, c, ck) for c in range(C)])
 
-    def _vmap_losses(self, params: Mapping[str, Tensor], batch: Batch) -> Tensor:
+    def _vmap_losses(self, params: Mapping[str, Tensor], batch: Batch, ck: Tensor | None = None) -> Tensor:
         """``name -> (C, *shape)`` -> (C,) losses, vmapped over chains (and over the batch's chain
-        dimension unless it is shared)."""
+        dimension unless it is shared); ``ck``: the rows' checkpoints (:meth:`row_checkpoints`)."""
         buffers = self.buffers
 
-        def one(p: Mapping[str, Tensor], xb: Any, yb: Any, wb: Tensor | None) -> Tensor:
-            out = self.call({**p, **buffers}, xb)
+        def one(p: Mapping[str, Tensor], xb: Any, yb: Any, wb: Tensor | None, t: Mapping[str, Tensor]) -> Tensor:
+            out = self.call({**p, **buffers, **t}, xb)
             return self.adapter.single_loss(out, yb, wb)
 
         bd = None if batch.shared else 0  # a shared batch is broadcast, not copied
-        in_dims = (0, bd, bd, bd if batch.weights is not None else None)
+        in_dims = (0, bd, bd, bd if batch.weights is not None else None, 0)
         with _vmap_attention(self.hf_eager):
-            return torch.vmap(one, in_dims=in_dims)(dict(params), batch.x, batch.y, batch.weights)
+            return torch.vmap(one, in_dims=in_dims)(dict(params), batch.x, batch.y, batch.weights, self.row_state(ck))
 
-    def _chain_loss(self, params: Mapping[str, Tensor], batch: Batch, c: int) -> Tensor:
-        """Chain ``c``'s loss with its parameters ``name -> shape``, on its slice of the batch."""
+    def _chain_loss(self, params: Mapping[str, Tensor], batch: Batch, c: int, ck: Tensor | None = None) -> Tensor:
+        """Chain ``c``'s loss with its parameters ``name -> shape``, on its slice of the batch (``ck``: the
+        rows' checkpoints, :meth:`row_checkpoints`)."""
         xc, yc, wc = _chain_batch(batch, c)
-        return self.adapter.single_loss(self.call({**params, **self.buffers}, xc), yc, wc)
+        state = {**self.buffers, **self.row_state(None if ck is None else int(ck[c]))}
+        return self.adapter.single_loss(self.call({**params, **state}, xc), yc, wc)
 
     def loss_and_grad(self, flat: Tensor, batch: Batch) -> tuple[Tensor, Tensor]:
         """(C, d) -> ((C,) losses, (C, d) gradients); chains are independent, so the
@@ -769,22 +806,23 @@ class ChainEvaluator:
                                   "ones change does")
         out = torch.empty(flat.shape, dtype=flat.dtype, device=flat.device)  # contiguous (flat may be a broadcast)
         step = self._rows_per_call(R)
+        ck = self.row_checkpoints(R)
         if step >= R:
-            return self._vmap_block(flat, batch, out), out
+            return self._vmap_block(flat, batch, out, ck), out
         losses = torch.empty(R, dtype=flat.dtype, device=flat.device)
         for r0 in range(0, R, step):
             sl = slice(r0, min(r0 + step, R))
-            losses[sl] = self._vmap_block(flat[sl], _row_block(batch, sl), out[sl])
+            losses[sl] = self._vmap_block(flat[sl], _row_block(batch, sl), out[sl], None if ck is None else ck[sl])
         return losses, out
 
     def _rows_per_call(self, R: int) -> int:
         """Rows evaluated at once out of ``R``: :attr:`max_rows`, or all of them when it is ``None``."""
         return R if not self.max_rows else min(R, max(1, int(self.max_rows)))
 
-    def _vmap_block(self, flat: Tensor, batch: Batch, out: Tensor) -> Tensor:
+    def _vmap_block(self, flat: Tensor, batch: Batch, out: Tensor, ck: Tensor | None = None) -> Tensor:
         leaves = self._leaves(flat)
         with torch.enable_grad():
-            losses = self._vmap_losses(leaves, batch)
+            losses = self._vmap_losses(leaves, batch, ck)
             self._grads_into(losses.sum(), leaves, out)
         return losses.detach()
 
@@ -799,8 +837,10 @@ class ChainEvaluator:
         losses = torch.empty(R, dtype=flat.dtype, device=flat.device)
         step = self._rows_per_call(R)
         buffers = self.buffers
+        ck = self.row_checkpoints(R)
         for rows, names in blocks:
             for sub in rows.split(step):
+                state = self.row_state(None if ck is None else ck.index_select(0, sub))
                 fb = flat.index_select(0, sub)
                 views = self.spec.unflatten(fb)
                 moved = {n: v.detach().requires_grad_(True) for n, v in views.items() if n in names}
@@ -810,12 +850,13 @@ class ChainEvaluator:
                 y, yd = (x, xd) if bb.y is bb.x else _once(bb.y, batch.shared)
                 w, wd = (None, None) if bb.weights is None else _once(bb.weights, batch.shared)
 
-                def one(p: Mapping[str, Tensor], xb: Any, yb: Any, wb: Tensor | None) -> Tensor:
-                    return self.adapter.single_loss(self.call({**fixed, **p, **buffers}, xb), yb, wb)
+                def one(p: Mapping[str, Tensor], xb: Any, yb: Any, wb: Tensor | None,
+                        t: Mapping[str, Tensor]) -> Tensor:
+                    return self.adapter.single_loss(self.call({**fixed, **p, **buffers, **t}, xb), yb, wb)
 
                 block_out = torch.empty(fb.shape, dtype=flat.dtype, device=flat.device)
                 with torch.enable_grad(), _vmap_attention(self.hf_eager):
-                    lb = torch.vmap(one, in_dims=(0, xd, yd, wd))(moved, x, y, w)
+                    lb = torch.vmap(one, in_dims=(0, xd, yd, wd, 0))(moved, x, y, w, state)
                     self._grads_into(lb.sum(), moved, block_out)  # unmoved parameters' slices stay 0
                 out.index_copy_(0, sub, block_out)
                 losses.index_copy_(0, sub, lb.detach().to(losses.dtype))  # a loss in another dtype (HF: float32)
@@ -826,12 +867,13 @@ class ChainEvaluator:
         C = flat.shape[0]
         losses = torch.empty(C, dtype=flat.dtype, device=flat.device)
         grad = torch.empty(flat.shape, dtype=flat.dtype, device=flat.device)
+        ck = self.row_checkpoints(C)
         for c in range(C):
             leaves = self._leaves(flat[c])
-            held = {**leaves, **self.buffers}
+            held = {**leaves, **self.buffers, **self.row_state(None if ck is None else int(ck[c]))}
             try:  # held through the backward pass: activation checkpointing recomputes at the chain's parameters
                 with torch.enable_grad(), (self.slots.holding(held) if self.slots.covers(held) else nullcontext()):
-                    loss = self._chain_loss(leaves, batch, c)
+                    loss = self._chain_loss(leaves, batch, c, ck)
                     self._grads_into(loss, leaves, grad[c])
             except (RuntimeError, MemoryError) as e:
                 if not out_of_memory(e):
@@ -859,16 +901,18 @@ class ChainEvaluator:
                 yk = _map(lambda t: t.unsqueeze(0).expand(K, *t.shape), y)
                 return adapter.per_sample(out, yk, 2)
             buffers = self.buffers
+            ck = self.row_checkpoints(K)
             if self.path == "vmap":
-                def one(p: Tensor) -> Tensor:
+                def one(p: Tensor, t: Mapping[str, Tensor]) -> Tensor:
                     return adapter.per_sample(
-                        self.call({**self.spec.unflatten(p), **buffers}, x), y, 1)
+                        self.call({**self.spec.unflatten(p), **buffers, **t}, x), y, 1)
 
                 with _vmap_attention(self.hf_eager):
-                    return torch.vmap(one)(flat)
+                    return torch.vmap(one)(flat, self.row_state(ck))
             return torch.stack([
                 adapter.per_sample(
-                    self.call({**self.spec.unflatten(flat[c]), **buffers}, x), y, 1)
+                    self.call({**self.spec.unflatten(flat[c]), **buffers,
+                               **self.row_state(None if ck is None else int(ck[c]))}, x), y, 1)
                 for c in range(K)
             ])
 

@@ -66,7 +66,7 @@ from .rng import ChainRNG
 from ._runtime import resolve_device, autograd_allowed, user_stacklevel
 
 __all__ = ["Target", "prepare_target", "BatchStream", "train_mode_issues", "random_forward_issue", "fastest_path",
-           "checkpoint_state_differences", "checkpoint_modules"]
+           "checkpoint_state_differences", "checkpoint_modules", "checkpoint_state_batchable"]
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
 
@@ -469,6 +469,7 @@ class Target:
         """``(d,) -> L_n(w)``, differentiable in ``w`` (one autograd pass; for NUTS).
 
         Models with a hand-written gradient go through :class:`_LossFn`."""
+        self._one_state("loss")
         batch = self.full_batch()
         if self.evaluator.analytic:
             return _LossFn.apply(w, self)
@@ -483,6 +484,7 @@ class Target:
         Native models go through the evaluator (hand-written gradients where the
         model has them); other modules through one ``functional_call`` and
         autograd (a single chain needs no ``vmap``)."""
+        self._one_state("loss_and_grad")
         batch = self.full_batch()
         if self.path != "vmap":
             loss, grad = self.evaluator.loss_and_grad(w[None], batch)
@@ -495,6 +497,12 @@ class Target:
                 loss = self.adapter.single_loss(out, batch.y, batch.weights)
                 (grad,) = torch.autograd.grad(loss, p)
         return loss.detach(), grad
+
+    def _one_state(self, what: str) -> None:
+        """Refuse a single-point evaluation when the checkpoints hold different buffers (which would apply?)."""
+        if self.evaluator.checkpoint_tensors:
+            raise ValueError(f"Target.{what}(w) takes one point, but the checkpoints differ in buffers or frozen "
+                             "parameters: prepare one target per checkpoint")
 
     # -- minibatches ---------------------------------------------------------------
     def is_full_batch(self, batch_size: int | None) -> bool:
@@ -886,10 +894,12 @@ def checkpoint_state_differences(model: Any, models: Sequence[Any] | None = None
     """Names of the buffers and frozen parameters whose values differ between the checkpoints.
 
     A batched run over checkpoints substitutes each checkpoint's *sampled* parameters into one
-    template; its buffers (BatchNorm's running statistics) and frozen parameters are the template's.
-    When they differ between checkpoints (a BatchNorm network saved during training), each
-    checkpoint needs its own: :func:`slt.estimate_llc` then runs them one at a time
-    (:func:`checkpoint_modules`).  Empty for one checkpoint, or when they agree."""
+    template, whose buffers (BatchNorm's running statistics) and frozen parameters would serve every
+    checkpoint.  When they differ between checkpoints (a BatchNorm network saved during training), each
+    checkpoint needs its own: :func:`slt.estimate_llc` then gives each row its checkpoint's
+    (``prepare_target(..., checkpoint_state=True)``), or runs the checkpoints one at a time where that
+    cannot be batched (:func:`checkpoint_state_batchable`, :func:`checkpoint_modules`).  Empty for one
+    checkpoint, or when they agree."""
     template, ckpts, is_batch = _checkpoints(model, models, state_dicts)
     return _state_differences(template, ckpts) if is_batch else []
 
@@ -911,6 +921,41 @@ def _state_differences(template: nn.Module, ckpts: list[Any]) -> list[str]:
                                                                                          _dense(ref))):
                 differ.add(name)
     return [name for name in fixed if name in differ]
+
+
+def checkpoint_state_batchable(model: Any, models: Sequence[Any] | None = None,
+                               state_dicts: Sequence[Mapping[str, Tensor]] | None = None) -> bool:
+    """Whether checkpoints whose buffers or frozen parameters differ can run in one batched computation
+    (``prepare_target(..., checkpoint_state=True)``): on the vmap and loop paths, with dense tensors; not a
+    model with its own chain dimension (``forward_chains``) nor a sparse buffer that differs."""
+    template, ckpts, is_batch = _checkpoints(model, models, state_dicts)
+    return not is_batch or _state_batchable(template, _state_differences(template, ckpts))
+
+
+def _state_batchable(template: nn.Module, differ: list[str]) -> bool:
+    """:func:`checkpoint_state_batchable` of a resolved template and its differing names."""
+    if hasattr(template, "forward_chains"):
+        return False
+    own = {**dict(template.named_parameters()), **dict(template.named_buffers())}
+    return all(own[n].layout == torch.strided for n in differ)
+
+
+def _checkpoint_state(template: nn.Module, ckpts: list[Any], names: list[str], dev: torch.device,
+                      dtype: torch.dtype) -> dict[str, Tensor]:
+    """``name -> (K, *shape)``: each checkpoint's value of the buffers and frozen parameters ``names`` (a
+    state dict without an entry keeps the template's), floating ones in ``dtype``, on ``dev``."""
+    own = {**dict(template.named_parameters()), **dict(template.named_buffers())}
+    out: dict[str, Tensor] = {}
+    for name in names:
+        ref = own[name].detach()
+        vals = []
+        for ck in ckpts:
+            state = {**dict(ck.named_parameters()), **dict(ck.named_buffers())} if isinstance(ck, nn.Module) else ck
+            v = state.get(name)
+            vals.append((v if isinstance(v, Tensor) else ref).detach().to(device=dev))
+        stacked = torch.stack(vals)
+        out[name] = stacked.to(dtype) if stacked.is_floating_point() else stacked.to(ref.dtype)
+    return out
 
 
 def checkpoint_modules(model: Any, models: Sequence[Any] | None = None,
@@ -1199,6 +1244,7 @@ def prepare_target(
     caller: str = "slt.estimate_llc",
     restrict_to: Any = None,
     autocast: Any = None,
+    checkpoint_state: bool = False,
 ) -> Target:
     r"""Prepare ``(model, data, loss)`` and the checkpoints ``w*`` for sampling.
 
@@ -1241,6 +1287,11 @@ def prepare_target(
         Rounding adds noise of relative size ~2⁻⁸ (bf16) to each loss, so check λ̂ against a
         full-precision run of the same job before relying on it.  On a CPU it is correct but
         rarely faster.
+    checkpoint_state
+        Checkpoints whose buffers or frozen parameters differ (a BatchNorm network's running
+        statistics saved during training): ``True`` gives every row its checkpoint's own
+        (:attr:`slt.evaluator.ChainEvaluator.checkpoint_tensors`; the vmap and loop paths, for
+        the estimators built on :func:`slt.engine.sample_target`); ``False`` (default) refuses them.
 
     Returns
     -------
@@ -1252,7 +1303,8 @@ def prepare_target(
         Bad model, checkpoints, data, loss or dtype (before any sampling).
     """
     template, ckpts, is_batch = _checkpoints(model, models, state_dicts)
-    if is_batch and (differ := _state_differences(template, ckpts)):
+    differ = _state_differences(template, ckpts) if is_batch else []
+    if differ and not (checkpoint_state and _state_batchable(template, differ)):
         raise ValueError(
             f"the checkpoints differ in buffers or frozen parameters ({_names(differ)}), which one batched "
             "computation takes from a single template: slt.estimate_llc runs such checkpoints one at a time; "
@@ -1351,6 +1403,10 @@ def prepare_target(
                                    per_chain_probe=isinstance(source, Data), autocast=half)
     if half is not None and evaluator.path == "loop":
         reason = f"autocast ({half}): a loop over chains (vmap does not apply autocast to every op)"
+    if differ:  # each row evaluates with its checkpoint's buffers
+        evaluator.checkpoint_tensors = _checkpoint_state(work_model, ckpts, differ, dev, dtype)
+        notes.append(f"the checkpoints differ in buffers or frozen parameters ({_names(differ)}): each checkpoint's "
+                     "chains run with its own")
     groups = _groups(restrict_to, work_model, spec, split, parts, offsets, dev, dtype)
     if groups.masks is not None:  # gradients only of the parameters some restriction moves
         evaluator.grad_names = set().union(*groups.moved_names(spec))
@@ -1440,7 +1496,8 @@ def fastest_path(target: Target, rows: Tensor, batch_size: int | None, repeats: 
         target.path_reason = "loop over chains: one chain (vmap of one row only adds its batching overhead)"
         return target
     key = (type(target.model).__qualname__, tuple(map(tuple, target.spec.shapes)), rows.shape[0], batch_size,
-           str(target.device), target.dtype, target.evaluator.structured, shared)
+           str(target.device), target.dtype, target.evaluator.structured, shared,
+           bool(target.evaluator.checkpoint_tensors))
     if not compile:
         if key not in _PATH_DECISIONS:  # once per kind of job in this process: repeated runs agree bit for bit
             if len(_PATH_DECISIONS) > 256:
@@ -1460,7 +1517,8 @@ def fastest_path(target: Target, rows: Tensor, batch_size: int | None, repeats: 
         if seconds * num_steps < COMPILE_MIN_SECONDS:
             return target
     why_not = ("weight-refined runs (restrictions)" if target.groups.masks is not None
-               else "autocast" if target.evaluator.autocast is not None else None)
+               else "autocast" if target.evaluator.autocast is not None
+               else "checkpoints that differ in buffers" if target.evaluator.checkpoint_tensors else None)
     if why_not is not None:
         if compile:
             warnings.warn(f"vectorize='compile' is not used for {why_not}: running uncompiled", RuntimeWarning,
@@ -1539,6 +1597,7 @@ def _like(evaluator: ChainEvaluator, path: str) -> ChainEvaluator:
                          autocast=evaluator.autocast)
     out.grad_names = evaluator.grad_names
     out.hf_eager = evaluator.hf_eager
+    out.checkpoint_tensors = evaluator.checkpoint_tensors
     return out
 
 

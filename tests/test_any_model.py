@@ -1128,51 +1128,119 @@ class BNNet(nn.Module):
         return self.l2(self.norm(self.l1(x)))
 
 
-def test_checkpoints_with_their_own_batchnorm_statistics():
+class FrozenFirst(nn.Module):
+    """A frozen first layer (a fixed feature map) and a trainable head."""
+
+    def __init__(self):
+        super().__init__()
+        self.feat = nn.Linear(3, 4).requires_grad_(False)
+        self.head = nn.Linear(4, 2)
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.feat(x)))
+
+
+def _bn_checkpoints(net: nn.Module) -> list[dict]:
+    """Two checkpoints of a BNNet with different running statistics (and parameters)."""
+    import copy
+
+    sds = []
+    for shift in (0.0, 1.5):
+        with torch.no_grad():
+            net.norm.running_mean.fill_(shift)
+            net.norm.running_var.fill_(1.0 + shift)
+            net.l1.weight.add_(0.1)
+        sds.append(copy.deepcopy(net.state_dict()))
+    return sds
+
+
+def _single_runs(net: nn.Module, sds: list[dict], data, kw: dict, **extra) -> list:
+    """Each checkpoint in its own call, with the seed it has in a batched call."""
+    import copy
+
+    out = []
+    for k, sd in enumerate(sds):
+        m = copy.deepcopy(net)
+        m.load_state_dict(sd)
+        out.append(slt.estimate_llc(m, data, F.mse_loss, **{**kw, "seed": kw["seed"] + k}, **extra))
+    return out
+
+
+@pytest.mark.parametrize("path", ["vmap", "loop"])
+def test_checkpoints_with_their_own_batchnorm_statistics(path):
     """An LLC curve of a BatchNorm network: each checkpoint's running statistics are its own.  A batched
-    run took every checkpoint's buffers from the template (λ̂ 1.68 instead of 2.51 on a checkpoint of a
-    small classifier, silently); such checkpoints now run one at a time with the seeds a batched run
-    gives them, so each result equals its single-checkpoint run bit for bit."""
+    run first took every checkpoint's buffers from the template (λ̂ 1.68 instead of 2.51 on a checkpoint
+    of a small classifier, silently), then ran such checkpoints one at a time; now every row of the one
+    batched computation holds its checkpoint's statistics, and each result follows its single-checkpoint
+    run (the same chains, to rounding: the batched kernels sum in another order)."""
     import copy
 
     X, Y = _data(n=120)
     torch.manual_seed(0)
     net = BNNet().to(F64)
-    sds = []
-    for shift in (0.0, 1.5):
-        with torch.no_grad():  # different running statistics per checkpoint; parameters too
-            net.norm.running_mean.fill_(shift)
-            net.norm.running_var.fill_(1.0 + shift)
-            net.l1.weight.add_(0.1)
-        sds.append(copy.deepcopy(net.state_dict()))
+    sds = _bn_checkpoints(net)
     net.eval()
-    kw = {**KW, "seed": 5}
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        batched = slt.estimate_llc(net, (X, Y), F.mse_loss, state_dicts=sds, **kw)
-    mods = []
-    for k, sd in enumerate(sds):
+    kw = {**KW, "seed": 5, "vectorize": path}
+    batched = slt.estimate_llc(net, (X, Y), F.mse_loss, state_dicts=sds, **kw)
+    singles = _single_runs(net, sds, (X, Y), kw)
+    for k, (b, single) in enumerate(zip(batched, singles)):
         m = copy.deepcopy(net)
-        m.load_state_dict(sd)
-        mods.append(m)
-        single = slt.estimate_llc(m, (X, Y), F.mse_loss, **{**kw, "seed": 5 + k})
-        assert torch.equal(batched[k].loss_trace, single.loss_trace)
-        assert batched[k].config["checkpoint"] == k and "each checkpoint was estimated in its own run" in \
-            batched[k].config["setup_notes"][0] and "norm.running_mean" in batched[k].config["setup_notes"][0]
-    assert not any("checkpoint 0" in str(w.message) and "checkpoint 1" in str(w.message) for w in caught)
+        m.load_state_dict(sds[k])
+        tol = engine_trace_tol(m, F.mse_loss, X, Y, single.loss_trace, steps=25, step_size=1e-3, nbeta=50.0,
+                               localization=10.0, batch_rows=32)
+        torch.testing.assert_close(b.loss_trace, single.loss_trace, rtol=0, atol=tol)
+        assert b.config["checkpoint"] == k and b.config["path"] == path
+        assert any("norm.running_mean" in n and "each checkpoint's chains run with its own" in n
+                   for n in b.config["setup_notes"])
+    # the statistics matter: checkpoint 1 at checkpoint 0's statistics is another run
+    assert (batched[1].loss_trace - singles[0].loss_trace).abs().max() > 1e3 * tol
+    mods = []
+    for sd in sds:
+        mods.append(copy.deepcopy(net))
+        mods[-1].load_state_dict(sd)
     as_modules = slt.estimate_llc(mods, (X, Y), F.mse_loss, **kw)
     assert all(torch.equal(a.loss_trace, b.loss_trace) for a, b in zip(as_modules, batched))
     with pytest.raises(ValueError, match=r"checkpoints differ in buffers or frozen parameters \(norm.running_mean, "
                                          r"norm.running_var\).*one checkpoint per call"):
-        slt.bif(mods, (X, Y), F.mse_loss, **kw)
-    # the same statistics everywhere (only BatchNorm's step counter differs): one batched run (the template's
-    # own statistics count too: a batched run would use them for every checkpoint)
+        slt.bif(mods, (X, Y), F.mse_loss, **KW)
+    target = slt.prepare_target(None, (X, Y), F.mse_loss, models=mods, dtype=F64, checkpoint_state=True)
+    with pytest.raises(ValueError, match="takes one point, but the checkpoints differ in buffers"):
+        target.loss(target.w_star[0])
+    # the same statistics everywhere (only BatchNorm's step counter differs): no per-checkpoint buffers
     net.load_state_dict(sds[0])
     for sd in sds[1:]:
         sd["norm.running_mean"], sd["norm.running_var"] = sds[0]["norm.running_mean"], sds[0]["norm.running_var"]
         sd["norm.num_batches_tracked"] = sds[0]["norm.num_batches_tracked"] + 7
     shared = slt.estimate_llc(net, (X, Y), F.mse_loss, state_dicts=sds, **kw)
-    assert not any("own run" in n for n in shared[0].config["setup_notes"])
+    assert not any("own" in n for n in shared[0].config["setup_notes"])
+
+
+def test_checkpoints_with_their_own_frozen_parameters_and_restrictions():
+    """Frozen parameters that differ between checkpoints (a fixed feature map that was itself trained
+    earlier) are each checkpoint's own in the batched run, also for weight-refined LLCs (restrictions ×
+    checkpoints, where rows that move only some parameters share the others, :attr:`row_plan`)."""
+    import copy
+
+    X, Y = _data(n=120)
+    torch.manual_seed(1)
+    net = FrozenFirst().to(F64)
+    sds = []
+    for _ in range(2):
+        with torch.no_grad():
+            net.feat.weight.mul_(1.5)
+            net.head.bias.add_(0.1)
+        sds.append(copy.deepcopy(net.state_dict()))
+    kw = {**KW, "seed": 3, "vectorize": "vmap"}
+    restrict = {"weight": "head.weight", "bias": "head.bias"}
+    batched = slt.estimate_llc(net, (X, Y), F.mse_loss, state_dicts=sds, restrict_to=restrict, **kw)
+    singles = _single_runs(net, sds, (X, Y), kw, restrict_to=restrict)
+    for label in restrict:
+        for k in range(2):
+            single = singles[k][label]
+            tol = fp_tol(F64, scale=float(single.loss_trace.abs().max()) + 1.0, terms=25 * 32 * 8)
+            torch.testing.assert_close(batched[label][k].loss_trace, single.loss_trace, rtol=0, atol=tol)
+    assert any("feat.weight" in n for n in batched["weight"][0].config["setup_notes"])
+    assert (batched["weight"][1].loss_trace - singles[0]["weight"].loss_trace).abs().max() > 1e-3
 
 
 def test_train_mode_notes_name_the_modules_and_the_fix():

@@ -370,7 +370,7 @@ class _Losses:
                     f"shape {tuple(self.mask.shape[:-1]) + (self.mask.shape[-1] + 1,)} (per-token values are for "
                     "sequence models: a classifier's targets hold one value per sample)")
         self.shape = (self.n,) if (not per_token or sum_tokens) else (self.n, int(self.mask.shape[-1]))
-        self._probe(target.w_star[:1], name)
+        self._probe(target.w_star, name)
 
     def _probe(self, w: Tensor, name: str) -> None:
         """Evaluate the first two samples at w*: a model or loss that fails on this data set is named with
@@ -417,13 +417,15 @@ def _apply(ev: Any, flat: Tensor, x: Any, y: Any, fn: Callable) -> Tensor:
         out = ev.outputs(flat, x, shared=True)
         return fn(out, _map(lambda t: t.unsqueeze(0).expand(R, *t.shape), y))
     buffers = ev.buffers
+    ck = ev.row_checkpoints(R)  # checkpoints with their own buffers (BatchNorm statistics): each row its own
     if ev.path == "vmap":
-        def one(p: Tensor) -> Tensor:
-            return fn(ev.call({**ev.spec.unflatten(p), **buffers}, x), y)
+        def one(p: Tensor, t: Mapping[str, Tensor]) -> Tensor:
+            return fn(ev.call({**ev.spec.unflatten(p), **buffers, **t}, x), y)
 
         with _vmap_attention(ev.hf_eager):  # batched attention and masks, as the evaluator's own vmap
-            return torch.vmap(one)(flat)
-    return torch.stack([fn(ev.call({**ev.spec.unflatten(flat[c]), **buffers}, x), y)
+            return torch.vmap(one)(flat, ev.row_state(ck))
+    return torch.stack([fn(ev.call({**ev.spec.unflatten(flat[c]), **buffers,
+                                    **ev.row_state(None if ck is None else int(ck[c]))}, x), y)
                         for c in range(R)])
 
 
@@ -460,7 +462,7 @@ def _split_kwargs(caller: str, kwargs: Mapping[str, Any]) -> tuple[dict, dict]:
 def _prepare(model: Any, data: Any, loss_fn: Any, caller: str, prep: dict) -> Any:
     from .target import prepare_target
 
-    target = prepare_target(model, data, loss_fn, full_data=True, caller=caller, **prep)
+    target = prepare_target(model, data, loss_fn, full_data=True, caller=caller, checkpoint_state=True, **prep)
     if target.groups.D > 1:
         raise ValueError(f"{caller}: data must be one data set; a mapping of data sets (data-refined runs) is not "
                          "supported")

@@ -1200,9 +1200,14 @@ def test_checkpoints_with_their_own_batchnorm_statistics(path):
         mods[-1].load_state_dict(sd)
     as_modules = slt.estimate_llc(mods, (X, Y), F.mse_loss, **kw)
     assert all(torch.equal(a.loss_trace, b.loss_trace) for a, b in zip(as_modules, batched))
-    with pytest.raises(ValueError, match=r"checkpoints differ in buffers or frozen parameters \(norm.running_mean, "
-                                         r"norm.running_var\).*one checkpoint per call"):
-        slt.bif(mods, (X, Y), F.mse_loss, **KW)
+    # the Bayesian influence functions of such checkpoints, batched the same way
+    bif_kw = {**kw, "num_draws": 10, "batch_size": None}
+    bifs = slt.bif(mods, (X, Y), F.mse_loss, query=(X[:5], Y[:5]), **bif_kw)
+    for k, m in enumerate(mods):
+        one = slt.bif(m, (X, Y), F.mse_loss, query=(X[:5], Y[:5]), **{**bif_kw, "seed": kw["seed"] + k})
+        scale = float(one.values.abs().max()) + 1.0
+        torch.testing.assert_close(bifs[k].values, one.values, rtol=0, atol=fp_tol(F64, scale=scale, terms=10**5))
+    assert (bifs[1].values - bifs[0].values).abs().max() > 1e-6
     target = slt.prepare_target(None, (X, Y), F.mse_loss, models=mods, dtype=F64, checkpoint_state=True)
     with pytest.raises(ValueError, match="takes one point, but the checkpoints differ in buffers"):
         target.loss(target.w_star[0])
@@ -1549,3 +1554,30 @@ def test_a_sparse_buffer_runs_batched_and_checkpoints_compare_it():
     assert "differ in buffers or frozen parameters (adj)" in runs[0].config["setup_notes"][0]
     # checkpoint 0 alone: seed + 0, the same chains (on the path "auto" measured: equal to rounding)
     torch.testing.assert_close(runs[0].loss_trace, lp.loss_trace, rtol=0, atol=tol)
+
+
+def test_checkpoints_with_their_own_batchnorm_statistics_on_two_distributions():
+    """Data-refined LLCs (``data={label: dataset}``) of BatchNorm checkpoints in one batched run: each
+    checkpoint × distribution follows its single-checkpoint run (the losses at w* per distribution, the
+    slope at w* and the chains all see the checkpoint's own statistics)."""
+    import copy
+
+    X, Y = _data(n=120)
+    torch.manual_seed(2)
+    net = BNNet().to(F64)
+    sds = _bn_checkpoints(net)
+    net.eval()
+    data = {"a": (X[:60], Y[:60]), "b": (X[60:], Y[60:])}
+    kw = {**KW, "seed": 7, "vectorize": "vmap"}
+    batched = slt.estimate_llc(net, data, F.mse_loss, state_dicts=sds, **kw)
+    singles = _single_runs(net, sds, data, kw)
+    for label in data:
+        for k in range(2):
+            single = singles[k][label]
+            assert batched[label][k].init_loss == pytest.approx(single.init_loss, rel=1e-12)
+            tol = fp_tol(F64, scale=float(single.loss_trace.abs().max()) + 1.0, terms=25 * 32 * 8)
+            torch.testing.assert_close(batched[label][k].loss_trace, single.loss_trace, rtol=0, atol=tol)
+            s_b = batched[label][k].diagnostics["slope_at_init"]["value"]
+            s_1 = single.diagnostics["slope_at_init"]["value"]
+            assert s_b == pytest.approx(s_1, rel=1e-9, abs=1e-12)
+    assert batched["a"][0].init_loss != pytest.approx(batched["a"][1].init_loss, rel=1e-3)

@@ -430,10 +430,10 @@ def _oom_above(monkeypatch, rows: int):
 
     real = ChainEvaluator._vmap_block
 
-    def block(self, flat, batch, out):
+    def block(self, flat, batch, out, *rest):
         if flat.shape[0] > rows:
             torch.empty(1 << 50)
-        return real(self, flat, batch, out)
+        return real(self, flat, batch, out, *rest)
 
     monkeypatch.setattr(ChainEvaluator, "_vmap_block", block)
 

@@ -1306,9 +1306,10 @@ def prepare_target(
     differ = _state_differences(template, ckpts) if is_batch else []
     if differ and not (checkpoint_state and _state_batchable(template, differ)):
         raise ValueError(
-            f"the checkpoints differ in buffers or frozen parameters ({_names(differ)}), which one batched "
-            "computation takes from a single template: slt.estimate_llc runs such checkpoints one at a time; "
-            "elsewhere, pass one checkpoint per call")
+            f"the checkpoints differ in buffers or frozen parameters ({_names(differ)}), which this computation "
+            "would take from a single template (slt.estimate_llc and slt.bif give each chain its checkpoint's own; "
+            "with forward_chains or a sparse buffer that differs, estimate_llc runs them one at a time): pass one "
+            "checkpoint per call")
     dtype, dtype_note = resolve_dtype(dtype, template)
     half = resolve_autocast(autocast)
     if half is not None and vectorize in ("vmap", "compile"):

@@ -1208,6 +1208,9 @@ def test_checkpoints_with_their_own_batchnorm_statistics(path):
         scale = float(one.values.abs().max()) + 1.0
         torch.testing.assert_close(bifs[k].values, one.values, rtol=0, atol=fp_tol(F64, scale=scale, terms=10**5))
     assert (bifs[1].values - bifs[0].values).abs().max() > 1e-6
+    with pytest.raises(ValueError, match=r"checkpoints differ in buffers or frozen parameters \(norm.running_mean, "
+                                         r"norm.running_var\).*pass one checkpoint per call"):
+        slt.prepare_target(None, (X, Y), F.mse_loss, models=mods, dtype=F64)  # a computation that cannot batch them
     target = slt.prepare_target(None, (X, Y), F.mse_loss, models=mods, dtype=F64, checkpoint_state=True)
     with pytest.raises(ValueError, match="takes one point, but the checkpoints differ in buffers"):
         target.loss(target.w_star[0])

@@ -156,8 +156,8 @@ def estimate_llc(
         saved under a prefix (``"module."``, ``"_orig_mod."``, Lightning's ``"model."``).
         Checkpoints whose buffers or frozen parameters differ (BatchNorm statistics) run in
         the same batched computation, each chain with its checkpoint's own (on a model with
-        ``forward_chains`` or with a sparse buffer that differs: one at a time, with the seeds a
-        batched run gives them).
+        ``forward_chains``, a sparse buffer that differs, or differing tensors larger than the
+        sampled parameters: one at a time, with the seeds a batched run gives them).
     num_chains, num_draws, num_burnin, num_steps_bw_draws
         Chains per checkpoint, recorded draws per chain, steps discarded first, and steps between
         draws.  The burn-in runs from ``w*`` at the frozen step (after the step-size adaptation, if

@@ -927,7 +927,10 @@ def checkpoint_state_batchable(model: Any, models: Sequence[Any] | None = None,
                                state_dicts: Sequence[Mapping[str, Tensor]] | None = None) -> bool:
     """Whether checkpoints whose buffers or frozen parameters differ can run in one batched computation
     (``prepare_target(..., checkpoint_state=True)``): on the vmap and loop paths, with dense tensors; not a
-    model with its own chain dimension (``forward_chains``) nor a sparse buffer that differs."""
+    model with its own chain dimension (``forward_chains``), a sparse buffer that differs, nor differing
+    tensors larger in all than the sampled parameters (each vmapped evaluation gathers them per row: a
+    BatchNorm network's statistics are a small fraction of its parameters, a differing frozen embedding
+    would not be)."""
     template, ckpts, is_batch = _checkpoints(model, models, state_dicts)
     return not is_batch or _state_batchable(template, _state_differences(template, ckpts))
 
@@ -937,7 +940,9 @@ def _state_batchable(template: nn.Module, differ: list[str]) -> bool:
     if hasattr(template, "forward_chains"):
         return False
     own = {**dict(template.named_parameters()), **dict(template.named_buffers())}
-    return all(own[n].layout == torch.strided for n in differ)
+    sampled = sum(p.numel() for p in template.parameters() if p.requires_grad)
+    return (all(own[n].layout == torch.strided for n in differ)
+            and sum(own[n].numel() for n in differ) <= sampled)
 
 
 def _checkpoint_state(template: nn.Module, ckpts: list[Any], names: list[str], dev: torch.device,

@@ -1129,15 +1129,16 @@ class BNNet(nn.Module):
 
 
 class FrozenFirst(nn.Module):
-    """A frozen first layer (a fixed feature map) and a trainable head."""
+    """A frozen first layer (a fixed feature map), then trainable layers (``mid``, optional, and ``head``)."""
 
-    def __init__(self):
+    def __init__(self, width: int = 4, mid: bool = True):
         super().__init__()
-        self.feat = nn.Linear(3, 4).requires_grad_(False)
-        self.head = nn.Linear(4, 2)
+        self.feat = nn.Linear(3, width).requires_grad_(False)
+        self.mid = nn.Linear(width, width) if mid else nn.Identity()
+        self.head = nn.Linear(width, 2)
 
     def forward(self, x):
-        return self.head(torch.tanh(self.feat(x)))
+        return self.head(torch.tanh(self.mid(torch.tanh(self.feat(x)))))
 
 
 def _bn_checkpoints(net: nn.Module) -> list[dict]:
@@ -1247,8 +1248,20 @@ def test_checkpoints_with_their_own_frozen_parameters_and_restrictions():
             single = singles[k][label]
             tol = fp_tol(F64, scale=float(single.loss_trace.abs().max()) + 1.0, terms=25 * 32 * 8)
             torch.testing.assert_close(batched[label][k].loss_trace, single.loss_trace, rtol=0, atol=tol)
-    assert any("feat.weight" in n for n in batched["weight"][0].config["setup_notes"])
+    assert any("feat.weight" in n and "each checkpoint's chains run with its own" in n
+               for n in batched["weight"][0].config["setup_notes"])
     assert (batched["weight"][1].loss_trace - singles[0]["weight"].loss_trace).abs().max() > 1e-3
+    # differing tensors larger than the sampled parameters (a vmapped evaluation would gather them per row):
+    # one call per checkpoint, with the seeds of a batched call
+    wide = FrozenFirst(width=16, mid=False).to(F64)
+    assert wide.feat.weight.numel() > sum(p.numel() for p in wide.parameters() if p.requires_grad)
+    other = copy.deepcopy(wide)
+    with torch.no_grad():
+        other.feat.weight.mul_(2.0)
+    runs = slt.estimate_llc(None, (X, Y), F.mse_loss, models=[wide, other], **kw)
+    assert "each checkpoint was estimated in its own run" in runs[1].config["setup_notes"][0]
+    alone = slt.estimate_llc(other, (X, Y), F.mse_loss, **{**kw, "seed": kw["seed"] + 1})
+    assert torch.equal(runs[1].loss_trace, alone.loss_trace)
 
 
 def test_train_mode_notes_name_the_modules_and_the_fix():

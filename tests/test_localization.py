@@ -167,6 +167,10 @@ def test_a_rising_estimate_names_the_relaxation_time_it_needed():
     assert relaxation_hint(2e-5, 100.0, {"num_burnin": 250, "num_draws": 1000}).endswith(
         f"this run had 1250 steps; num_burnin ≈ {RELAXATION_TIMES * 500} covers it)")
     assert relaxation_hint(2e-5, 100.0, {"num_burnin": 2000, "num_draws": 1000}) == ""
+    # an adapted ε: the hint pins it (a given num_burnin would also lengthen the adaptation, changing ε)
+    assert relaxation_hint(2e-5, 100.0, {"num_burnin": 250, "num_draws": 1000, "step_size_rule": "adapt"}).endswith(
+        f"num_burnin ≈ {RELAXATION_TIMES * 500} with step_size=2e-05 (a num_burnin alone also lengthens the "
+        "step-size adaptation, 4/5 of it, whose ε can come out smaller and need longer still) covers it)")
     assert relaxation_hint(2e-5, 100.0, None) == ""  # steps unknown
     C, T = 8, 200
     g = torch.Generator().manual_seed(0)

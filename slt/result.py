@@ -629,8 +629,8 @@ def relaxation_hint(step_size: Any, localization: Any, config: Mapping[str, Any]
         return ""
     rate = "1/(εγ)" if gain == 1.0 else f"1/(ε·G·γ) with G = {gain:g} (the sampler's step factor in a flat direction)"
     # an adapted ε depends on the adaptation's length, which a given num_burnin sets (4/5 of it): measured on an
-    # MLP at n = 60000, γ = 1000, the 50-step adaptation gave 1.83e-7 and the hint's num_burnin = 27275 adapted
-    # for 21820 steps to 4.45e-8, at which that burn-in covered a quarter of what it should
+    # MLP at n = 60000, γ = 1000, the 50-step adaptation gave 1.83e-7 and the hint's num_burnin (27500) adapted
+    # for 22000 steps to 4.45e-8, at which that burn-in covered a quarter of what it should
     pin = (f" with step_size={eps:.3g} (a num_burnin alone also lengthens the step-size adaptation, 4/5 of it, "
            "whose ε can come out smaller and need longer still)") if cfg.get("step_size_rule") == "adapt" else ""
     return (f" (at ε = {eps:.3g} and γ = {gamma:g} a direction only the localization holds relaxes over "

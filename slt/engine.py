@@ -350,8 +350,9 @@ def estimate_llc(
     model, models, state_dicts, files = load_checkpoint_files(model, models, state_dicts)  # paths read once
     differ = checkpoint_state_differences(model, models, state_dicts)
     if differ and not checkpoint_state_batchable(model, models, state_dicts):
-        # 0. checkpoints whose buffers differ, on a model with its own chain dimension or sparse buffers: one
-        # run each, as if batched (otherwise each row of the batched run holds its checkpoint's buffers)
+        # 0. checkpoints whose buffers differ, on a model with its own chain dimension, with sparse buffers or with
+        # differing tensors larger than the sampled parameters: one run each, as if batched (otherwise each row of
+        # the batched run holds its checkpoint's buffers)
         each = _each_checkpoint(checkpoint_modules(model, models, state_dicts), differ, data, loss_fn, seed, dict(
             num_chains=num_chains, num_draws=num_draws, num_burnin=num_burnin, num_steps_bw_draws=num_steps_bw_draws,
             step_size=step_size, nbeta=nbeta, localization=localization, batch_size=batch_size, sampler=sampler,

@@ -499,7 +499,8 @@ class Target:
         return loss.detach(), grad
 
     def _one_state(self, what: str) -> None:
-        """Refuse a single-point evaluation when the checkpoints hold different buffers (which would apply?)."""
+        """Refuse a single-point evaluation when the checkpoints hold different buffers: a point does not say
+        whose apply."""
         if self.evaluator.checkpoint_tensors:
             raise ValueError(f"Target.{what}(w) takes one point, but the checkpoints differ in buffers or frozen "
                              "parameters: prepare one target per checkpoint")

@@ -946,6 +946,20 @@ def _state_batchable(template: nn.Module, differ: list[str]) -> bool:
             and sum(own[n].numel() for n in differ) <= sampled)
 
 
+def _mode_differences(template: nn.Module, ckpts: list[Any]) -> str:
+    """A note when checkpoint modules are in another training mode than the template (``model.train()``
+    on some, ``eval()`` on others): one batched computation calls the template, whose modes then hold for
+    every checkpoint; empty when they agree (or the checkpoints are state dicts)."""
+    own = [m.training for m in template.modules()]
+    odd = [k for k, ck in enumerate(ckpts) if isinstance(ck, nn.Module) and ck is not template
+           and [m.training for m in ck.modules()] != own]
+    if not odd:
+        return ""
+    mode = "eval" if not template.training else "training"
+    return (f"checkpoint(s) {odd} are not in the template's (checkpoint 0's) {mode} mode: one batched computation "
+            f"runs every checkpoint in the template's modes; call .eval() (or .train()) on all of them alike")
+
+
 def _checkpoint_state(template: nn.Module, ckpts: list[Any], names: list[str], dev: torch.device,
                       dtype: torch.dtype) -> dict[str, Tensor]:
     """``name -> (K, *shape)``: each checkpoint's value of the buffers and frozen parameters ``names`` (a
@@ -1351,6 +1365,7 @@ def prepare_target(
     issues = train_mode_issues(work_model)
     if issues:
         warnings.warn(f"{caller}: " + "; ".join(issues), RuntimeWarning, stacklevel=user_stacklevel())
+    modes = _mode_differences(template, ckpts)
 
     # data (a mapping {label: dataset}: one distribution per label, concatenated into one source)
     split = split_data(data)
@@ -1365,6 +1380,9 @@ def prepare_target(
     if isinstance(source, LoaderSource) and full_data:
         source = _stack_loader(source)
     notes: list[str] = [] if dtype_note is None else [dtype_note]
+    if modes:
+        notes.append(modes)
+        warnings.warn(f"{caller}: {modes}", RuntimeWarning, stacklevel=user_stacklevel())
     if isinstance(source, LoaderSource) and source.unseeded_shuffle:
         notes.append("the DataLoader shuffles with PyTorch's global random state (its sampler has no generator), "
                       "so runs with the same seed see different batches and differ: to make a run repeatable, build the "

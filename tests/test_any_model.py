@@ -1597,3 +1597,24 @@ def test_checkpoints_with_their_own_batchnorm_statistics_on_two_distributions():
             s_1 = single.diagnostics["slope_at_init"]["value"]
             assert s_b == pytest.approx(s_1, rel=1e-9, abs=1e-12)
     assert batched["a"][0].init_loss != pytest.approx(batched["a"][1].init_loss, rel=1e-3)
+
+
+def test_checkpoint_modules_in_another_mode_than_the_template_are_named():
+    """One batched computation calls the template (checkpoint 0), so its modes hold for every checkpoint: a
+    checkpoint module left in training mode (dropout, BatchNorm batch statistics) is said, not silently run
+    in the template's mode; modules in the same mode run without the note."""
+    import copy
+
+    X, Y = _data(n=120)
+    torch.manual_seed(0)
+    net = BNNet().to(F64).eval()
+    other = copy.deepcopy(net).train()
+    with pytest.warns(RuntimeWarning, match=r"checkpoint\(s\) \[1\] are not in the template's \(checkpoint 0's\) "
+                                            r"eval mode.*call \.eval\(\)"):
+        runs = slt.estimate_llc(None, (X, Y), F.mse_loss, models=[net, other], **KW)
+    assert any("not in the template's" in n for n in runs[1].config["setup_notes"])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        same = slt.estimate_llc(None, (X, Y), F.mse_loss, models=[net, copy.deepcopy(net)], **KW)
+    assert not any("template's" in str(w.message) for w in caught)
+    assert not any("template's" in n for n in same[0].config["setup_notes"])

@@ -18,6 +18,7 @@ Usage::
 
     python benchmarks/bench_bn_curve.py            # about 2 minutes on a 2-core CPU
     python benchmarks/bench_bn_curve.py --checkpoints 4 --draws 100
+    python benchmarks/bench_bn_curve.py --device cuda --checkpoints 16   # on a GPU (not yet run)
 """
 
 from __future__ import annotations
@@ -63,10 +64,11 @@ def main() -> None:
     ap.add_argument("--draws", type=int, default=200)
     ap.add_argument("--chains", type=int, default=4)
     ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--device", default="cpu", help="where slt samples (the model and data are built on the CPU)")
     args = ap.parse_args()
     net, sds, X, Y = checkpoints(args.checkpoints)
     kw = dict(num_chains=args.chains, num_draws=args.draws, num_burnin=args.draws // 2, step_size=1e-5,
-              localization=100.0, sampler="sgld", seed=0, extend_draws=False, progress=False)
+              localization=100.0, sampler="sgld", seed=0, extend_draws=False, progress=False, device=args.device)
     steps = args.draws + args.draws // 2
     def one_call() -> list:
         return slt.estimate_llc(net, (X, Y), F.cross_entropy, state_dicts=sds, **kw)
@@ -92,7 +94,7 @@ def main() -> None:
             t_each = min(t_each, time.perf_counter() - t)
     chain_steps = len(sds) * args.chains * steps
     print(f"BatchNorm CNN, {len(sds)} checkpoints x {args.chains} chains x {steps} steps, "
-          f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+          f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {args.device}")
     print(f"  one batched call : {t_batched:7.2f} s  {1e3 * t_batched / chain_steps:.3f} ms/chain-step  "
           f"(path {batched[0].config['path']})")
     print(f"  one per checkpoint: {t_each:7.2f} s  {1e3 * t_each / chain_steps:.3f} ms/chain-step  "

@@ -414,8 +414,9 @@ def _each_checkpoint(modules: list[nn.Module], differ: list[str], data: Any, los
     each run's warnings re-labelled with its checkpoint."""
     seeds = _seeds(seed, len(modules))
     note = (f"the checkpoints differ in buffers or frozen parameters ({', '.join(differ[:4])}"
-            f"{f' and {len(differ) - 4} more' if len(differ) > 4 else ''}), which a batched run takes from one "
-            "template: each checkpoint was estimated in its own run (same seeds as a batched run)")
+            f"{f' and {len(differ) - 4} more' if len(differ) > 4 else ''}), which a batched run cannot hold per "
+            "checkpoint here (a model with forward_chains, a sparse buffer, or differing tensors larger than the "
+            "sampled parameters): each checkpoint was estimated in its own run (same seeds as a batched run)")
     outs = []
     for k, (module, s) in enumerate(zip(modules, seeds)):
         with warnings.catch_warnings(record=True) as caught:

@@ -12,7 +12,7 @@ label is the sum of the first 4 tokens mod 4; and ``mlp``, the 26k-parameter MLP
 default run raises γ twice); the GRU about 3 (15 in the loop over chains, before 2026-12-05).  Not in the
 default set, ``mlp60k``: an MNIST-sized job (an MLP 784-64-10 on n = 60000, nβ = 5454) where the defaults
 do not converge; when the default run is not converged the script follows its relaxation hint (the adapted
-ε and the γ reached, pinned, and a burn-in of 5/(εγ) steps) and checks that run at ε/2 (about 6 minutes).
+ε and the γ reached, pinned, and a burn-in of 5/(εγ) steps) and checks that run at ε/2 (about 9 minutes).
 
 Usage::
 

@@ -349,7 +349,7 @@ def estimate_llc(
     check_observables("slt.estimate_llc", observables)
     model, models, state_dicts, files = load_checkpoint_files(model, models, state_dicts)  # paths read once
     differ = checkpoint_state_differences(model, models, state_dicts)
-    if differ and not checkpoint_state_batchable(model, models, state_dicts):
+    if differ and not checkpoint_state_batchable(model, models, state_dicts, differ):
         # 0. checkpoints whose buffers differ, on a model with its own chain dimension, with sparse buffers or with
         # differing tensors larger than the sampled parameters: one run each, as if batched (otherwise each row of
         # the batched run holds its checkpoint's buffers)

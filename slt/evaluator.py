@@ -619,24 +619,39 @@ class ChainEvaluator:
         buffers (:attr:`checkpoint_tensors` unset).  Every evaluation lays its rows out checkpoint-major
         — the run's ``K·M·D·C`` chains (:meth:`slt.target.Target.rows`), the ``K`` points w*, the probes
         of the step-size rule (``K·P``) — so of ``R`` rows, row ``r`` belongs to checkpoint ``r // (R / K)``."""
+        block = self._checkpoint_block(R)
+        if block is None:
+            return None
+        return torch.arange(R, device=next(iter(self.checkpoint_tensors.values())).device) // block
+
+    def _checkpoint_block(self, R: int) -> int | None:
+        """Rows per checkpoint of an evaluation of ``R`` rows (:meth:`row_checkpoints`), or ``None`` without
+        :attr:`checkpoint_tensors`."""
         ct = self.checkpoint_tensors
         if not ct:
             return None
-        first = next(iter(ct.values()))
-        K = first.shape[0]
+        K = next(iter(ct.values())).shape[0]
         if R % K:
             raise RuntimeError(f"an evaluation of {R} rows does not split into the {K} checkpoints' blocks, which "
                                "hold different buffers (slt.evaluator.ChainEvaluator.checkpoint_tensors)")
-        return torch.arange(R, device=first.device) // (R // K)
+        return R // K
 
-    def row_state(self, ck: Tensor | int | None) -> dict[str, Tensor]:
-        """The :attr:`checkpoint_tensors` of the rows whose checkpoints are ``ck``: ``name -> (r, *shape)``
-        for a ``(r,)`` tensor, ``name -> shape`` for one checkpoint (an int); empty when ``ck`` is ``None``."""
+    def row_state(self, ck: Tensor | None) -> dict[str, Tensor]:
+        """The :attr:`checkpoint_tensors` of the rows whose checkpoints are ``ck`` (``(r,)``, from
+        :meth:`row_checkpoints`): ``name -> (r, *shape)``, batched with the rows under vmap; empty when ``ck``
+        is ``None``."""
         if ck is None or not self.checkpoint_tensors:
             return {}
-        if isinstance(ck, Tensor):
-            return {n: t.index_select(0, ck) for n, t in self.checkpoint_tensors.items()}
-        return {n: t[ck] for n, t in self.checkpoint_tensors.items()}
+        return {n: t.index_select(0, ck) for n, t in self.checkpoint_tensors.items()}
+
+    def chain_buffers(self, R: int, c: int) -> dict[str, Tensor]:
+        """The buffers row ``c`` of an evaluation of ``R`` rows runs with (the loop paths): :attr:`buffers`, and
+        its checkpoint's :attr:`checkpoint_tensors` over them (the checkpoint found by arithmetic, without
+        reading a device tensor)."""
+        block = self._checkpoint_block(R)
+        if block is None:
+            return self.buffers
+        return {**self.buffers, **{n: t[c // block] for n, t in self.checkpoint_tensors.items()}}
 
     def outputs(self, flat: Tensor, x: Tensor, shared: bool = False) -> Tensor:
         """(C, d), (C, B, ...) -> (C, B, ...) model outputs; with ``shared`` the
@@ -644,9 +659,8 @@ class ChainEvaluator:
         C = flat.shape[0]
         if shared and self.path != "vmap":
             x = _map(lambda t: t.unsqueeze(0).expand(C, *t.shape), x)
-        ck = self.row_checkpoints(C)
         if self.path == "native":
-            if ck is not None:
+            if self.checkpoint_tensors:
                 raise ValueError("checkpoints that differ in buffers or frozen parameters need the vmap or loop path")
             params = self.spec.unflatten(flat)
             for n, p in self.frozen.items():
@@ -663,11 +677,11 @@ class ChainEvaluator:
                 return self.call({**self.spec.unflatten(p), **buffers, **t}, xb)
 
             with _vmap_attention(self.hf_eager):
-                return torch.vmap(one, in_dims=(0, None if shared else 0, 0))(flat, x, self.row_state(ck))
+                return torch.vmap(one, in_dims=(0, None if shared else 0, 0))(flat, x,
+                                                                              self.row_state(self.row_checkpoints(C)))
         outs = []
         for c in range(C):
-            params = {**self.spec.unflatten(flat[c]), **self.buffers,
-                      **self.row_state(None if ck is None else int(ck[c]))}
+            params = {**self.spec.unflatten(flat[c]), **self.chain_buffers(C, c)}
             outs.append(self.call(params, _index(x, c)))
         return torch.stack(outs)
 
@@ -678,10 +692,10 @@ class ChainEvaluator:
             b = batch.per_chain(C)
             out = self.outputs(flat, b.x)
             return self.adapter.chain_loss(out, b.y, b.weights)
-        ck = self.row_checkpoints(C)
         if self.path == "vmap":
-            return self._vmap_losses(self.spec.unflatten(flat), batch, ck)
-        return torch.stack([self._chain_loss(self.spec.unflatten(flat[c]), batch, c, ck) for c in range(C)])
+            return self._vmap_losses(self.spec.unflatten(flat), batch, self.row_checkpoints(C))
+        return torch.stack([self._chain_loss(self.spec.unflatten(flat[c]), batch, c, self.chain_buffers(C, c))
+                            for c in range(C)])
 
     def _vmap_losses(self, params: Mapping[str, Tensor], batch: Batch, ck: Tensor | None = None) -> Tensor:
         """``name -> (C, *shape)`` -> (C,) losses, vmapped over chains (and over the batch's chain
@@ -697,12 +711,11 @@ class ChainEvaluator:
         with _vmap_attention(self.hf_eager):
             return torch.vmap(one, in_dims=in_dims)(dict(params), batch.x, batch.y, batch.weights, self.row_state(ck))
 
-    def _chain_loss(self, params: Mapping[str, Tensor], batch: Batch, c: int, ck: Tensor | None = None) -> Tensor:
-        """Chain ``c``'s loss with its parameters ``name -> shape``, on its slice of the batch (``ck``: the
-        rows' checkpoints, :meth:`row_checkpoints`)."""
+    def _chain_loss(self, params: Mapping[str, Tensor], batch: Batch, c: int, buffers: Mapping[str, Tensor]) -> Tensor:
+        """Chain ``c``'s loss with its parameters ``name -> shape`` and ``buffers`` (:meth:`chain_buffers`), on its
+        slice of the batch."""
         xc, yc, wc = _chain_batch(batch, c)
-        state = {**self.buffers, **self.row_state(None if ck is None else int(ck[c]))}
-        return self.adapter.single_loss(self.call({**params, **state}, xc), yc, wc)
+        return self.adapter.single_loss(self.call({**params, **buffers}, xc), yc, wc)
 
     def loss_and_grad(self, flat: Tensor, batch: Batch) -> tuple[Tensor, Tensor]:
         """(C, d) -> ((C,) losses, (C, d) gradients); chains are independent, so the
@@ -867,13 +880,13 @@ class ChainEvaluator:
         C = flat.shape[0]
         losses = torch.empty(C, dtype=flat.dtype, device=flat.device)
         grad = torch.empty(flat.shape, dtype=flat.dtype, device=flat.device)
-        ck = self.row_checkpoints(C)
         for c in range(C):
             leaves = self._leaves(flat[c])
-            held = {**leaves, **self.buffers, **self.row_state(None if ck is None else int(ck[c]))}
+            buffers = self.chain_buffers(C, c)
+            held = {**leaves, **buffers}
             try:  # held through the backward pass: activation checkpointing recomputes at the chain's parameters
                 with torch.enable_grad(), (self.slots.holding(held) if self.slots.covers(held) else nullcontext()):
-                    loss = self._chain_loss(leaves, batch, c, ck)
+                    loss = self._chain_loss(leaves, batch, c, buffers)
                     self._grads_into(loss, leaves, grad[c])
             except (RuntimeError, MemoryError) as e:
                 if not out_of_memory(e):
@@ -900,19 +913,18 @@ class ChainEvaluator:
                 out = self.outputs(flat, x, shared=True)
                 yk = _map(lambda t: t.unsqueeze(0).expand(K, *t.shape), y)
                 return adapter.per_sample(out, yk, 2)
-            buffers = self.buffers
-            ck = self.row_checkpoints(K)
             if self.path == "vmap":
+                buffers = self.buffers
+
                 def one(p: Tensor, t: Mapping[str, Tensor]) -> Tensor:
                     return adapter.per_sample(
                         self.call({**self.spec.unflatten(p), **buffers, **t}, x), y, 1)
 
                 with _vmap_attention(self.hf_eager):
-                    return torch.vmap(one)(flat, self.row_state(ck))
+                    return torch.vmap(one)(flat, self.row_state(self.row_checkpoints(K)))
             return torch.stack([
                 adapter.per_sample(
-                    self.call({**self.spec.unflatten(flat[c]), **buffers,
-                               **self.row_state(None if ck is None else int(ck[c]))}, x), y, 1)
+                    self.call({**self.spec.unflatten(flat[c]), **self.chain_buffers(K, c)}, x), y, 1)
                 for c in range(K)
             ])
 

@@ -417,15 +417,14 @@ def _apply(ev: Any, flat: Tensor, x: Any, y: Any, fn: Callable) -> Tensor:
         out = ev.outputs(flat, x, shared=True)
         return fn(out, _map(lambda t: t.unsqueeze(0).expand(R, *t.shape), y))
     buffers = ev.buffers
-    ck = ev.row_checkpoints(R)  # checkpoints with their own buffers (BatchNorm statistics): each row its own
     if ev.path == "vmap":
         def one(p: Tensor, t: Mapping[str, Tensor]) -> Tensor:
             return fn(ev.call({**ev.spec.unflatten(p), **buffers, **t}, x), y)
 
         with _vmap_attention(ev.hf_eager):  # batched attention and masks, as the evaluator's own vmap
-            return torch.vmap(one)(flat, ev.row_state(ck))
-    return torch.stack([fn(ev.call({**ev.spec.unflatten(flat[c]), **buffers,
-                                    **ev.row_state(None if ck is None else int(ck[c]))}, x), y)
+            # checkpoints with their own buffers (BatchNorm statistics): each row its own
+            return torch.vmap(one)(flat, ev.row_state(ev.row_checkpoints(R)))
+    return torch.stack([fn(ev.call({**ev.spec.unflatten(flat[c]), **ev.chain_buffers(R, c)}, x), y)
                         for c in range(R)])
 
 

@@ -915,7 +915,7 @@ def _state_differences(template: nn.Module, ckpts: list[Any]) -> list[str]:
     for ck in ckpts:
         if ck is template or not fixed:
             continue
-        state = {**dict(ck.named_parameters()), **dict(ck.named_buffers())} if isinstance(ck, nn.Module) else ck
+        state = _state_of(ck)
         for name, ref in fixed.items():
             other = state.get(name)
             if isinstance(other, Tensor) and not (other.shape == ref.shape and torch.equal(_dense(other.to(ref)),
@@ -924,23 +924,32 @@ def _state_differences(template: nn.Module, ckpts: list[Any]) -> list[str]:
     return [name for name in fixed if name in differ]
 
 
+def _state_of(ck: Any) -> Mapping[str, Any]:
+    """A checkpoint's tensors by name: a module's parameters and buffers, or the state dict itself."""
+    return {**dict(ck.named_parameters()), **dict(ck.named_buffers())} if isinstance(ck, nn.Module) else ck
+
+
 def checkpoint_state_batchable(model: Any, models: Sequence[Any] | None = None,
-                               state_dicts: Sequence[Mapping[str, Tensor]] | None = None) -> bool:
+                               state_dicts: Sequence[Mapping[str, Tensor]] | None = None,
+                               differ: list[str] | None = None) -> bool:
     """Whether checkpoints whose buffers or frozen parameters differ can run in one batched computation
     (``prepare_target(..., checkpoint_state=True)``): on the vmap and loop paths, with dense tensors; not a
     model with its own chain dimension (``forward_chains``), a sparse buffer that differs, nor differing
     tensors larger in all than the sampled parameters (each vmapped evaluation gathers them per row: a
     BatchNorm network's statistics are a small fraction of its parameters, a differing frozen embedding
-    would not be)."""
+    would not be).  ``differ``: :func:`checkpoint_state_differences` of the same checkpoints, when known
+    (their tensors are not compared again)."""
     template, ckpts, is_batch = _checkpoints(model, models, state_dicts)
-    return not is_batch or _state_batchable(template, _state_differences(template, ckpts))
+    if differ is None:
+        differ = _state_differences(template, ckpts) if is_batch else []
+    return not is_batch or _state_batchable(template, differ)
 
 
 def _state_batchable(template: nn.Module, differ: list[str]) -> bool:
     """:func:`checkpoint_state_batchable` of a resolved template and its differing names."""
     if hasattr(template, "forward_chains"):
         return False
-    own = {**dict(template.named_parameters()), **dict(template.named_buffers())}
+    own = _state_of(template)
     sampled = sum(p.numel() for p in template.parameters() if p.requires_grad)
     return (all(own[n].layout == torch.strided for n in differ)
             and sum(own[n].numel() for n in differ) <= sampled)
@@ -964,15 +973,12 @@ def _checkpoint_state(template: nn.Module, ckpts: list[Any], names: list[str], d
                       dtype: torch.dtype) -> dict[str, Tensor]:
     """``name -> (K, *shape)``: each checkpoint's value of the buffers and frozen parameters ``names`` (a
     state dict without an entry keeps the template's), floating ones in ``dtype``, on ``dev``."""
-    own = {**dict(template.named_parameters()), **dict(template.named_buffers())}
+    own = _state_of(template)
+    states = [_state_of(ck) for ck in ckpts]
     out: dict[str, Tensor] = {}
     for name in names:
         ref = own[name].detach()
-        vals = []
-        for ck in ckpts:
-            state = {**dict(ck.named_parameters()), **dict(ck.named_buffers())} if isinstance(ck, nn.Module) else ck
-            v = state.get(name)
-            vals.append((v if isinstance(v, Tensor) else ref).detach().to(device=dev))
+        vals = [(v if isinstance(v := st.get(name), Tensor) else ref).detach().to(device=dev) for st in states]
         stacked = torch.stack(vals)
         out[name] = stacked.to(dtype) if stacked.is_floating_point() else stacked.to(ref.dtype)
     return out

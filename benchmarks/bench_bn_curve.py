@@ -8,9 +8,11 @@ what (b) does by hand.  The job: the 1.9k-parameter ``SmallCNN`` of ``bench_gene
 conv 16 → BN → linear 10, eval mode) on its 8×8 images (n = 1792), trained with Adam for 400 steps
 (batch 256), a checkpoint every 50 steps; both ways with identical settings (SGLD, ε, nβ, γ and
 burn-in given, 4 chains × 200 draws per checkpoint, batch 256, no draw extensions) and the seeds a
-batched call gives its checkpoints, in one process.
+batched call gives its checkpoints, in one process; and, as the floor, (c) the plain PyTorch loop of the
+same SGLD steps (``bench_generic.hand_loop_llc``: chains one after another, ``functional_call`` + autograd,
+each checkpoint with its own statistics) at the same nβ, ε, γ, chains, steps and batch.
 
-Printed: seconds of each way (the faster of ``--repeats`` turns each) and their ratio, ms per chain-step, and per checkpoint λ̂ of both ways
+Printed: seconds of each way (the faster of ``--repeats`` turns each) and the ratios, ms per chain-step, and per checkpoint λ̂ of both slt ways
 with z = |Δ| / s.e.: the same chains, so z is rounding (the batched kernels sum in another order), not
 Monte-Carlo error.
 
@@ -35,7 +37,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import slt  # noqa: E402
-from bench_generic import SmallCNN, _image_data  # noqa: E402
+from bench_generic import SmallCNN, _image_data, ce_per_sample, hand_loop_llc  # noqa: E402
 
 
 def checkpoints(count: int) -> tuple[torch.nn.Module, list[dict], torch.Tensor, torch.Tensor]:
@@ -81,7 +83,18 @@ def main() -> None:
             out.append(slt.estimate_llc(m, (X, Y), F.cross_entropy, **{**kw, "seed": k}))
         return out
 
-    t_batched = t_each = float("inf")
+    def hand() -> list:
+        out = []
+        for k, sd in enumerate(sds):
+            m = copy.deepcopy(net).to(args.device)
+            m.load_state_dict(sd)
+            out.append(hand_loop_llc(m, X.to(args.device), Y.to(args.device), F.cross_entropy, ce_per_sample,
+                                     nbeta=slt.default_nbeta(X.shape[0]), step_size=kw["step_size"],
+                                     localization=kw["localization"], num_chains=args.chains, num_draws=steps,
+                                     batch_size=256, seed=k))
+        return out
+
+    t_batched = t_each = t_hand = float("inf")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # short fixed-ε runs: "not converged" findings are expected here
         slt.estimate_llc(net, (X, Y), F.cross_entropy, **{**kw, "num_draws": 10, "num_burnin": 0})  # warm-up
@@ -92,6 +105,9 @@ def main() -> None:
             t = time.perf_counter()
             each = per_checkpoint()
             t_each = min(t_each, time.perf_counter() - t)
+            t = time.perf_counter()
+            hand()
+            t_hand = min(t_hand, time.perf_counter() - t)
     chain_steps = len(sds) * args.chains * steps
     print(f"BatchNorm CNN, {len(sds)} checkpoints x {args.chains} chains x {steps} steps, "
           f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {args.device}")
@@ -99,7 +115,8 @@ def main() -> None:
           f"(path {batched[0].config['path']})")
     print(f"  one per checkpoint: {t_each:7.2f} s  {1e3 * t_each / chain_steps:.3f} ms/chain-step  "
           f"(path {each[0].config['path']})")
-    print(f"  ratio {t_each / t_batched:.2f}x")
+    print(f"  hand loop (floor) : {t_hand:7.2f} s  {1e3 * t_hand / chain_steps:.3f} ms/chain-step")
+    print(f"  ratio {t_each / t_batched:.2f}x over one call per checkpoint; batched / hand loop {t_batched / t_hand:.2f}")
     print("  k   batched λ̂      separate λ̂    z (rounding)")
     for k, (a, b) in enumerate(zip(batched, each)):
         z = abs(a.llc_mean - b.llc_mean) / max(b.llc_sem, 1e-12)

@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass
 
 __all__ = ["LLCDefaults", "LLC", "default_nbeta", "default_localization", "default_burnin", "LOCALIZATION",
            "LOCALIZATION_STEPS", "LOCALIZATION_MIN_DRAWS", "RELAXATION_TIMES", "BURNIN_MAX_FACTOR",
-           "BURNIN_MAX_FACTOR_ESCALATED", "BATCH_SIZE",
+           "BURNIN_MAX_FACTOR_ESCALATED", "BURNIN_MAX_FACTOR_FINAL", "BATCH_SIZE",
            "BATCH_SIZE_MAX", "BATCH_RAISES", "EXTENSION_BUDGET"]
 
 #: γ for ``localization=None`` (where the automatic γ starts).
@@ -50,6 +50,16 @@ BURNIN_MAX_FACTOR = 4
 #: so with the cap of 4 its burn-in stayed a quarter and the run ended with R-hat 1.49 and λ̂ still rising
 #: (35 → 68); with 16, burn-in 5892 steps: λ̂ 108.9 ± 2.0, R-hat 1.06, and 105.0 ± 1.8 at ε/2.
 BURNIN_MAX_FACTOR_ESCALATED = 16
+#: The cap at the last γ a run can use — the automatic γ at the end of its ladder
+#: (:func:`slt.engine.localization_levels`), or a γ above :data:`LOCALIZATION` that the user gave — where
+#: no stronger γ is left to try: a burn-in beyond :data:`BURNIN_MAX_FACTOR_ESCALATED` there is the price of
+#: a converged estimate, and keeping a quarter only returns one flagged as still rising (whose hint costs the
+#: same steps again, on top).  Measured on an MNIST-sized MLP (784-64-10, n = 60000, nβ = 5454;
+#: ``python benchmarks/real_defaults.py mlp60k``): the ladder ends at γ = 1000 with ε adapted to 1.6e-7,
+#: where 5/(εγ) ≈ 30 700 steps = 31 × 1000 draws; under the cap of 16 the defaults kept 250 steps and
+#: returned λ̂ 260 ± 21 still rising, while 30 723 steps gave 1590 ± 8, R-hat 1.003.  Intermediate rungs
+#: keep :data:`BURNIN_MAX_FACTOR_ESCALATED`: there a raise of γ settles the chains for a tenth of the steps.
+BURNIN_MAX_FACTOR_FINAL = 64
 #: The minibatch size ``batch_size="auto"`` starts from (full batch when the data have no more samples).
 BATCH_SIZE = 256
 #: With ``batch_size="auto"``, how many times a run may be repeated with a larger minibatch when its
@@ -131,13 +141,14 @@ def default_nbeta(n: int) -> float:
 
 
 def default_burnin(num_draws: int, num_steps_bw_draws: int = 1, step_size: float | None = None,
-                   localization: float | None = None, relaxation_gain: float = 1.0) -> int:
+                   localization: float | None = None, relaxation_gain: float = 1.0, final: bool = False) -> int:
     r"""``num_burnin`` for ``num_burnin=None``: the steps from w* at the frozen step before the first
     draw (a step-size adaptation runs before them, as a phase of its own).
 
     ``num_draws // 4``, lengthened once ε and γ are known to :data:`RELAXATION_TIMES`
     / (εγ) steps when that costs at most :data:`BURNIN_MAX_FACTOR` times the draws' steps
-    (:data:`BURNIN_MAX_FACTOR_ESCALATED` times when γ is above the default :data:`LOCALIZATION`).  Under the
+    (:data:`BURNIN_MAX_FACTOR_ESCALATED` times when γ is above the default :data:`LOCALIZATION`,
+    :data:`BURNIN_MAX_FACTOR_FINAL` times when that γ is also the last the run can use).  Under the
     localized potential a direction the loss leaves flat is held by γ alone, and SGLD relaxes it at a
     rate εγ per step (:math:`w \leftarrow w - \tfrac{\epsilon}{2}\gamma w + \sqrt{\epsilon}\xi` has
     variance :math:`(1 - e^{-\epsilon\gamma t})/\gamma` after t steps): the slowest relaxation γ
@@ -160,13 +171,17 @@ def default_burnin(num_draws: int, num_steps_bw_draws: int = 1, step_size: float
         README's, n = 96 sequences, γ = 10): RMSProp-SGLD at ε = 2.76e-5 with the SGLD rule's 18 083
         steps over the cap kept a 50-step burn-in and ended with λ̂ rising 14.5 → 26.7 (R-hat 1.82); with
         the gain, 1809 steps: λ̂ 57.8 ± 0.7, R-hat 1.08, converged.
+    final
+        γ is the last the run can use (the automatic γ at the end of its ladder, or a given γ): above
+        :data:`LOCALIZATION` the cap is then :data:`BURNIN_MAX_FACTOR_FINAL`.
     """
     base = num_draws // 4
     if step_size is None or localization is None or not (step_size > 0 and localization > 0):
         return base
     gain = relaxation_gain if relaxation_gain > 0 else 1.0
     relax = math.ceil(RELAXATION_TIMES / (step_size * gain * localization))
-    cap = BURNIN_MAX_FACTOR if localization <= LOCALIZATION else BURNIN_MAX_FACTOR_ESCALATED
+    cap = (BURNIN_MAX_FACTOR if localization <= LOCALIZATION
+           else BURNIN_MAX_FACTOR_FINAL if final else BURNIN_MAX_FACTOR_ESCALATED)
     if relax > cap * num_draws * num_steps_bw_draws:
         return base
     return max(base, relax)

@@ -165,7 +165,9 @@ def estimate_llc(
         lengthened once ε and γ are known to ``RELAXATION_TIMES`` = 5 relaxation times 1/(εγ) of a
         direction only the localization holds, when that is at most ``BURNIN_MAX_FACTOR`` = 4 times
         the draws' steps (16 times at γ > 1, where the automatic localization goes when chains do not
-        settle at γ = 1; :func:`slt.defaults.default_burnin`): then λ̂ is still settled when ε is
+        settle at γ = 1; 64 times at the last γ the run can use — the automatic γ at the end of its
+        ladder, or a given γ > 1 — where no stronger γ is left; :func:`slt.defaults.default_burnin`):
+        then λ̂ is still settled when ε is
         halved at the same number of steps.  The burn-in used is ``config["num_burnin"]`` (its rule
         ``config["num_burnin_rule"]``: ``"quarter"``, ``"relaxation"`` or ``"given"``).
     step_size
@@ -632,7 +634,7 @@ def sample_target(
             return _run_at(target, rows, spec, rule, step_size, kw, C, num_steps, num_burnin, burnin_auto, n_adapt,
                            num_steps_bw_draws, batch_size, control_variate, shared_batches, mala_every,
                            target_accept, thresh, num_threads, observables, on_draw, on_start, choose, progress,
-                           t_setup, slopes)
+                           t_setup, slopes, final_level=target.localization >= gammas[-1])
         eps, steps, burnin = fixed
         return _run_at(target, rows, spec, "given", eps, kw, C, steps, burnin, False, 0, num_steps_bw_draws,
                        batch_size, control_variate, shared_batches, mala_every, target_accept, thresh,
@@ -739,12 +741,12 @@ def sample_target(
 
 def _run_at(target, rows, spec, rule, step_size, kw, C, num_steps, num_burnin, burnin_auto, n_adapt, thin, batch_size,
             control_variate, shared_batches, mala_every, target_accept, thresh, num_threads, observables,
-            on_draw, on_start, choose, progress, t_setup, slopes=None) -> dict[str, Any]:
+            on_draw, on_start, choose, progress, t_setup, slopes=None, final_level=False) -> dict[str, Any]:
     """One run at the target's γ, from fresh random streams: the minibatch stream, the path
     (measured when ``choose`` is ``"auto"``; compiled when ``"compile"``), the step size (adapted,
     curvature rule or given), the burn-in (with ``burnin_auto``, :func:`slt.defaults.default_burnin` at the
-    run's ε and γ), and the sampler folded over the batches, repeated with the step of diverging groups
-    halved under an automatic rule.  ``slopes``: the call's slope estimates by batch size
+    run's ε and γ; ``final_level``: γ is the last the run can use, see its ``final``), and the sampler folded
+    over the batches, repeated with the step of diverging groups halved under an automatic rule.  ``slopes``: the call's slope estimates by batch size
     (:func:`slope_gradient`, taken once: w*, the data and the seeds do not change between its runs), or
     ``None`` for a check run that records no slope."""
     G, dev = target.G, target.device
@@ -796,7 +798,8 @@ def _run_at(target, rows, spec, rule, step_size, kw, C, num_steps, num_burnin, b
         slope = None if found is None else _slope_dots(rows, found, target.K, target.groups.M, C)
         for halvings in range(MAX_HALVINGS + 1 if rule != "given" else 1):
             if burnin_auto:  # cover the slowest relaxation γ allows at this ε, when affordable
-                num_burnin = default_burnin(num_draws, thin, _smallest(eps), target.localization, gain)
+                num_burnin = default_burnin(num_draws, thin, _smallest(eps), target.localization, gain,
+                                            final=final_level)
                 num_steps = num_burnin + num_draws * thin
             if on_start is not None:
                 on_start()

@@ -193,8 +193,9 @@ def test_a_rising_estimate_names_the_relaxation_time_it_needed():
 def test_the_default_burnin_covers_the_relaxation_the_localization_allows_when_affordable():
     """Exact: ``num_burnin=None`` is ``num_draws // 4``, lengthened to RELAXATION_TIMES / (εγ) steps
     when that is at most BURNIN_MAX_FACTOR times the draws' steps at γ ≤ 1 (the default γ), at most
-    BURNIN_MAX_FACTOR_ESCALATED times above it."""
-    from slt.defaults import BURNIN_MAX_FACTOR, BURNIN_MAX_FACTOR_ESCALATED, RELAXATION_TIMES, default_burnin
+    BURNIN_MAX_FACTOR_ESCALATED times above it, BURNIN_MAX_FACTOR_FINAL times above it at the last γ."""
+    from slt.defaults import (BURNIN_MAX_FACTOR, BURNIN_MAX_FACTOR_ESCALATED, BURNIN_MAX_FACTOR_FINAL,
+                              RELAXATION_TIMES, default_burnin)
 
     assert default_burnin(1000) == 250  # ε, γ unknown
     assert default_burnin(1000, 1, 2e-5, 100.0) == math.ceil(RELAXATION_TIMES / 2e-3)
@@ -214,6 +215,15 @@ def test_the_default_burnin_covers_the_relaxation_the_localization_allows_when_a
     # get the relaxation burn-in: RMSProp-SGLD's G = 1/a = 10 at the 26k MLP's γ = 100 with ε = 8.5e-7
     assert default_burnin(1000, 1, 8.5e-7, 100.0) == 250  # SGLD: 58 824 steps, beyond the cap
     assert default_burnin(1000, 1, 8.5e-7, 100.0, relaxation_gain=10.0) == math.ceil(RELAXATION_TIMES / 8.5e-4)
+    # at the last γ the run can use the cap is BURNIN_MAX_FACTOR_FINAL (the MNIST-sized MLP's γ = 1000,
+    # ε = 1.63e-7: 5/(εγ) = 30 675 steps, 31 × its 1000 draws); γ ≤ 1 keeps BURNIN_MAX_FACTOR even there
+    assert BURNIN_MAX_FACTOR_ESCALATED < 31 < BURNIN_MAX_FACTOR_FINAL
+    assert default_burnin(1000, 1, 1.63e-7, 1000.0) == 250
+    assert default_burnin(1000, 1, 1.63e-7, 1000.0, final=True) == math.ceil(RELAXATION_TIMES / 1.63e-4)
+    final = RELAXATION_TIMES / (BURNIN_MAX_FACTOR_FINAL * 1000 * 2)  # the εγ at the final cap (thin 2)
+    assert default_burnin(1000, 2, final * 1.01 / 10.0, 10.0, final=True) == math.ceil(RELAXATION_TIMES / (final * 1.01))
+    assert default_burnin(1000, 2, final * 0.99 / 10.0, 10.0, final=True) == 250
+    assert default_burnin(1000, 2, edge * 0.99, 1.0, final=True) == 250  # γ = 1: the cap of BURNIN_MAX_FACTOR
 
 
 def test_the_engine_uses_and_records_the_default_burnin():
@@ -238,3 +248,8 @@ def test_the_engine_uses_and_records_the_default_burnin():
     assert rms.config["relaxation_gain"] == 20.0
     assert rms.config["num_burnin"] == default_burnin(120, 1, 2e-4, 20.0, relaxation_gain=20.0) == 63
     assert default_burnin(120, 1, 2e-4, 20.0) == 1250 and rms.config["num_burnin_rule"] == "relaxation"
+    # a given γ > 1 is the last γ the run can use: its burn-in covers the relaxation up to
+    # BURNIN_MAX_FACTOR_FINAL × the draws (here 5/(εγ) = 5000 steps = 42 × 120 draws, beyond the escalated cap)
+    slow = slt.estimate_llc(m, (X, Y), F.mse_loss, **{**kw, "step_size": 5e-5})
+    assert default_burnin(120, 1, 5e-5, 20.0) == 30
+    assert slow.config["num_burnin"] == default_burnin(120, 1, 5e-5, 20.0, final=True) == 5000

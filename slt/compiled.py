@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import itertools
 import time
+import warnings
 from typing import Any, Callable
 
 import torch
@@ -144,11 +145,14 @@ def compile_step(evaluator: Any, flat: Tensor, batch: Batch, block: int | None =
     from torch._dynamo.utils import counters
 
     flat = flat.contiguous()  # as a run's state is (a broadcast w* would compile for other strides)
-    step = CompiledStep(evaluator, flat, batch, block)
-    breaks0, graphs0 = dict(counters["graph_break"]), counters["stats"]["unique_graphs"]
-    t0 = time.perf_counter()
-    step(flat, batch)
-    t_compile = time.perf_counter() - t0
+    with warnings.catch_warnings():  # torch's own modules, imported by the first compile, warn about their own
+        # use of deprecated TorchScript decorators (torch 2.13: 14 DeprecationWarnings from torch/jit/_script.py)
+        warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"torch(\.|$)")
+        step = CompiledStep(evaluator, flat, batch, block)
+        breaks0, graphs0 = dict(counters["graph_break"]), counters["stats"]["unique_graphs"]
+        t0 = time.perf_counter()
+        step(flat, batch)
+        t_compile = time.perf_counter() - t0
     new = [k for k, v in counters["graph_break"].items() if v > breaks0.get(k, 0)]
     if new:
         raise NotOneGraph(f"graph break: {str(new[0]).strip().splitlines()[0]}")

@@ -208,3 +208,34 @@ def test_compile_is_refused_or_skipped_where_it_does_not_apply():
     with pytest.warns(RuntimeWarning, match="needs the vmap path and tensor data"):
         assert tg.fastest_path(loop, loop.rows(2), 8, compile=True) is loop
     assert loop.evaluator.compiled is None
+
+
+def test_compiling_does_not_surface_torchs_own_deprecation_warnings():
+    """Exact: the first ``torch.compile`` of a process imports torch modules that warn about their own
+    use of deprecated TorchScript decorators (torch 2.13: 14 DeprecationWarnings from torch/jit/_script.py,
+    visible to users who show all warnings); :func:`compile_step` keeps them out, other warnings pass.
+    In a fresh interpreter (the imports happen once per process)."""
+    import subprocess
+    import sys
+    import textwrap
+
+    code = textwrap.dedent("""
+        import warnings, torch, torch.nn.functional as F
+        warnings.simplefilter("always")
+        from slt.compiled import compile_step
+        from slt.target import prepare_target
+        torch.manual_seed(0)
+        m = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 2))
+        X, Y = torch.randn(64, 4), torch.randint(0, 2, (64,))
+        t = prepare_target(m, (X, Y), F.cross_entropy)
+        rows = t.rows(2)
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            compile_step(t.evaluator, rows, t.full_batch())
+            warnings.warn("a user's own", DeprecationWarning)
+        print("CAUGHT", [str(w.message)[:60] for w in seen if w.category is DeprecationWarning])
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    line = next(ln for ln in out.stdout.splitlines() if ln.startswith("CAUGHT"))
+    assert line == "CAUGHT [\"a user's own\"]", line

@@ -34,7 +34,7 @@ import types
 import warnings
 from collections import Counter
 from contextlib import contextmanager, nullcontext
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 from torch import Tensor, nn
 import torch
@@ -909,24 +909,27 @@ class ChainEvaluator:
         x, y = _plain(x), (None if y is x else _plain(y))
         y = x if y is None else y
         with torch.no_grad():
-            if self.path == "native":
-                out = self.outputs(flat, x, shared=True)
-                yk = _map(lambda t: t.unsqueeze(0).expand(K, *t.shape), y)
-                return adapter.per_sample(out, yk, 2)
-            if self.path == "vmap":
-                buffers = self.buffers
+            return self.apply_rows(flat, x, y, adapter.per_sample)
 
-                def one(p: Tensor, t: Mapping[str, Tensor]) -> Tensor:
-                    return adapter.per_sample(
-                        self.call({**self.spec.unflatten(p), **buffers, **t}, x), y, 1)
+    def apply_rows(self, flat: Tensor, x: Any, y: Any, fn: Callable[[Any, Any, int], Tensor]) -> Tensor:
+        """``fn(output, target, lead)`` for every row of ``flat`` ``(R, d)`` on the shared inputs ``x`` and
+        targets ``y``, stacked ``(R, ...)``: on the native path once over all rows (``lead`` = 2, targets
+        expanded to ``(R, ...)``), else per row (``lead`` = 1) — vmapped, or in a loop — each row with its
+        checkpoint's buffers (:meth:`row_state`, :meth:`chain_buffers`)."""
+        R = flat.shape[0]
+        if self.path == "native":
+            out = self.outputs(flat, x, shared=True)
+            return fn(out, _map(lambda t: t.unsqueeze(0).expand(R, *t.shape), y), 2)
+        if self.path == "vmap":
+            buffers = self.buffers
 
-                with _vmap_attention(self.hf_eager):
-                    return torch.vmap(one)(flat, self.row_state(self.row_checkpoints(K)))
-            return torch.stack([
-                adapter.per_sample(
-                    self.call({**self.spec.unflatten(flat[c]), **self.chain_buffers(K, c)}, x), y, 1)
-                for c in range(K)
-            ])
+            def one(p: Tensor, t: Mapping[str, Tensor]) -> Tensor:
+                return fn(self.call({**self.spec.unflatten(p), **buffers, **t}, x), y, 1)
+
+            with _vmap_attention(self.hf_eager):
+                return torch.vmap(one)(flat, self.row_state(self.row_checkpoints(R)))
+        return torch.stack([fn(self.call({**self.spec.unflatten(flat[c]), **self.chain_buffers(R, c)}, x), y, 1)
+                            for c in range(R)])
 
 
 def to_device(t: Any, device, dtype) -> Any:

@@ -80,8 +80,7 @@ from torch import Tensor, nn
 from ._runtime import autograd_allowed, user_stacklevel
 from ._checks import check_int, check_observables
 from .defaults import LLC
-from .data import Data, _map, _plain, as_source, row_numel
-from .evaluator import _vmap_attention
+from .data import Data, _plain, as_source, row_numel
 from .losses import _logits, _tokens_and_mask
 from .result import LLCResult
 
@@ -410,22 +409,9 @@ class _Losses:
 
 
 def _apply(ev: Any, flat: Tensor, x: Any, y: Any, fn: Callable) -> Tensor:
-    """``fn(output, target)`` per row of ``flat`` on the evaluator's path: ``(R, B[, ...])``."""
-    R = flat.shape[0]
-    x, y = _plain(x), _plain(y)
-    if ev.path == "native":
-        out = ev.outputs(flat, x, shared=True)
-        return fn(out, _map(lambda t: t.unsqueeze(0).expand(R, *t.shape), y))
-    buffers = ev.buffers
-    if ev.path == "vmap":
-        def one(p: Tensor, t: Mapping[str, Tensor]) -> Tensor:
-            return fn(ev.call({**ev.spec.unflatten(p), **buffers, **t}, x), y)
-
-        with _vmap_attention(ev.hf_eager):  # batched attention and masks, as the evaluator's own vmap
-            # checkpoints with their own buffers (BatchNorm statistics): each row its own
-            return torch.vmap(one)(flat, ev.row_state(ev.row_checkpoints(R)))
-    return torch.stack([fn(ev.call({**ev.spec.unflatten(flat[c]), **ev.chain_buffers(R, c)}, x), y)
-                        for c in range(R)])
+    """``fn(output, target)`` per row of ``flat`` on the evaluator's path: ``(R, B[, ...])``
+    (:meth:`slt.evaluator.ChainEvaluator.apply_rows`; checkpoints with their own buffers: each row its own)."""
+    return ev.apply_rows(flat, _plain(x), _plain(y), lambda out, t, lead: fn(out, t))
 
 
 def _observable_columns(spec: Any, observables: Mapping[str, Observable], flat: Tensor) -> tuple[Tensor, list[str]]:

@@ -30,6 +30,12 @@ class ParamSpec:
         self.frozen: list[str] = []
         for name, p in module.named_parameters():
             if p.requires_grad:
+                if p.is_complex():
+                    raise ValueError(
+                        f"parameter {name!r} is complex ({p.dtype}): slt samples real parameters (the chains' "
+                        f"noise, localization and step size are defined on R^d). Store it as a real parameter "
+                        f"of shape {(*p.shape, 2)} and take torch.view_as_complex(...) of it in forward, or freeze "
+                        f"it (requires_grad_(False)) to hold it at w*")
                 self.names.append(name)
                 self.shapes.append(p.shape)
             else:

@@ -59,6 +59,7 @@ from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor, nn
+from torch.nn.utils import parametrize
 
 from .params import ParamSpec
 
@@ -737,7 +738,8 @@ class _Arch:
             b = self.block_of(name)
             if b is None:
                 raise ValueError(f"{what}: the attention module {name!r} is not inside a ModuleList of blocks; "
-                                 "give the mapping by hand, e.g. {'l0': 'layers.0.*'}")
+                                 "give the mapping by hand, e.g. {'l0': 'layers.0.*'}, or take one restriction per "
+                                 "module: slt.restrict.modules(model)")
             lists.setdefault(b[0])
         return self._labelled(list(lists))
 
@@ -961,11 +963,24 @@ def modules(model: nn.Module) -> dict[str, dict[str, Any]]:
             if id(p) in seen or id(p) not in arch.name_of:
                 continue
             seen.add(id(p))
-            label = mname or pname
+            label = _parametrized_owner(model, mname) or pname
             out.setdefault(label, {})[arch.name_of[id(p)]] = True
     if not out:
         raise ValueError(f"modules: {type(model).__name__} has no parameter with requires_grad=True to restrict to")
     return out
+
+
+def _parametrized_owner(model: nn.Module, mname: str) -> str:
+    """``mname``, or the module that a ``torch.nn.utils.parametrize`` parametrization of it belongs to: the
+    parameters of ``weight_norm(nn.Linear)`` live in ``0.parametrizations.weight`` (``original0``,
+    ``original1``) and are layer ``0``'s weight; a parametrized tensor of the root is labelled by its name."""
+    parts = mname.split(".")
+    for i in range(len(parts) - 1, -1, -1):
+        if parts[i] == "parametrizations":
+            owner = ".".join(parts[:i])
+            if parametrize.is_parametrized(model.get_submodule(owner)):
+                return owner or parts[i + 1]  # a parametrization of the root: its tensor's name
+    return mname
 
 
 def _is_norm(m: nn.Module) -> bool:

@@ -802,6 +802,46 @@ def test_modules_split_any_network_into_disjoint_layers():
         modules(frozen)
 
 
+def test_a_parametrized_weight_belongs_to_its_module():
+    """``weight_norm``/``orthogonal`` (torch.nn.utils.parametrize) keep a layer's weight in
+    ``<layer>.parametrizations.weight.original*``: that is the layer's, not a layer of its own (it was
+    ``{"0": bias, "0.parametrizations.weight": g and v}``); a parametrized tensor of the root is named."""
+    from torch.nn.utils import parametrizations, parametrize
+
+    mlp = nn.Sequential(parametrizations.weight_norm(nn.Linear(3, 4)), nn.Tanh(),
+                        parametrizations.orthogonal(nn.Linear(4, 4)), nn.Linear(4, 2))
+    got = modules(mlp)
+    assert got == {"0": {"0.bias": True, "0.parametrizations.weight.original0": True,
+                         "0.parametrizations.weight.original1": True},
+                   "2": {"2.bias": True, "2.parametrizations.weight.original": True},
+                   "3": {"3.weight": True, "3.bias": True}}
+    assert layers(mlp) == got
+
+    class Triu(nn.Module):
+        def forward(self, w):
+            return w.triu()
+
+    class Root(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w, self.b = nn.Parameter(torch.ones(2, 2)), nn.Parameter(torch.zeros(2))
+
+    root = Root()
+    parametrize.register_parametrization(root, "w", Triu())
+    assert modules(root) == {"b": {"b": True}, "w": {"parametrizations.w.original": True}}
+
+
+def test_attention_outside_a_list_of_blocks_names_the_per_module_helper():
+    class OneLayer(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.attn, self.out = nn.MultiheadAttention(E, H, batch_first=True), nn.Linear(E, 2)
+
+    with pytest.raises(ValueError, match=r"not inside a ModuleList of blocks.*slt\.restrict\.modules\(model\)"):
+        layers(OneLayer())
+    assert list(modules(OneLayer())) == ["attn", "attn.out_proj", "out"]
+
+
 # ----------------------------------------------------------------------------
 # encoder-decoder models: one stack of blocks each, a decoder block with two attention modules
 # ----------------------------------------------------------------------------

@@ -192,8 +192,13 @@ FUSE_ENV = "SLT_FUSE_ACTIVATIONS"
 #: Recurrent layers whose fused kernels have no vmap batching rule, with the forward slt calls instead:
 #: the recurrence in plain operations when the call is vmapped, the module's own forward otherwise
 #: (:mod:`slt._rnn`).  Not switched off by :data:`FUSE_ENV` (without it such a model cannot be vmapped).
+#: Hugging Face's ``BloomGelu`` calls ``GeLUFunction``, an ``autograd.Function`` without ``setup_context``, which
+#: no torch.func transform accepts (a BLOOM model fell back to the loop over chains); its forward and its
+#: hand-written backward are the tanh GELU and that GELU's exact derivative, so ``F.gelu(approximate="tanh")``
+#: is the same function to rounding.
 BATCHABLE_FORWARDS = {**{name: recurrent_forward for name in RECURRENT_CLASSES},
-                      **{name: cell_forward for name in CELL_CLASSES}}
+                      **{name: cell_forward for name in CELL_CLASSES},
+                      "transformers.models.bloom.modeling_bloom.BloomGelu": _tanh_gelu}
 
 
 def fused_activations(model: nn.Module) -> dict[str, nn.Module]:

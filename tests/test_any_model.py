@@ -1118,6 +1118,26 @@ def test_a_complex_parameter_is_refused_with_the_real_view_that_works():
     torch.testing.assert_close(torch.as_tensor(vm.loss_trace), torch.as_tensor(lp.loss_trace))
 
 
+@pytest.mark.filterwarnings("ignore:There is a performance drop")  # vmap has no rule for aten::_weight_norm
+def test_parametrized_weights_sample_their_originals_on_both_paths():
+    """weight_norm / orthogonal / spectral_norm (torch.nn.utils.parametrizations): the chains move the
+    ``original*`` tensors and the weight is recomputed from them in every call; both paths agree."""
+    from torch.nn.utils import parametrizations
+
+    torch.manual_seed(0)  # test-side only
+    model = nn.Sequential(parametrizations.weight_norm(nn.Linear(3, 4)), nn.Tanh(),
+                          parametrizations.orthogonal(nn.Linear(4, 4)), nn.Tanh(),
+                          parametrizations.spectral_norm(nn.Linear(4, 4))).eval()
+    X, y = _cls_data()
+    spec = ParamSpec(model)
+    assert "0.parametrizations.weight.original0" in spec.names and "2.parametrizations.weight.original" in spec.names
+    kw = {**SMALL, "num_draws": 10, "localization": 100.0, "nbeta": 20.0}
+    vm, lp = (slt.estimate_llc(model, (X, y), F.cross_entropy, vectorize=v, **kw) for v in ("vmap", "loop"))
+    assert vm.config["vectorize"] == "vmap" and np.isfinite(vm.llc_mean)
+    torch.testing.assert_close(torch.as_tensor(vm.loss_trace), torch.as_tensor(lp.loss_trace))
+    assert float(np.ptp(np.asarray(vm.loss_trace))) > 0  # the chains moved the weights
+
+
 # ----------------------------------------------------------------------------
 # train-mode notes
 # ----------------------------------------------------------------------------

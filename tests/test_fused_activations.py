@@ -5,6 +5,7 @@ the same function to rounding, with the module's own ``forward`` back after ever
 from __future__ import annotations
 
 import math
+import warnings
 
 import pytest
 import torch
@@ -105,3 +106,41 @@ def test_estimate_records_the_fused_modules_and_agrees_with_the_plain_run(monkey
     # the same chains up to float32 rounding of the activations (a run-level smoke check: on this untrained
     # model even the erf GELU moves λ̂ by only 4e-5; the sharp check of the function is the one above)
     assert math.isclose(r.llc_mean, r0.llc_mean, rel_tol=1e-3)
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # 20 draws of an untrained model: not the point
+def test_bloom_gelu_runs_batched_and_computes_its_own_function():
+    """BLOOM's ``BloomGelu`` calls an ``autograd.Function`` without ``setup_context``, which vmap refuses:
+    the model fell back to the loop over chains with a warning. slt calls ``F.gelu(approximate="tanh")``
+    for it, the function its forward and hand-written backward compute."""
+    transformers = pytest.importorskip("transformers")
+    transformers.utils.logging.set_verbosity_error()
+    torch.manual_seed(0)  # test-side only
+    model = transformers.BloomForCausalLM(transformers.BloomConfig(
+        vocab_size=V, hidden_size=32, n_layer=2, n_head=4, bos_token_id=0, eos_token_id=0)).eval()
+    acts = fused_activations(model)
+    assert sorted(acts) == ["transformer.h.0.mlp.gelu_impl", "transformer.h.1.mlp.gelu_impl"]
+    t = prepare_target(model, _data(), causal_lm, dtype=F64)
+    params = {**t.spec.unflatten(t.w_star[0]), **t.evaluator.buffers}
+    x = {"input_ids": _data(1)["input_ids"][:8]}
+
+    def grads(call):
+        p = {k: v.detach().requires_grad_(v.is_floating_point()) for k, v in params.items()}
+        out = call(p).logits
+        g = torch.autograd.grad(out.square().sum(), [p[n] for n in t.spec.names])
+        return out, torch.cat([v.reshape(-1) for v in g])
+
+    fused, g_fused = grads(lambda p: t.evaluator.call(p, x))
+    own, g_own = grads(lambda p: torch.func.functional_call(t.model, p, (), x))  # GeLUFunction's forward/backward
+    tol = fp_tol(F64, scale=float(own.detach().abs().max()) + 1.0, terms=t.d)
+    torch.testing.assert_close(fused, own, rtol=0, atol=tol)
+    torch.testing.assert_close(g_fused, g_own, rtol=0, atol=fp_tol(F64, scale=float(g_own.detach().abs().max()) + 1.0,
+                                                                   terms=t.d))
+    kw = dict(num_chains=2, num_draws=20, num_burnin=0, step_size=1e-4, localization=100.0, nbeta=10.0,
+              batch_size=8, seed=0, progress=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # "the vmap path failed on this model" before
+        vm = slt.estimate_llc(model, _data(), causal_lm, vectorize="vmap", **kw)
+    lp = slt.estimate_llc(model, _data(), causal_lm, vectorize="loop", **kw)
+    assert vm.config["fused_activations"] == {"BloomGelu": 2}
+    assert math.isclose(vm.llc_mean, lp.llc_mean, rel_tol=1e-3)

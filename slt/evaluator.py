@@ -32,6 +32,7 @@ import os
 import sys
 import types
 import warnings
+import weakref
 from collections import Counter
 from contextlib import contextmanager, nullcontext
 from typing import Any, Callable, Mapping, Sequence
@@ -64,6 +65,45 @@ def _standard_attention():
         yield
     finally:
         mha.set_fastpath_enabled(True)
+
+
+#: name of the Hugging Face ``PreTrainedModel`` method that warns when ``input_ids`` hold padding and no
+#: ``attention_mask`` came with them
+_PADDING_CHECK = "warn_if_padding_and_no_attention_mask"
+#: model -> its submodules that run :data:`_PADDING_CHECK` (a ``GPT2ForSequenceClassification`` and its
+#: ``GPT2Model``)
+_PADDING_CHECKERS: "weakref.WeakKeyDictionary[nn.Module, tuple[nn.Module, ...]]" = weakref.WeakKeyDictionary()
+
+
+def _no_padding_check(input_ids: Any, attention_mask: Any) -> None:
+    return None
+
+
+@contextmanager
+def _padding_check_off_when_batched(model: nn.Module, x: Any):
+    """Hugging Face's padding check (``pad_token_id in input_ids[:, [-1, 0]]``, run when the config has a
+    ``pad_token_id`` and no ``attention_mask`` is passed: GPT-2 / Llama sequence classifiers) reads a
+    Python bool from the ids, which vmap refuses when each chain draws its own batch: such a model fell
+    back to the loop over chains.  The check only decides whether to print a one-time warning about the
+    data; the set-up's unbatched calls run it (and show that warning) as the user's own call would."""
+    ids = x.get("input_ids") if isinstance(x, Mapping) else None
+    if not is_batched(ids) or x.get("attention_mask") is not None:
+        yield
+        return
+    mods = _PADDING_CHECKERS.get(model)
+    if mods is None:
+        mods = _PADDING_CHECKERS[model] = tuple(m for m in model.modules()
+                                                if callable(getattr(type(m), _PADDING_CHECK, None)))
+    done = []
+    try:
+        for m in mods:
+            if _PADDING_CHECK not in vars(m):
+                setattr(m, _PADDING_CHECK, _no_padding_check)
+                done.append(m)
+        yield
+    finally:
+        for m in done:
+            vars(m).pop(_PADDING_CHECK, None)
 
 
 #: PyTorch's one-per-process note "grad and param do not obey the gradient layout contract" (a
@@ -307,7 +347,7 @@ def call_module(model: nn.Module, params: Mapping[str, Tensor], x: Any,
     floating outputs come back in the parameters' dtype.  With ``slots`` (:class:`ModuleSlots` of
     ``model``) the tensors are substituted through them (same result, without ``functional_call``'s
     per-call walk of the module tree)."""
-    with _standard_attention():
+    with _standard_attention(), _padding_check_off_when_batched(model, x):
         if autocast is None:
             return _call_module(model, params, x, aliases, slots)
         first = next(iter(params.values()))

@@ -1133,7 +1133,7 @@ def test_parametrized_weights_sample_their_originals_on_both_paths():
     assert "0.parametrizations.weight.original0" in spec.names and "2.parametrizations.weight.original" in spec.names
     kw = {**SMALL, "num_draws": 10, "localization": 100.0, "nbeta": 20.0}
     vm, lp = (slt.estimate_llc(model, (X, y), F.cross_entropy, vectorize=v, **kw) for v in ("vmap", "loop"))
-    assert vm.config["vectorize"] == "vmap" and np.isfinite(vm.llc_mean)
+    assert vm.diagnostics["path"] == "vmap" and np.isfinite(vm.llc_mean)
     torch.testing.assert_close(torch.as_tensor(vm.loss_trace), torch.as_tensor(lp.loss_trace))
     assert float(np.ptp(np.asarray(vm.loss_trace))) > 0  # the chains moved the weights
 

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import slt
+from slt._runtime import is_batched
 from slt.losses import LossAdapter, causal_lm
 from slt.target import prepare_target
 
@@ -588,3 +589,37 @@ def test_an_llc_curve_over_lora_fine_tuning_from_saved_adapters(tmp_path):
     for f, m in zip(files, memory):
         assert torch.equal(f.loss_trace, m.loss_trace)
     assert files[0].config["num_params"] == sum(v.numel() for v in states[0].values())
+
+
+@pytest.mark.filterwarnings("ignore:.*slt.estimate_llc \\(checkpoint:RuntimeWarning")
+def test_a_sequence_classifier_without_attention_mask_runs_batched(monkeypatch):
+    """A Hugging Face model whose config has a ``pad_token_id``, called without ``attention_mask`` (a GPT-2
+    sequence classifier, as a reward model is called), checks ``pad_token_id in input_ids[:, [-1, 0]]`` to
+    decide on a one-time warning: a Python bool that vmap refuses when each chain draws its own batch, so
+    the model fell back to the loop. slt skips that check in batched calls only; the set-up's plain calls
+    still run it, and no module keeps slt's stand-in."""
+    transformers = pytest.importorskip("transformers")
+    transformers.utils.logging.set_verbosity_error()
+    torch.manual_seed(0)  # test-side only
+    model = transformers.GPT2ForSequenceClassification(transformers.GPT2Config(
+        vocab_size=V, n_positions=T, n_embd=32, n_layer=2, n_head=2, num_labels=3, pad_token_id=0,
+        attn_implementation="eager")).eval()
+    ids = pattern_data()["input_ids"]
+    labels = ids[:, 0] % 3
+    checked = []
+    own = transformers.PreTrainedModel.warn_if_padding_and_no_attention_mask
+
+    def spy(self, input_ids, attention_mask):
+        checked.append(is_batched(input_ids))
+        return own(self, input_ids, attention_mask)
+
+    monkeypatch.setattr(transformers.PreTrainedModel, "warn_if_padding_and_no_attention_mask", spy)
+    kw = {**LLC_KW, "num_draws": 5}
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*the vmap path failed")
+        r = slt.estimate_llc(model, {"input_ids": ids, "labels": labels}, vectorize="vmap", **kw)
+    loop = slt.estimate_llc(model, {"input_ids": ids, "labels": labels}, vectorize="loop", **kw)
+    assert r.diagnostics["path"] == "vmap"
+    assert torch.allclose(r.loss_trace, loop.loss_trace, rtol=1e-4, atol=0)
+    assert checked and not any(checked)  # run in the plain calls, never on a batched tensor
+    assert not any("warn_if_padding_and_no_attention_mask" in vars(m) for m in model.modules())

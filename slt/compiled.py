@@ -32,7 +32,7 @@ from torch import Tensor
 
 from .data import Batch
 
-__all__ = ["CompiledStep", "COMPILE_MIN_SECONDS", "compile_step", "NotOneGraph"]
+__all__ = ["CompiledStep", "COMPILE_MIN_SECONDS", "compile_step", "func_transforms_traced", "NotOneGraph"]
 
 
 class NotOneGraph(RuntimeError):
@@ -136,12 +136,27 @@ class CompiledStep:
         return losses, out
 
 
+def func_transforms_traced() -> bool:
+    """Whether this torch's ``torch.compile`` traces ``torch.func`` transforms (``vmap``, ``grad``), which the
+    compiled step is made of.  torch 2.3 breaks the graph at ``vmap`` unless
+    ``torch._dynamo.config.capture_func_transforms`` is set, and with it set still breaks it at the module
+    call inside (measured 2026-12-06 on torch 2.3.1, CPU); later releases trace them and have no such
+    setting."""
+    import torch._dynamo
+
+    return bool(getattr(torch._dynamo.config, "capture_func_transforms", True))
+
+
 def compile_step(evaluator: Any, flat: Tensor, batch: Batch, block: int | None = None) -> tuple[CompiledStep, float]:
     """Compile ``evaluator``'s step for ``(flat, batch)``, in blocks of ``block`` rows when that divides
     them (:class:`CompiledStep`): ``(step, seconds of the compiling call)``
     (timing it against the eager step is :func:`slt.target.fastest_path`'s).  Raises
-    :class:`NotOneGraph` when dynamo broke the graph or captured none, and what ``torch.compile``
+    :class:`NotOneGraph` when dynamo broke the graph or captured none (or cannot trace the step's
+    ``torch.func`` transforms at all: :func:`func_transforms_traced`), and what ``torch.compile``
     raises when it fails outright."""
+    if not func_transforms_traced():
+        raise NotOneGraph(f"torch {torch.__version__}'s torch.compile does not trace torch.func transforms "
+                          "(vmap, grad); a later torch release compiles the step")
     from torch._dynamo.utils import counters
 
     flat = flat.contiguous()  # as a run's state is (a broadcast w* would compile for other strides)

@@ -106,6 +106,43 @@ def _padding_check_off_when_batched(model: nn.Module, x: Any):
             vars(m).pop(_PADDING_CHECK, None)
 
 
+#: whether torch.distributions' argument validation runs under vmap (None: not probed yet)
+_VALIDATION_UNDER_VMAP: list[bool | None] = [None]
+
+
+def _validation_runs_under_vmap() -> bool:
+    """Whether a ``torch.distributions`` object validates its arguments under ``vmap``: the check is a
+    Python bool of the values, which torch 2.3 refuses ("data-dependent control flow") and later
+    releases batch.  Probed once per process."""
+    if _VALIDATION_UNDER_VMAP[0] is None:
+        try:
+            torch.vmap(lambda t: torch.distributions.Normal(t, torch.ones_like(t), validate_args=True).mean)(
+                torch.zeros(2, 1))
+            _VALIDATION_UNDER_VMAP[0] = True
+        except RuntimeError:
+            _VALIDATION_UNDER_VMAP[0] = False
+    return bool(_VALIDATION_UNDER_VMAP[0])
+
+
+@contextmanager
+def _distribution_checks_off():
+    """A model that returns a ``torch.distributions`` object (``Normal(mu, sigma)``), or a loss that calls
+    its ``log_prob``, has its arguments validated; on a torch whose validation vmap refuses
+    (:func:`_validation_runs_under_vmap`: torch 2.3) such a model fell back to the loop, so inside slt's
+    vmapped blocks distributions are built without the default check (the set-up's plain calls still
+    check, and a chain whose parameters went invalid shows as a diverged chain).  A no-op where vmap
+    runs the check."""
+    dist = torch.distributions.Distribution
+    if not dist._validate_args or _validation_runs_under_vmap():
+        yield
+        return
+    dist.set_default_validate_args(False)
+    try:
+        yield
+    finally:
+        dist.set_default_validate_args(True)
+
+
 #: PyTorch's one-per-process note "grad and param do not obey the gradient layout contract" (a
 #: ``TORCH_WARN_ONCE``): a strided slot of a ``(C, d)`` row as the gradient of a strided leaf is what
 #: slt means, so the first backward into strided slots catches it and it is not shown.  [True] after
@@ -162,7 +199,8 @@ def _vmap_attention(hf_configs: Sequence[Any] = ()):
     would run once per sample with a performance warning per call; Hugging Face's masks built without
     a branch on their values (:func:`_hf_masks_as_traced`).  ``hf_configs``: Hugging Face
     configs whose attention implementation is switched to ``"eager"`` for the block and restored
-    after (:func:`hf_attention_configs`)."""
+    after (:func:`hf_attention_configs`).  Also ``torch.distributions``' argument checks where vmap
+    refuses them (:func:`_distribution_checks_off`)."""
     saved = [(c, _attn_slot(c), getattr(c, _attn_slot(c))) for c in hf_configs]
     try:
         for c, slot, _ in saved:
@@ -170,10 +208,10 @@ def _vmap_attention(hf_configs: Sequence[Any] = ()):
         try:
             from torch.nn.attention import SDPBackend, sdpa_kernel
         except ImportError:  # torch without the context manager: the default kernels
-            with _hf_masks_as_traced():
+            with _hf_masks_as_traced(), _distribution_checks_off():
                 yield
             return
-        with sdpa_kernel([SDPBackend.MATH]), _hf_masks_as_traced():
+        with sdpa_kernel([SDPBackend.MATH]), _hf_masks_as_traced(), _distribution_checks_off():
             yield
     finally:
         for c, slot, value in reversed(saved):

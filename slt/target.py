@@ -1175,11 +1175,15 @@ def _fallback_hint(e: Exception, model: nn.Module, issues: list[str], eager_trie
         return (" — Hugging Face gradient checkpointing is on: it recomputes activations during backward, which "
                 f"vmap cannot batch over chains; call model.{disable}() to use the batched path (it saves "
                 "memory, the gradients are the same)")
-    if type(e).__name__ == "CheckpointError" or "torch.utils.checkpoint" in msg:
+    # torch 2.3's non-reentrant checkpoint saves its inputs through _NoopSaveInputs, which has no vmap rule
+    if type(e).__name__ == "CheckpointError" or "torch.utils.checkpoint" in msg or "_NoopSaveInputs" in msg:
         return (" — the model recomputes part of its forward during backward (activation checkpointing, "
                 "torch.utils.checkpoint), which runs outside vmap; the loop recomputes it at each chain's "
                 "parameters (same gradients, one chain at a time)")
-    if any(f"aten::{op}" in msg for op in ("lstm", "gru", "rnn_tanh", "rnn_relu")):
+    # on torch 2.3 a PackedSequence fails earlier, where the module reads its .data
+    recurrent = any(isinstance(m, nn.RNNBase) for m in model.modules())
+    if any(f"aten::{op}" in msg for op in ("lstm", "gru", "rnn_tanh", "rnn_relu")) or (
+            recurrent and "accessing `data` under vmap" in msg):
         return (" — a recurrent layer on packed sequences (nn.utils.rnn.PackedSequence) runs PyTorch's fused "
                 "kernel, which vmap cannot batch over chains (slt batches nn.LSTM/GRU/RNN on padded tensors): "
                 "pass padded sequences and read each one's output at its last valid step to use the batched path")
@@ -1187,6 +1191,9 @@ def _fallback_hint(e: Exception, model: nn.Module, issues: list[str], eager_trie
     if sparse and "sparse" in msg:
         return (f" — {_names(sparse, 3)}: an embedding with sparse=True gives sparse gradients, which vmap cannot batch; set "
                 "its .sparse = False (the same values and gradients, dense) to use the batched path")
+    if "accessing `data` under vmap" in msg:
+        return (" — the model reads a tensor's .data in forward, which vmap cannot batch over chains: use the "
+                "tensor itself (or .detach()) to use the batched path")
     attn = getattr(getattr(model, "config", None), "_attn_implementation", None)
     if "data-dependent control flow" in msg:
         if eager_tried:

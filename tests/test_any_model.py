@@ -287,8 +287,8 @@ class TransformedOut(NormalOut):
         return torch.distributions.TransformedDistribution(super().forward(x), [torch.distributions.ExpTransform()])
 
 
-def _gauss(o, y):
-    return -torch.distributions.Normal(o, torch.ones_like(o)).log_prob(y).mean()
+def _gauss(o, y):  # unvalidated: the tolerance's reference vmaps it, and torch 2.3's vmap refuses the check
+    return -torch.distributions.Normal(o, torch.ones_like(o), validate_args=False).log_prob(y).mean()
 
 
 def _nll(d, y):
@@ -323,6 +323,23 @@ def test_distribution_outputs_get_per_sample_losses_from_their_parameters():
                                                                                terms=4))
     t = prepare_target(_plain_model(TransformedOut), (X, Y.exp()), _nll, dtype=F64)
     assert t.adapter.per_sample_error is not None and t.star_losses[0] is None
+
+
+def test_distribution_checks_are_off_in_vmapped_blocks_only_where_vmap_refuses_them(monkeypatch):
+    """torch 2.3's vmap refuses torch.distributions' argument checks (a Python bool of the values), so a
+    model returning a distribution fell back to the loop there; where that is so, slt's vmapped blocks
+    build distributions unchecked and put the default back after, also on an exception."""
+    from slt import evaluator as ev
+
+    dist = torch.distributions.Distribution
+    assert dist._validate_args
+    with ev._vmap_attention():
+        assert dist._validate_args == ev._validation_runs_under_vmap()  # on where vmap runs them (after torch 2.3)
+    monkeypatch.setattr(ev, "_VALIDATION_UNDER_VMAP", [False])  # as on torch 2.3
+    with pytest.raises(KeyError), ev._vmap_attention():
+        assert not dist._validate_args
+        raise KeyError("inside")
+    assert dist._validate_args
 
 
 class Opaque:
@@ -1345,6 +1362,21 @@ class NoisyNet(Plain):
 
     def forward(self, x):
         return F.dropout(super().forward(x), 0.3, training=True)
+
+
+class ReadsData(Plain):
+    """Scales by its weight's norm read through ``.data`` (a habit from older PyTorch code)."""
+
+    def forward(self, x):
+        return super().forward(x) / (1.0 + self.l1.weight.data.norm())
+
+
+def test_a_forward_that_reads_data_falls_back_and_names_the_fix():
+    X, Y = _data(n=100)
+    with pytest.warns(RuntimeWarning, match=r"accessing `data` under vmap.*reads a tensor's \.data in forward.*"
+                                            r"\.detach\(\).*falling back to a sequential loop"):
+        r = slt.estimate_llc(ReadsData(), (X, Y), F.mse_loss, **{**KW, "vectorize": "auto"})
+    assert r.diagnostics["path"] == "loop"
 
 
 def test_a_random_forward_without_dropout_modules_is_named():

@@ -10,7 +10,8 @@ from torch import nn
 
 import slt
 from slt import target as tg
-from slt.compiled import compile_step
+from slt import compiled
+from slt.compiled import compile_step, func_transforms_traced
 from slt.engine import HEATING_BATCHES
 from slt.target import prepare_target
 
@@ -56,6 +57,11 @@ def _trained(cls=UserNet, seed=0):
     return m, X, Y
 
 
+#: the tests that need the step to compile: torch 2.3's torch.compile does not trace torch.func transforms
+needs_compile = pytest.mark.skipif(not func_transforms_traced(),
+                                   reason=f"torch {torch.__version__}'s torch.compile does not trace torch.func")
+
+
 @pytest.fixture(autouse=True)
 def _fresh_decisions(monkeypatch):
     monkeypatch.setattr(tg, "_PATH_DECISIONS", {})
@@ -66,6 +72,7 @@ RUN = dict(num_chains=4, num_draws=40, num_burnin=10, step_size=1e-4, localizati
            batch_size=64, seed=3, progress=False)
 
 
+@needs_compile
 def test_compiled_step_equals_the_eager_step():
     """Exact tier, float64: the compiled vmap(grad_and_value) and the eager vmap + autograd compute the
     same sums in a different order; each gradient entry sums batch × width products, so the two agree
@@ -101,6 +108,7 @@ def test_compiled_step_equals_the_eager_step():
     assert not torch.allclose(le2, le)  # the two models differ
 
 
+@needs_compile
 def test_compiled_step_in_blocks_equals_the_eager_step():
     """A step compiled for blocks of rows (one graph, called per block: what a run with more rows than
     slt.target.VMAP_BLOCK_ROWS uses) gives every row its own loss and gradient: the eager values to
@@ -130,6 +138,7 @@ def test_compiled_step_in_blocks_equals_the_eager_step():
     assert torch.allclose(gb, gs, rtol=0, atol=tol * float(gs.abs().max()))
 
 
+@needs_compile
 def test_vectorize_compile_serves_every_step_of_the_run():
     m, X, Y = _trained()
     kw = dict(RUN, dtype=torch.float64)
@@ -170,6 +179,7 @@ def test_a_model_that_does_not_compile_keeps_the_eager_step():
     assert not kept
 
 
+@needs_compile
 def test_auto_tries_compiling_only_runs_long_enough(monkeypatch):
     m, X, Y = _trained()
     short = slt.estimate_llc(m, (X, Y), loss_fn, **RUN)
@@ -193,6 +203,18 @@ def test_auto_tries_compiling_only_runs_long_enough(monkeypatch):
     assert again.llc_mean == long.llc_mean
 
 
+def test_a_torch_that_cannot_trace_func_transforms_runs_eager_and_says_why(monkeypatch):
+    """On torch 2.3 ``torch.compile`` breaks the graph at ``vmap`` (it needs
+    ``capture_func_transforms``, and with it breaks at the module call): ``compile_step`` says so before
+    compiling anything, and the run is the eager one, bit for bit."""
+    monkeypatch.setattr(compiled, "func_transforms_traced", lambda: False)  # as on torch 2.3
+    m, X, Y = _trained()
+    eager = slt.estimate_llc(m, (X, Y), loss_fn, vectorize="vmap", **RUN)
+    with pytest.warns(RuntimeWarning, match=r"does not trace torch\.func transforms.*running the uncompiled vmap"):
+        comp = slt.estimate_llc(m, (X, Y), loss_fn, vectorize="compile", **RUN)
+    assert comp.config["compiled_calls"] is None and comp.llc_mean == eager.llc_mean
+
+
 def test_compile_is_refused_or_skipped_where_it_does_not_apply():
     m, X, Y = _trained()
     with pytest.raises(ValueError, match="autocast runs the model in a loop"):
@@ -210,6 +232,7 @@ def test_compile_is_refused_or_skipped_where_it_does_not_apply():
     assert loop.evaluator.compiled is None
 
 
+@needs_compile
 def test_compiling_does_not_surface_torchs_own_deprecation_warnings():
     """Exact: the first ``torch.compile`` of a process imports torch modules that warn about their own
     use of deprecated TorchScript decorators (torch 2.13: 14 DeprecationWarnings from torch/jit/_script.py,

@@ -142,7 +142,7 @@ def test_lattice_sweep_end_to_end(tmp_path):
     sweep = tmp_path / "sweeps" / "decompose"
     runs = sorted(d.name for d in sweep.iterdir() if d.is_dir() and not d.name.startswith("."))
     assert [r.rsplit(",", 1)[1] for r in runs] == ["subset=0", "subset=1", "subset=2", "subset=3"]
-    table = pd.read_csv(sweep / "decomposition.csv")
+    table = pd.read_csv(sweep / "decomposition.csv", float_precision="round_trip")  # exact floats on every pandas
     assert len(table) == 4 and list(table["subset"]) == ["∅", "{rot1}", "{rot2}", "{rot1, rot2}"]
     assert set(table["status"]) == {"ok"} and not table["missing"].any()
     assert (sweep / "decomposition.png").stat().st_size > 0
@@ -162,7 +162,7 @@ def test_lattice_sweep_end_to_end(tmp_path):
     from experiments import decompose as dexp
 
     metrics, _ = dexp.run(_compose(TINY), tmp_path)
-    one = pd.read_csv(tmp_path / "decomposition.csv")
+    one = pd.read_csv(tmp_path / "decomposition.csv", float_precision="round_trip")
     for col in ("llc", "llc_sem", "contribution", "contribution_sem", "invariance_gap"):
         assert one[col].tolist() == table[col].tolist(), col
 

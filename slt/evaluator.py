@@ -26,16 +26,16 @@ per-sample losses at w* the same way; plain tensors keep the tensor code path.
 
 from __future__ import annotations
 
+import functools
 import inspect
 import math
 import os
 import sys
 import types
 import warnings
-import weakref
 from collections import Counter
 from contextlib import contextmanager, nullcontext
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 from torch import Tensor, nn
 import torch
@@ -70,58 +70,42 @@ def _standard_attention():
 #: name of the Hugging Face ``PreTrainedModel`` method that warns when ``input_ids`` hold padding and no
 #: ``attention_mask`` came with them
 _PADDING_CHECK = "warn_if_padding_and_no_attention_mask"
-#: model -> its submodules that run :data:`_PADDING_CHECK` (a ``GPT2ForSequenceClassification`` and its
-#: ``GPT2Model``)
-_PADDING_CHECKERS: "weakref.WeakKeyDictionary[nn.Module, tuple[nn.Module, ...]]" = weakref.WeakKeyDictionary()
+
+
+def padding_checkers(model: nn.Module) -> tuple[nn.Module, ...]:
+    """The modules of ``model`` that run Hugging Face's padding check (:data:`_PADDING_CHECK`): a
+    ``GPT2ForSequenceClassification`` and its ``GPT2Model``; none in a model without transformers."""
+    return tuple(m for m in model.modules() if callable(getattr(type(m), _PADDING_CHECK, None)))
 
 
 def _no_padding_check(input_ids: Any, attention_mask: Any) -> None:
     return None
 
 
-@contextmanager
-def _padding_check_off_when_batched(model: nn.Module, x: Any):
+def _padding_check_off_when_batched(modules: Sequence[nn.Module], x: Any) -> Any:
     """Hugging Face's padding check (``pad_token_id in input_ids[:, [-1, 0]]``, run when the config has a
     ``pad_token_id`` and no ``attention_mask`` is passed: GPT-2 / Llama sequence classifiers) reads a
     Python bool from the ids, which vmap refuses when each chain draws its own batch: such a model fell
     back to the loop over chains.  The check only decides whether to print a one-time warning about the
-    data; the set-up's unbatched calls run it (and show that warning) as the user's own call would."""
-    ids = x.get("input_ids") if isinstance(x, Mapping) else None
+    data, so ``modules`` (:func:`padding_checkers`) skip it inside the block when the ids are batched; the
+    set-up's unbatched calls run it (and show that warning) as the user's own call would."""
+    ids = x.get("input_ids") if modules and isinstance(x, Mapping) else None
     if not is_batched(ids) or x.get("attention_mask") is not None:
-        yield
-        return
-    mods = _PADDING_CHECKERS.get(model)
-    if mods is None:
-        mods = _PADDING_CHECKERS[model] = tuple(m for m in model.modules()
-                                                if callable(getattr(type(m), _PADDING_CHECK, None)))
-    done = []
-    try:
-        for m in mods:
-            if _PADDING_CHECK not in vars(m):
-                setattr(m, _PADDING_CHECK, _no_padding_check)
-                done.append(m)
-        yield
-    finally:
-        for m in done:
-            vars(m).pop(_PADDING_CHECK, None)
+        return nullcontext()
+    return _on_instances((m, _PADDING_CHECK, _no_padding_check) for m in modules)
 
 
-#: whether torch.distributions' argument validation runs under vmap (None: not probed yet)
-_VALIDATION_UNDER_VMAP: list[bool | None] = [None]
-
-
+@functools.cache
 def _validation_runs_under_vmap() -> bool:
     """Whether a ``torch.distributions`` object validates its arguments under ``vmap``: the check is a
     Python bool of the values, which torch 2.3 refuses ("data-dependent control flow") and later
     releases batch.  Probed once per process."""
-    if _VALIDATION_UNDER_VMAP[0] is None:
-        try:
-            torch.vmap(lambda t: torch.distributions.Normal(t, torch.ones_like(t), validate_args=True).mean)(
-                torch.zeros(2, 1))
-            _VALIDATION_UNDER_VMAP[0] = True
-        except RuntimeError:
-            _VALIDATION_UNDER_VMAP[0] = False
-    return bool(_VALIDATION_UNDER_VMAP[0])
+    try:
+        torch.vmap(lambda t: torch.distributions.Normal(t, torch.ones_like(t), validate_args=True).mean)(
+            torch.zeros(2, 1))
+    except RuntimeError:
+        return False
+    return True
 
 
 @contextmanager
@@ -308,19 +292,26 @@ def fused_summary(modules: Mapping[str, nn.Module]) -> dict[str, int]:
 
 
 @contextmanager
-def _fused(modules: Mapping[str, nn.Module]):
-    """``modules`` (from :func:`fused_activations`) run their fused forward inside the block; their own
-    is back after it, also when the block raises."""
+def _on_instances(patches: Iterable[tuple[nn.Module, str, Any]]):
+    """Each ``(module, name, value)``: ``value`` set as the module instance's own attribute ``name`` inside
+    the block, and removed after it (the class's is back), also when the block raises; a module that
+    already holds its own ``name`` (inside an outer such block) is left as it is."""
     done = []
     try:
-        for m in modules.values():
-            if "forward" not in vars(m):  # not already inside a fused call
-                m.forward = types.MethodType(_fused_forward(m), m)
-                done.append(m)
+        for m, name, value in patches:
+            if name not in vars(m):
+                setattr(m, name, value)
+                done.append((m, name))
         yield
     finally:
-        for m in done:
-            vars(m).pop("forward", None)
+        for m, name in done:
+            vars(m).pop(name, None)
+
+
+def _fused(modules: Mapping[str, nn.Module]) -> Any:
+    """``modules`` (from :func:`fused_activations`) run their fused forward inside the block; their own
+    is back after it, also when the block raises."""
+    return _on_instances((m, "forward", types.MethodType(_fused_forward(m), m)) for m in modules.values())
 
 
 #: The precisions ``autocast`` accepts, by name.
@@ -385,7 +376,7 @@ def call_module(model: nn.Module, params: Mapping[str, Tensor], x: Any,
     floating outputs come back in the parameters' dtype.  With ``slots`` (:class:`ModuleSlots` of
     ``model``) the tensors are substituted through them (same result, without ``functional_call``'s
     per-call walk of the module tree)."""
-    with _standard_attention(), _padding_check_off_when_batched(model, x):
+    with _standard_attention():
         if autocast is None:
             return _call_module(model, params, x, aliases, slots)
         first = next(iter(params.values()))
@@ -690,11 +681,14 @@ class ChainEvaluator:
         self.checkpoint_tensors: dict[str, Tensor] | None = None
         #: activation modules run with a fused forward in every call (:func:`fused_activations`)
         self.fused = fused_activations(model)
+        #: modules whose padding check batched calls skip (:func:`padding_checkers`)
+        self.padding_checks = padding_checkers(model)
 
     def call(self, params: Mapping[str, Tensor], x: Any) -> Any:
         """The model at ``params`` (name -> tensor, buffers included) on ``x``: :func:`call_module`
-        with this evaluator's aliases and precision, and its activation modules fused (:attr:`fused`)."""
-        with _fused(self.fused):
+        with this evaluator's aliases and precision, its activation modules fused (:attr:`fused`), and
+        Hugging Face's padding check skipped when the ids are batched (:attr:`padding_checks`)."""
+        with _fused(self.fused), _padding_check_off_when_batched(self.padding_checks, x):
             return call_module(self.model, params, x, self.aliases, self.autocast, self.slots)
 
     def row_checkpoints(self, R: int) -> Tensor | None:

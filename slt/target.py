@@ -1180,10 +1180,10 @@ def _fallback_hint(e: Exception, model: nn.Module, issues: list[str], eager_trie
         return (" — the model recomputes part of its forward during backward (activation checkpointing, "
                 "torch.utils.checkpoint), which runs outside vmap; the loop recomputes it at each chain's "
                 "parameters (same gradients, one chain at a time)")
+    reads_data = "accessing `data` under vmap" in msg
     # on torch 2.3 a PackedSequence fails earlier, where the module reads its .data
-    recurrent = any(isinstance(m, nn.RNNBase) for m in model.modules())
     if any(f"aten::{op}" in msg for op in ("lstm", "gru", "rnn_tanh", "rnn_relu")) or (
-            recurrent and "accessing `data` under vmap" in msg):
+            reads_data and any(isinstance(m, nn.RNNBase) for m in model.modules())):
         return (" — a recurrent layer on packed sequences (nn.utils.rnn.PackedSequence) runs PyTorch's fused "
                 "kernel, which vmap cannot batch over chains (slt batches nn.LSTM/GRU/RNN on padded tensors): "
                 "pass padded sequences and read each one's output at its last valid step to use the batched path")
@@ -1191,7 +1191,7 @@ def _fallback_hint(e: Exception, model: nn.Module, issues: list[str], eager_trie
     if sparse and "sparse" in msg:
         return (f" — {_names(sparse, 3)}: an embedding with sparse=True gives sparse gradients, which vmap cannot batch; set "
                 "its .sparse = False (the same values and gradients, dense) to use the batched path")
-    if "accessing `data` under vmap" in msg:
+    if reads_data:
         return (" — the model reads a tensor's .data in forward, which vmap cannot batch over chains: use the "
                 "tensor itself (or .detach()) to use the batched path")
     attn = getattr(getattr(model, "config", None), "_attn_implementation", None)

@@ -335,7 +335,7 @@ def test_distribution_checks_are_off_in_vmapped_blocks_only_where_vmap_refuses_t
     assert dist._validate_args
     with ev._vmap_attention():
         assert dist._validate_args == ev._validation_runs_under_vmap()  # on where vmap runs them (after torch 2.3)
-    monkeypatch.setattr(ev, "_VALIDATION_UNDER_VMAP", [False])  # as on torch 2.3
+    monkeypatch.setattr(ev, "_validation_runs_under_vmap", lambda: False)  # as on torch 2.3
     with pytest.raises(KeyError), ev._vmap_attention():
         assert not dist._validate_args
         raise KeyError("inside")

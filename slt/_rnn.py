@@ -35,7 +35,8 @@ from torch import Tensor, nn
 
 from ._runtime import is_batched
 
-__all__ = ["recurrent_forward", "cell_forward", "RECURRENT_CLASSES", "CELL_CLASSES"]
+__all__ = ["recurrent_forward", "cell_forward", "unrolled_forward", "unrolled_cell_forward", "RECURRENT_CLASSES",
+           "CELL_CLASSES"]
 
 
 #: the classes :func:`recurrent_forward` serves, by their qualified names
@@ -49,7 +50,17 @@ def recurrent_forward(self: nn.RNNBase, input: Any, hx: Any = None) -> Any:
     the module's own forward when nothing in the call is batched, or for a packed sequence."""
     weights = [getattr(self, n) for n in self._flat_weights_names]
     states = list(hx) if isinstance(hx, tuple) else [hx]
-    if isinstance(input, nn.utils.rnn.PackedSequence) or not any(map(is_batched, [input, *states, *weights])):
+    if not any(map(is_batched, [input, *states, *weights])):
+        return type(self).forward(self, input, hx)
+    return unrolled_forward(self, input, hx)
+
+
+def unrolled_forward(self: nn.RNNBase, input: Any, hx: Any = None) -> Any:
+    """:func:`recurrent_forward` without its test for batched tensors: always the plain operations (the
+    module's own forward for a packed sequence).  For calls known to be vmapped, where the test cannot be
+    made: ``torch.compile`` traces ``is_batchedtensor`` as false, and dynamo refuses the module's own
+    forward (:class:`slt.compiled.CompiledStep`)."""
+    if isinstance(input, nn.utils.rnn.PackedSequence):
         return type(self).forward(self, input, hx)
     return _unrolled(self, input, hx)
 
@@ -135,6 +146,12 @@ def cell_forward(self: nn.RNNCellBase, input: Tensor, hx: Any = None) -> Any:
     states = list(hx) if isinstance(hx, tuple) else [hx]
     if not any(map(is_batched, [input, *states, self.weight_ih, self.weight_hh])):
         return type(self).forward(self, input, hx)
+    return unrolled_cell_forward(self, input, hx)
+
+
+def unrolled_cell_forward(self: nn.RNNCellBase, input: Tensor, hx: Any = None) -> Any:
+    """:func:`cell_forward` without its test for batched tensors: always the plain operations (see
+    :func:`unrolled_forward`)."""
     lstm = isinstance(self, nn.LSTMCell)
     mode = "LSTM" if lstm else "GRU" if isinstance(self, nn.GRUCell) else "RNN"
     unbatched = input.dim() == 1

@@ -118,17 +118,24 @@ class CompiledStep:
         return _signature(flat, batch) == self.signature
 
     def __call__(self, flat: Tensor, batch: Batch) -> tuple[Tensor, Tensor]:
-        from .evaluator import _row_block, _standard_attention, _vmap_attention
+        from .evaluator import _fused, _row_block, _standard_attention, _vmap_attention, padding_checks_off
 
         flat = flat.detach().contiguous()  # the strides compiled for (a run starts from a broadcast w*)
         R, b = flat.shape[0], self.block
         out = torch.empty(flat.shape, dtype=flat.dtype, device=flat.device)
         losses = torch.empty(R, dtype=flat.dtype, device=flat.device)
-        with _standard_attention(), _vmap_attention(self._ev.hf_eager):  # outside the graph (dynamo cannot trace them)
+        ev = self._ev
+        # outside the graph (dynamo cannot trace them); as in every eager call (ChainEvaluator.call), the fused
+        # activations and vmap-batchable recurrences in place of the modules' own forwards (dynamo refuses a
+        # recurrent module unless allow_rnn), and Hugging Face's padding check skipped (Hugging Face skips it
+        # itself while compiling, but a step that dynamo runs eagerly, past its recompile limit, ran it on
+        # batched ids and failed)
+        with _standard_attention(), _vmap_attention(ev.hf_eager), _fused(ev.fused, traced=True), \
+                padding_checks_off(ev.padding_checks), torch._dynamo.config.patch(allow_rnn=True):
             for r0 in range(0, R, b):
                 sl = slice(r0, r0 + b)
                 bb = batch if b == R else _row_block(batch, sl)
-                grads, lb = self._fn(self._spec.unflatten(flat[sl]), self._ev.buffers, bb.x, bb.y, bb.weights)
+                grads, lb = self._fn(self._spec.unflatten(flat[sl]), ev.buffers, bb.x, bb.y, bb.weights)
                 for name, slot in self._spec.unflatten(out[sl]).items():
                     slot.copy_(grads[name])
                 losses[sl] = lb.detach()

@@ -30,6 +30,7 @@ Face ``datasets.Dataset`` becomes the mapping of its numeric columns, and a
 
 from __future__ import annotations
 
+import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Mapping, NamedTuple, Sequence, Union
@@ -38,6 +39,8 @@ import numpy as np
 import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, TensorDataset
+
+from ._runtime import user_stacklevel
 
 __all__ = ["Data", "Batch", "Columns", "LoaderSource", "as_source", "num_rows"]
 
@@ -513,6 +516,48 @@ def _stack_items(items: list[Any], name: str | None = None) -> Any:
     return torch.stack(parts)
 
 
+def _minibatch_sizes(data: Sequence[Any]) -> list[int] | None:
+    """The leading sizes of a list of ``(x, y)`` / ``(x, y, w)`` items that look like minibatches (as
+    ``list(loader)`` gives): in every item, every array field (the tensors of an ``x`` mapping included)
+    has at least one dimension and all share one leading size, of at least 2 in some item, with ``y``
+    not a scalar.  ``None`` otherwise (a scalar target or sizes that differ within an item: samples).
+    Samples can look like this too (a token sequence and its next tokens, ``(ids[:-1], ids[1:])``)."""
+    sizes = []
+    for it in data:
+        if isinstance(it, Mapping) or not isinstance(it, (tuple, list)) or len(it) < 2:
+            return None
+        leaves = [v for f in it for v in (f.values() if isinstance(f, Mapping) else [f])]
+        if not all(isinstance(v, (Tensor, np.ndarray)) and v.ndim >= 1 for v in leaves):
+            return None
+        lead = {int(v.shape[0]) for v in leaves}
+        if len(lead) != 1:
+            return None
+        sizes.append(lead.pop())
+    return sizes if sizes and max(sizes) >= 2 else None
+
+
+def _stack_records(data: Sequence[Any]) -> Data:
+    """A list of samples (:func:`_is_records`) stacked into columns.  A list of minibatches (``list(loader)``:
+    :func:`_minibatch_sizes`) would be read as one sample per minibatch: of different sizes (a last, smaller
+    batch) it is an error naming the fix; of equal sizes it cannot be told from samples whose target has
+    the input's length, and is read as samples with a warning naming both readings."""
+    batches = _minibatch_sizes(data)
+    fix = ("pass the DataLoader itself, or the batches joined into columns, e.g. "
+           "(torch.cat([x for x, y in batches]), torch.cat([y for x, y in batches]))")
+    if batches is not None and len(set(batches)) > 1:
+        raise ValueError(
+            f"data is a list of {len(data)} items that look like minibatches (each item's fields share a leading "
+            f"size, {max(batches)} down to {min(batches)}), and slt reads a list as one sample per item: {fix}")
+    out = _stack_dataset(data)  # type: ignore[arg-type]
+    if batches is not None:
+        warnings.warn(
+            f"data: a list of {len(data)} (x, y) items whose fields share a leading size of {batches[0]} was read "
+            f"as {len(data)} samples (n = {len(data)}), each with {batches[0]} rows; if the items are minibatches "
+            f"(list(loader)), {fix}.  Samples given as stacked columns (X, Y) are not guessed at.",
+            UserWarning, stacklevel=user_stacklevel())
+    return out
+
+
 def _is_records(data: Sequence[Any]) -> bool:
     """Whether a sequence holds one sample per item (a list used as a map-style dataset): every
     item a tuple/list or a mapping whose fields are tensors, arrays or numbers — not the columns
@@ -527,10 +572,15 @@ def _is_records(data: Sequence[Any]) -> bool:
         return isinstance(v, (list, tuple)) and all(
             isinstance(e, (int, float, bool, np.generic)) or numbers(e) for e in v)
 
+    def fields(it: Mapping) -> bool:
+        return bool(it) and all(field(v) or numbers(v) for v in it.values())
+
     def record(it: Any) -> bool:
         if isinstance(it, Mapping):
-            return bool(it) and all(field(v) or numbers(v) for v in it.values())
-        return isinstance(it, (tuple, list)) and 0 < len(it) <= 3 and all(field(v) for v in it)
+            return fields(it)
+        # (x, y) / (x, y, weight), x possibly a mapping of inputs (a tokenized text and its label)
+        return (isinstance(it, (tuple, list)) and 0 < len(it) <= 3
+                and all(field(v) or (isinstance(v, Mapping) and fields(v)) for v in it))
 
     return all(record(it) for it in data)
 
@@ -605,7 +655,7 @@ def as_source(data: Any) -> Data | LoaderSource:
         return _stack_dataset(data)
     if isinstance(data, Sequence) and not isinstance(data, (str, bytes)):
         if _is_records(data):  # [(x, y), ...] or [{"x": ..., ...}, ...]: one sample per item
-            return _stack_dataset(data)  # type: ignore[arg-type]
+            return _stack_records(data)
         if len(data) == 2:
             return Data(data[0], data[1])
         if len(data) == 3:

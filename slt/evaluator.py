@@ -43,7 +43,7 @@ import torch
 from .data import Batch, Columns, Data, LoaderSource, _map, _plain, num_rows
 from .losses import LossAdapter, candidate_means, count_weighted_mean
 from .params import ParamSpec
-from ._rnn import CELL_CLASSES, RECURRENT_CLASSES, cell_forward, recurrent_forward
+from ._rnn import CELL_CLASSES, RECURRENT_CLASSES, cell_forward, recurrent_forward, unrolled_cell_forward, unrolled_forward
 from ._runtime import is_batched
 
 __all__ = ["ChainEvaluator", "choose_path", "PATH_REASONS", "validate_model_and_loss", "check_gradients_reach", "probe_batch", "to_device",
@@ -89,9 +89,17 @@ def _padding_check_off_when_batched(modules: Sequence[nn.Module], x: Any) -> Any
     back to the loop over chains.  The check only decides whether to print a one-time warning about the
     data, so ``modules`` (:func:`padding_checkers`) skip it inside the block when the ids are batched; the
     set-up's unbatched calls run it (and show that warning) as the user's own call would."""
-    ids = x.get("input_ids") if modules and isinstance(x, Mapping) else None
-    if not is_batched(ids) or x.get("attention_mask") is not None:
+    if not modules:
         return nullcontext()
+    # a mapping of keyword arguments, or the ids themselves as the one positional argument
+    ids, mask = (x.get("input_ids"), x.get("attention_mask")) if isinstance(x, Mapping) else (x, None)
+    if not is_batched(ids) or mask is not None:
+        return nullcontext()
+    return padding_checks_off(modules)
+
+
+def padding_checks_off(modules: Sequence[nn.Module]) -> Any:
+    """``modules`` (:func:`padding_checkers`) skip Hugging Face's padding check inside the block."""
     return _on_instances((m, _PADDING_CHECK, _no_padding_check) for m in modules)
 
 
@@ -261,6 +269,11 @@ FUSE_ENV = "SLT_FUSE_ACTIVATIONS"
 BATCHABLE_FORWARDS = {**{name: recurrent_forward for name in RECURRENT_CLASSES},
                       **{name: cell_forward for name in CELL_CLASSES},
                       "transformers.models.bloom.modeling_bloom.BloomGelu": _tanh_gelu}
+#: The forwards :class:`slt.compiled.CompiledStep` puts in place of :data:`BATCHABLE_FORWARDS`' recurrent ones:
+#: the recurrence in plain operations without testing whether the call is vmapped (it always is there, and
+#: ``torch.compile`` traces that test as false and then refuses the module's own forward).
+TRACED_FORWARDS = {**{name: unrolled_forward for name in RECURRENT_CLASSES},
+                   **{name: unrolled_cell_forward for name in CELL_CLASSES}}
 
 
 def fused_activations(model: nn.Module) -> dict[str, nn.Module]:
@@ -308,10 +321,14 @@ def _on_instances(patches: Iterable[tuple[nn.Module, str, Any]]):
             vars(m).pop(name, None)
 
 
-def _fused(modules: Mapping[str, nn.Module]) -> Any:
+def _fused(modules: Mapping[str, nn.Module], traced: bool = False) -> Any:
     """``modules`` (from :func:`fused_activations`) run their fused forward inside the block; their own
-    is back after it, also when the block raises."""
-    return _on_instances((m, "forward", types.MethodType(_fused_forward(m), m)) for m in modules.values())
+    is back after it, also when the block raises.  ``traced``: the block's calls are vmapped and traced by
+    ``torch.compile``, and the recurrent layers take :data:`TRACED_FORWARDS`."""
+    def forward(m: nn.Module) -> Any:
+        return (traced and TRACED_FORWARDS.get(_qualname(m))) or _fused_forward(m)
+
+    return _on_instances((m, "forward", types.MethodType(forward(m), m)) for m in modules.values())
 
 
 #: The precisions ``autocast`` accepts, by name.

@@ -535,6 +535,30 @@ def test_a_list_of_samples_is_a_dataset():
         as_source([{"input_ids": [1, 2, 3]}, {"input_ids": [4, 5]}])
 
 
+def test_a_list_of_minibatches_is_named_not_read_as_samples():
+    """``list(loader)`` — minibatches ``(x_b, y_b)`` — was stacked as one sample per minibatch: n = 7 for 112
+    samples, a wrong nβ and a negative λ̂ with an MSE loss, no word said.  Of different sizes (a last, smaller
+    batch) it is an error naming the fix; of equal sizes it reads as samples (a sequence and its next tokens
+    look the same) with a warning naming both readings; samples with a scalar target and tokenized samples
+    with a label stay silent."""
+    X, Y = _data(n=120)
+    with pytest.raises(ValueError, match=r"list of 8 items that look like minibatches.*16 down to 8.*DataLoader itself"):
+        as_source([(X[i:i + 16], Y[i:i + 16]) for i in range(0, 120, 16)])
+    with pytest.warns(UserWarning, match=r"list of 7 \(x, y\) items .* leading size of 16 was read as 7 samples"):
+        d = as_source([(X[i:i + 16], Y[i:i + 16]) for i in range(0, 112, 16)])
+    assert d.x.shape == (7, 16, X.shape[1])  # the samples reading, as warned
+    ids = torch.randint(0, 5, (12, 6))
+    with pytest.warns(UserWarning, match="read as 3 samples"):  # minibatches of (mapping, y)
+        as_source([({"input_ids": ids[i:i + 4]}, Y[i:i + 4]) for i in range(0, 12, 4)])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        pairs = as_source([(X[i], Y[i]) for i in range(30)])  # a scalar target: samples
+        tok = as_source([({"input_ids": ids[i], "attention_mask": ids[i] > 0}, Y[i]) for i in range(12)])
+    assert pairs.x.shape == (30, X.shape[1])
+    assert tok.x["input_ids"].shape == (12, 6) and tok.x["attention_mask"].dtype == torch.bool
+    assert torch.equal(tok.y, Y[:12])
+
+
 def test_hugging_face_dataset_becomes_columns():
     datasets = pytest.importorskip("datasets")
     X, Y = _data(n=50)

@@ -3,6 +3,8 @@ vmap path, used for every step of a run when asked, refused or skipped with a re
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -262,3 +264,73 @@ def test_compiling_does_not_surface_torchs_own_deprecation_warnings():
     assert out.returncode == 0, out.stderr[-2000:]
     line = next(ln for ln in out.stdout.splitlines() if ln.startswith("CAUGHT"))
     assert line == "CAUGHT [\"a user's own\"]", line
+
+
+class Recurrent(nn.Module):
+    """An LSTM over a sequence and a GRUCell after it: fused recurrent kernels that vmap cannot batch,
+    which slt's calls replace by the recurrence in plain operations (slt._rnn)."""
+
+    def __init__(self):
+        super().__init__()
+        self.lstm = nn.LSTM(6, 8, batch_first=True)
+        self.cell = nn.GRUCell(8, 8)
+        self.out = nn.Linear(8, 3)
+
+    def forward(self, x):
+        h, _ = self.lstm(x.view(x.shape[0], 2, 3).repeat(1, 1, 2))
+        return {"logits": self.out(self.cell(h[:, -1], h[:, 0]))}
+
+
+@needs_compile
+def test_a_recurrent_model_compiles_with_the_batchable_recurrence():
+    """The compiled step puts the same forwards in place as every eager call (the recurrence in plain
+    operations); dynamo refused the modules' own ("Attempted to wrap RNN, GRU, or LSTM"), so such a
+    model ran the eager vmap path with a warning.  Exact tier, float64: the run equals the eager vmap
+    run to rounding, every step served by the compiled graph."""
+    m, X, Y = _trained(Recurrent)
+    kw = dict(RUN, dtype=torch.float64)
+    eager = slt.estimate_llc(m, (X, Y), loss_fn, vectorize="vmap", **kw)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message="vectorize='compile'")
+        comp = slt.estimate_llc(m, (X, Y), loss_fn, vectorize="compile", **kw)
+    assert "; compiled (torch.compile)" in comp.diagnostics["path_reason"]
+    assert comp.config["compiled_calls"] > RUN["num_draws"] + RUN["num_burnin"]
+    assert torch.allclose(comp.loss_trace, eager.loss_trace, rtol=1e-9, atol=0)
+    assert not any("forward" in vars(mod) for mod in m.modules())  # the modules' own forwards are back
+
+
+@needs_compile
+@pytest.mark.filterwarnings("ignore:.*slt.estimate_llc \\(checkpoint:RuntimeWarning")
+def test_a_hugging_face_classifier_compiles_with_fused_activations(monkeypatch):
+    """A GPT-2 sequence classifier with a ``pad_token_id``, called without ``attention_mask`` (its ids as
+    the one positional argument, whose padding check — a Python bool of the ids — is skipped in batched
+    calls): the compiled step runs the forward slt puts in place of GPT-2's ``gelu_new`` (FUSED_FORWARDS),
+    as the eager calls do; it ran the module's own.  Here that forward is the exact (erf) GELU, which
+    differs from ``gelu_new``'s tanh form by up to ~1e-3, so the compiled run equals the eager run to
+    float64 rounding only when both call it."""
+    transformers = pytest.importorskip("transformers")
+    from slt import evaluator as ev_mod
+
+    transformers.utils.logging.set_verbosity_error()
+    torch.manual_seed(0)  # test-side only
+    model = transformers.GPT2ForSequenceClassification(transformers.GPT2Config(
+        vocab_size=16, n_positions=8, n_embd=16, n_layer=1, n_head=2, num_labels=2, pad_token_id=0,
+        attn_implementation="eager")).eval()
+    ids = torch.randint(1, 16, (128, 8))
+    labels = ids[:, 0] % 2
+    monkeypatch.setitem(ev_mod.FUSED_FORWARDS, "transformers.activations.NewGELUActivation",
+                        lambda self, x: F.gelu(x))
+
+    def loss(out, y):
+        return F.cross_entropy(out.logits, y)
+
+    kw = dict(RUN, dtype=torch.float64, batch_size=32)
+    eager = slt.estimate_llc(model, (ids, labels), loss, vectorize="vmap", **kw)
+    assert eager.diagnostics["path"] == "vmap"  # the padding check is skipped for positional ids too
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message="vectorize='compile'")
+        comp = slt.estimate_llc(model, (ids, labels), loss, vectorize="compile", **kw)
+    assert "; compiled (torch.compile)" in comp.diagnostics["path_reason"]
+    assert comp.config["compiled_calls"] > RUN["num_draws"] + RUN["num_burnin"]
+    assert torch.allclose(comp.loss_trace, eager.loss_trace, rtol=1e-9, atol=0)
+    assert not any(vars(mod).keys() & {"forward", "warn_if_padding_and_no_attention_mask"} for mod in model.modules())

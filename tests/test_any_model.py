@@ -1678,8 +1678,6 @@ def test_checkpoints_with_their_own_batchnorm_statistics_on_two_distributions():
     """Data-refined LLCs (``data={label: dataset}``) of BatchNorm checkpoints in one batched run: each
     checkpoint × distribution follows its single-checkpoint run (the losses at w* per distribution, the
     slope at w* and the chains all see the checkpoint's own statistics)."""
-    import copy
-
     X, Y = _data(n=120)
     torch.manual_seed(2)
     net = BNNet().to(F64)

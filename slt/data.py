@@ -341,6 +341,12 @@ def _validate_inputs(name: str, t: Any, n: int | None) -> int:
                     f"({shown!r}), not a column of samples: every entry of a mapping holds one row per sample. A "
                     f"keyword the model takes with the same value in every call belongs to the model: "
                     f"model.forward = functools.partial(model.forward, {k}={shown!r})")
+            if n is not None and isinstance(v, Tensor) and v.ndim and v.shape[0] != n:
+                raise ValueError(
+                    f"{first or 'x'} and {name}[{k!r}] disagree on the number of samples: {n} vs {v.shape[0]}. Every "
+                    f"entry of a mapping holds one row per sample; an input that is the same in every call (a "
+                    f"graph's edge_index, a fixed mask) belongs to the model: "
+                    f"model.forward = functools.partial(model.forward, {k}=...)")
             m = _validate_tensor(f"{name}[{k!r}]", v, n, first or "x")
             if n is None:
                 n, first = m, f"{name}[{k!r}]"

@@ -512,10 +512,11 @@ causal_lm.per_sample = _causal_lm_per_sample  # type: ignore[attr-defined]
 
 def _own_labels(output: Any, target: Any) -> tuple[Tensor, Tensor]:
     """The logits of a model's output and the ``"labels"`` of a mapping batch (what a Hugging Face
-    model computes its own loss from)."""
-    labels = target.get("labels") if isinstance(target, Mapping) else None
-    if not isinstance(labels, Tensor):
-        raise ValueError("the batch has no 'labels'")
+    model computes its own loss from; ``"targets"`` in nanoGPT's ``forward(idx, targets)``)."""
+    labels = next((target[k] for k in ("labels", "targets") if isinstance(target.get(k), Tensor)), None) \
+        if isinstance(target, Mapping) else None
+    if labels is None:
+        raise ValueError("the batch has no 'labels' (nor nanoGPT's 'targets')")
     return _logits(output), labels
 
 
@@ -559,7 +560,9 @@ def _own_multilabel_bce(output: Any, target: Any) -> Tensor:
 
 
 def model_loss(output: Any, target: Any) -> Tensor:
-    r"""The loss the model computed itself: ``output.loss`` or ``output["loss"]``.
+    r"""The loss the model computed itself: ``output.loss`` or ``output["loss"]``, or the output itself
+    when the model returns its loss (a 0-dim tensor, alone or as the one such element of a tuple:
+    nanoGPT's ``(logits, loss)``).
 
     The default ``loss_fn`` of :func:`slt.estimate_llc` for a model that defines no ``default_loss``:
     a Hugging Face model called with ``labels`` in the batch returns its own loss (for a causal
@@ -575,17 +578,39 @@ def model_loss(output: Any, target: Any) -> Tensor:
     When none fits, the control variate is a forward pass at w* per minibatch (a note says so).
     Per-sample methods (:func:`slt.bif`) need a per-sample loss such as :func:`causal_lm`.
     """
-    loss = getattr(output, "loss", None)
-    if loss is None and isinstance(output, Mapping):
-        loss = output.get("loss")
-    if not isinstance(loss, Tensor):
+    loss = _own_loss(output)
+    if loss is None:
         from .evaluator import describe
 
         raise ValueError(
             f"loss_fn is required: the model defines no default_loss and its output ({describe(output)}) "
-            "carries no loss (a Hugging Face model returns .loss when the batch has 'labels'); pass loss_fn, e.g. "
-            "slt.losses.causal_lm for a causal language model or F.cross_entropy for a classifier")
+            "carries no loss (a Hugging Face model returns .loss when the batch has 'labels'; a model that "
+            "returns its loss itself returns a 0-dim tensor, alone or in a tuple such as nanoGPT's (logits, "
+            "loss)); pass loss_fn, e.g. slt.losses.causal_lm for a causal language model or F.cross_entropy "
+            "for a classifier")
     return loss
+
+
+def _own_loss(output: Any) -> Tensor | None:
+    """The loss a model returned: ``output.loss``, ``output["loss"]``, the output itself when it is a
+    0-dim floating tensor (``forward(x, y) -> loss``), or the one 0-dim floating tensor of a tuple
+    (nanoGPT's ``(logits, loss)``, a Hugging Face model's ``(loss, logits, ...)`` with
+    ``return_dict=False``); ``None`` when there is none (or, in a tuple, several)."""
+    def scalar(t: Any) -> bool:
+        return isinstance(t, Tensor) and t.ndim == 0 and t.is_floating_point()
+
+    loss = getattr(output, "loss", None)
+    if loss is None and isinstance(output, Mapping):
+        loss = output.get("loss")
+    if isinstance(loss, Tensor):
+        return loss
+    if scalar(output):
+        return output
+    if isinstance(output, (tuple, list)):
+        found = [o for o in output if scalar(o)]
+        if len(found) == 1:
+            return found[0]
+    return None
 
 
 #: per-sample forms of a Hugging Face model's own loss tried for :func:`model_loss`'s control variate

@@ -426,6 +426,9 @@ def test_columns_gather_and_per_chain():
     assert pc.x["a"].shape == (3, 10, 2) and pc.y is pc.x
     with pytest.raises(ValueError, match=r"x\['a'\] and x\['b'\] disagree on the number of samples: 10 vs 9"):
         Data({"a": X[:, :2], "b": X[:9, 2:]})
+    # a graph's edge_index is no column: the error says where it belongs
+    with pytest.raises(ValueError, match=r"10 vs 2\. Every entry .* partial\(model\.forward, edge_index=\.\.\.\)"):
+        Data({"x": X, "edge_index": torch.randint(0, 10, (2, 30))})
     with pytest.raises(ValueError, match=r"x\['b'\] contains NaN"):
         Data({"a": X[:, :2], "b": torch.full((10, 1), float("nan"))})
 
@@ -1008,6 +1011,73 @@ def test_a_loss_summed_over_the_batch_is_refused(loss):
     with pytest.raises(ValueError, match=r"loss_fn sums over the batch: on 2 samples it returned .*, the sum of "
                                          r"the samples' losses .*reduction='mean'"):
         slt.estimate_llc(nn.Linear(3, 4), (X, y), loss, **SMALL)
+
+
+class NanoGPTStyle(nn.Module):
+    """As nanoGPT / minGPT write it: ``forward(idx, targets=None) -> (logits, loss)``."""
+
+    def __init__(self, reduction="mean"):
+        super().__init__()
+        self.emb, self.hid, self.out = nn.Embedding(12, 16), nn.Linear(16, 16), nn.Linear(16, 12)
+        self.reduction = reduction
+
+    def logits(self, idx):
+        return self.out(torch.tanh(self.hid(self.emb(idx))))
+
+    def forward(self, idx, targets=None):
+        lg = self.logits(idx)
+        loss = None if targets is None else F.cross_entropy(lg.view(-1, 12), targets.view(-1), reduction=self.reduction)
+        return lg, loss
+
+
+def test_a_model_that_returns_its_own_loss_needs_no_loss_fn():
+    """A model that computes its loss itself — nanoGPT's ``(logits, loss)``, or a bare 0-dim loss from
+    ``forward(x, y)`` — was refused without a ``loss_fn`` ("carries no loss").  Its loss is now the default,
+    followed as it is: the same chains as the explicit cross-entropy of its logits (float64 rounding),
+    with nanoGPT's ``targets`` giving the control variate's per-sample form; a summed own loss is refused
+    by the mean check, and a tuple with two 0-dim tensors (which is the loss?) still needs ``loss_fn``."""
+    torch.manual_seed(0)  # test-side only
+    m = NanoGPTStyle().to(F64)
+    idx = torch.randint(0, 12, (64, 8))
+    tgt = (idx + 1) % 12
+    kw = {**KW, "nbeta": 20.0}
+    own = slt.estimate_llc(m, {"idx": idx, "targets": tgt}, **kw)
+    explicit = slt.estimate_llc(_Logits(m), (idx, tgt), lambda o, y: F.cross_entropy(o.reshape(-1, 12), y.reshape(-1)),
+                                **kw)
+    assert torch.allclose(own.loss_trace, explicit.loss_trace, rtol=1e-12, atol=0)
+    target = slt.target.prepare_target(m, {"idx": idx, "targets": tgt})
+    target.star_losses  # the control variate's per-sample losses at w*: looked up per minibatch, not a forward pass
+    assert target.own_per_sample is slt.losses._own_token_ce
+
+    class ReturnsLoss(nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, x, y):
+            return self.inner(x, y)[1]
+
+    bare = slt.estimate_llc(ReturnsLoss(m), {"x": idx, "y": tgt}, **kw)
+    assert torch.allclose(bare.loss_trace, explicit.loss_trace, rtol=1e-12, atol=0)
+    with pytest.raises(ValueError, match="loss_fn sums over the batch"):
+        slt.estimate_llc(NanoGPTStyle("sum").to(F64), {"idx": idx, "targets": tgt}, **kw)
+
+    class TwoScalars(NanoGPTStyle):
+        def forward(self, idx, targets=None):
+            lg, loss = super().forward(idx, targets)
+            return lg, loss, lg.pow(2).mean()
+
+    with pytest.raises(ValueError, match=r"loss_fn is required.*nanoGPT's \(logits, loss\)"):
+        slt.estimate_llc(TwoScalars().to(F64), {"idx": idx, "targets": tgt}, **kw)
+
+
+class _Logits(nn.Module):
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, idx):
+        return self.inner.logits(idx)
 
 
 def test_a_hugging_face_models_own_summed_loss_names_its_config_setting():

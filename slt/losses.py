@@ -537,7 +537,8 @@ def _own_shifted_ce(output: Any, target: Any) -> Tensor:
 
 
 def _own_token_ce(output: Any, target: Any) -> Tensor:
-    """A masked-LM / token-classification model's own loss per sample: cross-entropy at every labelled entry."""
+    """A masked-LM / token-classification model's own loss per sample (or a nanoGPT-style model's, whose
+    ``targets`` are already shifted): cross-entropy at every labelled entry."""
     return _token_nll(*_own_labels(output, target))
 
 

@@ -131,7 +131,7 @@ class CompiledStep:
         # itself while compiling, but a step that dynamo runs eagerly, past its recompile limit, ran it on
         # batched ids and failed)
         with _standard_attention(), _vmap_attention(ev.hf_eager), _fused(ev.fused, traced=True), \
-                padding_checks_off(ev.padding_checks), torch._dynamo.config.patch(allow_rnn=True):
+                padding_checks_off(ev.padding_checks), _rnn_allowed():
             for r0 in range(0, R, b):
                 sl = slice(r0, r0 + b)
                 bb = batch if b == R else _row_block(batch, sl)
@@ -141,6 +141,18 @@ class CompiledStep:
                 losses[sl] = lb.detach()
         self.calls += 1
         return losses, out
+
+
+def _rnn_allowed() -> Any:
+    """Dynamo's ``allow_rnn`` set inside the block (where this torch has it): without it dynamo breaks the
+    graph at any ``nn.RNN``/``nn.LSTM``/``nn.GRU`` module, whatever its forward."""
+    import contextlib
+
+    import torch._dynamo
+
+    if not hasattr(torch._dynamo.config, "allow_rnn"):
+        return contextlib.nullcontext()
+    return torch._dynamo.config.patch(allow_rnn=True)
 
 
 def func_transforms_traced() -> bool:

@@ -39,6 +39,32 @@ def user_stacklevel() -> int:
 _IS_BATCHED = getattr(getattr(torch._C, "_functorch", None), "is_batchedtensor", None)
 
 
+_SET_FALLBACK_WARNING = getattr(getattr(torch._C, "_functorch", None), "_set_vmap_fallback_warning_enabled", None)
+_QUIET_DEPTH = [0]
+
+
+@contextlib.contextmanager
+def vmap_fallback_quiet() -> Iterator[None]:
+    """PyTorch's "There is a performance drop because we have not yet implemented the batching rule for
+    aten::…" switched off inside slt's vmapped calls (an op such as ``kl_div`` or ``_weight_norm`` then runs
+    once per chain or sample).  That speed is what slt measures when it chooses between vmap and the loop
+    over chains (:func:`slt.target.fastest_path`), and the note — meant for PyTorch's developers ("please
+    file us an issue") — showed again after each of slt's set-up phases, three times a call.  Back on after
+    the outermost block (PyTorch's default; torch offers no way to read the setting)."""
+    if _SET_FALLBACK_WARNING is None:
+        yield
+        return
+    _QUIET_DEPTH[0] += 1
+    if _QUIET_DEPTH[0] == 1:
+        _SET_FALLBACK_WARNING(False)
+    try:
+        yield
+    finally:
+        _QUIET_DEPTH[0] -= 1
+        if _QUIET_DEPTH[0] == 0:
+            _SET_FALLBACK_WARNING(True)
+
+
 def is_batched(t: Any) -> bool:
     """Whether ``t`` is a tensor being mapped over by ``torch.vmap`` (a functorch BatchedTensor)."""
     return _IS_BATCHED is not None and isinstance(t, torch.Tensor) and bool(_IS_BATCHED(t))

@@ -427,7 +427,7 @@ def test_columns_gather_and_per_chain():
     with pytest.raises(ValueError, match=r"x\['a'\] and x\['b'\] disagree on the number of samples: 10 vs 9"):
         Data({"a": X[:, :2], "b": X[:9, 2:]})
     # a graph's edge_index is no column: the error says where it belongs
-    with pytest.raises(ValueError, match=r"10 vs 2\. Every entry .* partial\(model\.forward, edge_index=\.\.\.\)"):
+    with pytest.raises(ValueError, match=r"10 vs 2\. Every entry .*functools\.partial\(model\.forward, edge_index=\.\.\.\)"):
         Data({"x": X, "edge_index": torch.randint(0, 10, (2, 30))})
     with pytest.raises(ValueError, match=r"x\['b'\] contains NaN"):
         Data({"a": X[:, :2], "b": torch.full((10, 1), float("nan"))})
@@ -1788,3 +1788,26 @@ def test_checkpoint_modules_in_another_mode_than_the_template_are_named():
         same = slt.estimate_llc(None, (X, Y), F.mse_loss, models=[net, copy.deepcopy(net)], **KW)
     assert not any("template's" in str(w.message) for w in caught)
     assert not any("template's" in n for n in same[0].config["setup_notes"])
+
+
+def test_pytorchs_note_on_ops_without_a_batching_rule_stays_inside_slt():
+    """An op without a vmap batching rule (``kl_div`` in the loss) runs once per chain under slt's vmap, and
+    PyTorch says so ("There is a performance drop ... please file us an issue") — three times a call under
+    default filters, once per set-up phase.  slt measures that speed when it picks the path, so inside its
+    vmapped calls the note is off; the user's own vmap afterwards shows it as before."""
+    X, _ = _data(n=64)
+    T = torch.softmax(torch.randn(64, 2, generator=torch.Generator().manual_seed(0), dtype=F64), -1)
+
+    def kl(out, t):
+        return F.kl_div(out.log_softmax(-1), t, reduction="batchmean")
+
+    model = nn.Sequential(nn.Linear(X.shape[1], 8), nn.Tanh(), nn.Linear(8, 2)).to(F64)
+    note = "performance drop because we have not yet implemented the batching rule"
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        r = slt.estimate_llc(model, (X, T), kl, **{**KW, "vectorize": "vmap"})
+        inside = [str(w.message) for w in seen if note in str(w.message)]
+        torch.vmap(lambda a: F.kl_div(a, a, reduction="sum"))(torch.randn(3, 4))
+        after = [str(w.message) for w in seen if note in str(w.message)]
+    assert r.diagnostics["path"] == "vmap" and not inside
+    assert after and "aten::kl_div" in after[0]

@@ -40,6 +40,7 @@ not hidden by the spread across chains.
 from __future__ import annotations
 
 import math
+import re
 import time
 import warnings
 from dataclasses import dataclass, field, replace
@@ -379,17 +380,87 @@ def estimate_llc(
         num_threads=num_threads, progress=progress, started=t_setup)
     # 4. one result per group, in the caller's shape
     results = run.results()
-    for g, res in enumerate(results):
-        where = _where(target, g)
-        for w in res.diagnostics["warnings"]:
-            warnings.warn(f"slt.estimate_llc ({where}): {w}", RuntimeWarning, stacklevel=user_stacklevel())
+    _warn_groups(target, [res.diagnostics["warnings"] for res in results])
     return _with_files(files, target.arrange(results))
+
+
+def _warn_groups(target: Target, found: list[list[str]]) -> None:
+    """Each group's warnings (``found[g]``), one ``RuntimeWarning`` per kind: a warning that several groups
+    raise with only its numbers differing (R-hat 1.22 at checkpoint 0, 1.18 at checkpoint 1, ...) is shown
+    once, with the groups it holds for (``checkpoints 0–3``) and the first one's numbers; each result's
+    ``diagnostics["warnings"]`` keeps its own.  A 16-checkpoint curve raised up to 16 of each."""
+    kinds: dict[str, list[tuple[int, str]]] = {}
+    for g, ws in enumerate(found):
+        for w in ws:
+            kinds.setdefault(_NUMBER.sub("#", w), []).append((g, w))
+    for items in kinds.values():
+        groups = [g for g, _ in items]
+        msg = _number_ranges([w for _, w in items])
+        warnings.warn(f"slt.estimate_llc ({_where_all(target, groups)}): {msg}", RuntimeWarning,
+                      stacklevel=user_stacklevel())
+
+
+#: a number in a warning's text (what differs between the groups that raise the same warning); not a digit of
+#: a name (``l0h1``, ``blocks.0.attn``)
+_NUMBER = re.compile(r"(?<![\w.])[-+]?(?:\d+(?:\.\d+)?|\.\d+)(?:[eE][-+]?\d+)?(?![\w.]*[A-Za-z_])")
+
+
+def _number_ranges(texts: list[str]) -> str:
+    """One text for several that differ only in their numbers: each number that differs becomes the range of
+    its values, ``lowest–highest`` as written (``R-hat 1.111–1.218 > 1.1``)."""
+    first = texts[0]
+    found = [list(_NUMBER.finditer(t)) for t in texts]
+    out, end = [], 0
+    for i, m in enumerate(found[0]):
+        written = [f[i].group() for f in found]
+        if len(set(written)) > 1:
+            values = [float(w) for w in written]
+            lo, hi = written[values.index(min(values))], written[values.index(max(values))]
+            out.append(first[end:m.start()] + f"{lo}–{hi}")
+            end = m.end()
+    return "".join(out) + first[end:]
+_PLURAL = {"checkpoint": "checkpoints", "restriction": "restrictions", "data": "data"}
 
 
 def _where(target: Target, g: int) -> str:
     """Group ``g``'s labels for a warning: ``checkpoint 0``, ``checkpoint 0, restriction 'l0h1'``, ..."""
     return ", ".join(f"{k} {v!r}" if isinstance(v, str) else f"{k} {v}"
                      for k, v in target.group_labels(g).items() if v is not None)
+
+
+def _where_all(target: Target, groups: list[int]) -> str:
+    """The labels of several groups: ``checkpoints 0–3, 7`` where only the checkpoint differs (likewise a
+    restriction or a data label: ``checkpoint 0, restrictions 'l0h0', 'l0h1'``), else each group's own, joined."""
+    if len(groups) == 1:
+        return _where(target, groups[0])
+    labels = [target.group_labels(g) for g in groups]
+    varying = [k for k in labels[0] if len({repr(lb[k]) for lb in labels}) > 1]
+    if len(varying) != 1:
+        return "; ".join(_where(target, g) for g in groups)
+    key = varying[0]
+    parts = []
+    for k, v in labels[0].items():
+        if v is None:
+            continue
+        if k != key:
+            parts.append(f"{k} {v!r}" if isinstance(v, str) else f"{k} {v}")
+            continue
+        values = [lb[k] for lb in labels]
+        shown = _ranges(values) if all(isinstance(x, int) for x in values) else ", ".join(map(repr, values))
+        parts.append(f"{_PLURAL[k]} {shown}")
+    return ", ".join(parts)
+
+
+def _ranges(values: list[int]) -> str:
+    """``[0, 1, 2, 3, 7]`` -> ``"0–3, 7"``."""
+    out, start = [], None
+    for i, v in enumerate(values):
+        if start is None:
+            start = v
+        if i + 1 == len(values) or values[i + 1] != v + 1:
+            out.append(str(start) if v == start else f"{start}–{v}" if v > start + 1 else f"{start}, {v}")
+            start = None
+    return ", ".join(out)
 
 
 def _warn_jumps(adapt: Any, target: Target) -> None:

@@ -198,3 +198,48 @@ def test_partial_divergence_excludes_only_the_bad_chains():
     assert torch.isnan(r.llc_per_chain[div]).all()
     assert r.llc_mean == pytest.approx(float(r.llc_per_chain[finite].mean()))
     assert len(r.diagnostics["divergence_step"]) == len(div)
+
+
+def test_warnings_that_differ_only_in_numbers_are_shown_once_with_their_groups():
+    """Exact: a 16-checkpoint curve raised each warning up to 16 times (R-hat 1.22 at checkpoint 0, 1.18 at
+    checkpoint 1, ...).  A warning that several groups raise with only its numbers differing is shown once,
+    naming the groups (consecutive checkpoints as a range) and each differing number as the range of its
+    values; a warning one group raises alone, or one that differs in its words, is shown as it is; digits
+    inside names are words, not numbers."""
+    from types import SimpleNamespace
+
+    from slt.engine import _warn_groups
+
+    def labels(K, restrictions=None):
+        R = restrictions or [None]
+
+        def group_labels(g):
+            k, m = divmod(g, len(R))
+            return {"checkpoint": k, "restriction": R[m], "data": None}
+        return SimpleNamespace(group_labels=group_labels)
+
+    rhat = "R-hat {} > 1.1: chains disagree over {} draws"
+    found = [[rhat.format(r, 500)] for r in (1.218, 1.111, 1.3, 1.15)] + [[]] * 3 + [[rhat.format(1.12, 500)]]
+    found[2] = found[2] + ["w* is not a minimum: λ̂ = -3.2"]
+    found[5] = ["divergent chains at 'blocks.0.attn'"]
+    found[6] = ["divergent chains at 'blocks.1.attn'"]
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        _warn_groups(labels(8), found)
+    msgs = [str(w.message) for w in seen]
+    assert msgs == [
+        "slt.estimate_llc (checkpoints 0–3, 7): R-hat 1.111–1.3 > 1.1: chains disagree over 500 draws",
+        "slt.estimate_llc (checkpoint 2): w* is not a minimum: λ̂ = -3.2",
+        "slt.estimate_llc (checkpoint 5): divergent chains at 'blocks.0.attn'",
+        "slt.estimate_llc (checkpoint 6): divergent chains at 'blocks.1.attn'",
+    ]
+    assert all(w.category is RuntimeWarning for w in seen)
+    # restrictions of one checkpoint; labels varying in two ways are listed group by group
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        _warn_groups(labels(1, ["l0h0", "l0h1"]), [["ESS 40 < 100"], ["ESS 40 < 100"]])
+        _warn_groups(labels(2, ["a", "b"]), [["ESS 40 < 100"], [], [], ["ESS 41 < 100"]])
+    assert [str(w.message) for w in seen] == [
+        "slt.estimate_llc (checkpoint 0, restrictions 'l0h0', 'l0h1'): ESS 40 < 100",
+        "slt.estimate_llc (checkpoint 0, restriction 'a'; checkpoint 1, restriction 'b'): ESS 40–41 < 100",
+    ]

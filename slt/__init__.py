@@ -23,11 +23,11 @@ from .engine import (  # noqa: E402
     estimate_llc,
     sample_target,
 )
-from .plotting import plot_calibration, plot_trace  # noqa: E402
+from .plotting import plot_calibration, plot_llc_curve, plot_trace  # noqa: E402
 from . import phases, reference  # noqa: E402
 from .phases import basin_fractions, sample_posterior  # noqa: E402
 from .reference import compare, nuts_llc  # noqa: E402
-from .result import LLCResult  # noqa: E402
+from .result import LLCResult, results_frame  # noqa: E402
 from .samplers import LocalizedPotential, SamplerSpec, rmsprop_sgld, sghmc, sgld, sgnht  # noqa: E402
 from .target import Target, prepare_target  # noqa: E402
 
@@ -54,6 +54,8 @@ __all__ = [
     "calibrate",
     "plot_calibration",
     "plot_trace",
+    "plot_llc_curve",
+    "results_frame",
     "default_localization",
     "default_nbeta",
     "estimate_llc",

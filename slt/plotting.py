@@ -10,7 +10,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from .calibrate import CalibrationResult
     from .result import LLCResult
 
-__all__ = ["plot_trace", "plot_calibration"]
+__all__ = ["plot_trace", "plot_calibration", "plot_llc_curve"]
 
 
 def _plt():
@@ -113,6 +113,67 @@ def plot_trace(
         pad = 0.08 * (hi - lo or 1.0)
         ax.set_ylim(lo - pad, hi + pad)
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0, frameon=False)
+    fig.tight_layout()
+    return fig
+
+
+def plot_llc_curve(results: Any, x: Any = None, ax: Any = None, *, title: str | None = None):
+    r"""An LLC-over-training curve: :math:`\hat\lambda` ± s.e. of each checkpoint of an
+    :func:`slt.estimate_llc` call over checkpoints, one line per restriction and distribution where the
+    call had them (:func:`slt.result.results_frame`).  A result that did not converge is drawn hollow (its
+    reasons are in ``result.convergence_reasons``).
+
+    ``x``: the training step of each checkpoint (a sequence, one per checkpoint); by default the last
+    integer in each checkpoint file's name (``ckpt/step_300.pt``, ``out/checkpoint-500``) when every file
+    has one, else the checkpoint's index.  Returns the matplotlib Figure.
+    """
+    import re
+    from pathlib import Path
+
+    from .result import results_frame
+
+    frame = results_frame(results)
+    if "checkpoint" not in frame:
+        frame["checkpoint"] = 0
+    K = int(frame["checkpoint"].max()) + 1
+    xlabel = "checkpoint"
+    if x is not None:
+        steps = np.asarray(list(x), dtype=float)
+        if steps.shape != (K,):
+            raise ValueError(f"x gives {steps.size} values for {K} checkpoints")
+        xlabel = "training step"
+    else:
+        files = frame.groupby("checkpoint")["checkpoint_file"].first() if "checkpoint_file" in frame else None
+        found = ([re.findall(r"\d+", Path(str(f)).name) or re.findall(r"\d+", str(f)) for f in files]
+                 if files is not None and len(files) == K and files.notna().all() else None)
+        if found and all(found):
+            steps, xlabel = np.array([float(f[-1]) for f in found]), "training step (from the checkpoint files' names)"
+        else:
+            steps = np.arange(K, dtype=float)
+    plt = _plt()
+    if ax is None:
+        fig, ax = plt.subplots(figsize=(7, 4))
+    else:
+        fig = ax.figure
+    keys = [k for k in ("restriction", "data") if k in frame]
+    groups = frame.groupby(keys, sort=False) if keys else [((), frame)]
+    for key, part in groups:
+        part = part.sort_values("checkpoint")
+        xs = steps[part["checkpoint"].to_numpy(dtype=int)]
+        key = key if isinstance(key, tuple) else (key,)
+        label = ", ".join(f"{k} {v}" for k, v in zip(keys, key)) or None
+        line = ax.errorbar(xs, part["llc_mean"], yerr=part["llc_sem"], fmt="-", lw=1.3, capsize=2, label=label)
+        color = line.lines[0].get_color()
+        ok = part["converged"].to_numpy(dtype=bool)
+        ax.plot(xs[ok], part["llc_mean"].to_numpy()[ok], "o", color=color, ms=5)
+        ax.plot(xs[~ok], part["llc_mean"].to_numpy()[~ok], "o", mfc="none", color=color, ms=5)
+    if not frame["converged"].all():
+        ax.plot([], [], "o", mfc="none", color="0.3", label="not converged (see convergence_reasons)")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(r"$\hat\lambda$ (± s.e.)")
+    ax.set_title(title or f"LLC over {K} checkpoint{'s' if K != 1 else ''}", fontsize=9)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=7, frameon=False)
     fig.tight_layout()
     return fig
 

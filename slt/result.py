@@ -13,7 +13,7 @@ from torch import Tensor
 from .defaults import ESS_MIN, RELAXATION_TIMES
 from .diagnostics import CHANGE_FRACTION, changed, ess, llc_standard_error, rhat
 
-__all__ = ["LLCResult"]
+__all__ = ["LLCResult", "results_frame"]
 
 
 @dataclass
@@ -649,3 +649,43 @@ def _drift(tr: Tensor) -> tuple[float, float, float] | None:
     h = T // 2
     a, b = tr[:, :h].double().mean(1), tr[:, T - h:].double().mean(1)
     return float(a.mean()), float(b.mean()), _paired_z(b - a)
+
+
+def _flat_results(results: Any) -> list[LLCResult]:
+    """The :class:`LLCResult` leaves of an :func:`slt.estimate_llc` return value, in its order."""
+    if isinstance(results, LLCResult):
+        return [results]
+    if isinstance(results, dict):
+        return [r for v in results.values() for r in _flat_results(v)]
+    if isinstance(results, (list, tuple)):
+        return [r for v in results for r in _flat_results(v)]
+    raise TypeError(f"results_frame takes what slt.estimate_llc returns (an LLCResult, or lists and mappings of "
+                    f"them); got {type(results).__name__}")
+
+
+def results_frame(results: Any):
+    """One row per result of an :func:`slt.estimate_llc` call — a result, a list over checkpoints (an LLC
+    curve), mappings over restrictions or distributions, nested — as a pandas DataFrame.
+
+    Columns: the result's labels where the call had them (``checkpoint``, ``checkpoint_file``,
+    ``restriction``, ``data``), then ``llc_mean``, ``llc_sem``, ``llc_std``, ``converged``, ``reasons`` (the
+    failed checks, joined by "; "), ``rhat``, ``ess``, ``mala_acceptance``, ``frac_below_init``,
+    ``init_loss`` (:math:`L_n(w^*)`), ``step_size``, ``nbeta``, ``localization``, ``sampler``,
+    ``num_chains``, ``num_draws`` and ``seconds``.  Per-draw traces are :meth:`LLCResult.to_frame`'s.
+    """
+    import pandas as pd
+
+    rows = []
+    for r in _flat_results(results):
+        c, d = r.config, r.diagnostics
+        row: dict[str, Any] = {k: c[k] for k in ("checkpoint", "checkpoint_file", "restriction", "data")
+                               if c.get(k) is not None}
+        row.update(llc_mean=r.llc_mean, llc_sem=r.llc_sem, llc_std=r.llc_std, converged=r.converged,
+                   reasons="; ".join(r.convergence_reasons), rhat=d.get("rhat"), ess=d.get("ess"),
+                   mala_acceptance=d.get("mala_acceptance"), frac_below_init=d.get("frac_below_init"),
+                   init_loss=r.init_loss, step_size=r.step_size, nbeta=r.nbeta, localization=r.localization,
+                   sampler=r.sampler, num_chains=r.num_chains, num_draws=r.num_draws, seconds=d.get("seconds"))
+        rows.append(row)
+    frame = pd.DataFrame(rows)
+    labels = [k for k in ("checkpoint", "checkpoint_file", "restriction", "data") if k in frame]
+    return frame[labels + [k for k in frame.columns if k not in labels]]

@@ -130,3 +130,44 @@ def test_calibrate_brackets_the_automatic_step_by_default():
     assert list(cal.frame["step_size"]) == pytest.approx([auto * f for f in AUTO_GRID], rel=1e-12)
     assert auto < 2.0 / (nb * h_max)
     assert cal.best_step_size is not None and cal.best_step_size <= 2 * auto * (1 + 1e-12)
+
+
+def test_results_frame_and_llc_curve_of_a_batched_call(tmp_path):
+    """Exact: one row per result of a curve × restrictions call, its labels and numbers those of the
+    result; the curve's x read from the checkpoint files' names, one line per restriction, a point drawn
+    hollow where its result did not converge; a single result is a one-row frame."""
+    import matplotlib.pyplot as plt
+
+    m, X, Y = _problem()
+    files = []
+    for step, scale in ((100, 0.9), (250, 1.0), (400, 1.1)):
+        f = tmp_path / f"step_{step}.pt"
+        torch.save({k: v * scale for k, v in m.state_dict().items()}, f)
+        files.append(str(f))
+    kw = dict(num_chains=2, num_draws=20, num_burnin=5, step_size=1e-4, localization=1.0, progress=False)
+    res = slt.estimate_llc(nn.Linear(2, 1, bias=False), (X, Y), F.mse_loss, state_dicts=files,
+                           restrict_to={"w0": lambda n, p: torch.tensor([[True, False]]), "all": "*"}, **kw)
+    frame = slt.results_frame(res)
+    assert list(frame.columns[:3]) == ["checkpoint", "checkpoint_file", "restriction"]
+    assert len(frame) == 6 and list(frame["restriction"]) == ["w0"] * 3 + ["all"] * 3
+    for (_, row), r in zip(frame.iterrows(), [*res["w0"], *res["all"]]):
+        assert row["checkpoint_file"] == r.config["checkpoint_file"]
+        assert row["llc_mean"] == r.llc_mean and row["llc_sem"] == r.llc_sem
+        assert row["converged"] == r.converged and row["reasons"] == "; ".join(r.convergence_reasons)
+        assert row["rhat"] == r.diagnostics["rhat"] and row["num_draws"] == r.num_draws
+    fig = slt.plot_llc_curve(res)
+    ax = fig.axes[0]
+    assert ax.get_xlabel().startswith("training step (from the checkpoint files' names)")
+    hollow = sum(len(line.get_xdata()) for line in ax.get_lines() if line.get_markerfacecolor() == "none")
+    assert hollow == int((~frame["converged"]).sum())
+    xs = sorted({float(x) for line in ax.get_lines() for x in line.get_xdata()})
+    assert xs == [100.0, 250.0, 400.0]
+    assert {t.get_text() for t in ax.get_legend().get_texts()} >= {"restriction w0", "restriction all"}
+    plt.close(fig)
+    with pytest.raises(ValueError, match="x gives 2 values for 3 checkpoints"):
+        slt.plot_llc_curve(res, x=[1, 2])
+    one = slt.estimate_llc(m, (X, Y), F.mse_loss, **kw)
+    assert len(slt.results_frame(one)) == 1 and slt.results_frame(one)["llc_mean"][0] == one.llc_mean
+    plt.close(slt.plot_llc_curve(one))
+    with pytest.raises(TypeError, match="results_frame takes what slt.estimate_llc returns"):
+        slt.results_frame([1.0])

@@ -206,7 +206,7 @@ def run(cfg: DictConfig, out_dir: Path) -> tuple[dict[str, Any], dict[str, Any]]
     restriction = restrict_to(cfg, model)  # from the structure alone: a bad restrict fails before training
     metrics: dict[str, Any] = {"demo_settings_dropped": dropped} if dropped else {}
     if cfg.checkpoint is not None and _is_glob(cfg.checkpoint):
-        return _curve(cfg, model, data, loss, metrics, restriction)
+        return _curve(cfg, model, data, loss, metrics, restriction, out_dir)
     if cfg.checkpoint is not None:
         load_checkpoint(model, cfg.checkpoint)
         metrics["checkpoint"] = str(cfg.checkpoint)
@@ -246,15 +246,19 @@ def _reference(cfg: DictConfig) -> float | None:
 
 
 def _curve(cfg: DictConfig, model: torch.nn.Module, data: Any, loss: Any, metrics: dict[str, Any],
-           restriction: Any = None) -> tuple[dict[str, Any], dict[str, Any]]:
+           restriction: Any = None, out_dir: Path | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
     """λ̂ at every checkpoint a pattern matches (``checkpoint='ckpt/step_*.pt'``), in one batched
     :func:`slt.estimate_llc` call (checkpoint k with the random streams of ``seed + k``): per-checkpoint
-    lists ``ckpt_*`` and the last checkpoint's summary as ``final_*``."""
+    lists ``ckpt_*`` and the last checkpoint's summary as ``final_*``; in ``out_dir``, ``results.csv`` (one row
+    per result: :func:`slt.results_frame`) and ``llc_curve.png`` (:func:`slt.plot_llc_curve`, x from the
+    files' step numbers)."""
     paths = checkpoint_files(cfg.checkpoint)
     states = [checkpoint_state(model, p, k) for k, p in enumerate(paths)]
     results = slt.estimate_llc(model, data, loss, state_dicts=states, restrict_to=restriction,
                                **_runlib.llc_kwargs(cfg.sampler, seed=int(cfg.seed), device=cfg.device,
                                                     dtype=cfg.dtype, progress=bool(cfg.progress)))
+    if out_dir is not None:
+        _curve_files(results, paths, Path(out_dir))
     if isinstance(results, dict):  # {label: [result per checkpoint]}
         metrics.update(num_checkpoints=len(paths), ckpt_path=paths)
         return _refined(cfg, results, metrics)
@@ -273,6 +277,23 @@ def _curve(cfg: DictConfig, model: torch.nn.Module, data: Any, loss: Any, metric
     print(f"[llc] {cfg.model._target_}: {len(paths)} checkpoints in one batched call; λ̂ = "
           + ", ".join(f"{r.llc_mean:.3f}" for r in results), flush=True)
     return metrics, _runlib.result_arrays(results, prefix="ckpt_")
+
+
+def _curve_files(results: Any, paths: list[str], out: Path) -> None:
+    """``results.csv`` and ``llc_curve.png`` of a curve (``results``: a list over checkpoints, or
+    ``{label: list}``)."""
+    import matplotlib.pyplot as plt
+
+    from slt.plotting import steps_from_names
+
+    frame = slt.results_frame(results)
+    frame = frame.drop(columns=["checkpoint_file"], errors="ignore")
+    frame.insert(1, "checkpoint_file", [str(paths[k]) for k in frame["checkpoint"]])
+    out.mkdir(parents=True, exist_ok=True)
+    frame.to_csv(out / "results.csv", index=False)
+    fig = slt.plot_llc_curve(results, x=steps_from_names(paths))
+    fig.savefig(out / "llc_curve.png", dpi=120)
+    plt.close(fig)
 
 
 def _refined(cfg: DictConfig, res: dict[str, Any], metrics: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:

@@ -127,9 +127,6 @@ def plot_llc_curve(results: Any, x: Any = None, ax: Any = None, *, title: str | 
     integer in each checkpoint file's name (``ckpt/step_300.pt``, ``out/checkpoint-500``) when every file
     has one, else the checkpoint's index.  Returns the matplotlib Figure.
     """
-    import re
-    from pathlib import Path
-
     from .result import results_frame
 
     frame = results_frame(results)
@@ -144,10 +141,9 @@ def plot_llc_curve(results: Any, x: Any = None, ax: Any = None, *, title: str | 
         xlabel = "training step"
     else:
         files = frame.groupby("checkpoint")["checkpoint_file"].first() if "checkpoint_file" in frame else None
-        found = ([re.findall(r"\d+", Path(str(f)).name) or re.findall(r"\d+", str(f)) for f in files]
-                 if files is not None and len(files) == K and files.notna().all() else None)
-        if found and all(found):
-            steps, xlabel = np.array([float(f[-1]) for f in found]), "training step (from the checkpoint files' names)"
+        found = steps_from_names(list(files)) if files is not None and len(files) == K else None
+        if found is not None:
+            steps, xlabel = np.asarray(found, dtype=float), "training step (from the checkpoint files' names)"
         else:
             steps = np.arange(K, dtype=float)
     plt = _plt()
@@ -176,6 +172,18 @@ def plot_llc_curve(results: Any, x: Any = None, ax: Any = None, *, title: str | 
         ax.legend(fontsize=7, frameon=False)
     fig.tight_layout()
     return fig
+
+
+def steps_from_names(paths: list[Any]) -> list[int] | None:
+    """The last integer in each checkpoint's file or directory name (``ckpt/step_300.pt`` -> 300,
+    ``out/checkpoint-500`` -> 500; the whole path when the name has none), or ``None`` unless every
+    path has one."""
+    import re
+    from pathlib import Path
+
+    found = [re.findall(r"\d+", Path(str(p)).name) or re.findall(r"\d+", str(p)) if p is not None else []
+             for p in paths]
+    return [int(f[-1]) for f in found] if found and all(found) else None
 
 
 def plot_calibration(cal: "CalibrationResult", ax: Any = None):

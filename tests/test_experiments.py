@@ -401,6 +401,11 @@ def test_llc_curve_over_checkpoint_files_in_one_call(tmp_path):
     met = _runlib.execute(llc.run, cfg, tmp_path / "curve")["metrics"]
     assert [Path(p).name for p in met["ckpt_path"]] == ["step_2.pt", "step_10.pt", "step_100.pt"]
     assert met["num_checkpoints"] == 3 and met["final_llc_mean"] == met["ckpt_llc_mean"][-1]
+    # beside result.json: one row per checkpoint (slt.results_frame) and the curve's figure
+    table = pd.read_csv(tmp_path / "curve" / "results.csv")
+    assert [Path(p).name for p in table["checkpoint_file"]] == ["step_2.pt", "step_10.pt", "step_100.pt"]
+    assert table["llc_mean"].tolist() == pytest.approx(met["ckpt_llc_mean"], rel=1e-12)
+    assert (tmp_path / "curve" / "llc_curve.png").stat().st_size > 1000
     model, data, loss = llc.build(cfg, torch.Generator().manual_seed(0))  # the run's data (seed 0)
     for k, path in enumerate(met["ckpt_path"]):
         kw = _runlib.llc_kwargs(cfg.sampler, seed=k, device=cfg.device, dtype=cfg.dtype, progress=False)

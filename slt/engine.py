@@ -387,8 +387,9 @@ def estimate_llc(
 def _warn_groups(target: Target, found: list[list[str]]) -> None:
     """Each group's warnings (``found[g]``), one ``RuntimeWarning`` per kind: a warning that several groups
     raise with only its numbers differing (R-hat 1.22 at checkpoint 0, 1.18 at checkpoint 1, ...) is shown
-    once, with the groups it holds for (``checkpoints 0–3``) and the first one's numbers; each result's
-    ``diagnostics["warnings"]`` keeps its own.  A 16-checkpoint curve raised up to 16 of each."""
+    once, with the groups it holds for (``checkpoints 0–3``) and each differing number as the range of its
+    values (:func:`_number_ranges`); each result's ``diagnostics["warnings"]`` keeps its own.  A 16-checkpoint
+    curve raised up to 16 of each."""
     kinds: dict[str, list[tuple[int, str]]] = {}
     for g, ws in enumerate(found):
         for w in ws:
@@ -413,12 +414,14 @@ def _number_ranges(texts: list[str]) -> str:
     out, end = [], 0
     for i, m in enumerate(found[0]):
         written = [f[i].group() for f in found]
-        if len(set(written)) > 1:
-            values = [float(w) for w in written]
+        values = [float(w) for w in written]
+        if len(set(values)) > 1:
             lo, hi = written[values.index(min(values))], written[values.index(max(values))]
             out.append(first[end:m.start()] + f"{lo}–{hi}")
             end = m.end()
     return "".join(out) + first[end:]
+
+
 _PLURAL = {"checkpoint": "checkpoints", "restriction": "restrictions", "data": "data"}
 
 

@@ -10,12 +10,14 @@ import contextlib
 import ctypes
 import functools
 import importlib
+import math
 import os
 import platform
 import sys
 from typing import Any, Iterator
 
 import torch
+import torch.nn.functional as F
 
 __all__ = ["autograd_allowed", "user_stacklevel", "resolve_device", "intra_op_threads", "retained_heap", "is_batched",
            "small_work_threads", "versions"]
@@ -45,24 +47,63 @@ _QUIET_DEPTH = [0]
 
 @contextlib.contextmanager
 def vmap_fallback_quiet() -> Iterator[None]:
-    """PyTorch's "There is a performance drop because we have not yet implemented the batching rule for
-    aten::…" switched off inside slt's vmapped calls (an op such as ``kl_div`` or ``_weight_norm`` then runs
-    once per chain or sample).  That speed is what slt measures when it chooses between vmap and the loop
-    over chains (:func:`slt.target.fastest_path`), and the note — meant for PyTorch's developers ("please
-    file us an issue") — showed again after each of slt's set-up phases, three times a call.  Back on after
-    the outermost block (PyTorch's default; torch offers no way to read the setting)."""
-    if _SET_FALLBACK_WARNING is None:
-        yield
-        return
+    """Inside slt's vmapped calls: PyTorch's "There is a performance drop because we have not yet
+    implemented the batching rule for aten::…" switched off (an op such as ``kl_div`` or ``_weight_norm``
+    then runs once per chain or sample).  That speed is what slt measures when it chooses between vmap and
+    the loop over chains (:func:`slt.target.fastest_path`), and the note — meant for PyTorch's developers
+    ("please file us an issue") — showed again after each of slt's set-up phases, three times a call.  Back
+    on after the outermost block (PyTorch's default; torch offers no way to read the setting).  Also
+    ``F.gaussian_nll_loss`` batchable (:func:`gaussian_nll_loss`) inside the block."""
     _QUIET_DEPTH[0] += 1
     if _QUIET_DEPTH[0] == 1:
-        _SET_FALLBACK_WARNING(False)
+        if _SET_FALLBACK_WARNING is not None:
+            _SET_FALLBACK_WARNING(False)
+        _TORCH_GAUSSIAN_NLL[0] = F.gaussian_nll_loss
+        F.gaussian_nll_loss = gaussian_nll_loss
     try:
         yield
     finally:
         _QUIET_DEPTH[0] -= 1
         if _QUIET_DEPTH[0] == 0:
-            _SET_FALLBACK_WARNING(True)
+            F.gaussian_nll_loss = _TORCH_GAUSSIAN_NLL[0]
+            if _SET_FALLBACK_WARNING is not None:
+                _SET_FALLBACK_WARNING(True)
+
+
+_TORCH_GAUSSIAN_NLL: list[Any] = [None]
+
+
+def gaussian_nll_loss(input: torch.Tensor, target: torch.Tensor, var: Any, full: bool = False, eps: float = 1e-6,
+                      reduction: str = "mean") -> torch.Tensor:
+    r"""``torch.nn.functional.gaussian_nll_loss`` that ``vmap`` can batch, in place of PyTorch's inside slt's
+    vmapped calls (:func:`vmap_fallback_quiet`).
+
+    :math:`\ell = \tfrac12(\log v + (x - y)^2 / v)` (+ :math:`\tfrac12\log 2\pi` with ``full``), ``v`` the
+    variance clamped below at ``eps`` in value only (the gradient passes as through PyTorch's in-place clamp
+    under ``no_grad``), with PyTorch's shape rules for ``var`` (heteroscedastic, one dimension short, or one
+    broadcast dimension) and reductions.  PyTorch's raises on a negative variance with
+    ``if torch.any(var < 0)``, a Python bool of the values that vmap refuses: a heteroscedastic regression
+    ran its chains in a loop, its control variate took a forward pass and ``slt.bif`` refused it.  Here an
+    entry with a negative variance is NaN instead, which slt reports as a divergent chain; the set-up's plain
+    calls run PyTorch's own (and its error)."""
+    if isinstance(var, float):
+        if var < 0:
+            raise ValueError("var has negative entry/entries")
+        var = var * torch.ones_like(input)
+    if var.size() != input.size():
+        if input.size()[:-1] == var.size():
+            var = torch.unsqueeze(var, -1)
+        elif not (input.ndim == var.ndim
+                  and sum(b for a, b in zip(input.size(), var.size()) if a != b) == 1):
+            raise ValueError("var is of incorrect size")
+    if reduction not in ("none", "mean", "sum"):
+        raise ValueError(reduction + " is not valid")
+    v = var + (var.clamp(min=eps) - var).detach()
+    loss = 0.5 * (torch.log(v) + (input - target) ** 2 / v)
+    if full:
+        loss = loss + 0.5 * math.log(2 * math.pi)
+    loss = torch.where(var < 0, torch.full_like(loss, float("nan")), loss)
+    return loss.mean() if reduction == "mean" else loss.sum() if reduction == "sum" else loss
 
 
 def is_batched(t: Any) -> bool:

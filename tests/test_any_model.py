@@ -1811,3 +1811,69 @@ def test_pytorchs_note_on_ops_without_a_batching_rule_stays_inside_slt():
         after = [str(w.message) for w in seen if note in str(w.message)]
     assert r.diagnostics["path"] == "vmap" and not inside
     assert after and "aten::kl_div" in after[0]
+
+
+def test_gaussian_nll_stand_in_equals_pytorchs():
+    """Exact tier: slt's batchable ``gaussian_nll_loss`` gives PyTorch's values and gradients (float64) for
+    its variance shapes (same as the input, one dimension short, one broadcast dimension), ``full`` and the
+    three reductions, also where the variance is clamped at ``eps`` (the gradient passes through the clamp
+    as through PyTorch's in-place clamp under no_grad); a negative variance is NaN where PyTorch raises."""
+    from slt._runtime import gaussian_nll_loss
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(6, 3, generator=g, dtype=F64)
+    y = torch.randn(6, 3, generator=g, dtype=F64)
+    cases = [torch.rand(6, 3, generator=g, dtype=F64) + 0.1, torch.rand(6, generator=g, dtype=F64) + 0.1,
+             torch.rand(6, 1, generator=g, dtype=F64) + 0.1, torch.tensor([1e-9, 0.5, 2.0, 1e-8, 0.3, 1.0], dtype=F64)]
+    for var in cases:
+        for full in (False, True):
+            for reduction in ("mean", "sum", "none"):
+                a = [x.clone().requires_grad_(), var.clone().requires_grad_()]
+                b = [x.clone().requires_grad_(), var.clone().requires_grad_()]
+                ours = gaussian_nll_loss(a[0], y, a[1], full=full, reduction=reduction)
+                theirs = F.gaussian_nll_loss(b[0], y, b[1], full=full, reduction=reduction)
+                torch.testing.assert_close(ours, theirs, rtol=0, atol=0)
+                ours.sum().backward()
+                theirs.sum().backward()
+                for u, v in zip(a, b):
+                    torch.testing.assert_close(u.grad, v.grad, rtol=4 * torch.finfo(F64).eps, atol=0)
+    neg = torch.tensor([0.5, -0.1, 1.0, 1.0, 1.0, 1.0], dtype=F64)
+    with pytest.raises(ValueError, match="negative"):
+        F.gaussian_nll_loss(x[:, 0], y[:, 0], neg)
+    per = gaussian_nll_loss(x[:, 0], y[:, 0], neg, reduction="none")
+    assert torch.isnan(per[1]) and torch.isfinite(per[[0, 2, 3, 4, 5]]).all()
+    with pytest.raises(ValueError, match="var is of incorrect size"):
+        gaussian_nll_loss(x, y, torch.ones(5, dtype=F64))
+
+
+def test_a_heteroscedastic_regression_runs_batched_with_a_per_sample_loss():
+    """``F.gaussian_nll_loss`` raises on a negative variance with a Python bool of the values, which vmap
+    refuses: such a model ran its chains in a loop, its control variate took a forward pass per step, and
+    slt.bif refused it.  Inside slt's vmapped calls the batchable stand-in is used (PyTorch's own is back
+    after): the vmap path, the loop's chains to float64 rounding, the per-sample lookup, and bif."""
+    torch.manual_seed(0)  # test-side only
+    X = torch.randn(96, 4, dtype=F64)
+    Y = 2 * X[:, :1] + 0.3 * torch.randn(96, 1, dtype=F64)
+
+    class Het(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body, self.mu, self.log_var = nn.Linear(4, 8), nn.Linear(8, 1), nn.Linear(8, 1)
+
+        def forward(self, x):
+            h = torch.tanh(self.body(x))
+            return self.mu(h), self.log_var(h).exp()
+
+    def loss(out, y):
+        return F.gaussian_nll_loss(out[0], y, out[1])
+
+    model = Het().to(F64)
+    torch_own = F.gaussian_nll_loss
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*(vmap path failed|forward pass at w)")
+        vm = slt.estimate_llc(model, (X, Y), loss, **{**KW, "vectorize": "vmap"})
+        b = slt.bif(model, (X[:24], Y[:24]), loss, **{**KW, "num_draws": 10})
+    loop = slt.estimate_llc(model, (X, Y), loss, **{**KW, "vectorize": "loop"})
+    assert vm.diagnostics["path"] == "vmap" and b.values.shape == (24, 24)
+    assert torch.allclose(vm.loss_trace, loop.loss_trace, rtol=1e-12, atol=0)
+    assert F.gaussian_nll_loss is torch_own

@@ -493,7 +493,7 @@ def _each_checkpoint(modules: list[nn.Module], differ: list[str], data: Any, los
             f"{f' and {len(differ) - 4} more' if len(differ) > 4 else ''}), which a batched run cannot hold per "
             "checkpoint here (a model with forward_chains, a sparse buffer, or differing tensors larger than the "
             "sampled parameters): each checkpoint was estimated in its own run (same seeds as a batched run)")
-    outs = []
+    outs, found = [], []
     for k, (module, s) in enumerate(zip(modules, seeds)):
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
@@ -501,14 +501,34 @@ def _each_checkpoint(modules: list[nn.Module], differ: list[str], data: Any, los
                 res = estimate_llc(module, data, loss_fn, seed=s, **kwargs)
             except LLCEstimationError as e:
                 raise LLCEstimationError(str(e).replace("checkpoint(s) [0]", f"checkpoint(s) [{k}]")) from e
-        for w in caught:
-            msg = str(w.message).replace("(checkpoint 0", f"(checkpoint {k}", 1)
-            warnings.warn(msg, w.category, stacklevel=user_stacklevel())
+        found += [(k, w) for w in caught]
         for r in _leaves(res):
             r.config.update(checkpoint=k, num_checkpoints=len(modules))
             r.config["setup_notes"] = [note] + list(r.config.get("setup_notes", []))
         outs.append(res)
+    _warn_runs(found)
     return _stack(outs)
+
+
+def _warn_runs(found: list[tuple[int, Any]]) -> None:
+    """The warnings of one run per checkpoint (``(k, caught warning)``), labelled with their checkpoint: the
+    runs' findings (``slt.estimate_llc (checkpoint 0…): …``) grouped over the checkpoints as a batched call
+    groups them (:func:`_warn_groups`), every other warning as it was raised."""
+    prefix = "slt.estimate_llc (checkpoint 0"
+    kinds: dict[tuple[str, str], list[tuple[int, str]]] = {}
+    for k, w in found:
+        msg = str(w.message)
+        if w.category is RuntimeWarning and msg.startswith(prefix) and "): " in msg:
+            rest, body = msg[len(prefix):].split("): ", 1)  # rest: ", restriction 'a'" or ""
+            kinds.setdefault((rest, _NUMBER.sub("#", body)), []).append((k, body))
+        else:
+            warnings.warn(msg.replace("(checkpoint 0", f"(checkpoint {k}", 1), w.category,
+                          stacklevel=user_stacklevel())
+    for (rest, _), items in kinds.items():
+        ks = [k for k, _ in items]
+        where = f"checkpoint {ks[0]}" if len(ks) == 1 else f"checkpoints {_ranges(ks)}"
+        warnings.warn(f"slt.estimate_llc ({where}{rest}): {_number_ranges([b for _, b in items])}", RuntimeWarning,
+                      stacklevel=user_stacklevel())
 
 
 def _with_files(files: list[str | None] | None, res: Any) -> Any:

@@ -1415,8 +1415,16 @@ def test_checkpoints_with_their_own_frozen_parameters_and_restrictions():
     other = copy.deepcopy(wide)
     with torch.no_grad():
         other.feat.weight.mul_(2.0)
-    runs = slt.estimate_llc(None, (X, Y), F.mse_loss, models=[wide, other], **kw)
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        runs = slt.estimate_llc(None, (X, Y), F.mse_loss, models=[wide, other], **kw)
     assert "each checkpoint was estimated in its own run" in runs[1].config["setup_notes"][0]
+    # the runs' findings are grouped over the checkpoints as a batched call's are: one warning per kind
+    from slt.engine import _NUMBER
+
+    found = [str(w.message) for w in seen if str(w.message).startswith("slt.estimate_llc (checkpoint")]
+    kinds = {_NUMBER.sub("#", w) for r in runs for w in r.diagnostics["warnings"]}
+    assert len(found) == len(kinds) and any(m.startswith("slt.estimate_llc (checkpoints 0, 1): ") for m in found)
     alone = slt.estimate_llc(other, (X, Y), F.mse_loss, **{**kw, "seed": kw["seed"] + 1})
     assert torch.equal(runs[1].loss_trace, alone.loss_trace)
 

@@ -1,4 +1,5 @@
-"""Run-time plumbing shared by every estimator: device, CPU threads, versions.
+"""Run-time plumbing shared by every estimator: device, CPU threads, versions, and what holds inside slt's
+vmapped calls (:func:`vmapped_block`).
 
 Private: the public names are re-exported where they belong
 (:func:`slt.versions`, :func:`slt.engine.resolve_device`).
@@ -42,20 +43,23 @@ _IS_BATCHED = getattr(getattr(torch._C, "_functorch", None), "is_batchedtensor",
 
 
 _SET_FALLBACK_WARNING = getattr(getattr(torch._C, "_functorch", None), "_set_vmap_fallback_warning_enabled", None)
-_QUIET_DEPTH = [0]
+#: how many :func:`vmapped_block` blocks are open
+_DEPTH = [0]
 
 
 @contextlib.contextmanager
-def vmap_fallback_quiet() -> Iterator[None]:
-    """Inside slt's vmapped calls: PyTorch's "There is a performance drop because we have not yet
-    implemented the batching rule for aten::…" switched off (an op such as ``kl_div`` or ``_weight_norm``
-    then runs once per chain or sample).  That speed is what slt measures when it chooses between vmap and
-    the loop over chains (:func:`slt.target.fastest_path`), and the note — meant for PyTorch's developers
-    ("please file us an issue") — showed again after each of slt's set-up phases, three times a call.  Back
-    on after the outermost block (PyTorch's default; torch offers no way to read the setting).  Also
-    ``F.gaussian_nll_loss`` batchable (:func:`gaussian_nll_loss`) inside the block."""
-    _QUIET_DEPTH[0] += 1
-    if _QUIET_DEPTH[0] == 1:
+def vmapped_block() -> Iterator[None]:
+    """What holds inside slt's vmapped calls (nested blocks count once):
+
+    * PyTorch's "There is a performance drop because we have not yet implemented the batching rule for
+      aten::…" is off (an op such as ``kl_div`` or ``_weight_norm`` then runs once per chain or sample).
+      That speed is what slt measures when it chooses between vmap and the loop over chains
+      (:func:`slt.target.fastest_path`), and the note — meant for PyTorch's developers ("please file us an
+      issue") — showed again after each of slt's set-up phases, three times a call.  Back on after the
+      outermost block (PyTorch's default; torch offers no way to read the setting).
+    * ``F.gaussian_nll_loss`` is the batchable :func:`gaussian_nll_loss`; PyTorch's is back after."""
+    _DEPTH[0] += 1
+    if _DEPTH[0] == 1:
         if _SET_FALLBACK_WARNING is not None:
             _SET_FALLBACK_WARNING(False)
         _TORCH_GAUSSIAN_NLL[0] = F.gaussian_nll_loss
@@ -63,8 +67,8 @@ def vmap_fallback_quiet() -> Iterator[None]:
     try:
         yield
     finally:
-        _QUIET_DEPTH[0] -= 1
-        if _QUIET_DEPTH[0] == 0:
+        _DEPTH[0] -= 1
+        if _DEPTH[0] == 0:
             F.gaussian_nll_loss = _TORCH_GAUSSIAN_NLL[0]
             if _SET_FALLBACK_WARNING is not None:
                 _SET_FALLBACK_WARNING(True)
@@ -76,7 +80,7 @@ _TORCH_GAUSSIAN_NLL: list[Any] = [None]
 def gaussian_nll_loss(input: torch.Tensor, target: torch.Tensor, var: Any, full: bool = False, eps: float = 1e-6,
                       reduction: str = "mean") -> torch.Tensor:
     r"""``torch.nn.functional.gaussian_nll_loss`` that ``vmap`` can batch, in place of PyTorch's inside slt's
-    vmapped calls (:func:`vmap_fallback_quiet`).
+    vmapped calls (:func:`vmapped_block`).
 
     :math:`\ell = \tfrac12(\log v + (x - y)^2 / v)` (+ :math:`\tfrac12\log 2\pi` with ``full``), ``v`` the
     variance clamped below at ``eps`` in value only (the gradient passes as through PyTorch's in-place clamp

@@ -390,15 +390,19 @@ def _warn_groups(target: Target, found: list[list[str]]) -> None:
     once, with the groups it holds for (``checkpoints 0–3``) and each differing number as the range of its
     values (:func:`_number_ranges`); each result's ``diagnostics["warnings"]`` keeps its own.  A 16-checkpoint
     curve raised up to 16 of each."""
-    kinds: dict[str, list[tuple[int, str]]] = {}
-    for g, ws in enumerate(found):
-        for w in ws:
-            kinds.setdefault(_NUMBER.sub("#", w), []).append((g, w))
-    for items in kinds.values():
-        groups = [g for g, _ in items]
-        msg = _number_ranges([w for _, w in items])
+    for _, groups, msg in _merge_findings([(g, "", w) for g, ws in enumerate(found) for w in ws]):
         warnings.warn(f"slt.estimate_llc ({_where_all(target, groups)}): {msg}", RuntimeWarning,
                       stacklevel=user_stacklevel())
+
+
+def _merge_findings(found: list[tuple[Any, str, str]]) -> list[tuple[str, list[Any], str]]:
+    """``(group, key, text)`` findings -> one ``(key, groups, text)`` per kind, in order of first appearance:
+    the texts of one ``key`` that differ only in their numbers are one kind, its text with each differing
+    number as the range of its values (:func:`_number_ranges`)."""
+    kinds: dict[tuple[str, str], list[tuple[Any, str]]] = {}
+    for g, key, text in found:
+        kinds.setdefault((key, _NUMBER.sub("#", text)), []).append((g, text))
+    return [(key, [g for g, _ in items], _number_ranges([t for _, t in items])) for (key, _), items in kinds.items()]
 
 
 #: a number in a warning's text (what differs between the groups that raise the same warning); not a digit of
@@ -515,20 +519,18 @@ def _warn_runs(found: list[tuple[int, Any]]) -> None:
     runs' findings (``slt.estimate_llc (checkpoint 0…): …``) grouped over the checkpoints as a batched call
     groups them (:func:`_warn_groups`), every other warning as it was raised."""
     prefix = "slt.estimate_llc (checkpoint 0"
-    kinds: dict[tuple[str, str], list[tuple[int, str]]] = {}
+    findings = []
     for k, w in found:
         msg = str(w.message)
         if w.category is RuntimeWarning and msg.startswith(prefix) and "): " in msg:
             rest, body = msg[len(prefix):].split("): ", 1)  # rest: ", restriction 'a'" or ""
-            kinds.setdefault((rest, _NUMBER.sub("#", body)), []).append((k, body))
+            findings.append((k, rest, body))
         else:
             warnings.warn(msg.replace("(checkpoint 0", f"(checkpoint {k}", 1), w.category,
                           stacklevel=user_stacklevel())
-    for (rest, _), items in kinds.items():
-        ks = [k for k, _ in items]
+    for rest, ks, msg in _merge_findings(findings):
         where = f"checkpoint {ks[0]}" if len(ks) == 1 else f"checkpoints {_ranges(ks)}"
-        warnings.warn(f"slt.estimate_llc ({where}{rest}): {_number_ranges([b for _, b in items])}", RuntimeWarning,
-                      stacklevel=user_stacklevel())
+        warnings.warn(f"slt.estimate_llc ({where}{rest}): {msg}", RuntimeWarning, stacklevel=user_stacklevel())
 
 
 def _with_files(files: list[str | None] | None, res: Any) -> Any:

@@ -44,7 +44,7 @@ from .data import Batch, Columns, Data, LoaderSource, _map, _plain, num_rows
 from .losses import LossAdapter, candidate_means, count_weighted_mean
 from .params import ParamSpec
 from ._rnn import CELL_CLASSES, RECURRENT_CLASSES, cell_forward, recurrent_forward, unrolled_cell_forward, unrolled_forward
-from ._runtime import is_batched, vmap_fallback_quiet
+from ._runtime import is_batched, vmapped_block
 
 __all__ = ["ChainEvaluator", "choose_path", "PATH_REASONS", "validate_model_and_loss", "check_gradients_reach", "probe_batch", "to_device",
            "call_module", "module_aliases", "describe", "resolve_autocast", "AUTOCAST_DTYPES",
@@ -193,7 +193,7 @@ def _vmap_attention(hf_configs: Sequence[Any] = ()):
     configs whose attention implementation is switched to ``"eager"`` for the block and restored
     after (:func:`hf_attention_configs`).  Also ``torch.distributions``' argument checks where vmap
     refuses them (:func:`_distribution_checks_off`), and PyTorch's note on ops that run once per chain
-    (:func:`slt._runtime.vmap_fallback_quiet`)."""
+    (:func:`slt._runtime.vmapped_block`)."""
     saved = [(c, _attn_slot(c), getattr(c, _attn_slot(c))) for c in hf_configs]
     try:
         for c, slot, _ in saved:
@@ -201,10 +201,10 @@ def _vmap_attention(hf_configs: Sequence[Any] = ()):
         try:
             from torch.nn.attention import SDPBackend, sdpa_kernel
         except ImportError:  # torch without the context manager: the default kernels
-            with _hf_masks_as_traced(), _distribution_checks_off(), vmap_fallback_quiet():
+            with _hf_masks_as_traced(), _distribution_checks_off(), vmapped_block():
                 yield
             return
-        with sdpa_kernel([SDPBackend.MATH]), _hf_masks_as_traced(), _distribution_checks_off(), vmap_fallback_quiet():
+        with sdpa_kernel([SDPBackend.MATH]), _hf_masks_as_traced(), _distribution_checks_off(), vmapped_block():
             yield
     finally:
         for c, slot, value in reversed(saved):

@@ -40,7 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ._runtime import vmap_fallback_quiet
+from ._runtime import vmapped_block
 
 __all__ = ["LossAdapter", "register_per_sample", "causal_lm", "model_loss", "count_weighted_mean", "label_counts",
            "label_weighted", "candidate_means"]
@@ -234,7 +234,7 @@ class LossAdapter:
             f = one
             for _ in range(lead):
                 f = torch.vmap(f)
-            with vmap_fallback_quiet():
+            with vmapped_block():
                 res = f(out, target)
         else:
             def one_tree(o: Any, t: Any) -> Tensor:
@@ -271,7 +271,7 @@ class LossAdapter:
                 c = self.counts(target, 2, ps.dtype)
                 return ps.mean(1) if c is None else count_weighted_mean(ps, c, 1)
             if isinstance(out, Tensor) and isinstance(target, Tensor):
-                with vmap_fallback_quiet():
+                with vmapped_block():
                     return torch.vmap(self.loss_fn)(out, target)
             return _vmap_leading(self.loss_fn, [_lead_shape(target, 1)[0]], out, target)
         return (self.per_sample(out, target, 2) * weights).sum(1)
@@ -417,7 +417,7 @@ def _vmap_leading(fn: Callable[..., Tensor], sizes: list[int], *trees: Any) -> T
             i += c
         return _vmap_leading(fn, rest, *out)
 
-    with vmap_fallback_quiet():
+    with vmapped_block():
         return torch.vmap(inner, in_dims=in_dims)(*leaves)
 
 

@@ -288,15 +288,22 @@ def test_a_recurrent_model_compiles_with_the_batchable_recurrence():
     model ran the eager vmap path with a warning.  Exact tier, float64: the run equals the eager vmap
     run to rounding, every step served by the compiled graph."""
     m, X, Y = _trained(Recurrent)
-    kw = dict(RUN, dtype=torch.float64)
-    eager = slt.estimate_llc(m, (X, Y), loss_fn, vectorize="vmap", **kw)
+    _compiled_equals_eager(m, (X, Y), loss_fn, dtype=torch.float64)
+    assert not any("forward" in vars(mod) for mod in m.modules())  # the modules' own forwards are back
+
+
+def _compiled_equals_eager(model, data, loss, **kw):
+    """The eager vmap run, after checking that the compiled run (no fallback warning) served every step from
+    its graph and followed the eager run's chains to float64 rounding."""
+    kw = dict(RUN, **kw)
+    eager = slt.estimate_llc(model, data, loss, vectorize="vmap", **kw)
     with warnings.catch_warnings():
         warnings.filterwarnings("error", message="vectorize='compile'")
-        comp = slt.estimate_llc(m, (X, Y), loss_fn, vectorize="compile", **kw)
+        comp = slt.estimate_llc(model, data, loss, vectorize="compile", **kw)
     assert "; compiled (torch.compile)" in comp.diagnostics["path_reason"]
     assert comp.config["compiled_calls"] > RUN["num_draws"] + RUN["num_burnin"]
     assert torch.allclose(comp.loss_trace, eager.loss_trace, rtol=1e-9, atol=0)
-    assert not any("forward" in vars(mod) for mod in m.modules())  # the modules' own forwards are back
+    return eager
 
 
 @needs_compile
@@ -324,13 +331,6 @@ def test_a_hugging_face_classifier_compiles_with_fused_activations(monkeypatch):
     def loss(out, y):
         return F.cross_entropy(out.logits, y)
 
-    kw = dict(RUN, dtype=torch.float64, batch_size=32)
-    eager = slt.estimate_llc(model, (ids, labels), loss, vectorize="vmap", **kw)
+    eager = _compiled_equals_eager(model, (ids, labels), loss, dtype=torch.float64, batch_size=32)
     assert eager.diagnostics["path"] == "vmap"  # the padding check is skipped for positional ids too
-    with warnings.catch_warnings():
-        warnings.filterwarnings("error", message="vectorize='compile'")
-        comp = slt.estimate_llc(model, (ids, labels), loss, vectorize="compile", **kw)
-    assert "; compiled (torch.compile)" in comp.diagnostics["path_reason"]
-    assert comp.config["compiled_calls"] > RUN["num_draws"] + RUN["num_burnin"]
-    assert torch.allclose(comp.loss_trace, eager.loss_trace, rtol=1e-9, atol=0)
     assert not any(vars(mod).keys() & {"forward", "warn_if_padding_and_no_attention_mask"} for mod in model.modules())

@@ -23,7 +23,9 @@ of named tensors of equal length ``n`` (``{"input_ids": ..., "attention_mask":
 The model is called as ``model(x)`` for a tensor and ``model(**x)`` for a
 mapping; ``loss_fn(output, target)`` receives the model's raw output and the
 target: ``y`` when given, else the inputs themselves (the whole mapping).
-NumPy arrays are accepted wherever a tensor is (``torch.as_tensor``), a Hugging
+NumPy arrays and Python lists of numbers are accepted wherever a tensor is
+(``torch.as_tensor``; text and rows of different lengths are errors naming the
+column), an ``IterableDataset`` is read once and stacked, a Hugging
 Face ``datasets.Dataset`` becomes the mapping of its numeric columns, and a
 ``DataLoader`` may yield mappings.  Batches carry plain ``dict`` s.
 """
@@ -38,7 +40,7 @@ from typing import Any, Callable, Iterator, Mapping, NamedTuple, Sequence, Union
 import numpy as np
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset, TensorDataset
+from torch.utils.data import DataLoader, Dataset, IterableDataset, TensorDataset
 
 from ._runtime import user_stacklevel
 
@@ -126,6 +128,39 @@ def _is_pandas(t: Any) -> bool:
     return type(t).__module__.split(".")[0] == "pandas" and type(t).__name__ in ("DataFrame", "Series")
 
 
+_SCALARS = (bool, int, float, str, np.generic)
+
+
+def is_column_list(t: Any) -> bool:
+    """A Python list (or tuple) of numbers or strings, possibly nested (a tokenizer's ``input_ids`` without
+    ``return_tensors``, a list of labels, a text column): one column of samples, not a tuple of tensors
+    ``(X, Y)`` nor a list of samples."""
+    def leaves_only(v: Any) -> bool:
+        return isinstance(v, _SCALARS) or (isinstance(v, (list, tuple)) and all(leaves_only(e) for e in v))
+
+    return isinstance(t, (list, tuple)) and len(t) > 0 and all(leaves_only(e) for e in t)
+
+
+def _list_to_tensor(name: str, t: Sequence[Any]) -> Tensor:
+    """A column given as a (nested) Python list: a tensor as ``torch.as_tensor(np.asarray(t))`` makes it
+    (ints int64, floats float64 until the engine casts them); rows of different lengths and text are
+    errors naming the column."""
+    try:
+        arr = np.asarray(t)
+    except ValueError:  # ragged nesting
+        arr = None
+    if arr is None or arr.dtype == object:
+        raise ValueError(
+            f"{name} is a list whose rows have different lengths: pad them to one length (e.g. "
+            "tokenizer(..., padding='max_length', return_tensors='pt'), with attention_mask, and labels -100 at "
+            "the padding)")
+    if arr.dtype.kind in "USV":
+        raise ValueError(
+            f"{name} is a list of text ({type(np.ravel(arr)[0].item()).__name__}), not numbers: a model input or "
+            "target must be numeric — tokenize it first, or leave the column out")
+    return torch.as_tensor(arr)
+
+
 def _normal(t: Tensor) -> Tensor:
     """A tensor made under ``torch.inference_mode`` (features computed in an evaluation script) cannot
     take part in autograd ("Inference tensors cannot be saved for backward"): a normal copy of it."""
@@ -136,11 +171,13 @@ def _normal(t: Tensor) -> Tensor:
 
 
 def _to_tensor(name: str, t: Any) -> Any:
-    """NumPy arrays become tensors (``torch.as_tensor``; float64 stays float64 until the
-    engine casts floating data to its ``dtype``); inference tensors become normal ones
-    (:func:`_normal`); everything else is returned as is."""
+    """NumPy arrays and (nested) Python lists of numbers become tensors (``torch.as_tensor``; float64
+    stays float64 until the engine casts floating data to its ``dtype``); inference tensors become
+    normal ones (:func:`_normal`); everything else is returned as is."""
     if isinstance(t, Tensor):
         return _normal(t)
+    if is_column_list(t):
+        return _list_to_tensor(name, t)
     if not _is_array(t):
         return t
     kind = "NumPy array"
@@ -362,7 +399,7 @@ def _validate_tensor(name: str, t: Any, n: int | None, ref: str = "x") -> int:
             f"forward(self, x1, x2)"
         )
     if not isinstance(t, Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor (or a NumPy array or pandas DataFrame), got "
+        raise TypeError(f"{name} must be a torch.Tensor (or a NumPy array, pandas DataFrame or list of numbers), got "
                         f"{type(t).__name__}")
     if t.ndim == 0:
         raise ValueError(f"{name} must have a leading sample dimension, got a 0-d tensor")
@@ -478,6 +515,11 @@ class LoaderSource:
 
 
 def _stack_dataset(ds: Dataset) -> Data:
+    if isinstance(ds, IterableDataset):  # no length nor indexing: its items, read once
+        items = list(ds)
+        if not items:
+            raise ValueError("empty dataset: the IterableDataset yielded no samples")
+        return _stack_records(items)
     n = len(ds)  # type: ignore[arg-type]
     if n == 0:
         raise ValueError("empty dataset: the Dataset has 0 samples")
@@ -644,8 +686,10 @@ def as_source(data: Any) -> Data | LoaderSource:
     has a ``weights`` attribute), which is stacked into tensors, and likewise a
     list of such samples (``[(x, y), ...]``); a Hugging Face
     ``datasets.Dataset`` (its numeric columns, as a mapping); a ``DataLoader``
-    (streamed, shared batches; it may yield mappings).  NumPy arrays are
-    accepted wherever a tensor is.
+    (streamed, shared batches; it may yield mappings); an ``IterableDataset``
+    (its samples read once and stacked, as a list of samples is).  NumPy
+    arrays and (nested) Python lists of numbers are accepted wherever a tensor
+    is.
     """
     if isinstance(data, (Data, LoaderSource)):
         return data

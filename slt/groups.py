@@ -34,7 +34,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
-from .data import Data, _leaves, as_source
+from .data import Data, _leaves, as_source, is_column_list
 
 __all__ = ["Groups", "split_data", "concat_data"]
 
@@ -132,8 +132,11 @@ class Groups:
 
 
 def _is_dataset(v: Any) -> bool:
-    """A value that is a whole dataset (not a column of one): a column is a tensor or an array, so a
-    mapping is one dataset's columns (a tokenizer's batch ``{"input_ids": ..., "labels": ...}``)."""
+    """A value that is a whole dataset (not a column of one): a column is a tensor, an array or a list of
+    numbers or strings (:func:`slt.data.is_column_list`), so a mapping is one dataset's columns (a
+    tokenizer's batch ``{"input_ids": ..., "labels": ...}``, with or without ``return_tensors``)."""
+    if is_column_list(v):
+        return False
     return (isinstance(v, (Data, Dataset, DataLoader, tuple, list, Mapping))
             or type(v).__name__ in ("Dataset", "BatchEncoding"))
 

@@ -538,6 +538,42 @@ def test_a_list_of_samples_is_a_dataset():
         as_source([{"input_ids": [1, 2, 3]}, {"input_ids": [4, 5]}])
 
 
+def test_python_lists_are_columns_and_an_iterable_dataset_is_read_once():
+    """Columns given as Python lists (a tokenizer's output without ``return_tensors``, labels from a list
+    comprehension) were refused ("must be a torch.Tensor"), and a mapping of such lists was taken for a
+    data-refined mapping of datasets; an ``IterableDataset`` failed with ``len()``.  Now lists of numbers
+    are tensors as NumPy makes them, text and ragged rows are errors naming the column, and an
+    ``IterableDataset``'s samples are read once and stacked — each giving the chains of the tensor form."""
+    X, Y = _data(n=40)
+    ids = torch.randint(0, 9, (40, 5), generator=torch.Generator().manual_seed(2))
+    lab = torch.arange(40) % 3
+    d = as_source({"input_ids": ids.tolist(), "labels": lab.tolist()})
+    assert isinstance(d, Data) and torch.equal(d.x["input_ids"], ids) and d.x["labels"].dtype == torch.int64
+    pair = as_source((X.tolist(), Y.tolist()))
+    assert pair.x.dtype == F64 and torch.equal(pair.x, X) and torch.equal(pair.y, Y)
+    with pytest.raises(ValueError, match=r"x\['text'\] is a list of text \(str\), not numbers.*tokenize it"):
+        as_source({"input_ids": ids, "text": ["a"] * 40})
+    with pytest.raises(ValueError, match=r"x\['input_ids'\] is a list whose rows have different lengths: pad"):
+        as_source({"input_ids": [[1, 2, 3], [4, 5]]})
+    ref = slt.estimate_llc(_plain_model(), (X, Y), F.mse_loss, **KW)
+    lists = slt.estimate_llc(_plain_model(), (X.tolist(), Y.tolist()), F.mse_loss, **KW)
+    assert torch.equal(lists.loss_trace, ref.loss_trace)
+
+    class Stream(torch.utils.data.IterableDataset):
+        def __iter__(self):
+            return iter(zip(X, Y))
+
+    streamed = slt.estimate_llc(_plain_model(), Stream(), F.mse_loss, **KW)
+    assert torch.equal(streamed.loss_trace, ref.loss_trace)
+
+    class Empty(torch.utils.data.IterableDataset):
+        def __iter__(self):
+            return iter(())
+
+    with pytest.raises(ValueError, match="IterableDataset yielded no samples"):
+        as_source(Empty())
+
+
 def test_a_list_of_minibatches_is_named_not_read_as_samples():
     """``list(loader)`` — minibatches ``(x_b, y_b)`` — was stacked as one sample per minibatch: n = 7 for 112
     samples, a wrong nβ and a negative λ̂ with an MSE loss, no word said.  Of different sizes (a last, smaller

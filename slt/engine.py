@@ -65,8 +65,8 @@ from .samplers import LocalizedPotential, SamplerSpec, build_sampler, resolve_sa
 from .samplers.base import column_chunks, rowsum64
 from .stepsize import (ADAPT_EXTENSIONS, ADAPT_MIN_STEPS, JUMP_FACTOR, STEP_SIZE_SAFETY, adapt_step_size, auto_step_size,
                        gradient_noise_trace, initial_step_size, stable_step_size)
-from .target import (Target, _seeds, checkpoint_modules, checkpoint_state_batchable, checkpoint_state_differences,
-                     fastest_path, load_checkpoint_files, prepare_target)
+from .target import (Target, _seeds, batch_statistics_issue, checkpoint_modules, checkpoint_state_batchable,
+                     checkpoint_state_differences, fastest_path, load_checkpoint_files, prepare_target)
 
 __all__ = [
     "estimate_llc",
@@ -651,6 +651,17 @@ class Sampling:
 
 
 @autograd_allowed
+def _note_batch_statistics(target: Target, minibatches: bool) -> Target:
+    """The target with :func:`slt.target.batch_statistics_issue` among its issues (and warned) when its
+    model normalises by batch statistics in eval mode and the run draws minibatches: the estimate is then
+    of another potential than n·β·L_n, so it is not converged (a full-batch run is exact)."""
+    note = batch_statistics_issue(target.model) if minibatches else None
+    if note is None or note in target.issues:
+        return target
+    warnings.warn(f"slt: {note}", RuntimeWarning, stacklevel=user_stacklevel())
+    return replace(target, issues=[*target.issues, note])
+
+
 def sample_target(
     target: Any,
     *,
@@ -708,6 +719,7 @@ def sample_target(
     batch_auto = batch_size == "auto"
     if batch_auto:
         batch_size = BATCH_SIZE
+    target = _note_batch_statistics(target, minibatches=batch_size is not None or isinstance(target.source, LoaderSource))
     C, G, dev = num_chains, target.G, target.device
     rows = target.rows(C)  # (G*C, d)
     rule = _step_size_rule(step_size)

@@ -65,7 +65,8 @@ from .params import ParamSpec
 from .rng import ChainRNG
 from ._runtime import resolve_device, autograd_allowed, user_stacklevel
 
-__all__ = ["Target", "prepare_target", "BatchStream", "train_mode_issues", "random_forward_issue", "fastest_path",
+__all__ = ["Target", "prepare_target", "BatchStream", "train_mode_issues", "batch_statistics_issue",
+           "random_forward_issue", "fastest_path",
            "checkpoint_state_differences", "checkpoint_modules", "checkpoint_state_batchable"]
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
@@ -1112,6 +1113,24 @@ def train_mode_issues(model: nn.Module) -> list[str]:
     if norms:
         issues.append(f"BatchNorm in train mode in {_names(norms)}: call model.eval() to use the batched path")
     return issues
+
+
+def batch_statistics_issue(model: nn.Module) -> str | None:
+    """A note when a BatchNorm module normalises by the statistics of the batch it is given even in eval
+    mode (``track_running_stats=False``, or running statistics removed): a sample's output then depends on
+    the other samples of its minibatch, so a minibatch's loss is not an unbiased estimate of
+    :math:`L_n(w)` (a full-batch forward), the chains sample another potential, and λ̂ depends on the
+    batch size.  (In training mode :func:`train_mode_issues` names it.)  ``None`` when there is none."""
+    mods = [f"{name} ({type(m).__name__})" if name.replace(".", "").isdigit() else (name or "<model>")
+            for name, m in model.named_modules()
+            if isinstance(m, nn.modules.batchnorm._BatchNorm) and not m.training
+            and (not m.track_running_stats or m.running_mean is None)]
+    if not mods:
+        return None
+    return (f"{_names(mods)} normalise by each batch's statistics even in eval mode (BatchNorm without running "
+            "statistics): a sample's output depends on the other samples of its minibatch, so a minibatch's loss "
+            "is not an unbiased estimate of L_n and λ̂ depends on the batch size; pass batch_size=None (full batch: "
+            "L_n itself), or give the model running statistics (track_running_stats=True, trained, then eval())")
 
 
 def random_forward_issue(model: nn.Module, probe: Batch, loss_fn: Callable | None = None) -> str | None:

@@ -128,7 +128,9 @@ def _accepts(target: str, name: str) -> bool:
         params = inspect.signature(fn).parameters
     except (TypeError, ValueError):
         return False
-    return name in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
+    # a named parameter only: a **kwargs callable forwards what it does not know (transformers'
+    # from_pretrained to the model's __init__, torch.load to pickle), which then fails on `generator`
+    return name in params and params[name].kind is not inspect.Parameter.VAR_POSITIONAL
 
 
 def without_demo(cfg: DictConfig) -> tuple[DictConfig, list[str]]:

@@ -384,6 +384,23 @@ def test_llc_with_the_users_model_leaves_out_the_demos_settings(tmp_path):
     assert dropped == [] and kept.model.widths == [5, 3, 4]
 
 
+def test_llc_passes_a_generator_only_to_callables_that_name_it(tmp_path):
+    """``generator=`` went to every callable with ``**kwargs``, which forward what they do not know:
+    ``data._target_=torch.load`` failed in pickle, and transformers' ``from_pretrained`` in the model's
+    ``__init__`` ("unexpected keyword argument 'generator'").  Now only a named parameter gets it."""
+    from experiments import llc
+
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(60, 5, generator=g)
+    torch.save((X, X @ torch.randn(5, 4, generator=g)), tmp_path / "data.pt")
+    assert not llc._accepts("torch.load", "generator") and llc._accepts("slt.models.DeepLinearNetwork", "generator")
+    cfg = _compose("llc", ["model._target_=torch.nn.Linear", "+model.in_features=5", "+model.out_features=4",
+                           "data._target_=torch.load", f"+data.f={tmp_path / 'data.pt'}",
+                           "loss=torch.nn.functional.mse_loss", *TINY_LLC[2:]])
+    met = _runlib.execute(llc.run, cfg, tmp_path / "run")["metrics"]
+    assert met["num_params"] == 24 and np.isfinite(met["llc_mean"])
+
+
 def test_llc_curve_over_checkpoint_files_in_one_call(tmp_path):
     """``checkpoint='dir/step_*.pt'`` estimates every matching file in one batched call, in natural
     order (step_2 < step_10 < step_100), each the same as its own estimate_llc call with seed + k."""

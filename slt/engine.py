@@ -437,25 +437,39 @@ def _where(target: Target, g: int) -> str:
 
 def _where_all(target: Target, groups: list[int]) -> str:
     """The labels of several groups: ``checkpoints 0–3, 7`` where only the checkpoint differs (likewise a
-    restriction or a data label: ``checkpoint 0, restrictions 'l0h0', 'l0h1'``), else each group's own, joined."""
+    restriction or a data label: ``checkpoint 0, restrictions 'l0h0', 'l0h1'``); where several labels differ
+    and the groups are every combination of their values, the product (``checkpoints 0–2 × 8 restrictions
+    'l0h0' … 'l1h3'``); otherwise each group's own, the first :data:`WHERE_SHOWN` of them and a count."""
     if len(groups) == 1:
         return _where(target, groups[0])
     labels = [target.group_labels(g) for g in groups]
     varying = [k for k in labels[0] if len({repr(lb[k]) for lb in labels}) > 1]
-    if len(varying) != 1:
-        return "; ".join(_where(target, g) for g in groups)
-    key = varying[0]
-    parts = []
+    values = {k: list(dict.fromkeys(lb[k] for lb in labels)) for k in varying}
+    combos = {tuple(repr(lb[k]) for k in varying) for lb in labels}
+    if len(combos) != len(labels) or len(combos) != math.prod(len(v) for v in values.values()):
+        shown = "; ".join(_where(target, g) for g in groups[:WHERE_SHOWN])
+        return shown + (f"; and {len(groups) - WHERE_SHOWN} more" if len(groups) > WHERE_SHOWN else "")
+    parts, product, at = [], [], None
     for k, v in labels[0].items():
         if v is None:
             continue
-        if k != key:
+        if k not in values:
             parts.append(f"{k} {v!r}" if isinstance(v, str) else f"{k} {v}")
             continue
-        values = [lb[k] for lb in labels]
-        shown = _ranges(values) if all(isinstance(x, int) for x in values) else ", ".join(map(repr, values))
-        parts.append(f"{_PLURAL[k]} {shown}")
+        at = len(parts) if at is None else at
+        vs = values[k]
+        if all(isinstance(x, int) for x in vs):
+            product.append(f"{_PLURAL[k]} {_ranges(sorted(vs))}")
+        elif len(vs) <= 4:
+            product.append(f"{_PLURAL[k]} {', '.join(map(repr, vs))}")
+        else:
+            product.append(f"{len(vs)} {_PLURAL[k]} {vs[0]!r} … {vs[-1]!r}")
+    parts.insert(len(parts) if at is None else at, " × ".join(product))
     return ", ".join(parts)
+
+
+#: groups named one by one in a warning whose groups are no product of their labels' values (:func:`_where_all`)
+WHERE_SHOWN = 6
 
 
 def _ranges(values: list[int]) -> str:

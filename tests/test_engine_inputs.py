@@ -243,3 +243,19 @@ def test_warnings_that_differ_only_in_numbers_are_shown_once_with_their_groups()
         "slt.estimate_llc (checkpoint 0, restrictions 'l0h0', 'l0h1'): ESS 40 < 100",
         "slt.estimate_llc (checkpoint 0, restriction 'a'; checkpoint 1, restriction 'b'): ESS 40–41 < 100",
     ]
+    # every checkpoint × every restriction (a per-head curve: 3 × 8 groups) is named as the product, not
+    # 24 pairs; groups that are no product are named one by one up to six, then counted
+    heads = [f"l{i}h{j}" for i in range(2) for j in range(4)]
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        _warn_groups(labels(3, heads), [["R-hat 1.7 > 1.1"]] * 24)
+        _warn_groups(labels(2, ["a", "b", "c"]), [["R-hat 1.2 > 1.1"]] * 2 + [["R-hat 1.3 > 1.1"]] * 3 + [[]])
+        _warn_groups(labels(4, ["a", "b"]), [["ESS 9 < 100"]] * 7 + [[]])
+    assert [str(w.message) for w in seen] == [
+        "slt.estimate_llc (checkpoints 0–2 × 8 restrictions 'l0h0' … 'l1h3'): R-hat 1.7 > 1.1",
+        "slt.estimate_llc (checkpoint 0, restriction 'a'; checkpoint 0, restriction 'b'; checkpoint 0, restriction "
+        "'c'; checkpoint 1, restriction 'a'; checkpoint 1, restriction 'b'): R-hat 1.2–1.3 > 1.1",
+        "slt.estimate_llc (checkpoint 0, restriction 'a'; checkpoint 0, restriction 'b'; checkpoint 1, restriction "
+        "'a'; checkpoint 1, restriction 'b'; checkpoint 2, restriction 'a'; checkpoint 2, restriction 'b'; and 1 "
+        "more): ESS 9 < 100",
+    ]

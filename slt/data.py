@@ -454,6 +454,18 @@ class LoaderSource:
         return any(isinstance(sm, RandomSampler) and sm.generator is None for sm in self._samplers)
 
     def _unpack(self, item: Any) -> tuple[Inputs, Inputs | None, Tensor | None]:
+        x, y, w = self._fields(item)
+        for name, t in (("x", x), ("y", y), ("weights", w)):
+            if any(v.ndim == 0 for v in _leaves(t)):
+                auto = getattr(self.loader, "batch_sampler", None) is not None
+                raise ValueError(
+                    f"a DataLoader batch's {name} holds a 0-d tensor, so the loader yields single samples, not "
+                    "batches with a leading sample dimension"
+                    + ("" if auto else " (batch_size=None turns PyTorch's automatic batching off)")
+                    + ": pass DataLoader(dataset, batch_size=B), or the dataset itself (slt then draws the minibatches)")
+        return x, y, w
+
+    def _fields(self, item: Any) -> tuple[Inputs, Inputs | None, Tensor | None]:
         if isinstance(item, Tensor):
             return _normal(item), None, None
         if isinstance(item, Mapping):  # a dict batch (default collate of dict items, a BatchEncoding)

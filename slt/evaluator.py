@@ -1304,7 +1304,7 @@ def _check_buffer_writes(model: nn.Module, aliases: Mapping[str, list[str]] | No
 
 
 def check_gradients_reach(model: nn.Module, spec: ParamSpec, adapter: LossAdapter, probe: Batch, w: Tensor,
-                          rows: int = 8) -> None:
+                          rows: int = 8, original: nn.Module | None = None) -> None:
     """Refuse a model whose loss depends on sampled parameters that autograd gives no gradient.
 
     SGLD moves each parameter by its gradient; a parameter used in ``forward`` under
@@ -1313,7 +1313,9 @@ def check_gradients_reach(model: nn.Module, spec: ParamSpec, adapter: LossAdapte
     whose output is detached gave a small, finite λ̂ with no warning).  On the first ``rows`` samples
     of ``probe`` at ``w`` ((d,)), the parameters without a gradient are perturbed (relative size
     1e-2, fixed generator, the same random numbers in both forward passes) and the loss compared;
-    parameters the loss really does not use (left over, unused) pass."""
+    parameters the loss really does not use (left over, unused) pass.  A loss whose graph reaches the
+    module's own parameter tensors (or those of ``original``, the user's module when ``model`` is its copy
+    on another device or dtype) is refused too (:func:`_refuse_direct_reads`)."""
     x = _map(lambda t: t[:rows], probe.x)
     y = x if probe.y is probe.x else _map(lambda t: t[:rows], probe.y)
     aliases = module_aliases(model)
@@ -1329,8 +1331,10 @@ def check_gradients_reach(model: nn.Module, spec: ParamSpec, adapter: LossAdapte
         with torch.enable_grad():
             loss = loss_at(params)
         if isinstance(loss, Tensor) and loss.requires_grad:
-            grads = torch.autograd.grad(loss, list(params.values()), allow_unused=True)
+            own = _own_parameters(model, original)
+            grads = torch.autograd.grad(loss, list(params.values()) + [p for _, p in own], allow_unused=True)
             silent = [n for n, g in zip(params, grads) if g is None]
+            _refuse_direct_reads(list(dict.fromkeys(n for (n, _), g in zip(own, grads[len(params):]) if g is not None)))
         else:
             silent = list(params)
         if not silent:
@@ -1349,10 +1353,42 @@ def check_gradients_reach(model: nn.Module, spec: ParamSpec, adapter: LossAdapte
         ("no parameter gets a gradient from loss_fn (the loss does not require grad), yet the loss changes "
          "when they move" if everything else
          f"the loss depends on the parameters {names}, yet autograd gives them no gradient")
-        + f" (moving them by 1e-2 of their size changed the loss on the first samples from {float(loss):.6g} "
+        + " (moving them by 1e-2 of their size changed the loss on the first samples from "
+        f"{float(torch.as_tensor(loss).detach()):.6g} "
         f"to {float(again):.6g}): they are used under torch.no_grad(), through .detach() or .data in forward or "
         "loss_fn. SGLD would move them as if the loss did not depend on them, so λ̂ would be meaningless. Remove "
         "the detach/no_grad, or freeze those parameters (p.requires_grad_(False)) to hold them at w*"
+    )
+
+
+def _own_parameters(*models: nn.Module | None) -> list[tuple[str, Tensor]]:
+    """The modules' own parameter tensors that require grad, each once, with the first name that registers
+    it (a module and its copy on another device or dtype share names, not tensors)."""
+    out: list[tuple[str, Tensor]] = []
+    seen: set[int] = set()
+    for model in models:
+        for n, p in (model.named_parameters(remove_duplicate=False) if model is not None else ()):
+            if p.requires_grad and id(p) not in seen:
+                seen.add(id(p))
+                out.append((n, p))
+    return out
+
+
+def _refuse_direct_reads(names: list[str]) -> None:
+    """Refuse a loss whose graph reaches the module's own parameter tensors (``names``) rather than the
+    tensors slt passes for them: ``loss_fn`` (or ``forward``) reads them outside the module's parameter
+    lookup — a closure over ``model.fc.weight`` in ``loss_fn`` (an L2 penalty, a tied head applied in the
+    loss), a parameter kept as a plain attribute of another module — so every chain would see them at w*
+    while its own copies move (the vmap path) and λ̂ would be of another loss, silently."""
+    if not names:
+        return
+    raise ValueError(
+        f"the loss reaches the model's own parameter tensors {_names([repr(n) for n in names], 6)} directly, not "
+        "through the parameters slt samples (it passes each chain's values by name, torch.func.functional_call): "
+        "loss_fn or forward reads them outside the module's parameter lookup — a closure over model.<...>.weight in "
+        "loss_fn (e.g. an L2 penalty: the LLC is of the data loss, leave it out; γ localizes), or a parameter kept "
+        "as a plain attribute of another module — so every chain would see them at w*. Compute it inside forward "
+        "from the module's own attributes (self.<...>.weight), or leave it out of the loss"
     )
 
 

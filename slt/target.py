@@ -1439,7 +1439,8 @@ def prepare_target(
     if random:
         issues.append(random)
         warnings.warn(f"{caller}: {random}", RuntimeWarning, stacklevel=user_stacklevel())
-    check_gradients_reach(work_model, spec, adapter, probe, w_star[0])
+    check_gradients_reach(work_model, spec, adapter, probe, w_star[0],
+                          original=template if template is not work_model else None)
     structured = not (isinstance(probe.x, Tensor) and isinstance(probe.y, Tensor) and isinstance(out, Tensor))
     # chunks of the losses at w* are sized by the larger of input and output per sample (a language
     # model's logits are vocab times its token ids)

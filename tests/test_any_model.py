@@ -472,6 +472,19 @@ def test_loader_of_dicts_and_full_data():
     assert torch.isfinite(r.loss_trace).all()
 
 
+def test_a_loader_of_single_samples_is_named_not_read_as_batches():
+    """``DataLoader(dataset, batch_size=None)`` yields samples without a batch dimension: the probe failed
+    with "slice() cannot be applied to a 0-dim tensor".  Now the error names the loader's setting."""
+    from torch.utils.data import DataLoader, TensorDataset
+
+    X, Y = _data(n=40)
+    labels = torch.arange(40) % 2
+    loader = DataLoader(TensorDataset(X, labels), batch_size=None)
+    with pytest.raises(ValueError, match=r"batch's y holds a 0-d tensor.*batch_size=None turns PyTorch's automatic "
+                                         r"batching off.*DataLoader\(dataset, batch_size=B\)"):
+        slt.estimate_llc(nn.Linear(3, 2).to(F64), loader, F.cross_entropy, **KW)
+
+
 def test_a_shuffling_loader_without_a_generator_is_named_and_its_batch_size_recorded():
     from torch.utils.data import DataLoader, TensorDataset
 
@@ -1678,6 +1691,46 @@ def test_parameters_the_loss_uses_without_a_gradient_are_refused(cls, match):
     X, Y = _data(n=100)
     with pytest.raises(ValueError, match=match + r".*freeze those parameters"):
         slt.estimate_llc(_plain_model(cls), (X, Y), F.mse_loss, **KW)
+
+
+class BorrowedWeight(nn.Module):
+    """Keeps another module's weight as a plain attribute of a child: functional_call replaces the
+    registered parameter, not the borrowed reference."""
+
+    def __init__(self):
+        super().__init__()
+        self.l1, self.l2 = nn.Linear(3, 4), nn.Linear(4, 2)
+        self.__dict__["borrowed"] = self.l1.weight  # not registered: a plain attribute
+
+    def forward(self, x):
+        return self.l2(torch.tanh(x @ self.borrowed.T + self.l1.bias))
+
+
+def test_a_loss_that_reads_the_models_own_parameters_is_refused():
+    """A loss_fn that closes over the model's parameters (an L2 penalty) read them at w* on the vmap path
+    whatever the chain's values — λ̂ of another loss, with no word said (and the loop path, which puts a
+    chain's tensors into the module, read the chain's: the paths disagreed).  Refused before sampling, as
+    is a forward that reads a parameter through an unregistered reference, and a penalty on the user's
+    module when the run computes in a copy (another dtype)."""
+    X, Y = _data(n=100)
+    m = _plain_model()
+
+    def penalized(out, y):
+        return F.mse_loss(out, y) + 1e-3 * m.l1.weight.square().sum()
+
+    for vec in ("vmap", "loop"):
+        with pytest.raises(ValueError, match=r"reaches the model's own parameter tensors 'l1.weight' directly"):
+            slt.estimate_llc(m, (X, Y), penalized, **{**KW, "vectorize": vec})
+    m32 = Plain()
+
+    def penalized32(out, y):
+        return F.mse_loss(out, y) + 1e-3 * m32.l2.weight.square().sum()
+
+    with pytest.raises(ValueError, match=r"'l2.weight' directly"):
+        slt.estimate_llc(m32, (X.float(), Y.float()), penalized32, **KW)  # KW: float64, a copy of m32
+    with pytest.raises(ValueError, match=r"'l1.weight' directly.*plain attribute"):
+        slt.estimate_llc(_plain_model(BorrowedWeight), (X, Y), F.mse_loss, **KW)
+    assert torch.isfinite(slt.estimate_llc(m, (X, Y), F.mse_loss, **KW).loss_trace).all()
 
 
 def test_unused_and_frozen_parameters_pass_the_gradient_check():

@@ -135,10 +135,17 @@ def is_column_list(t: Any) -> bool:
     """A Python list (or tuple) of numbers or strings, possibly nested (a tokenizer's ``input_ids`` without
     ``return_tensors``, a list of labels, a text column): one column of samples, not a tuple of tensors
     ``(X, Y)`` nor a list of samples."""
-    def leaves_only(v: Any) -> bool:
-        return isinstance(v, _SCALARS) or (isinstance(v, (list, tuple)) and all(leaves_only(e) for e in v))
+    def depth(v: Any) -> int | None:  # nesting depth of a list of scalars (None: something else, or mixed)
+        if isinstance(v, _SCALARS):
+            return 0
+        if not isinstance(v, (list, tuple)):
+            return None
+        inner = {depth(e) for e in v} or {0}
+        return None if None in inner or len(inner) > 1 else 1 + inner.pop()
 
-    return isinstance(t, (list, tuple)) and len(t) > 0 and all(leaves_only(e) for e in t)
+    # one depth throughout: rows of different lengths are still a column (an error naming it), while a pair
+    # (X as lists of rows, Y as a list) is two columns
+    return isinstance(t, (list, tuple)) and len(t) > 0 and depth(t) is not None
 
 
 def _list_to_tensor(name: str, t: Sequence[Any]) -> Tensor:

@@ -135,6 +135,8 @@ def _is_dataset(v: Any) -> bool:
     """A value that is a whole dataset (not a column of one): a column is a tensor, an array or a list of
     numbers or strings (:func:`slt.data.is_column_list`), so a mapping is one dataset's columns (a
     tokenizer's batch ``{"input_ids": ..., "labels": ...}``, with or without ``return_tensors``)."""
+    if isinstance(v, tuple) and 2 <= len(v) <= 3 and all(isinstance(e, list) for e in v):
+        return True  # (X, Y[, weights]) given as lists, as a 2- or 3-tuple is read everywhere
     if is_column_list(v):
         return False
     return (isinstance(v, (Data, Dataset, DataLoader, tuple, list, Mapping))

@@ -568,6 +568,9 @@ def test_python_lists_are_columns_and_an_iterable_dataset_is_read_once():
         as_source({"input_ids": ids, "text": ["a"] * 40})
     with pytest.raises(ValueError, match=r"x\['input_ids'\] is a list whose rows have different lengths: pad"):
         as_source({"input_ids": [[1, 2, 3], [4, 5]]})
+    from slt.groups import split_data  # pairs (rows, labels) of lists are datasets, not columns
+
+    assert split_data({"a": (X.tolist(), Y.tolist()), "b": (X.tolist(), Y.tolist())})[0] == ["a", "b"]
     ref = slt.estimate_llc(_plain_model(), (X, Y), F.mse_loss, **KW)
     lists = slt.estimate_llc(_plain_model(), (X.tolist(), Y.tolist()), F.mse_loss, **KW)
     assert torch.equal(lists.loss_trace, ref.loss_trace)

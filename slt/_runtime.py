@@ -116,18 +116,54 @@ def is_batched(t: Any) -> bool:
 
 
 def autograd_allowed(fn: Any) -> Any:
-    """Run ``fn`` with ``torch.inference_mode`` switched off: the samplers need autograd, and a call made
-    from inside an evaluation script's ``with torch.inference_mode():`` failed with a misleading "the loss
-    does not require grad" (``torch.no_grad()`` needs nothing: slt enables gradients where it takes them)."""
+    """A public entry point's wrapper.  ``fn`` runs with ``torch.inference_mode`` switched off: the samplers
+    need autograd, and a call made from inside an evaluation script's ``with torch.inference_mode():``
+    failed with a misleading "the loss does not require grad" (``torch.no_grad()`` needs nothing: slt
+    enables gradients where it takes them).  And the modules it is given are left as they were
+    (:func:`plain_tensors_kept`)."""
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        if not torch.is_inference_mode_enabled():
-            return fn(*args, **kwargs)
-        with torch.inference_mode(False):
-            return fn(*args, **kwargs)
+        with plain_tensors_kept([*args, *kwargs.values()]):
+            if not torch.is_inference_mode_enabled():
+                return fn(*args, **kwargs)
+            with torch.inference_mode(False):
+                return fn(*args, **kwargs)
 
     return wrapper
+
+
+def _plain_tensors(roots: list[torch.nn.Module]) -> dict[tuple[int, str], tuple[torch.nn.Module, Any]]:
+    """Every plain tensor attribute (in a module's ``__dict__``: neither a parameter nor a buffer) of the
+    module trees: ``{(id(module), name): (module, value)}``."""
+    return {(id(m), k): (m, v) for root in roots for m in root.modules() for k, v in vars(m).items()
+            if isinstance(v, torch.Tensor)}
+
+
+@contextlib.contextmanager
+def plain_tensors_kept(values: list[Any]) -> Iterator[None]:
+    """The plain tensor attributes of the modules among ``values`` (an entry point's arguments, and the
+    modules of a list such as ``models=``) put back as they were when the block ends, those it created
+    removed.  ``torch.func.functional_call`` restores parameters and buffers only, while
+    ``torch.nn.utils.prune`` and the older ``weight_norm``/``spectral_norm`` set ``module.weight`` in a
+    forward pre-hook and research code keeps ``self.last_attention = ...`` or an auxiliary loss for its
+    ``loss_fn`` to read: a vmapped run left batched tensors in the user's module ("Cannot access storage
+    of BatchedTensorImpl" at a later copy), a loop run a chain's.  Inside the block they stay as the
+    calls write them, so a ``loss_fn`` reading what ``forward`` just stored sees the chain's value."""
+    roots = [v for v in values if isinstance(v, torch.nn.Module)]
+    roots += [m for v in values if isinstance(v, (list, tuple)) for m in v if isinstance(m, torch.nn.Module)]
+    if not roots:
+        yield
+        return
+    before = _plain_tensors(roots)
+    try:
+        yield
+    finally:
+        for key, (m, v) in _plain_tensors(roots).items():
+            if key not in before:
+                del m.__dict__[key[1]]
+            elif before[key][1] is not v:
+                m.__dict__[key[1]] = before[key][1]
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:

@@ -664,7 +664,6 @@ class Sampling:
         return out
 
 
-@autograd_allowed
 def _note_batch_statistics(target: Target, minibatches: bool) -> Target:
     """The target with :func:`slt.target.batch_statistics_issue` among its issues (and warned) when its
     model normalises by batch statistics in eval mode and the run draws minibatches: the estimate is then
@@ -676,6 +675,7 @@ def _note_batch_statistics(target: Target, minibatches: bool) -> Target:
     return replace(target, issues=[*target.issues, note])
 
 
+@autograd_allowed
 def sample_target(
     target: Any,
     *,

@@ -985,6 +985,28 @@ def _checkpoint_state(template: nn.Module, ckpts: list[Any], names: list[str], d
     return out
 
 
+def copy_module(model: nn.Module) -> nn.Module:
+    """``copy.deepcopy(model)``, also for a module that holds a tensor computed from its parameters as a plain
+    attribute (``torch.nn.utils.prune``, the older ``weight_norm``/``spectral_norm``: ``module.weight``,
+    refreshed by a forward pre-hook), which ``deepcopy`` refuses ("Only Tensors created explicitly by the
+    user (graph leaves) support the deepcopy protocol"): such attributes are copied detached, and the hook
+    recomputes them at the copy's first call."""
+    try:
+        return copy.deepcopy(model)
+    except RuntimeError as e:
+        if "graph leaves" not in str(e):
+            raise
+    derived = [(m, k, v) for m in model.modules() for k, v in vars(m).items()
+               if isinstance(v, Tensor) and v.grad_fn is not None]
+    try:
+        for m, k, v in derived:
+            m.__dict__[k] = v.detach()
+        return copy.deepcopy(model)
+    finally:
+        for m, k, v in derived:
+            m.__dict__[k] = v
+
+
 def checkpoint_modules(model: Any, models: Sequence[Any] | None = None,
                        state_dicts: Sequence[Mapping[str, Tensor]] | None = None) -> list[nn.Module]:
     """Each checkpoint as a module holding all of its state: a module as given, a state dict loaded
@@ -995,7 +1017,7 @@ def checkpoint_modules(model: Any, models: Sequence[Any] | None = None,
         if isinstance(ck, nn.Module):
             out.append(ck)
         else:
-            m = copy.deepcopy(template)
+            m = copy_module(template)
             m.load_state_dict(ck, strict=False)
             out.append(m)
     return out
@@ -1382,7 +1404,7 @@ def prepare_target(
         t.device != dev or (t.is_floating_point() and t.dtype != dtype)
         for t in list(template.parameters()) + list(template.buffers())
     ):
-        work_model = copy.deepcopy(template).to(device=dev, dtype=dtype)
+        work_model = copy_module(template).to(device=dev, dtype=dtype)
     rows = [(spec.flatten_module(ck) if isinstance(ck, nn.Module) else spec.flatten_mapping(ck)).to(
         device=dev, dtype=dtype) for ck in ckpts]
     w_star = torch.stack(rows)  # (K, d)

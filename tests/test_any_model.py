@@ -1736,6 +1736,66 @@ def test_a_loss_that_reads_the_models_own_parameters_is_refused():
     assert torch.isfinite(slt.estimate_llc(m, (X, Y), F.mse_loss, **KW).loss_trace).all()
 
 
+class KeepsActivation(Plain):
+    """Research code: forward keeps its hidden activation as a plain attribute."""
+
+    def forward(self, x):
+        self.last_hidden = torch.tanh(self.l1(x))
+        return self.l2(self.last_hidden)
+
+
+class AuxAttribute(Plain):
+    """Keeps an auxiliary loss for the loss function to read (a mixture of experts' balance term)."""
+
+    def forward(self, x):
+        h = torch.tanh(self.l1(x))
+        self.aux = h.square().mean()
+        return self.l2(h)
+
+
+class AuxOutput(Plain):
+    def forward(self, x):
+        h = torch.tanh(self.l1(x))
+        return self.l2(h), h.square().mean()
+
+
+@pytest.mark.parametrize("vec", ["vmap", "loop"])
+def test_plain_attributes_that_forward_writes_are_put_back(vec):
+    """``torch.nn.utils.prune`` and the older ``weight_norm`` set ``module.weight`` in a forward pre-hook, and
+    research code keeps activations as attributes; ``functional_call`` restores only parameters and buffers,
+    so a vmapped run left batched tensors in the user's module (a later ``copy.deepcopy`` or print failed with
+    "Cannot access storage of BatchedTensorImpl") and a loop run a chain's.  The attributes are put back (one
+    the run created is removed), and such a module can be copied for a run in another dtype (deepcopy refused
+    its non-leaf ``weight``)."""
+    import torch.nn.utils.prune as prune
+
+    X, Y = _data(n=100)
+    pruned = _plain_model()
+    prune.l1_unstructured(pruned.l1, "weight", amount=0.5)
+    normed = _plain_model()
+    torch.nn.utils.weight_norm(normed.l2)
+    keeps = _plain_model(KeepsActivation)
+    for m, name in ((pruned.l1, "weight"), (normed.l2, "weight"), (keeps, "last_hidden")):
+        model = pruned if m is pruned.l1 else normed if m is normed.l2 else keeps
+        before = m.__dict__.get(name)
+        r = slt.estimate_llc(model, (X, Y), F.mse_loss, **{**KW, "vectorize": vec})
+        assert r.diagnostics["path"] == vec and torch.isfinite(r.loss_trace).all()
+        assert m.__dict__.get(name) is before  # the same object as before the run (or still absent)
+        assert name == "last_hidden" or float(m.__dict__[name].detach().sum()) == float(before.detach().sum())
+    # inside the run the attributes stay as forward writes them: a loss_fn reading what forward stored (an
+    # auxiliary loss) gets the chain's value, as from a model that returns it
+    aux, twin = _plain_model(AuxAttribute), _plain_model(AuxOutput)
+    r_attr = slt.estimate_llc(aux, (X, Y), lambda out, y: F.mse_loss(out, y) + 0.1 * aux.aux, **{**KW, "vectorize": vec})
+    r_out = slt.estimate_llc(twin, (X, Y), lambda out, y: F.mse_loss(out[0], y) + 0.1 * out[1],
+                             **{**KW, "vectorize": vec})
+    assert torch.equal(r_attr.loss_trace, r_out.loss_trace) and "aux" not in aux.__dict__
+    assert r_attr.diagnostics["path"] == vec
+    f32 = _plain_model().float()
+    prune.l1_unstructured(f32.l1, "weight", amount=0.5)
+    r64 = slt.estimate_llc(f32, (X, Y), F.mse_loss, **KW)  # KW: float64, so a copy of the float32 module
+    assert r64.config["dtype"] == "float64" and torch.isfinite(r64.loss_trace).all()
+
+
 def test_unused_and_frozen_parameters_pass_the_gradient_check():
     X, Y = _data(n=100)
     r = slt.estimate_llc(_plain_model(LeftOver), (X, Y), F.mse_loss, **KW)

@@ -130,7 +130,7 @@ def _accepts(target: str, name: str) -> bool:
         return False
     # a named parameter only: a **kwargs callable forwards what it does not know (transformers'
     # from_pretrained to the model's __init__, torch.load to pickle), which then fails on `generator`
-    return name in params and params[name].kind is not inspect.Parameter.VAR_POSITIONAL
+    return name in params
 
 
 def without_demo(cfg: DictConfig) -> tuple[DictConfig, list[str]]:

@@ -1149,7 +1149,8 @@ def batch_statistics_issue(model: nn.Module) -> str | None:
             and (not m.track_running_stats or m.running_mean is None)]
     if not mods:
         return None
-    return (f"{_names(mods)} normalise by each batch's statistics even in eval mode (BatchNorm without running "
+    verb = "normalises" if len(mods) == 1 else "normalise"
+    return (f"{_names(mods)} {verb} by each batch's statistics even in eval mode (BatchNorm without running "
             "statistics): a sample's output depends on the other samples of its minibatch, so a minibatch's loss "
             "is not an unbiased estimate of L_n and λ̂ depends on the batch size; pass batch_size=None (full batch: "
             "L_n itself), or give the model running statistics (track_running_stats=True, trained, then eval())")

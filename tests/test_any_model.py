@@ -1589,7 +1589,7 @@ def test_batch_statistics_in_eval_mode_are_named_when_the_run_draws_minibatches(
     torch.manual_seed(0)
     net = nn.Sequential(nn.Linear(3, 8), nn.BatchNorm1d(8, track_running_stats=False), nn.Tanh(),
                         nn.Linear(8, 2)).to(F64).eval()
-    with pytest.warns(RuntimeWarning, match=r"1 \(BatchNorm1d\) normalise by each batch's statistics even in eval "
+    with pytest.warns(RuntimeWarning, match=r"1 \(BatchNorm1d\) normalises by each batch's statistics even in eval "
                                             r"mode.*pass batch_size=None"):
         r = slt.estimate_llc(net, (X, Y), F.mse_loss, **KW)
     assert not r.converged and any("each batch's statistics" in c for c in r.convergence_reasons)

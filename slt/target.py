@@ -1102,6 +1102,12 @@ def _dropout_rate_attrs(module: nn.Module) -> list[str]:
     return out
 
 
+def _module_label(name: str, m: nn.Module) -> str:
+    """A module's name in a set-up note, with its class where the name is only indices (a Sequential's ``0``,
+    ``1.2``)."""
+    return f"{name} ({type(m).__name__})" if name.replace(".", "").isdigit() else name
+
+
 def train_mode_issues(model: nn.Module) -> list[str]:
     """Notes on modules whose training mode makes the loss random or batch-dependent.
 
@@ -1116,7 +1122,7 @@ def train_mode_issues(model: nn.Module) -> list[str]:
     for name, m in model.named_modules():
         if not m.training:
             continue
-        label = f"{name} ({type(m).__name__})" if name.replace(".", "").isdigit() else name  # Sequential indices
+        label = _module_label(name, m)
         if isinstance(m, nn.modules.dropout._DropoutNd):
             if float(m.p) > 0:
                 dropout.append(label)
@@ -1143,8 +1149,7 @@ def batch_statistics_issue(model: nn.Module) -> str | None:
     the other samples of its minibatch, so a minibatch's loss is not an unbiased estimate of
     :math:`L_n(w)` (a full-batch forward), the chains sample another potential, and λ̂ depends on the
     batch size.  (In training mode :func:`train_mode_issues` names it.)  ``None`` when there is none."""
-    mods = [f"{name} ({type(m).__name__})" if name.replace(".", "").isdigit() else (name or "<model>")
-            for name, m in model.named_modules()
+    mods = [_module_label(name, m) or "<model>" for name, m in model.named_modules()
             if isinstance(m, nn.modules.batchnorm._BatchNorm) and not m.training
             and (not m.track_running_stats or m.running_mean is None)]
     if not mods:

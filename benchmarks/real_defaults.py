@@ -2,8 +2,8 @@
 
 For each network, ``slt.estimate_llc`` at every default, then the same sampler and γ with ε halved at the
 default burn-in and draws (a direct check of "λ̂ stable when ε halves", which ``converged`` claims); the
-sampler is the one whose draws the default ``sampler="auto"`` returned (SGLD, or RMSProp-SGLD where SGLD
-did not settle).  The
+sampler is the one whose draws the default ``sampler="auto"`` returned (SGLD, or critically damped SGHMC
+(full batch) or RMSProp-SGLD where SGLD did not settle).  The
 networks are written as users write them: a 2-layer ``nn.TransformerEncoder`` classifier (18k
 parameters) and a GRU classifier (2k parameters; PyTorch's GRU kernel has no vmap batching rule, and
 slt runs its recurrence in plain operations under vmap, :mod:`slt._rnn`), each trained with Adam (3000 steps) on n = 1024 random token sequences whose

@@ -69,7 +69,7 @@ class SamplerConf:
     batch_size: Optional[Union[int, str]] = LLC.batch_size  # a number, null (full batch) or "auto"
     mala_every: int = LLC.mala_every
     extend_draws: Union[bool, int] = LLC.extend_draws  # continue stationary, unmixed chains; false: num_draws
-    sampler_kwargs: Dict[str, float] = field(default_factory=dict)
+    sampler_kwargs: Dict[str, Any] = field(default_factory=dict)  # numbers, or e.g. friction: auto
 
 
 @dataclass
@@ -478,7 +478,7 @@ def _sampler_names() -> tuple[str, ...]:
     try:
         from slt.samplers import SAMPLERS
 
-        return ("auto", *SAMPLERS)  # "auto": the engine's default (SGLD, RMSProp-SGLD when SGLD does not settle)
+        return ("auto", *SAMPLERS)  # "auto": the engine's default (SGLD, then SGHMC or RMSProp-SGLD when SGLD does not settle)
     except ImportError:  # pragma: no cover - a library without the registry
         return ("auto", *_SAMPLERS)
 

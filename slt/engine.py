@@ -53,15 +53,15 @@ from ._checks import check_int, check_observables, check_real
 from ._runtime import (autograd_allowed, intra_op_threads, resolve_device, retained_heap, small_work_threads,
                        user_stacklevel, versions)
 from .data import LoaderSource, num_rows, row_numel
-from .defaults import (BATCH_RAISES, BATCH_SIZE, BATCH_SIZE_MAX, EXTENSION_BUDGET, LLC, LOCALIZATION_MIN_DRAWS,
-                       LOCALIZATION_STEPS, default_burnin, default_localization, default_nbeta)
+from .defaults import (BATCH_RAISES, BATCH_SIZE, BATCH_SIZE_MAX, EXTENSION_BUDGET, FALLBACK_SAMPLERS, LLC,
+                       LOCALIZATION_MIN_DRAWS, LOCALIZATION_STEPS, default_burnin, default_localization, default_nbeta)
 from .diagnostics import changed, free_diffusion, halved_step_estimate, llc_standard_error, minibatch_heating
 from .evaluator import ChainEvaluator, fused_summary
 from .groups import Groups
 from .loop import Divergence, Trace, run_chains, show_progress
 from .result import UNSETTLED, LLCResult, _halving_gap, equilibrium_checks, heating_check
 from .rng import ChainRNG
-from .samplers import LocalizedPotential, SamplerSpec, build_sampler, resolve_sampler
+from .samplers import SAMPLERS, LocalizedPotential, SamplerSpec, build_sampler, resolve_sampler
 from .samplers.base import column_chunks, rowsum64
 from .stepsize import (ADAPT_EXTENSIONS, ADAPT_MIN_STEPS, JUMP_FACTOR, STEP_SIZE_SAFETY, adapt_step_size, auto_step_size,
                        gradient_noise_trace, initial_step_size, stable_step_size)
@@ -232,16 +232,20 @@ def estimate_llc(
         ``slt.samplers.sghmc(friction=0.05)`` (a :class:`slt.samplers.SamplerSpec`;
         see :mod:`slt.samplers`).  ``"auto"`` (default): SGLD; with the automatic γ and the
         adapted step size, when its chains have still not settled once γ can rise no further and
-        the draws were extended, the run is repeated with RMSProp-SGLD (preconditioner adapted
-        during burn-in, then frozen, so that its draws target the posterior) at the γ reached.  Its
-        draws are returned if they settled: its own checks pass, and a direct run at ε/2 with the
-        same steps and seeds gives the same λ̂ within Monte-Carlo error (the in-run halving estimate
-        assumes a metric fixed from w*, which an adapting one is not).  ``config["sampler_fallback"]``
-        says what was tried and why; ``config["sampler"]`` is the sampler of the returned draws.
-        RMSProp-SGLD moves the directions only γ holds 1/a = 10 times faster, which mixes networks
-        SGLD does not (a tiny GPT-2: R-hat 1.11 → 1.08), but on the known answers of
-        ``benchmarks/minibatch_defaults.py`` it sits above SGLD (batch 256: +12–22% against
-        +10–14%; full batch: +4–11% against +3–8%), so it is not the first choice.
+        the draws were extended, the run is repeated at the γ reached with the samplers of
+        :data:`slt.defaults.FALLBACK_SAMPLERS` in turn: SGHMC with ``friction="auto"`` (critical
+        damping of the directions only γ holds, α = √(2εγ): they relax in about 1/√(ηγ) steps instead
+        of SGLD's 1/(ηγ); full batch only, since minibatch noise heats it 1/α times more than SGLD),
+        then RMSProp-SGLD (preconditioner adapted during burn-in, then frozen, so that its draws target
+        the posterior).  The first whose draws settled is returned: its own checks pass, and a direct
+        run at ε/2 with the same steps and seeds gives the same λ̂ within Monte-Carlo error (the in-run
+        halving estimate assumes SGLD's dynamics in a metric fixed from w*).  ``config["sampler_fallback"]``
+        says what was tried and why (``["tried"]``, one record per sampler); ``config["sampler"]`` is the
+        sampler of the returned draws.  Neither is the first choice: SGHMC's underdamped stiff
+        directions decorrelate only every 1/α steps (a 5-dimensional Gaussian: λ̂'s standard error
+        0.19 against SGLD's 0.075 from the same draws), and on the known answers of
+        ``benchmarks/minibatch_defaults.py`` RMSProp-SGLD sits above SGLD (batch 256: +12–22% against
+        +10–14%; full batch: +4–11% against +3–8%).
     observables
         ``name -> f(params)`` with ``params`` a mapping ``name -> (C, *shape)``
         and ``f`` returning ``(C, ...)``; evaluated at every draw, batched over
@@ -789,39 +793,49 @@ def sample_target(
     run.pop("final", None)
     if extensions:
         halved, unsettled = _verdict(run, target, G, C, num_steps_bw_draws, judge)
-    # sampler="auto": SGLD's chains have not settled at the γ reached; RMSProp-SGLD (preconditioner frozen after
-    # burn-in) moves the flat directions 1/a times faster at that γ.  Its run replaces SGLD's when it settles.
+    # sampler="auto": SGLD's chains have not settled at the γ reached.  SGHMC damped critically for the directions
+    # γ alone holds relaxes them in ~1/√(ηγ) steps instead of 1/(ηγ); RMSProp-SGLD (preconditioner frozen after
+    # burn-in) moves flat directions 1/a times faster.  The first whose run settles replaces SGLD's.
     fallback = None
     # (only with the adapted step: a given ε was chosen for SGLD; and not for estimators whose online
     # statistics follow one run)
     if auto_sampler and unsettled and rule == "adapt" and on_draw is None:
-        rms = resolve_sampler("rmsprop_sgld")
-        alt = run_once(target, batch_size, None, rms)
-        alt_ext = _extend_while_unmixed(alt, target, rows, extend_draws, num_draws, num_steps_bw_draws, G, C,
-                                        observables, on_draw, thresh, progress)
-        alt.pop("final", None)
-        alt_halved, alt_unsettled = _verdict(alt, target, G, C, num_steps_bw_draws)
-        seconds = alt["trace"].seconds + alt["adapt_seconds"] + sum(e["seconds"] for e in alt_ext)
-        halving = None
-        if not alt_unsettled:  # the in-run halving estimate assumes a fixed metric from w*; check it directly
-            half = run_once(target, batch_size, None, rms, fixed=(alt["eps"] / 2, alt["num_steps"], alt["num_burnin"]))
-            half.pop("final", None)
-            seconds += half["trace"].seconds
-            halving = _direct_halving(alt["trace"], half["trace"], target.nbeta, G, C)
-            alt_unsettled = {g: [h["message"]] for g, h in halving.items() if h["message"]}
-        fallback = {"from": spec.name, "to": rms.name, "localization": target.localization,
-                    "reasons": _reasons(unsettled), "settled": not alt_unsettled, "halving": halving,
-                    "seconds": seconds}
-        if not alt_unsettled:
-            run, extensions, halved, unsettled, spec = alt, alt_ext, alt_halved, {}, rms
-        else:
-            fallback["reasons_after"] = _reasons(alt_unsettled)
+        tried: list[dict[str, Any]] = []
+        first, first_reasons = spec.name, _reasons(unsettled)
+        for name in _fallback_samplers(run["batches"].full):
+            alt_spec = SAMPLERS[name]()  # the spec with its defaults (friction="auto"), recorded in the config
+            alt = run_once(target, batch_size, None, alt_spec)
+            alt_ext = _extend_while_unmixed(alt, target, rows, extend_draws, num_draws, num_steps_bw_draws, G, C,
+                                            observables, on_draw, thresh, progress)
+            alt.pop("final", None)
+            alt_halved, alt_unsettled = _verdict(alt, target, G, C, num_steps_bw_draws)
+            seconds = alt["trace"].seconds + alt["adapt_seconds"] + sum(e["seconds"] for e in alt_ext)
+            halving = None
+            if not alt_unsettled:  # the in-run halving estimate assumes SGLD in a fixed metric: check it directly
+                half = run_once(target, batch_size, None, alt_spec,
+                                fixed=(alt["eps"] / 2, alt["num_steps"], alt["num_burnin"]))
+                half.pop("final", None)
+                seconds += half["trace"].seconds
+                halving = _direct_halving(alt["trace"], half["trace"], target.nbeta, G, C)
+                alt_unsettled = {g: [h["message"]] for g, h in halving.items() if h["message"]}
+            tried.append({"sampler": alt_spec.name, "settled": not alt_unsettled, "halving": halving,
+                          "seconds": seconds, "reasons_after": _reasons(alt_unsettled)})
+            if not alt_unsettled:
+                run, extensions, halved, unsettled, spec = alt, alt_ext, alt_halved, {}, alt_spec
+                break
+        last = tried[-1]
+        fallback = {"from": first, "to": last["sampler"], "localization": target.localization,
+                    "reasons": first_reasons, "settled": last["settled"], "halving": last["halving"],
+                    "seconds": sum(t["seconds"] for t in tried), "tried": tried}
+        if not last["settled"]:
+            fallback["reasons_after"] = last["reasons_after"]
     # groups still unsettled after γ was raised: say that the automatic γ ran out
-    tried = (" (RMSProp-SGLD, tried at that γ, did not settle either)" if fallback is not None
-             else "" if auto_sampler else ", or sampler='rmsprop_sgld'")
+    tried_text = (" (" + " and ".join(_FALLBACK_NAMES.get(t["sampler"], t["sampler"]) for t in fallback["tried"])
+                  + ", tried at that γ, did not settle either)" if fallback is not None
+                  else "" if auto_sampler else ", or sampler='sghmc' or 'rmsprop_sgld'")
     limit = {g: (f"the automatic localization was raised to γ = {target.localization:g} ({_ladder_end(gammas, target.nbeta)})"
                  " and the chains still have not settled: pass a larger localization, more num_burnin/num_draws"
-                 + tried)
+                 + tried_text)
              for g in unsettled} if escalations else {}
     trace, eps, smp, batches, potential = run["trace"], run["eps"], run["smp"], run["batches"], run["potential"]
     auto, adapt, halvings, kw = run["auto"], run["adapt"], run["halvings"], run["kw"]
@@ -861,6 +875,19 @@ def sample_target(
                     diffusion=run["diffusion"])
 
 
+def _fallback_samplers(full_batch: bool) -> tuple[str, ...]:
+    """:data:`slt.defaults.FALLBACK_SAMPLERS`, without SGHMC on minibatches: its velocity keeps the gradient
+    noise for 1/α steps, so minibatch noise heats it 1/α times more than SGLD (measured at every default on
+    the known answers of ``benchmarks/minibatch_defaults.py``, 2026-12-06: with the critical friction at γ = 1
+    λ̂ read +19% to +82% above them at the batch the heating check raised to, +89% to +677% at batch 256,
+    against SGLD's +10% to +14%; at full batch +5% to +8%, SGLD's +3% to +8%)."""
+    return tuple(s for s in FALLBACK_SAMPLERS if full_batch or s != "sghmc")
+
+
+#: how the fallback samplers are named in messages
+_FALLBACK_NAMES = {"sghmc": "critically damped SGHMC", "rmsprop_sgld": "RMSProp-SGLD"}
+
+
 def _run_at(target, rows, spec, rule, step_size, kw, C, num_steps, num_burnin, burnin_auto, n_adapt, thin, batch_size,
             control_variate, shared_batches, mala_every, target_accept, thresh, num_threads, observables,
             on_draw, on_start, choose, progress, t_setup, slopes=None, final_level=False) -> dict[str, Any]:
@@ -890,7 +917,6 @@ def _run_at(target, rows, spec, rule, step_size, kw, C, num_steps, num_burnin, b
                 target.evaluator.row_plan = (rows.shape[0], [(r.to(dev), n) for r, n in plan])
         potential = LocalizedPotential(_loss_and_grad(target), rows, target.nbeta, target.localization)
         probe = build_sampler(spec, potential, 1.0, mala_every=0, **kw)
-        gain = float(getattr(probe, "relaxation_gain", 1.0))  # RMSProp-SGLD: flat directions move 1/a times faster
         state = probe.init(rows)
         setup_seconds = time.perf_counter() - t_setup
         adapt = None
@@ -919,13 +945,15 @@ def _run_at(target, rows, spec, rule, step_size, kw, C, num_steps, num_burnin, b
             found = slopes[key] if key in slopes else slopes.setdefault(key, slope_gradient(target, key))
         slope = None if found is None else _slope_dots(rows, found, target.K, target.groups.M, C)
         for halvings in range(MAX_HALVINGS + 1 if rule != "given" else 1):
+            smp = build_sampler(spec, potential, eps, mala_every=mala_every, **kw)
             if burnin_auto:  # cover the slowest relaxation γ allows at this ε, when affordable
+                # (RMSProp-SGLD moves flat directions 1/a times faster, critically damped SGHMC about 1/α)
+                gain = float(getattr(smp, "relaxation_gain", 1.0))
                 num_burnin = default_burnin(num_draws, thin, _smallest(eps), target.localization, gain,
                                             final=final_level)
                 num_steps = num_burnin + num_draws * thin
             if on_start is not None:
                 on_start()
-            smp = build_sampler(spec, potential, eps, mala_every=mala_every, **kw)
             final, trace = run_chains(
                 smp, build_sampler(spec, potential, 1.0, mala_every=0, **kw).init(rows),
                 batches, noise, num_steps,
@@ -949,11 +977,14 @@ def _run_at(target, rows, spec, rule, step_size, kw, C, num_steps, num_burnin, b
 def _end_of_run(target, rows, smp, potential, batches, final, eps, num_steps) -> tuple[Tensor | None, Tensor | None]:
     """``(heating, diffusion)`` read at the chains' final positions (``None`` where they do not apply)."""
     heating = diffusion = None
-    # SGLD, or SGLD in a fixed diagonal metric G (RMSProp-SGLD once its preconditioner is frozen); the checks'
-    # formulas do not hold for a running preconditioner or for momentum samplers
+    # SGLD, or SGLD in a fixed diagonal metric G (RMSProp-SGLD once its preconditioner is frozen), or SGHMC read
+    # as SGLD at ε/α (Sampler.friction); the checks' formulas do not hold for a running preconditioner or a thermostat
     metric = smp.metric(final) if getattr(smp, "metric", None) is not None else None
-    if smp.name != "sgld" and metric is None:
+    friction = getattr(smp, "friction", None)
+    if smp.name != "sgld" and metric is None and friction is None:
         return heating, diffusion
+    if friction is not None:
+        eps = eps / friction
     # how far the chains spread, against a free walk's ε·t·tr G (SGLD: G = I, tr G = d)
     dims = (_moved_dims(target, rows.shape[0]) if metric is None
             else _metric_trace(target, metric, final.params).cpu())

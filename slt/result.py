@@ -340,7 +340,8 @@ class LLCResult:
         ]
         spread = d.get("free_diffusion")
         if known(spread):
-            walk = "d·ε·t" if self.sampler == "sgld" else "ε·t·tr G (G the frozen preconditioner)"
+            walk = {"sgld": "d·ε·t", "sghmc": "d·(ε/α)·t (α the friction)"}.get(
+                self.sampler, "ε·t·tr G (G the frozen preconditioner)")
             lines.append(f"  spread ‖w − w*‖² = {f(spread, '.3g')} of a free random walk's {walk}"
                          + (" (the potential has not yet held the chains in most directions)"
                             if spread >= FREE_DIFFUSION else ""))
@@ -359,11 +360,19 @@ class LLCResult:
         fb = self.config.get("sampler_fallback")
         if fb:
             why = "; ".join(fb.get("reasons") or [])
+            tried = fb.get("tried") or [{"sampler": fb["to"], "settled": fb.get("settled"),
+                                         "reasons_after": fb.get("reasons_after")}]
+            steps = []
+            for i, t in enumerate(tried):
+                name = _FALLBACK_TEXT.get(t["sampler"], t["sampler"])
+                if t.get("settled"):
+                    steps.append(f"{name}, which settled: these are its draws")
+                else:
+                    steps.append(f"{name}, which did not settle {'either ' if i == len(tried) - 1 and i else ''}"
+                                 f"({'; '.join(t.get('reasons_after') or [])})"
+                                 + (f": these are {fb['from']}'s draws" if i == len(tried) - 1 else ""))
             lines.append(f"  sampler: {fb['from']} did not settle at γ = {f(fb['localization'], 'g')} ({why}); repeated "
-                         f"with {fb['to']} (preconditioner frozen after burn-in), which "
-                         + ("settled: these are its draws" if fb.get("settled") else
-                            f"did not settle either ({'; '.join(fb.get('reasons_after') or [])}): these are "
-                            f"{fb['from']}'s draws"))
+                         "with " + ", then with ".join(steps))
         for ext in self.config.get("draw_extensions") or []:
             lines.append(f"  draws extended {ext['from']} → {ext['to']}: chains stationary but not yet mixed "
                          f"(R-hat {f(ext['rhat'])})")
@@ -381,6 +390,10 @@ class LLCResult:
 
     __repr__ = __str__
 
+
+#: How ``print(result)`` names the samplers of ``config["sampler_fallback"]``
+_FALLBACK_TEXT = {"sghmc": "SGHMC damped critically for γ (friction √(2εγ))",
+                  "rmsprop_sgld": "RMSProp-SGLD (preconditioner frozen after burn-in)"}
 
 #: The kinds of :func:`equilibrium_checks` findings that say the chains have not reached equilibrium
 #: (what a stronger localization cures when flat directions keep chains wandering; see
@@ -612,9 +625,9 @@ def relaxation_hint(step_size: Any, localization: Any, config: Mapping[str, Any]
     (:math:`w \leftarrow w - \tfrac{\epsilon}{2}\gamma w + \sqrt{\epsilon}\xi` has variance
     :math:`(1 - e^{-\epsilon\gamma t})/\gamma` after t steps), so the draws are settled only after
     about :data:`RELAXATION_TIMES` times :math:`\tau = 1/(\epsilon\gamma)` steps; a preconditioned
-    sampler moves such a direction ``config["relaxation_gain"]`` G times faster (RMSProp-SGLD: 1/a),
-    :math:`\tau = 1/(\epsilon G\gamma)`.  Empty unless ε, γ and the run's steps are known and the
-    run had fewer than that."""
+    sampler moves such a direction ``config["relaxation_gain"]`` G times faster (RMSProp-SGLD: 1/a;
+    SGHMC at the critical friction α: 1/α), :math:`\tau = 1/(\epsilon G\gamma)`.  Empty unless ε, γ and
+    the run's steps are known and the run had fewer than that."""
     try:
         eps, gamma = float(step_size), float(localization)
         cfg = dict(config or {})

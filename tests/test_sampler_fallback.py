@@ -1,5 +1,6 @@
-"""``sampler="auto"`` (the default of ``estimate_llc``): SGLD, repeated with RMSProp-SGLD (preconditioner
-frozen after burn-in) at the γ reached when SGLD's chains have not settled under the automatic γ.
+"""``sampler="auto"`` (the default of ``estimate_llc``): SGLD, repeated with critically damped SGHMC (full batch
+only) and then RMSProp-SGLD (preconditioner frozen after burn-in) at the γ reached when SGLD's chains have not
+settled under the automatic γ.
 
 Exact tier, on the mechanism: which run is returned and what the config records.  Whether a run
 "settled" is forced here by wrapping the engine's verdict (the real verdicts are tested in
@@ -49,20 +50,56 @@ def forced(monkeypatch):
     return install
 
 
-def test_auto_falls_back_to_frozen_rmsprop_sgld_when_sgld_does_not_settle(forced):
+def test_auto_falls_back_to_critically_damped_sghmc_when_sgld_does_not_settle(forced):
     forced({"sgld"})
     m, data = _job()
     r = slt.estimate_llc(m, data, F.mse_loss, **KW)
     fb = r.config["sampler_fallback"]
-    assert r.sampler == r.config["sampler"] == "rmsprop_sgld" and r.config["sampler_requested"] == "auto"
-    assert fb["from"] == "sgld" and fb["to"] == "rmsprop_sgld" and fb["settled"] is True
+    assert r.sampler == r.config["sampler"] == "sghmc" and r.config["sampler_requested"] == "auto"
+    assert r.config["sampler_kwargs"] == {"friction": "auto"}
+    assert fb["from"] == "sgld" and fb["to"] == "sghmc" and fb["settled"] is True
+    assert [t["sampler"] for t in fb["tried"]] == ["sghmc"]
     assert fb["localization"] == r.localization == r.config["localization_escalations"][-1]["localization"] * 10
     assert any("forced by the test" in s for s in fb["reasons"])
     h = fb["halving"][0]  # the direct run at ε/2 with the same steps
     assert h["message"] is None and set(h) == {"llc", "llc_at_half_step", "z", "message"}
     assert h["llc"] == pytest.approx(r.llc_mean)
+    alpha = min(1.0, (2 * r.step_size * r.localization) ** 0.5)
+    assert r.config["relaxation_gain"] == pytest.approx(max(1.0, 1 / alpha))
+    assert r.diagnostics.get("free_diffusion") is not None  # read as SGLD at ε/α
+
+
+def test_then_to_frozen_rmsprop_sgld_when_sghmc_does_not_settle_either(forced):
+    forced({"sgld", "sghmc"})
+    m, data = _job()
+    r = slt.estimate_llc(m, data, F.mse_loss, **KW)
+    fb = r.config["sampler_fallback"]
+    assert r.sampler == r.config["sampler"] == "rmsprop_sgld"
+    assert fb["to"] == "rmsprop_sgld" and fb["settled"] is True
+    assert [(t["sampler"], t["settled"]) for t in fb["tried"]] == [("sghmc", False), ("rmsprop_sgld", True)]
+    assert fb["tried"][0]["reasons_after"] and fb["tried"][0]["halving"] is None  # (its own checks failed)
     assert r.config["relaxation_gain"] == pytest.approx(10.0)
     assert r.diagnostics.get("free_diffusion") is not None  # the frozen metric's checks ran
+    text = str(r)
+    assert "then with RMSProp-SGLD (preconditioner frozen after burn-in), which settled: these are its draws" in text
+
+
+def test_on_minibatches_sghmc_is_not_tried():
+    """Minibatch noise heats SGHMC 1/α times more than SGLD: a minibatch run falls back to RMSProp-SGLD."""
+    from slt.engine import _fallback_samplers
+
+    assert _fallback_samplers(True) == ("sghmc", "rmsprop_sgld") and _fallback_samplers(False) == ("rmsprop_sgld",)
+
+
+def test_minibatch_fallback_goes_to_rmsprop_sgld(forced):
+    forced({"sgld"})
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(600, 3, generator=g, dtype=F64)
+    Y = X.sum(1, keepdim=True) + 0.3 * torch.randn(600, 1, generator=g, dtype=F64)
+    m, _ = _job()
+    r = slt.estimate_llc(m, (X, Y), F.mse_loss, batch_size=64, **KW)
+    fb = r.config["sampler_fallback"]
+    assert [t["sampler"] for t in fb["tried"]] == ["rmsprop_sgld"]  # (settled or not: SGHMC was skipped)
 
 
 def test_sgld_by_name_never_switches_and_a_failed_fallback_keeps_sglds_draws(forced):
@@ -70,14 +107,17 @@ def test_sgld_by_name_never_switches_and_a_failed_fallback_keeps_sglds_draws(for
     m, data = _job()
     plain = slt.estimate_llc(m, data, F.mse_loss, sampler="sgld", **KW)
     assert plain.sampler == "sgld" and plain.config["sampler_fallback"] is None
-    assert any("sampler='rmsprop_sgld'" in s for s in plain.convergence_reasons)
-    forced({"sgld", "rmsprop_sgld"})
+    assert any("sampler='sghmc' or 'rmsprop_sgld'" in s for s in plain.convergence_reasons)
+    forced({"sgld", "sghmc", "rmsprop_sgld"})
     both = slt.estimate_llc(m, data, F.mse_loss, **KW)
     fb = both.config["sampler_fallback"]
     assert both.sampler == "sgld" and fb["settled"] is False and fb["reasons_after"]
-    # the same SGLD draws as the run by name: the fallback's run leaves them alone
+    assert [(t["sampler"], t["settled"]) for t in fb["tried"]] == [("sghmc", False), ("rmsprop_sgld", False)]
+    # the same SGLD draws as the run by name: the fallbacks' runs leave them alone
     assert torch.equal(both.llc_trace, plain.llc_trace)
-    assert any("did not settle either" in s for s in both.convergence_reasons), both.convergence_reasons
+    assert any("critically damped SGHMC and RMSProp-SGLD, tried at that γ, did not settle either" in s
+               for s in both.convergence_reasons), both.convergence_reasons
+    assert "did not settle either" in str(both) and "these are sgld's draws" in str(both)
 
 
 def test_no_fallback_with_a_given_localization_or_when_sgld_settles(forced):
@@ -95,11 +135,13 @@ def test_the_printed_result_says_what_the_fallback_did(forced):
     m, data = _job()
     text = str(slt.estimate_llc(m, data, F.mse_loss, **KW))
     assert "sampler: sgld did not settle at γ = " in text and "forced by the test" in text
-    assert "which settled: these are its draws" in text and "tr G" in text
+    assert "repeated with SGHMC damped critically for γ (friction √(2εγ)), which settled: these are its draws" in text
+    assert "d·(ε/α)·t (α the friction)" in text
 
 
 def test_no_fallback_with_a_given_step_size(forced):
-    """A given ε was chosen for SGLD: RMSProp-SGLD's steps are up to 1/a times larger at the same ε."""
+    """A given ε was chosen for SGLD: RMSProp-SGLD's steps are up to 1/a times larger at the same ε, and
+    SGHMC's friction follows from ε."""
     forced({"sgld"})
     m, data = _job()
     r = slt.estimate_llc(m, data, F.mse_loss, step_size=1e-4, **KW)

@@ -16,7 +16,8 @@ module per sampler:
     Welling & Teh (2011); RMSProp-preconditioned (Li et al. 2016; Hitchcock &
     Hoogland 2025).
 ``sghmc`` (:mod:`.sghmc`)
-    Stochastic gradient HMC with friction (Chen, Fox & Guestrin 2014).
+    Stochastic gradient HMC with friction (Chen, Fox & Guestrin 2014); by default the friction damps
+    critically the directions only the localization holds (``friction="auto"``, α = √(2εγ)).
 ``sgnht`` (:mod:`.sgnht`)
     Stochastic gradient Nosé–Hoover thermostat (Ding et al. 2014).
 
@@ -78,8 +79,9 @@ SAMPLERS: dict[str, Callable[..., Any]] = {
     "sghmc": sghmc,
     "sgnht": sgnht,
 }
-#: ``"auto"`` is :func:`slt.estimate_llc`'s default: SGLD, which that engine may follow with RMSProp-SGLD
-#: when SGLD's chains do not settle; elsewhere it is SGLD
+#: ``"auto"`` is :func:`slt.estimate_llc`'s default: SGLD, which that engine may follow with critically damped
+#: SGHMC and RMSProp-SGLD when SGLD's chains do not settle (:data:`slt.defaults.FALLBACK_SAMPLERS`); elsewhere
+#: it is SGLD
 _ALIASES = {"rmsprop": "rmsprop_sgld", "rmspropsgld": "rmsprop_sgld", "rmsprop-sgld": "rmsprop_sgld", "auto": "sgld"}
 
 

@@ -264,6 +264,10 @@ class Sampler(NamedTuple):
     a column slice returning a fresh ``(C, len)`` tensor, or ``None`` where the state has none (SGLD:
     G = I is implied by ``metric is None``; RMSProp-SGLD before its preconditioner is frozen); the
     end-of-run checks (free diffusion, minibatch heating) read it.
+    ``friction``: SGHMC's α (a number or per row), ``None`` for the others.  Over times longer than 1/α a
+    free SGHMC chain spreads ε/α per step and coordinate, and minibatch noise heats it as it heats SGLD
+    at the step ε/α (the velocity keeps the noise 1/α steps), so the end-of-run checks read it as SGLD at
+    ε/α.
     """
 
     name: str
@@ -274,6 +278,7 @@ class Sampler(NamedTuple):
     relaxation_gain: float = 1.0
     end_burnin: Callable[[Any], Any] | None = None
     metric: Callable[[Any], Callable[[slice], Tensor] | None] | None = None
+    friction: float | Tensor | None = None
 
 
 @dataclass(frozen=True)

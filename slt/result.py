@@ -511,10 +511,14 @@ def heating_check(excess: float, llc: float, sem: float, config: Mapping[str, An
     if 0.5 * excess <= 2 * sem or 0.5 * excess <= CHANGE_FRACTION * abs(llc):
         return None
     bs = (config or {}).get("batch_size")
+    momentum = (config or {}).get("sampler") == "sghmc"  # its velocity keeps the noise 1/α steps
     return (f"minibatch noise heats the chains: it adds about {excess:.3g} ({frac:.0%}) to λ̂ (first order, "
-            f"ε(nβ)²·tr Cov[∇L_B]/8), so λ̂ is not stable when ε halves (it would drop by about {0.5 * excess:.3g}); "
+            + ("(ε/α)(nβ)²·tr Cov[∇L_B]/8 with SGHMC's friction α" if momentum else "ε(nβ)²·tr Cov[∇L_B]/8")
+            + f"), so λ̂ is not stable when ε halves (it would drop by about {0.5 * excess:.3g}); "
             f"raise batch_size{f' (now {bs})' if bs else ''} — the excess scales as ε/batch_size — or pass "
-            "batch_size=None, or a smaller step_size with more num_burnin")
+            "batch_size=None, or a smaller step_size with more num_burnin"
+            + (", or a larger friction (sampler=slt.samplers.sghmc(friction=...)), or sampler='sgld'" if momentum
+               else ""))
 
 
 def slope_record(st: Tensor, llc: float) -> dict[str, float] | None:

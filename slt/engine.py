@@ -832,7 +832,9 @@ def sample_target(
     # groups still unsettled after γ was raised: say that the automatic γ ran out
     tried_text = (" (" + " and ".join(_FALLBACK_NAMES.get(t["sampler"], t["sampler"]) for t in fallback["tried"])
                   + ", tried at that γ, did not settle either)" if fallback is not None
-                  else "" if auto_sampler else ", or sampler='sghmc' or 'rmsprop_sgld'")
+                  else "" if auto_sampler
+                  else ", or sampler='sghmc' or 'rmsprop_sgld'" if run["batches"].full  # (SGHMC runs hot on minibatches)
+                  else ", or sampler='rmsprop_sgld'")
     limit = {g: (f"the automatic localization was raised to γ = {target.localization:g} ({_ladder_end(gammas, target.nbeta)})"
                  " and the chains still have not settled: pass a larger localization, more num_burnin/num_draws"
                  + tried_text)

@@ -99,6 +99,9 @@ def test_minibatch_fallback_goes_to_rmsprop_sgld(forced):
     m, _ = _job()
     r = slt.estimate_llc(m, (X, Y), F.mse_loss, batch_size=64, **KW)
     fb = r.config["sampler_fallback"]
+    by_name = slt.estimate_llc(m, (X, Y), F.mse_loss, batch_size=64, sampler="sgld", **KW)
+    hint = [s for s in by_name.convergence_reasons if "the automatic localization was raised" in s]
+    assert hint and hint[0].endswith(", or sampler='rmsprop_sgld'"), by_name.convergence_reasons  # not SGHMC here
     assert [t["sampler"] for t in fb["tried"]] == ["rmsprop_sgld"]  # (settled or not: SGHMC was skipped)
 
 

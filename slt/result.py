@@ -360,17 +360,16 @@ class LLCResult:
         fb = self.config.get("sampler_fallback")
         if fb:
             why = "; ".join(fb.get("reasons") or [])
-            tried = fb.get("tried") or [{"sampler": fb["to"], "settled": fb.get("settled"),
-                                         "reasons_after": fb.get("reasons_after")}]
-            steps = []
+            tried, steps = fb["tried"], []
             for i, t in enumerate(tried):
                 name = _FALLBACK_TEXT.get(t["sampler"], t["sampler"])
-                if t.get("settled"):
+                last = i == len(tried) - 1
+                if t["settled"]:
                     steps.append(f"{name}, which settled: these are its draws")
-                else:
-                    steps.append(f"{name}, which did not settle {'either ' if i == len(tried) - 1 and i else ''}"
-                                 f"({'; '.join(t.get('reasons_after') or [])})"
-                                 + (f": these are {fb['from']}'s draws" if i == len(tried) - 1 else ""))
+                else:  # ("either": like the first sampler; only the last failure keeps the first's draws)
+                    steps.append(f"{name}, which did not settle {'either ' if last else ''}"
+                                 f"({'; '.join(t['reasons_after'])})"
+                                 + (f": these are {fb['from']}'s draws" if last else ""))
             lines.append(f"  sampler: {fb['from']} did not settle at γ = {f(fb['localization'], 'g')} ({why}); repeated "
                          "with " + ", then with ".join(steps))
         for ext in self.config.get("draw_extensions") or []:

@@ -18,7 +18,8 @@ from dataclasses import asdict, dataclass
 __all__ = ["LLCDefaults", "LLC", "default_nbeta", "default_localization", "default_burnin", "LOCALIZATION",
            "LOCALIZATION_STEPS", "LOCALIZATION_MIN_DRAWS", "RELAXATION_TIMES", "BURNIN_MAX_FACTOR",
            "BURNIN_MAX_FACTOR_ESCALATED", "BURNIN_MAX_FACTOR_FINAL", "BATCH_SIZE",
-           "BATCH_SIZE_MAX", "BATCH_RAISES", "EXTENSION_BUDGET", "FALLBACK_SAMPLERS"]
+           "BATCH_SIZE_MAX", "BATCH_RAISES", "EXTENSION_BUDGET", "FALLBACK_SAMPLERS", "SGHMC_FIRST_BURNIN",
+           "relaxation_steps"]
 
 #: γ for ``localization=None`` (where the automatic γ starts).
 LOCALIZATION = 1.0
@@ -100,6 +101,17 @@ ESS_MIN = 100.0
 #: 500 + 2000 steps): SGLD ESS 42, R-hat 1.10, λ̂ 54.9; SGHMC (α = 0.063) ESS 153, R-hat 1.03, λ̂ 56.1 ± 0.4,
 #: and 56.6 ± 0.5 at ε/2.
 FALLBACK_SAMPLERS = ("sghmc", "rmsprop_sgld")
+#: With ``sampler="auto"`` at full batch, the first of :data:`FALLBACK_SAMPLERS` (critically damped SGHMC) runs
+#: *before* SGLD at the last γ a run can use when that γ is above :data:`LOCALIZATION` and SGLD's relaxation
+#: burn-in there (:func:`relaxation_steps` at its adapted ε) would exceed this many times the draws' steps: the
+#: regime where SGLD's run is mostly burn-in and, measured, where it then did not mix either.  SGHMC relaxes the
+#: directions only γ holds in about 1/α of SGLD's steps (α = √(2εγ)); SGLD (full burn-in) and then the rest of
+#: the list follow if SGHMC does not settle.  Measured on the README's tiny GPT-2 (γ = 10 at the end of the
+#: ladder, SGLD's adapted ε = 1.99e-4 → 5/(εγ) = 2519 steps = 12.6 × its 200 draws): SGLD's run there and its
+#: draw extension took about 187 of the call's 242 s and ended at R-hat 1.14, after which SGHMC settled in 44 s
+#: (λ̂ 56.08 ± 0.30, 55.78 at ε/2); SGHMC first returns the same draws, the call in about 60 s.  The same factor
+#: as :data:`BURNIN_MAX_FACTOR`: beyond it the burn-in would be more than 4/5 of SGLD's run.
+SGHMC_FIRST_BURNIN = 4
 
 
 @dataclass(frozen=True)
@@ -107,7 +119,8 @@ class LLCDefaults:
     """Sampling defaults of :func:`slt.estimate_llc` (see its docstring for each)."""
 
     #: SGLD, followed by critically damped SGHMC and then RMSProp-SGLD (frozen preconditioner) at the γ reached
-    #: when SGLD's chains do not settle under the automatic γ (:data:`FALLBACK_SAMPLERS`, :func:`slt.estimate_llc`);
+    #: when SGLD's chains do not settle under the automatic γ (:data:`FALLBACK_SAMPLERS`, :func:`slt.estimate_llc`),
+    #: SGHMC first at full batch where SGLD's burn-in would dominate (:data:`SGHMC_FIRST_BURNIN`);
     #: ``"sgld"`` never switches
     sampler: str = "auto"
     num_chains: int = 8
@@ -188,13 +201,19 @@ def default_burnin(num_draws: int, num_steps_bw_draws: int = 1, step_size: float
     base = num_draws // 4
     if step_size is None or localization is None or not (step_size > 0 and localization > 0):
         return base
-    gain = relaxation_gain if relaxation_gain > 0 else 1.0
-    relax = math.ceil(RELAXATION_TIMES / (step_size * gain * localization))
+    relax = relaxation_steps(step_size, localization, relaxation_gain)
     cap = (BURNIN_MAX_FACTOR if localization <= LOCALIZATION
            else BURNIN_MAX_FACTOR_FINAL if final else BURNIN_MAX_FACTOR_ESCALATED)
     if relax > cap * num_draws * num_steps_bw_draws:
         return base
     return max(base, relax)
+
+
+def relaxation_steps(step_size: float, localization: float, relaxation_gain: float = 1.0) -> int:
+    r"""The burn-in that covers the slowest relaxation γ allows: :data:`RELAXATION_TIMES` / (ε · gain · γ)
+    steps, rounded up (see :func:`default_burnin`; ``relaxation_gain`` ≤ 0 counts as 1)."""
+    gain = relaxation_gain if relaxation_gain > 0 else 1.0
+    return math.ceil(RELAXATION_TIMES / (step_size * gain * localization))
 
 
 def default_localization() -> float:

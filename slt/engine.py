@@ -53,8 +53,9 @@ from ._checks import check_int, check_observables, check_real
 from ._runtime import (autograd_allowed, intra_op_threads, resolve_device, retained_heap, small_work_threads,
                        user_stacklevel, versions)
 from .data import LoaderSource, num_rows, row_numel
-from .defaults import (BATCH_RAISES, BATCH_SIZE, BATCH_SIZE_MAX, EXTENSION_BUDGET, FALLBACK_SAMPLERS, LLC,
-                       LOCALIZATION_MIN_DRAWS, LOCALIZATION_STEPS, default_burnin, default_localization, default_nbeta)
+from .defaults import (BATCH_RAISES, BATCH_SIZE, BATCH_SIZE_MAX, EXTENSION_BUDGET, FALLBACK_SAMPLERS, LLC, LOCALIZATION,
+                       LOCALIZATION_MIN_DRAWS, LOCALIZATION_STEPS, SGHMC_FIRST_BURNIN, default_burnin,
+                       default_localization, default_nbeta, relaxation_steps)
 from .diagnostics import changed, free_diffusion, halved_step_estimate, llc_standard_error, minibatch_heating
 from .evaluator import ChainEvaluator, fused_summary
 from .groups import Groups
@@ -241,7 +242,11 @@ def estimate_llc(
         run at ε/2 with the same steps and seeds gives the same λ̂ within Monte-Carlo error (the in-run
         halving estimate assumes SGLD's dynamics in a metric fixed from w*).  ``config["sampler_fallback"]``
         says what was tried and why (``["tried"]``, one record per sampler); ``config["sampler"]`` is the
-        sampler of the returned draws.  Neither is the first choice: SGHMC's underdamped stiff
+        sampler of the returned draws.  At full batch, where SGLD's burn-in at the last γ (above 1) would
+        exceed :data:`slt.defaults.SGHMC_FIRST_BURNIN` times the draws' steps (5/(εγ) at its adapted ε),
+        SGHMC runs first there, and SGLD (with that burn-in) and RMSProp-SGLD only if it does not settle
+        (``config["sampler_fallback"]["first"]``: SGLD's ε, burn-in and draws' steps).  Neither is the first choice
+        elsewhere: SGHMC's underdamped stiff
         directions decorrelate only every 1/α steps (a 5-dimensional Gaussian: λ̂'s standard error
         0.19 against SGLD's 0.075 from the same draws), and on the known answers of
         ``benchmarks/minibatch_defaults.py`` RMSProp-SGLD sits above SGLD (batch 256: +12–22% against
@@ -491,8 +496,8 @@ def _ranges(values: list[int]) -> str:
 def _warn_jumps(adapt: Any, target: Target) -> None:
     """Name the groups whose loss :func:`slt.stepsize.jump_ratio` found to jump, so that adaptation toward
     a Metropolis acceptance near 1 had collapsed their step (the run used ε₀ instead)."""
-    if adapt is None or adapt.collapsed is None:
-        return
+    if adapt is None or adapt.collapsed is None or adapt.collapse_cause != "jumps":
+        return  # (SGHMC's collapse, "friction", is no jump: print(result) names it)
     for g in (adapt.collapsed != adapt.step_size).nonzero().flatten().tolist():
         warnings.warn(
             f"slt.estimate_llc ({_where(target, g)}): the loss jumps where the chains step (it is discontinuous in "
@@ -721,8 +726,9 @@ def sample_target(
     or given); :func:`slt.loop.run_chains`, repeated with the step of diverging groups halved
     under an automatic rule; with the automatic γ (``localization=None`` at preparation) the whole
     run repeated from fresh streams with γ ten times larger while any group has not settled
-    (:func:`localization_levels`; ``on_start`` is called again); an :class:`LLCEstimationError`
-    when every chain of a group diverged.
+    (:func:`localization_levels`; ``on_start`` is called again); with ``sampler="auto"`` the fallback samplers
+    at the last γ, or critically damped SGHMC first there where SGLD's run would be mostly burn-in
+    (:data:`slt.defaults.SGHMC_FIRST_BURNIN`); an :class:`LLCEstimationError` when every chain of a group diverged.
     """
     t_setup = time.perf_counter() if started is None else started
     burnin_auto = num_burnin is None
@@ -753,24 +759,54 @@ def sample_target(
     slopes: dict[int | None, Tensor | None] = {}  # the slope at w* by batch size, shared by this call's runs
 
     def run_once(target: Any, batch_size: int | None, choose: str | None, spec: SamplerSpec = spec,
-                 fixed: tuple[Tensor | float, int, int] | None = None) -> dict[str, Any]:
+                 fixed: tuple[Tensor | float, int, int] | None = None, defer_costly: bool = False) -> dict[str, Any]:
         """One run (:func:`_run_at`) with this call's settings; ``fixed = (ε, num_steps, num_burnin)``: a
         check run at that step and length instead, without observables or the estimator's hooks."""
         if fixed is None:
             return _run_at(target, rows, spec, rule, step_size, kw, C, num_steps, num_burnin, burnin_auto, n_adapt,
                            num_steps_bw_draws, batch_size, control_variate, shared_batches, mala_every,
                            target_accept, thresh, num_threads, observables, on_draw, on_start, choose, progress,
-                           t_setup, slopes, final_level=target.localization >= gammas[-1])
+                           t_setup, slopes, final_level=target.localization >= gammas[-1], defer_costly=defer_costly)
         eps, steps, burnin = fixed
         return _run_at(target, rows, spec, "given", eps, kw, C, steps, burnin, False, 0, num_steps_bw_draws,
                        batch_size, control_variate, shared_batches, mala_every, target_accept, thresh,
                        num_threads, None, None, None, choose, progress, t_setup)
 
+    def attempt(name: str) -> dict[str, Any]:
+        """A run of sampler ``name`` (its spec's defaults, e.g. ``friction="auto"``, recorded in the config) at the
+        target's γ, extended while unmixed, judged by its own checks and, when they pass, by a direct run at
+        ε/2 with the same steps (the in-run halving estimate assumes SGLD in a fixed metric)."""
+        alt_spec = SAMPLERS[name]()
+        alt = run_once(target, batch_size, None, alt_spec)
+        alt_ext = _extend_while_unmixed(alt, target, rows, extend_draws, num_draws, num_steps_bw_draws, G, C,
+                                        observables, on_draw, thresh, progress)
+        alt.pop("final", None)
+        alt_halved, alt_unsettled = _verdict(alt, target, G, C, num_steps_bw_draws)
+        seconds = alt["trace"].seconds + alt["adapt_seconds"] + sum(e["seconds"] for e in alt_ext)
+        halving = None
+        if not alt_unsettled:
+            half = run_once(target, batch_size, None, alt_spec,
+                            fixed=(alt["eps"] / 2, alt["num_steps"], alt["num_burnin"]))
+            half.pop("final", None)
+            seconds += half["trace"].seconds
+            halving = _direct_halving(alt["trace"], half["trace"], target.nbeta, G, C)
+            alt_unsettled = {g: [h["message"]] for g, h in halving.items() if h["message"]}
+        record = {"sampler": alt_spec.name, "settled": not alt_unsettled, "halving": halving,
+                  "seconds": seconds, "reasons_after": _reasons(alt_unsettled)}
+        return {"run": alt, "extensions": alt_ext, "halved": alt_halved, "spec": alt_spec, "record": record}
+
     judge = target.localization_auto and num_draws >= LOCALIZATION_MIN_DRAWS  # (fewer draws: too noisy to act on)
+    # sampler="auto" with the adapted step: SGHMC before SGLD where SGLD's run at the last γ would be mostly burn-in
+    # (full batch; _run_at stops after adapting SGLD's step and says so with run["deferred"])
+    auto_fallback = auto_sampler and rule == "adapt" and on_draw is None
     for level, gamma in enumerate(gammas):  # γ raised tenfold while the chains do not settle (automatic γ)
         target = replace(target, localization=gamma) if gamma != target.localization else target
-        run = run_once(target, batch_size, vectorize if level == 0 else None)
+        last_level = level == len(gammas) - 1
+        run = run_once(target, batch_size, vectorize if level == 0 else None,
+                       defer_costly=auto_fallback and judge and last_level and gamma > LOCALIZATION)
         target = run["target"]
+        if "deferred" in run:
+            break
         while batch_auto and len(batch_raises) < BATCH_RAISES:  # minibatch noise heats the chains: a larger batch
             raised = _raised_batch(run, target, spec, C, batch_size)
             if raised is None:
@@ -782,56 +818,66 @@ def sample_target(
             run = run_once(target, batch_size, None)
             target = run["target"]
         halved, unsettled = _verdict(run, target, G, C, num_steps_bw_draws, judge)
-        if not unsettled or level == len(gammas) - 1:
+        if not unsettled or last_level:
             break
         escalations.append({"localization": gamma, "seconds": run["trace"].seconds + run["adapt_seconds"],
                             "reasons": _reasons(unsettled)})
         run.pop("final", None)
-    # chains stationary but not yet mixed: continue them (no new burn-in) rather than report R-hat > 1.1
-    extensions = _extend_while_unmixed(run, target, rows, extend_draws, num_draws, num_steps_bw_draws, G, C,
-                                       observables, on_draw, thresh, progress)
-    run.pop("final", None)
-    if extensions:
-        halved, unsettled = _verdict(run, target, G, C, num_steps_bw_draws, judge)
+    first_name, tried, adopted, extensions = spec.name, [], False, []
+    first = run.get("deferred")
+    if first is not None:  # critically damped SGHMC first; SGLD with its whole burn-in if it does not settle
+        first = {**first, "seconds": run["adapt_seconds"]}
+        alt = attempt(FALLBACK_SAMPLERS[0])
+        tried.append(alt["record"])
+        if alt["record"]["settled"]:
+            run, extensions, halved, unsettled, spec = alt["run"], alt["extensions"], alt["halved"], {}, alt["spec"]
+            adopted = True
+        else:
+            run = run_once(target, batch_size, None)
+            target = run["target"]
+            halved, unsettled = _verdict(run, target, G, C, num_steps_bw_draws, judge)
+    if not adopted:
+        # chains stationary but not yet mixed: continue them (no new burn-in) rather than report R-hat > 1.1
+        extensions = _extend_while_unmixed(run, target, rows, extend_draws, num_draws, num_steps_bw_draws, G, C,
+                                           observables, on_draw, thresh, progress)
+        run.pop("final", None)
+        if extensions:
+            halved, unsettled = _verdict(run, target, G, C, num_steps_bw_draws, judge)
+        if first is not None:
+            tried.append({"sampler": first_name, "settled": not unsettled, "halving": None,
+                          "seconds": run["trace"].seconds + run["adapt_seconds"] + sum(e["seconds"] for e in extensions),
+                          "reasons_after": _reasons(unsettled)})
     # sampler="auto": SGLD's chains have not settled at the γ reached.  SGHMC damped critically for the directions
     # γ alone holds relaxes them in ~1/√(ηγ) steps instead of 1/(ηγ); RMSProp-SGLD (preconditioner frozen after
     # burn-in) moves flat directions 1/a times faster.  The first whose run settles replaces SGLD's.
-    fallback = None
     # (only with the adapted step: a given ε was chosen for SGLD; and not for estimators whose online
     # statistics follow one run)
-    if auto_sampler and unsettled and rule == "adapt" and on_draw is None:
-        tried: list[dict[str, Any]] = []
-        first, first_reasons = spec.name, _reasons(unsettled)
+    reasons = (_reasons(unsettled) if first is None
+               else [f"at γ = {target.localization:g}, SGLD's adapted ε = {first['step_size']:.3g} would need a burn-in"
+                     f" of 5/(εγ) = {first['relaxation_steps']} steps, {first['relaxation_steps'] / first['draw_steps']:.1f}"
+                     f" × the draws' {first['draw_steps']}"])
+    if auto_fallback and unsettled:
         for name in _fallback_samplers(run["batches"].full):
-            alt_spec = SAMPLERS[name]()  # the spec with its defaults (friction="auto"), recorded in the config
-            alt = run_once(target, batch_size, None, alt_spec)
-            alt_ext = _extend_while_unmixed(alt, target, rows, extend_draws, num_draws, num_steps_bw_draws, G, C,
-                                            observables, on_draw, thresh, progress)
-            alt.pop("final", None)
-            alt_halved, alt_unsettled = _verdict(alt, target, G, C, num_steps_bw_draws)
-            seconds = alt["trace"].seconds + alt["adapt_seconds"] + sum(e["seconds"] for e in alt_ext)
-            halving = None
-            if not alt_unsettled:  # the in-run halving estimate assumes SGLD in a fixed metric: check it directly
-                half = run_once(target, batch_size, None, alt_spec,
-                                fixed=(alt["eps"] / 2, alt["num_steps"], alt["num_burnin"]))
-                half.pop("final", None)
-                seconds += half["trace"].seconds
-                halving = _direct_halving(alt["trace"], half["trace"], target.nbeta, G, C)
-                alt_unsettled = {g: [h["message"]] for g, h in halving.items() if h["message"]}
-            tried.append({"sampler": alt_spec.name, "settled": not alt_unsettled, "halving": halving,
-                          "seconds": seconds, "reasons_after": _reasons(alt_unsettled)})
-            if not alt_unsettled:
-                run, extensions, halved, unsettled, spec = alt, alt_ext, alt_halved, {}, alt_spec
+            if any(t["sampler"] == name for t in tried):
+                continue
+            alt = attempt(name)
+            tried.append(alt["record"])
+            if alt["record"]["settled"]:
+                run, extensions, halved, unsettled, spec = (alt["run"], alt["extensions"], alt["halved"], {},
+                                                            alt["spec"])
                 break
+    fallback = None
+    if tried:
         last = tried[-1]
-        fallback = {"from": first, "to": last["sampler"], "localization": target.localization,
-                    "reasons": first_reasons, "settled": last["settled"], "halving": last["halving"],
-                    "seconds": sum(t["seconds"] for t in tried), "tried": tried}
+        fallback = {"from": first_name, "to": last["sampler"], "localization": target.localization,
+                    "reasons": reasons, "settled": last["settled"], "halving": last["halving"],
+                    "seconds": sum(t["seconds"] for t in tried), "tried": tried, "first": first}
         if not last["settled"]:
             fallback["reasons_after"] = last["reasons_after"]
     # groups still unsettled after γ was raised: say that the automatic γ ran out
-    tried_text = (" (" + " and ".join(_FALLBACK_NAMES.get(t["sampler"], t["sampler"]) for t in fallback["tried"])
-                  + ", tried at that γ, did not settle either)" if fallback is not None
+    others = [] if fallback is None else [t["sampler"] for t in fallback["tried"] if t["sampler"] != first_name]
+    tried_text = (" (" + " and ".join(_FALLBACK_NAMES.get(t, t) for t in others)
+                  + ", tried at that γ, did not settle either)" if others
                   else "" if auto_sampler
                   else ", or sampler='sghmc' or 'rmsprop_sgld'" if run["batches"].full  # (SGHMC runs hot on minibatches)
                   else ", or sampler='rmsprop_sgld'")
@@ -892,14 +938,17 @@ _FALLBACK_NAMES = {"sghmc": "critically damped SGHMC", "rmsprop_sgld": "RMSProp-
 
 def _run_at(target, rows, spec, rule, step_size, kw, C, num_steps, num_burnin, burnin_auto, n_adapt, thin, batch_size,
             control_variate, shared_batches, mala_every, target_accept, thresh, num_threads, observables,
-            on_draw, on_start, choose, progress, t_setup, slopes=None, final_level=False) -> dict[str, Any]:
+            on_draw, on_start, choose, progress, t_setup, slopes=None, final_level=False,
+            defer_costly=False) -> dict[str, Any]:
     """One run at the target's γ, from fresh random streams: the minibatch stream, the path
     (measured when ``choose`` is ``"auto"``; compiled when ``"compile"``), the step size (adapted,
     curvature rule or given), the burn-in (with ``burnin_auto``, :func:`slt.defaults.default_burnin` at the
     run's ε and γ; ``final_level``: γ is the last the run can use, see its ``final``), and the sampler folded
     over the batches, repeated with the step of diverging groups halved under an automatic rule.  ``slopes``: the call's slope estimates by batch size
     (:func:`slope_gradient`, taken once: w*, the data and the seeds do not change between its runs), or
-    ``None`` for a check run that records no slope."""
+    ``None`` for a check run that records no slope.  ``defer_costly``: at full batch with the automatic burn-in,
+    stop once the step is adapted when the relaxation burn-in would exceed :data:`slt.defaults.SGHMC_FIRST_BURNIN`
+    times the draws' steps, returning ``{"deferred": {...}, "target", "adapt_seconds"}`` instead of a run."""
     G, dev = target.G, target.device
     rng = ChainRNG(target.group_seeds, C, dev)
     batches = target.batches(rng, C, batch_size, control_variate=control_variate, shared=shared_batches)
@@ -940,6 +989,12 @@ def _run_at(target, rows, spec, rule, step_size, kw, C, num_steps, num_burnin, b
         # steps).  An automatic step that lets chains diverge is halved and the run repeated, also from w*.
         del state
         num_draws = (num_steps - num_burnin) // thin
+        if defer_costly and batches.full and burnin_auto:
+            relax = relaxation_steps(_smallest(eps), target.localization)
+            if relax > SGHMC_FIRST_BURNIN * num_draws * thin:
+                return {"deferred": {"step_size": _smallest(eps), "relaxation_steps": relax,
+                                     "draw_steps": num_draws * thin},
+                        "target": target, "adapt_seconds": adapt_seconds}
         # the slope at w*: each draw's displacement projected on it (w* not a minimum, slt.result.slope_finding)
         found = None
         if slopes is not None:
@@ -1444,13 +1499,15 @@ def _step_size_diagnostics(auto: Any, adapt: Any, g: int, k: int) -> dict[str, A
         return {"curvature": float(auto.curvature[k]), "step_size_pilot_rounds": auto.pilot_rounds,
                 "minibatch_gradient_noise": None if auto.grad_noise is None else float(auto.grad_noise[k])}
     if adapt is not None:
+        collapsed = (float(adapt.collapsed[g]) if adapt.collapsed is not None
+                     and bool(adapt.collapsed[g] != adapt.step_size[g]) else None)
         return {"step_size_initial": float(adapt.initial[g]), "adapt_steps": adapt.steps,
                 "adapt_extensions": adapt.extensions,
                 "adapt_acceptance": float(adapt.accept[g]), "adapt_back_offs": int(adapt.back_offs[g]),
                 "adapt_resets": int(adapt.resets[g]),
                 "adapt_jump_ratio": None if adapt.jump_ratio is None else float(adapt.jump_ratio[g]),
-                "step_size_collapsed": (float(adapt.collapsed[g]) if adapt.collapsed is not None
-                                        and bool(adapt.collapsed[g] != adapt.step_size[g]) else None)}
+                "step_size_collapsed": collapsed,
+                "step_size_collapse_cause": None if collapsed is None else adapt.collapse_cause}
     return {}
 
 

@@ -338,6 +338,10 @@ class LLCResult:
             f"  R-hat={f(d.get('rhat'))} ESS={f(d.get('ess'), '.0f')} {accept}"
             f"draws below L(w*)={f(d.get('frac_below_init'), '.1%')} path={d.get('path')}",
         ]
+        if d.get("step_size_collapse_cause") == "friction":
+            lines.append(f"  step size: SGHMC's adaptation fell to {f(d.get('step_size_collapsed'))} (its friction √(2εγ) "
+                         "follows ε, so the heat of the exploratory steps stays in the velocity): the run used ε₀ from "
+                         "the curvature at w*")
         spread = d.get("free_diffusion")
         if known(spread):
             walk = {"sgld": "d·ε·t", "sghmc": "d·(ε/α)·t (α the friction)"}.get(
@@ -370,8 +374,11 @@ class LLCResult:
                     steps.append(f"{name}, which did not settle {'either ' if last else ''}"
                                  f"({'; '.join(t['reasons_after'])})"
                                  + (f": these are {fb['from']}'s draws" if last else ""))
-            lines.append(f"  sampler: {fb['from']} did not settle at γ = {f(fb['localization'], 'g')} ({why}); repeated "
-                         "with " + ", then with ".join(steps))
+            if fb.get("first"):  # SGHMC ran before SGLD (slt.defaults.SGHMC_FIRST_BURNIN)
+                lines.append(f"  sampler: {why}: ran first " + ", then ".join(steps))
+            else:
+                lines.append(f"  sampler: {fb['from']} did not settle at γ = {f(fb['localization'], 'g')} ({why}); "
+                             "repeated with " + ", then with ".join(steps))
         for ext in self.config.get("draw_extensions") or []:
             lines.append(f"  draws extended {ext['from']} → {ext['to']}: chains stationary but not yet mixed "
                          f"(R-hat {f(ext['rhat'])})")
@@ -392,7 +399,8 @@ class LLCResult:
 
 #: How ``print(result)`` names the samplers of ``config["sampler_fallback"]``
 _FALLBACK_TEXT = {"sghmc": "SGHMC damped critically for γ (friction √(2εγ))",
-                  "rmsprop_sgld": "RMSProp-SGLD (preconditioner frozen after burn-in)"}
+                  "rmsprop_sgld": "RMSProp-SGLD (preconditioner frozen after burn-in)",
+                  "sgld": "SGLD with that burn-in"}
 
 #: The kinds of :func:`equilibrium_checks` findings that say the chains have not reached equilibrium
 #: (what a stronger localization cures when flat directions keep chains wandering; see

@@ -510,7 +510,9 @@ class Adaptation:
     extended because a checkpoint was still searching (:func:`adapt_step_size`), and — when the averaged
     step fell more than :data:`JUMP_COLLAPSE` times below ε₀ — :func:`jump_ratio` (K,) and, for the
     checkpoints whose loss it found to jump, the averaged steps that were replaced by ε₀ (K,; ``None``
-    when none was)."""
+    when none was), and why they were replaced (``collapse_cause``: ``"jumps"``, or ``"friction"`` for
+    SGHMC with ``friction="auto"``, whose adaptation collapses on smooth losses too: see
+    :func:`adapt_step_size`)."""
 
     step_size: Tensor
     initial: Tensor
@@ -525,6 +527,7 @@ class Adaptation:
     extensions: int = 0
     jump_ratio: Tensor | None = None
     collapsed: Tensor | None = None
+    collapse_cause: str | None = None
 
 
 #: a checkpoint whose mean acceptance over the last quarter of adaptation reads more than this below
@@ -596,6 +599,13 @@ def adapt_step_size(
     :func:`jump_ratio` tells the two apart from the chains' positions; a checkpoint whose loss jumps keeps
     ε₀ (the curvature rule's step, capped by any divergence back-off), and the run's checks (R-hat, the
     halving of ε) judge it (``Adaptation.collapsed``).
+
+    SGHMC with ``friction="auto"`` (α = √(2εγ), re-bound at every step) collapses without jumps: the
+    heat that dual averaging's first, exploratory steps put into the velocity decays only over ~1/α
+    steps, so the acceptance read from its positions stays low as ε falls, and α falls with ε (measured on
+    the README's tiny GPT-2 at γ = 10: to 1.7e-5, where SGLD's adaptation settles at 2.0e-4 and SGHMC's with
+    a fixed friction of 1 or 0.25 at 2.0e-4; the probe then read 4.8, "jumps", on a smooth loss).  Its
+    collapse keeps ε₀ without the probe (``collapse_cause="friction"``); the run's checks judge it.
     """
     from .samplers import resolve_sampler
 
@@ -664,15 +674,22 @@ def adapt_step_size(
                                        target_accept - ADAPT_MARGIN)
     last = _last_quarter(acc_hist[window_start:], window_steps, K)
     final = da.final if num_steps else eps0.double()
-    ratio = collapsed = None
-    if num_steps and bool((final * JUMP_COLLAPSE < eps0.double()).any()):  # ε fell far: smooth, or jumps?
-        ratio = jump_ratio(potential, state.params, current[0], final, rng, C)
-        jumps = (final * JUMP_COLLAPSE < eps0.double()).cpu() & (ratio < JUMP_RATIO)
-        if bool(jumps.any()):  # no acceptance near 1 exists: the curvature rule's step instead
+    ratio = collapsed = cause = None
+    fell = (final * JUMP_COLLAPSE < eps0.double()).cpu()
+    if num_steps and bool(fell.any()):  # ε fell far: smooth, or jumps (or SGHMC's friction following ε)?
+        follows = spec.name == "sghmc" and {**spec.kwargs, **sampler_kwargs}.get("friction", "auto") == "auto"
+        if follows:
+            replace, cause = fell, "friction"
+        else:
+            ratio = jump_ratio(potential, state.params, current[0], final, rng, C)
+            replace, cause = fell & (ratio < JUMP_RATIO), "jumps"
+        if bool(replace.any()):  # no acceptance near 1 reached: the curvature rule's step instead
             collapsed = final.clone()
-            final = torch.where(jumps.to(final.device), torch.minimum(eps0.double(), da.log_eps_max.exp()), final)
+            final = torch.where(replace.to(final.device), torch.minimum(eps0.double(), da.log_eps_max.exp()), final)
+        else:
+            cause = None
     return state, Adaptation(final, eps0.double(), last, backs, t, loss_tr[:, :t], star_tr[:, :t], eps_tr[:, :t],
-                             fresh[:t], resets, extended, ratio, collapsed)
+                             fresh[:t], resets, extended, ratio, collapsed, cause)
 
 
 def _last_quarter(acc_hist: list[Tensor], steps: int, K: int) -> Tensor:

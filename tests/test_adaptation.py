@@ -452,3 +452,31 @@ def test_a_loss_that_jumps_keeps_the_curvature_step_and_says_why():
         warnings.filterwarnings("ignore", message=".*(effective sample size|R-hat)")  # 100 draws: not the point
         r = slt.estimate_llc(model, data, F.mse_loss, **kw)
     assert r.diagnostics["step_size_collapsed"] is None and r.diagnostics["adapt_jump_ratio"] is None
+
+
+def test_sghmc_with_its_friction_following_eps_keeps_the_curvature_step_without_reading_jumps(monkeypatch):
+    """SGHMC with ``friction="auto"`` collapses on smooth losses too (its friction falls with ε, and the velocity
+    keeps the heat of the exploratory steps: the README's tiny GPT-2 fell from ε₀ = 3.05e-3 to 1.7e-5 and the
+    probe read 4.8 — "jumps" — on a smooth loss).  Forced here by a collapse threshold every adaptation crosses:
+    SGHMC keeps ε₀ without the probe and without the jump warning, and ``print`` names the cause; SGLD under the
+    same threshold is probed, reads smooth and keeps its adapted step."""
+    import torch.nn.functional as F
+
+    import slt.stepsize as stepsize
+
+    monkeypatch.setattr(stepsize, "JUMP_COLLAPSE", 1e-30)  # ε·J < ε₀ for any adapted ε: every adaptation "fell"
+    kw = dict(num_chains=4, num_draws=100, seed=0, localization=100.0, progress=False)
+    model, data = _routed(False)  # smooth
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*loss jumps")
+        r = slt.estimate_llc(model, data, F.mse_loss, sampler="sghmc", **kw)
+    d = r.diagnostics
+    assert d["step_size_collapse_cause"] == "friction" and d["adapt_jump_ratio"] is None
+    assert r.step_size == pytest.approx(d["step_size_initial"], rel=1e-12) and d["step_size_collapsed"] is not None
+    assert "SGHMC's adaptation fell to" in str(r)
+    fixed = slt.estimate_llc(model, data, F.mse_loss, sampler=slt.samplers.sghmc(friction=0.5), **kw)
+    assert fixed.diagnostics["adapt_jump_ratio"] is not None  # a fixed friction: probed like SGLD
+    plain = slt.estimate_llc(model, data, F.mse_loss, **{**kw, "sampler": "sgld"})
+    p = plain.diagnostics
+    assert p["adapt_jump_ratio"] > 8 and p["step_size_collapsed"] is None and p["step_size_collapse_cause"] is None
+    assert "SGHMC's adaptation" not in str(plain)

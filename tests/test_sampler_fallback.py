@@ -34,19 +34,26 @@ KW = dict(num_chains=4, num_draws=100, num_burnin=50, dtype=F64, seed=0, progres
 
 @pytest.fixture
 def forced(monkeypatch):
-    """``forced(names)``: runs of the samplers in ``names`` are judged unsettled, every other as settled."""
+    """``forced(names)``: runs of the samplers in ``names`` (a name, or ``(name, γ)`` for its runs at that γ only)
+    are judged unsettled, every other as settled.  ``forced.runs`` lists ``(sampler, γ, deferred)`` per
+    ``_run_at`` call."""
     run_at = engine._run_at
+    runs: list[tuple[str, float, bool]] = []
 
     def tagged(target, rows, spec, *a, **k):
         out = run_at(target, rows, spec, *a, **k)
-        out["trace"].sampler_name = spec.name
+        runs.append((spec.name, float(target.localization), "deferred" in out))
+        if "trace" in out:
+            out["trace"].sampler_name, out["trace"].gamma = spec.name, float(target.localization)
         return out
 
     def install(names):
         def unsettled(trace, *a, **k):
-            return {0: ["forced by the test"]} if getattr(trace, "sampler_name", None) in names else {}
+            name = getattr(trace, "sampler_name", None)
+            return {0: ["forced by the test"]} if name in names or (name, trace.gamma) in names else {}
         monkeypatch.setattr(engine, "_run_at", tagged)
         monkeypatch.setattr(engine, "_unsettled", unsettled)
+    install.runs = runs
     return install
 
 
@@ -205,3 +212,85 @@ def test_direct_halving_compares_paired_chains():
     jitter = 0.001 * torch.randn(C, 1, generator=g, dtype=F64)
     moved = engine._direct_halving(trace(base), trace(0.7 * base + jitter), 10.0, 1, C)[0]
     assert moved["message"] is not None and moved["z"] > 10 and "not stable when ε halves" in moved["message"]
+
+
+# SGHMC first where SGLD's run at the last γ would be mostly burn-in (slt.defaults.SGHMC_FIRST_BURNIN).  The toy's
+# ladder is γ = 1, 10 (nβ = 37.7); at γ = 10 its SGLD step adapts to ≈ 1.6e-3, so 5/(εγ) ≈ 311 steps = 3.1 × its
+# 100 draws: a factor of 0 makes every such level costly, a huge one none.
+AUTO_BURNIN = {**KW, "num_burnin": None}
+
+
+def test_sghmc_runs_first_where_sglds_burn_in_would_dominate(forced, monkeypatch):
+    monkeypatch.setattr(engine, "SGHMC_FIRST_BURNIN", 0)
+    forced({("sgld", 1.0)})  # the ladder rises to γ = 10, where every run settles
+    m, data = _job()
+    r = slt.estimate_llc(m, data, F.mse_loss, **AUTO_BURNIN)
+    fb = r.config["sampler_fallback"]
+    assert r.sampler == "sghmc" and r.localization == 10.0 and fb["settled"] is True
+    assert [(t["sampler"], t["settled"]) for t in fb["tried"]] == [("sghmc", True)]
+    # SGLD at γ = 10 adapted its step and stopped: no SGLD draws at that γ
+    assert forced.runs[:3] == [("sgld", 1.0, False), ("sgld", 10.0, True), ("sghmc", 10.0, False)]
+    first = fb["first"]
+    assert set(first) == {"step_size", "relaxation_steps", "draw_steps", "seconds"}
+    assert first["draw_steps"] == 100
+    assert first["relaxation_steps"] == slt.defaults.relaxation_steps(first["step_size"], 10.0)
+    assert fb["halving"][0]["message"] is None  # the direct ε/2 check ran
+    text = str(r)
+    assert (f"would need a burn-in of 5/(εγ) = {first['relaxation_steps']} steps" in text
+            and "ran first SGHMC damped critically for γ (friction √(2εγ)), which settled: these are its draws" in text)
+
+
+def test_when_sghmc_first_does_not_settle_sgld_runs_with_its_burn_in_unchanged(forced, monkeypatch):
+    m, data = _job()
+    forced({("sgld", 1.0)})
+    plain = slt.estimate_llc(m, data, F.mse_loss, **AUTO_BURNIN)  # (the factor of 4: no level is costly here)
+    assert plain.sampler == "sgld" and plain.config["sampler_fallback"] is None
+    monkeypatch.setattr(engine, "SGHMC_FIRST_BURNIN", 0)
+    forced({("sgld", 1.0), "sghmc"})
+    r = slt.estimate_llc(m, data, F.mse_loss, **AUTO_BURNIN)
+    fb = r.config["sampler_fallback"]
+    assert r.sampler == "sgld" and fb["to"] == "sgld" and fb["settled"] is True and "reasons_after" not in fb
+    assert [(t["sampler"], t["settled"]) for t in fb["tried"]] == [("sghmc", False), ("sgld", True)]
+    # SGLD's draws are those of a run where SGHMC never came first (fresh streams for every run)
+    assert torch.equal(r.llc_trace, plain.llc_trace) and r.config["num_burnin"] == plain.config["num_burnin"]
+    assert "which did not settle (group 0: forced by the test), then SGLD with that burn-in, which settled" in str(r)
+
+
+def test_then_the_rest_of_the_fallbacks_without_sghmc_again(forced, monkeypatch):
+    monkeypatch.setattr(engine, "SGHMC_FIRST_BURNIN", 0)
+    forced({"sgld", "sghmc"})
+    m, data = _job()
+    r = slt.estimate_llc(m, data, F.mse_loss, **AUTO_BURNIN)
+    fb = r.config["sampler_fallback"]
+    assert r.sampler == "rmsprop_sgld" and fb["settled"] is True
+    assert [(t["sampler"], t["settled"]) for t in fb["tried"]] == [("sghmc", False), ("sgld", False),
+                                                                    ("rmsprop_sgld", True)]
+    assert [n for n, *_ in forced.runs].count("sghmc") == 1
+    forced({"sgld", "sghmc", "rmsprop_sgld"})
+    bad = slt.estimate_llc(m, data, F.mse_loss, **AUTO_BURNIN)
+    assert bad.sampler == "sgld" and bad.config["sampler_fallback"]["settled"] is False
+    # the note names the other samplers tried, not SGLD itself
+    assert any("(critically damped SGHMC and RMSProp-SGLD, tried at that γ, did not settle either)" in s
+               for s in bad.convergence_reasons), bad.convergence_reasons
+
+
+@pytest.mark.parametrize("case", ["minibatch", "given burn-in", "given step", "sgld by name", "cheap"])
+def test_sgld_runs_first_everywhere_else(forced, monkeypatch, case):
+    """Only full-batch runs with the automatic step, burn-in and γ defer SGLD; a burn-in within the factor runs it."""
+    monkeypatch.setattr(engine, "SGHMC_FIRST_BURNIN", 10 ** 9 if case == "cheap" else 0)
+    forced({("sgld", 1.0)})
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(600, 3, generator=g, dtype=F64)
+    m, data = _job()
+    kw = dict(AUTO_BURNIN)
+    if case == "minibatch":
+        data, kw["batch_size"] = (X, X.sum(1, keepdim=True)), 64
+    elif case == "given burn-in":
+        kw["num_burnin"] = 50
+    elif case == "given step":
+        kw["step_size"] = 1e-3
+    elif case == "sgld by name":
+        kw["sampler"] = "sgld"
+    r = slt.estimate_llc(m, data, F.mse_loss, **kw)
+    assert not any(d for *_, d in forced.runs) and r.sampler == "sgld"
+    assert r.config["sampler_fallback"] is None

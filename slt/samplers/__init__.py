@@ -80,7 +80,8 @@ SAMPLERS: dict[str, Callable[..., Any]] = {
     "sgnht": sgnht,
 }
 #: ``"auto"`` is :func:`slt.estimate_llc`'s default: SGLD, which that engine may follow with critically damped
-#: SGHMC and RMSProp-SGLD when SGLD's chains do not settle (:data:`slt.defaults.FALLBACK_SAMPLERS`); elsewhere
+#: SGHMC and RMSProp-SGLD when SGLD's chains do not settle (:data:`slt.defaults.FALLBACK_SAMPLERS`), or precede with
+#: SGHMC where SGLD's burn-in would dominate (:data:`slt.defaults.SGHMC_FIRST_BURNIN`); elsewhere
 #: it is SGLD
 _ALIASES = {"rmsprop": "rmsprop_sgld", "rmspropsgld": "rmsprop_sgld", "rmsprop-sgld": "rmsprop_sgld", "auto": "sgld"}
 

@@ -478,7 +478,9 @@ def _sampler_names() -> tuple[str, ...]:
     try:
         from slt.samplers import SAMPLERS
 
-        return ("auto", *SAMPLERS)  # "auto": the engine's default (SGLD, then SGHMC or RMSProp-SGLD when SGLD does not settle)
+        # "auto": the engine's default (SGLD, then SGHMC or RMSProp-SGLD when SGLD does not settle; SGHMC first
+        # where SGLD's burn-in would dominate)
+        return ("auto", *SAMPLERS)
     except ImportError:  # pragma: no cover - a library without the registry
         return ("auto", *_SAMPLERS)
 

@@ -60,7 +60,7 @@ from .diagnostics import changed, free_diffusion, halved_step_estimate, llc_stan
 from .evaluator import ChainEvaluator, fused_summary
 from .groups import Groups
 from .loop import Divergence, Trace, run_chains, show_progress
-from .result import UNSETTLED, LLCResult, _halving_gap, equilibrium_checks, heating_check
+from .result import FALLBACK_NAMES, UNSETTLED, LLCResult, _halving_gap, equilibrium_checks, heating_check
 from .rng import ChainRNG
 from .samplers import SAMPLERS, LocalizedPotential, SamplerSpec, build_sampler, resolve_sampler
 from .samplers.base import column_chunks, rowsum64
@@ -876,7 +876,7 @@ def sample_target(
             fallback["reasons_after"] = last["reasons_after"]
     # groups still unsettled after γ was raised: say that the automatic γ ran out
     others = [] if fallback is None else [t["sampler"] for t in fallback["tried"] if t["sampler"] != first_name]
-    tried_text = (" (" + " and ".join(_FALLBACK_NAMES.get(t, t) for t in others)
+    tried_text = (" (" + " and ".join(FALLBACK_NAMES[t][0] if t in FALLBACK_NAMES else t for t in others)
                   + ", tried at that γ, did not settle either)" if others
                   else "" if auto_sampler
                   else ", or sampler='sghmc' or 'rmsprop_sgld'" if run["batches"].full  # (SGHMC runs hot on minibatches)
@@ -931,9 +931,6 @@ def _fallback_samplers(full_batch: bool) -> tuple[str, ...]:
     against SGLD's +10% to +14%; at full batch +5% to +8%, SGLD's +3% to +8%)."""
     return tuple(s for s in FALLBACK_SAMPLERS if full_batch or s != "sghmc")
 
-
-#: how the fallback samplers are named in messages
-_FALLBACK_NAMES = {"sghmc": "critically damped SGHMC", "rmsprop_sgld": "RMSProp-SGLD"}
 
 
 def _run_at(target, rows, spec, rule, step_size, kw, C, num_steps, num_burnin, burnin_auto, n_adapt, thin, batch_size,

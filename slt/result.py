@@ -366,7 +366,7 @@ class LLCResult:
             why = "; ".join(fb.get("reasons") or [])
             tried, steps = fb["tried"], []
             for i, t in enumerate(tried):
-                name = _FALLBACK_TEXT.get(t["sampler"], t["sampler"])
+                name = FALLBACK_NAMES[t["sampler"]][1] if t["sampler"] in FALLBACK_NAMES else t["sampler"]
                 last = i == len(tried) - 1
                 if t["settled"]:
                     steps.append(f"{name}, which settled: these are its draws")
@@ -397,10 +397,11 @@ class LLCResult:
     __repr__ = __str__
 
 
-#: How ``print(result)`` names the samplers of ``config["sampler_fallback"]``
-_FALLBACK_TEXT = {"sghmc": "SGHMC damped critically for γ (friction √(2εγ))",
-                  "rmsprop_sgld": "RMSProp-SGLD (preconditioner frozen after burn-in)",
-                  "sgld": "SGLD with that burn-in"}
+#: How the samplers of ``config["sampler_fallback"]`` are named: ``(short, long)``, the short name in the engine's
+#: convergence notes, the long one in ``print(result)``
+FALLBACK_NAMES = {"sghmc": ("critically damped SGHMC", "SGHMC damped critically for γ (friction √(2εγ))"),
+                  "rmsprop_sgld": ("RMSProp-SGLD", "RMSProp-SGLD (preconditioner frozen after burn-in)"),
+                  "sgld": ("SGLD", "SGLD with that burn-in")}
 
 #: The kinds of :func:`equilibrium_checks` findings that say the chains have not reached equilibrium
 #: (what a stronger localization cures when flat directions keep chains wandering; see

@@ -54,7 +54,7 @@ from ._runtime import (autograd_allowed, intra_op_threads, resolve_device, retai
                        user_stacklevel, versions)
 from .data import LoaderSource, num_rows, row_numel
 from .defaults import (BATCH_RAISES, BATCH_SIZE, BATCH_SIZE_MAX, EXTENSION_BUDGET, FALLBACK_SAMPLERS, LLC, LOCALIZATION,
-                       LOCALIZATION_MIN_DRAWS, LOCALIZATION_STEPS, SGHMC_FIRST_BURNIN, default_burnin,
+                       LOCALIZATION_MIN_DRAWS, LOCALIZATION_STEPS, RELAXATION_TIMES, SGHMC_FIRST_BURNIN, default_burnin,
                        default_localization, default_nbeta, relaxation_steps)
 from .diagnostics import changed, free_diffusion, halved_step_estimate, llc_standard_error, minibatch_heating
 from .evaluator import ChainEvaluator, fused_summary
@@ -854,7 +854,7 @@ def sample_target(
     # statistics follow one run)
     reasons = (_reasons(unsettled) if first is None
                else [f"at γ = {target.localization:g}, SGLD's adapted ε = {first['step_size']:.3g} would need a burn-in"
-                     f" of 5/(εγ) = {first['relaxation_steps']} steps, {first['relaxation_steps'] / first['draw_steps']:.1f}"
+                     f" of {RELAXATION_TIMES}/(εγ) = {first['relaxation_steps']} steps, {first['relaxation_steps'] / first['draw_steps']:.1f}"
                      f" × the draws' {first['draw_steps']}"])
     if auto_fallback and unsettled:
         for name in _fallback_samplers(run["batches"].full):

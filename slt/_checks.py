@@ -19,8 +19,10 @@ The messages have one shape across the library::
 
 from __future__ import annotations
 
+import difflib
 import math
 import numbers
+from collections.abc import Mapping
 from typing import Any
 
 __all__ = ["check_int", "check_real"]
@@ -163,3 +165,49 @@ def check_observables(caller: str, observables: Any) -> dict[str, Any]:
             raise TypeError(f"{caller}: observable {k!r} must be callable f(params) -> (R,) tensor, got "
                             f"{type(f).__name__}")
     return dict(observables)
+
+
+def probe_observables(caller: str, observables: Mapping[str, Any] | None, target: Any) -> None:
+    """Each observable evaluated once at the checkpoints' w* (two rows each, ``(2K, d)`` as named parameters), before
+    sampling: an observable that fails there fails with its name and, where it asked for a name the
+    parameters do not have, the names it can read (a frozen parameter or a buffer is not among them: it
+    stays at w*, and the model reads it itself)."""
+    if not observables:
+        return
+    rows = 2 * target.w_star.shape[0]  # (two rows per checkpoint: a first dimension of 1 is not taken for the rows')
+    params = target.spec.unflatten(target.w_star.repeat_interleave(2, 0))
+    for name, f in observables.items():
+        try:
+            value = f(params)
+        except KeyError as e:
+            key = e.args[0] if e.args else None
+            if not isinstance(key, str) or key in params:
+                raise
+            frozen = set(getattr(target.spec, "frozen", []))
+            buffers = {n for n, _ in target.model.named_buffers()}
+            why = (" is a frozen parameter (requires_grad=False): it stays at w* and is not sampled" if key in frozen
+                   else " is a buffer, not a parameter: it is not sampled" if key in buffers
+                   else " is not a sampled parameter")
+            close = difflib.get_close_matches(key, list(params), n=3, cutoff=0.5)
+            raise ValueError(f"{caller}: observable {name!r} reads params[{key!r}], which{why}; observables get the "
+                             "sampled parameters by name, each (rows, *shape)"
+                             + (f" (similar names: {', '.join(close)})" if close else
+                                f" ({', '.join(list(params)[:8])}{', ...' if len(params) > 8 else ''})")) from e
+        except Exception as e:  # noqa: BLE001 - the same exception, with the observable it failed in
+            if hasattr(e, "add_note"):
+                e.add_note(f"{caller}: in observable {name!r}, evaluated at w* before sampling")
+            raise
+        check_observable_value(caller, name, value, rows)
+
+
+def check_observable_value(caller: str, name: str, value: Any, rows: int) -> None:
+    """An observable's value must be a tensor with one row per chain, ``(rows, ...)``: one that drops the
+    rows (``p["w"][0]``, a sum over everything) would be cut into the wrong chains' values."""
+    import torch
+
+    if not isinstance(value, torch.Tensor) or value.ndim == 0 or value.shape[0] != rows:
+        what = (f"a tensor of shape {tuple(value.shape)}" if isinstance(value, torch.Tensor)
+                else type(value).__name__)
+        raise ValueError(f"{caller}: observable {name!r} must return a tensor with one row per chain, "
+                         f"({rows}, ...) here, got {what}: each parameter comes as (rows, *shape), so keep the "
+                         "first dimension (e.g. p['w'][:, 0] rather than p['w'][0], .sum(dim=1) rather than .sum())")

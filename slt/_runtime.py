@@ -57,24 +57,49 @@ def vmapped_block() -> Iterator[None]:
       (:func:`slt.target.fastest_path`), and the note — meant for PyTorch's developers ("please file us an
       issue") — showed again after each of slt's set-up phases, three times a call.  Back on after the
       outermost block (PyTorch's default; torch offers no way to read the setting).
-    * ``F.gaussian_nll_loss`` is the batchable :func:`gaussian_nll_loss`; PyTorch's is back after."""
+    * ``F.gaussian_nll_loss`` is the batchable :func:`gaussian_nll_loss`; PyTorch's is back after.
+    * ``F.embedding`` (``nn.Embedding``) with a ``padding_idx`` is :func:`embedding`, whose padding row gets
+      no gradient in every chain; PyTorch's is back after."""
     _DEPTH[0] += 1
     if _DEPTH[0] == 1:
         if _SET_FALLBACK_WARNING is not None:
             _SET_FALLBACK_WARNING(False)
         _TORCH_GAUSSIAN_NLL[0] = F.gaussian_nll_loss
         F.gaussian_nll_loss = gaussian_nll_loss
+        _TORCH_EMBEDDING[0] = F.embedding
+        F.embedding = embedding
     try:
         yield
     finally:
         _DEPTH[0] -= 1
         if _DEPTH[0] == 0:
             F.gaussian_nll_loss = _TORCH_GAUSSIAN_NLL[0]
+            F.embedding = _TORCH_EMBEDDING[0]
             if _SET_FALLBACK_WARNING is not None:
                 _SET_FALLBACK_WARNING(True)
 
 
 _TORCH_GAUSSIAN_NLL: list[Any] = [None]
+_TORCH_EMBEDDING: list[Any] = [None]
+
+
+def embedding(input: torch.Tensor, weight: torch.Tensor, padding_idx: int | None = None, max_norm: float | None = None,
+              norm_type: float = 2.0, scale_grad_by_freq: bool = False, sparse: bool = False) -> torch.Tensor:
+    """``torch.nn.functional.embedding`` inside slt's vmapped calls (:func:`vmapped_block`).
+
+    With a ``padding_idx``, the padding row's gradient is cut by detaching that row of the weight, and the
+    lookup runs without ``padding_idx``: the same values and gradients.  PyTorch's batching rule for the
+    embedding's backward (torch 2.13) offsets the indices of each chain but not ``padding_idx``, so chains
+    1, 2, … gave their padding row a gradient and chain 0 did not (measured: padding-row gradients [0, 8.2]
+    where both are 0; a model that mean-pools over padded positions drew different λ̂ on vmap and the loop).
+    Sparse gradients keep PyTorch's call (slt runs those in the loop)."""
+    torch_embedding = _TORCH_EMBEDDING[0] or F.embedding
+    if padding_idx is None or sparse:
+        return torch_embedding(input, weight, padding_idx, max_norm, norm_type, scale_grad_by_freq, sparse)
+    row = padding_idx if padding_idx >= 0 else weight.shape[0] + padding_idx
+    pad = torch.arange(weight.shape[0], device=weight.device).unsqueeze(1) == row
+    return torch_embedding(input, torch.where(pad, weight.detach(), weight), None, max_norm, norm_type,
+                           scale_grad_by_freq, sparse)
 
 
 def gaussian_nll_loss(input: torch.Tensor, target: torch.Tensor, var: Any, full: bool = False, eps: float = 1e-6,
@@ -124,13 +149,52 @@ def autograd_allowed(fn: Any) -> Any:
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        with plain_tensors_kept([*args, *kwargs.values()]):
+        with plain_tensors_kept([*args, *kwargs.values()]), loader_generators_kept([*args, *kwargs.values()]):
             if not torch.is_inference_mode_enabled():
                 return fn(*args, **kwargs)
             with torch.inference_mode(False):
                 return fn(*args, **kwargs)
 
     return wrapper
+
+
+@contextlib.contextmanager
+def loader_generators_kept(objs: list[Any]) -> Iterator[None]:
+    """The random generators of the DataLoaders among ``objs`` (or values of a mapping among them: data of
+    several distributions), those a ``shuffle=True, generator=g`` loader draws its order from, put back in
+    the state they had on entry: a call that iterates the loader leaves it as it found it, and the same
+    call with the same seed repeats (a user's generator advances at every pass over the loader).  Only the
+    outermost public call puts them back: within a call the loader advances from pass to pass as before."""
+    from torch.utils.data import DataLoader
+
+    if _LOADER_DEPTH[0]:
+        _LOADER_DEPTH[0] += 1
+        try:
+            yield
+        finally:
+            _LOADER_DEPTH[0] -= 1
+        return
+
+    loaders = [o for o in objs if isinstance(o, DataLoader)]
+    loaders += [v for o in objs if isinstance(o, dict) for v in o.values() if isinstance(v, DataLoader)]
+    gens: dict[int, torch.Generator] = {}
+    for loader in loaders:
+        batch_sampler = getattr(loader, "batch_sampler", None)
+        for owner in (loader, getattr(loader, "sampler", None), batch_sampler, getattr(batch_sampler, "sampler", None)):
+            g = getattr(owner, "generator", None)
+            if isinstance(g, torch.Generator):
+                gens[id(g)] = g
+    states = [(g, g.get_state()) for g in gens.values()]
+    _LOADER_DEPTH[0] += 1
+    try:
+        yield
+    finally:
+        _LOADER_DEPTH[0] -= 1
+        for g, state in states:
+            g.set_state(state)
+
+
+_LOADER_DEPTH = [0]
 
 
 def _plain_tensors(roots: list[torch.nn.Module]) -> dict[tuple[int, str], tuple[torch.nn.Module, Any]]:

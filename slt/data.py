@@ -288,7 +288,9 @@ class Data(Dataset):
             if not isinstance(w, Tensor) or w.ndim != 1 or w.shape[0] != n:
                 raise ValueError(
                     f"weights must be a 1-D tensor of length n={n}, got "
-                    f"{tuple(w.shape) if isinstance(w, Tensor) else type(w).__name__}"
+                    f"{tuple(w.shape) if isinstance(w, Tensor) else type(w).__name__} (a dataset or batch of three "
+                    "fields is read as (x, y, weights); a model with several inputs takes them as a mapping: "
+                    "({'input_ids': ids, 'attention_mask': mask}, labels), or a dataset of dict items)"
                 )
             if not torch.isfinite(w).all():
                 raise ValueError("weights contain NaN or inf")
@@ -460,6 +462,33 @@ class LoaderSource:
 
         return any(isinstance(sm, RandomSampler) and sm.generator is None for sm in self._samplers)
 
+    def in_order(self) -> tuple["LoaderSource", str | None]:
+        """The loader to read when all of its data is wanted once (a full-batch run, per-sample influence):
+        a loader that shuffles its whole dataset (``shuffle=True``) or drops its last batch
+        (``drop_last=True``) is read as a loader over the same dataset, with the same collate function and
+        batch size, in index order and without dropping, so that the rows are the dataset's, each once and
+        in its order.  Returns ``(source, note)``: the note (else ``None``) says what changed, or that a
+        sampler of another kind decides which samples and in which order the rows come."""
+        from torch.utils.data import RandomSampler, SequentialSampler
+
+        loader, sampler = self.loader, getattr(self.loader, "sampler", None)
+        if isinstance(self.loader.dataset, IterableDataset) or self.n is None:
+            return self, None
+        drop = bool(getattr(loader, "drop_last", False))
+        shuffles = (isinstance(sampler, RandomSampler) and not sampler.replacement
+                    and sampler.num_samples == self.n)
+        if not (drop or shuffles):
+            if sampler is None or isinstance(sampler, SequentialSampler):
+                return self, None
+            return self, (f"the DataLoader's sampler ({type(sampler).__name__}) chooses the samples and their "
+                          "order: the data are the samples it yielded, in that order")
+        batch = self.batch_size or 64
+        again = DataLoader(loader.dataset, batch_size=batch, shuffle=False, drop_last=False,
+                           collate_fn=loader.collate_fn)
+        what = " and ".join(w for w, on in (("shuffles", shuffles), ("drops its last batch", drop)) if on)
+        return LoaderSource(again), (f"the DataLoader {what}: its dataset was read in index order, every sample "
+                                     "once, so that the data are the dataset's rows")
+
     def _unpack(self, item: Any) -> tuple[Inputs, Inputs | None, Tensor | None]:
         x, y, w = self._fields(item)
         for name, t in (("x", x), ("y", y), ("weights", w)):
@@ -559,7 +588,13 @@ def _stack_dataset(ds: Dataset) -> Data:
     if len(tensors) == 2:
         return Data(tensors[0], tensors[1], weights)
     if len(tensors) == 3 and weights is None:
-        return Data(tensors[0], tensors[1], tensors[2].flatten())
+        if isinstance(tensors[2], Tensor) and not tensors[2].is_floating_point():
+            warnings.warn(  # TensorDataset(input_ids, attention_mask, labels) reads the labels as weights
+                f"slt: a dataset of three fields is read as (x, y, weights), and its third field ({tensors[2].dtype}) "
+                "is taken as the samples' weights: if it holds labels, pass the inputs as a mapping "
+                "({'input_ids': ids, 'attention_mask': mask}, labels) or a dataset of dict items; integer counts "
+                "as weights: pass them as floats to say so", RuntimeWarning, stacklevel=user_stacklevel())
+        return Data(tensors[0], tensors[1], tensors[2])
     raise ValueError(
         f"a Dataset item must be x, (x,), (x, y) or (x, y, weight); got {len(tensors)} fields"
     )

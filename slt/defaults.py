@@ -186,7 +186,8 @@ def default_burnin(num_draws: int, num_steps_bw_draws: int = 1, step_size: float
     num_draws, num_steps_bw_draws
         The run's draws and steps between draws.
     step_size, localization
-        ε (the smallest over the run's rows) and γ; ``None`` while unknown (before adaptation).
+        ε and γ; ``None`` while unknown (before adaptation).  A run whose groups (checkpoints,
+        restrictions) have steps of their own takes the longest of their burn-ins.
     relaxation_gain
         The sampler's factor on ε in a flat direction (``Sampler.relaxation_gain``: 1 for SGLD, 1/a
         for RMSProp-SGLD, whose preconditioner gives such a direction 1/a times the step): the slowest

@@ -49,7 +49,7 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
-from ._checks import check_int, check_observables, check_real
+from ._checks import check_int, check_observable_value, check_observables, check_real, probe_observables
 from ._runtime import (autograd_allowed, intra_op_threads, resolve_device, retained_heap, small_work_threads,
                        user_stacklevel, versions)
 from .data import LoaderSource, num_rows, row_numel
@@ -263,7 +263,8 @@ def estimate_llc(
     restrict_to
         Weight-refined LLC (Wang et al. 2024, arXiv 2410.02984): only the selected parameters
         move, the others stay at ``w*`` (the loss gradient and the noise of each chain are masked).
-        A glob over parameter names (``"blocks.0.attn.*"``), a list of globs, a callable
+        A glob over parameter names (``"blocks.0.attn.*"``), a submodule or parameter of the model, a list
+        of those (their union), a callable
         ``(name, param) -> bool | bool mask | index``, per-parameter masks ``{name: mask or
         index}`` (parts of a tensor, e.g. one head's slice of a fused QKV matrix), or a mapping
         ``{label: any of those}`` — then the result is ``{label: result}`` and all restrictions ×
@@ -744,8 +745,11 @@ def sample_target(
     if batch_auto:
         batch_size = BATCH_SIZE
     target = _note_batch_statistics(target, minibatches=batch_size is not None or isinstance(target.source, LoaderSource))
+    probe_observables("slt.estimate_llc", observables, target)
     C, G, dev = num_chains, target.G, target.device
     rows = target.rows(C)  # (G*C, d)
+    if isinstance(step_size, Tensor) and step_size.numel() == 1:  # (a 0-d tensor or array: its number)
+        step_size = float(step_size)
     rule = _step_size_rule(step_size)
     kw = dict(sampler_kwargs or {})
     num_steps = num_burnin + num_draws * num_steps_bw_draws
@@ -832,8 +836,8 @@ def sample_target(
         if alt["record"]["settled"]:
             run, extensions, halved, unsettled, spec = alt["run"], alt["extensions"], alt["halved"], {}, alt["spec"]
             adopted = True
-        else:
-            run = run_once(target, batch_size, None)
+        else:  # SGLD's deferred run goes on from its adapted step (its adaptation is in first["seconds"])
+            run = run["resume"]()
             target = run["target"]
             halved, unsettled = _verdict(run, target, G, C, num_steps_bw_draws, judge)
     if not adopted:
@@ -845,7 +849,7 @@ def sample_target(
             halved, unsettled = _verdict(run, target, G, C, num_steps_bw_draws, judge)
         if first is not None:
             tried.append({"sampler": first_name, "settled": not unsettled, "halving": None,
-                          "seconds": run["trace"].seconds + run["adapt_seconds"] + sum(e["seconds"] for e in extensions),
+                          "seconds": run["trace"].seconds + sum(e["seconds"] for e in extensions),
                           "reasons_after": _reasons(unsettled)})
     # sampler="auto": SGLD's chains have not settled at the γ reached.  SGHMC damped critically for the directions
     # γ alone holds relaxes them in ~1/√(ηγ) steps instead of 1/(ηγ); RMSProp-SGLD (preconditioner frozen after
@@ -945,7 +949,8 @@ def _run_at(target, rows, spec, rule, step_size, kw, C, num_steps, num_burnin, b
     (:func:`slope_gradient`, taken once: w*, the data and the seeds do not change between its runs), or
     ``None`` for a check run that records no slope.  ``defer_costly``: at full batch with the automatic burn-in,
     stop once the step is adapted when the relaxation burn-in would exceed :data:`slt.defaults.SGHMC_FIRST_BURNIN`
-    times the draws' steps, returning ``{"deferred": {...}, "target", "adapt_seconds"}`` instead of a run."""
+    times the draws' steps, returning ``{"deferred": {...}, "target", "adapt_seconds", "resume"}`` instead of a run
+    (``resume()`` goes on with the run as it would have gone: the same streams, path and adapted step)."""
     G, dev = target.G, target.device
     rng = ChainRNG(target.group_seeds, C, dev)
     batches = target.batches(rng, C, batch_size, control_variate=control_variate, shared=shared_batches)
@@ -954,44 +959,11 @@ def _run_at(target, rows, spec, rule, step_size, kw, C, num_steps, num_burnin, b
     kw = {"deterministic": batches.full, **kw}
     if num_threads is None:
         num_threads = small_work_threads(G * C * (batches.batch_size or 1) * target.d, dev)
-    with intra_op_threads(num_threads), retained_heap(dev) as allocator:
-        if choose in ("auto", "compile"):  # vmap, the loop or the compiled step, whichever is measured faster here
-            target = fastest_path(target, rows, None if batches.full else batches.batch_size, num_steps=num_steps,
-                                  shared=batches.shared, compile=True if choose == "compile" else None)
-        if (target.path == "vmap" and target.groups.masks is not None and target.evaluator.row_plan is None
-                and not target.evaluator.row_plan_failed):
-            plan = target.groups.row_plan(target.K, C, target.spec)  # restricted rows share what they can
-            if plan is not None:
-                target.evaluator.row_plan = (rows.shape[0], [(r.to(dev), n) for r, n in plan])
-        potential = LocalizedPotential(_loss_and_grad(target), rows, target.nbeta, target.localization)
-        probe = build_sampler(spec, potential, 1.0, mala_every=0, **kw)
-        state = probe.init(rows)
-        setup_seconds = time.perf_counter() - t_setup
-        adapt = None
-        if rule == "adapt":
-            eps0, _ = initial_step_size(target, batches)
-            state, adapt = adapt_step_size(spec, potential, state, batches, noise, n_adapt,
-                                           eps0[target.group_checkpoint], C, threshold=thresh,
-                                           target_accept=target_accept, extensions=ADAPT_EXTENSIONS, **kw)
-        eps = (auto.step_size if auto is not None
-               else (step_size if isinstance(step_size, Tensor) else float(step_size)) if adapt is None
-               else adapt.step_size.to(target.dtype).repeat_interleave(C).unsqueeze(1))
-        adapt_seconds = time.perf_counter() - t_setup - setup_seconds
 
-        # the sampler, folded over the batches, from w* at the frozen step: the adapted chains' positions are
-        # not kept.  SGLD has no accept/reject step, so the adaptation's first steps (dual averaging explores
-        # from 10 ε₀) move the chains for real, and where the loss leaves its flat neighbourhood of w* abruptly
-        # they land where the step that adaptation settles on cannot bring them back (a trained GRU: two steps at
-        # 1.8e-6 raised nβ(L − L*) from 0 to 25, then ε fell to 5.8e-9, at which γ = 100 relaxes over 2·10⁶
-        # steps).  An automatic step that lets chains diverge is halved and the run repeated, also from w*.
-        del state
-        num_draws = (num_steps - num_burnin) // thin
-        if defer_costly and batches.full and burnin_auto:
-            relax = relaxation_steps(_smallest(eps), target.localization)
-            if relax > SGHMC_FIRST_BURNIN * num_draws * thin:
-                return {"deferred": {"step_size": _smallest(eps), "relaxation_steps": relax,
-                                     "draw_steps": num_draws * thin},
-                        "target": target, "adapt_seconds": adapt_seconds}
+    def sample(allocator: Any) -> dict[str, Any]:
+        """The sampler from w* at the frozen step ε (the burn-in, the draws, halvings of a diverging automatic
+        step) and the end-of-run readings."""
+        nonlocal eps, num_burnin, num_steps
         # the slope at w*: each draw's displacement projected on it (w* not a minimum, slt.result.slope_finding)
         found = None
         if slopes is not None:
@@ -1003,8 +975,10 @@ def _run_at(target, rows, spec, rule, step_size, kw, C, num_steps, num_burnin, b
             if burnin_auto:  # cover the slowest relaxation γ allows at this ε, when affordable
                 # (RMSProp-SGLD moves flat directions 1/a times faster, critically damped SGHMC about 1/α)
                 gain = float(getattr(smp, "relaxation_gain", 1.0))
-                num_burnin = default_burnin(num_draws, thin, _smallest(eps), target.localization, gain,
-                                            final=final_level)
+                # (each group's own rule, the longest of them: a group whose relaxation is beyond the cap does
+                # not shorten the burn-in of one within it)
+                num_burnin = max(default_burnin(num_draws, thin, e, target.localization, gain, final=final_level)
+                                 for e in _group_steps(eps))
                 num_steps = num_burnin + num_draws * thin
             if on_start is not None:
                 on_start()
@@ -1022,10 +996,53 @@ def _run_at(target, rows, spec, rule, step_size, kw, C, num_steps, num_burnin, b
             eps = _halve(eps, bad, C, target.dtype)
             del final
         heating, diffusion = _end_of_run(target, rows, smp, potential, batches, final, eps, num_steps)
-    return {"target": target, "trace": trace, "eps": eps, "smp": smp, "batches": batches, "potential": potential,
-            "heating": heating, "diffusion": diffusion, "auto": auto, "adapt": adapt, "halvings": halvings, "kw": kw,
-            "setup_seconds": setup_seconds, "adapt_seconds": adapt_seconds, "num_threads": num_threads, "num_burnin": num_burnin,
-            "num_steps": num_steps, "allocator": allocator, "final": final, "noise": noise, "slope": slope}
+        return {"target": target, "trace": trace, "eps": eps, "smp": smp, "batches": batches, "potential": potential,
+                "heating": heating, "diffusion": diffusion, "auto": auto, "adapt": adapt, "halvings": halvings, "kw": kw,
+                "setup_seconds": setup_seconds, "adapt_seconds": adapt_seconds, "num_threads": num_threads, "num_burnin": num_burnin,
+                "num_steps": num_steps, "allocator": allocator, "final": final, "noise": noise, "slope": slope}
+
+    with intra_op_threads(num_threads), retained_heap(dev) as allocator:
+        if choose in ("auto", "compile"):  # vmap, the loop or the compiled step, whichever is measured faster here
+            target = fastest_path(target, rows, None if batches.full else batches.batch_size, num_steps=num_steps,
+                                  shared=batches.shared, compile=True if choose == "compile" else None)
+        if (target.path == "vmap" and target.groups.masks is not None and target.evaluator.row_plan is None
+                and not target.evaluator.row_plan_failed):
+            plan = target.groups.row_plan(target.K, C, target.spec)  # restricted rows share what they can
+            if plan is not None:
+                target.evaluator.row_plan = (rows.shape[0], [(r.to(dev), n) for r, n in plan])
+        potential = LocalizedPotential(_loss_and_grad(target), rows, target.nbeta, target.localization)
+        probe = build_sampler(spec, potential, 1.0, mala_every=0, **kw)
+        state = probe.init(rows)
+        setup_seconds = time.perf_counter() - t_setup
+        adapt = None
+        if rule == "adapt":
+            eps0, _ = initial_step_size(target, batches)
+            state, adapt = adapt_step_size(spec, potential, state, batches, noise, n_adapt,
+                                           eps0, C, threshold=thresh,
+                                           target_accept=target_accept, extensions=ADAPT_EXTENSIONS, **kw)
+        eps = (auto.step_size if auto is not None
+               else (step_size if isinstance(step_size, Tensor) else float(step_size)) if adapt is None
+               else adapt.step_size.to(target.dtype).repeat_interleave(C).unsqueeze(1))
+        adapt_seconds = time.perf_counter() - t_setup - setup_seconds
+
+        # the sampler, folded over the batches, from w* at the frozen step: the adapted chains' positions are
+        # not kept.  SGLD has no accept/reject step, so the adaptation's first steps (dual averaging explores
+        # from 10 ε₀) move the chains for real, and where the loss leaves its flat neighbourhood of w* abruptly
+        # they land where the step that adaptation settles on cannot bring them back (a trained GRU: two steps at
+        # 1.8e-6 raised nβ(L − L*) from 0 to 25, then ε fell to 5.8e-9, at which γ = 100 relaxes over 2·10⁶
+        # steps).  An automatic step that lets chains diverge is halved and the run repeated, also from w*.
+        del state
+        num_draws = (num_steps - num_burnin) // thin
+        if defer_costly and batches.full and burnin_auto:
+            relax = relaxation_steps(_smallest(eps), target.localization)
+            if relax > SGHMC_FIRST_BURNIN * num_draws * thin:
+                def resume() -> dict[str, Any]:  # the run as it would have gone on: same streams, step and path
+                    with intra_op_threads(num_threads), retained_heap(dev) as allocator:
+                        return sample(allocator)
+                return {"deferred": {"step_size": _smallest(eps), "relaxation_steps": relax,
+                                     "draw_steps": num_draws * thin},
+                        "target": target, "adapt_seconds": adapt_seconds, "resume": resume}
+        return sample(allocator)
 
 
 def _end_of_run(target, rows, smp, potential, batches, final, eps, num_steps) -> tuple[Tensor | None, Tensor | None]:
@@ -1365,6 +1382,11 @@ def _metric_trace(target: Any, metric: Any, params: Tensor) -> Tensor:
     return out
 
 
+def _group_steps(eps: float | Tensor) -> list[float]:
+    """The distinct steps of a run (a number, or per row ``(R, 1)``)."""
+    return sorted(set(eps.reshape(-1).tolist())) if isinstance(eps, Tensor) else [float(eps)]
+
+
 def _smallest(eps: float | Tensor) -> float:
     """The smallest step of a run (a number, or per row ``(R, 1)``)."""
     return float(eps.min()) if isinstance(eps, Tensor) else float(eps)
@@ -1388,7 +1410,13 @@ def _observe(spec: Any, observables: Mapping[str, Observable] | None,
     def observe(w: Tensor) -> dict:
         if on_draw is not None:
             on_draw(w)
-        return {k: f(spec.unflatten(w)) for k, f in (observables or {}).items()}
+        params = spec.unflatten(w)
+        out = {}
+        for k, f in (observables or {}).items():
+            out[k] = v = f(params)
+            if not (isinstance(v, Tensor) and v.ndim >= 1 and v.shape[0] == w.shape[0]):
+                check_observable_value("slt.estimate_llc", k, v, w.shape[0])
+        return out
 
     return observe
 

@@ -1050,11 +1050,25 @@ def probe_batch(source: Data | LoaderSource, size: int, device, dtype) -> Batch:
 #: Losses whose target is class indices (or class probabilities shaped like the output).
 _CLASSIFICATION = ("cross_entropy", "nll_loss", "CrossEntropyLoss", "NLLLoss")
 #: Elementwise losses whose target must have the output's shape.
-_ELEMENTWISE = ("mse_loss", "l1_loss", "binary_cross_entropy_with_logits", "MSELoss", "L1Loss", "BCEWithLogitsLoss")
+_ELEMENTWISE = ("mse_loss", "l1_loss", "huber_loss", "smooth_l1_loss", "binary_cross_entropy_with_logits",
+                "binary_cross_entropy", "poisson_nll_loss", "soft_margin_loss", "MSELoss", "L1Loss", "HuberLoss",
+                "SmoothL1Loss", "BCEWithLogitsLoss", "BCELoss", "PoissonNLLLoss", "SoftMarginLoss")
 
 
 def _loss_name(loss_fn: Any) -> str:
+    while isinstance(loss_fn, functools.partial):  # functools.partial(F.mse_loss, ...): the function's name
+        loss_fn = loss_fn.func
     return getattr(loss_fn, "__name__", None) or type(loss_fn).__name__
+
+
+def _broadcast_error(name: str, on: str, out: Any, y: Any, said: str = "") -> ValueError:
+    """The error for a loss that broadcasts the model's output against a target of another shape."""
+    fix = (f"Reshape the target (e.g. Y.reshape({', '.join(['n'] + [str(s) for s in out.shape[1:]])})) or the output"
+           if isinstance(out, Tensor) else "Make the prediction and the target the same shape in loss_fn")
+    return ValueError(
+        f"{name}: the model's output and the target have different shapes on {on} of the data (output "
+        f"{describe(out)}, target {describe(y)}){said}; the loss would broadcast them into a wrong per-sample "
+        f"loss. {fix}")
 
 
 def _label_hint(loss_fn: Any, out: Any, y: Any) -> str:
@@ -1062,6 +1076,12 @@ def _label_hint(loss_fn: Any, out: Any, y: Any) -> str:
     name = _loss_name(loss_fn)
     if not (isinstance(out, Tensor) and isinstance(y, Tensor)):
         return ""
+    if not out.is_floating_point() and y.is_floating_point():
+        return (f" (loss_fn(output, target) got an integer output {describe(out)} and a float target: loss_fn is "
+                "called as loss_fn(model output, target); are its arguments the other way round?)")
+    if name in ("binary_cross_entropy_with_logits", "BCEWithLogitsLoss", "binary_cross_entropy", "BCELoss") \
+            and not y.is_floating_point():
+        return f" ({name} needs float targets (0./1. or probabilities): pass them as y.float(), got {describe(y)})"
     if name in _CLASSIFICATION:
         if not y.is_floating_point() and y.dtype not in (torch.int64, torch.uint8):
             return f" ({name} needs class indices as int64: pass the labels as y.long(), got {describe(y)})"
@@ -1113,13 +1133,20 @@ def validate_model_and_loss(model: nn.Module, adapter: LossAdapter, probe: Batch
     rows = num_rows(x)
     on = f"the first {rows} sample{'s' if rows != 1 else ''}"
     try:
-        loss = adapter.loss_fn(out, y)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            loss = adapter.loss_fn(out, y)
     except Exception as e:  # noqa: BLE001
         from .losses import model_loss
 
         if adapter.loss_fn is model_loss and isinstance(e, ValueError):
             raise  # the default loss_fn found no loss in the output: its message is the whole story
         hint = _label_hint(adapter.loss_fn, out, y)
+        if (not hint and isinstance(y, Tensor) and not y.is_floating_point()
+                and any(f"for '{t}'" in str(e) for t in ("Long", "Int", "Short", "Byte", "Bool"))):
+            hint = (f" (an operation that needs floats got integers, and the target is {describe(y)}: does loss_fn "
+                    "pass the model's output and the target in the order the loss takes them, e.g. "
+                    "F.cross_entropy(output, target)?)")
         holes = [i for i, o in enumerate(out) if o is None] if isinstance(out, (tuple, list)) else []
         if not isinstance(out, Tensor) and isinstance(getattr(out, "logits", None), Tensor):
             hint += (f" (the model returns a {type(out).__name__}: take its logits in the loss, e.g. "
@@ -1177,16 +1204,19 @@ def validate_model_and_loss(model: nn.Module, adapter: LossAdapter, probe: Batch
             f"target "
             f"{describe(y)}. Check the model and data (e.g. a log or a division of a value that can reach 0)"
         )
+    name = _loss_name(adapter.loss_fn)
+    for w in caught:  # PyTorch's regression losses warn when they broadcast: the per-sample loss would be wrong
+        text = str(w.message)
+        if "target size" in text and "broadcast" in text:
+            raise _broadcast_error(name, on, out, y, f" and the loss broadcast them (PyTorch: {text!r})")
+        warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)  # (the others, as they were)
     _check_buffer_writes(model, aliases, buffers, x, y, adapter)
     _check_mean_reduction(model, aliases, x, y, adapter, loss)
-    name = _loss_name(adapter.loss_fn)
     if isinstance(out, Tensor) and isinstance(y, Tensor) and name in _ELEMENTWISE and out.shape != y.shape:
-        raise ValueError(
-            f"{name}: the model's output and the target have different shapes on {on} of the data (output "
-            f"{describe(out)}, target {describe(y)}); the loss would broadcast them into a wrong per-sample "
-            f"loss. Reshape the target (e.g. Y.reshape({', '.join(['n'] + [str(s) for s in out.shape[1:]])})) "
-            "or the output"
-        )
+        raise _broadcast_error(name, on, out, y)
+    if (isinstance(out, Tensor) and isinstance(y, Tensor) and out.ndim >= 1 and y.ndim >= 1
+            and (tuple(out.shape) == tuple(y.shape) + (1,) or tuple(y.shape) == tuple(out.shape) + (1,))):
+        adapter.trailing_one = (tuple(out.shape), tuple(y.shape))
     if isinstance(out, Tensor) and isinstance(y, Tensor) and name in _CLASSIFICATION:
         hint = _label_hint(adapter.loss_fn, out, y)
         if hint:

@@ -71,6 +71,7 @@ halved step starts the statistics afresh.
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Sequence
 
@@ -78,7 +79,7 @@ import torch
 from torch import Tensor, nn
 
 from ._runtime import autograd_allowed, user_stacklevel
-from ._checks import check_int, check_observables
+from ._checks import check_int, check_observables, probe_observables
 from .defaults import LLC
 from .data import Data, _plain, as_source, row_numel
 from .losses import _logits, _tokens_and_mask
@@ -461,10 +462,13 @@ def _check_data(caller: str, name: str, data: Any, target: Any) -> Data:
         d = as_source(data)
     except (TypeError, ValueError) as e:  # re-raised with the argument's name
         raise type(e)(f"{caller}: {name}: {e}") from e
-    if not isinstance(d, Data):
+    if not isinstance(d, Data):  # every sample once, in the dataset's order (rows of the result)
         from .target import _stack_loader
 
-        d = _stack_loader(d)
+        read, order = d.in_order()
+        if order and read is d:  # (a loader read again in index order needs no warning: its rows are the dataset's)
+            warnings.warn(f"{caller}: {name}: {order}", RuntimeWarning, stacklevel=user_stacklevel())
+        d = _stack_loader(read)
     if d.n < 1:
         raise ValueError(f"{caller}: {name} is empty")
     return d.to(target.device, target.dtype)
@@ -546,13 +550,20 @@ def _warn_constant(caller: str, var: Tensor, mask: Tensor | None, what: str) -> 
     if mask is not None and mask.shape == flat.shape:
         flat = flat[mask.cpu().bool()]
     zero = int((flat == 0).sum())
-    if zero:
-        import warnings
-
+    value = "value" if what == "observables" else "loss"
+    if zero and zero == flat.numel():  # nothing varied: the sampled parameters do not reach these values
         warnings.warn(
-            f"{caller}: {zero} of {flat.numel()} {what} have a loss that did not vary over the draws (a loss that is "
-            "0 to the dtype's precision: a saturated, confidently right sample), so their correlations are 0/0 and "
-            "are NaN; normalize=False gives the covariances (0 there), dtype=torch.float64 resolves smaller losses",
+            f"{caller}: none of the {flat.numel()} {what} has a {value} that varied over the draws, so their "
+            "correlations are 0/0 and are NaN: the parameters sampled do not change them (a restriction the "
+            f"loss does not see{', or observables constant in the parameters' if value == 'value' else ''})",
+            RuntimeWarning, stacklevel=user_stacklevel())
+    elif zero:
+        warnings.warn(
+            f"{caller}: {zero} of {flat.numel()} {what} have a {value} that did not vary over the draws ("
+            + ("a loss that is 0 to the dtype's precision: a saturated, confidently right sample" if value == "loss"
+               else "constant in the parameters") + "), so their correlations are 0/0 and "
+            "are NaN; normalize=False gives the covariances (0 there)"
+            + (", dtype=torch.float64 resolves smaller losses" if value == "loss" else ""),
             RuntimeWarning, stacklevel=user_stacklevel())
 
 
@@ -567,6 +578,7 @@ def _covariances(caller: str, model: Any, data: Any, loss_fn: Any, *, query: Any
     if query is not None and obs:
         raise ValueError(f"{caller}: pass query (per-sample losses of another set) or observables, not both")
     target, samp, C, R, fn = _setup(caller, model, data, loss_fn, kwargs, per_sample_loss, per_token)
+    probe_observables(caller, obs, target)
     own = _own_per_sample(target) if fn is None else None
     fn = own or fn
     rows_losses = _Losses(target, target.source, fn, per_token, sum_tokens, R, "data")
@@ -794,6 +806,7 @@ def per_sample_susceptibility(
     if "loss" in obs:
         raise ValueError(f"{caller}: the observable name 'loss' is reserved for the sampling loss L_n")
     target, samp, C, R, fn = _setup(caller, model, data, loss_fn, kwargs, per_sample_loss, per_token)
+    probe_observables(caller, obs, target)
     train = target.source
     # the model's own loss (loss_fn omitted): its per-sample form gives ℓ_i and L_n
     own = _own_per_sample(target)

@@ -211,6 +211,10 @@ class LossAdapter:
         #: why the vmap lift of the loss to per-sample losses is unusable for this model's outputs
         #: (set by :func:`slt.evaluator.validate_model_and_loss`), or ``None``
         self.per_sample_error: str | None = None
+        #: the shapes of the model's output and the target on the set-up's probe batch, when both are tensors
+        #: whose shapes differ only by a trailing 1 (``(n, 1)`` against ``(n,)``): a loss written by hand then
+        #: usually broadcasts them, which :meth:`slt.target.Target._check_decomposition` names
+        self.trailing_one: tuple[tuple[int, ...], tuple[int, ...]] | None = None
 
     # ------------------------------------------------------------------
     def per_sample(self, out: Any, target: Any, lead: int) -> Tensor:

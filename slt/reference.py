@@ -337,8 +337,7 @@ def _check_nuts_args(num_chains, num_draws, num_warmup, max_tree_depth, target_a
     check_int("max_tree_depth", max_tree_depth, 1)
     if not isinstance(target_accept_prob, float) or not 0.0 < target_accept_prob < 1.0:
         raise ValueError(f"target_accept_prob must be a float in (0, 1), got {target_accept_prob!r}")
-    if not isinstance(seed, int) or isinstance(seed, bool):
-        raise ValueError(f"seed must be an integer, got {seed!r}")
+    seed = check_int("seed", seed)
     return num_warmup
 
 

@@ -15,7 +15,9 @@ Forms of ``restrict_to``
   A name matches if any of its names does (a tied or twice-registered parameter has several;
   it is sampled once, under its first name);
 * **a list or tuple of globs**: their union;
-* **an** ``nn.Module`` (a submodule of the model): all its sampled parameters;
+* **an** ``nn.Module`` (a submodule of the model): all its sampled parameters; **an**
+  ``nn.Parameter`` of the model: all of it; a list or tuple of globs, modules and parameters: their
+  union (the model passed is matched by identity, also when the run works on a copy of it);
 * **a callable** ``f(name, param)`` called once per sampled parameter, returning ``True`` (the
   whole parameter), ``False`` or ``None`` (none of it), a bool tensor shaped like the parameter
   (those entries), or an *index*: anything valid as ``param[index]`` — an int, a slice, a tuple
@@ -25,13 +27,13 @@ Forms of ``restrict_to``
   ``False``, ``None``, a bool tensor like the parameter or an index, as above): explicit entries,
   e.g. the rows of one head in a fused ``qkv`` weight.  Every key must match a sampled parameter;
 * **a labelled mapping** ``{label: restriction}`` whose values are all restrictions (a glob, a
-  list of globs, a module, a callable or a per-parameter mapping): ``M`` restrictions, one row
+  module, a parameter, a list of those, a callable or a per-parameter mapping): ``M`` restrictions, one row
   each, in the mapping's order.  This is what :func:`heads`, :func:`layers`,
   :func:`attention_and_mlp` and :func:`embeddings` return.
 
 The rule telling the two mappings apart looks at the **values**: all masks (``True``/``False``/
 ``None``, tensors, ints, slices, tuples or lists of index parts) make a per-parameter mapping; all
-restrictions (strings, lists of strings, modules, callables, mappings) make a labelled one; a
+restrictions (strings, modules, parameters, lists of these, callables, mappings) make a labelled one; a
 mixture is an error.  (A string value is never an index, so ``{"attn": "blocks.0.attn.*"}`` is a
 label; ``{"blocks.0.attn.W_Q": 0}`` is a per-parameter mapping, and its keys must then be
 parameter names.)  Labels must be strings.
@@ -98,12 +100,15 @@ class _Params:
         self.tensors: list[Tensor | None] = [None] * len(spec.names)
         self.aliases: list[list[str]] = [[n] for n in spec.names]
         self.by_id: dict[int, int] = {}
+        self.frozen_ids: set[int] = set()
+        self.buffer_names: list[str] = [n for n, _ in model.named_buffers()]
         self.frozen_names: list[str] = list(spec.frozen)
         first: dict[int, str] = {}
         for name, p in model.named_parameters(remove_duplicate=False):
             canon = first.setdefault(id(p), name)
             i = self.index.get(canon)
             if i is None:
+                self.frozen_ids.add(id(p))
                 if canon != name and canon in spec.frozen and name not in self.frozen_names:
                     self.frozen_names.append(name)
                 continue
@@ -124,6 +129,10 @@ class _Params:
         if frozen:
             msg += (f"; it matches only frozen parameters ({', '.join(frozen[:5])}"
                     f"{', ...' if len(frozen) > 5 else ''}), which have requires_grad=False and stay at w*")
+        buffers = [n for n in self.buffer_names if fnmatch.fnmatchcase(n, glob)]
+        if buffers:
+            msg += (f"; it matches buffers ({', '.join(buffers[:5])}{', ...' if len(buffers) > 5 else ''}), "
+                    "which are not parameters and are not sampled")
         close = difflib.get_close_matches(glob, [n for a in self.aliases for n in a], n=3, cutoff=0.5)
         if close:
             msg += f"; similar names: {', '.join(close)}"
@@ -150,11 +159,11 @@ def _is_mask_value(v: Any) -> bool:
 
 
 def _is_restriction_value(v: Any) -> bool:
-    """A whole restriction: a glob, a list of globs, a module, a callable or a mapping."""
-    if isinstance(v, (str, Mapping, nn.Module)):
+    """A whole restriction: a glob, a module, a parameter, a list of those, a callable or a mapping."""
+    if isinstance(v, (str, Mapping, nn.Module, nn.Parameter)):
         return True
     if isinstance(v, (tuple, list)):
-        return bool(v) and all(isinstance(x, str) for x in v)
+        return bool(v) and all(isinstance(x, (str, nn.Module, nn.Parameter)) for x in v)
     return callable(v) and not isinstance(v, Tensor)
 
 
@@ -211,10 +220,29 @@ def _resolve_into(row: Tensor, r: Any, P: _Params, where: str) -> None:
             for i in P.match(glob, where):
                 row[P.offsets[i]:P.offsets[i + 1]] = True
         return
+    if isinstance(r, (list, tuple)) and r and all(isinstance(g, (str, nn.Module, nn.Parameter)) for g in r):
+        for part in r:  # the union of globs, modules and parameters
+            _resolve_into(row, part, P, where)
+        return
+    if isinstance(r, nn.Parameter):
+        i = P.by_id.get(id(r))
+        if i is None:
+            raise ValueError(
+                f"{where}: the parameter {_describe(r)} is not a sampled parameter of the model: "
+                + ("it is frozen (requires_grad=False) and stays at w*" if id(r) in P.frozen_ids
+                   else "it is not the model's (or its first checkpoint's): pass the model's own parameter, or its name"))
+        row[P.offsets[i]:P.offsets[i + 1]] = True
+        return
     if isinstance(r, nn.Module):
         hits = {P.by_id[id(p)] for p in r.parameters() if id(p) in P.by_id}
         if not hits:
-            raise ValueError(f"{where}: the module {type(r).__name__} has no sampled parameter of the model")
+            own = any(True for _ in r.parameters())
+            raise ValueError(
+                f"{where}: the module {type(r).__name__} has no sampled parameter of the model: "
+                + ("its parameters are all frozen (requires_grad=False) and stay at w*" if own
+                   and all(id(p) in P.frozen_ids for p in r.parameters())
+                   else "it is not a submodule of the model passed (or of its first checkpoint): pass the model's own "
+                        "module, or a glob over parameter names" if own else "it has no parameters"))
         for i in hits:
             row[P.offsets[i]:P.offsets[i + 1]] = True
         return
@@ -250,8 +278,8 @@ def _resolve_into(row: Tensor, r: Any, P: _Params, where: str) -> None:
         return
     raise ValueError(
         f"{where}: cannot use {_describe(r)} ({type(r).__name__}) as a restriction; expected a glob over "
-        "parameter names, a list of globs, a module, a callable (name, param) -> mask, a mapping "
-        "{name or glob: mask} or a mapping {label: restriction}")
+        "parameter names, a module or a parameter of the model, a list of those, a callable (name, param) -> mask, "
+        "a mapping {name or glob: mask} or a mapping {label: restriction}")
 
 
 def _is_labelled(mapping: Mapping, where: str) -> bool:
@@ -287,7 +315,7 @@ def resolve_restrictions(restrict_to: Any, model: nn.Module, spec: ParamSpec) ->
     Parameters
     ----------
     restrict_to
-        A glob, a list of globs, a module, a callable ``(name, param) -> mask``, a per-parameter
+        A glob, a module or parameter of the model, a list of those, a callable ``(name, param) -> mask``, a per-parameter
         mapping ``{name or glob: mask}``, or a labelled mapping ``{label: any of these}`` (see the
         module docstring for the forms and the rule that tells the mappings apart).
     model
@@ -1073,6 +1101,11 @@ def embeddings(model: nn.Module) -> dict[str, dict[str, Any]]:
             embed_ids |= {id(p) for n, p in own.items() if n in ("W_E", "W_pos")}
     embed = {n: True for i, n in arch.name_of.items() if i in embed_ids}
     if not embed:
+        frozen = [n for n, p in model.named_parameters() if id(p) in embed_ids and not p.requires_grad]
+        if frozen:
+            raise ValueError(f"embeddings: the embeddings of {type(model).__name__} are frozen ({', '.join(frozen[:4])}"
+                             f"{', ...' if len(frozen) > 4 else ''}: requires_grad=False), so they are not sampled and "
+                             "have no refined LLC")
         raise ValueError(f"embeddings: found no embedding (nn.Embedding, TransformerLens W_E/W_pos) outside the "
                          f"blocks of {type(model).__name__}; give the mapping by hand, e.g. {{'embed': 'wte.*'}}")
     out: dict[str, dict[str, Any]] = {"embed": embed}

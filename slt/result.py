@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .defaults import ESS_MIN, RELAXATION_TIMES
+from .defaults import ESS_MIN, RELAXATION_TIMES, relaxation_steps
 from .diagnostics import CHANGE_FRACTION, changed, ess, llc_standard_error, rhat
 
 __all__ = ["LLCResult", "results_frame"]
@@ -174,7 +174,10 @@ class LLCResult:
             sem, sem_c, sem_b = llc_standard_error(pv, tr[valid])
             r = rhat(tr[valid]) if int(valid.sum()) > 1 else float("nan")
             e = ess(tr[valid])
-        below = (tr < 0).double().mean(1)
+        # below L(w*) by more than the rounding of two evaluations of one loss (a restriction the loss does not see
+        # draws L(w*) itself, ± an ulp)
+        rounding = nbeta * 4 * torch.finfo(loss.dtype).eps * torch.maximum(loss.abs(), star.abs())
+        below = (tr < -rounding).double().mean(1)
         frac_below = float(below[valid].mean()) if valid.any() else float("nan")
         mala_c = torch.full((C,), float("nan"), dtype=torch.float64) if mala is None else mala
         mala_mean = float(mala_c[valid].mean()) if valid.any() and mala is not None else float("nan")
@@ -649,8 +652,8 @@ def relaxation_hint(step_size: Any, localization: Any, config: Mapping[str, Any]
         return ""
     if not (eps > 0 and gamma > 0 and gain > 0):  # NaN fails too
         return ""
-    tau = 1.0 / (eps * gain * gamma)
-    if steps >= RELAXATION_TIMES * tau:
+    tau, need = 1.0 / (eps * gain * gamma), relaxation_steps(eps, gamma, gain)
+    if steps >= need:
         return ""
     rate = "1/(εγ)" if gain == 1.0 else f"1/(ε·G·γ) with G = {gain:g} (the sampler's step factor in a flat direction)"
     # an adapted ε depends on the adaptation's length, which a given num_burnin sets (4/5 of it): measured on an
@@ -660,7 +663,7 @@ def relaxation_hint(step_size: Any, localization: Any, config: Mapping[str, Any]
            "whose ε can come out smaller and need longer still)") if cfg.get("step_size_rule") == "adapt" else ""
     return (f" (at ε = {eps:.3g} and γ = {gamma:g} a direction only the localization holds relaxes over "
             f"{rate} = {tau:.0f} steps and needs about {RELAXATION_TIMES} of them: this run had {steps} steps; "
-            f"num_burnin ≈ {RELAXATION_TIMES * tau:.0f}{pin} covers it)")
+            f"num_burnin ≈ {need}{pin} covers it)")
 
 
 def _drift(tr: Tensor) -> tuple[float, float, float] | None:

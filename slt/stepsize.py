@@ -33,6 +33,7 @@ from .defaults import LLC
 from .evaluator import ChainEvaluator
 from .loop import diverged_rows, mala_reading, next_batch
 from .samplers.base import LocalizedPotential, column_chunks, langevin_step, rowsum64
+from .samplers.sghmc import friction_follows_step
 from .target import BatchStream, Target
 
 __all__ = [
@@ -132,17 +133,30 @@ def _unit_normal(shape: torch.Size, generator: torch.Generator, like: Tensor) ->
 
 
 def _top_eigenvalue(evaluator: ChainEvaluator, w: Tensor, batch: Batch, generator: torch.Generator,
-                    iters: int = 12) -> Tensor:
-    """(N, d) points -> (N,) |largest Hessian eigenvalue of L| (forward differences)."""
+                    iters: int = 12, masks: Tensor | None = None, start: Tensor | None = None) -> Tensor:
+    """(N, d) points -> (N,) |largest Hessian eigenvalue of L| (forward differences), from the start vectors
+    ``start`` (N, d) (else unit normals from ``generator``).  With ``masks`` (M, d): (N·M,) point-major, the
+    largest eigenvalue of the Hessian restricted to each mask's coordinates (the curvature a restricted
+    run's chains meet), from the start vectors restricted to it."""
+    v = _unit_normal(w.shape, generator, w) if start is None else start
+    keep = None
+    if masks is not None:
+        M = masks.shape[0]
+        keep = masks.to(w.dtype).repeat(w.shape[0], 1)
+        w = w.repeat_interleave(M, 0)
+        v = v.repeat_interleave(M, 0) * keep
+        v = v / v.norm(dim=1, keepdim=True).clamp_min(torch.finfo(w.dtype).tiny)
+
     def grad(x: Tensor) -> Tensor:
-        return evaluator.loss_and_grad(x, batch)[1]
+        g = evaluator.loss_and_grad(x, batch)[1]
+        return g if keep is None else g * keep
 
     # the difference step is a secant, not a derivative: where the loss leaves its quadratic bowl within r
     # the product measures the curvature a short move away, which is what a step from w* meets (a GRU
     # trained to L = 3e-7: exact top eigenvalue 0.107 at w*, the secant 1.09 at r = 1e-4 and 9.4e3 at
     # r = 1e-3 in float32 and float64 alike; float32's r = 1e-3 keeps gradient rounding below the signal)
     r = 1e-3 if w.dtype == torch.float32 else 1e-5
-    eig, _ = power_iteration(grad, w, _unit_normal(w.shape, generator, w), iters, r)
+    eig, _ = power_iteration(grad, w, v, iters, r)
     return eig.abs().nan_to_num(0.0)
 
 
@@ -290,18 +304,18 @@ def gradient_noise_trace(
     return m2 / (num_batches - 1)
 
 
-def _curvature_batch(target: Target, batches: BatchStream, generator: torch.Generator) -> Batch:
-    """At most :data:`CURVATURE_ROWS` rows of tensor data (weighted data: drawn by weight), or
+def _curvature_batch(target: Target, batches: BatchStream, generator: torch.Generator,
+                     rows: int = CURVATURE_ROWS) -> Batch:
+    """At most ``rows`` (:data:`CURVATURE_ROWS`) rows of tensor data (weighted data: drawn by weight), or
     the stream's next batch for a loader."""
     source = target.source
     if not isinstance(source, Data):
         return batches()[0]
-    if source.n <= CURVATURE_ROWS:
+    if source.n <= rows:
         return source.full_batch()
     if source.weights is None:
-        m = CURVATURE_ROWS
-        return Data(source.x[:m], None if source.y is None else source.y[:m]).full_batch()
-    rows = source.sample_index(1, CURVATURE_ROWS, generator).flatten()
+        return Data(source.x[:rows], None if source.y is None else source.y[:rows]).full_batch()
+    rows = source.sample_index(1, rows, generator).flatten()
     return Data(source.x[rows], None if source.y is None else source.y[rows]).full_batch()
 
 
@@ -354,8 +368,10 @@ class DualAveraging:
     :math:`\mu = \log(10\,\epsilon_0)`, γ = 0.05, t₀ = 10, κ = 0.75; the step used after
     adaptation is :math:`\bar\epsilon`.  Divergence back-off (:meth:`back_off`): a
     checkpoint whose chain blew up restarts the scheme from half the step that diverged,
-    which also becomes an upper bound for it; no step goes below :math:`\epsilon_0 2^{-40}`.  All
-    state is ``(K,)`` tensors on the device (no host synchronisation per step).
+    which also becomes an upper bound for it; no step goes below :math:`\epsilon_0 2^{-40}`.  A group
+    that has settled while others still search is ``frozen`` (:meth:`restart`): its scheme no longer
+    moves and its chains step at :math:`\bar\epsilon`, so that its step is the one it would have had
+    alone.  All state is ``(K,)`` tensors on the device (no host synchronisation per step).
     """
 
     target: float
@@ -366,6 +382,7 @@ class DualAveraging:
     t: Tensor
     log_eps_max: Tensor
     log_eps_min: Tensor
+    frozen: Tensor | None = None
 
     @classmethod
     def start(cls, eps0: Tensor, target: float) -> "DualAveraging":
@@ -377,8 +394,8 @@ class DualAveraging:
 
     @property
     def step_size(self) -> Tensor:
-        """``(K,)`` the step to use now."""
-        return self.log_eps.exp()
+        """``(K,)`` the step to use now (:attr:`final` for frozen groups)."""
+        return (self.log_eps if self.frozen is None else torch.where(self.frozen, self.log_eps_bar, self.log_eps)).exp()
 
     @property
     def final(self) -> Tensor:
@@ -388,6 +405,7 @@ class DualAveraging:
     def update(self, accept: Tensor) -> None:
         """One step with mean acceptance ``accept`` (K,) (NaN counts as 0)."""
         a = accept.double().nan_to_num(0.0).clamp(0.0, 1.0)
+        old = (self.t, self.h_bar, self.log_eps, self.log_eps_bar)
         self.t = self.t + 1
         w = 1.0 / (self.t + DA_T0)
         self.h_bar = (1 - w) * self.h_bar + w * (self.target - a)
@@ -395,17 +413,29 @@ class DualAveraging:
         self.log_eps = torch.maximum(self.log_eps, self.log_eps_min)
         eta = self.t.pow(-DA_KAPPA)
         self.log_eps_bar = eta * self.log_eps + (1 - eta) * self.log_eps_bar
+        if self.frozen is not None:
+            self.t, self.h_bar, self.log_eps, self.log_eps_bar = (
+                torch.where(self.frozen, o, n) for o, n in zip(old, (self.t, self.h_bar, self.log_eps, self.log_eps_bar)))
 
-    def restart(self, eps: Tensor) -> "DualAveraging":
+    def restart(self, eps: Tensor, searching: Tensor | None = None) -> "DualAveraging":
         """The scheme started again from steps ``eps`` (K,) (an adaptation window's end), keeping the
-        bounds set by divergences."""
+        bounds set by divergences; with ``searching`` (K,) bool, only for those groups, the others frozen
+        where they are."""
         new = DualAveraging.start(torch.minimum(eps.double().log(), self.log_eps_max).exp(), self.target)
         new.log_eps_max = self.log_eps_max.clone()
         new.log_eps_min = self.log_eps_min
+        if searching is not None:
+            keep = ~searching.to(self.t.device)
+            for name in ("log_eps", "log_eps_bar", "h_bar", "mu", "t"):
+                setattr(new, name, torch.where(keep, getattr(self, name), getattr(new, name)))
+            new.frozen = keep if self.frozen is None else keep | self.frozen
         return new
 
     def back_off(self, diverged: Tensor) -> None:
-        """Checkpoints ``diverged`` (K,) bool restart from half the step that diverged."""
+        """Checkpoints ``diverged`` (K,) bool restart from half the step that diverged (frozen ones stay:
+        their runs halve a step that diverges)."""
+        if self.frozen is not None:
+            diverged = diverged & ~self.frozen
         half = torch.maximum(self.log_eps - math.log(2.0), self.log_eps_min)
         self.log_eps_max = torch.where(diverged, torch.minimum(self.log_eps_max, half), self.log_eps_max)
         self.log_eps = torch.where(diverged, half, self.log_eps)
@@ -420,14 +450,22 @@ TARGET_ACCEPT = LLC.target_accept
 
 
 def initial_step_size(target: Target, batches: BatchStream) -> tuple[Tensor, Tensor]:
-    r"""Starting steps for adaptation, ``(ε₀ (K,), curvature at w* (K,))``:
-    :math:`\epsilon_0 = 0.2/(n\beta h(w^*) + \gamma)` with :math:`h(w^*)` the largest Hessian
-    eigenvalue of the loss at each ``w*`` (power iteration on at most 1024 rows, no probes:
-    adaptation corrects the rest)."""
-    nb, gamma = target.nbeta, target.localization
-    gen = torch.Generator(device=target.device).manual_seed(target.seeds[0] + 1)
-    batch = _curvature_batch(target, batches, gen)
-    h = _top_eigenvalue(target.evaluator, target.w_star, batch, gen)
+    r"""Starting steps for adaptation, ``(ε₀ (G,), curvature at w* (G,))`` per group:
+    :math:`\epsilon_0 = 0.2/(n\beta h(w^*) + \gamma)` with :math:`h(w^*)` the largest eigenvalue of the
+    Hessian of the loss at the group's ``w*``, restricted to the coordinates its restriction moves (power
+    iteration on at most 1024 rows, no probes: adaptation corrects the rest).  Each checkpoint's start
+    vector comes from its own seed (+1), so a group's ε₀ is the one its checkpoint and restriction would
+    get in a call of their own — as long as the data fit the curvature batch: with M restrictions it is the
+    first 1024/M samples (:data:`CURVATURE_ROWS`), so that the M power iterations together cost what the
+    unrestricted one does."""
+    nb, gamma, dev = target.nbeta, target.localization, target.device
+    gen = torch.Generator(device=dev).manual_seed(target.seeds[0] + 1)
+    batch = _curvature_batch(target, batches, gen, max(1, CURVATURE_ROWS // target.groups.M))
+    w = target.w_star
+    start = torch.cat([_unit_normal((1, w.shape[1]), torch.Generator(device=dev).manual_seed(s + 1), w)
+                       for s in target.seeds])
+    h = _top_eigenvalue(target.evaluator, w, batch, gen, masks=target.groups.masks, start=start)
+    h = h.repeat_interleave(target.G // h.shape[0])  # (K·M,) -> (G,): the distributions of a group share it
     eps0 = STEP_SIZE_SAFETY / (nb * h.double() + max(gamma, 1e-12))
     return eps0.clamp(max=1.0), h
 
@@ -637,8 +675,8 @@ def adapt_step_size(
     t = 0
     restart = None
     while t < end or (extended < extensions and restart is not None):  # restart: set at a window's end
-        if t == end:  # still searching: another window, the scheme restarted
-            da = da.restart(restart)
+        if t == end:  # still searching: another window, the scheme restarted where it is (settled groups frozen)
+            da = da.restart(*restart)
             window_start, window_steps, end = len(acc_hist), more, end + more
             extended, restart = extended + 1, None
         t += 1
@@ -684,7 +722,7 @@ def adapt_step_size(
             collapsed = final.clone()
             final = torch.where(replace.to(final.device), torch.minimum(eps0.double(), da.log_eps_max.exp()), final)
             # (SGHMC whose friction follows ε collapses on smooth losses too, and the probe misreads it)
-            follows = spec.name == "sghmc" and {**spec.kwargs, **sampler_kwargs}.get("friction", "auto") == "auto"
+            follows = spec.name == "sghmc" and friction_follows_step({**spec.kwargs, **sampler_kwargs})
             cause = "friction" if follows else "jumps"
     return state, Adaptation(final, eps0.double(), last, backs, t, loss_tr[:, :t], star_tr[:, :t], eps_tr[:, :t],
                              fresh[:t], resets, extended, ratio, collapsed, cause)
@@ -699,20 +737,24 @@ def _last_quarter(acc_hist: list[Tensor], steps: int, K: int) -> Tensor:
 
 
 def _still_searching(da: DualAveraging, acc_hist: list[Tensor], steps: int, recent: Tensor,
-                     settled: float) -> Tensor | None:
-    r"""At a window's end: the steps (K,) to restart dual averaging from when some checkpoint is still
-    searching, else ``None``.  Searching: the mean acceptance over the last quarter of the window's ``steps``
-    (its readings ``acc_hist``, as for :attr:`Adaptation.accept`) reads below
+                     settled: float) -> tuple[Tensor, Tensor] | None:
+    r"""At a window's end: ``(steps (K,) to restart dual averaging from, searching (K,) bool)`` when some
+    group is still searching, else ``None``.  Searching: the mean acceptance over the last quarter of the
+    window's ``steps`` (its readings ``acc_hist``, as for :attr:`Adaptation.accept`) reads below
     ``settled``, or the averaged step :math:`\bar\epsilon` is more than :data:`ADAPT_LAG` times the
     geometric mean of the steps used over that quarter (``recent`` (K, q)), i.e. still carries the first,
-    exploratory steps.  The restart is from the smaller of the two."""
+    exploratory steps.  The restart is from the smaller of the two, and only for the groups searching: the
+    others keep their step (frozen), which therefore does not depend on the groups beside them."""
     if not acc_hist:
         return None
     acc = _last_quarter(acc_hist, steps, acc_hist[0].shape[0])
     used = recent.log().mean(1).exp()
-    if not bool(((acc < settled) | (da.final > ADAPT_LAG * used)).any()):
+    searching = ((acc < settled) | (da.final > ADAPT_LAG * used)).cpu()
+    if da.frozen is not None:
+        searching &= ~da.frozen.cpu()
+    if not bool(searching.any()):
         return None
-    return torch.minimum(da.final, used)
+    return torch.minimum(da.final, used), searching
 
 
 def stable_step_size(

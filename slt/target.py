@@ -44,6 +44,7 @@ For tensor data the per-sample losses at every ``w*`` are computed once
 from __future__ import annotations
 
 import copy
+import numbers
 import os
 import time
 import warnings
@@ -54,6 +55,7 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
+from ._checks import check_int
 from .compiled import COMPILE_MIN_SECONDS, compile_step
 from .data import Batch, Data, LoaderSource, _map, as_source, num_rows, row_numel
 from .defaults import default_localization, default_nbeta
@@ -397,6 +399,14 @@ class Target:
                 "or register a per_sample form (slt.losses.register_per_sample) whose mean over a batch is "
                 "loss_fn")
             return fitted
+        if self.adapter.trailing_one is not None and isinstance(self.source, Data):
+            o, t = ("n",) + self.adapter.trailing_one[0][1:], ("n",) + self.adapter.trailing_one[1][1:]
+            o, t = (f"({', '.join(map(str, v))}{',' if len(v) == 1 else ''})" for v in (o, t))
+            raise ValueError(  # (n, 1) against (n,): a hand-written loss broadcasting them
+                f"loss_fn is not the mean of per-sample losses ({why}), and the model's output {o} and the target "
+                f"{t} differ by a trailing 1: a loss written as ((out - y) ** 2).mean() broadcasts them to "
+                "(n, n) and is not the loss of each sample. Reshape the target (e.g. Y.reshape(-1, 1)) or the "
+                "output (out.squeeze(-1)) so that they match")
         self.adapter.per_sample_error = (
             f"loss_fn is not the mean of per-sample losses ({why}: it averages over something other than "
             "samples, e.g. tokens whose label is -100, or couples the samples of a batch); weighted data, "
@@ -1060,9 +1070,11 @@ def _checkpoint_list(
 
 
 def _seeds(seed: int | Sequence[int], K: int) -> list[int]:
-    if isinstance(seed, int):
-        return [seed + k for k in range(K)]
-    seeds = [int(s) for s in seed]
+    """The seed of each of ``K`` checkpoints: ``seed + k``, or the ``K`` seeds given (Python or NumPy integers)."""
+    if isinstance(seed, numbers.Integral) or not hasattr(seed, "__iter__"):
+        base = check_int("seed", seed)
+        return [base + k for k in range(K)]
+    seeds = [check_int("seed[i]", s) for s in seed]
     if len(seeds) != K:
         raise ValueError(f"got {len(seeds)} seeds for {K} checkpoints")
     return seeds
@@ -1354,8 +1366,8 @@ def prepare_target(
     caller
         Named in warnings.
     restrict_to
-        Weight restriction(s) (:func:`slt.restrict.resolve_restrictions`): a glob, a list of globs,
-        a callable, per-parameter masks, or ``{label: restriction}``; ``None``: every sampled
+        Weight restriction(s) (:func:`slt.restrict.resolve_restrictions`): a glob, a module or parameter,
+        a list of those, a callable, per-parameter masks, or ``{label: restriction}``; ``None``: every sampled
         parameter.  ``data`` may be ``{label: dataset}`` (data-refined LLC, :mod:`slt.groups`).
     autocast
         ``None`` (default), ``"bf16"`` or ``"fp16"``: the model's forward (and its backward) run
@@ -1437,9 +1449,11 @@ def prepare_target(
                 f"the distributions of data have different sizes {[p.n for p in parts]}: pass nbeta explicitly "
                 "(one nβ for all, so that their refined LLCs are comparable)")
     source = as_source(data)
-    if isinstance(source, LoaderSource) and full_data:
-        source = _stack_loader(source)
     notes: list[str] = [] if dtype_note is None else [dtype_note]
+    if isinstance(source, LoaderSource) and full_data:  # every sample once, in the dataset's order
+        source, order = source.in_order()
+        notes += [order] if order else []
+        source = _stack_loader(source)
     if modes:
         notes.append(modes)
         warnings.warn(f"{caller}: {modes}", RuntimeWarning, stacklevel=user_stacklevel())
@@ -1493,7 +1507,8 @@ def prepare_target(
         evaluator.checkpoint_tensors = _checkpoint_state(work_model, ckpts, differ, dev, dtype)
         notes.append(f"the checkpoints differ in buffers or frozen parameters ({_names(differ)}): each checkpoint's "
                      "chains run with its own")
-    groups = _groups(restrict_to, work_model, spec, split, parts, offsets, dev, dtype)
+    # (restrictions name the user's model: its modules and parameters, which the run's copy does not share)
+    groups = _groups(restrict_to, template, spec, split, parts, offsets, dev, dtype)
     if groups.masks is not None:  # gradients only of the parameters some restriction moves
         evaluator.grad_names = set().union(*groups.moved_names(spec))
     return Target(work_model, spec, adapter, evaluator, source, w_star, seeds, nb, gamma, n, dev, dtype, reason,

@@ -50,6 +50,24 @@ def test_dual_averaging_update_is_hoffman_gelman_algorithm_5():
     assert float(da.step_size[1]) <= 0.05 * (1 + 1e-12)  # capped below the step that diverged
 
 
+def test_a_settled_group_is_frozen_while_others_search_again():
+    """At a window's end only the groups still searching restart; a settled one keeps its averaged step,
+    steps at it and no longer moves (nor backs off), so its step does not depend on the groups beside it."""
+    da = DualAveraging.start(torch.tensor([1e-3, 1e-2], dtype=F64), 0.8)
+    for a in (0.5, 0.9, 0.7):
+        da.update(torch.tensor([a, a], dtype=F64))
+    settled = float(da.final[0])
+    da = da.restart(torch.tensor([5e-4, 5e-3], dtype=F64), torch.tensor([False, True]))
+    assert da.frozen.tolist() == [True, False]
+    assert float(da.step_size[0]) == float(da.final[0]) == settled and float(da.step_size[1]) == pytest.approx(5e-3)
+    for a in (0.0, 1.0, 0.3):
+        da.update(torch.tensor([a, a], dtype=F64))
+    da.back_off(torch.tensor([True, True]))
+    assert float(da.final[0]) == settled and float(da.step_size[1]) < 5e-3
+    again = da.restart(torch.tensor([1e-4, 1e-4], dtype=F64), torch.tensor([False, True]))
+    assert again.frozen.tolist() == [True, False] and float(again.final[0]) == settled
+
+
 def test_adaptation_is_deterministic_and_reaches_its_target_acceptance():
     """Two runs with one seed are identical; the MALA acceptance of the draws (recorded every
     10 steps: 8 chains × 100 records) is within 0.05 of the target (its spread over chains is

@@ -5,6 +5,8 @@ the error messages for bad labels and models, and the train-mode notes (dropout,
 
 from __future__ import annotations
 
+import functools
+
 import math
 import warnings
 from dataclasses import dataclass
@@ -508,6 +510,11 @@ def test_a_shuffling_loader_without_a_generator_is_named_and_its_batch_size_reco
 
     a, b = run(), run()
     assert torch.equal(a.loss_trace, b.loss_trace)
+    # the same loader twice: the call leaves its generator as it found it, so the second call repeats the first
+    loader = DataLoader(ds, batch_size=16, shuffle=True, generator=torch.Generator().manual_seed(5))
+    state = loader.generator.get_state()
+    first, again = (slt.estimate_llc(_plain_model(), loader, F.mse_loss, **kw) for _ in range(2))
+    assert torch.equal(first.loss_trace, again.loss_trace) and torch.equal(loader.generator.get_state(), state)
     # not shuffled: nothing to say
     with warnings.catch_warnings():
         warnings.filterwarnings("error", message=".*global random state")
@@ -869,6 +876,14 @@ def test_a_dataset_of_several_inputs_names_the_mapping_form():
             slt.estimate_llc(model, torch.utils.data.TensorDataset(X[:, :2], X[:, 2:], y), F.mse_loss, **KW)
     run = slt.estimate_llc(model, ({"a": X[:, :2], "b": X[:, 2:]}, Y), F.mse_loss, **KW)
     assert torch.isfinite(run.loss_trace).all()
+    # integer labels as the third field (TensorDataset(input_ids, attention_mask, labels)) are named as weights
+    labels = (X[:, 0] > 0).long()
+    with pytest.warns(RuntimeWarning, match=r"third field \(torch.int64\) is taken as the samples' weights"):
+        with pytest.raises(ValueError):
+            slt.estimate_llc(model, torch.utils.data.TensorDataset(X[:, :2], X[:, 2:], labels), F.mse_loss, **KW)
+    with pytest.raises(ValueError, match=r"weights must be a 1-D tensor of length n=\d+, got \(\d+, 1\) \(a dataset "
+                                         r"or batch of three fields is read as \(x, y, weights\)"):
+        slt.estimate_llc(model, torch.utils.data.TensorDataset(X[:, :2], X[:, 2:], X[:, :1].abs()), F.mse_loss, **KW)
 
 
 def test_a_model_frozen_for_evaluation_is_refused_with_the_fix():
@@ -986,6 +1001,10 @@ def _cls_data(n=50):
     (lambda y: y[:40], F.cross_entropy, "x and y disagree on the number of samples: 50 vs 40"),
     (lambda y: y.numpy().astype(np.int32), F.cross_entropy,  # NumPy's default integer on Windows
      r"target tensor \(2,\) int32: RuntimeError.*cross_entropy needs class indices as int64: .*y.long\(\)"),
+    (lambda y: y, lambda out, y: F.cross_entropy(y, out),  # the arguments the other way round
+     r"not implemented for 'Long' \(an operation that needs floats got integers.*F.cross_entropy\(output, target\)"),
+    (lambda y: F.one_hot(y, 4), F.binary_cross_entropy_with_logits,
+     r"binary_cross_entropy_with_logits needs float targets .*y.float\(\)"),
 ])
 def test_label_mistakes_name_shapes_and_dtypes(labels, loss, match):
     X, y = _cls_data()
@@ -1052,6 +1071,21 @@ def test_elementwise_loss_with_a_broadcasting_target_is_refused():
                                          r"output tensor \(2, 1\) float32, target tensor \(2,\) float32.*"
                                          r"Y.reshape\(n, 1\)"):
         slt.estimate_llc(nn.Linear(3, 1), (X, torch.randn(50)), F.mse_loss, **SMALL)
+
+
+@pytest.mark.parametrize("loss", [lambda o, t: F.mse_loss(o, t), functools.partial(F.mse_loss), nn.HuberLoss(),
+                                  F.smooth_l1_loss, lambda o, t: ((o - t) ** 2).mean()],
+                         ids=["lambda", "partial", "huber", "smooth_l1", "by hand"])
+def test_a_broadcasting_loss_under_any_name_is_refused(loss):
+    """An (n, 1) output against an (n,) target broadcasts to (n, n) whatever the loss is called: PyTorch's
+    warning, the name inside a partial, or (a loss by hand) the per-sample check with the trailing 1 names it.
+    Before, a lambda around F.mse_loss gave λ̂ = -27.8 where the right one is 1.19."""
+    X, _ = _cls_data()
+    with pytest.raises(ValueError, match=r"(output and the target have different shapes|differ by a trailing 1)"
+                                         r".*(Y.reshape\(n, 1\)|Y.reshape\(-1, 1\))"):
+        slt.estimate_llc(nn.Linear(3, 1), (X, torch.randn(50)), loss, **SMALL)
+    ok = slt.estimate_llc(nn.Linear(3, 1), (X, torch.randn(50)), lambda o, t: F.mse_loss(o.squeeze(-1), t), **SMALL)
+    assert ok.llc_mean == ok.llc_mean
 
 
 @pytest.mark.parametrize("loss", [nn.CrossEntropyLoss(reduction="sum"),
@@ -1996,6 +2030,33 @@ def test_pytorchs_note_on_ops_without_a_batching_rule_stays_inside_slt():
         after = [str(w.message) for w in seen if note in str(w.message)]
     assert r.diagnostics["path"] == "vmap" and not inside
     assert after and "aten::kl_div" in after[0]
+
+
+class PaddedBag(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.e, self.o = nn.Embedding(12, 6, padding_idx=0), nn.Linear(6, 2)
+
+    def forward(self, x):
+        return self.o(self.e(x).mean(1))  # mean-pools over padded positions too: the padding row matters
+
+
+def test_an_embeddings_padding_row_gets_no_gradient_in_any_chain_on_the_batched_path():
+    """PyTorch's vmap rule for the embedding's backward (torch 2.13) gave the padding row a gradient in every
+    chain but the first; inside slt's vmapped calls the padding row is detached instead, so vmap and the loop
+    draw the same chains (float64, per-chain minibatches)."""
+    g = torch.Generator().manual_seed(0)
+    X = torch.randint(0, 12, (256, 5), generator=g)
+    Y = (X[:, 0] % 2).long()
+    torch.manual_seed(0)
+    m = PaddedBag().double().eval()
+    kw = dict(step_size=1e-4, nbeta=20.0, localization=10.0, num_draws=30, num_chains=3, num_burnin=10,
+              batch_size=64, progress=False, seed=0)
+    r = {v: slt.estimate_llc(m, (X, Y), F.cross_entropy, vectorize=v, **kw) for v in ("vmap", "loop")}
+    assert r["vmap"].config["path"] == "vmap" and r["loop"].config["path"] == "loop"
+    bound = 64 * torch.finfo(torch.float64).eps * float(r["loop"].loss_trace.abs().max())
+    assert float((r["vmap"].loss_trace - r["loop"].loss_trace).abs().max()) <= bound
+    assert F.embedding is torch.nn.functional.embedding and F.embedding.__module__ == "torch.nn.functional"
 
 
 def test_gaussian_nll_stand_in_equals_pytorchs():

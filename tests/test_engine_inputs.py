@@ -60,6 +60,25 @@ def test_invalid_observables_and_devices_are_named_before_sampling(kwargs, error
         slt.estimate_llc(m, (X, Y), F.mse_loss, **{**KW, **kwargs})
 
 
+def test_numpy_seeds_tensor_steps_and_observables_that_drop_the_chains():
+    """A sweep's np.int64 seed and a 0-d tensor step are numbers; an observable must keep one row per chain
+    (one that indexes the rows away was cut silently into the wrong chains' values)."""
+    import numpy as np
+
+    m, X, Y = _setup()
+    kw = {**KW, "seed": 3}
+    ref = slt.estimate_llc(m, (X, Y), F.mse_loss, **kw)
+    r = slt.estimate_llc(m, (X, Y), F.mse_loss, **{**kw, "seed": np.int64(3), "step_size": torch.tensor(1e-4)})
+    assert torch.equal(r.loss_trace, ref.loss_trace.to(r.loss_trace.dtype)) or torch.allclose(r.loss_trace, ref.loss_trace)
+    assert slt.estimate_llc(m, (X, Y), F.mse_loss, **{**kw, "seed": [np.int64(3)]}).llc_mean == ref.llc_mean
+    for bad, got in ((lambda p: p["weight"][0], r"\(1, 3\)"), (lambda p: p["weight"].sum(), r"\(\)")):
+        with pytest.raises(ValueError, match=r"observable 'o' must return a tensor with one row per chain, \(2, \.\.\.\) "
+                                             rf"here, got a tensor of shape {got}"):
+            slt.estimate_llc(m, (X, Y), F.mse_loss, observables={"o": bad}, **kw)
+    ok = slt.estimate_llc(m, (X, Y), F.mse_loss, observables={"o": lambda p: p["weight"][:, 0]}, **kw)
+    assert ok.observables["o"].shape == (2, 5, 3)
+
+
 def test_wrong_shapes():
     m, X, Y = _setup()
     with pytest.raises(ValueError, match="the model failed on a batch of the data"):

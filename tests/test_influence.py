@@ -160,6 +160,30 @@ def test_query_and_observables():
     torch.testing.assert_close(rn.values, ro.values / (ro.var_rows[:, None] * ro.var_cols[None, :]).sqrt())
 
 
+def test_loaders_that_shuffle_or_drop_give_the_datasets_rows_in_order():
+    """Rows of a per-sample result are the dataset's: a shuffling loader, or one that drops its last batch, is
+    read in index order, every sample once (as data and as query); the run equals the tensors' exactly."""
+    from torch.utils.data import DataLoader, SubsetRandomSampler, TensorDataset
+
+    X, Y = _regression()
+    m = _model(X, Y)
+    kw = _kw(_step(X), num_draws=20, num_burnin=10)
+    ds = TensorDataset(X, Y)
+    ref = bif(m, (X, Y), F.mse_loss, query=(X[:3], Y[:3]), **kw)
+    shuffled = DataLoader(ds, batch_size=6, shuffle=True)
+    dropping = DataLoader(ds, batch_size=6, drop_last=True)  # 20 = 3 × 6 + 2
+    for data in (shuffled, dropping):
+        res = bif(m, data, F.mse_loss, query=DataLoader(TensorDataset(X[:3], Y[:3]), batch_size=2, shuffle=True),
+                  **kw)
+        assert res.values.shape == (N, 3) and torch.equal(res.values, ref.values)
+    # a sampler of another kind decides the samples: its rows, with a warning that says so
+    pick = DataLoader(TensorDataset(X[:3], Y[:3]), batch_size=2,
+                      sampler=SubsetRandomSampler([2, 0], generator=torch.Generator().manual_seed(0)))
+    with pytest.warns(RuntimeWarning, match="sampler \\(SubsetRandomSampler\\) chooses the samples and their order"):
+        res = bif(m, (X, Y), F.mse_loss, query=pick, **kw)
+    assert res.values.shape == (N, 2)
+
+
 def test_susceptibility_contributions_sum_to_the_total():
     r"""On weighted data (weights u), Σ_i δ_i χ_{φ,i} equals χ_φ of llc_susceptibility along
     q_h = (1-h) q + h q_δ (weights u_i(1+δ_i), Σ u_i δ_i = 0) from the same draws, and Σ_i δ_i λ_i its dλ̂/dh;
@@ -460,3 +484,8 @@ def test_correlations_of_losses_that_do_not_vary_are_named():
     constant = r.var_rows == 0
     assert int(constant.sum()) == 24 and bool((x[constant].abs() >= 2).all())
     assert bool(r.values[constant].isnan().all()) and not bool(r.values[~constant][:, ~constant].isnan().any())
+    # nothing varies when the sampled parameters do not reach the loss: the cause named is that, not saturation
+    model.register_parameter("unused", nn.Parameter(torch.zeros(3)))
+    with pytest.warns(RuntimeWarning, match=r"none of the 64 training samples has a loss that varied over the draws.*"
+                                            r"a restriction the loss does not see"):
+        loss_kernel(model, (x, y), F.cross_entropy, restrict_to="unused", **kw)

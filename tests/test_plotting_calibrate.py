@@ -90,7 +90,9 @@ def test_calibrate_reads_a_one_value_axis_as_fixed():
     ``nbeta=``): the same grid points, the same chains."""
     m, X, Y = _problem()
     kw = dict(step_sizes=[1e-4, 1e-3], num_draws=20, num_chains=2, batch_size=None)
-    one = slt.calibrate(m, (X, Y), F.mse_loss, nbetas=[100.0, 200.0], localizations=[1.0], **kw)
+    with pytest.warns(RuntimeWarning, match=r"with 2 chains per grid point, λ̂ counts as changed between step sizes "
+                                            r"only beyond 236 standard errors.*use num_chains=4 or more"):
+        one = slt.calibrate(m, (X, Y), F.mse_loss, nbetas=[100.0, 200.0], localizations=[1.0], **kw)
     fixed = slt.calibrate(m, (X, Y), F.mse_loss, nbetas=[100.0, 200.0], localization=1.0, **kw)
     assert one.other_name == "nbeta" and list(one.frame["llc_mean"]) == list(fixed.frame["llc_mean"])
     one = slt.calibrate(m, (X, Y), F.mse_loss, nbetas=[100.0], localizations=[1.0, 2.0], **kw)

@@ -10,6 +10,8 @@ the unrestricted one their sum (10% band as in test_oracle.py, MC error ≤ 4% o
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -68,6 +70,78 @@ def test_masked_parameters_stay_at_w_star_and_the_free_ones_move(net):
     assert torch.equal(r["body"].observables["head"], w_head.expand_as(r["body"].observables["head"]))
     assert r["head"].config["restriction"] == "head"
     assert r["head"].config["restricted_params"] == m.head.weight.numel() + m.head.bias.numel()
+
+
+def test_restrictions_name_the_users_model_when_the_run_works_on_a_copy(net):
+    """Another dtype (or a device, or a half-precision model) makes the run work on a copy of the model: a
+    module or a callable that names the user's own parameters still selects them."""
+    m, X, Y = net
+    kw = dict(batch_size=None, step_size=1e-3, dtype=torch.float64, seed=0, **KW)
+    by_glob = slt.estimate_llc(m, (X, Y), F.cross_entropy, restrict_to="head.*", **kw)
+    by_module = slt.estimate_llc(m, (X, Y), F.cross_entropy, restrict_to=m.head, **kw)
+    by_identity = slt.estimate_llc(m, (X, Y), F.cross_entropy, restrict_to=lambda n, p: p is m.head.weight
+                                   or p is m.head.bias, **kw)
+    by_params = slt.estimate_llc(m, (X, Y), F.cross_entropy, restrict_to=[m.head.weight, m.head.bias], **kw)
+    labelled = slt.estimate_llc(m, (X, Y), F.cross_entropy, restrict_to={"head": [m.head], "w": m.head.weight}, **kw)
+    by_weight = slt.estimate_llc(m, (X, Y), F.cross_entropy, restrict_to="head.weight", **kw)
+    for r in (by_module, by_identity, by_params, labelled["head"]):
+        assert torch.equal(by_glob.loss_trace, r.loss_trace)
+    assert torch.equal(labelled["w"].loss_trace, by_weight.loss_trace)
+    with pytest.raises(ValueError, match="parameter .* is not a sampled parameter of the model: it is not the model's"):
+        slt.estimate_llc(m, (X, Y), F.cross_entropy, restrict_to=nn.Parameter(torch.zeros(3)), **kw)
+    with pytest.raises(ValueError, match="not a submodule of the model passed"):
+        slt.estimate_llc(m, (X, Y), F.cross_entropy, restrict_to=nn.Linear(8, 3), **kw)
+    with pytest.raises(ValueError, match="Tanh has no sampled parameter of the model: it has no parameters"):
+        slt.estimate_llc(m, (X, Y), F.cross_entropy, restrict_to=nn.Tanh(), **kw)
+    frozen = copy.deepcopy(m)
+    frozen.body.requires_grad_(False)
+    with pytest.raises(ValueError, match="its parameters are all frozen"):
+        slt.estimate_llc(frozen, (X, Y), F.cross_entropy, restrict_to=frozen.body, **kw)
+    with pytest.raises(ValueError, match="it is frozen"):
+        slt.estimate_llc(frozen, (X, Y), F.cross_entropy, restrict_to=frozen.body.weight, **kw)
+    frozen.register_buffer("scale", torch.ones(3))
+    with pytest.raises(ValueError, match=r"it matches buffers \(scale\), which are not parameters"):
+        slt.estimate_llc(frozen, (X, Y), F.cross_entropy, restrict_to="scale", **kw)
+    # an observable that reads what is not sampled fails before sampling, naming it
+    with pytest.raises(ValueError, match=r"observable 'b' reads params\['body.weight'\], which is a frozen parameter"):
+        slt.estimate_llc(frozen, (X, Y), F.cross_entropy, observables={"b": lambda p: p["body.weight"]}, **kw)
+    with pytest.raises(ValueError, match=r"reads params\['head.weigth'\].*similar names: head.weight"):
+        slt.bif(m, (X, Y), F.cross_entropy, observables={"h": lambda p: p["head.weigth"].sum((1, 2))},
+                **{k: v for k, v in kw.items() if k != "num_burnin"})
+
+
+class Scaled(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.t = nn.Linear(6, 8), nn.Linear(8, 3), nn.Parameter(torch.tensor(1.0))
+
+    def forward(self, x):
+        return self.b(torch.tanh(self.a(x))) * self.t
+
+
+def test_a_restrictions_automatic_settings_do_not_depend_on_the_restrictions_beside_it():
+    """Each restriction adapts its own step from the curvature of the coordinates it moves (the scalar t's
+    is far smaller than the layer a's), and a group whose relaxation burn-in is beyond the cap does not
+    shorten another's: t batched with a is t alone, draw for draw; so are checkpoints batched and alone."""
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(256, 6, generator=g)
+    Y = torch.multinomial(torch.softmax(torch.stack([X[:, 0], -X[:, 0], X[:, 1]], 1), 1), 1, generator=g).squeeze(1)
+    torch.manual_seed(0)
+    m = Scaled()
+    train(m, (X, Y), F.cross_entropy, steps=300, finish=None)
+    kw = dict(num_chains=2, num_draws=60, progress=False, seed=0)
+    alone = slt.estimate_llc(m, (X, Y), F.cross_entropy, restrict_to="t", **kw)
+    both = slt.estimate_llc(m, (X, Y), F.cross_entropy, restrict_to={"a": "a.*", "t": "t"}, **kw)
+    assert both["a"].step_size < alone.step_size / 4  # (the test's premise: the two steps differ)
+    assert both["t"].step_size == alone.step_size
+    assert both["t"].config["num_burnin"] == alone.config["num_burnin"] > kw["num_draws"] // 4
+    assert torch.equal(both["t"].loss_trace, alone.loss_trace)
+    m2 = copy.deepcopy(m)
+    train(m2, (X, Y), F.cross_entropy, steps=50, finish=None)
+    curve = slt.estimate_llc(None, (X, Y), F.cross_entropy, models=[m, m2], restrict_to="t", **kw)
+    for k, mk in enumerate([m, m2]):
+        own = slt.estimate_llc(mk, (X, Y), F.cross_entropy, restrict_to="t", **{**kw, "seed": k})
+        assert curve[k].step_size == own.step_size and torch.equal(curve[k].loss_trace, own.loss_trace)
 
 
 def test_a_restriction_the_loss_does_not_see_gives_zero(net):

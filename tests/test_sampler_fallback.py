@@ -36,16 +36,23 @@ KW = dict(num_chains=4, num_draws=100, num_burnin=50, dtype=F64, seed=0, progres
 def forced(monkeypatch):
     """``forced(names)``: runs of the samplers in ``names`` (a name, or ``(name, γ)`` for its runs at that γ only)
     are judged unsettled, every other as settled.  ``forced.runs`` lists ``(sampler, γ, deferred)`` per
-    ``_run_at`` call."""
+    ``_run_at`` call and ``(sampler, γ, "resumed")`` where a deferred run went on."""
     run_at = engine._run_at
     runs: list[tuple[str, float, bool]] = []
 
+    def tag(out, name, gamma):
+        if "trace" in out:
+            out["trace"].sampler_name, out["trace"].gamma = name, gamma
+        return out
+
     def tagged(target, rows, spec, *a, **k):
         out = run_at(target, rows, spec, *a, **k)
-        runs.append((spec.name, float(target.localization), "deferred" in out))
-        if "trace" in out:
-            out["trace"].sampler_name, out["trace"].gamma = spec.name, float(target.localization)
-        return out
+        name, gamma = spec.name, float(target.localization)
+        runs.append((name, gamma, "deferred" in out))
+        if "resume" in out:
+            resume = out["resume"]
+            out["resume"] = lambda: (runs.append((name, gamma, "resumed")), tag(resume(), name, gamma))[1]
+        return tag(out, name, gamma)
 
     def install(names):
         def unsettled(trace, *a, **k):
@@ -247,9 +254,13 @@ def test_when_sghmc_first_does_not_settle_sgld_runs_with_its_burn_in_unchanged(f
     assert plain.sampler == "sgld" and plain.config["sampler_fallback"] is None
     monkeypatch.setattr(engine, "SGHMC_FIRST_BURNIN", 0)
     forced({("sgld", 1.0), "sghmc"})
+    start = len(forced.runs)
     r = slt.estimate_llc(m, data, F.mse_loss, **AUTO_BURNIN)
     fb = r.config["sampler_fallback"]
     assert r.sampler == "sgld" and fb["to"] == "sgld" and fb["settled"] is True and "reasons_after" not in fb
+    # SGLD at γ = 10 adapted its step once: the deferred run goes on after SGHMC
+    assert forced.runs[start:] == [("sgld", 1.0, False), ("sgld", 10.0, True), ("sghmc", 10.0, False),
+                                   ("sgld", 10.0, "resumed")]
     assert [(t["sampler"], t["settled"]) for t in fb["tried"]] == [("sghmc", False), ("sgld", True)]
     # SGLD's draws are those of a run where SGHMC never came first (fresh streams for every run)
     assert torch.equal(r.llc_trace, plain.llc_trace) and r.config["num_burnin"] == plain.config["num_burnin"]

@@ -36,7 +36,9 @@ The MALA diagnostic is not defined for this sampler (``mala_accept`` is ``None``
 
 from __future__ import annotations
 
+import inspect
 import math
+from collections.abc import Mapping
 from typing import Any, NamedTuple
 
 import torch
@@ -55,6 +57,13 @@ class SGHMCState(NamedTuple):
     params: Tensor
     velocity: Tensor
     step: int
+
+
+def friction_follows_step(kwargs: Mapping[str, Any]) -> bool:
+    """Whether SGHMC with these keyword arguments re-binds its friction to the step (``friction="auto"``,
+    the default of :func:`sghmc`): α = √(2εγ) changes whenever ε does, as during step-size adaptation."""
+    friction = kwargs.get("friction", inspect.signature(sghmc).parameters["friction"].default)
+    return isinstance(friction, str) and friction == "auto"
 
 
 def sghmc(

@@ -1264,6 +1264,10 @@ def _fallback_hint(e: Exception, model: nn.Module, issues: list[str], eager_trie
                     "batch over chains: load the model with attn_implementation=\"eager\" "
                     "(or model.set_attn_implementation(\"eager\")) to use the batched path")
         return " — the model branches on tensor values (data-dependent control flow), which vmap cannot batch"
+    if ".item()" in msg or "tolist" in msg or "_local_scalar_dense" in msg:
+        return (" — the model reads a tensor's value as a Python number in forward (.item(), int(t), float(t), "
+                ".tolist(); pack_padded_sequence reads its lengths so), which vmap cannot batch over chains: keep it "
+                "a tensor (torch.where instead of if, padded sequences instead of packed) to use the batched path")
     return ""
 
 

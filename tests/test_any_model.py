@@ -1567,6 +1567,23 @@ def test_a_forward_that_reads_data_falls_back_and_names_the_fix():
     assert r.diagnostics["path"] == "loop"
 
 
+class ReadsNumber(Plain):
+    """Checks its input with a Python number (``.item()``), as input guards do."""
+
+    def forward(self, x):
+        if x.abs().max().item() > 1e6:
+            raise ValueError("input out of range")
+        return super().forward(x)
+
+
+def test_a_forward_that_reads_a_number_falls_back_and_names_the_fix():
+    X, Y = _data(n=100)
+    with pytest.warns(RuntimeWarning, match=r"\.item\(\).*reads a tensor's value as a Python number in forward.*"
+                                            r"torch.where instead of if.*falling back to a sequential loop"):
+        r = slt.estimate_llc(ReadsNumber(), (X, Y), F.mse_loss, **{**KW, "vectorize": "auto"})
+    assert r.diagnostics["path"] == "loop"
+
+
 def test_a_random_forward_without_dropout_modules_is_named():
     """No nn.Dropout in train mode, yet the output is random: before, the only warning was "w* is
     probably not a local minimum (train it further)", which sends the user the wrong way."""

@@ -1024,7 +1024,8 @@ def attention_and_mlp(model: nn.Module) -> dict[str, dict[str, Any]]:
     ``"l{i} mlp"`` is the rest of the block (the MLP and its normalization), so the two are
     disjoint and their union is :func:`layers`' ``"l{i}"``.  (devinterp leaves the layer norms out
     of both.)  A block with nothing outside attention (an attention-only model) has no
-    ``"l{i} mlp"`` entry.  A decoder block with self- and cross-attention puts both in ``attn``, with
+    ``"l{i} mlp"`` entry; a frozen block has both, empty (as :func:`heads` keeps a frozen layer's
+    heads), which a run refuses by name.  A decoder block with self- and cross-attention puts both in ``attn``, with
     the block's first two normalization modules (BART's ``self_attn_layer_norm`` and
     ``encoder_attn_layer_norm``, ``nn.TransformerDecoderLayer``'s ``norm1`` and ``norm2``); labels of
     an encoder-decoder model start with the stack (``"decoder l0 attn"``), as in :func:`layers`.
@@ -1043,7 +1044,7 @@ def attention_and_mlp(model: nn.Module) -> dict[str, dict[str, Any]]:
             allp = arch.names(b)
             out[f"{stack}l{i} attn"] = {n: True for n in allp if arch.id_of[n] in attn_ids}
             mlp = {n: True for n in allp if arch.id_of[n] not in attn_ids}
-            if mlp:
+            if any(id(p) not in attn_ids for p in b.parameters()):  # (frozen ones too: labels follow the blocks)
                 out[f"{stack}l{i} mlp"] = mlp
     return out
 

@@ -1055,6 +1055,11 @@ def test_helpers_skip_frozen_parameters():
     assert "transformer.h.0.attn.c_proj.weight" not in layers(model)["l0"]
     spec = ParamSpec(model)
     assert resolve_restrictions(hs, model, spec).masks.sum(1)[0] == FULL - HD * E
+    # a frozen block keeps its labels, empty, in every helper (a run names them)
+    model.transformer.h[0].requires_grad_(False)
+    am = attention_and_mlp(model)
+    assert "l0 attn" in am and "l0 mlp" in am and not am["l0 attn"] and not am["l0 mlp"] and am["l1 mlp"]
+    assert not any(heads(model)[f"l0h{h}"] for h in range(4)) and not layers(model)["l0"]
 
 
 # ----------------------------------------------------------------------------

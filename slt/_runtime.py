@@ -167,16 +167,10 @@ def loader_generators_kept(objs: list[Any]) -> Iterator[None]:
     outermost public call puts them back: within a call the loader advances from pass to pass as before."""
     from torch.utils.data import DataLoader
 
-    if _LOADER_DEPTH[0]:
-        _LOADER_DEPTH[0] += 1
-        try:
-            yield
-        finally:
-            _LOADER_DEPTH[0] -= 1
-        return
-
-    loaders = [o for o in objs if isinstance(o, DataLoader)]
-    loaders += [v for o in objs if isinstance(o, dict) for v in o.values() if isinstance(v, DataLoader)]
+    loaders: list[DataLoader] = []
+    if _LOADER_DEPTH[0] == 0:  # (a nested public call leaves them to the outermost one)
+        loaders += [o for o in objs if isinstance(o, DataLoader)]
+        loaders += [v for o in objs if isinstance(o, dict) for v in o.values() if isinstance(v, DataLoader)]
     gens: dict[int, torch.Generator] = {}
     for loader in loaders:
         batch_sampler = getattr(loader, "batch_sampler", None)

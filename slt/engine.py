@@ -1413,9 +1413,8 @@ def _observe(spec: Any, observables: Mapping[str, Observable] | None,
         params = spec.unflatten(w)
         out = {}
         for k, f in (observables or {}).items():
-            out[k] = v = f(params)
-            if not (isinstance(v, Tensor) and v.ndim >= 1 and v.shape[0] == w.shape[0]):
-                check_observable_value("slt.estimate_llc", k, v, w.shape[0])
+            out[k] = f(params)
+            check_observable_value("slt.estimate_llc", k, out[k], w.shape[0])
         return out
 
     return observe

@@ -1559,14 +1559,6 @@ class ReadsData(Plain):
         return super().forward(x) / (1.0 + self.l1.weight.data.norm())
 
 
-def test_a_forward_that_reads_data_falls_back_and_names_the_fix():
-    X, Y = _data(n=100)
-    with pytest.warns(RuntimeWarning, match=r"accessing `data` under vmap.*reads a tensor's \.data in forward.*"
-                                            r"\.detach\(\).*falling back to a sequential loop"):
-        r = slt.estimate_llc(ReadsData(), (X, Y), F.mse_loss, **{**KW, "vectorize": "auto"})
-    assert r.diagnostics["path"] == "loop"
-
-
 class ReadsNumber(Plain):
     """Checks its input with a Python number (``.item()``), as input guards do."""
 
@@ -1576,11 +1568,14 @@ class ReadsNumber(Plain):
         return super().forward(x)
 
 
-def test_a_forward_that_reads_a_number_falls_back_and_names_the_fix():
+@pytest.mark.parametrize("cls, match", [
+    (ReadsData, r"accessing `data` under vmap.*reads a tensor's \.data in forward.*\.detach\(\)"),
+    (ReadsNumber, r"\.item\(\).*reads a tensor's value as a Python number in forward.*torch.where instead of if"),
+])
+def test_a_forward_that_reads_data_or_a_number_falls_back_and_names_the_fix(cls, match):
     X, Y = _data(n=100)
-    with pytest.warns(RuntimeWarning, match=r"\.item\(\).*reads a tensor's value as a Python number in forward.*"
-                                            r"torch.where instead of if.*falling back to a sequential loop"):
-        r = slt.estimate_llc(ReadsNumber(), (X, Y), F.mse_loss, **{**KW, "vectorize": "auto"})
+    with pytest.warns(RuntimeWarning, match=match + r".*falling back to a sequential loop"):
+        r = slt.estimate_llc(cls(), (X, Y), F.mse_loss, **{**KW, "vectorize": "auto"})
     assert r.diagnostics["path"] == "loop"
 
 

@@ -688,6 +688,9 @@ class ChainEvaluator:
         #: vmap path: Hugging Face configs run with ``"eager"`` attention during vmapped calls
         #: (:func:`hf_attention_configs`; set by :func:`slt.target._evaluator` when ``sdpa`` fails under vmap)
         self.hf_eager: list[Any] = []
+        #: vmap path: how it failed with a minibatch per chain while it works on inputs the chains share
+        #: (:class:`slt.target.PerRowFailure`; such runs take the loop, :meth:`slt.target.Target.batches`)
+        self.per_row_failure: Any = None
         # functional_call may update buffers in place (BatchNorm running stats in
         # training mode): work on private copies so the user's module is never modified.
         self.buffers = {n: b.detach().clone() for n, b in model.named_buffers()}

@@ -525,8 +525,30 @@ class Target:
         self, rng: ChainRNG, num_chains: int, batch_size: int | None, *, control_variate: bool = True,
         shared: bool = False,
     ) -> "BatchStream":
-        """The stream of ``(batch, L_B(w*) per row)`` of a run of ``num_chains`` chains per checkpoint."""
-        return BatchStream(self, rng, num_chains, batch_size, control_variate, shared)
+        """The stream of ``(batch, L_B(w*) per row)`` of a run of ``num_chains`` chains per checkpoint; a
+        stream of a minibatch per chain on a model whose vmap path needs shared inputs switches the target
+        to the loop over chains first (:meth:`inputs_per_row`)."""
+        stream = BatchStream(self, rng, num_chains, batch_size, control_variate, shared)
+        if stream.per_row_inputs:
+            self.inputs_per_row()
+        return stream
+
+    def inputs_per_row(self) -> None:
+        """Prepare the evaluation for inputs that differ per row: on a model whose vmap path fails then
+        while it works on shared inputs (:class:`PerRowFailure`: a forward that branches on its input
+        values), switch to the loop over chains with the fallback warning, or raise the failure when
+        ``vectorize="vmap"`` was asked for."""
+        failure = self.evaluator.per_row_failure
+        if failure is None or self.evaluator.path != "vmap":
+            return
+        what = (f"the vmap path failed on this model with a minibatch per chain ({failure.error}){failure.hint}; "
+                "it works where the chains share their inputs (a full batch, or a DataLoader's batches)")
+        if failure.explicit:
+            raise RuntimeError(f"{failure.caller}: vectorize='vmap': {what}; pass one of those, or vectorize='loop'")
+        warnings.warn(f"{failure.caller}: {what}; falling back to a sequential loop over chains (slower).",
+                      RuntimeWarning, stacklevel=user_stacklevel())
+        self.evaluator = _like(self.evaluator, "loop")
+        self.path_reason = f"fallback: {self.path_reason} failed with a minibatch per chain ({failure.error})"
 
 
 class BatchStream:
@@ -548,6 +570,8 @@ class BatchStream:
         Samples per row and step (``n`` at full batch).
     shared
         Whether chains of a checkpoint share their batches (always for a loader).
+    per_row_inputs
+        Whether the rows' inputs are given per row (tensor data's minibatches, a data-refined full batch).
     """
 
     def __init__(self, target: Target, rng: ChainRNG, num_chains: int, batch_size: int | None,
@@ -575,6 +599,9 @@ class BatchStream:
         self._full = None
         if self.full:
             self._full = source.full_batch() if groups.parts is None else self._group_full_batch(num_chains)
+        #: whether the rows' inputs are given per row (tensor data's minibatches, drawn per chain or, with
+        #: ``shared``, per checkpoint; a data-refined full batch: each group its own distribution)
+        self.per_row_inputs = (isinstance(source, Data) and not self.full) or (self.full and groups.parts is not None)
         if star_ps is not None:  # (G*C, 1) offset of each row's checkpoint in the flattened (K, n) losses
             ckpt = target.group_checkpoint.repeat_interleave(num_chains)
             self._offset = (ckpt * star_ps.shape[1]).unsqueeze(1)
@@ -1213,6 +1240,38 @@ def random_forward_issue(model: nn.Module, probe: Batch, loss_fn: Callable | Non
     return None
 
 
+@dataclass(frozen=True)
+class PerRowFailure:
+    """How the vmap path failed on a model when each chain had its own inputs, while it worked on inputs
+    shared by the chains (a forward that branches on its input values, ``if (x > c).any()``, where vmap
+    maps the inputs): ``error`` (type and first line), the fix ``hint`` (:func:`_fallback_hint`), whether
+    the path was ``explicit`` (``vectorize="vmap"``: an error then, not a fallback) and the ``caller``."""
+
+    error: str
+    hint: str
+    explicit: bool
+    caller: str
+
+
+def _shared_inputs_work(evaluator: ChainEvaluator, rows: Tensor, probe: Batch, model: nn.Module) -> bool:
+    """Whether ``evaluator`` (the vmap path) evaluates ``rows`` on ``probe`` shared by them, with Hugging
+    Face attention retried as eager where it branches on the mask (kept in ``evaluator.hf_eager``)."""
+    try:
+        evaluator.loss_and_grad(rows, probe)
+        return True
+    except Exception as e:  # noqa: BLE001 - the shared inputs fail too: the usual fallback
+        configs = hf_attention_configs(model)
+        if not (configs and "data-dependent control flow" in str(e)):
+            return False
+    evaluator.hf_eager = configs
+    try:
+        evaluator.loss_and_grad(rows, probe)
+        return True
+    except Exception:  # noqa: BLE001
+        evaluator.hf_eager = []
+        return False
+
+
 def _fallback_hint(e: Exception, model: nn.Module, issues: list[str], eager_tried: bool = False) -> str:
     """What to do about a vmap failure, when the cause is recognisable (``eager_tried``: the vmap path
     was retried with Hugging Face attention run as ``"eager"`` and failed again)."""
@@ -1307,10 +1366,15 @@ def _evaluator(
             reason += (f"; Hugging Face attention {', '.join(map(repr, impls))} run as 'eager' under vmap (the same "
                        "attention; the other branches on the attention mask, which vmap cannot batch over chains)")
     except Exception as e:  # noqa: BLE001 - decide the fallback
-        if vectorize != "auto" or path == "loop":
-            raise
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
         hint = _fallback_hint(e, model, list(issues), eager_tried)
+        if path == "vmap" and per_chain_probe and _shared_inputs_work(evaluator, rows, probe, model):
+            # vmap works where the chains share their inputs (a full batch, a DataLoader): the loop is
+            # needed only for a minibatch per chain, decided when a run's batches are known (Target.batches)
+            evaluator.per_row_failure = PerRowFailure(f"{type(e).__name__}: {msg}", hint, vectorize != "auto", caller)
+            return evaluator, reason
+        if vectorize != "auto" or path == "loop":
+            raise
         warnings.warn(
             f"{caller}: the {path} path failed on this model ({type(e).__name__}: {msg}){hint}; "
             "falling back to a sequential loop over chains (slower).",
@@ -1702,6 +1766,7 @@ def _like(evaluator: ChainEvaluator, path: str) -> ChainEvaluator:
                          autocast=evaluator.autocast)
     out.grad_names = evaluator.grad_names
     out.hf_eager = evaluator.hf_eager
+    out.per_row_failure = evaluator.per_row_failure if path == "vmap" else None
     out.checkpoint_tensors = evaluator.checkpoint_tensors
     return out
 

@@ -1579,6 +1579,45 @@ def test_a_forward_that_reads_data_or_a_number_falls_back_and_names_the_fix(cls,
     assert r.diagnostics["path"] == "loop"
 
 
+class GuardsInputs(Plain):
+    """Checks its inputs' values with a tensor condition (``if (x.abs() > c).any()``), as input guards do."""
+
+    def forward(self, x):
+        if (x.abs() > 1e6).any():
+            raise ValueError("input out of range")
+        return super().forward(x)
+
+
+def test_a_forward_that_branches_on_its_inputs_keeps_vmap_where_the_chains_share_them():
+    """vmap cannot branch on a batched tensor, but the inputs are batched only when each chain has its
+    own minibatch: at full batch (or a DataLoader's batch) the condition reads one plain tensor.  Before, the
+    path was probed with a minibatch per chain in every case, so full-batch runs took the loop too."""
+    X, Y = _data(n=100)
+    torch.manual_seed(0)
+    m = GuardsInputs().to(F64)
+    full = {**KW, "vectorize": "auto", "batch_size": None}
+    with warnings.catch_warnings(record=True) as caught:  # (an untrained model: the usual findings)
+        warnings.simplefilter("always")
+        r_full = slt.estimate_llc(m, (X, Y), F.mse_loss, **full)
+        loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(X, Y), batch_size=32, shuffle=True)
+        r_loader = slt.estimate_llc(m, loader, F.mse_loss, **{**KW, "batch_size": None})
+    assert not [w for w in caught if "vmap path failed" in str(w.message)]
+    assert not any(r.diagnostics["path_reason"].startswith("fallback") for r in (r_full, r_loader))
+    vmapped = slt.estimate_llc(m, (X, Y), F.mse_loss, **{**full, "vectorize": "vmap"})
+    loop = slt.estimate_llc(m, (X, Y), F.mse_loss, **{**full, "vectorize": "loop"})
+    assert vmapped.diagnostics["path"] == "vmap"
+    same = Plain().to(F64)  # the same function without its guard (vmap of the guard is what fails)
+    same.load_state_dict(m.state_dict())
+    tol = _trace_tol(same, X, Y, loop, kw={**full, "batch_size": 100})
+    assert torch.allclose(vmapped.loss_trace, loop.loss_trace, rtol=0, atol=tol)
+    with pytest.warns(RuntimeWarning, match=r"failed on this model with a minibatch per chain \(RuntimeError: vmap: "
+                      r".*data-dependent control flow.*\).*falling back to a sequential loop"):
+        r = slt.estimate_llc(m, (X, Y), F.mse_loss, **{**KW, "vectorize": "auto"})
+    assert r.diagnostics["path"] == "loop" and "minibatch per chain" in r.diagnostics["path_reason"]
+    with pytest.raises(RuntimeError, match=r"vectorize='vmap'.*minibatch per chain.*vectorize='loop'"):
+        slt.estimate_llc(m, (X, Y), F.mse_loss, **{**KW, "vectorize": "vmap"})
+
+
 def test_a_random_forward_without_dropout_modules_is_named():
     """No nn.Dropout in train mode, yet the output is random: before, the only warning was "w* is
     probably not a local minimum (train it further)", which sends the user the wrong way."""

@@ -489,6 +489,22 @@ class LoaderSource:
         return LoaderSource(again), (f"the DataLoader {what}: its dataset was read in index order, every sample "
                                      "once, so that the data are the dataset's rows")
 
+    def in_memory(self) -> tuple["Data", str | None, bool]:
+        """All of the loader's data once, as tensors: read as :meth:`in_order` says and concatenated.
+        Returns ``(data, note, reread)``: ``note`` as :meth:`in_order`'s, ``reread`` whether the dataset
+        was read again in index order (its rows are then the dataset's; else the loader's, in its order)."""
+        read, note = self.in_order()
+        xs, ys, ws = [], [], []
+        for x, y, w in read.iter_batches():
+            xs.append(x)
+            ys.append(y)
+            ws.append(w)
+        if not xs:
+            raise ValueError("empty dataset: the DataLoader yielded no batch")
+        y = None if any(v is None for v in ys) else _cat(ys)
+        w = None if any(v is None for v in ws) else torch.cat([v.flatten() for v in ws])
+        return Data(_cat(xs), y, w), note, read is not self
+
     def _unpack(self, item: Any) -> tuple[Inputs, Inputs | None, Tensor | None]:
         x, y, w = self._fields(item)
         for name, t in (("x", x), ("y", y), ("weights", w)):
@@ -774,3 +790,10 @@ def as_source(data: Any) -> Data | LoaderSource:
         "data must be a tensor X, a pair (X, Y), a triple (X, Y, weights), a mapping of tensors, slt.Data, "
         f"a torch Dataset, a datasets.Dataset or a DataLoader; got {type(data).__name__}"
     )
+
+
+def _cat(parts: list[Any]) -> Any:
+    """Concatenate batches along samples: tensors, or mappings of tensors column by column."""
+    if isinstance(parts[0], Tensor):
+        return torch.cat(parts)
+    return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}

@@ -463,12 +463,9 @@ def _check_data(caller: str, name: str, data: Any, target: Any) -> Data:
     except (TypeError, ValueError) as e:  # re-raised with the argument's name
         raise type(e)(f"{caller}: {name}: {e}") from e
     if not isinstance(d, Data):  # every sample once, in the dataset's order (rows of the result)
-        from .target import _stack_loader
-
-        read, order = d.in_order()
-        if order and read is d:  # (a loader read again in index order needs no warning: its rows are the dataset's)
+        d, order, reread = d.in_memory()
+        if order and not reread:  # (a loader read again in index order needs no warning: its rows are the dataset's)
             warnings.warn(f"{caller}: {name}: {order}", RuntimeWarning, stacklevel=user_stacklevel())
-        d = _stack_loader(read)
     if d.n < 1:
         raise ValueError(f"{caller}: {name} is empty")
     return d.to(target.device, target.dtype)

@@ -1107,25 +1107,6 @@ def _seeds(seed: int | Sequence[int], K: int) -> list[int]:
     return seeds
 
 
-def _cat(parts: list[Any]) -> Any:
-    if isinstance(parts[0], Tensor):
-        return torch.cat(parts)
-    return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
-
-
-def _stack_loader(source: LoaderSource) -> Data:
-    xs, ys, ws = [], [], []
-    for x, y, w in source.iter_batches():
-        xs.append(x)
-        ys.append(y)
-        ws.append(w)
-    if not xs:
-        raise ValueError("empty dataset: the DataLoader yielded no batch")
-    y = None if any(v is None for v in ys) else _cat(ys)
-    w = None if any(v is None for v in ws) else torch.cat([v.flatten() for v in ws])
-    return Data(_cat(xs), y, w)
-
-
 # ----------------------------------------------------------------------------
 # train-mode notes
 # ----------------------------------------------------------------------------
@@ -1519,9 +1500,8 @@ def prepare_target(
     source = as_source(data)
     notes: list[str] = [] if dtype_note is None else [dtype_note]
     if isinstance(source, LoaderSource) and full_data:  # every sample once, in the dataset's order
-        source, order = source.in_order()
+        source, order, _ = source.in_memory()
         notes += [order] if order else []
-        source = _stack_loader(source)
     if modes:
         notes.append(modes)
         warnings.warn(f"{caller}: {modes}", RuntimeWarning, stacklevel=user_stacklevel())

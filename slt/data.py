@@ -604,16 +604,23 @@ def _stack_dataset(ds: Dataset) -> Data:
     if len(tensors) == 2:
         return Data(tensors[0], tensors[1], weights)
     if len(tensors) == 3 and weights is None:
-        if isinstance(tensors[2], Tensor) and not tensors[2].is_floating_point():
-            warnings.warn(  # TensorDataset(input_ids, attention_mask, labels) reads the labels as weights
-                f"slt: a dataset of three fields is read as (x, y, weights), and its third field ({tensors[2].dtype}) "
-                "is taken as the samples' weights: if it holds labels, pass the inputs as a mapping "
-                "({'input_ids': ids, 'attention_mask': mask}, labels) or a dataset of dict items; integer counts "
-                "as weights: pass them as floats to say so", RuntimeWarning, stacklevel=user_stacklevel())
+        _warn_integer_weights("a dataset of three fields", tensors[2])
         return Data(tensors[0], tensors[1], tensors[2])
     raise ValueError(
         f"a Dataset item must be x, (x,), (x, y) or (x, y, weight); got {len(tensors)} fields"
     )
+
+
+def _warn_integer_weights(what: str, third: Any) -> None:
+    """Warn that an integer third field is read as the samples' weights (``TensorDataset(input_ids,
+    attention_mask, labels)``, or a tuple ``(X, Y, group)``, silently weighted the loss by labels)."""
+    if isinstance(third, Tensor) and not (third.is_floating_point() or third.is_complex()) or (
+            _is_array(third) and getattr(getattr(third, "dtype", None), "kind", "f") in "iub"):
+        warnings.warn(
+            f"slt: {what} is read as (x, y, weights), and its third field ({third.dtype}) is taken as the samples' "
+            "weights: if it holds labels or groups, pass the inputs as a mapping ({'input_ids': ids, "
+            "'attention_mask': mask}, labels) or a dataset of dict items; integer counts as weights: pass them as "
+            "floats to say so", RuntimeWarning, stacklevel=user_stacklevel())
 
 
 def _stack_items(items: list[Any], name: str | None = None) -> Any:
@@ -779,6 +786,7 @@ def as_source(data: Any) -> Data | LoaderSource:
         if len(data) == 2:
             return Data(data[0], data[1])
         if len(data) == 3:
+            _warn_integer_weights("data as a triple", data[2])
             return Data(data[0], data[1], data[2])
         if len(data) == 1:
             return Data(data[0])

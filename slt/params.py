@@ -83,3 +83,17 @@ class ParamSpec:
         for name, shape, chunk in zip(self.names, self.shapes, flat.split(self.numels, dim=-1)):
             out[name] = chunk.reshape(tuple(lead) + tuple(shape))  # 0-dim parameters too: reshape(())
         return out
+
+
+def unwrap(m: object) -> object:
+    """The module inside ``nn.DataParallel`` / ``DistributedDataParallel`` wrappers (which compute the
+    same function and whose parameters are the inner module's; ``functional_call`` refuses them) and
+    inside ``torch.compile`` 's wrapper (slt compiles its own step when that pays: ``vectorize``)."""
+    while True:
+        if isinstance(m, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
+            m = m.module
+        elif isinstance(m, nn.Module) and type(m).__name__ == "OptimizedModule" and isinstance(
+                getattr(m, "_orig_mod", None), nn.Module):
+            m = m._orig_mod
+        else:
+            return m

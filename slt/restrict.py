@@ -63,7 +63,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
-from .params import ParamSpec
+from .params import ParamSpec, unwrap
 
 __all__ = ["Restrictions", "resolve_restrictions", "heads", "layers", "modules", "attention_and_mlp", "embeddings"]
 
@@ -133,7 +133,22 @@ class _Params:
         if buffers:
             msg += (f"; it matches buffers ({', '.join(buffers[:5])}{', ...' if len(buffers) > 5 else ''}), "
                     "which are not parameters and are not sampled")
-        close = difflib.get_close_matches(glob, [n for a in self.aliases for n in a], n=3, cutoff=0.5)
+        every = [n for a in self.aliases for n in a]
+        for prefix in ("_orig_mod.", "module."):  # the user's wrapper shows its names with the prefix
+            rest = glob[len(prefix):]
+            if glob.startswith(prefix) and any(fnmatch.fnmatchcase(n, rest) for n in every):
+                msg += (f"; the run uses the model inside its torch.compile / DataParallel wrapper, whose names have no "
+                        f"{prefix!r} prefix: write {rest!r}")
+        # a parametrized tensor (weight_norm, spectral_norm, register_parametrization) is computed from
+        # parameters named "<module>.parametrizations.<tensor>.original…"
+        stem = glob.rsplit(".", 1)
+        owner, leaf = (stem[0] + ".", stem[1]) if len(stem) == 2 else ("", stem[0])
+        param = [n for n in every if fnmatch.fnmatchcase(n, f"{owner}parametrizations.{leaf}.original*")]
+        if param:
+            msg += (f"; {glob!r} is parametrized (torch.nn.utils.parametrize): it is computed from "
+                    f"{', '.join(param[:4])}{', ...' if len(param) > 4 else ''}, which are sampled: restrict to "
+                    f"those ({owner}parametrizations.{leaf}.*) or to the module")
+        close = difflib.get_close_matches(glob, every, n=3, cutoff=0.5)
         if close:
             msg += f"; similar names: {', '.join(close)}"
         names = self.spec.names
@@ -903,6 +918,7 @@ def heads(model: nn.Module, qkv_layout: str | None = None) -> dict[str, dict[str
         and how to write the mapping by hand), some attention modules sit inside a list of blocks
         and others outside any, or a fused q/k/v projection needs ``qkv_layout``.
     """
+    model = unwrap(model)  # a torch.compile or DataParallel wrapper: the names of the model slt runs
     if qkv_layout is not None and qkv_layout not in QKV_LAYOUTS:
         raise ValueError(f"heads: qkv_layout must be one of {QKV_LAYOUTS}, got {qkv_layout!r}")
     arch = _Arch(model, qkv_layout)
@@ -961,6 +977,7 @@ def layers(model: nn.Module) -> dict[str, dict[str, Any]]:
     ValueError
         When attention modules sit outside a list of blocks.
     """
+    model = unwrap(model)  # a torch.compile or DataParallel wrapper: the names of the model slt runs
     arch = _Arch(model)
     stacks = arch.stacks("layers") if arch.attn else arch.plain_stacks()
     if not stacks:
@@ -983,6 +1000,7 @@ def modules(model: nn.Module) -> dict[str, dict[str, Any]]:
     ValueError
         When the model has no sampled parameter.
     """
+    model = unwrap(model)  # a torch.compile or DataParallel wrapper: the names of the model slt runs
     arch = _Arch(model)
     out: dict[str, dict[str, Any]] = {}
     seen: set[int] = set()
@@ -1030,6 +1048,7 @@ def attention_and_mlp(model: nn.Module) -> dict[str, dict[str, Any]]:
     ``encoder_attn_layer_norm``, ``nn.TransformerDecoderLayer``'s ``norm1`` and ``norm2``); labels of
     an encoder-decoder model start with the stack (``"decoder l0 attn"``), as in :func:`layers`.
     """
+    model = unwrap(model)  # a torch.compile or DataParallel wrapper: the names of the model slt runs
     arch = _Arch(model)
     out: dict[str, dict[str, Any]] = {}
     for stack, lname, blist in arch.stacks("attention_and_mlp"):
@@ -1069,6 +1088,7 @@ def embeddings(model: nn.Module) -> dict[str, dict[str, Any]]:
     ValueError
         When the model has no embedding.
     """
+    model = unwrap(model)  # a torch.compile or DataParallel wrapper: the names of the model slt runs
     arch = _Arch(model)
     in_blocks: set[int] = set()
     try:

@@ -63,7 +63,7 @@ from .groups import Groups, concat_data, split_data
 from .evaluator import (PATH_REASONS, ChainEvaluator, choose_path, resolve_autocast, probe_batch, to_device,
                         validate_model_and_loss, check_gradients_reach, hf_attention_configs, _dense, _names)
 from .losses import LossAdapter, candidate_means, count_weighted_mean, label_counts, label_weighted, model_loss
-from .params import ParamSpec
+from .params import ParamSpec, unwrap as _unwrap
 from .rng import ChainRNG
 from ._runtime import resolve_device, autograd_allowed, user_stacklevel
 
@@ -724,20 +724,6 @@ def resolve_dtype(dtype: torch.dtype | None, template: nn.Module) -> tuple[torch
                            "the forward in half precision instead")
 
 
-def _unwrap(m: Any) -> Any:
-    """The module inside ``nn.DataParallel`` / ``DistributedDataParallel`` wrappers (which compute the
-    same function and whose parameters are the inner module's; ``functional_call`` refuses them) and
-    inside ``torch.compile`` 's wrapper (slt compiles its own step when that pays: ``vectorize``)."""
-    while True:
-        if isinstance(m, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
-            m = m.module
-        elif isinstance(m, nn.Module) and type(m).__name__ == "OptimizedModule" and isinstance(
-                getattr(m, "_orig_mod", None), nn.Module):
-            m = m._orig_mod
-        else:
-            return m
-
-
 def _check_module(m: Any, what: str) -> None:
     """Refuse modules slt cannot call with substituted parameters, naming the fix."""
     if not isinstance(m, nn.Module):
@@ -923,9 +909,52 @@ def _checkpoints(
     _check_module(template, "the model")
     ckpts = [_unprefixed(_unwrap(c), template, k) for k, c in enumerate(ckpts)]
     for k, c in enumerate(ckpts):
-        if c is not template:
+        if isinstance(c, Mapping):
+            ckpts[k] = _check_state_dict(c, template, k)
+        elif c is not template:
             _check_module(c, f"checkpoint {k}")
     return template, ckpts, is_batch
+
+
+def _check_state_dict(sd: Mapping[Any, Any], template: nn.Module, k: int) -> Mapping[Any, Any]:
+    """Refuse a checkpoint mapping that would silently mix in the template's state: one that lacks
+    persistent floating-point buffers of the model (BatchNorm's running statistics: a parameters-only dict
+    ``dict(model.named_parameters())`` of a trained BatchNorm network ran with a fresh template's, L(w*)
+    75 against 0.26), or gives two different values to one tied tensor (``enc.weight`` and ``dec.weight``
+    of a model that ties them: slt read the first name, ``load_state_dict`` keeps the last).  Entries the
+    model does not have are ignored with a warning (is it another architecture's checkpoint?).  BatchNorm's
+    step counter may be absent (it matters only in training mode).  Returns ``sd``, with a tied tensor's
+    value under the model's first name for it when the checkpoint has it under another only."""
+    own = template.state_dict(keep_vars=True)
+    params = dict(template.named_parameters(remove_duplicate=False))
+    tied: dict[int, list[str]] = {}
+    for n, t in list(params.items()) + list(template.named_buffers(remove_duplicate=False)):
+        tied.setdefault(id(t), []).append(n)
+    # (a PEFT model's saved adapters hold only the adapters: the base model's state is the template's by design)
+    missing = [] if isinstance(getattr(template, "peft_config", None), Mapping) else [
+        n for n, t in own.items() if n not in params and isinstance(t, Tensor) and t.is_floating_point()
+        and not any(a in sd for a in tied.get(id(t), [n]))]
+    if missing:
+        raise ValueError(
+            f"checkpoint {k} lacks the model's buffers {_names(missing)}: their values would be the template's, "
+            "not the checkpoint's (BatchNorm's running statistics of another model or none), and λ̂ would be that "
+            "model's; pass the checkpoint's full state_dict() (not only its parameters)")
+    for names in tied.values():
+        given = [n for n in names if isinstance(sd.get(n), Tensor)]
+        if len(given) > 1 and not all(sd[n].shape == sd[given[0]].shape and torch.equal(
+                _dense(sd[n].detach().cpu()), _dense(sd[given[0]].detach().cpu())) for n in given[1:]):
+            raise ValueError(
+                f"checkpoint {k} gives different values to {', '.join(map(repr, given))}, which are one tensor in "
+                "the model (tied weights): a checkpoint of a model that does not tie them? Estimate it with that "
+                "model, or keep the one entry that holds the tied value")
+    extra = [n for n in sd if isinstance(n, str) and n not in own]
+    if extra:
+        warnings.warn(
+            f"checkpoint {k} has entries the model does not have ({_names(extra)}): they are ignored; is it the "
+            "checkpoint of another architecture?", RuntimeWarning, stacklevel=user_stacklevel())
+    filled = {names[0]: sd[given[0]] for names in tied.values()
+              if names[0] not in sd and (given := [n for n in names[1:] if n in sd])}
+    return {**sd, **filled} if filled else sd
 
 
 def checkpoint_state_differences(model: Any, models: Sequence[Any] | None = None,
@@ -1042,6 +1071,27 @@ def copy_module(model: nn.Module) -> nn.Module:
     finally:
         for m, k, v in derived:
             m.__dict__[k] = v
+
+
+#: the complex dtype of a real one's precision (a complex buffer follows the run's dtype at its own kind)
+_COMPLEX_OF = {torch.float64: torch.complex128, torch.float32: torch.complex64, torch.float16: torch.complex32}
+
+
+def module_to(module: nn.Module, device: torch.device, dtype: torch.dtype) -> nn.Module:
+    """``module.to(device=device, dtype=dtype)`` that keeps complex tensors complex: ``nn.Module.to``
+    casts a complex buffer to the real ``dtype`` and drops its imaginary part (a model computing
+    ``(fc(x) * phase * phase.conj()).real`` then computed another function).  Floating-point tensors
+    take ``dtype``, complex ones the complex dtype of its precision, others only move."""
+    cdtype = _COMPLEX_OF.get(dtype)
+
+    def cast(t: Tensor) -> Tensor:
+        if t.is_floating_point():
+            return t.to(device=device, dtype=dtype)
+        if t.is_complex() and cdtype is not None:
+            return t.to(device=device, dtype=cdtype)
+        return t.to(device=device)
+
+    return module._apply(cast)
 
 
 def checkpoint_modules(model: Any, models: Sequence[Any] | None = None,
@@ -1471,7 +1521,7 @@ def prepare_target(
         t.device != dev or (t.is_floating_point() and t.dtype != dtype)
         for t in list(template.parameters()) + list(template.buffers())
     ):
-        work_model = copy_module(template).to(device=dev, dtype=dtype)
+        work_model = module_to(copy_module(template), dev, dtype)
     rows = [(spec.flatten_module(ck) if isinstance(ck, nn.Module) else spec.flatten_mapping(ck)).to(
         device=dev, dtype=dtype) for ck in ckpts]
     w_star = torch.stack(rows)  # (K, d)
@@ -1520,7 +1570,7 @@ def prepare_target(
             t.is_floating_point() and (t.dtype != dtype or t.device != dev)
             for t in list(loss_fn.parameters()) + list(loss_fn.buffers())):
         # a loss module's tensors (CrossEntropyLoss's class weights) follow the run, like the model's copy
-        loss_fn = copy.deepcopy(loss_fn).to(device=dev, dtype=dtype)
+        loss_fn = module_to(copy.deepcopy(loss_fn), dev, dtype)
     adapter = LossAdapter(loss_fn)
     probe = probe_batch(source, 64, dev, dtype)
     out = validate_model_and_loss(work_model, adapter, probe)

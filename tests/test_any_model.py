@@ -747,6 +747,71 @@ def test_a_torch_compile_wrapper_is_unwrapped():
     assert torch.equal(from_sd.loss_trace, ref.loss_trace)
 
 
+class Tied(nn.Module):
+    """An autoencoder whose decoder reuses the encoder's weight (one tensor, two names)."""
+
+    def __init__(self):
+        super().__init__()
+        self.enc = nn.Linear(3, 3, bias=False)
+        self.dec = nn.Linear(3, 3)
+        self.dec.weight = self.enc.weight
+
+    def forward(self, x):
+        return self.dec(self.enc(x))
+
+
+def test_a_checkpoint_that_would_mix_in_the_templates_state_is_refused_by_name():
+    """A parameters-only dict of a BatchNorm network ran with the template's running statistics (L(w*)
+    75 against 0.26 in the probe), and a checkpoint giving a tied weight two values ran with the first
+    while load_state_dict keeps the last — both silently.  Now both are refused by name, extra entries
+    warn, and a tied weight given under its second name only is read (as load_state_dict reads it)."""
+    X = torch.randn(200, 3, dtype=F64, generator=torch.Generator().manual_seed(0))
+    Y = X[:, :2].clone()
+    torch.manual_seed(0)
+    bn = BNNet().to(F64).eval()
+    params_only = {n: p.detach() for n, p in bn.named_parameters()}
+    with pytest.raises(ValueError, match=r"checkpoint 0 lacks the model's buffers norm.running_mean, "
+                                         r"norm.running_var.*full state_dict\(\)"):
+        slt.estimate_llc(bn, (X, Y), F.mse_loss, state_dicts=[params_only], **KW)
+    with pytest.warns(RuntimeWarning, match=r"checkpoint 0 has entries the model does not have \(extra.weight\)"):
+        slt.estimate_llc(bn, (X, Y), F.mse_loss, state_dicts=[{**bn.state_dict(), "extra.weight": X[:2]}], **KW)
+
+    tied = Tied().to(F64)
+    sd = tied.state_dict()
+    assert set(sd) == {"enc.weight", "dec.weight", "dec.bias"}
+    (ref,) = slt.estimate_llc(tied, (X, X), F.mse_loss, state_dicts=[sd], **KW)
+    with pytest.raises(ValueError, match=r"different values to 'enc.weight', 'dec.weight'.*tied"):
+        slt.estimate_llc(tied, (X, X), F.mse_loss, state_dicts=[{**sd, "enc.weight": 0 * sd["enc.weight"]}], **KW)
+    second = {k: v for k, v in sd.items() if k != "enc.weight"}
+    (run,) = slt.estimate_llc(tied, (X, X), F.mse_loss, state_dicts=[second], **KW)
+    assert torch.equal(run.loss_trace, ref.loss_trace)
+
+
+def test_a_complex_buffer_stays_complex_when_the_run_casts_the_model():
+    """nn.Module.to(float64) casts a complex buffer to real, dropping its imaginary part: a float32 model
+    computing (fc(x)·phase·conj(phase)).real = fc(x) ran as another function under dtype=float64 (and
+    nuts_llc, float64 by default), L(w*) 0.47 against 0.25.  The run's copy keeps it complex."""
+
+    class Phased(Plain):
+        def __init__(self):
+            super().__init__()
+            self.register_buffer("phase", torch.exp(1j * torch.tensor([0.3, -0.7])).to(torch.complex64))
+
+        def forward(self, x):
+            z = super().forward(x).to(self.phase.dtype) * self.phase
+            return (z * self.phase.conj()).real
+
+    X, Y = _data(n=100)
+    torch.manual_seed(0)
+    m = Phased()  # float32
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # PyTorch's "Casting complex values to real discards …"
+        t = prepare_target(m, (X, Y), F.mse_loss, dtype=F64)
+    assert t.model.phase.dtype == torch.complex128
+    expected = F.mse_loss(Plain.forward(m, X.float()), Y.float()).item()
+    assert t.init_loss.item() == pytest.approx(expected, rel=1e-5)
+
+
 def test_checkpoint_files_and_training_checkpoints_load(tmp_path):
     """Checkpoints as researchers save them: a file path (read with weights_only=True), a training
     checkpoint holding the state dict under one key with the optimizer beside it, a Lightning-style
@@ -881,6 +946,16 @@ def test_a_dataset_of_several_inputs_names_the_mapping_form():
     with pytest.warns(RuntimeWarning, match=r"third field \(torch.int64\) is taken as the samples' weights"):
         with pytest.raises(ValueError):
             slt.estimate_llc(model, torch.utils.data.TensorDataset(X[:, :2], X[:, 2:], labels), F.mse_loss, **KW)
+    # the same tensors as a plain triple were weighted by the groups silently (a third of the rows at weight 0)
+    group = torch.arange(X.shape[0]) % 3
+    for triple in [(X, Y, group), (X.numpy(), Y.numpy(), group.numpy())]:
+        with pytest.warns(RuntimeWarning, match=r"data as a triple is read as \(x, y, weights\), and its third field "
+                                                r"\((torch.)?int64\) is taken as the samples' weights"):
+            slt.estimate_llc(_plain_model(), triple, F.mse_loss, **KW)
+    with warnings.catch_warnings(record=True) as caught:  # float weights say what they are
+        warnings.simplefilter("always")
+        slt.estimate_llc(_plain_model(), (X, Y, group.to(F64) + 1), F.mse_loss, **KW)
+    assert not [w for w in caught if "third field" in str(w.message)]
     with pytest.raises(ValueError, match=r"weights must be a 1-D tensor of length n=\d+, got \(\d+, 1\) \(a dataset "
                                          r"or batch of three fields is read as \(x, y, weights\)"):
         slt.estimate_llc(model, torch.utils.data.TensorDataset(X[:, :2], X[:, 2:], X[:, :1].abs()), F.mse_loss, **KW)

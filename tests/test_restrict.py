@@ -829,6 +829,23 @@ def test_a_parametrized_weight_belongs_to_its_module():
     root = Root()
     parametrize.register_parametrization(root, "w", Triu())
     assert modules(root) == {"b": {"b": True}, "w": {"parametrizations.w.original": True}}
+    # the parametrized tensor's own name is not a parameter: the error names the ones it is computed from
+    with pytest.raises(ValueError, match=r"'0.weight' is parametrized.*0.parametrizations.weight.original0, "
+                                         r"0.parametrizations.weight.original1.*or to the module"):
+        resolve_restrictions("0.weight", mlp, ParamSpec(mlp))
+
+
+@pytest.mark.parametrize("wrap", [torch.compile, nn.DataParallel], ids=["compile", "DataParallel"])
+def test_helpers_and_globs_on_a_wrapped_model(wrap):
+    """slt runs the model inside a torch.compile / DataParallel wrapper, so the helpers label its names
+    (they gave "_orig_mod.0", which the run then refused), and a glob written with the wrapper's prefix,
+    as the wrapper's named_parameters() shows it, says to drop the prefix."""
+    mlp = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
+    wrapped = wrap(mlp)
+    assert modules(wrapped) == modules(mlp) and layers(wrapped) == layers(mlp) and list(modules(mlp)) == ["0", "2"]
+    prefix = next(n for n, _ in wrapped.named_parameters()).split(".")[0] + "."
+    with pytest.raises(ValueError, match=rf"whose names have no '{prefix}' prefix: write '0\.\*'"):
+        resolve_restrictions(prefix + "0.*", mlp, ParamSpec(mlp))
 
 
 def test_attention_outside_a_list_of_blocks_names_the_per_module_helper():

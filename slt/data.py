@@ -462,6 +462,18 @@ class LoaderSource:
 
         return any(isinstance(sm, RandomSampler) and sm.generator is None for sm in self._samplers)
 
+    @property
+    def never_read(self) -> int:
+        """Samples a pass over the loader never yields: the remainder its ``drop_last=True`` drops when it
+        reads in index order (a shuffling loader drops different ones each pass); 0 otherwise."""
+        from torch.utils.data import SequentialSampler
+
+        b = self.batch_size
+        if not (getattr(self.loader, "drop_last", False) and isinstance(getattr(self.loader, "sampler", None),
+                                                                      SequentialSampler) and b and self.n):
+            return 0
+        return int(self.n) % int(b)
+
     def in_order(self) -> tuple["LoaderSource", str | None]:
         """The loader to read when all of its data is wanted once (a full-batch run, per-sample influence):
         a loader that shuffles its whole dataset (``shuffle=True``) or drops its last batch

@@ -660,6 +660,8 @@ class Sampling:
             config = {**self.config, "step_size": eps_g, "seed": target.group_seeds[g], **labels}
             if masks is not None:
                 config["restricted_params"] = int(masks[g // target.groups.D % target.groups.M].sum())
+            if target.groups.parts is not None:  # data-refined: the size of this group's own distribution
+                config["n"] = int(target.groups.parts[g % target.groups.D].n)
             out.append(LLCResult.from_traces(
                 tr.loss, tr.star, nbeta=target.nbeta, init_loss=float(init[g]), step_size=eps_g,
                 localization=target.localization, sampler=self.sampler, burnin=tr.burnin, observables=tr.observables,
@@ -742,6 +744,7 @@ def sample_target(
     spec = resolve_sampler(sampler)
     _check_restrictable(spec, target)
     batch_auto = batch_size == "auto"
+    _check_loader_batch_size(target, batch_size)
     if batch_auto:
         batch_size = BATCH_SIZE
     target = _note_batch_statistics(target, minibatches=batch_size is not None or isinstance(target.source, LoaderSource))
@@ -906,7 +909,7 @@ def sample_target(
         "num_steps_bw_draws": num_steps_bw_draws, "step_size_auto": rule != "given", "step_size_rule": rule,
         "target_accept": target_accept if rule == "adapt" else None,
         "nbeta": target.nbeta, "localization": target.localization,
-        "batch_size": None if batches.full else batches.batch_size, "batch_size_rule": "auto" if batch_auto else "given",
+        "batch_size": None if batches.full else batches.batch_size, "batch_size_rule": ("loader" if isinstance(target.source, LoaderSource) else "auto" if batch_auto else "given"),
         "batch_size_raises": batch_raises, "n": target.n, "sampler": smp.name,
         "sampler_requested": sampler if isinstance(sampler, str) else spec.name, "sampler_fallback": fallback,
         "relaxation_gain": float(getattr(smp, "relaxation_gain", 1.0)),
@@ -935,6 +938,24 @@ def _fallback_samplers(full_batch: bool) -> tuple[str, ...]:
     against SGLD's +10% to +14%; at full batch +5% to +8%, SGLD's +3% to +8%)."""
     return tuple(s for s in FALLBACK_SAMPLERS if full_batch or s != "sghmc")
 
+
+
+def _check_loader_batch_size(target: Any, batch_size: Any) -> None:
+    """Warn that a ``batch_size`` a DataLoader's run cannot honour is ignored: the run takes the loader's
+    batches as they come (a full-batch request ran on the loader's batches of 4, silently, recorded as
+    given; ``config["batch_size_rule"]`` is now ``"loader"``)."""
+    source = target.source
+    if not isinstance(source, LoaderSource) or batch_size == "auto":
+        return
+    own = source.batch_size
+    if batch_size is not None and batch_size == own:
+        return
+    asked = "full batch (batch_size=None)" if batch_size is None else f"batch_size={batch_size}"
+    warnings.warn(
+        f"slt.estimate_llc: data is a DataLoader, whose batches ({own if own is not None else 'of its own size'}) are "
+        f"the run's: {asked} is ignored; leave batch_size at its default, or pass the data as tensors or a Dataset "
+        "(then slt draws batches of the size asked for, or uses all of the data at batch_size=None)",
+        RuntimeWarning, stacklevel=user_stacklevel())
 
 
 def _run_at(target, rows, spec, rule, step_size, kw, C, num_steps, num_burnin, burnin_auto, n_adapt, thin, batch_size,

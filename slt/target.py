@@ -284,7 +284,8 @@ class Target:
         else:
             tot = torch.zeros(K, dtype=torch.float64, device=self.device)
             count = 0
-            for x, y, _ in source.iter_batches():
+            # (every sample once: a loader that drops its last batch or shuffles is read in index order)
+            for x, y, _ in source.in_order()[0].iter_batches():
                 b = self._loader_batch(x, y, None)
                 m = num_rows(b.x)
                 with torch.no_grad():
@@ -913,7 +914,26 @@ def _checkpoints(
             ckpts[k] = _check_state_dict(c, template, k)
         elif c is not template:
             _check_module(c, f"checkpoint {k}")
+            _same_architecture(c, template, k)
     return template, ckpts, is_batch
+
+
+def _same_architecture(ck: nn.Module, template: nn.Module, k: int) -> None:
+    """Refuse a checkpoint module that is not the template's architecture: parameters or buffers the
+    template lacks (a 2-layer checkpoint of a 1-layer template ran as the 1-layer model, its second layer
+    dropped), or of other shapes; then the state checks of :func:`_check_state_dict`."""
+    own = {n: tuple(t.shape) for n, t in template.state_dict(keep_vars=True).items() if isinstance(t, Tensor)}
+    theirs = {n: tuple(t.shape) for n, t in ck.state_dict(keep_vars=True).items() if isinstance(t, Tensor)}
+    extra, missing = [n for n in theirs if n not in own], [n for n in own if n not in theirs]
+    shaped = [f"{n} {theirs[n]} vs {own[n]}" for n in theirs if n in own and theirs[n] != own[n]]
+    if extra or missing or shaped:
+        what = "; ".join(w for w in (f"it has {_names(extra)}, which the model does not" if extra else "",
+                                     f"it lacks {_names(missing)}" if missing else "",
+                                     f"shapes differ: {_names(shaped)}" if shaped else "") if w)
+        raise ValueError(f"checkpoint {k} ({type(ck).__name__}) is not the architecture of the model "
+                         f"(checkpoint 0, {type(template).__name__}): {what}; a batched run needs checkpoints of "
+                         "one architecture (estimate the others in calls of their own)")
+    _check_state_dict(ck.state_dict(keep_vars=True), template, k)
 
 
 def _check_state_dict(sd: Mapping[Any, Any], template: nn.Module, k: int) -> Mapping[Any, Any]:
@@ -948,7 +968,14 @@ def _check_state_dict(sd: Mapping[Any, Any], template: nn.Module, k: int) -> Map
                 "the model (tied weights): a checkpoint of a model that does not tie them? Estimate it with that "
                 "model, or keep the one entry that holds the tied value")
     extra = [n for n in sd if isinstance(n, str) and n not in own]
-    if extra:
+    submodules = dict(template.named_modules())
+    foreign = [n for n in extra if n.rpartition(".")[0] not in submodules]
+    if foreign:  # entries of modules the model does not have: another architecture (more layers, another head)
+        raise ValueError(
+            f"checkpoint {k} holds tensors of modules the model does not have ({_names(foreign)}): it is the "
+            "checkpoint of another architecture (e.g. more layers), whose weights the run would drop; build the "
+            "template with the checkpoint's configuration")
+    if extra:  # (e.g. buffers an older version of the model saved, as GPT-2's attn.masked_bias)
         warnings.warn(
             f"checkpoint {k} has entries the model does not have ({_names(extra)}): they are ignored; is it the "
             "checkpoint of another architecture?", RuntimeWarning, stacklevel=user_stacklevel())
@@ -1543,10 +1570,10 @@ def prepare_target(
     parts = offsets = None
     if split is not None:
         data, parts, offsets = concat_data(split[1])
-        if nbeta is None and len({p.n for p in parts}) > 1:
+        if (nbeta is None or callable(nbeta)) and len({p.n for p in parts}) > 1:
             raise ValueError(
-                f"the distributions of data have different sizes {[p.n for p in parts]}: pass nbeta explicitly "
-                "(one nβ for all, so that their refined LLCs are comparable)")
+                f"the distributions of data have different sizes {[p.n for p in parts]}: pass nbeta explicitly, as a "
+                "number (one nβ for all, so that their refined LLCs are comparable)")
     source = as_source(data)
     notes: list[str] = [] if dtype_note is None else [dtype_note]
     if isinstance(source, LoaderSource) and full_data:  # every sample once, in the dataset's order
@@ -1555,6 +1582,11 @@ def prepare_target(
     if modes:
         notes.append(modes)
         warnings.warn(f"{caller}: {modes}", RuntimeWarning, stacklevel=user_stacklevel())
+    if isinstance(source, LoaderSource) and source.never_read:
+        notes.append(f"the DataLoader drops its last batch (drop_last=True) and does not shuffle: its last "
+                     f"{source.never_read} samples never enter the run (the chains sample the loss of the others), "
+                     f"while n = {source.n} and L(w*) count them; pass drop_last=False (or shuffle=True)")
+        warnings.warn(f"{caller}: {notes[-1]}", RuntimeWarning, stacklevel=user_stacklevel())
     if isinstance(source, LoaderSource) and source.unseeded_shuffle:
         notes.append("the DataLoader shuffles with PyTorch's global random state (its sampler has no generator), "
                       "so runs with the same seed see different batches and differ: to make a run repeatable, build the "

@@ -474,6 +474,41 @@ def test_loader_of_dicts_and_full_data():
     assert torch.isfinite(r.loss_trace).all()
 
 
+def test_a_loader_that_drops_samples_or_ignores_batch_size_says_so():
+    """drop_last=True without shuffling: the last n mod B samples never enter the run, and L(w*) was the
+    loss of the others only (n counted all of them), silently; now L(w*) is L_n and a note names the
+    samples left out.  A batch_size the loader's run cannot honour (full batch asked, the loader's batches
+    used) was recorded as "given": now a warning, and the rule "loader"."""
+    from torch.utils.data import DataLoader, TensorDataset
+
+    X, Y = _data(n=40)
+    model = _plain_model()
+    with torch.no_grad():
+        full = F.mse_loss(model(X), Y).item()
+    kw = {**KW, "batch_size": "auto", "num_draws": 4}
+    for shuffle in (False, True):
+        g = torch.Generator().manual_seed(0)
+        loader = DataLoader(TensorDataset(X, Y), batch_size=16, drop_last=True, shuffle=shuffle, generator=g)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            r = slt.estimate_llc(model, loader, F.mse_loss, **kw)
+        assert r.init_loss == pytest.approx(full, rel=1e-12)
+        dropped = [str(w.message) for w in caught if "drops its last batch" in str(w.message)]
+        assert len(dropped) == (0 if shuffle else 1)
+        if not shuffle:
+            assert "its last 8 samples never enter the run" in dropped[0]
+            assert "its last 8 samples" in " ".join(r.config.get("setup_notes", []) + [dropped[0]])
+    loader = DataLoader(TensorDataset(X, Y), batch_size=8)
+    with pytest.warns(RuntimeWarning, match=r"data is a DataLoader, whose batches \(8\) are the run's: full batch "
+                                            r"\(batch_size=None\) is ignored"):
+        r = slt.estimate_llc(model, loader, F.mse_loss, **{**kw, "batch_size": None})
+    assert r.config["batch_size"] == 8 and r.config["batch_size_rule"] == "loader"
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        slt.estimate_llc(model, loader, F.mse_loss, **{**kw, "batch_size": 8})  # the loader's own: fine
+    assert not [w for w in caught if "is ignored" in str(w.message)]
+
+
 def test_a_loader_of_single_samples_is_named_not_read_as_batches():
     """``DataLoader(dataset, batch_size=None)`` yields samples without a batch dimension: the probe failed
     with "slice() cannot be applied to a 0-dim tensor".  Now the error names the loader's setting."""
@@ -773,8 +808,24 @@ def test_a_checkpoint_that_would_mix_in_the_templates_state_is_refused_by_name()
     with pytest.raises(ValueError, match=r"checkpoint 0 lacks the model's buffers norm.running_mean, "
                                          r"norm.running_var.*full state_dict\(\)"):
         slt.estimate_llc(bn, (X, Y), F.mse_loss, state_dicts=[params_only], **KW)
-    with pytest.warns(RuntimeWarning, match=r"checkpoint 0 has entries the model does not have \(extra.weight\)"):
-        slt.estimate_llc(bn, (X, Y), F.mse_loss, state_dicts=[{**bn.state_dict(), "extra.weight": X[:2]}], **KW)
+    # an entry of a module the model has (a buffer an older version saved, as GPT-2's attn.masked_bias): a warning
+    with pytest.warns(RuntimeWarning, match=r"checkpoint 0 has entries the model does not have \(norm.old_stat\)"):
+        slt.estimate_llc(bn, (X, Y), F.mse_loss, state_dicts=[{**bn.state_dict(), "norm.old_stat": X[:2]}], **KW)
+
+    # a checkpoint of another architecture (one more layer) ran as the template's, its extra layer dropped
+    torch.manual_seed(0)
+    small = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).to(F64)
+    big = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2), nn.Tanh(), nn.Linear(2, 2)).to(F64)
+    with pytest.raises(ValueError, match=r"checkpoint 0 holds tensors of modules the model does not have "
+                                         r"\(4.weight, 4.bias\): it is the checkpoint of another architecture"):
+        slt.estimate_llc(small, (X, Y), F.mse_loss, state_dicts=[big.state_dict()], **KW)
+    with pytest.raises(ValueError, match=r"checkpoint 1 \(Sequential\) is not the architecture of the model "
+                                         r"\(checkpoint 0, Sequential\): it has 4.weight, 4.bias, which the model "
+                                         r"does not"):
+        slt.estimate_llc([small, big], (X, Y), F.mse_loss, **KW)
+    wide = nn.Sequential(nn.Linear(3, 5), nn.Tanh(), nn.Linear(5, 2)).to(F64)
+    with pytest.raises(ValueError, match=r"shapes differ: 0.weight \(5, 3\) vs \(4, 3\)"):
+        slt.estimate_llc([small, wide], (X, Y), F.mse_loss, **KW)
 
     tied = Tied().to(F64)
     sd = tied.state_dict()

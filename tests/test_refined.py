@@ -193,6 +193,7 @@ def test_data_refined_full_batch_matches_separate_calls(net):
     for lab, d in (("a", d1), ("b", d2)):
         s = slt.estimate_llc(m, d, F.cross_entropy, nbeta=30.0, step_size=1e-3, seed=2, **KW)
         torch.testing.assert_close(r[lab].loss_trace, s.loss_trace, rtol=1e-3, atol=1e-4)
+        assert r[lab].config["n"] == s.config["n"] == len(d[0])  # each its own size (was the first's for all)
 
 
 
@@ -225,6 +226,9 @@ def test_refinement_errors(net):
     m, X, Y = net
     with pytest.raises(ValueError, match="different sizes"):
         slt.estimate_llc(m, {"a": (X[:100], Y[:100]), "b": (X[100:], Y[100:])}, F.cross_entropy, **KW)
+    with pytest.raises(ValueError, match="different sizes.*as a number"):  # nβ(n) of which n?
+        slt.prepare_target(m, {"a": (X[:100], Y[:100]), "b": (X[100:], Y[100:])}, F.cross_entropy,
+                           nbeta=lambda n: n / 2)
     with pytest.raises(ValueError, match="mixes datasets and columns"):
         slt.estimate_llc(m, {"a": (X, Y), "b": X}, F.cross_entropy, **KW)
     with pytest.raises(ValueError, match="sgnht"):

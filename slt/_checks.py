@@ -185,7 +185,11 @@ def probe_observables(caller: str, observables: Mapping[str, Any] | None, target
                 raise
             frozen = set(getattr(target.spec, "frozen", []))
             buffers = {n for n, _ in target.model.named_buffers()}
-            why = (" is a frozen parameter (requires_grad=False): it stays at w* and is not sampled" if key in frozen
+            first: dict[int, str] = {}
+            canon = {n: first.setdefault(id(p), n) for n, p in target.model.named_parameters(remove_duplicate=False)}
+            tied = canon.get(key) if canon.get(key) in params else None
+            why = (f" is tied to {tied!r} (one tensor, sampled under that name): read params[{tied!r}]" if tied
+                   else " is a frozen parameter (requires_grad=False): it stays at w* and is not sampled" if key in frozen
                    else " is a buffer, not a parameter: it is not sampled" if key in buffers
                    else " is not a sampled parameter")
             close = difflib.get_close_matches(key, list(params), n=3, cutoff=0.5)

@@ -794,6 +794,10 @@ def as_source(data: Any) -> Data | LoaderSource:
         return _stack_dataset(data)
     if isinstance(data, Sequence) and not isinstance(data, (str, bytes)):
         if _is_records(data):  # [(x, y), ...] or [{"x": ..., ...}, ...]: one sample per item
+            if len(data) == 1 and isinstance(data[0], Mapping):
+                raise ValueError(
+                    "data is a sequence holding one mapping, which reads as a list of samples of one sample: pass the "
+                    "mapping itself (data={'x': X, 'y': Y}: its tensors' first dimension are the samples)")
             return _stack_records(data)
         if len(data) == 2:
             return Data(data[0], data[1])
@@ -813,7 +817,18 @@ def as_source(data: Any) -> Data | LoaderSource:
 
 
 def _cat(parts: list[Any]) -> Any:
-    """Concatenate batches along samples: tensors, or mappings of tensors column by column."""
+    """Concatenate batches along samples: tensors, or mappings of tensors column by column; batches whose
+    other dimensions differ (sequences padded per batch to their own length) are named."""
+    def cat(ts: list[Tensor], what: str) -> Tensor:
+        shapes = sorted({tuple(t.shape[1:]) for t in ts})
+        if len(shapes) > 1:
+            raise ValueError(
+                f"the DataLoader's batches hold {what} of different shapes beyond the sample dimension ({shapes[0]} "
+                f"and {shapes[-1]}, ...), so they cannot be joined into one dataset (read whole here): sequences padded "
+                "per batch to their own length? Pad every batch to one length (a tokenizer's padding='max_length', "
+                "max_length=L, or a collate_fn that pads to L)")
+        return torch.cat(ts)
+
     if isinstance(parts[0], Tensor):
-        return torch.cat(parts)
-    return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+        return cat(parts, "tensors")
+    return {k: cat([p[k] for p in parts], f"{k!r}") for k in parts[0]}

@@ -1074,6 +1074,46 @@ def _broadcast_error(name: str, on: str, out: Any, y: Any, said: str = "") -> Va
         f"loss. {fix}")
 
 
+def _columns_hint(model: nn.Module, x: Mapping[str, Any]) -> str:
+    """When a mapping's keys are not parameters named in ``forward`` (a model taking ``**kwargs`` accepts
+    them and fails later): how a mapping is read, and the form of a data-refined run's distributions."""
+    try:
+        params = inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return ""
+    named = {n for n, p in params.items() if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)}
+    unknown = [k for k in x if k not in named]
+    if not unknown:
+        return ""
+    return (f" ({', '.join(map(repr, unknown[:4]))} {'is not a parameter' if len(unknown) == 1 else 'are not parameters'}"
+            f" of {type(model).__name__}.forward: a mapping of tensors is read as the columns of one dataset, each "
+            "passed to the model by keyword; for a data-refined run give each distribution as a dataset: "
+            "data={'A': (X_A,), 'B': (X_B,)} or {'A': slt.Data(...), ...})")
+
+
+def _index_hint(model: nn.Module, x: Any) -> str:
+    """What an embedding's "index out of range" compares (the probe's largest integer input and its length
+    against the model's embedding sizes; Hugging Face configs' vocabulary and positions), or ''."""
+    ints = [t for t in (x.values() if isinstance(x, Mapping) else [x])
+            if isinstance(t, Tensor) and not t.is_floating_point() and t.numel()]
+    if not ints:
+        return ""
+    largest, length = max(int(t.max()) for t in ints), max(t.shape[-1] for t in ints if t.ndim >= 1)
+    sizes = sorted({m.num_embeddings for m in model.modules() if isinstance(m, nn.Embedding)})
+    cfg = getattr(model, "config", None)
+    said = [f"{k} = {getattr(cfg, k)}" for k in ("vocab_size", "n_positions", "max_position_embeddings")
+            if isinstance(getattr(cfg, k, None), int)]
+    return (f" (an embedding lookup: the data's largest integer input is {largest} and its sequences have {length} "
+            f"positions, the model's embeddings have {', '.join(map(str, sizes)) or 'no nn.Embedding'} rows"
+            + (f" ({', '.join(said)})" if said else "") + ": token ids must be below the vocabulary size and "
+            "sequences no longer than the positions the model has)")
+
+
+def _logits_of(out: Any) -> Any:
+    """The prediction tensor of a model output: itself, or its ``logits`` (a Hugging Face ``ModelOutput``)."""
+    return out if isinstance(out, Tensor) else getattr(out, "logits", None)
+
+
 def _label_hint(loss_fn: Any, out: Any, y: Any) -> str:
     """A hint for the usual label mistakes of the known PyTorch losses ('' if none applies)."""
     name = _loss_name(loss_fn)
@@ -1130,6 +1170,10 @@ def validate_model_and_loss(model: nn.Module, adapter: LossAdapter, probe: Batch
             hint = (" (a model with several inputs takes them as a mapping of named tensors, called as "
                     "model(**inputs): data = ({'x1': X1, 'x2': X2}, Y) for forward(self, x1, x2); the fields of a "
                     "dataset or batch are read as (x,), (x, y) or (x, y, weights))")
+        elif isinstance(e, IndexError) and "index out of range" in str(e):
+            hint = _index_hint(model, probe.x)
+        if not hint and isinstance(x, Mapping):
+            hint = _columns_hint(model, x)
         raise ValueError(
             f"the model failed on a batch of the data ({call} with {what}): {type(e).__name__}: {e}{hint}"
         ) from e
@@ -1144,14 +1188,24 @@ def validate_model_and_loss(model: nn.Module, adapter: LossAdapter, probe: Batch
 
         if adapter.loss_fn is model_loss and isinstance(e, ValueError):
             raise  # the default loss_fn found no loss in the output: its message is the whole story
-        hint = _label_hint(adapter.loss_fn, out, y)
+        own_message = _loss_name(adapter.loss_fn) == "causal_lm" and isinstance(e, (KeyError, ValueError))
+        hint = "" if own_message else _label_hint(adapter.loss_fn, _logits_of(out), y)
+        logits = _logits_of(out)
+        if (not own_message and isinstance(logits, Tensor) and logits.ndim == 3 and isinstance(y, Tensor)
+                and not y.is_floating_point() and tuple(y.shape) == tuple(logits.shape[:2])):
+            hint = (f" (logits {tuple(logits.shape)} of a language model and token ids {tuple(y.shape)}: for the "
+                    "next-token loss pass loss_fn=slt.losses.causal_lm (it shifts the targets and masks padding); "
+                    "F.cross_entropy takes (N, V) logits, or classes on dimension 1)")
+            own_message = True
         if (not hint and isinstance(y, Tensor) and not y.is_floating_point()
                 and any(f"for '{t}'" in str(e) for t in ("Long", "Int", "Short", "Byte", "Bool"))):
             hint = (f" (an operation that needs floats got integers, and the target is {describe(y)}: does loss_fn "
                     "pass the model's output and the target in the order the loss takes them, e.g. "
                     "F.cross_entropy(output, target)?)")
         holes = [i for i, o in enumerate(out) if o is None] if isinstance(out, (tuple, list)) else []
-        if not isinstance(out, Tensor) and isinstance(getattr(out, "logits", None), Tensor):
+        if own_message:
+            pass
+        elif not isinstance(out, Tensor) and isinstance(getattr(out, "logits", None), Tensor):
             hint += (f" (the model returns a {type(out).__name__}: take its logits in the loss, e.g. "
                      "lambda out, y: F.cross_entropy(out.logits, y))")
         elif isinstance(out, Mapping) and out and isinstance(next(iter(out.values())), Tensor):

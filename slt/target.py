@@ -50,7 +50,7 @@ import time
 import warnings
 from dataclasses import dataclass, field
 from types import SimpleNamespace
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -826,11 +826,29 @@ def checkpoint_state(model: nn.Module, checkpoint: Any, index: int = 0) -> Mappi
     return sd
 
 
+def _check_checkpoint_lists(models: Any, state_dicts: Any) -> None:
+    """Refuse ``models``/``state_dicts`` that are not lists of checkpoints: a mapping (one state dict, or
+    checkpoints by label, whose keys were read as file names) or an iterator (a generator is read once, and
+    the checkpoints are resolved more than once: "state_dicts is empty")."""
+    for name, given in (("models", models), ("state_dicts", state_dicts)):
+        if isinstance(given, Mapping):
+            tensors = any(isinstance(v, Tensor) for v in given.values())
+            raise TypeError(
+                f"{name} takes a list of checkpoints, got a mapping" + (
+                    f" of tensors (one state dict): pass {name}=[state_dict]" if tensors else
+                    f" (labels {', '.join(map(repr, list(given)[:3]))}{', ...' if len(given) > 3 else ''}): pass "
+                    f"{name}=list(checkpoints.values()); the results come back in that order"))
+        if isinstance(given, Iterator):
+            raise TypeError(f"{name} is an iterator (a generator), which can be read only once while slt reads the "
+                            f"checkpoints more than once: pass a list, {name}=list(...)")
+
+
 def load_checkpoint_files(model: Any, models: Sequence[Any] | None, state_dicts: Sequence[Any] | None
                           ) -> tuple[Any, list[Any] | None, list[Any] | None, list[str | None] | None]:
     """``(model, models, state_dicts, files)`` with the checkpoints given as file paths read, once
     (:func:`_loaded`), for callers that resolve the checkpoints more than once; ``files`` names each
     checkpoint's file (``None`` for one given in memory), or is ``None`` when no file was given."""
+    _check_checkpoint_lists(models, state_dicts)
     given = model if isinstance(model, (list, tuple)) else models if models is not None else state_dicts
     files = None if given is None else [str(c) if isinstance(c, (str, os.PathLike)) else None for c in given]
 
@@ -1142,6 +1160,7 @@ def _checkpoint_list(
 ) -> tuple[nn.Module, list[Mapping[str, Tensor] | nn.Module], bool]:
     if models is not None and state_dicts is not None:
         raise ValueError("pass either models=[...] or state_dicts=[...], not both")
+    _check_checkpoint_lists(models, state_dicts)
     if isinstance(model, (list, tuple)):
         if models is not None:
             raise ValueError("pass the checkpoints either as model=[...] or models=[...], not both")

@@ -782,6 +782,25 @@ def test_a_torch_compile_wrapper_is_unwrapped():
     assert torch.equal(from_sd.loss_trace, ref.loss_trace)
 
 
+def test_checkpoint_lists_given_in_another_form_are_named():
+    """A generator of state dicts was consumed by the first of several readings ("state_dicts is empty"),
+    a mapping of labelled checkpoints had its labels read as file names, and a one-tuple holding a data
+    mapping was one sample ("default nbeta needs n >= 2")."""
+    X, Y = _data(n=50)
+    model = _plain_model()
+    sds = [model.state_dict(), model.state_dict()]
+    with pytest.raises(TypeError, match=r"state_dicts is an iterator.*pass a list, state_dicts=list\(...\)"):
+        slt.estimate_llc(model, (X, Y), F.mse_loss, state_dicts=(sd for sd in sds), **KW)
+    with pytest.raises(TypeError, match=r"got a mapping \(labels 'step100', 'step200'\): pass "
+                                        r"state_dicts=list\(checkpoints.values\(\)\)"):
+        slt.estimate_llc(model, (X, Y), F.mse_loss, state_dicts={"step100": sds[0], "step200": sds[1]}, **KW)
+    with pytest.raises(TypeError, match=r"models takes a list of checkpoints, got a mapping of tensors \(one state "
+                                        r"dict\): pass models=\[state_dict\]"):
+        slt.estimate_llc(model, (X, Y), F.mse_loss, models=sds[0], **KW)
+    with pytest.raises(ValueError, match=r"data is a sequence holding one mapping.*pass the mapping itself"):
+        slt.estimate_llc(model, ({"x": X, "y": Y},), F.mse_loss, **KW)
+
+
 class Tied(nn.Module):
     """An autoencoder whose decoder reuses the encoder's weight (one tensor, two names)."""
 

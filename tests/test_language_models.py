@@ -623,3 +623,41 @@ def test_a_sequence_classifier_without_attention_mask_runs_batched(monkeypatch):
     assert torch.allclose(r.loss_trace, loop.loss_trace, rtol=1e-4, atol=0)
     assert checked and not any(checked)  # run in the plain calls, never on a batched tensor
     assert not any("warn_if_padding_and_no_attention_mask" in vars(m) for m in model.modules())
+
+
+def test_language_model_mistakes_are_named_with_their_fix():
+    """Four mistakes on a causal LM whose errors said nothing useful (the probe of 2026-12-07):
+    F.cross_entropy on (B, T, V) logits (the hint suggested out.logits, which fails the same way), token ids
+    or sequences beyond the embeddings ("index out of range in self"), distributions given as tensors under
+    labels (read as columns: "You have to specify either input_ids or inputs_embeds"), an observable
+    reading the tied head's name, and a loader padding each batch to its own length (read whole for slt.bif)."""
+    model = _gpt2().eval()
+    data = pattern_data()
+    ids = data["input_ids"]
+    kw = {**LLC_KW, "num_draws": 5}
+    for loss in (F.cross_entropy, lambda out, y: F.cross_entropy(out.logits, y)):
+        with pytest.raises(ValueError, match=r"logits \(2, 12, 16\) of a language model and token ids \(2, 12\): for "
+                                             r"the next-token loss pass loss_fn=slt.losses.causal_lm"):
+            slt.estimate_llc(model, ({"input_ids": ids}, ids), loss, **kw)
+    with pytest.raises(ValueError, match=rf"largest integer input is {V} .*the model's embeddings have {T}, {V} rows "
+                                         rf"\(vocab_size = {V}, n_positions = {T}"):
+        slt.estimate_llc(model, {"input_ids": ids.clamp(max=V - 1) + 1}, slt.losses.causal_lm, **kw)
+    with pytest.raises(ValueError, match=r"'A', 'B' are not parameters of GPT2LMHeadModel.forward.*data-refined.*"
+                                         r"\{'A': \(X_A,\), 'B': \(X_B,\)\}"):
+        slt.estimate_llc(model, {"A": ids[:6], "B": ids[6:12]}, slt.losses.causal_lm, **kw)
+    with pytest.raises(ValueError, match=r"reads params\['lm_head.weight'\], which is tied to 'transformer.wte.weight'"):
+        slt.estimate_llc(model, data, slt.losses.causal_lm, observables={"u": lambda p: p["lm_head.weight"][:, 0]},
+                         **kw)
+
+    def pad_each(batch):  # every batch padded to its own longest sequence
+        L = max(int(m.sum()) for _, m in batch)
+        return {"input_ids": torch.stack([i[:L] for i, _ in batch]),
+                "attention_mask": torch.stack([m[:L] for _, m in batch])}
+
+    short = data["attention_mask"].clone()
+    short[:4, 6:] = 0  # the first batch's sequences end earlier
+    rows = list(zip(ids, short))
+    loader = torch.utils.data.DataLoader(rows, batch_size=4, collate_fn=pad_each)
+    with pytest.raises(ValueError, match=r"batches hold 'input_ids' of different shapes beyond the sample dimension "
+                                         r"\(\(6,\) and \(12,\), ...\).*padding='max_length'"):
+        slt.bif(model, loader, slt.losses.causal_lm, **kw)

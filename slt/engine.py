@@ -806,7 +806,9 @@ def sample_target(
     # sampler="auto" with the adapted step: SGHMC before SGLD where SGLD's run at the last γ would be mostly burn-in
     # (full batch; _run_at stops after adapting SGLD's step and says so with run["deferred"])
     auto_fallback = auto_sampler and rule == "adapt" and on_draw is None
+    level_extensions: list[dict[str, Any]] = []  # draws added at the γ kept (before the ladder would raise it)
     for level, gamma in enumerate(gammas):  # γ raised tenfold while the chains do not settle (automatic γ)
+        level_extensions = []
         target = replace(target, localization=gamma) if gamma != target.localization else target
         last_level = level == len(gammas) - 1
         run = run_once(target, batch_size, vectorize if level == 0 else None,
@@ -825,12 +827,20 @@ def sample_target(
             run = run_once(target, batch_size, None)
             target = run["target"]
         halved, unsettled = _verdict(run, target, G, C, num_steps_bw_draws, judge)
+        if unsettled and not last_level and _only_unmixed(run, target, G, C, num_steps_bw_draws, unsettled):
+            # chains that relaxed but have not mixed yet: more draws at this γ, not a tenfold γ, which biases λ̂ low
+            # wherever γ rivals the loss's curvature (a redundant scale direction: R-hat 1.102 at ESS 39 raised γ
+            # 1 → 10 → 100 = 0.7 nβ and λ̂ came out 3.1 against 5)
+            level_extensions = _extend_while_unmixed(run, target, rows, extend_draws, num_draws, num_steps_bw_draws,
+                                                     G, C, observables, on_draw, thresh, progress)
+            if level_extensions:
+                halved, unsettled = _verdict(run, target, G, C, num_steps_bw_draws, judge)
         if not unsettled or last_level:
             break
         escalations.append({"localization": gamma, "seconds": run["trace"].seconds + run["adapt_seconds"],
-                            "reasons": _reasons(unsettled)})
+                            "reasons": _reasons(unsettled), "draw_extensions": level_extensions})
         run.pop("final", None)
-    first_name, tried, adopted, extensions = spec.name, [], False, []
+    first_name, tried, adopted, extensions = spec.name, [], False, list(level_extensions)
     first = run.get("deferred")
     if first is not None:  # critically damped SGHMC first; SGLD with its whole burn-in if it does not settle
         first = {**first, "seconds": run["adapt_seconds"]}
@@ -845,11 +855,12 @@ def sample_target(
             halved, unsettled = _verdict(run, target, G, C, num_steps_bw_draws, judge)
     if not adopted:
         # chains stationary but not yet mixed: continue them (no new burn-in) rather than report R-hat > 1.1
-        extensions = _extend_while_unmixed(run, target, rows, extend_draws, num_draws, num_steps_bw_draws, G, C,
-                                           observables, on_draw, thresh, progress)
+        more = _extend_while_unmixed(run, target, rows, extend_draws, num_draws, num_steps_bw_draws, G, C,
+                                     observables, on_draw, thresh, progress)
         run.pop("final", None)
-        if extensions:
+        if more:
             halved, unsettled = _verdict(run, target, G, C, num_steps_bw_draws, judge)
+        extensions = extensions + more
         if first is not None:
             tried.append({"sampler": first_name, "settled": not unsettled, "halving": None,
                           "seconds": run["trace"].seconds + sum(e["seconds"] for e in extensions),
@@ -1099,8 +1110,10 @@ def _extend_while_unmixed(run: dict[str, Any], target: Any, rows: Tensor, extend
     (draws), "rhat" (the groups' worst R-hat before it), "seconds"}``."""
     if extend_draws is False or num_draws < LOCALIZATION_MIN_DRAWS or run.get("final") is None:
         return []
-    max_draws = (num_draws + int(EXTENSION_BUDGET * run["num_steps"]) // thin if extend_draws is True
-                 else int(extend_draws))
+    # (the cap is the run's, set at its first extension: later calls on the same run, e.g. after it was extended
+    # at a γ the ladder kept, do not grow it with the steps already added)
+    max_draws = run.setdefault("draw_cap", num_draws + int(EXTENSION_BUDGET * run["num_steps"]) // thin
+                               if extend_draws is True else int(extend_draws))
     out: list[dict[str, Any]] = []
     while True:
         T = int(run["trace"].loss.shape[1])
@@ -1162,6 +1175,16 @@ def _direct_halving(trace: Trace, half: Trace, nbeta: float, G: int, C: int) -> 
                               f"against {llc:.4g} (paired z = {z:.1f}): the chains relax more slowly than the run "
                               "lasts" if bad else None)}
     return out
+
+
+def _only_unmixed(run: Mapping[str, Any], target: Any, G: int, C: int, thin: int,
+                  unsettled: Mapping[int, list[str]]) -> bool:
+    """Whether every group of ``unsettled`` has only the findings more draws cure (:func:`_unmixed`'s)."""
+    halved = _halved_estimates(run["trace"], run["eps"], target.nbeta, run["num_burnin"], run["num_steps"])
+    found = _findings(run["trace"], target.nbeta, G, C, halved, diffusion=run["diffusion"],
+                      times=_draw_times(run["trace"], run["num_burnin"], thin))
+    return bool(unsettled) and all(g in found and {kind for kind, _ in found[g][1]} <= {"rhat", "ess"}
+                                   for g in unsettled)
 
 
 def _unmixed(run: Mapping[str, Any], target: Any, G: int, C: int, thin: int) -> float | None:

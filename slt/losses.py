@@ -466,6 +466,24 @@ def _tokens_and_mask(target: Any) -> tuple[Tensor, Tensor | None]:
                     f"got {type(target).__name__}")
 
 
+def _valid_next_tokens(ids: Tensor, mask: Tensor | None) -> Tensor:
+    """``(..., T-1)`` whether position ``t`` (predicting token ``t + 1``) counts in :func:`causal_lm`."""
+    valid = ids[..., 1:] != -100  # Hugging Face's ignore index in labels
+    if mask is not None:
+        m = mask.bool()
+        valid = valid & m[..., 1:] & m[..., :-1]
+    return valid
+
+
+def causal_lm_empty_rows(target: Any) -> int:
+    """How many sequences of ``target`` (the batch :func:`causal_lm` reads) have no valid next-token position
+    (all padding, all ``-100``, or one token): each counts as a sample (in n, and nβ) and adds 0 to the loss."""
+    ids, mask = _tokens_and_mask(target)
+    if ids.ndim < 2:
+        return 0
+    return int((~_valid_next_tokens(ids, mask).reshape(ids.shape[0], -1).any(1)).sum())
+
+
 def _causal_lm_per_sample(output: Any, target: Any) -> Tensor:
     logits = _logits(output)
     ids, mask = _tokens_and_mask(target)
@@ -477,10 +495,7 @@ def _causal_lm_per_sample(output: Any, target: Any) -> Tensor:
             f"{tuple(ids.shape)} (expected logits (..., T, vocab) for ids (..., T))"
         )
     nxt = ids[..., 1:]
-    valid = nxt != -100  # Hugging Face's ignore index in labels
-    if mask is not None:
-        m = mask.bool()
-        valid = valid & m[..., 1:] & m[..., :-1]
+    valid = _valid_next_tokens(ids, mask)
     logp = torch.log_softmax(logits[..., :-1, :], dim=-1)
     nll = -logp.gather(-1, nxt.clamp_min(0).long().unsqueeze(-1)).squeeze(-1)
     tok = valid.to(nll.dtype)

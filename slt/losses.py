@@ -612,7 +612,8 @@ def model_loss(output: Any, target: Any) -> Tensor:
             "carries no loss (a Hugging Face model returns .loss when the batch has 'labels'; a model that "
             "returns its loss itself returns a 0-dim tensor, alone or in a tuple such as nanoGPT's (logits, "
             "loss)); pass loss_fn, e.g. slt.losses.causal_lm for a causal language model or F.cross_entropy "
-            "for a classifier")
+            "for a classifier; a forward that computes its loss when given the targets (forward(x, y=None)) gets "
+            "them by keyword from a mapping: data = {'x': X, 'y': Y}")
     return loss
 
 

@@ -1300,6 +1300,10 @@ def test_a_model_that_returns_its_own_loss_needs_no_loss_fn():
 
     with pytest.raises(ValueError, match=r"loss_fn is required.*nanoGPT's \(logits, loss\)"):
         slt.estimate_llc(TwoScalars().to(F64), {"idx": idx, "targets": tgt}, **kw)
+    # the targets passed positionally (data = (X, Y)): the model never sees them, and the message says how
+    with pytest.raises(ValueError, match=r"loss_fn is required.*forward\(x, y=None\)\) gets them by keyword "
+                                         r"from a mapping: data = \{'x': X, 'y': Y\}"):
+        slt.estimate_llc(NanoGPTStyle().to(F64), (idx, tgt), **kw)
 
 
 class _Logits(nn.Module):

@@ -967,9 +967,9 @@ def _same_architecture(ck: nn.Module, template: nn.Module, k: int) -> None:
         what = "; ".join(w for w in (f"it has {_names(extra)}, which the model does not" if extra else "",
                                      f"it lacks {_names(missing)}" if missing else "",
                                      f"shapes differ: {_names(shaped)}" if shaped else "") if w)
-        raise ValueError(f"checkpoint {k} ({type(ck).__name__}) is not the architecture of the model "
-                         f"(checkpoint 0, {type(template).__name__}): {what}; a batched run needs checkpoints of "
-                         "one architecture (estimate the others in calls of their own)")
+        raise ValueError(f"checkpoint {k} ({type(ck).__name__}) is not the architecture of the template "
+                         f"({type(template).__name__}, the model or the first checkpoint): {what}; a batched run "
+                         "needs checkpoints of one architecture (estimate the others in calls of their own)")
     _check_state_dict(ck.state_dict(keep_vars=True), template, k)
 
 
@@ -978,9 +978,11 @@ def _check_state_dict(sd: Mapping[Any, Any], template: nn.Module, k: int) -> Map
     persistent floating-point buffers of the model (BatchNorm's running statistics: a parameters-only dict
     ``dict(model.named_parameters())`` of a trained BatchNorm network ran with a fresh template's, L(w*)
     75 against 0.26), or gives two different values to one tied tensor (``enc.weight`` and ``dec.weight``
-    of a model that ties them: slt read the first name, ``load_state_dict`` keeps the last).  Entries the
-    model does not have are ignored with a warning (is it another architecture's checkpoint?).  BatchNorm's
-    step counter may be absent (it matters only in training mode).  Returns ``sd``, with a tied tensor's
+    of a model that ties them: slt read the first name, ``load_state_dict`` keeps the last), or holds
+    tensors of modules the model does not have (another architecture: a 2-layer GPT-2's state dict in a
+    1-layer template ran as the 1-layer model).  Other entries the model does not have (a buffer an older
+    version saved) are ignored with a warning.  BatchNorm's step counter may be absent (it matters only in
+    training mode).  Returns ``sd``, with a tied tensor's
     value under the model's first name for it when the checkpoint has it under another only."""
     own = template.state_dict(keep_vars=True)
     params = dict(template.named_parameters(remove_duplicate=False))

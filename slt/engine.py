@@ -1178,25 +1178,31 @@ def _direct_halving(trace: Trace, half: Trace, nbeta: float, G: int, C: int) -> 
     return out
 
 
+def _run_findings(run: Mapping[str, Any], target: Any, G: int, C: int, thin: int) -> dict[int, tuple[float, list]]:
+    """:func:`_findings` of ``run`` (its in-run ε/2 estimates, diffusion and draw times)."""
+    halved = _halved_estimates(run["trace"], run["eps"], target.nbeta, run["num_burnin"], run["num_steps"])
+    return _findings(run["trace"], target.nbeta, G, C, halved, diffusion=run["diffusion"],
+                     times=_draw_times(run["trace"], run["num_burnin"], thin))
+
+
+def _cured_by_draws(found: list) -> bool:
+    """Whether a group's findings are only R-hat > 1.1 or an effective sample size under
+    :data:`slt.defaults.ESS_MIN` — what more draws cure, not, e.g., chains that barely moved, whose R-hat
+    more draws at the same step would not cure."""
+    return {kind for kind, _ in found} <= {"rhat", "ess"}
+
+
 def _only_unmixed(run: Mapping[str, Any], target: Any, G: int, C: int, thin: int,
                   unsettled: Mapping[int, list[str]]) -> bool:
-    """Whether every group of ``unsettled`` has only the findings more draws cure (:func:`_unmixed`'s)."""
-    halved = _halved_estimates(run["trace"], run["eps"], target.nbeta, run["num_burnin"], run["num_steps"])
-    found = _findings(run["trace"], target.nbeta, G, C, halved, diffusion=run["diffusion"],
-                      times=_draw_times(run["trace"], run["num_burnin"], thin))
-    return bool(unsettled) and all(g in found and {kind for kind, _ in found[g][1]} <= {"rhat", "ess"}
-                                   for g in unsettled)
+    """Whether every group of ``unsettled`` has only the findings more draws cure (:func:`_cured_by_draws`)."""
+    found = _run_findings(run, target, G, C, thin)
+    return bool(unsettled) and all(g in found and _cured_by_draws(found[g][1]) for g in unsettled)
 
 
 def _unmixed(run: Mapping[str, Any], target: Any, G: int, C: int, thin: int) -> float | None:
-    """The largest R-hat over the groups whose only findings (:func:`_findings`) are R-hat > 1.1 or an
-    effective sample size under :data:`slt.defaults.ESS_MIN` — what more draws cure, not, e.g., chains
-    that barely moved, whose R-hat more draws at the same step would not cure — or ``None`` when there
-    is none."""
-    halved = _halved_estimates(run["trace"], run["eps"], target.nbeta, run["num_burnin"], run["num_steps"])
-    found = _findings(run["trace"], target.nbeta, G, C, halved, diffusion=run["diffusion"],
-                      times=_draw_times(run["trace"], run["num_burnin"], thin))
-    rhats = [r for r, kinds in found.values() if {kind for kind, _ in kinds} <= {"rhat", "ess"}]
+    """The largest R-hat over the groups whose only findings more draws cure (:func:`_cured_by_draws`), or
+    ``None`` when there is none."""
+    rhats = [r for r, found in _run_findings(run, target, G, C, thin).values() if _cured_by_draws(found)]
     return max(rhats) if rhats else None
 
 

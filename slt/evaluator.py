@@ -1114,6 +1114,43 @@ def _logits_of(out: Any) -> Any:
     return out if isinstance(out, Tensor) else getattr(out, "logits", None)
 
 
+def _loss_failure_hint(e: Exception, loss_fn: Any, out: Any, x: Any, y: Any) -> str:
+    """What to do about ``loss_fn`` failing on the model's output ``out`` for inputs ``x`` and target ``y``
+    ('' where the loss's own message says it all, or no cause is recognised)."""
+    if _loss_name(loss_fn) == "causal_lm" and isinstance(e, (KeyError, ValueError)):
+        return ""  # causal_lm names what it misses in the batch
+    logits = _logits_of(out)
+    if (isinstance(logits, Tensor) and logits.ndim == 3 and isinstance(y, Tensor) and not y.is_floating_point()
+            and tuple(y.shape) == tuple(logits.shape[:2])):
+        return (f" (logits {tuple(logits.shape)} of a language model and token ids {tuple(y.shape)}: for the "
+                "next-token loss pass loss_fn=slt.losses.causal_lm (it shifts the targets and masks padding); "
+                "F.cross_entropy takes (N, V) logits, or classes on dimension 1)")
+    hint = _label_hint(loss_fn, logits, y)
+    if (not hint and isinstance(y, Tensor) and not y.is_floating_point()
+            and any(f"for '{t}'" in str(e) for t in ("Long", "Int", "Short", "Byte", "Bool"))):
+        hint = (f" (an operation that needs floats got integers, and the target is {describe(y)}: does loss_fn "
+                "pass the model's output and the target in the order the loss takes them, e.g. "
+                "F.cross_entropy(output, target)?)")
+    holes = [i for i, o in enumerate(out) if o is None] if isinstance(out, (tuple, list)) else []
+    if not isinstance(out, Tensor) and isinstance(logits, Tensor):
+        hint += (f" (the model returns a {type(out).__name__}: take its logits in the loss, e.g. "
+                 "lambda out, y: F.cross_entropy(out.logits, y))")
+    elif isinstance(out, Mapping) and out and isinstance(next(iter(out.values())), Tensor):
+        key = "logits" if isinstance(out.get("logits"), Tensor) else next(iter(out))
+        hint += (f" (the model returns a {type(out).__name__}: take the prediction in the loss, e.g. "
+                 f"lambda out, y: loss(out[{key!r}], y))")
+    elif isinstance(out, (tuple, list)) and out and isinstance(out[0], Tensor) and not holes:
+        hint += (f" (the model returns a {type(out).__name__}: take the prediction in the loss, e.g. "
+                 "lambda out, y: loss(out[0], y))")
+    if holes and not isinstance(x, Mapping):
+        k = holes[0]
+        hint += (f" (element {k} of the output is None: a forward that computes some outputs only when it is given "
+                 "more inputs — nanoGPT's forward(idx, targets) returns the last position's logits and loss=None "
+                 "without targets — gets them by keyword from a mapping: data = {'idx': X, 'targets': Y} and "
+                 f"loss_fn = lambda out, _: out[{k}])")
+    return hint
+
+
 def _label_hint(loss_fn: Any, out: Any, y: Any) -> str:
     """A hint for the usual label mistakes of the known PyTorch losses ('' if none applies)."""
     name = _loss_name(loss_fn)
@@ -1188,39 +1225,7 @@ def validate_model_and_loss(model: nn.Module, adapter: LossAdapter, probe: Batch
 
         if adapter.loss_fn is model_loss and isinstance(e, ValueError):
             raise  # the default loss_fn found no loss in the output: its message is the whole story
-        own_message = _loss_name(adapter.loss_fn) == "causal_lm" and isinstance(e, (KeyError, ValueError))
-        hint = "" if own_message else _label_hint(adapter.loss_fn, _logits_of(out), y)
-        logits = _logits_of(out)
-        if (not own_message and isinstance(logits, Tensor) and logits.ndim == 3 and isinstance(y, Tensor)
-                and not y.is_floating_point() and tuple(y.shape) == tuple(logits.shape[:2])):
-            hint = (f" (logits {tuple(logits.shape)} of a language model and token ids {tuple(y.shape)}: for the "
-                    "next-token loss pass loss_fn=slt.losses.causal_lm (it shifts the targets and masks padding); "
-                    "F.cross_entropy takes (N, V) logits, or classes on dimension 1)")
-            own_message = True
-        if (not hint and isinstance(y, Tensor) and not y.is_floating_point()
-                and any(f"for '{t}'" in str(e) for t in ("Long", "Int", "Short", "Byte", "Bool"))):
-            hint = (f" (an operation that needs floats got integers, and the target is {describe(y)}: does loss_fn "
-                    "pass the model's output and the target in the order the loss takes them, e.g. "
-                    "F.cross_entropy(output, target)?)")
-        holes = [i for i, o in enumerate(out) if o is None] if isinstance(out, (tuple, list)) else []
-        if own_message:
-            pass
-        elif not isinstance(out, Tensor) and isinstance(getattr(out, "logits", None), Tensor):
-            hint += (f" (the model returns a {type(out).__name__}: take its logits in the loss, e.g. "
-                     "lambda out, y: F.cross_entropy(out.logits, y))")
-        elif isinstance(out, Mapping) and out and isinstance(next(iter(out.values())), Tensor):
-            key = "logits" if isinstance(out.get("logits"), Tensor) else next(iter(out))
-            hint += (f" (the model returns a {type(out).__name__}: take the prediction in the loss, e.g. "
-                     f"lambda out, y: loss(out[{key!r}], y))")
-        elif isinstance(out, (tuple, list)) and out and isinstance(out[0], Tensor) and not holes:
-            hint += (f" (the model returns a {type(out).__name__}: take the prediction in the loss, e.g. "
-                     "lambda out, y: loss(out[0], y))")
-        if holes and not isinstance(x, Mapping):
-            k = holes[0]
-            hint += (f" (element {k} of the output is None: a forward that computes some outputs only when it is given "
-                     "more inputs — nanoGPT's forward(idx, targets) returns the last position's logits and loss=None "
-                     "without targets — gets them by keyword from a mapping: data = {'idx': X, 'targets': Y} and "
-                     f"loss_fn = lambda out, _: out[{k}])")
+        hint = _loss_failure_hint(e, adapter.loss_fn, out, x, y)
         raise ValueError(
             f"loss_fn failed on {on} of the data: model output {describe(out)}, target {describe(y)}: "
             f"{type(e).__name__}: {e}{hint}"

@@ -938,17 +938,20 @@ def _unprefixed(sd: Any, template: nn.Module, k: int = 0) -> Any:
 
 
 def _checkpoints(
-    model: Any, models: Sequence[Any] | None, state_dicts: Sequence[Mapping[str, Tensor]] | None
+    model: Any, models: Sequence[Any] | None, state_dicts: Sequence[Mapping[str, Tensor]] | None,
+    caller: str | None = None,
 ) -> tuple[nn.Module, list[Mapping[str, Tensor] | nn.Module], bool]:
     """Returns (template module, list of checkpoints, is_batch).  Data-parallel wrappers are unwrapped
-    and their ``"module."`` key prefix dropped from state dicts (:func:`_unwrap`)."""
+    and their ``"module."`` key prefix dropped from state dicts (:func:`_unwrap`); checkpoints that would
+    mix in the template's state are refused (:func:`_check_state_dict`).  ``caller``: warn, naming it, of
+    what the checks let through (the checkpoints are resolved several times per call; one warns)."""
     template, ckpts, is_batch = _checkpoint_list(model, models, state_dicts)
     template = _unwrap(template)
     _check_module(template, "the model")
     ckpts = [_unprefixed(_unwrap(c), template, k) for k, c in enumerate(ckpts)]
     for k, c in enumerate(ckpts):
         if isinstance(c, Mapping):
-            ckpts[k] = _check_state_dict(c, template, k)
+            ckpts[k] = _check_state_dict(c, template, k, caller)
         elif c is not template:
             _check_module(c, f"checkpoint {k}")
             _same_architecture(c, template, k)
@@ -970,10 +973,10 @@ def _same_architecture(ck: nn.Module, template: nn.Module, k: int) -> None:
         raise ValueError(f"checkpoint {k} ({type(ck).__name__}) is not the architecture of the template "
                          f"({type(template).__name__}, the model or the first checkpoint): {what}; a batched run "
                          "needs checkpoints of one architecture (estimate the others in calls of their own)")
-    _check_state_dict(ck.state_dict(keep_vars=True), template, k)
+    _check_state_dict(ck.state_dict(keep_vars=True), template, k, None)  # (no extra entries: same names)
 
 
-def _check_state_dict(sd: Mapping[Any, Any], template: nn.Module, k: int) -> Mapping[Any, Any]:
+def _check_state_dict(sd: Mapping[Any, Any], template: nn.Module, k: int, caller: str | None) -> Mapping[Any, Any]:
     """Refuse a checkpoint mapping that would silently mix in the template's state: one that lacks
     persistent floating-point buffers of the model (BatchNorm's running statistics: a parameters-only dict
     ``dict(model.named_parameters())`` of a trained BatchNorm network ran with a fresh template's, L(w*)
@@ -981,9 +984,9 @@ def _check_state_dict(sd: Mapping[Any, Any], template: nn.Module, k: int) -> Map
     of a model that ties them: slt read the first name, ``load_state_dict`` keeps the last), or holds
     tensors of modules the model does not have (another architecture: a 2-layer GPT-2's state dict in a
     1-layer template ran as the 1-layer model).  Other entries the model does not have (a buffer an older
-    version saved) are ignored with a warning.  BatchNorm's step counter may be absent (it matters only in
-    training mode).  Returns ``sd``, with a tied tensor's
-    value under the model's first name for it when the checkpoint has it under another only."""
+    version saved) are ignored, with a warning when ``caller`` is given.  BatchNorm's step counter may be
+    absent (it matters only in training mode).  Returns ``sd``, with a tied tensor's value under the
+    model's first name for it when the checkpoint has it under another only."""
     own = template.state_dict(keep_vars=True)
     params = dict(template.named_parameters(remove_duplicate=False))
     tied: dict[int, list[str]] = {}
@@ -1007,17 +1010,17 @@ def _check_state_dict(sd: Mapping[Any, Any], template: nn.Module, k: int) -> Map
                 "the model (tied weights): a checkpoint of a model that does not tie them? Estimate it with that "
                 "model, or keep the one entry that holds the tied value")
     extra = [n for n in sd if isinstance(n, str) and n not in own]
-    submodules = dict(template.named_modules())
+    submodules = dict(template.named_modules()) if extra else {}
     foreign = [n for n in extra if n.rpartition(".")[0] not in submodules]
     if foreign:  # entries of modules the model does not have: another architecture (more layers, another head)
         raise ValueError(
             f"checkpoint {k} holds tensors of modules the model does not have ({_names(foreign)}): it is the "
             "checkpoint of another architecture (e.g. more layers), whose weights the run would drop; build the "
             "template with the checkpoint's configuration")
-    if extra:  # (e.g. buffers an older version of the model saved, as GPT-2's attn.masked_bias)
+    if extra and caller is not None:  # (e.g. buffers an older version of the model saved, as GPT-2's attn.masked_bias)
         warnings.warn(
-            f"checkpoint {k} has entries the model does not have ({_names(extra)}): they are ignored; is it the "
-            "checkpoint of another architecture?", RuntimeWarning, stacklevel=user_stacklevel())
+            f"{caller}: checkpoint {k} has entries the model does not have ({_names(extra)}): they are ignored; is "
+            "it the checkpoint of another architecture?", RuntimeWarning, stacklevel=user_stacklevel())
     filled = {names[0]: sd[given[0]] for names in tied.values()
               if names[0] not in sd and (given := [n for n in names[1:] if n in sd])}
     return {**sd, **filled} if filled else sd
@@ -1351,23 +1354,27 @@ class PerRowFailure:
     caller: str
 
 
-def _shared_inputs_work(evaluator: ChainEvaluator, rows: Tensor, probe: Batch, model: nn.Module) -> bool:
-    """Whether ``evaluator`` (the vmap path) evaluates ``rows`` on ``probe`` shared by them, with Hugging
-    Face attention retried as eager where it branches on the mask (kept in ``evaluator.hf_eager``)."""
+def _with_eager_attention(evaluator: ChainEvaluator, model: nn.Module, call: Callable[[], Any]) -> str:
+    """Run ``call`` (a probe of ``evaluator``); where it fails on the vmap path because Hugging Face
+    attention branches on the attention mask, run it again with the model's attention configs as
+    ``"eager"`` (the same maths; kept in ``evaluator.hf_eager``).  Returns what to add to the path's reason
+    ('' without the retry); a failure of the retry raises the first error."""
     try:
-        evaluator.loss_and_grad(rows, probe)
-        return True
-    except Exception as e:  # noqa: BLE001 - the shared inputs fail too: the usual fallback
-        configs = hf_attention_configs(model)
+        call()
+        return ""
+    except Exception as e:  # noqa: BLE001 - Hugging Face sdpa attention: retried as eager (same maths)
+        configs = hf_attention_configs(model) if evaluator.path == "vmap" else []
         if not (configs and "data-dependent control flow" in str(e)):
-            return False
-    evaluator.hf_eager = configs
-    try:
-        evaluator.loss_and_grad(rows, probe)
-        return True
-    except Exception:  # noqa: BLE001
-        evaluator.hf_eager = []
-        return False
+            raise
+        evaluator.hf_eager = configs
+        try:
+            call()
+        except Exception:  # noqa: BLE001 - not the attention: report the first failure
+            evaluator.hf_eager = []
+            raise e from None
+    impls = sorted({str(c._attn_implementation) for c in configs})
+    return (f"; Hugging Face attention {', '.join(map(repr, impls))} run as 'eager' under vmap (the same "
+            "attention; the other branches on the attention mask, which vmap cannot batch over chains)")
 
 
 def _fallback_hint(e: Exception, model: nn.Module, issues: list[str], eager_tried: bool = False) -> str:
@@ -1446,31 +1453,22 @@ def _evaluator(
         if path == "vmap" and per_chain_probe:  # minibatches differ per chain: vmap maps the inputs too
             evaluator.loss_and_grad(rows, probe.per_chain(rows.shape[0]))
 
-    eager_tried = False
     try:
-        try:
-            probe_path()
-        except Exception as e:  # noqa: BLE001 - Hugging Face sdpa attention: retried as eager (same maths)
-            configs = hf_attention_configs(model) if path == "vmap" else []
-            if not (configs and "data-dependent control flow" in str(e)):
-                raise
-            evaluator.hf_eager, eager_tried = configs, True
-            try:
-                probe_path()
-            except Exception:  # noqa: BLE001 - not the attention: report the first failure
-                evaluator.hf_eager = []
-                raise e from None
-            impls = sorted({str(c._attn_implementation) for c in configs})
-            reason += (f"; Hugging Face attention {', '.join(map(repr, impls))} run as 'eager' under vmap (the same "
-                       "attention; the other branches on the attention mask, which vmap cannot batch over chains)")
+        reason += _with_eager_attention(evaluator, model, probe_path)
     except Exception as e:  # noqa: BLE001 - decide the fallback
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        # (the retry with eager attention ran exactly where this holds: _with_eager_attention)
+        eager_tried = path == "vmap" and "data-dependent control flow" in str(e) and bool(hf_attention_configs(model))
         hint = _fallback_hint(e, model, list(issues), eager_tried)
-        if path == "vmap" and per_chain_probe and _shared_inputs_work(evaluator, rows, probe, model):
-            # vmap works where the chains share their inputs (a full batch, a DataLoader): the loop is
-            # needed only for a minibatch per chain, decided when a run's batches are known (Target.batches)
-            evaluator.per_row_failure = PerRowFailure(f"{type(e).__name__}: {msg}", hint, vectorize != "auto", caller)
-            return evaluator, reason
+        if path == "vmap" and per_chain_probe:
+            try:  # vmap may work where the chains share their inputs (a full batch, a DataLoader): the loop is
+                # then needed only for a minibatch per chain, decided when a run's batches are known (Target.batches)
+                reason += _with_eager_attention(evaluator, model, lambda: evaluator.loss_and_grad(rows, probe))
+                evaluator.per_row_failure = PerRowFailure(f"{type(e).__name__}: {msg}", hint, vectorize != "auto",
+                                                          caller)
+                return evaluator, reason
+            except Exception:  # noqa: BLE001 - the shared inputs fail too: the fallback below
+                pass
         if vectorize != "auto" or path == "loop":
             raise
         warnings.warn(
@@ -1560,7 +1558,7 @@ def prepare_target(
     ValueError, TypeError
         Bad model, checkpoints, data, loss or dtype (before any sampling).
     """
-    template, ckpts, is_batch = _checkpoints(model, models, state_dicts)
+    template, ckpts, is_batch = _checkpoints(model, models, state_dicts, caller)
     differ = _state_differences(template, ckpts) if is_batch else []
     if differ and not (checkpoint_state and _state_batchable(template, differ)):
         raise ValueError(
@@ -1616,28 +1614,27 @@ def prepare_target(
                 "number (one nβ for all, so that their refined LLCs are comparable)")
     source = as_source(data)
     notes: list[str] = [] if dtype_note is None else [dtype_note]
+
+    def warned(note: str | None) -> None:  # a setup note the user is also warned of
+        if note:
+            notes.append(note)
+            warnings.warn(f"{caller}: {note}", RuntimeWarning, stacklevel=user_stacklevel())
+
     if isinstance(source, LoaderSource) and full_data:  # every sample once, in the dataset's order
         source, order, _ = source.in_memory()
         notes += [order] if order else []
-    if modes:
-        notes.append(modes)
-        warnings.warn(f"{caller}: {modes}", RuntimeWarning, stacklevel=user_stacklevel())
+    warned(modes)
     if isinstance(source, LoaderSource) and source.never_read:
-        notes.append(f"the DataLoader drops its last batch (drop_last=True) and does not shuffle: its last "
-                     f"{source.never_read} samples never enter the run (the chains sample the loss of the others), "
-                     f"while n = {source.n} and L(w*) count them; pass drop_last=False (or shuffle=True)")
-        warnings.warn(f"{caller}: {notes[-1]}", RuntimeWarning, stacklevel=user_stacklevel())
+        warned(f"the DataLoader drops its last batch (drop_last=True) and does not shuffle: its last "
+               f"{source.never_read} samples never enter the run (the chains sample the loss of the others), "
+               f"while n = {source.n} and L(w*) count them; pass drop_last=False (or shuffle=True)")
     if isinstance(source, LoaderSource) and source.unseeded_shuffle:
-        notes.append("the DataLoader shuffles with PyTorch's global random state (its sampler has no generator), "
-                      "so runs with the same seed see different batches and differ: to make a run repeatable, build the "
-                      "loader for it with DataLoader(..., generator=torch.Generator().manual_seed(s))")
-        warnings.warn(f"{caller}: {notes[-1]}", RuntimeWarning, stacklevel=user_stacklevel())
+        warned("the DataLoader shuffles with PyTorch's global random state (its sampler has no generator), "
+               "so runs with the same seed see different batches and differ: to make a run repeatable, build the "
+               "loader for it with DataLoader(..., generator=torch.Generator().manual_seed(s))")
     if isinstance(source, Data):
         source = source.to(dev, dtype)
-        empty = _empty_sequences(loss_fn, source)
-        if empty:
-            notes.append(empty)
-            warnings.warn(f"{caller}: {empty}", RuntimeWarning, stacklevel=user_stacklevel())
+        warned(_empty_sequences(loss_fn, source))
     if isinstance(source, LoaderSource) and source.n is None and (nbeta is None or callable(nbeta)):
         notes.append(f"the DataLoader's dataset has no length (an IterableDataset): n = {source.count()} samples, "
                      "counted in one pass over it (the default nβ and the loss at w* need n)")

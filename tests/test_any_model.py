@@ -828,8 +828,10 @@ def test_a_checkpoint_that_would_mix_in_the_templates_state_is_refused_by_name()
                                          r"norm.running_var.*full state_dict\(\)"):
         slt.estimate_llc(bn, (X, Y), F.mse_loss, state_dicts=[params_only], **KW)
     # an entry of a module the model has (a buffer an older version saved, as GPT-2's attn.masked_bias): a warning
-    with pytest.warns(RuntimeWarning, match=r"checkpoint 0 has entries the model does not have \(norm.old_stat\)"):
+    with pytest.warns(RuntimeWarning, match=r"checkpoint 0 has entries the model does not have \(norm.old_stat\)") as rec:
         slt.estimate_llc(bn, (X, Y), F.mse_loss, state_dicts=[{**bn.state_dict(), "norm.old_stat": X[:2]}], **KW)
+    said = [str(w.message) for w in rec if "entries the model does not have" in str(w.message)]
+    assert len(said) == 1 and said[0].startswith("slt.estimate_llc: ")  # once per call, naming it
 
     # a checkpoint of another architecture (one more layer) ran as the template's, its extra layer dropped
     torch.manual_seed(0)

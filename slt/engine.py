@@ -494,14 +494,14 @@ def _ranges(values: list[int]) -> str:
     return ", ".join(out)
 
 
-def _warn_jumps(adapt: Any, target: Target) -> None:
+def _warn_jumps(adapt: Any, target: Target, caller: str) -> None:
     """Name the groups whose loss :func:`slt.stepsize.jump_ratio` found to jump, so that adaptation toward
     a Metropolis acceptance near 1 had collapsed their step (the run used ε₀ instead)."""
     if adapt is None or adapt.collapsed is None or adapt.collapse_cause != "jumps":
         return  # (SGHMC's collapse, "friction", is no jump: print(result) names it)
     for g in (adapt.collapsed != adapt.step_size).nonzero().flatten().tolist():
         warnings.warn(
-            f"slt.estimate_llc ({_where(target, g)}): the loss jumps where the chains step (it is discontinuous in "
+            f"{caller} ({_where(target, g)}): the loss jumps where the chains step (it is discontinuous in "
             "w, e.g. top-k routing in a mixture of experts, argmax or rounding in forward): the Metropolis error of "
             f"the Langevin proposal fell only {float(adapt.jump_ratio[g]):.1f}× for a {JUMP_FACTOR:g}× smaller step "
             f"(a smooth loss: about {JUMP_FACTOR ** 1.5:g}×), so no step reaches the target acceptance, and "
@@ -713,6 +713,7 @@ def sample_target(
     num_threads: int | None = None,
     progress: bool | None = None,
     started: float | None = None,
+    caller: str = "slt.estimate_llc",
 ) -> Sampling:
     r"""Sample a prepared target (:func:`slt.prepare_target`): the engine behind
     :func:`estimate_llc` and every estimator built on its runs (e.g. :func:`slt.bif`).
@@ -722,7 +723,8 @@ def sample_target(
     ``trace.diverged``), for estimators that accumulate their own statistics online; ``on_start()``
     before the draws of every run (a run whose chains diverged under an automatic step is repeated
     with a halved step: statistics gathered by ``on_draw`` start over).  ``started``:
-    a ``time.perf_counter()`` stamp from before the target was prepared (counted as set-up).
+    a ``time.perf_counter()`` stamp from before the target was prepared (counted as set-up); ``caller``:
+    the public function named in warnings and errors.
 
     Steps: the minibatch stream (:meth:`slt.target.Target.batches`); the path (``vectorize="auto"``:
     :func:`slt.target.fastest_path`); the step size (adapted during burn-in, the curvature rule,
@@ -744,11 +746,11 @@ def sample_target(
     spec = resolve_sampler(sampler)
     _check_restrictable(spec, target)
     batch_auto = batch_size == "auto"
-    _check_loader_batch_size(target, batch_size)
+    _check_loader_batch_size(target, batch_size, caller)
     if batch_auto:
         batch_size = BATCH_SIZE
     target = _note_batch_statistics(target, minibatches=batch_size is not None or isinstance(target.source, LoaderSource))
-    probe_observables("slt.estimate_llc", observables, target)
+    probe_observables(caller, observables, target)
     C, G, dev = num_chains, target.G, target.device
     rows = target.rows(C)  # (G*C, d)
     if isinstance(step_size, Tensor) and step_size.numel() == 1:  # (a 0-d tensor or array: its number)
@@ -910,8 +912,8 @@ def sample_target(
     if raise_on_divergence:  # before the warning: the error names the same chains
         _raise_if_all_diverged(trace.diverged.view(G, C).all(1), spec, potential, target, rows, eps, thresh,
                                min(200, num_steps), None if batches.full else batches.batch_size, kw)
-    _warn_divergent(trace.diverged, trace.divergence_step, C, thresh)
-    _warn_jumps(adapt, target)
+    _warn_divergent(trace.diverged, trace.divergence_step, C, thresh, caller)
+    _warn_jumps(adapt, target, caller)
     config = {
         "num_chains": C, "num_draws": int(trace.loss.shape[1]), "num_draws_requested": num_draws,
         "draw_extensions": extensions, "num_burnin": num_burnin,
@@ -952,7 +954,7 @@ def _fallback_samplers(full_batch: bool) -> tuple[str, ...]:
 
 
 
-def _check_loader_batch_size(target: Any, batch_size: Any) -> None:
+def _check_loader_batch_size(target: Any, batch_size: Any, caller: str) -> None:
     """Warn that a ``batch_size`` a DataLoader's run cannot honour is ignored: the run takes the loader's
     batches as they come (a full-batch request ran on the loader's batches of 4, silently, recorded as
     given; ``config["batch_size_rule"]`` is now ``"loader"``)."""
@@ -964,7 +966,7 @@ def _check_loader_batch_size(target: Any, batch_size: Any) -> None:
         return
     asked = "full batch (batch_size=None)" if batch_size is None else f"batch_size={batch_size}"
     warnings.warn(
-        f"slt.estimate_llc: data is a DataLoader, whose batches ({own if own is not None else 'of its own size'}) are "
+        f"{caller}: data is a DataLoader, whose batches ({own if own is not None else 'of its own size'}) are "
         f"the run's: {asked} is ignored; leave batch_size at its default, or pass the data as tensors or a Dataset "
         "(then slt draws batches of the size asked for, or uses all of the data at batch_size=None)",
         RuntimeWarning, stacklevel=user_stacklevel())
@@ -1607,13 +1609,13 @@ def _raise_if_all_diverged(all_dead: Tensor, spec, potential, target, rows: Tens
     )
 
 
-def _warn_divergent(diverged: Tensor, divergence_step: Tensor, num_chains: int, threshold: float) -> None:
+def _warn_divergent(diverged: Tensor, divergence_step: Tensor, num_chains: int, threshold: float, caller: str) -> None:
     idx = diverged.nonzero().flatten().tolist()
     if not idx:
         return
     steps = divergence_step[diverged].tolist()
     warnings.warn(
-        "slt.estimate_llc: divergent chains (loss or parameters became NaN/inf or "
+        f"{caller}: divergent chains (loss or parameters became NaN/inf or "
         f"nβ·ΔL > {threshold:g}) were stopped and excluded: "
         + ", ".join(f"checkpoint {i // num_chains} chain {i % num_chains} at step {s}" for i, s in zip(idx, steps))
         + ". Reduce step_size.",

@@ -503,12 +503,12 @@ def _own_label(own: Callable) -> str:
     return f"the model's own loss per sample ({own.__name__}: {doc.splitlines()[0].rstrip('.') if doc else ''})"
 
 
-def _run(target: Any, acc: OnlineCovariance, draw: Callable[[Tensor], None], samp: dict) -> Any:
+def _run(caller: str, target: Any, acc: OnlineCovariance, draw: Callable[[Tensor], None], samp: dict) -> Any:
     """Sample ``target`` with ``draw(params)`` at every draw; the statistics restart with every repeat of
     the run (the engine halves the step of diverging groups and runs again)."""
     from .engine import sample_target
 
-    return sample_target(target, on_draw=draw, on_start=acc.reset, **samp)
+    return sample_target(target, on_draw=draw, on_start=acc.reset, caller=caller, **samp)
 
 
 def _good_rows(run: Any, g: int, C: int, acc: OnlineCovariance) -> list[int]:
@@ -603,7 +603,7 @@ def _covariances(caller: str, model: Any, data: Any, loss_fn: Any, *, query: Any
         else:
             acc.update(a, _observable_columns(target.spec, obs, params)[0])
 
-    run = _run(target, acc, draw, samp)
+    run = _run(caller, target, acc, draw, samp)
     llcs = run.results()
     config = {"kind": kind, "normalize": normalize, "per_token": per_token, "sum_tokens": sum_tokens,
               "query": "data" if same else "observables" if obs else "query", **run.config}
@@ -835,7 +835,7 @@ def per_sample_susceptibility(
             b = torch.cat([b, _observable_columns(target.spec, obs, params)[0].to(b)], 1)
         acc.update(torch.cat([z, L.unsqueeze(1)], 1), b)
 
-    run = _run(target, acc, draw, samp)
+    run = _run(caller, target, acc, draw, samp)
     llcs = run.results()
     star = zs(target.w_star).double().cpu()  # (K, size) ℓ_z(w*)
     nb, n = float(target.nbeta), int(target.n)

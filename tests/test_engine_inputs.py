@@ -165,6 +165,11 @@ def test_divergent_chains_are_stopped_reported_and_excluded():
     assert math.isnan(bad.llc_mean) and torch.isnan(bad.llc_per_chain).all()
     assert any("every chain diverged" in w for w in bad.diagnostics["warnings"])
     assert "DIVERGENT" in str(bad)
+    # the warning names the function called (it said slt.estimate_llc for slt.bif too)
+    with pytest.warns(RuntimeWarning, match=r"^slt\.bif: divergent chains.*checkpoint 1 chain 0"):
+        slt.bif(ms, (X, Y), F.mse_loss, query=(X[:3], Y[:3]), num_chains=3, num_draws=50, step_size=1e-3,
+                nbeta=50.0, localization=1.0, batch_size=None, dtype=torch.float64, progress=False,
+                raise_on_divergence=False)
 
 
 def test_every_chain_diverged_raises_naming_the_cause_and_a_step_size_that_works():

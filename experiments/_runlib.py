@@ -80,6 +80,8 @@ NON_RESULT_KEYS = ("name", "force", "device", "progress", "results_root", "save_
 ADDED_KEYS: dict[str, Any] = {
     "train.online": False,  # TMS online training (fresh minibatches), added 2026-11
     "init.std": None,  # TMS random-init std (None: Xavier), added 2026-11
+    "eval": False,  # llc: the model sampled in eval mode (runs before sampled it as built), added 2026-12-07
+    "demo_settings_dropped": [],  # llc: the demo's settings left out (experiments.llc.effective_config), 2026-12-07
 }
 
 
@@ -115,12 +117,16 @@ def execute(
     out_dir: str | os.PathLike,
     overrides: list[str] | tuple[str, ...] = (),
     validate: Callable[[DictConfig], None] | None = None,
+    prepare: Callable[[DictConfig, list[str]], DictConfig] | None = None,
+    inputs: Callable[[DictConfig], list[str]] | None = None,
 ) -> dict[str, Any]:
     """Run one job in ``out_dir`` and return its record (the content of ``result.json``).
 
     A finished run (``result.json`` present) is skipped unless ``cfg.force`` or
     its stored config differs from ``cfg`` (apart from :data:`NON_RESULT_KEYS`),
-    e.g. because an experiment file was edited since.
+    e.g. because an experiment file was edited since, or a file it read has changed
+    (``inputs``: a checkpoint overwritten by further training, a checkpoint glob
+    that now matches more files).
 
     Parameters
     ----------
@@ -136,6 +142,12 @@ def execute(
         The job's command-line overrides (recorded; become summary columns).
     validate
         Extra value checks run before anything else (after :func:`_schemas.validate`).
+    prepare
+        ``prepare(cfg, overrides) -> cfg``: the config the job runs with and records (``experiments.llc``:
+        without the demo's settings), applied first.
+    inputs
+        ``inputs(cfg) -> paths``: the files (or folders) the run reads, fingerprinted in the record
+        (``inputs``: :func:`records.fingerprints`) and compared before a finished run is skipped.
     """
     out = Path(out_dir)
     res_file = out / records.RESULT_FILE
@@ -143,17 +155,28 @@ def execute(
     t0 = time.perf_counter()
     base: dict[str, Any] = {"name": cfg.get("name"), "seed": cfg.get("seed"), "overrides": list(overrides)}
     try:
+        if prepare is not None:
+            cfg = prepare(cfg, list(overrides))
         base["config"] = OmegaConf.to_container(cfg, resolve=True)
         base.update(started=now(), **records.environment_info(cfg.get("device", "cpu")))
         _schemas.validate(cfg)  # bad values fail here, before any work (and are recorded)
         if validate is not None:
             validate(cfg)
+        paths = [] if inputs is None else inputs(cfg)
         if res_file.exists() and not cfg.get("force", False):
             old = records.read_json(res_file)
-            if same_config(old.get("config", {}), base["config"]):
+            changed = records.changed_inputs(old.get("inputs", {}), paths)
+            if same_config(old.get("config", {}), base["config"]) and not changed:
                 log.info("skipping %s: %s exists (force=true recomputes)", out, records.RESULT_FILE)
                 return old
-            log.warning("%s: the stored run used a different config (an experiment file changed?): recomputing", out)
+            if changed:
+                log.warning("%s: input files changed since the stored run (%s): recomputing", out,
+                            ", ".join(changed[:3]) + (f" and {len(changed) - 3} more" if len(changed) > 3 else ""))
+            else:
+                log.warning("%s: the stored run used a different config (an experiment file changed?): recomputing",
+                            out)
+        if paths:
+            base["inputs"] = records.fingerprints(paths)
         out.mkdir(parents=True, exist_ok=True)
         if fail_file.exists():
             fail_file.unlink()
@@ -177,10 +200,14 @@ def execute(
     if arrays and cfg.get("save_traces", True):
         records.atomic_write_npz(out / "traces.npz", **arrays)
         files.append("traces.npz")
+    device = metrics.pop("device", base["device"])  # the device the run used (cfg's may be "auto")
+    name = records.device_name(device)
+    if name is not None:
+        base["device_name"] = name
     record = {
         "status": "ok",
         **base,
-        "device": metrics.pop("device", base["device"]),
+        "device": device,
         "finished": now(),
         "seconds": seconds,
         "files": files,
@@ -191,14 +218,16 @@ def execute(
     return records.read_json(res_file)
 
 
-def hydra_task(run: RunFn, validate: Callable[[DictConfig], None] | None = None) -> Callable[[DictConfig], Any]:
+def hydra_task(run: RunFn, validate: Callable[[DictConfig], None] | None = None,
+               prepare: Callable[[DictConfig, list[str]], DictConfig] | None = None,
+               inputs: Callable[[DictConfig], list[str]] | None = None) -> Callable[[DictConfig], Any]:
     """A Hydra task function running ``run`` through :func:`execute` in the job's output folder."""
 
     def task(cfg: DictConfig) -> dict[str, Any]:
         from hydra.core.hydra_config import HydraConfig
 
         hc = HydraConfig.get()
-        rec = execute(run, cfg, hc.runtime.output_dir, list(hc.overrides.task), validate)
+        rec = execute(run, cfg, hc.runtime.output_dir, list(hc.overrides.task), validate, prepare, inputs)
         return rec.get("metrics", {})
 
     task.__name__ = getattr(run, "__name__", "task")

@@ -266,6 +266,7 @@ class LLCConfig(_Base):
     reference: Any = None
     restrict: Any = None  # null, heads/layers/attention_and_mlp/embeddings/modules, a glob, globs, {label: glob}
     qkv_layout: Optional[str] = None  # restrict=heads on a user's fused q/k/v projection: blocks or per_head
+    eval: bool = True  # model.eval() before sampling (dropout off, BatchNorm's running statistics); false: as built
 
 
 @dataclass

@@ -9,7 +9,8 @@ killed sweep, or while a Slurm sweep is still running::
 Every run folder becomes one row: ``status`` is ``ok`` (``result.json``),
 ``failed`` (``failed.json``; ``error`` holds the message), ``incomplete``
 (started, neither file) or ``missing`` (listed in ``sweep.json``, never
-started).  Exit status 0 when every run is ok, 1 otherwise (2 for a bad path).
+started).  The printed table shows the settings that differ between the runs (the swept
+overrides); the files hold every column.  Exit status 0 when every run is ok, 1 otherwise (2 for a bad path).
 """
 
 from __future__ import annotations
@@ -36,7 +37,8 @@ def main(argv: list[str] | None = None) -> int:
         msg = ", ".join(f"{v} {k}" for k, v in counts.items() if v) or "no runs"
         print(f"{d}: {len(df)} runs ({msg}) -> {records.summary_files()}")
         if not args.quiet and len(df):
-            cols = [c for c in ("run", "status", "llc_mean", "llc_sem", "point", "error") if c in df.columns]
+            swept = [k for k in df.attrs.get("override_keys", []) if df[k].astype(str).nunique() > 1]
+            cols = [c for c in ("run", "status", *swept, "llc_mean", "llc_sem", "point", "error") if c in df.columns]
             with __import__("pandas").option_context("display.width", 160, "display.max_colwidth", 60):
                 print(df[cols].to_string(index=False))
         if counts["ok"] != len(df):

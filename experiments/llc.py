@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import hydra
+import numpy as np
 import torch
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
@@ -133,7 +134,15 @@ def _accepts(target: str, name: str) -> bool:
     return name in params
 
 
-def without_demo(cfg: DictConfig) -> tuple[DictConfig, list[str]]:
+def user_keys(overrides: Any) -> set[str]:
+    """The config keys a job's command-line ``overrides`` set (Hydra's override grammar: ``data.n=10``,
+    ``+model.hidden=32``, ``~reference`` -> ``data.n``, ``model.hidden``, ``reference``)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    return {o.key_or_group for o in OverridesParser.create().parse_overrides([str(o) for o in overrides or ()])}
+
+
+def without_demo(cfg: DictConfig, overrides: Any = ()) -> tuple[DictConfig, list[str]]:
     """``cfg`` without the demo's own settings when the model is not the demo's, and their names.
 
     ``conf/llc.yaml``'s defaults are a demo (a reduced-rank regression, its data, loss and closed-form
@@ -142,22 +151,31 @@ def without_demo(cfg: DictConfig) -> tuple[DictConfig, list[str]]:
     would be compared with the user's λ̂.  When ``model._target_`` differs from the demo's, every demo
     setting still at its demo value is dropped: the model's and (when ``data._target_`` differs too)
     the data's keyword arguments, the loss (then the model's own, as with ``loss=null``) and the
-    reference."""
+    reference — except the keys the job's command-line ``overrides`` set (:func:`user_keys`): a user's
+    ``data.n=10000`` that happens to equal the demo's was dropped, silently, and the function's own
+    default used."""
     demo = OmegaConf.load(Path(_runlib.CONF_DIR) / "llc.yaml")
     if cfg.model._target_ == demo.model._target_:
         return cfg, []
     raw = OmegaConf.to_container(cfg, resolve=False)
+    given = user_keys(overrides)
+
+    def set_by_user(path: str) -> bool:
+        return any(path == k or path.startswith(k + ".") for k in given)
+
     dropped: list[str] = []
     nodes = ["model"] + (["data"] if cfg.data._target_ != demo.data._target_ else [])
     if "data" not in nodes:  # the demo's data kept: its references to the model's settings resolved first
         raw["data"] = OmegaConf.to_container(cfg.data, resolve=True)
     for node in nodes:
         for key, value in OmegaConf.to_container(demo[node], resolve=False).items():
-            if key != "_target_" and key in raw[node] and raw[node][key] == value:
+            if (key != "_target_" and key in raw[node] and raw[node][key] == value
+                    and not set_by_user(f"{node}.{key}")):
                 del raw[node][key]
                 dropped.append(f"{node}.{key}")
     for key in ("loss", "reference"):
-        if raw[key] is not None and raw[key] == OmegaConf.to_container(demo, resolve=False)[key]:
+        if (raw[key] is not None and raw[key] == OmegaConf.to_container(demo, resolve=False)[key]
+                and not set_by_user(key)):
             raw[key] = None
             dropped.append(key)
     out = OmegaConf.create(raw)
@@ -174,22 +192,37 @@ def build(cfg: DictConfig, gen: torch.Generator) -> tuple[torch.nn.Module, Any, 
         raise TypeError(f"model._target_={cfg.model._target_!r} returned {type(model).__name__}, not a torch.nn.Module")
     extra = {"generator": gen} if _accepts(cfg.data._target_, "generator") and "generator" not in cfg.data else {}
     data = instantiate(cfg.data, **extra)
-    if isinstance(data, tuple) and len(data) > 1 and not all(isinstance(t, torch.Tensor) for t in data):
+    if isinstance(data, (tuple, list)) and len(data) > 1:  # NumPy arrays as tensors: (X, Y) may mix them
+        data = tuple(torch.as_tensor(t) if isinstance(t, np.ndarray) else t for t in data)
         lead = []
         for t in data:  # keep the leading tensors: (X, Y, teacher) -> (X, Y)
             if not isinstance(t, torch.Tensor):
                 break
             lead.append(t)
-        data = tuple(lead) if len(lead) > 1 else lead[0]
+        if lead and len(lead) < len(data):
+            data = tuple(lead) if len(lead) > 1 else lead[0]
     if cfg.loss is None:  # as in slt.estimate_llc: the model's default_loss, else the loss in its output
         loss = getattr(model, "default_loss", None) or slt.losses.model_loss
     elif isinstance(cfg.loss, str):
         loss = get_object(cfg.loss)
     else:
-        loss = instantiate(cfg.loss)
+        try:
+            loss = instantiate(cfg.loss)
+        except Exception as e:  # a loss function's node without _partial_ calls it with no output and target
+            if cfg.loss.get("_partial_", False) or "required positional argument" not in str(e):
+                raise
+            raise TypeError(f"invalid config value loss={_plain(cfg.loss)}: instantiating it called "
+                            f"{cfg.loss._target_} without output and target ({_line_with(str(e), 'required positional')}); a "
+                            "node that configures a loss function (keyword arguments such as label_smoothing) needs "
+                            "_partial_: true, so that it becomes loss(output, target) with those arguments") from e
     if not callable(loss):
         raise TypeError(f"loss={cfg.loss!r} is not callable")
     return model, data, loss
+
+
+def _line_with(text: str, part: str) -> str:
+    """The first line of ``text`` that holds ``part`` (Hydra wraps the callee's error in lines of its own)."""
+    return next((line.strip() for line in text.splitlines() if part in line), text.strip())
 
 
 def load_checkpoint(model: torch.nn.Module, path: str) -> None:
@@ -198,12 +231,54 @@ def load_checkpoint(model: torch.nn.Module, path: str) -> None:
     model.load_state_dict(dict(checkpoint_state(model, path)), strict=True)
 
 
+#: the config key under which :func:`effective_config` names the demo settings it left out
+DROPPED = "demo_settings_dropped"
+
+
+def effective_config(cfg: DictConfig, overrides: Any = ()) -> DictConfig:
+    """The config a job runs with and records (the ``prepare`` of :func:`experiments._runlib.execute`):
+    without the demo's settings that the user's model does not take (:func:`without_demo`, keeping
+    what the command line set), their names under :data:`DROPPED`.  Before, ``result.json`` and the
+    summary recorded the demo's ``model.widths``, ``data.n`` and reference for every user model."""
+    out, dropped = without_demo(cfg, overrides)
+    if dropped:
+        print(f"[llc] model {out.model._target_} is not the demo's: left out the demo's {', '.join(dropped)}",
+              flush=True)
+    out = OmegaConf.create(OmegaConf.to_container(out, resolve=False))
+    out[DROPPED] = dropped
+    return out
+
+
+def input_files(cfg: DictConfig) -> list[str]:
+    """The files a run reads (the ``inputs`` of :func:`experiments._runlib.execute`): the checkpoint (a
+    file, a Hugging Face folder, or every file a pattern matches) and any ``model``/``data`` keyword argument
+    naming an existing file (``data._target_=torch.load +data.f=data.pt``)."""
+    ckpt = cfg.get("checkpoint")
+    paths = [] if ckpt is None else checkpoint_files(ckpt) if _is_glob(ckpt) else [str(ckpt)]
+    for node in ("model", "data"):
+        for key, value in _plain(cfg[node]).items():
+            if key != "_target_" and isinstance(value, str) and Path(value).is_file():
+                paths.append(value)
+    return paths
+
+
+def _float_data(data: Any, dtype: torch.dtype) -> Any:
+    """``data`` with its floating-point tensors in ``dtype`` (a tensor, a tuple or list of them, a mapping of
+    columns); integer labels and token ids, and other containers (Datasets, loaders), as they are."""
+    if isinstance(data, torch.Tensor):
+        return data.to(dtype) if data.is_floating_point() else data
+    if isinstance(data, (tuple, list)):
+        return type(data)(_float_data(t, dtype) for t in data)
+    if isinstance(data, dict):
+        return {k: _float_data(v, dtype) for k, v in data.items()}
+    return data
+
+
 def run(cfg: DictConfig, out_dir: Path) -> tuple[dict[str, Any], dict[str, Any]]:
     seed = int(cfg.seed)
-    cfg, dropped = without_demo(cfg)
-    if dropped:
-        print(f"[llc] model {cfg.model._target_} is not the demo's: left out the demo's {', '.join(dropped)}",
-              flush=True)
+    if DROPPED not in cfg:  # called directly, not as a Hydra job (no command line): prepared here
+        cfg = effective_config(cfg)
+    dropped = list(cfg[DROPPED])
     model, data, loss = build(cfg, torch.Generator().manual_seed(seed))
     restriction = restrict_to(cfg, model)  # from the structure alone: a bad restrict fails before training
     metrics: dict[str, Any] = {"demo_settings_dropped": dropped} if dropped else {}
@@ -215,7 +290,7 @@ def run(cfg: DictConfig, out_dir: Path) -> tuple[dict[str, Any], dict[str, Any]]
     if cfg.train is not None:
         dt = _runlib.torch_dtype(cfg.train.dtype)
         model = model.to(dt)
-        tdata = data.to(dt) if isinstance(data, torch.Tensor) else tuple(t.to(dt) for t in data)
+        tdata = _float_data(data, dt)  # labels and token ids stay integers
         fit = train(
             model, tdata, loss, steps=int(cfg.train.steps), lr=float(cfg.train.lr), optimizer=cfg.train.optimizer,
             batch_size=cfg.train.batch_size, weight_decay=float(cfg.train.weight_decay),
@@ -223,6 +298,8 @@ def run(cfg: DictConfig, out_dir: Path) -> tuple[dict[str, Any], dict[str, Any]]
             finish_iterations=int(cfg.train.finish_iterations),
         )
         metrics.update(train_loss=fit.loss, train_grad_norm=fit.grad_norm, train_converged=fit.converged)
+    if cfg.get("eval", True):  # dropout off, BatchNorm's running statistics: w* as the trained model uses it
+        model.eval()
     res = slt.estimate_llc(model, data, loss, restrict_to=restriction, **_runlib.llc_kwargs(
         cfg.sampler, seed=seed, device=cfg.device, dtype=cfg.dtype, progress=bool(cfg.progress)))
     metrics["num_params"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -256,6 +333,8 @@ def _curve(cfg: DictConfig, model: torch.nn.Module, data: Any, loss: Any, metric
     files' step numbers)."""
     paths = checkpoint_files(cfg.checkpoint)
     states = [checkpoint_state(model, p, k) for k, p in enumerate(paths)]
+    if cfg.get("eval", True):
+        model.eval()
     results = slt.estimate_llc(model, data, loss, state_dicts=states, restrict_to=restriction,
                                **_runlib.llc_kwargs(cfg.sampler, seed=int(cfg.seed), device=cfg.device,
                                                     dtype=cfg.dtype, progress=bool(cfg.progress)))
@@ -315,7 +394,9 @@ def _refined(cfg: DictConfig, res: dict[str, Any], metrics: dict[str, Any]) -> t
         restrict_llc_mean=each(lambda r: r.llc_mean), restrict_llc_sem=each(lambda r: r.llc_sem),
         restrict_converged=each(lambda r: r.converged),
         restrict_rhat=each(lambda r: float(r.diagnostics.get("rhat", float("nan")))),
-        nbeta=first.nbeta, device=first.config.get("device", cfg.device))
+        restrict_step_size=each(lambda r: float(r.step_size)), restrict_init_loss=each(lambda r: r.init_loss),
+        nbeta=first.nbeta, localization=first.localization, num_chains=first.num_chains,
+        num_draws=first.num_draws, device=first.config.get("device", cfg.device))
     per = [_runlib.result_arrays(res[k]) for k in labels]
     arrays = {f"restrict_{name}": torch.stack([a[name] for a in per]) for name in per[0]}
     shown = ", ".join(f"{k} {v:.3f}" if not isinstance(v, list) else f"{k} [{', '.join(f'{x:.3f}' for x in v)}]"
@@ -331,7 +412,7 @@ def _leaves(res: Any) -> list[Any]:
 
 @hydra.main(version_base="1.3", config_path=_runlib.CONF_DIR, config_name="llc")
 def main(cfg: DictConfig) -> Any:
-    return _runlib.hydra_task(run, _validate)(cfg)
+    return _runlib.hydra_task(run, _validate, prepare=effective_config, inputs=input_files)(cfg)
 
 
 if __name__ == "__main__":

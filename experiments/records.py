@@ -52,6 +52,9 @@ __all__ = [
     "read_json",
     "to_jsonable",
     "environment_info",
+    "device_name",
+    "fingerprints",
+    "changed_inputs",
     "run_dirname",
     "parse_override",
     "flatten",
@@ -86,6 +89,7 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp's 0600 would make results private on a shared cluster
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
@@ -98,6 +102,13 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
             pass
         raise
     return path
+
+
+def _umask() -> int:
+    """The process's umask (read by setting it and restoring it)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def to_jsonable(obj: Any) -> Any:
@@ -166,8 +177,6 @@ def environment_info(device: Any = None) -> dict[str, Any]:
     the run used (``"cpu"``, ``"cuda:0"``); for CUDA devices the GPU name is
     added.
     """
-    import torch
-
     import slt
 
     versions = slt.versions("hydra")  # slt, torch, numpy, python, platform (+ hydra)
@@ -178,9 +187,64 @@ def environment_info(device: Any = None) -> dict[str, Any]:
         "platform": plat,
         "device": str(device) if device is not None else "cpu",
     }
-    if device is not None and str(device).startswith("cuda") and torch.cuda.is_available():
-        info["device_name"] = torch.cuda.get_device_name(torch.device(str(device)))
+    name = device_name(device)
+    if name is not None:
+        info["device_name"] = name
     return info
+
+
+def device_name(device: Any) -> str | None:
+    """The GPU's name of a CUDA device (``"cuda"``, ``"cuda:1"``), else ``None``."""
+    import torch
+
+    if device is not None and str(device).startswith("cuda") and torch.cuda.is_available():
+        return torch.cuda.get_device_name(torch.device(str(device)))
+    return None
+
+
+# ---------------------------------------------------------------------------
+# input files: what a finished run read, so that a rerun notices when they change
+# ---------------------------------------------------------------------------
+def _files_of(path: str | os.PathLike) -> list[Path]:
+    """A file, or the files directly inside a folder (a Hugging Face checkpoint: weights, index, config)."""
+    p = Path(path)
+    if p.is_dir():
+        return sorted(f for f in p.iterdir() if f.is_file() and not f.name.startswith("."))
+    return [p] if p.is_file() else []
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def fingerprints(paths: Iterable[str | os.PathLike]) -> dict[str, dict[str, Any]]:
+    """``{file: {"size", "mtime_ns", "sha256"}}`` of the files ``paths`` name (a folder: the files in it)."""
+    out: dict[str, dict[str, Any]] = {}
+    for path in paths:
+        for f in _files_of(path):
+            st = f.stat()
+            out[str(f)] = {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": _sha256(f)}
+    return out
+
+
+def changed_inputs(stored: Mapping[str, Mapping[str, Any]], paths: Iterable[str | os.PathLike]) -> list[str]:
+    """The files among ``paths`` (folders: the files in them) that differ from their ``stored``
+    :func:`fingerprints`, and stored files no longer among them (a checkpoint glob that matches more or fewer
+    files).  A file of the same size and modification time counts as unchanged without reading it; otherwise
+    its SHA-256 decides (a ``touch`` changes nothing, an overwrite with other weights does)."""
+    now = {str(f): f for p in paths for f in _files_of(p)}
+    changed = sorted(set(stored) ^ set(now))
+    for name in sorted(set(stored) & set(now)):
+        old, st = stored[name], now[name].stat()
+        if old.get("size") == st.st_size and old.get("mtime_ns") == st.st_mtime_ns:
+            continue
+        if old.get("size") != st.st_size or old.get("sha256") != _sha256(now[name]):
+            changed.append(name)
+    return changed
 
 
 # ---------------------------------------------------------------------------
@@ -258,18 +322,24 @@ def _cell(v: Any) -> Any:
     return v
 
 
+#: keys of a record itself (not of its metrics or config) that are summary columns: they take precedence
+#: over a metric or an override of the same name (``device=auto`` as typed against the device the run
+#: used; a result's sampling ``seconds`` against the run's), which keep theirs as ``metrics.<key>``
+RECORD_COLUMNS = ("seed", "seconds", "device", "device_name", "started", "finished", "error")
+
+
 def _row_from_record(rec: Mapping[str, Any], status: str) -> dict[str, Any]:
     row: dict[str, Any] = {"status": status}
+    for k in RECORD_COLUMNS:
+        if k in rec:
+            row[k] = _cell(rec[k])
     for o in rec.get("overrides", []) or []:
         k, v = parse_override(str(o))
-        row[k] = v
+        row.setdefault(k, v)
     for k, v in flatten(rec.get("metrics", {}) or {}).items():
-        row.setdefault(k, _cell(v))
+        row.setdefault(f"metrics.{k}" if k in RECORD_COLUMNS and k in rec else k, _cell(v))
     for k, v in flatten(rec.get("config", {}) or {}).items():
         row.setdefault(k, _cell(v))
-    for k in ("seed", "seconds", "device", "started", "finished", "error"):
-        if k in rec:
-            row.setdefault(k, _cell(rec[k]))
     return row
 
 
@@ -413,8 +483,10 @@ def collect(
     import pandas as pd
 
     rows: list[dict[str, Any]] = []
+    override_keys: dict[str, None] = {}
     for r in scan_sweep(sweep_dir, expected=expected):
         rec = r["record"] if r["record"] is not None else {"overrides": r["overrides"]}
+        override_keys.update((parse_override(str(o))[0], None) for o in rec.get("overrides", []) or [])
         row = _row_from_record(rec, r["status"])
         if r["status"] == "failed":
             row["error"] = rec.get("error")
@@ -430,6 +502,7 @@ def collect(
     else:
         df = pd.DataFrame(columns=["run", "status"])
     df = _arrow_safe(df)
+    df.attrs["override_keys"] = [k for k in override_keys if k in df.columns]  # the swept settings, for display
     if write:
         atomic_write_bytes(sweep / "summary.csv", df.to_csv(index=False).encode())
         if parquet_engine() is not None:

@@ -231,6 +231,7 @@ def test_collect_marks_failed_incomplete_and_missing(tmp_path):
     for f in ("summary.parquet", "summary.csv"):
         again = pd.read_parquet(sweep / f) if f.endswith("parquet") else pd.read_csv(sweep / f)
         assert list(again["status"]) == list(df["status"])
+    assert df.attrs["override_keys"] == ["seed"]  # collect's printed table shows the swept settings
     assert records.collect(sweep).equals(df)  # idempotent
     with pytest.raises(FileNotFoundError, match="does not exist"):
         records.collect(tmp_path / "nope")
@@ -484,6 +485,125 @@ def test_llc_weight_refined_from_config(tmp_path, monkeypatch):
     assert calls == []
 
 
+def _llc_job(overrides, out, tmp_path=None):
+    """One ``python -m experiments.llc`` job as Hydra runs it: the command line's overrides reach the
+    config preparation, and the input files are fingerprinted."""
+    from experiments import llc
+
+    return _runlib.execute(llc.run, _compose("llc", overrides), out, list(overrides), llc._validate,
+                           prepare=llc.effective_config, inputs=llc.input_files)
+
+
+def _classification_file(tmp_path, numpy=False):
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(120, 4, generator=g)
+    Y = (X[:, 0] > 0).long() + (X[:, 1] > 0).long()
+    f = tmp_path / ("cls_np.pt" if numpy else "cls.pt")
+    torch.save((X.numpy(), Y.numpy()) if numpy else (X, Y), f)
+    return f
+
+
+def test_llc_config_path_as_a_user_runs_it(tmp_path, monkeypatch):
+    """Found by running ``experiments.llc`` on a user's own classifier (2026-12-07):
+    - a setting the user typed that equals the demo's (``data.n=10000``) was dropped as a demo setting;
+    - ``result.json`` recorded the demo's ``model.widths``, ``data.n`` and reference for the user's model;
+    - training from config cast integer labels to the training dtype (cross_entropy: "expected target
+      dtype to be Long") and iterated over a dict batch's keys;
+    - the model was sampled as built, in train mode (dropout on: a random loss);
+    - NumPy data crashed (``IndexError``), and NumPy labels after tensor inputs were dropped as a
+      "teacher", silently;
+    - a loss node with keyword arguments but without ``_partial_: true`` failed with no hint."""
+    from experiments import llc
+
+    demo_n = ["model._target_=torch.nn.Linear", "+model.in_features=5", "+model.out_features=5",
+              "data._target_=slt.models.make_tms_sparse_data", "+data.n_features=5", "data.n=10000"]
+    cfg = _compose("llc", demo_n)
+    kept, dropped = llc.without_demo(cfg, demo_n)
+    assert kept.data.n == 10000 and "data.n" not in dropped and "model.widths" in dropped
+    assert "data.n" in llc.without_demo(cfg)[1]  # not typed (e.g. a direct call): the demo's, dropped
+    assert llc.user_keys(["+model.hidden=3", "~reference", "data={a: 1}"]) == {"model.hidden", "reference", "data"}
+
+    f = _classification_file(tmp_path)
+    seen = []
+    real = slt.estimate_llc
+
+    def spy(model, *a, **k):
+        seen.append(model.training)
+        return real(model, *a, **k)
+
+    monkeypatch.setattr(slt, "estimate_llc", spy)
+    user = ["model._target_=torch.nn.Sequential",
+            "+model._args_=[{_target_: torch.nn.Linear, in_features: 4, out_features: 3}, "
+            "{_target_: torch.nn.Dropout, p: 0.5}]",
+            "data._target_=torch.load", f"+data.f={f}", "loss=torch.nn.functional.cross_entropy",
+            "train.steps=5", "train.finish=null", "sampler.num_draws=10", "sampler.num_burnin=5",
+            "sampler.num_chains=2", "sampler.extend_draws=false"]
+    rec = _llc_job(user, tmp_path / "user")
+    assert seen == [False]  # sampled in eval mode
+    assert "widths" not in rec["config"]["model"] and rec["config"]["reference"] is None
+    assert rec["config"][llc.DROPPED] == ["model.widths", "data.widths", "data.rank", "data.n", "reference"]
+    assert rec["metrics"]["num_params"] == 15 and np.isfinite(rec["metrics"]["llc_mean"])
+    rec = _llc_job([*user, "eval=false"], tmp_path / "as_built")
+    assert seen[-1] is True
+
+    g = _classification_file(tmp_path, numpy=True)  # (X, Y) as NumPy arrays (torch.load of a pickled tuple)
+    model, data, _ = llc.build(llc.effective_config(_compose("llc", [
+        "model._target_=torch.nn.Linear", "+model.in_features=4", "+model.out_features=3",
+        "data._target_=torch.load", f"+data.f={g}", "+data.weights_only=false"])), torch.Generator())
+    assert isinstance(data, tuple) and len(data) == 2 and data[1].dtype == torch.int64
+    with pytest.raises(TypeError, match="_partial_: true"):
+        llc.build(llc.effective_config(_compose("llc", [*user[:4], "loss={_target_: torch.nn.functional.cross_entropy, "
+                                                                   "label_smoothing: 0.1}"])), torch.Generator())
+
+
+def test_llc_rerun_recomputes_when_its_input_files_changed(tmp_path):
+    """A rerun skipped a finished run whenever its config matched: a checkpoint overwritten by further
+    training, or a checkpoint pattern that now matches another file, returned the old numbers with an
+    INFO line.  The record now fingerprints the files it read; a rerun with unchanged files still skips."""
+    from slt.models import DeepLinearNetwork
+
+    def save(step, path):
+        m = DeepLinearNetwork([3, 2, 3], generator=torch.Generator().manual_seed(step))
+        torch.save(m.state_dict(), path)
+
+    fixed = ["model.widths=[3,2,3]", "data.rank=1", "reference=null", "train=null", "sampler.num_draws=10",
+             "sampler.num_burnin=5", "sampler.num_chains=2", "sampler.extend_draws=false", "data.n=200"]
+    save(1, tmp_path / "cur.pt")
+    one = [f"checkpoint={tmp_path / 'cur.pt'}", *fixed]
+    first = _llc_job(one, tmp_path / "one")
+    assert list(first["inputs"]) == [str(tmp_path / "cur.pt")] and len(first["inputs"][str(tmp_path / "cur.pt")]["sha256"]) == 64
+    assert _llc_job(one, tmp_path / "one")["finished"] == first["finished"]  # unchanged: skipped
+    os.utime(tmp_path / "cur.pt")  # touched, same content: still skipped
+    assert _llc_job(one, tmp_path / "one")["finished"] == first["finished"]
+    save(2, tmp_path / "cur.pt")  # trained further: recomputed
+    again = _llc_job(one, tmp_path / "one")
+    assert again["metrics"]["init_loss"] != first["metrics"]["init_loss"]
+
+    (tmp_path / "ck").mkdir()
+    for step in (1, 2):
+        save(step, tmp_path / "ck" / f"step_{step}.pt")
+    curve = [f"checkpoint={tmp_path / 'ck' / 'step_*.pt'}", *fixed]
+    assert _llc_job(curve, tmp_path / "curve")["metrics"]["num_checkpoints"] == 2
+    save(3, tmp_path / "ck" / "step_3.pt")
+    assert _llc_job(curve, tmp_path / "curve")["metrics"]["num_checkpoints"] == 3
+
+
+def test_summary_rows_show_what_the_run_used_and_files_are_readable(tmp_path):
+    """``device=auto`` as typed and the result's sampling time shadowed the device the run used and its
+    wall time in ``summary.csv``; result files were created 0600 (mkstemp) whatever the umask."""
+    rec = {"status": "ok", "overrides": ["device=auto", "seed=3"], "seed": 3, "device": "cpu", "seconds": 0.86,
+           "config": {"device": "auto", "seed": 3}, "metrics": {"seconds": 0.30, "llc_mean": 1.0}}
+    row = records._row_from_record(rec, "ok")
+    assert row["device"] == "cpu" and row["seconds"] == 0.86 and row["metrics.seconds"] == 0.30
+    assert row["seed"] == 3 and row["llc_mean"] == 1.0
+    old = os.umask(0o022)
+    try:
+        p = records.atomic_write_json(tmp_path / "r.json", {"a": 1})
+    finally:
+        os.umask(old)
+    assert p.stat().st_mode & 0o777 == 0o644
+
+
 def test_checkpoint_files_include_hugging_face_checkpoint_directories(tmp_path):
     """A Trainer's ``out/checkpoint-*`` directories are checkpoints when they hold weights (natural
     order); a directory without weights, or one holding only a config, is not."""
@@ -675,7 +795,23 @@ def test_runs_recorded_before_a_key_was_added_still_count_as_finished(tmp_path):
     cfg.init.std = 0.02  # a new value of an added key: recomputed
     _runlib.execute(job, cfg, tmp_path)
     assert calls == [False, False]
-    assert set(_runlib.ADDED_KEYS) == {"train.online", "init.std"}
+    assert set(_runlib.ADDED_KEYS) == {"train.online", "init.std", "eval", "demo_settings_dropped"}
+    # experiments.llc before `eval` (2026-12-07) sampled the model as built: such a run is recomputed in eval
+    # mode, unless the new run asks for eval=false
+    from experiments import llc
+
+    def job(cfg, out):
+        calls.append(cfg.eval)
+        return {"x": 1.0}, {}
+
+    cfg = llc.effective_config(_compose("llc", ["eval=false"]))
+    rec = _runlib.execute(job, cfg, tmp_path / "llc")
+    del rec["config"]["eval"], rec["config"][llc.DROPPED]
+    records.atomic_write_json(tmp_path / "llc" / records.RESULT_FILE, rec)
+    _runlib.execute(job, cfg, tmp_path / "llc")
+    assert len(calls) == 3  # skipped
+    _runlib.execute(job, llc.effective_config(_compose("llc")), tmp_path / "llc")
+    assert len(calls) == 4  # eval=true: recomputed
 
 
 # ---------------------------------------------------------------------------

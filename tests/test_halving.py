@@ -114,3 +114,19 @@ def test_the_change_rule_needs_both_a_material_and_a_significant_change():
     assert changed(0.5, float("inf"), -10.0, 8)        # no spread; |λ̂| sets the scale
     assert not changed(-0.5, -6.0, 10.0, 8)            # one-sided: a fall is not a rise
     assert not changed(float("nan"), 6.0, 10.0, 8) and not changed(0.5, float("nan"), 10.0, 8)
+
+
+def test_the_interval_uses_students_t_with_one_degree_of_freedom_fewer_than_the_chains():
+    """λ̂'s s.e. comes from a few chain means: with C chains the 95% interval is λ̂ ± t_{C−1}·s.e. (tables:
+    t₃ = 3.182, t₇ = 2.365 at 97.5%, to the tables' 4 digits), not ± 1.96 s.e.; print(result) shows it."""
+    for C, t in ((4, 3.182), (8, 2.365)):
+        r = _result(None, C=C)
+        lo, hi = r.llc_interval()
+        assert (hi - lo) / 2 == pytest.approx(t * r.llc_sem, abs=5e-4 * r.llc_sem)
+        assert (lo + hi) / 2 == pytest.approx(r.llc_mean, rel=1e-12)
+        assert f"95% interval {lo:.4g}–{hi:.4g}" in str(r)
+    assert r.llc_interval(0.5)[1] - r.llc_mean < r.llc_sem  # t₇ at 75%: 0.711
+    with pytest.raises(ValueError, match="level"):
+        r.llc_interval(1.0)
+    one = _result(None, C=1)
+    assert all(math.isnan(v) for v in one.llc_interval()) and "95% interval" not in str(one)

@@ -405,6 +405,15 @@ class LLCResult:
             else:
                 lines.append(f"  sampler: {fb['from']} did not settle at γ = {f(fb['localization'], 'g')} ({why}); "
                              "repeated with " + ", then with ".join(steps))
+        ups = self.config.get("localization_escalations") or []
+        if ups:  # λ̂ depends on γ: a run that ended on another γ (another seed, another checkpoint) is not comparable
+            path = " → ".join(f(u["localization"], "g") for u in ups) + f" → {f(self.localization, 'g')}"
+            why = dict.fromkeys(r.split(": ", 1)[-1] if r.startswith("group ") else r
+                                for r in ups[-1].get("reasons") or [])  # (the engine's "group g: " prefix)
+            first = next(iter(why), "")
+            lines.append(f"  localization raised {path} (chains unsettled at {f(ups[-1]['localization'], 'g')}: "
+                         f"{first.split(':')[0]}{' …' if len(why) > 1 else ''}); λ̂ depends on γ, so compare it with "
+                         f"runs at the same γ (pass localization={f(self.localization, 'g')} to fix it)")
         for ext in self.config.get("draw_extensions") or []:
             lines.append(f"  draws extended {ext['from']} → {ext['to']}: chains stationary but not yet mixed "
                          f"(R-hat {f(ext['rhat'])})")

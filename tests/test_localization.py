@@ -117,7 +117,11 @@ def test_an_unsettled_run_is_repeated_at_ten_times_the_localization_and_equals_t
     esc = auto.config["localization_escalations"]
     assert [e["localization"] for e in esc] == [1.0] and "forced" in esc[0]["reasons"][0]
     assert auto.config["localization_auto"] is True and auto.converged, auto.convergence_reasons
+    # print(result) says γ was raised and why: λ̂ at γ = 10 is not comparable with a run that settled at 1
+    assert ("localization raised 1 → 10 (chains unsettled at 1: R-hat 9.99 > 1.1); λ̂ depends on γ, so compare it "
+            "with runs at the same γ (pass localization=10 to fix it)") in str(auto)
     explicit = slt.estimate_llc(m, (X, Y), F.mse_loss, nbeta=200.0, localization=10.0, **KW)
+    assert "localization raised" not in str(explicit)
     assert torch.equal(auto.llc_trace, explicit.llc_trace)  # fresh streams: the same run, bit for bit
     assert auto.step_size == explicit.step_size
     assert explicit.config["localization_auto"] is False and explicit.config["localization_escalations"] == []

@@ -19,7 +19,7 @@ __all__ = ["LLCDefaults", "LLC", "default_nbeta", "default_localization", "defau
            "LOCALIZATION_STEPS", "LOCALIZATION_MIN_DRAWS", "RELAXATION_TIMES", "BURNIN_MAX_FACTOR",
            "BURNIN_MAX_FACTOR_ESCALATED", "BURNIN_MAX_FACTOR_FINAL", "BATCH_SIZE",
            "BATCH_SIZE_MAX", "BATCH_RAISES", "EXTENSION_BUDGET", "FALLBACK_SAMPLERS", "SGHMC_FIRST_BURNIN",
-           "relaxation_steps"]
+           "ESS_MIN", "relaxation_steps"]
 
 #: γ for ``localization=None`` (where the automatic γ starts).
 LOCALIZATION = 1.0
@@ -141,8 +141,8 @@ class LLCDefaults:
     #: [5, 3, 5] oracle (λ = 6.5): target 0.97 gave +10.8%, 0.99 +6.7%, 0.995 +6.0%, the curvature
     #: rule +7.7%; TMS 5-/6-gon (λ = 7, 8.5): 0.99 gave +7.5% / +4.5% (curvature rule +7.4% / +4.4%).
     target_accept: float = 0.99
-    #: continue a run whose chains are stationary but have not mixed (R-hat > 1.1 its only unsettled
-    #: finding) for more draws: ``True`` within :data:`EXTENSION_BUDGET`, an int caps the draws in all,
+    #: continue a run whose chains are stationary but have not mixed (R-hat > 1.1 or an effective sample
+    #: size under :data:`ESS_MIN` its only unsettled findings) for more draws: ``True`` within :data:`EXTENSION_BUDGET`, an int caps the draws in all,
     #: ``False`` keeps ``num_draws``
     extend_draws: bool | int = True
 

@@ -561,7 +561,42 @@ def _separate_heads(m: nn.Module) -> HeadSlices | None:
         _add(head, ow, (slice(None), _span(h, hd)))
         out.append(head)
     _add_position_bias(m, out)
+    _add_qk_norms(src, out, n_kv, hd)
     return out
+
+
+#: query and key normalizations applied to q and k after the projections (OLMo2, Qwen3, Cohere, StableLM, Phi)
+_QK_NORMS = {"q": ("q_norm", "q_layernorm", "query_layernorm"), "k": ("k_norm", "k_layernorm", "key_layernorm")}
+
+
+def _add_qk_norms(m: nn.Module, heads_: HeadSlices, n_kv: int, hd: int) -> None:
+    """Give head ``h`` the entries of the query normalization that scale its q only, and the key
+    normalization's entries of its K/V group: a weight of width ``H·hd`` (OLMo2's RMSNorm over every
+    head: entries ``[h hd, (h+1) hd)``), of shape ``(H, hd)`` (Cohere: row ``h``), or one norm per head
+    (StableLM's ``q_layernorm.norms.h``: all of it).  A norm of width ``hd`` that every head shares (Qwen3,
+    Phi) belongs to none, as the output bias.  Before 2026-12-07 these entries belonged to no head."""
+    H = len(heads_)
+    for kind, names in _QK_NORMS.items():
+        n = H if kind == "q" else n_kv
+        members = [[i] if kind == "q" else [h for h in range(H) if h // (H // n_kv) == i] for i in range(n)]
+        for name in names:
+            mod = getattr(m, name, None)
+            if not isinstance(mod, nn.Module):
+                continue
+            for pname, p in mod.named_parameters():
+                parts = pname.split(".")
+                if n > 1 and p.dim() == 1 and p.shape[0] == n * hd:
+                    units = [(i, _span(i, hd)) for i in range(n)]
+                elif n > 1 and p.dim() == 2 and tuple(p.shape) == (n, hd):
+                    units = [(i, (slice(i, i + 1), slice(None))) for i in range(n)]
+                elif (len(parts) == 3 and parts[1].isdigit() and int(parts[1]) < n
+                      and tuple(p.shape) == (hd,)):  # a list of per-head norms: norms.<i>.weight
+                    units = [(int(parts[1]), slice(None))]
+                else:
+                    continue
+                for i, index in units:
+                    for h in members[i]:
+                        _add(heads_[h], p, index)
 
 
 #: learned relative-position biases with one column per head: T5's ``relative_attention_bias`` (an
@@ -592,7 +627,7 @@ _KV_HEADS = ("num_key_value_heads", "num_kv_heads", "n_kv_heads", "n_kv_head", "
 _HF_FUSED = {"GPTNeoXAttention": ("query_key_value", "dense"), "BloomAttention": ("query_key_value", "dense"),
              "FalconAttention": ("query_key_value", "dense"), "GPTBigCodeAttention": ("c_attn", "c_proj"),
              "Phi3Attention": ("qkv_proj", "o_proj"), "MptAttention": ("Wqkv", "out_proj"),
-             "CodeGenAttention": ("qkv_proj", "out_proj")}
+             "CodeGenAttention": ("qkv_proj", "out_proj"), "PersimmonAttention": ("query_key_value", "dense")}
 
 
 class _Unresolved(list):
@@ -884,8 +919,16 @@ def heads(model: nn.Module, qkv_layout: str | None = None) -> dict[str, dict[str
       stack, used by every block of that stack): column ``h`` belongs to head ``h`` of that first block;
       likewise column ``h`` of Swin's ``relative_position_bias_table`` ((2w−1)², H) in every block.
 
-    The output projection's bias (``out_proj.bias``, ``c_proj.bias``, ``dense.bias``, ``b_O``) is
-    shared by all heads and belongs to none.  With grouped-query attention the K/V slices of a group
+    * per-head query/key normalizations (:func:`_add_qk_norms`): the entries of ``q_norm``/``k_norm``
+      (or ``q_layernorm``/``k_layernorm``) that scale head ``h``'s q, or its K/V group's k (OLMo2,
+      Cohere, StableLM with ``qk_layernorm``).  An RMSNorm over all heads at once (OLMo2) still mixes
+      them through its statistics: perturbing head ``h``'s entries changes the other heads' outputs a
+      little (about 1% of head ``h``'s change, measured), so the heads' computations are not separate
+      there, whatever the restriction.
+
+    The output projection's bias (``out_proj.bias``, ``c_proj.bias``, ``dense.bias``, ``b_O``) and a
+    query/key normalization of width ``hd`` that every head shares (Qwen3, Phi) are shared by all heads
+    and belong to none.  With grouped-query attention the K/V slices of a group
     belong to every head of the group (as in devinterp), so those heads' masks overlap there; the
     heads of plain multi-head attention are disjoint.
 
@@ -1041,7 +1084,10 @@ def attention_and_mlp(model: nn.Module) -> dict[str, dict[str, Any]]:
     ``input_layernorm``, TransformerLens ``ln1``, ``nn.TransformerEncoderLayer`` ``norm1``);
     ``"l{i} mlp"`` is the rest of the block (the MLP and its normalization), so the two are
     disjoint and their union is :func:`layers`' ``"l{i}"``.  (devinterp leaves the layer norms out
-    of both.)  A block with nothing outside attention (an attention-only model) has no
+    of both.)  Gemma 2 and 3 normalize the attention's output too (``post_attention_layernorm``, followed
+    by the MLP's ``pre_feedforward_layernorm``): that norm goes with ``attn`` (before 2026-12-07 it went
+    with ``mlp``).  A parallel block (GPT-J, Phi, Cohere: attention and MLP read one normalization) has
+    its one norm in ``attn``.  A block with nothing outside attention (an attention-only model) has no
     ``"l{i} mlp"`` entry; a frozen block has both, empty (as :func:`heads` keeps a frozen layer's
     heads), which a run refuses by name.  A decoder block with self- and cross-attention puts both in ``attn``, with
     the block's first two normalization modules (BART's ``self_attn_layer_norm`` and
@@ -1056,9 +1102,12 @@ def attention_and_mlp(model: nn.Module) -> dict[str, dict[str, Any]]:
             attn_mods = [m for _, m, _ in arch.attention_in(f"{lname}.{i}")]
             attn_ids = {id(p) for m in attn_mods for p in m.parameters()}
             inside = {id(m) for a in attn_mods for m in a.modules()}
-            norms = [m for m in b.modules() if id(m) not in inside and _is_norm(m)
+            named = [(n.split(".")[-1], m) for n, m in b.named_modules() if id(m) not in inside and _is_norm(m)
                      and any(id(p) not in attn_ids for p in m.parameters())]
-            for m in norms[:len(attn_mods)]:  # each attention module's normalization, in order
+            norms = [m for _, m in named[:len(attn_mods)]]  # each attention module's normalization, in order
+            if any(n.startswith("pre_feedforward") for n, _ in named):  # Gemma 2/3: a norm of the attention's output
+                norms += [m for n, m in named if n.startswith("post_attention")]  # before the MLP's own
+            for m in norms:
                 attn_ids |= {id(p) for p in m.parameters()}
             allp = arch.names(b)
             out[f"{stack}l{i} attn"] = {n: True for n in allp if arch.id_of[n] in attn_ids}

@@ -522,6 +522,8 @@ def hf_causal(kind: str):
         "mpt": lambda: tf.MptConfig(d_model=E, n_heads=H, n_layers=2, max_seq_len=8, **common),
         "codegen": lambda: tf.CodeGenConfig(n_embd=E, n_head=H, n_layer=2, rotary_dim=4, n_ctx=8, n_positions=8,
                                             **common),
+        "persimmon": lambda: tf.PersimmonConfig(hidden_size=E, num_attention_heads=H, num_hidden_layers=2,
+                                                intermediate_size=64, max_position_embeddings=8, **common),
     }
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -530,13 +532,13 @@ def hf_causal(kind: str):
         model = tf.AutoModelForCausalLM.from_config(cfg).eval()
     attn = [m for n, m in model.named_modules() if type(m).__name__.endswith("Attention")]
     out = {"bloom": "dense", "falcon": "dense", "gpt_bigcode": "c_proj", "phi3": "o_proj", "mpt": "out_proj",
-           "codegen": "out_proj"}[kind.split("_multi")[0].split("_new")[0]]
+           "codegen": "out_proj", "persimmon": "dense"}[kind.split("_multi")[0].split("_new")[0]]
     n_kv = {"falcon_multi_query": 1, "gpt_bigcode_multi_query": 1, "falcon_new_architecture": 2, "phi3": 2}.get(kind, H)
     return model, (lambda layer: getattr(attn[layer], out)), n_kv
 
 
 FUSED = ["bloom", "falcon", "falcon_multi_query", "falcon_new_architecture", "gpt_bigcode", "gpt_bigcode_multi_query",
-         "phi3", "mpt", "codegen"]
+         "phi3", "mpt", "codegen", "persimmon"]
 
 
 def check_grouped_heads(model, spec, masks, run, n_kv):
@@ -566,6 +568,56 @@ def test_heads_fused_qkv_projections(kind):
         rows = spec.unflatten(masks.any(0).float())  # every row of the fused weight belongs to some head
         name = next(n for n, p in model.named_parameters() if p is fused[0])
         assert bool(rows[name].all())
+
+
+@pytest.mark.parametrize("kind", ["stablelm_qk_layernorm", "cohere_qk_norm"])
+def test_heads_own_their_query_and_key_normalizations(kind):
+    """Per-head q/k normalizations (StableLM's ``q_layernorm.norms.h``, Cohere's (H, hd) ``q_norm``) scale one
+    head's q (one K/V group's k): they belonged to no head, so a head's restriction left part of its own
+    computation at w*.  Now each head's mask holds them, and perturbing them moves that head (group) alone."""
+    tf = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    common = dict(vocab_size=16, hidden_size=E, num_attention_heads=H, num_hidden_layers=2, intermediate_size=64,
+                  max_position_embeddings=8, bos_token_id=0, eos_token_id=0, pad_token_id=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        cfg = (tf.StableLmConfig(qk_layernorm=True, num_key_value_heads=H, **common) if kind.startswith("stablelm")
+               else tf.CohereConfig(use_qk_norm=True, num_key_value_heads=2, **common))
+        cfg._attn_implementation = "eager"
+        model = tf.AutoModelForCausalLM.from_config(cfg).eval()
+    n_kv = cfg.num_key_value_heads
+    spec = ParamSpec(model)
+    ids = torch.randint(0, 16, (B, S), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():  # norms initialised at 1 would make a perturbation of them a plain rescaling
+        for n, p in model.named_parameters():
+            if "norm" in n:
+                p.add_(0.1 * torch.randn(p.shape))
+    for layer in (0, 1):
+        masks = layer_masks(model, spec, layer)
+        o = model.model.layers[layer].self_attn.o_proj
+        check_grouped_heads(model, spec, masks, input_hook_runner(model, o, lambda: model(ids)), n_kv)
+        covered = spec.unflatten(masks.any(0).float())
+        norms = [n for n in covered if f"layers.{layer}.self_attn." in n and ("q_" in n or "k_" in n) and "norm" in n]
+        assert norms and all(bool(covered[n].all()) for n in norms), norms
+
+
+def test_attention_and_mlp_puts_gemma2s_norm_of_the_attention_output_with_the_attention():
+    """Gemma 2 normalizes the attention's output (``post_attention_layernorm``) before the MLP's own
+    ``pre_feedforward_layernorm``; registration order put it in ``mlp``."""
+    tf = pytest.importorskip("transformers")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        cfg = tf.Gemma2Config(vocab_size=16, hidden_size=E, num_attention_heads=H, num_key_value_heads=2, head_dim=HD,
+                              num_hidden_layers=1, intermediate_size=64, max_position_embeddings=8, bos_token_id=0,
+                              eos_token_id=0, pad_token_id=0)
+        model = tf.AutoModelForCausalLM.from_config(cfg)
+    parts = attention_and_mlp(model)
+    attn = {n.split("layers.0.")[1] for n in parts["l0 attn"]}
+    mlp = {n.split("layers.0.")[1] for n in parts["l0 mlp"]}
+    assert {"input_layernorm.weight", "post_attention_layernorm.weight"} <= attn
+    assert {"pre_feedforward_layernorm.weight", "post_feedforward_layernorm.weight"} <= mlp
+    assert not attn & mlp and not any("norm" in n for n in attn - {"input_layernorm.weight",
+                                                                    "post_attention_layernorm.weight"})
 
 
 class NanoGPTAttention(nn.Module):

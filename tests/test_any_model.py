@@ -2056,7 +2056,7 @@ def test_torch_transformer_layers_in_eval_mode_run_batched():
         warnings.simplefilter("error", RuntimeWarning)  # no "the vmap path failed ... falling back"
         warnings.filterwarnings("ignore", message=".*draws below L")  # w* is a random point
         warnings.filterwarnings("ignore", message=".*R-hat")
-        warnings.filterwarnings("ignore", message=".*barely moved|.*still rising|.*falling")
+        warnings.filterwarnings("ignore", message=".*barely moved|.*still rising|.*falling|.*explored only")
         v = slt.estimate_llc(layer, (x, y), F.mse_loss, vectorize="vmap", **kw)
     loop = slt.estimate_llc(layer, (x, y), F.mse_loss, vectorize="loop", **kw)
     assert v.config["path"] == "vmap"

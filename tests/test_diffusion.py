@@ -155,3 +155,42 @@ def test_an_mlp_at_a_far_too_small_step_is_not_converged_and_says_why():
     fine = slt.estimate_llc(model, (X, Y), F.mse_loss, step_size=1e-3, localization=100.0, **kw)
     assert fine.diagnostics["free_diffusion"] < 0.1
     assert not any("diffuse freely" in m for m in fine.convergence_reasons), fine.convergence_reasons
+
+
+def test_a_run_far_shorter_than_one_relaxation_whose_chains_spread_freely_is_not_converged():
+    """Exact tier of :func:`slt.result.unexplored_finding`: spread 0.92 of a free walk and εγ·t = 0.0019
+    (ε = 5e-8, γ = 100, 375 steps) is a finding; εγ·t at the threshold's double, a spread under
+    FREE_DIFFUSION, or a sampler whose relaxation differs (SGHMC) is not.  Through ``from_traces``: a flat
+    λ̂ (no trend for the other checks to see) is not converged, with the finding among the reasons."""
+    from slt.result import UNEXPLORED_RELAXATION, unexplored_finding
+
+    assert "explored only the stiffest directions" in unexplored_finding(0.92, 5e-8, 100.0, 375.0, "sgld")
+    assert unexplored_finding(0.92, 2 * UNEXPLORED_RELAXATION / (100.0 * 375.0), 100.0, 375.0, "sgld") is None
+    assert unexplored_finding(FREE_DIFFUSION / 2, 5e-8, 100.0, 375.0, "sgld") is None
+    assert unexplored_finding(0.92, 5e-8, 100.0, 375.0, "sghmc") is None
+    C, T = 8, 300
+    times = 75 + torch.arange(T, dtype=F64)
+    loss = 1.5 + 0.01 * torch.randn(C, T, generator=torch.Generator().manual_seed(1), dtype=F64)  # λ̂ = 5, flat
+    kw = dict(nbeta=10.0, init_loss=1.0, localization=100.0, sampler="sgld", draw_steps=times.long(),
+              draw_times=times, diffusion=torch.full((C,), 0.92, dtype=F64))
+    r = LLCResult.from_traces(loss, torch.ones(C, T, dtype=F64), step_size=5e-8, **kw)
+    assert not r.converged and any("explored only the stiffest" in m for m in r.convergence_reasons)
+    ok = LLCResult.from_traces(loss, torch.ones(C, T, dtype=F64), step_size=1e-4, **kw)  # εγt = 3.75
+    assert not any("explored only" in m for m in ok.convergence_reasons)
+
+
+def test_a_classifier_whose_weights_grew_large_is_not_reported_converged():
+    """End to end: a tanh MLP on noisy labels, whose L-BFGS finish grows its weights to ~130 (the loss keeps
+    falling; curvature ~6000 at w*): the adapted step is ~5e-8 at γ = 100, the chains barely leave w*
+    (εγt ≈ 0.002) and λ̂ came out flat and "converged" (4.4 ± 0.3; runs at 10× and 100× the step read 15
+    and 240).  Now it is not converged, and says why."""
+    torch.manual_seed(0)
+    X = torch.randn(2048, 8)
+    Y = torch.multinomial(F.softmax(X[:, :3], 1), 1).squeeze(1)
+    model = nn.Sequential(nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 3))
+    train(model, (X, Y), F.cross_entropy, steps=500, lr=1e-2)
+    assert max(p.abs().max().item() for p in model.parameters()) > 20  # the premise: weights grew large
+    r = slt.estimate_llc(model, (X, Y), F.cross_entropy, num_chains=4, num_draws=300, localization=100.0,
+                         batch_size=64, seed=0, progress=False)
+    assert r.step_size * r.localization * (r.config["num_burnin"] + r.num_draws) < 0.01
+    assert not r.converged and any("explored only the stiffest" in m for m in r.convergence_reasons)

@@ -226,7 +226,7 @@ def default_localization() -> float:
     γ = 0.01 nβ, 0.12 with γ = 10 and 0.23 ± 0.03 with γ = 1).  A regular
     direction of curvature h is shrunk by 1/(1 + γ/(nβ h)) (the exact
     quadratic formula), negligible once nβ h ≫ 1.  The price of a weak γ is
-    slow mixing along flat directions (relaxation ≈ 2/(εγ) steps).  With
+    slow mixing along flat directions (their variance relaxes in ≈ 1/(εγ) steps, their mean in 2/(εγ)).  With
     ``localization=None`` the engine therefore starts here and raises γ tenfold
     while the chains have not settled (R-hat > 1.1, λ̂ still rising through the
     draws or not stable when ε halves; :data:`LOCALIZATION_STEPS`): networks, whose near-flat directions

@@ -586,6 +586,15 @@ def test_llc_rerun_recomputes_when_its_input_files_changed(tmp_path):
     assert _llc_job(curve, tmp_path / "curve")["metrics"]["num_checkpoints"] == 2
     save(3, tmp_path / "ck" / "step_3.pt")
     assert _llc_job(curve, tmp_path / "curve")["metrics"]["num_checkpoints"] == 3
+    # a Trainer's checkpoint folder: its weights and configs are the inputs, not the optimizer's state
+    from experiments import llc
+
+    hf = tmp_path / "out" / "checkpoint-10"
+    hf.mkdir(parents=True)
+    for name in ("model.safetensors", "config.json", "optimizer.pt", "rng_state.pth", "trainer_state.json"):
+        (hf / name).write_bytes(b"x")
+    files = llc.input_files(_compose("llc", [f"checkpoint={tmp_path / 'out' / 'checkpoint-*'}", "train=null"]))
+    assert [Path(f).name for f in files] == ["config.json", "model.safetensors"]
 
 
 def test_summary_rows_show_what_the_run_used_and_files_are_readable(tmp_path):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from statistics import NormalDist
 from typing import Any, Mapping
 
 import numpy as np
@@ -11,7 +12,7 @@ import torch
 from torch import Tensor
 
 from .defaults import ESS_MIN, RELAXATION_TIMES, relaxation_steps
-from .diagnostics import CHANGE_FRACTION, changed, ess, llc_standard_error, rhat
+from .diagnostics import CHANGE_FRACTION, changed, ess, llc_standard_error, rhat, t_threshold
 
 __all__ = ["LLCResult", "results_frame"]
 
@@ -277,10 +278,6 @@ class LLCResult:
         C = self.num_chains - len(self.divergent_chains)
         if C < 2 or not (self.llc_sem == self.llc_sem):
             return float("nan"), float("nan")
-        from statistics import NormalDist
-
-        from .diagnostics import t_threshold
-
         half = t_threshold(NormalDist().inv_cdf(0.5 + level / 2), C - 1) * self.llc_sem
         return self.llc_mean - half, self.llc_mean + half
 

@@ -255,25 +255,12 @@ def input_files(cfg: DictConfig) -> list[str]:
     naming an existing file (``data._target_=torch.load +data.f=data.pt``)."""
     ckpt = cfg.get("checkpoint")
     found = [] if ckpt is None else checkpoint_files(ckpt) if _is_glob(ckpt) else [str(ckpt)]
-    paths = [f for p in found for f in (_weight_files(p) if Path(p).is_dir() else [p])]
+    paths = list(found)  # (a folder: records.fingerprints reads its files, not a Trainer's optimizer state)
     for node in ("model", "data"):
         for key, value in _plain(cfg[node]).items():
             if key != "_target_" and isinstance(value, str) and Path(value).is_file():
                 paths.append(value)
     return paths
-
-
-#: files of a Hugging Face Trainer's checkpoint folder that are not the model (not fingerprinted: the optimizer
-#: state alone is twice the weights)
-_TRAINER_STATE = ("optimizer", "scheduler", "rng_state", "trainer_state", "training_args", "scaler")
-
-
-def _weight_files(folder: str) -> list[str]:
-    """The files of a checkpoint folder that define the model: weights (sharded or not), their index and the
-    configs; not the Trainer's optimizer, scheduler or random state."""
-    return sorted(str(f) for f in Path(folder).iterdir()
-                  if f.is_file() and f.suffix in (".safetensors", ".bin", ".pt", ".pth", ".json")
-                  and not f.name.startswith(_TRAINER_STATE))
 
 
 def _float_data(data: Any, dtype: torch.dtype) -> Any:

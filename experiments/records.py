@@ -205,11 +205,19 @@ def device_name(device: Any) -> str | None:
 # ---------------------------------------------------------------------------
 # input files: what a finished run read, so that a rerun notices when they change
 # ---------------------------------------------------------------------------
+#: files of a Hugging Face Trainer's checkpoint folder that are not the model (not fingerprinted: the optimizer
+#: state alone is twice the weights)
+TRAINER_STATE = ("optimizer", "scheduler", "rng_state", "trainer_state", "training_args", "scaler")
+
+
 def _files_of(path: str | os.PathLike) -> list[Path]:
-    """A file, or the files directly inside a folder (a Hugging Face checkpoint: weights, index, config)."""
+    """A file, or the files directly inside a folder (a Hugging Face checkpoint: weights, index, configs,
+    tokenizer), without hidden files and a Trainer's optimizer, scheduler and random state
+    (:data:`TRAINER_STATE`)."""
     p = Path(path)
     if p.is_dir():
-        return sorted(f for f in p.iterdir() if f.is_file() and not f.name.startswith("."))
+        return sorted(f for f in p.iterdir()
+                      if f.is_file() and not f.name.startswith(".") and not f.name.startswith(TRAINER_STATE))
     return [p] if p.is_file() else []
 
 

@@ -162,6 +162,11 @@ def calibrate(
                       f"only beyond {thr:.0f} standard errors (Student's t with {fewest - 1} degrees of freedom at a "
                       f"normal {CHANGE_SIGMAS:g}σ), so 'stable' says little: use num_chains={FEW_CHAINS} or more",
                       RuntimeWarning, stacklevel=user_stacklevel())
+    if len(frame) and not frame["converged"].astype(bool).any():
+        warnings.warn("slt.calibrate: no grid point converged (see each run's convergence_reasons: R-hat, a rising "
+                      "λ̂, ...), so 'stable' compares λ̂ of chains that had not settled (a tanh MLP's λ̂ rose "
+                      "1.32 → 2.79 over the grid, every point 'stable'); raise num_draws or num_burnin",
+                      RuntimeWarning, stacklevel=user_stacklevel())
     acc = frame["mala_acceptance"]
     frame["stable"] = ((frame["num_divergent"] == 0) & (acc.isna() | (acc >= min_acceptance))
                        & frame["llc_mean"].notna() & ~frame["differs"].astype(bool))

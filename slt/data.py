@@ -392,7 +392,9 @@ def _validate_inputs(name: str, t: Any, n: int | None) -> int:
                     f"{first or 'x'} and {name}[{k!r}] disagree on the number of samples: {n} vs {v.shape[0]}. Every "
                     f"entry of a mapping holds one row per sample; an input that is the same in every call (a "
                     f"graph's edge_index, a fixed mask) belongs to the model: "
-                    f"model.forward = functools.partial(model.forward, {k}=...)")
+                    f"model.forward = functools.partial(model.forward, {k}=...). A mapping {{label: data set}} of "
+                    f"distributions (a data-refined LLC) gives each data set as a tuple, (X,) or (X, Y), or an "
+                    f"slt.Data: a mapping of tensors is one data set's columns")
             m = _validate_tensor(f"{name}[{k!r}]", v, n, first or "x")
             if n is None:
                 n, first = m, f"{name}[{k!r}]"
@@ -427,16 +429,25 @@ def _validate_tensor(name: str, t: Any, n: int | None, ref: str = "x") -> int:
 class LoaderSource:
     """A user DataLoader: batches are streamed and shared by all chains.
 
-    ``n`` is ``len(loader.dataset)`` when the dataset has a length.
+    ``n`` is ``len(loader.dataset)`` when the dataset has a length, or the number of indices of a
+    ``SubsetRandomSampler`` (the loader reads only those: n = 200 for a loader over 50 of 200 rows gave
+    another nβ than ``nuts_llc``, which reads the 50).
     """
 
     def __init__(self, loader: DataLoader):
+        from torch.utils.data import SubsetRandomSampler
+
         self.loader = loader
         self._it: Iterator | None = None
         try:
             self.n = len(loader.dataset)  # type: ignore[arg-type]
         except TypeError:
             self.n = None
+        subset = [sm for sm in (getattr(loader, "sampler", None),
+                                getattr(getattr(loader, "batch_sampler", None), "sampler", None))
+                  if isinstance(sm, SubsetRandomSampler)]
+        if subset:
+            self.n = len(subset[0])
         if self.n == 0:
             raise ValueError("empty dataset: the DataLoader's dataset has 0 samples")
 
@@ -641,6 +652,12 @@ def _stack_items(items: list[Any], name: str | None = None) -> Any:
     first = items[0]
     if isinstance(first, Mapping):
         return {k: _stack_items([it[k] for it in items], repr(k)) for k in first}
+    if isinstance(first, (tuple, list)) and first and all(isinstance(t, Tensor) or _is_array(t) for t in first) \
+            and any(getattr(t, "ndim", 0) >= 1 for t in first):
+        raise ValueError(
+            f"each sample's {'field ' + name if name else 'input'} is a {type(first).__name__} of {len(first)} tensors: a "
+            "model with several inputs takes them as a mapping of named tensors, called as model(**inputs): yield "
+            "({'x1': x1, 'x2': x2}, y) for forward(self, x1, x2)")
     try:
         parts = [torch.as_tensor(it) for it in items]
     except (ValueError, TypeError, RuntimeError):

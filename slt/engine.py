@@ -270,8 +270,9 @@ def estimate_llc(
         ``{label: any of those}`` — then the result is ``{label: result}`` and all restrictions ×
         checkpoints × chains run as one batched computation (:mod:`slt.restrict` builds the usual
         ones: ``heads``, ``layers``, ``attention_and_mlp``, ``embeddings``).  Restrictions of one
-        checkpoint share its random streams; a restriction to every parameter is the unrestricted
-        run bit for bit.  Not with ``sampler="sgnht"``.
+        checkpoint share its random streams; at a given ``step_size`` a restriction to every
+        parameter is the unrestricted run bit for bit (the adapted step is adapted per group, each
+        restriction on its own rows).  Not with ``sampler="sgnht"``.
     device, dtype
         ``"cpu"``, ``"cuda"`` or ``"auto"``; ``torch.float32``, ``torch.float64`` or ``None``
         (default): the model's precision (a float64 model runs in float64; bfloat16/float16
@@ -1147,7 +1148,7 @@ def _verdict(run: Mapping[str, Any], target: Any, G: int, C: int, thin: int,
     if not judge:
         return halved, {}
     return halved, _unsettled(run["trace"], target.nbeta, G, C, halved, diffusion=run["diffusion"],
-                              times=_draw_times(run["trace"], run["num_burnin"], thin))
+                              times=_draw_times(run["trace"], run["num_burnin"], thin), **_relaxation(run, target))
 
 
 def _reasons(unsettled: Mapping[int, list[str]]) -> list[str]:
@@ -1184,7 +1185,15 @@ def _run_findings(run: Mapping[str, Any], target: Any, G: int, C: int, thin: int
     """:func:`_findings` of ``run`` (its in-run ε/2 estimates, diffusion and draw times)."""
     halved = _halved_estimates(run["trace"], run["eps"], target.nbeta, run["num_burnin"], run["num_steps"])
     return _findings(run["trace"], target.nbeta, G, C, halved, diffusion=run["diffusion"],
-                     times=_draw_times(run["trace"], run["num_burnin"], thin))
+                     times=_draw_times(run["trace"], run["num_burnin"], thin), **_relaxation(run, target))
+
+
+def _relaxation(run: Mapping[str, Any], target: Any) -> dict[str, Any]:
+    """What :func:`slt.result.equilibrium_checks` needs for its ``"unexplored"`` finding: the run's step
+    (a number, or ``(R,)`` per row), γ, sampler and its ``relaxation_gain``."""
+    smp = run.get("smp")  # (None: a run record without its sampler; the finding is then not judged)
+    return {"eps": run["eps"], "localization": getattr(target, "localization", None),
+            "sampler": getattr(smp, "name", None), "relaxation_gain": float(getattr(smp, "relaxation_gain", 1.0))}
 
 
 def _cured_by_draws(found: list) -> bool:
@@ -1277,20 +1286,27 @@ def _ladder_end(levels: list[float], nbeta: float) -> str:
 
 
 def _unsettled(trace: Trace, nbeta: float, G: int, C: int, halved: Tensor | None = None,
-               diffusion: Tensor | None = None, times: Tensor | None = None) -> dict[int, list[str]]:
+               diffusion: Tensor | None = None, times: Tensor | None = None, **relaxation: Any) -> dict[int, list[str]]:
     """Why the run has not reached equilibrium, by group: R-hat above 1.1, λ̂ still rising through
-    the draws, not stable when ε halves (``halved``: ``(G*C,)`` from :func:`_halved_estimates`) or
-    growing while the chains still diffuse freely (``diffusion`` ``(G*C,)``, ``times`` ``(T,)``), over
+    the draws, not stable when ε halves (``halved``: ``(G*C,)`` from :func:`_halved_estimates`),
+    growing while the chains still diffuse freely (``diffusion`` ``(G*C,)``, ``times`` ``(T,)``) or
+    an SGLD run far shorter than one relaxation time (``relaxation``: :func:`_findings`), over
     the group's valid chains (:func:`slt.result.equilibrium_checks`); empty when every group settled."""
-    out = _findings(trace, nbeta, G, C, halved, diffusion, times)
+    out = _findings(trace, nbeta, G, C, halved, diffusion, times, **relaxation)
     return {g: msgs for g, (_, found) in out.items() if (msgs := [m for kind, m in found if kind in UNSETTLED])}
 
 
 def _findings(trace: Trace, nbeta: float, G: int, C: int, halved: Tensor | None = None,
-              diffusion: Tensor | None = None, times: Tensor | None = None) -> dict[int, tuple[float, list]]:
+              diffusion: Tensor | None = None, times: Tensor | None = None, eps: float | Tensor | None = None,
+              localization: float | None = None, sampler: str | None = None,
+              relaxation_gain: float = 1.0) -> dict[int, tuple[float, list]]:
     """By group with any finding: ``(R-hat, [(kind, message), ...])`` of
-    :func:`slt.result.equilibrium_checks` over the group's valid chains."""
+    :func:`slt.result.equilibrium_checks` over the group's valid chains (``eps``, a number or ``(G*C,)``,
+    ``localization``, ``sampler`` and ``relaxation_gain`` for its ``"unexplored"`` finding)."""
     tr = nbeta * (trace.loss - trace.star)  # (G*C, T)
+    R = tr.shape[0]
+    eps_rows = (eps.reshape(-1).double().cpu() if isinstance(eps, Tensor) and eps.numel() > 1
+                else None if eps is None else torch.full((R,), float(eps), dtype=torch.float64))
     out: dict[int, Any] = {}
     for g in range(G):
         rows = slice(g * C, (g + 1) * C)
@@ -1302,7 +1318,9 @@ def _findings(trace: Trace, nbeta: float, G: int, C: int, halved: Tensor | None 
         r, _, found = equilibrium_checks(tr[rows][valid].detach().cpu(), mala_mean,
                                          halved=None if halved is None else halved[rows][valid.cpu()],
                                          diffusion=None if diffusion is None else diffusion[rows][valid.cpu()],
-                                         times=times)
+                                         times=times, localization=localization, sampler=sampler,
+                                         relaxation_gain=relaxation_gain,
+                                         step_size=None if eps_rows is None else float(eps_rows[rows][valid.cpu()].mean()))
         if found:
             out[g] = (r, found)
     return out

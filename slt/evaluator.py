@@ -26,6 +26,7 @@ per-sample losses at w* the same way; plain tensors keep the tensor code path.
 
 from __future__ import annotations
 
+import copy
 import functools
 import inspect
 import math
@@ -46,7 +47,7 @@ from .params import ParamSpec
 from ._rnn import CELL_CLASSES, RECURRENT_CLASSES, cell_forward, recurrent_forward, unrolled_cell_forward, unrolled_forward
 from ._runtime import is_batched, vmapped_block
 
-__all__ = ["ChainEvaluator", "choose_path", "PATH_REASONS", "validate_model_and_loss", "check_gradients_reach", "probe_batch", "to_device",
+__all__ = ["ChainEvaluator", "choose_path", "PATH_REASONS", "validate_model_and_loss", "check_gradients_reach", "check_padding_rows", "gradient_mismatch_issue", "probe_batch", "to_device",
            "call_module", "module_aliases", "describe", "resolve_autocast", "AUTOCAST_DTYPES",
            "fused_activations", "fused_summary", "FUSED_FORWARDS", "FUSE_ENV"]
 
@@ -982,8 +983,10 @@ class ChainEvaluator:
             leaves = self._leaves(flat[c])
             buffers = self.chain_buffers(C, c)
             held = {**leaves, **buffers}
-            try:  # held through the backward pass: activation checkpointing recomputes at the chain's parameters
-                with torch.enable_grad(), (self.slots.holding(held) if self.slots.covers(held) else nullcontext()):
+            try:  # held through the backward pass: activation checkpointing recomputes at the chain's parameters,
+                # with the same (fused) activations as the forward it saved
+                with torch.enable_grad(), _fused(self.fused), (self.slots.holding(held) if self.slots.covers(held)
+                                                              else nullcontext()):
                     loss = self._chain_loss(leaves, batch, c, buffers)
                     self._grads_into(loss, leaves, grad[c])
             except (RuntimeError, MemoryError) as e:
@@ -1202,7 +1205,9 @@ def validate_model_and_loss(model: nn.Module, adapter: LossAdapter, probe: Batch
         hint = ""
         if isinstance(x, Mapping) and isinstance(e, TypeError) and "argument" in str(e):
             hint = (" (every column of a mapping is passed to the model as a keyword: keep only its inputs, "
-                    "e.g. dataset.select_columns([...]), or pass the target separately as (inputs, target))")
+                    "e.g. dataset.select_columns([...]), or pass the target separately as (inputs, target); a "
+                    "mapping {label: data set} of distributions for a data-refined LLC gives each data set as a "
+                    "tuple, (X,) or (X, Y), or an slt.Data: a mapping of tensors is one data set's columns)")
         elif isinstance(e, TypeError) and "required positional argument" in str(e):
             hint = (" (a model with several inputs takes them as a mapping of named tensors, called as "
                     "model(**inputs): data = ({'x1': X1, 'x2': X2}, Y) for forward(self, x1, x2); the fields of a "
@@ -1276,9 +1281,14 @@ def validate_model_and_loss(model: nn.Module, adapter: LossAdapter, probe: Batch
     _check_mean_reduction(model, aliases, x, y, adapter, loss)
     if isinstance(out, Tensor) and isinstance(y, Tensor) and name in _ELEMENTWISE and out.shape != y.shape:
         raise _broadcast_error(name, on, out, y)
-    if (isinstance(out, Tensor) and isinstance(y, Tensor) and out.ndim >= 1 and y.ndim >= 1
-            and (tuple(out.shape) == tuple(y.shape) + (1,) or tuple(y.shape) == tuple(out.shape) + (1,))):
-        adapter.trailing_one = (tuple(out.shape), tuple(y.shape))
+    if isinstance(y, Tensor) and y.ndim >= 1:
+        from .losses import _flatten
+
+        # (a tensor output, or any tensor of a structured one: a (mean, variance) pair for GaussianNLLLoss)
+        for o in ([out] if isinstance(out, Tensor) else [t for t in _flatten(out)[0] if isinstance(t, Tensor)]):
+            if o.ndim >= 1 and (tuple(o.shape) == tuple(y.shape) + (1,) or tuple(y.shape) == tuple(o.shape) + (1,)):
+                adapter.trailing_one = (tuple(o.shape), tuple(y.shape))
+                break
     if isinstance(out, Tensor) and isinstance(y, Tensor) and name in _CLASSIFICATION:
         hint = _label_hint(adapter.loss_fn, out, y)
         if hint:
@@ -1426,6 +1436,7 @@ def check_gradients_reach(model: nn.Module, spec: ParamSpec, adapter: LossAdapte
             own = _own_parameters(model, original)
             grads = torch.autograd.grad(loss, list(params.values()) + [p for _, p in own], allow_unused=True)
             silent = [n for n, g in zip(params, grads) if g is None]
+            _refuse_nonfinite_gradients(params, grads[:len(params)], loss)
             _refuse_direct_reads(list(dict.fromkeys(n for (n, _), g in zip(own, grads[len(params):]) if g is not None)))
         else:
             silent = list(params)
@@ -1451,6 +1462,198 @@ def check_gradients_reach(model: nn.Module, spec: ParamSpec, adapter: LossAdapte
         "loss_fn. SGLD would move them as if the loss did not depend on them, so λ̂ would be meaningless. Remove "
         "the detach/no_grad, or freeze those parameters (p.requires_grad_(False)) to hold them at w*"
     )
+
+
+def _padding_rows(model: nn.Module, names: Iterable[str]) -> list[tuple[str, nn.Module, str, int]]:
+    """``(module name, module, weight name, row)`` of each ``nn.Embedding``/``nn.EmbeddingBag`` with a
+    ``padding_idx`` whose weight is among ``names`` (the sampled parameters)."""
+    names = set(names)
+    out = []
+    for mod_name, m in model.named_modules():
+        pad = getattr(m, "padding_idx", None)
+        name = f"{mod_name}.weight" if mod_name else "weight"
+        if isinstance(m, (nn.Embedding, nn.EmbeddingBag)) and pad is not None and name in names:
+            out.append((mod_name, m, name, int(pad)))
+    return out
+
+
+def check_padding_rows(model: nn.Module, spec: ParamSpec, adapter: LossAdapter, probe: Batch, w: Tensor,
+                       masks: Tensor | None = None, rows: int = 8) -> None:
+    """Refuse an ``nn.Embedding``/``nn.EmbeddingBag`` whose ``padding_idx`` row the loss reads while the run
+    moves it.
+
+    PyTorch's backward gives the padding row no gradient (it is not trained), yet the forward still
+    returns it wherever the padding token occurs: when the model does not mask those positions out (mean
+    pooling over padding, say), SGLD lets the row diffuse under γ alone while the loss depends on it
+    (measured: λ̂ 3.50 ± 0.50 against 2.14 ± 0.08 for the same function without ``padding_idx``, γ = 1; 11.9
+    against 1.9 at the defaults, blamed on a "discontinuous loss").  On the first ``rows`` samples of
+    ``probe`` at ``w`` ((d,)) the row is perturbed (relative size 1e-2, as :func:`check_gradients_reach`)
+    and the loss compared.  A row that no restriction moves (``masks`` ``(M, d)``, all zero there) passes, and
+    so does one that gets a gradient from another use of the tensor (an LM head tied to the embedding: a BERT
+    masked LM reads its padding row as the logit of token 0, and trains it there)."""
+    params = spec.unflatten(w.detach())
+    held = None if masks is None else [spec.unflatten(m) for m in masks]
+    pads = [(mod_name, m, name, pad) for mod_name, m, name, pad in _padding_rows(model, params)
+            if held is None or any(bool(h[name][pad].any()) for h in held)]
+    if not pads:
+        return
+    x = _map(lambda t: t[:rows], probe.x)
+    y = x if probe.y is probe.x else _map(lambda t: t[:rows], probe.y)
+    aliases = module_aliases(model)
+    buffers = {n: b.clone() for n, b in model.named_buffers()}
+    gen = torch.Generator(device=w.device).manual_seed(1)
+    with _replayed_rng(params.values()) as rewind, torch.no_grad():
+
+        def loss_at(p: Mapping[str, Tensor]) -> Tensor:
+            rewind()
+            return torch.as_tensor(adapter.loss_fn(call_module(model, {**p, **{k: v.clone() for k, v in buffers.items()}},
+                                                               x, aliases), y))
+
+        loss = loss_at(params)
+        for mod_name, m, name, pad in pads:
+            v = params[name]
+            with torch.enable_grad():  # a row that a tied use (an LM head) trains gets a gradient there: not held
+                leaf = v.clone().requires_grad_(True)
+                out = loss_at({**params, name: leaf})
+                g = (torch.autograd.grad(out, leaf, allow_unused=True)[0]
+                     if isinstance(out, Tensor) and out.requires_grad else None)
+            if g is not None and bool(_dense(g)[pad].ne(0).any()):
+                continue
+            moved = v.clone()
+            moved[pad] = v[pad] + 1e-2 * (v[pad].abs() + 1e-2) * torch.randn(v[pad].shape, generator=gen,
+                                                                             device=v.device, dtype=v.dtype)
+            again = loss_at({**params, name: moved}).detach()
+            if _same_values(again, loss.detach()):
+                continue
+            keep = "slice(1, None)" if pad == 0 else f"[i for i in range({v.shape[0]}) if i != {pad}]"
+            raise ValueError(
+                f"the loss depends on row {pad} of {name!r}, the padding_idx row of {mod_name or 'the model'} "
+                f"({type(m).__name__}), which PyTorch gives no gradient (moving it by 1e-2 of its size changed the loss "
+                f"on the first samples from {float(loss):.6g} to {float(again):.6g}): SGLD would let the row diffuse as "
+                "if the loss did not depend on it, so λ̂ would be biased. Mask the padding positions out of the model's "
+                "output (e.g. pool over the attention mask only), or pass padding_idx=None, or hold the row at w* with "
+                f"restrict_to=lambda name, p: {keep} if name == {name!r} else True")
+
+
+#: :func:`gradient_mismatch_issue` runs on a float64 copy of models of at most this many sampled parameters
+GRADIENT_CHECK_FLOAT64_MAX = 2_000_000
+#: :func:`gradient_mismatch_issue`: autograd's directional derivative and the loss's central difference differ
+#: by more than this share of the larger, where two step lengths agree on the difference within
+#: :data:`GRADIENT_SMOOTH` (the loss is smooth there)
+GRADIENT_MISMATCH = 0.1
+GRADIENT_SMOOTH = 0.02
+
+
+def gradient_mismatch_issue(model: nn.Module, spec: ParamSpec, adapter: LossAdapter, probe: Batch, w: Tensor,
+                            rows: int = 8, directions: int = 4) -> str | None:
+    r"""A note when autograd's gradient is not the derivative of the loss, or ``None``.
+
+    SGLD follows autograd's gradient: where it is not the loss's derivative — part of the path under
+    ``.detach()`` or ``torch.no_grad()``, a custom ``autograd.Function`` whose backward is not the derivative
+    of its forward, a straight-through estimator — the chains sample another distribution than the
+    posterior, and nothing in the run shows it (measured: ``l2(h) + 0.5·l2(h.detach())`` read λ̂ 4.55 against
+    4.23 with the true gradient; a softplus forward with a ReLU backward read 4.1, converged).  At
+    :math:`w' = w + u` (``w`` = w* (d,), u of relative size 1e-2, off the minimum where the gradient
+    vanishes), along ``directions`` random directions v of the parameters that get a gradient (padding
+    rows of embeddings excluded), the central difference :math:`(L(w'+tv) - L(w'-tv))/2t` at t = 1e-4 and
+    5e-5 is compared with :math:`\nabla L(w')\cdot v` on the first ``rows`` samples, on a float64 copy of the
+    model (up to :data:`GRADIENT_CHECK_FLOAT64_MAX` parameters; larger ones in their own precision at t = 1e-2
+    and 5e-3).  A direction counts
+    only where the two differences agree within :data:`GRADIENT_SMOOTH` (no kink or jump crossed: ReLU,
+    top-k routing), and a mismatch beyond :data:`GRADIENT_MISMATCH` of the larger value is the note."""
+    x = _map(lambda t: t[:rows], probe.x)
+    y = x if probe.y is probe.x else _map(lambda t: t[:rows], probe.y)
+    if w.dtype != torch.float64 and w.numel() <= GRADIENT_CHECK_FLOAT64_MAX:
+        try:  # in float64 (a copy): rounding then does not limit the differences' step, and a small step
+            # rarely crosses a kink (ReLU)
+            from .target import module_to
+
+            model = module_to(copy.deepcopy(model), w.device, torch.float64)
+            x, y = (_map(lambda t: t.double() if t.is_floating_point() else t, v) for v in (x, y))
+            w = w.double()
+        except Exception:  # noqa: BLE001 - a model that does not copy: in its own precision
+            pass
+    steps = (1e-4, 5e-5) if w.dtype == torch.float64 else (1e-2, 5e-3)
+    aliases = module_aliases(model)
+    buffers = {n: b.clone() for n, b in model.named_buffers()}
+    gen = torch.Generator(device=w.device).manual_seed(2)
+    base = spec.unflatten(w.detach())
+    scale = {n: v.abs() + 1e-2 for n, v in base.items()}
+    point = {n: v + 1e-2 * scale[n] * torch.randn(v.shape, generator=gen, device=v.device, dtype=v.dtype)
+             for n, v in base.items()}
+    # embedding padding rows: no gradient by PyTorch's design, left out of the directions
+    held = {name: pad for _, _, name, pad in _padding_rows(model, point)}
+    with _replayed_rng(point.values()) as rewind:
+
+        def loss_at(p: Mapping[str, Tensor]) -> Tensor:
+            rewind()
+            return adapter.loss_fn(call_module(model, {**p, **{k: v.clone() for k, v in buffers.items()}}, x,
+                                               aliases), y)
+
+        try:
+            leaves = {n: v.clone().requires_grad_(True) for n, v in point.items()}
+            with torch.enable_grad():
+                loss = loss_at(leaves)
+            if not (isinstance(loss, Tensor) and loss.requires_grad and loss.ndim == 0):
+                return None
+            grads = {n: (None if g is None else _dense(g)) for n, g in  # (an embedding with sparse=True)
+                     zip(leaves, torch.autograd.grad(loss, list(leaves.values()), allow_unused=True))}
+        except Exception:  # noqa: BLE001 - the other checks report what fails
+            return None
+        moved = [n for n, g in grads.items() if g is not None]
+        if not moved or not all(bool(torch.isfinite(grads[n]).all()) for n in moved):
+            return None
+        worst = None
+        with torch.no_grad():
+            for _ in range(directions):
+                v = {n: scale[n] * torch.randn(point[n].shape, generator=gen, device=w.device, dtype=w.dtype)
+                     for n in moved}
+                for n, pad in held.items():
+                    if n in v:
+                        v[n][pad] = 0
+                ad = float(sum((grads[n].double() * v[n].double()).sum() for n in moved))
+
+                def fd(t: float) -> float:
+                    plus = loss_at({**point, **{n: point[n] + t * v[n] for n in moved}})
+                    minus = loss_at({**point, **{n: point[n] - t * v[n] for n in moved}})
+                    return (float(plus) - float(minus)) / (2 * t)
+
+                try:
+                    f1, f2 = fd(steps[0]), fd(steps[1])
+                except Exception:  # noqa: BLE001
+                    return None
+                top = max(abs(f1), abs(f2), abs(ad))
+                noise = 64 * torch.finfo(w.dtype).eps * abs(float(loss)) / steps[1]
+                if not top > noise or abs(f1 - f2) > GRADIENT_SMOOTH * top:
+                    continue  # too small to tell, or not smooth over the step
+                gap = abs(f2 - ad) / top
+                if gap > GRADIENT_MISMATCH and (worst is None or gap > worst[0]):
+                    worst = (gap, f2, ad)
+    if worst is None:
+        return None
+    gap, f2, ad = worst
+    return (f"autograd's gradient is not the derivative of the loss: along a random direction near w* the loss "
+            f"changes at the rate {f2:.4g} (central differences), autograd's gradient says {ad:.4g}; SGLD follows "
+            "autograd, so the chains do not sample the posterior of this loss and λ̂ is biased. Typical causes: part "
+            "of forward under .detach() or torch.no_grad() while the rest gets a gradient, a custom "
+            "torch.autograd.Function whose backward is not the derivative of its forward, a straight-through "
+            "estimator; remove the detach/no_grad, or freeze the parameters involved (p.requires_grad_(False))")
+
+
+def _refuse_nonfinite_gradients(params: Mapping[str, Tensor], grads: Sequence[Tensor | None], loss: Tensor) -> None:
+    """Refuse a finite loss whose gradient at w* is NaN or inf: every chain would diverge at its first step,
+    and the run would blame the step size (``torch.where(h > 0, torch.sqrt(h), 0)``: the branch not taken
+    still back-propagates ``0 · inf``; the step adaptation went down to ε = 4.6e-14, then "the step is too
+    large")."""
+    if not bool(torch.isfinite(loss.detach()).all()):
+        return  # (validate_model_and_loss names a non-finite loss)
+    bad = [n for n, g in zip(params, grads) if g is not None and not bool(torch.isfinite(_dense(g)).all())]
+    if bad:
+        raise ValueError(
+            f"the loss at w* is finite ({float(loss.detach()):.6g}) but its gradient is NaN or inf in {_names([repr(n) for n in bad], 6)} "
+            "on the first samples: SGLD would diverge at any step size. Typical causes: torch.sqrt, log or pow of a "
+            "value that reaches 0, or torch.where whose branch not taken is inf or NaN there (its gradient is still "
+            "0 · inf = NaN); clamp the argument first, e.g. torch.sqrt(h.clamp_min(1e-12))")
 
 
 def _own_parameters(*models: nn.Module | None) -> list[tuple[str, Tensor]]:

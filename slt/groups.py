@@ -77,13 +77,14 @@ class Groups:
         :meth:`slt.losses.LossAdapter.counts`) and no weights, the count-weighted mean."""
         part, lo = self.parts[i], self.offsets[i]
         block = per_sample[:, lo : lo + part.n]
-        w = part.normalized_weights()
-        if w is not None:
-            return (block * w.to(block)).sum(1)
-        if counts is not None:
-            from .losses import count_weighted_mean
+        from .losses import count_weighted_mean, weighted_mean
 
-            return count_weighted_mean(block, counts[lo : lo + part.n].to(block).unsqueeze(0), 1)
+        w = part.normalized_weights()
+        c = None if counts is None else counts[lo : lo + part.n].to(block)
+        if w is not None:
+            return weighted_mean(block, w.to(block), c, 1)
+        if c is not None:
+            return count_weighted_mean(block, c.unsqueeze(0), 1)
         return block.mean(1)
 
     def moved_names(self, spec: Any) -> list[frozenset[str]]:

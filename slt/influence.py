@@ -57,8 +57,8 @@ Estimation
 Nothing of size ``n × draws`` is stored.  At every draw the per-sample losses of all chains,
 ``A (R, n_a)`` and ``B (R, n_b)``, update per-row running means and co-moments (Welford's
 recurrence, :class:`OnlineCovariance`); the cross co-moment is ``(R, n_a, n_b)`` — unavoidable for
-the full matrix (it is the output's size times the number of chains; checked against
-``max_bytes``).  At the end the chains of a group are combined with Chan et al.'s parallel formula
+the full matrix (it is the output's size times the number of chains; with the per-chain covariances
+taken from it at the end, twice that is checked against ``max_bytes``).  At the end the chains of a group are combined with Chan et al.'s parallel formula
 into the covariance *about the group mean* (the sample covariance of all draws pooled: chains
 started at one ``w*`` that have not fully mixed differ in their means, and that spread is part of the
 posterior's covariance which a pooled *within-chain* covariance would drop; it is also devinterp's
@@ -161,6 +161,10 @@ class OnlineCovariance:
         mean (divisor ``N - 1``), and per-row covariances / variances (divisor ``count - 1``)."""
         idx = torch.as_tensor(rows, dtype=torch.long, device=self.mean_a.device)
         t, k = self.count, int(idx.numel())
+        # consecutive rows (a group's chains, none excluded): a view of the cross moment, not a copy
+        span = (slice(int(idx[0]), int(idx[0]) + k) if k and bool((idx == torch.arange(int(idx[0]), int(idx[0]) + k,
+                                                                                    device=idx.device)).all())
+                else idx)
         N = t * k
         ma, mb = self.mean_a[idx], self.mean_b[idx]
         ga, gb = ma.mean(0), mb.mean(0)
@@ -173,7 +177,7 @@ class OnlineCovariance:
             "row_var_b": self.m2_b[idx] / max(t - 1, 1),
         }
         if self.m_ab is not None:
-            m = self.m_ab[idx]
+            m = self.m_ab[span]
             out["cov"] = (m.sum(0) + t * torch.einsum("ca,cb->ab", ca, cb)) / max(N - 1, 1)
             out["row_cov"] = m / max(t - 1, 1)
         return out
@@ -373,14 +377,28 @@ class _Losses:
         self._probe(target.w_star, name)
 
     def _probe(self, w: Tensor, name: str) -> None:
-        """Evaluate the first two samples at w*: a model or loss that fails on this data set is named with
-        the real error before any sampling."""
+        """Evaluate the first two samples at w*: a model or loss that fails on this data set, or per-sample
+        losses of the wrong size, are named with the real error before any sampling."""
+        m = min(2, self.n)
         try:
             with torch.no_grad():
-                self._losses(w, self.data.x[:2], self.data.target[:2])
+                v = self._losses(w, self.data.x[:m], self.data.target[:m])
         except Exception as e:  # noqa: BLE001 - re-raised with the data set's name
             raise ValueError(f"the model or the per-sample loss failed on the first samples of {name} "
                              f"({type(e).__name__}: {e})") from e
+        if self.per_token and self.sum_tokens:
+            v = v.sum(-1)
+        self._check_size(v.reshape(w.shape[0], -1).shape[1], m, name)
+
+    def _check_size(self, got: int, m: int, name: str) -> None:
+        """``got`` values per parameter row for ``m`` samples: one per sample (per valid token position)."""
+        each = self.size // self.n
+        if got != m * each:
+            per = got / m
+            raise ValueError(
+                f"the per-sample loss returned {per:g} values per sample of {name}, expected {each}"
+                + (" (one per token position of a sequence)" if each > 1 else " (one loss per sample: a "
+                   "per_sample_loss must reduce every other dimension, e.g. .mean(-1) over a model's outputs)"))
 
     def _losses(self, flat: Tensor, x: Any, y: Any) -> Tensor:
         """Per-sample (or per-token) losses of samples ``x, y`` at the rows ``flat``."""
@@ -404,8 +422,7 @@ class _Losses:
                 parts.append(v.reshape(flat.shape[0], -1))
         out = torch.cat(parts, 1)
         if out.shape[1] != self.size:
-            raise ValueError(f"the per-sample loss returned {out.shape[1] // max(flat.shape[0], 1)} values per "
-                             f"parameter row, expected {self.size} (shape {self.shape})")
+            self._check_size(out.shape[1], self.n, "the data")
         return out
 
 
@@ -437,11 +454,21 @@ def _observable_columns(spec: Any, observables: Mapping[str, Observable], flat: 
 # the run
 # ----------------------------------------------------------------------------
 def _split_kwargs(caller: str, kwargs: Mapping[str, Any]) -> tuple[dict, dict]:
+    import inspect
+
+    from .engine import sample_target
+
     prep = {k: v for k, v in kwargs.items() if k in _PREPARE_KEYS}
     samp = {k: v for k, v in kwargs.items() if k not in _PREPARE_KEYS}
     for bad in ("observables", "on_draw", "started"):
         if bad in samp:
             raise TypeError(f"{caller}: {bad!r} cannot be passed through to the sampler here")
+    known = inspect.signature(sample_target).parameters
+    for k in samp:
+        if k not in known:
+            hint = (" (the loss kernel is one data set's: for the losses of another set use "
+                    "slt.bif(..., query=...))" if k == "query" else "")
+            raise TypeError(f"{caller}() got an unexpected keyword argument {k!r}{hint}")
     return prep, samp
 
 
@@ -457,18 +484,36 @@ def _prepare(model: Any, data: Any, loss_fn: Any, caller: str, prep: dict) -> An
     return target
 
 
-def _check_data(caller: str, name: str, data: Any, target: Any) -> Data:
+def _check_data(caller: str, name: str, data: Any, target: Any, validate: bool = False) -> Data:
+    """``data`` (a query or probe set) in memory on the target's device.  ``validate``: its losses come
+    from ``loss_fn`` (not an explicit per-sample loss), so it gets the checks the training data got
+    (:func:`slt.evaluator.validate_model_and_loss`: shapes that the loss would broadcast, labels that
+    do not fit the output, NaN) and must have targets when the training data has them."""
     try:
         d = as_source(data)
     except (TypeError, ValueError) as e:  # re-raised with the argument's name
-        raise type(e)(f"{caller}: {name}: {e}") from e
+        hint = (" (a single sample keeps its batch dimension: X[:1], Y[:1] rather than X[0], Y[0])"
+                if "disagree on the number of samples" in str(e) else "")
+        raise type(e)(f"{caller}: {name}: {e}{hint}") from e
     if not isinstance(d, Data):  # every sample once, in the dataset's order (rows of the result)
         d, order, reread = d.in_memory()
         if order and not reread:  # (a loader read again in index order needs no warning: its rows are the dataset's)
             warnings.warn(f"{caller}: {name}: {order}", RuntimeWarning, stacklevel=user_stacklevel())
     if d.n < 1:
         raise ValueError(f"{caller}: {name} is empty")
-    return d.to(target.device, target.dtype)
+    d = d.to(target.device, target.dtype)
+    if validate:
+        from .evaluator import probe_batch, validate_model_and_loss
+
+        train = target.source
+        if isinstance(train, Data) and train.y is not None and d.y is None:
+            raise ValueError(f"{caller}: {name} has inputs only, while the data has targets: give it as "
+                             f"(inputs, targets) like the data (the loss of a sample needs its target)")
+        try:
+            validate_model_and_loss(target.model, target.adapter, probe_batch(d, 64, target.device, target.dtype))
+        except ValueError as e:
+            raise ValueError(f"{caller}: {name}: {e}") from e
+    return d
 
 
 def _setup(caller: str, model: Any, data: Any, loss_fn: Any, kwargs: dict, per_sample_loss: Any,
@@ -476,14 +521,72 @@ def _setup(caller: str, model: Any, data: Any, loss_fn: Any, kwargs: dict, per_s
     """``(target, sampling options, chains per group C, rows R = G·C, per-sample loss or None)``:
     the shared start of every estimator here (one prepared target, options split between
     :func:`slt.prepare_target` and :func:`slt.engine.sample_target`)."""
+    from torch.utils.data import DataLoader
+
+    from .target import train_mode_issues
+
     prep, samp = _split_kwargs(caller, kwargs)
+    _refuse_batch_statistics(caller, train_mode_issues(model) if isinstance(model, nn.Module) else [])
     target = _prepare(model, data, loss_fn, caller, prep)
+    _refuse_batch_statistics(caller, target.issues)
+    if isinstance(data, DataLoader) and "batch_size" not in samp and data.batch_size is not None:
+        samp["batch_size"] = data.batch_size  # the loader's batch size is the run's, as in slt.estimate_llc
     C = check_int("num_chains", samp.get("num_chains", LLC.num_chains), 1)
     samp["num_chains"] = C
+    if C == 1:
+        warnings.warn(f"{caller}: num_chains=1: the standard errors come from the spread between chains, so they "
+                      "are NaN; use at least 2 chains (4 or more for a usable error)", RuntimeWarning,
+                      stacklevel=user_stacklevel())
     fn = per_sample_loss if per_sample_loss is not None else (causal_lm_tokens if per_token else None)
     if fn is not None and not callable(fn):
         raise TypeError(f"{caller}: per_sample_loss must be callable (output, target) -> per-sample losses")
     return target, samp, C, target.G * C, fn
+
+
+def _check_per_sample_loss(caller: str, target: Any, fn: Callable) -> None:
+    r"""Warn when an explicit ``per_sample_loss`` is not the decomposition of ``loss_fn``: on the first 64
+    training samples at w* its values should equal the per-sample losses whose (weighted) mean is the
+    sampling loss :math:`L_n` (:meth:`slt.evaluator.ChainEvaluator.per_sample`, checked against
+    ``loss_fn`` at set-up).  BIF values scale with the per-sample losses, and the per-sample
+    susceptibilities' normalisation :math:`n\beta u_i` assumes :math:`L_n = \sum_i u_i \ell_i`: a sum
+    over a model's outputs where ``loss_fn`` averages them gave a BIF 4× and susceptibilities 2× too large.
+    Nothing is checked when ``loss_fn``'s per-sample form is unavailable (the model's own loss)."""
+    d = target.source
+    m = min(64, d.n)
+    w = target.w_star[:1]
+    with torch.no_grad():
+        try:
+            ref = target.evaluator.per_sample(w, d.x[:m], d.target[:m])
+        except Exception:  # noqa: BLE001 - no per-sample form of loss_fn to compare with
+            return
+        try:
+            mine = _apply(target.evaluator, w, d.x[:m], d.target[:m], fn)
+        except Exception:  # noqa: BLE001 - _Losses' probe reports it with the data set's name
+            return
+    if not isinstance(mine, Tensor) or mine.numel() != ref.numel():
+        return  # (the size check of _Losses reports it)
+    mine, ref = mine.reshape(ref.shape).double(), ref.double()
+    tol = 1e-3 * float(ref.abs().max()) + 64 * torch.finfo(target.dtype).eps
+    if bool(((mine - ref).abs() <= tol).all()):
+        return
+    ratio = float(mine.sum() / ref.sum()) if float(ref.sum()) != 0 else float("nan")
+    warnings.warn(
+        f"{caller}: per_sample_loss is not the per-sample decomposition of loss_fn: on the first {m} samples of the "
+        f"data its values differ from the losses whose mean is loss_fn's (their sums' ratio: {ratio:.4g}; e.g. a sum "
+        "over a model's outputs where loss_fn averages them). Influence values scale with the per-sample losses, and "
+        "per-sample susceptibilities assume L_n is their (weighted) mean: pass a per_sample_loss whose mean over "
+        "samples is loss_fn, or omit it", RuntimeWarning, stacklevel=user_stacklevel())
+
+
+def _refuse_batch_statistics(caller: str, issues: list[str]) -> None:
+    """A BatchNorm in train mode (one of ``issues``, :func:`slt.target.train_mode_issues`) is an error here: a
+    sample's loss would depend on the samples evaluated with it (a query sample's loss changed 0.93 → 1.42
+    between a query of 6 and of 3 at the same draws)."""
+    norms = [i for i in issues if i.startswith("BatchNorm in train mode")]
+    if norms:
+        raise ValueError(f"{caller}: {norms[0].split(':')[0]}: a sample's loss then depends on the other samples "
+                         "of the batch it is evaluated in (batch statistics), so per-sample losses are not defined; "
+                         "call model.eval()")
 
 
 def _own_per_sample(target: Any) -> Callable | None:
@@ -520,11 +623,16 @@ def _good_rows(run: Any, g: int, C: int, acc: OnlineCovariance) -> list[int]:
 
 
 def _check_memory(caller: str, R: int, n_a: int, n_b: int, max_bytes: float) -> None:
-    need = 8 * R * n_a * n_b
+    """Refuse a run whose covariances would not fit in ``max_bytes``: the cross co-moment ``(R, n_a, n_b)``
+    float64, its per-chain covariances at the end (one more such array) and a few ``(n_a, n_b)`` arrays (the
+    pooled covariance, its standard error, the result); measured: a loss kernel of 3000 samples × 4 chains
+    (cross moment 288 MB) peaked 840 MB above the process's other memory, 1251 MB before the per-group rows
+    were a view and the per-chain correlations were taken in place."""
+    need = 8 * (2 * R + 4) * n_a * n_b
     if need > max_bytes:
         raise ValueError(
-            f"{caller}: the cross co-moment needs {need / 2**30:.3g} GiB (chains×groups {R} × {n_a} × {n_b} "
-            "float64), "
+            f"{caller}: the covariances need {need / 2**30:.3g} GiB (the cross co-moment of chains×groups {R} × "
+            f"{n_a} × {n_b} float64, the per-chain covariances at the end and the results), "
             f"over max_bytes={max_bytes / 2**30:.3g} GiB: use fewer chains, split the query set into chunks (one "
             "call per chunk with the same seed gives the same draws), or raise max_bytes")
 
@@ -537,8 +645,9 @@ def _spread(per_chain: Tensor) -> Tensor:
 
 
 def _corr(cov: Tensor, var_a: Tensor, var_b: Tensor) -> Tensor:
-    den = (var_a.unsqueeze(-1) * var_b.unsqueeze(-2)).sqrt()
-    return cov / den
+    """``cov / sqrt(var_a var_b)``, in place in ``cov`` (a fresh array: the per-chain covariances are as
+    large as the cross co-moment)."""
+    return cov.div_(var_a.sqrt().unsqueeze(-1)).div_(var_b.sqrt().unsqueeze(-2))
 
 
 def _warn_constant(caller: str, var: Tensor, mask: Tensor | None, what: str) -> None:
@@ -577,15 +686,18 @@ def _covariances(caller: str, model: Any, data: Any, loss_fn: Any, *, query: Any
     target, samp, C, R, fn = _setup(caller, model, data, loss_fn, kwargs, per_sample_loss, per_token)
     probe_observables(caller, obs, target)
     own = _own_per_sample(target) if fn is None else None
+    validate = fn is None  # the per-sample losses are loss_fn's: query data gets the training data's checks
     fn = own or fn
+    if per_sample_loss is not None and not per_token:
+        _check_per_sample_loss(caller, target, per_sample_loss)
     rows_losses = _Losses(target, target.source, fn, per_token, sum_tokens, R, "data")
     same = (query is None and not obs) or query is data
     cols_losses = None
     if same:
         col_labels = [f"train[{j}]" for j in range(rows_losses.n)]
     elif query is not None:
-        cols_losses = _Losses(target, _check_data(caller, "query", query, target), fn, per_token, sum_tokens, R,
-                              "query")
+        cols_losses = _Losses(target, _check_data(caller, "query", query, target, validate=validate), fn, per_token,
+                              sum_tokens, R, "query")
         col_labels = [f"query[{j}]" for j in range(cols_losses.n)]
     else:
         _, col_labels = _observable_columns(target.spec, obs, target.w_star[:1].expand(1, target.d))
@@ -679,7 +791,10 @@ def bif(
     Parameters
     ----------
     model, data, loss_fn
-        As for :func:`slt.estimate_llc` (one data set in memory; ``loss_fn`` the mean loss, default
+        As for :func:`slt.estimate_llc` (one data set in memory: a ``DataLoader`` is read once, in its
+        dataset's order, and its batch size is the run's unless ``batch_size`` is given; a model in eval
+        mode: BatchNorm in train mode is an error, since a sample's loss would depend on its batch;
+        ``loss_fn`` the mean loss, default
         ``model.default_loss``, else the loss the model returns: a Hugging Face model's ``output.loss``
         when the batch has ``labels``, whose per-sample form found at set-up — for a causal LM the mean
         next-token cross-entropy over each sequence's labelled tokens — is then each sample's
@@ -699,9 +814,12 @@ def bif(
         ``f(output, target) -> (..., B)`` per-sample losses (leading dims as the output's), used instead of
         the per-sample form of ``loss_fn`` (which is exact for the known PyTorch losses and
         :func:`slt.losses.causal_lm`, and a ``vmap`` over samples otherwise).  The sampler still uses
-        ``loss_fn``.
+        ``loss_fn``; a warning says when, on the first training samples at w*, it is not the per-sample
+        decomposition of ``loss_fn`` (e.g. a sum over outputs where ``loss_fn`` averages them).
     max_bytes
-        Limit on the cross co-moment's memory (``8·R·n_train·n_query`` bytes, ``R`` = chains × groups).
+        Limit on the covariances' memory: ``8·(2R + 4)·n_train·n_query`` bytes, ``R`` = chains × groups (the
+        cross co-moment, the per-chain covariances it gives at the end, and the results; measured: a loss
+        kernel of 3000 samples × 4 chains peaked 840 MB above the process's other memory, for 864 MB counted).
     **kwargs
         :func:`slt.prepare_target`'s ``nbeta``, ``localization``, ``device``, ``dtype``, ``seed``,
         ``restrict_to``, ``models``, ... and :func:`slt.engine.sample_target`'s ``num_chains``,
@@ -778,7 +896,9 @@ def per_sample_susceptibility(
         As for :func:`slt.estimate_llc` (``data``: the sampling distribution, one data set in memory).  With
         the model's own loss (``loss_fn`` omitted; as :func:`bif`), a mean over the batch's labelled tokens,
         :math:`L_n = \sum_i u_i\ell_i` with :math:`u_i` sample i's share of the labelled tokens: the weights
-        of weighted data.
+        of weighted data.  Likewise a cross-entropy with class weights or ``ignore_index`` (PyTorch's mean
+        divides by the summed weights of the counted targets): :math:`u_i = c_i/\sum_j c_j`, :math:`c_i`
+        sample i's weight (0 when ignored).
     observables
         ``name -> f(params)`` returning ``(R,)`` or ``(R, k)``; the sampling loss :math:`L_n(w)` is always
         included as ``"loss"``: under ``restrict_to`` it is the component-localized observable of Baker
@@ -807,15 +927,22 @@ def per_sample_susceptibility(
     train = target.source
     # the model's own loss (loss_fn omitted): its per-sample form gives ℓ_i and L_n
     own = _own_per_sample(target)
-    probe_data = train if probe is None else _check_data(caller, "probe", probe, target)
+    if per_sample_loss is not None and not per_token:
+        _check_per_sample_loss(caller, target, per_sample_loss)
+    probe_data = train if probe is None else _check_data(caller, "probe", probe, target,
+                                                         validate=fn is None and own is None)
     zs = _Losses(target, probe_data, fn or own, per_token, False, R, "probe" if probe is not None else "data")
     # L_n: from the same losses when they are the training set's per-sample losses, else one more pass
     reuse = probe is None and not per_token and per_sample_loss is None
     train_losses = None if reuse else _Losses(target, train, own, False, False, R, "data")
     wn = train.normalized_weights()
-    if own is not None and target._star_counts is not None:
-        # a mean over labelled tokens: sample i weighs u_i = (its labelled tokens) / (all of them) in L_n
+    target.star_losses  # noqa: B018 - the set-up that finds the loss's counts (target._star_counts)
+    if target._star_counts is not None:
+        # a mean over counted targets (labelled tokens of the model's own loss; class weights or ignore_index of a
+        # cross-entropy): sample i weighs u_i ∝ (its weight ×) its count in L_n (slt.losses.weighted_mean)
         counts = target._star_counts.double()
+        if wn is not None and own is None:
+            counts = counts * wn.double().to(counts.device)
         wn = (counts / counts.sum()).to(device=target.device, dtype=target.dtype)
 
     def sampling_loss(per_sample: Tensor) -> Tensor:

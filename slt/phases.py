@@ -41,7 +41,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from ._runtime import autograd_allowed
+from ._runtime import autograd_allowed, versions
 from ._checks import check_int, check_real
 from .loop import show_progress
 from .params import ParamSpec
@@ -449,7 +449,7 @@ def sample_posterior(
               "step_size_auto": step_size is None, "num_chains": C, "chains_per_init": cpi,
               "num_draws": T, "num_burnin": burn, "num_steps_bw_draws": thin, "seed": int(seed),
               "device": str(target.device), "dtype": str(dtype).replace("torch.", ""),
-              "seconds": time.perf_counter() - t0, "num_params": d}
+              "seconds": time.perf_counter() - t0, "num_params": d, "versions": versions()}
     swap_rate = swap_acc / swap_tries.clamp_min(1)
     return PosteriorDraws(draws[0], losses, init_index, labels, target.spec, acc_sum / total, swap_rate,
                           draws if R > 1 else None, config)

@@ -202,6 +202,14 @@ def _param_mask(value: Any, name: str, shape: torch.Size, where: str) -> Tensor:
             raise ValueError(f"{where}: the bool mask for parameter {name!r} has shape {tuple(value.shape)}, "
                              f"expected {tuple(shape)} (the parameter's shape)")
         return value.detach().cpu()
+    if (isinstance(value, Tensor) and not value.is_floating_point() and not value.is_complex() and value.dim() >= 1
+            and tuple(value.shape) == tuple(shape) and bool(((value == 0) | (value == 1)).all())):
+        # an integer 0/1 tensor shaped like the parameter reads as a mask, yet an integer tensor is an index
+        # (rows 0 and 1): (p.abs() > t).long() selected the first two rows whole
+        raise ValueError(f"{where}: the integer tensor for parameter {name!r} has the parameter's shape "
+                         f"{tuple(shape)} and only 0s and 1s: an integer tensor is an index (it would select rows 0 "
+                         "and 1), so pass a mask as bool (mask.bool()), or an index as a list or "
+                         "mask.nonzero(as_tuple=True)")
     index = value
     if isinstance(index, Tensor):
         index = index.detach().cpu()
@@ -443,7 +451,10 @@ def _gpt2_heads(m: nn.Module) -> HeadSlices | None:
 def _tl_heads(m: nn.Module) -> HeadSlices | None:
     P = dict(m.named_parameters(recurse=False))
     WQ, WO = P["W_Q"], P["W_O"]
-    if WQ.dim() != 3 or WO.dim() != 3 or WO.shape[0] != WQ.shape[0]:
+    # TransformerLens' layout: W_Q (H, d_model, d_head) and W_O (H, d_head, d_model); an einsum layout such as
+    # (d_model, H, d_head) for both has other dimensions and is not read as one head per row of dimension 0
+    if (WQ.dim() != 3 or WO.dim() != 3 or WO.shape[0] != WQ.shape[0] or WO.shape[1] != WQ.shape[2]
+            or WO.shape[2] != WQ.shape[1]):
         return None
     H = WQ.shape[0]
     kv = [P.get(n) for n in ("W_K", "W_V", "_W_K", "_W_V", "b_K", "b_V", "_b_K", "_b_V")]
@@ -823,16 +834,17 @@ class _Arch:
 
     def plain_stacks(self) -> list[tuple[str, str, nn.ModuleList]]:
         """For a model without attention: its lists of blocks, labelled as :meth:`stacks` — the outermost
-        ModuleLists of two or more elements of one class, each with submodules of its own, holding sampled
-        parameters (Mamba's ``backbone.layers``); ``[]`` when it has none (an ``nn.Sequential`` MLP, a CNN,
-        an LSTM, a ModuleList of single layers)."""
+        ModuleLists of elements of one class, each with submodules of its own, holding sampled parameters
+        (Mamba's ``backbone.layers``; one block is a list of one, so that a list of per-head modules inside it
+        is not taken for the layers); ``[]`` when it has none (an ``nn.Sequential`` MLP, a CNN, an LSTM, a
+        ModuleList of single layers)."""
         ids = set(self.name_of)
 
         def composite(b: nn.Module) -> bool:  # a block of layers, not a layer (a list of Conv2d is no stack)
             return any(any(True for _ in c.parameters()) for c in b.children())
 
         found = [n for n, m in self.modules.items()
-                 if isinstance(m, nn.ModuleList) and len(m) > 1 and len({type(c) for c in m}) == 1
+                 if isinstance(m, nn.ModuleList) and len(m) >= 1 and len({type(c) for c in m}) == 1
                  and all(composite(b) for b in m) and any(id(p) in ids for p in m.parameters())]
         outer = [n for n in found if not any(o != n and (o == "" or n.startswith(o + ".")) for o in found)]
         return self._labelled(outer) if outer else []

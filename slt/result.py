@@ -190,22 +190,21 @@ class LLCResult:
                     "the model's loss is random (see the set-up note), so L(w*) is one random draw of it" if random
                     else "w* is probably not a local minimum of the loss (train it further); λ̂ is then biased low")
             )
-        if mala is not None and mala_mean < 0.5:
+        given = given_step_finding(mala_mean, step_size, config) if mala is not None else None
+        if given is not None:
+            warn_list.append(given)
+        elif mala is not None and mala_mean < 0.5:
             warn_list.append(f"MALA acceptance {mala_mean:.2f} is low: reduce step_size")
         drift = None
         if valid.any():
             _, drift, found = equilibrium_checks(tr[valid], mala_mean if mala is not None else None, rhat_threshold,
                                                  r=r, e=e, halved=None if halved is None else halved[valid],
                                                  diffusion=None if diffusion is None else diffusion[valid],
-                                                 times=draw_times)
+                                                 times=draw_times, step_size=step_size, localization=localization,
+                                                 sampler=sampler,
+                                                 relaxation_gain=float((config or {}).get("relaxation_gain") or 1.0))
             hint = relaxation_hint(step_size, localization, config)
             warn_list += [msg + hint if kind in ("rising", "halving", "diffusing") else msg for kind, msg in found]
-            if (diffusion is not None and draw_times is not None and len(draw_times)
-                    and not any(kind in ("diffusing", "barely_moved") for kind, _ in found)):
-                msg = unexplored_finding(float(diffusion[valid].double().mean()), step_size, localization,
-                                         float(draw_times[-1]) + 1.0, sampler)
-                if msg is not None:
-                    warn_list.append(msg)
         sloped = None if slope is None or not valid.any() else slope_record(nbeta * slope.double()[valid], mean)
         if sloped is not None and slope_check:
             msg = slope_finding(sloped["value"], sloped["sem"], mean, sem)
@@ -367,6 +366,16 @@ class LLCResult:
             f"  R-hat={f(d.get('rhat'))} ESS={f(d.get('ess'), '.0f')} {accept}"
             f"draws below L(w*)={f(d.get('frac_below_init'), '.1%')} path={d.get('path')}",
         ]
+        cfg = self.config
+        where = []  # a refined run: which restriction and distribution this result is of
+        if cfg.get("restriction") is not None:
+            moved = cfg.get("restricted_params")
+            where.append(f"restriction {cfg['restriction']!r}"
+                         + (f" ({moved} of {cfg.get('num_params')} parameters move)" if moved is not None else ""))
+        if cfg.get("data") is not None:
+            where.append(f"data {cfg['data']!r} (n = {cfg.get('n')})")
+        if where:
+            lines.insert(1, "  " + "; ".join(where))
         if d.get("step_size_collapse_cause") == "friction":
             lines.append(f"  step size: SGHMC's adaptation fell to {f(d.get('step_size_collapsed'))} (its friction √(2εγ) "
                          "follows ε, so the heat of the exploratory steps stays in the velocity): the run used ε₀ from "
@@ -444,51 +453,88 @@ FALLBACK_NAMES = {"sghmc": ("critically damped SGHMC", "SGHMC damped critically 
 #: The kinds of :func:`equilibrium_checks` findings that say the chains have not reached equilibrium
 #: (what a stronger localization cures when flat directions keep chains wandering; see
 #: :func:`slt.engine.sample_target`'s automatic localization).
-UNSETTLED = ("rhat", "rising", "halving", "diffusing")
+UNSETTLED = ("rhat", "rising", "halving", "diffusing", "unexplored")
 
 #: :func:`equilibrium_checks` reads chains whose spread is at least this share of a free walk's
 #: (:func:`slt.diagnostics.free_diffusion`) as not yet held by the potential in most directions
 FREE_DIFFUSION = 0.5
-#: :func:`unexplored_finding`: a plain-SGLD run shorter than this share of one relaxation time 1/(εγ) of a
-#: direction only γ holds (εγ·t below it), whose chains spread like a free walk
-UNEXPLORED_RELAXATION = 0.01
+#: :func:`unexplored_finding`: a run (SGLD, or SGLD in a frozen metric) shorter than this share of one
+#: relaxation time 1/(ε·G·γ) of a direction only γ holds (G·εγ·t below it), whose chains spread like a free walk
+UNEXPLORED_RELAXATION = 0.1
+#: the samplers :func:`unexplored_finding` judges: SGLD, and RMSProp-SGLD (SGLD in the metric its frozen
+#: preconditioner sets; its free walk and relaxation are measured in that metric)
+UNEXPLORED_SAMPLERS = ("sgld", "rmsprop_sgld")
+
+
+#: :func:`given_step_finding`: a run at a step the caller gave whose MALA acceptance is below this
+MALA_GIVEN_MIN = 0.9
+
+
+def given_step_finding(mala_mean: float, step_size: Any, config: Mapping[str, Any] | None) -> str | None:
+    r"""The finding that a step size the caller gave is too large for λ̂ to be trusted, or ``None``.
+
+    SGLD's stationary law differs from the posterior by :math:`O(\epsilon)`, and λ̂ grows with that
+    discretisation bias; the in-run checks (trend, in-run halving) see relaxation, not this bias.  The
+    adapted step targets MALA acceptance :data:`slt.defaults.LLC` ``.target_accept`` (0.99); a step given
+    by hand is judged by its acceptance instead: below :data:`MALA_GIVEN_MIN` it is a finding (a softplus
+    MLP 4-8-1 at γ = 10, fixed steps: ε = 1e-3 read λ̂ 30.4 ± 2.1 at MALA 0.59, "converged"; 5e-4 read 5.33
+    at 0.76, 2.5e-4 read 4.47 at 0.89, and the adapted step 4.26).  Only for ``config["step_size_rule"]
+    == "given"`` and a known acceptance (full batch, or MALA every ``mala_every`` steps)."""
+    if (config or {}).get("step_size_rule") != "given" or not mala_mean < MALA_GIVEN_MIN:  # (NaN: unknown)
+        return None
+    try:
+        eps = float(step_size)
+        half = f"step_size={eps / 2:.3g}"
+    except (TypeError, ValueError):
+        half = "half the step_size"
+    return (f"MALA acceptance {mala_mean:.2f} < {MALA_GIVEN_MIN:g} at the step_size given: SGLD's discretisation bias "
+            "grows with ε and can inflate λ̂ severalfold at this acceptance (an MLP read 30.4 at acceptance 0.59 and "
+            f"4.5 at 0.89); check that λ̂ is stable at {half} with the same number of steps, or leave step_size "
+            "to the default (adapted toward acceptance 0.99)")
 
 
 def unexplored_finding(spread: float, step_size: Any, localization: float, steps: float,
-                       sampler: str) -> str | None:
+                       sampler: str, relaxation_gain: float = 1.0) -> str | None:
     r"""The finding that the chains explored only the stiffest directions, or ``None``.
 
     SGLD relaxes a direction of curvature :math:`\kappa` of U (:math:`n\beta h + \gamma`) in about
     :math:`1/(\epsilon\kappa)` steps, so within ``steps`` = t steps from w* only directions with
     :math:`\kappa \gtrsim 1/(\epsilon t)` have felt the potential.  When :math:`\epsilon\gamma t` is
-    below :data:`UNEXPLORED_RELAXATION`, that is every curvature up to a hundred times γ, and a spread of at
+    below :data:`UNEXPLORED_RELAXATION`, that is every curvature up to ten times γ, and a spread of at
     least :data:`FREE_DIFFUSION` of a free walk's says most directions are among them: λ̂ then counts only
     the stiffest directions, unless the others are exactly flat (parameters the loss does not use), which
     the run cannot tell.  The trend and halving checks can miss it, since the stiff directions relaxed
     at once and the slow ones add little within the run: a tanh MLP whose L-BFGS finish grew its weights to
     ~130 (curvature ~6000) adapted ε = 5e-8 at γ = 100 (εγt = 0.002, spread 0.92) and read λ̂ 4.5 ± 0.3,
-    converged, where runs at 10× and 100× the step read 15 and 240.  Plain SGLD only (the relaxation
-    rates of SGHMC and of a preconditioned metric differ)."""
-    if sampler != "sgld" or not localization > 0 or not spread >= FREE_DIFFUSION:
+    converged, where runs at 10× and 100× the step read 15 and 240.  RMSProp-SGLD with its preconditioner
+    frozen is SGLD in the metric G: its spread is measured against ε t tr G and a flat direction relaxes
+    at most ``relaxation_gain`` = 1/a times faster (:math:`G \le 1/a`), so the test is on G·εγ·t (the same
+    MLP at γ = 100: G·εγt = 0.066, spread 0.99, λ̂ 4.9 ± 0.3 "settled", against 10.2 ± 0.9 after a burn-in
+    of 5/(G εγ)).  Not SGHMC, whose free motion is ballistic."""
+    if sampler not in UNEXPLORED_SAMPLERS or not localization > 0 or not spread >= FREE_DIFFUSION:
         return None
     try:
         eps = float(step_size)
+        gain = float(relaxation_gain) if relaxation_gain and relaxation_gain > 0 else 1.0
     except (TypeError, ValueError):
         return None
-    gt = eps * localization * steps
+    gt = gain * eps * localization * steps
     if not gt < UNEXPLORED_RELAXATION:
         return None
-    return (f"chains explored only the stiffest directions: the run lasted εγ·t = {gt:.2g} of the "
-            f"{1 / (eps * localization):.3g} steps (1/(εγ)) a direction only γ holds needs to relax, and the chains "
-            f"spread {spread:.2f} of a free random walk's, so most directions had not felt the potential; λ̂ counts "
-            f"only curvatures above about 1/(ε·t) = {1 / (eps * steps):.3g} (unless the rest are exactly flat, which "
-            "the run cannot tell). The step size is set by the sharpest direction: check that w* is a trained "
-            "minimum (large weights make the loss stiff), or raise num_burnin toward 5/(εγ) or the localization")
+    rate, time = ("1/(εγ)", "εγ·t") if gain == 1.0 else (f"1/(ε·G·γ), G = {gain:g}", "G·εγ·t")
+    return (f"chains explored only the stiffest directions: the run lasted {time} = {gt:.2g} of the "
+            f"{1 / (gain * eps * localization):.3g} steps ({rate}) a direction only γ holds needs to relax, and the "
+            f"chains spread {spread:.2f} of a free random walk's, so most directions had not felt the potential; λ̂ "
+            f"counts only curvatures above about 1/(ε·t) = {1 / (eps * steps):.3g} (unless the rest are exactly flat, "
+            "which the run cannot tell). The step size is set by the sharpest direction: check that w* is a trained "
+            f"minimum (large weights make the loss stiff), or raise num_burnin toward 5/({'εγ' if gain == 1.0 else 'ε·G·γ'})"
+            " or the localization")
 
 
 def equilibrium_checks(tr: Tensor, mala_mean: float | None = None, rhat_threshold: float = 1.1, *,
                        r: float | None = None, e: float | None = None, halved: Tensor | None = None, diffusion: Tensor | None = None,
-                       times: Tensor | None = None
+                       times: Tensor | None = None, step_size: Any = None, localization: float | None = None,
+                       sampler: str | None = None, relaxation_gain: float = 1.0
                        ) -> tuple[float, tuple[float, float, float] | None, list[tuple[str, str]]]:
     r"""Whether the chains of one group look settled: R-hat and the trend of λ̂ through the draws.
 
@@ -516,13 +562,18 @@ def equilibrium_checks(tr: Tensor, mala_mean: float | None = None, rhat_threshol
         few diffusing directions the growth's z stays far below the 3σ of the trend test (a GRU at
         ε = 1.5e-9: λ̂ 2.3 → 3.9, z = 2.5, f = 0.98).  It replaces a ``"rising"`` finding (it names
         the cause) and gives way to ``"barely_moved"`` (which names it too).
+    step_size, localization, sampler, relaxation_gain
+        The run's ε, γ, sampler and ``Sampler.relaxation_gain``, or ``None``: with ``diffusion`` and
+        ``times``, chains of an SGLD run far shorter than one relaxation time 1/(ε·G·γ) that spread like a free walk are a finding
+        ``"unexplored"`` (:func:`unexplored_finding`) unless ``"diffusing"`` or ``"barely_moved"``
+        already names the cause.
 
     Returns
     -------
     ``(rhat, drift, findings)``: drift as :func:`_drift` (``None`` under 3 chains or 8 draws) and
     findings ``(kind, message)`` with kind ``"rhat"``, ``"ess"`` (bulk effective sample size under
-    :data:`slt.defaults.ESS_MIN`), ``"rising"``, ``"barely_moved"``, ``"falling"``, ``"halving"`` or
-    ``"diffusing"``.  A drift counts when the change between the halves exceeds 2% of
+    :data:`slt.defaults.ESS_MIN`), ``"rising"``, ``"barely_moved"``, ``"falling"``, ``"halving"``,
+    ``"diffusing"`` or ``"unexplored"``.  A drift counts when the change between the halves exceeds 2% of
     λ̂ and its z exceeds Student's t at the two-sided level of a normal 3σ (df = C − 1); so does the shortfall
     of ``halved`` below λ̂ (:func:`_halving_gap`; one-sided: steps of an adaptation phase run at
     larger ε, whose discretisation bias can only raise ``halved``).
@@ -570,6 +621,13 @@ def equilibrium_checks(tr: Tensor, mala_mean: float | None = None, rhat_threshol
                 f"of this run's time, where λ̂ was {half:.4g} against {full:.4g} in the draws (z = {z:.1f}): the "
                 "chains relax more slowly than the run lasts; raise num_burnin or num_draws, or the localization "
                 "when flat directions keep the chains wandering away from w*"))
+    if (diffusion is not None and times is not None and len(times) and sampler is not None and localization is not None
+            and not any(kind in ("diffusing", "barely_moved") for kind, _ in found)
+            and bool((tr != 0).any())):  # (a loss that never moved: parameters it does not use, exactly flat)
+        msg = unexplored_finding(float(diffusion.double().mean()), step_size, localization, float(times[-1]) + 1.0,
+                                 sampler, relaxation_gain)
+        if msg is not None:
+            found.append(("unexplored", msg))
     return r, drift, found
 
 

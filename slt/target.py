@@ -61,8 +61,10 @@ from .data import Batch, Data, LoaderSource, _map, as_source, num_rows, row_nume
 from .defaults import default_localization, default_nbeta
 from .groups import Groups, concat_data, split_data
 from .evaluator import (PATH_REASONS, ChainEvaluator, choose_path, resolve_autocast, probe_batch, to_device,
-                        validate_model_and_loss, check_gradients_reach, hf_attention_configs, _dense, _names)
-from .losses import LossAdapter, candidate_means, count_weighted_mean, label_counts, label_weighted, model_loss
+                        validate_model_and_loss, check_gradients_reach, check_padding_rows, gradient_mismatch_issue,
+                        hf_attention_configs, _dense, _names)
+from .losses import (LossAdapter, candidate_means, count_weighted_mean, label_counts, label_weighted, model_loss,
+                     weighted_mean)
 from .params import ParamSpec, unwrap as _unwrap
 from .rng import ChainRNG
 from ._runtime import resolve_device, autograd_allowed, user_stacklevel
@@ -255,6 +257,7 @@ class Target:
         if isinstance(source, Data) and self.adapter.per_sample_error is not None:
             star_ps = self._own_loss_lookup()
             if star_ps is None:
+                self._refuse_broadcast_loss()
                 self._note_forward_control_variate("per-sample losses lifted from it are unavailable or are not "
                                                    "each sample's own loss")
                 init = self._forward_losses(source)
@@ -266,6 +269,7 @@ class Target:
                 star_ps = self._per_sample_at_star()
             except Exception:  # noqa: BLE001 - per-sample losses unavailable: forward at w* instead
                 star_ps = None
+                self._refuse_broadcast_loss()
             if star_ps is not None:
                 self._star_counts = self.adapter.counts(source.target, 1, star_ps.dtype)
                 if not self.adapter.has_native_per_sample:
@@ -274,7 +278,7 @@ class Target:
                 wn = source.normalized_weights()
                 c = self._star_counts
                 if wn is not None:
-                    init = (star_ps * wn).sum(1)
+                    init = weighted_mean(star_ps, wn.to(star_ps), None if c is None else c.to(star_ps), 1)
                 elif c is not None:
                     init = count_weighted_mean(star_ps, c.unsqueeze(0), 1)
                 else:
@@ -285,11 +289,10 @@ class Target:
             tot = torch.zeros(K, dtype=torch.float64, device=self.device)
             count = 0
             # (every sample once: a loader that drops its last batch or shuffles is read in index order)
-            for x, y, _ in source.in_order()[0].iter_batches():
-                b = self._loader_batch(x, y, None)
-                m = num_rows(b.x)
+            for x, y, w in source.in_order()[0].iter_batches():
+                b = self._loader_batch(x, y, w)
                 with torch.no_grad():
-                    tot += ev.losses(self.w_star, b).double() * m
+                    tot += ev.losses(self.w_star, b).double() * (m := self._batch_weight(b, w))
                 count += m
             if count == 0:
                 raise ValueError("empty dataset: the DataLoader yielded no batch")
@@ -401,13 +404,7 @@ class Target:
                 "loss_fn")
             return fitted
         if self.adapter.trailing_one is not None and isinstance(self.source, Data):
-            o, t = ("n",) + self.adapter.trailing_one[0][1:], ("n",) + self.adapter.trailing_one[1][1:]
-            o, t = (f"({', '.join(map(str, v))}{',' if len(v) == 1 else ''})" for v in (o, t))
-            raise ValueError(  # (n, 1) against (n,): a hand-written loss broadcasting them
-                f"loss_fn is not the mean of per-sample losses ({why}), and the model's output {o} and the target "
-                f"{t} differ by a trailing 1: a loss written as ((out - y) ** 2).mean() broadcasts them to "
-                "(n, n) and is not the loss of each sample. Reshape the target (e.g. Y.reshape(-1, 1)) or the "
-                "output (out.squeeze(-1)) so that they match")
+            raise self._broadcast_error(why)
         self.adapter.per_sample_error = (
             f"loss_fn is not the mean of per-sample losses ({why}: it averages over something other than "
             "samples, e.g. tokens whose label is -100, or couples the samples of a batch); weighted data, "
@@ -416,6 +413,34 @@ class Target:
             "(slt.losses.register_per_sample) whose mean over a batch is loss_fn")
         self._note_forward_control_variate(why)
         return None
+
+    def _broadcast_error(self, why: str) -> ValueError:
+        """The error for a loss that broadcasts an output and a target that differ by a trailing 1."""
+        o, t = ("n",) + self.adapter.trailing_one[0][1:], ("n",) + self.adapter.trailing_one[1][1:]
+        o, t = (f"({', '.join(map(str, v))}{',' if len(v) == 1 else ''})" for v in (o, t))
+        return ValueError(  # (n, 1) against (n,): a hand-written loss broadcasting them
+            f"loss_fn is not the mean of per-sample losses ({why}), and the model's output {o} and the target "
+            f"{t} differ by a trailing 1: a loss written as ((out - y) ** 2).mean() (or GaussianNLLLoss on a (n, 1) "
+            "mean against (n,) targets) broadcasts them to (n, n) and is not the loss of each sample. Reshape the "
+            "target (e.g. Y.reshape(-1, 1)) or the output (out.squeeze(-1)) so that they match")
+
+    def _refuse_broadcast_loss(self, rows: int = 8) -> None:
+        """Where no per-sample form could be lifted from ``loss_fn`` (vmap over samples failed) and the output
+        and the target differ by a trailing 1: compare its value on the first ``rows`` samples as one batch
+        with the mean of its values on each alone (a loop), and raise :meth:`_broadcast_error` when they
+        differ (the loss broadcasts the two to (n, n))."""
+        if self.adapter.trailing_one is None or not isinstance(self.source, Data) or self.adapter.loss_fn is model_loss:
+            return  # (a model's own loss, e.g. a mean over labelled tokens, is not a mean over samples anyway)
+        m = min(rows, self.source.n)
+        if m < 2:
+            return
+        with torch.no_grad():
+            batch = self._loss_on_rows(torch.arange(m))
+            alone = torch.stack([self._loss_on_rows(torch.arange(i, i + 1)) for i in range(m)]).mean(0)
+        tol = 1e-4 * float(batch.abs().max()) + 64 * torch.finfo(self.dtype).eps
+        if bool(((batch - alone).abs() > tol).any()):
+            raise self._broadcast_error(f"on the first {m} samples it gives {float(batch[0]):.6g} as one batch and "
+                                        f"{float(alone[0]):.6g} as the mean of each sample's")
 
     def _loss_on_rows(self, rows: Tensor) -> Tensor:
         """``(K,)`` ``loss_fn`` at w* on the given rows of the data, as one batch."""
@@ -427,7 +452,10 @@ class Target:
             f"loss_fn is not the mean of per-sample losses ({why}), so the loss at w* on each minibatch (the "
             "control variate) is a forward pass at w* (one more evaluation per step) instead of a lookup; to "
             "make it a lookup, use a loss that averages over samples (e.g. slt.losses.causal_lm for language "
-            "models) or register its per-sample form (slt.losses.register_per_sample)")
+            "models) or register its per-sample form (slt.losses.register_per_sample). A loss that couples the "
+            "samples of a batch (a contrastive loss such as InfoNCE) is, besides, not estimated without bias by a "
+            "minibatch's loss: the chains then sample a potential of the batch size, so compare runs at one "
+            "batch_size, or pass batch_size=None")
         warnings.warn(f"slt: {self.notes[-1]}", RuntimeWarning, stacklevel=user_stacklevel())
 
     def _forward_losses(self, source: Data) -> Tensor:
@@ -444,6 +472,19 @@ class Target:
             with torch.no_grad():
                 tot += self.evaluator.losses(self.w_star, part.full_batch()).double() * part.n
         return (tot / source.n).to(self.dtype)
+
+    def _batch_weight(self, b: Batch, w: Tensor | None) -> float:
+        """What a loader's batch weighs in :math:`L_n` (batches combined as :func:`slt.losses.weighted_mean`
+        combines samples): its summed sample weights times counts (class weights, labelled tokens), or its
+        rows.  A class-weighted cross-entropy over batches of a loader read L(w*) 0.9258 against 0.9208, and
+        a loader of (x, y, weights) its unweighted loss."""
+        c = self.adapter.counts(b.y, 1, self.dtype) if isinstance(b.y, Tensor) else None
+        w = None if w is None else w.to(device=self.device, dtype=self.dtype).flatten()
+        if c is not None and w is not None:
+            return float((w * c.flatten()).sum())
+        if c is not None:
+            return float(c.sum())
+        return float(w.sum()) if w is not None else float(num_rows(b.x))
 
     def _loader_batch(self, x: Any, y: Any, w: Tensor | None) -> Batch:
         x = to_device(x, self.device, self.dtype)
@@ -1377,6 +1418,21 @@ def _with_eager_attention(evaluator: ChainEvaluator, model: nn.Module, call: Cal
             "attention; the other branches on the attention mask, which vmap cannot batch over chains)")
 
 
+def _random_operation_issue(e: Exception, issues: Sequence[str]) -> str | None:
+    """The issue that the model or ``loss_fn`` draws random numbers, when vmap refused a random operation and
+    no issue names the randomness yet (:func:`random_forward_issue` compares two forward passes, which agree
+    by chance for a rare draw: stochastic depth at p = 0.05 was caught in 9 of 50 set-ups and read λ̂ 5.4–5.6
+    against 4.6 without it, converged)."""
+    if "randomness" not in str(e) or any(i.startswith(("dropout", "the model's output is random", "the loss is random",
+                                                      "the model or loss_fn draws random"))
+                                         for i in issues):
+        return None
+    return ("the model or loss_fn draws random numbers (vmap refused a random operation: torch.rand, randn, "
+            "bernoulli, F.dropout(..., training=True), ...); two forward passes on the probe agreed, but a forward "
+            "or loss that is random makes the loss a random function of w, so λ̂ is meaningless: make them "
+            "deterministic when model.training is False, then call model.eval()")
+
+
 def _fallback_hint(e: Exception, model: nn.Module, issues: list[str], eager_tried: bool = False) -> str:
     """What to do about a vmap failure, when the cause is recognisable (``eager_tried``: the vmap path
     was retried with Hugging Face attention run as ``"eager"`` and failed again)."""
@@ -1387,6 +1443,8 @@ def _fallback_hint(e: Exception, model: nn.Module, issues: list[str], eager_trie
         return " — the model draws random numbers in forward: make it deterministic in eval mode"
     if "random" in msg and any(i.startswith("the loss is random") for i in issues):
         return " — loss_fn draws random numbers: make it deterministic"
+    if "random" in msg and any(i.startswith("the model or loss_fn draws random") for i in issues):
+        return " — the model or loss_fn draws random numbers: make them deterministic in eval mode"
     if any(i.startswith("BatchNorm") for i in issues):
         return " — BatchNorm in train mode: call model.eval() to use the batched path"
     # transformers 5 renamed the flag and warns on the old name: read the old one only where the new is absent
@@ -1459,6 +1517,10 @@ def _evaluator(
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
         # (the retry with eager attention ran exactly where this holds: _with_eager_attention)
         eager_tried = path == "vmap" and "data-dependent control flow" in str(e) and bool(hf_attention_configs(model))
+        random = _random_operation_issue(e, issues)
+        if random and isinstance(issues, list):
+            issues.append(random)
+            warnings.warn(f"{caller}: {random}", RuntimeWarning, stacklevel=user_stacklevel())
         hint = _fallback_hint(e, model, list(issues), eager_tried)
         if path == "vmap" and per_chain_probe:
             try:  # vmap may work where the chains share their inputs (a full batch, a DataLoader): the loop is
@@ -1469,8 +1531,12 @@ def _evaluator(
                 return evaluator, reason
             except Exception:  # noqa: BLE001 - the shared inputs fail too: the fallback below
                 pass
-        if vectorize != "auto" or path == "loop":
+        if path == "loop":
             raise
+        if vectorize != "auto":  # the path was asked for: its error, with what it means and the way out
+            raise RuntimeError(f"{caller}: vectorize={vectorize!r}: the {path} path failed on this model "
+                               f"({type(e).__name__}: {msg}){hint}; pass vectorize='auto' (it falls back to a loop "
+                               "over chains) or 'loop'") from e
         warnings.warn(
             f"{caller}: the {path} path failed on this model ({type(e).__name__}: {msg}){hint}; "
             "falling back to a sequential loop over chains (slower).",
@@ -1646,7 +1712,16 @@ def prepare_target(
         loss_fn = module_to(copy.deepcopy(loss_fn), dev, dtype)
     adapter = LossAdapter(loss_fn)
     probe = probe_batch(source, 64, dev, dtype)
-    out = validate_model_and_loss(work_model, adapter, probe)
+    try:
+        out = validate_model_and_loss(work_model, adapter, probe)
+    except ValueError as e:
+        # the first rows' loss is 0/0 where every target there is ignored (data sorted or padded: labels -100):
+        # rows spread over the data decide
+        if not (str(e).startswith("the loss at w* is NaN") and isinstance(source, Data) and source.n > 64):
+            raise
+        spread = _rows_of(source, torch.linspace(0, source.n - 1, 64).round().long().unique()).full_batch()
+        out = validate_model_and_loss(work_model, adapter, spread)
+        probe = spread
     random = None if any(i.startswith("dropout") for i in issues) else random_forward_issue(
         work_model, probe, adapter.loss_fn)
     if random:
@@ -1654,6 +1729,12 @@ def prepare_target(
         warnings.warn(f"{caller}: {random}", RuntimeWarning, stacklevel=user_stacklevel())
     check_gradients_reach(work_model, spec, adapter, probe, w_star[0],
                           original=template if template is not work_model else None)
+    if half is None and not any(i.startswith(("dropout", "the model's output is random", "the loss is random"))
+                                for i in issues):  # (autocast's rounding, a random loss: nothing to compare)
+        mismatch = gradient_mismatch_issue(work_model, spec, adapter, probe, w_star[0])
+        if mismatch:
+            issues.append(mismatch)
+            warnings.warn(f"{caller}: {mismatch}", RuntimeWarning, stacklevel=user_stacklevel())
     structured = not (isinstance(probe.x, Tensor) and isinstance(probe.y, Tensor) and isinstance(out, Tensor))
     # chunks of the losses at w* are sized by the larger of input and output per sample (a language
     # model's logits are vocab times its token ids)
@@ -1680,6 +1761,7 @@ def prepare_target(
                      "chains run with its own")
     # (restrictions name the user's model: its modules and parameters, which the run's copy does not share)
     groups = _groups(restrict_to, template, spec, split, parts, offsets, dev, dtype)
+    check_padding_rows(work_model, spec, adapter, probe, w_star[0], groups.masks)
     if groups.masks is not None:  # gradients only of the parameters some restriction moves
         evaluator.grad_names = set().union(*groups.moved_names(spec))
     return Target(work_model, spec, adapter, evaluator, source, w_star, seeds, nb, gamma, n, dev, dtype, reason,

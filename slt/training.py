@@ -32,7 +32,7 @@ from ._checks import check_int, check_real
 from typing import Any, Mapping
 
 from .data import Data, _leaves, _map, as_source, num_rows
-from .losses import LossAdapter
+from .losses import LossAdapter, weighted_mean
 
 __all__ = ["TrainResult", "train", "full_batch_loss_and_grad_norm"]
 
@@ -197,7 +197,7 @@ def _objective(
 
     def weighted(out: Tensor, target: Tensor) -> Tensor:
         ps = adapter.per_sample(out, target, 1)
-        return (ps * weights.to(ps.dtype)).sum()
+        return weighted_mean(ps, weights.to(ps.dtype), adapter.counts(target, 1, ps.dtype), 0)
 
     return weighted
 

@@ -751,6 +751,33 @@ def test_activation_checkpointing_recomputes_at_the_chains_parameters():
     assert auto.diagnostics["path"] == "loop"
 
 
+def test_hugging_face_gradient_checkpointing_recomputes_with_the_fused_activations(one_thread):
+    """A GPT-2 with gradient checkpointing on (train mode, dropout 0): the loop path ran the forward with slt's
+    fused GELU but the backward's recomputation with the module's own, whose saved shapes differ, and failed
+    (CheckpointError).  The fused forwards now cover the backward: the chains equal the same model's without
+    checkpointing (the same operations in the same order)."""
+    transformers = pytest.importorskip("transformers")
+    transformers.utils.logging.set_verbosity_error()
+    torch.manual_seed(0)  # test-side only
+    cfg = transformers.GPT2Config(vocab_size=16, n_positions=12, n_embd=16, n_layer=2, n_head=2, bos_token_id=0,
+                                  eos_token_id=0, attn_implementation="eager", resid_pdrop=0.0, embd_pdrop=0.0,
+                                  attn_pdrop=0.0)
+    model = transformers.GPT2LMHeadModel(cfg)
+    ids = torch.randint(1, 16, (16, 12), generator=torch.Generator().manual_seed(0))
+    data = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    kw = dict(step_size=1e-4, num_burnin=0, num_draws=5, num_chains=2, localization=100.0, batch_size=None,
+              vectorize="loop", seed=0, progress=False)
+    plain = slt.estimate_llc(model.eval(), data, slt.losses.causal_lm, **kw)
+    model.gradient_checkpointing_enable()
+    model.train()  # (dropout 0: train mode only turns the checkpointing on)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # (train mode: a note that it is not eval mode)
+        ck = slt.estimate_llc(model, data, slt.losses.causal_lm, **kw)
+    # (equal in exact arithmetic; 5 steps of float32 sums over 16 × 11 tokens and 16 logits each)
+    tol = fp_tol(torch.float32, scale=float(plain.loss_trace.abs().max()), terms=16 * 11 * 16)
+    assert torch.allclose(ck.loss_trace, plain.loss_trace, rtol=0, atol=tol)
+
+
 def test_data_parallel_wrappers_are_unwrapped():
     """nn.DataParallel computes the same function with the inner module's parameters (functional_call
     refuses the wrapper): the run is the plain model's, and a state dict saved from the wrapper (keys
@@ -2245,14 +2272,16 @@ class PaddedBag(nn.Module):
 def test_an_embeddings_padding_row_gets_no_gradient_in_any_chain_on_the_batched_path():
     """PyTorch's vmap rule for the embedding's backward (torch 2.13) gave the padding row a gradient in every
     chain but the first; inside slt's vmapped calls the padding row is detached instead, so vmap and the loop
-    draw the same chains (float64, per-chain minibatches)."""
+    draw the same chains (float64, per-chain minibatches).  The model reads its padding row, so the run holds
+    that row at w* (:func:`slt.evaluator.check_padding_rows` refuses it otherwise)."""
     g = torch.Generator().manual_seed(0)
     X = torch.randint(0, 12, (256, 5), generator=g)
     Y = (X[:, 0] % 2).long()
     torch.manual_seed(0)
     m = PaddedBag().double().eval()
     kw = dict(step_size=1e-4, nbeta=20.0, localization=10.0, num_draws=30, num_chains=3, num_burnin=10,
-              batch_size=64, progress=False, seed=0)
+              batch_size=64, progress=False, seed=0,
+              restrict_to=lambda name, p: slice(1, None) if name == "e.weight" else True)
     r = {v: slt.estimate_llc(m, (X, Y), F.cross_entropy, vectorize=v, **kw) for v in ("vmap", "loop")}
     assert r["vmap"].config["path"] == "vmap" and r["loop"].config["path"] == "loop"
     bound = 64 * torch.finfo(torch.float64).eps * float(r["loop"].loss_trace.abs().max())
@@ -2324,3 +2353,236 @@ def test_a_heteroscedastic_regression_runs_batched_with_a_per_sample_loss():
     assert vm.diagnostics["path"] == "vmap" and b.values.shape == (24, 24)
     assert torch.allclose(vm.loss_trace, loop.loss_trace, rtol=1e-12, atol=0)
     assert F.gaussian_nll_loss is torch_own
+
+
+def test_an_embeddings_padding_row_that_the_loss_reads_is_refused_and_can_be_held():
+    """``nn.Embedding(padding_idx=0)``: PyTorch gives row 0 no gradient, yet a model that mean-pools over padding
+    positions reads it, so SGLD let the row diffuse under γ alone (λ̂ 3.50 ± 0.50 against 2.14 ± 0.08 for the same
+    function without padding_idx).  Refused before sampling, with the restriction that holds the row at w*; that
+    restriction runs, and a model that masks its padding out is not refused."""
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(1, 8, (64, 6), generator=g)
+    lens = torch.randint(1, 7, (64,), generator=g)
+    ids[torch.arange(6)[None] >= lens[:, None]] = 0
+    y = ((ids == 2).sum(1) > (ids == 3).sum(1)).long()
+
+    class Pool(nn.Module):
+        def __init__(self, masked: bool):
+            super().__init__()
+            self.masked = masked
+            self.emb = nn.Embedding(8, 4, padding_idx=0)
+            self.head = nn.Linear(4, 2)
+
+        def forward(self, ids):
+            e = self.emb(ids)
+            if not self.masked:
+                return self.head(e.mean(1))
+            m = (ids != 0).unsqueeze(-1).to(e.dtype)
+            return self.head((e * m).sum(1) / m.sum(1))
+
+    torch.manual_seed(0)  # test-side only
+    kw = dict(step_size=1e-4, localization=10.0, num_chains=2, num_draws=5, num_burnin=0, batch_size=None,
+              seed=0, progress=False)
+    pooled = Pool(masked=False).eval()
+    with pytest.raises(ValueError, match=r"row 0 of 'emb.weight', the padding_idx row.*restrict_to=lambda name, p: "
+                                         r"slice\(1, None\) if name == 'emb.weight' else True"):
+        slt.estimate_llc(pooled, (ids, y), F.cross_entropy, **kw)
+    held = slt.estimate_llc(pooled, (ids, y), F.cross_entropy,
+                            restrict_to=lambda name, p: slice(1, None) if name == "emb.weight" else True, **kw)
+    assert held.config["restricted_params"] == sum(p.numel() for p in pooled.parameters()) - 4
+    slt.estimate_llc(Pool(masked=True).eval(), (ids, y), F.cross_entropy, **kw)  # padding masked out: runs
+
+
+def test_a_structured_output_that_the_loss_broadcasts_against_the_target_is_refused():
+    """GaussianNLLLoss on a (mean (n, 1), variance (n, 1)) output against (n,) targets broadcasts to (n, n)
+    without a PyTorch warning; the trailing-1 check looked at tensor outputs only and vmap's per-sample lift
+    fails on that loss, so the run went on with a forward control variate and read "converged"."""
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(64, 3, generator=g)
+    Y = X[:, 0] * 2 + 0.3 * torch.randn(64, generator=g)
+
+    class Het(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.mu, self.lv = nn.Linear(3, 1), nn.Linear(3, 1)
+
+        def forward(self, x):
+            return self.mu(x), F.softplus(self.lv(x)) + 1e-3
+
+    crit = nn.GaussianNLLLoss()
+    with pytest.raises(ValueError, match=r"differ by a trailing 1.*GaussianNLLLoss"):
+        prepare_target(Het().eval(), (X, Y), lambda out, y: crit(out[0], y, out[1])).star_losses
+    t = prepare_target(Het().eval(), (X, Y.unsqueeze(1)), lambda out, y: crit(out[0], y, out[1]))
+    assert t.star_losses[1].isfinite().all()  # matching shapes: no error
+
+
+def test_a_forward_whose_random_draws_agree_on_the_probe_is_still_named_random():
+    """Stochastic depth active in eval mode (``if torch.rand(()) >= p``): two forward passes on the probe agree
+    unless a skip happens to be drawn (at p = 0.05, 41 of 50 set-ups saw nothing and λ̂ read 5.4–5.6 against
+    4.6, converged).  vmap's refusal of the random operation is evidence enough: an issue, a warning and a
+    reason for converged = False.  Here p = 1e-9, so the probe's passes always agree."""
+    class Skip(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b, self.o = nn.Linear(3, 4), nn.Linear(4, 4), nn.Linear(4, 1)
+
+        def forward(self, x):
+            h = torch.tanh(self.a(x))
+            if torch.rand(()) >= 1e-9:
+                h = h + torch.tanh(self.b(h))
+            return self.o(h)
+
+    g = torch.Generator().manual_seed(0)
+    X, Y = torch.randn(32, 3, generator=g), torch.randn(32, 1, generator=g)
+    torch.manual_seed(0)  # test-side only
+    with pytest.warns(RuntimeWarning, match="draws random numbers"):
+        r = slt.estimate_llc(Skip().eval(), (X, Y), F.mse_loss, step_size=1e-4, localization=10.0, num_chains=2,
+                             num_draws=5, num_burnin=0, batch_size=None, seed=0, progress=False)
+    assert r.config["path"] == "loop" and not r.converged
+    assert any("draws random numbers" in m for m in r.convergence_reasons)
+
+
+def test_a_finite_loss_with_a_nan_gradient_is_named_before_sampling():
+    """``torch.where(h > 0, torch.sqrt(h), 0)``: the loss is finite, the gradient NaN (the branch not taken
+    back-propagates 0 · inf).  Every chain diverged and the error blamed the step size (the adaptation went down
+    to ε = 4.6e-14); now the set-up names the parameters and the cause."""
+    class Sqrt(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.l1, self.l2 = nn.Linear(3, 6), nn.Linear(6, 1)
+
+        def forward(self, x):
+            h = self.l1(x)
+            return self.l2(torch.where(h > 0, torch.sqrt(h), torch.zeros_like(h)))
+
+    g = torch.Generator().manual_seed(0)
+    X, Y = torch.randn(32, 3, generator=g), torch.randn(32, 1, generator=g)
+    torch.manual_seed(0)  # test-side only
+    with pytest.raises(ValueError, match=r"gradient is NaN or inf in 'l1.weight', 'l1.bias'.*clamp"):
+        slt.estimate_llc(Sqrt().eval(), (X, Y), F.mse_loss, num_draws=5, progress=False)
+
+
+def test_an_iterable_dataset_of_several_inputs_names_the_mapping_form():
+    """An IterableDataset yielding ``((x1, x2), y)`` failed with "the samples' field  has different lengths (2 to
+    2): pad them …"; it now names the mapping form, as the tensor form of the same data does."""
+    from torch.utils.data import IterableDataset
+
+    X1, X2, Y = torch.randn(8, 3), torch.randn(8, 2), torch.randn(8, 1)
+
+    class Pairs(IterableDataset):
+        def __iter__(self):
+            for i in range(8):
+                yield (X1[i], X2[i]), Y[i]
+
+    with pytest.raises(ValueError, match=r"each sample's input is a tuple of 2 tensors.*model\(\*\*inputs\)"):
+        slt.estimate_llc(nn.Linear(5, 1), Pairs(), F.mse_loss, num_draws=5, progress=False)
+
+
+def test_a_gradient_that_is_not_the_losss_derivative_is_named():
+    """Part of forward under ``.detach()`` (``l2(h) + 0.5·l2(h.detach())``), or a custom ``autograd.Function``
+    whose backward is not its forward's derivative: every parameter gets a gradient, so the check for
+    parameters without one passes, and SGLD sampled another distribution (λ̂ 4.55 against 4.23 with the true
+    gradient), converged.  Central differences near w* against autograd's directional derivative: an issue
+    (converged = False); the same function with its true gradient, and a ReLU network (kinks), have none."""
+    class Base(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.l1, self.l2 = nn.Linear(4, 8), nn.Linear(8, 1)
+
+    class DetachPart(Base):
+        def forward(self, x):
+            h = torch.tanh(self.l1(x))
+            return self.l2(h) + 0.5 * self.l2(h.detach())
+
+    class Whole(Base):
+        def forward(self, x):
+            h = torch.tanh(self.l1(x))
+            return self.l2(h) + 0.5 * self.l2(h)
+
+    class WrongBackward(torch.autograd.Function):
+        generate_vmap_rule = True
+
+        @staticmethod
+        def forward(x):
+            return F.softplus(x)
+
+        @staticmethod
+        def setup_context(ctx, inputs, output):
+            ctx.save_for_backward(inputs[0])
+
+        @staticmethod
+        def backward(ctx, g):
+            (x,) = ctx.saved_tensors
+            return g * (x > 0).to(g.dtype)
+
+    class Custom(Base):
+        def forward(self, x):
+            return self.l2(WrongBackward.apply(self.l1(x)))
+
+    class Relu(Base):
+        def forward(self, x):
+            return self.l2(torch.relu(self.l1(x)))
+
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(200, 4, generator=g)
+    Y = torch.tanh(X @ torch.randn(4, 1, generator=g)) + 0.1 * torch.randn(200, 1, generator=g)
+    issues = {}
+    for cls in (DetachPart, Whole, Custom, Relu):
+        torch.manual_seed(0)  # test-side only
+        m = cls()
+        opt = torch.optim.Adam(m.parameters(), lr=1e-2)
+        for _ in range(300):
+            loss = F.mse_loss(m(X), Y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            issues[cls.__name__] = [i for i in prepare_target(m.eval(), (X, Y), F.mse_loss).issues
+                                    if "not the derivative of the loss" in i]
+    assert issues["DetachPart"] and issues["Custom"]
+    assert not issues["Whole"] and not issues["Relu"]
+
+
+def test_class_weights_hold_with_weighted_data_and_loaders():
+    """A cross-entropy with class weights averages over the summed class weights of the batch: with sample
+    weights too, the loss is Σ w_i c_i ℓ_i / Σ w_i c_i (``slt.losses.weighted_mean``), so equal weights give the
+    unweighted loss.  The weighted path used Σ w_i ℓ_i, which drops the class weights: ``Data(x, y, ones)`` read
+    L(w*) 1.146 against 0.919 and λ̂ −29.3 against 2.85.  A loader's L(w*) weighed its batches by their rows,
+    not by their weights and class weights; and data whose first 64 rows are all ignore_index were refused
+    ("the loss at w* is NaN") though the loss of the data is finite."""
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(200, 3, generator=g, dtype=F64)
+    Y = torch.randint(0, 3, (200,), generator=g)
+    ce = nn.CrossEntropyLoss(weight=torch.tensor([1.0, 5.0, 0.2], dtype=F64))
+    torch.manual_seed(0)  # test-side only
+    m = nn.Linear(3, 3).to(F64)
+    exact = float(ce(m(X), Y).detach())
+    for data in ((X, Y), Data(X, Y, torch.ones(200, dtype=F64)), Data(X, Y, torch.full((200,), 2.0, dtype=F64))):
+        t = prepare_target(m, data, ce, dtype=F64)
+        assert float(t.init_loss[0]) == pytest.approx(exact, rel=1e-12)
+    # weights as a multiplicity: weight 2 on a sample is that sample twice
+    w = torch.ones(200, dtype=F64)
+    w[:50] = 2.0
+    twice = float(ce(m(torch.cat([X, X[:50]])), torch.cat([Y, Y[:50]])).detach())
+    assert float(prepare_target(m, Data(X, Y, w), ce, dtype=F64).init_loss[0]) == pytest.approx(twice, rel=1e-12)
+    from torch.utils.data import DataLoader, TensorDataset
+
+    loader = DataLoader(TensorDataset(X, Y, w), batch_size=32)
+    assert float(prepare_target(m, loader, ce, dtype=F64).init_loss[0]) == pytest.approx(twice, rel=1e-12)
+    Yi = Y.clone()
+    Yi[:100] = -100  # the first rows all ignored
+    assert float(prepare_target(m, (X, Yi), ce, dtype=F64).init_loss[0]) == pytest.approx(
+        float(ce(m(X), Yi).detach()), rel=1e-12)
+
+
+def test_a_loader_over_a_subset_counts_the_subset():
+    """A DataLoader with ``SubsetRandomSampler(range(50))`` over 200 rows reads 50 samples; n (and so the
+    default nβ) counted 200 in ``estimate_llc`` while ``nuts_llc`` counted 50: two potentials from one loader."""
+    from torch.utils.data import DataLoader, SubsetRandomSampler, TensorDataset
+
+    X, Y = torch.randn(200, 3), torch.randn(200, 1)
+    loader = DataLoader(TensorDataset(X, Y), batch_size=20,
+                        sampler=SubsetRandomSampler(range(50), generator=torch.Generator().manual_seed(0)))
+    t = prepare_target(nn.Linear(3, 1), loader, F.mse_loss)
+    assert t.n == 50 and t.nbeta == pytest.approx(50 / math.log(50))

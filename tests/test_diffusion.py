@@ -168,6 +168,9 @@ def test_a_run_far_shorter_than_one_relaxation_whose_chains_spread_freely_is_not
     assert unexplored_finding(0.92, 2 * UNEXPLORED_RELAXATION / (100.0 * 375.0), 100.0, 375.0, "sgld") is None
     assert unexplored_finding(FREE_DIFFUSION / 2, 5e-8, 100.0, 375.0, "sgld") is None
     assert unexplored_finding(0.92, 5e-8, 100.0, 375.0, "sghmc") is None
+    # RMSProp-SGLD: SGLD in its frozen metric G ≤ 1/a, judged on G·εγ·t (the same MLP's fallback: 0.066, spread 0.99)
+    assert "G·εγ·t = 0.066" in unexplored_finding(0.99, 1.76e-7, 100.0, 375.0, "rmsprop_sgld", 10.0)
+    assert unexplored_finding(0.99, 1.76e-7, 100.0, 375.0 * 10, "rmsprop_sgld", 10.0) is None  # G·εγ·t = 0.66
     C, T = 8, 300
     times = 75 + torch.arange(T, dtype=F64)
     loss = 1.5 + 0.01 * torch.randn(C, T, generator=torch.Generator().manual_seed(1), dtype=F64)  # λ̂ = 5, flat
@@ -194,3 +197,53 @@ def test_a_classifier_whose_weights_grew_large_is_not_reported_converged():
                          batch_size=64, seed=0, progress=False)
     assert r.step_size * r.localization * (r.config["num_burnin"] + r.num_draws) < 0.01
     assert not r.converged and any("explored only the stiffest" in m for m in r.convergence_reasons)
+
+
+def test_chains_that_explored_only_the_stiffest_directions_raise_the_automatic_localization():
+    """The same MLP at every default: the finding is one of the automatic γ's reasons to raise γ (it was
+    applied only to the final result, so the run stopped at γ = 1, not converged).  Raising γ tenfold
+    multiplies εγ·t tenfold where ε is set by the stiffest direction; here it is not enough: SGLD is still
+    unexplored at γ = 100, and RMSProp-SGLD's fallback run there (G·εγ·t = 0.066, spread 0.99) gave λ̂
+    4.9 "settled" where a burn-in of 5/(ε·G·γ) gives 10.2 ± 0.9 — so it must not be taken as settled."""
+    torch.manual_seed(0)
+    X = torch.randn(2048, 8)
+    Y = torch.multinomial(F.softmax(X[:, :3], 1), 1).squeeze(1)
+    model = nn.Sequential(nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 3))
+    train(model, (X, Y), F.cross_entropy, steps=500, lr=1e-2)
+    r = slt.estimate_llc(model.eval(), (X, Y), F.cross_entropy, num_chains=4, num_draws=300, batch_size=64, seed=0,
+                         progress=False)
+    ups = r.config["localization_escalations"]
+    assert [u["localization"] for u in ups] == [1.0, 10.0]
+    assert all(any("explored only the stiffest" in m for m in u["reasons"]) for u in ups)
+    fb = r.config["sampler_fallback"]
+    assert fb is not None and fb["to"] == "rmsprop_sgld" and fb["settled"] is False
+    assert any("G·εγ·t" in m for m in fb["reasons_after"])
+    assert not r.converged and any("explored only the stiffest" in m for m in r.convergence_reasons)
+
+
+def test_a_given_step_with_low_mala_acceptance_is_not_converged():
+    """A step_size given by hand is judged by its MALA acceptance: SGLD's discretisation bias inflates λ̂ with ε
+    and the in-run checks see relaxation, not that bias.  A softplus MLP (4-8-1, γ = 10, 500 + 1500 steps, 8
+    chains) read λ̂ 30.4 ± 2.1 "converged" at ε = 1e-3 (MALA 0.59) against 4.3–4.5 at small steps.  Exact tier
+    through ``from_traces``, end to end on that model (shorter run, 4 chains)."""
+    from slt.result import MALA_GIVEN_MIN, given_step_finding
+
+    assert "step_size=0.0005" in given_step_finding(0.59, 1e-3, {"step_size_rule": "given"})
+    assert given_step_finding(MALA_GIVEN_MIN + 0.01, 1e-3, {"step_size_rule": "given"}) is None
+    assert given_step_finding(0.59, 1e-3, {"step_size_rule": "adapt"}) is None
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(500, 4, generator=g)
+    Y = torch.tanh(X @ torch.randn(4, 1, generator=g)) + 0.1 * torch.randn(500, 1, generator=g)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.Softplus(), nn.Linear(8, 1))
+    train(model, (X, Y), F.mse_loss, steps=1500, lr=1e-2, finish=None)
+    kw = dict(localization=10.0, num_burnin=200, num_draws=300, batch_size=None, num_chains=4, seed=0, sampler="sgld",
+              extend_draws=False, progress=False)
+    big = slt.estimate_llc(model.eval(), (X, Y), F.mse_loss, step_size=1e-3, **kw)
+    assert big.diagnostics["mala_acceptance"] < MALA_GIVEN_MIN
+    assert not big.converged and any("MALA acceptance" in m and "discretisation bias" in m
+                                     for m in big.convergence_reasons)
+    small = slt.estimate_llc(model.eval(), (X, Y), F.mse_loss, step_size=1e-4, **kw)
+    assert small.diagnostics["mala_acceptance"] >= MALA_GIVEN_MIN
+    assert not any("discretisation bias" in m for m in small.convergence_reasons)
+    assert big.llc_mean > 2 * small.llc_mean  # (the premise: the bias at the large step)

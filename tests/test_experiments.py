@@ -594,7 +594,8 @@ def test_llc_rerun_recomputes_when_its_input_files_changed(tmp_path):
     for name in ("model.safetensors", "config.json", "optimizer.pt", "rng_state.pth", "trainer_state.json"):
         (hf / name).write_bytes(b"x")
     files = llc.input_files(_compose("llc", [f"checkpoint={tmp_path / 'out' / 'checkpoint-*'}", "train=null"]))
-    assert [Path(f).name for f in files] == ["config.json", "model.safetensors"]
+    assert [Path(f).name for f in files] == ["checkpoint-10"]  # (the folder: records reads the files in it)
+    assert [Path(f).name for f in records.fingerprints(files)] == ["config.json", "model.safetensors"]
 
 
 def test_summary_rows_show_what_the_run_used_and_files_are_readable(tmp_path):

@@ -371,12 +371,79 @@ def test_bad_input():
     with pytest.raises(ValueError, match="num_chains"):
         bif(m, (X, Y), F.mse_loss, **{**kw, "num_chains": 0})
     # a query the model cannot take: the real error, named with the data set, before sampling
-    with pytest.raises(ValueError, match=r"failed on the first samples of query \(RuntimeError: "):
+    with pytest.raises(ValueError, match=r"slt.bif: query: the model failed on a batch of the data .*: RuntimeError: "):
         bif(m, (X, Y), F.mse_loss, query=(torch.randn(3, X.shape[1] + 1, dtype=X.dtype), Y[:3]), **kw)
     labels = torch.randint(0, 3, (X.shape[0],))  # one integer label per sample: not token sequences
     with pytest.raises(ValueError, match=r"per_token=True needs token sequences in data: ids of shape \(n, T\).*"
                                          r"got shape \(\d+,\)"):
         bif(nn.Linear(X.shape[1], 3).to(X.dtype), (X, labels), F.cross_entropy, per_token=True, **kw)
+
+
+def test_susceptibilities_of_a_loss_that_averages_over_counted_targets():
+    """A cross-entropy with class weights (or ignore_index) averages over the summed weights of the counted
+    targets, L_n = Σ c_i ℓ_i / Σ c_i: sample i weighs u_i = c_i/Σc, not 1/n.  The scale was nβ/n for every
+    sample and the "loss" column the plain mean of ℓ_i, so χ was off by up to 7.6× per sample (exact tier:
+    the scale, the "loss" column against the sampling loss as an observable, and Σ_i χ_i = −nβ Var(L_n))."""
+    g = torch.Generator().manual_seed(0)
+    n = 40
+    X = torch.randn(n, 3, generator=g, dtype=F64)
+    Y = torch.randint(0, 3, (n,), generator=g)
+    Y[:6] = -100  # ignored samples weigh 0
+    cw = torch.tensor([1.0, 5.0, 0.25], dtype=F64)
+    loss = nn.CrossEntropyLoss(weight=cw)
+    m = nn.Linear(3, 3).to(F64)
+    opt = torch.optim.LBFGS(m.parameters(), max_iter=200, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        out = loss(m(X), Y)
+        out.backward()
+        return out
+
+    opt.step(closure)
+
+    def sampling_loss(p):
+        return torch.vmap(lambda q: loss(torch.func.functional_call(m, q, (X,)), Y))(p)
+
+    kw = _kw(1e-3, nbeta=float(n), localization=10.0, num_draws=40, num_burnin=10, num_chains=4)
+    chi = per_sample_susceptibility(m, (X, Y), loss, observables={"true": sampling_loss}, **kw)
+    c = torch.where(Y >= 0, cw[Y.clamp_min(0)], torch.zeros((), dtype=F64))
+    torch.testing.assert_close(chi.scale, float(n) * c / c.sum(), rtol=1e-12, atol=0)
+    scale = float(chi.chi("true").abs().max())
+    torch.testing.assert_close(chi.chi("loss"), chi.chi("true"), rtol=0, atol=fp_tol(F64, scale=scale, terms=40 * 4))
+    total = float(chi.chi("true").sum())
+    bvar = bif(m, (X, Y), loss, observables={"true": sampling_loss}, **kw).var_cols[0]  # the same draws
+    assert total == pytest.approx(-float(n) * float(bvar), rel=1e-6)
+
+
+def test_query_and_per_sample_loss_mistakes_are_named_before_sampling():
+    """A query gets the checks the training data gets (its losses are loss_fn's): inputs without targets,
+    a target the loss would broadcast against the output (mse of (B, 2) against (B,)); a per-sample loss
+    that does not reduce to one value per sample fails at set-up (it failed after the burn-in, counting 66
+    values "per parameter row" for 2 per sample); one that is not loss_fn's decomposition warns; BatchNorm in
+    train mode is an error (a sample's loss would depend on its batch); a loader's batch size is the run's;
+    an unknown keyword names the function called."""
+    X, Y = _regression()
+    m = _model(X, Y)
+    kw = _kw(1e-3, num_draws=5, num_burnin=0)
+    with pytest.raises(ValueError, match="query has inputs only"):
+        bif(m, (X, Y), F.mse_loss, query=X[:5], **kw)
+    two = nn.Linear(D, 2).to(F64)
+    with pytest.raises(ValueError, match=r"slt.bif: query: .*different shapes"):
+        bif(two, (X, Y.expand(-1, 2).clone()), F.mse_loss, query=(X[:5], Y[:5, 0]), **kw)
+    with pytest.raises(ValueError, match="returned 2 values per sample of data, expected 1"):
+        bif(two, (X, Y.expand(-1, 2).clone()), F.mse_loss, per_sample_loss=lambda o, t: (o - t) ** 2, **kw)
+    with pytest.warns(RuntimeWarning, match="not the per-sample decomposition of loss_fn"):
+        bif(two, (X, Y.expand(-1, 2).clone()), F.mse_loss, per_sample_loss=lambda o, t: ((o - t) ** 2).sum(-1), **kw)
+    bn = nn.Sequential(nn.Linear(D, 4), nn.BatchNorm1d(4), nn.Linear(4, 1)).to(F64).train()
+    with pytest.raises(ValueError, match="BatchNorm in train mode.*per-sample losses are not defined"):
+        bif(bn, (X, Y), F.mse_loss, **kw)
+    from torch.utils.data import DataLoader, TensorDataset
+
+    loader = DataLoader(TensorDataset(X, Y), batch_size=8)
+    assert bif(m, loader, F.mse_loss, **{k: v for k, v in kw.items() if k != "batch_size"}).config["batch_size"] == 8
+    with pytest.raises(TypeError, match=r"slt.loss_kernel\(\) got an unexpected keyword argument 'query'.*slt.bif"):
+        loss_kernel(m, (X, Y), F.mse_loss, query=(X, Y), **kw)
 
 
 # ----------------------------------------------------------------------------

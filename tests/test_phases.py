@@ -104,6 +104,7 @@ def test_gaussian_posterior_mean_and_sgld_variance():
                          nbeta=nb, num_draws=400, num_burnin=200, num_steps_bw_draws=10, seed=1)
     eps = d.config["step_size"]
     assert eps == pytest.approx(0.1 / P)  # the automatic step at a quadratic: h = 1
+    assert d.config["seed"] == 1 and "torch" in d.config["versions"]  # (a run records what it ran with)
     w = d.draws[..., 0]  # (C, T)
     per_mean = w.mean(1)
     se = float(per_mean.std() / math.sqrt(w.shape[0]))

@@ -129,6 +129,15 @@ def test_nuts_reproducible_and_leaves_global_rngs_alone():
     assert m.weight.dtype == torch.float64 and m.weight.grad is None  # the user's model is untouched
 
 
+def test_nuts_trees_that_reach_max_tree_depth_are_counted():
+    """A tree of depth D takes 2^D − 1 leapfrog steps (Pyro): the check counted draws of at least 2^D, so it never
+    fired (every draw at max_tree_depth=3 took 7 gradients, and frac_max_tree_depth read 0)."""
+    m, X, Y = linear_regression(n=20)
+    with pytest.warns(RuntimeWarning, match="hit max_tree_depth=1"):
+        r = nuts_llc(m, (X, Y), F.mse_loss, num_chains=2, num_draws=10, num_warmup=10, seed=0, max_tree_depth=1)
+    assert r.diagnostics["frac_max_tree_depth"] > 0.05
+
+
 # ----------------------------------------------------------------------------
 # compare: SGLD's step-size bias against NUTS
 # ----------------------------------------------------------------------------

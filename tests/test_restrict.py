@@ -1154,3 +1154,66 @@ def test_heads_match_devinterp(build):
     for i in range(2):  # a whole layer
         theirs = set(create_param_masks(model, f"l{i}"))
         assert set(layers(model)[f"l{i}"]) == theirs
+
+
+def test_user_written_attention_and_masks_are_not_misread():
+    """Found running restrictions on users' own models:
+    * an integer 0/1 tensor shaped like the parameter (``(p.abs() > t).long()``) was read as an index and selected
+      rows 0 and 1 whole: now an error asking for a bool mask or an index;
+    * ``W_Q``/``W_O`` in an einsum layout ``(d_model, H, d_head)`` were read as TransformerLens' ``(H, d_model,
+      d_head)`` and gave d_model "heads", each changing every real head: now not taken for heads;
+    * a one-block model whose block holds a list of per-head modules: ``layers`` took the heads for the layers
+      and left the block's output projection out: now one layer, ``l0``, with all of the block;
+    * ``print(result)`` names the result's restriction and distribution."""
+    sel = torch.zeros(4, 3, dtype=torch.bool)
+    sel[2, 1] = sel[3, 0] = True
+    lin = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 1))
+    with pytest.raises(ValueError, match=r"integer tensor .* only 0s and 1s.*mask.bool\(\)"):
+        resolve_restrictions({"0.weight": sel.long()}, lin, ParamSpec(lin))
+    _, bool_mask = resolve_restrictions({"0.weight": sel}, lin, ParamSpec(lin))
+    assert int(bool_mask.sum()) == 2
+    E, H, hd = 8, 2, 4
+
+    class Einsum(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.W_Q, self.W_K, self.W_V, self.W_O = (nn.Parameter(torch.randn(E, H, hd)) for _ in range(4))
+
+        def forward(self, x):
+            return torch.einsum("btd,dhe,dhe->btd", x, self.W_Q, self.W_O)
+
+    with pytest.raises(ValueError, match="found no attention module"):
+        heads(nn.Sequential(Einsum()))
+
+    class Head(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.q, self.k = nn.Linear(E, hd), nn.Linear(E, hd)
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.heads = nn.ModuleList([Head() for _ in range(H)])
+            self.o = nn.Linear(H * hd, E)
+
+    class OneBlock(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.blocks = nn.ModuleList([Block()])
+            self.out = nn.Linear(E, 2)
+
+    model = OneBlock()
+    spec = ParamSpec(model)
+    labels, masks = resolve_restrictions(layers(model), model, spec)
+    assert labels == ["l0"]
+    moved = {n for n, v in spec.unflatten(masks[0]).items() if bool(v.all())}
+    assert moved == {n for n in spec.names if n.startswith("blocks.0.")}  # the heads and the output projection
+    import torch.nn.functional as F
+
+    import slt
+
+    X, Y = torch.randn(64, 3), torch.randn(64, 1)
+    r = slt.estimate_llc(lin, {"A": (X[:32], Y[:32]), "B": (X[32:], Y[32:])}, F.mse_loss,
+                         restrict_to={"first": "0.*", "all": "*"}, num_draws=5, step_size=1e-4, localization=10.0,
+                         nbeta=10.0, batch_size=None, progress=False)
+    assert "restriction 'first' (16 of 21 parameters move); data 'A' (n = 32)" in str(r["first"]["A"])

@@ -62,7 +62,7 @@ from .defaults import default_localization, default_nbeta
 from .groups import Groups, concat_data, split_data
 from .evaluator import (PATH_REASONS, ChainEvaluator, choose_path, resolve_autocast, probe_batch, to_device,
                         validate_model_and_loss, check_gradients_reach, check_padding_rows, gradient_mismatch_issue,
-                        hf_attention_configs, _dense, _names)
+                        hf_attention_configs, out_of_memory, _dense, _names)
 from .losses import (LossAdapter, candidate_means, count_weighted_mean, label_counts, label_weighted, model_loss,
                      weighted_mean)
 from .params import ParamSpec, unwrap as _unwrap
@@ -1531,7 +1531,7 @@ def _evaluator(
                 return evaluator, reason
             except Exception:  # noqa: BLE001 - the shared inputs fail too: the fallback below
                 pass
-        if path == "loop":
+        if path == "loop" or isinstance(e, MemoryError) or out_of_memory(e):  # (memory errors name their own fix)
             raise
         if vectorize != "auto":  # the path was asked for: its error, with what it means and the way out
             raise RuntimeError(f"{caller}: vectorize={vectorize!r}: the {path} path failed on this model "

@@ -58,7 +58,8 @@ Nothing of size ``n × draws`` is stored.  At every draw the per-sample losses o
 ``A (R, n_a)`` and ``B (R, n_b)``, update per-row running means and co-moments (Welford's
 recurrence, :class:`OnlineCovariance`); the cross co-moment is ``(R, n_a, n_b)`` — unavoidable for
 the full matrix (it is the output's size times the number of chains; with the per-chain covariances
-taken from it at the end, twice that is checked against ``max_bytes``).  At the end the chains of a group are combined with Chan et al.'s parallel formula
+taken from it at the end, twice that is checked against ``max_bytes``).  At the end the chains of a
+group are combined with Chan et al.'s parallel formula
 into the covariance *about the group mean* (the sample covariance of all draws pooled: chains
 started at one ``w*`` that have not fully mixed differ in their means, and that spread is part of the
 posterior's covariance which a pooled *within-chain* covariance would drop; it is also devinterp's

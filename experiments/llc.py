@@ -254,8 +254,8 @@ def input_files(cfg: DictConfig) -> list[str]:
     file, a Hugging Face folder, or every file a pattern matches) and any ``model``/``data`` keyword argument
     naming an existing file (``data._target_=torch.load +data.f=data.pt``)."""
     ckpt = cfg.get("checkpoint")
-    found = [] if ckpt is None else checkpoint_files(ckpt) if _is_glob(ckpt) else [str(ckpt)]
-    paths = list(found)  # (a folder: records.fingerprints reads its files, not a Trainer's optimizer state)
+    # (a folder: records.fingerprints reads its files, not a Trainer's optimizer state)
+    paths = [] if ckpt is None else checkpoint_files(ckpt) if _is_glob(ckpt) else [str(ckpt)]
     for node in ("model", "data"):
         for key, value in _plain(cfg[node]).items():
             if key != "_target_" and isinstance(value, str) and Path(value).is_file():

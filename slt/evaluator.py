@@ -1362,6 +1362,29 @@ def _replayed_rng(tensors: Any):
         yield rewind
 
 
+def _first_rows(probe: Batch, rows: int) -> tuple[Any, Any]:
+    """``(x, y)``: the first ``rows`` samples of ``probe`` (``y is x`` when the probe's target is its input)."""
+    x = _map(lambda t: t[:rows], probe.x)
+    return x, (x if probe.y is probe.x else _map(lambda t: t[:rows], probe.y))
+
+
+@contextmanager
+def _probe_losses(model: nn.Module, adapter: LossAdapter, x: Any, y: Any, tensors: Any):
+    """Inside: ``loss_at(params)``, ``loss_fn`` of ``model`` at ``params`` (name -> tensor) on ``x, y``, on
+    copies of the model's buffers, drawing the same random numbers at every call (:func:`_replayed_rng`
+    over ``tensors``' devices): the probe of the set-up checks, which compare losses at nearby points."""
+    aliases = module_aliases(model)
+    buffers = {n: b.clone() for n, b in model.named_buffers()}
+    with _replayed_rng(tensors) as rewind:
+
+        def loss_at(p: Mapping[str, Tensor]) -> Any:
+            rewind()
+            return adapter.loss_fn(call_module(model, {**p, **{k: v.clone() for k, v in buffers.items()}}, x,
+                                               aliases), y)
+
+        yield loss_at
+
+
 def _check_buffer_writes(model: nn.Module, aliases: Mapping[str, list[str]] | None, buffers: dict[str, Tensor],
                          x: Any, y: Any, adapter: LossAdapter) -> None:
     """Refuse a model whose ``forward`` writes to its buffers in a way that changes its output.
@@ -1418,18 +1441,9 @@ def check_gradients_reach(model: nn.Module, spec: ParamSpec, adapter: LossAdapte
     parameters the loss really does not use (left over, unused) pass.  A loss whose graph reaches the
     module's own parameter tensors (or those of ``original``, the user's module when ``model`` is its copy
     on another device or dtype) is refused too (:func:`_refuse_direct_reads`)."""
-    x = _map(lambda t: t[:rows], probe.x)
-    y = x if probe.y is probe.x else _map(lambda t: t[:rows], probe.y)
-    aliases = module_aliases(model)
-    buffers = {n: b.clone() for n, b in model.named_buffers()}
+    x, y = _first_rows(probe, rows)
     params = {n: v.detach().clone().requires_grad_(True) for n, v in spec.unflatten(w.detach()).items()}
-    with _replayed_rng(params.values()) as rewind:
-
-        def loss_at(p: Mapping[str, Tensor]) -> Any:
-            rewind()
-            return adapter.loss_fn(call_module(model, {**p, **{k: v.clone() for k, v in buffers.items()}}, x,
-                                               aliases), y)
-
+    with _probe_losses(model, adapter, x, y, params.values()) as loss_at:
         with torch.enable_grad():
             loss = loss_at(params)
         if isinstance(loss, Tensor) and loss.requires_grad:
@@ -1497,17 +1511,12 @@ def check_padding_rows(model: nn.Module, spec: ParamSpec, adapter: LossAdapter, 
             if held is None or any(bool(h[name][pad].any()) for h in held)]
     if not pads:
         return
-    x = _map(lambda t: t[:rows], probe.x)
-    y = x if probe.y is probe.x else _map(lambda t: t[:rows], probe.y)
-    aliases = module_aliases(model)
-    buffers = {n: b.clone() for n, b in model.named_buffers()}
+    x, y = _first_rows(probe, rows)
     gen = torch.Generator(device=w.device).manual_seed(1)
-    with _replayed_rng(params.values()) as rewind, torch.no_grad():
+    with _probe_losses(model, adapter, x, y, params.values()) as loss_of, torch.no_grad():
 
         def loss_at(p: Mapping[str, Tensor]) -> Tensor:
-            rewind()
-            return torch.as_tensor(adapter.loss_fn(call_module(model, {**p, **{k: v.clone() for k, v in buffers.items()}},
-                                                               x, aliases), y))
+            return torch.as_tensor(loss_of(p))
 
         loss = loss_at(params)
         for mod_name, m, name, pad in pads:
@@ -1561,8 +1570,7 @@ def gradient_mismatch_issue(model: nn.Module, spec: ParamSpec, adapter: LossAdap
     and 5e-3).  A direction counts
     only where the two differences agree within :data:`GRADIENT_SMOOTH` (no kink or jump crossed: ReLU,
     top-k routing), and a mismatch beyond :data:`GRADIENT_MISMATCH` of the larger value is the note."""
-    x = _map(lambda t: t[:rows], probe.x)
-    y = x if probe.y is probe.x else _map(lambda t: t[:rows], probe.y)
+    x, y = _first_rows(probe, rows)
     if w.dtype != torch.float64 and w.numel() <= GRADIENT_CHECK_FLOAT64_MAX:
         try:  # in float64 (a copy): rounding then does not limit the differences' step, and a small step
             # rarely crosses a kink (ReLU)
@@ -1574,8 +1582,6 @@ def gradient_mismatch_issue(model: nn.Module, spec: ParamSpec, adapter: LossAdap
         except Exception:  # noqa: BLE001 - a model that does not copy: in its own precision
             pass
     steps = (1e-4, 5e-5) if w.dtype == torch.float64 else (1e-2, 5e-3)
-    aliases = module_aliases(model)
-    buffers = {n: b.clone() for n, b in model.named_buffers()}
     gen = torch.Generator(device=w.device).manual_seed(2)
     base = spec.unflatten(w.detach())
     scale = {n: v.abs() + 1e-2 for n, v in base.items()}
@@ -1583,13 +1589,7 @@ def gradient_mismatch_issue(model: nn.Module, spec: ParamSpec, adapter: LossAdap
              for n, v in base.items()}
     # embedding padding rows: no gradient by PyTorch's design, left out of the directions
     held = {name: pad for _, _, name, pad in _padding_rows(model, point)}
-    with _replayed_rng(point.values()) as rewind:
-
-        def loss_at(p: Mapping[str, Tensor]) -> Tensor:
-            rewind()
-            return adapter.loss_fn(call_module(model, {**p, **{k: v.clone() for k, v in buffers.items()}}, x,
-                                               aliases), y)
-
+    with _probe_losses(model, adapter, x, y, point.values()) as loss_at:
         try:
             leaves = {n: v.clone().requires_grad_(True) for n, v in point.items()}
             with torch.enable_grad():

@@ -163,9 +163,8 @@ class OnlineCovariance:
         idx = torch.as_tensor(rows, dtype=torch.long, device=self.mean_a.device)
         t, k = self.count, int(idx.numel())
         # consecutive rows (a group's chains, none excluded): a view of the cross moment, not a copy
-        span = (slice(int(idx[0]), int(idx[0]) + k) if k and bool((idx == torch.arange(int(idx[0]), int(idx[0]) + k,
-                                                                                    device=idx.device)).all())
-                else idx)
+        first = int(idx[0]) if k else 0
+        span = slice(first, first + k) if k and idx.tolist() == list(range(first, first + k)) else idx
         N = t * k
         ma, mb = self.mean_a[idx], self.mean_b[idx]
         ga, gb = ma.mean(0), mb.mean(0)

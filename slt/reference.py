@@ -281,9 +281,10 @@ def _nuts_result(
     config: dict[str, Any],
     max_tree_depth: int,
     caller: str = "slt.reference.nuts_llc",
+    global_posterior: bool = False,
 ) -> LLCResult:
-    """The :class:`LLCResult` of a NUTS run; its warnings raised as ``caller``'s (the global estimators':
-    without the note on draws below L(w*), which says nothing about a global posterior)."""
+    """The :class:`LLCResult` of a NUTS run; its warnings raised as ``caller``'s (``global_posterior``: the
+    global estimators', without the note on draws below L(w*), which says nothing about a global posterior)."""
     target = full.target
     draws = run["draws"]  # (C, T, d)
     C, T, d = draws.shape
@@ -327,7 +328,7 @@ def _nuts_result(
     e = res.diagnostics["ess"]
     res.diagnostics["sem_ess"] = float(res.llc_trace.double().std() / math.sqrt(e)) if e == e and e > 0 else float("nan")
     for w in res.diagnostics["warnings"]:
-        if caller != "slt.reference.nuts_llc" and "below L(w*)" in w:
+        if global_posterior and "below L(w*)" in w:
             continue  # (a global posterior's draws fall below the loss at an untrained w*: nothing to say)
         warnings.warn(f"{caller}: {w}", RuntimeWarning, stacklevel=user_stacklevel())
     return res
@@ -855,7 +856,8 @@ def _global_runs(
                       else "tensor", "localization": gamma, "full_mass": bool(full_mass),
                       "num_params": target.d, "versions": versions("pyro")}
             results.append(_nuts_result(full, run, nbeta=nb, gamma=gamma, observables=None, config=config,
-                                        max_tree_depth=max_tree_depth, caller=f"{caller} (β = {nb:.4g})"))
+                                        max_tree_depth=max_tree_depth, caller=f"{caller} (β = {nb:.4g})",
+                                        global_posterior=True))
     return full, betas, results
 
 

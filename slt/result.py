@@ -16,6 +16,11 @@ from .diagnostics import CHANGE_FRACTION, changed, ess, llc_standard_error, rhat
 
 __all__ = ["LLCResult", "results_frame"]
 
+#: the starts of the set-up issues (``Target.issues``) that say the loss is a random function of w: dropout
+#: active, a forward or loss_fn that draws random numbers (:func:`slt.target.random_forward_issue`, or vmap
+#: refusing a random operation)
+RANDOM_ISSUES = ("dropout", "the model's output is random", "the loss is random", "the model or loss_fn draws random")
+
 
 @dataclass
 class LLCResult:
@@ -183,8 +188,7 @@ class LLCResult:
         mala_c = torch.full((C,), float("nan"), dtype=torch.float64) if mala is None else mala
         mala_mean = float(mala_c[valid].mean()) if valid.any() and mala is not None else float("nan")
         if frac_below > 0.5:
-            random = any(i.startswith(("dropout", "the model's output is random", "the loss is random"))
-                         for i in issues or [])
+            random = any(i.startswith(RANDOM_ISSUES) for i in issues or [])
             warn_list.append(
                 f"{frac_below:.0%} of draws have a loss below L(w*): " + (
                     "the model's loss is random (see the set-up note), so L(w*) is one random draw of it" if random

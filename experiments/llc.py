@@ -279,10 +279,9 @@ def run(cfg: DictConfig, out_dir: Path) -> tuple[dict[str, Any], dict[str, Any]]
     seed = int(cfg.seed)
     if DROPPED not in cfg:  # called directly, not as a Hydra job (no command line): prepared here
         cfg = effective_config(cfg)
-    dropped = list(cfg[DROPPED])
     model, data, loss = build(cfg, torch.Generator().manual_seed(seed))
     restriction = restrict_to(cfg, model)  # from the structure alone: a bad restrict fails before training
-    metrics: dict[str, Any] = {"demo_settings_dropped": dropped} if dropped else {}
+    metrics: dict[str, Any] = {}  # (the demo's settings left out are in the recorded config, cfg[DROPPED])
     if cfg.checkpoint is not None and _is_glob(cfg.checkpoint):
         return _curve(cfg, model, data, loss, metrics, restriction, out_dir)
     if cfg.checkpoint is not None:

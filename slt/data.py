@@ -183,6 +183,8 @@ def _to_tensor(name: str, t: Any) -> Any:
     normal ones (:func:`_normal`); everything else is returned as is."""
     if isinstance(t, Tensor):
         return _normal(t)
+    if type(t).__name__ == "Column" and (type(t).__module__ or "").startswith("datasets."):
+        return _to_tensor(name, t[:])  # a Hugging Face column (ds["x"], datasets >= 4): its values, as formatted
     if is_column_list(t):
         return _list_to_tensor(name, t)
     if not _is_array(t):
@@ -214,6 +216,8 @@ def _as_inputs(name: str, t: Any) -> Any:
                 raise TypeError(f"{name} keys must be strings (they are passed as model(**{name})), got {k!r}")
             cols[k] = _to_tensor(f"{name}[{k!r}]", v)
         return Columns(cols)
+    if _is_hf_dataset(t):  # (inputs, labels) with the inputs a datasets.Dataset: its numeric columns
+        return _from_hf_dataset(t).x
     return _to_tensor(name, t)
 
 
@@ -265,7 +269,9 @@ class Data(Dataset):
     weights
         ``(n,)`` non-negative per-sample weights (not all zero), or ``None``.
         The empirical loss is the weighted mean
-        ``L_n(w) = sum_i weights_i l_i(w) / sum_i weights_i``.
+        ``L_n(w) = sum_i weights_i l_i(w) / sum_i weights_i``; minibatches draw rows with
+        probability proportional to the weights, and the sample size ``n`` of the default nβ
+        counts the rows of positive weight (:attr:`support`: a row of weight 0 is not in the data).
     """
 
     x: Inputs
@@ -317,6 +323,11 @@ class Data(Dataset):
     @property
     def n(self) -> int:
         return num_rows(self.x)
+
+    @property
+    def support(self) -> int:
+        """The rows of positive weight (all ``n`` when unweighted): the sample size of the default nβ."""
+        return self.n if self.weights is None else int((self.weights > 0).sum())
 
     @property
     def target(self) -> Inputs:
@@ -474,6 +485,21 @@ class LoaderSource:
         return any(isinstance(sm, RandomSampler) and sm.generator is None for sm in self._samplers)
 
     @property
+    def fixed_cycle(self) -> int | None:
+        """The number of batches per epoch of a loader that yields them in index order every epoch (a
+        ``SequentialSampler``: ``shuffle=False``) and has more than one; ``None`` otherwise.  Such a loader
+        repeats one cycle of batches, so the batch at a step is fixed by the step's position in the cycle."""
+        from torch.utils.data import SequentialSampler
+
+        if not any(isinstance(sm, SequentialSampler) for sm in self._samplers):
+            return None
+        try:
+            cycle = len(self.loader)
+        except TypeError:
+            return None
+        return cycle if cycle > 1 else None
+
+    @property
     def never_read(self) -> int:
         """Samples a pass over the loader never yields: the remainder its ``drop_last=True`` drops when it
         reads in index order (a shuffling loader drops different ones each pass); 0 otherwise."""
@@ -507,7 +533,7 @@ class LoaderSource:
                           "order: the data are the samples it yielded, in that order")
         batch = self.batch_size or 64
         again = DataLoader(loader.dataset, batch_size=batch, shuffle=False, drop_last=False,
-                           collate_fn=loader.collate_fn)
+                           collate_fn=loader.collate_fn, generator=torch.Generator().manual_seed(0))  # (not the global)
         what = " and ".join(w for w, on in (("shuffles", shuffles), ("drops its last batch", drop)) if on)
         return LoaderSource(again), (f"the DataLoader {what}: its dataset was read in index order, every sample "
                                      "once, so that the data are the dataset's rows")
@@ -553,10 +579,15 @@ class LoaderSource:
             if len(item) == 2:
                 return item[0], item[1], None
             if len(item) == 3:
+                if not getattr(self, "_third_checked", False):  # (once per loader)
+                    self._third_checked = True
+                    _warn_integer_weights("a DataLoader batch of three fields", item[2])
                 return item[0], item[1], item[2]
         raise ValueError(
             "DataLoader batches must be a tensor x, a mapping of tensors, (x,), (x, y) or (x, y, weights); got "
-            f"{type(item).__name__} of length {len(item) if hasattr(item, '__len__') else '?'}"
+            f"{type(item).__name__}" + (f" of length {len(item)}" if hasattr(item, "__len__") else
+                                         " (a custom batch object: make the collate_fn return a tuple (x, y) or a "
+                                         "dict of tensors, e.g. dataclasses.astuple(batch))")
         )
 
     def count(self) -> int:
@@ -586,19 +617,68 @@ class LoaderSource:
                 g.set_state(state)
             torch.set_rng_state(global_state)
 
+    def _iter(self) -> Iterator[Any]:
+        """``iter(loader)``.  A loader without its own generator draws a base seed for its workers from
+        PyTorch's global generator at every epoch; one that does not draw its order from it either (no
+        unseeded shuffle) and runs no workers uses that seed for nothing, so the global state is restored:
+        the user's later random numbers do not depend on whether they measured an LLC."""
+        if self.unseeded_shuffle or getattr(self.loader, "num_workers", 0) or getattr(self.loader, "generator", None):
+            return iter(self.loader)
+        state = torch.get_rng_state()
+        try:
+            return iter(self.loader)
+        finally:
+            torch.set_rng_state(state)
+
     def iter_batches(self) -> Iterator[tuple[Inputs, Inputs | None, Tensor | None]]:
-        for item in self.loader:
+        for item in self._iter():
             yield self._unpack(item)
 
     def next_batch(self) -> tuple[Inputs, Inputs | None, Tensor | None]:
         for _ in range(2):
             if self._it is None:
-                self._it = iter(self.loader)
+                self._it = self._iter()
             try:
                 return self._unpack(next(self._it))
             except StopIteration:
                 self._it = None
         raise ValueError("empty dataset: the DataLoader yielded no batch")
+
+
+def same_item(a: Any, b: Any) -> bool:
+    """Whether two reads of a dataset item are equal (tensors, arrays, numbers, strings, and tuples, lists or
+    mappings of them; an item of another kind counts as equal)."""
+    if isinstance(a, Tensor) or isinstance(b, Tensor):
+        return isinstance(a, Tensor) and isinstance(b, Tensor) and a.shape == b.shape and bool(
+            torch.equal(a, b) or (a.is_floating_point() and torch.equal(a.isnan(), b.isnan())
+                                  and torch.equal(a.nan_to_num(), b.nan_to_num())))
+    if isinstance(a, Mapping) and isinstance(b, Mapping):
+        return a.keys() == b.keys() and all(same_item(a[k], b[k]) for k in a)
+    if isinstance(a, (tuple, list)) and isinstance(b, (tuple, list)):
+        return len(a) == len(b) and all(same_item(x, y) for x, y in zip(a, b))
+    if _is_array(a) and _is_array(b):
+        return bool(np.array_equal(np.asarray(a), np.asarray(b), equal_nan=np.asarray(a).dtype.kind == "f"))
+    if isinstance(a, (int, float, str, bool)) and isinstance(b, (int, float, str, bool)):
+        return a == b or (a != a and b != b)
+    return True
+
+
+def random_items(ds: Any) -> bool:
+    """Whether a map-style dataset's item 0 differs between two reads (random augmentation in
+    ``__getitem__``), read with PyTorch's, Python's and NumPy's global random states restored after."""
+    import random as _random
+
+    if isinstance(ds, (IterableDataset, TensorDataset, Data)) or not hasattr(ds, "__getitem__"):
+        return False
+    states = (torch.get_rng_state(), _random.getstate(), np.random.get_state())
+    try:
+        return not same_item(ds[0], ds[0])
+    except Exception:  # noqa: BLE001 - a dataset that cannot be read so is not judged here
+        return False
+    finally:
+        torch.set_rng_state(states[0])
+        _random.setstate(states[1])
+        np.random.set_state(states[2])
 
 
 def _stack_dataset(ds: Dataset) -> Data:
@@ -615,6 +695,12 @@ def _stack_dataset(ds: Dataset) -> Data:
     else:
         first = ds[0]
         items = [ds[i] for i in range(n)]
+        if not same_item(first, items[0]):
+            warnings.warn(
+                "slt: the Dataset's items are random (two reads of item 0 differ: augmentation in __getitem__?): "
+                "each item was read once, so the run samples the loss of that one draw of the data, and another "
+                "call reads another draw (and another λ̂); to measure on fixed data, pass the dataset without its "
+                "random transforms", RuntimeWarning, stacklevel=user_stacklevel())
         if isinstance(first, Tensor):
             tensors = (torch.stack(items),)
         elif isinstance(first, Mapping):  # dict items: one column per key

@@ -159,7 +159,7 @@ def default_nbeta(n: int) -> float:
     as used by Lau et al. (2023).  devinterp 2.x instead uses b / log b with the
     batch size b; pass ``nbeta`` to use any other value."""
     if n < 2:
-        raise ValueError(f"default nbeta needs n >= 2 samples, got n={n}")
+        raise ValueError(f"default nbeta (n / log n) needs n >= 2 samples, got n={n}: pass nbeta explicitly")
     return n / math.log(n)
 
 

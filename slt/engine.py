@@ -280,7 +280,7 @@ def estimate_llc(
     seed
         Checkpoint ``k`` uses the random streams of ``seed + k``, or of
         ``seed[k]`` when a list is given (so a batched call reproduces separate
-        calls exactly).
+        calls, to the rounding of batched evaluation, when the shared settings agree).
     vectorize
         ``"auto"`` (native if the model has ``forward_chains``; else vmap or a
         loop over chains, whichever is measured faster, and for runs that
@@ -402,7 +402,8 @@ def _warn_groups(target: Target, found: list[list[str]]) -> None:
     values (:func:`_number_ranges`); each result's ``diagnostics["warnings"]`` keeps its own.  A 16-checkpoint
     curve raised up to 16 of each."""
     for _, groups, msg in _merge_findings([(g, "", w) for g, ws in enumerate(found) for w in ws]):
-        warnings.warn(f"slt.estimate_llc ({_where_all(target, groups)}): {msg}", RuntimeWarning,
+        where = _where_all(target, groups)
+        warnings.warn(f"slt.estimate_llc{f' ({where})' if where else ''}: {msg}", RuntimeWarning,
                       stacklevel=user_stacklevel())
 
 
@@ -441,9 +442,15 @@ _PLURAL = {"checkpoint": "checkpoints", "restriction": "restrictions", "data": "
 
 
 def _where(target: Target, g: int) -> str:
-    """Group ``g``'s labels for a warning: ``checkpoint 0``, ``checkpoint 0, restriction 'l0h1'``, ..."""
+    """Group ``g``'s labels for a message: ``checkpoint 2``, ``checkpoint 0, restriction 'l0h1'``, ... (the
+    checkpoint only where the call has several: ``""`` for one model, unrestricted, on one distribution)."""
     return ", ".join(f"{k} {v!r}" if isinstance(v, str) else f"{k} {v}"
-                     for k, v in target.group_labels(g).items() if v is not None)
+                     for k, v in target.group_labels(g).items() if v is not None and _named(target, k))
+
+
+def _named(target: Target, key: str) -> bool:
+    """Whether a group label is named in messages: the checkpoint only in a call with several."""
+    return key != "checkpoint" or target.K > 1
 
 
 def _where_all(target: Target, groups: list[int]) -> str:
@@ -462,7 +469,7 @@ def _where_all(target: Target, groups: list[int]) -> str:
         return shown + (f"; and {len(groups) - WHERE_SHOWN} more" if len(groups) > WHERE_SHOWN else "")
     parts, product, at = [], [], None
     for k, v in labels[0].items():
-        if v is None:
+        if v is None or not _named(target, k):
             continue
         if k not in values:
             parts.append(f"{k} {v!r}" if isinstance(v, str) else f"{k} {v}")
@@ -501,8 +508,9 @@ def _warn_jumps(adapt: Any, target: Target, caller: str) -> None:
     if adapt is None or adapt.collapsed is None or adapt.collapse_cause != "jumps":
         return  # (SGHMC's collapse, "friction", is no jump: print(result) names it)
     for g in (adapt.collapsed != adapt.step_size).nonzero().flatten().tolist():
+        where = _where(target, g)
         warnings.warn(
-            f"{caller} ({_where(target, g)}): the loss jumps where the chains step (it is discontinuous in "
+            f"{caller}{f' ({where})' if where else ''}: the loss jumps where the chains step (it is discontinuous in "
             "w, e.g. top-k routing in a mixture of experts, argmax or rounding in forward): the Metropolis error of "
             f"the Langevin proposal fell only {float(adapt.jump_ratio[g]):.1f}× for a {JUMP_FACTOR:g}× smaller step "
             f"(a smooth loss: about {JUMP_FACTOR ** 1.5:g}×), so no step reaches the target acceptance, and "
@@ -529,7 +537,10 @@ def _each_checkpoint(modules: list[nn.Module], differ: list[str], data: Any, los
             try:
                 res = estimate_llc(module, data, loss_fn, seed=s, **kwargs)
             except LLCEstimationError as e:
-                raise LLCEstimationError(str(e).replace("checkpoint(s) [0]", f"checkpoint(s) [{k}]")) from e
+                msg = str(e)  # the run held one model: name its checkpoint
+                raise LLCEstimationError(msg.replace("every chain of ", f"every chain of checkpoint {k}, ", 1)
+                                         if "every chain of " in msg else
+                                         msg.replace("every chain ", f"every chain of checkpoint {k} ", 1)) from e
         found += [(k, w) for w in caught]
         for r in _leaves(res):
             r.config.update(checkpoint=k, num_checkpoints=len(modules))
@@ -541,18 +552,19 @@ def _each_checkpoint(modules: list[nn.Module], differ: list[str], data: Any, los
 
 def _warn_runs(found: list[tuple[int, Any]]) -> None:
     """The warnings of one run per checkpoint (``(k, caught warning)``), labelled with their checkpoint: the
-    runs' findings (``slt.estimate_llc (checkpoint 0…): …``) grouped over the checkpoints as a batched call
-    groups them (:func:`_warn_groups`), every other warning as it was raised."""
-    prefix = "slt.estimate_llc (checkpoint 0"
+    runs' warnings (``slt.estimate_llc: …``, ``slt.estimate_llc (restriction 'a'): …``: each run holds one model)
+    grouped over the checkpoints as a batched call groups them (:func:`_warn_groups`), every other warning as it
+    was raised."""
     findings = []
     for k, w in found:
         msg = str(w.message)
-        if w.category is RuntimeWarning and msg.startswith(prefix) and "): " in msg:
-            rest, body = msg[len(prefix):].split("): ", 1)  # rest: ", restriction 'a'" or ""
-            findings.append((k, rest, body))
+        if w.category is RuntimeWarning and msg.startswith("slt.estimate_llc: "):
+            findings.append((k, "", msg[len("slt.estimate_llc: "):]))
+        elif w.category is RuntimeWarning and msg.startswith("slt.estimate_llc (") and "): " in msg:
+            rest, body = msg[len("slt.estimate_llc ("):].split("): ", 1)  # rest: "restriction 'a'"
+            findings.append((k, ", " + rest, body))
         else:
-            warnings.warn(msg.replace("(checkpoint 0", f"(checkpoint {k}", 1), w.category,
-                          stacklevel=user_stacklevel())
+            warnings.warn(msg, w.category, stacklevel=user_stacklevel())
     for rest, ks, msg in _merge_findings(findings):
         where = f"checkpoint {ks[0]}" if len(ks) == 1 else f"checkpoints {_ranges(ks)}"
         warnings.warn(f"slt.estimate_llc ({where}{rest}): {msg}", RuntimeWarning, stacklevel=user_stacklevel())
@@ -662,7 +674,7 @@ class Sampling:
             if masks is not None:
                 config["restricted_params"] = int(masks[g // target.groups.D % target.groups.M].sum())
             if target.groups.parts is not None:  # data-refined: the size of this group's own distribution
-                config["n"] = int(target.groups.parts[g % target.groups.D].n)
+                config["n"] = int(target.groups.parts[g % target.groups.D].support)
             out.append(LLCResult.from_traces(
                 tr.loss, tr.star, nbeta=target.nbeta, init_loss=float(init[g]), step_size=eps_g,
                 localization=target.localization, sampler=self.sampler, burnin=tr.burnin, observables=tr.observables,
@@ -684,6 +696,24 @@ def _note_batch_statistics(target: Target, minibatches: bool) -> Target:
     note = batch_statistics_issue(target.model) if minibatches else None
     if note is None or note in target.issues:
         return target
+    warnings.warn(f"slt: {note}", RuntimeWarning, stacklevel=user_stacklevel())
+    return replace(target, issues=[*target.issues, note])
+
+
+def _note_loader_cycle(target: Target, thin: int) -> Target:
+    """The target with an issue (and warned) when its DataLoader does not shuffle and the draws, taken every
+    ``thin`` steps, fall on only some positions of its fixed cycle of batches: each draw's loss is then always
+    read on the same few batches, just after the chains stepped on the ones before them (a time-ordered
+    regression at ``num_steps_bw_draws`` = its 4 batches read λ̂ 1.64 ± 0.04 against 2.05, converged)."""
+    cycle = target.source.fixed_cycle if isinstance(target.source, LoaderSource) else None
+    common = math.gcd(int(thin), cycle) if cycle else 1
+    if common == 1:
+        return target
+    note = (f"the DataLoader does not shuffle, so it yields the same cycle of {cycle} batches every epoch, and "
+            f"the draws, every {thin} steps, fall on only {cycle // common} of its {cycle} positions: every draw's "
+            "loss is read on the same batches. Pass shuffle=True with a generator (DataLoader(..., shuffle=True, "
+            "generator=torch.Generator().manual_seed(s))), or the dataset itself (slt then draws independent "
+            "minibatches), or a num_steps_bw_draws with no common factor with the cycle")
     warnings.warn(f"slt: {note}", RuntimeWarning, stacklevel=user_stacklevel())
     return replace(target, issues=[*target.issues, note])
 
@@ -751,6 +781,7 @@ def sample_target(
     if batch_auto:
         batch_size = BATCH_SIZE
     target = _note_batch_statistics(target, minibatches=batch_size is not None or isinstance(target.source, LoaderSource))
+    target = _note_loader_cycle(target, num_steps_bw_draws)
     probe_observables(caller, observables, target)
     C, G, dev = num_chains, target.G, target.device
     rows = target.rows(C)  # (G*C, d)
@@ -802,7 +833,7 @@ def sample_target(
             halving = _direct_halving(alt["trace"], half["trace"], target.nbeta, G, C)
             alt_unsettled = {g: [h["message"]] for g, h in halving.items() if h["message"]}
         record = {"sampler": alt_spec.name, "settled": not alt_unsettled, "halving": halving,
-                  "seconds": seconds, "reasons_after": _reasons(alt_unsettled)}
+                  "seconds": seconds, "reasons_after": _reasons(alt_unsettled, target)}
         return {"run": alt, "extensions": alt_ext, "halved": alt_halved, "spec": alt_spec, "record": record}
 
     judge = target.localization_auto and num_draws >= LOCALIZATION_MIN_DRAWS  # (fewer draws: too noisy to act on)
@@ -841,7 +872,10 @@ def sample_target(
         if not unsettled or last_level:
             break
         escalations.append({"localization": gamma, "seconds": run["trace"].seconds + run["adapt_seconds"],
-                            "reasons": _reasons(unsettled), "draw_extensions": level_extensions})
+                            "reasons": _reasons(unsettled, target), "draw_extensions": level_extensions,
+                            # (for print(result): which groups drove it, and their first finding)
+                            "groups": [w for g in unsettled if (w := _where(target, g))],
+                            "finding": next(iter(unsettled.values()))[0]})
         run.pop("final", None)
     first_name, tried, adopted, extensions = spec.name, [], False, list(level_extensions)
     first = run.get("deferred")
@@ -867,13 +901,13 @@ def sample_target(
         if first is not None:
             tried.append({"sampler": first_name, "settled": not unsettled, "halving": None,
                           "seconds": run["trace"].seconds + sum(e["seconds"] for e in extensions),
-                          "reasons_after": _reasons(unsettled)})
+                          "reasons_after": _reasons(unsettled, target)})
     # sampler="auto": SGLD's chains have not settled at the γ reached.  SGHMC damped critically for the directions
     # γ alone holds relaxes them in ~1/√(ηγ) steps instead of 1/(ηγ); RMSProp-SGLD (preconditioner frozen after
     # burn-in) moves flat directions 1/a times faster.  The first whose run settles replaces SGLD's.
     # (only with the adapted step: a given ε was chosen for SGLD; and not for estimators whose online
     # statistics follow one run)
-    reasons = (_reasons(unsettled) if first is None
+    reasons = (_reasons(unsettled, target) if first is None
                else [f"at γ = {target.localization:g}, SGLD's adapted ε = {first['step_size']:.3g} would need a burn-in"
                      f" of {RELAXATION_TIMES}/(εγ) = {first['relaxation_steps']} steps, {first['relaxation_steps'] / first['draw_steps']:.1f}"
                      f" × the draws' {first['draw_steps']}"])
@@ -913,7 +947,7 @@ def sample_target(
     if raise_on_divergence:  # before the warning: the error names the same chains
         _raise_if_all_diverged(trace.diverged.view(G, C).all(1), spec, potential, target, rows, eps, thresh,
                                min(200, num_steps), None if batches.full else batches.batch_size, kw)
-    _warn_divergent(trace.diverged, trace.divergence_step, C, thresh, caller)
+    _warn_divergent(trace.diverged, trace.divergence_step, C, thresh, caller, target)
     _warn_jumps(adapt, target, caller)
     config = {
         "num_chains": C, "num_draws": int(trace.loss.shape[1]), "num_draws_requested": num_draws,
@@ -1147,13 +1181,26 @@ def _verdict(run: Mapping[str, Any], target: Any, G: int, C: int, thin: int,
     halved = _halved_estimates(run["trace"], run["eps"], target.nbeta, run["num_burnin"], run["num_steps"])
     if not judge:
         return halved, {}
-    return halved, _unsettled(run["trace"], target.nbeta, G, C, halved, diffusion=run["diffusion"],
-                              times=_draw_times(run["trace"], run["num_burnin"], thin), **_relaxation(run, target))
+    unsettled = _unsettled(run["trace"], target.nbeta, G, C, halved, diffusion=run["diffusion"],
+                           times=_draw_times(run["trace"], run["num_burnin"], thin), **_relaxation(run, target))
+    below = _below_start(run["trace"], G, C) if target.groups.parts is None else set()
+    return halved, {g: m for g, m in unsettled.items() if g not in below}
 
 
-def _reasons(unsettled: Mapping[int, list[str]]) -> list[str]:
-    """The findings of :func:`_unsettled` as ``"group g: message"`` lines."""
-    return [f"group {g}: {m}" for g, ms in unsettled.items() for m in ms]
+def _below_start(trace: Trace, G: int, C: int) -> set[int]:
+    """Groups whose valid chains' draws are mostly below L(w*): w* is not a minimum of their loss (their
+    results say so), which no larger γ, longer run or other sampler mends, so they do not drive the call's
+    escalation (an untrained first checkpoint raised γ 1 → 10 for a whole curve: a trained one read 9.83 at
+    γ = 10 against 17.02 alone).  Not for data-refined groups, whose loss need not be minimal at w*."""
+    below = (trace.loss - trace.star < 0).double().mean(1).view(G, C)
+    valid = ~trace.diverged.view(G, C).to(below.device)
+    return {g for g in range(G) if bool(valid[g].any()) and float(below[g][valid[g]].mean()) > 0.5}
+
+
+def _reasons(unsettled: Mapping[int, list[str]], target: Target) -> list[str]:
+    """The findings of :func:`_unsettled`, each with its group's labels where the call has several groups
+    (``"checkpoint 0: R-hat ..."``; :func:`_where`)."""
+    return [f"{where}: {m}" if (where := _where(target, g)) else m for g, ms in unsettled.items() for m in ms]
 
 
 def _direct_halving(trace: Trace, half: Trace, nbeta: float, G: int, C: int) -> dict[int, dict[str, Any]]:
@@ -1613,6 +1660,7 @@ def _raise_if_all_diverged(all_dead: Tensor, spec, potential, target, rows: Tens
     if not bool(all_dead.any()):
         return
     bad = all_dead.nonzero().flatten().tolist()
+    where = "; ".join(_where(target, g) for g in bad)
     C = rows.shape[0] // all_dead.shape[0]
     eps_max = float(eps.max()) if isinstance(eps, Tensor) else float(eps)
     rng = ChainRNG([s + 0x2F1 for s in target.group_seeds], C, target.device)
@@ -1621,21 +1669,27 @@ def _raise_if_all_diverged(all_dead: Tensor, spec, potential, target, rows: Tens
     fix = (f"step_size={sug:.3g} ran {steps} steps from w* without divergence: pass it"
            if sug is not None else "no step size down to ε/1024 ran without divergence: check the model and loss")
     raise LLCEstimationError(
-        f"every chain of checkpoint(s) {bad} diverged at step_size={eps_max:.3g} (the loss or parameters became "
+        f"every chain{f' of {where}' if where else ''} diverged at step_size={eps_max:.3g} (the loss or parameters became "
         f"NaN/inf, or nβ·ΔL exceeded {threshold:g}): the step is too large for the posterior's stiffest "
         f"directions. {fix}; raise_on_divergence=False returns NaN instead."
     )
 
 
-def _warn_divergent(diverged: Tensor, divergence_step: Tensor, num_chains: int, threshold: float, caller: str) -> None:
+def _warn_divergent(diverged: Tensor, divergence_step: Tensor, num_chains: int, threshold: float, caller: str,
+                    target: Any) -> None:
     idx = diverged.nonzero().flatten().tolist()
     if not idx:
         return
     steps = divergence_step[diverged].tolist()
+
+    def chain(i: int) -> str:  # "checkpoint 1, restriction 'a' chain 0", or "chain 0" for a single model
+        where = _where(target, i // num_chains)
+        return f"{where + ' ' if where else ''}chain {i % num_chains}"
+
     warnings.warn(
         f"{caller}: divergent chains (loss or parameters became NaN/inf or "
         f"nβ·ΔL > {threshold:g}) were stopped and excluded: "
-        + ", ".join(f"checkpoint {i // num_chains} chain {i % num_chains} at step {s}" for i, s in zip(idx, steps))
+        + "; ".join(f"{chain(i)} at step {s}" for i, s in zip(idx, steps))
         + ". Reduce step_size.",
         RuntimeWarning,
         stacklevel=user_stacklevel(),

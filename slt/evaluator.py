@@ -1214,6 +1214,11 @@ def validate_model_and_loss(model: nn.Module, adapter: LossAdapter, probe: Batch
                     "dataset or batch are read as (x,), (x, y) or (x, y, weights))")
         elif isinstance(e, IndexError) and "index out of range" in str(e):
             hint = _index_hint(model, probe.x)
+        elif isinstance(e, RuntimeError) and "dtype" in str(e) and isinstance(x, Tensor) and not (
+                x.is_floating_point() or x.is_complex()) and x.dtype != torch.bool:
+            hint = (f" (the inputs are {str(x.dtype).replace('torch.', '')}, and a layer with floating-point weights "
+                    "needs floating-point inputs: pass them as x.float(), e.g. uint8 images as x.float() / 255; "
+                    "token ids go to an nn.Embedding first)")
         if not hint and isinstance(x, Mapping):
             hint = _columns_hint(model, x)
         raise ValueError(
@@ -1239,8 +1244,15 @@ def validate_model_and_loss(model: nn.Module, adapter: LossAdapter, probe: Batch
         shape = tuple(loss.shape) if isinstance(loss, Tensor) else type(loss).__name__
         if isinstance(loss, Tensor) and loss.numel() == 1:
             fix = ": reduce it to a 0-d tensor (.mean() over all dims, or .squeeze())"
+        elif isinstance(loss, Tensor) and not _one_per_sample(model, adapter, probe, aliases, loss, rows):
+            fix = (": its first dimension does not follow the batch size (one entry per task or output?): combine "
+                   "the entries into the one loss the posterior should use, e.g. their sum (.sum()) or a weighted sum")
         elif isinstance(loss, Tensor):
             fix = ": average it over the batch (reduction='mean'), e.g. .mean()"
+        elif isinstance(loss, Mapping) and "loss" not in loss:
+            keys = ", ".join(repr(k) for k in list(loss)[:4]) + (", ..." if len(loss) > 4 else "")
+            fix = (f": a mapping of {len(loss)} entries ({keys}): pass a loss_fn that returns the one loss the "
+                   "posterior should use, e.g. lambda out, y: sum(my_loss(out, y).values()) for task losses")
         elif isinstance(loss, (tuple, list)) or isinstance(loss, Mapping):
             fix = (": pass a loss_fn that returns only the loss, e.g. lambda out, y: my_loss(out, y)"
                    + ("[0]" if isinstance(loss, (tuple, list)) else "['loss']"))
@@ -1318,6 +1330,24 @@ def _loss_on(model: nn.Module, adapter: LossAdapter, x: Any, y: Any, aliases: An
     if isinstance(loss, Tensor) and loss.ndim == 0 and bool(torch.isfinite(loss.detach())):
         return out, loss
     return None
+
+
+def _one_per_sample(model: nn.Module, adapter: LossAdapter, probe: Batch, aliases: Any, loss: Tensor,
+                    rows: int) -> bool:
+    """Whether a non-scalar ``loss`` on the first ``rows`` samples has one entry per sample: its first dimension
+    is ``rows``, and on the whole probe (when it has more rows) the probe's row count; a vector of task losses
+    keeps its length."""
+    if loss.shape[0] != rows:
+        return False
+    wide = num_rows(probe.x)
+    if wide == rows:
+        return True
+    try:
+        with torch.no_grad():
+            other = adapter.loss_fn(call_module(model, own_tensors(model), probe.x, aliases), probe.y)
+    except Exception:  # noqa: BLE001 - the first rows' shape is the one reported
+        return True
+    return not isinstance(other, Tensor) or other.ndim == 0 or other.shape[0] == wide
 
 
 def _names(names: list[str], limit: int = 4) -> str:
@@ -1429,7 +1459,7 @@ def _check_buffer_writes(model: nn.Module, aliases: Mapping[str, list[str]] | No
 
 
 def check_gradients_reach(model: nn.Module, spec: ParamSpec, adapter: LossAdapter, probe: Batch, w: Tensor,
-                          rows: int = 8, original: nn.Module | None = None) -> None:
+                          rows: int = 8, original: nn.Module | None = None) -> str | None:
     """Refuse a model whose loss depends on sampled parameters that autograd gives no gradient.
 
     SGLD moves each parameter by its gradient; a parameter used in ``forward`` under
@@ -1440,7 +1470,10 @@ def check_gradients_reach(model: nn.Module, spec: ParamSpec, adapter: LossAdapte
     1e-2, fixed generator, the same random numbers in both forward passes) and the loss compared;
     parameters the loss really does not use (left over, unused) pass.  A loss whose graph reaches the
     module's own parameter tensors (or those of ``original``, the user's module when ``model`` is its copy
-    on another device or dtype) is refused too (:func:`_refuse_direct_reads`)."""
+    on another device or dtype) is refused too (:func:`_refuse_direct_reads`).
+
+    Returns a note naming the parameters the loss does not use on those samples (they move under the
+    localization alone and add nothing to λ̂), or ``None``."""
     x, y = _first_rows(probe, rows)
     params = {n: v.detach().clone().requires_grad_(True) for n, v in spec.unflatten(w.detach()).items()}
     with _probe_losses(model, adapter, x, y, params.values()) as loss_at:
@@ -1455,27 +1488,65 @@ def check_gradients_reach(model: nn.Module, spec: ParamSpec, adapter: LossAdapte
         else:
             silent = list(params)
         if not silent:
-            return
+            return None
         gen = torch.Generator(device=w.device).manual_seed(0)
         moved = {n: (v.detach() + 1e-2 * (v.detach().abs() + 1e-2)
                      * torch.randn(v.shape, generator=gen, device=v.device, dtype=v.dtype)) if n in silent
                  else v.detach() for n, v in params.items()}
         with torch.no_grad():
             again = loss_at(moved)
-    if _same_values(torch.as_tensor(again).detach(), torch.as_tensor(loss).detach()):
-        return  # unused parameters: their gradient is 0 indeed
-    everything = len(silent) == len(params)
     names = _names([repr(n) for n in silent], 6)
+    if _same_values(torch.as_tensor(again).detach(), torch.as_tensor(loss).detach()):  # unused indeed
+        return (f"the loss does not use the parameters {names} (no gradient, and moving them left it unchanged on "
+                f"the first {num_rows(x)} samples): they move under the localization alone and add nothing to λ̂; "
+                "freeze them (p.requires_grad_(False)) to leave them out, unless other samples use them")
+    everything = len(silent) == len(params)
+    how = ("they are used under torch.no_grad(), through .detach() or .data in forward or loss_fn. SGLD would move "
+           "them as if the loss did not depend on them, so λ̂ would be meaningless. Remove the detach/no_grad, or "
+           "freeze those parameters (p.requires_grad_(False)) to hold them at w*")
+    if _reentrant_checkpoint(lambda: loss_at(moved)):
+        how = ("forward runs them inside torch.utils.checkpoint.checkpoint(..., use_reentrant=True), whose "
+               "recomputation gives the parameters inside no gradient when its inputs do not require grad (here: "
+               "the data). Pass use_reentrant=False (the same values and gradients), or turn activation "
+               "checkpointing off for the LLC run")
     raise ValueError(
         ("no parameter gets a gradient from loss_fn (the loss does not require grad), yet the loss changes "
          "when they move" if everything else
          f"the loss depends on the parameters {names}, yet autograd gives them no gradient")
         + " (moving them by 1e-2 of their size changed the loss on the first samples from "
         f"{float(torch.as_tensor(loss).detach()):.6g} "
-        f"to {float(again):.6g}): they are used under torch.no_grad(), through .detach() or .data in forward or "
-        "loss_fn. SGLD would move them as if the loss did not depend on them, so λ̂ would be meaningless. Remove "
-        "the detach/no_grad, or freeze those parameters (p.requires_grad_(False)) to hold them at w*"
+        f"to {float(again):.6g}): {how}"
     )
+
+
+def _reentrant_checkpoint(call: Callable[[], Any]) -> bool:
+    """Whether ``call()`` runs ``torch.utils.checkpoint``'s reentrant variant (``use_reentrant=True``, the
+    ``CheckpointFunction`` autograd function), whose output carries no graph to the parameters inside when
+    no input requires grad."""
+    import torch.utils.checkpoint as tc
+
+    fn = getattr(tc, "CheckpointFunction", None)
+    if fn is None:
+        return False
+    used = []
+    original = fn.__dict__["apply"] if "apply" in fn.__dict__ else None
+
+    def apply(*args: Any, **kwargs: Any) -> Any:
+        used.append(True)
+        return torch.autograd.Function.apply.__func__(fn, *args, **kwargs)
+
+    fn.apply = apply
+    try:
+        with torch.no_grad():
+            call()
+    except Exception:  # noqa: BLE001 - only the question whether it is used
+        pass
+    finally:
+        if original is None:
+            del fn.apply
+        else:
+            fn.apply = original
+    return bool(used)
 
 
 def _padding_rows(model: nn.Module, names: Iterable[str]) -> list[tuple[str, nn.Module, str, int]]:
@@ -1535,13 +1606,19 @@ def check_padding_rows(model: nn.Module, spec: ParamSpec, adapter: LossAdapter, 
             if _same_values(again, loss.detach()):
                 continue
             keep = "slice(1, None)" if pad == 0 else f"[i for i in range({v.shape[0]}) if i != {pad}]"
+            causal = type(model).__name__.endswith("ForCausalLM") or bool(
+                getattr(getattr(model, "config", None), "is_decoder", False))
+            lm = (" A causal LM reads it where a row's first real token is predicted from a padding position (left "
+                  "padding whose labels are the input ids with -100 on the padding only): label that first token "
+                  "-100 as well, or pass loss_fn=slt.losses.causal_lm (it predicts only from real tokens)."
+                  if causal else "")
             raise ValueError(
                 f"the loss depends on row {pad} of {name!r}, the padding_idx row of {mod_name or 'the model'} "
                 f"({type(m).__name__}), which PyTorch gives no gradient (moving it by 1e-2 of its size changed the loss "
                 f"on the first samples from {float(loss):.6g} to {float(again):.6g}): SGLD would let the row diffuse as "
                 "if the loss did not depend on it, so λ̂ would be biased. Mask the padding positions out of the model's "
                 "output (e.g. pool over the attention mask only), or pass padding_idx=None, or hold the row at w* with "
-                f"restrict_to=lambda name, p: {keep} if name == {name!r} else True")
+                f"restrict_to=lambda name, p: {keep} if name == {name!r} else True" + lm)
 
 
 #: :func:`gradient_mismatch_issue` runs on a float64 copy of models of at most this many sampled parameters

@@ -533,6 +533,10 @@ def _setup(caller: str, model: Any, data: Any, loss_fn: Any, kwargs: dict, per_s
         samp["batch_size"] = data.batch_size  # the loader's batch size is the run's, as in slt.estimate_llc
     C = check_int("num_chains", samp.get("num_chains", LLC.num_chains), 1)
     samp["num_chains"] = C
+    if "num_draws" in samp and check_int("num_draws", samp["num_draws"], 1) < 2:
+        raise ValueError(f"{caller}: num_draws={samp['num_draws']}: the covariances are taken over each chain's draws "
+                         "(one draw has none; pooled over chains it would be the spread between chains' starts): "
+                         "pass num_draws >= 2 (hundreds for a usable value)")
     if C == 1:
         warnings.warn(f"{caller}: num_chains=1: the standard errors come from the spread between chains, so they "
                       "are NaN; use at least 2 chains (4 or more for a usable error)", RuntimeWarning,

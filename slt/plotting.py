@@ -156,6 +156,8 @@ def plot_llc_curve(results: Any, x: Any = None, ax: Any = None, *, title: str | 
     for key, part in groups:
         part = part.sort_values("checkpoint")
         xs = steps[part["checkpoint"].to_numpy(dtype=int)]
+        order = np.argsort(xs, kind="stable")  # joined along x: files given out of step order drew a zigzag
+        part, xs = part.iloc[order], xs[order]
         key = key if isinstance(key, tuple) else (key,)
         label = ", ".join(f"{k} {v}" for k, v in zip(keys, key)) or None
         line = ax.errorbar(xs, part["llc_mean"], yerr=part["llc_sem"], fmt="-", lw=1.3, capsize=2, label=label)

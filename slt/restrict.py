@@ -238,6 +238,9 @@ def _resolve_into(row: Tensor, r: Any, P: _Params, where: str) -> None:
     """Resolve one (unlabelled) restriction ``r`` into the flat bool ``row`` ``(d,)``."""
     if isinstance(r, str):
         r = [r]
+    if isinstance(r, (list, tuple)) and not r:
+        raise ValueError(f"{where} is an empty {type(r).__name__}: nothing to restrict to (a list of globs, modules "
+                         "or parameters restricts to their union)")
     if isinstance(r, (list, tuple)) and r and all(isinstance(g, str) for g in r):
         for glob in r:
             for i in P.match(glob, where):
@@ -282,6 +285,11 @@ def _resolve_into(row: Tensor, r: Any, P: _Params, where: str) -> None:
                 raise ValueError(f"{where}: per-parameter mapping keys must be parameter names or globs "
                                  f"(strings), got {k!r} ({type(k).__name__})")
             hint = f"{where} (a mapping whose values are masks: its keys are parameter names or globs)"
+            if isinstance(v, (list, tuple)) and not v and not any(
+                    fnmatch.fnmatchcase(n, k) for names in P.aliases for n in names):
+                raise ValueError(f"{where}[{k!r}] is an empty {type(v).__name__}: nothing to restrict to (read as a "
+                                 f"mask mapping {{parameter name or glob: mask}}, {k!r} names no parameter; as a "
+                                 "labelled mapping {label: restriction}, its restriction selects nothing)")
             for i in P.match(k, hint):
                 _fill(row, P, i, v, f"{where}[{k!r}]")
         return

@@ -57,7 +57,7 @@ from torch import Tensor, nn
 
 from ._checks import check_int
 from .compiled import COMPILE_MIN_SECONDS, compile_step
-from .data import Batch, Data, LoaderSource, _map, as_source, num_rows, row_numel
+from .data import Batch, Data, LoaderSource, _map, as_source, num_rows, random_items, row_numel
 from .defaults import default_localization, default_nbeta
 from .groups import Groups, concat_data, split_data
 from .evaluator import (PATH_REASONS, ChainEvaluator, choose_path, resolve_autocast, probe_batch, to_device,
@@ -70,8 +70,8 @@ from .result import RANDOM_ISSUES
 from .rng import ChainRNG
 from ._runtime import resolve_device, autograd_allowed, user_stacklevel
 
-__all__ = ["Target", "prepare_target", "BatchStream", "train_mode_issues", "batch_statistics_issue",
-           "random_forward_issue", "fastest_path",
+__all__ = ["Target", "prepare_target", "BatchStream", "train_mode_issues", "is_norm_train_issue",
+           "batch_statistics_issue", "random_forward_issue", "fastest_path",
            "checkpoint_state_differences", "checkpoint_modules", "checkpoint_state_batchable"]
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
@@ -245,7 +245,23 @@ class Target:
         NaN or inf."""
         if self._star is None:
             self._star = self._compute_star_losses()
+            self._note_uncounted_samples()
         return self._star
+
+    def _note_uncounted_samples(self) -> None:
+        """A note (and warning) when samples of tensor data carry no counted target in a loss that averages over
+        counted targets (labels all -100 or ``ignore_index``; a causal LM's own loss, a token mean): they add
+        nothing to L_n yet count in n, and so in nβ (8 such sequences beside 96 moved nβ 21.0 → 23.7)."""
+        c = self._star_counts
+        if c is None or not isinstance(self.source, Data):
+            return
+        empty = int((c.reshape(-1) == 0).sum())
+        if not empty:
+            return
+        self.notes.append(f"{empty} of the {self.source.n} samples have no counted target (labels all -100 or "
+                          "ignore_index): the loss averages over counted targets, so they add nothing to L_n, yet "
+                          "each counts as a sample (in n, and so in nβ); drop them from the data, or pass nbeta")
+        warnings.warn(f"slt: {self.notes[-1]}", RuntimeWarning, stacklevel=user_stacklevel())
 
     @property
     def init_loss(self) -> Tensor:
@@ -290,12 +306,26 @@ class Target:
             tot = torch.zeros(K, dtype=torch.float64, device=self.device)
             count = 0
             # (every sample once: a loader that drops its last batch or shuffles is read in index order)
-            for x, y, w in source.in_order()[0].iter_batches():
+            read, order = source.in_order()
+            # (a sampler that chooses the samples: say so; a shuffle read in index order changes nothing here)
+            if order and order.startswith("the DataLoader's sampler") and order not in self.notes:
+                self.notes.append(order)
+            # each batch's loss and what it weighs; a loss that averages over labelled tokens weighs them, a
+            # rule told by the first batch that can tell (slt.target.Target._label_rule)
+            rule = "rows" if self.adapter.has_native_per_sample else None
+            seen = []  # per batch: its loss (K,) and its weight under each rule (numbers, not the batch)
+            for x, y, w in read.iter_batches():
                 b = self._loader_batch(x, y, w)
                 with torch.no_grad():
-                    tot += ev.losses(self.w_star, b).double() * (m := self._batch_weight(b, w))
-                count += m
-            if count == 0:
+                    loss = ev.losses(self.w_star, b).double()
+                seen.append((loss, {r: self._batch_weight(b, w, r) for r in ("rows", "all", "shifted")}))
+                if rule is None:
+                    rule = self._label_rule(b)
+            rule = rule or "rows"
+            for loss, weights in seen:
+                tot += loss * weights[rule]
+                count += weights[rule]
+            if not seen or count == 0:
                 raise ValueError("empty dataset: the DataLoader yielded no batch")
             init = (tot / count).to(self.dtype)
         if not torch.isfinite(init).all():
@@ -449,6 +479,11 @@ class Target:
             return self.evaluator.losses(self.w_star, _rows_of(self.source, rows).full_batch())
 
     def _note_forward_control_variate(self, why: str) -> None:
+        if any(i.startswith(RANDOM_ISSUES) for i in self.issues):  # (warned of at set-up)
+            self.notes.append(f"the loss is random (see its set-up note), so its per-sample losses differ from it "
+                              f"({why}): the loss at w* on each minibatch (the control variate) is a forward pass at "
+                              "w* (one more evaluation per step) instead of a lookup")
+            return
         self.notes.append(
             f"loss_fn is not the mean of per-sample losses ({why}), so the loss at w* on each minibatch (the "
             "control variate) is a forward pass at w* (one more evaluation per step) instead of a lookup; to "
@@ -474,12 +509,16 @@ class Target:
                 tot += self.evaluator.losses(self.w_star, part.full_batch()).double() * part.n
         return (tot / source.n).to(self.dtype)
 
-    def _batch_weight(self, b: Batch, w: Tensor | None) -> float:
+    def _batch_weight(self, b: Batch, w: Tensor | None, rule: str = "rows") -> float:
         """What a loader's batch weighs in :math:`L_n` (batches combined as :func:`slt.losses.weighted_mean`
         combines samples): its summed sample weights times counts (class weights, labelled tokens), or its
         rows.  A class-weighted cross-entropy over batches of a loader read L(w*) 0.9258 against 0.9208, and
-        a loader of (x, y, weights) its unweighted loss."""
+        a loader of (x, y, weights) its unweighted loss.  ``rule``: how a loss without known counts averages
+        (:meth:`_label_rule`): over rows, or over the labelled entries of all positions or positions 1:."""
         c = self.adapter.counts(b.y, 1, self.dtype) if isinstance(b.y, Tensor) else None
+        if c is None and rule != "rows":  # a mean over labelled entries (Target._label_rule)
+            c = _label_options(b.y).get(rule)
+            c = None if c is None else c.to(device=self.device, dtype=self.dtype)
         w = None if w is None else w.to(device=self.device, dtype=self.dtype).flatten()
         if c is not None and w is not None:
             return float((w * c.flatten()).sum())
@@ -487,12 +526,45 @@ class Target:
             return float(c.sum())
         return float(w.sum()) if w is not None else float(num_rows(b.x))
 
+    def _label_rule(self, b: Batch) -> str | None:
+        """Which mean ``loss_fn`` takes over a loader batch whose target holds integer labels (a tensor, or a
+        mapping's ``"labels"``): ``"rows"``, ``"all"`` or ``"shifted"`` (a mean over the labelled entries of
+        all positions, or of positions 1: as a causal LM's own loss shifts them; -100 ignored), told by the loss
+        of the batch against its halves' losses mixed by each rule's counts; ``None`` when the batch cannot
+        tell them apart (the rules' mixes agree) or has no such labels."""
+        options = _label_options(b.y)
+        B = num_rows(b.x)
+        if not options or B < 2:
+            return None
+        h = B // 2
+        sub = [slice(0, h), slice(h, B)]
+        halves = [Batch(_map(lambda t, s=sl: t[s], b.x), None, None, True) for sl in sub]
+        halves = [Batch(hb.x, hb.x if b.y is b.x else _map(lambda t, s=sl: t[s], b.y), None, True)
+                  for hb, sl in zip(halves, sub)]
+        with torch.no_grad():
+            whole = self.evaluator.losses(self.w_star[:1], b).double().cpu()
+            parts = torch.cat([self.evaluator.losses(self.w_star[:1], hb).double().cpu() for hb in halves])
+        mixes = {}
+        for name, c in [("rows", torch.tensor([h, B - h]))] + list(options.items()):
+            c = c.double().cpu() if name == "rows" else torch.stack([c[:h].sum(), c[h:].sum()]).double().cpu()
+            if bool((c > 0).all()):
+                mixes[name] = (c * parts).sum().reshape(1) / c.sum()
+        if len(mixes) < 2 or all(_agrees(m, next(iter(mixes.values()))) for m in mixes.values()):
+            return None  # the rules give the same loss here: this batch cannot tell them apart
+        return next((name for name, m in mixes.items() if _agrees(m, whole)), "rows")
+
     def _loader_batch(self, x: Any, y: Any, w: Tensor | None) -> Batch:
         x = to_device(x, self.device, self.dtype)
         y = x if y is None else to_device(y, self.device, self.dtype)
         wts = None
         if w is not None:
             w = w.to(device=self.device, dtype=self.dtype).flatten()
+            if not bool(w.sum() > 0):
+                raise ValueError(
+                    f"a DataLoader batch's third field, read as the samples' weights, sums to {float(w.sum()):g} "
+                    "on a batch of " f"{w.numel()} samples: no sample of it carries mass (weights must be "
+                    "non-negative, not all zero on a batch). If the field holds labels, groups or ids, not weights, "
+                    "yield (x, y) batches, or pass the inputs as a mapping ({'x': x, 'ids': ids}, y)")
             wts = w / w.sum()
         return Batch(x, y, wts, True)
 
@@ -626,7 +698,8 @@ class BatchStream:
         source = target.source
         self.batch_size = source.n if self.full else batch_size
         if isinstance(source, LoaderSource) and source.batch_size is not None:
-            self.batch_size = source.batch_size  # the loader's batches are what the run uses
+            # the loader's batches are what the run uses (at most its dataset: batch_size=1000 over 400 rows)
+            self.batch_size = source.batch_size if source.n is None else min(source.batch_size, int(source.n))
         self.shared = shared or isinstance(source, LoaderSource)
         self._shared_index = shared
         self._rows = target.rows(num_chains)  # (G*C, d)
@@ -706,6 +779,17 @@ class BatchStream:
         return b, self._forward_star(b)
 
 
+def _label_options(target: Any) -> dict[str, Tensor]:
+    """Each sample's labelled entries ``(B,)`` of integer labels (a tensor target, or a mapping's ``"labels"``;
+    -100 ignored) over all positions (``"all"``) and over positions 1: (``"shifted"``, as a causal LM shifts
+    them); ``{}`` without such labels."""
+    labels = target.get("labels") if isinstance(target, Mapping) else target
+    if not isinstance(labels, Tensor) or labels.is_floating_point() or labels.is_complex() or labels.ndim < 2:
+        return {}
+    kept = (labels != -100).reshape(labels.shape[0], -1)
+    return {"all": kept.sum(1), "shifted": kept[:, 1:].sum(1)}
+
+
 def _agrees(mean: Tensor, whole: Tensor) -> bool:
     """Per-sample losses' mean ``(K,)`` equals ``loss_fn`` ``(K,)`` to rounding (relative to the largest)."""
     scale = whole.abs().max().clamp_min(torch.finfo(whole.dtype).tiny)
@@ -760,7 +844,9 @@ def resolve_dtype(dtype: torch.dtype | None, template: nn.Module) -> tuple[torch
     for t in floats[1:]:
         found = torch.promote_types(found, t)
     if found in RUN_DTYPES:
-        return found, None
+        mixed = sorted({str(t).replace("torch.", "") for t in floats})
+        return found, (None if len(mixed) == 1 else f"the model's parameters mix {' and '.join(mixed)}: sampled in "
+                       f"{str(found).replace('torch.', '')}, their common precision, on a copy")
     halves = sorted({str(t).replace("torch.", "") for t in floats if t not in RUN_DTYPES})
     return torch.float32, (f"the model's parameters are {', '.join(halves)}: sampled in float32 on a copy (a "
                            "Langevin step is below half precision's resolution); autocast='bf16' or 'fp16' runs "
@@ -874,7 +960,7 @@ def _empty_sequences(loss_fn: Any, source: Data) -> str | None:
     moved L(w*) 0.209 → 0.157 and nβ 7.6 → 9.2)."""
     from .losses import causal_lm, causal_lm_empty_rows
 
-    if loss_fn is not causal_lm:
+    if loss_fn is not causal_lm and getattr(loss_fn, "func", None) is not causal_lm:  # (or a functools.partial)
         return None
     try:
         k = causal_lm_empty_rows(source.x if source.y is None else source.y)
@@ -902,6 +988,10 @@ def _check_checkpoint_lists(models: Any, state_dicts: Any) -> None:
         if isinstance(given, Iterator):
             raise TypeError(f"{name} is an iterator (a generator), which can be read only once while slt reads the "
                             f"checkpoints more than once: pass a list, {name}=list(...)")
+        if isinstance(given, (str, bytes, os.PathLike)):  # (a string is a sequence of one-letter "files")
+            raise TypeError(f"{name} takes a list of checkpoints, got one path {str(given)!r}: pass {name}=[path], or "
+                            f"the files of a pattern in training order, e.g. {name}=sorted(glob.glob(...), "
+                            "key=lambda f: int(re.findall(r'\\d+', f)[-1]))")
 
 
 def load_checkpoint_files(model: Any, models: Sequence[Any] | None, state_dicts: Sequence[Any] | None
@@ -913,11 +1003,29 @@ def load_checkpoint_files(model: Any, models: Sequence[Any] | None, state_dicts:
     given = model if isinstance(model, (list, tuple)) else models if models is not None else state_dicts
     files = None if given is None else [str(c) if isinstance(c, (str, os.PathLike)) else None for c in given]
 
+    if files is not None and all(f is not None for f in files):
+        _warn_unordered_files(files)
+
     def each(items: Sequence[Any] | None) -> list[Any] | None:
         return None if items is None else [_loaded(c, k) for k, c in enumerate(items)]
 
     return (each(model) if isinstance(model, (list, tuple)) else model, each(models), each(state_dicts),
             files if files is not None and any(f is not None for f in files) else None)
+
+
+def _warn_unordered_files(files: list[str]) -> None:
+    """Warn when the checkpoint files' names carry training steps out of order: ``sorted(glob(...))`` sorts
+    ``checkpoint-100`` before ``checkpoint-20``, so a curve's results (one per file, in the order given)
+    came misordered, silently."""
+    from .plotting import steps_from_names
+
+    steps = steps_from_names(files)
+    if steps is None or all(a <= b for a, b in zip(steps, steps[1:])):
+        return
+    shown = ", ".join(os.path.basename(os.path.normpath(f)) for f in files[:4]) + (", ..." if len(files) > 4 else "")
+    warnings.warn(f"slt: the checkpoint files are not in the order of the steps in their names ({shown}): the "
+                  "results come in the order given; sort the files by step, e.g. sorted(files, key=lambda f: "
+                  "int(re.findall(r'\\d+', os.path.basename(f))[-1]))", RuntimeWarning, stacklevel=user_stacklevel())
 
 
 def _params_in(sd: Mapping[Any, Any], names: list[str]) -> Mapping[Any, Any] | None:
@@ -1147,6 +1255,22 @@ def _mode_differences(template: nn.Module, ckpts: list[Any]) -> str:
             f"runs every checkpoint in the template's modes; call .eval() (or .train()) on all of them alike")
 
 
+def _refuse_frozen_differences(template: nn.Module, ckpts: list[Any]) -> None:
+    """Refuse checkpoint modules that freeze other parameters than the template (``requires_grad``): one call
+    samples one set of parameters, the template's, so a checkpoint with its own frozen layer was sampled
+    with it moving (λ̂ 29.9 against 14.1 in its own call), silently."""
+    own = {n: p.requires_grad for n, p in template.named_parameters()}
+    for k, ck in enumerate(ckpts):
+        if not isinstance(ck, nn.Module) or ck is template:
+            continue
+        odd = [n for n, p in ck.named_parameters() if n in own and p.requires_grad != own[n]]
+        if odd:
+            raise ValueError(
+                f"checkpoint {k} freezes other parameters than the template (checkpoint 0 or model): "
+                f"requires_grad differs on {_names(odd)}; one call samples one set of parameters, the "
+                "template's: set requires_grad alike on every checkpoint, or estimate them in separate calls")
+
+
 def _checkpoint_state(template: nn.Module, ckpts: list[Any], names: list[str], dev: torch.device,
                       dtype: torch.dtype) -> dict[str, Tensor]:
     """``name -> (K, *shape)``: each checkpoint's value of the buffers and frozen parameters ``names`` (a
@@ -1158,7 +1282,8 @@ def _checkpoint_state(template: nn.Module, ckpts: list[Any], names: list[str], d
         ref = own[name].detach()
         vals = [(v if isinstance(v := st.get(name), Tensor) else ref).detach().to(device=dev) for st in states]
         stacked = torch.stack(vals)
-        out[name] = stacked.to(dtype) if stacked.is_floating_point() else stacked.to(ref.dtype)
+        keep = stacked.is_floating_point() and _wider(ref, _kept_above(template, dtype))
+        out[name] = stacked.to(dtype) if stacked.is_floating_point() and not keep else stacked.to(ref.dtype)
     return out
 
 
@@ -1188,15 +1313,33 @@ def copy_module(model: nn.Module) -> nn.Module:
 _COMPLEX_OF = {torch.float64: torch.complex128, torch.float32: torch.complex64, torch.float16: torch.complex32}
 
 
-def module_to(module: nn.Module, device: torch.device, dtype: torch.dtype) -> nn.Module:
+def _wider(t: Tensor, dtype: torch.dtype) -> bool:
+    """A floating-point tensor of more precision than ``dtype`` (a float64 buffer in a float32 run)."""
+    return t.is_floating_point() and torch.finfo(t.dtype).bits > torch.finfo(dtype).bits
+
+
+def _kept_above(module: nn.Module, dtype: torch.dtype) -> torch.dtype:
+    """The precision above which a buffer keeps its own dtype in a run in ``dtype``: the wider of ``dtype`` and
+    the module's parameters' (a float64 buffer of a float32 model stays float64; a float64 model run in float32
+    on request casts its float64 buffers with its parameters)."""
+    floats = [p.dtype for p in module.parameters() if p.is_floating_point()]
+    return max([dtype] + floats, key=lambda d: torch.finfo(d).bits)
+
+
+def module_to(module: nn.Module, device: torch.device, dtype: torch.dtype, keep_above: torch.dtype | None = None
+              ) -> nn.Module:
     """``module.to(device=device, dtype=dtype)`` that keeps complex tensors complex: ``nn.Module.to``
     casts a complex buffer to the real ``dtype`` and drops its imaginary part (a model computing
     ``(fc(x) * phase * phase.conj()).real`` then computed another function).  Floating-point tensors
-    take ``dtype``, complex ones the complex dtype of its precision, others only move."""
+    take ``dtype``, complex ones the complex dtype of its precision, others only move; a floating-point
+    buffer of more precision than ``keep_above`` (:func:`_kept_above`), when given, keeps its own (a float64
+    offset of 1e8 + 0.37 in a float32 model, cast, made L(w*) 0.146 against the user's 0.0095: another
+    function)."""
     cdtype = _COMPLEX_OF.get(dtype)
+    wide = set() if keep_above is None else {id(b) for b in module.buffers() if _wider(b, keep_above)}
 
     def cast(t: Tensor) -> Tensor:
-        if t.is_floating_point():
+        if t.is_floating_point() and id(t) not in wide:
             return t.to(device=device, dtype=dtype)
         if t.is_complex() and cdtype is not None:
             return t.to(device=device, dtype=cdtype)
@@ -1228,8 +1371,10 @@ def _checkpoint_list(
         raise ValueError("pass either models=[...] or state_dicts=[...], not both")
     _check_checkpoint_lists(models, state_dicts)
     if isinstance(model, (list, tuple)):
-        if models is not None:
-            raise ValueError("pass the checkpoints either as model=[...] or models=[...], not both")
+        if models is not None or state_dicts is not None:
+            other = "models" if models is not None else "state_dicts"
+            raise ValueError(f"pass the checkpoints either as model=[...] or {other}=[...], not both (with "
+                             "state_dicts, model is the template module)")
         models, model = model, None
     if models is not None:
         models = [_loaded(m, k) for k, m in enumerate(models)]
@@ -1258,12 +1403,33 @@ def _checkpoint_list(
     return model, [model], False
 
 
+def _flat_checkpoint(spec: ParamSpec, ck: Any, k: int, K: int) -> Tensor:
+    """Checkpoint ``k``'s sampled parameters, flat ``(d,)``; a shape or key error names the checkpoint when
+    the call has several ("parameter '2.weight' has shape (16, 17) in the checkpoint" did not say which)."""
+    try:
+        return spec.flatten_module(ck) if isinstance(ck, nn.Module) else spec.flatten_mapping(ck)
+    except (ValueError, KeyError) as e:
+        if K == 1:
+            raise
+        raise type(e)(f"checkpoint {k}: {e.args[0] if e.args else e}") from e
+
+
 def _seeds(seed: int | Sequence[int], K: int) -> list[int]:
-    """The seed of each of ``K`` checkpoints: ``seed + k``, or the ``K`` seeds given (Python or NumPy integers)."""
-    if isinstance(seed, numbers.Integral) or not hasattr(seed, "__iter__"):
-        base = check_int("seed", seed)
+    """The seed of each of ``K`` checkpoints: ``seed + k``, or the ``K`` seeds given (Python or NumPy integers,
+    0-d integer tensors), each of magnitude below 2⁶² (the streams derived from it stay within 64 bits)."""
+    def one(name: str, s: Any) -> int:
+        if isinstance(s, Tensor) and s.ndim == 0 and not s.is_floating_point():
+            s = int(s)
+        value = check_int(name, s)
+        if abs(value) >= 1 << 62:
+            raise ValueError(f"{name} must be an integer of magnitude below 2**62, got {value}")
+        return value
+
+    if isinstance(seed, (numbers.Integral, str, bytes)) or not hasattr(seed, "__iter__") or (
+            isinstance(seed, Tensor) and seed.ndim == 0):
+        base = one("seed", seed)
         return [base + k for k in range(K)]
-    seeds = [check_int("seed[i]", s) for s in seed]
+    seeds = [one("seed[i]", s) for s in seed]
     if len(seeds) != K:
         raise ValueError(f"got {len(seeds)} seeds for {K} checkpoints")
     return seeds
@@ -1296,11 +1462,16 @@ def train_mode_issues(model: nn.Module) -> list[str]:
     * dropout active: an ``nn.Dropout*`` (any ``_DropoutNd``, ``AlphaDropout``) with ``p > 0``,
       or a module (Hugging Face attention, ``nn.MultiheadAttention``) with a positive ``*drop*``
       rate attribute, in training mode;
-    * BatchNorm (or another norm with running statistics) in training mode.
+    * BatchNorm in training mode (a sample's output depends on its batch);
+    * another norm with running statistics (``InstanceNorm*d(track_running_stats=True)``) in training mode:
+      it normalises each sample by its own statistics, but writes the running ones at every forward (and
+      eval mode uses those instead), so vmap cannot batch it.
 
-    Returns a list of messages naming the modules and the fix (empty when there is none)."""
+    Returns a list of messages naming the modules and the fix (empty when there is none); a message about
+    norms is recognised by :func:`is_norm_train_issue`."""
     dropout: list[str] = []
     norms: list[str] = []
+    running: dict[str, list[str]] = {}
     for name, m in model.named_modules():
         if not m.training:
             continue
@@ -1308,10 +1479,10 @@ def train_mode_issues(model: nn.Module) -> list[str]:
         if isinstance(m, nn.modules.dropout._DropoutNd):
             if float(m.p) > 0:
                 dropout.append(label)
-        elif isinstance(m, nn.modules.batchnorm._BatchNorm) or (
-            isinstance(m, nn.modules.batchnorm._NormBase) and m.track_running_stats
-        ):
+        elif isinstance(m, nn.modules.batchnorm._BatchNorm):
             norms.append(label)
+        elif isinstance(m, nn.modules.batchnorm._NormBase) and m.track_running_stats:
+            running.setdefault(type(m).__name__, []).append(label)
         elif rates := _dropout_rate_attrs(m):
             dropout.append(f"{name or '<model>'} ({', '.join(rates)})")
     issues = []
@@ -1322,7 +1493,20 @@ def train_mode_issues(model: nn.Module) -> list[str]:
         )
     if norms:
         issues.append(f"BatchNorm in train mode in {_names(norms)}: call model.eval() to use the batched path")
+    if running:
+        kinds = " / ".join(sorted(running))
+        labels = [label for group in running.values() for label in group]
+        issues.append(f"{kinds} with running statistics in train mode in {_names(labels)}: it writes them at every "
+                      "forward (each sample is still normalised by its own statistics); call model.eval() to use "
+                      "the batched path (eval mode normalises by the running statistics instead)")
     return issues
+
+
+def is_norm_train_issue(issue: str) -> bool:
+    """Whether a note of :func:`train_mode_issues` is about a norm layer in training mode (BatchNorm, or
+    another norm with running statistics)."""
+    head = issue.split(" in train mode", 1)[0]
+    return " in train mode" in issue and (head == "BatchNorm" or head.endswith("with running statistics"))
 
 
 def batch_statistics_issue(model: nn.Module) -> str | None:
@@ -1341,6 +1525,36 @@ def batch_statistics_issue(model: nn.Module) -> str | None:
             "statistics): a sample's output depends on the other samples of its minibatch, so a minibatch's loss "
             "is not an unbiased estimate of L_n and λ̂ depends on the batch size; pass batch_size=None (full batch: "
             "L_n itself), or give the model running statistics (track_running_stats=True, trained, then eval())")
+
+
+def use_cache_note(model: nn.Module, adapter: LossAdapter, probe: Batch) -> str | None:
+    """A note when the loss of a model that takes ``use_cache`` (Hugging Face) differs between the call slt makes,
+    with ``use_cache=False`` (a loss needs no key/value cache), and the model's own default on the first samples:
+    in transformers 5, packed sequences (``position_ids`` restarting, no attention mask) are told apart only
+    without a cache object, so the two calls are different networks (documents isolated or not: 2.993 against
+    2.984 untrained, 0.709 against 5.03 trained).  ``None`` when they agree or the inputs set ``use_cache``."""
+    from .evaluator import _takes_use_cache, call_module, module_aliases, own_tensors
+
+    x, y = _map(lambda t: t[:2], probe.x), probe.y
+    y = x if probe.y is probe.x else _map(lambda t: t[:2], y)
+    if not isinstance(x, Mapping) or "use_cache" in x or not _takes_use_cache(type(model)):
+        return None
+    try:
+        with torch.no_grad():
+            ours = adapter.loss_fn(call_module(model, own_tensors(model), x, module_aliases(model)), y)
+            theirs = adapter.loss_fn(model(**x), y)
+    except Exception:  # noqa: BLE001 - the model's default call is not this check's business
+        return None
+    if not (isinstance(ours, Tensor) and isinstance(theirs, Tensor)) or ours.shape != theirs.shape:
+        return None
+    scale = float(theirs.detach().abs().max()) + 1e-12
+    if float((ours.detach() - theirs.detach()).abs().max()) <= 1e-5 * scale:  # (float32 rounding: ~1e-7)
+        return None
+    return (f"the model's loss differs between slt's call, with use_cache=False ({float(ours):.6g} on the first "
+            f"samples), and its default call ({float(theirs):.6g}): the model computes another function without a "
+            "key/value cache (packed sequences, position_ids restarting without an attention mask, are told apart "
+            "only then in transformers 5), and slt samples the use_cache=False one; to sample the other, give the "
+            "documents an attention mask (or a use_cache entry in the inputs)")
 
 
 def random_forward_issue(model: nn.Module, probe: Batch, loss_fn: Callable | None = None) -> str | None:
@@ -1444,8 +1658,8 @@ def _fallback_hint(e: Exception, model: nn.Module, issues: list[str], eager_trie
         return " — loss_fn draws random numbers: make it deterministic"
     if "random" in msg and any(i.startswith("the model or loss_fn draws random") for i in issues):
         return " — the model or loss_fn draws random numbers: make them deterministic in eval mode"
-    if any(i.startswith("BatchNorm") for i in issues):
-        return " — BatchNorm in train mode: call model.eval() to use the batched path"
+    if norm := next((i for i in issues if is_norm_train_issue(i)), None):
+        return f" — {norm.split(' in train mode', 1)[0]} in train mode: call model.eval() to use the batched path"
     # transformers 5 renamed the flag and warns on the old name: read the old one only where the new is absent
     flag = ("is_activation_checkpointing" if hasattr(type(model), "is_activation_checkpointing")
             else "is_gradient_checkpointing")
@@ -1647,13 +1861,12 @@ def prepare_target(
     # model and checkpoints
     spec = ParamSpec(template)
     work_model = template
-    if any(
-        t.device != dev or (t.is_floating_point() and t.dtype != dtype)
-        for t in list(template.parameters()) + list(template.buffers())
-    ):
-        work_model = module_to(copy_module(template), dev, dtype)
-    rows = [(spec.flatten_module(ck) if isinstance(ck, nn.Module) else spec.flatten_mapping(ck)).to(
-        device=dev, dtype=dtype) for ck in ckpts]
+    keep_above = _kept_above(template, dtype)
+    if any(t.device != dev or (t.is_floating_point() and t.dtype != dtype) for t in template.parameters()) or any(
+            t.device != dev or (t.is_floating_point() and t.dtype != dtype and not _wider(t, keep_above))
+            for t in template.buffers()):
+        work_model = module_to(copy_module(template), dev, dtype, keep_above)
+    rows = [_flat_checkpoint(spec, ck, k, len(ckpts)).to(device=dev, dtype=dtype) for k, ck in enumerate(ckpts)]
     w_star = torch.stack(rows)  # (K, d)
     if not torch.isfinite(w_star).all():
         bad = [f"checkpoint {k}: {name!r}" for k in range(w_star.shape[0])
@@ -1667,15 +1880,16 @@ def prepare_target(
     if issues:
         warnings.warn(f"{caller}: " + "; ".join(issues), RuntimeWarning, stacklevel=user_stacklevel())
     modes = _mode_differences(template, ckpts)
+    _refuse_frozen_differences(template, ckpts)
 
     # data (a mapping {label: dataset}: one distribution per label, concatenated into one source)
     split = split_data(data)
     parts = offsets = None
     if split is not None:
         data, parts, offsets = concat_data(split[1])
-        if (nbeta is None or callable(nbeta)) and len({p.n for p in parts}) > 1:
+        if (nbeta is None or callable(nbeta)) and len({p.support for p in parts}) > 1:
             raise ValueError(
-                f"the distributions of data have different sizes {[p.n for p in parts]}: pass nbeta explicitly, as a "
+                f"the distributions of data have different sizes {[p.support for p in parts]}: pass nbeta explicitly, as a "
                 "number (one nβ for all, so that their refined LLCs are comparable)")
     source = as_source(data)
     notes: list[str] = [] if dtype_note is None else [dtype_note]
@@ -1685,6 +1899,17 @@ def prepare_target(
             notes.append(note)
             warnings.warn(f"{caller}: {note}", RuntimeWarning, stacklevel=user_stacklevel())
 
+    if isinstance(source, LoaderSource) and random_items(source.loader.dataset):
+        if full_data:
+            warned("the DataLoader's dataset items are random (two reads of item 0 differ: augmentation in "
+                   "__getitem__?): its data were read once, so the run samples the loss of that one draw of them; "
+                   "to measure on fixed data, pass the dataset without its random transforms")
+        else:
+            issues.append("the data are random: two reads of the DataLoader's dataset item 0 differ (augmentation in "
+                          "__getitem__?), so each batch's loss is a random function of w and λ̂ measures the "
+                          "augmentation's noise as well; measure on fixed data: pass the dataset without its random "
+                          "transforms")
+            warnings.warn(f"{caller}: {issues[-1]}", RuntimeWarning, stacklevel=user_stacklevel())
     if isinstance(source, LoaderSource) and full_data:  # every sample once, in the dataset's order
         source, order, _ = source.in_memory()
         notes += [order] if order else []
@@ -1703,7 +1928,11 @@ def prepare_target(
     if isinstance(source, LoaderSource) and source.n is None and (nbeta is None or callable(nbeta)):
         notes.append(f"the DataLoader's dataset has no length (an IterableDataset): n = {source.count()} samples, "
                      "counted in one pass over it (the default nβ and the loss at w* need n)")
-    n = source.n if parts is None else parts[0].n
+    n = source.n if parts is None else parts[0].support
+    if parts is None and isinstance(source, Data) and source.support < source.n:
+        n = source.support
+        notes.append(f"n = {n}: the rows of positive weight ({source.n - n} of the {source.n} rows have weight 0, are "
+                     "never drawn and count in no mean)")
     if isinstance(loss_fn, nn.Module) and any(
             t.is_floating_point() and (t.dtype != dtype or t.device != dev)
             for t in list(loss_fn.parameters()) + list(loss_fn.buffers())):
@@ -1726,8 +1955,11 @@ def prepare_target(
     if random:
         issues.append(random)
         warnings.warn(f"{caller}: {random}", RuntimeWarning, stacklevel=user_stacklevel())
-    check_gradients_reach(work_model, spec, adapter, probe, w_star[0],
-                          original=template if template is not work_model else None)
+    if not any(i.startswith(RANDOM_ISSUES) for i in issues):  # (two random forwards differ anyway)
+        warned(use_cache_note(work_model, adapter, probe))
+    unused = check_gradients_reach(work_model, spec, adapter, probe, w_star[0],
+                                   original=template if template is not work_model else None)
+    notes += [unused] if unused else []
     # (not under autocast, whose rounding swamps the differences, nor for a random loss)
     if half is None and not any(i.startswith(RANDOM_ISSUES) for i in issues):
         mismatch = gradient_mismatch_issue(work_model, spec, adapter, probe, w_star[0])

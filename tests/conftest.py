@@ -263,9 +263,9 @@ def quadrature_llc(mean_fn, w_star, xbar, nbeta, gamma, half, num):
 # ----------------------------------------------------------------------------
 # warning filters
 # ----------------------------------------------------------------------------
-#: The engine warns when w* is not a minimum of the loss (``slt.estimate_llc
-#: (checkpoint ...``); tests that sample at hand-set points are not about that.
-IGNORE_CHECKPOINT_WARNING = pytest.mark.filterwarnings("ignore:.*slt.estimate_llc \\(checkpoint:RuntimeWarning")
+#: The engine warns of its findings (w* not a minimum of the loss, ...) as ``slt.estimate_llc: ...``
+#: (one model) or ``slt.estimate_llc (checkpoint ...``; tests that sample at hand-set points are not about that.
+IGNORE_CHECKPOINT_WARNING = pytest.mark.filterwarnings("ignore:.*slt.estimate_llc( \\(checkpoint|\\x3a ):RuntimeWarning")
 
 #: The symmetry tests sample at quenched / symmetrized points where the engine's
 #: diagnostics warn by design.

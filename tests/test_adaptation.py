@@ -18,7 +18,7 @@ import slt
 from slt.stepsize import DualAveraging
 
 F64 = torch.float64
-pytestmark = pytest.mark.filterwarnings("ignore:.*slt.estimate_llc \\(checkpoint:RuntimeWarning")
+pytestmark = pytest.mark.filterwarnings("ignore:.*slt.estimate_llc( \\(checkpoint|\\x3a ):RuntimeWarning")
 
 
 def _location(d=4, n=400, seed=0):

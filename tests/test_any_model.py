@@ -670,6 +670,12 @@ def test_hugging_face_dataset_becomes_columns():
     ragged = datasets.Dataset.from_dict({"input_ids": [[1, 2, 3], [1, 2]]})
     with pytest.raises(ValueError, match="column 'input_ids' of the datasets.Dataset has rows of different lengths"):
         as_source(ragged)
+    # (inputs, target) from a dataset: its columns (ds["a"], a lazy Column in datasets >= 4) and a dataset of the
+    # inputs' columns beside the labels, refused before ("x must be a torch.Tensor ... got Column")
+    cols = as_source((ds["a"], ds["y"]))
+    assert torch.equal(cols.x, X[:, :2]) and torch.equal(cols.y, Y)
+    inputs = as_source((ds.select_columns(["a", "b"]), Y))
+    assert set(inputs.x) == {"a", "b"} and torch.equal(inputs.x["b"], X[:, 2:]) and torch.equal(inputs.y, Y)
 
 
 # ----------------------------------------------------------------------------
@@ -1436,7 +1442,11 @@ def test_model_and_loss_errors_show_the_real_exception():
     for loss, fix in [(lambda o, t: F.cross_entropy(o, t).reshape(1), r"got \(1,\): reduce it to a 0-d tensor"),
                       (lambda o, t: (F.cross_entropy(o, t), {"acc": 0.5}), r"got tuple: .*my_loss\(out, y\)\[0\]"),
                       (lambda o, t: {"loss": F.cross_entropy(o, t)}, r"got dict: .*my_loss\(out, y\)\['loss'\]"),
-                      (lambda o, t: F.cross_entropy(o, t).item(), r"got float: return the tensor itself")]:
+                      (lambda o, t: F.cross_entropy(o, t).item(), r"got float: return the tensor itself"),
+                      (lambda o, t: torch.stack([F.cross_entropy(o, t), o.pow(2).mean()]),
+                       r"got \(2,\): its first dimension does not follow the batch size .*\(\.sum\(\)\)"),
+                      (lambda o, t: {"ce": F.cross_entropy(o, t), "l2": o.pow(2).mean()},
+                       r"got dict: a mapping of 2 entries \('ce', 'l2'\): .*sum\(my_loss\(out, y\)\.values\(\)\)")]:
         with pytest.raises(ValueError, match=fix):
             slt.estimate_llc(nn.Linear(3, 4), (X, y), loss, **SMALL)
 
@@ -1705,6 +1715,35 @@ def test_train_mode_notes_name_the_modules_and_the_fix():
     assert len(train_mode_issues(nn.Sequential(BNNet(), DropNet()))) == 2
 
 
+def test_instance_norm_with_running_statistics_is_not_called_batchnorm():
+    """InstanceNorm with running statistics normalises each sample by its own statistics in train mode: it is
+    named as what it is (not "BatchNorm", whose batch dependence makes per-sample losses undefined), and the
+    per-sample methods accept it."""
+    from slt.target import is_norm_train_issue
+
+    class INet(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inorm = nn.InstanceNorm1d(3, track_running_stats=True)
+            self.fc = nn.Linear(4 * 3, 1)
+
+        def forward(self, x):
+            return self.fc(self.inorm(x.view(-1, 3, 4)).flatten(1))
+
+    issues = train_mode_issues(INet())
+    assert len(issues) == 1 and issues[0].startswith(
+        "InstanceNorm1d with running statistics in train mode in inorm: it writes them at every forward")
+    assert is_norm_train_issue(issues[0]) and is_norm_train_issue(train_mode_issues(BNNet())[0])
+    assert not any(is_norm_train_issue(i) for i in train_mode_issues(DropNet()))
+    assert train_mode_issues(INet().eval()) == []
+    torch.manual_seed(0)
+    X, Y = torch.randn(24, 12), torch.randn(24, 1)
+    with pytest.warns(RuntimeWarning, match="slt.bif: InstanceNorm1d with running statistics in train mode"):
+        r = slt.bif(INet(), (X[:16], Y[:16]), F.mse_loss, query=(X[16:], Y[16:]), num_chains=2, num_draws=20,
+                    step_size=1e-4, num_burnin=0, nbeta=10.0, seed=0)
+    assert r.values.shape == (16, 8) and torch.isfinite(r.values).all()
+
+
 def test_dropout_warns_once_with_the_fix_and_records_it():
     X, Y = _data(n=100)
     with warnings.catch_warnings(record=True) as caught:
@@ -1807,6 +1846,13 @@ def test_a_random_forward_without_dropout_modules_is_named():
     reasons = r.diagnostics["convergence_reasons"]
     assert not r.converged and any(p.startswith("the model's output is random") for p in reasons)
     assert not any("not a local minimum" in p for p in reasons)
+    # a hand-written loss's per-sample form (lifted by vmap) is checked against it: those of a random loss differ
+    # from it, which is a note, not a second warning blaming the loss's form (a VAE drew both)
+    with pytest.warns(RuntimeWarning) as rec:
+        r = slt.estimate_llc(NoisyNet(), (X, Y), lambda o, y: ((o - y) ** 2).mean(), **{**KW, "vectorize": "auto"})
+    assert not any("is not the mean of per-sample losses" in str(w.message) for w in rec)
+    assert any(n.startswith("the loss is random (see its set-up note), so its per-sample losses differ")
+               for n in r.config["setup_notes"])
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         from slt.target import random_forward_issue
@@ -1958,6 +2004,32 @@ def test_parameters_the_loss_uses_without_a_gradient_are_refused(cls, match):
         slt.estimate_llc(_plain_model(cls), (X, Y), F.mse_loss, **KW)
 
 
+class CheckpointedFirstLayer(Plain):
+    def __init__(self, reentrant):
+        super().__init__()
+        self.reentrant = reentrant
+
+    def forward(self, x):
+        from torch.utils.checkpoint import checkpoint
+
+        h = checkpoint(self.l1, x, use_reentrant=self.reentrant)
+        return self.l2(torch.tanh(h))
+
+
+def test_reentrant_activation_checkpointing_is_named_with_the_fix():
+    """``checkpoint(..., use_reentrant=True)`` on data that do not require grad leaves the parameters inside
+    without a gradient: refused (as before), now naming the cause and the fix (the message blamed
+    no_grad/.detach/.data); ``use_reentrant=False`` runs."""
+    X, Y = _data(n=100)
+    torch.manual_seed(0)  # test-side only
+    m = CheckpointedFirstLayer(True).to(F64)
+    with pytest.raises(ValueError, match=r"'l1.weight', 'l1.bias', yet autograd gives them no gradient .*"
+                                         r"use_reentrant=True.*Pass use_reentrant=False"):
+        slt.estimate_llc(m, (X, Y), F.mse_loss, **KW)
+    m.reentrant = False
+    assert math.isfinite(slt.estimate_llc(m, (X, Y), F.mse_loss, **KW).llc_mean)
+
+
 class BorrowedWeight(nn.Module):
     """Keeps another module's weight as a plain attribute of a child: functional_call replaces the
     registered parameter, not the borrowed reference."""
@@ -2062,6 +2134,9 @@ def test_unused_and_frozen_parameters_pass_the_gradient_check():
     X, Y = _data(n=100)
     r = slt.estimate_llc(_plain_model(LeftOver), (X, Y), F.mse_loss, **KW)
     assert torch.isfinite(r.loss_trace).all()
+    # a parameter the loss does not use is named (it moves under the localization alone; it had no note)
+    note = [n for n in r.config["setup_notes"] if n.startswith("the loss does not use the parameters")]
+    assert len(note) == 1 and "'unused.weight', 'unused.bias'" in note[0] and "requires_grad_(False)" in note[0] and note[0] in str(r)
     m = _plain_model(NoGradFirstLayer)
     m.l1.requires_grad_(False)  # the fix the message names: hold them at w*
     r = slt.estimate_llc(m, (X, Y), F.mse_loss, **KW)
@@ -2574,6 +2649,275 @@ def test_class_weights_hold_with_weighted_data_and_loaders():
     Yi[:100] = -100  # the first rows all ignored
     assert float(prepare_target(m, (X, Yi), ce, dtype=F64).init_loss[0]) == pytest.approx(
         float(ce(m(X), Yi).detach()), rel=1e-12)
+
+
+def test_rows_of_zero_weight_are_not_counted_in_n():
+    """Weighted data whose rows of weight 0 are never drawn and count in no mean: n (and so the default nβ)
+    counted them (200 where the data are the 120 rows of positive weight). Now n = 120, said in the notes, and
+    the run equals the run on those rows (same noise, the same loss up to rounding)."""
+    g = torch.Generator().manual_seed(0)
+    X, Y = torch.randn(200, 3, generator=g, dtype=F64), torch.randn(200, 1, generator=g, dtype=F64)
+    w = torch.ones(200, dtype=F64)
+    w[120:] = 0.0
+    torch.manual_seed(0)  # test-side only
+    m = nn.Linear(3, 1).to(F64)
+    t = prepare_target(m, Data(X, Y, w), F.mse_loss, dtype=F64)
+    assert t.n == 120 and t.nbeta == pytest.approx(120 / math.log(120))
+    assert any(note.startswith("n = 120: the rows of positive weight (80 of the 200 rows") for note in t.notes)
+    kw = dict(num_chains=2, num_draws=30, num_burnin=0, step_size=1e-4, seed=3, dtype=F64, progress=False)
+    a = slt.estimate_llc(m, Data(X, Y, w), F.mse_loss, **kw)
+    b = slt.estimate_llc(m, (X[:120], Y[:120]), F.mse_loss, **kw)
+    assert a.config["n"] == b.config["n"] == 120 and a.config["nbeta"] == b.config["nbeta"]
+    assert a.llc_mean == pytest.approx(b.llc_mean, rel=1e-9)
+
+
+def test_draws_on_a_few_positions_of_an_unshuffled_loaders_cycle_are_not_converged():
+    """A loader with shuffle=False repeats one cycle of batches; draws every k steps where k shares a factor
+    with the cycle read every draw's loss on the same batches (a time-ordered regression at k = 4 = its 4
+    batches: λ̂ 1.64 ± 0.04 against 2.05, converged, no warning). Now an issue naming the fix; k coprime with
+    the cycle, and a shuffling loader, are not."""
+    from torch.utils.data import DataLoader, TensorDataset
+
+    X, Y = _data(n=100)
+    kw = {**KW, "num_draws": 6}
+    loader = DataLoader(TensorDataset(X, Y), batch_size=25)  # 4 batches per epoch
+    with pytest.warns(RuntimeWarning, match=r"cycle of 4 batches .* every 2 steps, fall on only 2 of its 4 positions"):
+        r = slt.estimate_llc(_plain_model(), loader, F.mse_loss, num_steps_bw_draws=2, **kw)
+    assert not r.converged and any(c.startswith("the DataLoader does not shuffle") for c in r.convergence_reasons)
+    for ok in (loader, DataLoader(TensorDataset(X, Y), batch_size=25, shuffle=True,
+                                  generator=torch.Generator().manual_seed(0))):
+        r = slt.estimate_llc(_plain_model(), ok, F.mse_loss, num_steps_bw_draws=3 if ok is loader else 2, **kw)
+        assert not any("does not shuffle" in c for c in r.convergence_reasons)
+
+
+def test_a_loaders_third_field_is_named_as_the_weights():
+    """A loader of (x, y, ids) batches read the ids as weights with no word (the tuple and dataset forms
+    warn); a 0/1 group column whose batch is all 0 failed as "the loss at w* is NaN or inf"."""
+    from torch.utils.data import DataLoader, TensorDataset
+
+    X, Y = _data(n=100)
+    ids = torch.arange(100)
+    with pytest.warns(RuntimeWarning, match=r"a DataLoader batch of three fields is read as \(x, y, weights\)"):
+        prepare_target(_plain_model(), DataLoader(TensorDataset(X, Y, ids), batch_size=25), F.mse_loss)
+    group = (torch.arange(100) >= 25).double()  # the first batch: all 0
+    with pytest.raises(ValueError, match=r"third field, read as the samples' weights, sums to 0 on a batch of 25"):
+        prepare_target(_plain_model(), DataLoader(TensorDataset(X, Y, group), batch_size=25), F.mse_loss).init_loss
+
+
+def test_random_augmentation_in_a_datasets_items_is_named():
+    """Noise added in ``__getitem__``: a Dataset was read once, silently (one draw of the data, another λ̂ per
+    call); through a DataLoader the augmentation is redrawn at every batch, so the loss is random, and nothing
+    said so (λ̂ 2.7–2.9 against 2.0 for the fixed data, once converged). Now a warning, and for the loader an
+    issue (not converged) whose "draws below L(w*)" note names the randomness; the check leaves the global
+    random states as they were."""
+    import random as pyrandom
+
+    from torch.utils.data import DataLoader, Dataset
+
+    from slt.data import random_items
+
+    X, Y = _data(n=64)
+
+    class Augmented(Dataset):
+        def __len__(self):
+            return 64
+
+        def __getitem__(self, i):
+            return X[i] + 0.1 * torch.randn(X.shape[1], dtype=X.dtype), Y[i]
+
+    with pytest.warns(RuntimeWarning, match=r"the Dataset's items are random \(two reads of item 0 differ"):
+        prepare_target(_plain_model(), Augmented(), F.mse_loss)
+    states = (torch.get_rng_state(), pyrandom.getstate(), np.random.get_state()[1].copy())
+    assert random_items(Augmented()) and not random_items(torch.utils.data.TensorDataset(X, Y))
+    assert torch.equal(torch.get_rng_state(), states[0]) and pyrandom.getstate() == states[1]
+    assert np.array_equal(np.random.get_state()[1], states[2])
+    loader = DataLoader(Augmented(), batch_size=16, shuffle=True, generator=torch.Generator().manual_seed(0))
+    with pytest.warns(RuntimeWarning, match=r"slt.estimate_llc: the data are random: two reads of the DataLoader"):
+        r = slt.estimate_llc(_plain_model(), loader, F.mse_loss, **KW)
+    assert not r.converged and any(c.startswith("the data are random") for c in r.convergence_reasons)
+
+
+def test_checkpoint_lists_given_in_ways_that_were_misread_are_refused(tmp_path):
+    """A path string as state_dicts was read one character at a time ("checkpoint 0: no such file 'c'"); a
+    list of models beside state_dicts ignored the state dicts; a checkpoint with another layer frozen was
+    sampled with it moving (the template's requires_grad), silently."""
+    X, Y = _data(n=50)
+    m = _plain_model()
+    path = tmp_path / "step_3000.pt"
+    torch.save(m.state_dict(), path)
+    for given in (str(path), path):
+        with pytest.raises(TypeError, match=r"state_dicts takes a list of checkpoints, got one path .*step_3000.pt"):
+            slt.estimate_llc(m, (X, Y), F.mse_loss, state_dicts=given, **KW)
+    with pytest.raises(ValueError, match=r"either as model=\[...\] or state_dicts=\[...\], not both"):
+        slt.estimate_llc([m, _plain_model()], (X, Y), F.mse_loss, state_dicts=[m.state_dict()], **KW)
+    frozen = _plain_model()
+    frozen.l1.requires_grad_(False)
+    with pytest.raises(ValueError, match=r"checkpoint 1 freezes other parameters .* on l1.weight, l1.bias"):
+        slt.estimate_llc([m, frozen], (X, Y), F.mse_loss, **KW)
+    # a checkpoint of another shape is named (the message did not say which one)
+    wide = {**m.state_dict(), "l2.weight": torch.zeros(2, 5, dtype=F64)}
+    with pytest.raises(ValueError, match=r"^checkpoint 1: parameter 'l2.weight' has shape \(2, 5\) in the checkpoint"):
+        slt.estimate_llc(m, (X, Y), F.mse_loss, state_dicts=[m.state_dict(), wide], **KW)
+
+
+def test_checkpoint_files_out_of_step_order_are_named_and_plotted_along_their_steps(tmp_path):
+    """``sorted(glob(...))`` puts step_100 before step_20: the results came in that order silently and
+    plot_llc_curve joined them in it (a zigzag along x)."""
+    import matplotlib.pyplot as plt
+
+    X, Y = _data(n=50)
+    m = _plain_model()
+    files = []
+    for step in (5, 20, 100):
+        files.append(str(tmp_path / f"step_{step}.pt"))
+        torch.save(m.state_dict(), files[-1])
+    given = sorted(files)  # step_100, step_20, step_5
+    with pytest.warns(RuntimeWarning, match=r"not in the order of the steps in their names \(step_100.pt, "
+                                            r"step_20.pt, step_5.pt\)"):
+        res = slt.estimate_llc(m, (X, Y), F.mse_loss, state_dicts=given, **KW)
+    fig = slt.plot_llc_curve(res)
+    xs = fig.axes[0].lines[0].get_xdata()
+    plt.close(fig)
+    assert list(xs) == [5, 20, 100]
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*not in the order of the steps")
+        slt.estimate_llc(m, (X, Y), F.mse_loss, state_dicts=files, **KW)
+
+
+def test_a_wider_buffer_keeps_its_precision_and_mixed_parameters_are_noted():
+    """A float64 buffer in a float32 model was cast to float32 on the run's copy: a model adding
+    (offset − 1e8) with offset = 1e8 + 0.37 read L(w*) 0.146 against the user's 0.0095 (another function),
+    blaming w*. One float64 parameter made the whole run float64 without a word."""
+
+    class Offset(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(3, 1)
+            self.register_buffer("offset", torch.tensor(1e8 + 0.37, dtype=torch.float64))
+
+        def forward(self, x):
+            return self.fc(x) + (self.offset - 1e8).float()
+
+    torch.manual_seed(0)  # test-side only
+    X = torch.randn(64, 3)
+    m = Offset()
+    Y = m(X).detach() + 0.01 * torch.randn(64, 1)
+    t = prepare_target(m, (X, Y), F.mse_loss)
+    assert t.dtype == torch.float32
+    assert float(t.init_loss[0]) == pytest.approx(float(F.mse_loss(m(X), Y)), rel=1e-5)
+    mixed = nn.Linear(3, 1)
+    mixed.bias = nn.Parameter(mixed.bias.detach().double())
+    t = prepare_target(mixed, (X, Y), lambda o, y: F.mse_loss(o.float(), y))
+    assert t.dtype == torch.float64 and "the model's parameters mix float32 and float64: sampled in float64" in t.notes[0]
+
+
+def test_a_loaders_record_says_what_it_read():
+    """batch_size=1000 over 100 rows was recorded as 1000 (its batches hold 100); a loader whose sampler draws
+    with replacement gave L(w*) over the samples it drew, and the note saying so was dropped."""
+    from torch.utils.data import DataLoader, RandomSampler, TensorDataset
+
+    X, Y = _data(n=100)
+    r = slt.estimate_llc(_plain_model(), DataLoader(TensorDataset(X, Y), batch_size=1000), F.mse_loss, **KW)
+    assert r.config["batch_size"] == 100
+    drawn = DataLoader(TensorDataset(X, Y), batch_size=20, sampler=RandomSampler(
+        TensorDataset(X, Y), replacement=True, generator=torch.Generator().manual_seed(0)))
+    t = prepare_target(_plain_model(), drawn, F.mse_loss)
+    t.init_loss  # noqa: B018 - the pass over the loader
+    assert any(n.startswith("the DataLoader's sampler (RandomSampler) chooses the samples") for n in t.notes)
+
+
+def test_messages_for_integer_images_one_sample_and_a_custom_batch_name_the_fix():
+    from dataclasses import dataclass
+
+    from torch.utils.data import DataLoader, TensorDataset
+
+    X, Y = _data(n=16)
+    with pytest.raises(ValueError, match=r"Byte and .*the inputs are uint8.*pass them as x.float\(\)"):
+        slt.estimate_llc(nn.Linear(3, 2), (X.abs().mul(50).to(torch.uint8), Y.float()), F.mse_loss, **KW)
+    with pytest.raises(ValueError, match=r"needs n >= 2 samples, got n=1: pass nbeta explicitly"):
+        slt.estimate_llc(_plain_model(), (X[:1], Y[:1]), F.mse_loss, **{**KW, "nbeta": None})
+
+    @dataclass
+    class Batch:
+        x: torch.Tensor
+        y: torch.Tensor
+
+    loader = DataLoader(TensorDataset(X, Y), batch_size=4, collate_fn=lambda items: Batch(
+        torch.stack([i[0] for i in items]), torch.stack([i[1] for i in items])))
+    with pytest.raises(ValueError, match=r"got Batch \(a custom batch object: make the collate_fn return a tuple"):
+        slt.estimate_llc(_plain_model(), loader, F.mse_loss, **KW)
+
+
+def test_a_loader_that_draws_nothing_from_the_global_generator_leaves_it_as_it_was():
+    """A DataLoader without its own generator draws a base seed from PyTorch's global generator at every
+    epoch; a call over a loader that does not shuffle (or shuffles with its own generator) changed the global
+    state, so the user's later random numbers depended on whether they measured an LLC."""
+    from torch.utils.data import DataLoader, TensorDataset
+
+    X, Y = _data(n=64)
+    for loader in (DataLoader(TensorDataset(X, Y), batch_size=16),
+                   DataLoader(TensorDataset(X, Y), batch_size=16, shuffle=True,
+                              generator=torch.Generator().manual_seed(0))):
+        m = _plain_model()
+        before = torch.get_rng_state()
+        slt.estimate_llc(m, loader, F.mse_loss, **KW)
+        assert torch.equal(torch.get_rng_state(), before)
+
+
+@pytest.mark.parametrize("shift", [0, 1], ids=["all-positions", "shifted"])
+def test_a_loaders_token_mean_loss_weighs_its_batches_by_labelled_tokens(shift):
+    """A loss that averages over the labelled tokens of a mapping batch (a causal LM's own loss, or a
+    token-mean cross-entropy by hand) over a DataLoader: L(w*) weighed the batches by their rows, so it was
+    the mean of the batches' token means (0.7136 at batch 32, 0.7191 at batch 8, against 0.7091). The rule
+    (all positions, or positions 1:) is told from a batch and its halves; L(w*) is now the data's token mean
+    at every batch size."""
+    from torch.utils.data import DataLoader
+
+    g = torch.Generator().manual_seed(0)
+    n, T, V = 48, 6, 5
+    ids = torch.randint(1, V, (n, T), generator=g)
+    lengths = torch.randint(2, T + 1, (n,), generator=g)
+    labels = ids.masked_fill(torch.arange(T) >= lengths.unsqueeze(1), -100)
+
+    class Tok(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb, self.out = nn.Embedding(V, 8), nn.Linear(8, V)
+
+        def forward(self, input_ids, labels=None):
+            return self.out(torch.tanh(self.emb(input_ids)))
+
+    def loss(out, batch):  # the mean over labelled entries, shifted like a causal LM's when shift = 1
+        o, y = (out[:, :-1], batch["labels"][:, 1:]) if shift else (out, batch["labels"])
+        return F.cross_entropy(o.reshape(-1, V), y.reshape(-1), ignore_index=-100)
+
+    torch.manual_seed(0)  # test-side only
+    m = Tok().to(F64)
+    exact = float(loss(m(ids), {"labels": labels}).detach())
+    rows = [{"input_ids": ids[i], "labels": labels[i]} for i in range(n)]
+    for bs in (8, 16):
+        t = prepare_target(m, DataLoader(rows, batch_size=bs), loss, dtype=F64)
+        assert float(t.init_loss[0]) == pytest.approx(exact, rel=1e-10), bs
+
+
+def test_samples_without_a_counted_target_are_named():
+    """Labels all ignored (-100) on some samples of a loss that averages over counted targets: they add nothing
+    to L_n yet counted in n and nβ, silently (a causal LM's own loss with 8 such sequences beside 96: nβ 21.0 →
+    23.7, λ̂ 57.5 → 62.4); only slt.losses.causal_lm itself (not wrapped) said so."""
+    import functools
+
+    X, _ = _data(n=40)
+    y = torch.randint(0, 2, (40,), generator=torch.Generator().manual_seed(1))
+    y[:5] = -100
+    with pytest.warns(RuntimeWarning, match=r"5 of the 40 samples have no counted target .*count.* in n"):
+        t = prepare_target(nn.Linear(3, 2).to(F64), (X, y), F.cross_entropy)
+        t.init_loss  # noqa: B018 - the losses at w*
+    from slt.losses import causal_lm
+    from slt.target import _empty_sequences
+
+    ids = torch.tensor([[1, 2, 3], [0, 0, 0]])
+    data = Data({"input_ids": ids, "attention_mask": ids > 0})
+    assert _empty_sequences(functools.partial(causal_lm), data).startswith("1 of the 2 sequences")
 
 
 def test_a_loader_over_a_subset_counts_the_subset():

@@ -17,7 +17,7 @@ import slt
 from slt.evaluator import resolve_autocast
 from slt.target import prepare_target
 
-pytestmark = pytest.mark.filterwarnings("ignore:.*slt.estimate_llc \\(checkpoint:RuntimeWarning")
+pytestmark = pytest.mark.filterwarnings("ignore:.*slt.estimate_llc( \\(checkpoint|\\x3a ):RuntimeWarning")
 
 
 class Recorder(nn.Module):

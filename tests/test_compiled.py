@@ -307,7 +307,7 @@ def _compiled_equals_eager(model, data, loss, **kw):
 
 
 @needs_compile
-@pytest.mark.filterwarnings("ignore:.*slt.estimate_llc \\(checkpoint:RuntimeWarning")
+@pytest.mark.filterwarnings("ignore:.*slt.estimate_llc( \\(checkpoint|\\x3a ):RuntimeWarning")
 def test_a_hugging_face_classifier_compiles_with_fused_activations(monkeypatch):
     """A GPT-2 sequence classifier with a ``pad_token_id``, called without ``attention_mask`` (its ids as
     the one positional argument, whose padding check — a Python bool of the ids — is skipped in batched

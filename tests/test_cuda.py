@@ -22,7 +22,7 @@ from slt.training import train
 from test_engine_exact import KW, _data, _model, trace_tol
 
 pytestmark = [pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
-              pytest.mark.filterwarnings("ignore:.*slt.estimate_llc \\(checkpoint:RuntimeWarning")]
+              pytest.mark.filterwarnings("ignore:.*slt.estimate_llc( \\(checkpoint|\\x3a ):RuntimeWarning")]
 
 
 @pytest.mark.parametrize("path", ["native", "loop", "compile"])

@@ -39,12 +39,20 @@ KW = dict(num_chains=2, num_draws=5, step_size=1e-4, progress=False)
         ({"vectorize": "gpu"}, "vectorize must be"),
         ({"dtype": torch.float16}, "dtype must be"),
         ({"seed": [1, 2]}, "got 2 seeds for 1 checkpoints"),
+        ({"seed": "3"}, "seed must be an integer, got '3'"),  # (read as the seeds '3': "seed[i] must be ...")
+        ({"seed": 2**64 + 3}, r"seed must be an integer of magnitude below 2\*\*62"),  # (an overflow error)
     ],
 )
 def test_invalid_arguments(kwargs, match):
     m, X, Y = _setup()
     with pytest.raises(ValueError, match=match):
         slt.estimate_llc(m, (X, Y), F.mse_loss, **{**KW, **kwargs})
+
+
+def test_a_seed_given_as_a_0d_tensor_is_its_integer():
+    m, X, Y = _setup()  # (it failed: "iteration over a 0-d tensor")
+    a = slt.estimate_llc(m, (X, Y), F.mse_loss, **{**KW, "seed": torch.tensor(3)})
+    assert torch.equal(a.loss_trace, slt.estimate_llc(m, (X, Y), F.mse_loss, **{**KW, "seed": 3}).loss_trace)
 
 
 @pytest.mark.parametrize("kwargs, error, match", [
@@ -180,7 +188,7 @@ def test_every_chain_diverged_raises_naming_the_cause_and_a_step_size_that_works
     kw = dict(num_chains=3, num_draws=50, nbeta=50.0, localization=1.0, batch_size=None, dtype=torch.float64,
               progress=False)
     with warnings.catch_warnings(record=True) as caught, \
-            pytest.raises(slt.LLCEstimationError, match=r"every chain of checkpoint\(s\) \[0\] diverged.*step_size=") as e:
+            pytest.raises(slt.LLCEstimationError, match=r"every chain diverged at step_size=.*step_size=") as e:
         warnings.simplefilter("always")
         slt.estimate_llc(Cubic(3.0), (X, 0.027 * X), F.mse_loss, step_size=1e-3, **kw)
     # the error names the chains; no divergence warning says it a second time
@@ -210,7 +218,7 @@ def test_partial_divergence_excludes_only_the_bad_chains():
     g = torch.Generator().manual_seed(0)
     X = torch.randn(100, 1, generator=g, dtype=torch.float64)
     Y = torch.zeros_like(X)
-    with pytest.warns(RuntimeWarning, match="divergent chains"):
+    with pytest.warns(RuntimeWarning, match=r"divergent chains .* excluded: chain \d+ at step"):  # one model
         r = slt.estimate_llc(
             Start(), (X, Y), F.mse_loss, num_chains=40, num_draws=300, step_size=0.024, nbeta=100.0,
             localization=0.0, batch_size=None, dtype=torch.float64, progress=False, seed=0,
@@ -240,7 +248,7 @@ def test_warnings_that_differ_only_in_numbers_are_shown_once_with_their_groups()
         def group_labels(g):
             k, m = divmod(g, len(R))
             return {"checkpoint": k, "restriction": R[m], "data": None}
-        return SimpleNamespace(group_labels=group_labels)
+        return SimpleNamespace(group_labels=group_labels, K=K)
 
     rhat = "R-hat {} > 1.1: chains disagree over {} draws"
     found = [[rhat.format(r, 500)] for r in (1.218, 1.111, 1.3, 1.15)] + [[]] * 3 + [[rhat.format(1.12, 500)]]
@@ -261,10 +269,12 @@ def test_warnings_that_differ_only_in_numbers_are_shown_once_with_their_groups()
     # restrictions of one checkpoint; labels varying in two ways are listed group by group
     with warnings.catch_warnings(record=True) as seen:
         warnings.simplefilter("always")
+        _warn_groups(labels(1), [["ESS 40 < 100"]])  # one model: no label (it said "checkpoint 0")
         _warn_groups(labels(1, ["l0h0", "l0h1"]), [["ESS 40 < 100"], ["ESS 40 < 100"]])
         _warn_groups(labels(2, ["a", "b"]), [["ESS 40 < 100"], [], [], ["ESS 41 < 100"]])
     assert [str(w.message) for w in seen] == [
-        "slt.estimate_llc (checkpoint 0, restrictions 'l0h0', 'l0h1'): ESS 40 < 100",
+        "slt.estimate_llc: ESS 40 < 100",
+        "slt.estimate_llc (restrictions 'l0h0', 'l0h1'): ESS 40 < 100",  # one model: no checkpoint named
         "slt.estimate_llc (checkpoint 0, restriction 'a'; checkpoint 1, restriction 'b'): ESS 40–41 < 100",
     ]
     # every checkpoint × every restriction (a per-head curve: 3 × 8 groups) is named as the product, not

@@ -375,11 +375,10 @@ def test_llc_with_the_users_model_leaves_out_the_demos_settings(tmp_path):
     They are left out and named; the demo data, kept, keeps its resolved settings."""
     from experiments import llc
 
-    cfg = _compose("llc", ["model._target_=torch.nn.Linear", "+model.in_features=5", "+model.out_features=4",
-                           "loss=torch.nn.functional.mse_loss", *TINY_LLC[2:]])
-    rec = _runlib.execute(llc.run, cfg, tmp_path / "run")
+    rec = _llc_job(["model._target_=torch.nn.Linear", "+model.in_features=5", "+model.out_features=4",
+                    "loss=torch.nn.functional.mse_loss", *TINY_LLC[2:]], tmp_path / "run")
     met = rec["metrics"]
-    assert met["demo_settings_dropped"] == ["model.widths", "reference"]
+    assert rec["config"][llc.DROPPED] == ["model.widths", "reference"] and llc.DROPPED not in met  # recorded once
     assert met["num_params"] == 24 and "llc_reference" not in met and np.isfinite(met["llc_mean"])
     kept, dropped = llc.without_demo(_compose("llc", []))
     assert dropped == [] and kept.model.widths == [5, 3, 4]

@@ -82,6 +82,11 @@ def test_the_heating_finding_fires_when_half_the_excess_exceeds_the_mc_error():
     assert heating_check(1.0, llc=10.0, sem=0.2) is not None  # 0.5 > 0.4 and > 0.2
     assert heating_check(1.0, llc=10.0, sem=0.3) is None  # 0.5 < 0.6: within MC error
     assert heating_check(0.3, llc=30.0, sem=0.01) is None  # 0.15 < 2% of λ̂ = 0.6
+    # the fix named fits the data: a DataLoader's batches are its own (batch_size=None is ignored for it)
+    assert "raise batch_size (now 4)" in heating_check(1.0, llc=10.0, sem=0.2, config={"batch_size": 4})
+    loader = heating_check(1.0, llc=10.0, sem=0.2, config={"batch_size": 4, "batch_size_rule": "loader"})
+    assert "give the DataLoader larger batches (now 4)" in loader and "batch_size=None" in loader
+    assert "raise batch_size" not in loader
     g = torch.Generator().manual_seed(0)
     C, T = 8, 200
     loss = 1.0 + 0.05 * torch.randn(C, T, generator=g, dtype=F64)  # λ̂ = 10 (nβ = 10), s.e. ≈ 0.013

@@ -422,7 +422,7 @@ def test_query_and_per_sample_loss_mistakes_are_named_before_sampling():
     that does not reduce to one value per sample fails at set-up (it failed after the burn-in, counting 66
     values "per parameter row" for 2 per sample); one that is not loss_fn's decomposition warns; BatchNorm in
     train mode is an error (a sample's loss would depend on its batch); a loader's batch size is the run's;
-    an unknown keyword names the function called."""
+    an unknown keyword names the function called; one draw per chain is an error."""
     X, Y = _regression()
     m = _model(X, Y)
     kw = _kw(1e-3, num_draws=5, num_burnin=0)
@@ -444,6 +444,9 @@ def test_query_and_per_sample_loss_mistakes_are_named_before_sampling():
     assert bif(m, loader, F.mse_loss, **{k: v for k, v in kw.items() if k != "batch_size"}).config["batch_size"] == 8
     with pytest.raises(TypeError, match=r"slt.loss_kernel\(\) got an unexpected keyword argument 'query'.*slt.bif"):
         loss_kernel(m, (X, Y), F.mse_loss, query=(X, Y), **kw)
+    # one draw per chain has no covariance (pooled, it was the spread between the chains, reported as one)
+    with pytest.raises(ValueError, match=r"slt.loss_kernel: num_draws=1: the covariances are taken over each chain"):
+        loss_kernel(m, (X, Y), F.mse_loss, **{**kw, "num_draws": 1})
 
 
 # ----------------------------------------------------------------------------

@@ -21,7 +21,7 @@ from slt.defaults import LOCALIZATION, LOCALIZATION_STEPS
 from slt.target import prepare_target
 
 F64 = torch.float64
-pytestmark = pytest.mark.filterwarnings("ignore:.*slt.estimate_llc \\(checkpoint:RuntimeWarning")
+pytestmark = pytest.mark.filterwarnings("ignore:.*slt.estimate_llc( \\(checkpoint|\\x3a ):RuntimeWarning")
 
 
 def _regression(n=200, seed=0):
@@ -67,6 +67,29 @@ def _first_level_unsettled(monkeypatch, unmixed: bool = False) -> list:
     monkeypatch.setattr(engine, "_unsettled", verdict)
     monkeypatch.setattr(engine, "_only_unmixed", lambda *a, **k: unmixed)
     return calls
+
+
+@pytest.mark.parametrize("unsettled_group", [0, 1])
+def test_a_checkpoint_that_is_not_a_minimum_does_not_raise_the_curves_localization(monkeypatch, unsettled_group):
+    """One γ serves a curve; an untrained checkpoint (its draws mostly below L(w*)) raised it 1 → 10 for every
+    checkpoint, and each printout gave that checkpoint's reason as its own (a trained checkpoint read 9.83 at
+    γ = 10 against 17.02 alone).  Now a group whose w* is not a minimum does not drive the escalation; a group
+    that is drives it, and print(result) names it."""
+    m, X, Y = _regression()
+    off = nn.Linear(3, 1).to(F64)
+    with torch.no_grad():
+        off.weight.fill_(3.0)  # far from the minimum: its chains slide below L(w*)
+    monkeypatch.setattr(engine, "_unsettled", lambda trace, nbeta, G, C, halved=None, **kw:
+                        {unsettled_group: ["chains still diffuse freely: forced"]})
+    monkeypatch.setattr(engine, "_only_unmixed", lambda *a, **k: False)
+    res = slt.estimate_llc([off, m], (X, Y), F.mse_loss, nbeta=200.0, **{**KW, "sampler": "sgld"})
+    if unsettled_group == 0:
+        assert [r.localization for r in res] == [LOCALIZATION] * 2
+        assert res[1].config["localization_escalations"] == []
+    else:
+        assert res[0].localization == res[1].localization > LOCALIZATION
+        assert "localization raised 1 → 10 → 100 (chains unsettled at 10 (checkpoint 1): chains still diffuse " \
+               "freely)" in str(res[1])
 
 
 def test_chains_that_only_need_more_draws_are_extended_at_their_localization(monkeypatch):

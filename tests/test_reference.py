@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 import random
+import warnings
 
 import numpy as np
 import pytest
@@ -221,6 +222,23 @@ def test_multitemperature_slope_and_wbic_regular_model():
     ex = _gaussian_global_expectation(X, Y, 1.0 / math.log(n), s)
     assert abs(wb.wbic - ex) < 4 * wb.wbic_sem, (wb.wbic, ex, wb.wbic_sem)
     assert "WBIC" in str(wb)
+
+
+def test_global_estimators_do_not_warn_of_draws_below_the_given_point():
+    """A global posterior (WBIC) does not centre on the model's w*: at an untrained point its draws fall below
+    L(w*), which the result records but, unlike nuts_llc's, is nothing to warn of (p15 of session 40's probe: 5
+    such warnings before, 0 after; no test held it)."""
+    m, X, Y = linear_regression(n=200)
+    with torch.no_grad():
+        m.weight.zero_()  # far from the minimum: nearly every draw is below L(w*)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        wb = wbic(m, (X, Y), gaussian_nll, prior_std=3.0, num_chains=2, num_draws=60, num_warmup=60, seed=0)
+    assert any("below L(w*)" in w for w in wb.result.diagnostics["warnings"])
+    assert not [w for w in caught if "below L(w*)" in str(w.message)]
+    with pytest.warns(RuntimeWarning, match=r"below L\(w\*\)"):  # the local estimator's note stays
+        nuts_llc(m, (X, Y), gaussian_nll, nbeta=50.0, localization=0.01, num_chains=2, num_draws=60,
+                 num_warmup=60, seed=0)
 
 
 # ----------------------------------------------------------------------------

@@ -144,6 +144,8 @@ def test_tied_parameter_alias():
     ({0: "a.*"}, r"labels must be strings, got 0"),
     ({"l0": "a.*", "a.bias": True}, r"mixes restrictions .* and masks"),
     ({}, r"empty mapping"),
+    ([], r"restrict_to is an empty list: nothing to restrict to"),
+    ({"heads": []}, r"restrict_to\['heads'\] is an empty list: nothing to restrict to .*'heads' names no parameter"),
     (42, r"cannot use 42"),
     ({"lab": {"inner": "a.*"}}, r"cannot be nested"),
     ({"nothere": True}, r"values are masks: its keys are parameter names or globs\): 'nothere' matches no sampled"),

@@ -32,7 +32,7 @@ from slt.samplers import (
 )
 from slt.theory import exact_quadratic_llc
 
-pytestmark = pytest.mark.filterwarnings("ignore:.*slt.estimate_llc \\(checkpoint:RuntimeWarning")
+pytestmark = pytest.mark.filterwarnings("ignore:.*slt.estimate_llc( \\(checkpoint|\\x3a ):RuntimeWarning")
 
 F64 = torch.float64
 
@@ -92,6 +92,58 @@ def _second_moments(make, P, eps, *, C=400, burn=2000, T=6000, sigma=None, seed=
 # ----------------------------------------------------------------------------
 # exact tier
 # ----------------------------------------------------------------------------
+@pytest.mark.parametrize("how", ["langevin_step", "per-chain step", "sgld", "rmsprop_sgld"])
+def test_a_drift_below_half_an_ulp_of_w_survives_the_step(how):
+    """float32 at |w| = 10⁴ (ulp 9.8e-4): a drift −ε/2·∇U = −4e-4 is below half an ulp.  Added to w before the
+    noise, it was rounded away on every step (mean move 0: a 1-parameter regression with w* ≈ 10⁴ read λ̂
+    1.65 ± 0.12 against 0.50, converged); added with the noise, the noise dithers the rounding and the mean
+    move is the drift.  Over C = 200 000 chains its s.e. is ≈ 1.04e-3/√C = 2.3e-6 (noise √ε = 1e-3, rounding
+    ulp/√12); tolerance 6 s.e."""
+    C, eps, g = 200_000, 1e-6, 800.0
+    w = torch.full((C, 1), 1e4)
+    grad = torch.full((C, 1), g)
+    gen = torch.Generator().manual_seed(0)
+    if how in ("langevin_step", "per-chain step"):
+        step = eps if how == "langevin_step" else torch.full((C, 1), eps)
+        new = langevin_step(w, grad, torch.randn(C, 1, generator=gen), step)
+    else:
+        pot = LocalizedPotential(lambda p, batch: (torch.zeros(p.shape[0]), grad), w, 1.0, 0.0)
+        smp = sgld(pot, eps) if how == "sgld" else rmsprop_sgld(pot, eps, eps=1.0)
+        state = smp.init(w)
+        if how == "rmsprop_sgld":  # a frozen G = 1/(√v + 1) = 1/2 (v = 1): drift −ε/4·∇U = −2e-4, noise √(ε/2)
+            state = state._replace(precond_v=torch.ones(C, 1), frozen=True)
+        new = smp.step(state, None, gen)[0].params
+    drift = -0.5 * eps * g * (0.5 if how == "rmsprop_sgld" else 1.0)
+    mean = float((new - w).double().mean())
+    assert abs(mean - drift) < 6 * 1.04e-3 / math.sqrt(C), (mean, drift)
+
+
+def test_a_loss_float32_cannot_resolve_is_a_finding():
+    """λ̂ subtracts two losses of size |L|: at L(w*) ≈ 10⁴ and nβ = 587 one float32 rounding of L is 0.7 in λ̂'s
+    units, and the fixed rounding of L(w*) does not average out (n = 50 000: 0.92 ± 0.10 against 3.20 ± 0.07 in
+    float64, both converged).  Now a finding in float32 naming dtype=torch.float64; none in float64."""
+    from slt.result import precision_finding
+
+    assert precision_finding(587.0, 1e4, torch.float32, 1.7, 0.2).startswith("float32 cannot resolve λ̂ here")
+    assert precision_finding(587.0, 1e4, torch.float64, 1.7, 0.2) is None
+    assert precision_finding(587.0, 0.5, torch.float32, 1.7, 0.2) is None  # a classifier's loss: 3.5e-5
+    g = torch.Generator().manual_seed(0)
+    n = 5000
+    X = torch.randn(n, 2, generator=g, dtype=F64)
+    Y = 1000 + X @ torch.tensor([[3.0], [-2.0]], dtype=F64) + 100 * torch.randn(n, 1, generator=g, dtype=F64)
+    m = nn.Linear(2, 1).to(F64)
+    sol = torch.linalg.lstsq(torch.cat([X, torch.ones(n, 1, dtype=F64)], 1), Y).solution
+    with torch.no_grad():
+        m.weight.copy_(sol[:2].T)
+        m.bias.copy_(sol[2])
+    kw = dict(num_chains=4, num_draws=300, num_burnin=300, step_size=1e-5, localization=1.0, batch_size=None,
+              seed=0, progress=False)
+    coarse = [slt.estimate_llc(m, (X, Y), F.mse_loss, dtype=dt, **kw).convergence_reasons
+              for dt in (torch.float32, F64)]
+    assert any(c.startswith("float32 cannot resolve λ̂ here") and "dtype=torch.float64" in c for c in coarse[0])
+    assert not any("cannot resolve" in c for c in coarse[1])
+
+
 def test_sghmc_with_full_friction_is_sgld():
     """friction = 1 forgets the velocity every step: v = -ε/2 ∇U + √ε ξ, w' = w + v, i.e. SGLD."""
     P = torch.tensor([0.5, 1.0, 3.0], dtype=F64)

@@ -179,6 +179,7 @@ def test_data_refined_groups_record_the_slope_without_a_finding():
         s = res.diagnostics["slope_at_init"]
         assert abs(s["value"] - _exact(torch.full((5,), 0.05, dtype=F64))) < 4 * s["sem"], (label, s)
         assert not any(_is_slope_reason(c) for c in res.convergence_reasons)
+        assert s["checked"] is False and "(not checked: a data-refined LLC's loss need not be minimal" in str(res)
 
 
 class _MLP(nn.Module):

@@ -332,14 +332,21 @@ def langevin_step(
     (Welling & Teh 2011; with a preconditioner G, Li et al. 2016).  ``step_size`` is a
     float or a per-chain ``(C, 1)`` tensor; ``precond`` 1 or a ``(C, d)`` tensor; ``xi``
     standard normal ``(C, d)``.
+
+    The increment :math:`\sqrt{\epsilon G}\,\xi - \tfrac{\epsilon}{2} G \nabla U` is formed first and added
+    to w once: adding the drift to w first rounds it away wherever it is below half a unit in the last
+    place of w (float32 at |w| = 10⁴: ulp 9.8e-4), on every step, localization included, so the chains
+    random-walk while the MALA acceptance reads 1 (a 1-parameter regression with w* ≈ 10⁴: λ̂ 1.65 ± 0.12
+    against 0.50, converged).  Added together, the noise dithers the rounding and the drift survives on
+    average.
     """
     if isinstance(precond, Tensor):
-        return w - (0.5 * step_size) * precond * grad_U + xi * (step_size * precond).sqrt()
+        return (xi * (step_size * precond).sqrt() - (0.5 * step_size) * precond * grad_U).add_(w)
     if isinstance(step_size, Tensor):  # per-chain (C, 1) steps
         eps = step_size * precond if precond != 1.0 else step_size
-        return torch.addcmul(w, grad_U, -0.5 * eps).addcmul_(xi, eps.sqrt())
+        return torch.mul(xi, eps.sqrt()).addcmul_(grad_U, -0.5 * eps).add_(w)
     # a number: one fresh (C, d) tensor, updated in place (no other parameter-sized temporaries)
-    return torch.add(w, grad_U, alpha=-0.5 * step_size * precond).add_(xi, alpha=math.sqrt(step_size * precond))
+    return torch.mul(xi, math.sqrt(step_size * precond)).add_(grad_U, alpha=-0.5 * step_size * precond).add_(w)
 
 
 def mala_acceptance(
@@ -446,18 +453,17 @@ def fused_langevin(
     for sl in column_chunks(w):
         gU = potential.grad_U_cols(w, grad, sl)
         x, wc = xi[:, sl], w[:, sl]
+        # the increment first, then w (one rounding of w: see langevin_step)
         if precond is None:
-            t = torch.addcmul(wc, gU, neg_half) if tensor_eps else torch.add(wc, gU, alpha=neg_half)
             if tensor_eps:
-                torch.addcmul(t, x, sqrt_eps, out=x)
+                x.mul_(sqrt_eps).addcmul_(gU, neg_half).add_(wc)
             else:
-                torch.add(t, x, alpha=sqrt_eps, out=x)
+                x.mul_(sqrt_eps).add_(gU, alpha=neg_half).add_(wc)
             if mala:
                 b += rowsum64(gU.square())
         else:
             G = precond(sl)
-            t = wc - (0.5 * step_size) * G * gU
-            torch.add(t, x.mul_((step_size * G).sqrt_()), out=x)
+            x.mul_((step_size * G).sqrt_()).sub_((0.5 * step_size) * G * gU).add_(wc)
             if mala:
                 b += rowsum64(G.mul_(gU).mul_(gU))
         if mala:

@@ -534,13 +534,15 @@ class Target:
         tell them apart (the rules' mixes agree) or has no such labels."""
         options = _label_options(b.y)
         B = num_rows(b.x)
-        if not options or B < 2:
+        if not options or B < 2 or b.weights is not None:  # (weighted batches: their halves' weights differ)
             return None
         h = B // 2
-        sub = [slice(0, h), slice(h, B)]
-        halves = [Batch(_map(lambda t, s=sl: t[s], b.x), None, None, True) for sl in sub]
-        halves = [Batch(hb.x, hb.x if b.y is b.x else _map(lambda t, s=sl: t[s], b.y), None, True)
-                  for hb, sl in zip(halves, sub)]
+
+        def half(sl: slice) -> Batch:
+            x = _map(lambda t: t[sl], b.x)
+            return Batch(x, x if b.y is b.x else _map(lambda t: t[sl], b.y), None, True)
+
+        halves = [half(slice(0, h)), half(slice(h, B))]
         with torch.no_grad():
             whole = self.evaluator.losses(self.w_star[:1], b).double().cpu()
             parts = torch.cat([self.evaluator.losses(self.w_star[:1], hb).double().cpu() for hb in halves])

@@ -43,7 +43,7 @@ from torch import Tensor, nn
 from ._runtime import vmapped_block
 
 __all__ = ["LossAdapter", "register_per_sample", "causal_lm", "model_loss", "count_weighted_mean", "label_counts",
-           "label_weighted", "candidate_means"]
+           "label_count_options", "label_weighted", "candidate_means"]
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
 PerSample = Callable[[Tensor, Tensor], Tensor]  # (lead..., *s), (lead..., *s) -> (lead...)
@@ -147,14 +147,21 @@ def label_counts(target: Any) -> list[Tensor]:
     (Hugging Face's and PyTorch's ignore index), from a tensor target or a mapping's ``"labels"``: over
     all positions, and over positions 1: (a causal-LM loss that shifts the labels by one).  Counts that
     are equal for every sample are left out (the plain mean already fits them)."""
+    return [c for c in label_count_options(target).values() if bool((c < c.max()).any())]
+
+
+def label_count_options(target: Any, min_ndim: int = 1) -> dict[str, Tensor]:
+    """``{"all": counts, "shifted": counts}`` of :func:`label_counts`, unfiltered: each sample's labelled entries
+    (integer labels not -100, from a tensor or a mapping's ``"labels"``) over all positions, and over positions
+    1: for ``(n, T)`` labels with T > 1; ``{}`` without integer labels of at least ``min_ndim`` dims."""
     labels = target.get("labels") if isinstance(target, Mapping) else target
-    if not isinstance(labels, Tensor) or labels.is_floating_point() or labels.is_complex() or labels.ndim < 1:
-        return []
+    if not isinstance(labels, Tensor) or labels.is_floating_point() or labels.is_complex() or labels.ndim < min_ndim:
+        return {}
     kept = (labels != -100).reshape(labels.shape[0], -1)
-    options = [kept.sum(1)]
+    options = {"all": kept.sum(1)}
     if labels.ndim == 2 and labels.shape[1] > 1:
-        options.append(kept[:, 1:].sum(1))
-    return [c for c in options if bool((c < c.max()).any())]
+        options["shifted"] = kept[:, 1:].sum(1)
+    return options
 
 
 def label_weighted(per_sample: Tensor, counts: Tensor) -> Tensor | None:

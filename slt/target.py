@@ -63,8 +63,8 @@ from .groups import Groups, concat_data, split_data
 from .evaluator import (PATH_REASONS, ChainEvaluator, choose_path, resolve_autocast, probe_batch, to_device,
                         validate_model_and_loss, check_gradients_reach, check_padding_rows, gradient_mismatch_issue,
                         hf_attention_configs, out_of_memory, _dense, _names)
-from .losses import (LossAdapter, candidate_means, count_weighted_mean, label_counts, label_weighted, model_loss,
-                     weighted_mean)
+from .losses import (LossAdapter, candidate_means, count_weighted_mean, label_count_options, label_counts,
+                     label_weighted, model_loss, weighted_mean)
 from .params import ParamSpec, unwrap as _unwrap
 from .result import RANDOM_ISSUES
 from .rng import ChainRNG
@@ -517,7 +517,7 @@ class Target:
         (:meth:`_label_rule`): over rows, or over the labelled entries of all positions or positions 1:."""
         c = self.adapter.counts(b.y, 1, self.dtype) if isinstance(b.y, Tensor) else None
         if c is None and rule != "rows":  # a mean over labelled entries (Target._label_rule)
-            c = _label_options(b.y).get(rule)
+            c = label_count_options(b.y, min_ndim=2).get(rule)
             c = None if c is None else c.to(device=self.device, dtype=self.dtype)
         w = None if w is None else w.to(device=self.device, dtype=self.dtype).flatten()
         if c is not None and w is not None:
@@ -532,7 +532,7 @@ class Target:
         all positions, or of positions 1: as a causal LM's own loss shifts them; -100 ignored), told by the loss
         of the batch against its halves' losses mixed by each rule's counts; ``None`` when the batch cannot
         tell them apart (the rules' mixes agree) or has no such labels."""
-        options = _label_options(b.y)
+        options = label_count_options(b.y, min_ndim=2)
         B = num_rows(b.x)
         if not options or B < 2 or b.weights is not None:  # (weighted batches: their halves' weights differ)
             return None
@@ -779,17 +779,6 @@ class BatchStream:
         if not self.control_variate:
             return b, self._init
         return b, self._forward_star(b)
-
-
-def _label_options(target: Any) -> dict[str, Tensor]:
-    """Each sample's labelled entries ``(B,)`` of integer labels (a tensor target, or a mapping's ``"labels"``;
-    -100 ignored) over all positions (``"all"``) and over positions 1: (``"shifted"``, as a causal LM shifts
-    them); ``{}`` without such labels."""
-    labels = target.get("labels") if isinstance(target, Mapping) else target
-    if not isinstance(labels, Tensor) or labels.is_floating_point() or labels.is_complex() or labels.ndim < 2:
-        return {}
-    kept = (labels != -100).reshape(labels.shape[0], -1)
-    return {"all": kept.sum(1), "shifted": kept[:, 1:].sum(1)}
 
 
 def _agrees(mean: Tensor, whole: Tensor) -> bool:
@@ -1280,11 +1269,12 @@ def _checkpoint_state(template: nn.Module, ckpts: list[Any], names: list[str], d
     own = _state_of(template)
     states = [_state_of(ck) for ck in ckpts]
     out: dict[str, Tensor] = {}
+    keep_above = _kept_above(template, dtype)
     for name in names:
         ref = own[name].detach()
         vals = [(v if isinstance(v := st.get(name), Tensor) else ref).detach().to(device=dev) for st in states]
         stacked = torch.stack(vals)
-        keep = stacked.is_floating_point() and _wider(ref, _kept_above(template, dtype))
+        keep = stacked.is_floating_point() and _wider(ref, keep_above)
         out[name] = stacked.to(dtype) if stacked.is_floating_point() and not keep else stacked.to(ref.dtype)
     return out
 
@@ -1535,10 +1525,9 @@ def use_cache_note(model: nn.Module, adapter: LossAdapter, probe: Batch) -> str 
     in transformers 5, packed sequences (``position_ids`` restarting, no attention mask) are told apart only
     without a cache object, so the two calls are different networks (documents isolated or not: 2.993 against
     2.984 untrained, 0.709 against 5.03 trained).  ``None`` when they agree or the inputs set ``use_cache``."""
-    from .evaluator import _takes_use_cache, call_module, module_aliases, own_tensors
+    from .evaluator import _first_rows, _takes_use_cache, call_module, module_aliases, own_tensors
 
-    x, y = _map(lambda t: t[:2], probe.x), probe.y
-    y = x if probe.y is probe.x else _map(lambda t: t[:2], y)
+    x, y = _first_rows(probe, 2)
     if not isinstance(x, Mapping) or "use_cache" in x or not _takes_use_cache(type(model)):
         return None
     try:

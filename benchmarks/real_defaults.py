@@ -129,8 +129,15 @@ def _run(model, X, Y, label: str, kw: dict):
     if fb:
         print(f"      sampler fallback: {fb['from']} -> {fb['to']} at γ {fb['localization']:g}, settled "
               f"{fb['settled']}, {fb['seconds']:.0f} s", flush=True)
+    check, hc = r.diagnostics.get("halving_direct"), r.config.get("halving_check")
+    if check:
+        print(f"      continued at ε/2 ({hc['burnin']} + {hc['draw_steps']} steps, {hc['seconds']:.0f} s): λ̂ "
+              f"{check['llc_at_half_step']:.4g} ± {check['llc_at_half_step_sem']:.2g}, paired z {check['z']:.1f}, "
+              f"2λ̂(ε/2) − λ̂(ε) = {check['extrapolated']:.4g}", flush=True)
+    elif hc:
+        print(f"      continued ε/2 check skipped: {hc['skipped']}", flush=True)
     for reason in r.convergence_reasons:
-        print(f"      {reason[:200]}", flush=True)
+        print(f"      {reason[:300]}", flush=True)
     return r
 
 

@@ -69,6 +69,7 @@ class SamplerConf:
     batch_size: Optional[Union[int, str]] = LLC.batch_size  # a number, null (full batch) or "auto"
     mala_every: int = LLC.mala_every
     extend_draws: Union[bool, int] = LLC.extend_draws  # continue stationary, unmixed chains; false: num_draws
+    check_halving: Optional[bool] = LLC.check_halving  # continue settled SGLD chains at ε/2; null: when cheap
     sampler_kwargs: Dict[str, Any] = field(default_factory=dict)  # numbers, or e.g. friction: auto
 
 

@@ -19,7 +19,8 @@ __all__ = ["LLCDefaults", "LLC", "default_nbeta", "default_localization", "defau
            "LOCALIZATION_STEPS", "LOCALIZATION_MIN_DRAWS", "RELAXATION_TIMES", "BURNIN_MAX_FACTOR",
            "BURNIN_MAX_FACTOR_ESCALATED", "BURNIN_MAX_FACTOR_FINAL", "BATCH_SIZE",
            "BATCH_SIZE_MAX", "BATCH_RAISES", "EXTENSION_BUDGET", "FALLBACK_SAMPLERS", "SGHMC_FIRST_BURNIN",
-           "ESS_MIN", "relaxation_steps"]
+           "ESS_MIN", "HALVING_CHECK_SHARE",
+           "HALVING_CHECK_MIN_DRAWS", "EXTRAPOLATION_MAX_CHANGE", "relaxation_steps"]
 
 #: γ for ``localization=None`` (where the automatic γ starts).
 LOCALIZATION = 1.0
@@ -101,6 +102,22 @@ ESS_MIN = 100.0
 #: 500 + 2000 steps): SGLD ESS 42, R-hat 1.10, λ̂ 54.9; SGHMC (α = 0.063) ESS 153, R-hat 1.03, λ̂ 56.1 ± 0.4,
 #: and 56.6 ± 0.5 at ε/2.
 FALLBACK_SAMPLERS = ("sghmc", "rmsprop_sgld")
+#: With ``check_halving=None`` (the default), SGLD's chains are continued at ε/2 once the run has settled — a
+#: re-settling of a quarter of the draws' steps, then the draws' steps again — and λ̂ there is compared with the
+#: draws' (:func:`slt.engine._continued_halving`), when those steps are at most this share of the run's own steps
+#: from w* (burn-in and draws).  The in-run ε/2 estimate (:func:`slt.diagnostics.halved_step_estimate`) reads
+#: relaxation off the trace but cannot see SGLD's discretisation bias, which only a run at another step shows:
+#: a 2-layer ``nn.TransformerEncoder`` classifier (``benchmarks/real_defaults.py transformer``) converged at
+#: γ = 100 with λ̂ 142.0 ± 1.3 while a direct run at ε/2 gave 135.6 ± 2.0.  The share keeps the check where the
+#: run is long beside its draws (an escalated γ, a relaxation burn-in: the networks, where such bias was
+#: measured) and off the default short runs of the toy models, where it would double their cost.
+HALVING_CHECK_SHARE = 0.5
+#: The continued ε/2 check needs at least this many draws (and 3 chains, for the paired z over chains).
+HALVING_CHECK_MIN_DRAWS = 10
+#: The continued ε/2 check gives the first-order extrapolation 2λ̂(ε/2) − λ̂(ε) only where λ̂ fell by at most
+#: this share at ε/2: beyond, the bias is not linear in ε (a Gaussian direction's is εκ/4/(1 − εκ/4)), and at
+#: εκ = 3.5 the extrapolation read 1.77 against the ε → 0 value 4.65.
+EXTRAPOLATION_MAX_CHANGE = 0.25
 #: With ``sampler="auto"`` at full batch, the first of :data:`FALLBACK_SAMPLERS` (critically damped SGHMC) runs
 #: *before* SGLD at the last γ a run can use when that γ is above :data:`LOCALIZATION` and SGLD's relaxation
 #: burn-in there (:func:`relaxation_steps` at its adapted ε) would exceed this many times the draws' steps: the
@@ -145,6 +162,10 @@ class LLCDefaults:
     #: size under :data:`ESS_MIN` its only unsettled findings) for more draws: ``True`` within :data:`EXTENSION_BUDGET`, an int caps the draws in all,
     #: ``False`` keeps ``num_draws``
     extend_draws: bool | int = True
+    #: continue SGLD's settled chains at ε/2 and compare λ̂ (a direct check of "stable when ε halves", which sees
+    #: the discretisation bias the in-run check cannot): ``None`` when it costs at most
+    #: :data:`HALVING_CHECK_SHARE` of the run with an automatic step, ``True`` always (SGLD), ``False`` never
+    check_halving: bool | None = None
 
     def asdict(self) -> dict:
         return asdict(self)

@@ -53,7 +53,8 @@ from ._checks import check_int, check_observable_value, check_observables, check
 from ._runtime import (autograd_allowed, intra_op_threads, resolve_device, retained_heap, small_work_threads,
                        user_stacklevel, versions)
 from .data import LoaderSource, num_rows, row_numel
-from .defaults import (BATCH_RAISES, BATCH_SIZE, BATCH_SIZE_MAX, EXTENSION_BUDGET, FALLBACK_SAMPLERS, LLC, LOCALIZATION,
+from .defaults import (BATCH_RAISES, BATCH_SIZE, BATCH_SIZE_MAX, EXTENSION_BUDGET, EXTRAPOLATION_MAX_CHANGE,
+                       FALLBACK_SAMPLERS, HALVING_CHECK_MIN_DRAWS, HALVING_CHECK_SHARE, LLC, LOCALIZATION,
                        LOCALIZATION_MIN_DRAWS, LOCALIZATION_STEPS, RELAXATION_TIMES, SGHMC_FIRST_BURNIN, default_burnin,
                        default_localization, default_nbeta, relaxation_steps)
 from .diagnostics import changed, free_diffusion, halved_step_estimate, llc_standard_error, minibatch_heating
@@ -121,6 +122,7 @@ def estimate_llc(
     shared_batches: bool = False,
     raise_on_divergence: bool = True,
     extend_draws: bool | int = LLC.extend_draws,
+    check_halving: bool | None = LLC.check_halving,
     num_threads: int | None = None,
     progress: bool | None = None,
 ) -> LLCResult | list[LLCResult]:
@@ -331,6 +333,20 @@ def estimate_llc(
         ``config["draw_extensions"]`` say how and why).  An int caps the draws in all; ``False``
         keeps ``num_draws``.  An extension is a sequential decision on R-hat, so the R-hat it stops
         at is slightly optimistic; the other checks are read on all draws.
+    check_halving
+        A direct check of "λ̂ stable when ε halves" for SGLD: once the run has settled, its chains are
+        continued at ε/2 from where they ended — a quarter of the draws' steps (as run, extensions
+        included) to re-settle, then the draws' steps again — and λ̂ there is compared with the draws'
+        λ̂, chain by chain (paired z; the rule of :func:`slt.diagnostics.changed`: beyond 2% of λ̂ and Student's t at 3σ).
+        A change is a reason for ``converged = False`` naming SGLD's discretisation bias and the settings
+        of a run at ε/2; ``result.diagnostics["halving_direct"]`` records both estimates, z and the
+        first-order extrapolation 2λ̂(ε/2) − λ̂(ε) with its s.e. (where λ̂ fell by at most 25%).  Only groups
+        whose run settled are judged.  The in-run halving estimate read off the trace sees the
+        chains' relaxation but not this bias (SGLD's stationary law moves with ε).  ``None`` (default): with
+        an automatic step, when the check's steps are at most ``HALVING_CHECK_SHARE`` = 1/2 of the run's
+        own (burn-in and draws: a long relaxation burn-in, as networks at an escalated γ need); ``True``:
+        always (SGLD, at least 3 chains and 10 draws); ``False``: never.  Its draws are not part of the result;
+        ``config["halving_check"]`` records what it cost, or why it did not run (``None``: ``False``).
     num_threads
         Intra-op CPU threads while sampling (restored afterwards).  Default:
         1 when a step's work is tiny (chains × batch × parameters < 2·10⁶, e.g.
@@ -374,7 +390,7 @@ def estimate_llc(
             dtype=dtype, autocast=autocast, vectorize=vectorize, mala_every=mala_every, target_accept=target_accept,
             divergence_threshold=divergence_threshold, control_variate=control_variate,
             shared_batches=shared_batches, raise_on_divergence=raise_on_divergence, extend_draws=extend_draws,
-            num_threads=num_threads, progress=progress))
+            check_halving=check_halving, num_threads=num_threads, progress=progress))
         return _with_files(files, each)
 
     # 1. the target: model, data, loss, w*, nβ, γ, and the groups (restrictions, distributions)
@@ -388,7 +404,7 @@ def estimate_llc(
         sampler_kwargs=sampler_kwargs, observables=observables, vectorize=vectorize, mala_every=mala_every,
         target_accept=target_accept, divergence_threshold=divergence_threshold, control_variate=control_variate,
         shared_batches=shared_batches, raise_on_divergence=raise_on_divergence, extend_draws=extend_draws,
-        num_threads=num_threads, progress=progress, started=t_setup)
+        check_halving=check_halving, num_threads=num_threads, progress=progress, started=t_setup)
     # 4. one result per group, in the caller's shape
     results = run.results()
     _warn_groups(target, [res.diagnostics["warnings"] for res in results])
@@ -646,6 +662,8 @@ class Sampling:
     #: ``(G*C,)`` each row's spread at the end of the run over a free walk's (:func:`slt.diagnostics.free_diffusion`;
     #: plain SGLD, else ``None``)
     diffusion: Tensor | None = None
+    #: per group, the continued ε/2 check (:func:`_continued_halving`; ``None``: not run)
+    direct: dict[int, dict[str, Any]] | None = None
 
     def group_step_size(self, g: int) -> float:
         eps = self.step_size
@@ -669,6 +687,11 @@ class Sampling:
                 "step_size_halvings": self.halvings,
             }
             diag.update(_step_size_diagnostics(self.auto, self.adapt, g, labels["checkpoint"]))
+            check = None if self.direct is None else self.direct.get(g)
+            diag["halving_direct"] = None if check is None else {k: v for k, v in check.items() if k != "message"}
+            notes = [self.notes[g]] if g in self.notes else []
+            if check is not None and check["message"]:
+                notes.append(check["message"])
             eps_g = self.group_step_size(g)
             config = {**self.config, "step_size": eps_g, "seed": target.group_seeds[g], **labels}
             if masks is not None:
@@ -684,7 +707,7 @@ class Sampling:
                 diffusion=None if diffusion is None else diffusion[g * C:(g + 1) * C], draw_times=times,
                 slope=tr.slope, slope_check=target.groups.parts is None, issues=target.issues,
                 diagnostics=diag, config=config,
-                warnings=[self.notes[g]] if g in self.notes else None,
+                warnings=notes or None,
             ))
         return out
 
@@ -741,6 +764,7 @@ def sample_target(
     shared_batches: bool = False,
     raise_on_divergence: bool = True,
     extend_draws: bool | int = LLC.extend_draws,
+    check_halving: bool | None = LLC.check_halving,
     num_threads: int | None = None,
     progress: bool | None = None,
     started: float | None = None,
@@ -878,6 +902,7 @@ def sample_target(
                             "finding": next(iter(unsettled.values()))[0]})
         run.pop("final", None)
     first_name, tried, adopted, extensions = spec.name, [], False, list(level_extensions)
+    direct: dict[str, Any] | None = None  # the continued ε/2 check (_continued_halving)
     first = run.get("deferred")
     if first is not None:  # critically damped SGHMC first; SGLD with its whole burn-in if it does not settle
         first = {**first, "seconds": run["adapt_seconds"]}
@@ -894,10 +919,13 @@ def sample_target(
         # chains stationary but not yet mixed: continue them (no new burn-in) rather than report R-hat > 1.1
         more = _extend_while_unmixed(run, target, rows, extend_draws, num_draws, num_steps_bw_draws, G, C,
                                      observables, on_draw, thresh, progress)
-        run.pop("final", None)
         if more:
             halved, unsettled = _verdict(run, target, G, C, num_steps_bw_draws, judge)
         extensions = extensions + more
+        # the draws at ε against the same chains continued at ε/2 (before their state is dropped)
+        direct = _continued_halving(run, target, spec, rows, check_halving, rule, unsettled if judge else None,
+                                    num_steps_bw_draws, G, C, thresh, progress)
+        run.pop("final", None)
         if first is not None:
             tried.append({"sampler": first_name, "settled": not unsettled, "halving": None,
                           "seconds": run["trace"].seconds + sum(e["seconds"] for e in extensions),
@@ -921,6 +949,9 @@ def sample_target(
                 run, extensions, halved, unsettled, spec = (alt["run"], alt["extensions"], alt["halved"], {},
                                                             alt["spec"])
                 break
+    if check_halving is not False and run["smp"].name != "sgld":  # (a fallback's draws; SGHMC first, adopted)
+        direct = {"skipped": f"the draws are {run['smp'].name}'s: the continued check is SGLD's (a fallback sampler "
+                             "is checked by a direct run at ε/2, config['sampler_fallback'])"}
     fallback = None
     if tried:
         last = tried[-1]
@@ -973,10 +1004,12 @@ def sample_target(
         "num_params": target.d,
         "num_checkpoints": target.K, "versions": versions(),
         "localization_auto": target.localization_auto, "localization_escalations": escalations,
+        "check_halving": check_halving,
+        "halving_check": None if direct is None else {k: v for k, v in direct.items() if k != "groups"},
     }
     return Sampling(target, trace, eps, rule, auto, adapt, halvings, C, num_steps, n_adapt, smp.name,
                     setup_seconds, adapt_seconds, config, notes=limit, halved=halved, heating=run["heating"],
-                    diffusion=run["diffusion"])
+                    diffusion=run["diffusion"], direct=None if direct is None else direct.get("groups"))
 
 
 def _fallback_samplers(full_batch: bool) -> tuple[str, ...]:
@@ -1226,6 +1259,100 @@ def _direct_halving(trace: Trace, half: Trace, nbeta: float, G: int, C: int) -> 
                               f"against {llc:.4g} (paired z = {z:.1f}): the chains relax more slowly than the run "
                               "lasts" if bad else None)}
     return out
+
+
+def _continued_halving(run: dict[str, Any], target: Any, spec: SamplerSpec, rows: Tensor, check: bool | None,
+                       rule: str, unsettled: Mapping[int, Any] | None, thin: int, G: int, C: int, thresh: float,
+                       progress: bool | None) -> dict[str, Any] | None:
+    r"""The direct ε/2 check of a settled SGLD run (``check_halving``, see :func:`estimate_llc`): ``None`` with
+    ``check_halving=False``, else what it found or ``{"skipped": why}``.
+
+    SGLD's stationary law moves with ε: for a Gaussian direction of curvature κ of U the draws' variance is
+    :math:`1/(\kappa(1 - \epsilon\kappa/4))` (Euler–Maruyama, :math:`w \leftarrow (1-\epsilon\kappa/2)w +
+    \sqrt\epsilon\,\xi`), so λ̂ carries an :math:`O(\epsilon)` discretisation bias that no reading of one run's
+    trace can see (on minibatches the heating by gradient noise, also ∝ ε, adds to it).  The chains,
+    stationary at ε, are continued at ε/2 from where they ended: a quarter of the draws' steps ``D`` (as run,
+    extensions included) lets the directions whose law moved re-settle (the bias sits in the stiff
+    directions, εκ not small, which relax within a few 1/(εκ) steps), then ``D`` steps give the draws.  Per
+    chain c the change :math:`d_c = \bar\lambda_c(\epsilon/2) - \bar\lambda_c(\epsilon)` shares the chain's
+    slow directions and is compared across chains (paired z, :func:`slt.result._halving_gap`; the rule of
+    :func:`slt.diagnostics.changed`, two-sided: a rise means the chains were still relaxing).  Only groups
+    whose run settled are judged (``unsettled``: the groups with findings, ``None`` to compute them).
+
+    Returns ``{"step_size_factor": 0.5, "burnin", "draw_steps", "seconds", "groups": {g: {"llc",
+    "llc_at_half_step", "llc_at_half_step_sem", "z", "extrapolated", "extrapolated_sem", "message"}}}``:
+    ``extrapolated`` = 2λ̂(ε/2) − λ̂(ε), first order in ε, with its s.e. over chains (``None`` where λ̂ rose or
+    the change exceeds :data:`EXTRAPOLATION_MAX_CHANGE` of λ̂, beyond first order); ``message`` ``None`` when
+    stable."""
+    if check is False:
+        return None
+    smp, final = run.get("smp"), run.get("final")
+    name = getattr(smp, "name", spec.name)
+    if name != "sgld" or final is None:
+        return {"skipped": f"the draws are {name}'s: the continued check is SGLD's (a fallback sampler is checked by "
+                           "a direct run at ε/2, config['sampler_fallback'])"}
+    T = int(run["trace"].loss.shape[1])
+    D = T * thin
+    B = max(D // 4, 1)
+    if check is None and rule == "given":
+        return {"skipped": "the step size was given (check_halving=True checks it)"}
+    if C < 3 or T < HALVING_CHECK_MIN_DRAWS:
+        return {"skipped": f"it needs at least 3 chains and {HALVING_CHECK_MIN_DRAWS} draws (the run has {C} × {T})"}
+    if check is None and T < LOCALIZATION_MIN_DRAWS:
+        return {"skipped": f"fewer than {LOCALIZATION_MIN_DRAWS} draws (check_halving=True checks it)"}
+    if check is None and B + D > HALVING_CHECK_SHARE * run["num_steps"]:
+        return {"skipped": f"its {B + D} steps ({B} to re-settle, then the draws' {D}) would be more than "
+                           f"{HALVING_CHECK_SHARE:g} of the run's {run['num_steps']} (check_halving=True runs it)"}
+    if unsettled is None:
+        unsettled = _verdict(run, target, G, C, thin)[1]
+    if len(unsettled) == G:
+        return {"skipped": "the run has not settled (its findings come first)"}
+    half = build_sampler(spec, run["potential"], run["eps"] / 2, mala_every=0, **run["kw"])
+    dev = target.device
+    with intra_op_threads(run["num_threads"]), retained_heap(dev):
+        _, more = run_chains(
+            half, final, run["batches"], run["noise"], B + D, num_burnin=B, thin=thin,
+            divergence=Divergence(thresh, target.nbeta, rows, 10 if dev.type == "cpu" else 25),
+            nbeta=target.nbeta, progress=show_progress(progress, (B + D) * G * C), desc="LLC (check at ε/2)",
+            start=run["num_steps"])
+    trace, eps = run["trace"], run["eps"]
+    full_tr = (target.nbeta * (trace.loss - trace.star)).detach().cpu().double()
+    half_tr = (target.nbeta * (more.loss - more.star)).detach().cpu().double()
+    groups: dict[int, dict[str, Any]] = {}
+    for g in range(G):
+        sl = slice(g * C, (g + 1) * C)
+        ok = ~(trace.diverged[sl] | more.diverged[sl]).cpu()
+        if g in unsettled or int(ok.sum()) < 3:
+            continue
+        llc_half, llc, z = _halving_gap(full_tr[sl][ok], half_tr[sl][ok].mean(1))
+        eps_g = float(eps[g * C]) if isinstance(eps, Tensor) else float(eps)
+        means, full_means = half_tr[sl][ok].mean(1), full_tr[sl][ok].mean(1)
+        change = (llc_half - llc) / max(abs(llc), 1e-12)
+        extrapolated = extrapolated_sem = None
+        if llc_half < llc and -change <= EXTRAPOLATION_MAX_CHANGE:
+            ex = 2 * means - full_means
+            extrapolated, extrapolated_sem = float(ex.mean()), float(ex.std() / ex.numel() ** 0.5)
+        message = None
+        if changed(abs(llc_half - llc), abs(z), llc, int(ok.sum())):
+            heat = "" if run["batches"].full else " and minibatch heating"
+            if llc_half < llc:
+                cause = (f"SGLD's discretisation bias{heat} at this step (its stationary law moves with ε, which the "
+                         f"run's own checks cannot see); a run at step_size={eps_g / 2:.3g} (localization="
+                         f"{target.localization:g}, num_burnin at least twice this run's {run['num_burnin']}) halves "
+                         "it" + (", as does a larger batch_size the heating" if heat else "")
+                         + (f", and 2·λ̂(ε/2) − λ̂(ε) = {extrapolated:.4g} ± {extrapolated_sem:.2g} removes it to first "
+                            "order" if extrapolated is not None
+                            else "; the change is too large for a first-order correction: run at a smaller step"))
+            else:
+                cause = (f"the chains were still relaxing (λ̂ rose as they went on): run longer (num_burnin beyond "
+                         f"this run's {run['num_burnin']})")
+            message = (f"λ̂ is not stable when ε halves: the chains continued at ε/2 = {eps_g / 2:.3g} ({B} steps to "
+                       f"re-settle, then {D}) read {llc_half:.4g} against {llc:.4g} ({change:+.1%}, paired "
+                       f"z = {z:.1f}): " + cause)
+        groups[g] = {"llc": llc, "llc_at_half_step": llc_half,
+                     "llc_at_half_step_sem": float(means.std() / means.numel() ** 0.5), "z": z,
+                     "extrapolated": extrapolated, "extrapolated_sem": extrapolated_sem, "message": message}
+    return {"step_size_factor": 0.5, "burnin": B, "draw_steps": D, "seconds": more.seconds, "groups": groups}
 
 
 def _run_findings(run: Mapping[str, Any], target: Any, G: int, C: int, thin: int) -> dict[int, tuple[float, list]]:

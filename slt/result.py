@@ -347,6 +347,11 @@ class LLCResult:
         slope = self.diagnostics.get("slope_at_init")
         if slope:  # the part of λ̂ owed to the slope at w* (0 at a critical point) and its s.e.
             out["slope_at_init"], out["slope_at_init_sem"] = slope["value"], slope["sem"]
+        check = self.diagnostics.get("halving_direct")
+        if check:  # the chains continued at ε/2 (check_halving) and the first-order extrapolation to ε → 0
+            out.update(llc_half_step=check["llc_at_half_step"], llc_half_step_sem=check["llc_at_half_step_sem"],
+                       llc_half_step_z=check["z"], llc_extrapolated=check.get("extrapolated"),
+                       llc_extrapolated_sem=check.get("extrapolated_sem"))
         return out
 
     def __str__(self) -> str:
@@ -438,6 +443,15 @@ class LLCResult:
             lines.append(f"  localization raised {path} (chains unsettled at {f(last['localization'], 'g')}{at}: "
                          f"{first.split(':')[0]}{' …' if more else ''}); λ̂ depends on γ, so compare it with "
                          f"runs at the same γ (pass localization={f(self.localization, 'g')} to fix it)")
+        check, run = d.get("halving_direct"), self.config.get("halving_check") or {}
+        if check:  # the chains continued at ε/2 (check_halving)
+            ex = check.get("extrapolated")
+            lines.append(f"  ε/2 check: the chains continued at ε/2 read λ̂ {f(check['llc_at_half_step'], '.4g')} ± "
+                         f"{f(check['llc_at_half_step_sem'])} (paired z = {f(check['z'], '.2g')}"
+                         + (f"; 2λ̂(ε/2) − λ̂(ε) = {f(ex, '.4g')} ± {f(check.get('extrapolated_sem'), '.2g')}"
+                            if ex is not None else "") + ")")
+        elif "skipped" in run:
+            lines.append(f"  ε/2 check: not run: {run['skipped']}")
         for ext in self.config.get("draw_extensions") or []:
             lines.append(f"  draws extended {ext['from']} → {ext['to']}: chains stationary but not yet mixed "
                          f"(R-hat {f(ext['rhat'])})")
@@ -500,10 +514,12 @@ def given_step_finding(mala_mean: float, step_size: Any, config: Mapping[str, An
     except (TypeError, ValueError):
         half = "half the step_size"
     shown = f"{mala_mean:.2f}" if round(mala_mean, 2) < MALA_GIVEN_MIN else f"{mala_mean:.4f}"  # not "0.90 < 0.9"
+    checked = "draw_steps" in ((config or {}).get("halving_check") or {})  # (check_halving ran: its line says)
+    check = ("the continued ε/2 check (check_halving) read λ̂ at half the step" if checked
+             else f"check that λ̂ is stable at {half} with the same number of steps")
     return (f"MALA acceptance {shown} < {MALA_GIVEN_MIN:g} at the step_size given: SGLD's discretisation bias "
             "grows with ε and can inflate λ̂ severalfold at this acceptance (an MLP read 30.4 at acceptance 0.59 and "
-            f"4.5 at 0.89); check that λ̂ is stable at {half} with the same number of steps, or leave step_size "
-            "to the default (adapted toward acceptance 0.99)")
+            f"4.5 at 0.89); {check}, or leave step_size to the default (adapted toward acceptance 0.99)")
 
 
 def unexplored_finding(spread: float, step_size: Any, localization: float, steps: float,

@@ -950,8 +950,7 @@ def sample_target(
                                                             alt["spec"])
                 break
     if check_halving is not False and run["smp"].name != "sgld":  # (a fallback's draws; SGHMC first, adopted)
-        direct = {"skipped": f"the draws are {run['smp'].name}'s: the continued check is SGLD's (a fallback sampler "
-                             "is checked by a direct run at ε/2, config['sampler_fallback'])"}
+        direct = _not_sgld(run["smp"].name)
     fallback = None
     if tried:
         last = tried[-1]
@@ -1236,29 +1235,44 @@ def _reasons(unsettled: Mapping[int, list[str]], target: Target) -> list[str]:
     return [f"{where}: {m}" if (where := _where(target, g)) else m for g, ms in unsettled.items() for m in ms]
 
 
-def _direct_halving(trace: Trace, half: Trace, nbeta: float, G: int, C: int) -> dict[int, dict[str, Any]]:
-    """By group: λ̂ of ``trace`` and of ``half`` (the same run at ε/2 with the same steps and seeds), the
-    paired z of the per-chain differences (:func:`slt.result._halving_gap`, as the in-run check) and a
-    message when λ̂ is not stable when ε halves (the change beyond 2% of λ̂ and beyond Student's t at a
-    normal 3σ, :func:`slt.diagnostics.changed`), else ``None``."""
+def _paired_halving(trace: Trace, half: Trace, nbeta: float, G: int, C: int,
+                    skip: Any = ()) -> dict[int, tuple[Tensor, Tensor, float, float, float, bool]]:
+    """By group (not in ``skip``, with at least 3 chains valid in both): ``(full, half_tr, λ̂(ε/2), λ̂, z,
+    changed)`` of ``trace`` against ``half`` (its ε/2 counterpart), ``full`` and ``half_tr`` the valid chains'
+    ``nβ(L − L*)`` traces, z the paired z of the per-chain differences (:func:`slt.result._halving_gap`, as the
+    in-run check) and ``changed`` the rule of :func:`slt.diagnostics.changed` (two-sided)."""
     full_tr = (nbeta * (trace.loss - trace.star)).detach().cpu().double()
     half_tr = (nbeta * (half.loss - half.star)).detach().cpu().double()
-    out: dict[int, dict[str, Any]] = {}
+    out: dict[int, tuple[Tensor, Tensor, float, float, float, bool]] = {}
     for g in range(G):
         rows = slice(g * C, (g + 1) * C)
         ok = ~(trace.diverged[rows] | half.diverged[rows]).cpu()
-        if int(ok.sum()) < 3:
+        if g in skip or int(ok.sum()) < 3:
             continue
-        gap = _halving_gap(full_tr[rows][ok], half_tr[rows][ok].mean(1))
+        full, halved = full_tr[rows][ok], half_tr[rows][ok]
+        gap = _halving_gap(full, halved.mean(1))
         if gap is None:
             continue
         llc_half, llc, z = gap
-        bad = changed(abs(llc - llc_half), abs(z), llc, int(ok.sum()))
-        out[g] = {"llc": llc, "llc_at_half_step": llc_half, "z": z,
-                  "message": (f"λ̂ is not stable when ε halves: a run at ε/2 with the same steps gave {llc_half:.4g} "
-                              f"against {llc:.4g} (paired z = {z:.1f}): the chains relax more slowly than the run "
-                              "lasts" if bad else None)}
+        out[g] = (full, halved, llc_half, llc, z, changed(abs(llc - llc_half), abs(z), llc, int(ok.sum())))
     return out
+
+
+def _direct_halving(trace: Trace, half: Trace, nbeta: float, G: int, C: int) -> dict[int, dict[str, Any]]:
+    """By group: λ̂ of ``trace`` and of ``half`` (the same run at ε/2 with the same steps and seeds), the
+    paired z of the per-chain differences and a message when λ̂ is not stable when ε halves (the change
+    beyond 2% of λ̂ and beyond Student's t at a normal 3σ; :func:`_paired_halving`), else ``None``."""
+    return {g: {"llc": llc, "llc_at_half_step": llc_half, "z": z,
+                "message": (f"λ̂ is not stable when ε halves: a run at ε/2 with the same steps gave {llc_half:.4g} "
+                            f"against {llc:.4g} (paired z = {z:.1f}): the chains relax more slowly than the run "
+                            "lasts" if bad else None)}
+            for g, (_, _, llc_half, llc, z, bad) in _paired_halving(trace, half, nbeta, G, C).items()}
+
+
+def _not_sgld(name: str) -> dict[str, str]:
+    """The record of a continued ε/2 check that did not run because the draws are another sampler's."""
+    return {"skipped": f"the draws are {name}'s: the continued check is SGLD's (a fallback sampler is checked by a "
+                       "direct run at ε/2, config['sampler_fallback'])"}
 
 
 def _continued_halving(run: dict[str, Any], target: Any, spec: SamplerSpec, rows: Tensor, check: bool | None,
@@ -1289,8 +1303,7 @@ def _continued_halving(run: dict[str, Any], target: Any, spec: SamplerSpec, rows
     smp, final = run.get("smp"), run.get("final")
     name = getattr(smp, "name", spec.name)
     if name != "sgld" or final is None:
-        return {"skipped": f"the draws are {name}'s: the continued check is SGLD's (a fallback sampler is checked by "
-                           "a direct run at ε/2, config['sampler_fallback'])"}
+        return _not_sgld(name)
     T = int(run["trace"].loss.shape[1])
     D = T * thin
     B = max(D // 4, 1)
@@ -1315,25 +1328,19 @@ def _continued_halving(run: dict[str, Any], target: Any, spec: SamplerSpec, rows
             divergence=Divergence(thresh, target.nbeta, rows, 10 if dev.type == "cpu" else 25),
             nbeta=target.nbeta, progress=show_progress(progress, (B + D) * G * C), desc="LLC (check at ε/2)",
             start=run["num_steps"])
-    trace, eps = run["trace"], run["eps"]
-    full_tr = (target.nbeta * (trace.loss - trace.star)).detach().cpu().double()
-    half_tr = (target.nbeta * (more.loss - more.star)).detach().cpu().double()
+    eps = run["eps"]
     groups: dict[int, dict[str, Any]] = {}
-    for g in range(G):
-        sl = slice(g * C, (g + 1) * C)
-        ok = ~(trace.diverged[sl] | more.diverged[sl]).cpu()
-        if g in unsettled or int(ok.sum()) < 3:
-            continue
-        llc_half, llc, z = _halving_gap(full_tr[sl][ok], half_tr[sl][ok].mean(1))
+    for g, (full, halved, llc_half, llc, z, bad) in _paired_halving(run["trace"], more, target.nbeta, G, C,
+                                                                       skip=unsettled).items():
         eps_g = float(eps[g * C]) if isinstance(eps, Tensor) else float(eps)
-        means, full_means = half_tr[sl][ok].mean(1), full_tr[sl][ok].mean(1)
+        means, full_means = halved.mean(1), full.mean(1)
         change = (llc_half - llc) / max(abs(llc), 1e-12)
         extrapolated = extrapolated_sem = None
         if llc_half < llc and -change <= EXTRAPOLATION_MAX_CHANGE:
             ex = 2 * means - full_means
             extrapolated, extrapolated_sem = float(ex.mean()), float(ex.std() / ex.numel() ** 0.5)
         message = None
-        if changed(abs(llc_half - llc), abs(z), llc, int(ok.sum())):
+        if bad:
             heat = "" if run["batches"].full else " and minibatch heating"
             if llc_half < llc:
                 cause = (f"SGLD's discretisation bias{heat} at this step (its stationary law moves with ε, which the "

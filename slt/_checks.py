@@ -6,7 +6,8 @@ says what it must be:
 
 * :func:`check_int` -- an integer, optionally with a lower bound;
 * :func:`check_real` -- a finite real number, optionally positive or
-  non-negative.
+  non-negative;
+* :func:`check_flag` -- ``True`` or ``False`` (and ``None`` where that means "automatic").
 
 Both reject ``bool`` (``True`` is an ``int`` to Python, but never a sensible
 count or step size) and never truncate or round: ``3.0`` is not an integer.
@@ -25,7 +26,7 @@ import numbers
 from collections.abc import Mapping
 from typing import Any
 
-__all__ = ["check_int", "check_real"]
+__all__ = ["check_int", "check_real", "check_flag", "is_bool"]
 
 
 def check_int(name: str, value: Any, minimum: int | None = None) -> int:
@@ -72,6 +73,34 @@ def check_int(name: str, value: Any, minimum: int | None = None) -> int:
         bound = "" if minimum is None else f" >= {minimum}"
         raise ValueError(f"{name} must be an integer{bound}, got {value!r}")
     return int(value)
+
+
+def is_bool(value: Any) -> bool:
+    """``True`` for a Python or NumPy boolean (NumPy's is not a subclass of ``bool``)."""
+    return isinstance(value, bool) or (type(value).__module__ == "numpy" and type(value).__name__ in ("bool", "bool_"))
+
+
+def check_flag(name: str, value: Any, none: bool = False) -> bool | None:
+    """Return ``value`` as a Python ``bool`` (``None`` kept where ``none`` allows it).
+
+    ``True``/``False`` and NumPy booleans are accepted; anything else (``"yes"``, ``1``, ``"False"``) raises,
+    rather than acting as its truth value (``"False"`` is truthy).
+
+    Examples
+    --------
+    >>> check_flag("check_halving", None, none=True) is None
+    True
+    >>> check_flag("control_variate", "no")
+    Traceback (most recent call last):
+    ...
+    ValueError: control_variate must be True or False, got 'no'
+    """
+    if value is None and none:
+        return None
+    if is_bool(value):
+        return bool(value)
+    allowed = "True, False or None" if none else "True or False"
+    raise ValueError(f"{name} must be {allowed}, got {value!r}")
 
 
 def _as_real(value: Any) -> float | None:

@@ -49,7 +49,7 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
-from ._checks import check_int, check_observable_value, check_observables, check_real, probe_observables
+from ._checks import check_flag, check_int, is_bool, check_observable_value, check_observables, check_real, probe_observables
 from ._runtime import (autograd_allowed, intra_op_threads, resolve_device, retained_heap, small_work_threads,
                        user_stacklevel, versions)
 from .data import LoaderSource, num_rows, row_numel
@@ -61,7 +61,8 @@ from .diagnostics import changed, free_diffusion, halved_step_estimate, llc_stan
 from .evaluator import ChainEvaluator, fused_summary
 from .groups import Groups
 from .loop import Divergence, Trace, run_chains, show_progress
-from .result import FALLBACK_NAMES, UNSETTLED, LLCResult, _halving_gap, equilibrium_checks, heating_check
+from .result import (FALLBACK_NAMES, PRECISION_SHARE, UNSETTLED, LLCResult, _halving_gap, equilibrium_checks, heating_check,
+                     precision_problem)
 from .rng import ChainRNG
 from .samplers import SAMPLERS, LocalizedPotential, SamplerSpec, build_sampler, resolve_sampler
 from .samplers.base import column_chunks, rowsum64
@@ -375,6 +376,8 @@ def estimate_llc(
     t_setup = time.perf_counter()
     _check_arguments(num_chains, num_draws, num_burnin, num_steps_bw_draws, mala_every, step_size, nbeta,
                      localization, batch_size, target_accept)
+    control_variate, shared_batches, raise_on_divergence, extend_draws, check_halving, progress = _check_flags(
+        control_variate, shared_batches, raise_on_divergence, extend_draws, check_halving, progress)
     resolve_sampler(sampler)
     check_observables("slt.estimate_llc", observables)
     model, models, state_dicts, files = load_checkpoint_files(model, models, state_dicts)  # paths read once
@@ -523,6 +526,7 @@ def _warn_jumps(adapt: Any, target: Target, caller: str) -> None:
     a Metropolis acceptance near 1 had collapsed their step (the run used ε₀ instead)."""
     if adapt is None or adapt.collapsed is None or adapt.collapse_cause != "jumps":
         return  # (SGHMC's collapse, "friction", is no jump: print(result) names it)
+    coarse = dict(_precision_problems(target, PRECISION_SHARE))  # (a loss the dtype cannot resolve jumps by rounding)
     for g in (adapt.collapsed != adapt.step_size).nonzero().flatten().tolist():
         where = _where(target, g)
         warnings.warn(
@@ -532,7 +536,8 @@ def _warn_jumps(adapt: Any, target: Target, caller: str) -> None:
             f"(a smooth loss: about {JUMP_FACTOR ** 1.5:g}×), so no step reaches the target acceptance, and "
             f"adapting toward it drove ε down to {float(adapt.collapsed[g]):.3g}, where the chains barely move. The "
             f"run used ε₀ = {float(adapt.step_size[g]):.3g} from the curvature at w* instead; the halving check "
-            "says whether λ̂ depends on it. Pass step_size to choose it yourself (a sweep: slt.calibrate).",
+            "says whether λ̂ depends on it. Pass step_size to choose it yourself (a sweep: slt.calibrate)."
+            + (f" Here the jumps are likely rounding: {coarse[g]}." if g in coarse else ""),
             RuntimeWarning, stacklevel=user_stacklevel())
 
 
@@ -673,6 +678,7 @@ class Sampling:
         """One :class:`slt.LLCResult` per group (``G``), in group order."""
         target, C, trace = self.target, self.num_chains, self.trace
         init = target.group_init_loss
+        dims = _moved_dims(target, target.G * C)
         masks = target.groups.masks
         halved, heating, diffusion = self.halved, self.heating, self.diffusion
         times = _draw_times(trace, self.config["num_burnin"], self.config["num_steps_bw_draws"])
@@ -705,6 +711,7 @@ class Sampling:
                 halved=None if halved is None else halved[g * C:(g + 1) * C],
                 heating=None if heating is None else heating[g * C:(g + 1) * C],
                 diffusion=None if diffusion is None else diffusion[g * C:(g + 1) * C], draw_times=times,
+                dims=float(dims[g * C]) if isinstance(dims, Tensor) else float(dims),
                 slope=tr.slope, slope_check=target.groups.parts is None, issues=target.issues,
                 diagnostics=diag, config=config,
                 warnings=notes or None,
@@ -795,8 +802,8 @@ def sample_target(
     num_chains, num_draws, num_burnin, num_steps_bw_draws, mala_every, batch_size = _check_arguments(
         num_chains, num_draws, num_burnin, num_steps_bw_draws, mala_every, step_size, None, None,
         batch_size, target_accept)
-    if not isinstance(extend_draws, bool):
-        extend_draws = check_int("extend_draws", extend_draws, 0)
+    control_variate, shared_batches, raise_on_divergence, extend_draws, check_halving, progress = _check_flags(
+        control_variate, shared_batches, raise_on_divergence, extend_draws, check_halving, progress)
     auto_sampler = isinstance(sampler, str) and sampler.lower() == "auto"
     spec = resolve_sampler(sampler)
     _check_restrictable(spec, target)
@@ -807,6 +814,7 @@ def sample_target(
     target = _note_batch_statistics(target, minibatches=batch_size is not None or isinstance(target.source, LoaderSource))
     target = _note_loader_cycle(target, num_steps_bw_draws)
     probe_observables(caller, observables, target)
+    _check_precision(target)
     C, G, dev = num_chains, target.G, target.device
     rows = target.rows(C)  # (G*C, d)
     if isinstance(step_size, Tensor) and step_size.numel() == 1:  # (a 0-d tensor or array: its number)
@@ -1572,6 +1580,16 @@ def _check_arguments(num_chains, num_draws, num_burnin, num_steps_bw_draws, mala
     return num_chains, num_draws, num_burnin, num_steps_bw_draws, mala_every, batch_size
 
 
+def _check_flags(control_variate, shared_batches, raise_on_divergence, extend_draws, check_halving,
+                 progress) -> tuple:
+    """The switches as Python bools (``None`` kept where it means "automatic"; ``extend_draws`` may also be a
+    count); a clear error for anything else, such as ``check_halving="no"``, which would otherwise act as ``True``."""
+    return (check_flag("control_variate", control_variate), check_flag("shared_batches", shared_batches),
+            check_flag("raise_on_divergence", raise_on_divergence),
+            check_flag("extend_draws", extend_draws) if is_bool(extend_draws) else check_int("extend_draws", extend_draws, 0),
+            check_flag("check_halving", check_halving, none=True), check_flag("progress", progress, none=True))
+
+
 #: With an automatic step size, how many times a run whose chains diverged is repeated with the
 #: step of the affected checkpoints halved.
 MAX_HALVINGS = 2
@@ -1802,11 +1820,37 @@ def _raise_if_all_diverged(all_dead: Tensor, spec, potential, target, rows: Tens
                            threshold=threshold, **kw)
     fix = (f"step_size={sug:.3g} ran {steps} steps from w* without divergence: pass it"
            if sug is not None else "no step size down to ε/1024 ran without divergence: check the model and loss")
+    coarse = [p for p in _precision_problems(target, PRECISION_SHARE) if p[0] in bad]
+    cause = f" Likely cause: {_where(target, coarse[0][0]) + ': ' if where else ''}{coarse[0][1]}." if coarse else ""
     raise LLCEstimationError(
         f"every chain{f' of {where}' if where else ''} diverged at step_size={eps_max:.3g} (the loss or parameters became "
         f"NaN/inf, or nβ·ΔL exceeded {threshold:g}): the step is too large for the posterior's stiffest "
-        f"directions. {fix}; raise_on_divergence=False returns NaN instead."
+        f"directions. {fix}; raise_on_divergence=False returns NaN instead.{cause}"
     )
+
+
+def _precision_problems(target: Any, share: float = 1.0) -> list[tuple[int, str]]:
+    """``(group, why)`` for each group whose loss at w* the dtype cannot resolve in λ̂'s units beyond ``share``
+    × d/2 (:func:`slt.result.precision_problem`)."""
+    dims = _moved_dims(target, target.G)
+    init = target.group_init_loss
+    out = []
+    for g in range(target.G):
+        d = float(dims[g]) if isinstance(dims, Tensor) else float(dims)
+        why = precision_problem(target.nbeta, float(init[g]), target.dtype, d, share)
+        if why is not None:
+            out.append((g, why))
+    return out
+
+
+def _check_precision(target: Any) -> None:
+    """:class:`LLCEstimationError` before sampling when the dtype cannot resolve any λ̂ of some group (one
+    rounding of L(w*), in λ̂'s units, above d/2: :func:`slt.result.precision_problem`)."""
+    found = _precision_problems(target)
+    if found:
+        g, why = found[0]
+        where = _where(target, g)
+        raise LLCEstimationError(f"{where + ': ' if where else ''}{why}.")
 
 
 def _warn_divergent(diverged: Tensor, divergence_step: Tensor, num_chains: int, threshold: float, caller: str,

@@ -48,9 +48,12 @@ Per-token values for causal language models (``per_token=True``): the per-token 
 :math:`\ell_{i,t} = -\log p(x_{i,t+1}\mid x_{i,\le t})` (shape ``(n, T-1)`` per data set, 0 at
 invalid positions; :func:`causal_lm_tokens`) take the place of :math:`\ell_i`; ``sum_tokens=True``
 sums them over each sequence first (covariances are bilinear, so this equals summing the token-level
-covariance; correlations are those of the summed losses).  Per-token susceptibilities are the
-response to reweighting single tokens; for :func:`slt.losses.causal_lm` (the mean over a sequence's
-``V_i`` valid tokens) :math:`\chi_{\varphi,i} = \sum_t \chi_{\varphi,(i,t)} / V_i`.
+covariance; correlations are those of the summed losses).  Per-token susceptibilities carry the same
+scale :math:`n\beta/n` as the per-sample ones, with the token's loss :math:`\ell_{i,t}` in place of
+:math:`\ell_i`: for :func:`slt.losses.causal_lm` (the mean over a sequence's ``V_i`` valid tokens, so a token
+weighs :math:`1/V_i` in its sequence's loss) :math:`\chi_{\varphi,i} = \sum_t \chi_{\varphi,(i,t)} / V_i`, and
+:math:`\chi_{\varphi,(i,t)}` is :math:`V_i` times the response to reweighting that one token in the loss
+(``scale`` is nβ/n for every token, whatever its sequence's ``V_i``).
 
 Estimation
 ----------
@@ -626,7 +629,7 @@ def _good_rows(run: Any, g: int, C: int, acc: OnlineCovariance) -> list[int]:
     return [r for r, ok in zip(rows, finite.tolist()) if ok]
 
 
-def _check_memory(caller: str, R: int, n_a: int, n_b: int, max_bytes: float) -> None:
+def _check_memory(caller: str, R: int, n_a: int, n_b: int, max_bytes: float, split: str = "") -> None:
     """Refuse a run whose covariances would not fit in ``max_bytes``: the cross co-moment ``(R, n_a, n_b)``
     float64, its per-chain covariances at the end (one more such array) and a few ``(n_a, n_b)`` arrays (the
     pooled covariance, its standard error, the result); measured: a loss kernel of 3000 samples × 4 chains
@@ -637,8 +640,15 @@ def _check_memory(caller: str, R: int, n_a: int, n_b: int, max_bytes: float) -> 
         raise ValueError(
             f"{caller}: the covariances need {need / 2**30:.3g} GiB (the cross co-moment of chains×groups {R} × "
             f"{n_a} × {n_b} float64, the per-chain covariances at the end and the results), "
-            f"over max_bytes={max_bytes / 2**30:.3g} GiB: use fewer chains, split the query set into chunks (one "
-            "call per chunk with the same seed gives the same draws), or raise max_bytes")
+            f"over max_bytes={max_bytes / 2**30:.3g} GiB: use fewer chains, {split or 'fewer samples'}, or raise max_bytes")
+
+
+#: how a covariance too large for ``max_bytes`` splits (:func:`_check_memory`), by what the call compares
+_SPLIT = {
+    "query": "split the query set into chunks (one call per chunk with the same seed gives the same draws)",
+    "same": ("compute it in column blocks with slt.bif(model, data, loss_fn, query=<a slice of the same data>, ...) "
+             "(same seed, same draws; normalize=True gives −1 × the loss kernel's correlations)"),
+}
 
 
 def _spread(per_chain: Tensor) -> Tensor:
@@ -707,7 +717,8 @@ def _covariances(caller: str, model: Any, data: Any, loss_fn: Any, *, query: Any
         _, col_labels = _observable_columns(target.spec, obs, target.w_star[:1].expand(1, target.d))
     n_a = rows_losses.size
     n_b = n_a if same else cols_losses.size if cols_losses is not None else len(col_labels)
-    _check_memory(caller, R, n_a, n_b, max_bytes)
+    _check_memory(caller, R, n_a, n_b, max_bytes,
+                  _SPLIT["same"] if same else _SPLIT["query"] if cols_losses is not None else "")
     acc = OnlineCovariance(R, n_a, None if same else n_b, device=target.device)
 
     def draw(params: Tensor) -> None:

@@ -98,6 +98,7 @@ class LLCResult:
         halved: Tensor | None = None,
         heating: Tensor | None = None,
         diffusion: Tensor | None = None,
+        dims: float | None = None,
         draw_times: Tensor | None = None,
         slope: Tensor | None = None,
         slope_check: bool = True,
@@ -195,7 +196,7 @@ class LLCResult:
                     "the model's loss is random (see the set-up note), so L(w*) is one random draw of it" if random
                     else "w* is probably not a local minimum of the loss (train it further); λ̂ is then biased low")
             )
-        coarse = precision_finding(nbeta, init_loss, loss.dtype, mean, sem)
+        coarse = precision_finding(nbeta, init_loss, loss.dtype, mean, sem, dims)
         if coarse is not None:
             warn_list.append(coarse)
         given = given_step_finding(mala_mean, step_size, config) if mala is not None else None
@@ -722,7 +723,34 @@ SLOPE_FRACTION = 0.05
 PRECISION_SHARE = 0.1
 
 
-def precision_finding(nbeta: float, init_loss: float, dtype: torch.dtype, llc: float, sem: float) -> str | None:
+def precision_bound(nbeta: float, init_loss: float, dtype: torch.dtype) -> float:
+    r"""One rounding of the loss at w* in λ̂'s units, :math:`n\beta\,\epsilon_{\rm dtype}\,|L(w^*)|`
+    (NaN for a non-float dtype or an unknown loss): see :func:`precision_finding`."""
+    if not torch.empty(0, dtype=dtype).is_floating_point() or not init_loss == init_loss:
+        return float("nan")
+    return nbeta * torch.finfo(dtype).eps * abs(init_loss)
+
+
+def precision_problem(nbeta: float, init_loss: float, dtype: torch.dtype, dims: float, share: float = 1.0) -> str | None:
+    r"""Why the precision cannot resolve *any* λ̂ of this target, before sampling, or ``None``: the rounding bound
+    of :func:`precision_bound` above ``share`` × d/2, the largest λ a minimum in ``dims`` coordinates can have
+    (λ ≤ d/2, a regular point).  At ``share`` = 1 every λ̂ the run could read is within its rounding, which then
+    also misleads the step-size adaptation and the divergence check: on a regression with unscaled targets
+    (L(w*) ≈ 10⁴, n = 50 000, 6 parameters, float32, bound 5.5 > d/2 = 3) the adaptation read the rounding as
+    jumps and every chain "diverged" at ε = 4e-8."""
+    bound = precision_bound(nbeta, init_loss, dtype)
+    if not (dims > 0 and bound > share * dims / 2):  # (a restriction that moves nothing has nothing to resolve)
+        return None
+    name = str(dtype).replace("torch.", "")
+    return (f"{name} cannot resolve this loss: one rounding of L(w*) = {init_loss:.6g} is nβ·eps·|L| = {bound:.3g} in "
+            f"λ̂'s units, {'more than' if share >= 1 else 'a large share of'} d/2 = {dims / 2:g} (the largest λ of a "
+            f"minimum in {dims:g} coordinates), so λ̂, the step-size adaptation and the divergence check would read "
+            "rounding; pass dtype=torch.float64, or take the loss's constant part out (e.g. centre and scale "
+            "regression targets)")
+
+
+def precision_finding(nbeta: float, init_loss: float, dtype: torch.dtype, llc: float, sem: float,
+                      dims: float | None = None) -> str | None:
     r"""The finding that the run's precision cannot resolve λ̂, or ``None``.
 
     λ̂ = nβ(E L − L(w*)) subtracts two losses of size |L|, each rounded to about ε_dtype·|L|: the rounding of
@@ -730,15 +758,23 @@ def precision_finding(nbeta: float, init_loss: float, dtype: torch.dtype, llc: f
     :math:`neta\,\epsilon\,|L(w^*)|`; the MALA acceptance, computed from the same losses, then reads rounding
     (and the jump check with it).  A finding when that bound exceeds :data:`PRECISION_SHARE` of |λ̂| and twice
     its standard error: a regression on unscaled targets (L(w*) ≈ 10⁴, n = 50 000, nβ = 4621, float32: bound
-    5.5) read λ̂ 0.92 ± 0.10 against 3.20 ± 0.07 in float64, both converged."""
-    if not torch.empty(0, dtype=dtype).is_floating_point() or not (llc == llc and init_loss == init_loss):
+    5.5) read λ̂ 0.92 ± 0.10 against 3.20 ± 0.07 in float64, both converged.  With ``dims`` (the coordinates the
+    chains move), also when the bound exceeds :data:`PRECISION_SHARE` of d/2 (the largest λ of a minimum) however
+    large the standard error: rounding that the adaptation reads as jumps collapses the step and leaves the chains
+    unsettled, with an s.e. as large as the rounding hides (n = 5000, bound 0.70 = 23% of d/2 = 3: λ̂ −0.03 ± 18.7 at
+    1000 draws, and 38 ± 51 "converged" at 200 draws after the fallback to RMSProp-SGLD).
+    """
+    bound = precision_bound(nbeta, init_loss, dtype)
+    if not (bound == bound and llc == llc):
         return None
-    bound = nbeta * torch.finfo(dtype).eps * abs(init_loss)
-    if bound <= PRECISION_SHARE * abs(llc) or bound <= 2 * sem:
+    beyond_any = bool(dims) and bound > PRECISION_SHARE * dims / 2  # (true λ ≤ d/2, whatever λ̂ read)
+    if not beyond_any and (bound <= PRECISION_SHARE * abs(llc) or bound <= 2 * sem):
         return None
     name = str(dtype).replace("torch.", "")
+    share = (f"{bound / (dims / 2):.0%} of d/2 = {dims / 2:g}, the largest λ of a minimum in {dims:g} coordinates; λ̂ read "
+             f"{llc:.4g}" if beyond_any else f"{bound / abs(llc):.0%} of λ̂ = {llc:.4g}")
     return (f"{name} cannot resolve λ̂ here: one rounding of L(w*) = {init_loss:.6g} is nβ·eps·|L| = {bound:.3g} in "
-            f"λ̂'s units ({bound / abs(llc):.0%} of λ̂ = {llc:.4g}), and the rounding of L(w*) does not average out, "
+            f"λ̂'s units ({share}), and the rounding of L(w*) does not average out, "
             "so λ̂ can be off by about that much (the MALA acceptance reads rounding too); pass dtype=torch.float64, "
             "or take the loss's constant part out (e.g. centre and scale regression targets)")
 

@@ -41,12 +41,27 @@ KW = dict(num_chains=2, num_draws=5, step_size=1e-4, progress=False)
         ({"seed": [1, 2]}, "got 2 seeds for 1 checkpoints"),
         ({"seed": "3"}, "seed must be an integer, got '3'"),  # (read as the seeds '3': "seed[i] must be ...")
         ({"seed": 2**64 + 3}, r"seed must be an integer of magnitude below 2\*\*62"),  # (an overflow error)
+        # switches: a string or a number acted as its truth value ("no" and "False" as True)
+        ({"check_halving": "no"}, "check_halving must be True, False or None, got 'no'"),
+        ({"check_halving": 1}, "check_halving must be True, False or None, got 1"),
+        ({"control_variate": "False"}, "control_variate must be True or False, got 'False'"),
+        ({"shared_batches": None}, "shared_batches must be True or False, got None"),
+        ({"raise_on_divergence": 0}, "raise_on_divergence must be True or False, got 0"),
+        ({"progress": "off"}, "progress must be True, False or None, got 'off'"),
+        ({"extend_draws": "yes"}, "extend_draws must be an integer >= 0, got 'yes'"),
     ],
 )
 def test_invalid_arguments(kwargs, match):
     m, X, Y = _setup()
     with pytest.raises(ValueError, match=match):
         slt.estimate_llc(m, (X, Y), F.mse_loss, **{**KW, **kwargs})
+
+
+def test_numpy_booleans_are_switches():
+    np = pytest.importorskip("numpy")
+    m, X, Y = _setup()
+    r = slt.estimate_llc(m, (X, Y), F.mse_loss, **{**KW, "check_halving": np.bool_(False), "extend_draws": np.bool_(False)})
+    assert r.config["check_halving"] is False and r.config["halving_check"] is None
 
 
 def test_a_seed_given_as_a_0d_tensor_is_its_integer():

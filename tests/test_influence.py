@@ -358,6 +358,11 @@ def test_bad_input():
         bif(m, (X, Y), F.mse_loss, observables={"a": lambda p: p["weight"].sum()}, **kw)
     with pytest.raises(ValueError, match="max_bytes"):
         bif(m, (X, Y), F.mse_loss, max_bytes=100, **kw)
+    # the way to split names an argument the call has (loss_kernel has no query=: it said "split the query set")
+    with pytest.raises(ValueError, match=r"compute it in column blocks with slt\.bif\(.*query=<a slice of the same data>"):
+        loss_kernel(m, (X, Y), F.mse_loss, max_bytes=100, **kw)
+    with pytest.raises(ValueError, match="split the query set into chunks"):
+        bif(m, (X, Y), F.mse_loss, query=(X[:5], Y[:5]), max_bytes=100, **kw)
     with pytest.raises(TypeError, match="normalize"):
         loss_kernel(m, (X, Y), F.mse_loss, normalize="yes", **kw)
     with pytest.raises(ValueError, match="token ids"):

@@ -144,6 +144,58 @@ def test_a_loss_float32_cannot_resolve_is_a_finding():
     assert not any("cannot resolve" in c for c in coarse[1])
 
 
+def _unscaled_regression(n):
+    """y = 10 + x·a + 100·noise on 5 features (L(w*) ≈ 10⁴), w* the least-squares solution, float32 as a user has it."""
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(n, 5, generator=g)
+    Y = 10 + X @ torch.randn(5, 1, generator=g) * 30 + 100 * torch.randn(n, 1, generator=g)
+    m = nn.Linear(5, 1)
+    sol = torch.linalg.lstsq(torch.cat([X, torch.ones(n, 1)], 1).double(), Y.double()).solution
+    with torch.no_grad():
+        m.weight.copy_(sol[:5].T.float())
+        m.bias.copy_(sol[5].float())
+    return m, X, Y
+
+
+def test_a_loss_float32_cannot_resolve_at_all_is_an_error_before_sampling(monkeypatch):
+    """n = 50 000, nβ = 4621: one float32 rounding of L(w*) ≈ 10⁴ is 5.5 in λ̂'s units, above d/2 = 3, the largest λ
+    a minimum of 6 parameters can have.  The run used to adapt its step on the rounding (read as jumps) and stop
+    with "every chain diverged ... step_size=2.04e-08 ran without divergence: pass it", a step whose λ̂ would be
+    rounding too.  Now an error before any sampling that names the dtype and the fix; float64 passes the check."""
+    from slt import engine
+    from slt.result import precision_problem
+
+    assert precision_problem(4621.0, 1e4, torch.float32, 6) is not None
+    assert precision_problem(4621.0, 1e4, torch.float64, 6) is None
+    assert precision_problem(4621.0, 1e4, torch.float32, 20) is None  # 5.5 < d/2 = 10: the finding's business
+    assert precision_problem(4621.0, 1e4, torch.float32, 0) is None  # a restriction that moves nothing
+    m, X, Y = _unscaled_regression(50_000)
+
+    def no_sampling(*a, **k):
+        raise AssertionError("sampled")
+
+    monkeypatch.setattr(engine, "run_chains", no_sampling)
+    with pytest.raises(slt.LLCEstimationError, match=r"float32 cannot resolve this loss: .* = 5\.5 in λ̂'s units, more "
+                       r"than d/2 = 3 .*pass dtype=torch\.float64"):
+        slt.estimate_llc(m, (X, Y), F.mse_loss, seed=0, progress=False)
+    with pytest.raises(AssertionError, match="sampled"):  # float64 goes on to sample
+        slt.estimate_llc(m, (X, Y), F.mse_loss, seed=0, progress=False, dtype=F64)
+
+
+def test_rounding_read_as_jumps_is_named_as_the_cause():
+    """n = 5000 (rounding 0.70 in λ̂'s units, 23% of d/2 = 3), float32, defaults: the adaptation read the rounding
+    as a loss that jumps and collapsed the step; the run came back λ̂ −0.03 ± 18.7 with "w* not a minimum" and
+    "chains diffuse freely" as its reasons, and no word on precision (the s.e. hid the rounding from the finding).
+    Now the jump warning names the rounding and the precision finding is among the reasons."""
+    m, X, Y = _unscaled_regression(5000)
+    with pytest.warns(RuntimeWarning) as seen:
+        r = slt.estimate_llc(m, (X, Y), F.mse_loss, seed=0, progress=False, num_draws=200)
+    assert not r.converged
+    assert any(c.startswith("float32 cannot resolve λ̂ here") for c in r.convergence_reasons), r.convergence_reasons
+    jumps = [str(w.message) for w in seen if "the loss jumps" in str(w.message)]
+    assert jumps and all("Here the jumps are likely rounding: float32 cannot resolve this loss" in j for j in jumps)
+
+
 def test_sghmc_with_full_friction_is_sgld():
     """friction = 1 forgets the velocity every step: v = -ε/2 ∇U + √ε ξ, w' = w + v, i.e. SGLD."""
     P = torch.tensor([0.5, 1.0, 3.0], dtype=F64)

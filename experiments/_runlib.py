@@ -111,6 +111,22 @@ def same_config(stored: Any, current: Any) -> bool:
     return _without_added_defaults(new, old) == old
 
 
+def _traces_wanted(cfg: DictConfig, old: Mapping[str, Any]) -> bool:
+    """Whether ``cfg`` asks for traces that the stored run did not save (``save_traces`` is not part of the
+    compared config: a run made with ``save_traces=false`` was skipped without them when they were asked for)."""
+    stored = (old.get("config") or {}).get("save_traces", True)
+    return bool(cfg.get("save_traces", True)) and stored is False and "traces.npz" not in (old.get("files") or [])
+
+
+def _set_aside(out: Path) -> None:
+    """Keep a run folder's stored result as :data:`records.PREVIOUS_FILE` (its traces as ``traces.previous.npz``)
+    before the job runs again: the scan counts a job as done only by a ``result.json`` of its current config."""
+    for name, kept in ((records.RESULT_FILE, records.PREVIOUS_FILE), ("traces.npz", "traces.previous.npz")):
+        if (out / name).exists():
+            os.replace(out / name, out / kept)
+            log.info("%s: the earlier %s is kept as %s until this run ends", out, name, kept)
+
+
 def execute(
     run: RunFn,
     cfg: DictConfig,
@@ -164,17 +180,24 @@ def execute(
             validate(cfg)
         paths = [] if inputs is None else inputs(cfg)
         if res_file.exists() and not cfg.get("force", False):
-            old = records.read_json(res_file)
-            changed = records.changed_inputs(old.get("inputs", {}), paths)
-            if same_config(old.get("config", {}), base["config"]) and not changed:
-                log.info("skipping %s: %s exists (force=true recomputes)", out, records.RESULT_FILE)
-                return old
-            if changed:
-                log.warning("%s: input files changed since the stored run (%s): recomputing", out,
-                            ", ".join(changed[:3]) + (f" and {len(changed) - 3} more" if len(changed) > 3 else ""))
+            old, why = records.read_record(res_file)
+            if why is not None:
+                log.warning("%s: recomputing (the unreadable file is kept as %s)", why, records.PREVIOUS_FILE)
             else:
-                log.warning("%s: the stored run used a different config (an experiment file changed?): recomputing",
-                            out)
+                changed = records.changed_inputs(old.get("inputs", {}), paths)
+                lost = _traces_wanted(cfg, old)
+                if same_config(old.get("config", {}), base["config"]) and not changed and not lost:
+                    log.info("skipping %s: %s exists (force=true recomputes)", out, records.RESULT_FILE)
+                    return old
+                if changed:
+                    log.warning("%s: input files changed since the stored run (%s): recomputing", out,
+                                ", ".join(changed[:3]) + (f" and {len(changed) - 3} more" if len(changed) > 3 else ""))
+                elif lost:
+                    log.warning("%s: the stored run saved no traces (save_traces=false then): recomputing", out)
+                else:
+                    log.warning("%s: the stored run used a different config (an experiment file changed?): "
+                                "recomputing", out)
+        _set_aside(out)  # (a recompute killed or failed must not leave the old numbers counted as this job's)
         if paths:
             base["inputs"] = records.fingerprints(paths)
         out.mkdir(parents=True, exist_ok=True)
@@ -182,6 +205,7 @@ def execute(
             fail_file.unlink()
         metrics, arrays = run(cfg, out)
     except Exception as e:
+        _set_aside(out)  # (a config that fails its checks is not the stored run's either)
         records.atomic_write_json(
             fail_file,
             {
@@ -214,6 +238,9 @@ def execute(
         "metrics": metrics,
     }
     records.atomic_write_json(res_file, record)  # last: its presence marks the run as done
+    for kept in (records.PREVIOUS_FILE, "traces.previous.npz"):  # (superseded now that this run is done)
+        if (out / kept).exists():
+            (out / kept).unlink()
     log.info("wrote %s (%.1f s)", res_file, seconds)
     return records.read_json(res_file)
 
@@ -362,8 +389,22 @@ class CollectCallback(_Callback):  # type: ignore[misc,valid-type]
         if jobs is None:  # no list: sweep.json is left as it is
             return
         try:
-            old = records.read_json(sweep / records.SWEEP_FILE) if (sweep / records.SWEEP_FILE).exists() else {}
-            merged = {j["subdir"]: j for j in old.get("jobs", [])}
+            old, why = (records.read_record(sweep / records.SWEEP_FILE) if (sweep / records.SWEEP_FILE).exists()
+                        else ({}, None))
+            if why is not None:  # unreadable: kept aside, and the list starts again from this sweep's jobs
+                log.warning("%s: kept as %s and rewritten with this sweep's jobs", why, records.SWEEP_FILE + ".corrupt")
+                os.replace(sweep / records.SWEEP_FILE, sweep / (records.SWEEP_FILE + ".corrupt"))
+                old = {}
+            now_listed = {j["subdir"] for j in jobs}
+            # an earlier sweep's job that never started here (or whose folder was deleted) and that this sweep does
+            # not list is nobody's to run: it stayed "missing" for good, and collect exited 1 for ever
+            dropped = [j["subdir"] for j in old.get("jobs", [])
+                       if j["subdir"] not in now_listed and not (sweep / j["subdir"]).is_dir()]
+            if dropped:
+                log.info("%s: %d job(s) listed by an earlier sweep and never run (or deleted) are no longer "
+                         "expected: %s", sweep / records.SWEEP_FILE, len(dropped),
+                         ", ".join(dropped[:3]) + (" ..." if len(dropped) > 3 else ""))
+            merged = {j["subdir"]: j for j in old.get("jobs", []) if j["subdir"] not in dropped}
             merged.update({j["subdir"]: j for j in jobs})
             records.atomic_write_json(
                 sweep / records.SWEEP_FILE,

@@ -440,6 +440,27 @@ _OPERATIONS = ("none", "symmetrize", "break")
 _SYMMETRY_MODES = ("quenched", "retrained")
 
 
+def _known_sampler_keys(cfg: Any) -> None:
+    """Every key of the ``sampler`` node must be an argument of :func:`slt.estimate_llc`: a key added with ``+``
+    (Hydra's own hint for a misspelled one, ``+sampler.num_chain=4``) passed composition and failed only after
+    training, with ``estimate_llc() got an unexpected keyword argument``."""
+    import difflib
+    import inspect
+
+    from slt.engine import estimate_llc  # (the engine's own signature, whatever wraps slt.estimate_llc)
+
+    node = _select(cfg, "sampler")
+    if node is None:
+        return
+    known = set(inspect.signature(estimate_llc).parameters)
+    for key in node:
+        if str(key).startswith("_") or key in known:
+            continue
+        close = difflib.get_close_matches(str(key), sorted(known), n=1)
+        _fail(f"sampler.{key}", _select(cfg, f"sampler.{key}"),
+              "not an argument of slt.estimate_llc" + (f" (did you mean sampler.{close[0]}?)" if close else ""))
+
+
 def _fail(key: str, value: Any, need: str) -> None:
     raise ValueError(f"invalid config value {key}={value!r}: {need}")
 
@@ -495,6 +516,7 @@ def validate(cfg: Any) -> None:
     """
     _int_at_least(cfg, "seed", 0)
     if "sampler" in cfg:
+        _known_sampler_keys(cfg)
         _one_of(cfg, "sampler.sampler", _sampler_names())
         _int_at_least(cfg, "sampler.num_chains", 1)
         _int_at_least(cfg, "sampler.num_draws", 1)

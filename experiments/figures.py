@@ -99,6 +99,10 @@ class NoData(RuntimeError):
     """A sweep needed by a figure has no finished run."""
 
 
+class MixedRuns(RuntimeError):
+    """A sweep's finished runs were sampled with different settings: not a figure to skip quietly (``all`` fails)."""
+
+
 # ---------------------------------------------------------------------------
 # reading
 # ---------------------------------------------------------------------------
@@ -106,28 +110,63 @@ def load_sweep(results: str | os.PathLike, name: str) -> pd.DataFrame:
     """The ``status == "ok"`` rows of sweep ``name`` under ``results/sweeps``.
 
     Reads ``summary.parquet`` (with a parquet engine installed) when it is at least as new as every
-    ``result.json`` in the sweep, else rebuilds the table from the run
-    folders (:func:`experiments.records.collect` without writing).
+    ``result.json`` in the sweep and lists the same finished runs, else rebuilds the table from the run
+    folders (:func:`experiments.records.collect` without writing).  The runs must share their sampler settings
+    (:func:`_check_same_sampler`).
 
     Raises
     ------
     NoData
         If the sweep folder is missing or holds no finished run.
+    MixedRuns
+        If its finished runs differ in ``sampler.*``.
     """
     sweep = Path(results) / "sweeps" / name
     if not sweep.is_dir():
         raise NoData(f"no sweep folder {sweep} (run the sweep first; see the README's Figures section)")
     summ = sweep / "summary.parquet"
-    newest = max((p.stat().st_mtime for p in sweep.glob(f"*/{records.RESULT_FILE}")), default=0.0)
+    done = list(sweep.glob(f"*/{records.RESULT_FILE}"))
+    newest = max((p.stat().st_mtime for p in done), default=0.0)
+    df = None
     if summ.exists() and summ.stat().st_mtime >= newest and records.parquet_engine() is not None:
         df = pd.read_parquet(summ)
-    else:
+        ok = set(df.loc[df["status"] == "ok", "run"].astype(str)) if "status" in df and "run" in df else None
+        if ok != {p.parent.name for p in done}:  # a run folder deleted (or added) since: the table is stale
+            df = None
+    if df is None:
         df = records.collect(sweep, write=False)
     if "status" in df:
         df = df[df["status"] == "ok"]
     if not len(df):
         raise NoData(f"sweep {sweep} has no finished run")
+    _check_same_sampler(df.reset_index(drop=True), sweep)
     return df.reset_index(drop=True)
+
+
+def _check_same_sampler(df: pd.DataFrame, sweep: Path) -> None:
+    """:class:`MixedRuns` when the finished runs of a sweep were sampled with different settings (a trial sweep at
+    fewer draws, then the full one, into the same folder): a figure averages and compares its runs, and runs at
+    other sampler settings are not replicates (the k-gon figure averaged a 150-draw run at a given step with three
+    300-draw runs, counting seed 0 twice).  The runs may differ in what the sweep varies (seeds, points, data),
+    not in ``sampler.*``."""
+    cols = [c for c in df.columns if str(c).startswith("sampler.")]
+    differ = {}
+    def shown(v: Any) -> str:  # (an unset value reads None; pandas keeps NaN out of nunique, even as text)
+        return "None" if v is None or (isinstance(v, float) and math.isnan(v)) else str(v)
+
+    for c in cols:
+        values = df[c].map(shown)
+        if values.nunique() > 1:
+            differ[c] = values
+    if not differ:
+        return
+    key = pd.Series([" ".join(f"{c}={differ[c].iloc[i]}" for c in differ) for i in range(len(df))])
+    groups = "; ".join(f"{k}: {', '.join(df['run'][key == k].astype(str).tolist()[:4])}"
+                       + (f" and {int((key == k).sum()) - 4} more" if (key == k).sum() > 4 else "")
+                       for k in key.value_counts().index)
+    raise MixedRuns(f"the finished runs of {sweep} were sampled with different settings ({groups}): a figure averages "
+                 "runs at one setting; move or delete the runs you do not want (or run trial sweeps under another "
+                 "name, name=<trial>), then run the figure again")
 
 
 def _list(v: Any) -> Any:
@@ -1015,6 +1054,10 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"[figures] {name}: skipped: {e}", file=sys.stderr)
                 if "all" not in args.figures:
                     status = 1
+                continue
+            except MixedRuns as e:  # (data there, but not one figure's worth: fails "all" too)
+                print(f"[figures] {name}: not drawn: {e}", file=sys.stderr)
+                status = 1
                 continue
             print(f"[figures] {name}: {', '.join(map(str, paths))} ({time.perf_counter() - t0:.1f} s)", flush=True)
     return status

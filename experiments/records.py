@@ -32,6 +32,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import logging
 import math
 import os
 import platform
@@ -41,6 +42,8 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 import numpy as np
+
+log = logging.getLogger(__name__)
 
 __all__ = [
     "RESULT_FILE",
@@ -67,6 +70,9 @@ __all__ = [
 
 RESULT_FILE = "result.json"
 FAILED_FILE = "failed.json"
+#: where a run's earlier result is kept while it is recomputed (a changed config or input, ``force=true``), and
+#: after a recompute that failed or was killed: the scan no longer counts the old numbers as this job's result
+PREVIOUS_FILE = "result.previous.json"
 SWEEP_FILE = "sweep.json"
 SUMMARY_FILES = ("summary.csv", "summary.parquet")
 #: what to install when no parquet engine is: the summary is then written as CSV only
@@ -164,6 +170,15 @@ def atomic_write_npz(path: str | os.PathLike, **arrays: Any) -> Path:
 def read_json(path: str | os.PathLike) -> Any:
     with open(path) as f:
         return json.load(f)
+
+
+def read_record(path: str | os.PathLike) -> tuple[Any, str | None]:
+    """``(content, None)`` of a JSON record, or ``(None, why)`` when it cannot be read (a file truncated by a
+    full disk or a copy cut short): the caller names the file instead of failing with a bare JSONDecodeError."""
+    try:
+        return read_json(path), None
+    except (OSError, ValueError) as e:  # (json.JSONDecodeError is a ValueError)
+        return None, f"{path} cannot be read ({type(e).__name__}: {e})"
 
 
 # ---------------------------------------------------------------------------
@@ -387,8 +402,8 @@ def scan_sweep(
     ``sweep.json``, then ``expected``):
 
     * ``status="ok"``: the folder has ``result.json``; ``record`` is its content;
-    * ``"failed"``: ``failed.json`` and no ``result.json``; ``record`` is its
-      content (``error``, ``traceback`` ...);
+    * ``"failed"``: ``failed.json`` and no ``result.json`` (or a ``failed.json`` newer than it); ``record`` is
+      its content (``error``, ``traceback`` ...); also a record that cannot be read (``error`` names the file);
     * ``"incomplete"``: the folder exists but holds neither (a killed or
       still-running job); ``record`` is ``None`` and ``overrides`` come from
       ``sweep.json`` or the job's ``.hydra/overrides.yaml``;
@@ -411,7 +426,10 @@ def scan_sweep(
     jobs: dict[str, list[str]] = {}
     sweep_file = sweep / SWEEP_FILE
     if sweep_file.exists():
-        for j in read_json(sweep_file).get("jobs", []):
+        listed, why = read_record(sweep_file)
+        if why is not None:  # (the run folders still say what ran; only never-started jobs go unlisted)
+            log.warning("%s: the expected jobs are not known; the run folders are scanned without it", why)
+        for j in (listed or {}).get("jobs", []) if isinstance(listed, dict) else []:
             jobs[str(j["subdir"])] = list(j.get("overrides", []))
     for j in expected or []:
         jobs[str(j["subdir"])] = list(j.get("overrides", []))
@@ -423,11 +441,17 @@ def scan_sweep(
             continue
         res, fail = d / RESULT_FILE, d / FAILED_FILE
         if res.exists() or fail.exists():
-            rec = read_json(res if res.exists() else fail)
-            status = "ok" if res.exists() else "failed"
+            # a failure newer than the result is the job's latest word (the result is an earlier config's)
+            ok = res.exists() and not (fail.exists() and fail.stat().st_mtime > res.stat().st_mtime)
+            rec, why = read_record(res if ok else fail)
+            if why is not None:  # a corrupt record: failed, naming the file (rerunning the job recomputes it)
+                ovs = jobs.get(d.name) or (_read_overrides_yaml(d / ".hydra" / "overrides.yaml")
+                                           if (d / ".hydra" / "overrides.yaml").exists() else [])
+                rec, ok = {"overrides": list(ovs), "error": why}, False
+            status = "ok" if ok else "failed"
             runs.append({"run": d.name, "status": status, "overrides": list(rec.get("overrides", []) or []),
                          "record": rec})
-        elif d.name in jobs or (d / ".hydra").is_dir():
+        elif d.name in jobs or (d / ".hydra").is_dir() or (d / PREVIOUS_FILE).exists():
             ovs = jobs.get(d.name)
             if ovs is None and (d / ".hydra" / "overrides.yaml").exists():
                 ovs = _read_overrides_yaml(d / ".hydra" / "overrides.yaml")

@@ -464,11 +464,19 @@ class LoaderSource:
 
     @property
     def batch_size(self) -> int | None:
-        """Samples per batch the loader yields (``None`` when its batch sampler does not say)."""
+        """Samples per batch the loader yields: its ``batch_size``, else its batch sampler's, else the mean over an
+        epoch (its dataset's size over its number of batches, for a batch sampler that does not say: it was recorded
+        as the default 256 while the batches held 40), ``None`` when none of these is known."""
         b = getattr(self.loader, "batch_size", None)
         if b is None:
             b = getattr(getattr(self.loader, "batch_sampler", None), "batch_size", None)
-        return int(b) if isinstance(b, int) else None
+        if isinstance(b, int):
+            return int(b)
+        try:
+            batches = len(self.loader)
+        except TypeError:  # (an iterable dataset without a length)
+            return None
+        return max(1, round(self.n / batches)) if self.n and batches else None
 
     @property
     def _samplers(self) -> list[Any]:

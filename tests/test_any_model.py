@@ -509,6 +509,25 @@ def test_a_loader_that_drops_samples_or_ignores_batch_size_says_so():
     assert not [w for w in caught if "is ignored" in str(w.message)]
 
 
+def test_a_loader_whose_batch_sampler_does_not_say_records_its_batches():
+    """A DataLoader built on a batch sampler of its own (buckets of 10) has no ``batch_size``: the run's record and
+    the heating line said batch_size=256, the default, for batches of 10.  Now the mean rows per batch."""
+    from torch.utils.data import DataLoader, TensorDataset
+
+    X, Y = _data(n=40)
+
+    class Buckets:
+        def __iter__(self):
+            return iter([list(range(i, i + 10)) for i in range(0, 40, 10)])
+
+        def __len__(self):
+            return 4
+
+    loader = DataLoader(TensorDataset(X, Y), batch_sampler=Buckets())
+    r = slt.estimate_llc(_plain_model(), loader, F.mse_loss, **{**KW, "batch_size": "auto", "num_draws": 4})
+    assert r.config["batch_size"] == 10 and r.config["batch_size_rule"] == "loader"
+
+
 def test_a_loader_of_single_samples_is_named_not_read_as_batches():
     """``DataLoader(dataset, batch_size=None)`` yields samples without a batch dimension: the probe failed
     with "slice() cannot be applied to a 0-dim tensor".  Now the error names the loader's setting."""

@@ -169,6 +169,8 @@ def test_bad_override_is_rejected_at_composition(override, words):
     ("symmetry.mode=frozen", "symmetry.mode"),
     ("train.online=true", "train.online"),  # no train.batch_size in tms.yaml
     ("init.std=-0.1", "init.std"),
+    ("+sampler.num_chain=3", "sampler.num_chain"),  # Hydra's hint for the misspelling: failed after training
+    ("+sampler.step_sise=0.001", "sampler.step_sise"),
 ])
 def test_invalid_value_fails_before_any_work(tmp_path, override, key):
     from experiments import tms
@@ -768,6 +770,25 @@ def test_expected_jobs_fall_back_without_hydra_internals(tmp_path, monkeypatch, 
     assert str(sweep) not in _runlib._PENDING_SWEEPS
 
 
+def test_a_new_sweep_forgets_an_earlier_sweeps_jobs_that_never_ran(tmp_path, monkeypatch):
+    """sweep.json only grew: a job of an abandoned sweep whose folder was deleted stayed "missing" for good and
+    collect exited 1 for ever (helper 31).  A new multirun now drops earlier jobs without a folder that it does
+    not list itself; jobs with a folder, and its own, stay."""
+    monkeypatch.setenv("SLT_RESULTS_DIR", str(tmp_path))
+    cfg = _compose("tms", ["experiment=tms_symmetry", "seed=3"], hydra_cfg=True)
+    sweep = Path(str(cfg.hydra.sweep.dir))
+    records.atomic_write_json(sweep / "sweep.json", {"jobs": [
+        {"subdir": "seed=30", "overrides": ["seed=30"]},  # ran: its folder stays
+        {"subdir": "seed=31", "overrides": ["seed=31"]},  # never ran / deleted
+    ]})
+    (sweep / "seed=30").mkdir()
+    _runlib.CollectCallback().on_multirun_start(cfg)
+    listed = [j["subdir"] for j in records.read_json(sweep / "sweep.json")["jobs"]]
+    assert "seed=30" in listed and "seed=31" not in listed
+    assert sorted(j["subdir"] for j in _runlib.expected_jobs(cfg)) == sorted(set(listed) - {"seed=30"})
+    _runlib._PENDING_SWEEPS.clear()
+
+
 def test_rerun_skips_unless_config_changed_or_forced(tmp_path):
     calls = []
 
@@ -785,6 +806,79 @@ def test_rerun_skips_unless_config_changed_or_forced(tmp_path):
     cfg.force = True
     _runlib.execute(job, cfg, tmp_path)
     assert calls == [4000, 7, 7]
+
+
+def test_a_recompute_that_fails_or_is_killed_does_not_leave_the_old_result_counted(tmp_path):
+    """A stored run recomputed (its config changed) and then killed, or whose new config failed its checks, left
+    the old result.json in place: collect counted the job "ok" with the old config's numbers (helper 31: seed=20
+    stayed ok at λ̂ 9.499 from lr 0.01 after a rerun at lr 0.02 was killed; 12 runs "12 ok" after every job of
+    a rerun failed).  Now the old result is set aside first, so the job reads incomplete or failed; a finished
+    recompute removes it."""
+    def job(cfg, out):
+        if cfg.sampler.num_draws == 13:
+            raise KeyboardInterrupt  # killed mid-run (a BaseException: no failed.json)
+        return {"x": float(cfg.sampler.num_draws)}, {"t": np.zeros((2, 3))}
+
+    sweep = tmp_path / "sw"
+    cfg = _compose("tms")
+    _runlib.execute(job, cfg, sweep / "a")
+    cfg.sampler.num_draws = 13
+    with pytest.raises(KeyboardInterrupt):
+        _runlib.execute(job, cfg, sweep / "a")
+    assert (sweep / "a" / records.PREVIOUS_FILE).exists() and not (sweep / "a" / records.RESULT_FILE).exists()
+    assert list(records.collect(sweep)["status"]) == ["incomplete"]
+    cfg.sampler.num_draws = 4000
+    _runlib.execute(job, cfg, sweep / "b")
+    cfg.sampler.num_draws = -5  # fails its checks
+    with pytest.raises(Exception):
+        _runlib.execute(job, cfg, sweep / "b", ["sampler.num_draws=-5"], None)
+    assert list(records.collect(sweep).set_index("run").loc[["b"], "status"]) == ["failed"]
+    cfg.sampler.num_draws = 7
+    rec = _runlib.execute(job, cfg, sweep / "b")
+    assert rec["metrics"]["x"] == 7.0 and not (sweep / "b" / records.PREVIOUS_FILE).exists()
+    assert list(records.collect(sweep).set_index("run").loc[["b"], "status"]) == ["ok"]
+
+
+def test_a_failure_newer_than_the_result_and_unreadable_records_are_named(tmp_path, caplog):
+    """collect preferred any result.json over a newer failed.json, and one truncated result.json or sweep.json
+    stopped the whole sweep's collect with a bare JSONDecodeError; rerunning that job failed the same way."""
+    sweep = tmp_path / "sw"
+    ok = {"status": "ok", "overrides": ["seed=0"], "seed": 0, "config": {"seed": 0}, "metrics": {"llc_mean": 1.0}}
+    for i in range(3):
+        records.atomic_write_json(sweep / f"seed={i}" / "result.json", {**ok, "overrides": [f"seed={i}"], "seed": i})
+    records.atomic_write_json(sweep / "seed=1" / "failed.json", {"status": "failed", "overrides": ["seed=1"],
+                                                                "error": "ValueError: new config"})
+    os.utime(sweep / "seed=1" / "result.json", (1, 1))  # older than the failure
+    (sweep / "seed=2" / "result.json").write_text('{"status": "ok", "overr')  # truncated
+    (sweep / "sweep.json").write_text('{"jobs": [{"sub')
+    df = records.collect(sweep).set_index("run")
+    assert list(df["status"]) == ["ok", "failed", "failed"]
+    assert df.loc["seed=1", "error"] == "ValueError: new config"
+    assert "seed=2/result.json cannot be read (JSONDecodeError" in df.loc["seed=2", "error"]
+
+    def job(cfg, out):
+        return {"x": 2.0}, {}
+
+    with caplog.at_level("WARNING"):
+        rec = _runlib.execute(job, _compose("tms"), sweep / "seed=2")  # recomputed, not a crash
+    assert rec["metrics"]["x"] == 2.0 and "cannot be read" in caplog.text
+
+
+def test_save_traces_asked_again_recomputes_a_run_saved_without_them(tmp_path):
+    calls = []
+
+    def job(cfg, out):
+        calls.append(1)
+        return {"x": 1.0}, {"t": np.zeros((2, 3))}
+
+    cfg = _compose("tms")
+    cfg.save_traces = False
+    _runlib.execute(job, cfg, tmp_path)
+    _runlib.execute(job, cfg, tmp_path)  # skipped
+    cfg.save_traces = True
+    _runlib.execute(job, cfg, tmp_path)  # it was skipped without traces.npz
+    _runlib.execute(job, cfg, tmp_path)  # now skipped
+    assert len(calls) == 2 and (tmp_path / "traces.npz").exists()
 
 
 def test_runs_recorded_before_a_key_was_added_still_count_as_finished(tmp_path):

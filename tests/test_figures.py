@@ -187,6 +187,47 @@ def test_all_skips_missing_sweeps(results, tmp_path):
     assert sorted(p.name for p in (tmp_path / "f").iterdir()) == ["llc_curve.pdf", "llc_curve.png"]
 
 
+def test_runs_at_other_sampler_settings_are_not_averaged_into_a_figure(results, tmp_path, capsys):
+    """A trial run at other sampler settings in the same sweep folder (helper 31: one 5-gon run at 150 draws and a
+    given step beside three 300-draw seeds) was averaged in, seed 0 counted twice (8.41 ± 1.0 against 7.40), the
+    title still "3 seeds".  Now the figure is not drawn, with the runs of each setting named, and ``all`` exits 1."""
+    import shutil
+
+    root = tmp_path / "r"
+    shutil.copytree(results / "sweeps" / "fig_kgon", root / "sweeps" / "fig_kgon")
+    for d in (p for p in (root / "sweeps" / "fig_kgon").iterdir() if p.is_dir()):  # the sweep's own runs: 300 draws each
+        rec = records.read_json(d / records.RESULT_FILE)
+        rec["config"]["sampler"] = {"num_draws": 300, "step_size": None}
+        records.atomic_write_json(d / records.RESULT_FILE, rec)
+    p = kgon_parameters(5, 6, 2, dead_bias=-1.0)
+    _write_run(root, "fig_kgon", {"init.k": 5, "seed": 0, "sampler.num_draws": 150, "sampler.step_size": 1e-3},
+               {"model": {"n_features": 6, "n_hidden": 2}, "data": {"n": 2000}, "init": {"k": 5, "plus": False},
+                "sampler": {"num_draws": 150, "step_size": 1e-3}},
+               {"point": "5-gon", "W": p["W"].tolist(), "b": p["b"].tolist(), "train_loss": 0.05, "llc_mean": 11.46,
+                "llc_sem": 0.3})
+    with pytest.raises(figures.MixedRuns, match=r"sampled with different settings \(sampler\.num_draws=300 "
+                       r"sampler\.step_size=None: .* and 2 more; sampler\.num_draws=150 sampler\.step_size=0\.001: "
+                       r"init\.k=5,sampler\.num_draws=150"):
+        figures.load_sweep(root, "fig_kgon")
+    assert figures.main(["all", "--results", str(root), "--out", str(tmp_path / "f")]) == 1
+    assert "kgon: not drawn: the finished runs" in capsys.readouterr().err
+
+
+def test_a_summary_table_is_not_trusted_after_a_run_folder_is_deleted(results, tmp_path):
+    """load_sweep read summary.parquet whenever it was newer than every result.json, so a run folder deleted
+    after the sweep (a bad run removed by hand) stayed in the figure; now the table must list the same runs."""
+    import shutil
+
+    pytest.importorskip("pyarrow")
+    root = tmp_path / "r"
+    shutil.copytree(results / "sweeps" / "fig_kgon", root / "sweeps" / "fig_kgon")
+    sweep = root / "sweeps" / "fig_kgon"
+    records.collect(sweep)  # writes summary.parquet, newer than every result.json
+    assert len(figures.load_sweep(root, "fig_kgon")) == 6
+    shutil.rmtree(next(d for d in sweep.iterdir() if d.is_dir()))
+    assert len(figures.load_sweep(root, "fig_kgon")) == 5
+
+
 def test_predicted_crossing_solves_the_free_energy_balance():
     n = figures.predicted_crossing()
     a, b = slt.theory.TMS_CRITICAL_POINTS["5-gon"], slt.theory.TMS_CRITICAL_POINTS["6-gon"]

@@ -348,6 +348,8 @@ class LLCResult:
         slope = self.diagnostics.get("slope_at_init")
         if slope:  # the part of λ̂ owed to the slope at w* (0 at a critical point) and its s.e.
             out["slope_at_init"], out["slope_at_init_sem"] = slope["value"], slope["sem"]
+        if self.config.get("dtype") is not None:  # the precision the run used (a sweep's dtype=null records None)
+            out["dtype"] = self.config["dtype"]
         check = self.diagnostics.get("halving_direct")
         if check:  # the chains continued at ε/2 (check_halving) and the first-order extrapolation to ε → 0
             out.update(llc_half_step=check["llc_at_half_step"], llc_half_step_sem=check["llc_at_half_step_sem"],

@@ -864,6 +864,18 @@ def test_a_failure_newer_than_the_result_and_unreadable_records_are_named(tmp_pa
     assert rec["metrics"]["x"] == 2.0 and "cannot be read" in caplog.text
 
 
+def test_the_summary_records_the_precision_the_run_used(tmp_path):
+    """llc.yaml's dtype: null lets the engine choose; the record said dtype None and only traces.npz showed the
+    float64 actually used (helper 31).  The result's summary, hence every run's metrics, now has it."""
+    from torch import nn
+
+    X = torch.randn(40, 2, dtype=torch.float64)
+    m = nn.Linear(2, 1).double()
+    r = slt.estimate_llc(m, (X, X[:, :1]), torch.nn.functional.mse_loss, num_chains=2, num_draws=5,
+                         step_size=1e-4, progress=False)
+    assert r.summary()["dtype"] == "float64" and _runlib.metrics_from_result(r)["dtype"] == "float64"
+
+
 def test_save_traces_asked_again_recomputes_a_run_saved_without_them(tmp_path):
     calls = []
 

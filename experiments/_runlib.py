@@ -118,6 +118,16 @@ def _traces_wanted(cfg: DictConfig, old: Mapping[str, Any]) -> bool:
     return bool(cfg.get("save_traces", True)) and stored is False and "traces.npz" not in (old.get("files") or [])
 
 
+def _stale(res_file: Path, config: Any) -> bool:
+    """Whether a stored result is not this config's (unreadable, or made with a config that gives another result):
+    a failure of ``config`` then sets it aside.  A failure on a key that does not change the result (a typo in
+    ``device``) or before the config is known keeps it (it was moved aside, and every finished run recomputed)."""
+    if config is None or not res_file.exists():
+        return False
+    old, why = records.read_record(res_file)
+    return why is not None or not same_config(old.get("config", {}), config)
+
+
 def _set_aside(out: Path) -> None:
     """Keep a run folder's stored result as :data:`records.PREVIOUS_FILE` (its traces as ``traces.previous.npz``)
     before the job runs again: the scan counts a job as done only by a ``result.json`` of its current config."""
@@ -188,6 +198,8 @@ def execute(
                 lost = _traces_wanted(cfg, old)
                 if same_config(old.get("config", {}), base["config"]) and not changed and not lost:
                     log.info("skipping %s: %s exists (force=true recomputes)", out, records.RESULT_FILE)
+                    if fail_file.exists():  # (an attempt that failed since, e.g. on a typo in device: not this run)
+                        fail_file.unlink()
                     return old
                 if changed:
                     log.warning("%s: input files changed since the stored run (%s): recomputing", out,
@@ -205,7 +217,8 @@ def execute(
             fail_file.unlink()
         metrics, arrays = run(cfg, out)
     except Exception as e:
-        _set_aside(out)  # (a config that fails its checks is not the stored run's either)
+        if _stale(res_file, base.get("config")):  # (a failing config that is not the stored run's: its numbers go)
+            _set_aside(out)
         records.atomic_write_json(
             fail_file,
             {

@@ -176,9 +176,12 @@ def read_record(path: str | os.PathLike) -> tuple[Any, str | None]:
     """``(content, None)`` of a JSON record, or ``(None, why)`` when it cannot be read (a file truncated by a
     full disk or a copy cut short): the caller names the file instead of failing with a bare JSONDecodeError."""
     try:
-        return read_json(path), None
+        content = read_json(path)
     except (OSError, ValueError) as e:  # (json.JSONDecodeError is a ValueError)
         return None, f"{path} cannot be read ({type(e).__name__}: {e})"
+    if not isinstance(content, dict):
+        return None, f"{path} cannot be read (it holds a JSON {type(content).__name__}, not a record)"
+    return content, None
 
 
 # ---------------------------------------------------------------------------

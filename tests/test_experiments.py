@@ -839,6 +839,28 @@ def test_a_recompute_that_fails_or_is_killed_does_not_leave_the_old_result_count
     assert list(records.collect(sweep).set_index("run").loc[["b"], "status"]) == ["ok"]
 
 
+def test_a_failure_on_a_key_that_does_not_change_the_result_keeps_the_result(tmp_path):
+    """A typo in ``device`` (not part of the result) set every finished run aside and recomputed them all once the
+    typo was fixed; and a failed.json newer than a valid result stayed "failed" after the rerun skipped it
+    (helper 32).  Now the result stays, the failed attempt reads failed, and the next good rerun clears it."""
+    def job(cfg, out):
+        return {"x": 1.0}, {}
+
+    sweep = tmp_path / "sw"
+    cfg = _compose("tms")
+    _runlib.execute(job, cfg, sweep / "a")
+    bad = _compose("tms", ["device=bogus"])
+    with pytest.raises(ValueError, match="device"):
+        _runlib.execute(job, bad, sweep / "a", ["device=bogus"])
+    assert (sweep / "a" / records.RESULT_FILE).exists() and not (sweep / "a" / records.PREVIOUS_FILE).exists()
+    assert list(records.collect(sweep)["status"]) == ["failed"]  # the latest attempt
+    calls = []
+    _runlib.execute(lambda c, o: calls.append(1) or ({"x": 2.0}, {}), cfg, sweep / "a")  # skipped: still valid
+    assert calls == [] and list(records.collect(sweep)["status"]) == ["ok"]
+    (sweep / "a" / records.RESULT_FILE).write_text("null")  # valid JSON, not a record
+    assert "holds a JSON NoneType, not a record" in records.collect(sweep)["error"][0]
+
+
 def test_a_failure_newer_than_the_result_and_unreadable_records_are_named(tmp_path, caplog):
     """collect preferred any result.json over a newer failed.json, and one truncated result.json or sweep.json
     stopped the whole sweep's collect with a bare JSONDecodeError; rerunning that job failed the same way."""

@@ -459,6 +459,14 @@ def _known_sampler_keys(cfg: Any) -> None:
         close = difflib.get_close_matches(str(key), sorted(known), n=1)
         _fail(f"sampler.{key}", _select(cfg, f"sampler.{key}"),
               "not an argument of slt.estimate_llc" + (f" (did you mean sampler.{close[0]}?)" if close else ""))
+    kwargs = _select(cfg, "sampler.sampler_kwargs")
+    if kwargs:  # (+sampler.sampler_kwargs.bogus=1 failed after training)
+        from slt.engine import check_sampler_kwargs
+
+        try:
+            check_sampler_kwargs(_select(cfg, "sampler.sampler") or "auto", dict(kwargs))
+        except (TypeError, ValueError) as e:
+            _fail("sampler.sampler_kwargs", dict(kwargs), str(e))
 
 
 def _fail(key: str, value: Any, need: str) -> None:

@@ -39,6 +39,8 @@ not hidden by the spread across chains.
 
 from __future__ import annotations
 
+import difflib
+import inspect
 import math
 import re
 import time
@@ -378,7 +380,7 @@ def estimate_llc(
                      localization, batch_size, target_accept)
     control_variate, shared_batches, raise_on_divergence, extend_draws, check_halving, progress = _check_flags(
         control_variate, shared_batches, raise_on_divergence, extend_draws, check_halving, progress)
-    resolve_sampler(sampler)
+    check_sampler_kwargs(sampler, sampler_kwargs)
     check_observables("slt.estimate_llc", observables)
     model, models, state_dicts, files = load_checkpoint_files(model, models, state_dicts)  # paths read once
     differ = checkpoint_state_differences(model, models, state_dicts)
@@ -805,6 +807,7 @@ def sample_target(
     control_variate, shared_batches, raise_on_divergence, extend_draws, check_halving, progress = _check_flags(
         control_variate, shared_batches, raise_on_divergence, extend_draws, check_halving, progress)
     auto_sampler = isinstance(sampler, str) and sampler.lower() == "auto"
+    check_sampler_kwargs(sampler, sampler_kwargs)
     spec = resolve_sampler(sampler)
     _check_restrictable(spec, target)
     batch_auto = batch_size == "auto"
@@ -1578,6 +1581,37 @@ def _check_arguments(num_chains, num_draws, num_burnin, num_steps_bw_draws, mala
     if not (isinstance(target_accept, (int, float)) and 0.0 < target_accept < 1.0):
         raise ValueError(f"target_accept must lie in (0, 1), got {target_accept!r}")
     return num_chains, num_draws, num_burnin, num_steps_bw_draws, mala_every, batch_size
+
+
+def check_sampler_kwargs(sampler: Any, sampler_kwargs: Mapping[str, Any] | None) -> None:
+    """A clear error, before anything is prepared, for a ``sampler_kwargs`` key the sampler does not take (it
+    failed later with ``sgld() got an unexpected keyword argument``) or one that is the engine's own argument
+    (``mala_every``, ``step_size``: "got multiple values").  ``sampler="auto"`` starts with SGLD, whose
+    arguments its keys must be."""
+    if not sampler_kwargs:
+        return
+    if not isinstance(sampler_kwargs, Mapping):
+        raise TypeError(f"sampler_kwargs must be a mapping of argument names to values, got {type(sampler_kwargs).__name__}")
+    spec = resolve_sampler(sampler)
+    own = {"step_size": "step_size=", "mala_every": "mala_every=", "potential": None,
+           "deterministic": None}  # (deterministic: the engine sets it from the batch: a full batch is deterministic)
+    try:
+        params = inspect.signature(spec.factory).parameters
+    except (TypeError, ValueError):  # (a factory without a signature: it says for itself)
+        return
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return
+    takes = sorted(k for k in params if k not in own)
+    for key in sampler_kwargs:
+        if key in own:
+            fix = (f"pass it as slt.estimate_llc's own {own[key]}" if own[key]
+                   else "the engine sets it (a full batch is deterministic)")
+            raise ValueError(f"sampler_kwargs[{key!r}] is not the sampler's to take: {fix}")
+        if key not in params:
+            close = difflib.get_close_matches(str(key), takes, n=1)
+            raise ValueError(f"sampler_kwargs[{key!r}]: the {spec.name} sampler takes no such argument"
+                             + (f" (did you mean {close[0]!r}?)" if close else "")
+                             + f"; it takes {', '.join(takes) or 'none'}")
 
 
 def _check_flags(control_variate, shared_batches, raise_on_divergence, extend_draws, check_halving,

@@ -49,6 +49,10 @@ KW = dict(num_chains=2, num_draws=5, step_size=1e-4, progress=False)
         ({"raise_on_divergence": 0}, "raise_on_divergence must be True or False, got 0"),
         ({"progress": "off"}, "progress must be True, False or None, got 'off'"),
         ({"extend_draws": "yes"}, "extend_draws must be an integer >= 0, got 'yes'"),
+        # sampler_kwargs: failed later with "sgld() got an unexpected keyword argument" / "got multiple values"
+        ({"sampler_kwargs": {"alpha": 0.9}}, r"sampler_kwargs\['alpha'\]: the sgld sampler takes no such argument"),
+        ({"sampler": "sghmc", "sampler_kwargs": {"frction": 0.1}}, r"did you mean 'friction'\?"),
+        ({"sampler_kwargs": {"mala_every": 3}}, r"pass it as slt\.estimate_llc's own mala_every="),
     ],
 )
 def test_invalid_arguments(kwargs, match):

@@ -171,6 +171,7 @@ def test_bad_override_is_rejected_at_composition(override, words):
     ("init.std=-0.1", "init.std"),
     ("+sampler.num_chain=3", "sampler.num_chain"),  # Hydra's hint for the misspelling: failed after training
     ("+sampler.step_sise=0.001", "sampler.step_sise"),
+    ("+sampler.sampler_kwargs.bogus=1", "sampler.sampler_kwargs"),
 ])
 def test_invalid_value_fails_before_any_work(tmp_path, override, key):
     from experiments import tms

@@ -1641,6 +1641,13 @@ def _fallback_hint(e: Exception, model: nn.Module, issues: list[str], eager_trie
     """What to do about a vmap failure, when the cause is recognisable (``eager_tried``: the vmap path
     was retried with Hugging Face attention run as ``"eager"`` and failed again)."""
     msg = str(e)
+    if "Expected dtype int32/int64 for index" in msg:  # (cross_entropy takes uint8 labels outside vmap only)
+        return (" — an index is neither int64 nor int32, usually a classification loss's labels (uint8 from an "
+                "image dataset): pass y.long() to use the batched path")
+    if "is_contiguous inside of vmap for memory_format" in msg:
+        return (" — a tensor is in a memory format other than contiguous (channels_last inputs or weights), which "
+                "vmap cannot query: pass X.contiguous() (and model.to(memory_format=torch.contiguous_format)) to use "
+                "the batched path")
     if "random" in msg and any(i.startswith("dropout") for i in issues):
         return " — dropout is active: call model.eval()"
     if "random" in msg and any(i.startswith("the model's output is random") for i in issues):

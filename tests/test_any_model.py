@@ -1893,6 +1893,21 @@ def test_a_random_forward_without_dropout_modules_is_named():
     assert any(p.startswith("the loss is random") for p in r.diagnostics["convergence_reasons"])
 
 
+@pytest.mark.parametrize("case", ["uint8 labels", "channels_last"])
+def test_a_vision_pipelines_vmap_failure_names_the_data_fix(case):
+    """uint8 labels (cross_entropy takes them outside vmap) and channels_last inputs made vmap fail and the run fall
+    back to the loop with a warning naming neither cause nor fix (helper 33); λ̂ was right, only slower."""
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(32, 3, 8, 8, generator=g)
+    y = torch.randint(0, 4, (32,), generator=g)
+    m = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.GroupNorm(2, 4), nn.ReLU(), nn.Flatten(), nn.Linear(256, 4))
+    data = (X, y.to(torch.uint8)) if case == "uint8 labels" else (X.to(memory_format=torch.channels_last), y)
+    fix = r"pass y\.long\(\) to use the batched path" if case == "uint8 labels" else r"pass X\.contiguous\(\)"
+    with pytest.warns(RuntimeWarning, match=r"the vmap path failed on this model .*" + fix):
+        slt.estimate_llc(m.eval(), data, F.cross_entropy, num_chains=2, num_draws=4, step_size=1e-5,
+                         localization=100.0, vectorize="auto", progress=False)
+
+
 def test_batchnorm_note_and_fallback_hint():
     X, Y = _data(n=100)
     with pytest.warns(RuntimeWarning, match="BatchNorm in train mode in norm: call model.eval()") as rec:

@@ -74,6 +74,24 @@ def test_finishing_phase_matters(rrr_data):
     assert r2.finish_history[-1] == pytest.approx(r2.loss)
 
 
+def test_a_finish_that_ends_far_from_a_minimum_warns(rrr_data):
+    """train() returned converged=False with a gradient norm of 0.092 (a BatchNorm CNN) and said nothing, though
+    estimate_llc needs w* at a minimum.  A finish cut short at one iteration ends far from it: a warning naming the
+    gradient norm and the fix; the full finish does not warn."""
+    import warnings
+
+    X, Y, _ = rrr_data
+    m = ReducedRankRegression(5, 3, 5, generator=gen(2), dtype=F64)
+    with pytest.warns(RuntimeWarning, match=r"train: the L-BFGS finish ended with gradient norm .* w\* is probably not "
+                                            r"a minimum"):
+        r = train(m, (X, Y), gaussian_nll, steps=0, finish_iterations=1, tol=1e-6)
+    assert r.grad_norm >= 1000 * 1e-6
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert train(ReducedRankRegression(5, 3, 5, generator=gen(2), dtype=F64), (X, Y), gaussian_nll, steps=30,
+                     lr=1e-2, tol=1e-6).converged
+
+
 def test_train_tms_sparse_data():
     x = make_tms_sparse_data(1000, 6, gen(3), dtype=F64)
     model = ToyModelOfSuperposition(6, 2, generator=gen(0), dtype=F64)

@@ -770,8 +770,8 @@ def precision_finding(nbeta: float, init_loss: float, dtype: torch.dtype, llc: f
     if not (bound == bound and llc == llc):
         return None
     beyond_any = bool(dims) and bound > PRECISION_SHARE * dims / 2  # (true λ ≤ d/2, whatever λ̂ read)
-    if not beyond_any and (bound <= PRECISION_SHARE * abs(llc) or bound <= 2 * sem):
-        return None
+    if not beyond_any and (bound <= PRECISION_SHARE * abs(llc) or bound <= 2 * sem or llc == sem == 0):
+        return None  # (λ̂ = 0 with no spread: the loss never moved, e.g. a restriction to unused parameters)
     name = str(dtype).replace("torch.", "")
     share = (f"{bound / (dims / 2):.0%} of d/2 = {dims / 2:g}, the largest λ of a minimum in {dims:g} coordinates; λ̂ read "
              f"{llc:.4g}" if beyond_any else f"{bound / abs(llc):.0%} of λ̂ = {llc:.4g}")

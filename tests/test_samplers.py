@@ -127,6 +127,7 @@ def test_a_loss_float32_cannot_resolve_is_a_finding():
     assert precision_finding(587.0, 1e4, torch.float32, 1.7, 0.2).startswith("float32 cannot resolve λ̂ here")
     assert precision_finding(587.0, 1e4, torch.float64, 1.7, 0.2) is None
     assert precision_finding(587.0, 0.5, torch.float32, 1.7, 0.2) is None  # a classifier's loss: 3.5e-5
+    assert precision_finding(587.0, 1e4, torch.float32, 0.0, 0.0) is None  # the loss never moved (unused params)
     g = torch.Generator().manual_seed(0)
     n = 5000
     X = torch.randn(n, 2, generator=g, dtype=F64)

@@ -1588,11 +1588,11 @@ def check_sampler_kwargs(sampler: Any, sampler_kwargs: Mapping[str, Any] | None)
     failed later with ``sgld() got an unexpected keyword argument``) or one that is the engine's own argument
     (``mala_every``, ``step_size``: "got multiple values").  ``sampler="auto"`` starts with SGLD, whose
     arguments its keys must be."""
+    spec = resolve_sampler(sampler)  # (an unknown sampler name is named here too, with or without kwargs)
     if not sampler_kwargs:
         return
     if not isinstance(sampler_kwargs, Mapping):
         raise TypeError(f"sampler_kwargs must be a mapping of argument names to values, got {type(sampler_kwargs).__name__}")
-    spec = resolve_sampler(sampler)
     own = {"step_size": "step_size=", "mala_every": "mala_every=", "potential": None,
            "deterministic": None}  # (deterministic: the engine sets it from the batch: a full batch is deterministic)
     try:

@@ -725,6 +725,10 @@ SLOPE_FRACTION = 0.05
 PRECISION_SHARE = 0.1
 
 
+#: the fix both precision messages name (:func:`precision_problem`, :func:`precision_finding`)
+_PRECISION_FIX = "pass dtype=torch.float64, or take the loss's constant part out (e.g. centre and scale regression targets)"
+
+
 def precision_bound(nbeta: float, init_loss: float, dtype: torch.dtype) -> float:
     r"""One rounding of the loss at w* in λ̂'s units, :math:`n\beta\,\epsilon_{\rm dtype}\,|L(w^*)|`
     (NaN for a non-float dtype or an unknown loss): see :func:`precision_finding`."""
@@ -747,8 +751,7 @@ def precision_problem(nbeta: float, init_loss: float, dtype: torch.dtype, dims: 
     return (f"{name} cannot resolve this loss: one rounding of L(w*) = {init_loss:.6g} is nβ·eps·|L| = {bound:.3g} in "
             f"λ̂'s units, {'more than' if share >= 1 else 'a large share of'} d/2 = {dims / 2:g} (the largest λ of a "
             f"minimum in {dims:g} coordinates), so λ̂, the step-size adaptation and the divergence check would read "
-            "rounding; pass dtype=torch.float64, or take the loss's constant part out (e.g. centre and scale "
-            "regression targets)")
+            f"rounding; {_PRECISION_FIX}")
 
 
 def precision_finding(nbeta: float, init_loss: float, dtype: torch.dtype, llc: float, sem: float,
@@ -777,8 +780,7 @@ def precision_finding(nbeta: float, init_loss: float, dtype: torch.dtype, llc: f
              f"{llc:.4g}" if beyond_any else f"{bound / abs(llc):.0%} of λ̂ = {llc:.4g}")
     return (f"{name} cannot resolve λ̂ here: one rounding of L(w*) = {init_loss:.6g} is nβ·eps·|L| = {bound:.3g} in "
             f"λ̂'s units ({share}), and the rounding of L(w*) does not average out, "
-            "so λ̂ can be off by about that much (the MALA acceptance reads rounding too); pass dtype=torch.float64, "
-            "or take the loss's constant part out (e.g. centre and scale regression targets)")
+            f"so λ̂ can be off by about that much (the MALA acceptance reads rounding too); {_PRECISION_FIX}")
 
 
 def slope_finding(value: float, value_sem: float, llc: float, sem: float) -> str | None:

@@ -61,6 +61,15 @@ def test_invalid_arguments(kwargs, match):
         slt.estimate_llc(m, (X, Y), F.mse_loss, **{**KW, **kwargs})
 
 
+def test_an_unknown_sampler_is_named_before_the_target_is_prepared(monkeypatch):
+    from slt import engine
+
+    m, X, Y = _setup()
+    monkeypatch.setattr(engine, "prepare_target", lambda *a, **k: pytest.fail("prepared before the check"))
+    with pytest.raises(ValueError, match="unknown sampler 'hmc'"):
+        slt.estimate_llc(m, (X, Y), F.mse_loss, **{**KW, "sampler": "hmc"})
+
+
 def test_numpy_booleans_are_switches():
     np = pytest.importorskip("numpy")
     m, X, Y = _setup()

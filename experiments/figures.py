@@ -185,6 +185,25 @@ def _col(df: pd.DataFrame, *names: str) -> pd.Series:
     raise NoData(f"none of the columns {names} in the table (columns: {list(df.columns)[:20]} ...)")
 
 
+#: each figure's file stem under the output folder (``<stem>.png`` and ``<stem>.pdf``)
+STEMS: dict[str, str] = {"kgon": "kgon_llc", "geometry": "geometry", "dims": "feature_dimensionality",
+                         "phase": "phase_transition", "curve": "llc_curve", "symmetry": "symmetry",
+                         "phase2": "phase_diagram_2x1", "tegum": "tegum", "refined": "refined"}
+
+
+def set_aside_stale(out: Path, name: str) -> list[Path]:
+    """Rename an earlier drawing of figure ``name`` in ``out`` to ``<stem>.stale.<ext>`` (a figure refused now
+    would otherwise leave the earlier one in place, read as current); returns the new paths."""
+    moved = []
+    for ext in ("png", "pdf"):
+        p = out / f"{STEMS[name]}.{ext}"
+        if p.exists():
+            q = p.with_name(f"{STEMS[name]}.stale.{ext}")
+            p.replace(q)
+            moved.append(q)
+    return moved
+
+
 def _save(fig: Any, out: Path, stem: str) -> list[Path]:
     out.mkdir(parents=True, exist_ok=True)
     paths = [out / f"{stem}.png", out / f"{stem}.pdf"]
@@ -234,7 +253,7 @@ def fig_kgon(results: Path, out: Path) -> list[Path]:
     ax.set_title(f"TMS 6×2 critical points: λ̂ vs closed form (n = {', '.join(map(str, ns))}, "
                  f"{df['seed'].nunique()} seeds)")
     ax.legend(loc="lower right")
-    return _save(fig, out, "kgon_llc")
+    return _save(fig, out, STEMS["kgon"])
 
 
 # ---------------------------------------------------------------------------
@@ -287,7 +306,7 @@ def fig_geometry(results: Path, out: Path) -> list[Path]:
     cb.set_label(f"feature i (importance {decay:g}^i)")
     fig.suptitle(f"Superposition geometry: columns W_i ∈ R² of a {n_feat}-feature, 2-hidden TMS per feature density "
                  f"(lowest-loss of {df['seed'].nunique()} seeds; axes ±{lim:.2f})", fontsize=9.5)
-    return _save(fig, out, "geometry")
+    return _save(fig, out, STEMS["geometry"])
 
 
 # ---------------------------------------------------------------------------
@@ -375,7 +394,7 @@ def fig_dims(results: Path, out: Path) -> list[Path]:
     ax.set_title(f"Feature dimensionality: {nf} features in {nh} dimensions, uniform importance,\n"
                  f"{how}, {len(df)} sparsities", fontsize=9)
     ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.16), fontsize=7, ncol=2, frameon=False)
-    return _save(fig, out, "feature_dimensionality")
+    return _save(fig, out, STEMS["dims"])
 
 
 # ---------------------------------------------------------------------------
@@ -543,7 +562,7 @@ def fig_phase(results: Path, out: Path) -> list[Path]:
         _proxy_panels(axes[1], axes[2], tables)
     fig.suptitle("Bayesian phase transition in the TMS (6 features, 2 hidden): 5-gon vs 6-gon", fontsize=10)
     fig.tight_layout()
-    return _save(fig, out, "phase_transition")
+    return _save(fig, out, STEMS["phase"])
 
 
 def _proxy_panels(a1: Any, a2: Any, tables: list[tuple[str, pd.DataFrame]]) -> None:
@@ -668,7 +687,7 @@ def fig_curve(results: Path, out: Path, seed: int | None = None) -> list[Path]:
                  f"one batched estimate_llc call ({float(r['llc_seconds']):.0f} s)\n"
                  f"shading: number of live columns of W at the checkpoint (Adam, lr {float(r['curve.lr']):g}, "
                  f"init scale {float(r['curve.init_scale']):g})", fontsize=8.5)
-    return _save(fig, out, "llc_curve")
+    return _save(fig, out, STEMS["curve"])
 
 
 # ---------------------------------------------------------------------------
@@ -738,7 +757,7 @@ def fig_symmetry(results: Path, out: Path) -> list[Path]:
     fig.suptitle("Symmetry and the LLC: λ̂ along q_h with the covariance estimate of dλ̂/dh drawn at the path ends",
                  fontsize=10)
     fig.tight_layout()
-    return _save(fig, out, "symmetry")
+    return _save(fig, out, STEMS["symmetry"])
 
 
 # ---------------------------------------------------------------------------
@@ -823,7 +842,7 @@ def fig_phase2(results: Path, out: Path) -> list[Path]:
     seeds = f"{nmin}" if nmin == nmax else f"{nmin}–{nmax}"
     ax.set_title(f"Two features, one hidden dimension (n = {int(df['data.n'].iloc[0])}); cells: W₁, W₂ of the\n"
                  f"lowest-loss of {seeds} seeds (k/{nmax}: seeds in that phase, when not all)", fontsize=8.5)
-    return _save(fig, out, "phase_diagram_2x1")
+    return _save(fig, out, STEMS["phase2"])
 
 
 # ---------------------------------------------------------------------------
@@ -882,7 +901,7 @@ def fig_tegum(results: Path, out: Path) -> list[Path]:
     fig.suptitle(f"Direct-sum (tegum) decomposition of trained TMS models in m = {m} hidden dimensions "
                  f"(slt.geometry; boxes = summands;\nlowest-loss of {nseeds} seeds per panel; "
                  f"'seeds': how many seeds found each pattern of features per summand)", fontsize=9.5)
-    return _save(fig, out, "tegum")
+    return _save(fig, out, STEMS["tegum"])
 
 
 # ---------------------------------------------------------------------------
@@ -1009,7 +1028,7 @@ def fig_refined(results: Path, out: Path, seed: int | None = None) -> list[Path]
                  f"{len(step)} checkpoints; heads: {counts};\nnβ = {float(r['nbeta']):g}, γ = {float(r['localization']):g}, "
                  f"{nc} chains × {nd} draws per head and checkpoint)", fontsize=9)
     fig.tight_layout()
-    return _save(fig, out, "refined")
+    return _save(fig, out, STEMS["refined"])
 
 
 # ---------------------------------------------------------------------------
@@ -1056,7 +1075,10 @@ def main(argv: list[str] | None = None) -> int:
                     status = 1
                 continue
             except MixedRuns as e:  # (data there, but not one figure's worth: fails "all" too)
-                print(f"[figures] {name}: not drawn: {e}", file=sys.stderr)
+                moved = set_aside_stale(out, name)
+                note = (f" (the earlier drawing was renamed {', '.join(str(q) for q in moved)}: it may not be of the runs there now)"
+                        if moved else "")
+                print(f"[figures] {name}: not drawn: {e}{note}", file=sys.stderr)
                 status = 1
                 continue
             print(f"[figures] {name}: {', '.join(map(str, paths))} ({time.perf_counter() - t0:.1f} s)", flush=True)

@@ -168,7 +168,7 @@ def test_every_figure_is_made_from_the_tables(results, tmp_path):
 
 
 def test_figure_functions_are_the_registered_ones():
-    assert set(figures.FIGURES) == set(STEMS)
+    assert set(figures.FIGURES) == set(STEMS) and figures.STEMS == STEMS
 
 
 def test_named_figure_without_its_sweep_fails(tmp_path, capsys):
@@ -199,6 +199,8 @@ def test_runs_at_other_sampler_settings_are_not_averaged_into_a_figure(results, 
         rec = records.read_json(d / records.RESULT_FILE)
         rec["config"]["sampler"] = {"num_draws": 300, "step_size": None}
         records.atomic_write_json(d / records.RESULT_FILE, rec)
+    out = tmp_path / "f"
+    assert figures.main(["kgon", "--results", str(root), "--out", str(out)]) == 0  # drawn from the sweep's own runs
     p = kgon_parameters(5, 6, 2, dead_bias=-1.0)
     _write_run(root, "fig_kgon", {"init.k": 5, "seed": 0, "sampler.num_draws": 150, "sampler.step_size": 1e-3},
                {"model": {"n_features": 6, "n_hidden": 2}, "data": {"n": 2000}, "init": {"k": 5, "plus": False},
@@ -209,8 +211,13 @@ def test_runs_at_other_sampler_settings_are_not_averaged_into_a_figure(results, 
                        r"sampler\.step_size=None: .* and 2 more; sampler\.num_draws=150 sampler\.step_size=0\.001: "
                        r"init\.k=5,sampler\.num_draws=150"):
         figures.load_sweep(root, "fig_kgon")
-    assert figures.main(["all", "--results", str(root), "--out", str(tmp_path / "f")]) == 1
-    assert "kgon: not drawn: the finished runs" in capsys.readouterr().err
+    assert figures.main(["all", "--results", str(root), "--out", str(out)]) == 1
+    err = capsys.readouterr().err
+    assert "kgon: not drawn: the finished runs" in err
+    # the drawing of the earlier runs is not left in place to be read as this sweep's figure
+    assert not (out / "kgon_llc.png").exists() and not (out / "kgon_llc.pdf").exists()
+    assert (out / "kgon_llc.stale.png").exists() and (out / "kgon_llc.stale.pdf").exists()
+    assert f"renamed {out / 'kgon_llc.stale.png'}" in err
 
 
 def test_a_summary_table_is_not_trusted_after_a_run_folder_is_deleted(results, tmp_path):

@@ -63,7 +63,7 @@ from .diagnostics import changed, free_diffusion, halved_step_estimate, llc_stan
 from .evaluator import ChainEvaluator, fused_summary
 from .groups import Groups
 from .loop import Divergence, Trace, run_chains, show_progress
-from .result import (FALLBACK_NAMES, PRECISION_SHARE, UNSETTLED, LLCResult, _halving_gap, equilibrium_checks, heating_check,
+from .result import (FALLBACK_NAMES, HEATING_SHARE, PRECISION_SHARE, UNSETTLED, LLCResult, _halving_gap, equilibrium_checks, heating_check,
                      precision_problem)
 from .rng import ChainRNG
 from .samplers import SAMPLERS, LocalizedPotential, SamplerSpec, build_sampler, resolve_sampler
@@ -1417,8 +1417,9 @@ def _raised_batch(run: Mapping[str, Any], target: Any, spec: SamplerSpec, C: int
     minibatches) makes :func:`slt.result.heating_check` fire, the data are tensors (a DataLoader's
     batches are the user's), and the batch can grow.  The gradient-noise trace of i.i.d. indices
     falls as 1/batch size, so the batch is raised by the largest factor
-    :math:`\Delta / (a/4)` over those groups, :math:`a = 2\max(2\,\mathrm{s.e.}, 0.02\,\hat\lambda)`
-    the excess the check allows (a margin for the noise of the trace and for the larger ε the
+    :math:`\Delta / (a/4)` over those groups,
+    :math:`a = 2\max(\min(2\,\mathrm{s.e.}, h\hat\lambda), 0.02\,\hat\lambda)` (h =
+    :data:`slt.result.HEATING_SHARE`) the excess the check allows (a margin for the noise of the trace and for the larger ε the
     adaptation may find), at least doubled, at most :data:`slt.defaults.BATCH_SIZE_MAX`, and the
     full batch once that is at least half the data.  Returns ``{"from", "to" (None:
     full batch), "excess", "fraction", "llc", "sem"}`` of the group that needed most."""
@@ -1438,7 +1439,8 @@ def _raised_batch(run: Mapping[str, Any], target: Any, spec: SamplerSpec, C: int
         excess = float(heating[rows][valid].double().nanmean())
         if heating_check(excess, llc, sem) is None:
             continue
-        factor = excess / max(sem, 0.01 * abs(llc))  # Δ over a quarter of the allowed excess
+        # Δ over a quarter of the allowed excess (heating_check: Δ/2 ≤ max(2%, min(2 s.e., HEATING_SHARE)) of λ̂)
+        factor = excess / max(min(sem, 0.5 * HEATING_SHARE * abs(llc)), 0.01 * abs(llc))
         if worst is None or factor > worst[0]:
             worst = (factor, excess, llc, sem)
     if worst is None:

@@ -476,12 +476,10 @@ def _split_kwargs(caller: str, kwargs: Mapping[str, Any]) -> tuple[dict, dict]:
 
 
 def _prepare(model: Any, data: Any, loss_fn: Any, caller: str, prep: dict) -> Any:
-    from .target import prepare_target
+    from .target import prepare_target, require_one_dataset
 
     target = prepare_target(model, data, loss_fn, full_data=True, caller=caller, checkpoint_state=True, **prep)
-    if target.groups.D > 1:
-        raise ValueError(f"{caller}: data must be one data set; a mapping of data sets (data-refined runs) is not "
-                         "supported")
+    require_one_dataset(target, caller)
     if not isinstance(target.source, Data):
         raise TypeError(f"{caller}: the data must be in memory (tensors, a Dataset or a finite DataLoader)")
     return target

@@ -47,7 +47,7 @@ from .loop import show_progress
 from .params import ParamSpec
 from .samplers import LocalizedPotential, langevin_step, mala_acceptance
 from .stepsize import power_iteration
-from .target import Target, prepare_target
+from .target import Target, prepare_target, require_one_dataset
 
 __all__ = ["PosteriorDraws", "BasinFractions", "sample_posterior", "basin_fractions", "geometric_ladder"]
 
@@ -105,6 +105,12 @@ class PosteriorDraws:
     def unflatten(self, flat: Tensor) -> dict[str, Tensor]:
         """``(d,)`` flat parameters -> ``{name: tensor}`` shaped like the model's parameters."""
         return self.spec.unflatten(flat)
+
+    def __repr__(self) -> str:  # (the dataclass's repr printed every draw)
+        rungs = 1 if self.rung_draws is None else int(self.rung_draws.shape[0])
+        return (f"PosteriorDraws({self.num_chains} chains × {self.num_draws} draws of {int(self.draws.shape[-1])} "
+                f"parameters, starts {self.init_labels}, {rungs} temperature rung{'s' * (rungs != 1)}, "
+                f"MALA acceptance {float(self.mala_accept.float().mean()):.3g})")
 
 
 @dataclass
@@ -342,6 +348,7 @@ def sample_posterior(
     target = prepare_target(model, data, loss_fn, dtype=dtype, device=device, full_data=True,
                             nbeta=(lambda n: float(n)) if nbeta is None else nbeta,
                             localization=1.0 / sigma**2, caller="slt.sample_posterior")
+    require_one_dataset(target, "slt.sample_posterior")
     nb, gamma, batch = target.nbeta, target.localization, target.full_batch()
     starts, labels = _starts(target, init, init_labels)
     K, d = starts.shape
@@ -497,6 +504,11 @@ def basin_fractions(
     for c in range(C):
         for t in range(T):
             lab = classify(draws.unflatten(arr[c, t]))
+            if isinstance(lab, (Tensor, np.ndarray, np.generic)):  # (a tensor hashes by identity: one label per draw)
+                if (lab.numel() if isinstance(lab, Tensor) else np.size(lab)) != 1:
+                    raise TypeError(f"classify must return one label, got a {type(lab).__name__} of shape "
+                                    f"{tuple(lab.shape)}: return a Python number or string (e.g. int(...))")
+                lab = lab.item()
             try:
                 hash(lab)
             except TypeError:

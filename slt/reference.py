@@ -96,7 +96,7 @@ from .defaults import default_localization, default_nbeta
 from .loop import show_progress
 from .params import ParamSpec
 from .result import LLCResult
-from .target import Target, prepare_target
+from .target import Target, prepare_target, require_one_dataset
 
 __all__ = [
     "NUTS_MAX_PARAMS",
@@ -137,6 +137,7 @@ def _full_target(model: Any, data: Any, loss_fn: Any, dtype: torch.dtype, device
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     target = prepare_target(model, data, loss_fn, dtype=dtype, device=device, full_data=True, nbeta=nbeta,
                             localization=localization, caller=caller)
+    require_one_dataset(target, caller)  # (NUTS would sample the union of the distributions)
     init = float(target.losses(target.w_star)[0])
     if not math.isfinite(init):
         raise ValueError("the loss at w* is NaN or inf; check the model and data")

@@ -72,7 +72,7 @@ from ._runtime import resolve_device, autograd_allowed, user_stacklevel
 
 __all__ = ["Target", "prepare_target", "BatchStream", "train_mode_issues", "is_norm_train_issue",
            "batch_statistics_issue", "random_forward_issue", "fastest_path",
-           "checkpoint_state_differences", "checkpoint_modules", "checkpoint_state_batchable"]
+           "checkpoint_state_differences", "checkpoint_modules", "checkpoint_state_batchable", "require_one_dataset"]
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
 
@@ -1096,7 +1096,45 @@ def _checkpoints(
         elif c is not template:
             _check_module(c, f"checkpoint {k}")
             _same_architecture(c, template, k)
+            _same_function(c, template, k, caller)
     return template, ckpts, is_batch
+
+
+_PLAIN = (bool, int, float, str, type(None))
+
+
+def _same_function(ck: nn.Module, template: nn.Module, k: int, caller: str | None) -> None:
+    """Refuse a checkpoint module whose modules are of other classes than the template's: a batched run
+    evaluates every checkpoint with the template's forward (its modules, the checkpoint's tensors), so a
+    checkpoint of a subclass with its own forward, or a ``Sequential`` with ``ReLU`` where the template has
+    ``Tanh``, ran as the template (helper 35: λ̂ and L(w*) bit for bit the template's, no warning).  Plain
+    attributes (numbers, strings, flags) that differ are warned of when ``caller`` is given: they may choose
+    the forward's path (an activation named in the constructor), which the run takes from the template."""
+    mine, theirs = dict(template.named_modules()), dict(ck.named_modules())
+    differ = [f"{n or 'the module itself'}: {type(theirs[n]).__name__} where the template has {type(m).__name__}"
+              for n, m in mine.items() if n in theirs and type(theirs[n]) is not type(m)]
+    differ += [f"{n}: {type(theirs[n]).__name__}, which the template lacks" for n in theirs if n not in mine]
+    differ += [f"{n}: the template's {type(m).__name__}, which it lacks" for n, m in mine.items() if n not in theirs]
+    if differ:
+        raise ValueError(f"checkpoint {k} is not made of the template's modules ({_names(differ)}); a batched run "
+                         "evaluates every checkpoint with the template's forward (the model or the first checkpoint), "
+                         "its own tensors substituted: estimate it in a call of its own")
+    if caller is None:
+        return
+    attrs = []
+    for n, m in mine.items():
+        a, b = vars(m), vars(theirs[n])
+        for key, v in a.items():
+            if key.startswith("_") or key == "training" or not isinstance(v, _PLAIN) or key not in b:
+                continue
+            w = b[key]
+            if isinstance(w, _PLAIN) and w != v and not (v != v and w != w):
+                attrs.append(f"{n + '.' if n else ''}{key} = {w!r} against the template's {v!r}")
+    if attrs:
+        warnings.warn(f"{caller}: checkpoint {k} differs from the template in attributes ({_names(attrs)}); a batched "
+                      "run evaluates every checkpoint with the template's forward and attributes, its own tensors "
+                      "substituted: if these choose what the forward computes, estimate it in a call of its own",
+                      RuntimeWarning, stacklevel=user_stacklevel())
 
 
 def _same_architecture(ck: nn.Module, template: nn.Module, k: int) -> None:
@@ -1760,6 +1798,15 @@ def _evaluator(
 
 
 @autograd_allowed
+def require_one_dataset(target: Target, caller: str) -> None:
+    """``ValueError`` when ``data`` was a mapping of distributions (:func:`prepare_target` concatenates them into
+    one source): for callers that sample one posterior, where that union would be read silently as the data."""
+    if target.groups.D > 1:
+        raise ValueError(f"{caller}: data must be one data set; a mapping of data sets {target.groups.data_labels} is "
+                         "sampled as one posterior per distribution only by slt.estimate_llc (data-refined LLCs): call "
+                         f"{caller} once per distribution, data=data[label]")
+
+
 def prepare_target(
     model: nn.Module | Sequence[nn.Module] | None,
     data: Any,

@@ -5,6 +5,7 @@ the error messages for bad labels and models, and the train-mode notes (dropout,
 
 from __future__ import annotations
 
+import copy
 import functools
 
 import math
@@ -898,6 +899,41 @@ def test_a_checkpoint_that_would_mix_in_the_templates_state_is_refused_by_name()
     wide = nn.Sequential(nn.Linear(3, 5), nn.Tanh(), nn.Linear(5, 2)).to(F64)
     with pytest.raises(ValueError, match=r"shapes differ: 0.weight \(5, 3\) vs \(4, 3\)"):
         slt.estimate_llc([small, wide], (X, Y), F.mse_loss, **KW)
+    # the same tensors in other modules: the run evaluated every checkpoint with the template's forward, silently
+    # (helper 35: a subclass with its own forward read the template's L(w*) and λ̂ bit for bit)
+    relu = copy.deepcopy(small)
+    relu[1] = nn.ReLU()
+    with pytest.raises(ValueError, match=r"checkpoint 1 is not made of the template's modules \(1: ReLU where the "
+                                         r"template has Tanh\); a batched run evaluates every checkpoint with the "
+                                         r"template's forward"):
+        slt.estimate_llc([small, relu], (X, Y), F.mse_loss, **KW)
+
+    class Sub(nn.Sequential):
+        def forward(self, x):
+            return super().forward(2 * x)
+
+    with pytest.raises(ValueError, match=r"\(the module itself: Sub where the template has Sequential\)"):
+        slt.estimate_llc([small, Sub(*copy.deepcopy(list(small)))], (X, Y), F.mse_loss, **KW)
+
+    class Flag(nn.Module):
+        def __init__(self, act="tanh"):
+            super().__init__()
+            self.act, self.lin = act, nn.Linear(3, 2)
+
+        def forward(self, x):
+            return self.lin(torch.tanh(x) if self.act == "tanh" else torch.relu(x))
+
+    f0 = Flag().to(F64)
+    f1 = copy.deepcopy(f0)
+    f1.act = "relu"
+    with pytest.warns(RuntimeWarning, match=r"checkpoint 1 differs from the template in attributes \(act = 'relu' "
+                                            r"against the template's 'tanh'\)") as rec:
+        slt.estimate_llc([f0, f1], (X, Y), F.mse_loss, **KW)
+    assert len([w for w in rec if "differs from the template in attributes" in str(w.message)]) == 1
+    with warnings.catch_warnings(record=True) as rec:  # the same module twice: nothing to say
+        warnings.simplefilter("always")
+        slt.estimate_llc([f0, copy.deepcopy(f0)], (X, Y), F.mse_loss, **KW)
+    assert not [w for w in rec if "differs from the template" in str(w.message)]
 
     tied = Tied().to(F64)
     sd = tied.state_dict()

@@ -82,6 +82,10 @@ def test_the_heating_finding_fires_when_half_the_excess_exceeds_the_mc_error():
     assert heating_check(1.0, llc=10.0, sem=0.2) is not None  # 0.5 > 0.4 and > 0.2
     assert heating_check(1.0, llc=10.0, sem=0.3) is None  # 0.5 < 0.6: within MC error
     assert heating_check(0.3, llc=30.0, sem=0.01) is None  # 0.15 < 2% of λ̂ = 0.6
+    # a large s.e. does not hide a large bias: Δ/2 beyond HEATING_SHARE (10%) of λ̂ fires whatever the s.e.
+    assert heating_check(1.39, llc=2.68, sem=0.363) is not None  # 0.695 < 2 s.e. = 0.726, but 26% of λ̂
+    assert heating_check(1.9, llc=10.0, sem=1.0) is None  # 0.95 < 2 s.e. and < 10% of λ̂
+    assert heating_check(2.1, llc=10.0, sem=1.0) is not None  # 1.05 > 10% of λ̂
     # the fix named fits the data: a DataLoader's batches are its own (batch_size=None is ignored for it)
     assert "raise batch_size (now 4)" in heating_check(1.0, llc=10.0, sem=0.2, config={"batch_size": 4})
     loader = heating_check(1.0, llc=10.0, sem=0.2, config={"batch_size": 4, "batch_size_rule": "loader"})
@@ -180,7 +184,7 @@ def _stationary_llc(X, nb, eps, B, gamma=1.0):
 
 def test_the_automatic_batch_is_raised_when_heating_fires_and_then_matches_the_closed_form():
     """``batch_size="auto"`` (the default): the run at 256 heats (the finding would fire), so it is repeated
-    once with the batch the rule names — max(2·256, ⌈256·Δ/max(s.e., 1% λ̂)⌉) from the first run's
+    once with the batch the rule names — max(2·256, ⌈256·Δ/max(min(s.e., 5% λ̂), 1% λ̂)⌉) from the first run's
     record — and the repeat matches the closed-form stationary λ̂ of minibatch SGLD at its own batch and ε
     within 4 s.e., with a heating share below the first run's.  A given 256 is kept and flagged.  n = 4·10⁴:
     the excess grows as nβ at a fixed batch (the adapted ε ∝ 1/nβ), here about 40% of λ̂ at 256, far
@@ -191,7 +195,7 @@ def test_the_automatic_batch_is_raised_when_heating_fires_and_then_matches_the_c
     assert cfg["batch_size_rule"] == "auto" and len(cfg["batch_size_raises"]) == 1, cfg["batch_size_raises"]
     up = cfg["batch_size_raises"][0]
     assert up["from"] == 256 and up["localization"] == r.localization
-    want = max(512, math.ceil(256 * up["excess"] / max(up["sem"], 0.01 * abs(up["llc"]))))
+    want = max(512, math.ceil(256 * up["excess"] / max(min(up["sem"], 0.05 * abs(up["llc"])), 0.01 * abs(up["llc"]))))
     assert up["to"] == (None if 2 * want >= X.shape[0] else want) == cfg["batch_size"], (up, want)
     exact = _stationary_llc(X, r.nbeta, r.step_size, cfg["batch_size"])
     assert abs(r.llc_mean - exact) < 4 * r.llc_sem, (r.llc_mean, r.llc_sem, exact)
@@ -244,6 +248,14 @@ def test_the_batch_rule_goes_to_full_batch_caps_the_batch_and_leaves_loaders_alo
     assert raised(None, spec=SimpleNamespace(name="sghmc")) is None
     assert raised(1.0, spec=SimpleNamespace(name="rmsprop_sgld"))["to"] == up["to"]  # frozen metric: its heating
     assert raised(1.0, full=True) is None
+    # chains that disagree (s.e. ≈ 1.8 at λ̂ ≈ 10): Δ = 3 fires through the share arm, and the batch is sized to
+    # bring Δ/2 to a quarter of 10% of λ̂, not of 2 s.e.
+    offsets = 0.5 * torch.randn(C, 1, generator=torch.Generator().manual_seed(1), dtype=F64)
+    trace.loss = loss + offsets
+    tr = 10.0 * trace.loss
+    llc, sem = float(tr.mean()), slt.diagnostics.llc_standard_error(tr.mean(1), tr)[0]
+    assert 2 * sem > 1.5 > 0.1 * llc, (llc, sem)
+    assert raised(3.0)["to"] == max(512, math.ceil(256 * 3.0 / (0.05 * llc)))
 
 
 def test_batch_size_must_be_a_number_none_or_auto():
@@ -268,3 +280,37 @@ def test_frozen_rmsprop_sgld_reports_heating_and_diffusion_and_a_running_one_doe
     assert h_f is not None and running.diagnostics["minibatch_heating"] is None
     assert 0.5 * h_s["excess"] < h_f["excess"] < 10.5 * h_s["excess"], (h_f, h_s)
     assert frozen.diagnostics.get("free_diffusion") is not None and running.diagnostics.get("free_diffusion") is None
+
+
+class _TwoScales(nn.Module):
+    """A regression y = a·x₁ + b·x₂ with a* = 3·10⁴ (λ = d/2 = 1)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Parameter(torch.tensor(3e4, dtype=F64))
+        self.b = nn.Parameter(torch.tensor(0.5, dtype=F64))
+
+    def forward(self, x):
+        return self.a * x[:, 0] + self.b * x[:, 1]
+
+
+def test_a_large_heating_is_named_whatever_the_standard_error():
+    """SGHMC on minibatches (its velocity keeps the gradient noise 1/α steps) of a two-parameter regression,
+    n = 10⁵, float64, 4 chains: the heating check compared half the excess with 2 s.e. only, and the chains'
+    spread (s.e. 14% of λ̂) hid a heating of 52% at the raised batch 1695: λ̂ 2.68 ± 0.36 against λ = 1,
+    "converged" (1.90 ± 0.32 at ε/2, 0.90 ± 0.14 at full batch).  Now the raise is sized to 10% of λ̂ (here
+    it reaches the cap, 4096) and the heating left is named."""
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(100_000, 2, generator=g, dtype=F64)
+    y = 3e4 * X[:, 0] + 0.5 * X[:, 1] + 0.1 * torch.randn(100_000, generator=g, dtype=F64)
+    m = _TwoScales()
+    with torch.no_grad():
+        w = torch.linalg.lstsq(X, y[:, None]).solution[:, 0]
+        m.a.fill_(w[0])
+        m.b.fill_(w[1])
+    r = slt.estimate_llc(m, (X, y), nn.functional.mse_loss, sampler="sghmc", num_chains=4, seed=0, progress=False)
+    heat = r.diagnostics["minibatch_heating"]
+    assert r.config["batch_size_raises"] and r.config["batch_size"] == 4096, r.config["batch_size_raises"]
+    assert heat["fraction"] > 2 * 0.1, heat  # half of it beyond 10% of λ̂
+    assert not r.converged and any("minibatch noise heats the chains" in s for s in r.convergence_reasons), \
+        r.convergence_reasons

@@ -175,10 +175,18 @@ def test_basin_fractions_on_hand_made_draws():
     flip = torch.tensor([[1.0, -1.0, 1.0, -1.0], [-1.0, 1.0, 1.0, 1.0]], dtype=torch.float64)
     one = PosteriorDraws(flip.unsqueeze(-1), torch.zeros(2, 4), torch.tensor([0, 0]), ["a"], spec, torch.ones(2))
     assert basin_fractions(one, lambda p: int(p["w"][0] > 0)).mixed  # one group that keeps switching
+    assert repr(d) == "PosteriorDraws(3 chains × 4 draws of 1 parameters, starts ['a', 'b'], 1 temperature rung, MALA acceptance 1)"
     frame = bf.to_frame()
     assert set(frame["phase"]) == {0, 1} and "fraction[a]" in frame.columns
     with pytest.raises(TypeError, match="hashable"):
         basin_fractions(d, lambda p: [1])
+    # a label returned as a tensor (hashable by identity: every draw its own label; helper 35 saw an AttributeError
+    # deep in the statistics) or a NumPy scalar is read as its value; a tensor of several values is refused
+    for as_label in (lambda v: v > 0, lambda v: (v > 0).long(), lambda v: (v > 0).numpy(), lambda v: np.int64(v > 0)):
+        tb = basin_fractions(d, lambda p: as_label(p["w"][0]))
+        assert tb.fraction(1) == bf.fraction(1) == pytest.approx(0.5) and len(tb.to_frame()) == 2
+    with pytest.raises(TypeError, match=r"one label, got a Tensor of shape \(2,\)"):
+        basin_fractions(d, lambda p: torch.ones(2))
     with pytest.raises(ValueError, match="rung"):
         basin_fractions(d, lambda p: 1, rung=1)
     with pytest.raises(TypeError, match="PosteriorDraws"):

@@ -409,3 +409,29 @@ def test_restrictions_on_a_model_that_adds_activations_in_place_run_batched():
     for label in ("attn", "mlp"):  # nβ (L_n(w) − L_n(w*)): float32 sums over 128 samples of 8-wide layers
         tol = fp_tol(torch.float32, scale=kw["nbeta"] * float(lp[label].loss_trace.abs().max()), terms=128 * 8)
         assert torch.allclose(vm[label].llc_trace, lp[label].llc_trace, atol=tol, rtol=0)
+
+
+def test_functions_of_one_posterior_refuse_a_mapping_of_distributions():
+    """``prepare_target`` concatenates a mapping ``{label: dataset}`` into one source (estimate_llc then samples
+    one posterior per distribution).  ``nuts_llc`` and ``sample_posterior`` took that union as their data
+    silently (helper 35: NUTS on {"a": 200 rows, "b": their first 50} read λ̂ 2.52, bit for bit NUTS on the
+    concatenation, against 1.88 on "a"); they now refuse it before sampling, as ``bif``/``loss_kernel`` do."""
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(200, 3, generator=g)
+    Y = X @ torch.randn(3, 1, generator=g) + 0.1 * torch.randn(200, 1, generator=g)
+    m = nn.Linear(3, 1)
+    data = {"a": (X[:100], Y[:100]), "b": (X[100:], Y[100:])}
+    calls = {"slt.sample_posterior": lambda: slt.sample_posterior(m, data, F.mse_loss, prior_std=1.0, num_draws=4,
+                                                                   num_burnin=4),
+             "slt.bif": lambda: slt.bif(m, data, F.mse_loss, num_chains=2, num_draws=4, progress=False),
+             "slt.loss_kernel": lambda: slt.loss_kernel(m, data, F.mse_loss, num_chains=2, num_draws=4, progress=False)}
+    try:
+        import pyro  # noqa: F401
+        calls["slt.nuts_llc"] = lambda: slt.nuts_llc(m, data, F.mse_loss, nbeta=30.0, num_chains=1, num_draws=4,
+                                                     num_warmup=4)
+    except ImportError:
+        pass
+    for caller, call in calls.items():
+        with pytest.raises(ValueError, match=rf"{caller}: data must be one data set; a mapping of data sets "
+                                             r"\['a', 'b'\] .* once per distribution, data=data\[label\]"):
+            call()

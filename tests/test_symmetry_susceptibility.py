@@ -1,5 +1,6 @@
 """LLC susceptibility: covariance estimator vs closed form vs finite differences (fast tier)."""
 
+import copy
 import math
 
 import pytest
@@ -7,7 +8,8 @@ import torch
 
 import slt
 from slt.models import ABSquaredGaussian, GaussianLocation
-from slt.symmetry import Reflection, llc_finite_difference, llc_susceptibility, symmetrize
+from slt.symmetry import Reflection, llc_finite_difference, llc_susceptibilities, llc_susceptibility, symmetrize
+from slt.symmetry.susceptibility import full_data_loss
 
 from conftest import F64, IGNORE_RUNTIME_WARNINGS
 
@@ -141,3 +143,18 @@ def test_susceptibility_bad_input():
     s = hypercube_support(2, dtype=F64)
     with pytest.raises(ValueError, match="cannot be evaluated on q1"):
         llc_susceptibility(e, s, s * 0.5, 0.5, **kw)
+
+
+def test_susceptibilities_sample_in_the_models_precision_by_default():
+    """``dtype`` defaulted to float32 in the susceptibility and decomposition functions, so a float64 model was
+    sampled in float32 with no note (helper 35: the same digits as the float32 model's run); now ``None``, the
+    model's precision, as ``estimate_llc``: a float64 model runs in float64, a float32 one in float32."""
+    x0, x1, m = _quadratic_setup(n=100)
+    kw = dict(num_chains=2, num_draws=20, batch_size=None, localization=1.0, seed=0, progress=False)
+    for model, want in ((m, "float64"), (copy.deepcopy(m).float(), "float32")):
+        assert llc_susceptibility(model, x0, x1, 0.0, **kw).llc.config["dtype"] == want
+        assert llc_susceptibilities(model, x0, [x1], **kw)[0].llc.config["dtype"] == want
+        fd = llc_finite_difference(model, x0, x1, [0.0, 1.0], degree=1, **kw)
+        assert {r.config["dtype"] for r in fd.results} == {want}
+        star = {n: p.detach().unsqueeze(0) for n, p in model.named_parameters()}
+        assert full_data_loss(model, x0)(star).dtype == getattr(torch, want)

@@ -730,7 +730,7 @@ def estimate_subset(
     orbit_samples: int | None = None,
     symmetrize_seed: int = 0,
     seed: int = 0,
-    dtype: torch.dtype = torch.float32,
+    dtype: torch.dtype | None = None,
     **llc_kwargs: Any,
 ) -> SubsetEstimate:
     r""":math:`\hat\lambda(S)` for one subset :math:`S`: one cell of :func:`decompose`.
@@ -904,7 +904,7 @@ def decompose(
     symmetrize_seed: int = 0,
     seed: int = 0,
     z: float = 3.0,
-    dtype: torch.dtype = torch.float32,
+    dtype: torch.dtype | None = None,
     **llc_kwargs: Any,
 ) -> LLCDecomposition:
     r"""λ̂ on every symmetrization :math:`q_S` of ``data`` and its Möbius inversion.
@@ -952,7 +952,8 @@ def decompose(
     z
         Threshold for :attr:`LLCDecomposition.distinguishable`.
     dtype
-        Sampling dtype.
+        Sampling dtype; ``None`` (default): the model's precision, as :func:`slt.estimate_llc` (float32 before
+        session 44 whatever the model's).
     **llc_kwargs
         Passed to :func:`slt.estimate_llc` (``num_chains``, ``num_draws``,
         ``localization``, ``step_size``, ``batch_size``, ...).

@@ -65,7 +65,7 @@ from ..data import Data
 from ..engine import default_nbeta, estimate_llc
 from ..params import ParamSpec
 from ..result import LLCResult
-from ..target import prepare_target
+from ..target import prepare_target, resolve_dtype
 from .operations import _check_compatible, _check_t, as_data, mix
 
 __all__ = [
@@ -85,7 +85,7 @@ _L0, _L1 = "loss_q0", "loss_q1"
 # ----------------------------------------------------------------------------
 def full_data_loss(
     model: nn.Module, data: Any, loss_fn: Callable[[Tensor, Tensor], Tensor] | None = None,
-    *, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
+    *, dtype: torch.dtype | None = None, device: torch.device | str = "cpu",
 ) -> Callable[[Mapping[str, Tensor]], Tensor]:
     r"""An engine observable computing the full-data (weighted) loss :math:`L_q(w)`.
 
@@ -98,7 +98,7 @@ def full_data_loss(
     loss_fn
         Mean loss; default ``model.default_loss``.
     dtype, device
-        Those the engine samples in.
+        Those the engine samples in (``dtype=None``: the model's precision, as :func:`slt.estimate_llc`).
 
     Returns
     -------
@@ -106,6 +106,7 @@ def full_data_loss(
         ``f(params) -> (C,)`` with ``params`` a mapping ``name -> (C, *shape)``
         (the engine's ``observables`` convention).
     """
+    dtype = resolve_dtype(dtype, model)[0]
     target = prepare_target(model, as_data(data), _resolve_loss(model, loss_fn), dtype=dtype, device=device,
                             nbeta=1.0, caller="slt.symmetry")  # (nβ unused)
     spec, batch = target.spec, target.full_batch()
@@ -231,16 +232,17 @@ class SusceptibilityResult:
 
 def _prepare(
     model: nn.Module, q0: Any, q1s: Sequence[tuple[Any, str]], loss_keys: Sequence[str], loss_fn: Any,
-    observables: Mapping[str, Any] | None, nbeta: float | None, num_blocks: int, dtype: torch.dtype,
-) -> tuple[Any, int, Data, list[Data], dict[str, Any], float]:
+    observables: Mapping[str, Any] | None, nbeta: float | None, num_blocks: int, dtype: torch.dtype | None,
+) -> tuple[Any, int, Data, list[Data], dict[str, Any], float, torch.dtype]:
     """Checks shared by :func:`llc_susceptibility` and :func:`llc_susceptibilities`.
 
     ``q1s``: ``(data, name)`` pairs (the name is used in error messages); ``loss_keys``: the
     observable names reserved for the full-data losses on the ``q1s`` (besides ``loss_q0``).
-    Returns ``(loss_fn, num_blocks, d0, d1s, observables, nβ)``.
+    Returns ``(loss_fn, num_blocks, d0, d1s, observables, nβ, dtype)`` (``dtype=None``: the model's precision).
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    dtype = resolve_dtype(dtype, model)[0]
     num_blocks = check_int("num_blocks", num_blocks, 1)
     loss_fn = _resolve_loss(model, loss_fn)
     d0 = as_data(q0, "q0")
@@ -257,7 +259,7 @@ def _prepare(
         if not callable(f):
             raise TypeError(f"observable {k!r} must be callable")
     nb = check_real("nbeta", default_nbeta(d0.n) if nbeta is None else nbeta, positive=True)
-    return loss_fn, num_blocks, d0, d1s, obs, nb
+    return loss_fn, num_blocks, d0, d1s, obs, nb, dtype
 
 
 @autograd_allowed
@@ -271,7 +273,7 @@ def llc_susceptibility(
     observables: Mapping[str, Callable[[Mapping[str, Tensor]], Tensor]] | None = None,
     nbeta: float | None = None,
     num_blocks: int = 4,
-    dtype: torch.dtype = torch.float32,
+    dtype: torch.dtype | None = None,
     **llc_kwargs: Any,
 ) -> SusceptibilityResult:
     r"""Quenched LLC susceptibility :math:`d\hat\lambda/dh` at :math:`q_h` from one set of draws.
@@ -305,7 +307,8 @@ def llc_susceptibility(
     num_blocks
         Blocks per chain for the batch-means error.
     dtype
-        Sampling dtype.
+        Sampling dtype; ``None`` (default): the model's precision, as :func:`slt.estimate_llc` (a float64 model
+        runs in float64; before session 44 these functions ran every model in float32).
     **llc_kwargs
         Passed to :func:`slt.estimate_llc` (``num_chains``, ``num_draws``,
         ``step_size``, ``localization``, ``batch_size``, ``seed``, ...).
@@ -315,7 +318,7 @@ def llc_susceptibility(
     SusceptibilityResult
     """
     h = _check_t(h, "h")
-    loss_fn, num_blocks, d0, (d1,), obs, nb = _prepare(
+    loss_fn, num_blocks, d0, (d1,), obs, nb, dtype = _prepare(
         model, q0, [(q1, "q1")], [_L1], loss_fn, observables, nbeta, num_blocks, dtype
     )
     device = llc_kwargs.get("device", "cpu")
@@ -370,7 +373,7 @@ def llc_susceptibilities(
     observables: Mapping[str, Callable[[Mapping[str, Tensor]], Tensor]] | None = None,
     nbeta: float | None = None,
     num_blocks: int = 4,
-    dtype: torch.dtype = torch.float32,
+    dtype: torch.dtype | None = None,
     **llc_kwargs: Any,
 ) -> list[SusceptibilityResult]:
     r""":func:`llc_susceptibility` at :math:`h = 0` towards several :math:`q_1`, from *one* set of draws.
@@ -394,7 +397,7 @@ def llc_susceptibilities(
     """
     named = [(q, f"q1s[{k}]") for k, q in enumerate(q1s)]
     keys = [f"{_L1}[{k}]" for k in range(len(named))]
-    loss_fn, num_blocks, d0, d1s, obs, nb = _prepare(
+    loss_fn, num_blocks, d0, d1s, obs, nb, dtype = _prepare(
         model, q0, named, keys, loss_fn, observables, nbeta, num_blocks, dtype
     )
     device = llc_kwargs.get("device", "cpu")
@@ -469,7 +472,7 @@ def llc_finite_difference(
     nbeta: float | None = None,
     train_fn: Callable[[nn.Module, Data], Any] | None = None,
     train_kwargs: Mapping[str, Any] | None = None,
-    dtype: torch.dtype = torch.float32,
+    dtype: torch.dtype | None = None,
     **llc_kwargs: Any,
 ) -> FiniteDifferenceResult:
     r"""λ̂ along :math:`q_h = (1-h) q_0 + h q_1` and its finite-difference derivative.
@@ -507,6 +510,7 @@ def llc_finite_difference(
         raise ValueError(f"mode must be 'quenched' or 'retrained', got {mode!r}")
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    dtype = resolve_dtype(dtype, model)[0]
     try:
         hl = [_check_t(h, "h") for h in hs]
     except TypeError:

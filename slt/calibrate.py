@@ -175,4 +175,13 @@ def calibrate(
     # the largest ε such that it and every smaller ε are stable
     run = ok.cummin()
     best = float(run[run].index.max()) if run.any() else None
+    if best is not None and frame["converged"].astype(bool).any():  # (none converged: warned above)
+        below = frame[frame["step_size"] <= best]
+        loose = below[~below["converged"].astype(bool)]
+        if len(loose):
+            warnings.warn(f"slt.calibrate: best_step_size {best:.3g} was judged stable against {len(loose)} grid "
+                          f"point(s) at or below it that had not converged (R-hat up to {loose['rhat'].max():.3g}; "
+                          "smaller steps mix less in the same draws): their λ̂ carry large errors, so the comparison "
+                          "has little power there; raise num_draws (or num_chains) and check those rows' converged "
+                          "column", RuntimeWarning, stacklevel=user_stacklevel())
     return CalibrationResult(frame, best, other_name)

@@ -176,3 +176,33 @@ def test_results_frame_and_llc_curve_of_a_batched_call(tmp_path):
     plt.close(slt.plot_llc_curve(one))
     with pytest.raises(TypeError, match="results_frame takes what slt.estimate_llc returns"):
         slt.results_frame([1.0])
+
+
+def test_calibrate_says_when_its_best_step_was_compared_with_unsettled_runs(monkeypatch):
+    """Smaller steps mix less in the same draws, so the grid's small-ε points are often unsettled (helper 35:
+    R-hat 1.62 and 1.45 below a converged 2ε̂), and their large s.e. makes "stable" pass with little power.
+    The recommendation stands, and a warning names the rows (stubbed runs: λ̂ 3 everywhere, the small step's
+    chains disagreeing)."""
+    import importlib
+
+    from slt.result import LLCResult
+
+    cal_mod = importlib.import_module("slt.calibrate")  # (the package's attribute of that name is the function)
+
+    C, T = 4, 400
+    g = torch.Generator().manual_seed(0)
+
+    def fake(model, data, loss_fn, *, step_size, nbeta=None, **kw):
+        spread = 0.3 if step_size < 1e-3 else 0.0  # the small step's chains sit apart: R-hat ≫ 1.1
+        loss = 0.3 + spread * torch.randn(C, 1, generator=g) + 0.02 * torch.randn(C, T, generator=g)
+        return LLCResult.from_traces(loss.double(), torch.zeros(C, T, dtype=torch.float64), nbeta=10.0, init_loss=0.0,
+                                     step_size=step_size, localization=1.0, sampler="sgld",
+                                     config={"num_burnin": 50, "num_draws": T, "step_size": step_size})
+
+    monkeypatch.setattr(cal_mod, "estimate_llc", fake)
+    with pytest.warns(RuntimeWarning, match=r"best_step_size 0.002 was judged stable against 1 grid point\(s\) at or "
+                                            r"below it that had not converged \(R-hat up to"):
+        cal = slt.calibrate(None, None, None, step_sizes=[1e-4, 2e-3], nbeta=10.0, num_chains=C, num_draws=T)
+    f = cal.frame.set_index("step_size")
+    assert cal.best_step_size == 2e-3 and not f.loc[1e-4, "converged"] and f.loc[2e-3, "converged"]
+    assert f.loc[1e-4, "rhat"] > 1.1

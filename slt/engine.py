@@ -64,7 +64,7 @@ from .evaluator import ChainEvaluator, fused_summary
 from .groups import Groups
 from .loop import Divergence, Trace, run_chains, show_progress
 from .result import (FALLBACK_NAMES, HEATING_SHARE, PRECISION_SHARE, UNSETTLED, LLCResult, _halving_gap, equilibrium_checks, heating_check,
-                     precision_problem)
+                     precision_problem, resolution_problem)
 from .rng import ChainRNG
 from .samplers import SAMPLERS, LocalizedPotential, SamplerSpec, build_sampler, resolve_sampler
 from .samplers.base import column_chunks, rowsum64
@@ -247,7 +247,9 @@ def estimate_llc(
         run at ε/2 with the same steps and seeds gives the same λ̂ within Monte-Carlo error (the in-run
         halving estimate assumes SGLD's dynamics in a metric fixed from w*).  ``config["sampler_fallback"]``
         says what was tried and why (``["tried"]``, one record per sampler); ``config["sampler"]`` is the
-        sampler of the returned draws.  At full batch, where SGLD's burn-in at the last γ (above 1) would
+        sampler of the returned draws.  With ``"auto"`` the ``sampler_kwargs`` are SGLD's (a key it does not
+        take is refused); a fallback takes those of them it accepts (``config["sampler_kwargs"]`` records what
+        the returned draws' sampler got).  At full batch, where SGLD's burn-in at the last γ (above 1) would
         exceed :data:`slt.defaults.SGHMC_FIRST_BURNIN` times the draws' steps (5/(εγ) at its adapted ε),
         SGHMC runs first there, and SGLD (with that burn-in) and RMSProp-SGLD only if it does not settle
         (``config["sampler_fallback"]["first"]``: SGLD's ε, burn-in and draws' steps).  Neither is the first choice
@@ -706,6 +708,10 @@ class Sampling:
                 config["restricted_params"] = int(masks[g // target.groups.D % target.groups.M].sum())
             if target.groups.parts is not None:  # data-refined: the size of this group's own distribution
                 config["n"] = int(target.groups.parts[g % target.groups.D].support)
+            mask = None if masks is None else masks[g // target.groups.D % target.groups.M]
+            coarse = resolution_problem(target.w_star[labels["checkpoint"]], eps_g, self.sampler, target.dtype, mask)
+            if coarse:  # (a reason for converged = False, warned with the others)
+                notes.append(coarse)
             out.append(LLCResult.from_traces(
                 tr.loss, tr.star, nbeta=target.nbeta, init_loss=float(init[g]), step_size=eps_g,
                 localization=target.localization, sampler=self.sampler, burnin=tr.burnin, observables=tr.observables,
@@ -834,17 +840,21 @@ def sample_target(
         num_threads = check_int("num_threads", num_threads, 1)
     slopes: dict[int | None, Tensor | None] = {}  # the slope at w* by batch size, shared by this call's runs
 
+    first_spec = spec
+
     def run_once(target: Any, batch_size: int | None, choose: str | None, spec: SamplerSpec = spec,
                  fixed: tuple[Tensor | float, int, int] | None = None, defer_costly: bool = False) -> dict[str, Any]:
         """One run (:func:`_run_at`) with this call's settings; ``fixed = (ε, num_steps, num_burnin)``: a
         check run at that step and length instead, without observables or the estimator's hooks."""
+        # sampler="auto": sampler_kwargs are SGLD's (check_sampler_kwargs); a fallback takes those it accepts
+        kw_s = kw if spec is first_spec else {k: v for k, v in kw.items() if spec.accepts(k)}
         if fixed is None:
-            return _run_at(target, rows, spec, rule, step_size, kw, C, num_steps, num_burnin, burnin_auto, n_adapt,
+            return _run_at(target, rows, spec, rule, step_size, kw_s, C, num_steps, num_burnin, burnin_auto, n_adapt,
                            num_steps_bw_draws, batch_size, control_variate, shared_batches, mala_every,
                            target_accept, thresh, num_threads, observables, on_draw, on_start, choose, progress,
                            t_setup, slopes, final_level=target.localization >= gammas[-1], defer_costly=defer_costly)
         eps, steps, burnin = fixed
-        return _run_at(target, rows, spec, "given", eps, kw, C, steps, burnin, False, 0, num_steps_bw_draws,
+        return _run_at(target, rows, spec, "given", eps, kw_s, C, steps, burnin, False, 0, num_steps_bw_draws,
                        batch_size, control_variate, shared_batches, mala_every, target_accept, thresh,
                        num_threads, None, None, None, choose, progress, t_setup)
 
@@ -1611,9 +1621,13 @@ def check_sampler_kwargs(sampler: Any, sampler_kwargs: Mapping[str, Any] | None)
             raise ValueError(f"sampler_kwargs[{key!r}] is not the sampler's to take: {fix}")
         if key not in params:
             close = difflib.get_close_matches(str(key), takes, n=1)
+            auto = isinstance(sampler, str) and sampler.lower() == "auto"
             raise ValueError(f"sampler_kwargs[{key!r}]: the {spec.name} sampler takes no such argument"
                              + (f" (did you mean {close[0]!r}?)" if close else "")
-                             + f"; it takes {', '.join(takes) or 'none'}")
+                             + f"; it takes {', '.join(takes) or 'none'}"
+                             + (" (sampler='auto' starts with SGLD and gives a fallback sampler those of its keys "
+                                "the fallback takes: to set another sampler's arguments, name it, e.g. "
+                                "sampler='sghmc', or pass slt.samplers.sghmc(friction=...))" if auto else ""))
 
 
 def _check_flags(control_variate, shared_batches, raise_on_divergence, extend_draws, check_halving,

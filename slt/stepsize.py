@@ -681,7 +681,7 @@ def adapt_step_size(
             extended, restart = extended + 1, None
         t += 1
         eps_rows = da.step_size.to(dtype).repeat_interleave(C).unsqueeze(1)
-        smp = spec.bind(potential, eps_rows, **mala, **sampler_kwargs)
+        smp = spec.bind(potential, eps_rows, **{**sampler_kwargs, **mala})  # (its own MALA reuse: the acceptance only)
         fresh[t - 1] = not reuse or getattr(state, "cache", None) is None  # full batch: always the same batch
         batch, star = current = next_batch(batches, state, current)
         state, info = smp.step(state, batch, rng)

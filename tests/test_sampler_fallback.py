@@ -101,6 +101,30 @@ def test_then_to_frozen_rmsprop_sgld_when_sghmc_does_not_settle_either(forced):
     assert "then with RMSProp-SGLD (preconditioner frozen after burn-in), which settled: these are its draws" in text
 
 
+def test_a_fallback_takes_the_sampler_kwargs_it_accepts(forced):
+    """``sampler="auto"`` with ``sampler_kwargs`` are SGLD's: the fallback got them all and failed after the
+    SGLD ladder had run (helper 34: ``sghmc() got an unexpected keyword argument 'reuse_batch'``).  A fallback now
+    takes those it accepts (recorded in its config); a key SGLD does not take is refused up front, naming how to
+    set another sampler's arguments; and SGLD's own ``reuse_batch`` on minibatches no longer crashes the step-size
+    adaptation, which passed its own beside it ("got multiple values for keyword argument 'reuse_batch'")."""
+    forced({"sgld", "sghmc"})
+    m, data = _job()
+    r = slt.estimate_llc(m, data, F.mse_loss, sampler_kwargs={"reuse_batch": False}, **KW)
+    assert r.sampler == "rmsprop_sgld" and [t["sampler"] for t in r.config["sampler_fallback"]["tried"]] == [
+        "sghmc", "rmsprop_sgld"]
+    assert r.config["sampler_kwargs"]["reuse_batch"] is False  # (RMSProp-SGLD takes it; SGHMC ran without it)
+    with pytest.raises(ValueError, match=r"sampler_kwargs\['friction'\]: the sgld sampler takes no such argument.*"
+                                         r"sampler='auto' starts with SGLD .* sampler='sghmc'"):
+        slt.estimate_llc(m, data, F.mse_loss, sampler_kwargs={"friction": 0.1}, **KW)
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(600, 3, generator=g, dtype=F64)
+    Y = X.sum(1, keepdim=True) + 0.3 * torch.randn(600, 1, generator=g, dtype=F64)
+    for reuse in (True, False):
+        r = slt.estimate_llc(m, (X, Y), F.mse_loss, sampler="sgld", batch_size=64,
+                             sampler_kwargs={"reuse_batch": reuse}, **KW)
+        assert r.config["sampler_kwargs"] == {"reuse_batch": reuse}
+
+
 def test_on_minibatches_sghmc_is_not_tried():
     """Minibatch noise heats SGHMC 1/α times more than SGLD: a minibatch run falls back to RMSProp-SGLD."""
     from slt.engine import _fallback_samplers

@@ -197,6 +197,45 @@ def test_rounding_read_as_jumps_is_named_as_the_cause():
     assert jumps and all("Here the jumps are likely rounding: float32 cannot resolve this loss" in j for j in jumps)
 
 
+def test_steps_below_the_dtypes_spacing_at_w_star_are_named():
+    """A parameter at 3·10⁴ in float32 has a spacing (one ulp) of 0.00195: a step that moves it by less rounds
+    away (SGLD +17% at half an ulp, SGHMC 0.56 for λ = 1, converged).  ``resolution_problem`` compares the
+    step's move (√ε for SGLD, √(ε/2) for SGHMC's velocity) with the spacing of each coordinate the chains move,
+    and a run where it is too small is not converged, the cause named; float64 resolves the same step."""
+    from slt.result import resolution_problem
+
+    w = torch.tensor([3e4, 0.5])
+    ulp = 2.0 ** (14 - 23)  # float32 spacing in [2¹⁴, 2¹⁵)
+    assert resolution_problem(w, (0.99 * ulp) ** 2, "sgld", torch.float32).startswith(
+        "float32 cannot resolve the chains' steps in 1 of 2 coordinates: at |w*| up to 3e+04 one float32 spacing is "
+        "0.00195, more than a step's move")
+    assert resolution_problem(w, (1.01 * ulp) ** 2, "sgld", torch.float32) is None
+    assert resolution_problem(w, 2 * (0.99 * ulp) ** 2, "sghmc", torch.float32) is not None  # velocity √(ε/2)
+    assert resolution_problem(w, 2 * (1.01 * ulp) ** 2, "sghmc", torch.float32) is None
+    assert resolution_problem(w, 1e-12, "sgld", torch.float64) is None
+    assert resolution_problem(w, 1e-12, "rmsprop_sgld", torch.float32) is None  # a preconditioned step: not judged
+    assert resolution_problem(w, 1e-12, "sgld", torch.float32, mask=torch.tensor([False, True])) is None
+
+    class TwoScales(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Parameter(torch.tensor(3e4)), nn.Parameter(torch.tensor(0.5))
+
+        def forward(self, x):
+            return self.a * x[:, 0] + self.b * x[:, 1]
+
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(2000, 2, generator=g)
+    y = 3e4 * X[:, 0] + 0.5 * X[:, 1] + 0.1 * torch.randn(2000, generator=g)
+    kw = dict(step_size=1e-6, batch_size=None, num_chains=2, num_draws=50, localization=1.0, seed=0, progress=False,
+              check_halving=False, extend_draws=False)
+    with pytest.warns(RuntimeWarning, match="float32 cannot resolve the chains' steps in 1 of 2 coordinates"):
+        r = slt.estimate_llc(TwoScales(), (X, y), F.mse_loss, **kw)
+    assert not r.converged and any("cannot resolve the chains' steps" in c for c in r.convergence_reasons)
+    r64 = slt.estimate_llc(TwoScales().double(), (X.double(), y.double()), F.mse_loss, **kw)
+    assert not any("cannot resolve the chains' steps" in c for c in r64.convergence_reasons)
+
+
 def test_sghmc_with_full_friction_is_sgld():
     """friction = 1 forgets the velocity every step: v = -ε/2 ∇U + √ε ξ, w' = w + v, i.e. SGLD."""
     P = torch.tensor([0.5, 1.0, 3.0], dtype=F64)

@@ -47,7 +47,7 @@ from .params import ParamSpec
 from ._rnn import CELL_CLASSES, RECURRENT_CLASSES, cell_forward, recurrent_forward, unrolled_cell_forward, unrolled_forward
 from ._runtime import is_batched, vmapped_block
 
-__all__ = ["ChainEvaluator", "choose_path", "PATH_REASONS", "validate_model_and_loss", "check_gradients_reach", "check_padding_rows", "gradient_mismatch_issue", "probe_batch", "to_device",
+__all__ = ["ChainEvaluator", "choose_path", "PATH_REASONS", "validate_model_and_loss", "check_gradients_reach", "check_padding_rows", "gradient_mismatch_issue", "saturation_issue", "probe_batch", "to_device",
            "call_module", "module_aliases", "describe", "resolve_autocast", "AUTOCAST_DTYPES",
            "fused_activations", "fused_summary", "FUSED_FORWARDS", "FUSE_ENV"]
 
@@ -1701,8 +1701,9 @@ def gradient_mismatch_issue(model: nn.Module, spec: ParamSpec, adapter: LossAdap
                     return None
                 top = max(abs(f1), abs(f2), abs(ad))
                 noise = 64 * torch.finfo(w.dtype).eps * abs(float(loss)) / steps[1]
-                if not top > noise or abs(f1 - f2) > GRADIENT_SMOOTH * top:
-                    continue  # too small to tell, or not smooth over the step
+                if not top > noise or abs(f1 - f2) > GRADIENT_SMOOTH * top or f1 == f2 == 0.0:
+                    continue  # too small to tell, not smooth over the step, or a loss that did not change at all
+                    # (saturated: cross-entropy on separable data rounds to 0, where 1e-20 against 0 is no mismatch)
                 gap = abs(f2 - ad) / top
                 if gap > GRADIENT_MISMATCH and (worst is None or gap > worst[0]):
                     worst = (gap, f2, ad)
@@ -1715,6 +1716,59 @@ def gradient_mismatch_issue(model: nn.Module, spec: ParamSpec, adapter: LossAdap
             "of forward under .detach() or torch.no_grad() while the rest gets a gradient, a custom "
             "torch.autograd.Function whose backward is not the derivative of its forward, a straight-through "
             "estimator; remove the detach/no_grad, or freeze the parameters involved (p.requires_grad_(False))")
+
+
+#: :func:`saturation_issue`: the relative scaling of every parameter, and the fall of the loss under it that names
+#: a saturated loss (cross-entropy on separable data: e^{-margin} falls by about e^{-0.05·margin}, 63% at margin 20)
+SATURATION_SCALE, SATURATION_FALL = 0.05, 0.5
+#: :func:`saturation_issue` judges a loss at w* at most this (float32's eps, whatever the run's dtype: a mean
+#: cross-entropy of 1e-7 is margins of 16 and more, where float32 rounds it to 0)
+SATURATED_LOSS = float(torch.finfo(torch.float32).eps)
+
+
+def saturation_issue(model: nn.Module, spec: ParamSpec, adapter: LossAdapter, probe: Batch, w: Tensor) -> str | None:
+    r"""A note when the loss at w* is saturated rather than minimal, or ``None``.
+
+    Cross-entropy on data the model separates has no minimum at finite weights: it falls toward 0 as the weights
+    grow, and a trained w* reads L(w*) ≈ 0 (0.0 exactly in float32) with a gradient that underflows, so the slope
+    check and the gradient checks see nothing (helper 34: a 10-4-2 tanh MLP on separable labels read λ̂ 2.77,
+    "converged", at L(w*) = 0).  Where the probe rows' loss at w* is at most :data:`SATURATED_LOSS` (float32
+    rounds it to 0), on a float64 copy (up to :data:`GRADIENT_CHECK_FLOAT64_MAX` parameters) the loss at
+    :math:`(1 + s)w^*`, s = :data:`SATURATION_SCALE`, is compared with that at w*: a fall by more than
+    :data:`SATURATION_FALL` of it is the note (at a minimum the loss rises in every direction; a scale-invariant
+    network, normalised after each layer, keeps it).  Interpolating classifiers short of that (L(w*) of 1e-3 to
+    1e-5, margins a scaling moves by a few percent) are not judged: their loss still resolves the chains' moves."""
+    if w.numel() > GRADIENT_CHECK_FLOAT64_MAX:
+        return None
+    x, y = probe.x, probe.y
+    try:  # saturated in the run's precision: the loss at w* rounds to (near) 0
+        with torch.no_grad(), _probe_losses(model, adapter, x, y, [w]) as loss_at:
+            own = float(loss_at(spec.unflatten(w.detach())))
+    except Exception:  # noqa: BLE001 - the other checks report what fails
+        return None
+    if not (abs(own) <= SATURATED_LOSS):
+        return None
+    try:
+        from .target import module_to
+
+        model = module_to(copy.deepcopy(model), w.device, torch.float64)
+        x, y = (_map(lambda t: t.double() if t.is_floating_point() else t, v) for v in (x, y))
+    except Exception:  # noqa: BLE001 - a model that does not copy: not judged
+        return None
+    base = spec.unflatten(w.detach().double())
+    try:
+        with torch.no_grad(), _probe_losses(model, adapter, x, y, base.values()) as loss_at:
+            at = float(loss_at(base))
+            scaled = float(loss_at({n: (1 + SATURATION_SCALE) * v for n, v in base.items()}))
+    except Exception:  # noqa: BLE001 - the other checks report what fails
+        return None
+    if not (math.isfinite(at) and math.isfinite(scaled) and at > 0 and scaled < (1 - SATURATION_FALL) * at):
+        return None
+    return (f"w* is not a minimum: the loss saturates. Scaling every parameter by {1 + SATURATION_SCALE:g} lowers the "
+            f"loss of the set-up's probe samples from {at:.3g} to {scaled:.3g} (float64), so it keeps falling as "
+            "the weights grow: a loss whose infimum lies at infinite weights (cross-entropy on data the model "
+            "separates reaches 0 only there), where λ̂ measures no minimum. Regularise the loss you train and "
+            "estimate (weight decay, label smoothing, or noisy labels) and train to its minimum")
 
 
 def _refuse_nonfinite_gradients(params: Mapping[str, Tensor], grads: Sequence[Tensor | None], loss: Tensor) -> None:

@@ -199,6 +199,9 @@ class LLCResult:
         coarse = precision_finding(nbeta, init_loss, loss.dtype, mean, sem, dims)
         if coarse is not None:
             warn_list.append(coarse)
+        beyond = above_half_dims(mean, sem, dims) if slope_check else None  # (data-refined: w* need not be minimal)
+        if beyond is not None:
+            warn_list.append(beyond)
         given = given_step_finding(mala_mean, step_size, config) if mala is not None else None
         if given is not None:
             warn_list.append(given)
@@ -830,6 +833,29 @@ def resolution_problem(w_star: Tensor, step_size: float, sampler: str | None, dt
             f"{s:.3g} ({'√ε' if scale == 1.0 else 'SGHMC velocity √(ε/2)'}), so those coordinates move by rounding, "
             "which biases λ̂ (an SGHMC run read 0.56 for λ = 1); pass dtype=torch.float64, or rescale those "
             "parameters (standardise the targets or features they scale)")
+
+
+#: :func:`above_half_dims`: λ̂ may exceed d/2 by this share (SGLD's stationary bias at a regular point: a few
+#: percent at the adapted step) before its excess, beyond 2 s.e., is a finding
+HALF_DIMS_SLACK = 0.1
+
+
+def above_half_dims(llc: float, sem: float, dims: float | None) -> str | None:
+    r"""The finding that λ̂ exceeds d/2, the largest λ of a minimum in d coordinates, or ``None``.
+
+    At a minimum λ ≤ d/2 (d/2 at a regular point), and the localized, tempered posterior only lowers it.  An
+    estimate above :math:`(1 + s)\,d/2` (s = :data:`HALF_DIMS_SLACK`) by more than 2 s.e. measures something else:
+    w* off a minimum, a loss that jumps or saturates, or a step so large that the chains sample its own
+    bias (helper 34: a model detaching part of its forward on separable data read λ̂ 92 ± 14 with d = 98)."""
+    if not (dims and dims > 0 and llc == llc and sem == sem):
+        return None
+    bound = (1 + HALF_DIMS_SLACK) * dims / 2
+    if llc - 2 * sem <= bound:
+        return None
+    return (f"λ̂ = {llc:.4g} ± {sem:.2g} exceeds d/2 = {dims / 2:g}, the largest λ of a minimum in {dims:g} coordinates: "
+            "what the chains measured is not the geometry of a minimum. Usual causes: w* is not a minimum (train it "
+            "further), the loss jumps or saturates where the chains step (see the other findings), or the step is "
+            "too large (a smaller step_size, or leave it to the adaptation)")
 
 
 def slope_finding(value: float, value_sem: float, llc: float, sem: float) -> str | None:

@@ -61,7 +61,7 @@ from .data import Batch, Data, LoaderSource, _map, as_source, num_rows, random_i
 from .defaults import default_localization, default_nbeta
 from .groups import Groups, concat_data, split_data
 from .evaluator import (PATH_REASONS, ChainEvaluator, choose_path, resolve_autocast, probe_batch, to_device,
-                        validate_model_and_loss, check_gradients_reach, check_padding_rows, gradient_mismatch_issue,
+                        validate_model_and_loss, check_gradients_reach, check_padding_rows, gradient_mismatch_issue, saturation_issue,
                         hf_attention_configs, out_of_memory, _dense, _names)
 from .losses import (LossAdapter, candidate_means, count_weighted_mean, label_count_options, label_counts,
                      label_weighted, model_loss, weighted_mean)
@@ -2011,6 +2011,13 @@ def prepare_target(
         if mismatch:
             issues.append(mismatch)
             warnings.warn(f"{caller}: {mismatch}", RuntimeWarning, stacklevel=user_stacklevel())
+        for k in range(w_star.shape[0]):  # (each checkpoint: an early one may be far from saturation, a late one not)
+            saturated = saturation_issue(work_model, spec, adapter, probe, w_star[k])
+            if saturated:
+                saturated = (f"checkpoint {k}: " if w_star.shape[0] > 1 else "") + saturated
+                issues.append(saturated)
+                warnings.warn(f"{caller}: {saturated}", RuntimeWarning, stacklevel=user_stacklevel())
+                break
     structured = not (isinstance(probe.x, Tensor) and isinstance(probe.y, Tensor) and isinstance(out, Tensor))
     # chunks of the losses at w* are sized by the larger of input and output per sample (a language
     # model's logits are vocab times its token ids)

@@ -236,6 +236,26 @@ def test_steps_below_the_dtypes_spacing_at_w_star_are_named():
     assert not any("cannot resolve the chains' steps" in c for c in r64.convergence_reasons)
 
 
+def test_an_estimate_beyond_half_the_dimension_is_named():
+    """λ ≤ d/2 at a minimum; an estimate above 1.1·d/2 by more than 2 s.e. measured something else (helper 34:
+    λ̂ 92 ± 14 with d = 98, a detached forward on separable data, reported with only an ESS reason)."""
+    from slt.result import LLCResult, above_half_dims
+
+    assert above_half_dims(6.0, 0.2, 10.0) is not None and above_half_dims(5.8, 0.2, 10.0) is None  # 5.4 < 5.5
+    assert above_half_dims(6.0, 0.3, 10.0) is None and above_half_dims(6.0, 0.2, None) is None
+    C, T = 4, 200
+    g = torch.Generator().manual_seed(0)
+    loss = 0.8 + 0.01 * torch.randn(C, T, generator=g, dtype=torch.float64)  # λ̂ = nβ·0.8 = 8 for d = 10
+
+    def res(**kw):
+        return LLCResult.from_traces(loss, torch.zeros(C, T, dtype=torch.float64), nbeta=10.0, init_loss=0.0,
+                                     step_size=1e-3, localization=1.0, sampler="sgld", dims=10.0,
+                                     config={"num_burnin": 50, "num_draws": T}, **kw)
+
+    assert any(c.startswith("λ̂ = 7.998 ± ") and "exceeds d/2 = 5" in c for c in res().convergence_reasons)
+    assert not any("exceeds d/2" in c for c in res(slope_check=False).convergence_reasons)  # data-refined: not judged
+
+
 def test_sghmc_with_full_friction_is_sgld():
     """friction = 1 forgets the velocity every step: v = -ε/2 ∇U + √ε ξ, w' = w + v, i.e. SGLD."""
     P = torch.tensor([0.5, 1.0, 3.0], dtype=F64)

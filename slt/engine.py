@@ -728,7 +728,8 @@ class Sampling:
 
 
 def _note_prior_scale(target: Target, caller: str) -> Target:
-    """The target with a note (warned, in ``config["setup_notes"]``) when a given γ exceeds nβ: the localization then
+    """The target with a note (``config["setup_notes"]``, printed; warned beyond :data:`PRIOR_SCALE_WARN` × nβ) when
+    a given γ exceeds nβ: the localization then
     sets the scale of every direction whose loss curvature is below γ/nβ > 1, and λ̂ falls toward 0 as γ grows,
     "converged" (helper 34: a 3-4-1 MLP at nβ = 94 read 2.6 at γ = 10, 0.74 at 300, 0.035 at 10⁴, 0.0003 at 10⁶).
     The automatic γ never goes there (:func:`localization_levels`)."""
@@ -741,8 +742,13 @@ def _note_prior_scale(target: Target, caller: str) -> Target:
             "γ stays below it: localization=None)")
     if note in target.notes:
         return target
-    warnings.warn(f"{caller}: {note}", RuntimeWarning, stacklevel=user_stacklevel())
+    if gamma > PRIOR_SCALE_WARN * nb:  # (far beyond: most of a network's directions are the prior's)
+        warnings.warn(f"{caller}: {note}", RuntimeWarning, stacklevel=user_stacklevel())
     return replace(target, notes=[*target.notes, note])
+
+
+#: :func:`_note_prior_scale` warns (beyond noting) when a given γ exceeds this many times nβ
+PRIOR_SCALE_WARN = 10.0
 
 
 def _note_batch_statistics(target: Target, minibatches: bool) -> Target:

@@ -818,7 +818,7 @@ def resolution_problem(w_star: Tensor, step_size: float, sampler: str | None, dt
         return None
     w = w_star.detach().abs().to(dtype)
     if mask is not None:
-        w = w[mask.to(w.device)]
+        w = w[mask.to(w.device) != 0]
     if w.numel() == 0:
         return None
     ulp = torch.nextafter(w, torch.full_like(w, float("inf"))) - w

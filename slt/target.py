@@ -61,7 +61,7 @@ from .data import Batch, Data, LoaderSource, _map, as_source, num_rows, random_i
 from .defaults import default_localization, default_nbeta
 from .groups import Groups, concat_data, split_data
 from .evaluator import (PATH_REASONS, ChainEvaluator, choose_path, resolve_autocast, probe_batch, to_device,
-                        validate_model_and_loss, check_gradients_reach, check_padding_rows, gradient_mismatch_issue, saturation_issue,
+                        validate_model_and_loss, check_gradients_reach, check_padding_rows, gradient_mismatch_issue, saturation_issue, SATURATED_LOSS,
                         hf_attention_configs, out_of_memory, _dense, _names)
 from .losses import (LossAdapter, candidate_means, count_weighted_mean, label_count_options, label_counts,
                      label_weighted, model_loss, weighted_mean)
@@ -1090,26 +1090,38 @@ def _checkpoints(
     template = _unwrap(template)
     _check_module(template, "the model")
     ckpts = [_unprefixed(_unwrap(c), template, k) for k, c in enumerate(ckpts)]
+    attrs: dict[str, list[int]] = {}
     for k, c in enumerate(ckpts):
         if isinstance(c, Mapping):
             ckpts[k] = _check_state_dict(c, template, k, caller)
         elif c is not template:
             _check_module(c, f"checkpoint {k}")
             _same_architecture(c, template, k)
-            _same_function(c, template, k, caller)
+            for a in _same_function(c, template, k):
+                attrs.setdefault(a, []).append(k)
+    if attrs and caller is not None:
+        which = sorted({k for ks in attrs.values() for k in ks})
+        warnings.warn(f"{caller}: checkpoint{'s' * (len(which) > 1)} {', '.join(map(str, which))} differ from the "
+                      f"template in attributes ({_names(list(attrs))}); a batched run evaluates every checkpoint with "
+                      "the template's forward and attributes, its own tensors substituted: if these choose what the "
+                      "forward computes, estimate those checkpoints in calls of their own", RuntimeWarning,
+                      stacklevel=user_stacklevel())
     return template, ckpts, is_batch
 
 
-_PLAIN = (bool, int, float, str, type(None))
+#: the attribute types :func:`_same_function` compares: strings and flags, which name a forward's path (an
+#: activation, pre- or post-norm); numbers are left out, since training loops keep counters and rates on modules
+#: (helper 36: ``steps``, ``lr_used`` warned on every checkpoint of one run)
+_FLAGS = (bool, str, type(None))
 
 
-def _same_function(ck: nn.Module, template: nn.Module, k: int, caller: str | None) -> None:
+def _same_function(ck: nn.Module, template: nn.Module, k: int) -> list[str]:
     """Refuse a checkpoint module whose modules are of other classes than the template's: a batched run
     evaluates every checkpoint with the template's forward (its modules, the checkpoint's tensors), so a
     checkpoint of a subclass with its own forward, or a ``Sequential`` with ``ReLU`` where the template has
-    ``Tanh``, ran as the template (helper 35: λ̂ and L(w*) bit for bit the template's, no warning).  Plain
-    attributes (numbers, strings, flags) that differ are warned of when ``caller`` is given: they may choose
-    the forward's path (an activation named in the constructor), which the run takes from the template."""
+    ``Tanh``, ran as the template (helper 35: λ̂ and L(w*) bit for bit the template's, no warning).  Returns the
+    string and flag attributes that differ (``"act = 'relu' against 'tanh'"``): they may choose the forward's path
+    (an activation named in the constructor), which the run takes from the template."""
     mine, theirs = dict(template.named_modules()), dict(ck.named_modules())
     differ = [f"{n or 'the module itself'}: {type(theirs[n]).__name__} where the template has {type(m).__name__}"
               for n, m in mine.items() if n in theirs and type(theirs[n]) is not type(m)]
@@ -1119,22 +1131,16 @@ def _same_function(ck: nn.Module, template: nn.Module, k: int, caller: str | Non
         raise ValueError(f"checkpoint {k} is not made of the template's modules ({_names(differ)}); a batched run "
                          "evaluates every checkpoint with the template's forward (the model or the first checkpoint), "
                          "its own tensors substituted: estimate it in a call of its own")
-    if caller is None:
-        return
     attrs = []
     for n, m in mine.items():
         a, b = vars(m), vars(theirs[n])
         for key, v in a.items():
-            if key.startswith("_") or key == "training" or not isinstance(v, _PLAIN) or key not in b:
+            if key.startswith("_") or key == "training" or not isinstance(v, _FLAGS) or key not in b:
                 continue
             w = b[key]
-            if isinstance(w, _PLAIN) and w != v and not (v != v and w != w):
+            if isinstance(w, _FLAGS) and w != v:
                 attrs.append(f"{n + '.' if n else ''}{key} = {w!r} against the template's {v!r}")
-    if attrs:
-        warnings.warn(f"{caller}: checkpoint {k} differs from the template in attributes ({_names(attrs)}); a batched "
-                      "run evaluates every checkpoint with the template's forward and attributes, its own tensors "
-                      "substituted: if these choose what the forward computes, estimate it in a call of its own",
-                      RuntimeWarning, stacklevel=user_stacklevel())
+    return attrs
 
 
 def _same_architecture(ck: nn.Module, template: nn.Module, k: int) -> None:
@@ -2011,13 +2017,7 @@ def prepare_target(
         if mismatch:
             issues.append(mismatch)
             warnings.warn(f"{caller}: {mismatch}", RuntimeWarning, stacklevel=user_stacklevel())
-        for k in range(w_star.shape[0]):  # (each checkpoint: an early one may be far from saturation, a late one not)
-            saturated = saturation_issue(work_model, spec, adapter, probe, w_star[k])
-            if saturated:
-                saturated = (f"checkpoint {k}: " if w_star.shape[0] > 1 else "") + saturated
-                issues.append(saturated)
-                warnings.warn(f"{caller}: {saturated}", RuntimeWarning, stacklevel=user_stacklevel())
-                break
+
     structured = not (isinstance(probe.x, Tensor) and isinstance(probe.y, Tensor) and isinstance(out, Tensor))
     # chunks of the losses at w* are sized by the larger of input and output per sample (a language
     # model's logits are vocab times its token ids)
@@ -2047,8 +2047,28 @@ def prepare_target(
     check_padding_rows(work_model, spec, adapter, probe, w_star[0], groups.masks)
     if groups.masks is not None:  # gradients only of the parameters some restriction moves
         evaluator.grad_names = set().union(*groups.moved_names(spec))
-    return Target(work_model, spec, adapter, evaluator, source, w_star, seeds, nb, gamma, n, dev, dtype, reason,
-                  is_batch, issues=issues, notes=notes, _row_numel=row_size, groups=groups, localization_auto=localization is None)
+    target = Target(work_model, spec, adapter, evaluator, source, w_star, seeds, nb, gamma, n, dev, dtype, reason,
+                    is_batch, issues=issues, notes=notes, _row_numel=row_size, groups=groups,
+                    localization_auto=localization is None)
+    if half is None and not any(i.startswith(RANDOM_ISSUES) for i in issues):
+        _note_saturation(target, probe, caller)
+    return target
+
+
+def _note_saturation(target: Target, probe: Batch, caller: str) -> None:
+    """Add :func:`slt.evaluator.saturation_issue` of the first checkpoint whose L_n(w*) over all the data is at most
+    :data:`slt.evaluator.SATURATED_LOSS` to the target's issues (and warn): a probe of the first rows alone read a
+    true minimum whose few hard samples came last as saturated (helper 36)."""
+    init = target.init_loss
+    for k in range(target.K):
+        if not abs(float(init[k])) <= SATURATED_LOSS:
+            continue
+        saturated = saturation_issue(target.model, target.spec, target.adapter, probe, target.w_star[k])
+        if saturated:
+            saturated = (f"checkpoint {k}: " if target.K > 1 else "") + saturated
+            target.issues.append(saturated)
+            warnings.warn(f"{caller}: {saturated}", RuntimeWarning, stacklevel=user_stacklevel())
+            return
 
 
 def _groups(restrict_to: Any, model: nn.Module, spec: ParamSpec, split: Any, parts: Any, offsets: Any,

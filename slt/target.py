@@ -1101,7 +1101,8 @@ def _checkpoints(
                 attrs.setdefault(a, []).append(k)
     if attrs and caller is not None:
         which = sorted({k for ks in attrs.values() for k in ks})
-        warnings.warn(f"{caller}: checkpoint{'s' * (len(which) > 1)} {', '.join(map(str, which))} differ from the "
+        warnings.warn(f"{caller}: checkpoint{'s' * (len(which) > 1)} {', '.join(map(str, which))} "
+                      f"{'differ' if len(which) > 1 else 'differs'} from the "
                       f"template in attributes ({_names(list(attrs))}); a batched run evaluates every checkpoint with "
                       "the template's forward and attributes, its own tensors substituted: if these choose what the "
                       "forward computes, estimate those checkpoints in calls of their own", RuntimeWarning,
@@ -1110,8 +1111,8 @@ def _checkpoints(
 
 
 #: the attribute types :func:`_same_function` compares: strings and flags, which name a forward's path (an
-#: activation, pre- or post-norm); numbers are left out, since training loops keep counters and rates on modules
-#: (helper 36: ``steps``, ``lr_used`` warned on every checkpoint of one run)
+#: activation, pre- or post-norm); numbers only on PyTorch's own modules, since training loops keep counters and
+#: rates on the user's (helper 36: ``steps``, ``lr_used`` warned on every checkpoint of one run)
 _FLAGS = (bool, str, type(None))
 
 
@@ -1134,11 +1135,13 @@ def _same_function(ck: nn.Module, template: nn.Module, k: int) -> list[str]:
     attrs = []
     for n, m in mine.items():
         a, b = vars(m), vars(theirs[n])
+        # PyTorch's own modules keep hyperparameters, not counters, as attributes: numbers too (LeakyReLU's slope)
+        kinds = _FLAGS + (int, float) if type(m).__module__.startswith("torch.nn") else _FLAGS
         for key, v in a.items():
-            if key.startswith("_") or key == "training" or not isinstance(v, _FLAGS) or key not in b:
+            if key.startswith("_") or key == "training" or not isinstance(v, kinds) or key not in b:
                 continue
             w = b[key]
-            if isinstance(w, _FLAGS) and w != v:
+            if isinstance(w, kinds) and w != v and not (v != v and w != w):
                 attrs.append(f"{n + '.' if n else ''}{key} = {w!r} against the template's {v!r}")
     return attrs
 

@@ -937,7 +937,13 @@ def test_a_checkpoint_that_would_mix_in_the_templates_state_is_refused_by_name()
     with warnings.catch_warnings(record=True) as rec:  # the same module twice: nothing to say
         warnings.simplefilter("always")
         slt.estimate_llc([f0, copy.deepcopy(f0), f3], (X, Y), F.mse_loss, **KW)
-    assert not [w for w in rec if "differ from the template" in str(w.message)]
+    assert not [w for w in rec if "from the template in attributes" in str(w.message)]
+    leaky = nn.Sequential(nn.Linear(3, 4), nn.LeakyReLU(0.01), nn.Linear(4, 2)).to(F64)
+    steep = copy.deepcopy(leaky)
+    steep[1].negative_slope = 0.2  # a hyperparameter of PyTorch's own module: compared as a number
+    with pytest.warns(RuntimeWarning, match=r"checkpoint 1 differs from the template in attributes \(1.negative_slope = "
+                                            r"0.2 against the template's 0.01\)"):
+        slt.estimate_llc([leaky, steep], (X, Y), F.mse_loss, **KW)
 
     tied = Tied().to(F64)
     sd = tied.state_dict()

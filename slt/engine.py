@@ -704,11 +704,11 @@ class Sampling:
                 notes.append(check["message"])
             eps_g = self.group_step_size(g)
             config = {**self.config, "step_size": eps_g, "seed": target.group_seeds[g], **labels}
-            if masks is not None:
-                config["restricted_params"] = int(masks[g // target.groups.D % target.groups.M].sum())
+            mask = None if masks is None else masks[g // target.groups.D % target.groups.M]
+            if mask is not None:
+                config["restricted_params"] = int(mask.sum())
             if target.groups.parts is not None:  # data-refined: the size of this group's own distribution
                 config["n"] = int(target.groups.parts[g % target.groups.D].support)
-            mask = None if masks is None else masks[g // target.groups.D % target.groups.M]
             coarse = resolution_problem(target.w_star[labels["checkpoint"]], eps_g, self.sampler, target.dtype, mask)
             if coarse:  # (a reason for converged = False, warned with the others)
                 notes.append(coarse)

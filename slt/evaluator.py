@@ -1630,6 +1630,19 @@ GRADIENT_MISMATCH = 0.1
 GRADIENT_SMOOTH = 0.02
 
 
+def _in_float64(model: nn.Module, x: Any, y: Any, device: torch.device) -> tuple[nn.Module, Any, Any] | None:
+    """A float64 copy of ``model`` and of the floating-point tensors of ``x, y`` (the set-up probes' precision), or
+    ``None`` for a model that does not copy."""
+    try:
+        from .target import module_to
+
+        model = module_to(copy.deepcopy(model), device, torch.float64)
+    except Exception:  # noqa: BLE001 - e.g. a module holding something deepcopy refuses
+        return None
+    x, y = (_map(lambda t: t.double() if t.is_floating_point() else t, v) for v in (x, y))
+    return model, x, y
+
+
 def gradient_mismatch_issue(model: nn.Module, spec: ParamSpec, adapter: LossAdapter, probe: Batch, w: Tensor,
                             rows: int = 8, directions: int = 4) -> str | None:
     r"""A note when autograd's gradient is not the derivative of the loss, or ``None``.
@@ -1649,15 +1662,11 @@ def gradient_mismatch_issue(model: nn.Module, spec: ParamSpec, adapter: LossAdap
     top-k routing), and a mismatch beyond :data:`GRADIENT_MISMATCH` of the larger value is the note."""
     x, y = _first_rows(probe, rows)
     if w.dtype != torch.float64 and w.numel() <= GRADIENT_CHECK_FLOAT64_MAX:
-        try:  # in float64 (a copy): rounding then does not limit the differences' step, and a small step
-            # rarely crosses a kink (ReLU)
-            from .target import module_to
-
-            model = module_to(copy.deepcopy(model), w.device, torch.float64)
-            x, y = (_map(lambda t: t.double() if t.is_floating_point() else t, v) for v in (x, y))
+        # in float64: rounding then does not limit the differences' step, and a small step rarely crosses a kink
+        copied = _in_float64(model, x, y, w.device)
+        if copied is not None:  # (a model that does not copy: in its own precision)
+            model, x, y = copied
             w = w.double()
-        except Exception:  # noqa: BLE001 - a model that does not copy: in its own precision
-            pass
     steps = (1e-4, 5e-5) if w.dtype == torch.float64 else (1e-2, 5e-3)
     gen = torch.Generator(device=w.device).manual_seed(2)
     base = spec.unflatten(w.detach())
@@ -1743,14 +1752,10 @@ def saturation_issue(model: nn.Module, spec: ParamSpec, adapter: LossAdapter, pr
     1e-5, margins a scaling moves by a few percent) are not judged: their loss still resolves the chains' moves."""
     if w.numel() > GRADIENT_CHECK_FLOAT64_MAX:
         return None
-    x, y = probe.x, probe.y
-    try:
-        from .target import module_to
-
-        model = module_to(copy.deepcopy(model), w.device, torch.float64)
-        x, y = (_map(lambda t: t.double() if t.is_floating_point() else t, v) for v in (x, y))
-    except Exception:  # noqa: BLE001 - a model that does not copy: not judged
+    copied = _in_float64(model, probe.x, probe.y, w.device)
+    if copied is None:  # (a model that does not copy: not judged)
         return None
+    model, x, y = copied
     base = spec.unflatten(w.detach().double())
     try:
         with torch.no_grad(), _probe_losses(model, adapter, x, y, base.values()) as loss_at:

@@ -1121,8 +1121,9 @@ def _same_function(ck: nn.Module, template: nn.Module, k: int) -> list[str]:
     evaluates every checkpoint with the template's forward (its modules, the checkpoint's tensors), so a
     checkpoint of a subclass with its own forward, or a ``Sequential`` with ``ReLU`` where the template has
     ``Tanh``, ran as the template (helper 35: λ̂ and L(w*) bit for bit the template's, no warning).  Returns the
-    string and flag attributes that differ (``"act = 'relu' against 'tanh'"``): they may choose the forward's path
-    (an activation named in the constructor), which the run takes from the template."""
+    attributes that differ (``"act = 'relu' against the template's 'tanh'"``; strings and flags, and numbers on
+    PyTorch's own modules, :data:`_FLAGS`): they may choose the forward's path (an activation named in the
+    constructor, LeakyReLU's slope), which the run takes from the template."""
     mine, theirs = dict(template.named_modules()), dict(ck.named_modules())
     differ = [f"{n or 'the module itself'}: {type(theirs[n]).__name__} where the template has {type(m).__name__}"
               for n, m in mine.items() if n in theirs and type(theirs[n]) is not type(m)]

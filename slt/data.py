@@ -749,9 +749,9 @@ def _stack_items(items: list[Any], name: str | None = None) -> Any:
     if isinstance(first, (tuple, list)) and first and all(isinstance(t, Tensor) or _is_array(t) for t in first) \
             and any(getattr(t, "ndim", 0) >= 1 for t in first):
         raise ValueError(
-            f"each sample's {'field ' + name if name else 'input'} is a {type(first).__name__} of {len(first)} tensors: a "
-            "model with several inputs takes them as a mapping of named tensors, called as model(**inputs): yield "
-            "({'x1': x1, 'x2': x2}, y) for forward(self, x1, x2)")
+            f"each sample's {'field ' + name if name else 'input'} is a {type(first).__name__} of {len(first)} "
+            "tensors: a model with several inputs takes them as a mapping of named tensors, called as "
+            "model(**inputs): make each sample ({'x1': x1, 'x2': x2}, y) for forward(self, x1, x2)")
     try:
         parts = [torch.as_tensor(it) for it in items]
     except (ValueError, TypeError, RuntimeError):
@@ -827,8 +827,11 @@ def _is_records(data: Sequence[Any]) -> bool:
         if isinstance(it, Mapping):
             return fields(it)
         # (x, y) / (x, y, weight), x possibly a mapping of inputs (a tokenized text and its label)
+        # (x a tuple of tensors too: a model with several inputs, named when stacked by _stack_items)
         return (isinstance(it, (tuple, list)) and 0 < len(it) <= 3
-                and all(field(v) or (isinstance(v, Mapping) and fields(v)) for v in it))
+                and all(field(v) or (isinstance(v, Mapping) and fields(v))
+                        or (i == 0 and isinstance(v, (tuple, list)) and bool(v) and all(map(field, v)))
+                        for i, v in enumerate(it)))
 
     return all(record(it) for it in data)
 

@@ -621,7 +621,10 @@ def equilibrium_checks(tr: Tensor, mala_mean: float | None = None, rhat_threshol
         found.append(("rhat", f"R-hat {r:.3f} > {rhat_threshold:g}: chains disagree; run longer or check burn-in"))
     if C > 1 and e is None:
         e = ess(tr)
-    if C > 1 and e == e and e < ESS_MIN:  # (one chain: R-hat is undefined, a finding of its own)
+    if C > 1 and tr.shape[1] < 4:  # (ess and R-hat are undefined: λ̂ of one draw at w* read 0 ± 0, converged)
+        found.append(("ess", f"{tr.shape[1]} draw{'s' * (tr.shape[1] != 1)} per chain: R-hat, the effective sample "
+                             "size and λ̂'s standard error need at least 4 (and λ̂ hundreds); raise num_draws"))
+    elif C > 1 and e == e and e < ESS_MIN:  # (one chain: R-hat is undefined, a finding of its own)
         found.append(("ess", f"effective sample size {e:.0f} < {ESS_MIN:g} over the {C} chains' {tr.shape[1]} "
                              "draws: too few independent draws for R-hat and λ̂'s standard error to be trusted; "
                              "raise num_draws (or num_steps_bw_draws)"))
@@ -785,8 +788,8 @@ def precision_finding(nbeta: float, init_loss: float, dtype: torch.dtype, llc: f
     if not (bound == bound and llc == llc):
         return None
     beyond_any = bool(dims) and bound > PRECISION_SHARE * dims / 2  # (true λ ≤ d/2, whatever λ̂ read)
-    if not beyond_any and (bound <= PRECISION_SHARE * abs(llc) or bound <= 2 * sem or llc == sem == 0):
-        return None  # (λ̂ = 0 with no spread: the loss never moved, e.g. a restriction to unused parameters)
+    if not beyond_any and (bound <= PRECISION_SHARE * abs(llc) or bound <= 2 * sem or llc == 0 or sem != sem):
+        return None  # (λ̂ = 0: the loss never moved, e.g. a restriction to unused parameters; no s.e.: one draw)
     name = str(dtype).replace("torch.", "")
     share = (f"{bound / (dims / 2):.0%} of d/2 = {dims / 2:g}, the largest λ of a minimum in {dims:g} coordinates; λ̂ read "
              f"{llc:.4g}" if beyond_any else f"{bound / abs(llc):.0%} of λ̂ = {llc:.4g}")

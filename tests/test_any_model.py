@@ -1539,6 +1539,9 @@ def test_bad_parameters_data_and_arrays_are_named():
     with pytest.raises(TypeError, match=r"x is a tuple of 2 tensors: a model with several inputs takes them as a "
                                         r"mapping.*model\(\*\*inputs\)"):
         slt.estimate_llc(nn.Linear(3, 4), ((X, X), y), F.cross_entropy, **SMALL)
+    # the same model's data as a list of samples ((x1, x2), y): named too (it read "got 50 items of type tuple")
+    with pytest.raises(ValueError, match=r"each sample's input is a tuple of 2 tensors: a model with several inputs"):
+        slt.estimate_llc(nn.Linear(3, 4), [((a, a), b) for a, b in zip(X, y)], F.cross_entropy, **SMALL)
 
 
 class ComplexWeight(nn.Module):

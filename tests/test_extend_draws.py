@@ -15,6 +15,7 @@ from torch import nn
 
 import slt
 import slt.engine as engine
+from slt.training import train
 from slt.loop import Trace
 
 F64 = torch.float64
@@ -118,6 +119,27 @@ def _ar1(phi, C=4, T=400, seed=0):
     for t in range(1, T):
         x[:, t] = phi * x[:, t - 1] + e[:, t]
     return 20.0 + x
+
+
+def test_fewer_than_four_draws_per_chain_is_a_finding():
+    """With num_draws=1 the default burn-in is 0 and the one draw is w* itself: λ̂ read 0 ± 0 and
+    ``converged`` was True, since R-hat and the ESS are undefined (NaN) below 4 draws and NaN passed every
+    threshold.  Now too few draws are a finding, and the precision check does not divide by λ̂ = 0."""
+    from slt.result import equilibrium_checks
+
+    g = torch.Generator().manual_seed(0)
+    for T in (1, 3):
+        _, _, found = equilibrium_checks(torch.randn(8, T, generator=g))
+        assert [k for k, m in found if m.startswith(f"{T} draw")] == ["ess"]
+    _, _, found = equilibrium_checks(torch.randn(8, 400, generator=g))
+    assert not found
+    X = torch.randn(300, 2, generator=g)
+    Y = X @ torch.tensor([[1.0], [-1.0]]) + 0.3 * torch.randn(300, 1, generator=g)
+    m = nn.Linear(2, 1)
+    train(m, (X, Y), F.mse_loss, steps=200)
+    with pytest.warns(RuntimeWarning, match="1 draw per chain"):
+        r = slt.estimate_llc(m, (X, Y), F.mse_loss, num_draws=1, seed=0)
+    assert r.converged is False and r.llc_mean == 0.0
 
 
 @pytest.mark.parametrize("phi, short", [(0.0, False), (0.95, True)])

@@ -16,8 +16,10 @@ Forms of ``restrict_to``
   it is sampled once, under its first name);
 * **a list or tuple of globs**: their union;
 * **an** ``nn.Module`` (a submodule of the model): all its sampled parameters; **an**
-  ``nn.Parameter`` of the model: all of it; a list or tuple of globs, modules and parameters: their
-  union (the model passed is matched by identity, also when the run works on a copy of it);
+  ``nn.Parameter`` of the model: all of it; a list or tuple of globs, modules, parameters, callables and
+  per-parameter mappings: their union, e.g. ``[heads(m)["l0h0"], heads(m)["l0h1"]]`` for two heads (merging
+  the helpers' mappings with ``{**a, **b}`` would keep only ``b``'s mask of a fused weight both use; the
+  model passed is matched by identity, also when the run works on a copy of it);
 * **a callable** ``f(name, param)`` called once per sampled parameter, returning ``True`` (the
   whole parameter), ``False`` or ``None`` (none of it), a bool tensor shaped like the parameter
   (those entries), or an *index*: anything valid as ``param[index]`` — an int, a slice, a tuple
@@ -169,16 +171,22 @@ def _is_mask_value(v: Any) -> bool:
     if v is None or _is_bool(v) or isinstance(v, (Tensor, int, slice)) or v is Ellipsis:
         return True
     if isinstance(v, (tuple, list)):
-        return not any(isinstance(x, str) for x in v)
+        return not any(_is_part(x) for x in v)
     return hasattr(v, "__array__")
 
 
+def _is_part(x: Any) -> bool:
+    """An item a list of restrictions unites: a glob, a module, a parameter, a callable or a per-parameter
+    mapping (never an index part: ints, slices, tensors, lists and Ellipsis are not callable)."""
+    return isinstance(x, (str, Mapping, nn.Module, nn.Parameter)) or (callable(x) and not isinstance(x, Tensor))
+
+
 def _is_restriction_value(v: Any) -> bool:
-    """A whole restriction: a glob, a module, a parameter, a list of those, a callable or a mapping."""
+    """A whole restriction: a glob, a module, a parameter, a callable, a mapping or a list of those (a union)."""
     if isinstance(v, (str, Mapping, nn.Module, nn.Parameter)):
         return True
     if isinstance(v, (tuple, list)):
-        return bool(v) and all(isinstance(x, (str, nn.Module, nn.Parameter)) for x in v)
+        return bool(v) and all(map(_is_part, v))
     return callable(v) and not isinstance(v, Tensor)
 
 
@@ -246,8 +254,8 @@ def _resolve_into(row: Tensor, r: Any, P: _Params, where: str) -> None:
             for i in P.match(glob, where):
                 row[P.offsets[i]:P.offsets[i + 1]] = True
         return
-    if isinstance(r, (list, tuple)) and r and all(isinstance(g, (str, nn.Module, nn.Parameter)) for g in r):
-        for part in r:  # the union of globs, modules and parameters
+    if isinstance(r, (list, tuple)) and r and all(map(_is_part, r)):
+        for part in r:  # the union of globs, modules, parameters, callables and per-parameter mappings
             _resolve_into(row, part, P, where)
         return
     if isinstance(r, nn.Parameter):

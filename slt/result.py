@@ -738,6 +738,10 @@ SLOPE_FRACTION = 0.05
 
 #: :func:`precision_finding` fires when one rounding of the loss, in λ̂'s units, exceeds this share of λ̂
 PRECISION_SHARE = 0.1
+#: :func:`precision_finding` does not judge a bound below this share of d/2 (the largest λ of a minimum in the
+#: moved coordinates): a head whose output is zeroed read λ̂ = −1.7e-7 (right: the loss does not see it) with a
+#: float32 bound of 2e-6, "1198% of λ̂", and was reported not converged (d/2 = 192: the bound 1e-8 of it).
+PRECISION_FLOOR = 1e-4
 
 
 #: the fix both precision messages name (:func:`precision_problem`, :func:`precision_finding`)
@@ -788,7 +792,8 @@ def precision_finding(nbeta: float, init_loss: float, dtype: torch.dtype, llc: f
     if not (bound == bound and llc == llc):
         return None
     beyond_any = bool(dims) and bound > PRECISION_SHARE * dims / 2  # (true λ ≤ d/2, whatever λ̂ read)
-    if not beyond_any and (bound <= PRECISION_SHARE * abs(llc) or bound <= 2 * sem or llc == 0 or sem != sem):
+    if not beyond_any and (bound <= PRECISION_SHARE * abs(llc) or bound <= 2 * sem or llc == 0 or sem != sem
+                           or (dims and bound <= PRECISION_FLOOR * dims / 2)):
         return None  # (λ̂ = 0: the loss never moved, e.g. a restriction to unused parameters; no s.e.: one draw)
     name = str(dtype).replace("torch.", "")
     share = (f"{bound / (dims / 2):.0%} of d/2 = {dims / 2:g}, the largest λ of a minimum in {dims:g} coordinates; λ̂ read "

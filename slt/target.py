@@ -1706,10 +1706,18 @@ def _fallback_hint(e: Exception, model: nn.Module, issues: list[str], eager_trie
         return " — the model or loss_fn draws random numbers: make them deterministic in eval mode"
     if norm := next((i for i in issues if is_norm_train_issue(i)), None):
         return f" — {norm.split(' in train mode', 1)[0]} in train mode: call model.eval() to use the batched path"
+    # Hugging Face's enable_input_require_grads() (which gradient_checkpointing_enable() calls too) hooks the input
+    # embeddings to call requires_grad_() on their output: vmap refuses it, with or without checkpointing
+    if any(getattr(m, "_require_grads_hooks", None) or getattr(m, "_require_grads_hook", None)
+           for m in model.modules()):
+        return (" — Hugging Face's enable_input_require_grads() hook is on the input embeddings (gradient_checkpointing"
+                "_enable() adds it): it calls requires_grad_() on their output, which vmap cannot batch over chains; "
+                "call model.disable_input_require_grads() to use the batched path (the parameters' gradients are the "
+                "same)")
     # transformers 5 renamed the flag and warns on the old name: read the old one only where the new is absent
     flag = ("is_activation_checkpointing" if hasattr(type(model), "is_activation_checkpointing")
             else "is_gradient_checkpointing")
-    if getattr(model, flag, False):
+    if getattr(model, flag, False) and model.training:  # (Hugging Face checkpoints only in train mode)
         disable = ("activation_checkpointing_disable" if hasattr(model, "activation_checkpointing_disable")
                    else "gradient_checkpointing_disable")
         return (" — Hugging Face gradient checkpointing is on: it recomputes activations during backward, which "

@@ -510,20 +510,28 @@ def test_an_encoder_that_branches_on_its_mask_falls_back_and_says_why(monkeypatc
 @pytest.mark.filterwarnings("ignore:.*slt.estimate_llc( \\(checkpoint|\\x3a ):RuntimeWarning")
 @pytest.mark.filterwarnings("ignore::FutureWarning")  # transformers 5: gradient_checkpointing_enable renamed
 def test_gradient_checkpointing_falls_back_and_names_the_switch():
-    """Hugging Face gradient checkpointing recomputes activations in backward (reentrant
-    ``torch.utils.checkpoint``), which fails under vmap with "requires_grad_() ... inside of a function
-    being transformed by a functorch transform": the loop runs it (same gradients) and the warning names
-    the switch that gives the batched path back."""
+    """``gradient_checkpointing_enable()`` (transformers 5) also calls ``enable_input_require_grads()``, whose
+    forward hook on the input embeddings calls ``requires_grad_()`` on their output, which fails under vmap
+    ("requires_grad_() ... inside of a function being transformed by a functorch transform"); in eval mode
+    Hugging Face recomputes nothing.  The loop runs it (same gradients) and the warning names the hook and
+    ``disable_input_require_grads()``, which gives the batched path back; it named the checkpointing switch,
+    whose disabling left the hook and the loop (helper 38)."""
     model = _gpt2().eval()
     model.gradient_checkpointing_enable()
     data = pattern_data()
-    with pytest.warns(RuntimeWarning, match=r"gradient checkpointing is on: .*call model\.\w+_checkpointing_disable"
-                                            r"\(\) to use the batched path.*falling back to a sequential loop") as rec:
-        r = slt.estimate_llc(model, data, causal_lm, **{**LLC_KW, "num_draws": 5})
+    kw = {**LLC_KW, "num_draws": 5}
+    with pytest.warns(RuntimeWarning, match=r"enable_input_require_grads\(\) hook is on the input embeddings.*call "
+                                            r"model\.disable_input_require_grads\(\) to use the batched path.*falling "
+                                            r"back to a sequential loop") as rec:
+        r = slt.estimate_llc(model, data, causal_lm, **kw)
     # the switch is read under its current name (transformers 5 warns on is_gradient_checkpointing)
     assert not [w for w in rec if "is_gradient_checkpointing" in str(w.message)]
     assert r.diagnostics["path"] == "loop" and math.isfinite(r.llc_mean)
     assert model.is_gradient_checkpointing  # left as the user set it
+    model.disable_input_require_grads()
+    again = slt.estimate_llc(model, data, causal_lm, **kw)
+    assert again.diagnostics["path"] != "loop"
+    assert torch.allclose(again.loss_trace, r.loss_trace, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.filterwarnings("ignore:.*slt.estimate_llc( \\(checkpoint|\\x3a ):RuntimeWarning")

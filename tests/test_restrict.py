@@ -441,6 +441,28 @@ def test_heads_gpt2():
     check_heads(model, spec, masks, input_hook_runner(model, attn.c_proj, lambda: model(IDS)))
 
 
+def test_a_list_of_helper_restrictions_is_their_union():
+    """Two heads as ``[heads["l0h0"], heads["l0h1"]]`` (alone or as one label's restriction) select both
+    heads' entries of the fused ``c_attn`` and ``c_proj``.  The list was refused, and inside a labelled
+    mapping it read as an index list ("'two' matches no sampled parameter"); ``{**a, **b}``, a user's
+    next try, keeps only b's mask of the weights both heads use (helper 38)."""
+    model = gpt2()
+    spec = ParamSpec(model)
+    hs = heads(model)
+    h0, h1 = (one(resolve_restrictions(hs[k], model, spec)) for k in ("l0h0", "l0h1"))
+    union = one(resolve_restrictions([hs["l0h0"], hs["l0h1"]], model, spec))
+    assert torch.equal(union, h0 | h1) and int(union.sum()) == int(h0.sum()) + int(h1.sum())
+    both = resolve_restrictions({"two": [hs["l0h0"], hs["l0h1"]], "attn": ["transformer.h.0.attn.*"],
+                                 "mixed": (hs["l0h0"], model.transformer.wpe, lambda n, p: n.endswith("ln_f.bias"))},
+                                model, spec)
+    assert both.labels == ["two", "attn", "mixed"] and torch.equal(both.masks[0], union)
+    assert int(both.masks[2].sum()) == int(h0.sum()) + model.transformer.wpe.weight.numel() + E
+    assert int(one(resolve_restrictions({**hs["l0h0"], **hs["l0h1"]}, model, spec)).sum()) < int(union.sum())
+    # a list of index parts is still a per-parameter mask
+    rows = one(resolve_restrictions({"transformer.wpe.weight": [0, 2]}, model, spec))
+    assert int(rows.sum()) == 2 * model.transformer.wpe.weight.shape[1]
+
+
 def test_heads_gpt_neox():
     model = neox()
     spec = ParamSpec(model)

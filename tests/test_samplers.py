@@ -128,6 +128,11 @@ def test_a_loss_float32_cannot_resolve_is_a_finding():
     assert precision_finding(587.0, 1e4, torch.float64, 1.7, 0.2) is None
     assert precision_finding(587.0, 0.5, torch.float32, 1.7, 0.2) is None  # a classifier's loss: 3.5e-5
     assert precision_finding(587.0, 1e4, torch.float32, 0.0, 0.0) is None  # the loss never moved (unused params)
+    # λ̂ ≈ 0, right for a restriction the loss does not see, with a bound far below anything λ̂ could be (d/2)
+    bound = slt.result.precision_bound(587.0, 1e-2, torch.float32)
+    assert precision_finding(587.0, 1e-2, torch.float32, -1e-7, 1e-8) is not None  # (no d: judged against λ̂)
+    assert precision_finding(587.0, 1e-2, torch.float32, -1e-7, 1e-8, dims=384) is None
+    assert bound < slt.result.PRECISION_FLOOR * 384 / 2 < 0.1 * 384 / 2
     g = torch.Generator().manual_seed(0)
     n = 5000
     X = torch.randn(n, 2, generator=g, dtype=F64)

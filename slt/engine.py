@@ -57,9 +57,11 @@ from ._runtime import (autograd_allowed, intra_op_threads, resolve_device, retai
 from .data import LoaderSource, num_rows, row_numel
 from .defaults import (BATCH_RAISES, BATCH_SIZE, BATCH_SIZE_MAX, EXTENSION_BUDGET, EXTRAPOLATION_MAX_CHANGE,
                        FALLBACK_SAMPLERS, HALVING_CHECK_MIN_DRAWS, HALVING_CHECK_SHARE, LLC, LOCALIZATION,
-                       LOCALIZATION_MIN_DRAWS, LOCALIZATION_STEPS, RELAXATION_TIMES, SGHMC_FIRST_BURNIN, default_burnin,
+                       LOCALIZATION_MIN_DRAWS, LOCALIZATION_STEPS, RELAXATION_TIMES, SGHMC_FIRST_BURNIN,
+                       STEP_BIAS_MIN_FACTOR, STEP_BIAS_SHARE, default_burnin,
                        default_localization, default_nbeta, relaxation_steps)
-from .diagnostics import changed, free_diffusion, halved_step_estimate, llc_standard_error, minibatch_heating
+from .diagnostics import (changed, free_diffusion, halved_step_estimate, llc_standard_error, minibatch_heating,
+                          step_bias)
 from .evaluator import ChainEvaluator, fused_summary
 from .groups import Groups
 from .loop import Divergence, Trace, run_chains, show_progress
@@ -673,6 +675,9 @@ class Sampling:
     diffusion: Tensor | None = None
     #: per group, the continued ε/2 check (:func:`_continued_halving`; ``None``: not run)
     direct: dict[int, dict[str, Any]] | None = None
+    #: per group whose automatic step was shrunk for SGLD's step bias: ``{"fraction", "factor"}``
+    #: (:func:`_step_bias_rescale`)
+    bias_rescale: dict[int, dict[str, float]] | None = None
 
     def group_step_size(self, g: int) -> float:
         eps = self.step_size
@@ -685,6 +690,8 @@ class Sampling:
         dims = _moved_dims(target, target.G * C)
         masks = target.groups.masks
         halved, heating, diffusion = self.halved, self.heating, self.diffusion
+        gsq = trace.grad_sq  # (plain SGLD; None for the other samplers)
+        bias = None if gsq is None or self.sampler != "sgld" else step_bias(gsq, self.step_size, target.nbeta)
         times = _draw_times(trace, self.config["num_burnin"], self.config["num_steps_bw_draws"])
         out = []
         for g in range(target.G):
@@ -697,6 +704,9 @@ class Sampling:
                 "step_size_halvings": self.halvings,
             }
             diag.update(_step_size_diagnostics(self.auto, self.adapt, g, labels["checkpoint"]))
+            shrunk = (self.bias_rescale or {}).get(g)
+            diag["step_bias_rescale"] = None if shrunk is None else {
+                **shrunk, "from": self.group_step_size(g) / shrunk["factor"], "to": self.group_step_size(g)}
             check = None if self.direct is None else self.direct.get(g)
             diag["halving_direct"] = None if check is None else {k: v for k, v in check.items() if k != "message"}
             notes = [self.notes[g]] if g in self.notes else []
@@ -718,6 +728,7 @@ class Sampling:
                 diverged=tr.diverged, divergence_step=tr.divergence_step, draw_steps=tr.draw_steps, mala=tr.mala,
                 halved=None if halved is None else halved[g * C:(g + 1) * C],
                 heating=None if heating is None else heating[g * C:(g + 1) * C],
+                step_bias=None if bias is None else bias[g * C:(g + 1) * C],
                 diffusion=None if diffusion is None else diffusion[g * C:(g + 1) * C], draw_times=times,
                 dims=float(dims[g * C]) if isinstance(dims, Tensor) else float(dims),
                 slope=tr.slope, slope_check=target.groups.parts is None, issues=target.issues,
@@ -877,7 +888,9 @@ def sample_target(
             return _run_at(target, rows, spec, rule, step_size, kw_s, C, num_steps, num_burnin, burnin_auto, n_adapt,
                            num_steps_bw_draws, batch_size, control_variate, shared_batches, mala_every,
                            target_accept, thresh, num_threads, observables, on_draw, on_start, choose, progress,
-                           t_setup, slopes, final_level=target.localization >= gammas[-1], defer_costly=defer_costly)
+                           t_setup, slopes, final_level=target.localization >= gammas[-1], defer_costly=defer_costly,
+                           heating_handled=(batch_auto and len(batch_raises) < BATCH_RAISES
+                                            and not isinstance(target.source, LoaderSource)))
         eps, steps, burnin = fixed
         return _run_at(target, rows, spec, "given", eps, kw_s, C, steps, burnin, False, 0, num_steps_bw_draws,
                        batch_size, control_variate, shared_batches, mala_every, target_accept, thresh,
@@ -889,10 +902,10 @@ def sample_target(
         ε/2 with the same steps (the in-run halving estimate assumes SGLD in a fixed metric)."""
         alt_spec = SAMPLERS[name]()
         alt = run_once(target, batch_size, None, alt_spec)
-        alt_ext = _extend_while_unmixed(alt, target, rows, extend_draws, num_draws, num_steps_bw_draws, G, C,
+        alt_ext = _extend_while_unmixed(alt, target, rows, extend_draws, num_draws, alt["thin"], G, C,
                                         observables, on_draw, thresh, progress)
         alt.pop("final", None)
-        alt_halved, alt_unsettled = _verdict(alt, target, G, C, num_steps_bw_draws)
+        alt_halved, alt_unsettled = _verdict(alt, target, G, C, alt["thin"])
         seconds = alt["trace"].seconds + alt["adapt_seconds"] + sum(e["seconds"] for e in alt_ext)
         halving = None
         if not alt_unsettled:
@@ -930,15 +943,15 @@ def sample_target(
             run.pop("final", None)
             run = run_once(target, batch_size, None)
             target = run["target"]
-        halved, unsettled = _verdict(run, target, G, C, num_steps_bw_draws, judge)
-        if unsettled and not last_level and _only_unmixed(run, target, G, C, num_steps_bw_draws, unsettled):
+        halved, unsettled = _verdict(run, target, G, C, run["thin"], judge)
+        if unsettled and not last_level and _only_unmixed(run, target, G, C, run["thin"], unsettled):
             # chains that relaxed but have not mixed yet: more draws at this γ, not a tenfold γ, which biases λ̂ low
             # wherever γ rivals the loss's curvature (a redundant scale direction: R-hat 1.102 at ESS 39 raised γ
             # 1 → 10 → 100 = 0.7 nβ and λ̂ came out 3.1 against 5)
-            level_extensions = _extend_while_unmixed(run, target, rows, extend_draws, num_draws, num_steps_bw_draws,
+            level_extensions = _extend_while_unmixed(run, target, rows, extend_draws, num_draws, run["thin"],
                                                      G, C, observables, on_draw, thresh, progress)
             if level_extensions:
-                halved, unsettled = _verdict(run, target, G, C, num_steps_bw_draws, judge)
+                halved, unsettled = _verdict(run, target, G, C, run["thin"], judge)
         if not unsettled or last_level:
             break
         escalations.append({"localization": gamma, "seconds": run["trace"].seconds + run["adapt_seconds"],
@@ -960,17 +973,17 @@ def sample_target(
         else:  # SGLD's deferred run goes on from its adapted step (its adaptation is in first["seconds"])
             run = run["resume"]()
             target = run["target"]
-            halved, unsettled = _verdict(run, target, G, C, num_steps_bw_draws, judge)
+            halved, unsettled = _verdict(run, target, G, C, run["thin"], judge)
     if not adopted:
         # chains stationary but not yet mixed: continue them (no new burn-in) rather than report R-hat > 1.1
-        more = _extend_while_unmixed(run, target, rows, extend_draws, num_draws, num_steps_bw_draws, G, C,
+        more = _extend_while_unmixed(run, target, rows, extend_draws, num_draws, run["thin"], G, C,
                                      observables, on_draw, thresh, progress)
         if more:
-            halved, unsettled = _verdict(run, target, G, C, num_steps_bw_draws, judge)
+            halved, unsettled = _verdict(run, target, G, C, run["thin"], judge)
         extensions = extensions + more
         # the draws at ε against the same chains continued at ε/2 (before their state is dropped)
         direct = _continued_halving(run, target, spec, rows, check_halving, rule, unsettled if judge else None,
-                                    num_steps_bw_draws, G, C, thresh, progress)
+                                    run["thin"], G, C, thresh, progress)
         run.pop("final", None)
         if first is not None:
             tried.append({"sampler": first_name, "settled": not unsettled, "halving": None,
@@ -1030,7 +1043,7 @@ def sample_target(
         "draw_extensions": extensions, "num_burnin": num_burnin,
         "num_burnin_rule": ("given" if not burnin_auto else "relaxation" if num_burnin > num_draws // 4
                             else "quarter"),
-        "num_steps_bw_draws": num_steps_bw_draws, "step_size_auto": rule != "given", "step_size_rule": rule,
+        "num_steps_bw_draws": run["thin"], "step_size_auto": rule != "given", "step_size_rule": rule,
         "target_accept": target_accept if rule == "adapt" else None,
         "nbeta": target.nbeta, "localization": target.localization,
         "batch_size": None if batches.full else batches.batch_size,
@@ -1054,7 +1067,8 @@ def sample_target(
     }
     return Sampling(target, trace, eps, rule, auto, adapt, halvings, C, num_steps, n_adapt, smp.name,
                     setup_seconds, adapt_seconds, config, notes=limit, halved=halved, heating=run["heating"],
-                    diffusion=run["diffusion"], direct=None if direct is None else direct.get("groups"))
+                    diffusion=run["diffusion"], direct=None if direct is None else direct.get("groups"),
+                    bias_rescale=run.get("bias_rescale"))
 
 
 def _fallback_samplers(full_batch: bool) -> tuple[str, ...]:
@@ -1088,7 +1102,7 @@ def _check_loader_batch_size(target: Any, batch_size: Any, caller: str) -> None:
 def _run_at(target, rows, spec, rule, step_size, kw, C, num_steps, num_burnin, burnin_auto, n_adapt, thin, batch_size,
             control_variate, shared_batches, mala_every, target_accept, thresh, num_threads, observables,
             on_draw, on_start, choose, progress, t_setup, slopes=None, final_level=False,
-            defer_costly=False) -> dict[str, Any]:
+            defer_costly=False, heating_handled=False) -> dict[str, Any]:
     """One run at the target's γ, from fresh random streams: the minibatch stream, the path
     (measured when ``choose`` is ``"auto"``; compiled when ``"compile"``), the step size (adapted,
     curvature rule or given), the burn-in (with ``burnin_auto``, :func:`slt.defaults.default_burnin` at the
@@ -1098,7 +1112,12 @@ def _run_at(target, rows, spec, rule, step_size, kw, C, num_steps, num_burnin, b
     ``None`` for a check run that records no slope.  ``defer_costly``: at full batch with the automatic burn-in,
     stop once the step is adapted when the relaxation burn-in would exceed :data:`slt.defaults.SGHMC_FIRST_BURNIN`
     times the draws' steps, returning ``{"deferred": {...}, "target", "adapt_seconds", "resume"}`` instead of a run
-    (``resume()`` goes on with the run as it would have gone: the same streams, path and adapted step)."""
+    (``resume()`` goes on with the run as it would have gone: the same streams, path and adapted step).
+    With an automatic step at the default acceptance target, a plain-SGLD run whose step bias exceeds
+    :data:`slt.defaults.STEP_BIAS_SHARE` of λ̂ in some group is repeated once at that group's shrunk step
+    (:func:`_step_bias_rescale`: the discretisation part when ``heating_handled``, i.e. the caller raises an
+    automatic batch for the heating, else the whole bias) with the steps between draws and the automatic
+    burn-in stretched by the same factor (``run["thin"]``, ``run["bias_rescale"]``)."""
     G, dev = target.G, target.device
     rng = ChainRNG(target.group_seeds, C, dev)
     batches = target.batches(rng, C, batch_size, control_variate=control_variate, shared=shared_batches)
@@ -1118,6 +1137,38 @@ def _run_at(target, rows, spec, rule, step_size, kw, C, num_steps, num_burnin, b
             key = None if batches.full else batches.batch_size
             found = slopes[key] if key in slopes else slopes.setdefault(key, slope_gradient(target, key))
         slope = None if found is None else _slope_dots(rows, found, target.K, target.groups.M, C)
+        rescaled: dict[int, dict[str, float]] = {}
+        stretch, first_burnin = 1, num_burnin
+        while True:  # (twice at most: again after an automatic step was shrunk for SGLD's step bias)
+            final, trace, smp, halvings = run_once(slope, stretch, first_burnin)
+            heating, diffusion = _end_of_run(target, rows, smp, potential, batches, final, eps, num_steps)
+            # (an automatic step at the default acceptance target: another target_accept chooses its step's bias)
+            if not (rule == "curvature" or rule == "adapt" and target_accept == LLC.target_accept) or rescaled \
+                    or smp.name != "sgld":
+                break
+            rescaled = _step_bias_rescale(trace, eps, target.nbeta, G, C, heating if heating_handled else None)
+            if not rescaled:
+                break
+            # the run again at the shrunk steps over the same time ε·t: its burn-in (automatic) and the steps
+            # between draws `stretch` times longer, so the slow directions relax and mix as far as in the first run
+            eps = _scale_steps(eps, rescaled, G, C, target.dtype, dev)
+            stretch, first_burnin = math.ceil(1 / min(f["factor"] for f in rescaled.values()) - 1e-9), num_burnin
+            for f in rescaled.values():
+                f["stretch"] = stretch
+            del final, trace
+        return {"target": target, "trace": trace, "eps": eps, "smp": smp, "batches": batches, "potential": potential,
+                "heating": heating, "diffusion": diffusion, "auto": auto, "adapt": adapt, "halvings": halvings, "kw": kw,
+                "setup_seconds": setup_seconds, "adapt_seconds": adapt_seconds, "num_threads": num_threads, "num_burnin": num_burnin,
+                "num_steps": num_steps, "allocator": allocator, "final": final, "noise": noise, "slope": slope,
+                "bias_rescale": rescaled, "thin": thin * stretch}
+
+    def run_once(slope: Any, stretch: int = 1, first_burnin: int = 0) -> tuple[Any, Trace, Any, int]:
+        """The run from w* at ε (the burn-in and the draws), repeated with the step of diverging groups
+        halved under an automatic rule: ``(final state, trace, sampler, halvings)`` (``slope``: the slope
+        probe, :func:`_slope_dots`; ``stretch``: a factor on the steps between draws and on the automatic
+        burn-in, at least ``stretch × first_burnin``)."""
+        nonlocal eps, num_burnin, num_steps
+        step = thin * stretch
         for halvings in range(MAX_HALVINGS + 1 if rule != "given" else 1):
             smp = build_sampler(spec, potential, eps, mala_every=mala_every, **kw)
             if burnin_auto:  # cover the slowest relaxation γ allows at this ε, when affordable
@@ -1125,15 +1176,16 @@ def _run_at(target, rows, spec, rule, step_size, kw, C, num_steps, num_burnin, b
                 gain = float(getattr(smp, "relaxation_gain", 1.0))
                 # (each group's own rule, the longest of them: a group whose relaxation is beyond the cap does
                 # not shorten the burn-in of one within it)
-                num_burnin = max(default_burnin(num_draws, thin, e, target.localization, gain, final=final_level)
-                                 for e in _group_steps(eps))
-                num_steps = num_burnin + num_draws * thin
+                num_burnin = max([stretch * first_burnin] + [
+                    default_burnin(num_draws, step, e, target.localization, gain, final=final_level)
+                    for e in _group_steps(eps)])
+            num_steps = num_burnin + num_draws * step
             if on_start is not None:
                 on_start()
             final, trace = run_chains(
                 smp, build_sampler(spec, potential, 1.0, mala_every=0, **kw).init(rows),
                 batches, noise, num_steps,
-                num_burnin=num_burnin, thin=thin, observe=_observe(target.spec, observables, on_draw),
+                num_burnin=num_burnin, thin=step, observe=_observe(target.spec, observables, on_draw),
                 divergence=Divergence(thresh, target.nbeta, rows, 10 if dev.type == "cpu" else 25),
                 nbeta=target.nbeta, progress=show_progress(progress, num_steps * G * C), slope=slope,
                 slope_every=SLOPE_EVERY,
@@ -1143,11 +1195,7 @@ def _run_at(target, rows, spec, rule, step_size, kw, C, num_steps, num_burnin, b
                 break
             eps = _halve(eps, bad, C, target.dtype)
             del final
-        heating, diffusion = _end_of_run(target, rows, smp, potential, batches, final, eps, num_steps)
-        return {"target": target, "trace": trace, "eps": eps, "smp": smp, "batches": batches, "potential": potential,
-                "heating": heating, "diffusion": diffusion, "auto": auto, "adapt": adapt, "halvings": halvings, "kw": kw,
-                "setup_seconds": setup_seconds, "adapt_seconds": adapt_seconds, "num_threads": num_threads, "num_burnin": num_burnin,
-                "num_steps": num_steps, "allocator": allocator, "final": final, "noise": noise, "slope": slope}
+        return final, trace, smp, halvings
 
     with intra_op_threads(num_threads), retained_heap(dev) as allocator:
         if choose in ("auto", "compile"):  # vmap, the loop or the compiled step, whichever is measured faster here
@@ -1449,7 +1497,8 @@ def _raised_batch(run: Mapping[str, Any], target: Any, spec: SamplerSpec, C: int
     r"""The larger minibatch a ``batch_size="auto"`` run is repeated with, or ``None``.
 
     ``None`` unless some group's minibatch heating :math:`\Delta` (``run["heating"]``, plain SGLD on
-    minibatches) makes :func:`slt.result.heating_check` fire, the data are tensors (a DataLoader's
+    minibatches) makes :func:`slt.result.heating_check` fire or exceeds :data:`slt.defaults.STEP_BIAS_SHARE`
+    of λ̂ (a bias within the finding's Monte-Carlo margin is still a bias), the data are tensors (a DataLoader's
     batches are the user's), and the batch can grow.  The gradient-noise trace of i.i.d. indices
     falls as 1/batch size, so the batch is raised by the largest factor
     :math:`\Delta / (a/4)` over those groups,
@@ -1472,7 +1521,9 @@ def _raised_batch(run: Mapping[str, Any], target: Any, spec: SamplerSpec, C: int
         llc = float(t.double().mean())
         sem = llc_standard_error(t.mean(1), t)[0]
         excess = float(heating[rows][valid].double().nanmean())
-        if heating_check(excess, llc, sem) is None:
+        # (also beyond STEP_BIAS_SHARE of λ̂, a systematic bias the finding's Monte-Carlo margin lets through:
+        # the step rescale leaves the heating to this rule, _step_bias_rescale)
+        if heating_check(excess, llc, sem) is None and not excess > STEP_BIAS_SHARE * abs(llc):
             continue
         # Δ over a quarter of the allowed excess (heating_check: Δ/2 ≤ max(2%, min(2 s.e., HEATING_SHARE)) of λ̂)
         factor = excess / max(min(sem, 0.5 * HEATING_SHARE * abs(llc)), 0.01 * abs(llc))
@@ -1735,6 +1786,49 @@ def _group_steps(eps: float | Tensor) -> list[float]:
 def _smallest(eps: float | Tensor) -> float:
     """The smallest step of a run (a number, or per row ``(R, 1)``)."""
     return float(eps.min()) if isinstance(eps, Tensor) else float(eps)
+
+
+def _step_bias_rescale(trace: Trace, eps: float | Tensor, nbeta: float, G: int, C: int,
+                       heating: Tensor | None = None) -> dict[int, dict[str, float]]:
+    """By group whose first-order step bias (:func:`slt.diagnostics.step_bias`) exceeds
+    :data:`slt.defaults.STEP_BIAS_SHARE` of its λ̂ over its valid chains — less the minibatch heating
+    (``heating`` ``(G*C,)``, :func:`slt.diagnostics.minibatch_heating`; ``None``: not subtracted) where that
+    exceeds the share and twice the rest (the discretisation), which ``batch_size="auto"`` then answers with a
+    larger batch (:func:`_raised_batch`) — ``{"fraction": bias / λ̂, "factor"}``,
+    the factor on ε that brings it to that share (at least :data:`slt.defaults.STEP_BIAS_MIN_FACTOR`); empty
+    when none does or the sampler did not report ‖∇L_B‖²."""
+    gsq = trace.grad_sq
+    if gsq is None:
+        return {}
+    bias = step_bias(gsq, eps, nbeta)
+    heat = None if heating is None else heating.double().cpu().nan_to_num(0.0)
+    values = nbeta * (trace.loss - trace.star).detach().double().cpu()
+    out: dict[int, dict[str, float]] = {}
+    for g in range(G):
+        rows = slice(g * C, (g + 1) * C)
+        ok = ~trace.diverged[rows].cpu()
+        if not bool(ok.any()):
+            continue
+        llc, b = float(values[rows][ok].mean()), float(bias[rows][ok].mean())
+        h = 0.0 if heat is None else float(heat[rows][ok].mean())
+        # heating over twice the discretisation part: the batch rule answers it (after the shrink its share, f·h,
+        # is still twice STEP_BIAS_SHARE: clear of the trace's noise); otherwise a step shrunk for the whole bias
+        # leaves the heating below the share
+        if h > 2 * max(b - h, 0.0) and h > STEP_BIAS_SHARE * abs(llc):
+            b -= h
+        if llc > 0 and b > STEP_BIAS_SHARE * llc:  # (b is NaN-free: a nan comparison is False)
+            out[g] = {"fraction": b / llc, "factor": max(STEP_BIAS_SHARE * llc / b, STEP_BIAS_MIN_FACTOR)}
+    return out
+
+
+def _scale_steps(eps: float | Tensor, factors: Mapping[int, Mapping[str, float]], G: int, C: int,
+                 dtype: torch.dtype, device: Any) -> Tensor:
+    """Per-row steps ``(G*C, 1)`` with each group of ``factors`` multiplied by its ``"factor"``."""
+    rows = (eps.clone() if isinstance(eps, Tensor)
+            else torch.full((G * C, 1), float(eps), dtype=dtype, device=device))
+    for g, f in factors.items():
+        rows[g * C:(g + 1) * C] *= f["factor"]
+    return rows
 
 
 def _halve(eps: float | Tensor, checkpoints: Tensor, C: int, dtype: torch.dtype) -> Tensor:

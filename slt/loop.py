@@ -38,7 +38,7 @@ Observe = Callable[[Tensor], Mapping[str, Tensor]]
 
 @dataclass
 class Trace:
-    """What a run recorded, rows (chains) first.
+    r"""What a run recorded, rows (chains) first.
 
     Attributes
     ----------
@@ -59,6 +59,9 @@ class Trace:
         Wall time of the loop.
     slope
         ``(R, T', F)`` the ``slope`` probe of :func:`run_chains` at every ``slope_every``-th draw, or ``None``.
+    grad_sq_sum, grad_sq_count
+        ``(R,)`` summed :math:`\|\nabla L_B(w_t)\|^2` over the ``grad_sq_count`` draw steps where the sampler
+        reported it (:attr:`slt.samplers.base.SamplerInfo.grad_sq`; plain SGLD's MALA steps), or ``None``.
     """
 
     loss: Tensor
@@ -73,11 +76,18 @@ class Trace:
     draw_steps: Tensor | None = None
     seconds: float = 0.0
     slope: Tensor | None = None
+    grad_sq_sum: Tensor | None = None
+    grad_sq_count: int = 0
 
     @property
     def mala(self) -> Tensor | None:
         """``(R,)`` mean MALA acceptance, or ``None`` when it was never computed."""
         return None if not self.mala_count else self.mala_sum / self.mala_count
+
+    @property
+    def grad_sq(self) -> Tensor | None:
+        r"""``(R,)`` mean :math:`\|\nabla L_B\|^2` over the draws where it was read, or ``None``."""
+        return None if not self.grad_sq_count or self.grad_sq_sum is None else self.grad_sq_sum / self.grad_sq_count
 
     def then(self, more: "Trace") -> "Trace":
         """This trace followed by ``more``, a continuation of the same rows from where this one
@@ -91,7 +101,8 @@ class Trace:
                      self.diverged | more.diverged,
                      torch.where(self.divergence_step >= 0, self.divergence_step, more.divergence_step),
                      torch.cat([self.draw_steps, more.draw_steps]), self.seconds + more.seconds,
-                     None if self.slope is None or more.slope is None else torch.cat([self.slope, more.slope], 1))
+                     None if self.slope is None or more.slope is None else torch.cat([self.slope, more.slope], 1),
+                     *_summed(self.grad_sq_sum, self.grad_sq_count, more.grad_sq_sum, more.grad_sq_count))
 
     def rows(self, sl: slice) -> "Trace":
         """The same trace restricted to rows ``sl`` (one checkpoint's chains), on the CPU."""
@@ -101,7 +112,13 @@ class Trace:
         return Trace(cut(self.loss), cut(self.star), cut(self.burnin), cut(self.burnin_star),
                      {k: cut(v) for k, v in self.observables.items()}, cut(self.mala_sum), self.mala_count,
                      cut(self.diverged), cut(self.divergence_step),
-                     None if self.draw_steps is None else self.draw_steps.cpu(), self.seconds, cut(self.slope))
+                     None if self.draw_steps is None else self.draw_steps.cpu(), self.seconds, cut(self.slope),
+                     cut(self.grad_sq_sum), self.grad_sq_count)
+
+
+def _summed(a: Tensor | None, na: int, b: Tensor | None, nb: int) -> tuple[Tensor | None, int]:
+    """Two runs' sums and counts of a reading, joined (``None``, 0 when either run lacks it)."""
+    return (None, 0) if a is None or b is None else (a + b, na + nb)
 
 
 @dataclass(frozen=True)
@@ -220,6 +237,8 @@ def run_chains(
     slopes: list[Tensor] = []
     mala_sum = torch.zeros(R, dtype=torch.float64, device=dev)
     mala_cnt = 0
+    gsq_sum: Tensor | None = None
+    gsq_cnt = 0
     full = getattr(batches, "full", True)
     diverged = torch.zeros(R, dtype=torch.bool, device=dev)
     div_step = torch.full((R,), -1, dtype=torch.long, device=dev)
@@ -251,6 +270,10 @@ def run_chains(
         if info.mala_accept is not None and in_draws:
             mala_sum += mala_reading(info, full).double().nan_to_num(0.0)
             mala_cnt += 1
+        if getattr(info, "grad_sq", None) is not None and in_draws:  # (a user's sampler may return a plain tuple)
+            g2 = info.grad_sq.double().nan_to_num(0.0)
+            gsq_sum = g2 if gsq_sum is None else gsq_sum + g2
+            gsq_cnt += 1
         if divergence is not None and (t % divergence.every == 0 or t == num_steps - 1):
             bad = divergence.check(info.loss, star, state.params) & ~diverged
             if bool(bad.any()):
@@ -269,4 +292,4 @@ def run_chains(
     draw_steps = start + num_burnin + torch.arange(T, device=dev) * thin
     observables = {k: torch.stack(v, 1) for k, v in obs.items() if v}
     return state, Trace(loss_tr, star_tr, burn_tr, burn_star, observables, mala_sum, mala_cnt, diverged, div_step,
-                        draw_steps, seconds, torch.stack(slopes, 1) if slopes else None)
+                        draw_steps, seconds, torch.stack(slopes, 1) if slopes else None, gsq_sum, gsq_cnt)

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .defaults import ESS_MIN, RELAXATION_TIMES, relaxation_steps
+from .defaults import ESS_MIN, RELAXATION_TIMES, STEP_BIAS_SHARE, relaxation_steps
 from .diagnostics import CHANGE_FRACTION, changed, ess, llc_standard_error, rhat, t_threshold
 
 __all__ = ["LLCResult", "results_frame"]
@@ -97,6 +97,7 @@ class LLCResult:
         mala: Tensor | None = None,
         halved: Tensor | None = None,
         heating: Tensor | None = None,
+        step_bias: Tensor | None = None,
         diffusion: Tensor | None = None,
         dims: float | None = None,
         draw_times: Tensor | None = None,
@@ -130,6 +131,9 @@ class LLCResult:
             (:func:`slt.diagnostics.minibatch_heating`), or ``None`` (full batch): it scales with ε,
             so when half of it exceeds λ̂'s Monte-Carlo error (2 s.e.) and 2% of λ̂, λ̂ is not stable
             when ε halves (:func:`heating_check`).
+        step_bias
+            ``(C,)`` the first-order excess of each chain's λ̂ over its ε → 0 value, discretisation and
+            minibatch heating together (:func:`slt.diagnostics.step_bias`; plain SGLD), or ``None``.
         diffusion, draw_times
             ``(C,)`` each chain's spread at the end of the run over a free walk's
             (:func:`slt.diagnostics.free_diffusion`; plain SGLD) and ``(T,)`` the steps from w* at each
@@ -224,10 +228,15 @@ class LLCResult:
             msg = slope_finding(sloped["value"], sloped["sem"], mean, sem)
             if msg is not None:
                 warn_list.append(msg)
-        heat = None
+        heat = msg = None
         if heating is not None and valid.any():
             heat = heating_record(heating[valid], mean)
             msg = heating_check(heat["excess"], mean, sem, config)
+            if msg is not None:
+                warn_list.append(msg)
+        biased = None if step_bias is None or not valid.any() else heating_record(step_bias[valid], mean)
+        if biased is not None and msg is None:  # (the heating finding, when it fired, names the larger part)
+            msg = step_bias_check(biased["excess"], mean, sem, heat, config)
             if msg is not None:
                 warn_list.append(msg)
         problems = list(issues or []) + warn_list
@@ -247,6 +256,7 @@ class LLCResult:
             "drift": None if drift is None else {"first_half": drift[0], "second_half": drift[1], "z": drift[2]},
             "halving": _halving_record(tr[valid], None if halved is None else halved[valid]),
             "minibatch_heating": heat,
+            "step_bias": biased,
             "slope_at_init": sloped,
             "free_diffusion": (None if diffusion is None or not valid.any()
                                else float(diffusion[valid].double().mean())),
@@ -418,6 +428,14 @@ class LLCResult:
             bs = self.config.get("batch_size")
             lines.append(f"  minibatch heating ≈ {f(heat['excess'])} ({f(heat['fraction'], '.1%')} of λ̂; first order, "
                          f"∝ step_size/batch_size) at batch_size={bs}")
+        bias = d.get("step_bias")
+        if bias:
+            lines.append(f"  step bias ≈ {f(bias['excess'])} ({f(bias['fraction'], '.1%')} of λ̂; first order, "
+                         "discretisation and minibatch heating, ∝ step_size)")
+        shrunk = d.get("step_bias_rescale")
+        if shrunk:
+            lines.append(f"  step_size shrunk {shrunk['from']:.3g} → {shrunk['to']:.3g}: the step bias was "
+                         f"{shrunk['fraction']:.1%} of λ̂ (more than {STEP_BIAS_SHARE:.0%}) and the run was repeated")
         for up in self.config.get("batch_size_raises") or []:
             lines.append(f"  batch_size raised {up['from']} → {up['to'] or 'full batch'}: minibatch heating "
                          f"{f(up['excess'])} ({f(up['fraction'], '.1%')} of λ̂ {f(up['llc'])}) at {up['from']}")
@@ -709,6 +727,31 @@ def heating_check(excess: float, llc: float, sem: float, config: Mapping[str, An
             + ", or a smaller step_size with more num_burnin"
             + (", or a larger friction (sampler=slt.samplers.sghmc(friction=...)), or sampler='sgld'" if momentum
                else ""))
+
+
+def step_bias_check(excess: float, llc: float, sem: float, heating: Mapping[str, float] | None = None,
+                    config: Mapping[str, Any] | None = None) -> str | None:
+    r"""The finding that SGLD's first-order step bias (:func:`slt.diagnostics.step_bias`: discretisation and
+    minibatch heating together) makes λ̂ depend on ε, or ``None``: the rule of :func:`heating_check` on the
+    whole excess Δ — half of it beyond 2% of λ̂ and beyond 2 s.e. or :data:`HEATING_SHARE` of λ̂.  An automatic
+    step is shrunk to :data:`slt.defaults.STEP_BIAS_SHARE` of λ̂ before the draws are kept, so this judges given
+    steps, and runs where the shrink hit its floor."""
+    if not (excess == excess and llc == llc) or excess <= 0 or llc == 0:
+        return None
+    if 0.5 * excess <= CHANGE_FRACTION * abs(llc) or (0.5 * excess <= 2 * sem
+                                                      and 0.5 * excess <= HEATING_SHARE * abs(llc)):
+        return None
+    heat = 0.0 if heating is None else max(float(heating["excess"]), 0.0)
+    eps = (config or {}).get("step_size")
+    factor = STEP_BIAS_SHARE * abs(llc) / excess
+    parts = (f": discretisation about {max(excess - heat, 0.0):.3g}, minibatch heating about {heat:.3g}"
+             if heating is not None else "")
+    return (f"SGLD's step bias: λ̂ exceeds its ε → 0 value by about {excess:.3g} ({excess / llc:.0%}; first order, "
+            f"(ε/8)(nβ)²·E‖∇L_B‖² over the draws{parts}), so λ̂ is not stable when ε halves (it would drop by about "
+            f"{0.5 * excess:.3g}); "
+            + (f"step_size={eps * factor:.3g} brings it to {STEP_BIAS_SHARE:.0%} of λ̂ (with num_burnin "
+               f"{1 / factor:.2g} times longer)" if eps else "pass a smaller step_size with a longer num_burnin")
+            + ", or leave step_size to the default, whose rescale does this")
 
 
 def slope_record(st: Tensor, llc: float) -> dict[str, float] | None:

@@ -239,6 +239,10 @@ class SamplerInfo(NamedTuple):
     grad_norm: Tensor | None
     mala_accept: Tensor | None
     mala_log_ratio: Tensor | None = None
+    #: ``(C,)`` float64 :math:`\|\nabla L_B\|^2` at the pre-step position (the loss's gradient on the step's
+    #: batch, masked as the step uses it), or ``None``: plain SGLD reports it on its MALA steps, for the
+    #: first-order step bias :func:`slt.diagnostics.step_bias`
+    grad_sq: Tensor | None = None
 
 
 def _no_reset(state: Any, rows: Tensor, w_star: Tensor) -> Any:

@@ -56,6 +56,7 @@ from .base import (
     initial_params,
     owned_normal,
     reset_rows,
+    rowsum64,
     zeros_like_params,
 )
 
@@ -123,6 +124,9 @@ def _langevin_sampler(
         mala = bool(deterministic or (mala_every and state.step % mala_every == 0))
         loss, grad, U = state.cache if state.cache is not None else potential.loss_grad(w, batch, mala)
         G, aux = (None, None) if precondition is None else precondition(aux_of(state), grad)
+        # ‖∇L_B‖² on MALA steps of plain SGLD (one more pass over the gradient, a chunk of columns at a time)
+        grad_sq = (sum(rowsum64(grad[:, sl].square()) for sl in column_chunks(grad))
+                   if mala and precondition is None else None)
         w_new, first = fused_langevin(potential, w, grad, owned_normal(rng, w), step_size, G, mala)
         del grad  # ∇L at w: not needed any more (freed here unless the input state's cache holds it)
         accept = log_r = cache = None
@@ -132,7 +136,7 @@ def _langevin_sampler(
             accept = acceptance(log_r, U.dtype)
             if deterministic or (reuse_batch and mala_every > 1):  # every batch used at most twice
                 cache = (loss_n, grad_n, U_n)
-        info = SamplerInfo(loss.detach(), None if U is None else U.detach(), None, accept, log_r)
+        info = SamplerInfo(loss.detach(), None if U is None else U.detach(), None, accept, log_r, grad_sq)
         return make_state(w_new, aux, state.step + 1, cache), info
 
     def reset(state: Any, rows: Tensor, w_star: Tensor) -> Any:

@@ -1521,6 +1521,8 @@ def _raised_batch(run: Mapping[str, Any], target: Any, spec: SamplerSpec, C: int
         llc = float(t.double().mean())
         sem = llc_standard_error(t.mean(1), t)[0]
         excess = float(heating[rows][valid].double().nanmean())
+        if not abs(llc) > 0:  # (λ̂ = 0: one draw at w*, or a loss that never moved: no share to judge)
+            continue
         # (also beyond STEP_BIAS_SHARE of λ̂, a systematic bias the finding's Monte-Carlo margin lets through:
         # the step rescale leaves the heating to this rule, _step_bias_rescale)
         if heating_check(excess, llc, sem) is None and not excess > STEP_BIAS_SHARE * abs(llc):

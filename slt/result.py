@@ -235,8 +235,10 @@ class LLCResult:
             if msg is not None:
                 warn_list.append(msg)
         biased = None if step_bias is None or not valid.any() else heating_record(step_bias[valid], mean)
-        if biased is not None and msg is None:  # (the heating finding, when it fired, names the larger part)
-            msg = step_bias_check(biased["excess"], mean, sem, heat, config)
+        if biased is not None:  # (beside a heating finding, the discretisation part is judged on its own)
+            rest = biased["excess"] if msg is None else biased["excess"] - heat["excess"]
+            msg = step_bias_check(rest, mean, sem, heat if msg is None else None, config,
+                                  besides_heating=msg is not None)
             if msg is not None:
                 warn_list.append(msg)
         problems = list(issues or []) + warn_list
@@ -435,7 +437,9 @@ class LLCResult:
         shrunk = d.get("step_bias_rescale")
         if shrunk:
             lines.append(f"  step_size shrunk {shrunk['from']:.3g} → {shrunk['to']:.3g}: the step bias was "
-                         f"{shrunk['fraction']:.1%} of λ̂ (more than {STEP_BIAS_SHARE:.0%}) and the run was repeated")
+                         f"{shrunk['fraction']:.1%} of λ̂ (more than {STEP_BIAS_SHARE:.0%}) and the run was repeated "
+                         f"with the automatic burn-in and the steps between draws × {shrunk.get('stretch', 1)} (now "
+                         f"{self.config.get('num_steps_bw_draws')}: the same ε·t)")
         for up in self.config.get("batch_size_raises") or []:
             lines.append(f"  batch_size raised {up['from']} → {up['to'] or 'full batch'}: minibatch heating "
                          f"{f(up['excess'])} ({f(up['fraction'], '.1%')} of λ̂ {f(up['llc'])}) at {up['from']}")
@@ -730,12 +734,14 @@ def heating_check(excess: float, llc: float, sem: float, config: Mapping[str, An
 
 
 def step_bias_check(excess: float, llc: float, sem: float, heating: Mapping[str, float] | None = None,
-                    config: Mapping[str, Any] | None = None) -> str | None:
+                    config: Mapping[str, Any] | None = None, besides_heating: bool = False) -> str | None:
     r"""The finding that SGLD's first-order step bias (:func:`slt.diagnostics.step_bias`: discretisation and
     minibatch heating together) makes λ̂ depend on ε, or ``None``: the rule of :func:`heating_check` on the
     whole excess Δ — half of it beyond 2% of λ̂ and beyond 2 s.e. or :data:`HEATING_SHARE` of λ̂.  An automatic
     step is shrunk to :data:`slt.defaults.STEP_BIAS_SHARE` of λ̂ before the draws are kept, so this judges given
-    steps, and runs where the shrink hit its floor."""
+    steps, and runs where the shrink hit its floor.  ``besides_heating``: ``excess`` is the discretisation part
+    alone (the heating finding fired and names the rest); at ``target_accept=0.9`` a regression's discretisation
+    part was three times its heating, and only the heating was named."""
     if not (excess == excess and llc == llc) or excess <= 0 or llc == 0:
         return None
     if 0.5 * excess <= CHANGE_FRACTION * abs(llc) or (0.5 * excess <= 2 * sem
@@ -746,9 +752,12 @@ def step_bias_check(excess: float, llc: float, sem: float, heating: Mapping[str,
     factor = STEP_BIAS_SHARE * abs(llc) / excess
     parts = (f": discretisation about {max(excess - heat, 0.0):.3g}, minibatch heating about {heat:.3g}"
              if heating is not None else "")
-    return (f"SGLD's step bias: λ̂ exceeds its ε → 0 value by about {excess:.3g} ({excess / llc:.0%}; first order, "
-            f"(ε/8)(nβ)²·E‖∇L_B‖² over the draws{parts}), so λ̂ is not stable when ε halves (it would drop by about "
-            f"{0.5 * excess:.3g}); "
+    what = ("SGLD's discretisation bias, besides the minibatch heating: λ̂ exceeds its ε → 0 value by about "
+            f"{excess:.3g} more ({excess / llc:.0%}; first order, (ε/8)(nβ)²·E‖∇L_B‖² over the draws less the heating)"
+            if besides_heating else
+            f"SGLD's step bias: λ̂ exceeds its ε → 0 value by about {excess:.3g} ({excess / llc:.0%}; first order, "
+            f"(ε/8)(nβ)²·E‖∇L_B‖² over the draws{parts})")
+    return (what + f", so λ̂ is not stable when ε halves (it would drop by about {0.5 * excess:.3g}); "
             + (f"step_size={eps * factor:.3g} brings it to {STEP_BIAS_SHARE:.0%} of λ̂ (with num_burnin "
                f"{1 / factor:.2g} times longer)" if eps else "pass a smaller step_size with a longer num_burnin")
             + ", or leave step_size to the default, whose rescale does this")

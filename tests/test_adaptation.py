@@ -352,7 +352,8 @@ def test_minibatch_adaptation_finds_the_full_batch_step():
     kw = dict(seed=0, progress=False, dtype=F64, num_draws=600)
     mb = slt.estimate_llc(m, (X, Y), gaussian_nll, **kw)
     full = slt.estimate_llc(m, (X, Y), gaussian_nll, batch_size=None, **kw)
-    assert mb.config["batch_size"] == 256 and full.config["batch_size"] is None
+    # (the automatic batch starts at 256; heating above 5% of λ̂ raises it once, to 512 here)
+    assert mb.config["batch_size"] in (256, 512) and full.config["batch_size"] is None
     assert mb.step_size <= 1.5 * full.step_size, (mb.step_size, full.step_size)
     assert abs(mb.llc_mean - 6.5) <= 4 * mb.llc_sem + 0.65, (mb.llc_mean, mb.llc_sem)
 

@@ -181,5 +181,11 @@ def test_a_given_step_with_a_large_step_bias_is_a_finding():
     hot = res(torch.full((C,), 2.0, dtype=F64))
     assert not hot.converged and [s for s in hot.convergence_reasons if s.startswith("SGLD's step bias")]
     assert res(torch.full((C,), 0.2, dtype=F64)).converged
-    both = res(torch.full((C,), 2.0, dtype=F64), heating=torch.full((C,), 1.5, dtype=F64))
-    assert [s[:21] for s in both.convergence_reasons] == ["minibatch noise heats"]
+    both = res(torch.full((C,), 2.0, dtype=F64), heating=torch.full((C,), 1.8, dtype=F64))
+    assert [s[:21] for s in both.convergence_reasons] == ["minibatch noise heats"]  # (the rest, 0.2: half of it within 2%)
+    # beside the heating finding a larger discretisation part is named on its own (target_accept=0.9 named only
+    # the heating, a third of the bias)
+    more = res(torch.full((C,), 4.0, dtype=F64), heating=torch.full((C,), 1.0, dtype=F64))
+    assert [s[:40] for s in more.convergence_reasons] == ["minibatch noise heats the chains: it add",
+                                                          "SGLD's discretisation bias, besides the "]
+    assert "about 3 more (30%" in more.convergence_reasons[1]

@@ -1142,9 +1142,10 @@ def _run_at(target, rows, spec, rule, step_size, kw, C, num_steps, num_burnin, b
         while True:  # (twice at most: again after an automatic step was shrunk for SGLD's step bias)
             final, trace, smp, halvings = run_once(slope, stretch, first_burnin)
             heating, diffusion = _end_of_run(target, rows, smp, potential, batches, final, eps, num_steps)
-            # (an automatic step at the default acceptance target: another target_accept chooses its step's bias)
+            # (an automatic step at the default acceptance target: another target_accept chooses its step's bias;
+            # and runs of at least LOCALIZATION_MIN_DRAWS draws: fewer are too noisy to act on, as for γ)
             if not (rule == "curvature" or rule == "adapt" and target_accept == LLC.target_accept) or rescaled \
-                    or smp.name != "sgld":
+                    or smp.name != "sgld" or num_draws < LOCALIZATION_MIN_DRAWS:
                 break
             rescaled = _step_bias_rescale(trace, eps, target.nbeta, G, C, heating if heating_handled else None)
             if not rescaled:

@@ -141,18 +141,9 @@ def test_a_restrictions_automatic_settings_do_not_depend_on_the_restrictions_bes
     curve = slt.estimate_llc(None, (X, Y), F.cross_entropy, models=[m, m2], restrict_to="t", **kw)
     for k, mk in enumerate([m, m2]):
         own = slt.estimate_llc(mk, (X, Y), F.cross_entropy, restrict_to="t", **{**kw, "seed": k})
-        assert curve[k].step_size == own.step_size
-        assert curve[k].diagnostics["step_bias_rescale"] == own.diagnostics["step_bias_rescale"]
-        # the steps a call runs are shared: a checkpoint whose step was shrunk for SGLD's step bias stretches the
-        # call's burn-in and steps between draws (the longest, as for the burn-in), and where they agree the
-        # draws are the same
-        same_steps = all(curve[k].config[c] == own.config[c] for c in ("num_burnin", "num_steps_bw_draws"))
-        assert same_steps == (own.diagnostics["step_bias_rescale"] is not None or not any(
-            c.diagnostics["step_bias_rescale"] for c in curve))
-        if same_steps:
-            assert torch.equal(curve[k].loss_trace, own.loss_trace)
-    shrunk = [c.diagnostics["step_bias_rescale"] for c in curve]
-    assert any(shrunk) and not all(shrunk)  # (the test's premise: one checkpoint of two was shrunk)
+        assert curve[k].step_size == own.step_size and torch.equal(curve[k].loss_trace, own.loss_trace)
+        # (60 draws: too few for the step-bias rescale, which would stretch the steps the call's groups share)
+        assert curve[k].diagnostics["step_bias_rescale"] is None
 
 
 def test_a_restriction_the_loss_does_not_see_gives_zero(net):

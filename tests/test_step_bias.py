@@ -25,23 +25,9 @@ from slt.loop import Trace, run_chains
 from slt.rng import ChainRNG
 from slt.samplers import LocalizedPotential, sgld
 from slt.training import train
+from test_heating import _half_sq, _Location  # (L(μ) = ½ mean‖x − μ‖² as a plain module)
 
 F64 = torch.float64
-
-
-class _Location(nn.Module):
-    """L(μ) = ½ mean‖x − μ‖², as a user would write it (the mean is the output)."""
-
-    def __init__(self, mu: torch.Tensor):
-        super().__init__()
-        self.mu = nn.Parameter(mu.clone())
-
-    def forward(self, x):
-        return self.mu.expand_as(x)
-
-
-def _half_sq(out, x):
-    return 0.5 * ((x - out) ** 2).sum(-1).mean()
 
 
 def test_sgld_reports_the_squared_gradient_norm_on_its_mala_steps():

@@ -209,6 +209,7 @@ def _trained_mlp(n=1024, width=128, seed=0):
     return m.eval(), X, Y
 
 
+@pytest.mark.slow  # (163 s of the fast tier's 1182 s on 2026-12-08; two default runs of an 18k MLP)
 def test_defaults_converge_on_a_trained_mlp():
     """An 18k-parameter MLP trained to interpolation, every sampling setting at its default.  At
     γ = 1 its near-flat directions keep the chains wandering (R-hat ≈ 1.9, λ̂ ≈ 190 and growing);
